@@ -1,0 +1,1 @@
+# mk/bench.mk: rules for bench (fragment of Makefile.am).

@@ -1,0 +1,1 @@
+# mk/loader.mk: rules for loader (fragment of Makefile.am).

@@ -1,0 +1,1 @@
+# mk/service.mk: rules for service (fragment of Makefile.am).

@@ -1,0 +1,1 @@
+# mk/tokenizer.mk: rules for tokenizer (fragment of Makefile.am).

@@ -1,0 +1,1 @@
+# mk/tools.mk: rules for tools (fragment of Makefile.am).

@@ -1,0 +1,27 @@
+/* testutil.h: small helpers shared by the C tests (cmocka, TAP output).
+ * Include after <cmocka.h>'s prerequisites; see tests/testutil.c. */
+#ifndef DS_TESTUTIL_H
+#define DS_TESTUTIL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+/* Absolute path of a file under the source tree: ds_test_path("tests/data/x"). Static buffer per call slot. */
+const char *ds_test_path(const char *rel);
+/* A fresh temporary directory (removed by the caller with ds_test_rmtree). */
+char *ds_test_tmpdir(void);
+void ds_test_rmtree(const char *dir);
+/* Read a whole file; NULL on failure. *len gets the size. Caller frees. */
+char *ds_test_read_file(const char *path, size_t *len);
+/* Write a whole file; 0 or -1. */
+int ds_test_write_file(const char *path, const void *data, size_t len);
+/* Print a TAP "skip everything" plan and exit 0: the run counts as skipped, loudly. */
+void ds_test_skip_all(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+/* Path of the real Qwen3 tokenizer.json fetched by setup.sh ($DS_QWEN3_TOKENIZER
+ * overrides), or NULL when absent. */
+const char *ds_test_qwen3_tokenizer(void);
+
+#endif
