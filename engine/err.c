@@ -23,12 +23,12 @@ int ds_seterr(int code, const char *fmt, ...)
 
 int ds_prefixerr(int err, const char *fmt, ...)
 {
-    char prefix[DS_ERRDETAIL_MAX], old[DS_ERRDETAIL_MAX];
+    char prefix[DS_ERRDETAIL_MAX / 2], old[DS_ERRDETAIL_MAX / 2];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
-    memcpy(old, errdetail, sizeof old);
+    snprintf(old, sizeof old, "%s", errdetail);
     snprintf(errdetail, sizeof errdetail, "%s: %s", prefix, old);
     return err;
 }
