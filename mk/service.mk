@@ -1,1 +1,1 @@
-# mk/service.mk: rules for service (fragment of Makefile.am).
+# mk/service.mk: SQL migrations, libdscommon.a, dsparkctl and the integration tests.

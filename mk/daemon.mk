@@ -1,0 +1,1 @@
+# mk/daemon.mk: rules for dsparkd, common service code, systemd units and man pages.
