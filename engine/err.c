@@ -23,13 +23,22 @@ int ds_seterr(int code, const char *fmt, ...)
 
 int ds_prefixerr(int err, const char *fmt, ...)
 {
-    char prefix[DS_ERRDETAIL_MAX / 2], old[DS_ERRDETAIL_MAX / 2];
+    char old[DS_ERRDETAIL_MAX];
+    memcpy(old, errdetail, sizeof old);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    int n = vsnprintf(errdetail, sizeof errdetail, fmt, ap);
     va_end(ap);
-    snprintf(old, sizeof old, "%s", errdetail);
-    snprintf(errdetail, sizeof errdetail, "%s: %s", prefix, old);
+    if (n >= 0 && (size_t)n + 2 < sizeof errdetail) {
+        size_t room = sizeof errdetail - (size_t)n;
+        errdetail[n] = ':';
+        errdetail[n + 1] = ' ';
+        size_t len = strnlen(old, sizeof old - 1);
+        if (len > room - 3)
+            len = room - 3;
+        memcpy(errdetail + n + 2, old, len);
+        errdetail[n + 2 + len] = 0;
+    }
     return err;
 }
 

@@ -1,1 +1,5 @@
-# mk/tools.mk: rules for tools (fragment of Makefile.am).
+# mk/tools.mk: the engine's command-line tools.
+bin_PROGRAMS += dspark-generate
+dspark_generate_SOURCES = cli/dspark-generate.c cli/cli-util.c cli/cli-util.h
+dspark_generate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
+dspark_generate_LDADD = $(ENGINE_LIBS)

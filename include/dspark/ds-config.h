@@ -75,6 +75,9 @@ int ds_qwen3_config_parse(const char *json, size_t len, const char *fname,
                           struct ds_qwen3_config *ret) DS_MUSTCHECK;
 /* DIR/generation_config.json or a path; a missing file gives the defaults and 0. */
 int ds_generation_config_load(const char *path, struct ds_generation_config *ret) DS_MUSTCHECK;
+/* Parse from a JSON text (len bytes); absent keys keep the defaults above. */
+int ds_generation_config_parse(const char *json, size_t len, const char *fname,
+                               struct ds_generation_config *ret) DS_MUSTCHECK;
 /* DIR/config.json of a DeepSpec draft checkpoint. */
 int ds_dspark_config_load(const char *path, struct ds_dspark_config *ret) DS_MUSTCHECK;
 int ds_dspark_config_parse(const char *json, size_t len, const char *fname,

@@ -1,0 +1,97 @@
+/* engine-impl.h: the engine's private structures, shared by engine.c (sequences
+ * and target-only rounds) and spec.c (speculative rounds). */
+#ifndef DS_ENGINE_IMPL_H
+#define DS_ENGINE_IMPL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dspark/ds-engine.h"
+#include "dspark/ds-gemm.h"
+#include "dspark/ds-model.h"
+
+enum ds_seq_state { DS_SEQ_QUEUED, DS_SEQ_PREFILL, DS_SEQ_DECODE, DS_SEQ_DONE };
+
+struct ds_spec_seq;   /* per-sequence draft state (spec.c) */
+struct ds_spec;       /* engine-wide draft state (spec.c) */
+
+struct ds_seq {
+    int id;
+    void *user;
+    enum ds_seq_state state;
+    bool admitted;               /* KV pages reserved */
+    bool cancel;
+    long need_tokens;            /* KV positions reserved at admission */
+    int32_t *tokens;             /* [cap] prompt then output */
+    int n_tokens, n_prompt, cap;
+    int max_tokens;
+    struct ds_sampling sampling;
+    struct ds_spec_mode spec;
+    int32_t *stop_ids;           /* [n_stop_ids] */
+    int n_stop_ids;
+    char **stop;                 /* [n_stop] stop strings */
+    int n_stop;
+    char *text;                  /* output bytes so far (only with stop strings) */
+    size_t text_len;
+    bool text_done;              /* text is final (cut at a stop string) */
+    bool want_prompt_logits;
+    float *prompt_logits;        /* [n_prompt, V] */
+    struct ds_kv_seq kv;         /* target cache; kv.len = tokens processed */
+    int chunk;                   /* prompt tokens fed this round */
+    struct ds_spec_seq *draft;   /* NULL without a draft */
+    double t_submit, t_first, t_done;
+    const char *finish_reason;
+    int error;
+    char error_detail[512];
+    long emitted_in_rounds;      /* tokens emitted by decoding rounds (for tau) */
+    struct ds_seq_stats stats;
+};
+
+struct ds_engine {
+    struct ds_model *target;
+    struct ds_draft *draft;
+    struct ds_engine_opts opts;
+    int gamma;                   /* draft block size, 0 without a draft */
+    struct ds_pool *pool;
+    struct ds_forward_ctx *fwd;
+    struct ds_kv_pool kv;
+    struct ds_seq **seqs;        /* [n_seqs] queued and running, in arrival order */
+    int n_seqs, cap_seqs;
+    struct ds_result **done;     /* [n_done] finished, not yet taken */
+    int n_done, cap_done;
+    int last_id;
+    long reserved_queued;        /* KV tokens promised to queued sequences */
+    /* batch buffers */
+    int32_t *b_tokens, *b_pos, *b_seq, *b_rows;   /* [cap_b] */
+    int cap_b;
+    struct ds_kv_seq **b_kv;     /* [cap_bkv] */
+    int cap_bkv;
+    float *logits;               /* [cap_logits, V] */
+    size_t cap_logits;
+    float *captured;             /* [cap_captured] features of the pass */
+    size_t cap_captured;
+    float *probs;                /* [2 V] */
+    int32_t *scratch;            /* [V] */
+    struct ds_spec *spec;
+};
+
+double ds_now(void);
+bool ds_seq_is_stop_id(const struct ds_seq *s, int32_t id);
+bool ds_seq_emit(struct ds_engine *e, struct ds_seq *s, int32_t id);
+void ds_seq_finish(struct ds_engine *e, struct ds_seq *s, const char *reason);
+int ds_plan_prefill(struct ds_engine *e, int *ret_tokens);
+void ds_batch_add_prefill(struct ds_engine *e, struct ds_seq *s, int seq_index, int *n_tok, int *n_rows);
+void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row);
+int ds_plain_round(struct ds_engine *e);
+/* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */
+int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture);
+
+/* spec.c */
+int ds_draft_block_size(const struct ds_draft *d);
+int ds_spec_init(struct ds_engine *e);
+void ds_spec_done(struct ds_engine *e);
+void ds_spec_seq_done(struct ds_engine *e, struct ds_seq *s);
+int ds_spec_round(struct ds_engine *e);
+
+#endif

@@ -1,0 +1,587 @@
+/* engine.c: sequences, admission, and the decoding round (target-only part).
+ *
+ * A sequence holds its prompt and output tokens and a target KV view whose
+ * length counts the tokens the target has processed. While that is less than
+ * the prompt, the sequence is prefilling (in chunks); after, its last token is
+ * the anchor of the next round: target-only decoding feeds it and samples one
+ * token; speculative decoding (spec.c) feeds it with verified drafts. KV pages
+ * for the whole sequence are reserved at admission, so a running sequence never
+ * runs out of cache. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "dspark/ds-engine.h"
+#include "dspark/ds-model.h"
+#include "dspark/ds-tokenizer.h"
+#include "engine-impl.h"
+
+double ds_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int ds_spec_mode_parse(const char *s, struct ds_spec_mode *ret)
+{
+    struct ds_spec_mode m = {0};
+    char *end;
+    if (strcmp(s, "none") == 0) {
+        m.kind = DS_SPEC_NONE;
+    } else if (strcmp(s, "dspark") == 0) {
+        m.kind = DS_SPEC_DSPARK;
+    } else if (strcmp(s, "dspark-async") == 0) {
+        m.kind = DS_SPEC_DSPARK_ASYNC;
+    } else if (strncmp(s, "fixed:", 6) == 0) {
+        m.kind = DS_SPEC_FIXED;
+        long n = strtol(s + 6, &end, 10);
+        if (end == s + 6 || *end || n < 0 || n > DS_MAX_BLOCK)
+            return ds_seterr(DS_EINVAL, "speculation mode '%s': length must be an integer in 0..%d", s,
+                             DS_MAX_BLOCK);
+        m.fixed_len = (int)n;
+    } else if (strncmp(s, "threshold:", 10) == 0) {
+        m.kind = DS_SPEC_THRESHOLD;
+        double x = strtod(s + 10, &end);
+        if (end == s + 10 || *end || !(x >= 0 && x <= 1))
+            return ds_seterr(DS_EINVAL, "speculation mode '%s': threshold must be a number in 0..1", s);
+        m.threshold = (float)x;
+    } else {
+        return ds_seterr(DS_EINVAL,
+                         "unknown speculation mode '%s' (expected none, dspark, dspark-async, fixed:N, threshold:X)",
+                         s);
+    }
+    *ret = m;
+    return 0;
+}
+
+void ds_spec_mode_format(const struct ds_spec_mode *m, char *buf, size_t cap)
+{
+    switch (m->kind) {
+    case DS_SPEC_NONE: snprintf(buf, cap, "none"); break;
+    case DS_SPEC_FIXED: snprintf(buf, cap, "fixed:%d", m->fixed_len); break;
+    case DS_SPEC_THRESHOLD: snprintf(buf, cap, "threshold:%g", m->threshold); break;
+    case DS_SPEC_DSPARK: snprintf(buf, cap, "dspark"); break;
+    case DS_SPEC_DSPARK_ASYNC: snprintf(buf, cap, "dspark-async"); break;
+    }
+}
+
+int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct ds_engine_opts *opts,
+                  struct ds_engine **ret)
+{
+    struct ds_engine *e = ds_xcalloc(1, sizeof *e);
+    struct ds_engine_opts o = opts ? *opts : (struct ds_engine_opts){0};
+    int r;
+    e->target = target;
+    e->draft = draft;
+    if (o.page_size <= 0)
+        o.page_size = 16;
+    if (o.max_seqs <= 0)
+        o.max_seqs = 64;
+    if (o.prefill_chunk <= 0)
+        o.prefill_chunk = 512;
+    if (o.max_context <= 0 || o.max_context > target->cfg.max_position_embeddings)
+        o.max_context = target->cfg.max_position_embeddings > 0 ? target->cfg.max_position_embeddings : 4096;
+    if (o.kv_pages <= 0)
+        o.kv_pages = o.max_seqs * ((o.max_context + DS_MAX_BLOCK + o.page_size) / o.page_size);
+    e->opts = o;
+    e->gamma = draft ? ds_draft_block_size(draft) : 0;
+    if ((r = ds_pool_new(o.n_threads, &e->pool)) < 0)
+        goto fail;
+    if ((r = ds_forward_ctx_new(target, e->pool, &e->fwd)) < 0)
+        goto fail;
+    const struct ds_qwen3_config *c = &target->cfg;
+    if ((r = ds_kv_pool_init(&e->kv, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, o.page_size,
+                             o.kv_pages)) < 0)
+        goto fail;
+    if (draft && (r = ds_spec_init(e)) < 0)
+        goto fail;
+    *ret = e;
+    return 0;
+fail:
+    ds_engine_free(e);
+    return r;
+}
+
+static void seq_free(struct ds_engine *e, struct ds_seq *s)
+{
+    if (!s)
+        return;
+    ds_kv_release(&e->kv, &s->kv);
+    ds_spec_seq_done(e, s);
+    free(s->tokens);
+    free(s->stop_ids);
+    for (int i = 0; i < s->n_stop; i++)
+        free(s->stop[i]);
+    free(s->stop);
+    free(s->text);
+    free(s->prompt_logits);
+    free(s);
+}
+
+struct ds_engine *ds_engine_free(struct ds_engine *e)
+{
+    if (!e)
+        return NULL;
+    for (int i = 0; i < e->n_seqs; i++)
+        seq_free(e, e->seqs[i]);
+    free(e->seqs);
+    for (int i = 0; i < e->n_done; i++)
+        ds_result_free(e->done[i]);
+    free(e->done);
+    ds_spec_done(e);
+    ds_kv_pool_done(&e->kv);
+    ds_forward_ctx_free(e->fwd);
+    ds_pool_free(e->pool);
+    free(e->b_tokens);
+    free(e->b_pos);
+    free(e->b_seq);
+    free(e->b_kv);
+    free(e->b_rows);
+    free(e->logits);
+    free(e->captured);
+    free(e->probs);
+    free(e->scratch);
+    free(e);
+    return NULL;
+}
+
+long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_tokens)
+{
+    return (long)n_prompt + max_tokens + e->gamma + 1;
+}
+
+long ds_engine_free_tokens(const struct ds_engine *e)
+{
+    return (long)e->kv.n_free * e->kv.page_size - e->reserved_queued;
+}
+
+int ds_engine_submit(struct ds_engine *e, const struct ds_request *req, int *ret_id)
+{
+    const struct ds_model *m = e->target;
+    int V = m->cfg.vocab_size;
+    if (req->n_prompt <= 0)
+        return ds_seterr(DS_EINVAL, "the prompt is empty");
+    if (req->max_tokens <= 0)
+        return ds_seterr(DS_EINVAL, "max_tokens must be positive (got %d)", req->max_tokens);
+    long need = ds_engine_request_tokens(e, req->n_prompt, req->max_tokens);
+    if (need > e->opts.max_context + e->gamma + 1)
+        return ds_seterr(DS_EINVAL, "prompt of %d tokens plus max_tokens %d exceeds the context of %d tokens",
+                         req->n_prompt, req->max_tokens, e->opts.max_context);
+    if (ds_kv_pages_for(&e->kv, (int)need) > e->kv.n_pages)
+        return ds_seterr(DS_EINVAL, "request needs %ld tokens of KV cache, more than the pool holds (%d)", need,
+                         e->kv.n_pages * e->kv.page_size);
+    for (int i = 0; i < req->n_prompt; i++)
+        if (req->prompt[i] < 0 || req->prompt[i] >= V)
+            return ds_seterr(DS_EINVAL, "prompt token %d (id %d) is outside the vocabulary of %d", i,
+                             req->prompt[i], V);
+    const struct ds_sampling *sp = &req->sampling;
+    if (!(sp->temperature >= 0) || !isfinite(sp->temperature))
+        return ds_seterr(DS_EINVAL, "temperature must be a finite number >= 0");
+    if (!(sp->top_p > 0 && sp->top_p <= 1))
+        return ds_seterr(DS_EINVAL, "top_p must be in (0, 1]");
+    if (sp->top_k < 0)
+        return ds_seterr(DS_EINVAL, "top_k must be >= 0");
+    if (req->n_stop > 0 && !m->tok)
+        return ds_seterr(DS_EINVAL, "stop strings need the model's tokenizer, and '%s' has none", m->dir);
+
+    struct ds_seq *s = ds_xcalloc(1, sizeof *s);
+    s->id = ++e->last_id;
+    s->user = req->user;
+    s->cap = req->n_prompt + req->max_tokens + e->gamma + 2;
+    s->tokens = ds_xmalloc((size_t)s->cap * sizeof *s->tokens);
+    memcpy(s->tokens, req->prompt, (size_t)req->n_prompt * sizeof *s->tokens);
+    s->n_tokens = s->n_prompt = req->n_prompt;
+    s->max_tokens = req->max_tokens;
+    s->sampling = req->sampling;
+    if (req->stop_ids) {
+        s->n_stop_ids = req->n_stop_ids;
+        s->stop_ids = ds_xmalloc((size_t)(s->n_stop_ids + 1) * sizeof *s->stop_ids);
+        memcpy(s->stop_ids, req->stop_ids, (size_t)s->n_stop_ids * sizeof *s->stop_ids);
+    } else {
+        s->n_stop_ids = m->gen.n_eos > 0 ? m->gen.n_eos : m->cfg.n_eos;
+        s->stop_ids = ds_xmalloc((size_t)(s->n_stop_ids + 1) * sizeof *s->stop_ids);
+        memcpy(s->stop_ids, m->gen.n_eos > 0 ? m->gen.eos_token_id : m->cfg.eos_token_id,
+               (size_t)s->n_stop_ids * sizeof *s->stop_ids);
+    }
+    if (req->n_stop > 0) {
+        s->stop = ds_xcalloc((size_t)req->n_stop, sizeof *s->stop);
+        for (int i = 0; i < req->n_stop; i++) {
+            s->stop[s->n_stop] = ds_xstrdup(req->stop[i]);
+            if (*s->stop[s->n_stop])
+                s->n_stop++;
+            else
+                free(s->stop[s->n_stop]);
+        }
+    }
+    s->want_prompt_logits = req->prompt_logits;
+    s->spec = req->spec ? *req->spec : e->opts.spec;
+    if (!e->draft)
+        s->spec.kind = DS_SPEC_NONE;
+    s->state = DS_SEQ_QUEUED;
+    s->t_submit = ds_now();
+    s->stats.prompt_tokens = req->n_prompt;
+    s->stats.block_size = e->gamma;
+    s->need_tokens = need;
+    e->reserved_queued += need;
+    if (e->n_seqs == e->cap_seqs) {
+        e->cap_seqs = e->cap_seqs ? 2 * e->cap_seqs : 16;
+        e->seqs = ds_xrealloc(e->seqs, (size_t)e->cap_seqs * sizeof *e->seqs);
+    }
+    e->seqs[e->n_seqs++] = s;
+    *ret_id = s->id;
+    return 0;
+}
+
+int ds_engine_active(const struct ds_engine *e)
+{
+    return e->n_seqs;
+}
+
+int ds_engine_cancel(struct ds_engine *e, int id)
+{
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->id == id) {
+            e->seqs[i]->cancel = true;
+            return 0;
+        }
+    return ds_seterr(DS_EINVAL, "no active sequence %d", id);
+}
+
+/* ---- finishing ---- */
+void ds_seq_finish(struct ds_engine *e, struct ds_seq *s, const char *reason)
+{
+    (void)e;
+    if (s->state == DS_SEQ_DONE)
+        return;
+    s->state = DS_SEQ_DONE;
+    s->finish_reason = reason;
+    s->t_done = ds_now();
+}
+
+static struct ds_result *make_result(struct ds_engine *e, struct ds_seq *s)
+{
+    struct ds_result *r = ds_xcalloc(1, sizeof *r);
+    r->id = s->id;
+    r->user = s->user;
+    r->n_ids = s->n_tokens - s->n_prompt;
+    r->ids = ds_xmalloc((size_t)(r->n_ids + 1) * sizeof *r->ids);
+    memcpy(r->ids, s->tokens + s->n_prompt, (size_t)r->n_ids * sizeof *r->ids);
+    r->finish_reason = s->finish_reason ? s->finish_reason : "error";
+    r->error = s->error;
+    snprintf(r->error_detail, sizeof r->error_detail, "%s", s->error_detail);
+    if (e->target->tok) {
+        if (s->text_done) {
+            r->text = s->text;
+            r->text_len = s->text_len;
+            s->text = NULL;
+        } else {
+            /* text of the output without a final stop id */
+            int n = r->n_ids;
+            if (n > 0 && ds_seq_is_stop_id(s, r->ids[n - 1]))
+                n--;
+            if (ds_tokenizer_decode(e->target->tok, r->ids, (size_t)n, &r->text, &r->text_len) < 0) {
+                r->text = ds_xstrdup("");
+                r->text_len = 0;
+            }
+        }
+    }
+    r->prompt_logits = s->prompt_logits;
+    s->prompt_logits = NULL;
+    r->stats = s->stats;
+    r->stats.output_tokens = r->n_ids;
+    double t_first = s->t_first > 0 ? s->t_first : s->t_done;
+    r->stats.time_to_first_token_s = t_first - s->t_submit;
+    r->stats.e2e_latency_s = s->t_done - s->t_submit;
+    r->stats.decode_tokens_per_s =
+        r->n_ids > 1 && s->t_done > t_first ? (r->n_ids - 1) / (s->t_done - t_first) : 0;
+    long rounds = r->stats.rounds;
+    r->stats.mean_acceptance_length =
+        rounds > 0 ? (double)s->emitted_in_rounds / (double)rounds : 0;
+    return r;
+}
+
+static void collect_finished(struct ds_engine *e)
+{
+    int j = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        if (s->state != DS_SEQ_DONE) {
+            e->seqs[j++] = s;
+            continue;
+        }
+        if (e->n_done == e->cap_done) {
+            e->cap_done = e->cap_done ? 2 * e->cap_done : 16;
+            e->done = ds_xrealloc(e->done, (size_t)e->cap_done * sizeof *e->done);
+        }
+        e->done[e->n_done++] = make_result(e, s);
+        if (!s->admitted)
+            e->reserved_queued -= s->need_tokens;
+        seq_free(e, s);
+    }
+    e->n_seqs = j;
+}
+
+int ds_engine_take_finished(struct ds_engine *e, struct ds_result **out, int max)
+{
+    int n = e->n_done < max ? e->n_done : max;
+    memcpy(out, e->done, (size_t)n * sizeof *out);
+    memmove(e->done, e->done + n, (size_t)(e->n_done - n) * sizeof *e->done);
+    e->n_done -= n;
+    return n;
+}
+
+struct ds_result *ds_result_free(struct ds_result *r)
+{
+    if (!r)
+        return NULL;
+    free(r->ids);
+    free(r->text);
+    free(r->prompt_logits);
+    free(r);
+    return NULL;
+}
+
+/* ---- tokens ---- */
+bool ds_seq_is_stop_id(const struct ds_seq *s, int32_t id)
+{
+    for (int i = 0; i < s->n_stop_ids; i++)
+        if (s->stop_ids[i] == id)
+            return true;
+    return false;
+}
+
+/* Append one emitted token; returns true when the sequence finished with it. */
+bool ds_seq_emit(struct ds_engine *e, struct ds_seq *s, int32_t id)
+{
+    if (s->n_tokens == s->n_prompt)
+        s->t_first = ds_now();
+    s->tokens[s->n_tokens++] = id;
+    if (ds_seq_is_stop_id(s, id)) {
+        ds_seq_finish(e, s, "stop");
+        return true;
+    }
+    if (s->n_stop > 0) {
+        char buf[512];
+        int nb = ds_tokenizer_token_bytes(e->target->tok, id, buf, sizeof buf);
+        if (nb > 0) {
+            s->text = ds_xrealloc(s->text, s->text_len + (size_t)nb + 1);
+            memcpy(s->text + s->text_len, buf, (size_t)nb);
+            size_t old = s->text_len;
+            s->text_len += (size_t)nb;
+            s->text[s->text_len] = 0;
+            for (int i = 0; i < s->n_stop; i++) {
+                size_t sl = strlen(s->stop[i]);
+                size_t from = old + 1 > sl ? old + 1 - sl : 0;
+                char *hit = s->text_len >= sl ? memmem(s->text + from, s->text_len - from, s->stop[i], sl) : NULL;
+                if (hit) {
+                    s->text_len = (size_t)(hit - s->text);
+                    s->text[s->text_len] = 0;
+                    s->text_done = true;
+                    ds_seq_finish(e, s, "stop");
+                    return true;
+                }
+            }
+        }
+    }
+    if (s->n_tokens - s->n_prompt >= s->max_tokens) {
+        if (s->n_stop > 0)
+            s->text_done = true;
+        ds_seq_finish(e, s, "length");
+        return true;
+    }
+    return false;
+}
+
+/* ---- the round ---- */
+int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture)
+{
+    if (n_tokens > e->cap_b) {
+        e->cap_b = n_tokens;
+        e->b_tokens = ds_xrealloc(e->b_tokens, (size_t)n_tokens * sizeof *e->b_tokens);
+        e->b_pos = ds_xrealloc(e->b_pos, (size_t)n_tokens * sizeof *e->b_pos);
+        e->b_seq = ds_xrealloc(e->b_seq, (size_t)n_tokens * sizeof *e->b_seq);
+        e->b_rows = ds_xrealloc(e->b_rows, (size_t)n_tokens * sizeof *e->b_rows);
+    }
+    size_t V = e->target->cfg.vocab_size, H = e->target->cfg.hidden_size;
+    if ((size_t)n_rows > e->cap_logits) {
+        float *p = realloc(e->logits, (size_t)n_rows * V * sizeof(float));
+        if (!p)
+            return ds_seterr(DS_ENOMEM, "could not allocate logits for %d rows", n_rows);
+        e->logits = p;
+        e->cap_logits = (size_t)n_rows;
+    }
+    size_t cap_feat = (size_t)n_tokens * n_capture * H;
+    if (cap_feat > e->cap_captured) {
+        float *p = realloc(e->captured, cap_feat * sizeof(float));
+        if (!p)
+            return ds_seterr(DS_ENOMEM, "could not allocate features for %d tokens", n_tokens);
+        e->captured = p;
+        e->cap_captured = cap_feat;
+    }
+    if (!e->probs) {
+        e->probs = ds_xmalloc(V * sizeof(float) * 2);
+        e->scratch = ds_xmalloc(V * sizeof(int32_t));
+    }
+    return 0;
+}
+
+/* Admit queued sequences in order while there is room. */
+static void admit(struct ds_engine *e)
+{
+    int running = 0;
+    for (int i = 0; i < e->n_seqs; i++)
+        running += e->seqs[i]->admitted;
+    for (int i = 0; i < e->n_seqs && running < e->opts.max_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        if (s->admitted || s->state == DS_SEQ_DONE)
+            continue;
+        if (ds_kv_reserve(&e->kv, &s->kv, (int)s->need_tokens) < 0)
+            break; /* first come, first served: wait for room */
+        s->admitted = true;
+        e->reserved_queued -= s->need_tokens;
+        s->state = DS_SEQ_PREFILL;
+        running++;
+    }
+}
+
+int ds_engine_step(struct ds_engine *e)
+{
+    int r;
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->cancel && e->seqs[i]->state != DS_SEQ_DONE)
+            ds_seq_finish(e, e->seqs[i], "cancelled");
+    collect_finished(e);
+    admit(e);
+    if (e->draft) {
+        r = ds_spec_round(e);
+    } else {
+        r = ds_plain_round(e);
+    }
+    collect_finished(e);
+    return r;
+}
+
+/* Plan the prefill part of a round: for each prefilling sequence, how many
+ * prompt tokens it feeds this round (at least one sequence makes progress). */
+int ds_plan_prefill(struct ds_engine *e, int *ret_tokens)
+{
+    int budget = e->opts.prefill_chunk, total = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        s->chunk = 0;
+        if (s->state != DS_SEQ_PREFILL || !s->admitted)
+            continue;
+        int left = s->n_prompt - s->kv.len;
+        int take = left < budget ? left : budget;
+        if (take <= 0 && total == 0)
+            take = left < e->opts.prefill_chunk ? left : e->opts.prefill_chunk;
+        if (take <= 0)
+            continue;
+        s->chunk = take;
+        budget -= take;
+        total += take;
+    }
+    *ret_tokens = total;
+    return 0;
+}
+
+/* Add a sequence's prefill chunk to the batch; logits rows for the chunk's
+ * last token when it ends the prompt, or for every token when asked. */
+void ds_batch_add_prefill(struct ds_engine *e, struct ds_seq *s, int seq_index, int *n_tok, int *n_rows)
+{
+    for (int k = 0; k < s->chunk; k++) {
+        int t = (*n_tok)++;
+        int pos = s->kv.len + k;
+        e->b_tokens[t] = s->tokens[pos];
+        e->b_pos[t] = pos;
+        e->b_seq[t] = seq_index;
+        bool last = pos == s->n_prompt - 1;
+        if (s->want_prompt_logits || last)
+            e->b_rows[(*n_rows)++] = t;
+    }
+}
+
+/* After the pass: copy prompt logits, advance the cache, and sample the first
+ * token when the prompt is done. row points at the sequence's first logits row. */
+void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row)
+{
+    size_t V = e->target->cfg.vocab_size;
+    int n_rows = s->want_prompt_logits ? s->chunk : (s->kv.len + s->chunk == s->n_prompt);
+    if (s->want_prompt_logits) {
+        if (!s->prompt_logits)
+            s->prompt_logits = ds_xmalloc((size_t)s->n_prompt * V * sizeof(float));
+        memcpy(s->prompt_logits + (size_t)s->kv.len * V, e->logits + (size_t)*row * V,
+               (size_t)s->chunk * V * sizeof(float));
+    }
+    s->kv.len += s->chunk;
+    if (s->kv.len == s->n_prompt) {
+        const float *last = e->logits + (size_t)(*row + n_rows - 1) * V;
+        ds_probs(last, (int)V, &s->sampling, e->probs, e->scratch);
+        float u = ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET);
+        int32_t id = ds_sample_probs(e->probs, (int)V, u);
+        s->state = DS_SEQ_DECODE;
+        ds_seq_emit(e, s, id);
+    }
+    *row += n_rows;
+}
+
+int ds_plain_round(struct ds_engine *e)
+{
+    int n_prefill, r;
+    ds_plan_prefill(e, &n_prefill);
+    int n_decode = 0;
+    for (int i = 0; i < e->n_seqs; i++)
+        n_decode += e->seqs[i]->state == DS_SEQ_DECODE;
+    int n_tokens = n_prefill + n_decode;
+    if (n_tokens == 0)
+        return 0;
+    int max_rows = n_tokens;
+    if ((r = ds_engine_ensure_batch(e, n_tokens, max_rows, 0)) < 0)
+        return r;
+    int n_tok = 0, n_rows = 0;
+    if (e->n_seqs > e->cap_bkv) {
+        e->cap_bkv = e->n_seqs;
+        e->b_kv = ds_xrealloc(e->b_kv, (size_t)e->cap_bkv * sizeof *e->b_kv);
+    }
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        e->b_kv[i] = &s->kv;
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            ds_batch_add_prefill(e, s, i, &n_tok, &n_rows);
+        } else if (s->state == DS_SEQ_DECODE) {
+            int t = n_tok++;
+            e->b_tokens[t] = s->tokens[s->kv.len];
+            e->b_pos[t] = s->kv.len;
+            e->b_seq[t] = i;
+            e->b_rows[n_rows++] = t;
+        }
+    }
+    struct ds_batch b = {
+        .n_tokens = n_tok, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
+        .n_logits = n_rows, .logit_rows = e->b_rows, .logits = e->logits,
+    };
+    if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+        return r;
+    size_t V = e->target->cfg.vocab_size;
+    int row = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            ds_finish_prefill(e, s, &row);
+        } else if (s->state == DS_SEQ_DECODE) {
+            const float *lg = e->logits + (size_t)row++ * V;
+            s->kv.len += 1;
+            ds_probs(lg, (int)V, &s->sampling, e->probs, e->scratch);
+            float u = ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET);
+            s->stats.rounds++;
+            s->emitted_in_rounds++;
+            ds_seq_emit(e, s, ds_sample_probs(e->probs, (int)V, u));
+        }
+    }
+    return 0;
+}

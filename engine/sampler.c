@@ -1,0 +1,122 @@
+/* sampler.c: Philox4x32-10 uniforms and sampling distributions (see ds-sampler.h). */
+#include "config.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dspark/ds-sampler.h"
+
+void ds_philox4x32(uint64_t key, uint64_t ctr_hi, uint64_t ctr_lo, uint32_t out[4])
+{
+    uint32_t c0 = (uint32_t)ctr_lo, c1 = (uint32_t)(ctr_lo >> 32), c2 = (uint32_t)ctr_hi,
+             c3 = (uint32_t)(ctr_hi >> 32);
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int round = 0; round < 10; round++) {
+        uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n1 = (uint32_t)p1;
+        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1, n3 = (uint32_t)p0;
+        c0 = n0, c1 = n1, c2 = n2, c3 = n3;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+
+float ds_uniform(uint64_t seed, uint64_t position, uint32_t slot)
+{
+    uint32_t r[4];
+    ds_philox4x32(seed, slot, position, r);
+    return (float)(r[0] >> 8) * (1.0f / 16777216.0f);
+}
+
+int32_t ds_argmax(const float *x, int n)
+{
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
+/* qsort has no context argument: the keys travel in a thread-local */
+static _Thread_local const float *sort_keys;
+
+static int by_prob_desc(const void *a, const void *b)
+{
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    if (sort_keys[i] != sort_keys[j])
+        return sort_keys[i] > sort_keys[j] ? -1 : 1;
+    return i < j ? -1 : i > j;
+}
+
+void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *probs, int32_t *scratch)
+{
+    if (ds_sampling_is_greedy(s)) {
+        memset(probs, 0, (size_t)n * sizeof *probs);
+        probs[ds_argmax(logits, n)] = 1.0f;
+        return;
+    }
+    float inv_t = 1.0f / s->temperature;
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (logits[i] > mx)
+            mx = logits[i];
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        probs[i] = expf((logits[i] - mx) * inv_t);
+        sum += probs[i];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++)
+        probs[i] *= inv;
+    bool cut_k = s->top_k > 0 && s->top_k < n, cut_p = s->top_p > 0 && s->top_p < 1;
+    if (!cut_k && !cut_p)
+        return;
+    /* rank tokens by probability (ties: lower id first), keep a prefix of the ranking */
+    for (int i = 0; i < n; i++)
+        scratch[i] = i;
+    sort_keys = probs;
+    qsort(scratch, (size_t)n, sizeof *scratch, by_prob_desc);
+    int keep = cut_k ? s->top_k : n;
+    if (cut_p) {
+        double kept_mass = 0;
+        for (int i = 0; i < keep; i++)
+            kept_mass += probs[scratch[i]];
+        /* smallest prefix whose share of the (top-k) mass reaches top_p */
+        double acc = 0;
+        int j = 0;
+        while (j < keep) {
+            acc += probs[scratch[j++]];
+            if (acc >= s->top_p * kept_mass)
+                break;
+        }
+        keep = j;
+    }
+    double kept = 0;
+    for (int i = 0; i < keep; i++)
+        kept += probs[scratch[i]];
+    for (int i = keep; i < n; i++)
+        probs[scratch[i]] = 0;
+    float renorm = (float)(1.0 / kept);
+    for (int i = 0; i < keep; i++)
+        probs[scratch[i]] *= renorm;
+}
+
+int32_t ds_sample_probs(const float *probs, int n, float u)
+{
+    double total = 0;
+    for (int i = 0; i < n; i++)
+        total += probs[i];
+    double target = (double)u * total, acc = 0;
+    int32_t last = -1;
+    for (int i = 0; i < n; i++) {
+        if (probs[i] <= 0)
+            continue;
+        acc += probs[i];
+        last = i;
+        if (acc > target)
+            return i;
+    }
+    return last >= 0 ? last : 0;
+}

@@ -1,0 +1,595 @@
+/* spec.c: the speculative round (dspark-spec.md §2–§5).
+ *
+ * One round: (1) every decoding sequence with speculation runs the draft block
+ * from its anchor; the Markov head samples drafts d_1..d_γ left to right with
+ * their distributions q_k and confidences c_k; (2) the scheduler picks ℓ_r;
+ * (3) one target pass verifies [x_0, d_1..d_ℓ] of every sequence together with
+ * the prefill chunks of new sequences, capturing the draft's features;
+ * (4) chain accept/reject (greedy: d_i == argmax; sampled: u < p/q with the
+ * residual on rejection), commit a+1 tokens, roll back the rest; (5) the
+ * features of the committed tokens extend each draft context. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dspark/ds-draft.h"
+#include "dspark/ds-model.h"
+#include "dspark/ds-sched.h"
+#include "draft-ops.h"
+#include "engine-impl.h"
+
+struct ds_spec_seq {
+    struct ds_draft_cache cache;
+    float a_hist[2][DS_MAX_BLOCK];   /* survivals of the last two rounds (async capacity) */
+    int n_hist;                      /* rounds recorded, capped at 2 */
+    float sts[DS_MAX_BLOCK];         /* STS temperatures for this sequence's sampling temperature */
+};
+
+struct ds_spec {
+    struct ds_draft_scratch scratch;
+    struct ds_sps sps;
+    double prior_a[DS_MAX_BLOCK];    /* running mean survival per position (async prior) */
+    long prior_n;
+    FILE *trace;
+    long round;
+    /* per-round buffers */
+    float *h, *U, *q, *z, *corr, *state, *feat_rows;
+    size_t cap_h, cap_U, cap_q, cap_z, cap_corr, cap_state, cap_feat;
+    int32_t *idx, *anchor, *start, *drafts, *prev, *len, *cap, *row0, *pos_rows;
+    struct ds_draft_cache **caches;
+    int cap_r;
+    float *a, *c;
+};
+
+static void *grow(void *p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap)
+        return p;
+    p = ds_xrealloc(p, need * elem);
+    *cap = need;
+    return p;
+}
+
+void ds_engine_set_trace(struct ds_engine *e, FILE *f)
+{
+    if (e->spec)
+        e->spec->trace = f;
+}
+
+int ds_spec_init(struct ds_engine *e)
+{
+    e->spec = ds_xcalloc(1, sizeof *e->spec);
+    if (e->gamma > DS_MAX_BLOCK)
+        return ds_seterr(DS_ENOTSUP, "draft block size %d exceeds %d", e->gamma, DS_MAX_BLOCK);
+    return 0;
+}
+
+void ds_spec_done(struct ds_engine *e)
+{
+    struct ds_spec *sp = e->spec;
+    if (!sp)
+        return;
+    ds_scratch_done(&sp->scratch);
+    ds_sps_done(&sp->sps);
+    free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->corr), free(sp->state), free(sp->feat_rows);
+    free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->len);
+    free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->caches), free(sp->a), free(sp->c);
+    free(sp);
+    e->spec = NULL;
+}
+
+void ds_spec_seq_done(struct ds_engine *e, struct ds_seq *s)
+{
+    (void)e;
+    if (!s->draft)
+        return;
+    ds_draft_cache_done(&s->draft->cache);
+    free(s->draft);
+    s->draft = NULL;
+}
+
+/* Set the engine's SPS table (copied). */
+int ds_engine_set_sps(struct ds_engine *e, const struct ds_sps *t)
+{
+    if (!e->spec)
+        return ds_seterr(DS_EINVAL, "the engine has no draft");
+    ds_sps_done(&e->spec->sps);
+    e->spec->sps.n = t->n;
+    e->spec->sps.b = ds_xmalloc((size_t)t->n * sizeof(int));
+    e->spec->sps.sps = ds_xmalloc((size_t)t->n * sizeof(double));
+    memcpy(e->spec->sps.b, t->b, (size_t)t->n * sizeof(int));
+    memcpy(e->spec->sps.sps, t->sps, (size_t)t->n * sizeof(double));
+    return 0;
+}
+
+const struct ds_sps *ds_engine_sps(const struct ds_engine *e)
+{
+    return e->spec ? &e->spec->sps : NULL;
+}
+
+static int seq_draft_state(struct ds_engine *e, struct ds_seq *s)
+{
+    if (s->draft)
+        return 0;
+    s->draft = ds_xcalloc(1, sizeof *s->draft);
+    ds_draft_sts(e->draft, s->sampling.temperature, s->draft->sts);
+    return ds_draft_cache_reserve(e->draft, &s->draft->cache, s->cap + 1);
+}
+
+static bool uses_draft(const struct ds_seq *s)
+{
+    return s->spec.kind != DS_SPEC_NONE;
+}
+
+static float sigmoid(float x)
+{
+    return 1.0f / (1.0f + expf(-x));
+}
+
+/* Draw the correction token from norm(max(0, p - q)), or from p when that mass vanishes. */
+static int32_t residual_sample(const float *p, const float *q, int V, float u, float *tmp)
+{
+    double mass = 0;
+    for (int i = 0; i < V; i++) {
+        float r = p[i] - q[i];
+        tmp[i] = r > 0 ? r : 0;
+        mass += tmp[i];
+    }
+    return ds_sample_probs(mass > 1e-8 ? tmp : p, V, u);
+}
+
+static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round, int start, int32_t anchor,
+                        const int32_t *drafts, const float *z, int len, int accepted, const int32_t *committed,
+                        int n_committed)
+{
+    FILE *f = e->spec->trace;
+    fprintf(f, "{\"seq\":%d,\"round\":%ld,\"start\":%d,\"anchor\":%d,\"temperature\":%g,\"drafts\":[", s->id, round,
+            start, anchor, s->sampling.temperature);
+    for (int k = 0; k < e->gamma; k++)
+        fprintf(f, "%s%d", k ? "," : "", drafts[k]);
+    fprintf(f, "],\"confidence\":[");
+    for (int k = 0; k < e->gamma; k++) {
+        if (isfinite(z[k]))
+            fprintf(f, "%s%.9g", k ? "," : "", z[k]);
+        else
+            fprintf(f, "%snull", k ? "," : "");
+    }
+    fprintf(f, "],\"verify_len\":%d,\"accepted\":%d,\"committed\":[", len, accepted);
+    for (int i = 0; i < n_committed; i++)
+        fprintf(f, "%s%d", i ? "," : "", committed[i]);
+    fprintf(f, "]}\n");
+}
+
+/* Choose ℓ for every drafting sequence (indices idx[0..R)), given the pass's other tokens. */
+static void schedule(struct ds_engine *e, int R, int extra)
+{
+    struct ds_spec *sp = e->spec;
+    int g = e->gamma;
+    /* fixed, threshold and none first: their tokens are part of the others' pass */
+    int n_sched = 0, n_async = 0;
+    for (int i = 0; i < R; i++) {
+        struct ds_seq *s = e->seqs[sp->idx[i]];
+        switch (s->spec.kind) {
+        case DS_SPEC_FIXED:
+            sp->len[i] = s->spec.fixed_len < sp->cap[i] ? s->spec.fixed_len : sp->cap[i];
+            extra += 1 + sp->len[i];
+            break;
+        case DS_SPEC_THRESHOLD:
+            ds_sched_threshold(sp->c + (size_t)i * g, 1, g, &sp->cap[i], s->spec.threshold, &sp->len[i]);
+            extra += 1 + sp->len[i];
+            break;
+        case DS_SPEC_DSPARK: n_sched++; break;
+        case DS_SPEC_DSPARK_ASYNC: n_async++; break;
+        case DS_SPEC_NONE: sp->len[i] = 0; extra += 1; break;
+        }
+    }
+    /* gather the scheduled sequences' rows contiguously */
+    for (int pass = 0; pass < 2; pass++) {
+        enum ds_spec_kind kind = pass == 0 ? DS_SPEC_DSPARK : DS_SPEC_DSPARK_ASYNC;
+        int n = pass == 0 ? n_sched : n_async;
+        if (n == 0)
+            continue;
+        float *a = ds_xmalloc((size_t)n * g * sizeof(float)), *old = ds_xmalloc((size_t)n * g * sizeof(float));
+        int *cap = ds_xmalloc((size_t)n * sizeof(int)), *len = ds_xmalloc((size_t)n * sizeof(int));
+        int *map = ds_xmalloc((size_t)n * sizeof(int)), k = 0, have_old = 0;
+        for (int i = 0; i < R; i++) {
+            struct ds_seq *s = e->seqs[sp->idx[i]];
+            if (s->spec.kind != kind)
+                continue;
+            memcpy(a + (size_t)k * g, sp->a + (size_t)i * g, (size_t)g * sizeof(float));
+            cap[k] = sp->cap[i];
+            /* two rounds old: the older entry of the history, else the per-position prior */
+            struct ds_spec_seq *d = s->draft;
+            for (int j = 0; j < g; j++)
+                old[(size_t)k * g + j] = d->n_hist >= 2 ? d->a_hist[0][j] : (float)sp->prior_a[j];
+            have_old += d->n_hist >= 2;
+            map[k++] = i;
+        }
+        int other = extra;
+        /* the other group's tokens (when both kinds run) count at full length */
+        if (pass == 0 && n_async > 0)
+            other += n_async * (1 + g);
+        if (kind == DS_SPEC_DSPARK) {
+            ds_sched_dspark(a, n, g, cap, other, &sp->sps, len);
+        } else {
+            int K = n * g;
+            if (have_old > 0 && sp->prior_n > 0)
+                K = ds_sched_capacity(old, n, g, cap, other, &sp->sps);
+            ds_sched_topk(a, n, g, cap, K, len);
+        }
+        for (int i = 0; i < n; i++) {
+            sp->len[map[i]] = len[i];
+            extra += 1 + len[i];
+        }
+        free(a), free(old), free(cap), free(len), free(map);
+    }
+}
+
+int ds_spec_round(struct ds_engine *e)
+{
+    struct ds_spec *sp = e->spec;
+    const struct ds_draft *d = e->draft;
+    int g = e->gamma, V = e->target->cfg.vocab_size, H = e->target->cfg.hidden_size, m = d->m, r;
+    int n_prefill;
+    ds_plan_prefill(e, &n_prefill);
+
+    /* sequences in this round */
+    int n_dec = 0;
+    for (int i = 0; i < e->n_seqs; i++)
+        n_dec += e->seqs[i]->state == DS_SEQ_DECODE;
+    if (n_dec + n_prefill == 0)
+        return 0;
+    if (e->n_seqs > sp->cap_r) {
+        int c = e->n_seqs;
+        sp->cap_r = c;
+        sp->idx = ds_xrealloc(sp->idx, (size_t)c * sizeof(int32_t));
+        sp->anchor = ds_xrealloc(sp->anchor, (size_t)c * sizeof(int32_t));
+        sp->start = ds_xrealloc(sp->start, (size_t)c * sizeof(int32_t));
+        sp->drafts = ds_xrealloc(sp->drafts, (size_t)c * g * sizeof(int32_t));
+        sp->prev = ds_xrealloc(sp->prev, (size_t)c * sizeof(int32_t));
+        sp->len = ds_xrealloc(sp->len, (size_t)c * sizeof(int32_t));
+        sp->cap = ds_xrealloc(sp->cap, (size_t)c * sizeof(int32_t));
+        sp->row0 = ds_xrealloc(sp->row0, (size_t)c * sizeof(int32_t));
+        sp->caches = ds_xrealloc(sp->caches, (size_t)c * sizeof(*sp->caches));
+        sp->a = ds_xrealloc(sp->a, (size_t)c * g * sizeof(float));
+        sp->c = ds_xrealloc(sp->c, (size_t)c * g * sizeof(float));
+    }
+    if (e->n_seqs > e->cap_bkv) {
+        e->cap_bkv = e->n_seqs;
+        e->b_kv = ds_xrealloc(e->b_kv, (size_t)e->cap_bkv * sizeof *e->b_kv);
+    }
+
+    /* (1) draft every decoding sequence that speculates */
+    int R = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        if (s->state != DS_SEQ_DECODE || !uses_draft(s))
+            continue;
+        sp->idx[R] = i;
+        sp->anchor[R] = s->tokens[s->kv.len];
+        sp->start[R] = s->kv.len;
+        sp->caches[R] = &s->draft->cache;
+        /* never verify more than can be emitted: a+1 tokens commit at most ℓ+1 */
+        int left = s->max_tokens - (s->n_tokens - s->n_prompt);
+        sp->cap[R] = left - 1 < g ? (left - 1 > 0 ? left - 1 : 0) : g;
+        R++;
+    }
+    sp->h = grow(sp->h, &sp->cap_h, (size_t)R * g * H + 1, sizeof(float));
+    sp->U = grow(sp->U, &sp->cap_U, (size_t)R * g * V + 1, sizeof(float));
+    sp->q = grow(sp->q, &sp->cap_q, (size_t)R * g * V + 1, sizeof(float));
+    sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
+    sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
+    sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
+    if (R > 0) {
+        if ((r = ds_draft_block(d, e->pool, R, sp->caches, sp->anchor, sp->start, sp->h, sp->U, &sp->scratch)) < 0)
+            return r;
+        memset(sp->state, 0, (size_t)R * (d->r + 1) * sizeof(float));
+        int32_t *prev = sp->prev;
+        float *zk = ds_xmalloc((size_t)R * sizeof(float));
+        for (int i = 0; i < R; i++)
+            prev[i] = sp->anchor[i];
+        if (!e->probs)
+            e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * sizeof(int32_t));
+        for (int k = 0; k < g; k++) {
+            if ((r = ds_draft_markov_step(d, e->pool, R, prev, sp->U + (size_t)k * V, g * V, sp->h + (size_t)k * H,
+                                          g * H, sp->state, sp->corr, zk, &sp->scratch)) < 0) {
+                free(zk);
+                return r;
+            }
+            for (int i = 0; i < R; i++) {
+                struct ds_seq *s = e->seqs[sp->idx[i]];
+                const float *lg = sp->corr + (size_t)i * V;
+                float *q = sp->q + ((size_t)i * g + k) * V;
+                int32_t dk;
+                if (ds_sampling_is_greedy(&s->sampling)) {
+                    dk = ds_argmax(lg, V);
+                } else {
+                    ds_probs(lg, V, &s->sampling, q, e->scratch);
+                    dk = ds_sample_probs(q, V, ds_uniform(s->sampling.seed, (uint64_t)(sp->start[i] + k + 1),
+                                                          DS_SLOT_DRAFT));
+                }
+                sp->drafts[(size_t)i * g + k] = dk;
+                sp->z[(size_t)i * g + k] = zk[i];
+                /* calibrated conditional confidence and prefix survival */
+                float ck = isfinite(zk[i]) ? sigmoid(zk[i] / s->draft->sts[k]) : 1.0f;
+                sp->c[(size_t)i * g + k] = ck;
+                sp->a[(size_t)i * g + k] = (k == 0 ? 1.0f : sp->a[(size_t)i * g + k - 1]) * ck;
+                prev[i] = dk;
+            }
+        }
+        free(zk);
+    }
+
+    /* (2) verification lengths */
+    int extra = n_prefill;
+    for (int i = 0; i < e->n_seqs; i++)
+        extra += e->seqs[i]->state == DS_SEQ_DECODE && !uses_draft(e->seqs[i]);
+    schedule(e, R, extra);
+
+    /* (3) one target pass: prefill chunks, plain decode tokens, verification blocks */
+    int n_tok = n_prefill;
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->state == DS_SEQ_DECODE && !uses_draft(e->seqs[i]))
+            n_tok++;
+    for (int i = 0; i < R; i++)
+        n_tok += 1 + sp->len[i];
+    if ((r = ds_engine_ensure_batch(e, n_tok, n_tok, m)) < 0)
+        return r;
+    int nt = 0, nrows = 0, ri = 0;
+    int *seq_row = ds_xmalloc((size_t)e->n_seqs * sizeof(int)), *seq_tok = ds_xmalloc((size_t)e->n_seqs * sizeof(int));
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        e->b_kv[i] = &s->kv;
+        seq_row[i] = nrows;
+        seq_tok[i] = nt;
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            ds_batch_add_prefill(e, s, i, &nt, &nrows);
+        } else if (s->state == DS_SEQ_DECODE) {
+            int len = 0;
+            const int32_t *dr = NULL;
+            if (uses_draft(s)) {
+                len = sp->len[ri];
+                dr = sp->drafts + (size_t)ri * g;
+                ri++;
+            }
+            for (int k = 0; k <= len; k++) {
+                e->b_tokens[nt] = k == 0 ? s->tokens[s->kv.len] : dr[k - 1];
+                e->b_pos[nt] = s->kv.len + k;
+                e->b_seq[nt] = i;
+                e->b_rows[nrows++] = nt;
+                nt++;
+            }
+        }
+    }
+    static const int32_t none_layers[1] = {0};
+    struct ds_batch b = {
+        .n_tokens = nt, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
+        .n_logits = nrows, .logit_rows = e->b_rows, .logits = e->logits,
+        .n_capture = m, .capture_layers = m ? d->cfg.target_layer_ids : none_layers, .captured = e->captured,
+    };
+    if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+        goto out;
+
+    /* (4) prefill bookkeeping and acceptance; collect context rows for (5) */
+    size_t feat_w = (size_t)m * H;
+    int n_ctx = 0;
+    sp->pos_rows = ds_xrealloc(sp->pos_rows, (size_t)(nt + 1) * sizeof(int32_t));
+    struct ds_draft_cache **ctx_caches = ds_xmalloc((size_t)(nt + 1) * sizeof *ctx_caches);
+    sp->feat_rows = grow(sp->feat_rows, &sp->cap_feat, (size_t)(nt + 1) * feat_w, sizeof(float));
+    int32_t committed[DS_MAX_BLOCK + 1];
+    float *p_prev = e->probs, *p_tmp = e->probs + V;
+    ri = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        int row = seq_row[i], tok = seq_tok[i];
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            if (uses_draft(s)) {
+                if ((r = seq_draft_state(e, s)) < 0)
+                    goto out_free;
+                for (int k = 0; k < s->chunk; k++) {
+                    memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)(tok + k) * feat_w,
+                           feat_w * sizeof(float));
+                    sp->pos_rows[n_ctx] = s->kv.len + k;
+                    ctx_caches[n_ctx++] = &s->draft->cache;
+                }
+            }
+            ds_finish_prefill(e, s, &row);
+            continue;
+        }
+        if (s->state != DS_SEQ_DECODE)
+            continue;
+        if (!uses_draft(s)) {
+            /* target-only sequence in a speculative engine */
+            const float *lg = e->logits + (size_t)row * V;
+            s->kv.len += 1;
+            ds_probs(lg, V, &s->sampling, p_prev, e->scratch);
+            s->stats.rounds++;
+            s->emitted_in_rounds++;
+            ds_seq_emit(e, s, ds_sample_probs(p_prev, V, ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens,
+                                                                    DS_SLOT_TARGET)));
+            continue;
+        }
+        int len = sp->len[ri], start = s->kv.len;
+        const int32_t *dr = sp->drafts + (size_t)ri * g;
+        bool greedy = ds_sampling_is_greedy(&s->sampling);
+        int a = 0;
+        int32_t next = -1;
+        for (int k = 0; k <= len; k++) {
+            const float *lg = e->logits + (size_t)(row + k) * V;
+            if (greedy) {
+                int32_t best = ds_argmax(lg, V);
+                if (k < len && dr[k] == best) {
+                    a++;
+                    continue;
+                }
+                next = best;
+                break;
+            }
+            ds_probs(lg, V, &s->sampling, p_prev, e->scratch);
+            if (k < len) {
+                const float *q = sp->q + ((size_t)ri * g + k) * V;
+                float pq = p_prev[dr[k]], qq = q[dr[k]] > 1e-8f ? q[dr[k]] : 1e-8f;
+                float u = ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1), DS_SLOT_ACCEPT);
+                if (u * qq < pq) {
+                    a++;
+                    continue;
+                }
+                next = residual_sample(p_prev, q, V, ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1),
+                                                                DS_SLOT_TARGET),
+                                       p_tmp);
+            } else {
+                next = ds_sample_probs(p_prev, V, ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1),
+                                                             DS_SLOT_TARGET));
+            }
+            break;
+        }
+        /* emit accepted drafts, then the correction or bonus; a stop ends it early */
+        int n_emit = 0, acc_emitted = 0;
+        bool finished = false;
+        for (int k = 0; k < a && !finished; k++) {
+            committed[n_emit++] = dr[k];
+            acc_emitted++;
+            finished = ds_seq_emit(e, s, dr[k]);
+        }
+        if (!finished) {
+            committed[n_emit++] = next;
+            ds_seq_emit(e, s, next);
+        }
+        /* statistics */
+        s->stats.rounds++;
+        s->stats.num_draft_tokens += g;
+        s->stats.num_verified_tokens += len;
+        s->stats.num_accepted_tokens += acc_emitted;
+        s->emitted_in_rounds += n_emit;
+        for (int k = 0; k < len; k++) {
+            s->stats.verified_by_position[k]++;
+            if (k < a)
+                s->stats.accepted_by_position[k]++;
+        }
+        if (sp->trace)
+            trace_round(e, s, s->stats.rounds, start, sp->anchor[ri], dr, sp->z + (size_t)ri * g, len, a, committed,
+                        n_emit);
+        /* async history and prior */
+        struct ds_spec_seq *ds = s->draft;
+        memmove(ds->a_hist[0], ds->a_hist[1], sizeof ds->a_hist[0]);
+        memcpy(ds->a_hist[1], sp->a + (size_t)ri * g, (size_t)g * sizeof(float));
+        ds->n_hist = ds->n_hist < 2 ? ds->n_hist + 1 : 2;
+        sp->prior_n++;
+        for (int k = 0; k < g; k++)
+            sp->prior_a[k] += (sp->a[(size_t)ri * g + k] - sp->prior_a[k]) / (double)sp->prior_n;
+        /* (5) commit: the target keeps x_0 and the accepted drafts; the draft context gains their features */
+        int keep = 1 + acc_emitted;
+        s->kv.len = start + keep;
+        if (s->state != DS_SEQ_DONE) {
+            for (int k = 0; k < keep; k++) {
+                memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)(tok + k) * feat_w,
+                       feat_w * sizeof(float));
+                sp->pos_rows[n_ctx] = start + k;
+                ctx_caches[n_ctx++] = &s->draft->cache;
+            }
+        }
+        ri++;
+    }
+    if ((r = ds_draft_add_context(d, e->pool, n_ctx, sp->feat_rows, ctx_caches, sp->pos_rows, &sp->scratch)) < 0)
+        goto out_free;
+    for (int t = 0; t < n_ctx; t++)
+        if (ctx_caches[t]->len < sp->pos_rows[t] + 1)
+            ctx_caches[t]->len = sp->pos_rows[t] + 1;
+out_free:
+    free(ctx_caches);
+out:
+    free(seq_row);
+    free(seq_tok);
+    return r;
+}
+
+/* ---- SPS(B) profiling ---- */
+static int cmp_double(const void *x, const void *y)
+{
+    double a = *(const double *)x, b = *(const double *)y;
+    return a < b ? -1 : a > b;
+}
+
+int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
+{
+    int g = e->gamma > 0 ? e->gamma : 1, R_max = e->opts.max_seqs, r = 0;
+    int B_max = R_max * (1 + g);
+    if (reps <= 0)
+        reps = 3;
+    if (context <= 0)
+        context = 64;
+    /* token counts: 1..8 one by one, then about 12% apart */
+    int grid[256], n = 0;
+    for (int b = 1; b <= B_max && n < 256; b = b < 8 ? b + 1 : b + (b + 7) / 8)
+        grid[n++] = b;
+    if (grid[n - 1] != B_max && n < 256)
+        grid[n++] = B_max;
+    int R = R_max;
+    struct ds_kv_seq *seqs = ds_xcalloc((size_t)R, sizeof *seqs);
+    struct ds_kv_seq **kv = ds_xcalloc((size_t)R, sizeof *kv);
+    int per = context + g + 2, got = 0;
+    for (int i = 0; i < R; i++) {
+        if (ds_kv_reserve(&e->kv, &seqs[i], per) < 0)
+            break;
+        seqs[i].len = context;
+        kv[i] = &seqs[i];
+        got++;
+    }
+    if (got == 0) {
+        free(seqs), free(kv);
+        return ds_seterr(DS_ELIMIT, "no KV room to profile the step time");
+    }
+    R = got;
+    int32_t *tok = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *pos = ds_xmalloc((size_t)B_max * sizeof(int32_t));
+    int32_t *sq = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *rows = ds_xmalloc((size_t)B_max * sizeof(int32_t));
+    float *logits = malloc((size_t)B_max * e->target->cfg.vocab_size * sizeof(float));
+    struct ds_sps t = {.n = 0, .b = ds_xmalloc((size_t)n * sizeof(int)), .sps = ds_xmalloc((size_t)n * sizeof(double))};
+    double times[16];
+    if (!logits) {
+        r = ds_seterr(DS_ENOMEM, "out of memory while profiling");
+        goto out;
+    }
+    for (int gi = 0; gi < n; gi++) {
+        int B = grid[gi], nseq = B < R ? B : R;
+        /* spread B tokens over nseq sequences, each a block of consecutive positions */
+        int k = 0;
+        for (int s = 0; s < nseq; s++) {
+            int cnt = B / nseq + (s < B % nseq);
+            if (cnt > g + 1)
+                cnt = g + 1;
+            for (int c = 0; c < cnt && k < B; c++, k++) {
+                tok[k] = (7 * k + 3) % e->target->cfg.vocab_size;
+                pos[k] = context + c;
+                sq[k] = s;
+                rows[k] = k;
+            }
+        }
+        struct ds_batch b = {.n_tokens = k, .tokens = tok, .pos = pos, .seq = sq, .kv = kv, .n_logits = k,
+                             .logit_rows = rows, .logits = logits};
+        int nr = reps < 16 ? reps : 16;
+        for (int rep = 0; rep <= nr; rep++) {
+            double t0 = ds_now();
+            if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+                goto out;
+            if (rep > 0)
+                times[rep - 1] = ds_now() - t0; /* the first run warms caches */
+        }
+        qsort(times, (size_t)nr, sizeof *times, cmp_double);
+        t.b[t.n] = k;
+        t.sps[t.n++] = 1.0 / times[nr / 2];
+        if (gi + 1 < n && grid[gi + 1] <= k)
+            break;
+    }
+    ds_sps_monotone(&t);
+    if (e->spec)
+        r = ds_engine_set_sps(e, &t);
+out:
+    ds_sps_done(&t);
+    for (int i = 0; i < got; i++)
+        ds_kv_release(&e->kv, &seqs[i]);
+    free(seqs), free(kv), free(tok), free(pos), free(sq), free(rows), free(logits);
+    return r;
+}

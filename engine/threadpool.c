@@ -1,0 +1,144 @@
+/* threadpool.c: a fixed pool of worker threads running index-parallel loops.
+ *
+ * ds_pool_run hands out task indices through an atomic counter; the calling
+ * thread works too. Tasks must not depend on which thread runs them for their
+ * results (every user here writes disjoint outputs). */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "dspark/ds-gemm.h"
+
+struct ds_pool {
+    int n_threads;                 /* including the caller */
+    pthread_t *threads;            /* [n_threads - 1] */
+    pthread_mutex_t mu;
+    pthread_cond_t start_cv, done_cv;
+    unsigned long generation;      /* bumped for each run */
+    int busy;                      /* workers still inside the current run */
+    bool stop;
+    /* the current run */
+    ds_task_fn fn;
+    void *ctx;
+    int n_tasks;
+    atomic_int next;
+};
+
+static void run_tasks(struct ds_pool *p, int thread)
+{
+    for (;;) {
+        int t = atomic_fetch_add(&p->next, 1);
+        if (t >= p->n_tasks)
+            break;
+        p->fn(p->ctx, t, thread);
+    }
+}
+
+struct worker_arg {
+    struct ds_pool *pool;
+    int index;
+};
+
+static void *worker_main(void *arg)
+{
+    struct worker_arg *wa = arg;
+    struct ds_pool *p = wa->pool;
+    int index = wa->index;
+    free(wa);
+    unsigned long seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && p->generation == seen)
+            pthread_cond_wait(&p->start_cv, &p->mu);
+        if (p->stop)
+            break;
+        seen = p->generation;
+        pthread_mutex_unlock(&p->mu);
+        run_tasks(p, index);
+        pthread_mutex_lock(&p->mu);
+        if (--p->busy == 0)
+            pthread_cond_signal(&p->done_cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+int ds_pool_new(int n_threads, struct ds_pool **ret)
+{
+    if (n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int)n : 1;
+    }
+    if (n_threads > 256)
+        return ds_seterr(DS_EINVAL, "thread count %d is out of range (1..256)", n_threads);
+    struct ds_pool *p = ds_xcalloc(1, sizeof *p);
+    p->n_threads = n_threads;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->start_cv, NULL);
+    pthread_cond_init(&p->done_cv, NULL);
+    p->threads = ds_xcalloc((size_t)n_threads, sizeof *p->threads);
+    for (int i = 1; i < n_threads; i++) {
+        struct worker_arg *wa = ds_xmalloc(sizeof *wa);
+        wa->pool = p;
+        wa->index = i;
+        if (pthread_create(&p->threads[i - 1], NULL, worker_main, wa) != 0) {
+            free(wa);
+            p->n_threads = i;
+            ds_pool_free(p);
+            return ds_seterr(DS_ENOMEM, "could not start thread %d of %d", i, n_threads);
+        }
+    }
+    *ret = p;
+    return 0;
+}
+
+struct ds_pool *ds_pool_free(struct ds_pool *p)
+{
+    if (!p)
+        return NULL;
+    pthread_mutex_lock(&p->mu);
+    p->stop = true;
+    pthread_cond_broadcast(&p->start_cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n_threads; i++)
+        pthread_join(p->threads[i - 1], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->start_cv);
+    pthread_cond_destroy(&p->done_cv);
+    free(p->threads);
+    free(p);
+    return NULL;
+}
+
+int ds_pool_threads(const struct ds_pool *p)
+{
+    return p ? p->n_threads : 1;
+}
+
+void ds_pool_run(struct ds_pool *p, int n_tasks, ds_task_fn fn, void *ctx)
+{
+    if (n_tasks <= 0)
+        return;
+    if (!p || p->n_threads == 1 || n_tasks == 1) {
+        for (int t = 0; t < n_tasks; t++)
+            fn(ctx, t, 0);
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->ctx = ctx;
+    p->n_tasks = n_tasks;
+    atomic_store(&p->next, 0);
+    p->busy = p->n_threads - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->start_cv);
+    pthread_mutex_unlock(&p->mu);
+    run_tasks(p, 0);
+    pthread_mutex_lock(&p->mu);
+    while (p->busy > 0)
+        pthread_cond_wait(&p->done_cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}

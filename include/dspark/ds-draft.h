@@ -1,0 +1,24 @@
+/* ds-draft.h: the DSpark / DFlash draft model (DeepSpec checkpoint directories,
+ * dspark-spec.md §1–§3) on the CPU backend. */
+#ifndef DS_DRAFT_H
+#define DS_DRAFT_H
+
+#include <stdio.h>
+
+#include "dspark/ds-config.h"
+#include "dspark/ds-err.h"
+
+struct ds_model;
+struct ds_engine;
+struct ds_draft;
+
+/* Load DIR (config.json, model.safetensors, optional sts.json) for this target;
+ * embedding and LM head come from the target when absent or equal. */
+int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draft **ret) DS_MUSTCHECK;
+struct ds_draft *ds_draft_free(struct ds_draft *d);
+const struct ds_dspark_config *ds_draft_config(const struct ds_draft *d);
+
+/* Write one JSON line per round and sequence to f (NULL: off). */
+void ds_engine_set_trace(struct ds_engine *e, FILE *f);
+
+#endif

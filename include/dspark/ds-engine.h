@@ -1,0 +1,129 @@
+/* ds-engine.h: the decoding engine: many sequences advanced together, one
+ * round at a time, each round one forward pass of the target over a flattened
+ * ragged batch (prefill chunks of new sequences and the decode or verification
+ * tokens of running ones).
+ *
+ * Usage: ds_engine_new → ds_engine_submit (any time) → ds_engine_step until
+ * ds_engine_active() is 0, collecting finished sequences with
+ * ds_engine_take_finished. Not thread-safe: one thread drives an engine. */
+#ifndef DS_ENGINE_H
+#define DS_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "dspark/ds-err.h"
+#include "dspark/ds-sampler.h"
+
+struct ds_model;
+struct ds_draft;
+struct ds_engine;
+
+#define DS_MAX_BLOCK 32           /* largest draft block (gamma) supported */
+
+enum ds_spec_kind {
+    DS_SPEC_NONE = 0,             /* target-only decoding */
+    DS_SPEC_FIXED,                /* verify fixed_len drafts every round */
+    DS_SPEC_THRESHOLD,            /* cut at the first c_k < threshold */
+    DS_SPEC_DSPARK,               /* Algorithm 1: causal greedy admission with early stop */
+    DS_SPEC_DSPARK_ASYNC,         /* capacity from predictions two rounds old, top-K admission */
+};
+
+struct ds_spec_mode {
+    enum ds_spec_kind kind;
+    int fixed_len;                /* DS_SPEC_FIXED */
+    float threshold;              /* DS_SPEC_THRESHOLD */
+};
+
+/* Parse "none", "dspark", "dspark-async", "fixed:N", "threshold:X". */
+int ds_spec_mode_parse(const char *s, struct ds_spec_mode *ret) DS_MUSTCHECK;
+/* Format a mode back to its text form into buf. */
+void ds_spec_mode_format(const struct ds_spec_mode *m, char *buf, size_t cap);
+
+struct ds_engine_opts {
+    int n_threads;                /* 0: all CPUs */
+    int kv_pages;                 /* 0: sized from max_seqs x max context */
+    int page_size;                /* 0: 16 */
+    int max_context;              /* 0: the model's max_position_embeddings */
+    int max_seqs;                 /* sequences decoded at once (0: 64) */
+    int prefill_chunk;            /* prompt tokens per round over all sequences (0: 512) */
+    struct ds_spec_mode spec;     /* default speculation for requests that do not say */
+};
+
+struct ds_request {
+    const int32_t *prompt;        /* [n_prompt] */
+    int n_prompt;
+    int max_tokens;
+    struct ds_sampling sampling;
+    const int32_t *stop_ids;      /* [n_stop_ids]; NULL: the model's eos ids */
+    int n_stop_ids;
+    const char *const *stop;      /* [n_stop] stop strings (need the tokenizer) */
+    int n_stop;
+    bool prompt_logits;           /* keep the logits of every prompt position */
+    const struct ds_spec_mode *spec; /* NULL: the engine default */
+    void *user;
+};
+
+/* Per-sequence statistics (names follow vLLM's where one exists). Only tokens
+ * actually emitted count. */
+struct ds_seq_stats {
+    int prompt_tokens;
+    int output_tokens;
+    int rounds;                   /* decoding rounds after the prefill */
+    long num_draft_tokens;        /* drafted (gamma per round with a draft) */
+    long num_verified_tokens;     /* sent to the target for verification (sum of l_r) */
+    long num_accepted_tokens;     /* accepted drafts */
+    double mean_acceptance_length; /* tau: (accepted + bonus) per round */
+    int32_t verified_by_position[DS_MAX_BLOCK];  /* rounds that verified position k+1 */
+    int32_t accepted_by_position[DS_MAX_BLOCK];  /* rounds that accepted position k+1 */
+    int block_size;               /* gamma, 0 without a draft */
+    double time_to_first_token_s; /* from submit */
+    double e2e_latency_s;
+    double decode_tokens_per_s;   /* output tokens after the first / decode time */
+};
+
+struct ds_result {
+    int id;                       /* as returned by ds_engine_submit */
+    void *user;
+    int32_t *ids;                 /* [n_ids] generated ids (malloc'ed; owned by the result) */
+    int n_ids;
+    char *text;                   /* decoded output (NULL without a tokenizer); stop string cut */
+    size_t text_len;
+    const char *finish_reason;    /* "stop", "length", "cancelled", "error" */
+    int error;                    /* 0 or a negative DS_E* code */
+    char error_detail[512];
+    float *prompt_logits;         /* [n_prompt, V] when asked for */
+    struct ds_seq_stats stats;
+};
+
+int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct ds_engine_opts *opts,
+                  struct ds_engine **ret) DS_MUSTCHECK;
+struct ds_engine *ds_engine_free(struct ds_engine *e);
+
+/* Queue a request; it joins the next rounds while capacity allows. A request
+ * the engine can tell is bad (empty prompt, longer than the context, ids out of
+ * the vocabulary) is refused here with DS_EINVAL and a detail. */
+int ds_engine_submit(struct ds_engine *e, const struct ds_request *req, int *ret_id) DS_MUSTCHECK;
+/* Run one round over every active sequence. */
+int ds_engine_step(struct ds_engine *e) DS_MUSTCHECK;
+/* Sequences queued or running. */
+int ds_engine_active(const struct ds_engine *e);
+/* Move up to max finished results into out (the caller frees each with ds_result_free). */
+int ds_engine_take_finished(struct ds_engine *e, struct ds_result **out, int max);
+/* Stop a sequence at the end of the current round (finish_reason "cancelled"). */
+int ds_engine_cancel(struct ds_engine *e, int id);
+struct ds_result *ds_result_free(struct ds_result *r);
+
+/* Free KV capacity in tokens, and what a request would need (prompt + max_tokens + block). */
+long ds_engine_free_tokens(const struct ds_engine *e);
+long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_tokens);
+
+/* The throughput table SPS(B) that the dspark schedulers use (engines with a draft). */
+struct ds_sps;
+/* Measure SPS(B) with the target at the given context length (B from 1 to
+ * max_seqs x (1 + γ)), median of reps timed passes each; a few seconds. */
+int ds_engine_profile_sps(struct ds_engine *e, int context, int reps) DS_MUSTCHECK;
+int ds_engine_set_sps(struct ds_engine *e, const struct ds_sps *t) DS_MUSTCHECK;
+const struct ds_sps *ds_engine_sps(const struct ds_engine *e);
+
+#endif
