@@ -37,8 +37,9 @@ static void usage(FILE *f)
             "  --draft DIR           DeepSpec DSpark/DFlash draft directory (enables speculation)\n"
             "  --prompt TEXT         one prompt\n"
             "  --prompt-ids IDS      one prompt as token ids separated by spaces or commas\n"
-            "  --prompts FILE        JSONL: {\"turns\": [...]} (first turn), {\"prompt\": ...} or\n"
-            "                        {\"prompt_ids\": [...]} per line; '-' reads stdin\n"
+            "  --prompts FILE        JSONL: {\"turns\": [...]} (first turn), {\"prompt\": ...},\n"
+            "                        {\"prompt_ids\": [...]} or an OpenAI Batch request line\n"
+            "                        ({\"body\": {\"prompt\" | \"messages\"}}); '-' reads stdin\n"
             "  --chat                render text prompts as a user turn of the chat template\n"
             "                        (non-thinking, with the generation prompt)\n"
             "generation:\n"
@@ -114,6 +115,32 @@ static int encode_text(const struct ds_tokenizer *tok, const char *text, bool ch
     return r;
 }
 
+/* Chat messages [{role, content}] rendered with the chat template (non-thinking). */
+static int encode_messages(const struct ds_tokenizer *tok, json_t *msgs, int32_t **ids, int *n)
+{
+    size_t nm = json_array_size(msgs);
+    if (nm == 0)
+        return ds_seterr(DS_EFORMAT, "\"messages\" is empty");
+    struct ds_chat_message *m = ds_xcalloc(nm, sizeof *m);
+    for (size_t i = 0; i < nm; i++) {
+        json_t *e = json_array_get(msgs, i);
+        m[i].role = json_string_value(json_object_get(e, "role"));
+        m[i].content = json_string_value(json_object_get(e, "content"));
+        if (!m[i].role || !m[i].content) {
+            free(m);
+            return ds_seterr(DS_EFORMAT, "messages[%zu] needs string \"role\" and \"content\"", i);
+        }
+    }
+    char *text = NULL;
+    int r = ds_chat_render(m, nm, true, false, &text);
+    free(m);
+    if (r < 0)
+        return r;
+    r = encode_text(tok, text, false, ids, n);
+    free(text);
+    return r;
+}
+
 static int read_prompts(const char *path, const struct ds_tokenizer *tok, bool chat, struct prompt **ret,
                         int *ret_n)
 {
@@ -144,8 +171,18 @@ static int read_prompts(const char *path, const struct ds_tokenizer *tok, bool c
         struct prompt *p = &ps[n];
         memset(p, 0, sizeof *p);
         json_t *turns = json_object_get(o, "turns"), *prompt = json_object_get(o, "prompt"),
-               *pids = json_object_get(o, "prompt_ids");
-        if (json_is_array(turns) && json_array_size(turns) > 0 && json_is_string(json_array_get(turns, 0))) {
+               *pids = json_object_get(o, "prompt_ids"), *body = json_object_get(o, "body");
+        if (json_is_object(body)) {
+            /* an OpenAI Batch request line: body.prompt, or body.messages rendered as chat */
+            prompt = json_object_get(body, "prompt");
+            json_t *msgs = json_object_get(body, "messages");
+            if (!json_is_string(prompt) && json_is_array(msgs))
+                r = encode_messages(tok, msgs, &p->ids, &p->n);
+            else if (!json_is_string(prompt))
+                r = ds_seterr(DS_EFORMAT, "\"body\" has neither a \"prompt\" string nor \"messages\"");
+            else
+                r = encode_text(tok, json_string_value(prompt), chat, &p->ids, &p->n);
+        } else if (json_is_array(turns) && json_array_size(turns) > 0 && json_is_string(json_array_get(turns, 0))) {
             r = encode_text(tok, json_string_value(json_array_get(turns, 0)), chat, &p->ids, &p->n);
         } else if (json_is_string(prompt)) {
             r = encode_text(tok, json_string_value(prompt), chat, &p->ids, &p->n);
@@ -264,7 +301,7 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
         fprintf(f, "%-28s %.3f\n", "mean acceptance length (tau)", (double)emitted / rounds);
         fprintf(f, "%-28s %.3f\n", "mean verify length", (double)verified / rounds);
         fprintf(f, "%-28s %ld / %ld / %ld\n", "drafted / verified / accepted", drafted, verified, accepted);
-        fprintf(f, "acceptance by position (conditional: accepted / verified)\n");
+        fprintf(f, "acceptance by position (rounds that accepted it / rounds that verified it)\n");
         for (int k = 0; k < gamma; k++)
             fprintf(f, "  %2d  %8ld / %-8ld  %s%.3f\n", k + 1, acc_pos[k], ver_pos[k], "",
                     ver_pos[k] ? (double)acc_pos[k] / ver_pos[k] : 0.0);

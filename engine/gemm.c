@@ -300,7 +300,7 @@ void ds_gemm(struct ds_pool *pool, const struct ds_mat *w, const float *x, int l
         return;
     int np = (w->n + NR - 1) / NR;
     /* small products are cheaper than waking the pool */
-    if ((double)m * w->n * w->k < 65536.0)
+    if ((double)m * w->n * w->k < 524288.0)
         pool = NULL;
     int threads = ds_pool_threads(pool);
     /* a few tasks per thread for balance; whole panels only */

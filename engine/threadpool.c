@@ -12,13 +12,23 @@
 
 #include "dspark/ds-gemm.h"
 
+/* about 20-50 microseconds of polling before a worker sleeps */
+#define SPIN_ITERS 20000
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 struct ds_pool {
     int n_threads;                 /* including the caller */
     pthread_t *threads;            /* [n_threads - 1] */
     pthread_mutex_t mu;
     pthread_cond_t start_cv, done_cv;
-    unsigned long generation;      /* bumped for each run */
-    int busy;                      /* workers still inside the current run */
+    atomic_ulong generation;       /* bumped for each run */
+    atomic_int busy;               /* workers still inside the current run */
     bool stop;
     /* the current run */
     ds_task_fn fn;
@@ -49,20 +59,25 @@ static void *worker_main(void *arg)
     int index = wa->index;
     free(wa);
     unsigned long seen = 0;
-    pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->stop && p->generation == seen)
-            pthread_cond_wait(&p->start_cv, &p->mu);
-        if (p->stop)
-            break;
-        seen = p->generation;
-        pthread_mutex_unlock(&p->mu);
-        run_tasks(p, index);
+        /* spin a little first: a decoding round issues many short runs back to back */
+        for (int spin = 0; spin < SPIN_ITERS && atomic_load(&p->generation) == seen && !p->stop; spin++)
+            cpu_relax();
         pthread_mutex_lock(&p->mu);
-        if (--p->busy == 0)
+        while (!p->stop && atomic_load(&p->generation) == seen)
+            pthread_cond_wait(&p->start_cv, &p->mu);
+        bool stop = p->stop;
+        pthread_mutex_unlock(&p->mu);
+        if (stop)
+            break;
+        seen = atomic_load(&p->generation);
+        run_tasks(p, index);
+        if (atomic_fetch_sub(&p->busy, 1) == 1) {
+            pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->done_cv);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
-    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
@@ -132,13 +147,15 @@ void ds_pool_run(struct ds_pool *p, int n_tasks, ds_task_fn fn, void *ctx)
     p->ctx = ctx;
     p->n_tasks = n_tasks;
     atomic_store(&p->next, 0);
-    p->busy = p->n_threads - 1;
-    p->generation++;
+    atomic_store(&p->busy, p->n_threads - 1);
+    atomic_fetch_add(&p->generation, 1);
     pthread_cond_broadcast(&p->start_cv);
     pthread_mutex_unlock(&p->mu);
     run_tasks(p, 0);
+    for (int spin = 0; spin < SPIN_ITERS && atomic_load(&p->busy) > 0; spin++)
+        cpu_relax();
     pthread_mutex_lock(&p->mu);
-    while (p->busy > 0)
+    while (atomic_load(&p->busy) > 0)
         pthread_cond_wait(&p->done_cv, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }

@@ -4,16 +4,23 @@
  * Encode, as the reference does it:
  *   1. added tokens that are not "normalized" are cut out of the raw text,
  *      leftmost-longest, honouring single_word/lstrip/rstrip;
- *   2. every remaining piece is normalized (NFC with utf8proc), then the
- *      "normalized" added tokens are cut out of it the same way;
+ *   2. every remaining piece is normalized (NFC with utf8proc; skipped when a
+ *      quick check proves the text is NFC already), then the "normalized"
+ *      added tokens are cut out of it the same way;
  *   3. each text piece is split by the pre-tokenizer regex (PCRE2, UTF+UCP,
- *      JIT; Oniguruma's Unicode \s, \S and \w are spelled out because PCRE2's
- *      differ), every split becomes bytes and is merged by BPE rank.
+ *      JIT; Oniguruma's Unicode \s, \S, \w, \h are spelled out because
+ *      PCRE2's differ). For the Qwen pattern, ASCII stretches are split by an
+ *      equivalent hand-written matcher that defers to PCRE2 whenever a decision
+ *      depends on a non-ASCII character (tests compare the two);
+ *   4. every split becomes bytes and is merged by BPE rank (lowest rank first,
+ *      leftmost among equals); a split that is itself a vocab token whose bytes
+ *      merge back into it is emitted directly.
  *
  * The loaded tokenizer is immutable except for one relaxed-atomic byte per
  * vocab id that caches whether the token's own bytes BPE-merge back into
- * that single token; any thread may fill it, all fill it identically.
- * Every scratch buffer of an encode lives in that call. */
+ * that single token; any thread may fill it, all fill it identically. The
+ * NFC quick-check table is built once per process. Every scratch buffer of
+ * an encode lives in that call. */
 #include "config.h"
 
 #include <errno.h>
@@ -93,28 +100,40 @@ struct ds_tokenizer {
     int norm;                 /* NORM_* */
     pcre2_code *re;           /* pre-tokenizer split; NULL: whole piece */
     bool re_jit;
+    bool ascii_fast;          /* re is the Qwen2/3 pattern: ASCII runs split without PCRE2 */
 };
 
 /* ---- small helpers ---------------------------------------------------- */
+
+static inline uint64_t hash_mix(uint64_t h, uint64_t w)
+{
+    h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
+    return h ^ (h >> 31);
+}
 
 static uint64_t hash_bytes(const void *p, size_t n)
 {
     const unsigned char *s = p;
     uint64_t h = 0x9e3779b97f4a7c15ull ^ ((uint64_t)n * 0xff51afd7ed558ccdull);
-    while (n >= 8) {
-        uint64_t w;
+    uint64_t w;
+    uint32_t a, b;
+    while (n > 8) {
         memcpy(&w, s, 8);
-        h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
-        h ^= h >> 31;
+        h = hash_mix(h, w);
         s += 8;
         n -= 8;
     }
-    if (n) {
-        uint64_t w = 0;
-        memcpy(&w, s, n);
-        h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
-        h ^= h >> 31;
+    /* the last 1..8 bytes: two loads that may overlap */
+    if (n >= 4) {
+        memcpy(&a, s, 4);
+        memcpy(&b, s + n - 4, 4);
+        w = (uint64_t)a << 32 | b;
+    } else if (n) {
+        w = (uint64_t)s[0] << 16 | (uint64_t)s[n / 2] << 8 | s[n - 1];
+    } else {
+        w = 0;
     }
+    h = hash_mix(h, w);
     h *= 0x94d049bb133111ebull;
     return h ^ (h >> 29);
 }
@@ -300,6 +319,14 @@ static bool nfc_quick_yes(const unsigned char *s, size_t n)
 {
     size_t i = 0;
     while (i < n) {
+        if (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (!(w & 0x8080808080808080ull)) {
+                i += 8;
+                continue;
+            }
+        }
         if (s[i] < 0xcc) {
             i++;
             continue;
@@ -356,8 +383,10 @@ static inline uint32_t merge_lookup(const struct ds_tokenizer *t, int32_t a, int
             *res = s->id;
             return s->rank;
         }
-        if (s->key == UINT64_MAX)
+        if (s->key == UINT64_MAX) {
+            *res = -1;
             return UINT32_MAX;
+        }
         i = (i + 1) & t->merge_mask;
     }
 }
@@ -490,21 +519,26 @@ static int parse_normalizer(json_t *j, int *norm, const char *path)
 
 /* Rewrite an Oniguruma pattern for PCRE2: \s, \S, \w, \W get Oniguruma's
  * Unicode meaning (White_Space; letters, marks, decimal digits, connector
- * punctuation), which PCRE2's UCP versions do not have exactly. */
+ * punctuation), which PCRE2's UCP versions do not have exactly (PCRE2's \s
+ * also takes U+180E), and \h, \H are hexadecimal digits as in Oniguruma. */
 static int translate_regex(const char *pat, size_t n, char **ret, const char *path)
 {
     static const char ws[] = "\\t-\\r\\x{85}\\p{Z}";
     static const char wc[] = "\\p{L}\\p{M}\\p{Nd}\\p{Pc}";
-    size_t cap = n * 8 + 64, o = 0;
+    static const char hx[] = "0-9a-fA-F";
+    size_t cap = n * 12 + 64, o = 0;   /* a 2-byte \s becomes a 21-byte class */
     char *out = ds_xmalloc(cap);
     bool in_class = false;
     for (size_t i = 0; i < n; i++) {
         char c = pat[i];
         if (c == '\\' && i + 1 < n) {
             char e = pat[i + 1];
-            const char *set = e == 's' || e == 'S' ? ws : e == 'w' || e == 'W' ? wc : NULL;
+            const char *set = e == 's' || e == 'S'   ? ws
+                              : e == 'w' || e == 'W' ? wc
+                              : e == 'h' || e == 'H' ? hx
+                                                     : NULL;
             if (set) {
-                bool neg = e == 'S' || e == 'W';
+                bool neg = e == 'S' || e == 'W' || e == 'H';
                 if (in_class && neg) {
                     free(out);
                     return ds_seterr(DS_ENOTSUP, "tokenizer '%s': '\\%c' inside a character class is not supported",
@@ -546,6 +580,11 @@ static int translate_regex(const char *pat, size_t n, char **ret, const char *pa
     return 0;
 }
 
+/* The split regex of Qwen2 and Qwen3, which ascii_match() implements for ASCII. */
+static const char qwen_regex[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
 static int compile_split(struct ds_tokenizer *t, json_t *pattern, const char *path)
 {
     json_t *rx = json_object_get(pattern, "Regex"), *lit = json_object_get(pattern, "String");
@@ -556,6 +595,7 @@ static int compile_split(struct ds_tokenizer *t, json_t *pattern, const char *pa
         r = translate_regex(json_string_value(rx), json_string_length(rx), &src, path);
         if (r < 0)
             return r;
+        t->ascii_fast = strcmp(json_string_value(rx), qwen_regex) == 0;
     } else if (json_is_string(lit)) {
         if (json_string_length(lit) == 0)
             return ds_seterr(DS_EFORMAT, "tokenizer '%s': empty split pattern", path);
@@ -1169,7 +1209,7 @@ static int bpe_heap(struct enc *e, size_t n, size_t *ret_n)
     }
     uint64_t *heap = e->heap;
     size_t hn = 0;
-    int32_t res;
+    int32_t res = -1;
     for (size_t i = 0; i < n; i++) {
         prev[i] = (int32_t)i - 1;
         next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
@@ -1269,6 +1309,12 @@ static int encode_word(struct enc *e, const unsigned char *s, size_t n)
 static int re_search(struct enc *e, const unsigned char *s, size_t n, size_t start)
 {
     const struct ds_tokenizer *t = e->t;
+    if (!e->md) {
+        /* made on first use: the ASCII fast path may never need it */
+        e->md = pcre2_match_data_create_from_pattern(t->re, NULL);
+        if (!e->md)
+            return ds_seterr(DS_ENOMEM, "out of memory for regex match data");
+    }
     for (;;) {
         int rc = t->re_jit ? pcre2_jit_match(t->re, s, n, start, PCRE2_NO_UTF_CHECK, e->md, e->mctx)
                            : pcre2_match(t->re, s, n, start, PCRE2_NO_UTF_CHECK, e->md, e->mctx);
@@ -1297,15 +1343,159 @@ static int re_search(struct enc *e, const unsigned char *s, size_t n, size_t sta
     }
 }
 
+/* The Qwen split regex on ASCII, without PCRE2. On ASCII every character
+ * starts a match (letters the second alternative, digits the third, other
+ * symbols the fourth, whitespace the fifth to seventh), and each alternative
+ * reduces to runs of one character class:
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d)   apostrophe + suffix, any case
+ *   [^\r\n\p{L}\p{N}]?\p{L}+       letters, with one non-letter, non-digit,
+ *                                  non-newline character before them
+ *   \p{N}                          one digit
+ *    ?[^\s\p{L}\p{N}]+[\r\n]*      symbols, maybe after a space, then newlines
+ *   \s*[\r\n]+                     whitespace up to its last newline
+ *   \s+(?!\S)                      whitespace but the last before a non-space
+ *   \s+                            (a single space before a non-space)
+ * s[0..lim) is ASCII; lim == n is the end of the text, otherwise s[lim] is a
+ * non-ASCII character. Returns the match length at p, or 0 when the answer
+ * depends on s[lim] (PCRE2 then decides). */
+enum { AC_L = 1, AC_N = 2, AC_S = 4, AC_NL = 8, AC_O = 16 };
+
+#define O_ AC_O
+#define S_ AC_S
+static const uint8_t ascii_classes[128] = {
+    O_, O_, O_, O_, O_, O_, O_, O_, O_, S_, S_ | AC_NL, S_, S_, S_ | AC_NL, O_, O_,   /* \t-\r */
+    O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_,
+    S_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_, O_,                   /* space */
+    AC_N, AC_N, AC_N, AC_N, AC_N, AC_N, AC_N, AC_N, AC_N, AC_N, O_, O_, O_, O_, O_, O_,
+    O_, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L,
+    AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, O_, O_, O_, O_, O_,
+    O_, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L,
+    AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, AC_L, O_, O_, O_, O_, O_,
+};
+#undef O_
+#undef S_
+
+static inline unsigned ascii_class(unsigned c)
+{
+    return ascii_classes[c];
+}
+
+static size_t ascii_match(const unsigned char *s, size_t p, size_t lim, bool end)
+{
+    unsigned c = s[p], k = ascii_class(c);
+    size_t i;
+    if (c == '\'') {
+        if (p + 1 >= lim) {
+            if (!end)
+                return 0;
+        } else {
+            unsigned a = s[p + 1] | 0x20;
+            if (a == 's' || a == 't' || a == 'm' || a == 'd')
+                return 2;
+            if (a == 'r' || a == 'v' || a == 'l') {
+                if (p + 2 >= lim) {
+                    if (!end)
+                        return 0;
+                } else {
+                    unsigned b = s[p + 2] | 0x20;
+                    if (b == (a == 'l' ? 'l' : 'e'))
+                        return 3;
+                }
+            }
+        }
+    }
+    if (k == AC_L || !(k & (AC_N | AC_NL))) {
+        /* letters, or one other character and letters */
+        i = p + 1;
+        if (k != AC_L) {
+            if (i >= lim) {
+                if (!end)
+                    return 0;
+                i = 0;
+            } else if (ascii_class(s[i]) == AC_L) {
+                i++;
+            } else {
+                i = 0;
+            }
+        }
+        if (i) {
+            while (i < lim && ascii_class(s[i]) == AC_L)
+                i++;
+            return i >= lim && !end ? 0 : i - p;
+        }
+    }
+    if (k == AC_N)
+        return 1;
+    size_t q = p;
+    if (c == ' ' && p + 1 < lim && ascii_class(s[p + 1]) == AC_O)
+        q = p + 1;
+    if (ascii_class(s[q]) == AC_O) {
+        i = q + 1;
+        while (i < lim && ascii_class(s[i]) == AC_O)
+            i++;
+        if (i >= lim && !end)
+            return 0;
+        /* no character at or past lim is \r or \n */
+        while (i < lim && (s[i] == '\r' || s[i] == '\n'))
+            i++;
+        return i - p;
+    }
+    /* whitespace */
+    size_t last_nl = SIZE_MAX;
+    i = p;
+    while (i < lim && (ascii_class(s[i]) & AC_S)) {
+        if (s[i] == '\r' || s[i] == '\n')
+            last_nl = i;
+        i++;
+    }
+    if (i >= lim && !end)
+        return 0;
+    if (last_nl != SIZE_MAX)
+        return last_nl + 1 - p;
+    if (i >= lim)
+        return i - p;
+    return i - p >= 2 ? i - 1 - p : 1;
+}
+
+/* Index of the first byte >= 0x80 at or after i, or n. */
+static size_t next_non_ascii(const unsigned char *s, size_t i, size_t n)
+{
+    while (i + 8 <= n) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if (w & 0x8080808080808080ull)
+            break;
+        i += 8;
+    }
+    while (i < n && s[i] < 0x80)
+        i++;
+    return i;
+}
+
 /* Pre-tokenize normalized text s[0..n) with the split regex (Isolated:
  * matches and the text between them are all pieces) and BPE each piece. */
 static int encode_text(struct enc *e, const unsigned char *s, size_t n)
 {
     if (!e->t->re)
         return n ? encode_word(e, s, n) : 0;
-    size_t last = 0, start = 0;
+    size_t last = 0, start = 0, u = 0;
+    bool fast = e->t->ascii_fast;
     int r;
+    if (fast)
+        u = next_non_ascii(s, 0, n);
     while (start < n) {
+        if (fast) {
+            if (start > u)
+                u = next_non_ascii(s, start, n);
+            size_t l = start < u ? ascii_match(s, start, u, u == n) : 0;
+            if (l) {
+                r = encode_word(e, s + start, l);
+                if (r < 0)
+                    return r;
+                last = start = start + l;
+                continue;
+            }
+        }
         int rc = re_search(e, s, n, start);
         if (rc == PCRE2_ERROR_NOMATCH)
             break;
@@ -1469,13 +1659,6 @@ int ds_tokenizer_encode(const struct ds_tokenizer *tok, const char *text, size_t
         r = ds_seterr(DS_ENOMEM, "out of memory encoding %zu bytes", len);
         goto out;
     }
-    if (tok->re) {
-        e.md = pcre2_match_data_create_from_pattern(tok->re, NULL);
-        if (!e.md) {
-            r = ds_seterr(DS_ENOMEM, "out of memory for regex match data");
-            goto out;
-        }
-    }
     r = split_added(&e, &tok->raw_set, s, len, encode_raw);
 out:
     pcre2_match_data_free(e.md);
@@ -1518,8 +1701,8 @@ int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size
                         size_t *ret_len)
 {
     size_t total = 0;
-    const char *p;
-    size_t l;
+    const char *p = NULL;
+    size_t l = 0;
     for (size_t i = 0; i < n; i++) {
         int r = token_span(tok, ids[i], &p, &l);
         if (r < 0)
@@ -1546,8 +1729,8 @@ int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size
 
 int ds_tokenizer_token_bytes(const struct ds_tokenizer *tok, int32_t id, char *buf, size_t cap)
 {
-    const char *p;
-    size_t l;
+    const char *p = NULL;
+    size_t l = 0;
     int r = token_span(tok, id, &p, &l);
     if (r < 0)
         return r;

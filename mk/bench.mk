@@ -1,1 +1,6 @@
-# mk/bench.mk: rules for bench (fragment of Makefile.am).
+# mk/bench.mk: engine benchmarks (not tests; they print tables for bench/RESULTS.md).
+noinst_PROGRAMS += bench/bench-prefill
+bench_bench_prefill_SOURCES = bench/bench-prefill.c
+bench_bench_prefill_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
+bench_bench_prefill_LDADD = $(ENGINE_LIBS)
+EXTRA_DIST += bench/model-pair.sh

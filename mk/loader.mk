@@ -18,8 +18,9 @@ tests_fuzz_fuzz_replay_SOURCES = tests/fuzz/fuzz-replay.c tests/fuzz/fuzz-safete
 tests_fuzz_fuzz_replay_CFLAGS = $(TEST_CFLAGS)
 tests_fuzz_fuzz_replay_LDADD = $(ENGINE_LIBS) $(TEST_LIBS)
 
-# The libFuzzer binary proper (configure --enable-fuzz CC=clang); run it as
-# tests/fuzz/fuzz-safetensors CORPUS_DIR. fuzz-smoke.sh builds its own copy.
+# The libFuzzer binary proper (configure --enable-fuzz CC=clang). Run it on a
+# scratch copy of tests/fuzz/corpus: libFuzzer adds what it finds to the first
+# directory it is given. fuzz-smoke.sh (run by make check) builds its own copy.
 if ENABLE_FUZZ
 FUZZ_FLAGS = -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -g -O1
 noinst_PROGRAMS += tests/fuzz/fuzz-safetensors

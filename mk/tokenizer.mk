@@ -30,7 +30,5 @@ EXTRA_DIST += \
 	tools/fixtures/make_hard_strings.py \
 	tools/fixtures/tokenizer_reference.py \
 	bench/bench_tokenizer_hf.py \
-	bench/tokenizer.sh
-# The reference fixture is made on a machine with Hugging Face `tokenizers`;
-# ship it when it is there.
-EXTRA_DIST += $(wildcard $(srcdir)/tests/data/tokenizer/qwen3-reference.jsonl.xz)
+	bench/tokenizer.sh \
+	tests/data/tokenizer/qwen3-reference.jsonl.xz

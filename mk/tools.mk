@@ -3,3 +3,5 @@ bin_PROGRAMS += dspark-generate
 dspark_generate_SOURCES = cli/dspark-generate.c cli/cli-util.c cli/cli-util.h
 dspark_generate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 dspark_generate_LDADD = $(ENGINE_LIBS)
+
+EXTRA_DIST += models examples scripts/build.sh scripts/check.sh scripts/generate-demo.sh tools/train

@@ -24,7 +24,8 @@ if [ ! -f "$builddir/config.h" ]; then
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/dspark-fuzz-XXXXXX") || exit 1
-trap 'rm -rf "$work"' EXIT INT TERM
+trap 'rm -rf "$work"' EXIT
+trap 'exit 1' INT TERM
 
 # Can this clang link a libFuzzer binary at all?
 cat > "$work/probe.c" <<'PROBE'

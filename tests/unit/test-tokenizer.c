@@ -49,15 +49,27 @@ static void encode_ok(const struct ds_tokenizer *t, const char *s, size_t n, int
     assert_int_equal(r, 0);
 }
 
-/* Build a tokenizer.json: the real one with extra added tokens appended. */
-static struct ds_tokenizer *load_with_added(json_t *extra, char **dir_out)
+/* Build a tokenizer.json: the real one with extra added tokens appended,
+ * and with its split regex wrapped in "(?:...)" when wrap is set (the same
+ * language, but the encoder then leaves all splitting to PCRE2). */
+static struct ds_tokenizer *load_variant(json_t *extra, bool wrap, char **dir_out)
 {
     json_error_t err;
     json_t *doc = json_load_file(tok_path, 0, &err);
     assert_non_null(doc);
     json_t *added = json_object_get(doc, "added_tokens");
     assert_true(json_is_array(added));
-    json_array_extend(added, extra);
+    if (extra)
+        json_array_extend(added, extra);
+    if (wrap) {
+        json_t *seq = json_object_get(json_object_get(doc, "pre_tokenizer"), "pretokenizers");
+        json_t *pat = json_object_get(json_object_get(json_array_get(seq, 0), "pattern"), "Regex");
+        assert_true(json_is_string(pat));
+        char *w = malloc(json_string_length(pat) + 8);
+        sprintf(w, "(?:%s)", json_string_value(pat));
+        json_string_set(pat, w);
+        free(w);
+    }
     char *dir = ds_test_tmpdir();
     assert_non_null(dir);
     char path[4096];
@@ -167,7 +179,7 @@ static void test_reference_flags(void **state)
     meta = json_object_get(json_object_get(first, "meta"), "flags_added_tokens");
     assert_true(json_is_array(meta) && json_array_size(meta) > 0);
     char *dir;
-    struct ds_tokenizer *t = load_with_added(meta, &dir);
+    struct ds_tokenizer *t = load_variant(meta, false, &dir);
     json_decref(first);
     check_fixture(t, "flags", NULL);
     ds_tokenizer_free(t);
@@ -567,6 +579,40 @@ static void test_tiny_tokenizer(void **state)
     free(dir);
 }
 
+/* A split regex that backtracks through a capturing group on a long input
+ * outgrows PCRE2's default JIT stack; the encoder retries with a larger one. */
+static void test_regex_limits(void **state)
+{
+    (void)state;
+    const char *json =
+        "{\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": "
+        "{\"Regex\": \"(?:(a)|b)+\"}, \"behavior\": \"Isolated\", \"invert\": false}, {\"type\": \"ByteLevel\", "
+        "\"add_prefix_space\": false, \"use_regex\": false}]}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+        "{\"a\": 0, \"b\": 1, \"c\": 2, \"ab\": 3}, \"merges\": [[\"a\", \"b\"]]}}";
+    char *dir = ds_test_tmpdir(), path[4200];
+    snprintf(path, sizeof path, "%s/deep.json", dir);
+    assert_int_equal(ds_test_write_file(path, json, strlen(json)), 0);
+    struct ds_tokenizer *t;
+    assert_int_equal(ds_tokenizer_load(path, &t), 0);
+    size_t reps = 200000, n;
+    char *s = malloc(reps * 2 + 2);
+    for (size_t k = 0; k < reps; k++)
+        memcpy(s + 2 * k, "ab", 2);
+    memcpy(s + 2 * reps, "c", 2);
+    int32_t *ids;
+    encode_ok(t, s, reps * 2 + 1, &ids, &n);
+    /* one split of 400000 letters (every "ab" merged), then "c" */
+    assert_int_equal(n, reps + 1);
+    for (size_t k = 0; k < reps; k++)
+        assert_int_equal(ids[k], 3);
+    assert_int_equal(ids[reps], 2);
+    free(ids);
+    free(s);
+    ds_tokenizer_free(t);
+    ds_test_rmtree(dir);
+    free(dir);
+}
+
 /* Expected ids built from pieces: text pieces encoded by the plain tokenizer. */
 struct piece {
     const char *text;   /* NULL: the added token below */
@@ -620,7 +666,7 @@ static void test_added_flags(void **state)
         0, &err);
     assert_non_null(extra);
     char *dir;
-    struct ds_tokenizer *t = load_with_added(extra, &dir);
+    struct ds_tokenizer *t = load_variant(extra, false, &dir);
     json_decref(extra);
     const int32_t ids[] = { 151669, 151670, 151671, 151672 };
     assert_int_equal(ds_tokenizer_vocab_size(t), 151673);
@@ -644,6 +690,78 @@ static void test_added_flags(void **state)
     const struct piece p5[] = { { NULL, 3 }, { " ", 0 }, { "<|im_start|>y", 0 }, { NULL, 3 }, { "x", 0 } };
     expect_pieces(t, ids, "<|im_start|>x <|im_start|>y<|im_start|>xx", p5, ARRAY_LEN(p5));
     ds_tokenizer_free(t);
+    ds_test_rmtree(dir);
+    free(dir);
+}
+
+static void check_same(const struct ds_tokenizer *a, const struct ds_tokenizer *b, const char *s, size_t n,
+                       size_t *bad)
+{
+    int32_t *x, *y;
+    size_t nx, ny;
+    encode_ok(a, s, n, &x, &nx);
+    encode_ok(b, s, n, &y, &ny);
+    if (!ids_equal(x, nx, y, ny) && (*bad)++ < 5) {
+        print_message("ASCII fast path differs from PCRE2 on '%.*s' (%zu bytes)\n", (int)(n < 80 ? n : 80), s, n);
+        show_ids("fast", x, nx);
+        show_ids("pcre2", y, ny);
+    }
+    free(x);
+    free(y);
+}
+
+/* The ASCII fast path splits exactly as PCRE2 does: every string of up to 4
+ * symbols from a set that covers each class and each alternative (and the
+ * non-ASCII boundary), random longer ones, and the hard strings. */
+static void test_fast_path(void **state)
+{
+    (void)state;
+    static const char *sym[] = { "a", "S", "l", "e", "'", "0", " ", "\t", "\n", "\r", "!", "\x0b", "\x1f",
+                                 "\xc3\xa9", "\xc2\xa0", "\xe2\x80\x99", "\xc5\xbf", "\xc2\x85" };
+    const size_t ns = ARRAY_LEN(sym);
+    char *dir;
+    struct ds_tokenizer *slow = load_variant(NULL, true, &dir);
+    size_t bad = 0, count = 0;
+    char buf[64];
+    for (size_t len = 1; len <= 4; len++) {
+        size_t total = 1;
+        for (size_t k = 0; k < len; k++)
+            total *= ns;
+        for (size_t code = 0; code < total; code++) {
+            size_t o = 0, c = code;
+            for (size_t k = 0; k < len; k++, c /= ns) {
+                size_t l = strlen(sym[c % ns]);
+                memcpy(buf + o, sym[c % ns], l);
+                o += l;
+            }
+            check_same(tok, slow, buf, o, &bad);
+            count++;
+        }
+    }
+    uint64_t x = 88172645463325252ull;
+    for (int k = 0; k < 20000; k++) {
+        size_t o = 0, len = 5 + k % 12;
+        for (size_t j = 0; j < len; j++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            /* mostly ASCII symbols, now and then a non-ASCII one */
+            const char *t = sym[x % 100 < 90 ? x % 13 : 13 + x % 5];
+            memcpy(buf + o, t, strlen(t));
+            o += strlen(t);
+        }
+        check_same(tok, slow, buf, o, &bad);
+        count++;
+    }
+    size_t i;
+    json_t *v;
+    json_array_foreach(hard, i, v) {
+        check_same(tok, slow, json_string_value(v), json_string_length(v), &bad);
+        count++;
+    }
+    print_message("%zu strings compared\n", count);
+    assert_int_equal(bad, 0);
+    ds_tokenizer_free(slow);
     ds_test_rmtree(dir);
     free(dir);
 }
@@ -815,7 +933,9 @@ int main(void)
         cmocka_unit_test(test_invalid_utf8),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_tiny_tokenizer),
+        cmocka_unit_test(test_regex_limits),
         cmocka_unit_test(test_added_flags),
+        cmocka_unit_test(test_fast_path),
         cmocka_unit_test(test_threads),
         cmocka_unit_test(test_chat),
     };

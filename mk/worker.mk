@@ -1,0 +1,1 @@
+# mk/worker.mk: dspark-worker and its end-to-end tests.
