@@ -46,3 +46,4 @@ TESTS += tests/engine/test-spec
 tests_engine_test_spec_SOURCES = tests/engine/test-spec.c
 tests_engine_test_spec_CFLAGS = $(TEST_CFLAGS)
 tests_engine_test_spec_LDADD = $(ENGINE_LIBS) $(TEST_LIBS)
+EXTRA_DIST += include/dspark

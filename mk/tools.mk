@@ -5,3 +5,10 @@ dspark_generate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 dspark_generate_LDADD = $(ENGINE_LIBS)
 
 EXTRA_DIST += models examples scripts/build.sh scripts/check.sh scripts/generate-demo.sh tools/train
+
+bin_PROGRAMS += dspark-calibrate
+dspark_calibrate_SOURCES = cli/dspark-calibrate.c
+dspark_calibrate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
+dspark_calibrate_LDADD = $(JANSSON_LIBS) -lm
+TESTS += tests/engine/test-calibrate.sh
+EXTRA_DIST += tests/engine/test-calibrate.sh
