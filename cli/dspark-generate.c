@@ -254,6 +254,13 @@ static json_t *result_json(const struct prompt *p, int index)
             json_array_append_new(acc, v > 0 ? json_real((double)r->stats.accepted_by_position[k] / v) : json_null());
         }
         json_object_set_new(o, "acceptance_by_position", acc);
+        /* conditional: accepted at k given 1..k-1 accepted (the paper's per-position rate) */
+        json_t *cond = json_array();
+        for (int k = 0; k < r->stats.block_size; k++) {
+            int v = r->stats.reached_by_position[k];
+            json_array_append_new(cond, v > 0 ? json_real((double)r->stats.accepted_by_position[k] / v) : json_null());
+        }
+        json_object_set_new(o, "conditional_acceptance_by_position", cond);
     }
     if (r->error)
         json_object_set_new(o, "error", json_string(r->error_detail));
@@ -265,7 +272,7 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
                           const struct prompt *ps, int n, double t_load, double t_total, long total_out)
 {
     long prompt_tokens = 0, rounds = 0, drafted = 0, verified = 0, accepted = 0, emitted = 0;
-    long ver_pos[DS_MAX_BLOCK] = {0}, acc_pos[DS_MAX_BLOCK] = {0};
+    long ver_pos[DS_MAX_BLOCK] = {0}, acc_pos[DS_MAX_BLOCK] = {0}, reach_pos[DS_MAX_BLOCK] = {0};
     int gamma = 0;
     double ttft = 0;
     for (int i = 0; i < n; i++) {
@@ -284,6 +291,7 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
         for (int k = 0; k < st->block_size; k++) {
             ver_pos[k] += st->verified_by_position[k];
             acc_pos[k] += st->accepted_by_position[k];
+            reach_pos[k] += st->reached_by_position[k];
         }
     }
     char mode[64];
@@ -301,10 +309,11 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
         fprintf(f, "%-28s %.3f\n", "mean acceptance length (tau)", (double)emitted / rounds);
         fprintf(f, "%-28s %.3f\n", "mean verify length", (double)verified / rounds);
         fprintf(f, "%-28s %ld / %ld / %ld\n", "drafted / verified / accepted", drafted, verified, accepted);
-        fprintf(f, "acceptance by position (rounds that accepted it / rounds that verified it)\n");
+        fprintf(f, "acceptance by position: accepted / verified, and conditional on 1..k-1 accepted\n");
         for (int k = 0; k < gamma; k++)
-            fprintf(f, "  %2d  %8ld / %-8ld  %s%.3f\n", k + 1, acc_pos[k], ver_pos[k], "",
-                    ver_pos[k] ? (double)acc_pos[k] / ver_pos[k] : 0.0);
+            fprintf(f, "  %2d  %8ld / %-8ld %6.3f   conditional %6.3f\n", k + 1, acc_pos[k], ver_pos[k],
+                    ver_pos[k] ? (double)acc_pos[k] / ver_pos[k] : 0.0,
+                    reach_pos[k] ? (double)acc_pos[k] / reach_pos[k] : 0.0);
     }
 }
 

@@ -466,6 +466,8 @@ int ds_spec_round(struct ds_engine *e)
         s->emitted_in_rounds += n_emit;
         for (int k = 0; k < len; k++) {
             s->stats.verified_by_position[k]++;
+            if (k <= a)
+                s->stats.reached_by_position[k]++;
             if (k < a)
                 s->stats.accepted_by_position[k]++;
         }

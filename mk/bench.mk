@@ -3,4 +3,4 @@ noinst_PROGRAMS += bench/bench-prefill
 bench_bench_prefill_SOURCES = bench/bench-prefill.c
 bench_bench_prefill_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
 bench_bench_prefill_LDADD = $(ENGINE_LIBS)
-EXTRA_DIST += bench/model-pair.sh
+EXTRA_DIST += bench/model-pair.sh bench/spec-speedup.sh bench/RESULTS.md

@@ -76,6 +76,7 @@ struct ds_seq_stats {
     double mean_acceptance_length; /* tau: (accepted + bonus) per round */
     int32_t verified_by_position[DS_MAX_BLOCK];  /* rounds that verified position k+1 */
     int32_t accepted_by_position[DS_MAX_BLOCK];  /* rounds that accepted position k+1 */
+    int32_t reached_by_position[DS_MAX_BLOCK];   /* rounds that verified k+1 with 1..k accepted */
     int block_size;               /* gamma, 0 without a draft */
     double time_to_first_token_s; /* from submit */
     double e2e_latency_s;
