@@ -1,0 +1,165 @@
+/* events.c: event sources for dsparkctl wait/watch (see events.h). */
+#include "config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "dspark/ds-events.h"
+#include "dspark/ds-wire.h"
+#include "events.h"
+
+struct listen_source {
+    struct ctl_events base;
+    struct ds_db *db;
+};
+
+struct listen_ctx {
+    ctl_event_fn *fn;
+    void *ud;
+    int hints;
+};
+
+static void on_notify(void *ud, const char *channel, const char *payload)
+{
+    struct listen_ctx *ctx = ud;
+    int64_t *ids;
+    size_t n;
+    (void)channel;
+    if (ds_db_parse_ids(payload, &ids, &n) < 0 || n == 0) {
+        ctx->fn(ctx->ud, -1);
+        ctx->hints++;
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        ctx->fn(ctx->ud, ids[i]);
+    ctx->hints += (int)n;
+    free(ids);
+}
+
+static int listen_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, void *ud)
+{
+    struct listen_source *s = (struct listen_source *)ev;
+    struct listen_ctx ctx = { fn, ud, 0 };
+    int r = ds_db_wait_notify(s->db, timeout_ms, on_notify, &ctx);
+    return r < 0 ? r : ctx.hints;
+}
+
+static void listen_free(struct ctl_events *ev)
+{
+    free(ev);
+}
+
+int ctl_events_listen(struct ds_db *db, struct ctl_events **ret)
+{
+    int r = ds_db_listen(db, DS_DB_EVENTS_CHANNEL);
+    if (r < 0)
+        return r;
+    struct listen_source *s = ds_xcalloc(1, sizeof *s);
+    s->base.name = "listen";
+    s->base.wait = listen_wait;
+    s->base.free = listen_free;
+    s->db = db;
+    *ret = &s->base;
+    return 0;
+}
+
+static int poll_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, void *ud)
+{
+    (void)ev;
+    (void)fn;
+    (void)ud;
+    if (timeout_ms < 0)
+        timeout_ms = 1000;
+    struct timespec ts = { timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL); /* EINTR: an early wake-up is harmless */
+    return 0;
+}
+
+static void poll_free(struct ctl_events *ev)
+{
+    free(ev);
+}
+
+struct ctl_events *ctl_events_poll(void)
+{
+    struct ctl_events *ev = ds_xcalloc(1, sizeof *ev);
+    ev->name = "poll";
+    ev->wait = poll_wait;
+    ev->free = poll_free;
+    return ev;
+}
+
+struct zmq_source {
+    struct ctl_events base;
+    struct ds_events_sub *sub;
+};
+
+static int zmq_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, void *ud)
+{
+    struct zmq_source *s = (struct zmq_source *)ev;
+    struct ds_event e;
+    int hints = 0;
+    for (;;) {
+        /* block for the first event, then take what else is queued */
+        int r = ds_events_sub_recv(s->sub, hints ? 0 : timeout_ms, &e);
+        if (r == -DS_EFORMAT || r == -DS_ENOTSUP)
+            continue; /* a message we cannot read: skipped */
+        if (r < 0)
+            return hints ? hints : r;
+        if (r == 0)
+            return hints;
+        if (e.type != DS_EVENT_JOB)
+            continue;
+        fn(ud, e.id);
+        hints++;
+        if (hints >= 100000)
+            return hints;
+    }
+}
+
+static void zmq_free(struct ctl_events *ev)
+{
+    struct zmq_source *s = (struct zmq_source *)ev;
+    ds_events_sub_close(s->sub);
+    free(s);
+}
+
+int ctl_events_zmq(const char *endpoint, int64_t batch_id, int sync_ms, struct ctl_events **ret)
+{
+    struct ds_events_sub *sub;
+    int r = ds_events_sub_open(endpoint, &sub);
+    if (r < 0)
+        return r;
+    char topic[DS_WIRE_TOPIC_MAX];
+    if (batch_id > 0)
+        r = ds_wire_topic_batch(topic, sizeof topic, batch_id);
+    else
+        r = snprintf(topic, sizeof topic, "%s", DS_WIRE_TOPIC_ALL_JOBS) < 0 ? -DS_EINVAL : 0;
+    if (r == 0)
+        r = ds_events_sub_topic(sub, topic);
+    if (r == 0) {
+        r = ds_events_sub_sync(sub, sync_ms);
+        if (r == 0)
+            r = ds_seterr(DS_EIO, "no event publisher answered at '%s' within %d ms", endpoint,
+                          sync_ms);
+    }
+    if (r < 0) {
+        ds_events_sub_close(sub);
+        return r;
+    }
+    struct zmq_source *s = ds_xcalloc(1, sizeof *s);
+    s->base.name = "zeromq";
+    s->base.wait = zmq_wait;
+    s->base.free = zmq_free;
+    s->sub = sub;
+    *ret = &s->base;
+    return 0;
+}
+
+struct ctl_events *ctl_events_free(struct ctl_events *ev)
+{
+    if (ev)
+        ev->free(ev);
+    return NULL;
+}

@@ -1,0 +1,593 @@
+/* request.c: parse and validate generation requests (see request.h).
+ *
+ * Accepted lines:
+ *   OpenAI Batch:  {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+ *                   "body": {"model": "...", "messages": [...], "max_tokens": 64, ...}}
+ *                  url "/v1/completions" takes "prompt" (text, or token ids) instead.
+ *   DeepSpec:      {"turns": ["first user turn", ...]} (the first turn becomes one
+ *                  user message; custom_id from "custom_id", "question_id" or "line-N")
+ * The checks mirror the constraints of sql/001-schema.sql so that a bad line is
+ * reported with its number before anything reaches the database. */
+#include "config.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "dspark/ds-err.h"
+#include "request.h"
+
+void ctl_params_init(struct ctl_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->max_tokens = 1024;
+    p->temperature = 1.0;
+    p->top_p = 1.0;
+    p->top_k = 0;
+}
+
+const char *ctl_params_check(const struct ctl_params *p, char *buf, size_t size)
+{
+    if (p->max_tokens < 1 || p->max_tokens > CTL_MAX_TOKENS_MAX)
+        snprintf(buf, size, "max_tokens must be between 1 and %d, got %" PRId64,
+                 CTL_MAX_TOKENS_MAX, p->max_tokens);
+    else if (!isfinite(p->temperature) || p->temperature < 0 ||
+             p->temperature > CTL_TEMPERATURE_MAX)
+        snprintf(buf, size, "temperature must be a finite number between 0 and 100, got %g",
+                 p->temperature);
+    else if (!isfinite(p->top_p) || p->top_p <= 0 || p->top_p > 1)
+        snprintf(buf, size, "top_p must be above 0 and at most 1, got %g", p->top_p);
+    else if (p->top_k < 0 || p->top_k > INT32_MAX)
+        snprintf(buf, size, "top_k must be 0 (off) or positive, got %" PRId64, p->top_k);
+    else if (p->nstop > CTL_STOP_MAX)
+        snprintf(buf, size, "at most %d stop strings, got %zu", CTL_STOP_MAX, p->nstop);
+    else {
+        buf[0] = 0;
+        for (size_t i = 0; i < p->nstop; i++) {
+            size_t n = strlen(p->stop[i]);
+            if (n < 1 || n > CTL_STOP_BYTES_MAX) {
+                snprintf(buf, size, "stop strings must have 1 to %d bytes, got %zu",
+                         CTL_STOP_BYTES_MAX, n);
+                break;
+            }
+        }
+    }
+    return buf;
+}
+
+void ctl_request_done(struct ctl_request *r)
+{
+    free(r->custom_id);
+    free(r->model);
+    free(r->prompt);
+    free(r->messages);
+    free(r->prompt_ids);
+    for (size_t i = 0; i < r->nstop; i++)
+        free(r->stop[i]);
+    free(r->stop);
+    memset(r, 0, sizeof *r);
+}
+
+static int fail(char *err, size_t errsize, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(char *err, size_t errsize, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errsize, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Start a request from the defaults. */
+static void request_from_defaults(struct ctl_request *r, const struct ctl_params *d)
+{
+    memset(r, 0, sizeof *r);
+    r->model = d->model ? ds_xstrdup(d->model) : NULL;
+    r->max_tokens = d->max_tokens;
+    r->temperature = d->temperature;
+    r->top_p = d->top_p;
+    r->top_k = d->top_k;
+    r->has_seed = d->has_seed;
+    r->seed = d->seed;
+    if (d->nstop) {
+        r->stop = ds_xcalloc(d->nstop, sizeof *r->stop);
+        for (size_t i = 0; i < d->nstop; i++)
+            r->stop[i] = ds_xstrdup(d->stop[i]);
+        r->nstop = d->nstop;
+    }
+}
+
+static int check_request(struct ctl_request *r, const char *where, char *err, size_t errsize)
+{
+    char buf[256];
+    if (!r->model)
+        return fail(err, errsize, "%smodel: missing (give it in the request or with --model)",
+                    where);
+    size_t ml = strlen(r->model);
+    if (ml < 1 || ml > CTL_MODEL_BYTES_MAX)
+        return fail(err, errsize, "%smodel: must have 1 to %d bytes", where, CTL_MODEL_BYTES_MAX);
+    struct ctl_params p = {
+        .max_tokens = r->max_tokens, .temperature = r->temperature, .top_p = r->top_p,
+        .top_k = r->top_k, .stop = r->stop, .nstop = r->nstop,
+    };
+    if (*ctl_params_check(&p, buf, sizeof buf))
+        return fail(err, errsize, "%s%s", where, buf);
+    return 0;
+}
+
+/* body.<name> as an integer in [lo, hi] (absent: keep *v). */
+static int get_int(json_t *obj, const char *name, const char *where, int64_t lo, int64_t hi,
+                   int64_t *v, char *err, size_t errsize)
+{
+    json_t *x = json_object_get(obj, name);
+    if (!x || json_is_null(x))
+        return 0;
+    if (json_is_real(x) && json_real_value(x) == floor(json_real_value(x)) &&
+        fabs(json_real_value(x)) < 9e15) {
+        *v = (int64_t)json_real_value(x);
+    } else if (!json_is_integer(x)) {
+        return fail(err, errsize, "%s%s: must be an integer", where, name);
+    } else {
+        *v = json_integer_value(x);
+    }
+    if (*v < lo || *v > hi)
+        return fail(err, errsize, "%s%s: must be an integer between %" PRId64 " and %" PRId64
+                    ", got %" PRId64, where, name, lo, hi, *v);
+    return 0;
+}
+
+static int get_real(json_t *obj, const char *name, const char *where, double *v, char *err,
+                    size_t errsize)
+{
+    json_t *x = json_object_get(obj, name);
+    if (!x || json_is_null(x))
+        return 0;
+    if (!json_is_number(x))
+        return fail(err, errsize, "%s%s: must be a number", where, name);
+    *v = json_number_value(x);
+    return 0;
+}
+
+/* The text of a message's content: a string, or an array of {"type":"text","text":...}. */
+static int content_text(json_t *c, const char *where, size_t i, char **ret, char *err,
+                        size_t errsize)
+{
+    if (json_is_string(c)) {
+        *ret = ds_xstrdup(json_string_value(c));
+        return 0;
+    }
+    if (!json_is_array(c))
+        return fail(err, errsize, "%smessages[%zu].content: must be a string or an array of text parts",
+                    where, i);
+    size_t len = 0, k;
+    json_t *part;
+    json_array_foreach(c, k, part) {
+        json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
+        if (!json_is_string(type) || strcmp(json_string_value(type), "text") != 0 ||
+            !json_is_string(text))
+            return fail(err, errsize,
+                        "%smessages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} parts are supported",
+                        where, i, k);
+        len += json_string_length(text);
+    }
+    char *s = ds_xmalloc(len + 1);
+    size_t off = 0;
+    json_array_foreach(c, k, part) {
+        json_t *text = json_object_get(part, "text");
+        memcpy(s + off, json_string_value(text), json_string_length(text));
+        off += json_string_length(text);
+    }
+    s[off] = 0;
+    if (strlen(s) != off) {
+        free(s);
+        return fail(err, errsize, "%smessages[%zu].content: contains a NUL character", where, i);
+    }
+    *ret = s;
+    return 0;
+}
+
+static int parse_messages(json_t *msgs, const char *where, struct ctl_request *r, char *err,
+                          size_t errsize)
+{
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return fail(err, errsize, "%smessages: must be a non-empty array", where);
+    json_t *out = json_array();
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        if (!json_is_object(m)) {
+            json_decref(out);
+            return fail(err, errsize, "%smessages[%zu]: must be an object", where, i);
+        }
+        json_t *role = json_object_get(m, "role");
+        const char *rs = json_is_string(role) ? json_string_value(role) : NULL;
+        if (!rs || (strcmp(rs, "system") != 0 && strcmp(rs, "user") != 0 &&
+                    strcmp(rs, "assistant") != 0 && strcmp(rs, "developer") != 0 &&
+                    strcmp(rs, "tool") != 0)) {
+            json_decref(out);
+            return fail(err, errsize,
+                        "%smessages[%zu].role: must be system, developer, user, assistant or tool",
+                        where, i);
+        }
+        char *text = NULL;
+        if (content_text(json_object_get(m, "content"), where, i, &text, err, errsize) < 0) {
+            json_decref(out);
+            return -1;
+        }
+        /* "developer" is the newer name of "system" */
+        json_array_append_new(out, json_pack("{s:s, s:s}", "role",
+                                             strcmp(rs, "developer") == 0 ? "system" : rs,
+                                             "content", text));
+        free(text);
+    }
+    r->messages = json_dumps(out, JSON_COMPACT);
+    json_decref(out);
+    return 0;
+}
+
+static int parse_token_ids(json_t *a, const char *where, struct ctl_request *r, char *err,
+                           size_t errsize)
+{
+    size_t n = json_array_size(a), i;
+    if (n < 1 || n > CTL_PROMPT_IDS_MAX)
+        return fail(err, errsize, "%sprompt: must hold 1 to %d token ids", where,
+                    CTL_PROMPT_IDS_MAX);
+    r->prompt_ids = ds_xmalloc(n * sizeof *r->prompt_ids);
+    json_t *x;
+    json_array_foreach(a, i, x) {
+        if (!json_is_integer(x) || json_integer_value(x) < 0 ||
+            json_integer_value(x) > INT32_MAX)
+            return fail(err, errsize, "%sprompt[%zu]: token ids must be non-negative integers",
+                        where, i);
+        r->prompt_ids[i] = json_integer_value(x);
+    }
+    r->nprompt_ids = n;
+    return 0;
+}
+
+static int parse_prompt(json_t *p, const char *where, struct ctl_request *r, char *err,
+                        size_t errsize)
+{
+    if (json_is_string(p)) {
+        if (strlen(json_string_value(p)) != json_string_length(p))
+            return fail(err, errsize, "%sprompt: contains a NUL character", where);
+        r->prompt = ds_xstrdup(json_string_value(p));
+        return 0;
+    }
+    if (!json_is_array(p) || json_array_size(p) == 0)
+        return fail(err, errsize, "%sprompt: must be a string, or an array of token ids", where);
+    json_t *first = json_array_get(p, 0);
+    if (json_is_integer(first))
+        return parse_token_ids(p, where, r, err, errsize);
+    if (json_array_size(p) > 1)
+        return fail(err, errsize, "%sprompt: only one prompt per request is supported", where);
+    if (json_is_string(first) || json_is_array(first))
+        return parse_prompt(first, where, r, err, errsize);
+    return fail(err, errsize, "%sprompt: must be a string, or an array of token ids", where);
+}
+
+static int parse_stop(json_t *s, const char *where, struct ctl_request *r, char *err,
+                      size_t errsize)
+{
+    if (!s || json_is_null(s))
+        return 0;
+    for (size_t i = 0; i < r->nstop; i++)
+        free(r->stop[i]);
+    free(r->stop);
+    r->stop = NULL;
+    r->nstop = 0;
+    if (json_is_string(s)) {
+        r->stop = ds_xcalloc(1, sizeof *r->stop);
+        r->stop[0] = ds_xstrdup(json_string_value(s));
+        r->nstop = 1;
+        return 0;
+    }
+    if (!json_is_array(s))
+        return fail(err, errsize, "%sstop: must be a string or an array of strings", where);
+    size_t n = json_array_size(s), i;
+    if (n > CTL_STOP_MAX)
+        return fail(err, errsize, "%sstop: at most %d strings, got %zu", where, CTL_STOP_MAX, n);
+    r->stop = ds_xcalloc(n ? n : 1, sizeof *r->stop);
+    json_t *x;
+    json_array_foreach(s, i, x) {
+        if (!json_is_string(x))
+            return fail(err, errsize, "%sstop[%zu]: must be a string", where, i);
+        r->stop[r->nstop++] = ds_xstrdup(json_string_value(x));
+    }
+    return 0;
+}
+
+/* Options with no effect here must have their neutral value. */
+static int check_unsupported(json_t *body, const char *where, char *err, size_t errsize)
+{
+    json_t *x;
+    if ((x = json_object_get(body, "n")) && !json_is_null(x) &&
+        !(json_is_integer(x) && json_integer_value(x) == 1))
+        return fail(err, errsize, "%sn: only 1 is supported", where);
+    if ((x = json_object_get(body, "stream")) && json_is_true(x))
+        return fail(err, errsize, "%sstream: streaming is not supported in batches", where);
+    if ((x = json_object_get(body, "logprobs")) && !json_is_null(x) && !json_is_false(x))
+        return fail(err, errsize, "%slogprobs: not supported", where);
+    static const char *const zero[] = { "presence_penalty", "frequency_penalty" };
+    for (size_t i = 0; i < 2; i++)
+        if ((x = json_object_get(body, zero[i])) && !json_is_null(x) &&
+            !(json_is_number(x) && json_number_value(x) == 0))
+            return fail(err, errsize, "%s%s: not supported (must be 0)", where, zero[i]);
+    if ((x = json_object_get(body, "tools")) && !json_is_null(x))
+        return fail(err, errsize, "%stools: tool calls are not supported", where);
+    return 0;
+}
+
+static int parse_openai(json_t *root, const struct ctl_params *d, struct ctl_request *r,
+                        char *err, size_t errsize)
+{
+    json_t *cid = json_object_get(root, "custom_id");
+    if (!json_is_string(cid))
+        return fail(err, errsize, "custom_id: missing or not a string");
+    size_t cl = json_string_length(cid);
+    if (cl < 1 || cl > CTL_CUSTOM_ID_BYTES_MAX || strlen(json_string_value(cid)) != cl)
+        return fail(err, errsize, "custom_id: must have 1 to %d bytes", CTL_CUSTOM_ID_BYTES_MAX);
+    json_t *method = json_object_get(root, "method");
+    if (method && !(json_is_string(method) && strcmp(json_string_value(method), "POST") == 0))
+        return fail(err, errsize, "method: must be \"POST\"");
+    json_t *url = json_object_get(root, "url");
+    const char *u = json_is_string(url) ? json_string_value(url) : NULL;
+    bool chat;
+    if (u && strcmp(u, "/v1/chat/completions") == 0)
+        chat = true;
+    else if (u && strcmp(u, "/v1/completions") == 0)
+        chat = false;
+    else
+        return fail(err, errsize, "url: must be \"/v1/chat/completions\" or \"/v1/completions\"");
+    json_t *body = json_object_get(root, "body");
+    if (!json_is_object(body))
+        return fail(err, errsize, "body: missing or not an object");
+
+    request_from_defaults(r, d);
+    r->custom_id = ds_xstrdup(json_string_value(cid));
+    const char *w = "body.";
+    json_t *model = json_object_get(body, "model");
+    if (model && !json_is_null(model)) {
+        if (!json_is_string(model))
+            return fail(err, errsize, "body.model: must be a string");
+        free(r->model);
+        r->model = ds_xstrdup(json_string_value(model));
+    }
+    if (chat) {
+        if (json_object_get(body, "prompt"))
+            return fail(err, errsize, "body.prompt: not allowed for /v1/chat/completions (use messages)");
+        if (parse_messages(json_object_get(body, "messages"), w, r, err, errsize) < 0)
+            return -1;
+    } else {
+        if (json_object_get(body, "messages"))
+            return fail(err, errsize, "body.messages: not allowed for /v1/completions (use prompt)");
+        json_t *p = json_object_get(body, "prompt");
+        if (!p)
+            return fail(err, errsize, "body.prompt: missing");
+        if (parse_prompt(p, w, r, err, errsize) < 0)
+            return -1;
+    }
+    if (get_int(body, "max_tokens", w, 1, CTL_MAX_TOKENS_MAX, &r->max_tokens, err, errsize) < 0 ||
+        get_int(body, "max_completion_tokens", w, 1, CTL_MAX_TOKENS_MAX, &r->max_tokens, err,
+                errsize) < 0 ||
+        get_real(body, "temperature", w, &r->temperature, err, errsize) < 0 ||
+        get_real(body, "top_p", w, &r->top_p, err, errsize) < 0)
+        return -1;
+    int64_t k = r->top_k;
+    if (get_int(body, "top_k", w, -1, INT32_MAX, &k, err, errsize) < 0)
+        return -1;
+    r->top_k = k < 0 ? 0 : k; /* -1 means off, as in vLLM */
+    json_t *seed = json_object_get(body, "seed");
+    if (seed && !json_is_null(seed)) {
+        if (!json_is_integer(seed))
+            return fail(err, errsize, "body.seed: must be an integer");
+        r->has_seed = true;
+        r->seed = json_integer_value(seed);
+    }
+    if (parse_stop(json_object_get(body, "stop"), w, r, err, errsize) < 0 ||
+        check_unsupported(body, w, err, errsize) < 0)
+        return -1;
+    return check_request(r, w, err, errsize);
+}
+
+static int parse_turns(json_t *root, long lineno, const struct ctl_params *d,
+                       struct ctl_request *r, char *err, size_t errsize)
+{
+    json_t *turns = json_object_get(root, "turns");
+    if (!json_is_array(turns) || json_array_size(turns) == 0 ||
+        !json_is_string(json_array_get(turns, 0)))
+        return fail(err, errsize, "turns: must be a non-empty array of strings");
+    json_t *t0 = json_array_get(turns, 0);
+    if (strlen(json_string_value(t0)) != json_string_length(t0))
+        return fail(err, errsize, "turns[0]: contains a NUL character");
+    request_from_defaults(r, d);
+    json_t *cid = json_object_get(root, "custom_id");
+    json_t *qid = json_object_get(root, "question_id");
+    char buf[64];
+    if (json_is_string(cid))
+        r->custom_id = ds_xstrdup(json_string_value(cid));
+    else if (json_is_string(qid))
+        r->custom_id = ds_xstrdup(json_string_value(qid));
+    else if (json_is_integer(qid)) {
+        snprintf(buf, sizeof buf, "%" JSON_INTEGER_FORMAT, json_integer_value(qid));
+        r->custom_id = ds_xstrdup(buf);
+    } else {
+        snprintf(buf, sizeof buf, "line-%ld", lineno);
+        r->custom_id = ds_xstrdup(buf);
+    }
+    size_t cl = strlen(r->custom_id);
+    if (cl < 1 || cl > CTL_CUSTOM_ID_BYTES_MAX)
+        return fail(err, errsize, "custom_id: must have 1 to %d bytes", CTL_CUSTOM_ID_BYTES_MAX);
+    json_t *msgs = json_pack("[{s:s, s:O}]", "role", "user", "content", t0);
+    r->messages = json_dumps(msgs, JSON_COMPACT);
+    json_decref(msgs);
+    return check_request(r, "", err, errsize);
+}
+
+int ctl_request_parse_line(const char *line, size_t len, long lineno,
+                           const struct ctl_params *defaults, struct ctl_request *ret,
+                           char *err, size_t errsize)
+{
+    json_error_t jerr;
+    memset(ret, 0, sizeof *ret);
+    json_t *root = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return fail(err, errsize, "invalid JSON: %s (column %d)", jerr.text, jerr.column);
+    int r;
+    if (!json_is_object(root))
+        r = fail(err, errsize, "must be a JSON object");
+    else if (json_object_get(root, "turns"))
+        r = parse_turns(root, lineno, defaults, ret, err, errsize);
+    else
+        r = parse_openai(root, defaults, ret, err, errsize);
+    json_decref(root);
+    if (r < 0)
+        ctl_request_done(ret);
+    return r;
+}
+
+int ctl_request_from_prompt(const char *prompt, bool chat, const char *system,
+                            const struct ctl_params *params, struct ctl_request *ret,
+                            char *err, size_t errsize)
+{
+    request_from_defaults(ret, params);
+    if (chat) {
+        json_t *msgs = json_array();
+        if (system)
+            json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", "system",
+                                                  "content", system));
+        json_t *m = json_pack("{s:s, s:s}", "role", "user", "content", prompt);
+        if (!m) {
+            json_decref(msgs);
+            ctl_request_done(ret);
+            return fail(err, errsize, "prompt: not valid UTF-8");
+        }
+        json_array_append_new(msgs, m);
+        ret->messages = json_dumps(msgs, JSON_COMPACT);
+        json_decref(msgs);
+    } else {
+        ret->prompt = ds_xstrdup(prompt);
+    }
+    if (check_request(ret, "", err, errsize) < 0) {
+        ctl_request_done(ret);
+        return -1;
+    }
+    return 0;
+}
+
+void ctl_buf_put(struct ctl_buf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        b->data = ds_xrealloc(b->data, cap);
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+void ctl_buf_puts(struct ctl_buf *b, const char *s)
+{
+    ctl_buf_put(b, s, strlen(s));
+}
+
+void ctl_buf_free(struct ctl_buf *b)
+{
+    free(b->data);
+    memset(b, 0, sizeof *b);
+}
+
+/* COPY text format: backslash, newline, carriage return and tab escaped. */
+static void copy_text(struct ctl_buf *b, const char *s)
+{
+    const char *run = s;
+    for (; *s; s++) {
+        const char *esc = NULL;
+        switch (*s) {
+        case '\\': esc = "\\\\"; break;
+        case '\n': esc = "\\n"; break;
+        case '\r': esc = "\\r"; break;
+        case '\t': esc = "\\t"; break;
+        default: continue;
+        }
+        ctl_buf_put(b, run, (size_t)(s - run));
+        ctl_buf_puts(b, esc);
+        run = s + 1;
+    }
+    ctl_buf_put(b, run, (size_t)(s - run));
+}
+
+static void copy_field(struct ctl_buf *b, const char *s, bool last)
+{
+    if (s)
+        copy_text(b, s);
+    else
+        ctl_buf_puts(b, "\\N");
+    ctl_buf_puts(b, last ? "\n" : "\t");
+}
+
+void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf *out)
+{
+    char num[64];
+    snprintf(num, sizeof num, "%ld", seq);
+    copy_field(out, num, false);
+    copy_field(out, r->custom_id, false);
+    copy_field(out, r->model, false);
+    copy_field(out, r->prompt, false);
+    copy_field(out, r->messages, false);
+    if (r->prompt_ids) {
+        struct ctl_buf a = { 0 };
+        ctl_buf_puts(&a, "{");
+        for (size_t i = 0; i < r->nprompt_ids; i++) {
+            snprintf(num, sizeof num, i ? ",%" PRId64 : "%" PRId64, r->prompt_ids[i]);
+            ctl_buf_puts(&a, num);
+        }
+        ctl_buf_puts(&a, "}");
+        copy_field(out, a.data, false);
+        ctl_buf_free(&a);
+    } else {
+        copy_field(out, NULL, false);
+    }
+    snprintf(num, sizeof num, "%" PRId64, r->max_tokens);
+    copy_field(out, num, false);
+    snprintf(num, sizeof num, "%.17g", r->temperature);
+    copy_field(out, num, false);
+    snprintf(num, sizeof num, "%.17g", r->top_p);
+    copy_field(out, num, false);
+    snprintf(num, sizeof num, "%" PRId64, r->top_k);
+    copy_field(out, num, false);
+    if (r->has_seed) {
+        snprintf(num, sizeof num, "%" PRId64, r->seed);
+        copy_field(out, num, false);
+    } else {
+        copy_field(out, NULL, false);
+    }
+    if (r->nstop) {
+        /* array literal: every element quoted, with " and \ escaped */
+        struct ctl_buf a = { 0 };
+        ctl_buf_puts(&a, "{");
+        for (size_t i = 0; i < r->nstop; i++) {
+            ctl_buf_puts(&a, i ? ",\"" : "\"");
+            for (const char *p = r->stop[i]; *p; p++) {
+                if (*p == '"' || *p == '\\')
+                    ctl_buf_puts(&a, "\\");
+                ctl_buf_put(&a, p, 1);
+            }
+            ctl_buf_puts(&a, "\"");
+        }
+        ctl_buf_puts(&a, "}");
+        copy_field(out, a.data, true);
+        ctl_buf_free(&a);
+    } else {
+        copy_field(out, NULL, true);
+    }
+}

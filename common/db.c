@@ -1,0 +1,609 @@
+/* db.c: libpq helpers for the service programs (see ds-db.h).
+ *
+ * Errors become -DS_EDB with the server's message, detail, hint and SQLSTATE
+ * in ds_errdetail(). A broken connection is reset with exponential back-off
+ * by ds_db_ensure(); the LISTEN channels are issued again afterwards. The
+ * migrations are either the ones embedded at build time (sql-embed.c,
+ * generated from sql/NNN-*.sql) or read from a directory. */
+#include "config.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "dspark/ds-db.h"
+
+/* Serialises concurrent migrations (pg_advisory_lock key, "dspkmig\0"). */
+#define DS_DB_MIGRATE_LOCK "7234107125371546880"
+#define DS_DB_BACKOFF_MIN_MS 100
+#define DS_DB_BACKOFF_MAX_MS 5000
+#define DS_DB_MAX_LISTEN 8
+
+struct ds_db {
+    PGconn *conn;
+    char sqlstate[6];
+    char *listen[DS_DB_MAX_LISTEN]; /* channels to re-issue after a reset */
+    int nlisten;
+    bool need_relisten;             /* a reset succeeded but LISTEN did not */
+    int backoff_ms;                 /* next wait between reset attempts */
+    int64_t next_try_ms;            /* monotonic time of the next attempt */
+    unsigned reconnects;
+};
+
+/* The embedded migrations (generated file). */
+extern const struct ds_db_migration ds_db_embedded_migrations[];
+extern const size_t ds_db_embedded_migrations_n;
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int64_t ms)
+{
+    if (ms <= 0)
+        return;
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* Copy a libpq message without its trailing newline. */
+static void chomp_copy(char *dst, size_t size, const char *src)
+{
+    snprintf(dst, size, "%s", src ? src : "");
+    size_t n = strlen(dst);
+    while (n > 0 && (dst[n - 1] == '\n' || dst[n - 1] == ' '))
+        dst[--n] = 0;
+}
+
+static int conn_error(struct ds_db *db, const char *what)
+{
+    char msg[512];
+    chomp_copy(msg, sizeof msg, db && db->conn ? PQerrorMessage(db->conn) : "no connection");
+    if (db)
+        snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
+    return ds_seterr(DS_EDB, "%s: %s", what, msg[0] ? msg : "connection lost");
+}
+
+int ds_db_result_error(struct ds_db *db, const PGresult *res)
+{
+    if (!res)
+        return conn_error(db, "query failed");
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    const char *hint = PQresultErrorField(res, PG_DIAG_MESSAGE_HINT);
+    if (!state && !primary) {
+        /* client-side failure (lost connection, out of memory) */
+        if (db && PQstatus(db->conn) != CONNECTION_OK)
+            return conn_error(db, "connection to the database lost");
+        char msg[512];
+        chomp_copy(msg, sizeof msg, PQresultErrorMessage(res));
+        if (db)
+            db->sqlstate[0] = 0;
+        return ds_seterr(DS_EDB, "%s", msg[0] ? msg : "query failed");
+    }
+    if (db)
+        snprintf(db->sqlstate, sizeof db->sqlstate, "%s", state ? state : "");
+    char extra[600] = "";
+    size_t len = 0;
+    if (detail)
+        len += (size_t)snprintf(extra + len, sizeof extra - len, ": %s", detail);
+    if (hint && len < sizeof extra)
+        snprintf(extra + len, sizeof extra - len, " (hint: %s)", hint);
+    return ds_seterr(DS_EDB, "%s%s [SQLSTATE %s]", primary ? primary : "query failed", extra,
+                     state ? state : "?????");
+}
+
+static void ignore_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
+int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
+{
+    const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
+    const char *vals[] = { conninfo && *conninfo ? conninfo : NULL,
+                           application_name ? application_name : "dspark", "UTF8", NULL };
+    /* libpq stops at the first NULL key, so an absent conninfo must not end the list */
+    const char *const *k = keys, *const *v = vals;
+    if (!vals[0]) {
+        k++;
+        v++;
+    }
+    PGconn *conn = PQconnectdbParams(k, v, 1);
+    if (!conn)
+        return ds_seterr(DS_ENOMEM, "could not allocate a database connection");
+    if (PQstatus(conn) != CONNECTION_OK) {
+        char msg[512];
+        chomp_copy(msg, sizeof msg, PQerrorMessage(conn));
+        PQfinish(conn);
+        return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
+    }
+    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
+    PQsetNoticeProcessor(conn, ignore_notice, NULL);
+    struct ds_db *db = ds_xcalloc(1, sizeof *db);
+    db->conn = conn;
+    db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
+    *ret = db;
+    return 0;
+}
+
+struct ds_db *ds_db_free(struct ds_db *db)
+{
+    if (!db)
+        return NULL;
+    PQfinish(db->conn);
+    for (int i = 0; i < db->nlisten; i++)
+        free(db->listen[i]);
+    free(db);
+    return NULL;
+}
+
+PGconn *ds_db_conn(struct ds_db *db)
+{
+    return db ? db->conn : NULL;
+}
+
+const char *ds_db_sqlstate(const struct ds_db *db)
+{
+    return db ? db->sqlstate : "";
+}
+
+int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
+               PGresult **ret)
+{
+    PGresult *res = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        int r = ds_db_result_error(db, res);
+        PQclear(res);
+        return r;
+    }
+    db->sqlstate[0] = 0;
+    *ret = res;
+    return 0;
+}
+
+int ds_db_command(struct ds_db *db, const char *sql, int nparams, const char *const *params)
+{
+    PGresult *res;
+    int r = ds_db_exec(db, sql, nparams, params, &res);
+    if (r < 0)
+        return r;
+    PQclear(res);
+    return 0;
+}
+
+int ds_db_script(struct ds_db *db, const char *sql)
+{
+    PGresult *res = PQexec(db->conn, sql);
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY) {
+        int r = ds_db_result_error(db, res);
+        PQclear(res);
+        return r;
+    }
+    PQclear(res);
+    /* PQexec returns the last result; drain nothing else (simple protocol) */
+    db->sqlstate[0] = 0;
+    return 0;
+}
+
+int ds_db_begin(struct ds_db *db)
+{
+    return ds_db_command(db, "BEGIN", 0, NULL);
+}
+
+int ds_db_commit(struct ds_db *db)
+{
+    return ds_db_command(db, "COMMIT", 0, NULL);
+}
+
+void ds_db_rollback(struct ds_db *db)
+{
+    if (!db || PQstatus(db->conn) != CONNECTION_OK)
+        return;
+    if (PQtransactionStatus(db->conn) == PQTRANS_IDLE)
+        return;
+    PGresult *res = PQexec(db->conn, "ROLLBACK");
+    PQclear(res);
+}
+
+int ds_db_schema_version(struct ds_db *db, int *ret_version)
+{
+    PGresult *res;
+    int r = ds_db_exec(db,
+                       "SELECT CASE WHEN to_regclass('dspark.schema_version') IS NULL THEN -1 END",
+                       0, NULL, &res);
+    if (r < 0)
+        return r;
+    int missing = !PQgetisnull(res, 0, 0);
+    PQclear(res);
+    if (missing) {
+        *ret_version = 0;
+        return 0;
+    }
+    r = ds_db_exec(db, "SELECT coalesce(max(version), 0) FROM dspark.schema_version", 0, NULL,
+                   &res);
+    if (r < 0)
+        return r;
+    *ret_version = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return 0;
+}
+
+int ds_db_check_schema(struct ds_db *db)
+{
+    int v;
+    int r = ds_db_schema_version(db, &v);
+    if (r < 0)
+        return r;
+    if (v == 0)
+        return ds_seterr(DS_EDB, "database has no dspark schema: run 'dsparkctl db init'");
+    if (v != DS_SCHEMA_VERSION)
+        return ds_seterr(DS_EDB,
+                         "database schema version %d, this build knows %d: run 'dsparkctl db migrate'",
+                         v, DS_SCHEMA_VERSION);
+    return 0;
+}
+
+const struct ds_db_migration *ds_db_migrations(size_t *ret_n)
+{
+    *ret_n = ds_db_embedded_migrations_n;
+    return ds_db_embedded_migrations;
+}
+
+/* A migration read from a directory. */
+struct file_migration {
+    int version;
+    char *name;
+    char *sql;
+};
+
+static void free_file_migrations(struct file_migration *m, size_t n)
+{
+    if (!m)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        free(m[i].name);
+        free(m[i].sql);
+    }
+    free(m);
+}
+
+static int cmp_file_migration(const void *a, const void *b)
+{
+    const struct file_migration *x = a, *y = b;
+    return (x->version > y->version) - (x->version < y->version);
+}
+
+static int read_text_file(const char *path, char **ret)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return ds_seterr(DS_EIO, "could not open '%s': %s", path, strerror(errno));
+    size_t cap = 65536, n = 0;
+    char *buf = ds_xmalloc(cap);
+    size_t got;
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (cap - n - 1 == 0)
+            buf = ds_xrealloc(buf, cap *= 2);
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) {
+        free(buf);
+        return ds_seterr(DS_EIO, "could not read '%s'", path);
+    }
+    buf[n] = 0;
+    *ret = buf;
+    return 0;
+}
+
+static int load_dir_migrations(const char *dir, struct file_migration **ret, size_t *ret_n)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return ds_seterr(DS_EIO, "could not open directory '%s': %s", dir, strerror(errno));
+    struct file_migration *m = NULL;
+    size_t n = 0;
+    struct dirent *e;
+    int r = 0;
+    while ((e = readdir(d))) {
+        const char *nm = e->d_name;
+        size_t len = strlen(nm);
+        if (len < 9 || strcmp(nm + len - 4, ".sql") != 0 || nm[0] < '0' || nm[0] > '9' ||
+            nm[1] < '0' || nm[1] > '9' || nm[2] < '0' || nm[2] > '9' || nm[3] != '-')
+            continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, nm);
+        char *sql = NULL;
+        r = read_text_file(path, &sql);
+        if (r < 0)
+            break;
+        m = ds_xrealloc(m, (n + 1) * sizeof *m);
+        m[n].version = atoi(nm);
+        m[n].name = ds_xstrdup(nm);
+        m[n].name[len - 4] = 0;
+        m[n].sql = sql;
+        n++;
+    }
+    closedir(d);
+    if (r < 0) {
+        free_file_migrations(m, n);
+        return r;
+    }
+    if (n == 0) {
+        free(m);
+        return ds_seterr(DS_EIO, "no migrations (NNN-name.sql) in '%s'", dir);
+    }
+    qsort(m, n, sizeof *m, cmp_file_migration);
+    for (size_t i = 1; i < n; i++)
+        if (m[i].version == m[i - 1].version) {
+            r = ds_seterr(DS_EFORMAT, "migrations '%s' and '%s' have the same number",
+                          m[i - 1].name, m[i].name);
+            free_file_migrations(m, n);
+            return r;
+        }
+    *ret = m;
+    *ret_n = n;
+    return 0;
+}
+
+static int apply_one(struct ds_db *db, int version, const char *name, const char *sql)
+{
+    int r = ds_db_begin(db);
+    if (r < 0)
+        return r;
+    r = ds_db_script(db, sql);
+    if (r < 0) {
+        ds_prefixerr(r, "migration '%s'", name);
+        ds_db_rollback(db);
+        return r;
+    }
+    char vbuf[16];
+    snprintf(vbuf, sizeof vbuf, "%d", version);
+    const char *p[] = { vbuf };
+    PGresult *res;
+    r = ds_db_exec(db, "SELECT 1 FROM dspark.schema_version WHERE version = $1", 1, p, &res);
+    if (r < 0) {
+        ds_db_rollback(db);
+        return ds_prefixerr(r, "migration '%s'", name);
+    }
+    int recorded = PQntuples(res) == 1;
+    PQclear(res);
+    if (!recorded) {
+        ds_db_rollback(db);
+        return ds_seterr(DS_EFORMAT, "migration '%s' did not record version %d in dspark.schema_version",
+                         name, version);
+    }
+    r = ds_db_commit(db);
+    if (r < 0)
+        return ds_prefixerr(r, "migration '%s'", name);
+    return 0;
+}
+
+int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from, int *ret_to)
+{
+    struct file_migration *fm = NULL;
+    size_t n = 0;
+    int r;
+    if (sqldir) {
+        r = load_dir_migrations(sqldir, &fm, &n);
+        if (r < 0)
+            return r;
+    } else {
+        n = ds_db_embedded_migrations_n;
+    }
+    int latest = sqldir ? fm[n - 1].version : ds_db_embedded_migrations[n - 1].version;
+    if (latest != DS_SCHEMA_VERSION) {
+        free_file_migrations(fm, n);
+        return ds_seterr(DS_EFORMAT, "the migrations end at version %d but this build knows %d",
+                         latest, DS_SCHEMA_VERSION);
+    }
+
+    r = ds_db_command(db, "SELECT pg_advisory_lock(" DS_DB_MIGRATE_LOCK ")", 0, NULL);
+    if (r < 0) {
+        free_file_migrations(fm, n);
+        return r;
+    }
+    int from;
+    r = ds_db_schema_version(db, &from);
+    if (r == 0 && from > DS_SCHEMA_VERSION)
+        r = ds_seterr(DS_EDB,
+                      "database schema version %d is newer than this build knows (%d): upgrade dspark",
+                      from, DS_SCHEMA_VERSION);
+    int to = from;
+    for (size_t i = 0; r == 0 && i < n; i++) {
+        int v = sqldir ? fm[i].version : ds_db_embedded_migrations[i].version;
+        if (v <= from)
+            continue;
+        r = apply_one(db, v, sqldir ? fm[i].name : ds_db_embedded_migrations[i].name,
+                      sqldir ? fm[i].sql : ds_db_embedded_migrations[i].sql);
+        if (r == 0)
+            to = v;
+    }
+    /* keep the first error's detail while unlocking */
+    if (PQstatus(db->conn) == CONNECTION_OK) {
+        PGresult *res = PQexec(db->conn, "SELECT pg_advisory_unlock(" DS_DB_MIGRATE_LOCK ")");
+        PQclear(res);
+    }
+    free_file_migrations(fm, n);
+    if (r < 0)
+        return r;
+    if (ret_from)
+        *ret_from = from;
+    if (ret_to)
+        *ret_to = to;
+    return 0;
+}
+
+bool ds_db_ok(struct ds_db *db)
+{
+    return db && db->conn && PQstatus(db->conn) == CONNECTION_OK;
+}
+
+static int relisten(struct ds_db *db)
+{
+    for (int i = 0; i < db->nlisten; i++) {
+        char *ident = PQescapeIdentifier(db->conn, db->listen[i], strlen(db->listen[i]));
+        if (!ident)
+            return conn_error(db, "could not quote a channel name");
+        char sql[300];
+        snprintf(sql, sizeof sql, "LISTEN %s", ident);
+        PQfreemem(ident);
+        int r = ds_db_command(db, sql, 0, NULL);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+int ds_db_ensure(struct ds_db *db, int max_wait_ms)
+{
+    if (ds_db_ok(db) && !db->need_relisten)
+        return 0;
+    int64_t deadline = now_ms() + (max_wait_ms > 0 ? max_wait_ms : 0);
+    for (;;) {
+        int64_t t = now_ms();
+        if (t < db->next_try_ms) {
+            if (db->next_try_ms > deadline)
+                break;
+            sleep_ms(db->next_try_ms - t);
+        }
+        if (!ds_db_ok(db))
+            PQreset(db->conn);
+        db->next_try_ms = now_ms() + db->backoff_ms;
+        db->backoff_ms = db->backoff_ms * 2 > DS_DB_BACKOFF_MAX_MS ? DS_DB_BACKOFF_MAX_MS
+                                                                   : db->backoff_ms * 2;
+        if (ds_db_ok(db)) {
+            db->need_relisten = relisten(db) < 0;
+            if (!db->need_relisten) {
+                db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
+                db->next_try_ms = 0;
+                db->reconnects++;
+                return 1;
+            }
+        }
+        if (now_ms() >= deadline)
+            break;
+    }
+    return conn_error(db, "database connection is down");
+}
+
+unsigned ds_db_reconnects(const struct ds_db *db)
+{
+    return db ? db->reconnects : 0;
+}
+
+int ds_db_listen(struct ds_db *db, const char *channel)
+{
+    int known = 0;
+    for (int i = 0; i < db->nlisten; i++)
+        if (strcmp(db->listen[i], channel) == 0)
+            known = 1;
+    if (!known && db->nlisten == DS_DB_MAX_LISTEN)
+        return ds_seterr(DS_ELIMIT, "too many LISTEN channels (at most %d)", DS_DB_MAX_LISTEN);
+    char *ident = PQescapeIdentifier(db->conn, channel, strlen(channel));
+    if (!ident)
+        return conn_error(db, "could not quote a channel name");
+    char sql[300];
+    int len = snprintf(sql, sizeof sql, "LISTEN %s", ident);
+    PQfreemem(ident);
+    if (len >= (int)sizeof sql)
+        return ds_seterr(DS_EINVAL, "channel name '%s' too long", channel);
+    int r = ds_db_command(db, sql, 0, NULL);
+    if (r < 0)
+        return r;
+    if (!known)
+        db->listen[db->nlisten++] = ds_xstrdup(channel);
+    return 0;
+}
+
+int ds_db_socket(struct ds_db *db)
+{
+    return ds_db_ok(db) ? PQsocket(db->conn) : -1;
+}
+
+int ds_db_consume_notify(struct ds_db *db, ds_db_notify_fn *fn, void *ud)
+{
+    if (!ds_db_ok(db))
+        return conn_error(db, "database connection is down");
+    if (!PQconsumeInput(db->conn))
+        return conn_error(db, "could not read from the database");
+    int n = 0;
+    PGnotify *nt;
+    while ((nt = PQnotifies(db->conn))) {
+        if (fn)
+            fn(ud, nt->relname, nt->extra);
+        PQfreemem(nt);
+        n++;
+    }
+    if (PQstatus(db->conn) != CONNECTION_OK)
+        return conn_error(db, "database connection lost");
+    return n;
+}
+
+int ds_db_wait_notify(struct ds_db *db, int timeout_ms, ds_db_notify_fn *fn, void *ud)
+{
+    int n = ds_db_consume_notify(db, fn, ud);
+    if (n != 0)
+        return n;
+    struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
+    int pr = poll(&p, 1, timeout_ms);
+    if (pr < 0)
+        return errno == EINTR ? 0 : ds_seterr(DS_EIO, "poll: %s", strerror(errno));
+    if (pr == 0)
+        return 0;
+    return ds_db_consume_notify(db, fn, ud);
+}
+
+int ds_db_parse_ids(const char *payload, int64_t **ret_ids, size_t *ret_n)
+{
+    size_t cap = 0, n = 0;
+    int64_t *ids = NULL;
+    const char *p = payload ? payload : "";
+    while (*p) {
+        if (*p < '0' || *p > '9') {
+            free(ids);
+            return ds_seterr(DS_EFORMAT, "bad job id list '%.60s'", payload);
+        }
+        char *end;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || (*end && *end != ',') || (*end == ',' && !end[1])) {
+            free(ids);
+            return ds_seterr(DS_EFORMAT, "bad job id list '%.60s'", payload);
+        }
+        if (n == cap)
+            ids = ds_xrealloc(ids, (cap = cap ? cap * 2 : 16) * sizeof *ids);
+        ids[n++] = v;
+        p = *end ? end + 1 : end;
+    }
+    *ret_ids = ids;
+    *ret_n = n;
+    return 0;
+}
+
+char *ds_db_int64_array(const int64_t *ids, size_t n)
+{
+    char *s = ds_xmalloc(n * 21 + 3);
+    size_t len = 0;
+    s[len++] = '{';
+    for (size_t i = 0; i < n; i++)
+        len += (size_t)sprintf(s + len, i ? ",%" PRId64 : "%" PRId64, ids[i]);
+    s[len++] = '}';
+    s[len] = 0;
+    return s;
+}

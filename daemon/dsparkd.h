@@ -1,0 +1,126 @@
+/* dsparkd.h: internal interfaces of dsparkd (daemon/).
+ *
+ * main.c owns the configuration, the signals and the main loop; fanout.c the
+ * database side (LISTEN, event fan-out, status, reaper, retention); supervise.c
+ * the dspark-worker processes. Everything runs on the main thread. */
+#ifndef DSPARKD_H
+#define DSPARKD_H
+
+#include <stdbool.h>
+#include <poll.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "dspark/ds-db.h"
+#include "dspark/ds-events.h"
+
+#define EXIT_CONFIG 78   /* EX_CONFIG: bad configuration or schema; systemd does not restart */
+
+/* The configuration (one table in main.c). Durations are milliseconds. */
+struct dsparkd_config {
+    /* [dsparkd] */
+    int log_level;                  /* enum index: see main.c */
+    char *host_name;
+    int64_t status_interval;
+    int64_t reaper_interval;
+    int64_t worker_timeout;
+    int64_t retention;              /* 0 = keep forever */
+    int64_t retention_interval;
+    int prune_batch;
+    int64_t db_timeout;             /* statement_timeout of the daemon's queries */
+    bool watchdog_requires_db;
+    /* [database] */
+    char *dsn;
+    /* [events] */
+    char *endpoint;
+    char *socket_mode;
+    int64_t heartbeat_interval;
+    int sndhwm;
+    char *curve_secret_key_file;
+    char *curve_allow_file;
+    /* [worker] */
+    char *program;
+    char *devices;
+    char *worker_dsn;
+    char *target;
+    char *draft;
+    char *spec;
+    char *backend;
+    int max_batch;
+    int kv_tokens;
+    int concurrency;
+    int64_t drain_timeout;
+    char *args;
+    int64_t restart_delay;
+    int64_t restart_delay_max;
+    int64_t start_timeout;
+    int64_t watchdog_timeout;
+};
+
+/* ---- fanout.c: the database side ---- */
+
+struct fanout;
+
+struct fanout_status {
+    bool valid;
+    int64_t queued;
+    int64_t running;
+    double tokens_per_s;            /* output tokens per second over the last minute */
+};
+
+struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub *pub);
+struct fanout *fanout_free(struct fanout *f);
+/* Connect if down and due (back-off), check the schema, LISTEN. Returns 1 when
+ * (re)connected in this call, 0 when up or still down (fanout_up tells), or
+ * -DS_EDB for a schema this build does not know (fatal). */
+int fanout_connect(struct fanout *f, uint64_t now_us);
+bool fanout_up(const struct fanout *f);
+/* The socket to poll (-1 when down). */
+int fanout_socket(const struct fanout *f);
+/* Read notifications and publish the events of the jobs they name. Returns the
+ * number of events published; a broken connection is logged and marks it down. */
+int fanout_pump(struct fanout *f, uint64_t now_us);
+/* Queue counts for STATUS= and heartbeats (refreshes the DB-health clock). */
+int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret);
+/* Lease reaper: dspark.requeue_expired(). Returns jobs changed (0 when another host holds the lock). */
+int fanout_reap(struct fanout *f, uint64_t now_us);
+/* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
+int64_t fanout_prune(struct fanout *f, uint64_t now_us);
+/* Monotonic time of the last successful exchange with the database (0 = never). */
+uint64_t fanout_last_ok(const struct fanout *f);
+/* Why the database is down (for STATUS=), or "". */
+const char *fanout_down_reason(const struct fanout *f);
+uint64_t fanout_published(const struct fanout *f);
+
+/* ---- supervise.c: the workers ---- */
+
+struct supervisor;
+
+struct supervisor *supervisor_new(const struct dsparkd_config *cfg, const char *host);
+struct supervisor *supervisor_free(struct supervisor *s);
+/* Parse "0,1,2" / "0-3" into device names: 0 or -DS_ECONFIG (used by --check-config). */
+int supervisor_check_config(const struct dsparkd_config *cfg);
+/* Start every worker that is due (first start or restart after back-off). */
+void supervisor_start_due(struct supervisor *s, uint64_t now_us);
+/* Reap exited children (after SIGCHLD). */
+void supervisor_reap(struct supervisor *s, uint64_t now_us);
+/* Add the ready pipes to a poll set; returns the count added (at most max). */
+int supervisor_pollfds(struct supervisor *s, struct pollfd *fds, int max);
+/* Read what workers wrote on their pipes. */
+void supervisor_read(struct supervisor *s, uint64_t now_us);
+/* Enforce start and watchdog timeouts and drain deadlines. */
+void supervisor_tick(struct supervisor *s, uint64_t now_us);
+/* SIGTERM every worker and stop restarting them; kill after the drain timeout. */
+void supervisor_drain(struct supervisor *s, uint64_t now_us);
+/* SIGKILL every worker now. */
+void supervisor_kill_all(struct supervisor *s);
+int supervisor_count(const struct supervisor *s);
+int supervisor_running(const struct supervisor *s);
+int supervisor_ready(const struct supervisor *s);
+bool supervisor_all_ready(const struct supervisor *s);
+/* The earliest time something is due (restart, timeout), or UINT64_MAX. */
+uint64_t supervisor_next_due(const struct supervisor *s);
+/* Concatenated STATUS texts of the workers, "" if none. */
+const char *supervisor_status_text(struct supervisor *s);
+
+#endif

@@ -1,0 +1,130 @@
+/* ds-db.h: PostgreSQL access shared by dsparkd, dspark-worker and dsparkctl.
+ *
+ * A struct ds_db wraps one libpq connection with what the service needs
+ * around it: errors carried as DS_EDB with the server's message, detail,
+ * hint and SQLSTATE in ds_errdetail(); the schema version check and the
+ * migrations (embedded into the binary at build time); reconnection with
+ * back-off after the server went away (LISTEN channels are re-issued); and
+ * waiting for notifications.
+ *
+ * One struct ds_db belongs to one thread at a time. Results returned through
+ * ret_ out-parameters belong to the caller, who PQclear()s them. */
+#ifndef DS_DB_H
+#define DS_DB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <libpq-fe.h>
+
+#include "dspark/ds-err.h"
+
+/* The schema version this build knows: the number of the last migration in
+ * sql/. Daemon and worker refuse to run against any other version. */
+#define DS_SCHEMA_VERSION 2
+
+/* Channel of the job notifications: one NOTIFY per statement that inserts
+ * jobs or changes job states, payload = comma-separated job ids, at most
+ * about 7000 bytes each (longer lists are split over several notifications). */
+#define DS_DB_EVENTS_CHANNEL "dspark_events"
+
+/* SQLSTATE reported for a connection that broke (libpq gives none). */
+#define DS_DB_SQLSTATE_CONNECTION "08006"
+
+struct ds_db;
+
+/* Connect with a conninfo string or URI (NULL or "" = libpq defaults, i.e. the
+ * PG* environment); application_name is used unless conninfo sets one.
+ * The connection uses client_encoding UTF8. */
+int ds_db_connect(const char *conninfo, const char *application_name,
+                  struct ds_db **ret) DS_MUSTCHECK;
+/* Close and free; accepts NULL; returns NULL. */
+struct ds_db *ds_db_free(struct ds_db *db);
+/* The underlying connection (borrowed; replaced by ds_db_ensure()). */
+PGconn *ds_db_conn(struct ds_db *db);
+
+/* SQLSTATE of the last failed call on db ("" when it had none). */
+const char *ds_db_sqlstate(const struct ds_db *db);
+
+/* Run one statement with text parameters (params[i] NULL = SQL NULL) and
+ * return its result (PGRES_COMMAND_OK or PGRES_TUPLES_OK) in *ret.
+ * On error: -DS_EDB, ds_errdetail() = "message: detail (hint: ...)
+ * [SQLSTATE xxxxx]", ds_db_sqlstate() = the code. */
+int ds_db_exec(struct ds_db *db, const char *sql, int nparams,
+               const char *const *params, PGresult **ret) DS_MUSTCHECK;
+/* Same, discarding the result. */
+int ds_db_command(struct ds_db *db, const char *sql, int nparams,
+                  const char *const *params) DS_MUSTCHECK;
+/* Run a script of several statements (simple query protocol, no parameters). */
+int ds_db_script(struct ds_db *db, const char *sql) DS_MUSTCHECK;
+/* Transactions. ds_db_rollback() never fails (it is for error paths) and
+ * keeps the detail of the error that led to it. */
+int ds_db_begin(struct ds_db *db) DS_MUSTCHECK;
+int ds_db_commit(struct ds_db *db) DS_MUSTCHECK;
+void ds_db_rollback(struct ds_db *db);
+
+/* Turn a failed result (or a NULL one) into -DS_EDB with the server's
+ * message; records the SQLSTATE in db (db may be NULL). Does not PQclear. */
+int ds_db_result_error(struct ds_db *db, const PGresult *res);
+
+/* The schema version of the database: max(version) of dspark.schema_version,
+ * 0 when there is no dspark schema. */
+int ds_db_schema_version(struct ds_db *db, int *ret_version) DS_MUSTCHECK;
+/* 0 when the database is at DS_SCHEMA_VERSION; -DS_EDB otherwise, with
+ * "database schema version %d, this build knows %d: run 'dsparkctl db migrate'"
+ * (or "database has no dspark schema: run 'dsparkctl db init'"). */
+int ds_db_check_schema(struct ds_db *db) DS_MUSTCHECK;
+
+/* One forward-only migration: sql/NNN-name.sql. */
+struct ds_db_migration {
+    int version;      /* NNN */
+    const char *name; /* "001-schema" */
+    const char *sql;  /* the script; it records its own schema_version row */
+};
+/* The migrations compiled into this binary, ordered by version (static). */
+const struct ds_db_migration *ds_db_migrations(size_t *ret_n);
+/* Bring the database to DS_SCHEMA_VERSION: apply every migration newer than
+ * the database's version, each in its own transaction, under an advisory lock
+ * so that concurrent runs apply each once. sqldir NULL = the embedded
+ * migrations, else the NNN-*.sql files of that directory. Refuses a database
+ * newer than this build. *ret_from / *ret_to (may be NULL) get the versions
+ * before and after. */
+int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from,
+                  int *ret_to) DS_MUSTCHECK;
+
+/* Whether the connection is up (no round trip). */
+bool ds_db_ok(struct ds_db *db);
+/* Make sure the connection is up: when it is not, reset it with exponential
+ * back-off (100 ms doubling to 5 s between attempts, remembered across calls
+ * so that frequent callers do not hammer the server), waiting at most
+ * max_wait_ms (0 = at most one attempt now, if one is due). After a
+ * successful reset the LISTEN channels are issued again.
+ * Returns 0 when connected, 1 when it reconnected during this call,
+ * -DS_EDB when still down. */
+int ds_db_ensure(struct ds_db *db, int max_wait_ms) DS_MUSTCHECK;
+/* How many successful reconnections db has made (for logs and tests). */
+unsigned ds_db_reconnects(const struct ds_db *db);
+
+/* LISTEN on channel (a plain identifier) and remember it for reconnects. */
+int ds_db_listen(struct ds_db *db, const char *channel) DS_MUSTCHECK;
+typedef void ds_db_notify_fn(void *ud, const char *channel, const char *payload);
+/* The socket to poll() for readability (-1 when disconnected). */
+int ds_db_socket(struct ds_db *db);
+/* Read what the server sent, without blocking, and call fn for each
+ * notification (fn may be NULL). Returns the count, or -DS_EDB when the
+ * connection broke. */
+int ds_db_consume_notify(struct ds_db *db, ds_db_notify_fn *fn, void *ud);
+/* Wait up to timeout_ms (-1 = forever) for notifications and deliver them as
+ * ds_db_consume_notify() does; returns the count (0 on timeout) or -DS_EDB;
+ * EINTR returns 0. */
+int ds_db_wait_notify(struct ds_db *db, int timeout_ms, ds_db_notify_fn *fn,
+                      void *ud);
+
+/* Parse a notification payload "12,13,200" into a malloc'ed array
+ * (*ret_ids NULL when *ret_n is 0). -DS_EFORMAT on anything else. */
+int ds_db_parse_ids(const char *payload, int64_t **ret_ids, size_t *ret_n) DS_MUSTCHECK;
+/* A PostgreSQL array literal "{1,2,3}" for ids (malloc'ed, never NULL). */
+char *ds_db_int64_array(const int64_t *ids, size_t n);
+
+#endif

@@ -1,0 +1,252 @@
+#!/bin/sh
+# test-ctl.sh: dsparkctl end to end against a private PostgreSQL, with the
+# worker's side played by SQL (claim_jobs / finish_jobs): usage and exit
+# codes, connection options, submit (prompt, stdin, chat, JSONL in the OpenAI
+# Batch and DeepSpec formats, parameters), status, list, results (OpenAI
+# Batch output), stats, wait/watch (exit codes, LISTEN wake-up), cancel,
+# workers; --json output parsed back.
+. "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
+pg_harness_start
+pg_harness_init
+T=$PGH_DIR
+C=$DSPARKCTL
+
+# --- usage -------------------------------------------------------------------
+for cmd in db submit status list wait watch cancel results stats workers; do
+    out=$("$C" "$cmd" --help 2>&1)
+    rc=$?
+    case $out in
+    "usage: dsparkctl $cmd"*) ok=0 ;;
+    *) ok=1 ;;
+    esac
+    tap_is "$rc$ok" 00 "dsparkctl $cmd --help prints its usage"
+done
+"$C" >/dev/null 2>&1
+tap_is "$?" 2 "no command: exit 2"
+out=$("$C" frobnicate 2>&1)
+tap_is "$?" 2 "an unknown command: exit 2"
+tap_like "$out" "unknown command 'frobnicate'" "... named in the message"
+"$C" submit --no-such-option x >/dev/null 2>&1
+tap_is "$?" 2 "an unknown option: exit 2"
+out=$("$C" submit -m m --max-tokens 0 hi 2>&1)
+tap_is "$?" 2 "--max-tokens 0: exit 2"
+tap_like "$out" "--max-tokens must be an integer between 1 and 1000000, got '0'" "... with the range"
+out=$("$C" submit -m m --temperature NaN hi 2>&1)
+tap_is "$?" 2 "--temperature NaN: exit 2"
+tap_like "$out" "temperature must be a finite number" "... named in the message"
+"$C" wait >/dev/null 2>&1
+tap_is "$?" 2 "wait without jobs: exit 2"
+"$C" --version | grep -q "dsparkctl .*schema version 2"
+tap_result $? "--version prints the version and the schema version"
+
+# --- connection options ------------------------------------------------------
+good_dsn=$DSPARK_DSN
+out=$(DSPARK_DSN="host=$T port=1 dbname=nope" "$C" status 2>&1)
+tap_is "$?" 1 "a bad \$DSPARK_DSN: exit 1"
+tap_like "$out" "could not connect to the database" "... saying it could not connect"
+DSPARK_DSN="host=$T port=1 dbname=nope" "$C" --dsn "$good_dsn" status >/dev/null 2>&1
+tap_is "$?" 0 "--dsn overrides \$DSPARK_DSN"
+(unset DSPARK_DSN; "$C" status >/dev/null 2>&1)
+tap_is "$?" 0 "without a DSN the PG* environment is used"
+
+# --- submit one prompt ----------------------------------------------------------
+id1=$("$C" submit -m qwen3-4b "Tell me a joke.")
+tap_like "$id1" '^[0-9]+$' "submit prints the job id"
+tap_is "$(q "SELECT prompt || '|' || model || '|' || state FROM dspark.jobs WHERE id = $id1")" \
+    "Tell me a joke.|qwen3-4b|queued" "... and the job is queued with its prompt"
+"$C" submit -m qwen3-4b --json --system "Be brief." --chat -p - >"$T/one.json" <<'EOF'
+Multi-line
+prompt with "quotes", tabs	and \backslashes, ünïcödé and 😀
+EOF
+tap_py "submit --json prints {\"id\": N}" "isinstance(d['id'], int) and d['id'] > 0" "$T/one.json"
+id2=$(py "d['id']" "$T/one.json")
+q "SELECT messages FROM dspark.jobs WHERE id = $id2" >"$T/msgs.json"
+tap_py "--chat --system from stdin stores the messages exactly" \
+    "d == [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Multi-line\\nprompt with \"quotes\", tabs\\tand \\\\backslashes, ünïcödé and 😀'}]" "$T/msgs.json"
+id3=$(DSPARK_MODEL=env-model "$C" submit --max-tokens 77 --temperature 0.5 --top-p 0.9 --top-k 40 \
+    --seed -7 --stop '###' --stop 'a"b\c' --spec-mode fixed:4 --priority 5 --max-attempts 2 \
+    --delay '1 hour' "params")
+tap_is "$(q "SELECT concat_ws('|', model, max_tokens, temperature, top_p, top_k, seed, stop::text, spec_mode, priority, max_attempts, run_after > now() + interval '50 min') FROM dspark.jobs WHERE id = $id3")" \
+    'env-model|77|0.5|0.9|40|-7|{###,"a\"b\\c"}|fixed:4|5|2|t' "every sampling and job option reaches its column"
+out=$("$C" submit --spec-mode fixed:99 -m m x 2>&1)
+tap_is "$?" 1 "a bad --spec-mode is refused by the database: exit 1"
+tap_like "$out" "spec_mode_dspark_dspark_async_fixed_n_threshold_x_or_none" "... naming the rule"
+
+# --- submit a JSONL file --------------------------------------------------------
+cat >"$T/batch.jsonl" <<'EOF'
+{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "qwen3-4b", "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}], "max_tokens": 16, "temperature": 0, "seed": 3, "stop": "\n"}}
+{"custom_id": "text-1", "method": "POST", "url": "/v1/completions", "body": {"model": "qwen3-4b", "prompt": "Once upon a time", "max_completion_tokens": 32, "top_p": 0.5, "n": 1}}
+
+{"custom_id": "ids-1", "method": "POST", "url": "/v1/completions", "body": {"prompt": [151644, 872, 198]}}
+{"turns": ["What is 2+2?", "And 3+3?"], "question_id": 81}
+EOF
+"$C" submit -m default-model --priority 3 -f "$T/batch.jsonl" --json >"$T/sub.json"
+tap_is "$?" 0 "submit -f of a mixed JSONL file succeeds"
+tap_py "... and reports a batch of 4 jobs" "d['jobs'] == 4 and d['skipped'] == 0 and d['last_id'] - d['first_id'] == 3" "$T/sub.json"
+B=$(py "d['batch_id']" "$T/sub.json")
+tap_is "$(q "SELECT string_agg(concat_ws(':', custom_id, model, max_tokens, priority), ' ' ORDER BY id) FROM dspark.jobs WHERE batch_id = $B")" \
+    "chat-1:qwen3-4b:16:3 text-1:qwen3-4b:32:3 ids-1:default-model:1024:3 81:default-model:1024:3" \
+    "custom_id, model (with --model as default), max_tokens and --priority per line, in file order"
+tap_is "$(q "SELECT messages::text FROM dspark.jobs WHERE batch_id = $B AND custom_id = 'chat-1'")" \
+    '[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"}]' "text parts are joined into one message"
+tap_is "$(q "SELECT concat_ws('|', temperature, seed, stop::text) FROM dspark.jobs WHERE batch_id = $B AND custom_id = 'chat-1'")" \
+    '0|3|{"
+"}' "temperature, seed and a stop string from the body"
+tap_is "$(q "SELECT prompt_ids::text FROM dspark.jobs WHERE batch_id = $B AND custom_id = 'ids-1'")" "{151644,872,198}" \
+    "a prompt of token ids"
+tap_is "$(q "SELECT messages->0->>'content' FROM dspark.jobs WHERE batch_id = $B AND custom_id = '81'")" "What is 2+2?" \
+    "a DeepSpec turns line sends its first turn as a user message"
+tap_is "$(q "SELECT metadata->>'input_file' FROM dspark.batches WHERE id = $B")" "$T/batch.jsonl" "the batch records its input file"
+
+# --- status and list ------------------------------------------------------------
+"$C" list --json >"$T/list.json"
+tap_py "list --json gives every job" "len(d) == 7 and all(j['state'] == 'queued' for j in d)" "$T/list.json"
+"$C" list --batch "$B" --state queued,running -n 2 --json >"$T/list2.json"
+tap_py "list --batch --state --limit filters" "[j['custom_id'] for j in d] == ['81', 'ids-1']" "$T/list2.json"
+out=$("$C" list --batch "$B")
+tap_like "$out" "chat-1 +qwen3-4b +queued" "list prints a table"
+"$C" list --batches --json >"$T/batches.json"
+tap_py "list --batches --json" "d[0]['batch_id'] == $B and d[0]['total'] == 4 and d[0]['queued'] == 4" "$T/batches.json"
+"$C" status --json >"$T/status.json"
+tap_py "status --json counts the queue" "d['jobs']['queued'] == 7 and d['workers']['registered'] == 0" "$T/status.json"
+"$C" status "$id1" "$id3" --json >"$T/st.json"
+tap_py "status ID... --json" "[j['id'] for j in d] == [$id1, $id3] and d[1]['priority'] == 5" "$T/st.json"
+out=$("$C" status 999999 2>&1)
+tap_is "$?" 1 "status of a missing job: exit 1"
+
+# --- a worker at work (SQL) -----------------------------------------------------
+q "SELECT dspark.register_worker('gpu0', 'node1', 4242, 'cuda:0', 'qwen3-4b', 'dspark-qwen3-4b', 'abc', 'def', '{\"sps\": [100, 180]}')" >/dev/null
+"$C" workers --json >"$T/workers.json"
+tap_py "workers --json lists the registered worker" "d[0]['worker_id'] == 'gpu0' and d[0]['device'] == 'cuda:0' and d[0]['running_jobs'] == 0" "$T/workers.json"
+q "SELECT count(*) FROM dspark.claim_jobs('gpu0', 4, NULL, 600, NULL) WHERE batch_id = $B" >/dev/null
+running=$(q "SELECT count(*) FROM dspark.jobs WHERE batch_id = $B AND state = 'running'")
+tap_is "$running" 4 "the batch (priority 3) is claimed first"
+out=$("$C" workers)
+tap_like "$out" "gpu0 +node1 +4242 +cuda:0 +qwen3-4b +dspark-qwen3-4b +running .* 4$" "workers prints a table with running jobs"
+
+ids=$(q "SELECT string_agg(id::text, ' ' ORDER BY id) FROM dspark.jobs WHERE batch_id = $B")
+set -- $ids
+q "SELECT count(*) FROM dspark.finish_jobs('gpu0', '[
+  {\"id\": $1, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"hi\", \"finish_reason\": \"stop\",
+   \"stats\": {\"prompt_tokens\": 20, \"output_tokens\": 10, \"rounds\": 4, \"mean_acceptance_length\": 2.5,
+               \"num_draft_tokens\": 28, \"num_verified_tokens\": 12, \"num_accepted_tokens\": 6,
+               \"acceptance_by_position\": [4, 2, 0], \"verified_by_position\": [4, 4, 2], \"mean_verify_len\": 3.0,
+               \"decode_tokens_per_s\": 100, \"time_to_first_token_s\": 0.1, \"e2e_latency_s\": 1.0}},
+  {\"id\": $2, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \" there was a \\\"king\\\"\", \"finish_reason\": \"length\",
+   \"stats\": {\"prompt_tokens\": 4, \"output_tokens\": 32, \"rounds\": 16, \"mean_acceptance_length\": 2.0,
+               \"num_verified_tokens\": 32, \"num_accepted_tokens\": 16,
+               \"acceptance_by_position\": [12, 4], \"verified_by_position\": [16, 12], \"mean_verify_len\": 2.0,
+               \"decode_tokens_per_s\": 200, \"time_to_first_token_s\": 0.3, \"e2e_latency_s\": 3.0}},
+  {\"id\": $3, \"attempt\": 1, \"state\": \"failed\", \"error\": \"prompt of 9000 tokens exceeds the context (4096)\"},
+  {\"id\": $4, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"4\", \"finish_reason\": \"stop\",
+   \"stats\": {\"prompt_tokens\": 12, \"output_tokens\": 1, \"rounds\": 1, \"mean_acceptance_length\": 1.0,
+               \"acceptance_by_position\": [0], \"verified_by_position\": [1],
+               \"decode_tokens_per_s\": 300, \"time_to_first_token_s\": 0.2, \"e2e_latency_s\": 2.0}}]')" >/dev/null
+
+# --- results ---------------------------------------------------------------------
+"$C" results --batch "$B" -o "$T/out.jsonl"
+tap_is "$?" 0 "results --batch -o FILE succeeds"
+tap_py "one output line per job, joined by custom_id" \
+    "sorted(x['custom_id'] for x in d) == ['81', 'chat-1', 'ids-1', 'text-1'] and all(x['id'].startswith('dspark-job-') for x in d)" "$T/out.jsonl"
+tap_py "a chat job's body is a chat.completion with the assistant message" \
+    "[(x['response']['status_code'], x['response']['body']['object'], x['response']['body']['choices'][0]['message'], x['response']['body']['choices'][0]['finish_reason'], x['response']['body']['model'], x['error']) for x in d if x['custom_id'] == 'chat-1'] == [(200, 'chat.completion', {'role': 'assistant', 'content': 'hi'}, 'stop', 'qwen3-4b', None)]" "$T/out.jsonl"
+tap_py "a completions job's body is a text_completion" \
+    "[(x['response']['body']['object'], x['response']['body']['choices'][0]['text'], x['response']['body']['choices'][0]['finish_reason']) for x in d if x['custom_id'] == 'text-1'] == [('text_completion', ' there was a \"king\"', 'length')]" "$T/out.jsonl"
+tap_py "usage counts prompt and completion tokens" \
+    "[x['response']['body']['usage'] for x in d if x['custom_id'] == 'text-1'] == [{'prompt_tokens': 4, 'completion_tokens': 32, 'total_tokens': 36}]" "$T/out.jsonl"
+tap_py "a failed job has no response and an error with the reason" \
+    "[(x['response'], x['error']['code'], x['error']['message']) for x in d if x['custom_id'] == 'ids-1'] == [(None, 'job_failed', 'prompt of 9000 tokens exceeds the context (4096)')]" "$T/out.jsonl"
+"$C" results "$id1" --all >"$T/all.jsonl" 2>/dev/null
+tap_py "results --all reports unfinished jobs as errors" "d[0]['error']['code'] == 'job_not_finished'" "$T/all.jsonl"
+out=$("$C" results "$id1" 2>&1 >/dev/null)
+tap_like "$out" "1 job is not finished yet" "results warns about unfinished jobs"
+"$C" results --batch "$B" --metrics >"$T/m.jsonl"
+tap_py "results --metrics adds per-job metrics" \
+    "[x['response']['body']['metrics']['mean_acceptance_length'] for x in d if x['custom_id'] == 'chat-1'] == [2.5]" "$T/m.jsonl"
+
+# --- stats -----------------------------------------------------------------------
+"$C" stats --batch "$B" --json >"$T/stats.json"
+tap_py "stats groups by batch and model" "[(g['batch_id'], g['model'], g['jobs']) for g in d] == [($B, 'default-model', 1), ($B, 'qwen3-4b', 2)]" "$T/stats.json"
+tap_py "tau is the round-weighted mean acceptance length" \
+    "abs(d[1]['mean_acceptance_length'] - (2.5 * 4 + 2.0 * 16) / 20) < 1e-9" "$T/stats.json"
+tap_py "acceptance by position is summed, with conditional rates" \
+    "d[1]['acceptance_by_position'] == [16, 6, 0] and d[1]['verified_by_position'] == [20, 16, 2] and d[1]['conditional_acceptance_by_position'] == [0.8, 0.375, 0.0]" "$T/stats.json"
+tap_py "latency percentiles (percentile_cont)" \
+    "d[1]['e2e_latency_s'] == {'p50': 2.0, 'p90': 2.8, 'p99': 2.98, 'mean': 2.0}" "$T/stats.json"
+tap_py "tokens/s and the draft acceptance rate" \
+    "d[1]['decode_tokens_per_s']['p50'] == 150 and abs(d[1]['draft_acceptance_rate'] - 22 / 44) < 1e-9 and d[1]['output_tokens'] == 42" "$T/stats.json"
+"$C" stats --by model --json >"$T/stats2.json"
+tap_py "stats --by model merges batches" "[(g['model'], g['jobs'], g['batch_id']) for g in d] == [('default-model', 1, None), ('qwen3-4b', 2, None)]" "$T/stats2.json"
+out=$("$C" stats --batch "$B")
+tap_like "$out" "qwen3-4b +2 +42 +2.10 +0.500 +2.20 +150.0" "stats prints a table"
+tap_like "$out" "acceptance by position \\(batch $B, model qwen3-4b\\): 1:0.800 2:0.375 3:0.000" "... and acceptance by position"
+
+# --- wait and watch --------------------------------------------------------------
+"$C" wait --batch "$B" --json >"$T/wait.json"
+tap_is "$?" 3 "wait on a finished batch with a failure: exit 3"
+tap_py "wait --json summarises" "(d['total'], d['succeeded'], d['failed'], d['output_tokens']) == (4, 3, 1, 43)" "$T/wait.json"
+set -- $ids
+"$C" wait -q "$1" "$2"
+tap_is "$?" 0 "wait on succeeded jobs: exit 0"
+"$C" wait -q --timeout 0.5 "$id1" 2>/dev/null
+tap_is "$?" 4 "wait past --timeout: exit 4"
+"$C" wait -q 424242 2>/dev/null
+tap_is "$?" 1 "wait on a missing job: exit 1"
+
+# a waiter with a long poll interval is woken by the job's notification
+(sleep 1.5
+ i=$(q "SELECT id FROM dspark.claim_jobs('gpu0', 1, NULL, 600, ARRAY['qwen3-4b'])")
+ sleep 1
+ q "SELECT count(*) FROM dspark.finish_jobs('gpu0', '[{\"id\": $i, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"ha\"}]')" >/dev/null
+) &
+worker=$!
+start=$(date +%s)
+"$C" watch "$id1" --interval 60 --timeout 30 >"$T/watch.txt"
+rc=$?
+took=$(($(date +%s) - start))
+wait $worker
+tap_is "$rc" 0 "watch returns when the job succeeds"
+tap_ok "... woken by the notification, not the 60 s poll (took ${took}s)" test "$took" -lt 15
+tap_is "$(grep '^job' "$T/watch.txt" | sed -n '1p;$p')" "job $id1: queued
+job $id1: succeeded (- tokens, - tok/s, tau -)" "watch prints each state change"
+tap_is "$(grep -c "^job $id1: running (attempt 1, worker gpu0)$" "$T/watch.txt")" 1 "... including the claim"
+tap_like "$(tail -n 1 "$T/watch.txt")" "^1 jobs finished: 1 succeeded, 0 failed" "... and a summary at the end"
+"$C" watch --json "$1" >"$T/watch.jsonl"
+tap_py "watch --json prints a JSON object per change" "len(d) == 1 and d[0]['id'] == $1 and d[0]['state'] == 'succeeded' and d[0]['custom_id'] == 'chat-1' and d[0]['output_tokens'] == 10" "$T/watch.jsonl"
+
+# wait survives a restart of the server
+idr=$("$C" submit -m qwen3-4b --priority 1000 "survive a restart")
+"$C" wait -q --interval 0.2 --timeout 60 "$idr" 2>"$T/restart.err" &
+waiter=$!
+sleep 1
+pg_harness_ctl -w -s -m fast restart
+i=$(q "SELECT id FROM dspark.claim_jobs('gpu0', 1, NULL, 600, ARRAY['qwen3-4b'])")
+q "SELECT count(*) FROM dspark.finish_jobs('gpu0', '[{\"id\": $i, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"ok\"}]')" >/dev/null
+wait $waiter
+tap_is "$?$i" "0$idr" "wait reconnects after the server restarts and sees the job finish"
+tap_like "$(cat "$T/restart.err")" "reconnecting" "... saying that it reconnects"
+
+# --- cancel ----------------------------------------------------------------------
+r1=$(q "SELECT id FROM dspark.jobs WHERE id = $id2")
+q "SELECT count(*) FROM dspark.claim_jobs('gpu0', 1, NULL, 600, ARRAY['qwen3-4b'])" >/dev/null
+out=$("$C" cancel "$id2" "$id3" "$id1" 2>&1)
+tap_is "$?" 0 "cancel of existing jobs: exit 0"
+tap_like "$out" "job $id2: cancel requested \\(running" "a running job gets a cancel request"
+tap_like "$out" "job $id3: cancelled" "a queued job is cancelled"
+tap_like "$out" "job $id1: already succeeded" "a finished job is left alone"
+"$C" cancel --json "$id3" 777777 >"$T/cancel.json" 2>/dev/null
+tap_is "$?" 1 "cancel of a missing job: exit 1"
+tap_py "cancel --json reports each job" "[(x['id'], x['result']) for x in d] == [($id3, 'already_cancelled'), (777777, 'not_found')]" "$T/cancel.json"
+
+# --- bulk ------------------------------------------------------------------------
+awk 'BEGIN { for (i = 1; i <= 20000; i++) printf "{\"custom_id\": \"r%d\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"question %d\"}], \"max_tokens\": 64}}\n", i, i }' >"$T/big.jsonl"
+start=$(date +%s)
+"$C" submit -q -f "$T/big.jsonl" >"$T/big.out"
+tap_is "$?" 0 "submit of 20,000 lines succeeds (in $(($(date +%s) - start)) s)"
+BB=$(cat "$T/big.out")
+tap_is "$(q "SELECT count(*) || ' ' || count(DISTINCT custom_id) || ' ' || min(custom_id) FROM dspark.jobs WHERE batch_id = $BB")" "20000 20000 r1" \
+    "... every line became one job"
+"$C" cancel -q --batch "$BB"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE batch_id = $BB AND state = 'cancelled'")" 20000 "cancel --batch cancels the whole batch"
+
+tap_done

@@ -1,0 +1,319 @@
+#!/bin/sh
+# test-daemon-events.sh: dsparkd against a private PostgreSQL with fake workers
+# (tests/integration/fake-worker.sh) and real ZeroMQ subscribers
+# (tests/integration/test-daemon-sub): every state change of a job arrives as an event
+# with increasing versions, batch and job topics select what they should, a
+# late subscriber learns the final state from the row, heartbeats, the lease
+# reaper, worker restarts after a crash, a PostgreSQL restart, SIGHUP reloads,
+# draining on SIGTERM, and refusal of a schema this build does not know.
+. "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
+
+DSPARKD="$DS_BUILDDIR/dsparkd"
+SUB="$DS_BUILDDIR/tests/integration/test-daemon-sub"
+[ -x "$DSPARKD" ] || tap_skip_all "dsparkd not built"
+[ -x "$SUB" ] || tap_skip_all "tests/integration/test-daemon-sub not built"
+
+pg_harness_start
+T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dd.XXXXXX")
+DPID=
+SUBPIDS=
+cleanup() {
+    [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
+    for p in $SUBPIDS; do kill "$p" 2>/dev/null; done
+    for f in "$T"/w/*.pid; do [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null; done
+    if [ "$tap_failed" -gt 0 ] 2>/dev/null && [ -f "$T/dsparkd.log" ]; then
+        echo "# dsparkd log:"
+        sed 's/^/#   /' "$T/dsparkd.log" | tail -n 60
+    fi
+    rm -rf "$T"
+    pg_harness_stop
+}
+trap cleanup EXIT
+
+for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
+    psql -X -q -v ON_ERROR_STOP=1 -1 -f "$f" >/dev/null 2>"$T/schema.err" ||
+        { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
+done
+
+# wait_for FILE REGEX SECONDS: until a line of FILE matches
+wait_for() {
+    _n=0
+    _max=$(($3 * 10))
+    while [ $_n -lt $_max ]; do
+        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+    return 1
+}
+
+# start_sub OUTFILE ARGS...: a subscriber in the background, synced
+start_sub() {
+    _out=$1
+    shift
+    "$SUB" --endpoint "$EP" "$@" >"$_out" 2>&1 &
+    SUBPIDS="$SUBPIDS $!"
+    wait_for "$_out" '^(synced|nosync)' 10
+}
+
+mkdir -p "$T/w"
+EP="ipc://$T/events.sock"
+cat >"$T/dspark.conf" <<EOF
+[dsparkd]
+host_name = testhost
+status_interval = 200ms
+reaper_interval = 1s
+log_level = debug
+
+[database]
+dsn = "$DSPARK_DSN"
+
+[events]
+endpoint = $EP
+heartbeat_interval = 200ms
+
+[worker]
+program = $DS_SRCDIR/tests/integration/fake-worker.sh
+devices = 0-1
+target = "/models/target dir"
+draft = /models/draft
+max_batch = 64
+args = --extra 'two words'
+restart_delay = 200ms
+EOF
+
+FAKE_WORKER_DIR="$T/w" "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
+DPID=$!
+export FAKE_WORKER_DIR="$T/w"
+
+wait_for "$T/dsparkd.log" 'ready: 2 workers' 15
+tap_result $? "dsparkd starts two workers and becomes ready"
+
+args0=$(tr '\n' ' ' <"$T/w/0.args" 2>/dev/null)
+tap_is "$args0" "--device 0 --target /models/target dir --draft /models/draft --max-batch 64 --drain-timeout 60 --extra two words " \
+    "worker arguments come from the configuration"
+tap_is "$(sed -n 4p "$T/w/0.args" 2>/dev/null)" "/models/target dir" "a quoted value with a blank stays one argument"
+tap_is "$(sed -n 1p "$T/w/1.args" 2>/dev/null)$(sed -n 2p "$T/w/1.args" 2>/dev/null)" "--device1" "second worker on device 1"
+env0=$(cat "$T/w/0.env" 2>/dev/null)
+tap_like "$env0" "^DSPARK_READY_FD=3$" "worker gets DSPARK_READY_FD=3"
+tap_like "$env0" "^DSPARK_WORKER_ID=testhost/0$" "worker gets DSPARK_WORKER_ID"
+tap_like "$env0" "^DSPARK_DSN=host=" "worker gets the DSN in its environment, not argv"
+tap_is "$(grep -c '^NOTIFY_SOCKET\|^WATCHDOG_' "$T/w/0.env")" "0" "worker does not inherit NOTIFY_SOCKET or WATCHDOG_*"
+# the worker's descriptors, seen from outside: stdin/stdout/stderr, the ready
+# pipe on fd 3, the script the shell reads, and copies of those the shell makes
+ls -l "/proc/$(cat "$T/w/0.pid")/fd" 2>/dev/null | sed -n 's/.* \([0-9][0-9]*\) -> \(.*\)$/\1 \2/p' >"$T/fds"
+tap_like "$(cat "$T/fds")" '^3 pipe:' "fd 3 of the worker is the ready pipe"
+tap_is "$(sed -n 's/^0 //p' "$T/fds")" "/dev/null" "the worker's stdin is /dev/null"
+allowed=$(sed -n 's/^[0123] //p' "$T/fds")
+leaks=$(while read -r n target; do
+    case $target in *fake-worker.sh) continue ;; esac
+    printf '%s\n' "$allowed" | grep -qxF -- "$target" || echo "$n:$target"
+done <"$T/fds" | tr '\n' ' ')
+tap_is "$leaks" "" "no other descriptor of dsparkd (sockets, signalfd, other pipes) leaks into the worker"
+grep -q 'host=' "$T/w/0.args"
+tap_result $((1 - $?)) "the DSN is not on the worker's command line"
+
+# heartbeats
+start_sub "$T/hb.out" --topic 'hb|' --count 2 --timeout 5
+wait_for "$T/hb.out" '^hb host=testhost queued=[0-9]+ running=[0-9]+ workers=2$' 5
+tap_result $? "heartbeats carry host, queue counts and ready workers"
+
+# one job through its states, watched by batch and by job topic
+bid=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+start_sub "$T/batch.out" --topic "job|$bid|" --timeout 60
+tap_like "$(head -n 1 "$T/batch.out")" '^synced$' "a batch subscriber gets its subscription acknowledged"
+jid=$(q "INSERT INTO dspark.jobs (batch_id, model, prompt, max_tokens) VALUES ($bid, 'm', 'hello', 8) RETURNING id")
+wait_for "$T/batch.out" "^job id=$jid batch=$bid state=queued version=1 attempt=0 finish=-$" 5
+tap_result $? "insert: a 'queued' event with version 1"
+q "INSERT INTO dspark.jobs (batch_id, model, prompt) VALUES ($bid, 'm', 'neighbour')" >/dev/null
+start_sub "$T/job.out" --topic "job|$bid|$jid|" --timeout 60
+q "SELECT count(*) FROM dspark.claim_jobs('w-test', 10, NULL, 30)" >/dev/null
+wait_for "$T/batch.out" "^job id=$jid batch=$bid state=running version=2 attempt=1 finish=-$" 5
+tap_result $? "claim: a 'running' event with version 2 and attempt 1"
+q "SELECT applied FROM dspark.finish_jobs('w-test', '[{\"id\": $jid, \"attempt\": 1, \"state\": \"succeeded\",
+   \"output_text\": \"hi\", \"finish_reason\": \"stop\", \"stats\": {\"output_tokens\": 8,
+   \"decode_tokens_per_s\": 123.5, \"mean_acceptance_length\": 2.5}}]')" >/dev/null
+wait_for "$T/batch.out" "^job id=$jid batch=$bid state=succeeded version=3 attempt=1 finish=stop tokens=8 tps=123.50 tau=2.500$" 5
+tap_result $? "write-back: a 'succeeded' event with the statistics"
+states=$(grep "^job id=$jid " "$T/batch.out" | sed 's/.*state=\([a-z]*\) version=\([0-9]*\).*/\1:\2/' | tr '\n' ' ')
+tap_is "$states" "queued:1 running:2 succeeded:3 " "the batch subscriber saw every state change, versions increasing"
+states=$(grep "^job " "$T/job.out" | sed 's/^job id=\([0-9]*\) .*state=\([a-z]*\) version=\([0-9]*\).*/\1:\2:\3/' | tr '\n' ' ')
+tap_is "$states" "$jid:running:2 $jid:succeeded:3 " "the job subscriber (joined after the insert) saw later changes of that job only"
+
+# one statement, 200 jobs: 200 events; other batches stay out of this topic
+bid2=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+start_sub "$T/all.out" --topic 'job|' --count 400 --timeout 30
+q "INSERT INTO dspark.jobs (batch_id, model, prompt) SELECT $bid2, 'm', 'p' || g FROM generate_series(1, 200) g" >/dev/null
+wait_for "$T/all.out" "state=queued" 5
+q "SELECT count(*) FROM dspark.claim_jobs('w-test', 500, NULL, 30)" >/dev/null
+wait_for "$T/all.out" "^job id=[0-9]+ batch=$bid2 state=running" 5
+sleep 1
+tap_is "$(grep -c "batch=$bid2 state=queued version=1" "$T/all.out")" "200" "200 jobs inserted at once: 200 'queued' events"
+tap_is "$(grep -c "batch=$bid2 state=running version=2" "$T/all.out")" "200" "200 jobs claimed at once: 200 'running' events"
+tap_is "$(grep -c "batch=$bid2" "$T/batch.out")" "0" "a batch topic does not receive other batches"
+tap_is "$(grep "^job " "$T/all.out" | sort | uniq -d | wc -l)" "0" "no event is published twice"
+
+# the late-subscriber pattern: subscribe, sync, read the row, drop older events
+late=$("$SUB" --endpoint "$EP" --topic "job|$bid|$jid|" --job "$jid" --dsn "$DSPARK_DSN" --timeout 5 2>&1 | tr '\n' ' ')
+tap_is "$late" "synced row succeeded 3 final succeeded 3 row " "a late subscriber learns the final state from the row"
+j2=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'late') RETURNING id")
+"$SUB" --endpoint "$EP" --topic "job|-|$j2|" --job "$j2" --dsn "$DSPARK_DSN" --timeout 20 >"$T/follow.out" 2>&1 &
+FPID=$!
+SUBPIDS="$SUBPIDS $FPID"
+wait_for "$T/follow.out" '^row queued 1$' 10
+q "SELECT count(*) FROM dspark.claim_jobs('w-test2', 1, NULL, 30, ARRAY['m'])" >/dev/null
+q "SELECT applied FROM dspark.finish_jobs('w-test2', '[{\"id\": $j2, \"attempt\": 1, \"state\": \"failed\", \"error\": \"boom\"}]')" >/dev/null
+wait "$FPID"
+tap_is "$(tail -n 1 "$T/follow.out")" "final failed 3 event" "a subscriber of an unfinished job follows it to its final state"
+tap_like "$(cat "$T/follow.out")" "state=running version=2" "... seeing the intermediate state"
+
+# the lease reaper: an expired lease fails the job after max_attempts, else requeues
+j3=$(q "INSERT INTO dspark.jobs (model, prompt, max_attempts, priority) VALUES ('reap', 'x', 1, 1000) RETURNING id")
+j4=$(q "INSERT INTO dspark.jobs (model, prompt, max_attempts, priority) VALUES ('reap', 'y', 3, 1000) RETURNING id")
+start_sub "$T/reap.out" --topic 'job|-|' --timeout 90
+q "SELECT count(*) FROM dspark.claim_jobs('w-gone', 2, NULL, 1, ARRAY['reap'])" >/dev/null
+wait_for "$T/reap.out" "^job id=$j3 batch=- state=failed version=3 attempt=1 finish=error$" 8
+tap_result $? "reaper: lease expired at max_attempts -> 'failed' event"
+wait_for "$T/reap.out" "^job id=$j4 batch=- state=queued version=3 attempt=1 finish=-$" 8
+tap_result $? "reaper: lease expired -> back to 'queued' (attempt kept)"
+tap_is "$(q "SELECT error FROM dspark.jobs WHERE id = $j3")" "lease expired after 1 attempts" "the reaper recorded the reason"
+
+# a worker killed with SIGKILL is restarted
+pid0=$(cat "$T/w/0.pid")
+kill -KILL "$pid0"
+wait_for "$T/dsparkd.log" "worker for device '0' \\(pid $pid0\\) was terminated by signal 9" 5
+tap_result $? "dsparkd notices a crashed worker"
+n=0
+while [ "$(cat "$T/w/0.pid")" = "$pid0" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+tap_result $([ "$(cat "$T/w/0.pid")" != "$pid0" ]; echo $?) "and starts a new one after the back-off"
+wait_for "$T/dsparkd.log" "worker for device '0' \\(pid $(cat "$T/w/0.pid")\\) is ready" 5
+tap_result $? "the new worker becomes ready"
+
+# PostgreSQL restarts: dsparkd reconnects, listens again, publishes
+pg_harness_ctl -m fast -w -s restart >/dev/null 2>&1
+wait_for "$T/dsparkd.log" "database connection restored" 20
+tap_result $? "dsparkd reconnects after a PostgreSQL restart"
+j5=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'after restart') RETURNING id")
+wait_for "$T/reap.out" "^job id=$j5 batch=- state=queued version=1" 5
+tap_result $? "events flow again after the reconnection (LISTEN re-issued)"
+kill -0 "$DPID" 2>/dev/null
+tap_result $? "dsparkd survived the database restart"
+
+# SIGHUP: reloadable keys change, others are reported and kept; errors change nothing
+sed -i 's/^heartbeat_interval = 200ms$/heartbeat_interval = 300ms\nsndhwm = 5000/' "$T/dspark.conf"
+kill -HUP "$DPID"
+wait_for "$T/dsparkd.log" "parameter 'events.heartbeat_interval' changed from '200ms' to '300ms'" 5
+tap_result $? "SIGHUP applies a reloadable key"
+wait_for "$T/dsparkd.log" "parameter 'events.sndhwm' cannot be changed without restarting, ignoring" 5
+tap_result $? "SIGHUP reports a key that needs a restart"
+echo "bogus = 1" >>"$T/dspark.conf"
+kill -HUP "$DPID"
+wait_for "$T/dsparkd.log" "configuration file contains errors; no changes were applied: .* line [0-9]+: unknown key 'bogus' in section \\[worker\\]" 5
+tap_result $? "SIGHUP with a broken file keeps the running configuration"
+kill -0 "$DPID" 2>/dev/null
+tap_result $? "dsparkd still runs after a bad reload"
+
+# SIGTERM: workers drain, dsparkd exits 0
+kill -TERM "$DPID"
+n=0
+while kill -0 "$DPID" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+wait "$DPID"
+rc=$?
+DPID=
+tap_is "$rc" "0" "SIGTERM: dsparkd exits 0 after its workers"
+tap_is "$(cat "$T/w/0.log" "$T/w/1.log" | grep -c '^drained')" "2" "both workers got SIGTERM and drained"
+
+# supervision: a worker that never gets ready, one that hangs, one that ignores SIGTERM
+mkdir -p "$T/w2"
+cat >"$T/sup.conf" <<EOF
+[database]
+dsn = "$DSPARK_DSN"
+[events]
+endpoint = ipc://$T/events2.sock
+[worker]
+program = $DS_SRCDIR/tests/integration/fake-worker.sh
+devices = 0-2
+start_timeout = 1s
+watchdog_timeout = 1s
+drain_timeout = 1s
+restart_delay = 100ms
+EOF
+FAKE_WORKER_DIR="$T/w2" FAKE_WORKER_NEVER_READY=0 FAKE_WORKER_HANG=1 FAKE_WORKER_IGNORE_TERM=2 \
+    "$DSPARKD" --config "$T/sup.conf" 2>"$T/sup.log" &
+DPID=$!
+wait_for "$T/sup.log" "killing worker for device '0' \\(pid [0-9]+\\): not ready within worker.start_timeout" 8
+tap_result $? "a worker not ready within start_timeout is killed"
+wait_for "$T/sup.log" "killing worker for device '1' \\(pid [0-9]+\\): no WATCHDOG within worker.watchdog_timeout" 8
+tap_result $? "a worker that stops sending WATCHDOG is killed"
+n=0
+while [ "$(grep -c '^start' "$T/w2/0.log")" -lt 2 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+tap_result $([ "$(grep -c '^start' "$T/w2/0.log")" -ge 2 ]; echo $?) "killed workers are started again"
+tap_is "$(grep -c '^<6>ready:' "$T/sup.log")" "0" "no readiness while a worker never gets ready"
+kill -TERM "$DPID"
+t0=$(date +%s)
+wait "$DPID"
+rc=$?
+DPID=
+t1=$(date +%s)
+tap_is "$rc" "0" "SIGTERM with a worker that ignores it: dsparkd still exits 0"
+tap_like "$(cat "$T/sup.log")" "killing worker for device '2' \\(pid [0-9]+\\): drain timeout" \
+    "the worker that ignored SIGTERM is killed after the drain timeout"
+tap_result $([ $((t1 - t0)) -le 5 ]; echo $?) "... within drain_timeout plus grace ($((t1 - t0)) s)"
+tap_like "$(head -n 1 "$T/dsparkd.log")" '^<[0-7]>' "log lines carry <N> priority prefixes when stderr is a file"
+
+# events for other hosts: tcp on all addresses needs CURVE; the allow-list is reread on SIGHUP
+printf '[events]\nendpoint = tcp://0.0.0.0:5557\n' >"$T/open.conf"
+out=$("$DSPARKD" --check-config -c "$T/open.conf" 2>&1)
+tap_is "$?" "78" "a tcp endpoint on all addresses without CURVE is refused"
+tap_like "$out" "reachable from other hosts" "... saying why"
+"$DSPARKD" --curve-keypair >"$T/server.key"
+"$DSPARKD" --curve-keypair >"$T/alice.key"
+"$DSPARKD" --curve-keypair >"$T/bob.key"
+grep '^public-key' "$T/alice.key" >"$T/allow"
+spub=$(sed -n 's/^public-key = "\(.*\)"$/\1/p' "$T/server.key")
+cat >"$T/curve.conf" <<EOF
+[database]
+dsn = "$DSPARK_DSN"
+[events]
+endpoint = tcp://0.0.0.0:*
+curve_secret_key_file = $T/server.key
+curve_allow_file = $T/allow
+EOF
+"$DSPARKD" --config "$T/curve.conf" 2>"$T/curve.log" &
+DPID=$!
+wait_for "$T/curve.log" "ready: 0 workers, events on 'tcp://0.0.0.0:[0-9]+'" 10
+tap_result $? "dsparkd publishes on tcp with CURVE"
+port=$(sed -n "s/.*ready: 0 workers, events on 'tcp:\\/\\/0.0.0.0:\\([0-9]*\\)'.*/\\1/p" "$T/curve.log")
+"$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 5 \
+    --server-key "$spub" --client-keys "$T/alice.key" >"$T/alice.out" 2>&1
+tap_like "$(cat "$T/alice.out")" "^hb host=" "an allowed client receives events"
+"$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 2 \
+    --server-key "$spub" --client-keys "$T/bob.key" >"$T/bob.out" 2>&1
+tap_is "$(cat "$T/bob.out")" "nosync" "a client not on the allow-list is refused"
+"$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 2 >"$T/plain.out" 2>&1
+tap_is "$(cat "$T/plain.out")" "nosync" "a client without CURVE is refused"
+grep '^public-key' "$T/bob.key" >>"$T/allow"
+kill -HUP "$DPID"
+wait_for "$T/curve.log" "reloaded the CURVE allow-list" 5
+"$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 5 \
+    --server-key "$spub" --client-keys "$T/bob.key" >"$T/bob.out" 2>&1
+tap_like "$(cat "$T/bob.out")" "^hb host=" "SIGHUP rereads the allow-list file: the new client gets in"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
+# configuration errors and a schema this build does not know
+printf '[dsparkd]\nreaper_interval = 1s\nreaper_interval = 2s\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+rc=$?
+tap_is "$rc" "78" "--check-config rejects a bad file with exit status 78"
+tap_like "$out" "line 3: key 'reaper_interval' in section \\[dsparkd\\] is already set on line 2" "... naming the line"
+q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')" >/dev/null
+sed -i '/^bogus = 1$/d; /^devices = /d' "$T/dspark.conf"
+timeout 20 "$DSPARKD" -c "$T/dspark.conf" >"$T/future.log" 2>&1
+rc=$?
+tap_is "$rc" "78" "dsparkd refuses a database schema it does not know (exit 78)"
+tap_like "$(cat "$T/future.log")" "database schema version 99, this build knows [0-9]+: run 'dsparkctl db migrate'" \
+    "... with the migration hint"
+
+tap_done

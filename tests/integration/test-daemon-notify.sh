@@ -1,0 +1,144 @@
+#!/bin/sh
+# test-daemon-notify.sh: dsparkd and the service manager protocol, with a
+# stand-in for systemd's notification socket (tests/integration/test-daemon-notify-recv)
+# and WATCHDOG_USEC set as systemd sets it for WatchdogSec=: no READY=1 while a
+# worker is still loading, READY=1 once it is ready, WATCHDOG=1 while healthy,
+# no WATCHDOG=1 while PostgreSQL is down and again once it is back,
+# RELOADING=1 with MONOTONIC_USEC then READY=1 on SIGHUP, STOPPING=1 on SIGTERM.
+. "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
+
+DSPARKD="$DS_BUILDDIR/dsparkd"
+RECV="$DS_BUILDDIR/tests/integration/test-daemon-notify-recv"
+[ -x "$DSPARKD" ] || tap_skip_all "dsparkd not built"
+[ -x "$RECV" ] || tap_skip_all "tests/integration/test-daemon-notify-recv not built"
+
+pg_harness_start
+T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dn.XXXXXX")
+DPID=
+RPID=
+cleanup() {
+    [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
+    [ -n "$RPID" ] && kill "$RPID" 2>/dev/null
+    for f in "$T"/w/*.pid; do [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null; done
+    if [ "$tap_failed" -gt 0 ] 2>/dev/null; then
+        echo "# notifications:"
+        sed 's/^/#   /' "$T/notify.out" 2>/dev/null | tail -n 40
+        echo "# dsparkd log:"
+        sed 's/^/#   /' "$T/dsparkd.log" 2>/dev/null | tail -n 40
+    fi
+    rm -rf "$T"
+    pg_harness_stop
+}
+trap cleanup EXIT
+
+for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
+    psql -X -q -v ON_ERROR_STOP=1 -1 -f "$f" >/dev/null 2>"$T/schema.err" ||
+        { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
+done
+
+wait_for() {
+    _n=0
+    _max=$(($3 * 10))
+    while [ $_n -lt $_max ]; do
+        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+    return 1
+}
+count() {
+    grep -Ec -- "$2" "$1" 2>/dev/null
+}
+
+mkdir -p "$T/w"
+cat >"$T/dspark.conf" <<EOF
+[dsparkd]
+status_interval = 200ms
+retention = 1h
+retention_interval = 1s
+[database]
+dsn = "$DSPARK_DSN"
+[events]
+endpoint = ipc://$T/events.sock
+[worker]
+program = $DS_SRCDIR/tests/integration/fake-worker.sh
+devices = 0
+EOF
+
+# one job that finished two hours ago, one 50 minutes ago: retention (1h) deletes the first
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'old'), ('m', 'recent')" >/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('w', 2, NULL, 60)" >/dev/null
+q "SELECT count(*) FROM dspark.finish_jobs('w', '[{\"id\": 1, \"attempt\": 1, \"state\": \"succeeded\"},
+                                           {\"id\": 2, \"attempt\": 1, \"state\": \"succeeded\"}]')" >/dev/null
+q "UPDATE dspark.jobs SET finished_at = now() - CASE id WHEN 1 THEN interval '2 hours' ELSE interval '50 minutes' END" \
+    >/dev/null
+
+"$RECV" "$T/notify.sock" 120 >"$T/notify.out" 2>&1 &
+RPID=$!
+n=0
+while [ ! -S "$T/notify.sock" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+
+# the worker holds back READY until the gate file exists
+NOTIFY_SOCKET="$T/notify.sock" WATCHDOG_USEC=1000000 FAKE_WORKER_DIR="$T/w" FAKE_WORKER_GATE="$T/go" \
+    "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
+DPID=$!
+
+wait_for "$T/notify.out" "STATUS=starting: 0 of 1 workers ready" 10
+tap_result $? "STATUS= tells that dsparkd waits for its worker"
+sleep 1
+tap_is "$(count "$T/notify.out" '^[0-9]+ READY=1$')" "0" "no READY=1 while the worker is not ready"
+tap_like "$(cat "$T/notify.out")" "EXTEND_TIMEOUT_USEC=[0-9]+" "EXTEND_TIMEOUT_USEC= while starting"
+
+touch "$T/go"
+wait_for "$T/notify.out" '^[0-9]+ READY=1$' 10
+tap_result $? "READY=1 once the worker said READY"
+wait_for "$T/notify.out" 'STATUS=[0-9]+ queued, [0-9]+ running, 1/1 workers, [0-9.]+ tokens/s' 5
+tap_result $? "STATUS= shows queued, running, workers and tokens/s"
+w0=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+sleep 1.6
+w1=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+tap_result $([ $((w1 - w0)) -ge 2 ]; echo $?) "WATCHDOG=1 about every half interval while healthy ($((w1 - w0)) in 1.6 s)"
+
+wait_for "$T/dsparkd.log" "retention: deleted 1 finished job$" 5
+tap_result $? "retention deletes finished jobs older than dsparkd.retention"
+tap_is "$(q "SELECT string_agg(id::text, ',') FROM dspark.jobs")" "2" "... and keeps the younger one"
+
+# the database goes away: the watchdog pings stop (systemd would restart us)
+pg_harness_ctl -m fast -w -s stop >/dev/null 2>&1
+wait_for "$T/notify.out" "STATUS=database unavailable" 5
+tap_result $? "STATUS= reports the unavailable database"
+sleep 1.2
+w2=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+sleep 1.5
+w3=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+tap_is "$((w3 - w2))" "0" "no WATCHDOG=1 while the database does not answer"
+pg_harness_ctl -w -s start >/dev/null 2>&1
+n=0
+while [ "$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')" -le "$w3" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+tap_result $([ "$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')" -gt "$w3" ]; echo $?) \
+    "WATCHDOG=1 resumes once the database is back"
+
+# reload
+r0=$(count "$T/notify.out" '^[0-9]+ READY=1$')
+kill -HUP "$DPID"
+wait_for "$T/notify.out" '^[0-9]+ RELOADING=1 MONOTONIC_USEC=[0-9]+$' 5
+tap_result $? "SIGHUP: RELOADING=1 with MONOTONIC_USEC"
+n=0
+while [ "$(count "$T/notify.out" '^[0-9]+ READY=1$')" -le "$r0" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+last=$(grep -E '^[0-9]+ (RELOADING=1|READY=1)' "$T/notify.out" | tail -n 2 | sed 's/^[0-9]* //; s/ MONOTONIC.*//' | tr '\n' ' ')
+tap_is "$last" "RELOADING=1 READY=1 " "... then READY=1"
+mono=$(sed -n 's/^[0-9]* RELOADING=1 MONOTONIC_USEC=\([0-9]*\)$/\1/p' "$T/notify.out" | tail -n 1)
+now=$(awk '{ printf "%.0f", $1 * 1000000 }' /proc/uptime)
+tap_result $([ -n "$mono" ] && [ "$mono" -gt 0 ] && [ "$mono" -le "$now" ]; echo $?) \
+    "MONOTONIC_USEC is CLOCK_MONOTONIC in microseconds"
+
+# stop
+kill -TERM "$DPID"
+wait_for "$T/notify.out" '^[0-9]+ STOPPING=1$' 5
+tap_result $? "SIGTERM: STOPPING=1"
+wait "$DPID"
+rc=$?
+DPID=
+tap_is "$rc" "0" "dsparkd exits 0"
+
+tap_done

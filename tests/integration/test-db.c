@@ -1,0 +1,293 @@
+/* test-db.c: common/db.c against a private PostgreSQL (started by
+ * tests/integration/test-db.sh, which exports PGHOST etc. and PGH_SCRIPT):
+ * connection errors, SQLSTATE and server detail in errors, the schema check
+ * and migrations (embedded = sql/ files), LISTEN/NOTIFY, and reconnection
+ * after the server restarts or is down for a while. */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "testutil.h"
+
+#include "dspark/ds-db.h"
+
+static int restart_server(const char *how)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "sh -c '. \"$PGH_SCRIPT\" && pg_harness_ctl -w -s %s' >/dev/null 2>&1",
+             how);
+    return system(cmd);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static struct ds_db *connect_db(const char *dbname)
+{
+    char conninfo[256];
+    snprintf(conninfo, sizeof conninfo, "dbname=%s", dbname);
+    struct ds_db *db = NULL;
+    int r = ds_db_connect(conninfo, "test-db", &db);
+    if (r < 0)
+        fail_msg("connect: %s", ds_errdetail());
+    return db;
+}
+
+static void test_connect_errors(void **state)
+{
+    (void)state;
+    struct ds_db *db = (struct ds_db *)0x1;
+    int r = ds_db_connect("dbname=no_such_database", "t", &db);
+    assert_int_equal(r, -DS_EDB);
+    assert_ptr_equal(db, (struct ds_db *)0x1); /* out-param untouched on failure */
+    assert_non_null(strstr(ds_errdetail(), "could not connect to the database"));
+    assert_non_null(strstr(ds_errdetail(), "no_such_database"));
+    r = ds_db_connect("port=notaport", "t", &db);
+    assert_int_equal(r, -DS_EDB);
+    assert_null(ds_db_free(NULL));
+}
+
+static void test_errors_carry_sqlstate(void **state)
+{
+    (void)state;
+    struct ds_db *db = connect_db("postgres");
+    PGresult *res = NULL;
+    int r = ds_db_exec(db, "SELECT 1 / $1::int", 1, (const char *const[]){ "0" }, &res);
+    assert_int_equal(r, -DS_EDB);
+    assert_null(res);
+    assert_string_equal(ds_db_sqlstate(db), "22012");
+    assert_non_null(strstr(ds_errdetail(), "division by zero [SQLSTATE 22012]"));
+
+    /* detail and hint travel with the message */
+    r = ds_db_command(db,
+                      "DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the detail', "
+                      "HINT = 'the hint', ERRCODE = '22023'; END $$",
+                      0, NULL);
+    assert_int_equal(r, -DS_EDB);
+    assert_string_equal(ds_errdetail(), "boom: the detail (hint: the hint) [SQLSTATE 22023]");
+
+    /* success clears the SQLSTATE; results come back */
+    r = ds_db_exec(db, "SELECT $1::int + 1", 1, (const char *const[]){ "41" }, &res);
+    assert_int_equal(r, 0);
+    assert_string_equal(ds_db_sqlstate(db), "");
+    assert_string_equal(PQgetvalue(res, 0, 0), "42");
+    PQclear(res);
+
+    /* NULL parameters are SQL NULL; the session speaks UTF-8 */
+    r = ds_db_exec(db, "SELECT $1::text IS NULL, current_setting('client_encoding'), "
+                       "current_setting('application_name')",
+                   1, (const char *const[]){ NULL }, &res);
+    assert_int_equal(r, 0);
+    assert_string_equal(PQgetvalue(res, 0, 0), "t");
+    assert_string_equal(PQgetvalue(res, 0, 1), "UTF8");
+    assert_string_equal(PQgetvalue(res, 0, 2), "test-db");
+    PQclear(res);
+
+    /* transactions */
+    assert_int_equal(ds_db_begin(db), 0);
+    assert_int_equal(ds_db_command(db, "CREATE TEMP TABLE t (x int)", 0, NULL), 0);
+    assert_int_equal(ds_db_command(db, "INSERT INTO t VALUES (1)", 0, NULL), 0);
+    ds_db_rollback(db);
+    r = ds_db_command(db, "SELECT * FROM t", 0, NULL);
+    assert_int_equal(r, -DS_EDB);
+    assert_string_equal(ds_db_sqlstate(db), "42P01");
+    ds_db_rollback(db); /* nothing open: harmless */
+    ds_db_free(db);
+}
+
+static void test_schema_and_migrations(void **state)
+{
+    (void)state;
+    struct ds_db *admin = connect_db("postgres");
+    assert_int_equal(ds_db_command(admin, "DROP DATABASE IF EXISTS mig", 0, NULL), 0);
+    assert_int_equal(ds_db_command(admin, "CREATE DATABASE mig", 0, NULL), 0);
+    struct ds_db *db = connect_db("mig");
+
+    int v = -1;
+    assert_int_equal(ds_db_schema_version(db, &v), 0);
+    assert_int_equal(v, 0);
+    assert_int_equal(ds_db_check_schema(db), -DS_EDB);
+    assert_string_equal(ds_errdetail(), "database has no dspark schema: run 'dsparkctl db init'");
+
+    int from = -1, to = -1;
+    assert_int_equal(ds_db_migrate(db, NULL, &from, &to), 0);
+    assert_int_equal(from, 0);
+    assert_int_equal(to, DS_SCHEMA_VERSION);
+    assert_int_equal(ds_db_check_schema(db), 0);
+    assert_int_equal(ds_db_migrate(db, NULL, &from, &to), 0);
+    assert_int_equal(from, DS_SCHEMA_VERSION);
+    assert_int_equal(to, DS_SCHEMA_VERSION);
+
+    /* an older database is told to migrate; a newer one is refused */
+    assert_int_equal(ds_db_command(db, "DELETE FROM dspark.schema_version WHERE version = 2", 0,
+                                   NULL), 0);
+    assert_int_equal(ds_db_check_schema(db), -DS_EDB);
+    char want[200];
+    snprintf(want, sizeof want,
+             "database schema version 1, this build knows %d: run 'dsparkctl db migrate'",
+             DS_SCHEMA_VERSION);
+    assert_string_equal(ds_errdetail(), want);
+    assert_int_equal(ds_db_command(db, "INSERT INTO dspark.schema_version VALUES (2, now(), "
+                                       "'002-queue'), (7, now(), '007-future')", 0, NULL), 0);
+    assert_int_equal(ds_db_check_schema(db), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "database schema version 7, this build knows"));
+    assert_int_equal(ds_db_migrate(db, NULL, NULL, NULL), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "is newer than this build knows"));
+
+    /* a failing migration rolls back and names itself */
+    struct ds_db *db2;
+    assert_int_equal(ds_db_command(admin, "CREATE DATABASE mig2", 0, NULL), 0);
+    db2 = connect_db("mig2");
+    assert_int_equal(ds_db_command(db2, "CREATE SCHEMA dspark", 0, NULL), 0);
+    assert_int_equal(ds_db_migrate(db2, NULL, NULL, NULL), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "migration '001-schema': "));
+    assert_non_null(strstr(ds_errdetail(), "[SQLSTATE 42P06]"));
+    assert_int_equal(ds_db_schema_version(db2, &v), 0);
+    assert_int_equal(v, 0);
+    /* from the files of sql/ */
+    assert_int_equal(ds_db_command(db2, "DROP SCHEMA dspark", 0, NULL), 0);
+    assert_int_equal(ds_db_migrate(db2, ds_test_path("sql"), &from, &to), 0);
+    assert_int_equal(to, DS_SCHEMA_VERSION);
+    assert_int_equal(ds_db_migrate(db2, "/nonexistent-dir", NULL, NULL), -DS_EIO);
+    ds_db_free(db2);
+    ds_db_free(db);
+    ds_db_free(admin);
+}
+
+/* The embedded migrations are exactly the files of sql/. */
+static void test_embedded_equals_files(void **state)
+{
+    (void)state;
+    size_t n;
+    const struct ds_db_migration *m = ds_db_migrations(&n);
+    assert_true(n >= 2);
+    assert_int_equal(m[n - 1].version, DS_SCHEMA_VERSION);
+    for (size_t i = 0; i < n; i++) {
+        char rel[256];
+        snprintf(rel, sizeof rel, "sql/%s.sql", m[i].name);
+        size_t len;
+        char *text = ds_test_read_file(ds_test_path(rel), &len);
+        assert_non_null(text);
+        assert_int_equal(strlen(m[i].sql), len);
+        assert_memory_equal(m[i].sql, text, len);
+        assert_int_equal(m[i].version, atoi(m[i].name));
+        if (i)
+            assert_true(m[i].version > m[i - 1].version);
+        free(text);
+    }
+}
+
+static void test_ids(void **state)
+{
+    (void)state;
+    int64_t *ids;
+    size_t n;
+    assert_int_equal(ds_db_parse_ids("12,13,9000000000", &ids, &n), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 12);
+    assert_int_equal(ids[2], 9000000000LL);
+    char *s = ds_db_int64_array(ids, n);
+    assert_string_equal(s, "{12,13,9000000000}");
+    free(s);
+    free(ids);
+    assert_int_equal(ds_db_parse_ids("", &ids, &n), 0);
+    assert_int_equal(n, 0);
+    s = ds_db_int64_array(NULL, 0);
+    assert_string_equal(s, "{}");
+    free(s);
+    const char *bad[] = { "1,,2", "1,", ",1", "a", "1;2", "-1", "1 2" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(ds_db_parse_ids(bad[i], &ids, &n), -DS_EFORMAT);
+}
+
+struct got {
+    int n;
+    char payload[64];
+};
+
+static void on_notify(void *ud, const char *channel, const char *payload)
+{
+    struct got *g = ud;
+    assert_string_equal(channel, "test_chan");
+    snprintf(g->payload, sizeof g->payload, "%s", payload);
+    g->n++;
+}
+
+static void test_listen_and_reconnect(void **state)
+{
+    (void)state;
+    struct ds_db *db = connect_db("postgres");
+    struct ds_db *other = connect_db("postgres");
+    assert_int_equal(ds_db_listen(db, "test_chan"), 0);
+    assert_true(ds_db_socket(db) >= 0);
+    struct got g = { 0 };
+    assert_int_equal(ds_db_wait_notify(db, 50, on_notify, &g), 0); /* timeout */
+    assert_int_equal(ds_db_command(other, "NOTIFY test_chan, 'one'", 0, NULL), 0);
+    int r = ds_db_wait_notify(db, 5000, on_notify, &g);
+    assert_int_equal(r, 1);
+    assert_string_equal(g.payload, "one");
+    assert_int_equal(ds_db_ensure(db, 0), 0); /* healthy: nothing to do */
+    assert_int_equal(ds_db_reconnects(db), 0);
+
+    /* the server restarts under us */
+    assert_int_equal(restart_server("-m fast restart"), 0);
+    PGresult *res;
+    r = ds_db_exec(db, "SELECT 1", 0, NULL, &res);
+    assert_int_equal(r, -DS_EDB);
+    assert_string_equal(ds_db_sqlstate(db), DS_DB_SQLSTATE_CONNECTION);
+    assert_false(ds_db_ok(db));
+    assert_int_equal(ds_db_ensure(db, 10000), 1);
+    assert_true(ds_db_ok(db));
+    assert_int_equal(ds_db_reconnects(db), 1);
+    r = ds_db_exec(db, "SELECT 2", 0, NULL, &res);
+    assert_int_equal(r, 0);
+    assert_string_equal(PQgetvalue(res, 0, 0), "2");
+    PQclear(res);
+    /* the LISTEN was issued again */
+    ds_db_free(other);
+    other = connect_db("postgres");
+    assert_int_equal(ds_db_command(other, "NOTIFY test_chan, 'two'", 0, NULL), 0);
+    r = ds_db_wait_notify(db, 5000, on_notify, &g);
+    assert_int_equal(r, 1);
+    assert_string_equal(g.payload, "two");
+
+    /* the server is down for a while: ensure gives up after its wait, then
+     * succeeds once the server is back */
+    ds_db_free(other);
+    assert_int_equal(restart_server("-m fast stop"), 0);
+    r = ds_db_exec(db, "SELECT 1", 0, NULL, &res);
+    assert_int_equal(r, -DS_EDB);
+    double t0 = now_s();
+    assert_int_equal(ds_db_ensure(db, 700), -DS_EDB);
+    double waited = now_s() - t0;
+    assert_true(waited >= 0.3 && waited < 5.0);
+    assert_non_null(strstr(ds_errdetail(), "database connection is down"));
+    assert_int_equal(ds_db_ensure(db, 0), -DS_EDB); /* backing off: no hammering */
+    assert_int_equal(restart_server("start"), 0);
+    assert_int_equal(ds_db_ensure(db, 15000), 1);
+    assert_int_equal(ds_db_reconnects(db), 2);
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    ds_db_free(db);
+}
+
+int main(void)
+{
+    if (!getenv("PGH_SCRIPT"))
+        ds_test_skip_all("run through tests/integration/test-db.sh (needs its PostgreSQL)");
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_connect_errors),
+        cmocka_unit_test(test_errors_carry_sqlstate),
+        cmocka_unit_test(test_schema_and_migrations),
+        cmocka_unit_test(test_embedded_equals_files),
+        cmocka_unit_test(test_ids),
+        cmocka_unit_test(test_listen_and_reconnect),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

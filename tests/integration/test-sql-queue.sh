@@ -1,0 +1,209 @@
+#!/bin/sh
+# test-sql-queue.sh: the queue functions: concurrent claims with SKIP LOCKED
+# never hand out a job twice; priorities, delayed start, token budget, model
+# filter; leases, heartbeats, requeue and max_attempts; fenced write-backs;
+# cancellation; release; the state machine and version; retention.
+. "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
+pg_harness_start
+pg_harness_init
+T=$PGH_DIR
+
+# --- two sessions claiming 1,000 jobs concurrently ------------------------
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'p' || g FROM generate_series(1, 1000) g"
+for w in a b; do
+    : >"$T/claim-$w.sql"
+    i=0
+    while [ $i -lt 130 ]; do
+        echo "SELECT id FROM dspark.claim_jobs('worker-$w', 7, NULL, 300);" >>"$T/claim-$w.sql"
+        i=$((i + 1))
+    done
+done
+psql -X -q -A -t -f "$T/claim-a.sql" >"$T/ids-a" 2>"$T/err-a" &
+pa=$!
+psql -X -q -A -t -f "$T/claim-b.sql" >"$T/ids-b" 2>"$T/err-b" &
+pb=$!
+wait $pa
+wait $pb
+na=$(grep -c . "$T/ids-a")
+nb=$(grep -c . "$T/ids-b")
+tap_is "$(cat "$T/ids-a" "$T/ids-b" | grep . | wc -l | tr -d ' ')" 1000 \
+    "two concurrent claimers got 1000 claims in all (a: $na, b: $nb)"
+tap_is "$(cat "$T/ids-a" "$T/ids-b" | grep . | sort -n | uniq | wc -l | tr -d ' ')" 1000 \
+    "... every job exactly once"
+tap_ok "... both sessions claimed some" test "$na" -gt 0 -a "$nb" -gt 0
+tap_is "$(cat "$T/err-a" "$T/err-b")" "" "... without errors"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'running' AND attempt = 1 AND lease_expires_at > now() AND started_at IS NOT NULL")" 1000 \
+    "claimed jobs are running, attempt 1, with a lease"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs j WHERE worker_id = 'worker-a'")" "$na" \
+    "worker_id records the claimer"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# --- order, delay, budget, models -----------------------------------------
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'low', 0), ('m', 'high', 10), ('m', 'low2', 0)" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 3, NULL, 60)")" "high,low,low2" \
+    "claims go by priority, then age"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+q "INSERT INTO dspark.jobs (model, prompt, run_after) VALUES ('m', 'later', now() + interval '1 hour')" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60)")" 0 "a delayed job is not claimed before run_after"
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s'" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60)")" 1 "... and is claimed once due"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# prompt_ids of 100 tokens + max_tokens 100 = cost 200 each
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens) SELECT 'm', array_fill(7, ARRAY[100]), 100 FROM generate_series(1, 5)" >/dev/null
+tap_is "$(q "SELECT dspark.prompt_tokens_est(prompt, messages, prompt_ids) FROM dspark.jobs LIMIT 1")" 100 "the prompt estimate of token ids is their count"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60)")" 3 "a token budget of 650 admits three jobs of 200"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 150, 60)")" 0 "a budget smaller than the next job admits none"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60)")" 2 "no budget (an idle worker) admits the rest"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('qwen3-4b', 'a'), ('llama', 'b'), ('qwen3-4b', 'c')" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL, 60, ARRAY['qwen3-4b'])")" "a,c" \
+    "a model filter claims only that model"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# --- leases, requeue, max_attempts ----------------------------------------
+id=$(q "INSERT INTO dspark.jobs (model, prompt, max_attempts) VALUES ('m', 'doomed', 2) RETURNING id")
+q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+tap_is "$(q "SELECT dspark.requeue_expired()")" 0 "a live lease is not requeued"
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+tap_is "$(q "SELECT dspark.requeue_expired()")" 1 "an expired lease is requeued"
+tap_is "$(q "SELECT state || ' ' || attempt || ' ' || coalesce(worker_id, '-') FROM dspark.jobs WHERE id = $id")" "queued 1 -" \
+    "... back to queued, the attempt count kept"
+tap_is "$(q "SELECT attempt FROM dspark.claim_jobs('w2', 1, NULL, 60)")" 2 "the next claim is attempt 2"
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+q "SELECT dspark.requeue_expired()" >/dev/null
+tap_is "$(q "SELECT state || '|' || error || '|' || finish_reason || '|' || (finished_at IS NOT NULL) FROM dspark.jobs WHERE id = $id")" \
+    "failed|lease expired after 2 attempts|error|true" "after max_attempts an expired lease fails the job"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w3', 1, NULL, 60)")" 0 "... and it is never claimed again"
+
+# one reaper at a time
+id=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x') RETURNING id")
+q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+psql -X -q -c "BEGIN; SELECT pg_advisory_xact_lock(7234107125306835201); SELECT pg_sleep(3); COMMIT;" >/dev/null 2>&1 &
+holder=$!
+sleep 0.5
+tap_is "$(q "SELECT coalesce(dspark.requeue_expired()::text, 'null')")" "null" \
+    "requeue_expired does nothing while another session holds the reaper lock"
+wait $holder
+tap_is "$(q "SELECT dspark.requeue_expired()")" 1 "... and works once the lock is free"
+
+# requeue of a job whose cancellation was requested ends it
+q "DELETE FROM dspark.jobs" >/dev/null
+id=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x') RETURNING id")
+q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+q "SELECT * FROM dspark.cancel_jobs(ARRAY[$id]::bigint[])" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+q "SELECT dspark.requeue_expired()" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $id")" cancelled "an expired job with cancel requested ends cancelled"
+
+# --- heartbeats ----------------------------------------------------------
+q "DELETE FROM dspark.jobs" >/dev/null
+q "SELECT dspark.register_worker('w1', 'host1', 42, 'cuda:0', 'qwen3-4b', 'dspark-4b', 'sha-m', 'sha-d', '{\"sps\": [1, 2]}')" >/dev/null
+tap_is "$(q "SELECT state || ' ' || host || ' ' || pid FROM dspark.workers WHERE worker_id = 'w1'")" "running host1 42" \
+    "register_worker records the worker"
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'p' || g FROM generate_series(1, 3) g" >/dev/null
+ids=$(q "SELECT string_agg(id::text, ',' ORDER BY id) FROM dspark.claim_jobs('w1', 3, NULL, 5)")
+j1=${ids%%,*}
+j3=${ids##*,}
+j2=$(echo "$ids" | cut -d, -f2)
+q "UPDATE dspark.workers SET heartbeat_at = now() - interval '1 hour'" >/dev/null
+v0=$(q "SELECT version FROM dspark.jobs WHERE id = $j1")
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w1', ARRAY[$ids]::bigint[], ARRAY[1,1,1], 600) h")
+tap_is "$stop" "" "a heartbeat for held jobs asks to stop none"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE lease_expires_at > now() + interval '500 s'")" 3 "... and extends their leases"
+tap_is "$(q "SELECT heartbeat_at > now() - interval '1 min' FROM dspark.workers WHERE worker_id = 'w1'")" t "... and the worker's heartbeat"
+tap_is "$(q "SELECT version FROM dspark.jobs WHERE id = $j1")" "$((v0 + 1))" "every update bumps the version"
+q "SELECT * FROM dspark.cancel_jobs(ARRAY[$j2]::bigint[])" >/dev/null
+tap_is "$(q "SELECT state || ' ' || cancel_requested FROM dspark.jobs WHERE id = $j2")" "running true" \
+    "cancelling a running job sets cancel_requested and leaves it running"
+stop=$(q "SELECT string_agg(h::text, ',') FROM dspark.heartbeat('w1', ARRAY[$ids]::bigint[], ARRAY[1,1,1], 600) h")
+tap_is "$stop" "$j2" "the next heartbeat tells the worker to stop it"
+stop=$(q "SELECT string_agg(h::text, ',') FROM dspark.heartbeat('w1', ARRAY[$j1,$j3]::bigint[], ARRAY[1,2], 600) h")
+tap_is "$stop" "$j3" "a heartbeat with a stale attempt is told to stop that job"
+stop=$(q "SELECT string_agg(h::text, ',') FROM dspark.heartbeat('w9', ARRAY[$j1]::bigint[], ARRAY[1], 600) h")
+tap_is "$stop" "$j1" "a heartbeat from another worker holds nothing"
+out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
+tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
+
+# --- fenced write-back -----------------------------------------------------
+res() {
+    echo "[{\"id\": $1, \"attempt\": $2, \"state\": \"$3\", \"output_text\": \"out $1\", \"output_ids\": [1, 2], \"finish_reason\": \"stop\", \"stats\": {\"output_tokens\": 2, \"rounds\": 1, \"mean_acceptance_length\": 2.0, \"acceptance_by_position\": [1, 0], \"verified_by_position\": [1, 1], \"model\": \"qwen3-4b\", \"device\": \"cuda:0\", \"time_to_first_token_s\": 0.25}}]"
+}
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$j1" 2 succeeded)')")" f \
+    "a write-back with a stale attempt is refused"
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w2', '$(res "$j1" 1 succeeded)')")" f \
+    "a write-back from another worker is refused"
+tap_is "$(q "SELECT state || ' ' || (output_text IS NULL) FROM dspark.jobs WHERE id = $j1")" "running true" \
+    "... and changed nothing"
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$j1" 1 succeeded)')")" t \
+    "the current attempt's write-back is applied"
+tap_is "$(q "SELECT state || '|' || output_text || '|' || output_ids::text || '|' || finish_reason || '|' || (lease_expires_at IS NULL) FROM dspark.jobs WHERE id = $j1")" \
+    "succeeded|out $j1|{1,2}|stop|true" "... storing output and finish reason"
+tap_is "$(q "SELECT attempt || '|' || worker_id || '|' || device || '|' || output_tokens || '|' || acceptance_by_position::text || '|' || time_to_first_token_s || '|' || (queue_wait_s >= 0) || '|' || (e2e_latency_s > 0) || '|' || owner FROM dspark.job_stats WHERE job_id = $j1")" \
+    "1|w1|cuda:0|2|{1,0}|0.25|true|true|postgres" "... and one job_stats row, with queue wait and latency filled in"
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$j1" 1 succeeded)')")" f \
+    "a second write-back of a finished job is refused"
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats WHERE job_id = $j1")" 1 "... and adds no statistics"
+out=$(psql -X -q -c "SELECT * FROM dspark.finish_jobs('w1', '$(res "$j3" 1 queued)')" 2>&1)
+tap_like "$out" "invalid final state 'queued'" "a write-back to a non-final state is refused"
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$j2" 1 cancelled)')")" t \
+    "the worker ends a cancelled running job"
+tap_is "$(q "SELECT state || ' ' || finish_reason FROM dspark.jobs WHERE id = $j2")" "cancelled stop" \
+    "... as cancelled"
+out=$(psql -X -q -c "UPDATE dspark.jobs SET state = 'queued' WHERE id = $j1" 2>&1)
+tap_like "$out" "job $j1 cannot go from 'succeeded' to 'queued'" "a finished job cannot change state"
+tap_is "$(q "SELECT id FROM dspark.job_results WHERE id = $j1 AND output_tokens = 2 AND mean_acceptance_length = 2")" "$j1" \
+    "job_results joins the job with its final statistics"
+
+# --- release (drain) --------------------------------------------------------
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x')" >/dev/null
+id=$(q "SELECT id FROM dspark.claim_jobs('w1', 1, NULL, 60)")
+tap_is "$(q "SELECT count(*) FROM dspark.release_jobs('w1', ARRAY[$id]::bigint[], ARRAY[7])")" 0 "release with a stale attempt does nothing"
+tap_is "$(q "SELECT count(*) FROM dspark.release_jobs('w1', ARRAY[$id]::bigint[], ARRAY[1])")" 1 "release hands a job back"
+tap_is "$(q "SELECT state || ' ' || attempt FROM dspark.jobs WHERE id = $id")" "queued 1" "... queued, attempt kept"
+tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$id" 1 succeeded)')")" f "... and the old claim's write-back is refused"
+
+# --- cancel queued ----------------------------------------------------------
+q "DELETE FROM dspark.jobs" >/dev/null
+id=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x') RETURNING id")
+tap_is "$(q "SELECT state FROM dspark.cancel_jobs(ARRAY[$id]::bigint[])")" cancelled "cancelling a queued job ends it at once"
+tap_is "$(q "SELECT finish_reason || ' ' || (finished_at IS NOT NULL) FROM dspark.jobs WHERE id = $id")" "cancelled true" "... with finish_reason and finished_at"
+tap_is "$(q "SELECT count(*) FROM dspark.cancel_jobs(ARRAY[$id]::bigint[])")" 0 "cancelling it again changes nothing"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)")" 0 "a cancelled job is never claimed"
+bid=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+q "INSERT INTO dspark.jobs (batch_id, model, prompt) SELECT $bid, 'm', 'x' FROM generate_series(1, 4)" >/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+tap_is "$(q "SELECT string_agg(state, ',' ORDER BY state) FROM dspark.cancel_batch($bid)")" "cancelled,cancelled,cancelled,running" \
+    "cancel_batch cancels the queued jobs and flags the running one"
+tap_is "$(q "SELECT total || ' ' || cancelled || ' ' || running || ' ' || done FROM dspark.batch_progress WHERE batch_id = $bid")" "4 3 1 3" \
+    "batch_progress counts the batch"
+
+# --- retention --------------------------------------------------------------
+q "DELETE FROM dspark.jobs; DELETE FROM dspark.batches" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats")" 0 "deleting jobs deletes their statistics"
+bid=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+q "INSERT INTO dspark.jobs (batch_id, model, prompt) SELECT $bid, 'm', 'x' FROM generate_series(1, 6)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'stays queued')" >/dev/null
+for id in $(q "SELECT id FROM dspark.claim_jobs('w1', 4, NULL, 60)"); do
+    q "SELECT * FROM dspark.finish_jobs('w1', '$(res "$id" 1 succeeded)')" >/dev/null
+done
+# two of them finished long ago, and the batch is old
+q "UPDATE dspark.jobs SET finished_at = now() - interval '10 days' WHERE id IN (SELECT id FROM dspark.jobs WHERE state = 'succeeded' ORDER BY id LIMIT 2)" >/dev/null
+q "UPDATE dspark.batches SET created_at = now() - interval '11 days'" >/dev/null
+tap_is "$(q "SELECT dspark.prune('7 days')")" 2 "prune deletes the finished jobs older than the interval"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs")" 5 "... and nothing else"
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats")" 2 "... with their statistics"
+tap_is "$(q "SELECT dspark.prune('0 s')")" 2 "prune('0 s') deletes every finished job"
+tap_is "$(q "SELECT string_agg(state, ',' ORDER BY state) FROM dspark.jobs")" "queued,queued,queued" \
+    "... never queued or running ones"
+q "DELETE FROM dspark.jobs WHERE batch_id IS NOT NULL" >/dev/null
+q "SELECT dspark.prune('7 days')" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.batches")" 0 "an old, empty batch is pruned"
+out=$(psql -X -q -c "SELECT dspark.prune('-1 day')" 2>&1)
+tap_like "$out" "interval must be zero or positive" "a negative retention interval is refused"
+
+tap_done

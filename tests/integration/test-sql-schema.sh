@@ -1,0 +1,156 @@
+#!/bin/sh
+# test-sql-schema.sh: migrations (init, idempotent migrate, concurrent
+# migrate, files vs embedded), the schema-version refusal, and bad input
+# refused at INSERT with messages that name the problem (SQL and dsparkctl).
+. "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
+pg_harness_start
+T=$PGH_DIR
+
+# --- migrations ---------------------------------------------------------
+out=$("$DSPARKCTL" status 2>&1)
+tap_is "$?" 1 "a command refuses a database without the schema"
+tap_like "$out" "database has no dspark schema: run 'dsparkctl db init'" "... and says what to run"
+
+out=$("$DSPARKCTL" db init 2>&1)
+tap_is "$?" 0 "db init succeeds"
+tap_like "$out" "created schema version 2" "db init reports the version"
+tap_is "$(q 'SELECT string_agg(version || name, $$ $$ ORDER BY version) FROM dspark.schema_version')" \
+    "1001-schema 2002-queue" "schema_version holds every migration once"
+
+out=$("$DSPARKCTL" db init 2>&1)
+tap_is "$?" 1 "db init refuses an initialised database"
+tap_like "$out" "already has a dspark schema \\(version 2\\)" "... with a clear message"
+
+out=$("$DSPARKCTL" db migrate 2>&1)
+tap_is "$?" 0 "db migrate on a current database succeeds"
+tap_like "$out" "schema version 2 is current" "... and changes nothing"
+tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 2 "... no duplicate version rows"
+
+"$DSPARKCTL" db status >/dev/null 2>&1
+tap_is "$?" 0 "db status exits 0 on a current schema"
+
+# the same schema from the files as from the embedded copy
+q 'CREATE DATABASE fromfiles' >/dev/null
+"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=fromfiles" db migrate \
+    --sql-dir "$DS_SRCDIR/sql" >/dev/null 2>&1
+tap_is "$?" 0 "db migrate --sql-dir applies the sql/ files"
+# (newer pg_dump brackets its output with \restrict KEY lines, KEY random)
+pg_dump -s -d dspark -n dspark 2>/dev/null | grep -v '^\\.*restrict ' >"$T/embedded.sql"
+pg_dump -s -d fromfiles -n dspark 2>/dev/null | grep -v '^\\.*restrict ' >"$T/files.sql"
+if cmp -s "$T/embedded.sql" "$T/files.sql" && [ -s "$T/files.sql" ]; then r=0; else r=1; fi
+tap_result $r "the embedded migrations build the same schema as sql/*.sql"
+
+# two migrations at once apply each version once
+q 'CREATE DATABASE racing' >/dev/null
+"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing" db migrate >"$T/m1" 2>&1 &
+p1=$!
+"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing" db migrate >"$T/m2" 2>&1 &
+p2=$!
+wait $p1; r1=$?
+wait $p2; r2=$?
+tap_is "$r1$r2" 00 "two concurrent db migrate both succeed"
+tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 2 \
+    "... and applied each migration once"
+
+# a database newer than the build is refused by everything but db status
+q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')"
+out=$("$DSPARKCTL" list 2>&1)
+tap_is "$?" 1 "an unknown schema version is refused"
+tap_like "$out" "database schema version 99, this build knows 2: run 'dsparkctl db migrate'" \
+    "... with the version message"
+out=$("$DSPARKCTL" db migrate 2>&1)
+tap_is "$?" 1 "db migrate refuses a database newer than the build"
+tap_like "$out" "newer than this build knows" "... and says so"
+"$DSPARKCTL" db status >/dev/null 2>&1
+tap_is "$?" 1 "db status exits 1 when the versions differ"
+q "DELETE FROM dspark.schema_version WHERE version = 99"
+
+# --- bad input refused at INSERT -------------------------------------------
+# bad COLUMNS VALUES PATTERN DESCRIPTION
+bad() {
+    _out=$(psql -X -q -v ON_ERROR_STOP=1 -c "INSERT INTO dspark.jobs ($1) VALUES ($2)" 2>&1)
+    if [ $? -ne 0 ] && printf '%s' "$_out" | grep -Eq -- "$3"; then
+        tap_result 0 "$4"
+    else
+        tap_result 1 "$4"
+        printf '%s\n' "$_out" | head -n 3 | sed 's/^/#   got: /'
+    fi
+}
+bad "model, prompt, max_tokens" "'m', 'x', -5" 'domain dspark.max_tokens violates check constraint "max_tokens_between_1_and_1000000"' \
+    "negative max_tokens refused, naming max_tokens"
+bad "model, prompt, max_tokens" "'m', 'x', 1000001" 'max_tokens_between_1_and_1000000' "huge max_tokens refused"
+bad "model, prompt, max_tokens" "'m', 'x', 0" 'max_tokens_between_1_and_1000000' "max_tokens 0 refused"
+bad "model, prompt, temperature" "'m', 'x', 'NaN'" 'domain dspark.temperature violates check constraint "temperature_finite_between_0_and_100"' \
+    "NaN temperature refused, naming temperature"
+bad "model, prompt, temperature" "'m', 'x', 'Infinity'" 'temperature_finite_between_0_and_100' "infinite temperature refused"
+bad "model, prompt, temperature" "'m', 'x', -0.5" 'temperature_finite' "negative temperature refused"
+bad "model, prompt, top_p" "'m', 'x', 0" 'top_p_above_0_at_most_1' "top_p 0 refused"
+bad "model, prompt, top_p" "'m', 'x', 'NaN'" 'top_p_above_0_at_most_1' "NaN top_p refused"
+bad "model, prompt, top_k" "'m', 'x', -1" 'top_k_at_least_0' "negative top_k refused"
+bad "model, prompt, priority" "'m', 'x', 5000" 'priority_between_minus_1000_and_1000' "priority out of range refused"
+bad "model, prompt, max_attempts" "'m', 'x', 0" 'max_attempts_between_1_and_100' "max_attempts 0 refused"
+bad "model, prompt, spec_mode" "'m', 'x', 'fixed:0'" 'spec_mode_dspark_dspark_async_fixed_n_threshold_x_or_none' "spec_mode fixed:0 refused"
+bad "model, prompt, spec_mode" "'m', 'x', 'turbo'" 'spec_mode_' "unknown spec_mode refused"
+bad "model, prompt, stop" "'m', 'x', '{\"\"}'" 'stop_at_most_16_strings_of_1_to_256_bytes' "empty stop string refused"
+bad "model" "'m'" 'exactly_one_of_prompt_messages_prompt_ids' "a job without a prompt refused"
+bad "model, prompt, prompt_ids" "'m', 'x', '{1}'" 'exactly_one_of_prompt_messages_prompt_ids' "two prompts refused"
+bad "model, messages" "'m', '[{\"role\": \"user\"}]'" 'messages_array_of_role_content_objects' "a message without content refused"
+bad "model, messages" "'m', '{\"role\": \"user\", \"content\": \"x\"}'" 'messages_array_of_role_content_objects' "messages that are not an array refused"
+bad "model, prompt_ids" "'m', '{5,-1}'" 'prompt_ids_1_to_1000000_non_negative' "negative token ids refused"
+bad "model, prompt" "'', 'x'" 'model_name_1_to_256_bytes' "empty model name refused"
+bad "model, prompt" "'m', convert_from('\\xff41'::bytea, 'UTF8')" 'invalid byte sequence for encoding "UTF8"' \
+    "invalid UTF-8 in a prompt refused"
+printf "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'bad \377 byte');\n" >"$T/badutf8.sql"
+out=$(psql -X -q -v ON_ERROR_STOP=1 -f "$T/badutf8.sql" 2>&1)
+tap_like "$out" 'invalid byte sequence for encoding "UTF8": 0xff' "raw invalid UTF-8 from a client refused by the server"
+tap_is "$(q 'SELECT count(*) FROM dspark.jobs')" 0 "none of the bad rows was inserted"
+
+id=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'fine') RETURNING id")
+tap_is "$(q "SELECT state || ' ' || attempt || ' ' || max_tokens || ' ' || temperature || ' ' || spec_mode || ' ' || version || ' ' || owner FROM dspark.jobs WHERE id = $id")" \
+    "queued 0 1024 1 dspark 1 postgres" "a good row takes the documented defaults"
+for mode in dspark dspark-async none fixed:1 fixed:64 threshold:0 threshold:0.35 threshold:1; do
+    q "INSERT INTO dspark.jobs (model, prompt, spec_mode) VALUES ('m', 'x', '$mode')" >/dev/null 2>&1 || break
+done
+tap_is "$mode" "threshold:1" "every documented spec_mode is accepted"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# --- dsparkctl submit refuses a bad JSONL line, atomically -----------------
+good='{"custom_id":"ID","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8}}'
+{
+    echo "$good" | sed 's/ID/r1/'
+    echo "$good" | sed 's/ID/r2/'
+    echo "$good" | sed 's/ID/r3/; s/"max_tokens":8/"max_tokens":-3/'
+    echo "$good" | sed 's/ID/r4/'
+} >"$T/bad3.jsonl"
+out=$("$DSPARKCTL" submit -f "$T/bad3.jsonl" 2>&1)
+tap_is "$?" 1 "submit of a file with a bad line fails"
+tap_like "$out" "line 3: body.max_tokens: must be an integer between 1 and 1000000, got -3" \
+    "... reporting the line number and the problem"
+tap_is "$(q 'SELECT count(*) FROM dspark.jobs') $(q 'SELECT count(*) FROM dspark.batches')" "0 0" \
+    "... and nothing of the file was inserted"
+
+{
+    echo "$good" | sed 's/ID/a/'
+    echo '{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": '
+    echo "$good" | sed 's/ID/c/; s/"max_tokens":8/"max_tokens":8,"temperature":250/'
+    echo "$good" | sed 's/ID/a/'
+    echo "$good" | sed 's/ID/d/; s|/v1/chat/completions|/v1/embeddings|'
+    printf '{"turns": ["bad \377"]}\n'
+    echo '{"turns": []}'
+    echo "$good" | sed 's/ID/e/'
+} >"$T/many.jsonl"
+out=$("$DSPARKCTL" submit -f "$T/many.jsonl" 2>&1)
+tap_is "$?" 1 "submit of a file with several bad lines fails"
+tap_like "$out" "line 2: invalid JSON" "... line 2: truncated JSON"
+tap_like "$out" "line 3: body.temperature" "... line 3: temperature out of range"
+tap_like "$out" "line 4: custom_id 'a' is already used on line 1" "... line 4: duplicate custom_id"
+tap_like "$out" "line 5: url: must be" "... line 5: unsupported url"
+tap_like "$out" "line 6: invalid JSON: unable to decode byte 0xff" "... line 6: invalid UTF-8"
+tap_like "$out" "line 7: turns: must be a non-empty array" "... line 7: empty turns"
+tap_like "$out" "6 invalid lines: nothing was submitted" "... and a summary"
+out=$("$DSPARKCTL" submit -f "$T/many.jsonl" --skip-invalid --json 2>/dev/null)
+tap_is "$?" 0 "--skip-invalid submits the valid lines"
+tap_is "$(q 'SELECT string_agg(custom_id, $$,$$ ORDER BY id) FROM dspark.jobs')" "a,e" \
+    "... exactly the valid ones, in file order"
+
+tap_done
