@@ -10,6 +10,7 @@
 #include "dspark/ds-engine.h"
 #include "dspark/ds-gemm.h"
 #include "dspark/ds-model.h"
+#include "dspark/ds-sched.h"
 
 enum ds_seq_state { DS_SEQ_QUEUED, DS_SEQ_PREFILL, DS_SEQ_DECODE, DS_SEQ_DONE };
 
@@ -74,6 +75,7 @@ struct ds_engine {
     float *probs;                /* [2 V] */
     int32_t *scratch;            /* [V] */
     struct ds_spec *spec;
+    struct ds_sps sps;           /* SPS(B): target steps per second at B tokens */
 };
 
 double ds_now(void);

@@ -134,6 +134,7 @@ struct ds_engine *ds_engine_free(struct ds_engine *e)
         ds_result_free(e->done[i]);
     free(e->done);
     ds_spec_done(e);
+    ds_sps_done(&e->sps);
     ds_kv_pool_done(&e->kv);
     ds_forward_ctx_free(e->fwd);
     ds_pool_free(e->pool);

@@ -146,13 +146,45 @@ static struct cand *candidates(const float *a, int R, int gamma, const int *cap,
 void ds_sched_dspark(const float *a, int R, int gamma, const int *cap, int extra, const struct ds_sps *sps,
                      int *len)
 {
+    ds_sched_dspark_from(a, R, gamma, cap, extra, sps, 0, len);
+}
+
+int ds_sched_best_fixed(const double *mean_a, int R, int gamma, int extra, const struct ds_sps *sps)
+{
+    double tau = R, best = tau * ds_sps_at(sps, extra + R);
+    int L = 0;
+    for (int j = 0; j < gamma; j++) {
+        tau += R * mean_a[j];
+        double th = tau * ds_sps_at(sps, extra + R * (j + 2));
+        if (th > best) {
+            best = th;
+            L = j + 1;
+        }
+    }
+    return L;
+}
+
+void ds_sched_dspark_from(const float *a, int R, int gamma, const int *cap, int extra, const struct ds_sps *sps,
+                          int floor_len, int *len)
+{
     int n;
     struct cand *c = candidates(a, R, gamma, cap, &n);
-    for (int r = 0; r < R; r++)
-        len[r] = 0;
     int B = extra + R;
-    double tau = R, best = tau * ds_sps_at(sps, B);
+    double tau = R;
+    /* the floor: a length fixed before this round's drafts existed */
+    for (int r = 0; r < R; r++) {
+        int lim = cap ? cap[r] : gamma, l = floor_len < lim ? floor_len : lim;
+        len[r] = 0;
+        while (len[r] < l && a[(size_t)r * gamma + len[r]] > 0) {
+            tau += a[(size_t)r * gamma + len[r]];
+            len[r]++;
+            B++;
+        }
+    }
+    double best = tau * ds_sps_at(sps, B);
     for (int i = 0; i < n; i++) {
+        if (c[i].j < len[c[i].r])
+            continue; /* inside the floor */
         /* the path is prefix-consistent: a never increases along j */
         if (c[i].j != len[c[i].r])
             break;

@@ -30,11 +30,12 @@ struct ds_spec_seq {
 
 struct ds_spec {
     struct ds_draft_scratch scratch;
-    struct ds_sps sps;
     double prior_a[DS_MAX_BLOCK];    /* running mean survival per position (async prior) */
     long prior_n;
     FILE *trace;
     long round;
+    double draft_s_per_seq;          /* EMA of the draft phase's time per drafting sequence */
+    bool pause;                      /* this round the scheduled modes skip drafting */
     /* per-round buffers */
     float *h, *U, *q, *z, *corr, *state, *feat_rows;
     size_t cap_h, cap_U, cap_q, cap_z, cap_corr, cap_state, cap_feat;
@@ -43,6 +44,8 @@ struct ds_spec {
     int cap_r;
     float *a, *c;
 };
+
+static struct ds_sps effective_sps(const struct ds_engine *e, int R);
 
 static void *grow(void *p, size_t *cap, size_t need, size_t elem)
 {
@@ -73,7 +76,6 @@ void ds_spec_done(struct ds_engine *e)
     if (!sp)
         return;
     ds_scratch_done(&sp->scratch);
-    ds_sps_done(&sp->sps);
     free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->corr), free(sp->state), free(sp->feat_rows);
     free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->len);
     free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->caches), free(sp->a), free(sp->c);
@@ -94,20 +96,20 @@ void ds_spec_seq_done(struct ds_engine *e, struct ds_seq *s)
 /* Set the engine's SPS table (copied). */
 int ds_engine_set_sps(struct ds_engine *e, const struct ds_sps *t)
 {
-    if (!e->spec)
-        return ds_seterr(DS_EINVAL, "the engine has no draft");
-    ds_sps_done(&e->spec->sps);
-    e->spec->sps.n = t->n;
-    e->spec->sps.b = ds_xmalloc((size_t)t->n * sizeof(int));
-    e->spec->sps.sps = ds_xmalloc((size_t)t->n * sizeof(double));
-    memcpy(e->spec->sps.b, t->b, (size_t)t->n * sizeof(int));
-    memcpy(e->spec->sps.sps, t->sps, (size_t)t->n * sizeof(double));
+    if (t->n <= 0)
+        return ds_seterr(DS_EINVAL, "the SPS table is empty");
+    ds_sps_done(&e->sps);
+    e->sps.n = t->n;
+    e->sps.b = ds_xmalloc((size_t)t->n * sizeof(int));
+    e->sps.sps = ds_xmalloc((size_t)t->n * sizeof(double));
+    memcpy(e->sps.b, t->b, (size_t)t->n * sizeof(int));
+    memcpy(e->sps.sps, t->sps, (size_t)t->n * sizeof(double));
     return 0;
 }
 
 const struct ds_sps *ds_engine_sps(const struct ds_engine *e)
 {
-    return e->spec ? &e->spec->sps : NULL;
+    return &e->sps;
 }
 
 static int seq_draft_state(struct ds_engine *e, struct ds_seq *s)
@@ -122,6 +124,42 @@ static int seq_draft_state(struct ds_engine *e, struct ds_seq *s)
 static bool uses_draft(const struct ds_seq *s)
 {
     return s->spec.kind != DS_SPEC_NONE;
+}
+
+static bool scheduled(const struct ds_seq *s)
+{
+    return s->spec.kind == DS_SPEC_DSPARK || s->spec.kind == DS_SPEC_DSPARK_ASYNC;
+}
+
+/* Drafts this round: speculating, and not paused (a paused sequence decodes
+ * one token but its draft context still grows). */
+static bool drafts_now(const struct ds_engine *e, const struct ds_seq *s)
+{
+    return uses_draft(s) && !(e->spec->pause && scheduled(s));
+}
+
+#define PROBE_EVERY 16
+
+/* Is drafting worth it this round for the scheduled sequences? Compares the best
+ * fixed length's Θ (survivals and draft time of earlier rounds) with plain
+ * decoding, and re-probes every PROBE_EVERY rounds. Independent of this round's
+ * drafts, so lossless either way. */
+static bool pause_drafting(struct ds_engine *e, int extra)
+{
+    struct ds_spec *sp = e->spec;
+    int R = 0;
+    for (int i = 0; i < e->n_seqs; i++)
+        R += e->seqs[i]->state == DS_SEQ_DECODE && scheduled(e->seqs[i]);
+    if (R == 0 || sp->prior_n == 0 || sp->draft_s_per_seq <= 0 || sp->round++ % PROBE_EVERY == 0)
+        return false;
+    struct ds_sps eff = effective_sps(e, R);
+    int L = ds_sched_best_fixed(sp->prior_a, R, e->gamma, extra, &eff);
+    double tau = R;
+    for (int j = 0; j < L; j++)
+        tau += R * sp->prior_a[j];
+    double with = tau * ds_sps_at(&eff, extra + R * (1 + L)), without = R * ds_sps_at(&e->sps, extra + R);
+    ds_sps_done(&eff);
+    return without >= with;
 }
 
 static float sigmoid(float x)
@@ -164,10 +202,27 @@ static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round,
 }
 
 /* Choose ℓ for every drafting sequence (indices idx[0..R)), given the pass's other tokens. */
+/* The round's cost is the draft phase (fixed for the round: R blocks) plus the
+ * target pass at B tokens; the schedulers see SPS_eff(B) = 1 / (T_draft + T(B)).
+ * T_draft comes from earlier rounds, never from this round's drafts. */
+static struct ds_sps effective_sps(const struct ds_engine *e, int R)
+{
+    const struct ds_sps *t = &e->sps;
+    struct ds_sps eff = {.n = t->n, .b = ds_xmalloc((size_t)(t->n + 1) * sizeof(int)),
+                         .sps = ds_xmalloc((size_t)(t->n + 1) * sizeof(double))};
+    double fixed = e->spec->draft_s_per_seq * R;
+    for (int i = 0; i < t->n; i++) {
+        eff.b[i] = t->b[i];
+        eff.sps[i] = 1.0 / (fixed + 1.0 / t->sps[i]);
+    }
+    return eff;
+}
+
 static void schedule(struct ds_engine *e, int R, int extra)
 {
     struct ds_spec *sp = e->spec;
     int g = e->gamma;
+    struct ds_sps eff = effective_sps(e, R);
     /* fixed, threshold and none first: their tokens are part of the others' pass */
     int n_sched = 0, n_async = 0;
     for (int i = 0; i < R; i++) {
@@ -213,11 +268,14 @@ static void schedule(struct ds_engine *e, int R, int extra)
         if (pass == 0 && n_async > 0)
             other += n_async * (1 + g);
         if (kind == DS_SPEC_DSPARK) {
-            ds_sched_dspark(a, n, g, cap, other, &sp->sps, len);
+            /* Algorithm 1 from the best fixed length of past rounds: step-shaped cost
+             * curves make its early stop quit too soon otherwise */
+            int floor_len = sp->prior_n > 0 ? ds_sched_best_fixed(sp->prior_a, n, g, other, &eff) : 0;
+            ds_sched_dspark_from(a, n, g, cap, other, &eff, floor_len, len);
         } else {
             int K = n * g;
             if (have_old > 0 && sp->prior_n > 0)
-                K = ds_sched_capacity(old, n, g, cap, other, &sp->sps);
+                K = ds_sched_capacity(old, n, g, cap, other, &eff);
             ds_sched_topk(a, n, g, cap, K, len);
         }
         for (int i = 0; i < n; i++) {
@@ -226,6 +284,7 @@ static void schedule(struct ds_engine *e, int R, int extra)
         }
         free(a), free(old), free(cap), free(len), free(map);
     }
+    ds_sps_done(&eff);
 }
 
 int ds_spec_round(struct ds_engine *e)
@@ -263,10 +322,16 @@ int ds_spec_round(struct ds_engine *e)
     }
 
     /* (1) draft every decoding sequence that speculates */
+    {
+        int others = n_prefill;
+        for (int i = 0; i < e->n_seqs; i++)
+            others += e->seqs[i]->state == DS_SEQ_DECODE && !scheduled(e->seqs[i]);
+        sp->pause = pause_drafting(e, others);
+    }
     int R = 0;
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];
-        if (s->state != DS_SEQ_DECODE || !uses_draft(s))
+        if (s->state != DS_SEQ_DECODE || !drafts_now(e, s))
             continue;
         sp->idx[R] = i;
         sp->anchor[R] = s->tokens[s->kv.len];
@@ -283,6 +348,7 @@ int ds_spec_round(struct ds_engine *e)
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
     sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
+    double t_draft = ds_now();
     if (R > 0) {
         if ((r = ds_draft_block(d, e->pool, R, sp->caches, sp->anchor, sp->start, sp->h, sp->U, &sp->scratch)) < 0)
             return r;
@@ -323,16 +389,20 @@ int ds_spec_round(struct ds_engine *e)
         free(zk);
     }
 
-    /* (2) verification lengths */
+    /* (2) verification lengths (priced with the draft time of earlier rounds) */
     int extra = n_prefill;
     for (int i = 0; i < e->n_seqs; i++)
-        extra += e->seqs[i]->state == DS_SEQ_DECODE && !uses_draft(e->seqs[i]);
+        extra += e->seqs[i]->state == DS_SEQ_DECODE && !drafts_now(e, e->seqs[i]);
     schedule(e, R, extra);
+    if (R > 0) {
+        double per = (ds_now() - t_draft) / R;
+        sp->draft_s_per_seq = sp->draft_s_per_seq > 0 ? 0.8 * sp->draft_s_per_seq + 0.2 * per : per;
+    }
 
     /* (3) one target pass: prefill chunks, plain decode tokens, verification blocks */
     int n_tok = n_prefill;
     for (int i = 0; i < e->n_seqs; i++)
-        if (e->seqs[i]->state == DS_SEQ_DECODE && !uses_draft(e->seqs[i]))
+        if (e->seqs[i]->state == DS_SEQ_DECODE && !drafts_now(e, e->seqs[i]))
             n_tok++;
     for (int i = 0; i < R; i++)
         n_tok += 1 + sp->len[i];
@@ -350,7 +420,7 @@ int ds_spec_round(struct ds_engine *e)
         } else if (s->state == DS_SEQ_DECODE) {
             int len = 0;
             const int32_t *dr = NULL;
-            if (uses_draft(s)) {
+            if (drafts_now(e, s)) {
                 len = sp->len[ri];
                 dr = sp->drafts + (size_t)ri * g;
                 ri++;
@@ -401,9 +471,16 @@ int ds_spec_round(struct ds_engine *e)
         }
         if (s->state != DS_SEQ_DECODE)
             continue;
-        if (!uses_draft(s)) {
-            /* target-only sequence in a speculative engine */
+        if (!drafts_now(e, s)) {
+            /* target-only this round: a sequence without speculation, or a paused one,
+             * whose anchor still joins its draft context */
             const float *lg = e->logits + (size_t)row * V;
+            if (uses_draft(s)) {
+                memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)tok * feat_w,
+                       feat_w * sizeof(float));
+                sp->pos_rows[n_ctx] = s->kv.len;
+                ctx_caches[n_ctx++] = &s->draft->cache;
+            }
             s->kv.len += 1;
             ds_probs(lg, V, &s->sampling, p_prev, e->scratch);
             s->stats.rounds++;
@@ -586,8 +663,7 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
             break;
     }
     ds_sps_monotone(&t);
-    if (e->spec)
-        r = ds_engine_set_sps(e, &t);
+    r = ds_engine_set_sps(e, &t);
 out:
     ds_sps_done(&t);
     for (int i = 0; i < got; i++)

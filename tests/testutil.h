@@ -24,4 +24,11 @@ void ds_test_skip_all(const char *fmt, ...) __attribute__((noreturn, format(prin
  * overrides), or NULL when absent. */
 const char *ds_test_qwen3_tokenizer(void);
 
+/* Write a random-weight f32 Qwen3 directory (config.json, generation_config.json,
+ * model.safetensors) with tied embeddings; 0 or -1. */
+struct ds_test_shape {
+    int vocab, hidden, inter, layers, heads, kv_heads, head_dim;
+};
+int ds_test_write_random_qwen3(const char *dir, const struct ds_test_shape *s, unsigned seed);
+
 #endif

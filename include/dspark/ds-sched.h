@@ -33,6 +33,14 @@ void ds_sps_monotone(struct ds_sps *t);
  * pass (prefill, sequences not scheduled here). cap may be NULL (γ for all). */
 void ds_sched_dspark(const float *a, int R, int gamma, const int *cap, int extra, const struct ds_sps *sps,
                      int *len);
+/* The same, starting from every sequence verifying min(floor_len, cap) drafts.
+ * Lossless when floor_len does not depend on this round's drafts. */
+void ds_sched_dspark_from(const float *a, int R, int gamma, const int *cap, int extra, const struct ds_sps *sps,
+                          int floor_len, int *len);
+/* The fixed verification length with the best Θ for R sequences whose mean
+ * survivals (from earlier rounds) are mean_a[γ]: "never worse than the best
+ * fixed length" as a floor for Algorithm 1. */
+int ds_sched_best_fixed(const double *mean_a, int R, int gamma, int extra, const struct ds_sps *sps);
 /* The capacity K (draft tokens to admit) of the asynchronous variant: the
  * global argmax of Θ along the same greedy path, without early stop. */
 int ds_sched_capacity(const float *a, int R, int gamma, const int *cap, int extra, const struct ds_sps *sps);

@@ -1,0 +1,106 @@
+#!/bin/sh
+# test-e2e-badinput.sh: bad input gets a clear error naming what is wrong, and
+# the service keeps serving everything else. Refused at submission (dsparkctl)
+# or INSERT (the schema's domains): negative or huge max_tokens, NaN
+# temperature, invalid UTF-8, a malformed JSONL line. Failed by the worker,
+# which goes on running: an unknown model, a prompt longer than the context,
+# max_tokens beyond the context, token ids outside the vocabulary, text for a
+# model without a tokenizer. And the worker's own configuration errors (exit 78).
+. "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
+e2e_start
+C=$DSPARKCTL
+export DSPARK_MODEL=$E2E_MODEL
+
+write_conf "$T/dspark.conf" 0 "--unknown-model-timeout 1 --lease 10"
+start_dsparkd "$T/dspark.conf" "$T/dsparkd.log" 1
+tap_result $? "dsparkd and a worker are ready"
+wpid=$(q "SELECT pid FROM dspark.workers")
+
+# ---- refused at submission ----
+out=$("$C" submit --max-tokens -5 hello 2>&1)
+tap_is "$?" "2" "max_tokens -5: refused by dsparkctl (exit 2)"
+tap_like "$out" "max-tokens must be an integer between 1 and 1000000, got '-5'" "... naming the option and the range"
+out=$("$C" submit --max-tokens 2000000 hello 2>&1)
+tap_like "$out" "max-tokens must be an integer between 1 and 1000000, got '2000000'" "max_tokens 2000000: refused, naming the range"
+out=$("$C" submit --temperature nan hello 2>&1)
+tap_like "$out" "temperature must be a finite number between 0 and 100, got nan" "temperature NaN: refused"
+out=$(printf 'caf\351' | "$C" submit --prompt - 2>&1)
+tap_like "$out" 'invalid byte sequence for encoding "UTF8": 0xe9' "invalid UTF-8 in a prompt: refused, naming the byte"
+out=$(q "INSERT INTO dspark.jobs (model, prompt, max_tokens) VALUES ('m', 'x', -1)" 2>&1)
+tap_like "$out" 'domain dspark.max_tokens violates check constraint "max_tokens_between_1_and_1000000"' \
+    "plain SQL: max_tokens -1 refused at INSERT, naming the rule"
+out=$(q "INSERT INTO dspark.jobs (model, prompt, temperature) VALUES ('m', 'x', 'NaN')" 2>&1)
+tap_like "$out" 'domain dspark.temperature violates check constraint "temperature_finite_between_0_and_100"' \
+    "plain SQL: temperature NaN refused at INSERT, naming the rule"
+
+# a JSONL file with a malformed line 3 and invalid UTF-8 on line 5
+{
+    echo "{\"custom_id\": \"ok-1\", \"method\": \"POST\", \"url\": \"/v1/completions\", \"body\": {\"prompt\": [1, 2, 3], \"max_tokens\": 6}}"
+    echo "{\"custom_id\": \"ok-2\", \"method\": \"POST\", \"url\": \"/v1/completions\", \"body\": {\"prompt\": [4, 5], \"max_tokens\": 6}}"
+    echo "{\"custom_id\": \"broken\", \"method\": \"POST\", \"body\": {\"prompt\": [1,"
+    echo "{\"custom_id\": \"ok-3\", \"method\": \"POST\", \"url\": \"/v1/completions\", \"body\": {\"prompt\": [6], \"max_tokens\": 6}}"
+    printf '{"custom_id": "utf8", "method": "POST", "url": "/v1/completions", "body": {"prompt": "caf\351"}}\n'
+} >"$T/bad.jsonl"
+out=$("$C" submit --file "$T/bad.jsonl" 2>&1)
+tap_is "$?" "1" "a JSONL file with bad lines: refused as a whole (exit 1)"
+tap_like "$out" "bad.jsonl: line 3: invalid JSON" "... naming line 3 (malformed JSON)"
+tap_like "$out" "bad.jsonl: line 5: invalid JSON: unable to decode byte 0xe9" "... and line 5 (invalid UTF-8)"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs")" "0" "... and nothing was queued"
+out=$("$C" submit --file "$T/bad.jsonl" --skip-invalid 2>&1)
+tap_like "$out" "batch [0-9]+: 3 jobs .*2 invalid lines skipped" "--skip-invalid queues the 3 good lines"
+bid=$(echo "$out" | sed -n 's/^batch \([0-9]*\):.*/\1/p')
+
+# ---- failed by the worker, which keeps going ----
+mk() { q "INSERT INTO dspark.jobs (model, custom_id, $1) VALUES ('${3:-$E2E_MODEL}', '$2', $4) RETURNING id"; }
+j_long=$(mk "prompt_ids, max_tokens" long-prompt "" "(SELECT array_agg(g % 500) FROM generate_series(1, 600) g), 8")
+j_ctx=$(mk "prompt_ids, max_tokens" huge-max-tokens "" "ARRAY[1, 2, 3], 100000")
+j_vocab=$(mk "prompt_ids, max_tokens" bad-ids "" "ARRAY[1, 700, 3], 8")
+j_text=$(mk "prompt, max_tokens" text-prompt "" "'def f():', 8")
+j_stop=$(mk "prompt_ids, max_tokens, stop" stop-string "" "ARRAY[1, 2], 8, ARRAY['x']")
+j_model=$(mk "prompt_ids, max_tokens" unknown-model no-such-model "ARRAY[1, 2], 8")
+insert_jobs 30 12
+timeout 60 "$C" wait --batch "$bid" --timeout 50 >/dev/null 2>&1
+tap_is "$?" "0" "the 3 good lines of the file all succeed"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state IN ('queued', 'running')" 0 30
+tap_result $? "every job reaches a final state"
+
+err() { q "SELECT state || ': ' || coalesce(error, '') FROM dspark.jobs WHERE id = $1"; }
+tap_is "$(err "$j_long")" "failed: prompt of 600 tokens plus max_tokens 8 exceeds the context of 512 tokens" \
+    "a prompt longer than the context fails with the reason"
+tap_is "$(err "$j_ctx")" "failed: prompt of 3 tokens plus max_tokens 100000 exceeds the context of 512 tokens" \
+    "max_tokens beyond the context fails with the reason"
+tap_is "$(err "$j_vocab")" "failed: prompt token 1 (id 700) is outside the vocabulary of 512" \
+    "a token id outside the vocabulary fails, naming the position and id"
+tap_is "$(err "$j_text")" "failed: model 'pair-target' has no tokenizer: submit the prompt as token ids (prompt_ids)" \
+    "a text prompt for a model without a tokenizer fails with the reason"
+tap_like "$(err "$j_stop")" "^failed: stop strings need the model's tokenizer" "a stop string without a tokenizer fails with the reason"
+tap_is "$(err "$j_model")" "failed: no worker serves model 'no-such-model' (models served now: 'pair-target')" \
+    "a job for a model no worker serves fails after --unknown-model-timeout, naming the model"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'failed' AND (finish_reason <> 'error' OR error IS NULL)")" "0" \
+    "failed jobs have finish_reason 'error' and an error message"
+tap_is "$(q "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM dspark.jobs
+             WHERE custom_id IS NULL OR custom_id LIKE 'ok-%' GROUP BY state) s")" "succeeded:33" \
+    "every good job around them succeeded"
+tap_is "$(q "SELECT pid FROM dspark.workers")" "$wpid" "the worker never crashed or restarted"
+kill -0 "$DPID" 2>/dev/null
+tap_result $? "dsparkd still runs"
+out=$(printf 'print(1)\n' | "$C" submit --prompt - --model "$E2E_MODEL" 2>&1)
+tap_like "$out" "^[0-9]+$" "and still accepts jobs"
+stop_dsparkd
+tap_is "$DRC" "0" "SIGTERM: everything stops cleanly"
+
+# ---- the worker's configuration errors: exit 78 with a message ----
+out=$("$WORKER" --target "$E2E_TARGET" --backend cuda 2>&1)
+tap_is "$?" "78" "--backend cuda in a build without CUDA: exit 78"
+tap_like "$out" "backend 'cuda' is not built into this program" "... saying so"
+out=$("$WORKER" --target "$T/no-such-dir" 2>&1)
+tap_is "$?" "78" "a missing model directory: exit 78"
+tap_like "$out" "could not load the target model: .*no-such-dir" "... naming it"
+out=$("$WORKER" --target "$E2E_TARGET" --max-batch 0 2>&1)
+tap_is "$?" "78" "a bad option value: exit 78"
+tap_like "$out" "option --max-batch: expected an integer between 1 and 65536, got '0'" "... naming the option"
+q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')" >/dev/null
+out=$(timeout 20 "$WORKER" --target "$E2E_TARGET" --once 2>&1)
+tap_is "$?" "78" "a database schema this build does not know: exit 78"
+tap_like "$out" "database schema version 99, this build knows [0-9]+: run 'dsparkctl db migrate'" "... with the migration hint"
+tap_done

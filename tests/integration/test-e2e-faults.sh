@@ -1,0 +1,131 @@
+#!/bin/sh
+# test-e2e-faults.sh: nothing is lost and nothing runs twice when things break.
+#   - kill -9 of a worker in the middle of a batch: dsparkd restarts it, the
+#     lease reaper requeues its jobs when their leases expire, and they finish
+#     exactly once (one statistics row, of the new attempt);
+#   - PostgreSQL down for two seconds in the middle of a batch: dsparkd and
+#     the workers reconnect, results that waited for write-back are written
+#     (or, when a lease expired meanwhile, refused by the attempt fence and
+#     the job runs again), every job finishes exactly once;
+#   - SIGTERM: the worker stops claiming, finishes what it can within
+#     --drain-timeout, hands the rest back (dspark.release_jobs, attempt kept)
+#     and exits 0; another worker then finishes those;
+#   - a zombie (a worker frozen past its lease, then thawed): its late results
+#     are refused by the attempt fence and dropped, the new attempt's stay.
+. "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
+e2e_start
+
+write_conf "$T/dspark.conf" 0-1 "--lease 3 --heartbeat 0.5"
+start_dsparkd "$T/dspark.conf" "$T/dsparkd.log" 2
+tap_result $? "dsparkd starts two workers (lease 3 s)"
+
+# ---- kill -9 in the middle of a batch ----
+insert_jobs 120 150 none
+wait_sql "SELECT count(*) >= 20 FROM dspark.jobs WHERE state = 'running' AND worker_id = 'testhost/0'" t 20
+pid0=$(q "SELECT pid FROM dspark.workers WHERE worker_id = 'testhost/0'")
+kill -KILL "$pid0"
+q "SELECT id || ':' || attempt FROM dspark.jobs WHERE state = 'running' AND worker_id = 'testhost/0'" >"$T/killed.txt"
+tap_result $([ "$(wc -l <"$T/killed.txt")" -ge 10 ]; echo $?) "worker 0 killed with SIGKILL holding $(wc -l <"$T/killed.txt" | tr -d ' ') running jobs"
+wait_for "$T/dsparkd.log" "worker for device '0' \\(pid $pid0\\) was terminated by signal 9" 5
+tap_result $? "dsparkd notices the crash"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state IN ('queued', 'running')" 0 60
+tap_result $? "every job finishes"
+tap_is "$(q "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM dspark.jobs GROUP BY state) s")" \
+    "succeeded:120" "all 120 succeeded"
+ids=$(cut -d: -f1 "$T/killed.txt" | paste -sd, -)
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE id IN ($ids) AND attempt = 2")" "$(wc -l <"$T/killed.txt" | tr -d ' ')" \
+    "the killed worker's jobs were requeued after their leases expired and ran again (attempt 2)"
+tap_is "$(q "SELECT count(*) || '|' || count(DISTINCT job_id) FROM dspark.job_stats")" "120|120" \
+    "exactly one statistics row per job"
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats s JOIN dspark.jobs j ON j.id = s.job_id WHERE s.attempt <> j.attempt")" "0" \
+    "... each of the job's final attempt (the killed attempts wrote nothing)"
+tap_is "$(q "SELECT state || ' ' || (pid <> $pid0) FROM dspark.workers WHERE worker_id = 'testhost/0'")" "running true" \
+    "dsparkd restarted worker 0, which registered again"
+
+# ---- PostgreSQL restarts in the middle of a batch ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+insert_jobs 120 150 none
+wait_sql "SELECT count(*) >= 20 FROM dspark.jobs WHERE state = 'succeeded'" t 30
+pg_harness_ctl -m fast -w -s stop >/dev/null 2>&1
+tap_result $? "PostgreSQL stopped (fast shutdown) while jobs run"
+sleep 2
+pg_harness_ctl -w -s start >/dev/null 2>&1
+tap_result $? "... and started again two seconds later"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state IN ('queued', 'running')" 0 60
+tap_result $? "every job finishes after the restart"
+tap_is "$(q "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM dspark.jobs GROUP BY state) s")" \
+    "succeeded:120" "all 120 succeeded"
+tap_is "$(q "SELECT count(*) || '|' || count(DISTINCT job_id) FROM dspark.job_stats")" "120|120" \
+    "exactly one statistics row per job"
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats s JOIN dspark.jobs j ON j.id = s.job_id WHERE s.attempt <> j.attempt")" "0" \
+    "... each of the job's final attempt"
+tap_is "$(grep -c 'worker testhost/[01]: database connection lost' "$T/dsparkd.log")" "2" "both workers saw the connection go"
+tap_is "$(grep -c 'worker testhost/[01]: database connection restored' "$T/dsparkd.log")" "2" "... and both reconnected"
+grep -Eq "worker testhost/[01]: database connection restored; writing [1-9][0-9]* waiting results" "$T/dsparkd.log"
+tap_result $? "jobs that finished while the database was down were kept and written after the reconnection"
+grep -q "^<[0-9]>database connection restored" "$T/dsparkd.log"
+tap_result $? "dsparkd reconnected too"
+tap_is "$(q "SELECT string_agg(state, ' ') FROM dspark.workers")" "running running" "both workers still run"
+
+stop_dsparkd
+tap_is "$DRC" "0" "SIGTERM: dsparkd stops cleanly"
+
+# ---- drain on SIGTERM: finish what fits, hand back the rest ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature, custom_id)
+   SELECT '$E2E_MODEL', ARRAY[g, g + 1, g + 2], CASE WHEN g <= 6 THEN 300 ELSE 4 END, 0,
+          CASE WHEN g <= 6 THEN 'long' ELSE 'short' END
+   FROM generate_series(1, 12) g" >/dev/null
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id drainer \
+    --drain-timeout 0.5 --lease 30 2>"$T/drain.log" &
+WPID=$!
+E2E_PIDS="$E2E_PIDS $WPID"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE custom_id = 'long' AND state = 'running'" 6 20
+kill -TERM "$WPID"
+t0=$(date +%s)
+sleep 0.3
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, custom_id) VALUES ('$E2E_MODEL', ARRAY[1], 4, 'late')" >/dev/null
+wait "$WPID"
+rc=$?
+t1=$(date +%s)
+tap_is "$rc" "0" "SIGTERM: the worker exits 0"
+tap_result $([ $((t1 - t0)) -le 4 ]; echo $?) "... within the drain timeout and the write-back ($((t1 - t0)) s)"
+tap_is "$(q "SELECT string_agg(custom_id || ':' || state || ':' || attempt || ':' || coalesce(worker_id, '-'), ' ' ORDER BY id) FROM dspark.jobs")" \
+    "long:queued:1:- long:queued:1:- long:queued:1:- long:queued:1:- long:queued:1:- long:queued:1:- short:succeeded:1:drainer short:succeeded:1:drainer short:succeeded:1:drainer short:succeeded:1:drainer short:succeeded:1:drainer short:succeeded:1:drainer late:queued:0:-" \
+    "short jobs finished; long ones were handed back with their attempt; nothing new was claimed"
+tap_like "$(cat "$T/drain.log")" "handed back 6 of 6 unfinished jobs to the queue" "the worker logs the hand-back"
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'drainer'")" "stopped" "the worker marked itself stopped"
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id finisher \
+    --once 2>"$T/finish.log"
+tap_is "$?" "0" "another worker (--once) runs the rest and exits when the queue is empty"
+tap_is "$(q "SELECT string_agg(DISTINCT custom_id || ':' || state || ':' || attempt, ' ') FROM dspark.jobs WHERE worker_id = 'finisher'")" \
+    "late:succeeded:1 long:succeeded:2" "the handed-back jobs finished on their second attempt"
+tap_is "$(q "SELECT count(*) || '|' || count(DISTINCT job_id) FROM dspark.job_stats")" "13|13" "one statistics row per job"
+
+# ---- a zombie: a worker frozen past its lease must not overwrite the new attempt ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature)
+   SELECT '$E2E_MODEL', ARRAY[g, 2 * g], 300, 0 FROM generate_series(1, 4) g" >/dev/null
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id zombie \
+    --lease 2 --heartbeat 0.5 2>"$T/zombie.log" &
+ZPID=$!
+E2E_PIDS="$E2E_PIDS $ZPID"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state = 'running' AND worker_id = 'zombie'" 4 20
+kill -STOP "$ZPID"
+sleep 2.5
+tap_is "$(q "SELECT dspark.requeue_expired()")" "4" "the frozen worker's leases expire and the reaper requeues its 4 jobs"
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id rescuer \
+    --once 2>"$T/rescuer.log"
+kill -CONT "$ZPID"
+n=0
+while [ "$(grep -c 'result dropped' "$T/zombie.log")" -lt 4 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+kill -TERM "$ZPID"
+wait "$ZPID"
+tap_is "$?" "0" "the zombie, thawed, carries on and stops cleanly"
+tap_is "$(q "SELECT string_agg(DISTINCT state || ':' || attempt || ':' || worker_id, ' ') FROM dspark.jobs")" "succeeded:2:rescuer" \
+    "the jobs keep the second attempt's results"
+tap_is "$(grep -c 'result dropped: the job is no longer held by this worker' "$T/zombie.log")" "4" \
+    "the zombie's four late results were refused by the fence and dropped with a log line each"
+tap_is "$(q "SELECT count(*) || '|' || min(attempt) || '|' || min(worker_id) FROM dspark.job_stats")" "4|2|rescuer" \
+    "only the second attempt wrote statistics"
+tap_done

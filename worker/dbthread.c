@@ -1,0 +1,632 @@
+/* dbthread.c: dspark-worker's database thread. Every database call of a
+ * running worker happens here, on its own connection, so that the decoding
+ * thread (main.c) never waits for PostgreSQL:
+ *
+ *   - claims (dspark.claim_jobs) when the decoding thread reports room: its
+ *     free KV tokens and free job slots, measured after it took the previous
+ *     claim's jobs (the "consumed" counter makes the handshake exact, so the
+ *     budget of one claim never counts room that earlier jobs already use);
+ *     an idle worker that finds nothing within its budget asks once more for
+ *     a single job with no budget, so that a job too large for it is still
+ *     handed out and fails with the engine's reason;
+ *   - write-backs (dspark.finish_jobs): everything finished since the last
+ *     call goes in one call, so at most one call per decoding round;
+ *   - heartbeats (dspark.heartbeat) every --heartbeat seconds, extending the
+ *     leases of every job held (claimed and not yet written back) and
+ *     reporting the ids to stop (cancel requested, or no longer ours);
+ *   - hand-backs (dspark.release_jobs) when a drain runs out of time;
+ *   - a sweep for queued jobs of models that no registered worker serves
+ *     (claim_jobs only hands out jobs of the worker's own model): after
+ *     --unknown-model-timeout they are claimed and failed with the reason.
+ *
+ * The threads share struct wshared under one mutex: the decoding thread
+ * appends results and capacity and writes the eventfd; this thread appends
+ * claimed jobs and stop ids and signals the condition variable. When the
+ * connection breaks, results stay queued here and are written after the
+ * reconnection (back-off from ds_db_ensure); a write that committed just
+ * before the break is refused the second time by the attempt fence, which
+ * is logged and harmless. */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dspark/ds-db.h"
+#include "dspark/ds-log.h"
+#include "worker.h"
+
+double wnow(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void wdb_wake(struct wctx *w)
+{
+    uint64_t one = 1;
+    ssize_t n = write(w->sh.wake_fd, &one, sizeof one);
+    (void)n; /* EAGAIN: a wake-up is pending already */
+}
+
+/* After a claim that found nothing, notifications (every state change of
+ * every job, this worker's included) trigger the next claim no sooner than this. */
+#define HINT_GAP 0.05
+
+struct held {
+    int64_t id;
+    int attempt;
+};
+
+struct dbt {
+    struct wctx *w;
+    struct ds_db *db;
+    struct held *held;                /* claimed and not yet written back or released */
+    int n_held, cap_held;
+    json_t *pending;                  /* finish_jobs items to write */
+    int64_t *rel_ids;
+    int *rel_att;
+    int n_rel, cap_rel;
+    /* claiming */
+    bool more_maybe;                  /* the last claim returned jobs: there may be more */
+    bool hint;                        /* a job notification came (new or requeued jobs) */
+    double empty_at;                  /* when a claim last found nothing */
+    double next_poll;                 /* claim again at the latest then */
+    long empty_budget;                /* the budget of the last claim that found nothing */
+    char models[600];                 /* text[] literal of the models served */
+    double next_hb, next_sweep;
+    bool was_down, state_draining;
+    int lease_s;
+};
+
+/* ---- small helpers ---- */
+static void held_add(struct dbt *t, int64_t id, int attempt)
+{
+    if (t->n_held == t->cap_held) {
+        t->cap_held = t->cap_held ? 2 * t->cap_held : 64;
+        t->held = ds_xrealloc(t->held, (size_t)t->cap_held * sizeof *t->held);
+    }
+    t->held[t->n_held++] = (struct held){id, attempt};
+}
+
+static void held_remove(struct dbt *t, int64_t id)
+{
+    for (int i = 0; i < t->n_held; i++)
+        if (t->held[i].id == id) {
+            t->held[i] = t->held[--t->n_held];
+            return;
+        }
+}
+
+static void add_release(struct dbt *t, int64_t id, int attempt)
+{
+    if (t->n_rel == t->cap_rel) {
+        t->cap_rel = t->cap_rel ? 2 * t->cap_rel : 64;
+        t->rel_ids = ds_xrealloc(t->rel_ids, (size_t)t->cap_rel * sizeof *t->rel_ids);
+        t->rel_att = ds_xrealloc(t->rel_att, (size_t)t->cap_rel * sizeof *t->rel_att);
+    }
+    t->rel_ids[t->n_rel] = id;
+    t->rel_att[t->n_rel++] = attempt;
+}
+
+/* "{1,2,3}" */
+static char *int_array(const int64_t *v64, const int *v32, int n)
+{
+    size_t cap = 16 + (size_t)n * 21, len = 0;
+    char *s = ds_xmalloc(cap);
+    s[len++] = '{';
+    for (int i = 0; i < n; i++) {
+        int64_t v = v64 ? v64[i] : v32 ? (int64_t)v32[i] : 0;
+        len += (size_t)snprintf(s + len, cap - len, "%s%" PRId64, i ? "," : "", v);
+    }
+    s[len++] = '}';
+    s[len] = 0;
+    return s;
+}
+
+/* A text[] literal of one string. */
+static void text_array1(char *buf, size_t cap, const char *s)
+{
+    size_t o = 0;
+    buf[o++] = '{';
+    buf[o++] = '"';
+    for (; *s && o + 4 < cap; s++) {
+        if (*s == '"' || *s == '\\')
+            buf[o++] = '\\';
+        buf[o++] = *s;
+    }
+    buf[o++] = '"';
+    buf[o++] = '}';
+    buf[o] = 0;
+}
+
+/* Did the last call fail because the connection is gone (rather than the statement)? */
+static bool conn_failed(struct dbt *t)
+{
+    const char *st = ds_db_sqlstate(t->db);
+    return !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
+}
+
+static void lock(struct wctx *w)
+{
+    pthread_mutex_lock(&w->sh.mu);
+}
+
+static void unlock(struct wctx *w)
+{
+    pthread_mutex_unlock(&w->sh.mu);
+}
+
+/* ---- write-back ---- */
+static void applied_rows(struct dbt *t, PGresult *res)
+{
+    for (int i = 0; i < PQntuples(res); i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        bool applied = PQgetvalue(res, i, 1)[0] == 't';
+        if (!applied)
+            wlog(DS_LOG_NOTICE, id,
+                 "result dropped: the job is no longer held by this worker (its lease expired, or it was "
+                 "handed back or finished elsewhere)");
+        held_remove(t, id);
+    }
+}
+
+/* Write one array of items; 0, or -1 when the connection failed (nothing lost). */
+static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
+{
+    char *text = json_dumps(items, JSON_COMPACT);
+    const char *params[2] = {t->w->id.worker_id, text};
+    PGresult *res;
+    int r = ds_db_exec(t->db, "SELECT id, applied FROM dspark.finish_jobs($1, $2::jsonb)", 2, params, &res);
+    free(text);
+    *sql_error = false;
+    if (r < 0) {
+        if (conn_failed(t))
+            return -1;
+        *sql_error = true;
+        return 0;
+    }
+    applied_rows(t, res);
+    PQclear(res);
+    return 0;
+}
+
+static int write_back(struct dbt *t)
+{
+    size_t n = json_array_size(t->pending);
+    if (n == 0)
+        return 0;
+    bool sql_error;
+    if (finish_call(t, t->pending, &sql_error) < 0)
+        return -1;
+    if (sql_error) {
+        /* one bad item must not hold back the others: write them one by one,
+         * and store a failure for an item the database refuses */
+        wlog(DS_LOG_WARNING, 0, "could not write %zu results at once: %s; writing them one by one", n,
+             ds_errdetail());
+        for (size_t i = 0; i < n; i++) {
+            json_t *one = json_array(), *item = json_array_get(t->pending, i);
+            json_array_append(one, item);
+            int r = finish_call(t, one, &sql_error);
+            json_decref(one);
+            if (r < 0) {
+                /* keep the items not written yet */
+                json_t *rest = json_array();
+                for (size_t k = i; k < n; k++)
+                    json_array_append(rest, json_array_get(t->pending, k));
+                json_decref(t->pending);
+                t->pending = rest;
+                return -1;
+            }
+            if (!sql_error)
+                continue;
+            int64_t id = json_integer_value(json_object_get(item, "id"));
+            char msg[600];
+            snprintf(msg, sizeof msg, "could not store the result: %s", ds_errdetail());
+            wlog(DS_LOG_ERR, id, "%s", msg);
+            json_t *f = json_pack("[{s:I, s:O, s:s, s:s, s:s}]", "id", (json_int_t)id, "attempt",
+                                  json_object_get(item, "attempt"), "state", "failed", "finish_reason", "error",
+                                  "error", msg);
+            r = f ? finish_call(t, f, &sql_error) : 0;
+            json_decref(f);
+            if (r == 0 && sql_error) {
+                wlog(DS_LOG_ERR, id, "could not store the failure either: %s; the lease will expire", ds_errdetail());
+                held_remove(t, id);
+            }
+        }
+    }
+    json_array_clear(t->pending);
+    return 0;
+}
+
+/* ---- release ---- */
+static int release(struct dbt *t)
+{
+    if (t->n_rel == 0)
+        return 0;
+    char *ids = int_array(t->rel_ids, NULL, t->n_rel), *att = int_array(NULL, t->rel_att, t->n_rel);
+    const char *params[3] = {t->w->id.worker_id, ids, att};
+    PGresult *res;
+    int r = ds_db_exec(t->db, "SELECT * FROM dspark.release_jobs($1, $2::bigint[], $3::int[])", 3, params, &res);
+    free(ids);
+    free(att);
+    if (r < 0) {
+        if (conn_failed(t))
+            return -1;
+        wlog(DS_LOG_ERR, 0, "could not hand back %d jobs: %s; their leases will expire", t->n_rel, ds_errdetail());
+    } else {
+        wlog(DS_LOG_INFO, 0, "handed back %d of %d unfinished jobs to the queue", PQntuples(res), t->n_rel);
+        PQclear(res);
+    }
+    for (int i = 0; i < t->n_rel; i++)
+        held_remove(t, t->rel_ids[i]);
+    t->n_rel = 0;
+    return 0;
+}
+
+/* ---- heartbeat ---- */
+static int heartbeat(struct dbt *t)
+{
+    int64_t *ids = ds_xmalloc(((size_t)t->n_held + 1) * sizeof *ids);
+    int *att = ds_xmalloc(((size_t)t->n_held + 1) * sizeof *att);
+    for (int i = 0; i < t->n_held; i++)
+        ids[i] = t->held[i].id, att[i] = t->held[i].attempt;
+    char *sids = int_array(ids, NULL, t->n_held), *satt = int_array(NULL, att, t->n_held), lease[16];
+    free(ids);
+    free(att);
+    snprintf(lease, sizeof lease, "%d", t->lease_s);
+    const char *params[4] = {t->w->id.worker_id, sids, satt, lease};
+    PGresult *res;
+    int r = ds_db_exec(t->db, "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int)", 4, params,
+                       &res);
+    free(sids);
+    free(satt);
+    if (r < 0) {
+        if (conn_failed(t))
+            return -1;
+        wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
+        return 0;
+    }
+    int n = PQntuples(res);
+    if (n > 0) {
+        struct wshared *sh = &t->w->sh;
+        lock(t->w);
+        for (int i = 0; i < n; i++) {
+            if (sh->n_stop == sh->cap_stop) {
+                sh->cap_stop = sh->cap_stop ? 2 * sh->cap_stop : 32;
+                sh->stop_ids = ds_xrealloc(sh->stop_ids, (size_t)sh->cap_stop * sizeof *sh->stop_ids);
+            }
+            sh->stop_ids[sh->n_stop++] = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        }
+        pthread_cond_signal(&sh->main_cv);
+        unlock(t->w);
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* ---- claiming ---- */
+/* Claim up to max_jobs within budget (< 0: no budget). Returns the number of
+ * jobs delivered to the decoding thread, or -1 when the connection failed. */
+static int claim(struct dbt *t, int max_jobs, long budget)
+{
+    char smax[16], sbudget[32], lease[16];
+    snprintf(smax, sizeof smax, "%d", max_jobs);
+    snprintf(sbudget, sizeof sbudget, "%ld", budget);
+    snprintf(lease, sizeof lease, "%d", t->lease_s);
+    const char *params[5] = {t->w->id.worker_id, smax, budget >= 0 ? sbudget : NULL, lease, t->models};
+    PGresult *res;
+    int r = ds_db_exec(t->db,
+                       "SELECT " WJOB_COLUMNS
+                       " FROM dspark.claim_jobs($1, $2::int, $3::bigint, $4::int, $5::text[])",
+                       5, params, &res);
+    if (r < 0) {
+        if (conn_failed(t))
+            return -1;
+        wlog(DS_LOG_ERR, 0, "claim failed: %s", ds_errdetail());
+        t->next_poll = wnow() + t->w->o.poll;
+        t->more_maybe = false;
+        return 0;
+    }
+    int n = PQntuples(res);
+    double now = wnow();
+    struct wjob *first = NULL, **tail = &first;
+    for (int i = 0; i < n; i++) {
+        struct wjob *j = wjob_from_row(res, i);
+        j->t_claimed = now;
+        held_add(t, j->id, j->attempt);
+        wlog(DS_LOG_DEBUG, j->id, "claimed (attempt %d)", j->attempt);
+        *tail = j;
+        tail = &j->next;
+    }
+    PQclear(res);
+    if (n > 0) {
+        struct wshared *sh = &t->w->sh;
+        lock(t->w);
+        *sh->inbox_tail = first;
+        sh->inbox_tail = tail;
+        sh->delivered += (uint64_t)n;
+        sh->queue_empty = false;
+        pthread_cond_signal(&sh->main_cv);
+        unlock(t->w);
+    }
+    return n;
+}
+
+/* ---- jobs of models nobody serves ---- */
+static int sweep(struct dbt *t)
+{
+    char secs[32];
+    snprintf(secs, sizeof secs, "%g", t->w->o.unknown_model_timeout);
+    const char *params[1] = {secs};
+    PGresult *res;
+    /* a model counts as served while a worker for it runs, or ran in the last
+     * ten minutes (a restarting worker may take minutes to load its model) */
+    int r = ds_db_exec(t->db,
+                       "SELECT m.model, (SELECT string_agg(DISTINCT quote_literal(w.model), ', ')"
+                       "                 FROM dspark.workers w"
+                       "                 WHERE w.state IN ('starting', 'running', 'draining'))"
+                       " FROM (SELECT DISTINCT j.model FROM dspark.jobs j"
+                       "       WHERE j.state = 'queued'"
+                       "         AND greatest(j.created_at, j.run_after)"
+                       "             < now() - make_interval(secs => $1::float8)"
+                       "         AND NOT EXISTS (SELECT FROM dspark.workers w WHERE w.model = j.model"
+                       "             AND (w.state IN ('starting', 'running', 'draining')"
+                       "                  OR w.heartbeat_at > now() - interval '10 minutes'))"
+                       "       LIMIT 16) m",
+                       1, params, &res);
+    if (r < 0) {
+        if (conn_failed(t))
+            return -1;
+        wlog(DS_LOG_ERR, 0, "could not look for jobs of unserved models: %s", ds_errdetail());
+        return 0;
+    }
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *model = PQgetvalue(res, i, 0);
+        const char *served = PQgetisnull(res, i, 1) ? "none" : PQgetvalue(res, i, 1);
+        char lit[600], lease[16], msg[1024];
+        text_array1(lit, sizeof lit, model);
+        snprintf(lease, sizeof lease, "%d", t->lease_s);
+        const char *cp[4] = {t->w->id.worker_id, lease, lit, NULL};
+        PGresult *jr;
+        if (ds_db_exec(t->db,
+                       "SELECT " WJOB_COLUMNS " FROM dspark.claim_jobs($1, 1000, NULL, $2::int, $3::text[])", 3,
+                       cp, &jr) < 0) {
+            PQclear(res);
+            if (conn_failed(t))
+                return -1;
+            wlog(DS_LOG_ERR, 0, "could not claim jobs of unserved model '%s': %s", model, ds_errdetail());
+            return 0;
+        }
+        snprintf(msg, sizeof msg, "no worker serves model '%s' (models served now: %s)", model, served);
+        for (int k = 0; k < PQntuples(jr); k++) {
+            struct wjob *j = wjob_from_row(jr, k);
+            held_add(t, j->id, j->attempt);
+            wlog(DS_LOG_NOTICE, j->id, "failing: %s", msg);
+            json_array_append_new(t->pending, wfailed_json(NULL, j, msg));
+            wjob_free(j);
+        }
+        PQclear(jr);
+    }
+    PQclear(res);
+    return write_back(t);
+}
+
+static void notify_cb(void *ud, const char *channel, const char *payload)
+{
+    (void)channel;
+    (void)payload;
+    ((struct dbt *)ud)->hint = true;
+}
+
+static void set_state(struct dbt *t, const char *state)
+{
+    const char *params[2] = {t->w->id.worker_id, state};
+    if (ds_db_command(t->db, "SELECT dspark.set_worker_state($1, $2)", 2, params) < 0)
+        wlog(DS_LOG_WARNING, 0, "could not set the worker state '%s': %s", state, ds_errdetail());
+}
+
+static void *db_main(void *arg)
+{
+    struct dbt *t = arg;
+    struct wctx *w = t->w;
+    struct wshared *sh = &w->sh;
+    bool pause = false;
+    for (;;) {
+        if (pause) {
+            /* the connection failed under the last call: do not spin */
+            struct pollfd pf = {.fd = sh->wake_fd, .events = POLLIN};
+            poll(&pf, 1, 200);
+            uint64_t v;
+            ssize_t rd = read(sh->wake_fd, &v, sizeof v);
+            (void)rd;
+            pause = false;
+        }
+        /* take what the decoding thread left */
+        lock(w);
+        if (json_array_size(sh->results) > 0) {
+            json_array_extend(t->pending, sh->results);
+            json_array_clear(sh->results);
+        }
+        for (int i = 0; i < sh->n_rel; i++)
+            add_release(t, sh->rel_ids[i], sh->rel_attempts[i]);
+        sh->n_rel = 0;
+        if (sh->quit) {
+            /* jobs claimed after the decoding thread stopped taking them go back */
+            for (struct wjob *j = sh->inbox, *next; j; j = next) {
+                next = j->next;
+                add_release(t, j->id, j->attempt);
+                wlog(DS_LOG_INFO, j->id, "handing back: claimed as the worker stopped");
+                wjob_free(j);
+            }
+            sh->inbox = NULL;
+            sh->inbox_tail = &sh->inbox;
+        }
+        long budget = sh->cap_budget;
+        int slots = sh->cap_slots;
+        bool idle = sh->cap_idle, draining = sh->draining, quit = sh->quit;
+        bool handshake = sh->cap_consumed == sh->delivered && !sh->inbox;
+        double quit_deadline = sh->quit_deadline;
+        unlock(w);
+
+        double now = wnow();
+        if (quit && now >= quit_deadline)
+            break;
+        int r = ds_db_ensure(t->db, 0);
+        if (r < 0) {
+            if (!t->was_down) {
+                wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting",
+                     ds_errdetail(), json_array_size(t->pending));
+                t->was_down = true;
+                lock(w);
+                sh->db_up = false;
+                unlock(w);
+            }
+            pause = true;
+            continue;
+        }
+        if (r == 1 || t->was_down) {
+            wlog(DS_LOG_NOTICE, 0, "database connection restored; writing %zu waiting results",
+                 json_array_size(t->pending));
+            t->was_down = false;
+            t->hint = true;
+            t->next_hb = 0;
+            lock(w);
+            sh->db_up = true;
+            unlock(w);
+        }
+        if (write_back(t) < 0 || release(t) < 0) {
+            pause = true;
+            continue;
+        }
+        if (quit) {
+            set_state(t, "stopped");
+            break;
+        }
+        if (draining && !t->state_draining) {
+            set_state(t, "draining");
+            t->state_draining = true;
+        }
+        if (now >= t->next_hb) {
+            t->next_hb = now + w->o.heartbeat;
+            if (heartbeat(t) < 0) {
+                pause = true;
+                continue;
+            }
+        }
+        if (!draining && w->o.unknown_model_timeout > 0 && now >= t->next_sweep) {
+            t->next_sweep = now + fmax(1.0, w->o.unknown_model_timeout / 2);
+            if (sweep(t) < 0) {
+                pause = true;
+                continue;
+            }
+        }
+        /* claim when the decoding thread has room, measured after it took the
+         * last claim's jobs, and there may be jobs */
+        bool hinted = t->hint && now >= t->empty_at + HINT_GAP;
+        if (!draining && handshake && slots > 0 &&
+            (t->more_maybe || hinted || now >= t->next_poll || budget > t->empty_budget)) {
+            t->hint = false;
+            int n = 0;
+            if (budget > 0) {
+                n = claim(t, slots, budget);
+                if (n < 0) {
+                    pause = true;
+                    continue;
+                }
+            }
+            if (n == 0 && idle) {
+                /* an idle worker takes one job whatever its size: if it cannot
+                 * run it, the job fails with the reason instead of waiting forever */
+                n = claim(t, 1, -1);
+                if (n < 0) {
+                    pause = true;
+                    continue;
+                }
+                if (n == 0) {
+                    lock(w);
+                    sh->queue_empty = true;
+                    pthread_cond_signal(&sh->main_cv);
+                    unlock(w);
+                }
+            }
+            t->more_maybe = n > 0;
+            if (n == 0) {
+                t->empty_budget = idle ? LONG_MAX : budget;
+                t->empty_at = wnow();
+                t->next_poll = t->empty_at + w->o.poll;
+            } else {
+                t->empty_budget = -1;
+            }
+        }
+
+        /* sleep until woken, notified, or the next timer */
+        now = wnow();
+        double until = t->next_hb;
+        if (!t->more_maybe && t->next_poll < until)
+            until = t->next_poll;
+        if (t->hint && t->empty_at + HINT_GAP < until)
+            until = t->empty_at + HINT_GAP;
+        if (!draining && w->o.unknown_model_timeout > 0 && t->next_sweep < until)
+            until = t->next_sweep;
+        int timeout_ms = (int)fmax(0, fmin(1000, (until - now) * 1000));
+        struct pollfd pf[2] = {{.fd = sh->wake_fd, .events = POLLIN}, {.fd = ds_db_socket(t->db), .events = POLLIN}};
+        int np = pf[1].fd >= 0 ? 2 : 1;
+        if (poll(pf, (nfds_t)np, timeout_ms) > 0) {
+            if (pf[0].revents & POLLIN) {
+                uint64_t v;
+                ssize_t rd = read(sh->wake_fd, &v, sizeof v);
+                (void)rd;
+            }
+        }
+        if (ds_db_consume_notify(t->db, notify_cb, t) < 0)
+            pause = true;
+    }
+    int left = (int)json_array_size(t->pending) + t->n_rel;
+    if (left > 0)
+        wlog(DS_LOG_WARNING, 0,
+             "gave up writing %d results and hand-backs: the database stayed unreachable; those jobs return to "
+             "the queue when their leases expire",
+             left);
+    lock(w);
+    sh->unwritten = left;
+    pthread_cond_signal(&sh->main_cv);
+    unlock(w);
+    json_decref(t->pending);
+    free(t->held);
+    free(t->rel_ids);
+    free(t->rel_att);
+    free(t);
+    return NULL;
+}
+
+int wdb_start(struct wctx *w, pthread_t *ret_thread)
+{
+    struct dbt *t = ds_xcalloc(1, sizeof *t);
+    t->w = w;
+    t->db = w->db;
+    t->pending = json_array();
+    t->hint = true;
+    t->empty_budget = -1;
+    t->lease_s = (int)ceil(w->o.lease);
+    text_array1(t->models, sizeof t->models, w->id.model);
+    t->next_sweep = wnow() + (w->o.unknown_model_timeout > 0 ? fmin(w->o.unknown_model_timeout, 5) : 0);
+    if (ds_db_listen(t->db, DS_DB_EVENTS_CHANNEL) < 0)
+        wlog(DS_LOG_WARNING, 0, "could not LISTEN for new jobs (%s); polling every %g s", ds_errdetail(), w->o.poll);
+    int r = pthread_create(ret_thread, NULL, db_main, t);
+    if (r != 0) {
+        json_decref(t->pending);
+        free(t);
+        return ds_seterr(DS_EIO, "could not start the database thread: %s", strerror(r));
+    }
+    return 0;
+}
