@@ -11,12 +11,15 @@ SUDO=
 PKGS="build-essential autoconf automake libtool pkg-config xz-utils ca-certificates git
  libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev libcmocka-dev
  libzmq3-dev libmsgpack-dev libpq-dev libsystemd-dev
- postgresql-15 postgresql-client-15 systemd clang libclang-rt-14-dev npm python3"
+ postgresql-15 postgresql-client-15 systemd clang libclang-rt-14-dev"
 
 missing=
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# commands that may come from elsewhere than Debian's packages (a NodeSource node, a pyenv python)
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
+command -v python3 >/dev/null 2>&1 || missing="$missing python3"
 if [ -n "$missing" ]; then
     echo "setup: installing:$missing"
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
