@@ -73,11 +73,11 @@ tap_is "$DRC" "0" "SIGTERM: dsparkd stops cleanly"
 # ---- drain on SIGTERM: finish what fits, hand back the rest ----
 q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature, custom_id)
-   SELECT '$E2E_MODEL', ARRAY[g, g + 1, g + 2], CASE WHEN g <= 6 THEN 300 ELSE 4 END, 0,
+   SELECT '$E2E_MODEL', ARRAY[g, g + 1, g + 2], CASE WHEN g <= 6 THEN 480 ELSE 4 END, 0,
           CASE WHEN g <= 6 THEN 'long' ELSE 'short' END
    FROM generate_series(1, 12) g" >/dev/null
 "$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id drainer \
-    --drain-timeout 0.5 --lease 30 2>"$T/drain.log" &
+    --drain-timeout 0.2 --lease 30 2>"$T/drain.log" &
 WPID=$!
 E2E_PIDS="$E2E_PIDS $WPID"
 wait_sql "SELECT count(*) FROM dspark.jobs WHERE custom_id = 'long' AND state = 'running'" 6 20
