@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
@@ -86,8 +87,19 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
         o.prefill_chunk = 512;
     if (o.max_context <= 0 || o.max_context > target->cfg.max_position_embeddings)
         o.max_context = target->cfg.max_position_embeddings > 0 ? target->cfg.max_position_embeddings : 4096;
-    if (o.kv_pages <= 0)
-        o.kv_pages = o.max_seqs * ((o.max_context + DS_MAX_BLOCK + o.page_size) / o.page_size);
+    if (o.kv_pages <= 0) {
+        /* room for max_seqs full contexts, but at most a quarter of the machine's memory:
+         * a long-context model (Qwen3: 40960 positions) would ask for far more */
+        const struct ds_qwen3_config *c = &target->cfg;
+        double page_bytes = 2.0 * c->num_hidden_layers * c->num_key_value_heads * c->head_dim * sizeof(float) *
+                            o.page_size;
+        double want = (double)o.max_seqs * ((o.max_context + DS_MAX_BLOCK + o.page_size) / o.page_size);
+        double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+        double cap = ram > 0 ? ram / 4 / page_bytes : want;
+        o.kv_pages = (int)(want < cap ? want : cap);
+        if (o.kv_pages < 1)
+            o.kv_pages = 1;
+    }
     e->opts = o;
     e->gamma = draft ? ds_draft_block_size(draft) : 0;
     if ((r = ds_pool_new(o.n_threads, &e->pool)) < 0)
