@@ -477,7 +477,7 @@ static int run_loop(struct loop *L)
     struct wshared *sh = &w->sh;
     uint64_t consumed = 0;
     bool draining = false;
-    double drain_deadline = 0, last_wd = 0, last_status = wnow();
+    double drain_deadline = 0, last_wd = 0, last_status = wnow() - 4; /* the first STATUS after a second, then every 5 s */
     int rc = 0, term_seen = 0;
     for (;;) {
         /* what the database thread delivered */

@@ -1,0 +1,267 @@
+/* rowwise.cu: per-row kernels of the forward pass: embedding gather, RMSNorm
+ * (plain and fused with the residual add), per-head q/k RMSNorm with RoPE,
+ * SwiGLU and argmax. One block per row with a fixed block size, so a row's
+ * reductions always run in the same order whatever the batch. */
+#include <math.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+#define ROW_THREADS 256
+
+/* Sum over the block, the same value in every thread; fixed order: a butterfly
+ * within each warp, then the warps' sums in warp order. red holds 32 floats. */
+__device__ static float block_sum(float v, float *red)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    int w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    __syncthreads();                 /* red may still be read by an earlier call */
+    if ((threadIdx.x & 31) == 0)
+        red[w] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int i = 0; i < nw; i++)
+        s += red[i];
+    return s;
+}
+
+/* ---- embedding ---- */
+__global__ static void embed_f32_kernel(const float *table, const int32_t *tokens, int H, int V, float *out)
+{
+    int t = blockIdx.x;
+    int id = tokens[t];
+    float *o = out + (size_t)t * H;
+    if (id < 0 || id >= V) {
+        for (int i = threadIdx.x; i < H; i += blockDim.x)
+            o[i] = 0.0f;
+        return;
+    }
+    const float *row = table + (size_t)id * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = row[i];
+}
+
+__global__ static void embed_bf16_kernel(const uint16_t *table, const int32_t *tokens, int H, int V, float *out)
+{
+    int t = blockIdx.x;
+    int id = tokens[t];
+    float *o = out + (size_t)t * H;
+    if (id < 0 || id >= V) {
+        for (int i = threadIdx.x; i < H; i += blockDim.x)
+            o[i] = 0.0f;
+        return;
+    }
+    const uint16_t *row = table + (size_t)id * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = __uint_as_float((uint32_t)row[i] << 16);
+}
+
+extern "C" cudaError_t ds_k_embed_f32(const float *table, const int32_t *tokens, int n, int H, int V, float *out,
+                                      cudaStream_t stream)
+{
+    if (n < 0 || H <= 0 || V <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    embed_f32_kernel<<<n, ROW_THREADS, 0, stream>>>(table, tokens, H, V, out);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_embed_bf16(const uint16_t *table, const int32_t *tokens, int n, int H, int V,
+                                       float *out, cudaStream_t stream)
+{
+    if (n < 0 || H <= 0 || V <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    embed_bf16_kernel<<<n, ROW_THREADS, 0, stream>>>(table, tokens, H, V, out);
+    return cudaGetLastError();
+}
+
+/* ---- RMSNorm ---- */
+__device__ static float rms_scale(float ss, int H, float eps)
+{
+    return (float)(1.0 / sqrt((double)ss / H + (double)eps));
+}
+
+__global__ static void rmsnorm_kernel(const float *x, const float *w, int H, float eps, float *out)
+{
+    __shared__ float red[32];
+    const float *xr = x + (size_t)blockIdx.x * H;
+    float *o = out + (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        ss += xr[i] * xr[i];
+    float scale = rms_scale(block_sum(ss, red), H, eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = w[i] * (xr[i] * scale);
+}
+
+__global__ static void add_rmsnorm_kernel(float *x, const float *y, const float *w, int H, float eps, float *out)
+{
+    __shared__ float red[32];
+    float *xr = x + (size_t)blockIdx.x * H;
+    const float *yr = y + (size_t)blockIdx.x * H;
+    float *o = out + (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    float scale = rms_scale(block_sum(ss, red), H, eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = w[i] * (xr[i] * scale);
+}
+
+extern "C" cudaError_t ds_k_rmsnorm(const float *x, const float *w, int n, int H, float eps, float *out,
+                                    cudaStream_t stream)
+{
+    if (n < 0 || H <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    rmsnorm_kernel<<<n, ROW_THREADS, 0, stream>>>(x, w, H, eps, out);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_add_rmsnorm(float *x, const float *y, const float *w, int n, int H, float eps,
+                                        float *out, cudaStream_t stream)
+{
+    if (n < 0 || H <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    add_rmsnorm_kernel<<<n, ROW_THREADS, 0, stream>>>(x, y, w, H, eps, out);
+    return cudaGetLastError();
+}
+
+/* ---- per-head q/k RMSNorm + RoPE ---- */
+#define HEAD_THREADS 128
+
+/* Block (t, h): heads 0..nH-1 are q's, nH..nH+nKV-1 are k's. */
+__global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk, const float *q_norm,
+                                           const float *k_norm, const float *inv_freq, const int32_t *pos,
+                                           int nH, int hd, float eps)
+{
+    extern __shared__ float buf[];   /* [hd] */
+    __shared__ float red[32];
+    int t = blockIdx.x, h = blockIdx.y;
+    float *x;
+    const float *w;
+    if (h < nH) {
+        x = q + (size_t)t * ldq + (size_t)h * hd;
+        w = q_norm;
+    } else {
+        x = k + (size_t)t * ldk + (size_t)(h - nH) * hd;
+        w = k_norm;
+    }
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = x[i];
+        buf[i] = v;
+        ss += v * v;
+    }
+    float scale = rms_scale(block_sum(ss, red), hd, eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        buf[i] = w[i] * (buf[i] * scale);
+    __syncthreads();
+    int half = hd / 2;
+    float p = (float)pos[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float angle = p * inv_freq[i];
+        double s, c;
+        sincos((double)angle, &s, &c);
+        float cf = (float)c, sf = (float)s;
+        float a = buf[i], b = buf[i + half];
+        x[i] = a * cf - b * sf;
+        x[i + half] = b * cf + a * sf;
+    }
+}
+
+extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, const float *q_norm,
+                                         const float *k_norm, const float *inv_freq, const int32_t *pos, int n,
+                                         int nH, int nKV, int hd, float eps, cudaStream_t stream)
+{
+    if (n < 0 || nH <= 0 || nKV < 0 || hd <= 0 || hd % 2 || hd > 4096 || ldq < nH * hd || ldk < nKV * hd)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    dim3 grid((unsigned)n, (unsigned)(nH + nKV));
+    qk_norm_rope_kernel<<<grid, HEAD_THREADS, (size_t)hd * sizeof(float), stream>>>(
+        q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, nH, hd, eps);
+    return cudaGetLastError();
+}
+
+/* ---- SwiGLU ---- */
+__global__ static void swiglu_kernel(const float *gu, int I, float *out)
+{
+    const float *g = gu + (size_t)blockIdx.y * 2 * I, *u = g + I;
+    float *o = out + (size_t)blockIdx.y * I;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < I) {
+        float gv = g[i];
+        o[i] = gv / (1.0f + expf(-gv)) * u[i];
+    }
+}
+
+extern "C" cudaError_t ds_k_swiglu(const float *gu, int n, int I, float *out, cudaStream_t stream)
+{
+    if (n < 0 || I <= 0 || n > 65535)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    dim3 grid((unsigned)((I + ROW_THREADS - 1) / ROW_THREADS), (unsigned)n);
+    swiglu_kernel<<<grid, ROW_THREADS, 0, stream>>>(gu, I, out);
+    return cudaGetLastError();
+}
+
+/* ---- argmax ---- */
+/* (bv, bi) becomes the better of itself and (v, i): larger value, then lower index. */
+__device__ static void better(float &bv, int &bi, float v, int i)
+{
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
+    }
+}
+
+__global__ static void argmax_kernel(const float *x, int V, int32_t *out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *row = x + (size_t)blockIdx.x * V;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+        better(bv, bi, row[i], i);
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        better(bv, bi, ov, oi);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        sv[threadIdx.x >> 5] = bv;
+        si[threadIdx.x >> 5] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            better(bv, bi, sv[w], si[w]);
+        /* a row of -inf (or NaN) only: no candidate beat the start value */
+        out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+extern "C" cudaError_t ds_k_argmax(const float *x, int n, int V, int32_t *out, cudaStream_t stream)
+{
+    if (n < 0 || V <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out);
+    return cudaGetLastError();
+}

@@ -1,0 +1,599 @@
+/* test-kernels.c: every CUDA kernel against the CPU engine's functions (or a
+ * plain C reference where the engine has none), on fresh random inputs each
+ * run. Outputs are poisoned with NaN (or -1) before each launch so that an
+ * element left unwritten fails the comparison. Prints TAP; without a CUDA
+ * device it prints a skip plan and exits 0. DS_TEST_SEED=N repeats a run. */
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
+
+#include "dspark/ds-model.h"
+#include "kernels.h"
+
+/* ---- bookkeeping: every buffer of a test is freed when the test ends ---- */
+#define MAX_BUFS 64
+static void *dev_bufs[MAX_BUFS], *host_bufs[MAX_BUFS];
+static int n_dev, n_host;
+
+static void free_all(void)
+{
+    for (int i = 0; i < n_dev; i++)
+        cudaFree(dev_bufs[i]);
+    for (int i = 0; i < n_host; i++)
+        free(host_bufs[i]);
+    n_dev = n_host = 0;
+}
+
+static void *hmalloc(size_t bytes)
+{
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p || n_host == MAX_BUFS) {
+        fprintf(stderr, "out of host memory or buffer slots\n");
+        exit(1);
+    }
+    host_bufs[n_host++] = p;
+    return p;
+}
+
+/* A device buffer filled with 0xff bytes (NaN as f32, -1 as int32). */
+static void *dpoison(size_t bytes)
+{
+    void *p = NULL;
+    if (n_dev == MAX_BUFS || cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess ||
+        cudaMemset(p, 0xff, bytes) != cudaSuccess) {
+        fprintf(stderr, "could not allocate %zu bytes of device memory\n", bytes);
+        exit(1);
+    }
+    dev_bufs[n_dev++] = p;
+    return p;
+}
+
+static void *dup_to_dev(const void *h, size_t bytes)
+{
+    void *p = dpoison(bytes);
+    if (cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+        fprintf(stderr, "host-to-device copy failed\n");
+        exit(1);
+    }
+    return p;
+}
+
+static void *dup_to_host(const void *d, size_t bytes)
+{
+    void *p = hmalloc(bytes);
+    cudaError_t e = cudaMemcpy(p, d, bytes, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) {
+        printf("# device-to-host copy failed: %s\n", cudaGetErrorString(e));
+        memset(p, 0xff, bytes);
+    }
+    return p;
+}
+
+/* ---- random inputs: uniform in [-1, 1], never exactly zero ---- */
+static uint64_t rng;
+
+static uint32_t rnd_u32(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+
+static float rnd_f(void)
+{
+    float v = ((float)(rnd_u32() & 0xffffff) + 0.5f) / 8388608.0f - 1.0f;
+    return v;
+}
+
+static float *rnd_vec(size_t n)
+{
+    float *p = hmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        p[i] = rnd_f();
+    return p;
+}
+
+/* ---- checks ---- */
+/* The launcher's status, then the kernel's (synchronously). */
+static bool launched(cudaError_t e, const char *what)
+{
+    if (e == cudaSuccess)
+        e = cudaGetLastError();
+    if (e == cudaSuccess)
+        e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) {
+        printf("# %s: %s\n", what, cudaGetErrorString(e));
+        return false;
+    }
+    return true;
+}
+
+/* max |got - ref| / max |ref|; any NaN in got (an unwritten element) fails. */
+static bool close_enough(const char *what, const float *got, const float *ref, size_t n, double bound)
+{
+    double maxref = 0, maxdiff = 0;
+    size_t worst = 0, nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(got[i])) {
+            nan++;
+            continue;
+        }
+        double d = fabs((double)got[i] - ref[i]);
+        if (d > maxdiff) {
+            maxdiff = d;
+            worst = i;
+        }
+        if (fabs(ref[i]) > maxref)
+            maxref = fabs(ref[i]);
+    }
+    double err = maxdiff / (maxref > 0 ? maxref : 1e-30);
+    printf("# %s: normalized max error %.3g (bound %.3g), %zu unwritten of %zu\n", what, err, bound, nan, n);
+    if (nan || err > bound) {
+        if (!nan)
+            printf("#   worst at %zu: got %.9g want %.9g\n", worst, got[worst], ref[worst]);
+        return false;
+    }
+    return true;
+}
+
+static bool same_bits(const char *what, const void *got, const void *ref, size_t bytes)
+{
+    if (memcmp(got, ref, bytes) == 0)
+        return true;
+    const unsigned char *g = got, *r = ref;
+    size_t i = 0;
+    while (g[i] == r[i])
+        i++;
+    printf("# %s: differs first at byte %zu of %zu\n", what, i, bytes);
+    return false;
+}
+
+/* ---- tests ---- */
+static bool test_embed_f32(void)
+{
+    int V = 517, H = 1000, n = 37;
+    float *table = rnd_vec((size_t)V * H);
+    int32_t *tok = hmalloc((size_t)n * sizeof *tok);
+    for (int t = 0; t < n; t++)
+        tok[t] = (int32_t)(rnd_u32() % (uint32_t)V);
+    tok[5] = V;              /* out of range: zeros */
+    tok[6] = -1;
+    tok[7] = V - 1;
+    float *ref = hmalloc((size_t)n * H * sizeof(float));
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < H; i++)
+            ref[(size_t)t * H + i] = tok[t] >= 0 && tok[t] < V ? table[(size_t)tok[t] * H + i] : 0.0f;
+    float *d_out = dpoison((size_t)n * H * sizeof(float));
+    if (!launched(ds_k_embed_f32(dup_to_dev(table, (size_t)V * H * sizeof(float)),
+                                 dup_to_dev(tok, (size_t)n * sizeof *tok), n, H, V, d_out, 0), "embed_f32"))
+        return false;
+    return same_bits("embed_f32", dup_to_host(d_out, (size_t)n * H * sizeof(float)), ref,
+                     (size_t)n * H * sizeof(float));
+}
+
+static bool test_embed_bf16(void)
+{
+    int V = 300, H = 768, n = 20;
+    uint16_t *table = hmalloc((size_t)V * H * sizeof *table);
+    for (size_t i = 0; i < (size_t)V * H; i++) {
+        float f = rnd_f();
+        uint32_t b;
+        memcpy(&b, &f, 4);
+        table[i] = (uint16_t)(b >> 16);
+    }
+    int32_t *tok = hmalloc((size_t)n * sizeof *tok);
+    for (int t = 0; t < n; t++)
+        tok[t] = (int32_t)(rnd_u32() % (uint32_t)V);
+    float *ref = hmalloc((size_t)n * H * sizeof(float));
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < H; i++) {
+            uint32_t b = (uint32_t)table[(size_t)tok[t] * H + i] << 16;
+            memcpy(&ref[(size_t)t * H + i], &b, 4);
+        }
+    float *d_out = dpoison((size_t)n * H * sizeof(float));
+    if (!launched(ds_k_embed_bf16(dup_to_dev(table, (size_t)V * H * sizeof *table),
+                                  dup_to_dev(tok, (size_t)n * sizeof *tok), n, H, V, d_out, 0), "embed_bf16"))
+        return false;
+    return same_bits("embed_bf16", dup_to_host(d_out, (size_t)n * H * sizeof(float)), ref,
+                     (size_t)n * H * sizeof(float));
+}
+
+static bool test_rmsnorm(void)
+{
+    int n = 19, H = 2560;
+    float eps = 1e-6f;
+    size_t bytes = (size_t)n * H * sizeof(float);
+    float *x = rnd_vec((size_t)n * H), *w = rnd_vec(H);
+    float *ref = hmalloc(bytes);
+    for (int t = 0; t < n; t++)
+        ds_rmsnorm(x + (size_t)t * H, w, H, eps, ref + (size_t)t * H);
+    float *d_x = dup_to_dev(x, bytes), *d_w = dup_to_dev(w, H * sizeof(float)), *d_out = dpoison(bytes);
+    if (!launched(ds_k_rmsnorm(d_x, d_w, n, H, eps, d_out, 0), "rmsnorm"))
+        return false;
+    float *got = dup_to_host(d_out, bytes);
+    bool ok = close_enough("rmsnorm", got, ref, (size_t)n * H, 1e-5);
+    /* in place gives the same bits */
+    if (!launched(ds_k_rmsnorm(d_x, d_w, n, H, eps, d_x, 0), "rmsnorm in place"))
+        return false;
+    return same_bits("rmsnorm in place", dup_to_host(d_x, bytes), got, bytes) && ok;
+}
+
+static bool test_add_rmsnorm(void)
+{
+    int n = 11, H = 4096;
+    float eps = 1e-6f;
+    size_t bytes = (size_t)n * H * sizeof(float);
+    float *x = rnd_vec((size_t)n * H), *y = rnd_vec((size_t)n * H), *w = rnd_vec(H);
+    float *d_x = dup_to_dev(x, bytes), *d_y = dup_to_dev(y, bytes), *d_out = dpoison(bytes);
+    float *ref = hmalloc(bytes);
+    for (size_t i = 0; i < (size_t)n * H; i++)
+        x[i] += y[i];
+    for (int t = 0; t < n; t++)
+        ds_rmsnorm(x + (size_t)t * H, w, H, eps, ref + (size_t)t * H);
+    if (!launched(ds_k_add_rmsnorm(d_x, d_y, dup_to_dev(w, H * sizeof(float)), n, H, eps, d_out, 0),
+                  "add_rmsnorm"))
+        return false;
+    bool ok = same_bits("add_rmsnorm residual", dup_to_host(d_x, bytes), x, bytes);
+    return close_enough("add_rmsnorm", dup_to_host(d_out, bytes), ref, (size_t)n * H, 1e-5) && ok;
+}
+
+static float *rope_freqs(int hd, double theta)
+{
+    float *f = hmalloc((size_t)hd / 2 * sizeof(float));
+    for (int i = 0; i < hd / 2; i++)
+        f[i] = (float)(1.0 / pow(theta, 2.0 * i / hd));
+    return f;
+}
+
+static bool test_qk_norm_rope(void)
+{
+    int n = 13, nH = 32, nKV = 8, hd = 128;
+    int width = (nH + 2 * nKV) * hd;
+    float eps = 1e-6f;
+    size_t bytes = (size_t)n * width * sizeof(float);
+    float *qkv = rnd_vec((size_t)n * width), *qn = rnd_vec(hd), *kn = rnd_vec(hd);
+    float *inv_freq = rope_freqs(hd, 1e6);
+    int32_t *pos = hmalloc((size_t)n * sizeof *pos);
+    for (int t = 0; t < n; t++)
+        pos[t] = (int32_t)(rnd_u32() % 40000);
+    pos[0] = 0;
+    float *d_qkv = dup_to_dev(qkv, bytes);
+    for (int t = 0; t < n; t++) {
+        float *q = qkv + (size_t)t * width, *k = q + (size_t)nH * hd;
+        for (int h = 0; h < nH; h++)
+            ds_rmsnorm(q + (size_t)h * hd, qn, hd, eps, q + (size_t)h * hd);
+        for (int h = 0; h < nKV; h++)
+            ds_rmsnorm(k + (size_t)h * hd, kn, hd, eps, k + (size_t)h * hd);
+        ds_rope(q, nH, hd, inv_freq, pos[t]);
+        ds_rope(k, nKV, hd, inv_freq, pos[t]);
+    }
+    if (!launched(ds_k_qk_norm_rope(d_qkv, width, d_qkv + (size_t)nH * hd, width,
+                                    dup_to_dev(qn, hd * sizeof(float)), dup_to_dev(kn, hd * sizeof(float)),
+                                    dup_to_dev(inv_freq, (size_t)hd / 2 * sizeof(float)),
+                                    dup_to_dev(pos, (size_t)n * sizeof *pos), n, nH, nKV, hd, eps, 0),
+                  "qk_norm_rope"))
+        return false;
+    /* the v part of each row must come back untouched: it is in the comparison */
+    return close_enough("qk_norm_rope", dup_to_host(d_qkv, bytes), qkv, (size_t)n * width, 1e-5);
+}
+
+static bool test_swiglu(void)
+{
+    int n = 7, I = 3000;
+    float *gu = rnd_vec((size_t)n * 2 * I);
+    for (size_t i = 0; i < (size_t)n * 2 * I; i++)
+        gu[i] *= 8.0f;       /* reach well into both tails of silu */
+    float *ref = hmalloc((size_t)n * I * sizeof(float));
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < I; i++) {
+            float g = gu[(size_t)t * 2 * I + i], u = gu[(size_t)t * 2 * I + I + i];
+            ref[(size_t)t * I + i] = g / (1.0f + expf(-g)) * u;
+        }
+    float *d_out = dpoison((size_t)n * I * sizeof(float));
+    if (!launched(ds_k_swiglu(dup_to_dev(gu, (size_t)n * 2 * I * sizeof(float)), n, I, d_out, 0), "swiglu"))
+        return false;
+    return close_enough("swiglu", dup_to_host(d_out, (size_t)n * I * sizeof(float)), ref, (size_t)n * I, 1e-5);
+}
+
+static bool test_argmax(void)
+{
+    int n = 7, V = 151936;
+    float *x = rnd_vec((size_t)n * V);
+    x[77] = x[9000] = x[150000] = 2.0f;                  /* row 0: a tie, lowest wins */
+    x[(size_t)1 * V + V - 1] = 3.0f;                      /* row 1: the last index */
+    for (int i = 0; i < V; i++)                           /* row 2: all equal */
+        x[(size_t)2 * V + i] = 0.25f;
+    x[(size_t)3 * V] = 5.0f;                              /* row 3: index 0 */
+    x[(size_t)4 * V + 1023] = x[(size_t)4 * V + 1024] = 4.0f; /* row 4: a tie across threads */
+    int32_t want[7];
+    for (int t = 0; t < n; t++) {
+        const float *r = x + (size_t)t * V;
+        int b = 0;
+        for (int i = 1; i < V; i++)
+            if (r[i] > r[b])
+                b = i;
+        want[t] = b;
+    }
+    if (want[0] != 77 || want[1] != V - 1 || want[2] != 0 || want[3] != 0 || want[4] != 1023) {
+        printf("# argmax: the reference is wrong\n");
+        return false;
+    }
+    int32_t *d_out = dpoison((size_t)n * sizeof(int32_t));
+    if (!launched(ds_k_argmax(dup_to_dev(x, (size_t)n * V * sizeof(float)), n, V, d_out, 0), "argmax"))
+        return false;
+    int32_t *got = dup_to_host(d_out, (size_t)n * sizeof(int32_t));
+    bool ok = true;
+    for (int t = 0; t < n; t++)
+        if (got[t] != want[t]) {
+            printf("# argmax row %d: got %d want %d\n", t, got[t], want[t]);
+            ok = false;
+        }
+    return ok;
+}
+
+/* ---- paged cache and attention ---- */
+struct att_case {
+    int nH, nKV, hd, page_size, n_pages, n_seqs;
+    int cached[4], n_new[4];   /* per sequence: positions already cached, tokens in this batch */
+};
+
+struct att_setup {
+    struct ds_kv_pool pool;     /* host copy, 2 layers; the kernels work on layer 1 */
+    struct ds_kv_seq seqs[4];
+    int max_pages, n, width;
+    int32_t *page_table;        /* [n_seqs, max_pages] */
+    int32_t *seq, *pos;         /* [n] */
+    float *qkv;                 /* [n, width] */
+};
+
+/* Random cache contents, shuffled pages, and the batch's tokens interleaved across sequences. */
+static void att_setup(const struct att_case *c, struct att_setup *s)
+{
+    memset(s, 0, sizeof *s);
+    s->pool = (struct ds_kv_pool){.n_layers = 2, .n_kv_heads = c->nKV, .head_dim = c->hd,
+                                  .page_size = c->page_size, .n_pages = c->n_pages};
+    size_t cache = (size_t)2 * c->n_pages * c->page_size * c->nKV * c->hd;
+    s->pool.k = rnd_vec(cache);
+    s->pool.v = rnd_vec(cache);
+    int32_t *perm = hmalloc((size_t)c->n_pages * sizeof *perm);
+    for (int i = 0; i < c->n_pages; i++)
+        perm[i] = i;
+    for (int i = c->n_pages - 1; i > 0; i--) {
+        int j = (int)(rnd_u32() % (uint32_t)(i + 1));
+        int32_t tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    s->max_pages = 0;
+    for (int q = 0; q < c->n_seqs; q++) {
+        int need = (c->cached[q] + c->n_new[q] + c->page_size - 1) / c->page_size;
+        if (need > s->max_pages)
+            s->max_pages = need;
+        s->n += c->n_new[q];
+    }
+    s->page_table = hmalloc((size_t)c->n_seqs * s->max_pages * sizeof(int32_t));
+    for (size_t i = 0; i < (size_t)c->n_seqs * s->max_pages; i++)
+        s->page_table[i] = -1;
+    int next = 0;
+    for (int q = 0; q < c->n_seqs; q++) {
+        int need = (c->cached[q] + c->n_new[q] + c->page_size - 1) / c->page_size;
+        s->seqs[q].pages = s->page_table + (size_t)q * s->max_pages;
+        s->seqs[q].n_pages = s->seqs[q].cap = need;
+        s->seqs[q].len = c->cached[q];
+        for (int p = 0; p < need; p++)
+            s->seqs[q].pages[p] = perm[next++];
+    }
+    if (next > c->n_pages) {
+        fprintf(stderr, "attention case needs %d pages, has %d\n", next, c->n_pages);
+        exit(1);
+    }
+    /* round-robin over sequences, a few tokens at a time, so chunks interleave */
+    s->seq = hmalloc((size_t)s->n * sizeof(int32_t));
+    s->pos = hmalloc((size_t)s->n * sizeof(int32_t));
+    int done[4] = {0}, t = 0;
+    while (t < s->n)
+        for (int q = 0; q < c->n_seqs; q++) {
+            int take = 1 + (int)(rnd_u32() % 7);
+            for (int k = 0; k < take && done[q] < c->n_new[q]; k++) {
+                s->seq[t] = q;
+                s->pos[t] = c->cached[q] + done[q]++;
+                t++;
+            }
+        }
+    s->width = (c->nH + 2 * c->nKV) * c->hd;
+    s->qkv = rnd_vec((size_t)s->n * s->width);
+}
+
+/* The CPU engine's computation: append each token's K/V, then causal attention (as in forward-cpu.c). */
+static void att_reference(const struct att_case *c, struct att_setup *s, float *out /* [n, nH hd] */)
+{
+    int hd = c->hd, nH = c->nH, nKV = c->nKV, group = nH / nKV, layer = 1;
+    size_t row = (size_t)nKV * hd;
+    for (int t = 0; t < s->n; t++) {
+        const float *k = s->qkv + (size_t)t * s->width + (size_t)nH * hd, *v = k + row;
+        memcpy(ds_kv_at(&s->pool, s->pool.k, &s->seqs[s->seq[t]], layer, s->pos[t]), k, row * sizeof(float));
+        memcpy(ds_kv_at(&s->pool, s->pool.v, &s->seqs[s->seq[t]], layer, s->pos[t]), v, row * sizeof(float));
+    }
+    int max_pos = 0;
+    for (int t = 0; t < s->n; t++)
+        if (s->pos[t] > max_pos)
+            max_pos = s->pos[t];
+    float *scores = hmalloc((size_t)(max_pos + 1) * sizeof(float));
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int t = 0; t < s->n; t++) {
+        const struct ds_kv_seq *sq = &s->seqs[s->seq[t]];
+        int pos = s->pos[t];
+        for (int h = 0; h < nH; h++) {
+            int g = h / group;
+            const float *q = s->qkv + (size_t)t * s->width + (size_t)h * hd;
+            float *o = out + ((size_t)t * nH + h) * hd;
+            float mx = -INFINITY;
+            for (int j = 0; j <= pos; j++) {
+                scores[j] = ds_dot(q, ds_kv_at(&s->pool, s->pool.k, sq, layer, j) + (size_t)g * hd, hd) * scale;
+                if (scores[j] > mx)
+                    mx = scores[j];
+            }
+            float sum = 0;
+            for (int j = 0; j <= pos; j++) {
+                scores[j] = expf(scores[j] - mx);
+                sum += scores[j];
+            }
+            float inv = 1.0f / sum;
+            for (int d = 0; d < hd; d++)
+                o[d] = 0;
+            for (int j = 0; j <= pos; j++) {
+                const float *vr = ds_kv_at(&s->pool, s->pool.v, sq, layer, j) + (size_t)g * hd;
+                float w = scores[j] * inv;
+                for (int d = 0; d < hd; d++)
+                    o[d] += w * vr[d];
+            }
+        }
+    }
+}
+
+static bool test_attention(const struct att_case *c, const char *name)
+{
+    struct att_setup s;
+    att_setup(c, &s);
+    int n = s.n, hd = c->hd, nH = c->nH, nKV = c->nKV;
+    size_t layer_floats = (size_t)c->n_pages * c->page_size * nKV * hd;
+    size_t cache_bytes = 2 * layer_floats * sizeof(float), out_floats = (size_t)n * nH * hd;
+    float *d_k = dup_to_dev(s.pool.k, cache_bytes), *d_v = dup_to_dev(s.pool.v, cache_bytes);
+    float *d_qkv = dup_to_dev(s.qkv, (size_t)n * s.width * sizeof(float));
+    int32_t *d_seq = dup_to_dev(s.seq, (size_t)n * sizeof(int32_t)), *d_pos = dup_to_dev(s.pos, (size_t)n * sizeof(int32_t));
+    int32_t *d_pt = dup_to_dev(s.page_table, (size_t)c->n_seqs * s.max_pages * sizeof(int32_t));
+    float *d_out = dpoison(out_floats * sizeof(float));
+    float scale = 1.0f / sqrtf((float)hd);
+
+    if (!launched(ds_k_kv_append(d_qkv + (size_t)nH * hd, s.width, d_qkv + (size_t)(nH + nKV) * hd, s.width, d_seq,
+                                 d_pos, d_pt, s.max_pages, c->page_size, n, nKV, hd, d_k + layer_floats,
+                                 d_v + layer_floats, 0), "kv_append"))
+        return false;
+    if (!launched(ds_k_attention(d_qkv, s.width, d_k + layer_floats, d_v + layer_floats, d_seq, d_pos, d_pt,
+                                 s.max_pages, c->page_size, n, nH, nKV, hd, scale, d_out, 0), "attention"))
+        return false;
+    float *ref = hmalloc(out_floats * sizeof(float));
+    att_reference(c, &s, ref);
+    char what[128];
+    snprintf(what, sizeof what, "%s: paged K cache after append", name);
+    bool ok = same_bits(what, dup_to_host(d_k, cache_bytes), s.pool.k, cache_bytes);
+    snprintf(what, sizeof what, "%s: paged V cache after append", name);
+    ok = same_bits(what, dup_to_host(d_v, cache_bytes), s.pool.v, cache_bytes) && ok;
+    float *got = dup_to_host(d_out, out_floats * sizeof(float));
+    ok = close_enough(name, got, ref, out_floats, 1e-5) && ok;
+
+    /* batch invariance: the first, a middle and the last token alone give the same bits */
+    int alone[3] = {0, n / 2, n - 1};
+    for (int i = 0; i < 3; i++) {
+        int t = alone[i];
+        float *d_one = dpoison((size_t)nH * hd * sizeof(float));
+        if (!launched(ds_k_attention(d_qkv + (size_t)t * s.width, s.width, d_k + layer_floats, d_v + layer_floats,
+                                     d_seq + t, d_pos + t, d_pt, s.max_pages, c->page_size, 1, nH, nKV, hd, scale,
+                                     d_one, 0), "attention, one token"))
+            return false;
+        snprintf(what, sizeof what, "%s: token %d alone (seq %d pos %d)", name, t, s.seq[t], s.pos[t]);
+        ok = same_bits(what, dup_to_host(d_one, (size_t)nH * hd * sizeof(float)), got + (size_t)t * nH * hd,
+                       (size_t)nH * hd * sizeof(float)) && ok;
+    }
+    return ok;
+}
+
+/* 3 sequences: a prefill chunk crossing a page boundary after 63 cached
+ * positions, a decode token after 250, and a decode token on the first slot of a page. */
+static bool test_attention_ragged(void)
+{
+    struct att_case c = {.nH = 16, .nKV = 4, .hd = 128, .page_size = 16, .n_pages = 64, .n_seqs = 3,
+                         .cached = {63, 250, 32}, .n_new = {37, 1, 1}};
+    return test_attention(&c, "attention ragged (GQA 4, hd 128)");
+}
+
+/* hd 64 without GQA: a fresh prefill from position 0, a verify block of 5 and a decode. */
+static bool test_attention_hd64(void)
+{
+    struct att_case c = {.nH = 8, .nKV = 8, .hd = 64, .page_size = 8, .n_pages = 48, .n_seqs = 3,
+                         .cached = {0, 41, 7}, .n_new = {40, 5, 1}};
+    return test_attention(&c, "attention ragged (MHA, hd 64)");
+}
+
+/* Shapes the kernels do not support are refused, with nothing launched. */
+static bool test_invalid(void)
+{
+    bool ok = true;
+    float *d = dpoison(1024 * sizeof(float));
+    int32_t *di = dpoison(16 * sizeof(int32_t));
+    if (ds_k_attention(d, 96 * 2, d, d, di, di, di, 1, 16, 1, 2, 1, 96, 1.0f, d, 0) != cudaErrorInvalidValue) {
+        printf("# attention with hd 96 was not refused\n");
+        ok = false;
+    }
+    if (ds_k_attention(d, 128 * 3, d, d, di, di, di, 1, 16, 1, 3, 2, 128, 1.0f, d, 0) != cudaErrorInvalidValue) {
+        printf("# attention with 3 heads over 2 KV heads was not refused\n");
+        ok = false;
+    }
+    if (ds_k_rmsnorm(d, d, -1, 8, 1e-6f, d, 0) != cudaErrorInvalidValue) {
+        printf("# rmsnorm with n = -1 was not refused\n");
+        ok = false;
+    }
+    if (ds_k_qk_norm_rope(d, 7, d, 7, d, d, d, di, 1, 1, 1, 7, 1e-6f, 0) != cudaErrorInvalidValue) {
+        printf("# qk_norm_rope with odd hd was not refused\n");
+        ok = false;
+    }
+    if (ds_k_swiglu(d, 0, 8, d, 0) != cudaSuccess || ds_k_argmax(d, 0, 8, di, 0) != cudaSuccess) {
+        printf("# an empty batch was refused\n");
+        ok = false;
+    }
+    return launched(cudaSuccess, "after refused launches") && ok;
+}
+
+static const struct {
+    const char *name;
+    bool (*fn)(void);
+} tests[] = {
+    {"embed f32 gather (ids out of range give zeros)", test_embed_f32},
+    {"embed bf16 gather", test_embed_bf16},
+    {"rmsnorm against ds_rmsnorm, and in place", test_rmsnorm},
+    {"residual add + rmsnorm", test_add_rmsnorm},
+    {"per-head q/k rmsnorm + rope against ds_rmsnorm/ds_rope", test_qk_norm_rope},
+    {"swiglu", test_swiglu},
+    {"argmax, ties to the lowest index", test_argmax},
+    {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
+    {"kv append + causal attention, ragged batch, hd 64", test_attention_hd64},
+    {"unsupported shapes are refused", test_invalid},
+};
+
+int main(void)
+{
+    int n_dev_count = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev_count);
+    if (e != cudaSuccess || n_dev_count == 0) {
+        printf("1..0 # SKIP no CUDA device (%s)\n", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        return 0;
+    }
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
+        printf("# device 0: %s, compute capability %d.%d\n", prop.name, prop.major, prop.minor);
+    const char *env = getenv("DS_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 10) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
+    printf("# seed %llu (DS_TEST_SEED=%llu repeats this run)\n", (unsigned long long)seed, (unsigned long long)seed);
+    rng = seed * 0x9e3779b97f4a7c15ull + 1;
+    if (!rng)
+        rng = 1;
+
+    int n = (int)(sizeof tests / sizeof tests[0]), failed = 0;
+    printf("1..%d\n", n);
+    for (int i = 0; i < n; i++) {
+        bool ok = tests[i].fn();
+        free_all();
+        printf("%s %d - %s\n", ok ? "ok" : "not ok", i + 1, tests[i].name);
+        failed += !ok;
+        fflush(stdout);
+    }
+    return failed ? 1 : 0;
+}
