@@ -22,39 +22,7 @@
 #include "dspark/ds-model.h"
 #include "draft-impl.h"
 #include "draft-ops.h"
-
-static int vec(const struct ds_st *st, const char *name, int64_t n, float **ret)
-{
-    const struct ds_tensor *t;
-    int r = ds_st_get(st, name, 1, &n, &t);
-    if (r < 0)
-        return r;
-    *ret = ds_xmalloc((size_t)n * sizeof(float));
-    ds_tensor_to_f32(t, 0, (size_t)n, *ret);
-    return 0;
-}
-
-static int mat(const struct ds_st *st, const char *name, int64_t rows, int64_t cols, struct ds_mat *m)
-{
-    const struct ds_tensor *t;
-    int64_t shape[2] = {rows, cols};
-    int r = ds_st_get(st, name, 2, shape, &t);
-    return r < 0 ? r : ds_mat_from_tensor(m, t, 0, (int)rows);
-}
-
-static int stacked(const struct ds_st *st, char names[][160], const int64_t *rows, int n, int64_t cols,
-                   struct ds_mat *out)
-{
-    struct ds_mat parts[16] = {{0}};
-    int r = 0;
-    for (int i = 0; i < n && r == 0; i++)
-        r = mat(st, names[i], rows[i], cols, &parts[i]);
-    if (r == 0)
-        r = ds_mat_concat(out, parts, n);
-    for (int i = 0; i < n; i++)
-        ds_mat_done(&parts[i]);
-    return r;
-}
+#include "load-util.h"
 
 /* The draft's copy of a [V, H] table equals the target's? */
 static bool same_table(const struct ds_tensor *t, const float *target, int64_t V, int64_t H)
@@ -180,8 +148,8 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
             d->lm_head = &d->own_lm_head;
         }
     }
-    if ((r = mat(st, "fc.weight", H, (int64_t)d->m * H, &d->fc)) < 0 ||
-        (r = vec(st, "hidden_norm.weight", H, &d->hidden_norm)) < 0 || (r = vec(st, "norm.weight", H, &d->final_norm)) < 0)
+    if ((r = ds_load_mat(st, "fc.weight", H, (int64_t)d->m * H, &d->fc)) < 0 ||
+        (r = ds_load_vec(st, "hidden_norm.weight", H, &d->hidden_norm)) < 0 || (r = ds_load_vec(st, "norm.weight", H, &d->final_norm)) < 0)
         goto fail;
     d->layers = ds_xcalloc((size_t)d->n_layers, sizeof *d->layers);
     char (*kvnames)[160] = ds_xcalloc((size_t)(2 * d->n_layers), 160);
@@ -192,36 +160,43 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
 #define NM(buf, s) snprintf(buf, sizeof buf, "layers.%d.%s", i, s)
         NM(n[0], "input_layernorm.weight");
         NM(n[1], "post_attention_layernorm.weight");
-        if ((r = vec(st, n[0], H, &l->attn_norm)) < 0 || (r = vec(st, n[1], H, &l->ffn_norm)) < 0)
+        if ((r = ds_load_vec(st, n[0], H, &l->attn_norm)) < 0 || (r = ds_load_vec(st, n[1], H, &l->ffn_norm)) < 0)
             break;
         NM(n[0], "self_attn.q_norm.weight");
         NM(n[1], "self_attn.k_norm.weight");
-        if ((r = vec(st, n[0], hd, &l->q_norm)) < 0 || (r = vec(st, n[1], hd, &l->k_norm)) < 0)
+        if ((r = ds_load_vec(st, n[0], hd, &l->q_norm)) < 0 || (r = ds_load_vec(st, n[1], hd, &l->k_norm)) < 0)
             break;
         NM(n[0], "self_attn.q_proj.weight");
         NM(n[1], "self_attn.k_proj.weight");
         NM(n[2], "self_attn.v_proj.weight");
         int64_t rows[3] = {(int64_t)d->nH * hd, (int64_t)d->nKV * hd, (int64_t)d->nKV * hd};
-        if ((r = stacked(st, n, rows, 3, H, &l->qkv)) < 0)
+        const char *qkv[3] = {n[0], n[1], n[2]};
+        if ((r = ds_load_stacked(st, qkv, rows, 3, H, &l->qkv)) < 0)
             break;
         memcpy(kvnames[2 * i], n[1], 160);
         memcpy(kvnames[2 * i + 1], n[2], 160);
         kvrows[2 * i] = kvrows[2 * i + 1] = (int64_t)d->nKV * hd;
         NM(n[0], "self_attn.o_proj.weight");
-        if ((r = mat(st, n[0], H, (int64_t)d->nH * hd, &l->o)) < 0)
+        if ((r = ds_load_mat(st, n[0], H, (int64_t)d->nH * hd, &l->o)) < 0)
             break;
         NM(n[0], "mlp.gate_proj.weight");
         NM(n[1], "mlp.up_proj.weight");
         int64_t gu[2] = {d->I, d->I};
-        if ((r = stacked(st, n, gu, 2, H, &l->gate_up)) < 0)
+        const char *gun[2] = {n[0], n[1]};
+        if ((r = ds_load_stacked(st, gun, gu, 2, H, &l->gate_up)) < 0)
             break;
         NM(n[0], "mlp.down_proj.weight");
-        if ((r = mat(st, n[0], H, d->I, &l->down)) < 0)
+        if ((r = ds_load_mat(st, n[0], H, d->I, &l->down)) < 0)
             break;
 #undef NM
     }
-    if (r == 0)
-        r = stacked(st, kvnames, kvrows, 2 * d->n_layers, H, &d->ctx_kv);
+    if (r == 0) {
+        const char **kvp = ds_xcalloc((size_t)(2 * d->n_layers), sizeof *kvp);
+        for (int i = 0; i < 2 * d->n_layers; i++)
+            kvp[i] = kvnames[i];
+        r = ds_load_stacked(st, kvp, kvrows, 2 * d->n_layers, H, &d->ctx_kv);
+        free(kvp);
+    }
     free(kvnames);
     free(kvrows);
     if (r < 0)
@@ -233,15 +208,15 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
             goto fail;
         d->w1 = ds_xmalloc((size_t)(V * rk) * sizeof(float));
         ds_tensor_to_f32(w1, 0, (size_t)(V * rk), d->w1);
-        if ((r = mat(st, "markov_head.markov_w2.weight", V, rk, &d->w2)) < 0)
+        if ((r = ds_load_mat(st, "markov_head.markov_w2.weight", V, rk, &d->w2)) < 0)
             goto fail;
         if (d->cfg.markov_head == DS_MARKOV_GATED) {
-            if ((r = mat(st, "markov_head.gate_proj.weight", rk, H + rk, &d->gate)) < 0 ||
-                (r = vec(st, "markov_head.gate_proj.bias", rk, &d->gate_bias)) < 0)
+            if ((r = ds_load_mat(st, "markov_head.gate_proj.weight", rk, H + rk, &d->gate)) < 0 ||
+                (r = ds_load_vec(st, "markov_head.gate_proj.bias", rk, &d->gate_bias)) < 0)
                 goto fail;
         } else if (d->cfg.markov_head == DS_MARKOV_RNN) {
-            if ((r = mat(st, "markov_head.joint_proj.weight", 3 * rk, 2 * rk + H, &d->joint)) < 0 ||
-                (r = vec(st, "markov_head.joint_proj.bias", 3 * rk, &d->joint_bias)) < 0)
+            if ((r = ds_load_mat(st, "markov_head.joint_proj.weight", 3 * rk, 2 * rk + H, &d->joint)) < 0 ||
+                (r = ds_load_vec(st, "markov_head.joint_proj.bias", 3 * rk, &d->joint_bias)) < 0)
                 goto fail;
         }
     }

@@ -14,9 +14,9 @@
 
 #include "dspark/ds-model.h"
 #include "dspark/ds-tokenizer.h"
+#include "load-util.h"
 
-/* Load a 1-D or 2-D tensor of exactly the given shape into a new f32 array. */
-static int load_f32(const struct ds_st *st, const char *name, int ndim, const int64_t *shape, float **ret)
+int ds_load_f32(const struct ds_st *st, const char *name, int ndim, const int64_t *shape, float **ret)
 {
     const struct ds_tensor *t;
     int r = ds_st_get(st, name, ndim, shape, &t);
@@ -30,12 +30,12 @@ static int load_f32(const struct ds_st *st, const char *name, int ndim, const in
     return 0;
 }
 
-static int load_vec(const struct ds_st *st, const char *name, int64_t n, float **ret)
+int ds_load_vec(const struct ds_st *st, const char *name, int64_t n, float **ret)
 {
-    return load_f32(st, name, 1, &n, ret);
+    return ds_load_f32(st, name, 1, &n, ret);
 }
 
-static int load_mat(const struct ds_st *st, const char *name, int64_t rows, int64_t cols, struct ds_mat *m)
+int ds_load_mat(const struct ds_st *st, const char *name, int64_t rows, int64_t cols, struct ds_mat *m)
 {
     const struct ds_tensor *t;
     int64_t shape[2] = {rows, cols};
@@ -45,18 +45,18 @@ static int load_mat(const struct ds_st *st, const char *name, int64_t rows, int6
     return ds_mat_from_tensor(m, t, 0, (int)rows);
 }
 
-/* Stack several [rows_i, cols] tensors into one packed matrix. */
-static int load_stacked(const struct ds_st *st, const char *const *names, const int64_t *rows, int n,
-                        int64_t cols, struct ds_mat *out)
+int ds_load_stacked(const struct ds_st *st, const char *const *names, const int64_t *rows, int n, int64_t cols,
+                    struct ds_mat *out)
 {
-    struct ds_mat parts[4] = {{0}};
+    struct ds_mat *parts = ds_xcalloc((size_t)n, sizeof *parts);
     int r = 0;
     for (int i = 0; i < n && r == 0; i++)
-        r = load_mat(st, names[i], rows[i], cols, &parts[i]);
+        r = ds_load_mat(st, names[i], rows[i], cols, &parts[i]);
     if (r == 0)
         r = ds_mat_concat(out, parts, n);
     for (int i = 0; i < n; i++)
         ds_mat_done(&parts[i]);
+    free(parts);
     return r;
 }
 
@@ -68,35 +68,35 @@ static int load_layer(const struct ds_st *st, const struct ds_qwen3_config *c, i
     int r;
 #define NAME(buf, suffix) snprintf(buf, sizeof buf, "model.layers.%d.%s", i, suffix)
     NAME(n[0], "input_layernorm.weight");
-    if ((r = load_vec(st, n[0], H, &l->attn_norm)) < 0)
+    if ((r = ds_load_vec(st, n[0], H, &l->attn_norm)) < 0)
         return r;
     NAME(n[0], "post_attention_layernorm.weight");
-    if ((r = load_vec(st, n[0], H, &l->ffn_norm)) < 0)
+    if ((r = ds_load_vec(st, n[0], H, &l->ffn_norm)) < 0)
         return r;
     NAME(n[0], "self_attn.q_norm.weight");
-    if ((r = load_vec(st, n[0], hd, &l->q_norm)) < 0)
+    if ((r = ds_load_vec(st, n[0], hd, &l->q_norm)) < 0)
         return r;
     NAME(n[0], "self_attn.k_norm.weight");
-    if ((r = load_vec(st, n[0], hd, &l->k_norm)) < 0)
+    if ((r = ds_load_vec(st, n[0], hd, &l->k_norm)) < 0)
         return r;
     NAME(n[0], "self_attn.q_proj.weight");
     NAME(n[1], "self_attn.k_proj.weight");
     NAME(n[2], "self_attn.v_proj.weight");
     const char *qkv[3] = {n[0], n[1], n[2]};
     int64_t qkv_rows[3] = {q_rows, kv_rows, kv_rows};
-    if ((r = load_stacked(st, qkv, qkv_rows, 3, H, &l->qkv)) < 0)
+    if ((r = ds_load_stacked(st, qkv, qkv_rows, 3, H, &l->qkv)) < 0)
         return r;
     NAME(n[0], "self_attn.o_proj.weight");
-    if ((r = load_mat(st, n[0], H, q_rows, &l->o)) < 0)
+    if ((r = ds_load_mat(st, n[0], H, q_rows, &l->o)) < 0)
         return r;
     NAME(n[0], "mlp.gate_proj.weight");
     NAME(n[1], "mlp.up_proj.weight");
     const char *gu[2] = {n[0], n[1]};
     int64_t gu_rows[2] = {I, I};
-    if ((r = load_stacked(st, gu, gu_rows, 2, H, &l->gate_up)) < 0)
+    if ((r = ds_load_stacked(st, gu, gu_rows, 2, H, &l->gate_up)) < 0)
         return r;
     NAME(n[0], "mlp.down_proj.weight");
-    if ((r = load_mat(st, n[0], H, I, &l->down)) < 0)
+    if ((r = ds_load_mat(st, n[0], H, I, &l->down)) < 0)
         return r;
     if (c->attention_bias) {
         float *b[3] = {NULL, NULL, NULL};
@@ -104,14 +104,14 @@ static int load_layer(const struct ds_st *st, const struct ds_qwen3_config *c, i
         NAME(n[1], "self_attn.k_proj.bias");
         NAME(n[2], "self_attn.v_proj.bias");
         for (int j = 0; j < 3 && r == 0; j++)
-            r = load_vec(st, n[j], qkv_rows[j], &b[j]);
+            r = ds_load_vec(st, n[j], qkv_rows[j], &b[j]);
         if (r == 0) {
             l->qkv_bias = ds_xmalloc((size_t)(q_rows + 2 * kv_rows) * sizeof(float));
             memcpy(l->qkv_bias, b[0], (size_t)q_rows * sizeof(float));
             memcpy(l->qkv_bias + q_rows, b[1], (size_t)kv_rows * sizeof(float));
             memcpy(l->qkv_bias + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
             NAME(n[0], "self_attn.o_proj.bias");
-            r = load_vec(st, n[0], H, &l->o_bias);
+            r = ds_load_vec(st, n[0], H, &l->o_bias);
         }
         for (int j = 0; j < 3; j++)
             free(b[j]);
@@ -158,18 +158,18 @@ int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_m
     const struct ds_qwen3_config *c = &m->cfg;
     int64_t V = c->vocab_size, H = c->hidden_size;
     int64_t embed_shape[2] = {V, H};
-    if ((r = load_f32(st, "model.embed_tokens.weight", 2, embed_shape, &m->embed)) < 0)
+    if ((r = ds_load_f32(st, "model.embed_tokens.weight", 2, embed_shape, &m->embed)) < 0)
         goto fail;
     m->layers = ds_xcalloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     for (int i = 0; i < c->num_hidden_layers; i++)
         if ((r = load_layer(st, c, i, &m->layers[i])) < 0)
             goto fail;
-    if ((r = load_vec(st, "model.norm.weight", H, &m->final_norm)) < 0)
+    if ((r = ds_load_vec(st, "model.norm.weight", H, &m->final_norm)) < 0)
         goto fail;
     if (c->tie_word_embeddings) {
         r = ds_mat_from_f32(&m->lm_head, m->embed, (int)V, (int)H);
     } else {
-        r = load_mat(st, "lm_head.weight", V, H, &m->lm_head);
+        r = ds_load_mat(st, "lm_head.weight", V, H, &m->lm_head);
     }
     if (r < 0)
         goto fail;

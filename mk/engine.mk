@@ -15,7 +15,8 @@ libdsengine_a_SOURCES = \
 	engine/sched.c \
 	engine/draft.c \
 	engine/draft-impl.h \
-	engine/draft-ops.h
+	engine/draft-ops.h \
+	engine/load-util.h
 libdsengine_a_CFLAGS = $(AM_CFLAGS) -O3 $(JANSSON_CFLAGS) $(PCRE2_CFLAGS) $(UTF8PROC_CFLAGS) $(OPENBLAS_CFLAGS)
 
 # What a program that uses the engine links with.
