@@ -8,11 +8,11 @@
 
 #include "dspark/ds-config.h"
 #include "dspark/ds-draft.h"
+#include "dspark/ds-engine.h"
 #include "dspark/ds-gemm.h"
 #include "dspark/ds-sampler.h"
 
 #define DS_STS_MAX 8
-#define DS_MAX_BLOCK_STS 32
 
 struct ds_draft_layer {
     float *attn_norm, *ffn_norm;     /* [H] */
@@ -51,7 +51,7 @@ struct ds_draft {
     /* STS: per-position temperatures for some sampling temperatures */
     int n_sts;
     float sts_at[DS_STS_MAX];        /* sampling temperature of each set */
-    float sts_t[DS_STS_MAX][DS_MAX_BLOCK_STS]; /* [n_sts, gamma] */
+    float sts_t[DS_STS_MAX][DS_MAX_BLOCK]; /* [n_sts, gamma] */
 };
 
 /* Context cache of one sequence: K/V of every committed position, all layers. */

@@ -108,8 +108,8 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
         goto fail;
     const struct ds_qwen3_config *c = &d->cfg.base;
     d->gamma = d->cfg.block_size;
-    if (d->gamma > DS_MAX_BLOCK_STS) {
-        r = ds_seterr(DS_ENOTSUP, "block_size %d is larger than %d", d->gamma, DS_MAX_BLOCK_STS);
+    if (d->gamma > DS_MAX_BLOCK) {
+        r = ds_seterr(DS_ENOTSUP, "block_size %d is larger than %d", d->gamma, DS_MAX_BLOCK);
         goto fail;
     }
     d->H = c->hidden_size;
@@ -236,20 +236,7 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
         d->inv_freq[i] = 1.0f / powf((float)c->rope_theta, (float)(2 * i) / (float)hd);
     if ((r = load_sts(d, dir)) < 0)
         goto fail;
-    /* identity: the config file's checksum over tensor headers, as for the target */
-    {
-        uint64_t h = 1469598103934665603ull;
-        for (size_t i = 0; i < ds_st_count(st); i++) {
-            const struct ds_tensor *x = ds_st_at(st, i);
-            const unsigned char *p = (const unsigned char *)x->name;
-            for (; *p; p++)
-                h = (h ^ *p) * 1099511628211ull;
-            const unsigned char *q = x->data;
-            for (size_t z = 0; z < x->nbytes && z < 4096; z++)
-                h = (h ^ q[z]) * 1099511628211ull;
-        }
-        snprintf(d->checksum, sizeof d->checksum, "%016llx", (unsigned long long)h);
-    }
+    ds_st_checksum(st, d->checksum);
     ds_st_free(st);
     *ret = d;
     return 0;
@@ -292,6 +279,11 @@ struct ds_draft *ds_draft_free(struct ds_draft *d)
 const struct ds_dspark_config *ds_draft_config(const struct ds_draft *d)
 {
     return &d->cfg;
+}
+
+const char *ds_draft_checksum(const struct ds_draft *d)
+{
+    return d->checksum;
 }
 
 int ds_draft_block_size(const struct ds_draft *d)

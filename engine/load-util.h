@@ -17,4 +17,8 @@ int ds_load_mat(const struct ds_st *st, const char *name, int64_t rows, int64_t 
 int ds_load_stacked(const struct ds_st *st, const char *const *names, const int64_t *rows, int n, int64_t cols,
                     struct ds_mat *out);
 
+/* A cheap identity for a checkpoint: FNV-1a over tensor names, dtypes, shapes and
+ * the first 4 KiB of each tensor's data, as 16 hex digits (not a cryptographic digest). */
+void ds_st_checksum(const struct ds_st *st, char out[17]);
+
 #endif

@@ -60,6 +60,27 @@ int ds_load_stacked(const struct ds_st *st, const char *const *names, const int6
     return r;
 }
 
+/* A cheap identity for the weights: FNV-1a over tensor names, dtypes, shapes and
+ * the first 4 KiB of each tensor's data (not a cryptographic digest). */
+void ds_st_checksum(const struct ds_st *st, char out[17])
+{
+    uint64_t h = 1469598103934665603ull;
+#define MIX(p, n)                                                                         \
+    for (size_t z_ = 0; z_ < (n); z_++) {                                                 \
+        h ^= ((const unsigned char *)(p))[z_];                                            \
+        h *= 1099511628211ull;                                                            \
+    }
+    for (size_t i = 0; i < ds_st_count(st); i++) {
+        const struct ds_tensor *t = ds_st_at(st, i);
+        MIX(t->name, strlen(t->name));
+        MIX(&t->dtype, sizeof t->dtype);
+        MIX(t->shape, sizeof(int64_t) * (size_t)t->ndim);
+        MIX(t->data, t->nbytes < 4096 ? t->nbytes : 4096);
+    }
+#undef MIX
+    snprintf(out, 17, "%016llx", (unsigned long long)h);
+}
+
 static int load_layer(const struct ds_st *st, const struct ds_qwen3_config *c, int i, struct ds_layer *l)
 {
     char n[4][160];
@@ -122,26 +143,6 @@ static int load_layer(const struct ds_st *st, const struct ds_qwen3_config *c, i
     return 0;
 }
 
-/* A cheap identity for the weights: FNV-1a over tensor names, dtypes, shapes and
- * the first 4 KiB of each tensor's data (not a cryptographic digest). */
-static void model_checksum(const struct ds_st *st, char out[17])
-{
-    uint64_t h = 1469598103934665603ull;
-#define MIX(p, n)                                                                         \
-    for (size_t z_ = 0; z_ < (n); z_++) {                                                 \
-        h ^= ((const unsigned char *)(p))[z_];                                            \
-        h *= 1099511628211ull;                                                            \
-    }
-    for (size_t i = 0; i < ds_st_count(st); i++) {
-        const struct ds_tensor *t = ds_st_at(st, i);
-        MIX(t->name, strlen(t->name));
-        MIX(&t->dtype, sizeof t->dtype);
-        MIX(t->shape, sizeof(int64_t) * (size_t)t->ndim);
-        MIX(t->data, t->nbytes < 4096 ? t->nbytes : 4096);
-    }
-#undef MIX
-    snprintf(out, 17, "%016llx", (unsigned long long)h);
-}
 
 int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_model **ret)
 {
@@ -179,7 +180,7 @@ int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_m
         float expo = (float)(2 * i) / (float)c->head_dim;
         m->inv_freq[i] = 1.0f / powf((float)c->rope_theta, expo);
     }
-    model_checksum(st, m->checksum);
+    ds_st_checksum(st, m->checksum);
     if (opts && opts->load_tokenizer) {
         char path[4200];
         struct stat sb;

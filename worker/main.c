@@ -259,27 +259,6 @@ static void base_name(const char *path, char *out, size_t cap)
     out[len] = 0;
 }
 
-/* The draft's identity: FNV-1a over its tensors' names and first 4 KiB of
- * data, as the engine computes it when loading (ds-draft.h does not export it). */
-static void draft_checksum(const char *dir, char out[17])
-{
-    struct ds_st *st;
-    snprintf(out, 17, "%s", "unknown");
-    if (ds_st_open_dir(dir, &st) < 0)
-        return;
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < ds_st_count(st); i++) {
-        const struct ds_tensor *x = ds_st_at(st, i);
-        for (const unsigned char *p = (const unsigned char *)x->name; *p; p++)
-            h = (h ^ *p) * 1099511628211ull;
-        const unsigned char *q = x->data;
-        for (size_t z = 0; z < x->nbytes && z < 4096; z++)
-            h = (h ^ q[z]) * 1099511628211ull;
-    }
-    snprintf(out, 17, "%016llx", (unsigned long long)h);
-    ds_st_free(st);
-}
-
 static void sleep_s(double s)
 {
     struct timespec ts = {.tv_sec = (time_t)s, .tv_nsec = (long)((s - floor(s)) * 1e9)};
@@ -665,7 +644,7 @@ int main(int argc, char **argv)
     snprintf(w->id.model_checksum, sizeof w->id.model_checksum, "%s", model->checksum);
     if (draft) {
         base_name(o->draft_dir, w->id.draft, sizeof w->id.draft);
-        draft_checksum(o->draft_dir, w->id.draft_checksum);
+        snprintf(w->id.draft_checksum, sizeof w->id.draft_checksum, "%s", ds_draft_checksum(draft));
         w->gamma = ds_draft_config(draft)->block_size;
     }
 

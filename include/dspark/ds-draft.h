@@ -17,6 +17,8 @@ struct ds_draft;
 int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draft **ret) DS_MUSTCHECK;
 struct ds_draft *ds_draft_free(struct ds_draft *d);
 const struct ds_dspark_config *ds_draft_config(const struct ds_draft *d);
+/* The checkpoint's identity (16 hex digits, as struct ds_model's checksum); borrowed. */
+const char *ds_draft_checksum(const struct ds_draft *d);
 
 /* Write one JSON line per round and sequence to f (NULL: off). */
 void ds_engine_set_trace(struct ds_engine *e, FILE *f);
