@@ -86,6 +86,8 @@ int ds_plan_prefill(struct ds_engine *e, int *ret_tokens);
 void ds_batch_add_prefill(struct ds_engine *e, struct ds_seq *s, int seq_index, int *n_tok, int *n_rows);
 void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row);
 int ds_plain_round(struct ds_engine *e);
+int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
+void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
 /* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture);
 

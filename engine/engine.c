@@ -410,6 +410,26 @@ bool ds_seq_emit(struct ds_engine *e, struct ds_seq *s, int32_t id)
     return false;
 }
 
+/* The target's token for position n_tokens from one row of logits: argmax when
+ * greedy, else a draw from the sampling distribution keyed by (seed, position). */
+int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, const float *logits)
+{
+    int V = e->target->cfg.vocab_size;
+    if (ds_sampling_is_greedy(&s->sampling))
+        return ds_argmax(logits, V);
+    ds_probs(logits, V, &s->sampling, e->probs, e->scratch);
+    return ds_sample_probs(e->probs, V, ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET));
+}
+
+/* A target-only round for one sequence: its anchor was fed, emit the next token. */
+void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, const float *logits)
+{
+    s->kv.len += 1;
+    s->stats.rounds++;
+    s->emitted_in_rounds++;
+    ds_seq_emit(e, s, ds_seq_sample(e, s, logits));
+}
+
 /* ---- the round ---- */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture)
 {
@@ -534,11 +554,8 @@ void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row)
     s->kv.len += s->chunk;
     if (s->kv.len == s->n_prompt) {
         const float *last = e->logits + (size_t)(*row + n_rows - 1) * V;
-        ds_probs(last, (int)V, &s->sampling, e->probs, e->scratch);
-        float u = ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET);
-        int32_t id = ds_sample_probs(e->probs, (int)V, u);
         s->state = DS_SEQ_DECODE;
-        ds_seq_emit(e, s, id);
+        ds_seq_emit(e, s, ds_seq_sample(e, s, last));
     }
     *row += n_rows;
 }
@@ -587,13 +604,7 @@ int ds_plain_round(struct ds_engine *e)
         if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
             ds_finish_prefill(e, s, &row);
         } else if (s->state == DS_SEQ_DECODE) {
-            const float *lg = e->logits + (size_t)row++ * V;
-            s->kv.len += 1;
-            ds_probs(lg, (int)V, &s->sampling, e->probs, e->scratch);
-            float u = ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET);
-            s->stats.rounds++;
-            s->emitted_in_rounds++;
-            ds_seq_emit(e, s, ds_sample_probs(e->probs, (int)V, u));
+            ds_seq_decode_one(e, s, e->logits + (size_t)row++ * V);
         }
     }
     return 0;

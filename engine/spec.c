@@ -481,12 +481,7 @@ int ds_spec_round(struct ds_engine *e)
                 sp->pos_rows[n_ctx] = s->kv.len;
                 ctx_caches[n_ctx++] = &s->draft->cache;
             }
-            s->kv.len += 1;
-            ds_probs(lg, V, &s->sampling, p_prev, e->scratch);
-            s->stats.rounds++;
-            s->emitted_in_rounds++;
-            ds_seq_emit(e, s, ds_sample_probs(p_prev, V, ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens,
-                                                                    DS_SLOT_TARGET)));
+            ds_seq_decode_one(e, s, lg);
             continue;
         }
         int len = sp->len[ri], start = s->kv.len;
