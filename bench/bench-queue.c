@@ -7,7 +7,9 @@
  * drains both queues in alternating rounds of ROUND jobs, so that both
  * patterns see the same machine load:
  *   dspark  dspark.claim_jobs(worker, BATCH, ...) then one
- *           dspark.finish_jobs(worker, results) with output and statistics
+ *           dspark.finish_job_results(worker, rows) with output and statistics,
+ *           as dspark-worker writes back (BENCH_FINISH=json: the JSON form,
+ *           dspark.finish_jobs(worker, results))
  *   plain   UPDATE bench_plain SET state = 'running' WHERE id IN (SELECT id ...
  *           ORDER BY id LIMIT BATCH FOR UPDATE SKIP LOCKED) RETURNING id, payload,
  *           then UPDATE ... SET state = 'done', result = ... WHERE id = ANY (...)
@@ -32,6 +34,7 @@ struct client {
     long done;
     int empty;             /* the queue ran dry */
     int failed;
+    int rows;              /* write back dspark.job_result[] rather than JSON */
 };
 
 static double now_s(void)
@@ -96,7 +99,22 @@ static int one_batch(struct client *cl, char **buf, size_t *cap)
         PQclear(r);
         return 0;
     }
-    if (cl->pattern == 0) {
+    if (cl->pattern == 0 && cl->rows) {
+        /* dspark.job_result[] literal: each element a quoted row literal */
+        put(buf, &len, cap, "{");
+        for (int i = 0; i < n; i++) {
+            char item[400];
+            snprintf(item, sizeof item,
+                     "%s\"(%s,%s,succeeded,\\\"output of job %s\\\",,stop,,,,,,,,0.05,,250,30,64,20,,"
+                     "80,44,3.2,\\\"{18,14,8,4}\\\",\\\"{20,20,20,20}\\\",)\"",
+                     i ? "," : "", PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 0));
+            put(buf, &len, cap, item);
+        }
+        put(buf, &len, cap, "}");
+        PQclear(r);
+        const char *p[] = { worker, *buf };
+        r = run(c, "SELECT count(*) FROM dspark.finish_job_results($1, $2::dspark.job_result[])", 2, p, &ok);
+    } else if (cl->pattern == 0) {
         put(buf, &len, cap, "[");
         for (int i = 0; i < n; i++) {
             char item[640];
@@ -175,6 +193,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < nclients; i++) {
         cl[i].index = i;
         cl[i].batch = batch;
+        cl[i].rows = !(getenv("BENCH_FINISH") && strcmp(getenv("BENCH_FINISH"), "json") == 0);
         for (int k = 0; k < 2; k++) {
             cl[i].conn[k] = PQconnectdb("");
             if (PQstatus(cl[i].conn[k]) != CONNECTION_OK) {

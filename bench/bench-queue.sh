@@ -15,7 +15,9 @@
 # Environment: BENCH_JOBS (default 100000), BENCH_CLIENTS (default 2),
 # BENCH_BATCH (default 64), BENCH_ROUND (jobs per alternating round of (b),
 # default 2048), BENCH_PARTS (parts of the file in (a), default 4),
-# PG_BINDIR. Prints a table; exits 1 on failure.
+# BENCH_FINISH (json: write back through the JSON form of finish_jobs rather
+# than dspark.finish_job_results, which the worker uses), PG_BINDIR. Prints a
+# table; exits 1 on failure.
 set -u
 : "${DS_SRCDIR:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${DS_BUILDDIR:=$(pwd)}"

@@ -194,7 +194,11 @@ static int insert_jobs(struct ctl *c, const char *batch_id, const struct submit_
     const char *params[] = { batch_id, o->spec_mode, o->priority, o->max_attempts,
                              o->run_after, o->delay };
     PGresult *res;
-    int r = ds_db_exec(
+    /* room to sort a large file's rows in memory */
+    int r = ds_db_command(c->db, "SET LOCAL work_mem = '64MB'", 0, NULL);
+    if (r < 0)
+        return r;
+    r = ds_db_exec(
         c->db,
         "WITH ins AS ("
         " INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt, messages, prompt_ids,"

@@ -430,12 +430,486 @@ static int parse_turns(json_t *root, long lineno, const struct ctl_params *d,
     return check_request(r, "", err, errsize);
 }
 
+/* ---- the fast path ----
+ * Most files hold one shape of line: an OpenAI Batch request with string
+ * values, a messages array of {role, content} strings, and numbers. A small
+ * scanner takes such a line straight to a request; anything else (another
+ * key, a duplicate key, null, content parts, \u0000, invalid UTF-8, a value
+ * out of range, a syntax error, ...) makes it give up, and the line goes
+ * through jansson and the checks above, which word the errors. So the fast
+ * path never decides that a line is bad, and it accepts only lines that the
+ * general path accepts with the same result. */
+
+struct scan {
+    const char *p, *end;
+    struct ctl_buf str;   /* the last string, decoded */
+};
+
+static void scan_ws(struct scan *s)
+{
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+        s->p++;
+}
+
+static bool scan_char(struct scan *s, char c)
+{
+    scan_ws(s);
+    if (s->p < s->end && *s->p == c) {
+        s->p++;
+        return true;
+    }
+    return false;
+}
+
+static int hex4(const char *p)
+{
+    int v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        v <<= 4;
+        if (c >= '0' && c <= '9')
+            v |= c - '0';
+        else if (c >= 'a' && c <= 'f')
+            v |= c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F')
+            v |= c - 'A' + 10;
+        else
+            return -1;
+    }
+    return v;
+}
+
+/* Length of the valid UTF-8 sequence at p (strict: no overlong forms, no
+ * surrogates, at most U+10FFFF), 0 if invalid. */
+static size_t utf8_len(const unsigned char *p, const unsigned char *end)
+{
+    unsigned c = p[0];
+    size_t n;
+    unsigned min, v;
+    if (c < 0xC2)
+        return 0;
+    else if (c < 0xE0)
+        n = 2, min = 0x80, v = c & 0x1F;
+    else if (c < 0xF0)
+        n = 3, min = 0x800, v = c & 0x0F;
+    else if (c < 0xF5)
+        n = 4, min = 0x10000, v = c & 0x07;
+    else
+        return 0;
+    if ((size_t)(end - p) < n)
+        return 0;
+    for (size_t i = 1; i < n; i++) {
+        if ((p[i] & 0xC0) != 0x80)
+            return 0;
+        v = (v << 6) | (p[i] & 0x3F);
+    }
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF))
+        return 0;
+    return n;
+}
+
+static void put_utf8(struct ctl_buf *b, unsigned v)
+{
+    char u[4];
+    size_t n;
+    if (v < 0x80)
+        u[0] = (char)v, n = 1;
+    else if (v < 0x800)
+        u[0] = (char)(0xC0 | v >> 6), u[1] = (char)(0x80 | (v & 0x3F)), n = 2;
+    else if (v < 0x10000)
+        u[0] = (char)(0xE0 | v >> 12), u[1] = (char)(0x80 | ((v >> 6) & 0x3F)),
+        u[2] = (char)(0x80 | (v & 0x3F)), n = 3;
+    else
+        u[0] = (char)(0xF0 | v >> 18), u[1] = (char)(0x80 | ((v >> 12) & 0x3F)),
+        u[2] = (char)(0x80 | ((v >> 6) & 0x3F)), u[3] = (char)(0x80 | (v & 0x3F)), n = 4;
+    ctl_buf_put(b, u, n);
+}
+
+/* A string into s->str (decoded, NUL-terminated, no NUL inside). */
+static bool scan_string(struct scan *s)
+{
+    scan_ws(s);
+    if (s->p >= s->end || *s->p != '"')
+        return false;
+    s->p++;
+    s->str.len = 0;
+    ctl_buf_put(&s->str, "", 0);
+    for (;;) {
+        const char *run = s->p;
+        while (s->p < s->end && (unsigned char)*s->p >= 0x20 && (unsigned char)*s->p < 0x80 &&
+               *s->p != '"' && *s->p != '\\')
+            s->p++;
+        ctl_buf_put(&s->str, run, (size_t)(s->p - run));
+        if (s->p >= s->end)
+            return false;
+        unsigned char c = (unsigned char)*s->p;
+        if (c == '"') {
+            s->p++;
+            return true;
+        }
+        if (c < 0x20)
+            return false;
+        if (c >= 0x80) {
+            size_t n = utf8_len((const unsigned char *)s->p, (const unsigned char *)s->end);
+            if (!n)
+                return false;
+            ctl_buf_put(&s->str, s->p, n);
+            s->p += n;
+            continue;
+        }
+        /* an escape */
+        if (s->end - s->p < 2)
+            return false;
+        char e = s->p[1];
+        const char *plain = NULL;
+        switch (e) {
+        case '"': plain = "\""; break;
+        case '\\': plain = "\\"; break;
+        case '/': plain = "/"; break;
+        case 'b': plain = "\b"; break;
+        case 'f': plain = "\f"; break;
+        case 'n': plain = "\n"; break;
+        case 'r': plain = "\r"; break;
+        case 't': plain = "\t"; break;
+        case 'u': break;
+        default: return false;
+        }
+        if (plain) {
+            ctl_buf_put(&s->str, plain, 1);
+            s->p += 2;
+            continue;
+        }
+        if (s->end - s->p < 6)
+            return false;
+        int v = hex4(s->p + 2);
+        if (v <= 0)
+            return false; /* \u0000 too: the general path says why */
+        s->p += 6;
+        if (v >= 0xDC00 && v <= 0xDFFF)
+            return false;
+        if (v >= 0xD800 && v <= 0xDBFF) {
+            if (s->end - s->p < 6 || s->p[0] != '\\' || s->p[1] != 'u')
+                return false;
+            int lo = hex4(s->p + 2);
+            if (lo < 0xDC00 || lo > 0xDFFF)
+                return false;
+            s->p += 6;
+            v = 0x10000 + ((v - 0xD800) << 10) + (lo - 0xDC00);
+        }
+        put_utf8(&s->str, (unsigned)v);
+    }
+}
+
+/* A number token; *is_int when it has no fraction or exponent. The token is
+ * copied to buf (NUL-terminated). */
+static bool scan_number(struct scan *s, char *buf, size_t size, bool *is_int)
+{
+    scan_ws(s);
+    const char *p = s->p, *e = s->end;
+    if (p < e && *p == '-')
+        p++;
+    if (p >= e || *p < '0' || *p > '9')
+        return false;
+    if (*p == '0')
+        p++;
+    else
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    *is_int = true;
+    if (p < e && *p == '.') {
+        *is_int = false;
+        p++;
+        if (p >= e || *p < '0' || *p > '9')
+            return false;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        *is_int = false;
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= e || *p < '0' || *p > '9')
+            return false;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    }
+    size_t n = (size_t)(p - s->p);
+    if (n + 1 > size)
+        return false;
+    memcpy(buf, s->p, n);
+    buf[n] = 0;
+    s->p = p;
+    return true;
+}
+
+static bool scan_int(struct scan *s, int64_t *v)
+{
+    char buf[24];
+    bool is_int;
+    if (!scan_number(s, buf, sizeof buf, &is_int) || !is_int || strlen(buf) > 18)
+        return false;
+    *v = strtoll(buf, NULL, 10);
+    return true;
+}
+
+static bool scan_real(struct scan *s, double *v)
+{
+    char buf[64];
+    bool is_int;
+    if (!scan_number(s, buf, sizeof buf, &is_int))
+        return false;
+    if (is_int && strlen(buf) > 18)
+        return false;
+    *v = strtod(buf, NULL);
+    return isfinite(*v);
+}
+
+/* A JSON string value, escaped (the inverse of scan_string). */
+static void json_put_string(struct ctl_buf *b, const char *v)
+{
+    ctl_buf_puts(b, "\"");
+    const char *run = v;
+    for (; *v; v++) {
+        unsigned char c = (unsigned char)*v;
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        ctl_buf_put(b, run, (size_t)(v - run));
+        char esc[8];
+        switch (c) {
+        case '"': ctl_buf_puts(b, "\\\""); break;
+        case '\\': ctl_buf_puts(b, "\\\\"); break;
+        case '\b': ctl_buf_puts(b, "\\b"); break;
+        case '\f': ctl_buf_puts(b, "\\f"); break;
+        case '\n': ctl_buf_puts(b, "\\n"); break;
+        case '\r': ctl_buf_puts(b, "\\r"); break;
+        case '\t': ctl_buf_puts(b, "\\t"); break;
+        default:
+            snprintf(esc, sizeof esc, "\\u%04X", c);
+            ctl_buf_puts(b, esc);
+        }
+        run = v + 1;
+    }
+    ctl_buf_puts(b, run);
+    ctl_buf_puts(b, "\"");
+}
+
+/* "messages": [{"role": R, "content": C}, ...] as compact JSON in *out. */
+static bool scan_messages(struct scan *s, struct ctl_buf *out)
+{
+    if (!scan_char(s, '['))
+        return false;
+    ctl_buf_puts(out, "[");
+    size_t n = 0;
+    if (scan_char(s, ']'))
+        return false; /* empty: the general path says so */
+    do {
+        if (!scan_char(s, '{'))
+            return false;
+        char *role = NULL;
+        bool have_content = false;
+        size_t mark = 0;
+        do {
+            if (!scan_string(s) || !scan_char(s, ':'))
+                goto fail;
+            if (strcmp(s->str.data, "role") == 0 && !role) {
+                if (!scan_string(s))
+                    goto fail;
+                const char *r = s->str.data;
+                if (strcmp(r, "system") != 0 && strcmp(r, "user") != 0 &&
+                    strcmp(r, "assistant") != 0 && strcmp(r, "developer") != 0 &&
+                    strcmp(r, "tool") != 0)
+                    goto fail;
+                role = ds_xstrdup(strcmp(r, "developer") == 0 ? "system" : r);
+            } else if (strcmp(s->str.data, "content") == 0 && !have_content) {
+                if (!scan_string(s))
+                    goto fail;
+                have_content = true;
+                /* kept in place: written once the role is known */
+                mark = out->len;
+                json_put_string(out, s->str.data);
+            } else {
+                goto fail;
+            }
+        } while (scan_char(s, ','));
+        if (!scan_char(s, '}') || !role || !have_content)
+            goto fail;
+        {
+            /* out ends with the content string: put the object around it */
+            size_t clen = out->len - mark;
+            char *content = ds_xmalloc(clen + 1);
+            memcpy(content, out->data + mark, clen);
+            content[clen] = 0;
+            out->len = mark;
+            ctl_buf_puts(out, n ? ",{\"role\":" : "{\"role\":");
+            json_put_string(out, role);
+            ctl_buf_puts(out, ",\"content\":");
+            ctl_buf_put(out, content, clen);
+            ctl_buf_puts(out, "}");
+            free(content);
+        }
+        free(role);
+        n++;
+        continue;
+    fail:
+        free(role);
+        return false;
+    } while (scan_char(s, ','));
+    if (!scan_char(s, ']'))
+        return false;
+    ctl_buf_puts(out, "]");
+    return true;
+}
+
+/* 1 when the line was taken into *r, 0 when the general path must decide. */
+static int parse_line_fast(const char *line, size_t len, const struct ctl_params *d,
+                           struct ctl_request *r)
+{
+    struct scan s = { .p = line, .end = line + len };
+    struct ctl_buf msgs = { 0 };
+    enum { K_CID = 1, K_METHOD = 2, K_URL = 4, K_BODY = 8 };
+    enum { B_MODEL = 1, B_MSGS = 2, B_PROMPT = 4, B_MAXTOK = 8, B_TEMP = 16, B_TOPP = 32,
+           B_SEED = 64, B_STOP = 128 };
+    unsigned seen = 0, bseen = 0;
+    int chat = -1; /* from the url */
+    char err[8];
+
+    request_from_defaults(r, d);
+    if (!scan_char(&s, '{'))
+        goto fail;
+    do {
+        if (!scan_string(&s) || !scan_char(&s, ':'))
+            goto fail;
+        const char *k = s.str.data;
+        if (strcmp(k, "custom_id") == 0 && !(seen & K_CID)) {
+            seen |= K_CID;
+            if (!scan_string(&s) || s.str.len < 1 || s.str.len > CTL_CUSTOM_ID_BYTES_MAX)
+                goto fail;
+            r->custom_id = ds_xstrdup(s.str.data);
+        } else if (strcmp(k, "method") == 0 && !(seen & K_METHOD)) {
+            seen |= K_METHOD;
+            if (!scan_string(&s) || strcmp(s.str.data, "POST") != 0)
+                goto fail;
+        } else if (strcmp(k, "url") == 0 && !(seen & K_URL)) {
+            seen |= K_URL;
+            if (!scan_string(&s))
+                goto fail;
+            if (strcmp(s.str.data, "/v1/chat/completions") == 0)
+                chat = 1;
+            else if (strcmp(s.str.data, "/v1/completions") == 0)
+                chat = 0;
+            else
+                goto fail;
+        } else if (strcmp(k, "body") == 0 && !(seen & K_BODY)) {
+            seen |= K_BODY;
+            if (!scan_char(&s, '{'))
+                goto fail;
+            if (scan_char(&s, '}'))
+                goto fail; /* no model, no prompt */
+            do {
+                if (!scan_string(&s) || !scan_char(&s, ':'))
+                    goto fail;
+                const char *b = s.str.data;
+                if (strcmp(b, "model") == 0 && !(bseen & B_MODEL)) {
+                    bseen |= B_MODEL;
+                    if (!scan_string(&s))
+                        goto fail;
+                    free(r->model);
+                    r->model = ds_xstrdup(s.str.data);
+                } else if (strcmp(b, "messages") == 0 && !(bseen & B_MSGS)) {
+                    bseen |= B_MSGS;
+                    if (!scan_messages(&s, &msgs))
+                        goto fail;
+                } else if (strcmp(b, "prompt") == 0 && !(bseen & B_PROMPT)) {
+                    bseen |= B_PROMPT;
+                    if (!scan_string(&s))
+                        goto fail;
+                    r->prompt = ds_xstrdup(s.str.data);
+                } else if (strcmp(b, "max_tokens") == 0 && !(bseen & B_MAXTOK)) {
+                    bseen |= B_MAXTOK;
+                    if (!scan_int(&s, &r->max_tokens))
+                        goto fail;
+                } else if (strcmp(b, "temperature") == 0 && !(bseen & B_TEMP)) {
+                    bseen |= B_TEMP;
+                    if (!scan_real(&s, &r->temperature))
+                        goto fail;
+                } else if (strcmp(b, "top_p") == 0 && !(bseen & B_TOPP)) {
+                    bseen |= B_TOPP;
+                    if (!scan_real(&s, &r->top_p))
+                        goto fail;
+                } else if (strcmp(b, "seed") == 0 && !(bseen & B_SEED)) {
+                    bseen |= B_SEED;
+                    if (!scan_int(&s, &r->seed))
+                        goto fail;
+                    r->has_seed = true;
+                } else if (strcmp(b, "stop") == 0 && !(bseen & B_STOP)) {
+                    bseen |= B_STOP;
+                    for (size_t i = 0; i < r->nstop; i++)
+                        free(r->stop[i]);
+                    free(r->stop);
+                    r->stop = NULL;
+                    r->nstop = 0;
+                    if (scan_char(&s, '[')) {
+                        r->stop = ds_xcalloc(CTL_STOP_MAX, sizeof *r->stop);
+                        if (!scan_char(&s, ']')) {
+                            do {
+                                if (r->nstop == CTL_STOP_MAX || !scan_string(&s))
+                                    goto fail;
+                                r->stop[r->nstop++] = ds_xstrdup(s.str.data);
+                            } while (scan_char(&s, ','));
+                            if (!scan_char(&s, ']'))
+                                goto fail;
+                        }
+                    } else {
+                        if (!scan_string(&s))
+                            goto fail;
+                        r->stop = ds_xcalloc(1, sizeof *r->stop);
+                        r->stop[r->nstop++] = ds_xstrdup(s.str.data);
+                    }
+                } else {
+                    goto fail;
+                }
+            } while (scan_char(&s, ','));
+            if (!scan_char(&s, '}'))
+                goto fail;
+        } else {
+            goto fail;
+        }
+    } while (scan_char(&s, ','));
+    if (!scan_char(&s, '}'))
+        goto fail;
+    scan_ws(&s);
+    if (s.p != s.end || !(seen & K_CID) || !(seen & K_URL) || !(seen & K_BODY))
+        goto fail;
+    if (chat == 1) {
+        if (!(bseen & B_MSGS) || (bseen & B_PROMPT))
+            goto fail;
+        r->messages = msgs.data;
+        msgs.data = NULL;
+    } else {
+        if (!(bseen & B_PROMPT) || (bseen & B_MSGS))
+            goto fail;
+    }
+    if (check_request(r, "", err, sizeof err) < 0)
+        goto fail;
+    ctl_buf_free(&msgs);
+    ctl_buf_free(&s.str);
+    return 1;
+fail:
+    ctl_buf_free(&msgs);
+    ctl_buf_free(&s.str);
+    ctl_request_done(r);
+    return 0;
+}
+
 int ctl_request_parse_line(const char *line, size_t len, long lineno,
                            const struct ctl_params *defaults, struct ctl_request *ret,
                            char *err, size_t errsize)
 {
     json_error_t jerr;
     memset(ret, 0, sizeof *ret);
+    if (parse_line_fast(line, len, defaults, ret))
+        return 0;
     json_t *root = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return fail(err, errsize, "invalid JSON: %s (column %d)", jerr.text, jerr.column);
@@ -535,11 +1009,38 @@ static void copy_field(struct ctl_buf *b, const char *s, bool last)
     ctl_buf_puts(b, last ? "\n" : "\t");
 }
 
+/* Decimal text of v into buf (at least 21 bytes). */
+static const char *fmt_int(int64_t v, char *buf)
+{
+    char tmp[24];
+    size_t n = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    size_t o = 0;
+    if (v < 0)
+        buf[o++] = '-';
+    while (n)
+        buf[o++] = tmp[--n];
+    buf[o] = 0;
+    return buf;
+}
+
+/* Text of v that reads back as the same double (at least 32 bytes). */
+static const char *fmt_real(double v, char *buf, size_t size)
+{
+    if (v == floor(v) && fabs(v) < 1e15)
+        return fmt_int((int64_t)v, buf);
+    snprintf(buf, size, "%.17g", v);
+    return buf;
+}
+
 void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf *out)
 {
     char num[64];
-    snprintf(num, sizeof num, "%ld", seq);
-    copy_field(out, num, false);
+    copy_field(out, fmt_int(seq, num), false);
     copy_field(out, r->custom_id, false);
     copy_field(out, r->model, false);
     copy_field(out, r->prompt, false);
@@ -557,17 +1058,12 @@ void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf 
     } else {
         copy_field(out, NULL, false);
     }
-    snprintf(num, sizeof num, "%" PRId64, r->max_tokens);
-    copy_field(out, num, false);
-    snprintf(num, sizeof num, "%.17g", r->temperature);
-    copy_field(out, num, false);
-    snprintf(num, sizeof num, "%.17g", r->top_p);
-    copy_field(out, num, false);
-    snprintf(num, sizeof num, "%" PRId64, r->top_k);
-    copy_field(out, num, false);
+    copy_field(out, fmt_int(r->max_tokens, num), false);
+    copy_field(out, fmt_real(r->temperature, num, sizeof num), false);
+    copy_field(out, fmt_real(r->top_p, num, sizeof num), false);
+    copy_field(out, fmt_int(r->top_k, num), false);
     if (r->has_seed) {
-        snprintf(num, sizeof num, "%" PRId64, r->seed);
-        copy_field(out, num, false);
+        copy_field(out, fmt_int(r->seed, num), false);
     } else {
         copy_field(out, NULL, false);
     }

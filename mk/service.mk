@@ -7,7 +7,8 @@
 # 'dsparkctl db init' needs no installed files, and installed for psql users.
 DS_MIGRATIONS = \
 	sql/001-schema.sql \
-	sql/002-queue.sql
+	sql/002-queue.sql \
+	sql/003-throughput.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

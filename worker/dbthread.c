@@ -9,8 +9,9 @@
  *     an idle worker that finds nothing within its budget asks once more for
  *     a single job with no budget, so that a job too large for it is still
  *     handed out and fails with the engine's reason;
- *   - write-backs (dspark.finish_jobs): everything finished since the last
- *     call goes in one call, so at most one call per decoding round;
+ *   - write-backs (dspark.finish_job_results): everything finished since the last
+ *     call goes in one call (an array of dspark.job_result rows, so that the
+ *     database decodes no JSON), so at most one call per decoding round;
  *   - heartbeats (dspark.heartbeat) every --heartbeat seconds, extending the
  *     leases of every job held (claimed and not yet written back) and
  *     reporting the ids to stop (cancel requested, or no longer ours);
@@ -180,13 +181,142 @@ static void applied_rows(struct dbt *t, PGresult *res)
     }
 }
 
+/* ---- write-back items as a dspark.job_result[] literal ---- */
+struct sbuf {
+    char *data;
+    size_t len, cap;
+};
+
+static void sb_put(struct sbuf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        b->data = ds_xrealloc(b->data, cap);
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+static void sb_puts(struct sbuf *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
+
+/* s in double quotes, with '"' and '\' escaped by a backslash (the quoting
+ * of both record and array literals). */
+static void sb_quoted(struct sbuf *b, const char *s, size_t n)
+{
+    sb_puts(b, "\"");
+    const char *run = s, *end = s + n;
+    for (; s < end; s++) {
+        if (*s != '"' && *s != '\\')
+            continue;
+        sb_put(b, run, (size_t)(s - run));
+        sb_puts(b, "\\");
+        run = s;
+    }
+    sb_put(b, run, (size_t)(end - run));
+    sb_puts(b, "\"");
+}
+
+/* One field of a row literal: nothing for NULL (absent or null), else the
+ * quoted text of a string, number or array of numbers. */
+static void sb_field(struct sbuf *b, json_t *v)
+{
+    char num[40];
+    if (!v || json_is_null(v))
+        return;
+    if (json_is_string(v)) {
+        sb_quoted(b, json_string_value(v), json_string_length(v));
+    } else if (json_is_integer(v)) {
+        snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        sb_puts(b, num);
+    } else if (json_is_real(v)) {
+        snprintf(num, sizeof num, "%.17g", json_real_value(v));
+        sb_puts(b, num);
+    } else if (json_is_boolean(v)) {
+        sb_puts(b, json_is_true(v) ? "t" : "f");
+    } else if (json_is_array(v)) {
+        struct sbuf a = {0};
+        size_t i;
+        json_t *x;
+        sb_puts(&a, "{");
+        json_array_foreach(v, i, x) {
+            if (i)
+                sb_puts(&a, ",");
+            if (json_is_integer(x)) {
+                snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(x));
+                sb_puts(&a, num);
+            } else if (json_is_real(x)) {
+                snprintf(num, sizeof num, "%.17g", json_real_value(x));
+                sb_puts(&a, num);
+            } else {
+                sb_puts(&a, "NULL");
+            }
+        }
+        sb_puts(&a, "}");
+        sb_quoted(b, a.data, a.len);
+        free(a.data);
+    } else {
+        /* an object: its JSON text (the database refuses it with a message) */
+        char *text = json_dumps(v, JSON_COMPACT);
+        sb_quoted(b, text, strlen(text));
+        free(text);
+    }
+}
+
+/* The fields of dspark.job_result, in order: the item's own, then those of
+ * its "stats" object (the columns of dspark.job_stats). */
+static const char *const result_fields[] = {"id", "attempt", "state", "output_text", "output_ids",
+                                            "finish_reason", "error", NULL};
+static const char *const stats_fields[] = {
+    "device", "model", "draft", "model_checksum", "draft_checksum", "queue_wait_s",
+    "time_to_first_token_s", "e2e_latency_s", "decode_tokens_per_s", "prompt_tokens", "output_tokens",
+    "rounds", "num_draft_tokens", "num_verified_tokens", "num_accepted_tokens", "mean_acceptance_length",
+    "acceptance_by_position", "verified_by_position", "mean_verify_len", NULL};
+
+/* The items (finish_jobs JSON objects) as an array literal of rows. */
+static char *results_literal(json_t *items)
+{
+    struct sbuf out = {0}, row = {0};
+    size_t i;
+    json_t *item;
+    sb_puts(&out, "{");
+    json_array_foreach(items, i, item) {
+        json_t *st = json_object_get(item, "stats");
+        row.len = 0;
+        sb_puts(&row, "(");
+        for (int k = 0; result_fields[k]; k++) {
+            if (k)
+                sb_puts(&row, ",");
+            sb_field(&row, json_object_get(item, result_fields[k]));
+        }
+        for (int k = 0; stats_fields[k]; k++) {
+            sb_puts(&row, ",");
+            sb_field(&row, json_is_object(st) ? json_object_get(st, stats_fields[k]) : NULL);
+        }
+        sb_puts(&row, ")");
+        if (i)
+            sb_puts(&out, ",");
+        sb_quoted(&out, row.data, row.len);
+    }
+    sb_puts(&out, "}");
+    free(row.data);
+    return out.data;
+}
+
 /* Write one array of items; 0, or -1 when the connection failed (nothing lost). */
 static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
 {
-    char *text = json_dumps(items, JSON_COMPACT);
+    char *text = results_literal(items);
     const char *params[2] = {t->w->id.worker_id, text};
     PGresult *res;
-    int r = ds_db_exec(t->db, "SELECT id, applied FROM dspark.finish_jobs($1, $2::jsonb)", 2, params, &res);
+    int r = ds_db_exec(t->db, "SELECT id, applied FROM dspark.finish_job_results($1, $2::dspark.job_result[])", 2, params,
+                       &res);
     free(text);
     *sql_error = false;
     if (r < 0) {

@@ -87,8 +87,8 @@ denied wendy "SELECT * FROM dspark.cancel_jobs(ARRAY[$a2]::bigint[])" "a worker 
 # SECURITY DEFINER functions run with a fixed search_path, no one else may run them
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')")" 0 \
     "every SECURITY DEFINER function sets search_path"
-tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 8 \
-    "... (there are 8 of them)"
+tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 10 \
+    "... (there are 10 of them)"
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND has_function_privilege('public', p.oid, 'EXECUTE')")" 0 \
     "... and PUBLIC may execute none of them"
 
