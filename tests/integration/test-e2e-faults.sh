@@ -105,9 +105,10 @@ tap_is "$(q "SELECT count(*) || '|' || count(DISTINCT job_id) FROM dspark.job_st
 # ---- a zombie: a worker frozen past its lease must not overwrite the new attempt ----
 q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature)
-   SELECT '$E2E_MODEL', ARRAY[g, 2 * g], 300, 0 FROM generate_series(1, 4) g" >/dev/null
+   SELECT '$E2E_MODEL', ARRAY[g, 2 * g], 500, 0 FROM generate_series(1, 4) g" >/dev/null
+# long jobs under full verification, so that the worker is still on them when it is frozen
 "$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id zombie \
-    --lease 2 --heartbeat 0.5 2>"$T/zombie.log" &
+    --spec fixed:7 --lease 2 --heartbeat 0.5 2>"$T/zombie.log" &
 ZPID=$!
 E2E_PIDS="$E2E_PIDS $ZPID"
 wait_sql "SELECT count(*) FROM dspark.jobs WHERE state = 'running' AND worker_id = 'zombie'" 4 20
