@@ -55,8 +55,9 @@ struct ds_engine {
     struct ds_engine_opts opts;
     int gamma;                   /* draft block size, 0 without a draft */
     struct ds_pool *pool;
-    struct ds_forward_ctx *fwd;
-    struct ds_kv_pool kv;
+    struct ds_forward_ctx *fwd;  /* CPU backend */
+    struct ds_cuda_target *cuda; /* CUDA backend */
+    struct ds_kv_pool kv;        /* K/V rows on the host (CPU) or only the page lists (CUDA) */
     struct ds_seq **seqs;        /* [n_seqs] queued and running, in arrival order */
     int n_seqs, cap_seqs;
     struct ds_result **done;     /* [n_done] finished, not yet taken */
@@ -86,6 +87,8 @@ int ds_plan_prefill(struct ds_engine *e, int *ret_tokens);
 void ds_batch_add_prefill(struct ds_engine *e, struct ds_seq *s, int seq_index, int *n_tok, int *n_rows);
 void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row);
 int ds_plain_round(struct ds_engine *e);
+/* One target pass on the engine's backend. */
+int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b);
 int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
 void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
 /* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */

@@ -16,6 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dspark/ds-cuda.h"
+#include "dspark/ds-draft.h"
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
 #include "dspark/ds-tokenizer.h"
@@ -71,6 +73,53 @@ void ds_spec_mode_format(const struct ds_spec_mode *m, char *buf, size_t cap)
     }
 }
 
+int ds_backend_parse(const char *s, enum ds_backend *ret)
+{
+    if (strcmp(s, "cpu") == 0) {
+        *ret = DS_BACKEND_CPU;
+    } else if (strcmp(s, "cuda") == 0) {
+        *ret = DS_BACKEND_CUDA;
+    } else if (strcmp(s, "auto") == 0) {
+        *ret = ds_cuda_available() ? DS_BACKEND_CUDA : DS_BACKEND_CPU;
+    } else {
+        return ds_seterr(DS_EINVAL, "unknown backend '%s' (expected cpu, cuda or auto)", s);
+    }
+    return 0;
+}
+
+const char *ds_backend_name(enum ds_backend b)
+{
+    return b == DS_BACKEND_CUDA ? "cuda" : "cpu";
+}
+
+int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
+{
+    if (e->cuda)
+        return ds_cuda_forward(e->cuda, &e->kv, b);
+    return ds_model_forward(e->target, e->fwd, &e->kv, b);
+}
+
+/* The GPU side of an engine: weights, then a KV cache sized from free memory. */
+static int cuda_init(struct ds_engine *e, struct ds_engine_opts *o)
+{
+    struct ds_cuda_opts co = {.device = o->device, .cublas = o->cublas, .graphs = o->cuda_graphs};
+    int r = ds_cuda_target_new(e->target, &co, &e->cuda);
+    if (r < 0)
+        return r;
+    int max_pages = (o->max_context + DS_MAX_BLOCK + o->page_size) / o->page_size + 1;
+    if (o->kv_pages <= 0) {
+        double frac = o->gpu_memory_fraction > 0 ? o->gpu_memory_fraction : 0.85;
+        int max_tokens = o->prefill_chunk + o->max_seqs * (1 + DS_MAX_BLOCK);
+        long fit = ds_cuda_pages_for_memory(e->cuda, o->page_size, frac, max_tokens);
+        long want = (long)o->max_seqs * max_pages;
+        o->kv_pages = (int)(want < fit ? want : fit);
+        if (o->kv_pages < max_pages)
+            return ds_seterr(DS_ENOMEM, "the GPU has room for %ld KV pages, less than one full context (%d pages)",
+                             fit, max_pages);
+    }
+    return ds_cuda_kv_alloc(e->cuda, o->kv_pages, o->page_size, max_pages);
+}
+
 int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct ds_engine_opts *opts,
                   struct ds_engine **ret)
 {
@@ -87,6 +136,8 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
         o.prefill_chunk = 512;
     if (o.max_context <= 0 || o.max_context > target->cfg.max_position_embeddings)
         o.max_context = target->cfg.max_position_embeddings > 0 ? target->cfg.max_position_embeddings : 4096;
+    if (o.backend == DS_BACKEND_CUDA && (r = cuda_init(e, &o)) < 0)
+        goto fail;
     if (o.kv_pages <= 0) {
         /* room for max_seqs full contexts, but at most a quarter of the machine's memory:
          * a long-context model (Qwen3: 40960 positions) would ask for far more */
@@ -107,11 +158,19 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
     if ((r = ds_forward_ctx_new(target, e->pool, &e->fwd)) < 0)
         goto fail;
     const struct ds_qwen3_config *c = &target->cfg;
-    if ((r = ds_kv_pool_init(&e->kv, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, o.page_size,
-                             o.kv_pages)) < 0)
+    if ((r = (e->cuda ? ds_kv_pool_init_pages : ds_kv_pool_init)(&e->kv, c->num_hidden_layers,
+                                                                 c->num_key_value_heads, c->head_dim, o.page_size,
+                                                                 o.kv_pages)) < 0)
         goto fail;
     if (draft && (r = ds_spec_init(e)) < 0)
         goto fail;
+    if (e->cuda) {
+        /* every buffer of the largest pass now: a running engine allocates no GPU memory */
+        int n_capture = draft ? ds_draft_config(draft)->n_target_layers : 0;
+        int max_tokens = o.prefill_chunk + o.max_seqs * (1 + e->gamma);
+        if ((r = ds_cuda_reserve(e->cuda, max_tokens, o.max_seqs, n_capture)) < 0)
+            goto fail;
+    }
     *ret = e;
     return 0;
 fail:
@@ -149,6 +208,7 @@ struct ds_engine *ds_engine_free(struct ds_engine *e)
     ds_sps_done(&e->sps);
     ds_kv_pool_done(&e->kv);
     ds_forward_ctx_free(e->fwd);
+    ds_cuda_target_free(e->cuda);
     ds_pool_free(e->pool);
     free(e->b_tokens);
     free(e->b_pos);
@@ -595,7 +655,7 @@ int ds_plain_round(struct ds_engine *e)
         .n_tokens = n_tok, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
         .n_logits = n_rows, .logit_rows = e->b_rows, .logits = e->logits,
     };
-    if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+    if ((r = ds_engine_forward(e, &b)) < 0)
         return r;
     size_t V = e->target->cfg.vocab_size;
     int row = 0;

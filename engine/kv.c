@@ -8,21 +8,16 @@
 
 #include "dspark/ds-model.h"
 
-int ds_kv_pool_init(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int head_dim, int page_size,
-                    int n_pages)
+int ds_kv_pool_init_pages(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int head_dim, int page_size,
+                          int n_pages)
 {
     memset(pool, 0, sizeof *pool);
     if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || page_size <= 0 || n_pages <= 0)
         return ds_seterr(DS_EINVAL, "KV pool shape is invalid (%d layers, %d heads, %d dims, %d x %d pages)",
                          n_layers, n_kv_heads, head_dim, n_pages, page_size);
-    size_t n = (size_t)n_layers * n_pages * page_size * n_kv_heads * head_dim;
-    pool->k = malloc(n * sizeof(float));
-    pool->v = malloc(n * sizeof(float));
     pool->free_pages = malloc((size_t)n_pages * sizeof(int32_t));
-    if (!pool->k || !pool->v || !pool->free_pages) {
-        ds_kv_pool_done(pool);
-        return ds_seterr(DS_ENOMEM, "could not allocate a KV cache of %zu MB", 2 * n * sizeof(float) >> 20);
-    }
+    if (!pool->free_pages)
+        return ds_seterr(DS_ENOMEM, "could not allocate the list of %d KV pages", n_pages);
     pool->n_layers = n_layers;
     pool->n_kv_heads = n_kv_heads;
     pool->head_dim = head_dim;
@@ -32,6 +27,22 @@ int ds_kv_pool_init(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int h
     for (int i = 0; i < n_pages; i++)
         pool->free_pages[i] = n_pages - 1 - i;
     pool->n_free = n_pages;
+    return 0;
+}
+
+int ds_kv_pool_init(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int head_dim, int page_size,
+                    int n_pages)
+{
+    int r = ds_kv_pool_init_pages(pool, n_layers, n_kv_heads, head_dim, page_size, n_pages);
+    if (r < 0)
+        return r;
+    size_t n = (size_t)n_layers * n_pages * page_size * n_kv_heads * head_dim;
+    pool->k = malloc(n * sizeof(float));
+    pool->v = malloc(n * sizeof(float));
+    if (!pool->k || !pool->v) {
+        ds_kv_pool_done(pool);
+        return ds_seterr(DS_ENOMEM, "could not allocate a KV cache of %zu MB", 2 * n * sizeof(float) >> 20);
+    }
     return 0;
 }
 

@@ -440,7 +440,7 @@ int ds_spec_round(struct ds_engine *e)
         .n_logits = nrows, .logit_rows = e->b_rows, .logits = e->logits,
         .n_capture = m, .capture_layers = m ? d->cfg.target_layer_ids : none_layers, .captured = e->captured,
     };
-    if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+    if ((r = ds_engine_forward(e, &b)) < 0)
         goto out;
 
     /* (4) prefill bookkeeping and acceptance; collect context rows for (5) */
@@ -646,7 +646,7 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
         int nr = reps < 16 ? reps : 16;
         for (int rep = 0; rep <= nr; rep++) {
             double t0 = ds_now();
-            if ((r = ds_model_forward(e->target, e->fwd, &e->kv, &b)) < 0)
+            if ((r = ds_engine_forward(e, &b)) < 0)
                 goto out;
             if (rep > 0)
                 times[rep - 1] = ds_now() - t0; /* the first run warms caches */

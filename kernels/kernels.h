@@ -1,4 +1,6 @@
-/* kernels.h: C-callable launchers of the CUDA kernels (f32 for now).
+/* kernels.h: C-callable launchers of the CUDA kernels.
+ *
+ * bf16 tensors are passed as uint16_t pointers holding the raw bit patterns.
  *
  * Every launcher enqueues its work on the given stream and returns the launch
  * status (cudaSuccess, or cudaErrorInvalidValue for shapes it does not
@@ -60,15 +62,23 @@ cudaError_t ds_k_kv_append(const float *k /* [n, ldk] holding [nKV, hd] */, int 
  * at position pos[t] attends to positions 0..pos[t] of that sequence, read
  * from the paged cache (so append the batch's own K/V first). Query head h
  * uses KV head h / (nH / nKV). Scores are q.k * scale; softmax and the value
- * sum accumulate in f32 with an online softmax in a fixed order. One block
- * per (token, head); hd must be 32, 64, 128 or 256. */
+ * sum accumulate in f32 with an online softmax in a fixed order (see
+ * attention.cu). The batch is cut into runs of consecutive rows of one
+ * sequence by ds_k_attention_runs (on the host; *n_runs on the device); hd at
+ * most 256, nH / nKV at most 32; ws holds ds_k_attention_workspace(n, nH, hd)
+ * floats. */
+size_t ds_k_attention_workspace(int n, int nH, int hd);
+/* Host: cut a batch into runs; returns their count (at most n). */
+int ds_k_attention_runs(const int32_t *seq /* [n] */, int n, int nH, int nKV, int32_t *run_start /* [n] */,
+                        int32_t *run_len /* [n] */);
 cudaError_t ds_k_attention(const float *q /* [n, ldq] holding [nH, hd] */, int ldq,
                            const float *k_cache /* [n_pages, page_size, nKV, hd] */,
                            const float *v_cache /* [n_pages, page_size, nKV, hd] */,
                            const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
-                           const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages, int page_size,
-                           int n, int nH, int nKV, int hd, float scale, float *out /* [n, nH * hd] */,
-                           cudaStream_t stream);
+                           const int32_t *run_start /* [n_runs] */, const int32_t *run_len /* [n_runs] */,
+                           const int32_t *n_runs /* [1] */, const int32_t *page_table /* [n_seqs, max_pages] */,
+                           int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
+                           float *out /* [n, nH * hd] */, cudaStream_t stream);
 
 /* out[t, i] = silu(gate[t, i]) * up[t, i], with gu[t] = [gate (I), up (I)]. */
 cudaError_t ds_k_swiglu(const float *gu /* [n, 2 I] */, int n, int I, float *out /* [n, I] */,
@@ -77,6 +87,50 @@ cudaError_t ds_k_swiglu(const float *gu /* [n, 2 I] */, int n, int I, float *out
 /* out[t] = the index of the largest x[t, i]; ties go to the lowest index
  * (rows holding NaN give an unspecified index). */
 cudaError_t ds_k_argmax(const float *x /* [n, V] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
+
+/* ---- bf16 variants used by the CUDA backend ---- */
+/* out[i] = rmsnorm(x[rows[i]]) rounded to bf16 (rows NULL: row i), the same
+ * reduction order as ds_k_rmsnorm. */
+cudaError_t ds_k_rmsnorm_bf16(const float *x /* [*, H] */, const int32_t *rows /* [n] or NULL */,
+                              const float *w /* [H] */, int n, int H, float eps, uint16_t *out /* [n, H] */,
+                              cudaStream_t stream);
+/* SwiGLU as ds_k_swiglu, rounded to bf16. */
+cudaError_t ds_k_swiglu_bf16(const float *gu /* [n, 2 I] */, int n, int I, uint16_t *out /* [n, I] */,
+                             cudaStream_t stream);
+/* y[t, i] += bias[i]. */
+cudaError_t ds_k_add_bias(float *y /* [n, ldy] */, int ldy, const float *bias /* [N] */, int n, int N,
+                          cudaStream_t stream);
+/* ds_k_kv_append into a bf16 cache. */
+cudaError_t ds_k_kv_append_bf16(const float *k /* [n, ldk] */, int ldk, const float *v /* [n, ldv] */, int ldv,
+                                const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
+                                const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages, int page_size,
+                                int n, int nKV, int hd, uint16_t *k_cache, uint16_t *v_cache, cudaStream_t stream);
+/* ds_k_attention over a bf16 cache with a bf16 output (f32 arithmetic inside). */
+cudaError_t ds_k_attention_bf16(const float *q /* [n, ldq] */, int ldq, const uint16_t *k_cache,
+                                const uint16_t *v_cache, const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
+                                const int32_t *run_start /* [n_runs] */, const int32_t *run_len /* [n_runs] */,
+                                const int32_t *n_runs /* [1] */, const int32_t *page_table /* [n_seqs, max_pages] */,
+                                int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
+                                uint16_t *out /* [n, nH * hd] */, cudaStream_t stream);
+
+/* ---- the batch-invariant bf16 product (gemm.cu) ---- */
+/* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends
+ * on nothing else, so every batch size runs the same reduction. */
+int ds_k_gemm_split(int N, int K, int n_sm);
+/* f32 elements of workspace a product of M rows needs with that split (0 for split 1). */
+size_t ds_k_gemm_workspace(int M, int N, int split);
+
+/* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
+ * K and ldx must be multiples of 8; ws holds ds_k_gemm_workspace(M, N, split) floats. */
+cudaError_t ds_k_gemm_bf16(const uint16_t *x /* [M, ldx] */, int ldx, const uint16_t *w /* [N, K] */, int M, int N,
+                           int K, int split, float *ws, float *y /* [M, ldy] */, int ldy, int accumulate,
+                           cudaStream_t stream);
+
+/* ---- random fills: center + scale * u, u uniform in [-1, 1), from (seed, index) ---- */
+cudaError_t ds_k_fill_uniform_bf16(uint16_t *out, size_t n, uint64_t seed, float center, float scale,
+                                   cudaStream_t stream);
+cudaError_t ds_k_fill_uniform_f32(float *out, size_t n, uint64_t seed, float center, float scale,
+                                  cudaStream_t stream);
 
 #ifdef __cplusplus
 }

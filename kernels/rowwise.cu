@@ -1,10 +1,11 @@
 /* rowwise.cu: per-row kernels of the forward pass: embedding gather, RMSNorm
- * (plain and fused with the residual add), per-head q/k RMSNorm with RoPE,
- * SwiGLU and argmax. One block per row with a fixed block size, so a row's
+ * (plain and fused with the residual add, f32 or bf16 out), per-head q/k
+ * RMSNorm with RoPE, SwiGLU, bias add, argmax, and random fills for benchmarks. One block per row with a fixed block size, so a row's
  * reductions always run in the same order whatever the batch. */
 #include <math.h>
 #include <stdint.h>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "kernels.h"
@@ -263,5 +264,114 @@ extern "C" cudaError_t ds_k_argmax(const float *x, int n, int V, int32_t *out, c
     if (n == 0)
         return cudaSuccess;
     argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out);
+    return cudaGetLastError();
+}
+
+/* ---- bf16 outputs (inputs of the bf16 products) ---- */
+/* out[i] = rmsnorm(x[rows[i]]) as bf16; rows NULL means row i. */
+__global__ static void rmsnorm_bf16_kernel(const float *x, const int32_t *rows, const float *w, int H, float eps,
+                                           __nv_bfloat16 *out)
+{
+    __shared__ float red[32];
+    int src = rows ? rows[blockIdx.x] : (int)blockIdx.x;
+    const float *xr = x + (size_t)src * H;
+    __nv_bfloat16 *o = out + (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        ss += xr[i] * xr[i];
+    float scale = rms_scale(block_sum(ss, red), H, eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        o[i] = __float2bfloat16_rn(w[i] * (xr[i] * scale));
+}
+
+extern "C" cudaError_t ds_k_rmsnorm_bf16(const float *x, const int32_t *rows, const float *w, int n, int H,
+                                         float eps, uint16_t *out, cudaStream_t stream)
+{
+    if (n < 0 || H <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    rmsnorm_bf16_kernel<<<n, ROW_THREADS, 0, stream>>>(x, rows, w, H, eps, (__nv_bfloat16 *)out);
+    return cudaGetLastError();
+}
+
+__global__ static void swiglu_bf16_kernel(const float *gu, int I, size_t total, __nv_bfloat16 *out)
+{
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total)
+        return;
+    size_t t = idx / I, i = idx % I;
+    float gv = gu[t * 2 * I + i], uv = gu[t * 2 * I + I + i];
+    out[idx] = __float2bfloat16_rn(gv / (1.0f + expf(-gv)) * uv);
+}
+
+extern "C" cudaError_t ds_k_swiglu_bf16(const float *gu, int n, int I, uint16_t *out, cudaStream_t stream)
+{
+    if (n < 0 || I <= 0)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    size_t total = (size_t)n * I;
+    swiglu_bf16_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(gu, I, total, (__nv_bfloat16 *)out);
+    return cudaGetLastError();
+}
+
+__global__ static void add_bias_kernel(float *y, int ldy, const float *bias, int N, size_t total)
+{
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total)
+        return;
+    size_t t = idx / N, i = idx % N;
+    y[t * ldy + i] += bias[i];
+}
+
+extern "C" cudaError_t ds_k_add_bias(float *y, int ldy, const float *bias, int n, int N, cudaStream_t stream)
+{
+    if (n < 0 || N <= 0 || ldy < N)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    size_t total = (size_t)n * N;
+    add_bias_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(y, ldy, bias, N, total);
+    return cudaGetLastError();
+}
+
+/* ---- random fills (benchmarks on random weights) ---- */
+__device__ static float hash_uniform(uint64_t seed, size_t i)
+{
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f);   /* [0, 1) */
+}
+
+__global__ static void fill_bf16_kernel(__nv_bfloat16 *out, size_t n, uint64_t seed, float center, float scale)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(center + scale * (2.0f * hash_uniform(seed, i) - 1.0f));
+}
+
+__global__ static void fill_f32_kernel(float *out, size_t n, uint64_t seed, float center, float scale)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = center + scale * (2.0f * hash_uniform(seed, i) - 1.0f);
+}
+
+extern "C" cudaError_t ds_k_fill_uniform_bf16(uint16_t *out, size_t n, uint64_t seed, float center, float scale,
+                                              cudaStream_t stream)
+{
+    if (n == 0)
+        return cudaSuccess;
+    fill_bf16_kernel<<<1024, 256, 0, stream>>>((__nv_bfloat16 *)out, n, seed, center, scale);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_fill_uniform_f32(float *out, size_t n, uint64_t seed, float center, float scale,
+                                             cudaStream_t stream)
+{
+    if (n == 0)
+        return cudaSuccess;
+    fill_f32_kernel<<<1024, 256, 0, stream>>>(out, n, seed, center, scale);
     return cudaGetLastError();
 }

@@ -1,28 +1,49 @@
 # mk/kernels.mk: CUDA kernels (built only with --with-cuda), compiled by nvcc,
 # and their GPU test. The test is not in TESTS (CI has no GPU): run it with
 # `make check-gpu` on a GPU host.
-DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu
+DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu
 if HAVE_CUDA
 noinst_LIBRARIES += libdskernels.a
 libdskernels_a_SOURCES = $(DS_KERNEL_SOURCES) kernels/kernels.h
 libdskernels_a_LIBADD =
 # nvcc's host code needs the C++ runtime (static guards, the personality routine)
 KERNELS_LIBS = libdskernels.a $(CUDA_LIBS) -lstdc++
+# the engine's CUDA backend (engine/forward-cuda.c) calls the kernels
+libdsengine_a_CFLAGS += $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
+ENGINE_LIBS += $(KERNELS_LIBS)
 SUFFIXES = .cu
 .cu.o:
 	$(AM_V_CC)$(NVCC) $(NVCCFLAGS) -Xcompiler -Wall -I$(top_srcdir)/include -I$(top_srcdir)/kernels -I$(top_builddir) -c -o $@ $<
 $(libdskernels_a_OBJECTS): $(top_srcdir)/kernels/kernels.h
 
-check_PROGRAMS += tests/gpu/test-kernels
+check_PROGRAMS += tests/gpu/test-kernels tests/gpu/test-cuda-engine
 tests_gpu_test_kernels_SOURCES = tests/gpu/test-kernels.c
 tests_gpu_test_kernels_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
-tests_gpu_test_kernels_LDADD = $(KERNELS_LIBS) $(ENGINE_LIBS)
+tests_gpu_test_kernels_LDADD = $(ENGINE_LIBS)
+tests_gpu_test_cuda_engine_SOURCES = tests/gpu/test-cuda-engine.c
+tests_gpu_test_cuda_engine_LDADD = $(ENGINE_LIBS)
 
-check-gpu: tests/gpu/test-kernels$(EXEEXT)
-	./tests/gpu/test-kernels$(EXEEXT)
+# Each GPU test exits 77 without a device; the target then exits 77 too.
+GPU_TESTS = tests/gpu/test-kernels$(EXEEXT) tests/gpu/test-cuda-engine$(EXEEXT)
+check-gpu: $(GPU_TESTS)
+	@fail=0; skip=0; for t in $(GPU_TESTS); do \
+	  echo "== $$t"; ./$$t; rc=$$?; \
+	  if test $$rc -eq 77; then skip=$$((skip + 1)); elif test $$rc -ne 0; then fail=$$((fail + 1)); fi; \
+	done; \
+	if test $$fail -ne 0; then echo "check-gpu: $$fail test program(s) failed"; exit 1; fi; \
+	if test $$skip -eq 2; then echo "check-gpu: SKIP: no CUDA device"; exit 77; fi
 else
 check-gpu:
 	@echo "check-gpu: SKIP: CUDA is not configured (run configure --with-cuda on a GPU host)"
 endif
 .PHONY: check-gpu
-EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h tests/gpu/test-kernels.c tests/gpu/README.md
+EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h tests/gpu/test-kernels.c tests/gpu/test-cuda-engine.c \
+	tests/gpu/README.md
+
+if HAVE_CUDA
+noinst_PROGRAMS += bench/bench-gemm-cuda
+bench_bench_gemm_cuda_SOURCES = bench/bench-gemm-cuda.c
+bench_bench_gemm_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
+bench_bench_gemm_cuda_LDADD = $(ENGINE_LIBS)
+endif
+EXTRA_DIST += bench/bench-gemm-cuda.c

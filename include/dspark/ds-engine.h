@@ -40,7 +40,21 @@ int ds_spec_mode_parse(const char *s, struct ds_spec_mode *ret) DS_MUSTCHECK;
 /* Format a mode back to its text form into buf. */
 void ds_spec_mode_format(const struct ds_spec_mode *m, char *buf, size_t cap);
 
+enum ds_backend {
+    DS_BACKEND_CPU = 0,           /* f32 on the CPU (engine/forward-cpu.c) */
+    DS_BACKEND_CUDA,              /* bf16 on one GPU (engine/forward-cuda.c) */
+};
+
+/* Parse "cpu", "cuda" or "auto" (cuda where this build has it and a GPU exists). */
+int ds_backend_parse(const char *s, enum ds_backend *ret) DS_MUSTCHECK;
+const char *ds_backend_name(enum ds_backend b);
+
 struct ds_engine_opts {
+    enum ds_backend backend;      /* where the target runs (the draft runs on the CPU) */
+    int device;                   /* CUDA device index */
+    bool cublas;                  /* CUDA: cuBLAS products, faster but not batch-invariant */
+    bool cuda_graphs;             /* CUDA: replay graphs of earlier passes of the same shape */
+    double gpu_memory_fraction;   /* CUDA: share of free GPU memory for the KV cache (0: 0.85) */
     int n_threads;                /* 0: all CPUs */
     int kv_pages;                 /* 0: sized from max_seqs x max context */
     int page_size;                /* 0: 16 */

@@ -42,6 +42,9 @@ struct ds_kv_seq {
 
 int ds_kv_pool_init(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int head_dim, int page_size,
                     int n_pages) DS_MUSTCHECK;
+/* The page bookkeeping alone (k and v stay NULL): the rows live elsewhere (the GPU). */
+int ds_kv_pool_init_pages(struct ds_kv_pool *pool, int n_layers, int n_kv_heads, int head_dim, int page_size,
+                          int n_pages) DS_MUSTCHECK;
 void ds_kv_pool_done(struct ds_kv_pool *pool);
 /* Make room for positions < n (DS_ELIMIT when the pool is out of pages; nothing changes then). */
 int ds_kv_reserve(struct ds_kv_pool *pool, struct ds_kv_seq *seq, int n) DS_MUSTCHECK;

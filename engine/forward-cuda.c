@@ -1,0 +1,923 @@
+/* forward-cuda.c: the Qwen3 target on one GPU (the CUDA backend).
+ *
+ * The same pass as forward-cpu.c, with bf16 weights and a bf16 KV cache:
+ *   x (f32 residual) → RMSNorm → bf16 → qkv product (f32) → q/k norm + RoPE →
+ *   K/V appended to the pages → attention (bf16 out) → o product added to x →
+ *   RMSNorm → bf16 → gate/up product → SwiGLU (bf16) → down product added to x.
+ * Products run through the batch-invariant kernel of kernels/gemm.cu (or cuBLAS
+ * when asked); every other kernel reduces in a fixed per-row order, so a
+ * token's logits do not depend on what else is in its pass.
+ *
+ * A pass uploads its metadata (tokens, positions, sequence slots, logit rows,
+ * page table) in one copy into fixed device buffers, so the device part is
+ * the same launch sequence for every pass of a given shape and can be
+ * captured once as a CUDA graph and replayed. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dspark/ds-cuda.h"
+
+#ifndef HAVE_CUDA
+
+bool ds_cuda_available(void)
+{
+    return false;
+}
+void ds_cuda_describe(int device, char *buf, size_t cap)
+{
+    (void)device;
+    snprintf(buf, cap, "this build has no CUDA backend (configure --with-cuda)");
+}
+static int nocuda(void)
+{
+    return ds_seterr(DS_ENOTSUP, "this build has no CUDA backend (configure --with-cuda)");
+}
+int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
+{
+    return nocuda();
+}
+int ds_cuda_target_new_random(const struct ds_qwen3_config *cfg, uint64_t seed, const struct ds_cuda_opts *o,
+                              struct ds_cuda_target **ret)
+{
+    return nocuda();
+}
+struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
+{
+    return NULL;
+}
+int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas)
+{
+    return nocuda();
+}
+size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t)
+{
+    return 0;
+}
+size_t ds_cuda_page_bytes(const struct ds_cuda_target *t, int page_size)
+{
+    return 0;
+}
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens)
+{
+    return 0;
+}
+int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int max_pages_per_seq)
+{
+    return nocuda();
+}
+int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed)
+{
+    return nocuda();
+}
+int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int n_capture)
+{
+    return nocuda();
+}
+int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
+{
+    return nocuda();
+}
+int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b, int reps,
+                         bool graph, double *ret_ms)
+{
+    return nocuda();
+}
+int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
+{
+    return nocuda();
+}
+
+#else
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels.h"
+
+#define CK(call)                                                                                               \
+    do {                                                                                                       \
+        cudaError_t e_ = (call);                                                                               \
+        if (e_ != cudaSuccess)                                                                                 \
+            return ds_seterr(DS_ECUDA, "%s: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+    } while (0)
+
+struct cu_mat {
+    uint16_t *w;          /* [n, k] bf16, row-major */
+    int n, k;
+    int split;            /* k split of the invariant product */
+};
+
+struct cu_layer {
+    float *attn_norm, *ffn_norm;  /* [H] */
+    float *q_norm, *k_norm;       /* [hd] */
+    float *qkv_bias;              /* [(nH + 2 nKV) hd] or NULL */
+    float *o_bias;                /* [H] or NULL */
+    struct cu_mat qkv, o, gate_up, down;
+};
+
+#define GRAPH_SLOTS 32
+/* offset of the page table in the metadata of passes of up to cap tokens */
+#define META_PAGES(cap) (6 * (size_t)(cap) + 1)
+
+struct graph_slot {
+    int n_tokens, n_logits, n_capture;
+    int capture_layers[8];
+    cudaGraphExec_t exec;         /* NULL until the shape's second pass */
+    long last_use;                /* 0: free slot */
+};
+
+struct ds_cuda_target {
+    struct ds_qwen3_config cfg;
+    struct ds_cuda_opts opts;
+    int n_sm;
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    void *cublas_ws;
+    size_t weight_bytes;
+    uint16_t *embed;              /* [V, H] bf16 */
+    struct cu_layer *layers;      /* [L] */
+    float *final_norm;            /* [H] */
+    struct cu_mat lm_head;        /* [V, H] (shares embed when tied) */
+    float *inv_freq;              /* [hd / 2] */
+    /* KV cache */
+    uint16_t *k_cache, *v_cache;  /* [L, n_pages, page_size, nKV, hd] bf16 */
+    int n_pages, page_size, max_pages;
+    /* activations, for passes of up to cap_tokens tokens, cap_rows logits, cap_seqs sequences */
+    int cap_tokens, cap_rows, cap_seqs, cap_capture;
+    float *x;                     /* [cap_tokens, H] residual stream */
+    uint16_t *xn;                 /* [cap_tokens, max(H, I)] bf16 input of a product */
+    float *qkv;                   /* [cap_tokens, (nH + 2 nKV) hd] */
+    uint16_t *attn;               /* [cap_tokens, nH hd] bf16 */
+    float *gu;                    /* [cap_tokens, 2 I] */
+    float *ws;                    /* split-k partials */
+    float *att_ws;                /* attention partials */
+    size_t ws_floats;
+    uint16_t *rows;               /* [cap_rows, H] normed rows for the head */
+    float *logits;                /* [cap_rows, V] */
+    float *captured;              /* [cap_tokens, cap_capture, H] */
+    int32_t *meta;                /* device: tokens, pos, seq, rows, run starts, run lengths [cap_tokens each],
+                                   * the run count [1], pages [cap_seqs, max_pages] */
+    int32_t *h_meta;              /* pinned host copy */
+    size_t meta_ints;
+    struct graph_slot graphs[GRAPH_SLOTS];
+    long uses;
+};
+
+bool ds_cuda_available(void)
+{
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+void ds_cuda_describe(int device, char *buf, size_t cap)
+{
+    struct cudaDeviceProp p;
+    cudaError_t e = cudaGetDeviceProperties(&p, device);
+    if (e != cudaSuccess) {
+        snprintf(buf, cap, "no CUDA device %d (%s)", device, cudaGetErrorString(e));
+        return;
+    }
+    snprintf(buf, cap, "%s, %.1f GiB, sm_%d%d, %d SMs", p.name, p.totalGlobalMem / 1073741824.0, p.major, p.minor,
+             p.multiProcessorCount);
+}
+
+static uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);          /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1);                   /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static int dev_alloc(void *ptr, size_t bytes, const char *what)
+{
+    void **p = ptr;
+    *p = NULL;
+    if (bytes == 0)
+        return 0;
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        return ds_seterr(DS_ENOMEM, "could not allocate %.1f MiB of GPU memory for %s: %s", bytes / 1048576.0, what,
+                         cudaGetErrorString(e));
+    }
+    return 0;
+}
+
+static int upload_f32(float **dst, const float *src, size_t n, const char *what)
+{
+    int r = dev_alloc(dst, n * sizeof(float), what);
+    if (r < 0 || n == 0)
+        return r;
+    CK(cudaMemcpy(*dst, src, n * sizeof(float), cudaMemcpyHostToDevice));
+    return 0;
+}
+
+/* Unpack a host panel matrix into bf16 rows on the device. */
+static int upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct ds_mat *hm, const char *what)
+{
+    dm->n = hm->n;
+    dm->k = hm->k;
+    dm->split = ds_k_gemm_split(hm->n, hm->k, t->n_sm);
+    size_t n = (size_t)hm->n * hm->k;
+    int r = dev_alloc(&dm->w, n * 2, what);
+    if (r < 0)
+        return r;
+    float *row = malloc((size_t)hm->k * sizeof(float));
+    uint16_t *buf = malloc(n * 2);
+    if (!row || !buf) {
+        free(row);
+        free(buf);
+        return ds_seterr(DS_ENOMEM, "could not stage %s for the GPU", what);
+    }
+    for (int i = 0; i < hm->n; i++) {
+        ds_mat_row(hm, i, row);
+        for (int j = 0; j < hm->k; j++)
+            buf[(size_t)i * hm->k + j] = f32_to_bf16(row[j]);
+    }
+    cudaError_t e = cudaMemcpy(dm->w, buf, n * 2, cudaMemcpyHostToDevice);
+    free(row);
+    free(buf);
+    if (e != cudaSuccess)
+        return ds_seterr(DS_ECUDA, "uploading %s: %s", what, cudaGetErrorString(e));
+    t->weight_bytes += n * 2;
+    return 0;
+}
+
+static int random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k, uint64_t seed, const char *what)
+{
+    dm->n = n;
+    dm->k = k;
+    dm->split = ds_k_gemm_split(n, k, t->n_sm);
+    int r = dev_alloc(&dm->w, (size_t)n * k * 2, what);
+    if (r < 0)
+        return r;
+    CK(ds_k_fill_uniform_bf16(dm->w, (size_t)n * k, seed, 0.0f, 1.0f / sqrtf((float)k), t->stream));
+    t->weight_bytes += (size_t)n * k * 2;
+    return 0;
+}
+
+static int random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t seed, const char *what)
+{
+    int r = dev_alloc(dst, n * sizeof(float), what);
+    if (r < 0)
+        return r;
+    CK(ds_k_fill_uniform_f32(*dst, n, seed, 1.0f, 0.1f, t->stream));
+    return 0;
+}
+
+static int check_shape(const struct ds_qwen3_config *c)
+{
+    int qkv = (c->num_attention_heads + 2 * c->num_key_value_heads) * c->head_dim;
+    if (c->hidden_size % 8 || c->intermediate_size % 8 || (c->num_attention_heads * c->head_dim) % 8 || qkv % 8)
+        return ds_seterr(DS_ENOTSUP,
+                         "the CUDA backend needs hidden_size, intermediate_size and the attention widths to be "
+                         "multiples of 8 (hidden %d, intermediate %d, heads %d x %d)",
+                         c->hidden_size, c->intermediate_size, c->num_attention_heads, c->head_dim);
+    if (c->head_dim > 256 || c->head_dim % 8)
+        return ds_seterr(DS_ENOTSUP, "the CUDA backend supports head_dim up to 256 in multiples of 8 (model has %d)",
+                         c->head_dim);
+    return 0;
+}
+
+static int cublas_init(struct ds_cuda_target *t)
+{
+    if (t->cublas)
+        return 0;
+    cublasStatus_t s = cublasCreate(&t->cublas);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        return ds_seterr(DS_ECUBLAS, "cublasCreate failed (status %d)", (int)s);
+    cublasSetStream(t->cublas, t->stream);
+    /* a fixed workspace, so that products can be captured in graphs */
+    void *ws = NULL;
+    CK(cudaMalloc(&ws, 32u << 20));
+    t->cublas_ws = ws;
+    cublasSetWorkspace(t->cublas, ws, 32u << 20);
+    return 0;
+}
+
+static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
+{
+    int r = check_shape(cfg);
+    if (r < 0)
+        return r;
+    struct ds_cuda_target *t = ds_xcalloc(1, sizeof *t);
+    t->cfg = *cfg;
+    t->opts = o ? *o : (struct ds_cuda_opts){0};
+    *ret = t;
+    CK(cudaSetDevice(t->opts.device));
+    struct cudaDeviceProp p;
+    CK(cudaGetDeviceProperties(&p, t->opts.device));
+    t->n_sm = p.multiProcessorCount;
+    CK(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking));
+    if (t->opts.cublas && (r = cublas_init(t)) < 0)
+        return r;
+    t->layers = ds_xcalloc((size_t)cfg->num_hidden_layers, sizeof *t->layers);
+    size_t half = (size_t)cfg->head_dim / 2;
+    float *inv = malloc(half * sizeof(float));
+    for (size_t i = 0; i < half; i++)
+        inv[i] = (float)(1.0 / pow(cfg->rope_theta, (double)(2 * i) / cfg->head_dim));
+    r = upload_f32(&t->inv_freq, inv, half, "RoPE frequencies");
+    free(inv);
+    return r;
+}
+
+int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
+{
+    struct ds_cuda_target *t = NULL;
+    const struct ds_qwen3_config *c = &m->cfg;
+    int r = target_init(c, o, &t);
+    size_t H = c->hidden_size, hd = c->head_dim;
+    size_t qkv = (c->num_attention_heads + 2 * (size_t)c->num_key_value_heads) * hd;
+    if (r == 0) {
+        size_t n = (size_t)c->vocab_size * H;
+        uint16_t *buf = malloc(n * 2);
+        if (!buf) {
+            r = ds_seterr(DS_ENOMEM, "could not stage the embedding for the GPU");
+        } else {
+            for (size_t i = 0; i < n; i++)
+                buf[i] = f32_to_bf16(m->embed[i]);
+            if ((r = dev_alloc(&t->embed, n * 2, "the embedding")) == 0 &&
+                cudaMemcpy(t->embed, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
+                r = ds_seterr(DS_ECUDA, "uploading the embedding failed");
+            free(buf);
+            t->weight_bytes += n * 2;
+        }
+    }
+    for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
+        const struct ds_layer *hl = &m->layers[li];
+        struct cu_layer *dl = &t->layers[li];
+        if ((r = upload_f32(&dl->attn_norm, hl->attn_norm, H, "norm weights")) < 0 ||
+            (r = upload_f32(&dl->ffn_norm, hl->ffn_norm, H, "norm weights")) < 0 ||
+            (r = upload_f32(&dl->q_norm, hl->q_norm, hd, "norm weights")) < 0 ||
+            (r = upload_f32(&dl->k_norm, hl->k_norm, hd, "norm weights")) < 0 ||
+            (hl->qkv_bias && (r = upload_f32(&dl->qkv_bias, hl->qkv_bias, qkv, "biases")) < 0) ||
+            (hl->o_bias && (r = upload_f32(&dl->o_bias, hl->o_bias, H, "biases")) < 0) ||
+            (r = upload_mat(t, &dl->qkv, &hl->qkv, "q/k/v projections")) < 0 ||
+            (r = upload_mat(t, &dl->o, &hl->o, "o projections")) < 0 ||
+            (r = upload_mat(t, &dl->gate_up, &hl->gate_up, "gate/up projections")) < 0 ||
+            (r = upload_mat(t, &dl->down, &hl->down, "down projections")) < 0)
+            break;
+    }
+    if (r == 0)
+        r = upload_f32(&t->final_norm, m->final_norm, H, "the final norm");
+    if (r == 0) {
+        if (c->tie_word_embeddings) {
+            t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = (int)H,
+                                         .split = ds_k_gemm_split(c->vocab_size, (int)H, t->n_sm)};
+        } else {
+            r = upload_mat(t, &t->lm_head, &m->lm_head, "the lm head");
+        }
+    }
+    if (r < 0) {
+        ds_cuda_target_free(t);
+        return r;
+    }
+    *ret = t;
+    return 0;
+}
+
+int ds_cuda_target_new_random(const struct ds_qwen3_config *c, uint64_t seed, const struct ds_cuda_opts *o,
+                              struct ds_cuda_target **ret)
+{
+    struct ds_cuda_target *t = NULL;
+    int r = target_init(c, o, &t);
+    int H = c->hidden_size, hd = c->head_dim, I = c->intermediate_size;
+    int qkv = (c->num_attention_heads + 2 * c->num_key_value_heads) * hd;
+    if (r == 0 && (r = dev_alloc(&t->embed, (size_t)c->vocab_size * H * 2, "the embedding")) == 0) {
+        cudaError_t e = ds_k_fill_uniform_bf16(t->embed, (size_t)c->vocab_size * H, seed, 0.0f, 1.0f, t->stream);
+        if (e != cudaSuccess)
+            r = ds_seterr(DS_ECUDA, "filling the embedding: %s", cudaGetErrorString(e));
+        t->weight_bytes += (size_t)c->vocab_size * H * 2;
+    }
+    for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
+        struct cu_layer *dl = &t->layers[li];
+        uint64_t s = seed + 1000 * (uint64_t)(li + 1);
+        if ((r = random_vec(t, &dl->attn_norm, H, s + 1, "norm weights")) < 0 ||
+            (r = random_vec(t, &dl->ffn_norm, H, s + 2, "norm weights")) < 0 ||
+            (r = random_vec(t, &dl->q_norm, hd, s + 3, "norm weights")) < 0 ||
+            (r = random_vec(t, &dl->k_norm, hd, s + 4, "norm weights")) < 0 ||
+            (r = random_mat(t, &dl->qkv, qkv, H, s + 5, "q/k/v projections")) < 0 ||
+            (r = random_mat(t, &dl->o, c->num_attention_heads * hd, H, s + 6, "o projections")) < 0 ||
+            (r = random_mat(t, &dl->gate_up, 2 * I, H, s + 7, "gate/up projections")) < 0 ||
+            (r = random_mat(t, &dl->down, H, I, s + 8, "down projections")) < 0)
+            break;
+        /* o maps nH hd -> H: its weight is [H, nH hd] */
+        dl->o.n = H;
+        dl->o.k = c->num_attention_heads * hd;
+        dl->o.split = ds_k_gemm_split(dl->o.n, dl->o.k, t->n_sm);
+    }
+    if (r == 0)
+        r = random_vec(t, &t->final_norm, H, seed + 7, "the final norm");
+    if (r == 0) {
+        if (c->tie_word_embeddings)
+            t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = H,
+                                         .split = ds_k_gemm_split(c->vocab_size, H, t->n_sm)};
+        else
+            r = random_mat(t, &t->lm_head, c->vocab_size, H, seed + 9, "the lm head");
+    }
+    if (r == 0 && cudaStreamSynchronize(t->stream) != cudaSuccess)
+        r = ds_seterr(DS_ECUDA, "making random weights failed");
+    if (r < 0) {
+        ds_cuda_target_free(t);
+        return r;
+    }
+    *ret = t;
+    return 0;
+}
+
+static void drop_graphs(struct ds_cuda_target *t)
+{
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        if (t->graphs[i].exec)
+            cudaGraphExecDestroy(t->graphs[i].exec);
+        memset(&t->graphs[i], 0, sizeof t->graphs[i]);
+    }
+}
+
+static void free_activations(struct ds_cuda_target *t)
+{
+    drop_graphs(t);
+    cudaFree(t->x);
+    cudaFree(t->xn);
+    cudaFree(t->qkv);
+    cudaFree(t->attn);
+    cudaFree(t->gu);
+    cudaFree(t->ws);
+    cudaFree(t->att_ws);
+    cudaFree(t->rows);
+    cudaFree(t->logits);
+    cudaFree(t->captured);
+    cudaFree(t->meta);
+    cudaFreeHost(t->h_meta);
+    t->x = t->qkv = t->gu = t->ws = t->att_ws = t->logits = t->captured = NULL;
+    t->xn = t->attn = t->rows = NULL;
+    t->meta = t->h_meta = NULL;
+    t->cap_tokens = t->cap_rows = t->cap_seqs = t->cap_capture = 0;
+    t->ws_floats = 0;
+}
+
+struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
+{
+    if (!t)
+        return NULL;
+    if (t->stream)
+        cudaStreamSynchronize(t->stream);
+    free_activations(t);
+    if (t->layers) {
+        for (int i = 0; i < t->cfg.num_hidden_layers; i++) {
+            struct cu_layer *l = &t->layers[i];
+            cudaFree(l->attn_norm);
+            cudaFree(l->ffn_norm);
+            cudaFree(l->q_norm);
+            cudaFree(l->k_norm);
+            cudaFree(l->qkv_bias);
+            cudaFree(l->o_bias);
+            cudaFree(l->qkv.w);
+            cudaFree(l->o.w);
+            cudaFree(l->gate_up.w);
+            cudaFree(l->down.w);
+        }
+        free(t->layers);
+    }
+    if (t->lm_head.w != t->embed)
+        cudaFree(t->lm_head.w);
+    cudaFree(t->embed);
+    cudaFree(t->final_norm);
+    cudaFree(t->inv_freq);
+    cudaFree(t->k_cache);
+    cudaFree(t->v_cache);
+    if (t->cublas)
+        cublasDestroy(t->cublas);
+    cudaFree(t->cublas_ws);
+    if (t->stream)
+        cudaStreamDestroy(t->stream);
+    free(t);
+    return NULL;
+}
+
+int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas)
+{
+    int r = cublas ? cublas_init(t) : 0;
+    if (r < 0)
+        return r;
+    cudaStreamSynchronize(t->stream);
+    drop_graphs(t);
+    t->opts.cublas = cublas;
+    return 0;
+}
+
+size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t)
+{
+    return t->weight_bytes;
+}
+
+size_t ds_cuda_page_bytes(const struct ds_cuda_target *t, int page_size)
+{
+    return 2ull * t->cfg.num_hidden_layers * page_size * t->cfg.num_key_value_heads * t->cfg.head_dim * 2;
+}
+
+/* Device bytes of the activations for passes of n tokens (an upper bound). */
+static size_t activation_bytes(const struct ds_qwen3_config *c, int n, int n_sm)
+{
+    size_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim;
+    size_t qkv = (c->num_attention_heads + 2 * (size_t)c->num_key_value_heads) * hd;
+    size_t wide = qkv > 2 * I ? qkv : 2 * I;
+    size_t per = H * 4 + (H > I ? H : I) * 2 + qkv * 4 + c->num_attention_heads * hd * 2 + 2 * I * 4 +
+                 (size_t)c->vocab_size * 4 + H * 2 + 8 * H * 4 + 32 * wide * 4 +
+                 ds_k_attention_workspace(1, c->num_attention_heads, (int)hd) * 4;
+    (void)n_sm;
+    return per * (size_t)n + (64u << 20);
+}
+
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens)
+{
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
+        return 0;
+    double budget = fraction * (double)free_b - (double)activation_bytes(&t->cfg, max_tokens, t->n_sm);
+    if (budget <= 0)
+        return 0;
+    return (long)(budget / (double)ds_cuda_page_bytes(t, page_size));
+}
+
+int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int max_pages_per_seq)
+{
+    if (n_pages <= 0 || page_size <= 0 || max_pages_per_seq <= 0)
+        return ds_seterr(DS_EINVAL, "GPU KV cache shape is invalid (%d pages of %d)", n_pages, page_size);
+    cudaFree(t->k_cache);
+    cudaFree(t->v_cache);
+    t->k_cache = t->v_cache = NULL;
+    free_activations(t);   /* the page table's row length may change */
+    size_t half = ds_cuda_page_bytes(t, page_size) / 2 * (size_t)n_pages;
+    int r;
+    if ((r = dev_alloc(&t->k_cache, half, "the KV cache")) < 0 || (r = dev_alloc(&t->v_cache, half, "the KV cache")) < 0)
+        return r;
+    t->n_pages = n_pages;
+    t->page_size = page_size;
+    t->max_pages = max_pages_per_seq;
+    return 0;
+}
+
+int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed)
+{
+    size_t n = ds_cuda_page_bytes(t, t->page_size) / 4 * (size_t)t->n_pages;
+    CK(ds_k_fill_uniform_bf16(t->k_cache, n, seed, 0.0f, 1.0f, t->stream));
+    CK(ds_k_fill_uniform_bf16(t->v_cache, n, seed + 1, 0.0f, 1.0f, t->stream));
+    CK(cudaStreamSynchronize(t->stream));
+    return 0;
+}
+
+/* Grow the activation buffers (dropping captured graphs, which point into them). */
+static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_seqs, int n_capture)
+{
+    if (n <= t->cap_tokens && n_rows <= t->cap_rows && n_seqs <= t->cap_seqs && n_capture <= t->cap_capture)
+        return 0;
+    const struct ds_qwen3_config *c = &t->cfg;
+    int cn = n > t->cap_tokens ? n : t->cap_tokens;
+    int cr = n_rows > t->cap_rows ? n_rows : t->cap_rows;
+    int cs = n_seqs > t->cap_seqs ? n_seqs : t->cap_seqs;
+    int cc = n_capture > t->cap_capture ? n_capture : t->cap_capture;
+    /* round up, so that growing batches do not reallocate every pass */
+    cn = cn < 64 ? 64 : (cn + 63) / 64 * 64;
+    cr = cr < 64 ? 64 : (cr + 63) / 64 * 64;
+    cs = cs < 64 ? 64 : (cs + 63) / 64 * 64;
+    cudaStreamSynchronize(t->stream);
+    free_activations(t);
+    size_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
+    size_t qkv = (c->num_attention_heads + 2 * (size_t)c->num_key_value_heads) * hd;
+    size_t nq = (size_t)c->num_attention_heads * hd;
+    size_t widest_in = H > I ? H : I;
+    /* split-k workspace: the largest split x rows x columns over the products */
+    size_t ws = 0;
+    for (int li = 0; li < c->num_hidden_layers; li++) {
+        const struct cu_mat *ms[4] = {&t->layers[li].qkv, &t->layers[li].o, &t->layers[li].gate_up,
+                                      &t->layers[li].down};
+        for (int i = 0; i < 4; i++) {
+            size_t w = ds_k_gemm_workspace(cn, ms[i]->n, ms[i]->split);
+            if (w > ws)
+                ws = w;
+        }
+    }
+    size_t wl = ds_k_gemm_workspace(cr, t->lm_head.n, t->lm_head.split);
+    if (wl > ws)
+        ws = wl;
+
+    t->meta_ints = META_PAGES(cn) + (size_t)cs * t->max_pages;
+    int r;
+    if ((r = dev_alloc(&t->x, cn * H * 4, "activations")) < 0 ||
+        (r = dev_alloc(&t->xn, cn * widest_in * 2, "activations")) < 0 ||
+        (r = dev_alloc(&t->qkv, cn * qkv * 4, "activations")) < 0 ||
+        (r = dev_alloc(&t->attn, cn * nq * 2, "activations")) < 0 ||
+        (r = dev_alloc(&t->gu, cn * 2 * I * 4, "activations")) < 0 ||
+        (r = dev_alloc(&t->ws, ws * 4, "the product workspace")) < 0 ||
+        (r = dev_alloc(&t->att_ws, ds_k_attention_workspace(cn, c->num_attention_heads, (int)hd) * 4,
+                       "the attention workspace")) < 0 ||
+        (r = dev_alloc(&t->rows, cr * H * 2, "activations")) < 0 ||
+        (r = dev_alloc(&t->logits, cr * V * 4, "logits")) < 0 ||
+        (cc > 0 && (r = dev_alloc(&t->captured, (size_t)cn * cc * H * 4, "captured features")) < 0) ||
+        (r = dev_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
+        return r;
+    CK(cudaMallocHost((void **)&t->h_meta, t->meta_ints * 4));
+    t->ws_floats = ws;
+    t->cap_tokens = cn;
+    t->cap_rows = cr;
+    t->cap_seqs = cs;
+    t->cap_capture = cc;
+    return 0;
+}
+
+int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int n_capture)
+{
+    if (!t->k_cache)
+        return ds_seterr(DS_EINVAL, "allocate the GPU KV cache before the activations");
+    return ensure_capacity(t, max_tokens, max_tokens, max_seqs, n_capture);
+}
+
+static int gemm(struct ds_cuda_target *t, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y, int ldy,
+                bool accumulate)
+{
+    if (M == 0)
+        return 0;
+    if (t->opts.cublas) {
+        const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+        cublasStatus_t s = cublasGemmEx(t->cublas, CUBLAS_OP_T, CUBLAS_OP_N, m->n, M, m->k, &one, m->w, CUDA_R_16BF,
+                                        m->k, x, CUDA_R_16BF, ldx, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT);
+        if (s != CUBLAS_STATUS_SUCCESS)
+            return ds_seterr(DS_ECUBLAS, "cublasGemmEx (%d x %d x %d) failed with status %d", M, m->n, m->k, (int)s);
+        return 0;
+    }
+    CK(ds_k_gemm_bf16(x, ldx, m->w, M, m->n, m->k, m->split, t->ws, y, ldy, accumulate, t->stream));
+    return 0;
+}
+
+/* The device part of a pass; metadata is already in t->meta. Graph-capturable:
+ * only kernel launches on t->stream. */
+static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_capture, const int32_t *capture_layers)
+{
+    const struct ds_qwen3_config *c = &t->cfg;
+    int H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
+    int nH = c->num_attention_heads, nKV = c->num_key_value_heads;
+    int qkvw = (nH + 2 * nKV) * hd;
+    float eps = (float)c->rms_norm_eps;
+    const int32_t *d_tok = t->meta, *d_pos = t->meta + t->cap_tokens, *d_seq = t->meta + 2 * t->cap_tokens;
+    const int32_t *d_rows = t->meta + 3 * t->cap_tokens, *d_pages = t->meta + META_PAGES(t->cap_tokens);
+    const int32_t *d_run_start = t->meta + 4 * t->cap_tokens, *d_run_len = t->meta + 5 * t->cap_tokens;
+    const int32_t *d_n_runs = t->meta + 6 * t->cap_tokens;
+    size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    int r;
+
+    CK(ds_k_embed_bf16(t->embed, d_tok, n, H, V, t->x, t->stream));
+    for (int ci = 0; ci < n_capture; ci++)
+        if (capture_layers[ci] == -1)
+            CK(cudaMemcpy2DAsync(t->captured + (size_t)ci * H, (size_t)n_capture * H * 4, t->x, (size_t)H * 4,
+                                 (size_t)H * 4, n, cudaMemcpyDeviceToDevice, t->stream));
+    for (int li = 0; li < c->num_hidden_layers; li++) {
+        const struct cu_layer *l = &t->layers[li];
+        uint16_t *kc = t->k_cache + (size_t)li * layer_kv, *vc = t->v_cache + (size_t)li * layer_kv;
+        CK(ds_k_rmsnorm_bf16(t->x, NULL, l->attn_norm, n, H, eps, t->xn, t->stream));
+        if ((r = gemm(t, &l->qkv, t->xn, H, n, t->qkv, qkvw, false)) < 0)
+            return r;
+        if (l->qkv_bias)
+            CK(ds_k_add_bias(t->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
+        CK(ds_k_qk_norm_rope(t->qkv, qkvw, t->qkv + (size_t)nH * hd, qkvw, l->q_norm, l->k_norm, t->inv_freq, d_pos,
+                             n, nH, nKV, hd, eps, t->stream));
+        CK(ds_k_kv_append_bf16(t->qkv + (size_t)nH * hd, qkvw, t->qkv + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
+                               d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
+        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs, d_pages, t->max_pages, t->page_size, n, nH, nKV,
+                               hd, scale, t->att_ws, t->attn, t->stream));
+        if ((r = gemm(t, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
+            return r;
+        if (l->o_bias)
+            CK(ds_k_add_bias(t->x, H, l->o_bias, n, H, t->stream));
+        CK(ds_k_rmsnorm_bf16(t->x, NULL, l->ffn_norm, n, H, eps, t->xn, t->stream));
+        if ((r = gemm(t, &l->gate_up, t->xn, H, n, t->gu, 2 * I, false)) < 0)
+            return r;
+        CK(ds_k_swiglu_bf16(t->gu, n, I, t->xn, t->stream));
+        if ((r = gemm(t, &l->down, t->xn, I, n, t->x, H, true)) < 0)
+            return r;
+        for (int ci = 0; ci < n_capture; ci++)
+            if (capture_layers[ci] == li)
+                CK(cudaMemcpy2DAsync(t->captured + (size_t)ci * H, (size_t)n_capture * H * 4, t->x, (size_t)H * 4,
+                                     (size_t)H * 4, n, cudaMemcpyDeviceToDevice, t->stream));
+    }
+    if (n_rows > 0) {
+        CK(ds_k_rmsnorm_bf16(t->x, d_rows, t->final_norm, n_rows, H, eps, t->rows, t->stream));
+        if ((r = gemm(t, &t->lm_head, t->rows, H, n_rows, t->logits, V, false)) < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* Check the batch and copy its metadata into the fixed device buffers. */
+static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b,
+                       int *ret_seqs)
+{
+    int n = b->n_tokens, V = t->cfg.vocab_size;
+    if (!t->k_cache)
+        return ds_seterr(DS_EINVAL, "the GPU KV cache is not allocated");
+    if (pool->page_size != t->page_size || pool->n_pages > t->n_pages)
+        return ds_seterr(DS_EINVAL, "the KV bookkeeping (%d pages of %d) does not match the GPU cache (%d of %d)",
+                         pool->n_pages, pool->page_size, t->n_pages, t->page_size);
+    if (b->n_capture > 8)
+        return ds_seterr(DS_EINVAL, "at most 8 captured layers (asked for %d)", b->n_capture);
+    int n_seqs = 0;
+    for (int i = 0; i < n; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= V)
+            return ds_seterr(DS_EINVAL, "token id %d at batch row %d is outside the vocabulary (%d)", b->tokens[i], i,
+                             V);
+        const struct ds_kv_seq *s = b->kv[b->seq[i]];
+        if (b->pos[i] < 0 || ds_kv_pages_for(pool, b->pos[i] + 1) > s->n_pages)
+            return ds_seterr(DS_EINVAL, "position %d at batch row %d has no KV page reserved", b->pos[i], i);
+        if (s->n_pages > t->max_pages)
+            return ds_seterr(DS_ELIMIT, "a sequence holds %d KV pages, more than the %d the GPU page table allows",
+                             s->n_pages, t->max_pages);
+        if (b->seq[i] + 1 > n_seqs)
+            n_seqs = b->seq[i] + 1;
+    }
+    for (int i = 0; i < b->n_logits; i++)
+        if (b->logit_rows[i] < 0 || b->logit_rows[i] >= n)
+            return ds_seterr(DS_EINVAL, "logit row %d is outside the batch of %d tokens", b->logit_rows[i], n);
+    int r = ensure_capacity(t, n, b->n_logits, n_seqs, b->n_capture);
+    if (r < 0)
+        return r;
+    int32_t *h = t->h_meta;
+    int cn = t->cap_tokens;
+    memcpy(h, b->tokens, (size_t)n * 4);
+    memcpy(h + cn, b->pos, (size_t)n * 4);
+    memcpy(h + 2 * cn, b->seq, (size_t)n * 4);
+    if (b->n_logits)
+        memcpy(h + 3 * cn, b->logit_rows, (size_t)b->n_logits * 4);
+    h[6 * cn] = ds_k_attention_runs(b->seq, n, t->cfg.num_attention_heads, t->cfg.num_key_value_heads, h + 4 * cn,
+                                    h + 5 * cn);
+    int32_t *pages = h + META_PAGES(cn);
+    for (int s = 0; s < n_seqs; s++) {
+        const struct ds_kv_seq *kv = b->kv[s];
+        int np = kv ? kv->n_pages : 0;
+        if (np)
+            memcpy(pages + (size_t)s * t->max_pages, kv->pages, (size_t)np * 4);
+    }
+    size_t used = META_PAGES(cn) + (size_t)n_seqs * t->max_pages;
+    CK(cudaMemcpyAsync(t->meta, h, used * 4, cudaMemcpyHostToDevice, t->stream));
+    *ret_seqs = n_seqs;
+    return 0;
+}
+
+/* Run the device part. With graphs on, a shape seen before is captured as a
+ * CUDA graph on its second pass and replayed from then on (a shape seen once
+ * runs eagerly: capturing costs more than one pass). */
+static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds_batch *b, bool graph)
+{
+    if (!graph)
+        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+    struct graph_slot *hit = NULL, *victim = &t->graphs[0];
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        struct graph_slot *g = &t->graphs[i];
+        if (g->last_use && g->n_tokens == n && g->n_logits == n_rows && g->n_capture == b->n_capture &&
+            (b->n_capture == 0 || !memcmp(g->capture_layers, b->capture_layers, (size_t)b->n_capture * 4))) {
+            hit = g;
+            break;
+        }
+        if (g->last_use < victim->last_use)
+            victim = g;
+    }
+    if (!hit) {
+        if (victim->exec)
+            cudaGraphExecDestroy(victim->exec);
+        memset(victim, 0, sizeof *victim);
+        victim->n_tokens = n;
+        victim->n_logits = n_rows;
+        victim->n_capture = b->n_capture;
+        if (b->n_capture)
+            memcpy(victim->capture_layers, b->capture_layers, (size_t)b->n_capture * 4);
+        victim->last_use = ++t->uses;
+        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+    }
+    hit->last_use = ++t->uses;
+    if (!hit->exec) {
+        cudaGraph_t g;
+        CK(cudaStreamBeginCapture(t->stream, cudaStreamCaptureModeThreadLocal));
+        int r = enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+        cudaError_t e = cudaStreamEndCapture(t->stream, &g);
+        if (r < 0)
+            return r;
+        if (e != cudaSuccess)
+            return ds_seterr(DS_ECUDA, "capturing a CUDA graph: %s", cudaGetErrorString(e));
+        e = cudaGraphInstantiate(&hit->exec, g, 0);
+        cudaGraphDestroy(g);
+        if (e != cudaSuccess)
+            return ds_seterr(DS_ECUDA, "instantiating a CUDA graph: %s", cudaGetErrorString(e));
+    }
+    CK(cudaGraphLaunch(hit->exec, t->stream));
+    return 0;
+}
+
+int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
+{
+    int n = b->n_tokens, n_seqs = 0;
+    if (n <= 0)
+        return 0;
+    int r = upload_pass(t, pool, b, &n_seqs);
+    if (r == 0)
+        r = run_pass(t, n, b->n_logits, b, t->opts.graphs);
+    if (r < 0)
+        return r;
+    size_t H = t->cfg.hidden_size, V = t->cfg.vocab_size;
+    if (b->logits && b->n_logits)
+        CK(cudaMemcpyAsync(b->logits, t->logits, (size_t)b->n_logits * V * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (b->captured && b->n_capture)
+        CK(cudaMemcpyAsync(b->captured, t->captured, (size_t)n * b->n_capture * H * 4, cudaMemcpyDeviceToHost,
+                           t->stream));
+    CK(cudaStreamSynchronize(t->stream));
+    return 0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b, int reps,
+                         bool graph, double *ret_ms)
+{
+    int n_seqs = 0, r;
+    if (reps < 1)
+        reps = 1;
+    if ((r = upload_pass(t, pool, b, &n_seqs)) < 0)
+        return r;
+    /* warm-up (and the graph's capture) */
+    for (int i = 0; i < 2; i++)
+        if ((r = run_pass(t, b->n_tokens, b->n_logits, b, graph)) < 0)
+            return r;
+    CK(cudaStreamSynchronize(t->stream));
+    double *ms = malloc((size_t)reps * sizeof *ms);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < reps && r == 0; i++) {
+        cudaEventRecord(e0, t->stream);
+        r = run_pass(t, b->n_tokens, b->n_logits, b, graph);
+        cudaEventRecord(e1, t->stream);
+        if (cudaEventSynchronize(e1) != cudaSuccess)
+            r = ds_seterr(DS_ECUDA, "a timed pass failed: %s", cudaGetErrorString(cudaGetLastError()));
+        float f = 0;
+        cudaEventElapsedTime(&f, e0, e1);
+        ms[i] = f;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    if (r == 0) {
+        qsort(ms, (size_t)reps, sizeof *ms, cmp_double);
+        *ret_ms = ms[reps / 2];
+    }
+    free(ms);
+    return r;
+}
+
+int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
+{
+    void *a = NULL, *b = NULL;
+    int r;
+    if ((r = dev_alloc(&a, bytes, "the bandwidth test")) < 0)
+        return r;
+    if ((r = dev_alloc(&b, bytes, "the bandwidth test")) < 0) {
+        cudaFree(a);
+        return r;
+    }
+    cudaMemset(a, 1, bytes);
+    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    double *ms = malloc((size_t)reps * sizeof *ms);
+    for (int i = 0; i < reps; i++) {
+        cudaEventRecord(e0, 0);
+        cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, 0);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        float f = 0;
+        cudaEventElapsedTime(&f, e0, e1);
+        ms[i] = f;
+    }
+    qsort(ms, (size_t)reps, sizeof *ms, cmp_double);
+    double med = ms[reps / 2];
+    free(ms);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    CK(cudaGetLastError());
+    *ret_bps = 2.0 * (double)bytes / (med * 1e-3);
+    return 0;
+}
+
+#endif

@@ -1,0 +1,76 @@
+/* ds-cuda.h: the CUDA backend of the target model: bf16 weights and a bf16
+ * paged KV cache on one GPU, and the same forward pass as ds_model_forward
+ * (a flattened ragged batch, logits for chosen rows, captured layer outputs).
+ *
+ * The host keeps the page bookkeeping (struct ds_kv_pool made with
+ * ds_kv_pool_init_pages, the sequences' page lists); the device holds the K/V
+ * rows of those pages. Every product runs through the batch-invariant bf16
+ * kernel by default, so a token's logits do not depend on the rest of its pass
+ * (lossless speculation at bf16 needs that); `cublas` trades that for cuBLAS's
+ * fastest algorithms. Available only in builds configured --with-cuda;
+ * elsewhere every function fails with DS_ENOTSUP. */
+#ifndef DS_CUDA_H
+#define DS_CUDA_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "dspark/ds-err.h"
+#include "dspark/ds-model.h"
+
+struct ds_cuda_target;
+
+struct ds_cuda_opts {
+    int device;              /* CUDA device index */
+    bool cublas;             /* products through cuBLAS (not batch-invariant) */
+    bool graphs;             /* replay CUDA graphs of earlier passes with the same shape */
+};
+
+/* True when this build has the backend and a CUDA device is present. */
+bool ds_cuda_available(void);
+/* "NVIDIA H200, 139.8 GiB, sm_90" or the reason there is none. */
+void ds_cuda_describe(int device, char *buf, size_t cap);
+
+/* Upload a loaded model, its weights rounded to bf16. */
+int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
+    DS_MUSTCHECK;
+/* A model of the given shape with random bf16 weights made on the device (benchmarks). */
+int ds_cuda_target_new_random(const struct ds_qwen3_config *cfg, uint64_t seed, const struct ds_cuda_opts *o,
+                              struct ds_cuda_target **ret) DS_MUSTCHECK;
+struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t);
+
+/* Switch the products between the batch-invariant kernel and cuBLAS (drops captured graphs). */
+int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas) DS_MUSTCHECK;
+
+/* Bytes of the weights on the device, and of one KV page (K and V, every layer). */
+size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t);
+size_t ds_cuda_page_bytes(const struct ds_cuda_target *t, int page_size);
+/* Pages that fraction of the device's free memory holds, leaving room for the
+ * activations of passes of up to max_tokens tokens. */
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens);
+/* Allocate the device KV cache: n_pages pages of page_size positions; a
+ * sequence may hold at most max_pages_per_seq pages. */
+int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int max_pages_per_seq) DS_MUSTCHECK;
+/* Allocate the activations of passes of up to max_tokens tokens over up to
+ * max_seqs sequences with n_capture captured layers now, so that later passes
+ * allocate nothing (larger passes still grow the buffers). */
+int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int n_capture) DS_MUSTCHECK;
+/* Fill the whole KV cache with random values (benchmarks: no timing on zeros). */
+int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed) DS_MUSTCHECK;
+
+/* ds_model_forward on the GPU: pool is the host bookkeeping of the device
+ * cache. Logits and captures are copied to b->logits and b->captured
+ * (b->logits NULL: computed on the device and not copied). */
+int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
+    DS_MUSTCHECK;
+
+/* Time the device part of a pass of batch b (metadata uploaded once, then
+ * reps passes, each as one CUDA graph replay when graph is true): the median
+ * milliseconds per pass go to *ret_ms. */
+int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b, int reps,
+                         bool graph, double *ret_ms) DS_MUSTCHECK;
+/* Device-to-device copy bandwidth in bytes per second (bytes read + written),
+ * over a buffer of the given size; the median of reps copies. */
+int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps) DS_MUSTCHECK;
+
+#endif

@@ -1,0 +1,236 @@
+/* gemm.cu: the batch-invariant bf16 matrix product of the CUDA backend.
+ *
+ * y[m, n] (+)= x[m, k] · W[n, k]ᵀ with bf16 x and W (row-major, W as
+ * PyTorch's Linear stores it), f32 accumulation and f32 y. k is cut into
+ * `split` contiguous ranges at multiples of 32 that depend only on (n, k) and
+ * the GPU (ds_k_gemm_split); within a range, every output element is one
+ * chain of tensor-core products over 16-wide k chunks in increasing order
+ * (wmma m16n16k16), and the ranges' partials are summed by a second kernel in
+ * range order. Tile shapes differ with m (a 16-row tile that streams W for
+ * decoding, 64 and 128-row tiles for larger passes), but chunks past a
+ * range's end are zero-filled, so every shape runs the same chain for each
+ * element: a token's result never depends on what else shares the pass. */
+#include <stdint.h>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include "kernels.h"
+
+using namespace nvcuda;
+
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
+    static constexpr int THREADS = WM * WN * 32;
+    static constexpr int LDS = BK + 8;            /* smem row stride in bf16: breaks bank conflicts */
+    static constexpr int FM = BM / WM / 16, FN = BN / WN / 16;   /* fragments per warp */
+    static constexpr int A_STAGE = BM * LDS, B_STAGE = BN * LDS;
+    static constexpr int PIPE = (A_STAGE + B_STAGE) * STAGES * 2;
+    static constexpr int LDC = BN + 4;            /* epilogue row stride in f32 */
+    static constexpr int EPI = BM * LDC * 4;
+    static constexpr int SMEM = PIPE > EPI ? PIPE : EPI;
+};
+
+#define GM_KQ 32   /* split boundaries are multiples of this */
+
+__device__ static inline void cp_async16(void *smem, const void *gmem, bool valid)
+{
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int bytes = valid ? 16 : 0;   /* 0: fill the 16 bytes with zeros, read nothing */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ static inline void cp_async_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> __device__ static inline void cp_async_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* Load the x tile (BM × BK) and the W tile (BN × BK) at k0; k at or past k_lim reads as zero. */
+template <class T, int BM, int BN, int BK>
+__device__ static inline void load_stage(__nv_bfloat16 *As, __nv_bfloat16 *Bs, const __nv_bfloat16 *x, int ldx,
+                                         const __nv_bfloat16 *w, int M, int N, int K, int m0, int n0, int k0,
+                                         int k_lim)
+{
+    constexpr int CPR = BK / 8;   /* 16-byte chunks per row */
+    for (int idx = threadIdx.x; idx < BM * CPR; idx += T::THREADS) {
+        int r = idx / CPR, c = (idx % CPR) * 8;
+        int m = m0 + r, k = k0 + c;
+        bool ok = m < M && k < k_lim;
+        cp_async16(As + r * T::LDS + c, ok ? (const void *)(x + (size_t)m * ldx + k) : (const void *)x, ok);
+    }
+    for (int idx = threadIdx.x; idx < BN * CPR; idx += T::THREADS) {
+        int r = idx / CPR, c = (idx % CPR) * 8;
+        int n = n0 + r, k = k0 + c;
+        bool ok = n < N && k < k_lim;
+        cp_async16(Bs + r * T::LDS + c, ok ? (const void *)(w + (size_t)n * K + k) : (const void *)w, ok);
+    }
+}
+
+/* Grid: (n tiles, m tiles, split). Split s covers k in [32 ⌊s KQ / S⌋, 32 ⌊(s + 1) KQ / S⌋) ∩ [0, K),
+ * KQ = ⌈K / 32⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to ws[s]. */
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+__global__ static void __launch_bounds__(WM * WN * 32)
+gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M, int N, int K, float *y, int ldy,
+                 int accumulate, float *ws)
+{
+    typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16 *As = (__nv_bfloat16 *)smem;
+    __nv_bfloat16 *Bs = As + T::A_STAGE * STAGES;
+    int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+    int S = gridDim.z, s = blockIdx.z;
+    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int kb = (int)((long)s * KQ / S) * GM_KQ, ke = (int)((long)(s + 1) * KQ / S) * GM_KQ;
+    int k_lim = ke < K ? ke : K;
+    int nk = (ke - kb + BK - 1) / BK;
+
+    int warp = threadIdx.x >> 5;
+    int wm = warp / WN, wn = warp % WN;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[T::FM][T::FN];
+#pragma unroll
+    for (int i = 0; i < T::FM; i++)
+#pragma unroll
+        for (int j = 0; j < T::FN; j++)
+            wmma::fill_fragment(acc[i][j], 0.0f);
+
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; st++) {
+        if (st < nk)
+            load_stage<T, BM, BN, BK>(As + st * T::A_STAGE, Bs + st * T::B_STAGE, x, ldx, w, M, N, K, m0, n0,
+                                      kb + st * BK, k_lim);
+        cp_async_commit();
+    }
+    for (int i = 0; i < nk; i++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        int nxt = i + STAGES - 1;
+        if (nxt < nk) {
+            int st = nxt % STAGES;
+            load_stage<T, BM, BN, BK>(As + st * T::A_STAGE, Bs + st * T::B_STAGE, x, ldx, w, M, N, K, m0, n0,
+                                      kb + nxt * BK, k_lim);
+        }
+        cp_async_commit();
+        const __nv_bfloat16 *a = As + (i % STAGES) * T::A_STAGE;
+        const __nv_bfloat16 *b = Bs + (i % STAGES) * T::B_STAGE;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[T::FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[T::FN];
+#pragma unroll
+            for (int r = 0; r < T::FM; r++)
+                wmma::load_matrix_sync(fa[r], a + (wm * T::FM * 16 + r * 16) * T::LDS + kk, T::LDS);
+#pragma unroll
+            for (int c = 0; c < T::FN; c++)
+                wmma::load_matrix_sync(fb[c], b + (wn * T::FN * 16 + c * 16) * T::LDS + kk, T::LDS);
+#pragma unroll
+            for (int r = 0; r < T::FM; r++)
+#pragma unroll
+                for (int c = 0; c < T::FN; c++)
+                    wmma::mma_sync(acc[r][c], fa[r], fb[c], acc[r][c]);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    /* epilogue through shared memory, so that global writes are row-contiguous */
+    float *C = (float *)smem;
+#pragma unroll
+    for (int r = 0; r < T::FM; r++)
+#pragma unroll
+        for (int c = 0; c < T::FN; c++)
+            wmma::store_matrix_sync(C + (wm * T::FM * 16 + r * 16) * T::LDC + wn * T::FN * 16 + c * 16, acc[r][c],
+                                    T::LDC, wmma::mem_row_major);
+    __syncthreads();
+    int rows = M - m0 < BM ? M - m0 : BM;
+    for (int idx = threadIdx.x; idx < rows * BN; idx += T::THREADS) {
+        int r = idx / BN, c = idx % BN;
+        int m = m0 + r, n = n0 + c;
+        if (n >= N)
+            continue;
+        float v = C[r * T::LDC + c];
+        if (S == 1) {
+            float *dst = y + (size_t)m * ldy + n;
+            *dst = accumulate ? *dst + v : v;
+        } else {
+            ws[((size_t)s * M + m) * N + n] = v;
+        }
+    }
+}
+
+extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
+{
+    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int tiles = (N + 63) / 64;
+    /* decoding runs the 16 x 64 tile, three blocks per SM: as many k ranges as
+     * still fit one wave of blocks, each range at least 8 chunks of 32 long */
+    int split = 1;
+    while (tiles * (split + 1) <= 3 * n_sm && KQ / (split + 1) >= 8 && split < 32)
+        split++;
+    return split;
+}
+
+extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
+{
+    return split > 1 ? (size_t)split * M * N : 0;
+}
+
+/* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order. */
+__global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, float *y, int ldy, int accumulate)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)M * N)
+        return;
+    int m = (int)(i / N), n = (int)(i % N);
+    float v = ws[i];
+    for (int s = 1; s < S; s++)
+        v += ws[(size_t)s * M * N + i];
+    float *dst = y + (size_t)m * ldy + n;
+    *dst = accumulate ? *dst + v : v;
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
+                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
+{
+    typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
+    static int attr_set;
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM);
+        if (e != cudaSuccess)
+            return e;
+        attr_set = 1;
+    }
+    if ((M + BM - 1) / BM > 65535)
+        return cudaErrorInvalidValue;
+    dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)split);
+    gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES><<<grid, T::THREADS, T::SMEM, stream>>>(
+        (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_gemm_bf16(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
+                                      float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
+{
+    if (M < 0 || N <= 0 || K <= 0 || K % 8 || ldx % 8 || ldx < K || ldy < N || split < 1 || split > 64 ||
+        (split > 1 && !ws))
+        return cudaErrorInvalidValue;
+    if (M == 0)
+        return cudaSuccess;
+    cudaError_t e;
+    if (M <= 16)        /* decoding: stream W with deep k steps */
+        e = gemm_launch<16, 64, 128, 1, 4, 3>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+    else if (M <= 128)
+        e = gemm_launch<64, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+    else
+        e = gemm_launch<128, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+    if (e != cudaSuccess || split == 1)
+        return e;
+    size_t total = (size_t)M * N;
+    gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);
+    return cudaGetLastError();
+}

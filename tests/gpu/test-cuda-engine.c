@@ -1,0 +1,351 @@
+/* test-cuda-engine.c: the CUDA backend as a whole, on a GPU host.
+ *
+ *  1. The target forward on the GPU against the CPU backend, for the bundled
+ *     model and three test models (tied/untied, GQA 1/2/4, head_dim 16, 24, 32,
+ *     sharded): logits and captured layers within bf16 tolerance.
+ *  2. Batch invariance of the whole forward: a sequence's logits are the same
+ *     bits alone and inside a ragged batch with other sequences.
+ *  3. Greedy speculative output equals greedy target-only output token for
+ *     token, on the GPU, for every speculation mode, at concurrency 1, 32
+ *     and 256 (the bundled target and DSpark draft).
+ * Prints TAP; without a CUDA device it prints a skip plan and exits 77.
+ * DS_TEST_QUICK=1 runs part 3 at concurrency 1 only (for the memory checker). */
+#include "config.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dspark/ds-cuda.h"
+#include "dspark/ds-draft.h"
+#include "dspark/ds-engine.h"
+#include "dspark/ds-model.h"
+
+static int n_test, n_failed;
+
+static void tap(bool ok, const char *fmt, ...) DS_PRINTF(2, 3);
+static void tap(bool ok, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s %d - ", ok ? "ok" : "not ok", ++n_test);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    n_failed += !ok;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static uint32_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+
+static const char *src_path(const char *rel)
+{
+    static char buf[4][4096];
+    static int slot;
+    char *b = buf[slot++ % 4];
+    snprintf(b, 4096, "%s/%s", DS_SRCDIR, rel);
+    return b;
+}
+
+/* max |a - b| / max |b| */
+static double norm_err(const float *a, const float *b, size_t n)
+{
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (isnan(a[i]))
+            d = INFINITY;
+        if (d > md)
+            md = d;
+        if (fabs(b[i]) > mr)
+            mr = fabs(b[i]);
+    }
+    return md / (mr > 0 ? mr : 1e-30);
+}
+
+/* A ragged batch: n_seqs sequences prefilled from position 0 with lens[s] random tokens, interleaved. */
+struct pass {
+    int n;
+    int32_t tokens[512], pos[512], seq[512], rows[512];
+    struct ds_kv_seq kv[4];
+    struct ds_kv_seq *kvp[4];
+};
+
+static int make_pass(struct ds_kv_pool *pool, struct pass *p, const int *lens, int n_seqs, int V,
+                     const int32_t (*ids)[128])
+{
+    memset(p, 0, sizeof *p);
+    for (int s = 0; s < n_seqs; s++) {
+        if (ds_kv_reserve(pool, &p->kv[s], lens[s]) < 0)
+            return -1;
+        p->kvp[s] = &p->kv[s];
+    }
+    int done[4] = {0};
+    while (1) {
+        bool any = false;
+        for (int s = 0; s < n_seqs; s++) {
+            int take = 1 + (int)(rnd() % 5);
+            for (int k = 0; k < take && done[s] < lens[s]; k++) {
+                p->tokens[p->n] = ids[s][done[s]] % V;
+                p->pos[p->n] = done[s]++;
+                p->seq[p->n] = s;
+                p->rows[p->n] = p->n;
+                p->n++;
+                any = true;
+            }
+        }
+        if (!any)
+            break;
+    }
+    return 0;
+}
+
+static void release_pass(struct ds_kv_pool *pool, struct pass *p, int n_seqs)
+{
+    for (int s = 0; s < n_seqs; s++)
+        ds_kv_release(pool, &p->kv[s]);
+}
+
+/* Part 1 and 2 for one model directory. */
+static void check_forward(const char *rel, double bound)
+{
+    struct ds_model *m = NULL;
+    struct ds_model_opts mo = {0};
+    if (ds_model_load(src_path(rel), &mo, &m) < 0) {
+        tap(false, "%s: load: %s", rel, ds_errdetail());
+        return;
+    }
+    const struct ds_qwen3_config *c = &m->cfg;
+    int V = c->vocab_size, H = c->hidden_size;
+    struct ds_cuda_target *t = NULL;
+    struct ds_cuda_opts co = {0};
+    if (ds_cuda_target_new(m, &co, &t) < 0 || ds_cuda_kv_alloc(t, 64, 8, 32) < 0) {
+        tap(false, "%s: upload: %s", rel, ds_errdetail());
+        ds_model_free(m);
+        return;
+    }
+    struct ds_kv_pool cpu_pool, gpu_pool;
+    if (ds_kv_pool_init(&cpu_pool, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0 ||
+        ds_kv_pool_init_pages(&gpu_pool, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0) {
+        tap(false, "%s: pools: %s", rel, ds_errdetail());
+        return;
+    }
+    struct ds_pool *threads = NULL;
+    struct ds_forward_ctx *ctx = NULL;
+    if (ds_pool_new(0, &threads) < 0 || ds_forward_ctx_new(m, threads, &ctx) < 0)
+        abort();
+    int32_t ids[3][128];
+    for (int s = 0; s < 3; s++)
+        for (int i = 0; i < 128; i++)
+            ids[s][i] = (int32_t)(rnd() % (uint32_t)V);
+    int lens[3] = {5, 17, 33};
+    struct pass pc, pg;
+    uint64_t saved = rng;
+    if (make_pass(&cpu_pool, &pc, lens, 3, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    rng = saved;
+    if (make_pass(&gpu_pool, &pg, lens, 3, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    int cap_layers[3] = {-1, 1, c->num_hidden_layers - 1};
+    int n = pc.n;
+    float *lc = malloc((size_t)n * V * 4), *lg = malloc((size_t)n * V * 4);
+    float *cc = malloc((size_t)n * 3 * H * 4), *cg = malloc((size_t)n * 3 * H * 4);
+    struct ds_batch bc = {.n_tokens = n, .tokens = pc.tokens, .pos = pc.pos, .seq = pc.seq, .kv = pc.kvp,
+                          .n_logits = n, .logit_rows = pc.rows, .logits = lc, .n_capture = 3,
+                          .capture_layers = cap_layers, .captured = cc};
+    struct ds_batch bg = bc;
+    bg.kv = pg.kvp;
+    bg.logits = lg;
+    bg.captured = cg;
+    for (size_t i = 0; i < (size_t)n * V; i++)
+        lg[i] = NAN;
+    if (ds_model_forward(m, ctx, &cpu_pool, &bc) < 0 || ds_cuda_forward(t, &gpu_pool, &bg) < 0) {
+        tap(false, "%s: forward: %s", rel, ds_errdetail());
+    } else {
+        double el = norm_err(lg, lc, (size_t)n * V), ec = norm_err(cg, cc, (size_t)n * 3 * H);
+        int agree = 0;
+        for (int r = 0; r < n; r++) {
+            int a = 0, b = 0;
+            for (int v = 1; v < V; v++) {
+                if (lc[(size_t)r * V + v] > lc[(size_t)r * V + a])
+                    a = v;
+                if (lg[(size_t)r * V + v] > lg[(size_t)r * V + b])
+                    b = v;
+            }
+            agree += a == b;
+        }
+        printf("# %s: logits normalized max error %.3g, captures %.3g, argmax agrees on %d of %d rows\n", rel, el,
+               ec, agree, n);
+        tap(el < bound && ec < bound, "%s: GPU forward (bf16) vs CPU forward (f32): logits and captures within %.0e",
+            rel, bound);
+
+        /* part 2: the middle sequence alone, in a fresh cache */
+        release_pass(&gpu_pool, &pg, 3);
+        struct pass alone;
+        int len1[1] = {17};
+        const int32_t(*ids1)[128] = (const int32_t(*)[128])ids[1];
+        if (make_pass(&gpu_pool, &alone, len1, 1, V, ids1) < 0)
+            abort();
+        float *la = malloc((size_t)alone.n * V * 4);
+        struct ds_batch ba = {.n_tokens = alone.n, .tokens = alone.tokens, .pos = alone.pos, .seq = alone.seq,
+                              .kv = alone.kvp, .n_logits = alone.n, .logit_rows = alone.rows, .logits = la};
+        if (ds_cuda_forward(t, &gpu_pool, &ba) < 0) {
+            tap(false, "%s: forward alone: %s", rel, ds_errdetail());
+        } else {
+            int same = 0, k = 0;
+            for (int i = 0; i < n; i++) {
+                if (pc.seq[i] != 1)
+                    continue;
+                /* token k of the sequence: same position in the batch-alone pass */
+                same += !memcmp(lg + (size_t)i * V, la + (size_t)pc.pos[i] * V, (size_t)V * 4);
+                k++;
+            }
+            tap(same == k && k == 17, "%s: a sequence's logits are the same bits alone and in a ragged batch (%d of %d)",
+                rel, same, k);
+        }
+        free(la);
+        release_pass(&gpu_pool, &alone, 1);
+    }
+    release_pass(&cpu_pool, &pc, 3);
+    free(lc), free(lg), free(cc), free(cg);
+    ds_forward_ctx_free(ctx);
+    ds_pool_free(threads);
+    ds_kv_pool_done(&cpu_pool);
+    ds_kv_pool_done(&gpu_pool);
+    ds_cuda_target_free(t);
+    ds_model_free(m);
+}
+
+/* Part 3: run n_prompts prompts at the given concurrency and mode; outputs go to out[i]. */
+static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, int conc, int n_prompts,
+                      int32_t (*prompts)[64], const int *plen, int max_tokens, int32_t (*out)[64], int *out_n,
+                      double *tau)
+{
+    struct ds_spec_mode spec;
+    if (ds_spec_mode_parse(mode, &spec) < 0)
+        return -1;
+    struct ds_engine_opts o = {.backend = DS_BACKEND_CUDA, .cuda_graphs = true, .max_seqs = conc,
+                               .max_context = 256, .spec = spec};
+    struct ds_engine *e = NULL;
+    if (ds_engine_new(m, spec.kind == DS_SPEC_NONE ? NULL : d, &o, &e) < 0)
+        return -1;
+    if ((spec.kind == DS_SPEC_DSPARK || spec.kind == DS_SPEC_DSPARK_ASYNC) && ds_engine_profile_sps(e, 64, 2) < 0)
+        return -1;
+    for (int i = 0; i < n_prompts; i++) {
+        struct ds_request rq = {.prompt = prompts[i], .n_prompt = plen[i], .max_tokens = max_tokens,
+                                .sampling = {.temperature = 0, .top_p = 1}, .stop_ids = NULL, .n_stop_ids = 0,
+                                .user = (void *)(intptr_t)i};
+        int32_t none = -1;
+        rq.stop_ids = &none;   /* no stop id: every sequence runs max_tokens */
+        rq.n_stop_ids = 1;
+        int id;
+        if (ds_engine_submit(e, &rq, &id) < 0)
+            return -1;
+    }
+    long acc = 0, rounds = 0;
+    while (ds_engine_active(e) > 0) {
+        if (ds_engine_step(e) < 0)
+            return -1;
+        struct ds_result *res[64];
+        int k;
+        while ((k = ds_engine_take_finished(e, res, 64)) > 0)
+            for (int j = 0; j < k; j++) {
+                int i = (int)(intptr_t)res[j]->user;
+                out_n[i] = res[j]->n_ids < 64 ? res[j]->n_ids : 64;
+                memcpy(out[i], res[j]->ids, (size_t)out_n[i] * 4);
+                acc += res[j]->stats.num_accepted_tokens;
+                rounds += res[j]->stats.rounds;
+                ds_result_free(res[j]);
+            }
+    }
+    *tau = rounds ? 1.0 + (double)acc / rounds : 1.0;
+    ds_engine_free(e);
+    return 0;
+}
+
+static void check_lossless(bool quick)
+{
+    struct ds_model *m = NULL;
+    struct ds_draft *d = NULL;
+    struct ds_model_opts mo = {0};
+    if (ds_model_load(src_path("models/dspark-tiny-target"), &mo, &m) < 0 ||
+        ds_draft_load(src_path("models/dspark-tiny-draft"), m, &d) < 0) {
+        tap(false, "load the bundled pair: %s", ds_errdetail());
+        return;
+    }
+    enum { N = 256, MAXT = 40 };
+    static int32_t prompts[N][64], base[N][64], got[N][64];
+    static int plen[N], base_n[N], got_n[N];
+    /* prompts: a common code-like prefix repeated with variations, so drafts get accepted */
+    for (int i = 0; i < N; i++) {
+        plen[i] = 6 + (int)(rnd() % 40);
+        for (int k = 0; k < plen[i]; k++)
+            prompts[i][k] = k < 4 ? 100 + (i % 7) * 13 + k : (int32_t)(rnd() % (uint32_t)m->cfg.vocab_size);
+    }
+    const char *modes[] = {"fixed:1", "fixed:4", "fixed:7", "threshold:0.5", "dspark", "dspark-async"};
+    const int concs[] = {1, 32, 256};
+    for (int ci = 0; ci < 3; ci++) {
+        int conc = concs[ci];
+        if (quick && conc > 1)
+            continue;
+        int n = conc == 1 ? 8 : conc;
+        double tau;
+        if (run_engine(m, d, "none", conc, n, prompts, plen, MAXT, base, base_n, &tau) < 0) {
+            tap(false, "concurrency %d, none: %s", conc, ds_errdetail());
+            continue;
+        }
+        for (size_t mi = 0; mi < sizeof modes / sizeof modes[0]; mi++) {
+            memset(got_n, 0, sizeof got_n);
+            if (run_engine(m, d, modes[mi], conc, n, prompts, plen, MAXT, got, got_n, &tau) < 0) {
+                tap(false, "concurrency %d, %s: %s", conc, modes[mi], ds_errdetail());
+                continue;
+            }
+            int same = 0, first_bad = -1;
+            for (int i = 0; i < n; i++) {
+                bool eq = got_n[i] == base_n[i] && base_n[i] == MAXT && !memcmp(got[i], base[i], (size_t)MAXT * 4);
+                same += eq;
+                if (!eq && first_bad < 0)
+                    first_bad = i;
+            }
+            if (first_bad >= 0)
+                printf("# first differing sequence %d (%d vs %d tokens)\n", first_bad, got_n[first_bad],
+                       base_n[first_bad]);
+            tap(same == n, "GPU greedy, concurrency %d, %s: %d of %d outputs equal target-only (tau %.2f)", conc,
+                modes[mi], same, n, tau);
+        }
+    }
+    ds_draft_free(d);
+    ds_model_free(m);
+}
+
+int main(void)
+{
+    if (!ds_cuda_available()) {
+        char why[256];
+        ds_cuda_describe(0, why, sizeof why);
+        printf("1..0 # SKIP %s\n", why);
+        return 77;
+    }
+    char dev[256];
+    ds_cuda_describe(0, dev, sizeof dev);
+    printf("# device 0: %s\n", dev);
+    bool quick = getenv("DS_TEST_QUICK") && atoi(getenv("DS_TEST_QUICK"));
+    check_forward("models/dspark-tiny-target", 3e-2);
+    check_forward("tests/data/models/tiny-tied-gqa4", 3e-2);
+    check_forward("tests/data/models/tiny-untied-gqa2-hd", 3e-2);
+    check_forward("tests/data/models/tiny-mha", 3e-2);
+    check_lossless(quick);
+    printf("1..%d\n", n_test);
+    return n_failed ? 1 : 0;
+}
