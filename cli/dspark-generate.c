@@ -55,6 +55,11 @@ static void usage(FILE *f)
             "engine:\n"
             "  --concurrency N       sequences decoded together (default 1)\n"
             "  --threads N           CPU threads (default: all)\n"
+            "  --backend B           where the target runs: auto (default: cuda where a GPU\n"
+            "                        exists), cpu or cuda; the draft runs on the CPU\n"
+            "  --device N            CUDA device index (default 0)\n"
+            "  --cublas              CUDA: cuBLAS products (faster, not batch-invariant: speculative\n"
+            "                        output may then differ from target-only output)\n"
             "  --max-context N       context length (default: the model's)\n"
             "  --sps FILE            load the step-time profile SPS(B) instead of measuring it\n"
             "  --save-sps FILE       write the measured profile\n"
@@ -323,14 +328,16 @@ int main(int argc, char **argv)
                *prompts_file = NULL, *logits_out = NULL, *trace_file = NULL, *spec_text = NULL,
                *sps_file = NULL, *save_sps = NULL;
     bool chat = false, json_out = false, quiet = false, ignore_eos = false;
-    int max_tokens = 128, top_k = 0, concurrency = 1, threads = 0, max_context = 0;
+    int max_tokens = 128, top_k = 0, concurrency = 1, threads = 0, max_context = 0, device = 0;
+    const char *backend_text = "auto";
+    bool cublas = false;
     double temperature = 0, top_p = 1;
     unsigned long long seed = 0;
     const char **stops = NULL;
     int n_stops = 0;
     enum { O_TARGET = 256, O_DRAFT, O_PROMPT, O_PROMPT_IDS, O_PROMPTS, O_CHAT, O_MAX_TOKENS, O_TEMP, O_TOP_P,
            O_TOP_K, O_SEED, O_STOP, O_IGNORE_EOS, O_SPEC, O_CONC, O_THREADS, O_MAXCTX, O_JSON, O_LOGITS,
-           O_TRACE, O_QUIET, O_SPS, O_SAVE_SPS };
+           O_TRACE, O_QUIET, O_SPS, O_SAVE_SPS, O_BACKEND, O_DEVICE, O_CUBLAS };
     static const struct option longopts[] = {
         {"target", required_argument, NULL, O_TARGET}, {"draft", required_argument, NULL, O_DRAFT},
         {"prompt", required_argument, NULL, O_PROMPT}, {"prompt-ids", required_argument, NULL, O_PROMPT_IDS},
@@ -343,6 +350,8 @@ int main(int argc, char **argv)
         {"max-context", required_argument, NULL, O_MAXCTX}, {"json", no_argument, NULL, O_JSON},
         {"logits-out", required_argument, NULL, O_LOGITS}, {"trace", required_argument, NULL, O_TRACE},
         {"quiet", no_argument, NULL, O_QUIET}, {"sps", required_argument, NULL, O_SPS},
+        {"backend", required_argument, NULL, O_BACKEND}, {"device", required_argument, NULL, O_DEVICE},
+        {"cublas", no_argument, NULL, O_CUBLAS},
         {"save-sps", required_argument, NULL, O_SAVE_SPS}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0},
     };
     int c;
@@ -367,6 +376,9 @@ int main(int argc, char **argv)
         case O_SPEC: spec_text = optarg; break;
         case O_CONC: concurrency = ds_cli_int("--concurrency", optarg, 1, 4096); break;
         case O_THREADS: threads = ds_cli_int("--threads", optarg, 1, 256); break;
+        case O_BACKEND: backend_text = optarg; break;
+        case O_DEVICE: device = ds_cli_int("--device", optarg, 0, 1024); break;
+        case O_CUBLAS: cublas = true; break;
         case O_MAXCTX: max_context = ds_cli_int("--max-context", optarg, 1, 1 << 24); break;
         case O_JSON: json_out = true; break;
         case O_LOGITS: logits_out = optarg; break;
@@ -415,7 +427,11 @@ int main(int argc, char **argv)
     if (r < 0)
         return ds_cli_fail("dspark-generate");
 
-    struct ds_engine_opts eopts = {.n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
+    enum ds_backend backend;
+    if (ds_backend_parse(backend_text, &backend) < 0)
+        return ds_cli_fail("dspark-generate: --backend");
+    struct ds_engine_opts eopts = {.backend = backend, .device = device, .cublas = cublas, .cuda_graphs = true,
+                                   .n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
                                    .spec = spec};
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         return ds_cli_fail("dspark-generate");

@@ -101,7 +101,7 @@ static const struct ds_cfg_key config_keys[] = {
       "DSpark draft checkpoint directory (--draft)" },
     { "worker", "spec", DS_CFG_STRING, &cfg.spec, 0, 64, "", 0, NULL,
       "default speculation mode (--spec): dspark, dspark-async, fixed:N, threshold:X, none" },
-    { "worker", "backend", DS_CFG_STRING, &cfg.backend, 0, 16, "", 0, NULL, "compute backend (--backend): cpu, cuda" },
+    { "worker", "backend", DS_CFG_STRING, &cfg.backend, 0, 16, "", 0, NULL, "compute backend (--backend): auto, cpu, cuda" },
     { "worker", "max_batch", DS_CFG_INT, &cfg.max_batch, 0, 65536, "0", 0, NULL,
       "most sequences decoded together (--max-batch; 0: the worker's default)" },
     { "worker", "kv_tokens", DS_CFG_INT, &cfg.kv_tokens, 0, 2000000000, "0", 0, NULL,

@@ -33,6 +33,7 @@
 
 #include "dspark/ds-db.h"
 #include "dspark/ds-draft.h"
+#include "dspark/ds-cuda.h"
 #include "dspark/ds-engine.h"
 #include "dspark/ds-log.h"
 #include "dspark/ds-model.h"
@@ -112,7 +113,7 @@ static void usage(FILE *f)
             "  --sps FILE                step-time profile SPS(B): loaded when FILE exists,\n"
             "                            else measured and written there\n"
             "engine:\n"
-            "  --backend cpu|cuda        compute backend (default cpu)\n"
+            "  --backend auto|cpu|cuda   compute backend (default auto: cuda where a GPU exists)\n"
             "  --device N                device index\n"
             "  --threads N               CPU threads (default: all)\n"
             "  --max-batch N             sequences decoded together (default 64)\n"
@@ -120,6 +121,8 @@ static void usage(FILE *f)
             "  --kv-tokens N             KV-cache capacity in tokens (default: room for\n"
             "                            max-batch sequences of the full context)\n"
             "  --max-context N           context length (default: the model's)\n"
+            "  --gpu-memory PERCENT      cuda: share of the free GPU memory the KV cache may\n"
+            "                            take after the weights and activations (default 85)\n"
             "queue:\n"
             "  --dsn CONNINFO            database (default: $DSPARK_DSN, else PG* variables)\n"
             "  --worker-id ID            default: $DSPARK_WORKER_ID, else HOST/PID\n"
@@ -178,7 +181,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
 {
     enum { O_DSN = 256, O_TARGET, O_DRAFT, O_SPEC, O_BACKEND, O_DEVICE, O_THREADS, O_MAX_BATCH, O_CONC, O_KV,
            O_MAXCTX, O_DRAIN, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE, O_LOG,
-           O_VERSION };
+           O_VERSION, O_GPU_MEM };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN}, {"target", required_argument, NULL, O_TARGET},
         {"draft", required_argument, NULL, O_DRAFT}, {"spec", required_argument, NULL, O_SPEC},
@@ -191,9 +194,10 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"unknown-model-timeout", required_argument, NULL, O_UNKNOWN}, {"sps", required_argument, NULL, O_SPS},
         {"model-name", required_argument, NULL, O_MODEL_NAME}, {"once", no_argument, NULL, O_ONCE},
         {"log-level", required_argument, NULL, O_LOG}, {"help", no_argument, NULL, 'h'},
-        {"version", no_argument, NULL, O_VERSION}, {NULL, 0, NULL, 0},
+        {"version", no_argument, NULL, O_VERSION}, {"gpu-memory", required_argument, NULL, O_GPU_MEM},
+        {NULL, 0, NULL, 0},
     };
-    *o = (struct wopts){.backend = "cpu", .device = -1, .drain_timeout = 60, .lease = 30, .heartbeat = 0,
+    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .lease = 30, .heartbeat = 0,
                         .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
     int c;
     opterr = 0;
@@ -209,6 +213,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         case O_MAX_BATCH: o->max_batch = (int)opt_long("--max-batch", optarg, 1, 65536); break;
         case O_CONC: o->concurrency = (int)opt_long("--concurrency", optarg, 1, 1 << 20); break;
         case O_KV: o->kv_tokens = opt_long("--kv-tokens", optarg, 1, 2000000000L); break;
+        case O_GPU_MEM: o->gpu_memory = opt_long("--gpu-memory", optarg, 5, 95) / 100.0; break;
         case O_MAXCTX: o->max_context = (int)opt_long("--max-context", optarg, 1, 1 << 24); break;
         case O_DRAIN: o->drain_timeout = opt_double("--drain-timeout", optarg, 0, 86400 * 7); break;
         case O_WID: o->worker_id = optarg; break;
@@ -600,17 +605,18 @@ int main(int argc, char **argv)
         snprintf(w->id.worker_id, sizeof w->id.worker_id, "%.200s/%d", host, (int)getpid());
     wlog_worker_id = w->id.worker_id;
 
-    if (strcmp(o->backend, "cpu") != 0) {
-        if (strcmp(o->backend, "cuda") == 0) {
-#ifdef HAVE_CUDA
-            die_config("backend 'cuda': the engine has no CUDA backend yet; use --backend cpu");
-#else
-            die_config("backend 'cuda' is not built into this program (no CUDA at configure time); use --backend cpu");
-#endif
-        }
-        die_config("unknown backend '%s' (expected cpu or cuda)", o->backend);
+    enum ds_backend backend;
+    if (ds_backend_parse(o->backend, &backend) < 0)
+        die_config("option --backend: %s", ds_errdetail());
+    int device = o->device >= 0 ? o->device : 0;
+    if (backend == DS_BACKEND_CUDA && !ds_cuda_available()) {
+        char why[256];
+        ds_cuda_describe(device, why, sizeof why);
+        die_config("backend 'cuda': %s; use --backend cpu", why);
     }
-    if (o->device >= 0)
+    if (backend == DS_BACKEND_CUDA)
+        snprintf(w->id.device, sizeof w->id.device, "cuda:%d", device);
+    else if (o->device >= 0)
         snprintf(w->id.device, sizeof w->id.device, "cpu:%d", o->device);
     else
         snprintf(w->id.device, sizeof w->id.device, "cpu");
@@ -648,7 +654,9 @@ int main(int argc, char **argv)
         w->gamma = ds_draft_config(draft)->block_size;
     }
 
-    struct ds_engine_opts eopts = {.n_threads = o->threads, .max_seqs = o->max_batch, .max_context = o->max_context,
+    struct ds_engine_opts eopts = {.backend = backend, .device = device, .cuda_graphs = true,
+                                   .gpu_memory_fraction = o->gpu_memory,
+                                   .n_threads = o->threads, .max_seqs = o->max_batch, .max_context = o->max_context,
                                    .spec = spec};
     if (o->kv_tokens > 0)
         eopts.kv_pages = (int)((o->kv_tokens + 15) / 16);
