@@ -1,7 +1,8 @@
 #!/bin/sh
 # bench/spec-speedup.sh: wall-clock output tokens/s of --spec dspark against
-# --spec none (target only) with the bundled model pair on the CPU backend, at
-# concurrency 1 and 16, side by side in one run (greedy, the same prompts).
+# --spec none (target only) with the bundled model pair, at concurrency 1 and
+# 16, side by side in one run (greedy, the same prompts). BACKEND=cpu|cuda|auto
+# (default auto: cuda where a GPU exists) picks where the target runs.
 # usage: bench/spec-speedup.sh BUILD_DIR PROMPTS.jsonl [N_PROMPTS] [MAX_TOKENS]
 set -eu
 build=${1:?usage: bench/spec-speedup.sh BUILD_DIR PROMPTS.jsonl [N_PROMPTS] [MAX_TOKENS]}
@@ -29,7 +30,8 @@ for conc in 1 16; do
     base=
     for spec in none dspark dspark-async; do
         draft="--draft $models/dspark-tiny-draft"
-        "$build/dspark-generate" --target "$models/dspark-tiny-target" $draft --spec "$spec" --prompts "$tmp/p.jsonl" \
+        "$build/dspark-generate" --backend "${BACKEND:-auto}" --target "$models/dspark-tiny-target" $draft \
+            --spec "$spec" --prompts "$tmp/p.jsonl" \
             --max-tokens "$max" --ignore-eos --concurrency "$conc" > /dev/null 2> "$tmp/s.txt"
         tps=$(sed -n 's/^output tokens\/s *//p' "$tmp/s.txt")
         tau=$(sed -n 's/^mean acceptance length (tau) *//p' "$tmp/s.txt")

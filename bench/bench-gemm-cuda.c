@@ -1,0 +1,126 @@
+/* bench-gemm-cuda.c: the batch-invariant bf16 product against cuBLAS on the
+ * Qwen3-4B layer shapes, for a few row counts.
+ *
+ *   bench-gemm-cuda [--reps N]
+ *
+ * Prints, per shape and M, the time per launch of each (a CUDA graph of reps
+ * launches with the weights rotated among copies larger than the L2 cache,
+ * the median of 5 replays), the weight bytes per second and the tensor
+ * throughput. */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels.h"
+
+#define CHECK(x)                                                                    \
+    do {                                                                            \
+        if ((x) != 0) {                                                             \
+            fprintf(stderr, "bench-gemm-cuda: %s failed at line %d\n", #x, __LINE__); \
+            exit(1);                                                                \
+        }                                                                           \
+    } while (0)
+
+static int cmp(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+    int reps = argc > 2 && !strcmp(argv[1], "--reps") ? atoi(argv[2]) : 20;
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        fprintf(stderr, "bench-gemm-cuda: no CUDA device\n");
+        return 77;
+    }
+    struct cudaDeviceProp p;
+    CHECK(cudaGetDeviceProperties(&p, 0));
+    const struct { const char *name; int N, K; } shapes[] = {
+        {"qkv", 6144, 2560}, {"o", 2560, 4096}, {"gate_up", 19456, 2560}, {"down", 2560, 9728}, {"lm_head", 151936, 2560},
+    };
+    const int Ms[] = {1, 8, 64, 256, 2048};
+    cublasHandle_t h;
+    CHECK(cublasCreate(&h));
+    void *cws;
+    CHECK(cudaMalloc(&cws, 32u << 20));
+    CHECK(cublasSetWorkspace(h, cws, 32u << 20));   /* products captured in graphs */
+    printf("# %s, %d SMs; per launch: a graph of %d launches (weights rotated), median of 5 replays\n\n", p.name, p.multiProcessorCount, reps);
+    printf("| shape | N x K | M | split | invariant us | cuBLAS us | invariant GB/s (W) | invariant TFLOP/s | cuBLAS TFLOP/s | invariant / cuBLAS |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        int N = shapes[si].N, K = shapes[si].K;
+        size_t wbytes = (size_t)N * K * 2;
+        int copies = (int)(512e6 / wbytes) + 1;   /* > the 50 MB L2 by far */
+        if (copies > 8)
+            copies = 8;
+        uint16_t *w;
+        CHECK(cudaMalloc((void **)&w, wbytes * copies));
+        CHECK(ds_k_fill_uniform_bf16(w, wbytes / 2 * copies, 7, 0.0f, 0.05f, 0));
+        int split = ds_k_gemm_split(N, K, p.multiProcessorCount);
+        for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
+            int M = Ms[mi];
+            uint16_t *x;
+            float *y, *ws;
+            CHECK(cudaMalloc((void **)&x, (size_t)M * K * 2));
+            CHECK(cudaMalloc((void **)&y, (size_t)M * N * 4));
+            CHECK(cudaMalloc((void **)&ws, ds_k_gemm_workspace(M, N, split) * 4 + 4));
+            CHECK(ds_k_fill_uniform_bf16(x, (size_t)M * K, 3, 0.0f, 1.0f, 0));
+            /* each implementation: one graph of reps launches (weights rotated), replayed 5 times */
+            float t[2][5];
+            cudaStream_t st;
+            CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+            CHECK(cublasSetStream(h, st));
+            cudaEvent_t e0, e1;
+            cudaEventCreate(&e0);
+            cudaEventCreate(&e1);
+            for (int impl = 0; impl < 2; impl++) {
+                cudaGraph_t g;
+                cudaGraphExec_t ge;
+                CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+                for (int r = 0; r < reps; r++) {
+                    const uint16_t *wc = w + (size_t)(r % copies) * N * K;
+                    if (impl == 0) {
+                        CHECK(ds_k_gemm_bf16(x, K, wc, M, N, K, split, ws, y, N, 0, st));
+                    } else {
+                        float one = 1, zero = 0;
+                        CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, wc, CUDA_R_16BF, K, x, CUDA_R_16BF,
+                                           K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                    }
+                }
+                CHECK(cudaStreamEndCapture(st, &g));
+                CHECK(cudaGraphInstantiate(&ge, g, 0));
+                CHECK(cudaGraphLaunch(ge, st));   /* warm-up */
+                CHECK(cudaStreamSynchronize(st));
+                for (int i = 0; i < 5; i++) {
+                    cudaEventRecord(e0, st);
+                    CHECK(cudaGraphLaunch(ge, st));
+                    cudaEventRecord(e1, st);
+                    CHECK(cudaEventSynchronize(e1));
+                    cudaEventElapsedTime(&t[impl][i], e0, e1);
+                    t[impl][i] /= (float)reps;
+                }
+                cudaGraphExecDestroy(ge);
+                cudaGraphDestroy(g);
+            }
+            cudaStreamDestroy(st);
+            qsort(t[0], 5, sizeof(float), cmp);
+            qsort(t[1], 5, sizeof(float), cmp);
+            double ti = t[0][2] * 1e-3, tc = t[1][2] * 1e-3, flop = 2.0 * M * N * K;
+            printf("| %s | %d x %d | %d | %d | %.1f | %.1f | %.0f | %.1f | %.1f | %.2f |\n", shapes[si].name, N, K, M, split,
+                   ti * 1e6, tc * 1e6, wbytes / ti / 1e9, flop / ti / 1e12, flop / tc / 1e12, ti / tc);
+            fflush(stdout);
+            cudaFree(x), cudaFree(y), cudaFree(ws);
+            cudaEventDestroy(e0), cudaEventDestroy(e1);
+        }
+        cudaFree(w);
+    }
+    cublasDestroy(h);
+    return 0;
+}
