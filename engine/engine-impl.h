@@ -69,7 +69,8 @@ struct ds_engine {
     int cap_b;
     struct ds_kv_seq **b_kv;     /* [cap_bkv] */
     int cap_bkv;
-    float *logits;               /* [cap_logits, V] */
+    float *logits;               /* [cap_logits, V] (not filled by passes whose rows are all greedy on CUDA) */
+    int32_t *argmax;             /* [cap_logits] each logits row's argmax, every pass */
     size_t cap_logits;
     float *captured;             /* [cap_captured] features of the pass */
     size_t cap_captured;
@@ -89,8 +90,12 @@ void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row);
 int ds_plain_round(struct ds_engine *e);
 /* One target pass on the engine's backend. */
 int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b);
-int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
-void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, const float *logits /* [V] */);
+/* The next token of s from logits row `row` of the pass (its argmax when greedy). */
+int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, int row);
+void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, int row);
+/* Whether the pass must bring its logits to the host: some row belongs to a
+ * sampling sequence or to a prompt whose logits are kept (else ids suffice). */
+bool ds_engine_needs_logits(const struct ds_engine *e);
 /* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture);
 

@@ -94,9 +94,18 @@ const char *ds_backend_name(enum ds_backend b)
 
 int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
 {
-    if (e->cuda)
-        return ds_cuda_forward(e->cuda, &e->kv, b);
-    return ds_model_forward(e->target, e->fwd, &e->kv, b);
+    if (e->cuda) {
+        /* ids are enough when every row is greedy: the logits stay on the GPU */
+        struct ds_batch c = *b;
+        if (c.argmax && !ds_engine_needs_logits(e))
+            c.logits = NULL;
+        return ds_cuda_forward(e->cuda, &e->kv, &c);
+    }
+    int r = ds_model_forward(e->target, e->fwd, &e->kv, b);
+    if (r == 0 && b->argmax)
+        for (int i = 0; i < b->n_logits; i++)
+            b->argmax[i] = ds_argmax(b->logits + (size_t)i * e->target->cfg.vocab_size, e->target->cfg.vocab_size);
+    return r;
 }
 
 /* The GPU side of an engine: weights, then a KV cache sized from free memory. */
@@ -216,6 +225,7 @@ struct ds_engine *ds_engine_free(struct ds_engine *e)
     free(e->b_kv);
     free(e->b_rows);
     free(e->logits);
+    free(e->argmax);
     free(e->captured);
     free(e->probs);
     free(e->scratch);
@@ -472,22 +482,34 @@ bool ds_seq_emit(struct ds_engine *e, struct ds_seq *s, int32_t id)
 
 /* The target's token for position n_tokens from one row of logits: argmax when
  * greedy, else a draw from the sampling distribution keyed by (seed, position). */
-int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, const float *logits)
+int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, int row)
 {
     int V = e->target->cfg.vocab_size;
     if (ds_sampling_is_greedy(&s->sampling))
-        return ds_argmax(logits, V);
+        return e->argmax[row];
+    const float *logits = e->logits + (size_t)row * V;
     ds_probs(logits, V, &s->sampling, e->probs, e->scratch);
     return ds_sample_probs(e->probs, V, ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET));
 }
 
 /* A target-only round for one sequence: its anchor was fed, emit the next token. */
-void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, const float *logits)
+void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, int row)
 {
     s->kv.len += 1;
     s->stats.rounds++;
     s->emitted_in_rounds++;
-    ds_seq_emit(e, s, ds_seq_sample(e, s, logits));
+    ds_seq_emit(e, s, ds_seq_sample(e, s, row));
+}
+
+bool ds_engine_needs_logits(const struct ds_engine *e)
+{
+    for (int i = 0; i < e->n_seqs; i++) {
+        const struct ds_seq *s = e->seqs[i];
+        if (s->state == DS_SEQ_DECODE || (s->state == DS_SEQ_PREFILL && s->chunk > 0))
+            if (!ds_sampling_is_greedy(&s->sampling) || s->want_prompt_logits)
+                return true;
+    }
+    return false;
 }
 
 /* ---- the round ---- */
@@ -506,6 +528,7 @@ int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_
         if (!p)
             return ds_seterr(DS_ENOMEM, "could not allocate logits for %d rows", n_rows);
         e->logits = p;
+        e->argmax = ds_xrealloc(e->argmax, (size_t)n_rows * sizeof *e->argmax);
         e->cap_logits = (size_t)n_rows;
     }
     size_t cap_feat = (size_t)n_tokens * n_capture * H;
@@ -613,9 +636,8 @@ void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row)
     }
     s->kv.len += s->chunk;
     if (s->kv.len == s->n_prompt) {
-        const float *last = e->logits + (size_t)(*row + n_rows - 1) * V;
         s->state = DS_SEQ_DECODE;
-        ds_seq_emit(e, s, ds_seq_sample(e, s, last));
+        ds_seq_emit(e, s, ds_seq_sample(e, s, *row + n_rows - 1));
     }
     *row += n_rows;
 }
@@ -653,18 +675,17 @@ int ds_plain_round(struct ds_engine *e)
     }
     struct ds_batch b = {
         .n_tokens = n_tok, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
-        .n_logits = n_rows, .logit_rows = e->b_rows, .logits = e->logits,
+        .n_logits = n_rows, .logit_rows = e->b_rows, .logits = e->logits, .argmax = e->argmax,
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
         return r;
-    size_t V = e->target->cfg.vocab_size;
     int row = 0;
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];
         if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
             ds_finish_prefill(e, s, &row);
         } else if (s->state == DS_SEQ_DECODE) {
-            ds_seq_decode_one(e, s, e->logits + (size_t)row++ * V);
+            ds_seq_decode_one(e, s, row++);
         }
     }
     return 0;

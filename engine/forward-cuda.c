@@ -125,6 +125,7 @@ struct cu_layer {
 
 struct graph_slot {
     int n_tokens, n_logits, n_capture;
+    bool argmax;
     int capture_layers[8];
     cudaGraphExec_t exec;         /* NULL until the shape's second pass */
     long last_use;                /* 0: free slot */
@@ -158,6 +159,7 @@ struct ds_cuda_target {
     size_t ws_floats;
     uint16_t *rows;               /* [cap_rows, H] normed rows for the head */
     float *logits;                /* [cap_rows, V] */
+    int32_t *ids;                 /* [cap_rows] argmax of each logits row */
     float *captured;              /* [cap_tokens, cap_capture, H] */
     int32_t *meta;                /* device: tokens, pos, seq, rows, run starts, run lengths [cap_tokens each],
                                    * the run count [1], pages [cap_seqs, max_pages] */
@@ -453,11 +455,13 @@ static void free_activations(struct ds_cuda_target *t)
     cudaFree(t->att_ws);
     cudaFree(t->rows);
     cudaFree(t->logits);
+    cudaFree(t->ids);
     cudaFree(t->captured);
     cudaFree(t->meta);
     cudaFreeHost(t->h_meta);
     t->x = t->qkv = t->gu = t->ws = t->att_ws = t->logits = t->captured = NULL;
     t->xn = t->attn = t->rows = NULL;
+    t->ids = NULL;
     t->meta = t->h_meta = NULL;
     t->cap_tokens = t->cap_rows = t->cap_seqs = t->cap_capture = 0;
     t->ws_floats = 0;
@@ -557,7 +561,8 @@ int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int m
     free_activations(t);   /* the page table's row length may change */
     size_t half = ds_cuda_page_bytes(t, page_size) / 2 * (size_t)n_pages;
     int r;
-    if ((r = dev_alloc(&t->k_cache, half, "the KV cache")) < 0 || (r = dev_alloc(&t->v_cache, half, "the KV cache")) < 0)
+    if ((r = dev_alloc(&t->k_cache, half, "the KV cache")) < 0 ||
+        (r = dev_alloc(&t->v_cache, half, "the KV cache")) < 0)
         return r;
     t->n_pages = n_pages;
     t->page_size = page_size;
@@ -621,6 +626,7 @@ static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_se
                        "the attention workspace")) < 0 ||
         (r = dev_alloc(&t->rows, cr * H * 2, "activations")) < 0 ||
         (r = dev_alloc(&t->logits, cr * V * 4, "logits")) < 0 ||
+        (r = dev_alloc(&t->ids, cr * 4, "token ids")) < 0 ||
         (cc > 0 && (r = dev_alloc(&t->captured, (size_t)cn * cc * H * 4, "captured features")) < 0) ||
         (r = dev_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
         return r;
@@ -660,7 +666,8 @@ static int gemm(struct ds_cuda_target *t, const struct cu_mat *m, const uint16_t
 
 /* The device part of a pass; metadata is already in t->meta. Graph-capturable:
  * only kernel launches on t->stream. */
-static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_capture, const int32_t *capture_layers)
+static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_capture, const int32_t *capture_layers,
+                        bool argmax)
 {
     const struct ds_qwen3_config *c = &t->cfg;
     int H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
@@ -692,8 +699,8 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
                              n, nH, nKV, hd, eps, t->stream));
         CK(ds_k_kv_append_bf16(t->qkv + (size_t)nH * hd, qkvw, t->qkv + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
                                d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
-        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs, d_pages, t->max_pages, t->page_size, n, nH, nKV,
-                               hd, scale, t->att_ws, t->attn, t->stream));
+        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs, d_pages,
+                               t->max_pages, t->page_size, n, nH, nKV, hd, scale, t->att_ws, t->attn, t->stream));
         if ((r = gemm(t, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
             return r;
         if (l->o_bias)
@@ -713,6 +720,8 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
         CK(ds_k_rmsnorm_bf16(t->x, d_rows, t->final_norm, n_rows, H, eps, t->rows, t->stream));
         if ((r = gemm(t, &t->lm_head, t->rows, H, n_rows, t->logits, V, false)) < 0)
             return r;
+        if (argmax)
+            CK(ds_k_argmax(t->logits, n_rows, V, t->ids, t->stream));
     }
     return 0;
 }
@@ -777,11 +786,12 @@ static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, 
 static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds_batch *b, bool graph)
 {
     if (!graph)
-        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers, b->argmax != NULL);
     struct graph_slot *hit = NULL, *victim = &t->graphs[0];
     for (int i = 0; i < GRAPH_SLOTS; i++) {
         struct graph_slot *g = &t->graphs[i];
         if (g->last_use && g->n_tokens == n && g->n_logits == n_rows && g->n_capture == b->n_capture &&
+            g->argmax == (b->argmax != NULL) &&
             (b->n_capture == 0 || !memcmp(g->capture_layers, b->capture_layers, (size_t)b->n_capture * 4))) {
             hit = g;
             break;
@@ -796,16 +806,17 @@ static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds
         victim->n_tokens = n;
         victim->n_logits = n_rows;
         victim->n_capture = b->n_capture;
+        victim->argmax = b->argmax != NULL;
         if (b->n_capture)
             memcpy(victim->capture_layers, b->capture_layers, (size_t)b->n_capture * 4);
         victim->last_use = ++t->uses;
-        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+        return enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers, b->argmax != NULL);
     }
     hit->last_use = ++t->uses;
     if (!hit->exec) {
         cudaGraph_t g;
         CK(cudaStreamBeginCapture(t->stream, cudaStreamCaptureModeThreadLocal));
-        int r = enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers);
+        int r = enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers, b->argmax != NULL);
         cudaError_t e = cudaStreamEndCapture(t->stream, &g);
         if (r < 0)
             return r;
@@ -833,6 +844,8 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
     size_t H = t->cfg.hidden_size, V = t->cfg.vocab_size;
     if (b->logits && b->n_logits)
         CK(cudaMemcpyAsync(b->logits, t->logits, (size_t)b->n_logits * V * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (b->argmax && b->n_logits)
+        CK(cudaMemcpyAsync(b->argmax, t->ids, (size_t)b->n_logits * 4, cudaMemcpyDeviceToHost, t->stream));
     if (b->captured && b->n_capture)
         CK(cudaMemcpyAsync(b->captured, t->captured, (size_t)n * b->n_capture * H * 4, cudaMemcpyDeviceToHost,
                            t->stream));

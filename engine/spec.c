@@ -437,7 +437,7 @@ int ds_spec_round(struct ds_engine *e)
     static const int32_t none_layers[1] = {0};
     struct ds_batch b = {
         .n_tokens = nt, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
-        .n_logits = nrows, .logit_rows = e->b_rows, .logits = e->logits,
+        .n_logits = nrows, .logit_rows = e->b_rows, .logits = e->logits, .argmax = e->argmax,
         .n_capture = m, .capture_layers = m ? d->cfg.target_layer_ids : none_layers, .captured = e->captured,
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
@@ -474,14 +474,13 @@ int ds_spec_round(struct ds_engine *e)
         if (!drafts_now(e, s)) {
             /* target-only this round: a sequence without speculation, or a paused one,
              * whose anchor still joins its draft context */
-            const float *lg = e->logits + (size_t)row * V;
             if (uses_draft(s)) {
                 memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)tok * feat_w,
                        feat_w * sizeof(float));
                 sp->pos_rows[n_ctx] = s->kv.len;
                 ctx_caches[n_ctx++] = &s->draft->cache;
             }
-            ds_seq_decode_one(e, s, lg);
+            ds_seq_decode_one(e, s, row);
             continue;
         }
         int len = sp->len[ri], start = s->kv.len;
@@ -490,9 +489,8 @@ int ds_spec_round(struct ds_engine *e)
         int a = 0;
         int32_t next = -1;
         for (int k = 0; k <= len; k++) {
-            const float *lg = e->logits + (size_t)(row + k) * V;
             if (greedy) {
-                int32_t best = ds_argmax(lg, V);
+                int32_t best = e->argmax[row + k];
                 if (k < len && dr[k] == best) {
                     a++;
                     continue;
@@ -500,7 +498,7 @@ int ds_spec_round(struct ds_engine *e)
                 next = best;
                 break;
             }
-            ds_probs(lg, V, &s->sampling, p_prev, e->scratch);
+            ds_probs(e->logits + (size_t)(row + k) * V, V, &s->sampling, p_prev, e->scratch);
             if (k < len) {
                 const float *q = sp->q + ((size_t)ri * g + k) * V;
                 float pq = p_prev[dr[k]], qq = q[dr[k]] > 1e-8f ? q[dr[k]] : 1e-8f;
@@ -619,6 +617,7 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
     R = got;
     int32_t *tok = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *pos = ds_xmalloc((size_t)B_max * sizeof(int32_t));
     int32_t *sq = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *rows = ds_xmalloc((size_t)B_max * sizeof(int32_t));
+    int32_t *ids = ds_xmalloc((size_t)B_max * sizeof(int32_t));   /* as greedy rounds ask (logits stay on a GPU) */
     float *logits = malloc((size_t)B_max * e->target->cfg.vocab_size * sizeof(float));
     struct ds_sps t = {.n = 0, .b = ds_xmalloc((size_t)n * sizeof(int)), .sps = ds_xmalloc((size_t)n * sizeof(double))};
     double times[16];
@@ -642,7 +641,7 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
             }
         }
         struct ds_batch b = {.n_tokens = k, .tokens = tok, .pos = pos, .seq = sq, .kv = kv, .n_logits = k,
-                             .logit_rows = rows, .logits = logits};
+                             .logit_rows = rows, .logits = logits, .argmax = ids};
         int nr = reps < 16 ? reps : 16;
         for (int rep = 0; rep <= nr; rep++) {
             double t0 = ds_now();
@@ -663,6 +662,6 @@ out:
     ds_sps_done(&t);
     for (int i = 0; i < got; i++)
         ds_kv_release(&e->kv, &seqs[i]);
-    free(seqs), free(kv), free(tok), free(pos), free(sq), free(rows), free(logits);
+    free(seqs), free(kv), free(tok), free(pos), free(sq), free(rows), free(logits), free(ids);
     return r;
 }

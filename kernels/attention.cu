@@ -6,15 +6,16 @@
  * takes one run, one KV head and one of ATT_SPLIT position groups: the
  * positions fall into tiles of ATT_TILE, and block z takes tiles z, z + S,
  * z + 2 S, ... in increasing order. It loads each tile's K and V rows once
- * (cp.async, the next tile while the current one is used) into shared memory for all the run's G x tokens queries (the rows that a
- * verification block's tokens and a GQA group's heads share), and one warp
- * carries each query through the tile: lane j scores position j (a dot
- * product in four interleaved partial sums over d), an online softmax over the tile in lane order, and the
- * value sum in position order. A second kernel merges the groups' partial
- * results in group order. So every query's arithmetic depends only on its own
- * position, q and the cache rows, never on which other queries share its
- * block or pass; and the launch shape depends only on the batch size, so a
- * captured graph stays valid while contexts grow. */
+ * (cp.async, the next tile while the current one is used) into shared memory
+ * for all the run's G x tokens queries (the rows that a verification block's
+ * tokens and a GQA group's heads share), and one warp carries each query
+ * through the tile: lane j scores position j (a dot product in four
+ * interleaved partial sums over d), an online softmax over the tile in lane
+ * order, and the value sum in position order. A second kernel merges the
+ * groups' partial results in group order. So every query's arithmetic depends
+ * only on its own position, q and the cache rows, never on which other
+ * queries share its block or pass; and the launch shape depends only on the
+ * batch size, so a captured graph stays valid while contexts grow. */
 #include <math.h>
 #include <stdint.h>
 

@@ -1,6 +1,7 @@
 /* rowwise.cu: per-row kernels of the forward pass: embedding gather, RMSNorm
  * (plain and fused with the residual add, f32 or bf16 out), per-head q/k
- * RMSNorm with RoPE, SwiGLU, bias add, argmax, and random fills for benchmarks. One block per row with a fixed block size, so a row's
+ * RMSNorm with RoPE, SwiGLU, bias add, argmax, and random fills for benchmarks.
+ * One block per row with a fixed block size, so a row's
  * reductions always run in the same order whatever the batch. */
 #include <math.h>
 #include <stdint.h>

@@ -1,6 +1,7 @@
 #!/bin/sh
 # scripts/generate-demo.sh: install, build, and generate with the bundled model
-# pair on the CPU: the same prompts target-only and with DSpark speculation,
+# pair (on the GPU where one exists, else the CPU): the same prompts target-only
+# and with DSpark speculation,
 # each followed by its summary table (tau, acceptance by position, tokens/s).
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)

@@ -59,8 +59,9 @@ int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int 
 int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed) DS_MUSTCHECK;
 
 /* ds_model_forward on the GPU: pool is the host bookkeeping of the device
- * cache. Logits and captures are copied to b->logits and b->captured
- * (b->logits NULL: computed on the device and not copied). */
+ * cache. Logits, their argmax and captures are copied to b->logits,
+ * b->argmax and b->captured (b->logits NULL: computed on the device and not
+ * copied, so greedy passes move only token ids). */
 int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
     DS_MUSTCHECK;
 

@@ -105,7 +105,8 @@ struct ds_batch {
     struct ds_kv_seq **kv;       /* [n_seqs] caches, reserved up to every pos + 1 */
     int n_logits;
     const int32_t *logit_rows;   /* [n_logits] token indices whose logits are wanted */
-    float *logits;               /* [n_logits, V] out */
+    float *logits;               /* [n_logits, V] out (CUDA: NULL keeps them on the device) */
+    int32_t *argmax;             /* [n_logits] out: each row's largest logit (first on ties), or NULL */
     int n_capture;
     const int32_t *capture_layers; /* [n_capture] layer ids, -1 = embedding output */
     float *captured;             /* [n_tokens, n_capture * H] out (residual after each layer), or NULL */
