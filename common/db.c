@@ -569,28 +569,121 @@ int ds_db_wait_notify(struct ds_db *db, int timeout_ms, ds_db_notify_fn *fn, voi
     return ds_db_consume_notify(db, fn, ud);
 }
 
-int ds_db_parse_ids(const char *payload, int64_t **ret_ids, size_t *ret_n)
+/* Notification payloads ----------------------------------------------------- */
+
+/* An unsigned decimal number of at most max at *pp (digits only: no sign, no
+ * blanks); advances *pp past it. */
+static bool parse_uint(const char **pp, int64_t max, int64_t *ret)
+{
+    const char *p = *pp;
+    int64_t v = 0;
+    if (*p < '0' || *p > '9')
+        return false;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        int d = *p - '0';
+        if (v > (max - d) / 10)
+            return false;
+        v = v * 10 + d;
+    }
+    *pp = p;
+    *ret = v;
+    return true;
+}
+
+static const char *state_of_letter(char c)
+{
+    switch (c) {
+    case 'q': return "queued";
+    case 'r': return "running";
+    case 's': return "succeeded";
+    case 'f': return "failed";
+    case 'c': return "cancelled";
+    default: return NULL;
+    }
+}
+
+/* The error for entry number k (from 1) of payload, which starts at entry. */
+static int bad_entry(const char *payload, size_t k, const char *entry, const char *why)
+{
+    int len = (int)strcspn(entry, ",");
+    return ds_seterr(DS_EFORMAT, "job notification '%.60s%s': entry %zu '%.*s' %s", payload,
+                     strlen(payload) > 60 ? "..." : "", k, len > 40 ? 40 : len, entry, why);
+}
+
+/* Parse a payload into transitions; with bare_ok, an entry may also be a bare
+ * id (its other fields are then 0 and NULL). */
+static int parse_payload(const char *payload, bool bare_ok, struct ds_db_transition **ret,
+                         size_t *ret_n)
 {
     size_t cap = 0, n = 0;
-    int64_t *ids = NULL;
+    struct ds_db_transition *t = NULL;
     const char *p = payload ? payload : "";
+    payload = p;
+    int r = 0;
     while (*p) {
-        if (*p < '0' || *p > '9') {
-            free(ids);
-            return ds_seterr(DS_EFORMAT, "bad job id list '%.60s'", payload);
+        const char *entry = p;
+        struct ds_db_transition e = { 0 };
+        int64_t attempt;
+        const char *why = bare_ok ? "is neither a job id nor 'id:version:state:attempt'"
+                                  : "is not 'id:version:state:attempt'";
+        if (!parse_uint(&p, INT64_MAX, &e.id)) {
+            r = bad_entry(payload, n + 1, entry, why);
+            break;
         }
-        char *end;
-        errno = 0;
-        long long v = strtoll(p, &end, 10);
-        if (errno || (*end && *end != ',') || (*end == ',' && !end[1])) {
-            free(ids);
-            return ds_seterr(DS_EFORMAT, "bad job id list '%.60s'", payload);
+        if (*p == ':' || !bare_ok) {
+            if (*p++ != ':' || !parse_uint(&p, INT64_MAX, &e.version) || *p++ != ':') {
+                r = bad_entry(payload, n + 1, entry, why);
+                break;
+            }
+            e.state = state_of_letter(*p);
+            if (!e.state || p[1] != ':') {
+                r = bad_entry(payload, n + 1, entry,
+                              e.state ? why : "has an unknown state (not q, r, s, f or c)");
+                break;
+            }
+            p += 2;
+            if (!parse_uint(&p, INT32_MAX, &attempt)) {
+                r = bad_entry(payload, n + 1, entry, why);
+                break;
+            }
+            e.attempt = (int32_t)attempt;
+        }
+        if (*p != 0 && (*p != ',' || p[1] == 0)) {
+            r = bad_entry(payload, n + 1, entry,
+                          *p == ',' ? "is followed by an empty entry" : why);
+            break;
         }
         if (n == cap)
-            ids = ds_xrealloc(ids, (cap = cap ? cap * 2 : 16) * sizeof *ids);
-        ids[n++] = v;
-        p = *end ? end + 1 : end;
+            t = ds_xrealloc(t, (cap = cap ? cap * 2 : 16) * sizeof *t);
+        t[n++] = e;
+        if (*p)
+            p++;
     }
+    if (r < 0) {
+        free(t);
+        return r;
+    }
+    *ret = t;
+    *ret_n = n;
+    return 0;
+}
+
+int ds_db_parse_transitions(const char *payload, struct ds_db_transition **ret, size_t *ret_n)
+{
+    return parse_payload(payload, false, ret, ret_n);
+}
+
+int ds_db_parse_ids(const char *payload, int64_t **ret_ids, size_t *ret_n)
+{
+    struct ds_db_transition *t;
+    size_t n;
+    int r = parse_payload(payload, true, &t, &n);
+    if (r < 0)
+        return r;
+    int64_t *ids = n ? ds_xmalloc(n * sizeof *ids) : NULL;
+    for (size_t i = 0; i < n; i++)
+        ids[i] = t[i].id;
+    free(t);
     *ret_ids = ids;
     *ret_n = n;
     return 0;

@@ -2,10 +2,16 @@
  * re-LISTEN), job notifications turned into ZeroMQ events, queue counts for
  * STATUS= and heartbeats, the lease reaper and retention.
  *
- * A notification names job ids; the rows are read in one query per burst of
- * notifications (never per id) and each job is published once per version it
- * is seen at. After the connection comes back, jobs that finished while it was
- * down are published again, so waiters learn their final states without polling. */
+ * A notification names each state change: job id, version, state and attempt
+ * (see DS_DB_EVENTS_CHANNEL). The rows are read in one query per burst of
+ * notifications (never per id); then, per job and in version order, every
+ * notified change newer than what was published for that job goes out as an
+ * event (batch from the row), and the row's own state last, with its final
+ * statistics. So a job inserted, claimed and finished within milliseconds, or
+ * in one transaction, still shows all three states. No job is published twice
+ * at one version or out of order (the `seen` cache). After the connection
+ * comes back, jobs that finished while it was down are published again, so
+ * waiters learn their final states without polling. */
 #include "config.h"
 
 #include <inttypes.h>
@@ -21,7 +27,7 @@
 #define CONNECT_BACKOFF_MIN_US 200000u
 #define CONNECT_BACKOFF_MAX_US 10000000u
 #define IDS_PER_QUERY 5000
-#define SEEN_SLOTS 8192          /* (id, version) cache against duplicate events */
+#define SEEN_SLOTS 8192          /* (id, last version published) against duplicate events */
 
 struct seen {
     int64_t id;
@@ -38,8 +44,10 @@ struct fanout {
     uint64_t last_ok_us;
     double down_since;               /* wall clock when the connection was lost (0 = never up) */
     char down_reason[256];
-    int64_t *ids;                    /* ids named by notifications, not yet read */
-    size_t n_ids, cap_ids;
+    struct ds_db_transition *tr;     /* changes named by notifications, not yet published */
+    size_t n_tr, cap_tr;
+    int64_t *ids;                    /* scratch: the distinct ids of tr */
+    size_t cap_ids;
     struct seen seen[SEEN_SLOTS];
     uint64_t published;
 };
@@ -59,6 +67,7 @@ struct fanout *fanout_free(struct fanout *f)
     if (!f)
         return NULL;
     ds_db_free(f->db);
+    free(f->tr);
     free(f->ids);
     free(f);
     return NULL;
@@ -132,63 +141,31 @@ static int session_setup(struct fanout *f, bool *fatal)
     return ds_db_listen(f->db, DS_DB_EVENTS_CHANNEL);
 }
 
-static void add_id(struct fanout *f, int64_t id)
+static void add_transition(struct fanout *f, const struct ds_db_transition *t)
 {
-    if (f->n_ids == f->cap_ids) {
-        f->cap_ids = f->cap_ids ? f->cap_ids * 2 : 256;
-        f->ids = ds_xrealloc(f->ids, f->cap_ids * sizeof *f->ids);
+    if (f->n_tr == f->cap_tr) {
+        f->cap_tr = f->cap_tr ? f->cap_tr * 2 : 256;
+        f->tr = ds_xrealloc(f->tr, f->cap_tr * sizeof *f->tr);
     }
-    f->ids[f->n_ids++] = id;
+    f->tr[f->n_tr++] = *t;
 }
 
-static int cmp_i64(const void *a, const void *b)
+/* By id, then version. */
+static int cmp_transition(const void *a, const void *b)
 {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return x < y ? -1 : x > y;
+    const struct ds_db_transition *x = a, *y = b;
+    if (x->id != y->id)
+        return x->id < y->id ? -1 : 1;
+    return (x->version > y->version) - (x->version < y->version);
 }
 
-/* Publish the rows of a query returning
+static bool is_final(const char *state)
+{
+    return strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 || strcmp(state, "cancelled") == 0;
+}
+
+/* The columns of the queries below:
  * id, batch_id, state, version, attempt, finish_reason, output_tokens, tokens_per_s, mean_acceptance_length. */
-static int publish_rows(struct fanout *f, PGresult *res, bool force)
-{
-    int n = 0;
-    for (int i = 0; i < PQntuples(res); i++) {
-        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        int64_t version = strtoll(PQgetvalue(res, i, 3), NULL, 10);
-        struct seen *s = &f->seen[(uint64_t)id % SEEN_SLOTS];
-        if (!force && s->id == id && s->version >= version)
-            continue;   /* already published at this version */
-        s->id = id;
-        s->version = version;
-        struct ds_event ev;
-        ds_event_job_init(&ev, id, PQgetvalue(res, i, 2), version, atoi(PQgetvalue(res, i, 4)));
-        if (!PQgetisnull(res, i, 1))
-            ds_event_set_batch(&ev, strtoll(PQgetvalue(res, i, 1), NULL, 10));
-        if (!PQgetisnull(res, i, 5))
-            ds_event_set_finish_reason(&ev, PQgetvalue(res, i, 5));
-        if (!PQgetisnull(res, i, 6)) {
-            ev.output_tokens = strtoll(PQgetvalue(res, i, 6), NULL, 10);
-            ev.has |= DS_EV_OUTPUT_TOKENS;
-        }
-        if (!PQgetisnull(res, i, 7)) {
-            ev.tokens_per_s = strtod(PQgetvalue(res, i, 7), NULL);
-            ev.has |= DS_EV_TOKENS_PER_S;
-        }
-        if (!PQgetisnull(res, i, 8)) {
-            ev.mean_acceptance_length = strtod(PQgetvalue(res, i, 8), NULL);
-            ev.has |= DS_EV_MEAN_ACCEPT;
-        }
-        int r = ds_events_publish(f->pub, &ev);
-        if (r < 0) {
-            ds_log_job(DS_LOG_WARNING, id, "could not publish the event: %s", ds_errdetail());
-            continue;
-        }
-        n++;
-        f->published++;
-    }
-    return n;
-}
-
 #define JOB_EVENT_COLUMNS \
     "SELECT j.id, j.batch_id, j.state, j.version, j.attempt, j.finish_reason, " \
     "       s.output_tokens, s.decode_tokens_per_s, s.mean_acceptance_length " \
@@ -196,31 +173,173 @@ static int publish_rows(struct fanout *f, PGresult *res, bool force)
     "LEFT JOIN dspark.job_stats s ON s.job_id = j.id AND s.attempt = j.attempt " \
     "     AND j.state IN ('succeeded', 'failed', 'cancelled') "
 
-static int flush_ids(struct fanout *f, uint64_t now_us)
+static int64_t row_id(PGresult *res, int i)
 {
-    if (f->n_ids == 0)
+    return strtoll(PQgetvalue(res, i, 0), NULL, 10);
+}
+
+static int64_t row_version(PGresult *res, int i)
+{
+    return strtoll(PQgetvalue(res, i, 3), NULL, 10);
+}
+
+/* The last version published for id (0 when none is remembered). */
+static int64_t seen_version(const struct fanout *f, int64_t id)
+{
+    const struct seen *s = &f->seen[(uint64_t)id % SEEN_SLOTS];
+    return s->id == id ? s->version : 0;
+}
+
+static void set_seen(struct fanout *f, int64_t id, int64_t version)
+{
+    struct seen *s = &f->seen[(uint64_t)id % SEEN_SLOTS];
+    s->id = id;
+    s->version = version;
+}
+
+/* Publish ev (for row i's job); 1 when it went out. */
+static int send_event(struct fanout *f, struct ds_event *ev, PGresult *res, int i)
+{
+    if (!PQgetisnull(res, i, 1))
+        ds_event_set_batch(ev, strtoll(PQgetvalue(res, i, 1), NULL, 10));
+    int r = ds_events_publish(f->pub, ev);
+    if (r < 0) {
+        ds_log_job(DS_LOG_WARNING, ev->id, "could not publish the event: %s", ds_errdetail());
         return 0;
-    qsort(f->ids, f->n_ids, sizeof *f->ids, cmp_i64);
+    }
+    f->published++;
+    return 1;
+}
+
+/* The event of row i as it is: its state, version, attempt and, for a final
+ * state, the finish reason and statistics. */
+static int publish_row(struct fanout *f, PGresult *res, int i)
+{
+    int64_t id = row_id(res, i), version = row_version(res, i);
+    set_seen(f, id, version);
+    struct ds_event ev;
+    ds_event_job_init(&ev, id, PQgetvalue(res, i, 2), version, atoi(PQgetvalue(res, i, 4)));
+    if (!PQgetisnull(res, i, 5))
+        ds_event_set_finish_reason(&ev, PQgetvalue(res, i, 5));
+    if (!PQgetisnull(res, i, 6)) {
+        ev.output_tokens = strtoll(PQgetvalue(res, i, 6), NULL, 10);
+        ev.has |= DS_EV_OUTPUT_TOKENS;
+    }
+    if (!PQgetisnull(res, i, 7)) {
+        ev.tokens_per_s = strtod(PQgetvalue(res, i, 7), NULL);
+        ev.has |= DS_EV_TOKENS_PER_S;
+    }
+    if (!PQgetisnull(res, i, 8)) {
+        ev.mean_acceptance_length = strtod(PQgetvalue(res, i, 8), NULL);
+        ev.has |= DS_EV_MEAN_ACCEPT;
+    }
+    return send_event(f, &ev, res, i);
+}
+
+/* The event of one notified change of row i's job (state, version and
+ * attempt from the notification, the batch from the row). */
+static int publish_transition(struct fanout *f, PGresult *res, int i, const struct ds_db_transition *t)
+{
+    set_seen(f, t->id, t->version);
+    struct ds_event ev;
+    ds_event_job_init(&ev, t->id, t->state, t->version, t->attempt);
+    return send_event(f, &ev, res, i);
+}
+
+/* Publish the rows of a query (JOB_EVENT_COLUMNS) at versions not yet
+ * published. */
+static int publish_rows(struct fanout *f, PGresult *res)
+{
+    int n = 0;
+    for (int i = 0; i < PQntuples(res); i++)
+        if (row_version(res, i) > seen_version(f, row_id(res, i)))
+            n += publish_row(f, res, i);
+    return n;
+}
+
+/* Row i and the notified changes t[0..nt) of its job (nt >= 1, by version):
+ * publish each change newer than the last published version, then the row.
+ * A final change is left to the row's event, which carries the statistics.
+ * When the row's state differs from the last notified one, the row went on
+ * in a transaction whose notification has not been read yet: the row waits
+ * for it, so that the change in between is not skipped (and since every state
+ * change notifies, it comes). */
+static int publish_job(struct fanout *f, PGresult *res, int i, const struct ds_db_transition *t, size_t nt)
+{
+    int64_t id = row_id(res, i), version = row_version(res, i);
+    const char *state = PQgetvalue(res, i, 2);
+    int64_t last = seen_version(f, id);
+    int n = 0;
+    for (size_t k = 0; k < nt; k++) {
+        if (t[k].version <= last || t[k].version >= version)
+            continue;
+        if (is_final(t[k].state) && strcmp(t[k].state, state) == 0)
+            continue;
+        n += publish_transition(f, res, i, &t[k]);
+        last = t[k].version;
+    }
+    const struct ds_db_transition *lt = &t[nt - 1];
+    if (version <= last)
+        return n;
+    if (strcmp(lt->state, state) != 0) {
+        ds_log_job(DS_LOG_DEBUG, id, "row is '%s' at version %" PRId64 ", last notified '%s' at %" PRId64
+                   ": waiting for the notification in between", state, version, lt->state, lt->version);
+        return n;
+    }
+    /* the row at the notified version, or a final state whose version was
+     * bumped since; a later version of the same unfinished state (a
+     * heartbeat) adds nothing to the event just published */
+    if (version == lt->version || is_final(state))
+        n += publish_row(f, res, i);
+    return n;
+}
+
+static int flush_transitions(struct fanout *f, uint64_t now_us)
+{
+    if (f->n_tr == 0)
+        return 0;
+    qsort(f->tr, f->n_tr, sizeof *f->tr, cmp_transition);
     size_t u = 0;
-    for (size_t i = 0; i < f->n_ids; i++)
-        if (u == 0 || f->ids[i] != f->ids[u - 1])
-            f->ids[u++] = f->ids[i];
+    for (size_t i = 0; i < f->n_tr; i++)
+        if (u == 0 || f->tr[i].id != f->tr[u - 1].id || f->tr[i].version != f->tr[u - 1].version)
+            f->tr[u++] = f->tr[i];
+    f->n_tr = u;
+    if (f->cap_ids < f->n_tr) {
+        f->cap_ids = f->cap_tr;
+        f->ids = ds_xrealloc(f->ids, f->cap_ids * sizeof *f->ids);
+    }
+    size_t n_ids = 0;
+    for (size_t i = 0; i < f->n_tr; i++)
+        if (n_ids == 0 || f->tr[i].id != f->ids[n_ids - 1])
+            f->ids[n_ids++] = f->tr[i].id;
     int total = 0;
-    for (size_t off = 0; off < u; off += IDS_PER_QUERY) {
-        size_t n = u - off < IDS_PER_QUERY ? u - off : IDS_PER_QUERY;
+    size_t ti = 0;
+    for (size_t off = 0; off < n_ids; off += IDS_PER_QUERY) {
+        size_t n = n_ids - off < IDS_PER_QUERY ? n_ids - off : IDS_PER_QUERY;
         char *arr = ds_db_int64_array(f->ids + off, n);
         const char *params[1] = { arr };
         PGresult *res;
         int r = ds_db_exec(f->db, JOB_EVENT_COLUMNS "WHERE j.id = ANY ($1::bigint[]) ORDER BY j.id", 1, params, &res);
         free(arr);
         if (r < 0) {
-            f->n_ids = 0;
+            f->n_tr = 0;
             return query_failed(f, now_us, r, "reading notified jobs");
         }
-        total += publish_rows(f, res, false);
+        /* rows and changes are both ordered by id; a job without a row was deleted */
+        for (int i = 0; i < PQntuples(res); i++) {
+            int64_t id = row_id(res, i);
+            while (ti < f->n_tr && f->tr[ti].id < id)
+                ti++;
+            size_t tj = ti;
+            while (tj < f->n_tr && f->tr[tj].id == id)
+                tj++;
+            if (tj > ti)
+                total += publish_job(f, res, i, f->tr + ti, tj - ti);
+            ti = tj;
+        }
         PQclear(res);
     }
-    f->n_ids = 0;
+    f->n_tr = 0;
     f->last_ok_us = now_us;
     return total;
 }
@@ -240,7 +359,7 @@ static void catch_up(struct fanout *f, uint64_t now_us)
         query_failed(f, now_us, r, "reading jobs finished during the outage");
         return;
     }
-    int n = publish_rows(f, res, false);
+    int n = publish_rows(f, res);
     PQclear(res);
     if (n > 0)
         ds_log(DS_LOG_INFO, "published %d job%s that finished while the database connection was down", n,
@@ -305,15 +424,15 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     struct fanout *f = ud;
     if (strcmp(channel, DS_DB_EVENTS_CHANNEL) != 0)
         return;
-    int64_t *ids;
+    struct ds_db_transition *t;
     size_t n;
-    if (ds_db_parse_ids(payload, &ids, &n) < 0) {
+    if (ds_db_parse_transitions(payload, &t, &n) < 0) {
         ds_log(DS_LOG_WARNING, "ignoring a notification on '%s': %s", channel, ds_errdetail());
         return;
     }
     for (size_t i = 0; i < n; i++)
-        add_id(f, ids[i]);
-    free(ids);
+        add_transition(f, &t[i]);
+    free(t);
 }
 
 int fanout_pump(struct fanout *f, uint64_t now_us)
@@ -324,15 +443,15 @@ int fanout_pump(struct fanout *f, uint64_t now_us)
     for (int round = 0; round < 64 && f->up; round++) {
         int r = ds_db_consume_notify(f->db, on_notify, f);
         if (r < 0) {
-            f->n_ids = 0;
+            f->n_tr = 0;
             mark_down(f, now_us);
             break;
         }
         if (r > 0)
             f->last_ok_us = now_us;
-        if (f->n_ids == 0)
+        if (f->n_tr == 0)
             break;
-        r = flush_ids(f, now_us);
+        r = flush_transitions(f, now_us);
         if (r > 0)
             total += r;
     }

@@ -10,8 +10,11 @@
 --    waits), deleting a batch deletes its jobs, changing the id of a batch
 --    that has jobs is refused, and so is TRUNCATE of dspark.batches while
 --    jobs still reference it (truncate both tables together instead).
--- 2. The notify triggers cut their payloads in one pass (same channel, same
---    comma-separated ids of at most about 7000 bytes per notification).
+-- 2. The notify triggers cut their payloads in one pass, and each entry says
+--    what the change was: "id:version:state:attempt" (state as its first
+--    letter), comma-separated, at most about 7000 bytes per notification, so
+--    that a listener learns every state change even when a job went through
+--    several before it could read the row (see dspark.jobs_after_update).
 -- 3. dspark.claim_jobs locks and updates its jobs in one statement instead of
 --    collecting ids and finding the rows again.
 -- 4. dspark.finish_job_results(text, dspark.job_result[]): the write-back of
@@ -116,8 +119,19 @@ REVOKE EXECUTE ON FUNCTION dspark.batches_after_delete(), dspark.batches_after_u
 -- 2. Notifications (and the batch check) ------------------------------------------
 -- (Trigger functions run with the rights of whoever changes the rows; see 001.)
 
--- Inserts: check the batches, then notify the new ids, cut into payloads of
--- at most about 7000 bytes by a running sum of their lengths.
+-- Notification payloads (channel 'dspark_events'): one entry per job whose
+-- state a statement set, "id:version:state:attempt", comma-separated:
+--   12:1:q:0,13:1:q:0         two jobs inserted (version 1, attempt 0)
+--   12:2:r:1                  claimed: running, version 2, attempt 1
+--   12:3:s:1                  finished: succeeded at version 3
+-- The state is the first letter of its name (queued, running, succeeded,
+-- failed, cancelled: q r s f c, all distinct). Entries are cut into payloads
+-- of at most about 7000 bytes (the limit is 8000) by a running sum of their
+-- lengths. Since each entry names its version, the payloads of a transaction
+-- that changes one job several times all differ, so PostgreSQL delivers each
+-- (it folds identical payloads of one transaction into one).
+
+-- Inserts: check the batches, then notify the new jobs.
 CREATE OR REPLACE FUNCTION dspark.jobs_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -130,11 +144,13 @@ BEGIN
         PERFORM dspark.lock_batches(bids);
     END IF;
     FOR payload IN
-        SELECT pg_catalog.string_agg(c.id::text, ',')
-        FROM (SELECT n.id,
-                     pg_catalog.sum(pg_catalog.length(n.id::text) + 1)
+        SELECT pg_catalog.string_agg(c.entry, ',')
+        FROM (SELECT e.entry,
+                     pg_catalog.sum(pg_catalog.length(e.entry) + 1)
                          OVER (ROWS UNBOUNDED PRECEDING) / 7000 AS chunk
-              FROM new_rows n) c
+              FROM (SELECT n.id::text || ':' || n.version::text || ':'
+                           || pg_catalog.left(n.state, 1) || ':' || n.attempt::text AS entry
+                    FROM new_rows n) e) c
         GROUP BY c.chunk
     LOOP
         PERFORM pg_catalog.pg_notify('dspark_events', payload);
@@ -143,8 +159,10 @@ BEGIN
 END
 $$;
 
--- Updates: the ids whose state changed, and the batch check for rows whose
--- batch_id changed (only ad-hoc SQL does that).
+-- Updates: the jobs whose state changed, with their new version, state and
+-- attempt (updates that change no state, such as heartbeats, notify nothing),
+-- and the batch check for rows whose batch_id changed (only ad-hoc SQL does
+-- that).
 CREATE OR REPLACE FUNCTION dspark.jobs_after_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -161,12 +179,14 @@ BEGIN
         END IF;
     END IF;
     FOR payload IN
-        SELECT pg_catalog.string_agg(c.id::text, ',')
-        FROM (SELECT n.id,
-                     pg_catalog.sum(pg_catalog.length(n.id::text) + 1)
+        SELECT pg_catalog.string_agg(c.entry, ',')
+        FROM (SELECT e.entry,
+                     pg_catalog.sum(pg_catalog.length(e.entry) + 1)
                          OVER (ROWS UNBOUNDED PRECEDING) / 7000 AS chunk
-              FROM new_rows n JOIN old_rows o ON o.id = n.id
-              WHERE n.state <> o.state) c
+              FROM (SELECT n.id::text || ':' || n.version::text || ':'
+                           || pg_catalog.left(n.state, 1) || ':' || n.attempt::text AS entry
+                    FROM new_rows n JOIN old_rows o ON o.id = n.id
+                    WHERE n.state <> o.state) e) c
         GROUP BY c.chunk
     LOOP
         PERFORM pg_catalog.pg_notify('dspark_events', payload);

@@ -25,8 +25,11 @@
 #define DS_SCHEMA_VERSION 3
 
 /* Channel of the job notifications: one NOTIFY per statement that inserts
- * jobs or changes job states, payload = comma-separated job ids, at most
- * about 7000 bytes each (longer lists are split over several notifications). */
+ * jobs or changes job states, payload = one entry per job and change,
+ * comma-separated, "id:version:state:attempt" with the state as its first
+ * letter (q, r, s, f, c for queued, running, succeeded, failed, cancelled),
+ * e.g. "12:2:r:1,13:2:r:1"; at most about 7000 bytes each (longer lists are
+ * split over several notifications). */
 #define DS_DB_EVENTS_CHANNEL "dspark_events"
 
 /* SQLSTATE reported for a connection that broke (libpq gives none). */
@@ -121,8 +124,26 @@ int ds_db_consume_notify(struct ds_db *db, ds_db_notify_fn *fn, void *ud);
 int ds_db_wait_notify(struct ds_db *db, int timeout_ms, ds_db_notify_fn *fn,
                       void *ud);
 
-/* Parse a notification payload "12,13,200" into a malloc'ed array
- * (*ret_ids NULL when *ret_n is 0). -DS_EFORMAT on anything else. */
+/* One entry of a notification payload: job id entered state at version
+ * (attempt = the job's attempt number after the change). */
+struct ds_db_transition {
+    int64_t id;
+    int64_t version;
+    int32_t attempt;
+    const char *state;  /* static: "queued", "running", "succeeded", "failed", "cancelled" */
+};
+/* Parse a notification payload "12:1:q:0,12:2:r:1" (see DS_DB_EVENTS_CHANNEL)
+ * into a malloc'ed array in payload order (*ret NULL when *ret_n is 0; ""
+ * is the empty list). Ids, versions and attempts are unsigned decimal numbers
+ * within range (int64, attempts int32); anything else (a missing field, an
+ * unknown state letter, stray blanks, an empty entry) is -DS_EFORMAT naming
+ * the entry. */
+int ds_db_parse_transitions(const char *payload, struct ds_db_transition **ret,
+                            size_t *ret_n) DS_MUSTCHECK;
+/* The job ids of a notification payload, in order (a job may repeat), for
+ * callers that want only ids: entries as ds_db_parse_transitions() takes them,
+ * or bare ids ("12,13,200"). Malloc'ed (*ret_ids NULL when *ret_n is 0);
+ * -DS_EFORMAT on anything else. */
 int ds_db_parse_ids(const char *payload, int64_t **ret_ids, size_t *ret_n) DS_MUSTCHECK;
 /* A PostgreSQL array literal "{1,2,3}" for ids (malloc'ed, never NULL). */
 char *ds_db_int64_array(const int64_t *ids, size_t n);

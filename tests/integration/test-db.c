@@ -206,6 +206,36 @@ static void test_ids(void **state)
     const char *bad[] = { "1,,2", "1,", ",1", "a", "1;2", "-1", "1 2" };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(ds_db_parse_ids(bad[i], &ids, &n), -DS_EFORMAT);
+
+    /* notification entries: id:version:state:attempt */
+    struct ds_db_transition *tr;
+    const char *payload = "12:1:q:0,12:2:r:1,9000000000:7:c:3";
+    assert_int_equal(ds_db_parse_transitions(payload, &tr, &n), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(tr[0].id, 12);
+    assert_int_equal(tr[0].version, 1);
+    assert_string_equal(tr[0].state, "queued");
+    assert_int_equal(tr[0].attempt, 0);
+    assert_int_equal(tr[1].version, 2);
+    assert_string_equal(tr[1].state, "running");
+    assert_int_equal(tr[1].attempt, 1);
+    assert_int_equal(tr[2].id, 9000000000LL);
+    assert_int_equal(tr[2].version, 7);
+    assert_string_equal(tr[2].state, "cancelled");
+    assert_int_equal(tr[2].attempt, 3);
+    free(tr);
+    assert_int_equal(ds_db_parse_ids(payload, &ids, &n), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 12);
+    assert_int_equal(ids[1], 12);
+    assert_int_equal(ids[2], 9000000000LL);
+    free(ids);
+    const char *bad_tr[] = { "12", "1:1:x:0", "1:1:q", "1:1:q:0,", "1:-1:q:0", "1:1:q:2147483648",
+                             "9223372036854775808:1:q:0", " 1:1:q:0", "1:1:s:1:7" };
+    for (size_t i = 0; i < sizeof bad_tr / sizeof bad_tr[0]; i++) {
+        assert_int_equal(ds_db_parse_transitions(bad_tr[i], &tr, &n), -DS_EFORMAT);
+        assert_non_null(strstr(ds_errdetail(), "entry "));
+    }
 }
 
 struct got {
