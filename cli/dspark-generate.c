@@ -406,7 +406,11 @@ int main(int argc, char **argv)
     struct ds_model *model = NULL;
     struct ds_draft *draft = NULL;
     struct ds_engine *engine = NULL;
-    struct ds_model_opts mopts = {.load_tokenizer = true};
+    enum ds_backend backend;
+    if (ds_backend_parse(backend_text, &backend) < 0)
+        return ds_cli_fail("dspark-generate: --backend");
+    /* the GPU reads the layers from the checkpoint itself: the host keeps only what the draft shares */
+    struct ds_model_opts mopts = {.load_tokenizer = true, .skip_layers = backend == DS_BACKEND_CUDA};
     double t0 = ds_cli_now();
     if (ds_model_load(target_dir, &mopts, &model) < 0)
         return ds_cli_fail("dspark-generate");
@@ -427,9 +431,6 @@ int main(int argc, char **argv)
     if (r < 0)
         return ds_cli_fail("dspark-generate");
 
-    enum ds_backend backend;
-    if (ds_backend_parse(backend_text, &backend) < 0)
-        return ds_cli_fail("dspark-generate: --backend");
     struct ds_engine_opts eopts = {.backend = backend, .device = device, .cublas = cublas, .cuda_graphs = true,
                                    .n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
                                    .spec = spec};

@@ -268,6 +268,9 @@ int ds_model_forward(const struct ds_model *m, struct ds_forward_ctx *c, struct 
     int hd = cfg->head_dim, nH = cfg->num_attention_heads, nKV = cfg->num_key_value_heads;
     if (n <= 0)
         return 0;
+    if (!m->layers)
+        return ds_seterr(DS_EINVAL, "model '%s' was loaded without its layers (for the GPU): the CPU cannot run it",
+                         m->dir);
     int max_pos = 0;
     for (int t = 0; t < n; t++) {
         if (b->tokens[t] < 0 || b->tokens[t] >= V)

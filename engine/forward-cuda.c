@@ -36,6 +36,137 @@ static int nocuda(void)
 {
     return ds_seterr(DS_ENOTSUP, "this build has no CUDA backend (configure --with-cuda)");
 }
+/* Stack [rows_i, k] tensors of the checkpoint into one bf16 matrix on the device,
+ * converting a block of rows at a time (bf16 tensors are copied as they are). */
+static int load_stacked(struct ds_cuda_target *t, const struct ds_st *st, const char *const *names,
+                        const int64_t *rows, int n_parts, int64_t k, struct cu_mat *dm)
+{
+    int64_t total = 0;
+    for (int i = 0; i < n_parts; i++)
+        total += rows[i];
+    dm->n = (int)total;
+    dm->k = (int)k;
+    dm->split = ds_k_gemm_split(dm->n, dm->k, t->n_sm);
+    int r = dev_alloc(&dm->w, (size_t)total * k * 2, names[0]);
+    if (r < 0)
+        return r;
+    const size_t block = 1u << 20;   /* elements per staging block */
+    uint16_t *buf = malloc(block * 2);
+    float *f = malloc(block * 4);
+    if (!buf || !f) {
+        free(buf);
+        free(f);
+        return ds_seterr(DS_ENOMEM, "could not stage tensors for the GPU");
+    }
+    size_t at = 0;   /* elements written so far */
+    for (int i = 0; i < n_parts && r == 0; i++) {
+        const struct ds_tensor *tt;
+        int64_t shape[2] = {rows[i], k};
+        if ((r = ds_st_get(st, names[i], 2, shape, &tt)) < 0)
+            break;
+        for (size_t off = 0; off < (size_t)tt->numel && r == 0; off += block) {
+            size_t cnt = (size_t)tt->numel - off < block ? (size_t)tt->numel - off : block;
+            if (tt->dtype == DS_DTYPE_BF16) {
+                memcpy(buf, (const uint16_t *)tt->data + off, cnt * 2);
+            } else {
+                ds_tensor_to_f32(tt, off, cnt, f);
+                for (size_t j = 0; j < cnt; j++)
+                    buf[j] = f32_to_bf16(f[j]);
+            }
+            cudaError_t e = cudaMemcpy(dm->w + at + off, buf, cnt * 2, cudaMemcpyHostToDevice);
+            if (e != cudaSuccess)
+                r = ds_seterr(DS_ECUDA, "uploading '%s': %s", names[i], cudaGetErrorString(e));
+        }
+        at += (size_t)tt->numel;
+    }
+    free(buf);
+    free(f);
+    if (r == 0)
+        t->weight_bytes += (size_t)total * k * 2;
+    return r;
+}
+
+static int upload_vec_file(const struct ds_st *st, const char *name, int64_t n, float **dst)
+{
+    float *h = NULL;
+    int r = ds_load_vec(st, name, n, &h);
+    if (r == 0)
+        r = upload_f32(dst, h, (size_t)n, name);
+    free(h);
+    return r;
+}
+
+/* The layers of a model loaded with skip_layers, read from its checkpoint. */
+static int load_layers(struct ds_cuda_target *t, const struct ds_model *m)
+{
+    const struct ds_qwen3_config *c = &m->cfg;
+    struct ds_st *st = NULL;
+    int r = ds_st_open_dir(m->dir, &st);
+    int64_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim;
+    int64_t q_rows = (int64_t)c->num_attention_heads * hd, kv_rows = (int64_t)c->num_key_value_heads * hd;
+    for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
+        struct cu_layer *dl = &t->layers[li];
+        char n[4][160];
+#define NAME(buf, suffix) snprintf(buf, sizeof buf, "model.layers.%d.%s", li, suffix)
+        NAME(n[0], "input_layernorm.weight");
+        NAME(n[1], "post_attention_layernorm.weight");
+        NAME(n[2], "self_attn.q_norm.weight");
+        NAME(n[3], "self_attn.k_norm.weight");
+        if ((r = upload_vec_file(st, n[0], H, &dl->attn_norm)) < 0 ||
+            (r = upload_vec_file(st, n[1], H, &dl->ffn_norm)) < 0 ||
+            (r = upload_vec_file(st, n[2], hd, &dl->q_norm)) < 0 ||
+            (r = upload_vec_file(st, n[3], hd, &dl->k_norm)) < 0)
+            break;
+        NAME(n[0], "self_attn.q_proj.weight");
+        NAME(n[1], "self_attn.k_proj.weight");
+        NAME(n[2], "self_attn.v_proj.weight");
+        const char *qkv[3] = {n[0], n[1], n[2]};
+        int64_t qkv_rows[3] = {q_rows, kv_rows, kv_rows};
+        if ((r = load_stacked(t, st, qkv, qkv_rows, 3, H, &dl->qkv)) < 0)
+            break;
+        if (c->attention_bias) {
+            float *b[3] = {NULL, NULL, NULL};
+            NAME(n[0], "self_attn.q_proj.bias");
+            NAME(n[1], "self_attn.k_proj.bias");
+            NAME(n[2], "self_attn.v_proj.bias");
+            for (int j = 0; j < 3 && r == 0; j++)
+                r = ds_load_vec(st, n[j], qkv_rows[j], &b[j]);
+            if (r == 0) {
+                float *all = ds_xmalloc((size_t)(q_rows + 2 * kv_rows) * sizeof(float));
+                memcpy(all, b[0], (size_t)q_rows * sizeof(float));
+                memcpy(all + q_rows, b[1], (size_t)kv_rows * sizeof(float));
+                memcpy(all + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
+                r = upload_f32(&dl->qkv_bias, all, (size_t)(q_rows + 2 * kv_rows), "biases");
+                free(all);
+            }
+            for (int j = 0; j < 3; j++)
+                free(b[j]);
+            NAME(n[0], "self_attn.o_proj.bias");
+            if (r == 0)
+                r = upload_vec_file(st, n[0], H, &dl->o_bias);
+            if (r < 0)
+                break;
+        }
+        NAME(n[0], "self_attn.o_proj.weight");
+        const char *o[1] = {n[0]};
+        if ((r = load_stacked(t, st, o, &H, 1, q_rows, &dl->o)) < 0)
+            break;
+        NAME(n[0], "mlp.gate_proj.weight");
+        NAME(n[1], "mlp.up_proj.weight");
+        const char *gu[2] = {n[0], n[1]};
+        int64_t gu_rows[2] = {I, I};
+        if ((r = load_stacked(t, st, gu, gu_rows, 2, H, &dl->gate_up)) < 0)
+            break;
+        NAME(n[0], "mlp.down_proj.weight");
+        const char *down[1] = {n[0]};
+        if ((r = load_stacked(t, st, down, &H, 1, I, &dl->down)) < 0)
+            break;
+#undef NAME
+    }
+    ds_st_free(st);
+    return r < 0 ? ds_prefixerr(r, "model '%s'", m->dir) : 0;
+}
+
 int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
 {
     return nocuda();
@@ -97,6 +228,7 @@ int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
 #include <cuda_runtime_api.h>
 
 #include "kernels.h"
+#include "load-util.h"
 
 #define CK(call)                                                                                               \
     do {                                                                                                       \
@@ -323,11 +455,142 @@ static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_o
     t->layers = ds_xcalloc((size_t)cfg->num_hidden_layers, sizeof *t->layers);
     size_t half = (size_t)cfg->head_dim / 2;
     float *inv = malloc(half * sizeof(float));
-    for (size_t i = 0; i < half; i++)
-        inv[i] = (float)(1.0 / pow(cfg->rope_theta, (double)(2 * i) / cfg->head_dim));
+    for (size_t i = 0; i < half; i++)   /* as model.c (and transformers): in f32 */
+        inv[i] = 1.0f / powf((float)cfg->rope_theta, (float)(2 * i) / (float)cfg->head_dim);
     r = upload_f32(&t->inv_freq, inv, half, "RoPE frequencies");
     free(inv);
     return r;
+}
+
+/* Stack [rows_i, k] tensors of the checkpoint into one bf16 matrix on the device,
+ * converting a block of rows at a time (bf16 tensors are copied as they are). */
+static int load_stacked(struct ds_cuda_target *t, const struct ds_st *st, const char *const *names,
+                        const int64_t *rows, int n_parts, int64_t k, struct cu_mat *dm)
+{
+    int64_t total = 0;
+    for (int i = 0; i < n_parts; i++)
+        total += rows[i];
+    dm->n = (int)total;
+    dm->k = (int)k;
+    dm->split = ds_k_gemm_split(dm->n, dm->k, t->n_sm);
+    int r = dev_alloc(&dm->w, (size_t)total * k * 2, names[0]);
+    if (r < 0)
+        return r;
+    const size_t block = 1u << 20;   /* elements per staging block */
+    uint16_t *buf = malloc(block * 2);
+    float *f = malloc(block * 4);
+    if (!buf || !f) {
+        free(buf);
+        free(f);
+        return ds_seterr(DS_ENOMEM, "could not stage tensors for the GPU");
+    }
+    size_t at = 0;   /* elements written so far */
+    for (int i = 0; i < n_parts && r == 0; i++) {
+        const struct ds_tensor *tt;
+        int64_t shape[2] = {rows[i], k};
+        if ((r = ds_st_get(st, names[i], 2, shape, &tt)) < 0)
+            break;
+        for (size_t off = 0; off < (size_t)tt->numel && r == 0; off += block) {
+            size_t cnt = (size_t)tt->numel - off < block ? (size_t)tt->numel - off : block;
+            if (tt->dtype == DS_DTYPE_BF16) {
+                memcpy(buf, (const uint16_t *)tt->data + off, cnt * 2);
+            } else {
+                ds_tensor_to_f32(tt, off, cnt, f);
+                for (size_t j = 0; j < cnt; j++)
+                    buf[j] = f32_to_bf16(f[j]);
+            }
+            cudaError_t e = cudaMemcpy(dm->w + at + off, buf, cnt * 2, cudaMemcpyHostToDevice);
+            if (e != cudaSuccess)
+                r = ds_seterr(DS_ECUDA, "uploading '%s': %s", names[i], cudaGetErrorString(e));
+        }
+        at += (size_t)tt->numel;
+    }
+    free(buf);
+    free(f);
+    if (r == 0)
+        t->weight_bytes += (size_t)total * k * 2;
+    return r;
+}
+
+static int upload_vec_file(const struct ds_st *st, const char *name, int64_t n, float **dst)
+{
+    float *h = NULL;
+    int r = ds_load_vec(st, name, n, &h);
+    if (r == 0)
+        r = upload_f32(dst, h, (size_t)n, name);
+    free(h);
+    return r;
+}
+
+/* The layers of a model loaded with skip_layers, read from its checkpoint. */
+static int load_layers(struct ds_cuda_target *t, const struct ds_model *m)
+{
+    const struct ds_qwen3_config *c = &m->cfg;
+    struct ds_st *st = NULL;
+    int r = ds_st_open_dir(m->dir, &st);
+    int64_t H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim;
+    int64_t q_rows = (int64_t)c->num_attention_heads * hd, kv_rows = (int64_t)c->num_key_value_heads * hd;
+    for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
+        struct cu_layer *dl = &t->layers[li];
+        char n[4][160];
+#define NAME(buf, suffix) snprintf(buf, sizeof buf, "model.layers.%d.%s", li, suffix)
+        NAME(n[0], "input_layernorm.weight");
+        NAME(n[1], "post_attention_layernorm.weight");
+        NAME(n[2], "self_attn.q_norm.weight");
+        NAME(n[3], "self_attn.k_norm.weight");
+        if ((r = upload_vec_file(st, n[0], H, &dl->attn_norm)) < 0 ||
+            (r = upload_vec_file(st, n[1], H, &dl->ffn_norm)) < 0 ||
+            (r = upload_vec_file(st, n[2], hd, &dl->q_norm)) < 0 ||
+            (r = upload_vec_file(st, n[3], hd, &dl->k_norm)) < 0)
+            break;
+        NAME(n[0], "self_attn.q_proj.weight");
+        NAME(n[1], "self_attn.k_proj.weight");
+        NAME(n[2], "self_attn.v_proj.weight");
+        const char *qkv[3] = {n[0], n[1], n[2]};
+        int64_t qkv_rows[3] = {q_rows, kv_rows, kv_rows};
+        if ((r = load_stacked(t, st, qkv, qkv_rows, 3, H, &dl->qkv)) < 0)
+            break;
+        if (c->attention_bias) {
+            float *b[3] = {NULL, NULL, NULL};
+            NAME(n[0], "self_attn.q_proj.bias");
+            NAME(n[1], "self_attn.k_proj.bias");
+            NAME(n[2], "self_attn.v_proj.bias");
+            for (int j = 0; j < 3 && r == 0; j++)
+                r = ds_load_vec(st, n[j], qkv_rows[j], &b[j]);
+            if (r == 0) {
+                float *all = ds_xmalloc((size_t)(q_rows + 2 * kv_rows) * sizeof(float));
+                memcpy(all, b[0], (size_t)q_rows * sizeof(float));
+                memcpy(all + q_rows, b[1], (size_t)kv_rows * sizeof(float));
+                memcpy(all + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
+                r = upload_f32(&dl->qkv_bias, all, (size_t)(q_rows + 2 * kv_rows), "biases");
+                free(all);
+            }
+            for (int j = 0; j < 3; j++)
+                free(b[j]);
+            NAME(n[0], "self_attn.o_proj.bias");
+            if (r == 0)
+                r = upload_vec_file(st, n[0], H, &dl->o_bias);
+            if (r < 0)
+                break;
+        }
+        NAME(n[0], "self_attn.o_proj.weight");
+        const char *o[1] = {n[0]};
+        if ((r = load_stacked(t, st, o, &H, 1, q_rows, &dl->o)) < 0)
+            break;
+        NAME(n[0], "mlp.gate_proj.weight");
+        NAME(n[1], "mlp.up_proj.weight");
+        const char *gu[2] = {n[0], n[1]};
+        int64_t gu_rows[2] = {I, I};
+        if ((r = load_stacked(t, st, gu, gu_rows, 2, H, &dl->gate_up)) < 0)
+            break;
+        NAME(n[0], "mlp.down_proj.weight");
+        const char *down[1] = {n[0]};
+        if ((r = load_stacked(t, st, down, &H, 1, I, &dl->down)) < 0)
+            break;
+#undef NAME
+    }
+    ds_st_free(st);
+    return r < 0 ? ds_prefixerr(r, "model '%s'", m->dir) : 0;
 }
 
 int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, struct ds_cuda_target **ret)
@@ -352,7 +615,9 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
             t->weight_bytes += n * 2;
         }
     }
-    for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
+    if (r == 0 && !m->layers)
+        r = load_layers(t, m);
+    for (int li = 0; li < c->num_hidden_layers && r == 0 && m->layers; li++) {
         const struct ds_layer *hl = &m->layers[li];
         struct cu_layer *dl = &t->layers[li];
         if ((r = upload_f32(&dl->attn_norm, hl->attn_norm, H, "norm weights")) < 0 ||

@@ -161,10 +161,12 @@ int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_m
     int64_t embed_shape[2] = {V, H};
     if ((r = ds_load_f32(st, "model.embed_tokens.weight", 2, embed_shape, &m->embed)) < 0)
         goto fail;
-    m->layers = ds_xcalloc((size_t)c->num_hidden_layers, sizeof *m->layers);
-    for (int i = 0; i < c->num_hidden_layers; i++)
-        if ((r = load_layer(st, c, i, &m->layers[i])) < 0)
-            goto fail;
+    if (!opts || !opts->skip_layers) {
+        m->layers = ds_xcalloc((size_t)c->num_hidden_layers, sizeof *m->layers);
+        for (int i = 0; i < c->num_hidden_layers; i++)
+            if ((r = load_layer(st, c, i, &m->layers[i])) < 0)
+                goto fail;
+    }
     if ((r = ds_load_vec(st, "model.norm.weight", H, &m->final_norm)) < 0)
         goto fail;
     if (c->tie_word_embeddings) {

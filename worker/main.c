@@ -636,7 +636,8 @@ int main(int argc, char **argv)
     double t0 = wnow();
     struct ds_model *model = NULL;
     struct ds_draft *draft = NULL;
-    struct ds_model_opts mopts = {.load_tokenizer = true};
+    /* the GPU reads the layers from the checkpoint itself: the host keeps only what the draft shares */
+    struct ds_model_opts mopts = {.load_tokenizer = true, .skip_layers = backend == DS_BACKEND_CUDA};
     if (ds_model_load(o->target_dir, &mopts, &model) < 0)
         die_config("could not load the target model: %s", ds_errdetail());
     if (o->draft_dir && ds_draft_load(o->draft_dir, model, &draft) < 0)

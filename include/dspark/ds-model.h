@@ -82,7 +82,7 @@ struct ds_model {
     char dir[4096];
     char checksum[17];           /* hex of a 64-bit hash over the weight files' headers and sizes */
     float *embed;                /* [V, H] token embeddings */
-    struct ds_layer *layers;     /* [L] */
+    struct ds_layer *layers;     /* [L], NULL when loaded with skip_layers */
     float *final_norm;           /* [H] */
     struct ds_mat lm_head;       /* [V, H] (the embedding when tied) */
     float *inv_freq;             /* [hd / 2] RoPE inverse frequencies */
@@ -91,6 +91,8 @@ struct ds_model {
 
 struct ds_model_opts {
     bool load_tokenizer;         /* load DIR/tokenizer.json when present */
+    bool skip_layers;            /* leave the transformer layers in the files (layers stays NULL): the
+                                  * CUDA backend reads them from there; ds_model_forward refuses */
 };
 
 int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_model **ret) DS_MUSTCHECK;

@@ -306,6 +306,43 @@ static void test_bad_requests(void **state)
     free_fixture(&f);
 }
 
+/* skip_layers: the shared parts stay (embedding, final norm, head, checksum),
+ * the layers do not, and the CPU forward refuses such a model. */
+static void test_skip_layers(void **state)
+{
+    struct fixture f;
+    load_fixture("tiny-untied-gqa2-hd", &f);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/tiny-untied-gqa2-hd", ds_test_path("tests/data/models"));
+    struct ds_model *lean;
+    struct ds_model_opts o = {.skip_layers = true};
+    assert_int_equal(ds_model_load(dir, &o, &lean), 0);
+    assert_null(lean->layers);
+    assert_non_null(lean->embed);
+    assert_non_null(lean->final_norm);
+    assert_int_equal(lean->lm_head.n, f.m->lm_head.n);
+    assert_string_equal(lean->checksum, f.m->checksum);
+    size_t n = (size_t)f.m->cfg.vocab_size * f.m->cfg.hidden_size;
+    assert_memory_equal(lean->embed, f.m->embed, n * sizeof(float));
+    struct ds_forward_ctx *ctx;
+    struct ds_kv_pool kv;
+    assert_int_equal(ds_forward_ctx_new(lean, *state, &ctx), 0);
+    const struct ds_qwen3_config *c = &lean->cfg;
+    assert_int_equal(ds_kv_pool_init(&kv, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 16, 4), 0);
+    struct ds_kv_seq seq = {0};
+    struct ds_kv_seq *kvp[1] = {&seq};
+    assert_int_equal(ds_kv_reserve(&kv, &seq, 1), 0);
+    int32_t tok = 1, pos = 0, sq = 0;
+    struct ds_batch b = {.n_tokens = 1, .tokens = &tok, .pos = &pos, .seq = &sq, .kv = kvp};
+    assert_int_equal(ds_model_forward(lean, ctx, &kv, &b), -DS_EINVAL);
+    assert_non_null(strstr(ds_errdetail(), "without its layers"));
+    ds_kv_release(&kv, &seq);
+    ds_kv_pool_done(&kv);
+    ds_forward_ctx_free(ctx);
+    ds_model_free(lean);
+    free_fixture(&f);
+}
+
 static int setup(void **state)
 {
     struct ds_pool *pool;
@@ -329,6 +366,7 @@ int main(void)
         cmocka_unit_test(test_ragged_batch),
         cmocka_unit_test(test_greedy_generation),
         cmocka_unit_test(test_bad_requests),
+        cmocka_unit_test(test_skip_layers),
     };
     return cmocka_run_group_tests_name("qwen3", tests, setup, teardown);
 }

@@ -3,6 +3,8 @@
  *  1. The target forward on the GPU against the CPU backend, for the bundled
  *     model and three test models (tied/untied, GQA 1/2/4, head_dim 16, 24, 32,
  *     sharded): logits and captured layers within bf16 tolerance.
+ *     A model loaded without its layers, which the GPU then reads from the
+ *     checkpoint itself, gives the same logits bits as one uploaded from the host.
  *  2. Batch invariance of the whole forward: a sequence's logits are the same
  *     bits alone and inside a ragged batch with other sequences.
  *  3. Greedy speculative output equals greedy target-only output token for
@@ -227,6 +229,84 @@ static void check_forward(const char *rel, double bound)
     ds_model_free(m);
 }
 
+/* Part 1b: a model loaded without its layers (the GPU reads them from the
+ * checkpoint) gives the same logits bits as one uploaded from the host. */
+static void check_direct_load(const char *rel)
+{
+    struct ds_model *full = NULL, *lean = NULL;
+    struct ds_model_opts mo_full = {0}, mo_lean = {.skip_layers = true};
+    if (ds_model_load(src_path(rel), &mo_full, &full) < 0 || ds_model_load(src_path(rel), &mo_lean, &lean) < 0) {
+        tap(false, "%s: load: %s", rel, ds_errdetail());
+        return;
+    }
+    const struct ds_qwen3_config *c = &full->cfg;
+    int V = c->vocab_size;
+    struct ds_cuda_target *ta = NULL, *tb = NULL;
+    struct ds_cuda_opts co = {0};
+    struct ds_kv_pool pool_a, pool_b;
+    if (ds_cuda_target_new(full, &co, &ta) < 0 || ds_cuda_target_new(lean, &co, &tb) < 0 ||
+        ds_cuda_kv_alloc(ta, 64, 8, 32) < 0 || ds_cuda_kv_alloc(tb, 64, 8, 32) < 0 ||
+        ds_kv_pool_init_pages(&pool_a, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0 ||
+        ds_kv_pool_init_pages(&pool_b, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0) {
+        tap(false, "%s: direct load: %s", rel, ds_errdetail());
+        return;
+    }
+    int32_t ids[2][128];
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; i < 128; i++)
+            ids[s][i] = (int32_t)(rnd() % (uint32_t)V);
+    int lens[2] = {9, 21};
+    struct pass pa, pb;
+    uint64_t saved = rng;
+    if (make_pass(&pool_a, &pa, lens, 2, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    rng = saved;
+    if (make_pass(&pool_b, &pb, lens, 2, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    int n = pa.n;
+    float *la = malloc((size_t)n * V * 4), *lb = malloc((size_t)n * V * 4);
+    struct ds_batch ba = {.n_tokens = n, .tokens = pa.tokens, .pos = pa.pos, .seq = pa.seq, .kv = pa.kvp,
+                          .n_logits = n, .logit_rows = pa.rows, .logits = la};
+    struct ds_batch bb = ba;
+    bb.kv = pb.kvp;
+    bb.logits = lb;
+    if (ds_cuda_forward(ta, &pool_a, &ba) < 0 || ds_cuda_forward(tb, &pool_b, &bb) < 0) {
+        tap(false, "%s: direct load forward: %s", rel, ds_errdetail());
+    } else {
+        bool same = !memcmp(la, lb, (size_t)n * V * 4);
+        tap(same && ds_cuda_weight_bytes(ta) == ds_cuda_weight_bytes(tb),
+            "%s: layers read from the checkpoint on the GPU give the same logits bits as the host upload", rel);
+    }
+    /* and the CPU refuses a model without layers */
+    struct ds_pool *threads = NULL;
+    struct ds_forward_ctx *ctx = NULL;
+    struct ds_kv_pool cpu_pool;
+    if (ds_pool_new(1, &threads) < 0 || ds_forward_ctx_new(lean, threads, &ctx) < 0 ||
+        ds_kv_pool_init(&cpu_pool, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0)
+        abort();
+    struct pass pc;
+    rng = saved;
+    if (make_pass(&cpu_pool, &pc, lens, 2, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    struct ds_batch bcpu = {.n_tokens = pc.n, .tokens = pc.tokens, .pos = pc.pos, .seq = pc.seq, .kv = pc.kvp,
+                            .n_logits = pc.n, .logit_rows = pc.rows, .logits = la};
+    tap(ds_model_forward(lean, ctx, &cpu_pool, &bcpu) == -DS_EINVAL && strstr(ds_errdetail(), "without its layers"),
+        "%s: the CPU forward refuses a model loaded without its layers", rel);
+    release_pass(&cpu_pool, &pc, 2);
+    ds_kv_pool_done(&cpu_pool);
+    ds_forward_ctx_free(ctx);
+    ds_pool_free(threads);
+    release_pass(&pool_a, &pa, 2);
+    release_pass(&pool_b, &pb, 2);
+    free(la), free(lb);
+    ds_kv_pool_done(&pool_a);
+    ds_kv_pool_done(&pool_b);
+    ds_cuda_target_free(ta);
+    ds_cuda_target_free(tb);
+    ds_model_free(full);
+    ds_model_free(lean);
+}
+
 /* Part 3: run n_prompts prompts at the given concurrency and mode; outputs go to out[i]. */
 static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, int conc, int n_prompts,
                       int32_t (*prompts)[64], const int *plen, int max_tokens, int32_t (*out)[64], int *out_n,
@@ -345,6 +425,8 @@ int main(void)
     check_forward("tests/data/models/tiny-tied-gqa4", 3e-2);
     check_forward("tests/data/models/tiny-untied-gqa2-hd", 3e-2);
     check_forward("tests/data/models/tiny-mha", 3e-2);
+    check_direct_load("models/dspark-tiny-target");
+    check_direct_load("tests/data/models/tiny-untied-gqa2-hd");
     check_lossless(quick);
     printf("1..%d\n", n_test);
     return n_failed ? 1 : 0;
