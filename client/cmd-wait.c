@@ -6,9 +6,13 @@
  * shows a progress bar on a terminal (done/total, failures, tokens/s) and
  * exits 0 when every job succeeded, 3 when some failed or were cancelled, 4
  * on --timeout. watch prints one line (or JSON object) per state change,
- * re-reading just the hinted rows, and everything at each poll interval. */
+ * re-reading just the hinted rows, and everything at each poll interval.
+ * keygen prints a CURVE key pair for a client of events published to other
+ * hosts. */
 #include "config.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
@@ -38,6 +42,12 @@ static void wait_usage(FILE *f, bool watch)
             "  -i, --interval SECS   re-read everything at least this often (default 1)\n"
             "  -e, --events ENDPOINT dsparkd's ZeroMQ events (default: $DSPARK_EVENTS, else\n"
             "                        " DS_EVENTS_DEFAULT_ENDPOINT " when that socket exists)\n"
+            "      --events-server-key FILE\n"
+            "                        dsparkd's CURVE public key, for events over tcp: a\n"
+            "                        file as 'dsparkd --curve-keypair' writes it, or the key\n"
+            "                        (default: $DSPARK_EVENTS_SERVER_KEY)\n"
+            "      --events-key FILE this client's CURVE key pair, as 'dsparkctl keygen'\n"
+            "                        writes it (default: $DSPARK_EVENTS_KEY)\n"
             "      --no-events       do not use ZeroMQ events\n"
             "      --poll            use neither ZeroMQ nor LISTEN: only poll\n"
             "  -v, --verbose         say where the hints come from\n"
@@ -254,7 +264,7 @@ static void draw_bar(const struct progress *p, double rate, double elapsed)
 int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
 {
     bool watch = strcmp(argv[0], "watch") == 0;
-    enum { O_POLL = 256, O_NOPROGRESS, O_NOEVENTS };
+    enum { O_POLL = 256, O_NOPROGRESS, O_NOEVENTS, O_SERVERKEY, O_CLIENTKEY };
     static const struct option opts[] = {
         CTL_COMMON_LONGOPTS,
         { "batch", required_argument, NULL, 'b' },
@@ -263,6 +273,8 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         { "poll", no_argument, NULL, O_POLL },
         { "events", required_argument, NULL, 'e' },
         { "no-events", no_argument, NULL, O_NOEVENTS },
+        { "events-server-key", required_argument, NULL, O_SERVERKEY },
+        { "events-key", required_argument, NULL, O_CLIENTKEY },
         { "verbose", no_argument, NULL, 'v' },
         { "no-progress", no_argument, NULL, O_NOPROGRESS },
         { NULL, 0, NULL, 0 },
@@ -276,6 +288,9 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
     const char *endpoint = getenv("DSPARK_EVENTS");
     if (endpoint && !*endpoint)
         endpoint = NULL;
+    const char *server_key = getenv("DSPARK_EVENTS_SERVER_KEY");
+    const char *client_key = getenv("DSPARK_EVENTS_KEY");
+    bool server_key_opt = false, client_key_opt = false;
     int64_t bid;
     int opt;
     while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "b:t:i:e:v", opts, NULL)) != -1) {
@@ -305,6 +320,14 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         case O_POLL: poll_only = true; break;
         case 'e': endpoint = optarg; break;
         case O_NOEVENTS: no_events = true; break;
+        case O_SERVERKEY:
+            server_key = optarg;
+            server_key_opt = true;
+            break;
+        case O_CLIENTKEY:
+            client_key = optarg;
+            client_key_opt = true;
+            break;
         case 'v': verbose = true; break;
         case O_NOPROGRESS: no_progress = true; break;
         default:
@@ -312,6 +335,23 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
             return CTL_EXIT_USAGE;
         }
     }
+    if (server_key && !*server_key)
+        server_key = NULL;
+    if (client_key && !*client_key)
+        client_key = NULL;
+    bool use_zmq = !poll_only && !no_events;
+    /* the keys matter only for ZeroMQ events; a client key from the
+     * environment alone is ignored (local events need no CURVE) */
+    if (use_zmq && server_key && !client_key)
+        return ctl_usage_error(cmdsp,
+                               "%s needs this client's CURVE key pair: give --events-key FILE"
+                               " or set DSPARK_EVENTS_KEY",
+                               server_key_opt ? "--events-server-key"
+                                              : "$DSPARK_EVENTS_SERVER_KEY");
+    if (use_zmq && client_key_opt && !server_key)
+        return ctl_usage_error(cmdsp,
+                               "--events-key needs dsparkd's public key: give"
+                               " --events-server-key FILE or set DSPARK_EVENTS_SERVER_KEY");
     int64_t *ids = NULL;
     size_t nids = 0;
     if (ctl_parse_ids(cmd, argc, argv, optind, &ids, &nids) < 0)
@@ -325,6 +365,12 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         w.nids = nids;
     }
     free(ids);
+    struct ds_events_sub_opts so = { .endpoint = endpoint };
+    struct ctl_curve_keys keys;
+    if (use_zmq && server_key && ctl_events_read_keys(server_key, client_key, &keys, &so) < 0) {
+        free(w.ids);
+        return ctl_fail(NULL);
+    }
     int rc = ctl_connect(c, true);
     if (rc) {
         free(w.ids);
@@ -333,20 +379,27 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
 
     /* the event source opens before the first read of the rows */
     struct ctl_events *ev = NULL;
-    if (!poll_only && !no_events) {
+    if (use_zmq) {
         /* the default endpoint only when its socket is there (no dsparkd on
          * this host: no wait for an answer) */
         const char *def = DS_EVENTS_DEFAULT_ENDPOINT;
         const char *ep = endpoint;
         if (!ep && strncmp(def, "ipc://", 6) == 0 && access(def + 6, F_OK) == 0)
             ep = def;
-        if (ep && ctl_events_zmq(ep, w.batch ? strtoll(w.batch, NULL, 10) : 0, 1000, &ev) < 0) {
-            if (endpoint && !c->quiet)
+        so.endpoint = ep;
+        if (!ep && server_key && verbose)
+            fprintf(stderr, "dsparkctl: no ZeroMQ events (no endpoint: give --events or set"
+                            " DSPARK_EVENTS)\n");
+        if (ep && ctl_events_zmq(&so, w.batch ? strtoll(w.batch, NULL, 10) : 0, 1000, &ev) < 0) {
+            if ((endpoint || server_key) && !c->quiet)
                 ctl_warn("no ZeroMQ events (%s), using the database", ds_errdetail());
+            else if (verbose)
+                fprintf(stderr, "dsparkctl: no ZeroMQ events (%s)\n", ds_errdetail());
             ev = NULL;
         }
         if (ev && verbose)
-            fprintf(stderr, "dsparkctl: hints from ZeroMQ events at %s\n", ep);
+            fprintf(stderr, "dsparkctl: hints from ZeroMQ events at %s%s\n", ep,
+                    so.curve_server_key ? " (CURVE)" : "");
     }
     if (!ev && !poll_only) {
         if (ctl_events_listen(c->db, &ev) < 0) {
@@ -481,4 +534,59 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
     free(w.seen.ids);
     free(w.seen.states);
     return rc;
+}
+
+int ctl_cmd_keygen(struct ctl *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        CTL_COMMON_LONGOPTS,
+        { "output", required_argument, NULL, 'o' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *out = NULL;
+    int opt;
+    while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "o:", opts, NULL)) != -1) {
+        if (ctl_common_opt(c, opt, optarg))
+            continue;
+        switch (opt) {
+        case 'h':
+            printf("usage: dsparkctl keygen [-o FILE]\n"
+                   "\n"
+                   "Print a new CURVE key pair for wait/watch --events-key; add its public key\n"
+                   "to dsparkd's events.curve_allow_file.\n"
+                   "\n"
+                   "  -o, --output FILE     write it to a new FILE (mode 0600) instead\n");
+            return CTL_EXIT_OK;
+        case 'o': out = optarg; break;
+        default:
+            fprintf(stderr, "usage: dsparkctl keygen [-o FILE]\n");
+            return CTL_EXIT_USAGE;
+        }
+    }
+    if (optind < argc)
+        return ctl_usage_error("keygen ", "unexpected argument '%s'", argv[optind]);
+    char pub[DS_EVENTS_KEY_Z85_LEN + 1], sec[DS_EVENTS_KEY_Z85_LEN + 1];
+    if (ds_events_curve_keypair(pub, sec) < 0)
+        return ctl_fail(NULL);
+    FILE *f = stdout;
+    if (out) {
+        int fd = open(out, O_WRONLY | O_CREAT | O_EXCL, 0600);
+        if (fd < 0 || !(f = fdopen(fd, "w"))) {
+            ctl_error("could not create '%s': %s", out, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return CTL_EXIT_ERROR;
+        }
+    }
+    fprintf(f,
+            "# public key: add it to dsparkd's events.curve_allow_file\n"
+            "public-key = \"%s\"\n"
+            "# secret key: keep this file private (dsparkctl wait --events-key FILE)\n"
+            "secret-key = \"%s\"\n",
+            pub, sec);
+    if (out && fclose(f) != 0) {
+        ctl_error("could not write '%s': %s", out, strerror(errno));
+        return CTL_EXIT_ERROR;
+    }
+    return CTL_EXIT_OK;
 }

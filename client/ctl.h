@@ -89,5 +89,6 @@ int ctl_cmd_cancel(struct ctl *c, int argc, char **argv);
 int ctl_cmd_results(struct ctl *c, int argc, char **argv);
 int ctl_cmd_stats(struct ctl *c, int argc, char **argv);
 int ctl_cmd_workers(struct ctl *c, int argc, char **argv);
+int ctl_cmd_keygen(struct ctl *c, int argc, char **argv); /* in cmd-wait.c */
 
 #endif

@@ -2,8 +2,12 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "dspark/ds-events.h"
 #include "dspark/ds-wire.h"
@@ -125,10 +129,13 @@ static void zmq_free(struct ctl_events *ev)
     free(s);
 }
 
-int ctl_events_zmq(const char *endpoint, int64_t batch_id, int sync_ms, struct ctl_events **ret)
+int ctl_events_zmq(const struct ds_events_sub_opts *o, int64_t batch_id, int sync_ms,
+                   struct ctl_events **ret)
 {
+    const char *ep = o->endpoint && *o->endpoint ? o->endpoint : DS_EVENTS_DEFAULT_ENDPOINT;
+    bool curve = o->curve_server_key && *o->curve_server_key;
     struct ds_events_sub *sub;
-    int r = ds_events_sub_open(endpoint, &sub);
+    int r = ds_events_sub_open_opts(o, &sub);
     if (r < 0)
         return r;
     char topic[DS_WIRE_TOPIC_MAX];
@@ -140,8 +147,14 @@ int ctl_events_zmq(const char *endpoint, int64_t batch_id, int sync_ms, struct c
         r = ds_events_sub_topic(sub, topic);
     if (r == 0) {
         r = ds_events_sub_sync(sub, sync_ms);
-        if (r == 0)
-            r = ds_seterr(DS_EIO, "no event publisher answered at '%s' within %d ms", endpoint,
+        /* a CURVE handshake that fails looks the same: nothing answers */
+        if (r == 0 && curve)
+            r = ds_seterr(DS_EIO,
+                          "no event publisher answered at '%s' within %d ms; with CURVE, check"
+                          " that the server key is dsparkd's and that this client's public key"
+                          " is on its allow-list", ep, sync_ms);
+        else if (r == 0)
+            r = ds_seterr(DS_EIO, "no event publisher answered at '%s' within %d ms", ep,
                           sync_ms);
     }
     if (r < 0) {
@@ -154,6 +167,43 @@ int ctl_events_zmq(const char *endpoint, int64_t batch_id, int sync_ms, struct c
     s->base.free = zmq_free;
     s->sub = sub;
     *ret = &s->base;
+    return 0;
+}
+
+/* A 40-character string of the Z85 alphabet (dsparkd checks the rest). */
+static bool looks_z85(const char *s)
+{
+    static const char alphabet[] =
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
+    if (strlen(s) != DS_EVENTS_KEY_Z85_LEN)
+        return false;
+    for (; *s; s++)
+        if (!strchr(alphabet, *s))
+            return false;
+    return true;
+}
+
+int ctl_events_read_keys(const char *server_file, const char *client_file,
+                         struct ctl_curve_keys *keys, struct ds_events_sub_opts *o)
+{
+    struct ctl_curve_keys k;
+    int r;
+    if (access(server_file, F_OK) != 0 && errno == ENOENT && looks_z85(server_file))
+        memcpy(k.server, server_file, sizeof k.server);
+    else if ((r = ds_events_read_key_file(server_file, "public-key", k.server)) < 0)
+        return r;
+    if ((r = ds_events_read_key_file(client_file, "public-key", k.pub)) < 0 ||
+        (r = ds_events_read_key_file(client_file, "secret-key", k.sec)) < 0)
+        return r;
+    /* a file of one bare key answers both names with it: that is no key pair */
+    if (strcmp(k.pub, k.sec) == 0)
+        return ds_seterr(DS_ECONFIG,
+                         "key file '%s' holds no key pair: it needs a 'public-key' and a"
+                         " 'secret-key' line, as 'dsparkctl keygen' prints them", client_file);
+    *keys = k;
+    o->curve_server_key = keys->server;
+    o->curve_public_key = keys->pub;
+    o->curve_secret_key = keys->sec;
     return 0;
 }
 

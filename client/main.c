@@ -26,6 +26,7 @@ static const struct {
     { "results", ctl_cmd_results, "print results in the OpenAI Batch output format" },
     { "stats", ctl_cmd_stats, "acceptance, latency and throughput statistics" },
     { "workers", ctl_cmd_workers, "list the GPU workers" },
+    { "keygen", ctl_cmd_keygen, "make a CURVE key pair for remote events" },
 };
 
 static void usage(FILE *f)
