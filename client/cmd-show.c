@@ -282,16 +282,16 @@ int ctl_cmd_list(struct ctl *c, int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     const char *batch = NULL, *model = NULL;
-    struct ctl_buf states = { 0 };
+    struct ds_buf states = { 0 };
     bool batches = false;
     int64_t limit = 100, v;
     int opt, rc;
-    ctl_buf_puts(&states, "{");
+    ds_buf_puts(&states, "{");
     while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "b:s:m:n:", opts, NULL)) != -1) {
         switch (opt) {
         case 'b':
             if (ctl_parse_int64("list", "--batch", optarg, 1, INT64_MAX, &v)) {
-                ctl_buf_free(&states);
+                ds_buf_free(&states);
                 return CTL_EXIT_USAGE;
             }
             batch = optarg;
@@ -302,12 +302,12 @@ int ctl_cmd_list(struct ctl *c, int argc, char **argv)
                 if (strcmp(tok, "queued") && strcmp(tok, "running") && strcmp(tok, "succeeded") &&
                     strcmp(tok, "failed") && strcmp(tok, "cancelled")) {
                     free(s);
-                    ctl_buf_free(&states);
+                    ds_buf_free(&states);
                     return ctl_usage_error("list ", "unknown state '%s'", tok);
                 }
                 if (states.len > 1)
-                    ctl_buf_puts(&states, ",");
-                ctl_buf_puts(&states, tok);
+                    ds_buf_puts(&states, ",");
+                ds_buf_puts(&states, tok);
             }
             free(s);
             continue;
@@ -317,7 +317,7 @@ int ctl_cmd_list(struct ctl *c, int argc, char **argv)
             continue;
         case 'n':
             if (ctl_parse_int64("list", "--limit", optarg, 0, INT64_MAX, &limit)) {
-                ctl_buf_free(&states);
+                ds_buf_free(&states);
                 return CTL_EXIT_USAGE;
             }
             continue;
@@ -326,17 +326,17 @@ int ctl_cmd_list(struct ctl *c, int argc, char **argv)
             continue;
         }
         if ((rc = show_opt(c, opt, list_usage)) >= 0) {
-            ctl_buf_free(&states);
+            ds_buf_free(&states);
             return rc;
         }
     }
-    ctl_buf_puts(&states, "}");
+    ds_buf_puts(&states, "}");
     if (optind < argc) {
-        ctl_buf_free(&states);
+        ds_buf_free(&states);
         return ctl_usage_error("list ", "unexpected argument '%s'", argv[optind]);
     }
     if ((rc = ctl_connect(c, true))) {
-        ctl_buf_free(&states);
+        ds_buf_free(&states);
         return rc;
     }
     char lim[32];
@@ -353,16 +353,16 @@ int ctl_cmd_list(struct ctl *c, int argc, char **argv)
                            " ORDER BY b.batch_id DESC LIMIT $2::bigint",
                            2, bparams, &rows);
     } else {
-        struct ctl_buf sql = { 0 };
-        ctl_buf_puts(&sql, job_fields_sql);
-        ctl_buf_puts(&sql, "WHERE ($1::bigint IS NULL OR j.batch_id = $1::bigint)"
+        struct ds_buf sql = { 0 };
+        ds_buf_puts(&sql, job_fields_sql);
+        ds_buf_puts(&sql, "WHERE ($1::bigint IS NULL OR j.batch_id = $1::bigint)"
                            " AND ($2::text[] IS NULL OR j.state = ANY ($2::text[]))"
                            " AND ($3::text IS NULL OR j.model = $3::text)"
                            " ORDER BY j.id DESC LIMIT $4::bigint");
         r = ctl_query_json(c, sql.data, 4, params, &rows);
-        ctl_buf_free(&sql);
+        ds_buf_free(&sql);
     }
-    ctl_buf_free(&states);
+    ds_buf_free(&states);
     if (r < 0)
         return ctl_fail(NULL);
     if (c->json)
@@ -527,7 +527,7 @@ int ctl_cmd_stats(struct ctl *c, int argc, char **argv)
 
     const char *gb = by_batch ? "j.batch_id" : "NULL::bigint";
     const char *gm = by_model ? "j.model" : "NULL::text";
-    struct ctl_buf sql = { 0 };
+    struct ds_buf sql = { 0 };
     char head[1024];
     snprintf(head, sizeof head,
              "WITH s AS ("
@@ -539,8 +539,8 @@ int ctl_cmd_stats(struct ctl *c, int argc, char **argv)
              "  AND ($2::text IS NULL OR j.model = $2::text)"
              "  AND ($3::interval IS NULL OR j.finished_at >= now() - $3::interval)), ",
              gb, gm);
-    ctl_buf_puts(&sql, head);
-    ctl_buf_puts(
+    ds_buf_puts(&sql, head);
+    ds_buf_puts(
         &sql,
         "pos AS ("
         " SELECT g_batch, g_model, u.k, sum(u.a) AS acc, sum(u.v) AS ver"
@@ -591,7 +591,7 @@ int ctl_cmd_stats(struct ctl *c, int argc, char **argv)
     const char *params[] = { batch, model, since };
     json_t *rows;
     int r = ctl_query_json(c, sql.data, 3, params, &rows);
-    ctl_buf_free(&sql);
+    ds_buf_free(&sql);
     if (r < 0)
         return ctl_fail(NULL);
     if (c->json) {

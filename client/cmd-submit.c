@@ -130,18 +130,18 @@ struct submit_opts {
 
 static char *read_all(FILE *f)
 {
-    struct ctl_buf b = { 0 };
+    struct ds_buf b = { 0 };
     char tmp[65536];
     size_t n;
     while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
-        ctl_buf_put(&b, tmp, n);
+        ds_buf_put(&b, tmp, n);
     if (!b.data)
-        ctl_buf_put(&b, "", 0);
+        ds_buf_put(&b, "", 0);
     return b.data;
 }
 
 /* Send buffered COPY data. */
-static int copy_flush(struct ctl *c, struct ctl_buf *b)
+static int copy_flush(struct ctl *c, struct ds_buf *b)
 {
     if (b->len == 0)
         return 0;
@@ -246,7 +246,7 @@ static int submit_prompt(struct ctl *c, struct submit_opts *o)
         ctl_request_done(&req);
         return rc;
     }
-    struct ctl_buf row = { 0 };
+    struct ds_buf row = { 0 };
     ctl_request_copy_row(&req, 1, &row);
     ctl_request_done(&req);
     int64_t n = 0, first = 0, last = 0;
@@ -261,7 +261,7 @@ static int submit_prompt(struct ctl *c, struct submit_opts *o)
         r = insert_jobs(c, NULL, o, &n, &first, &last);
     if (r == 0)
         r = ds_db_commit(c->db);
-    ctl_buf_free(&row);
+    ds_buf_free(&row);
     if (r < 0) {
         ds_db_rollback(c->db);
         return ctl_fail("could not submit the job");
@@ -332,7 +332,7 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
     }
 
     struct idset ids = { 0 };
-    struct ctl_buf buf = { 0 };
+    struct ds_buf buf = { 0 };
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;
@@ -384,7 +384,7 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
     bool abort_copy = r < 0 || read_error || (nbad && !o->skip_invalid) || nvalid == 0;
     if (r == 0 && !abort_copy)
         r = copy_flush(c, &buf);
-    ctl_buf_free(&buf);
+    ds_buf_free(&buf);
     if (r < 0) {
         ds_db_rollback(c->db);
         return ctl_fail("could not submit the batch");

@@ -172,8 +172,8 @@ static int read_changes(struct waiter *w, const struct hints *h)
 {
     char *hinted = NULL;
     const char *params[2] = { w->batch ? w->batch : w->ids, NULL };
-    struct ctl_buf sql = { 0 };
-    ctl_buf_puts(&sql,
+    struct ds_buf sql = { 0 };
+    ds_buf_puts(&sql,
                  "SELECT json_build_object('id', j.id, 'batch_id', j.batch_id, 'custom_id',"
                  " j.custom_id, 'state', j.state, 'attempt', j.attempt, 'version', j.version,"
                  " 'finish_reason', j.finish_reason, 'error', j.error, 'worker_id', j.worker_id,"
@@ -181,18 +181,18 @@ static int read_changes(struct waiter *w, const struct hints *h)
                  " 'mean_acceptance_length', s.mean_acceptance_length)"
                  " FROM dspark.jobs j LEFT JOIN dspark.job_stats s"
                  " ON s.job_id = j.id AND s.attempt = j.attempt WHERE ");
-    ctl_buf_puts(&sql, w->batch ? "j.batch_id = $1::bigint" : "j.id = ANY ($1::bigint[])");
+    ds_buf_puts(&sql, w->batch ? "j.batch_id = $1::bigint" : "j.id = ANY ($1::bigint[])");
     int np = 1;
     if (h && !h->all) {
         hinted = ds_db_int64_array(h->ids, h->n);
         params[1] = hinted;
         np = 2;
-        ctl_buf_puts(&sql, " AND j.id = ANY ($2::bigint[])");
+        ds_buf_puts(&sql, " AND j.id = ANY ($2::bigint[])");
     }
-    ctl_buf_puts(&sql, " ORDER BY j.id");
+    ds_buf_puts(&sql, " ORDER BY j.id");
     json_t *rows;
     int r = ctl_query_json(w->c, sql.data, np, params, &rows);
-    ctl_buf_free(&sql);
+    ds_buf_free(&sql);
     free(hinted);
     if (r < 0)
         return r;

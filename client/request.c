@@ -442,7 +442,7 @@ static int parse_turns(json_t *root, long lineno, const struct ctl_params *d,
 
 struct scan {
     const char *p, *end;
-    struct ctl_buf str;   /* the last string, decoded */
+    struct ds_buf str;   /* the last string, decoded */
 };
 
 static void scan_ws(struct scan *s)
@@ -508,7 +508,7 @@ static size_t utf8_len(const unsigned char *p, const unsigned char *end)
     return n;
 }
 
-static void put_utf8(struct ctl_buf *b, unsigned v)
+static void put_utf8(struct ds_buf *b, unsigned v)
 {
     char u[4];
     size_t n;
@@ -522,7 +522,7 @@ static void put_utf8(struct ctl_buf *b, unsigned v)
     else
         u[0] = (char)(0xF0 | v >> 18), u[1] = (char)(0x80 | ((v >> 12) & 0x3F)),
         u[2] = (char)(0x80 | ((v >> 6) & 0x3F)), u[3] = (char)(0x80 | (v & 0x3F)), n = 4;
-    ctl_buf_put(b, u, n);
+    ds_buf_put(b, u, n);
 }
 
 /* A string into s->str (decoded, NUL-terminated, no NUL inside). */
@@ -533,13 +533,13 @@ static bool scan_string(struct scan *s)
         return false;
     s->p++;
     s->str.len = 0;
-    ctl_buf_put(&s->str, "", 0);
+    ds_buf_put(&s->str, "", 0);
     for (;;) {
         const char *run = s->p;
         while (s->p < s->end && (unsigned char)*s->p >= 0x20 && (unsigned char)*s->p < 0x80 &&
                *s->p != '"' && *s->p != '\\')
             s->p++;
-        ctl_buf_put(&s->str, run, (size_t)(s->p - run));
+        ds_buf_put(&s->str, run, (size_t)(s->p - run));
         if (s->p >= s->end)
             return false;
         unsigned char c = (unsigned char)*s->p;
@@ -553,7 +553,7 @@ static bool scan_string(struct scan *s)
             size_t n = utf8_len((const unsigned char *)s->p, (const unsigned char *)s->end);
             if (!n)
                 return false;
-            ctl_buf_put(&s->str, s->p, n);
+            ds_buf_put(&s->str, s->p, n);
             s->p += n;
             continue;
         }
@@ -575,7 +575,7 @@ static bool scan_string(struct scan *s)
         default: return false;
         }
         if (plain) {
-            ctl_buf_put(&s->str, plain, 1);
+            ds_buf_put(&s->str, plain, 1);
             s->p += 2;
             continue;
         }
@@ -666,40 +666,40 @@ static bool scan_real(struct scan *s, double *v)
 }
 
 /* A JSON string value, escaped (the inverse of scan_string). */
-static void json_put_string(struct ctl_buf *b, const char *v)
+static void json_put_string(struct ds_buf *b, const char *v)
 {
-    ctl_buf_puts(b, "\"");
+    ds_buf_puts(b, "\"");
     const char *run = v;
     for (; *v; v++) {
         unsigned char c = (unsigned char)*v;
         if (c >= 0x20 && c != '"' && c != '\\')
             continue;
-        ctl_buf_put(b, run, (size_t)(v - run));
+        ds_buf_put(b, run, (size_t)(v - run));
         char esc[8];
         switch (c) {
-        case '"': ctl_buf_puts(b, "\\\""); break;
-        case '\\': ctl_buf_puts(b, "\\\\"); break;
-        case '\b': ctl_buf_puts(b, "\\b"); break;
-        case '\f': ctl_buf_puts(b, "\\f"); break;
-        case '\n': ctl_buf_puts(b, "\\n"); break;
-        case '\r': ctl_buf_puts(b, "\\r"); break;
-        case '\t': ctl_buf_puts(b, "\\t"); break;
+        case '"': ds_buf_puts(b, "\\\""); break;
+        case '\\': ds_buf_puts(b, "\\\\"); break;
+        case '\b': ds_buf_puts(b, "\\b"); break;
+        case '\f': ds_buf_puts(b, "\\f"); break;
+        case '\n': ds_buf_puts(b, "\\n"); break;
+        case '\r': ds_buf_puts(b, "\\r"); break;
+        case '\t': ds_buf_puts(b, "\\t"); break;
         default:
             snprintf(esc, sizeof esc, "\\u%04X", c);
-            ctl_buf_puts(b, esc);
+            ds_buf_puts(b, esc);
         }
         run = v + 1;
     }
-    ctl_buf_puts(b, run);
-    ctl_buf_puts(b, "\"");
+    ds_buf_puts(b, run);
+    ds_buf_puts(b, "\"");
 }
 
 /* "messages": [{"role": R, "content": C}, ...] as compact JSON in *out. */
-static bool scan_messages(struct scan *s, struct ctl_buf *out)
+static bool scan_messages(struct scan *s, struct ds_buf *out)
 {
     if (!scan_char(s, '['))
         return false;
-    ctl_buf_puts(out, "[");
+    ds_buf_puts(out, "[");
     size_t n = 0;
     if (scan_char(s, ']'))
         return false; /* empty: the general path says so */
@@ -741,11 +741,11 @@ static bool scan_messages(struct scan *s, struct ctl_buf *out)
             memcpy(content, out->data + mark, clen);
             content[clen] = 0;
             out->len = mark;
-            ctl_buf_puts(out, n ? ",{\"role\":" : "{\"role\":");
+            ds_buf_puts(out, n ? ",{\"role\":" : "{\"role\":");
             json_put_string(out, role);
-            ctl_buf_puts(out, ",\"content\":");
-            ctl_buf_put(out, content, clen);
-            ctl_buf_puts(out, "}");
+            ds_buf_puts(out, ",\"content\":");
+            ds_buf_put(out, content, clen);
+            ds_buf_puts(out, "}");
             free(content);
         }
         free(role);
@@ -757,7 +757,7 @@ static bool scan_messages(struct scan *s, struct ctl_buf *out)
     } while (scan_char(s, ','));
     if (!scan_char(s, ']'))
         return false;
-    ctl_buf_puts(out, "]");
+    ds_buf_puts(out, "]");
     return true;
 }
 
@@ -766,7 +766,7 @@ static int parse_line_fast(const char *line, size_t len, const struct ctl_params
                            struct ctl_request *r)
 {
     struct scan s = { .p = line, .end = line + len };
-    struct ctl_buf msgs = { 0 };
+    struct ds_buf msgs = { 0 };
     enum { K_CID = 1, K_METHOD = 2, K_URL = 4, K_BODY = 8 };
     enum { B_MODEL = 1, B_MSGS = 2, B_PROMPT = 4, B_MAXTOK = 8, B_TEMP = 16, B_TOPP = 32,
            B_SEED = 64, B_STOP = 128 };
@@ -892,12 +892,12 @@ static int parse_line_fast(const char *line, size_t len, const struct ctl_params
     }
     if (check_request(r, "", err, sizeof err) < 0)
         goto fail;
-    ctl_buf_free(&msgs);
-    ctl_buf_free(&s.str);
+    ds_buf_free(&msgs);
+    ds_buf_free(&s.str);
     return 1;
 fail:
-    ctl_buf_free(&msgs);
-    ctl_buf_free(&s.str);
+    ds_buf_free(&msgs);
+    ds_buf_free(&s.str);
     ctl_request_done(r);
     return 0;
 }
@@ -955,33 +955,8 @@ int ctl_request_from_prompt(const char *prompt, bool chat, const char *system,
     return 0;
 }
 
-void ctl_buf_put(struct ctl_buf *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        b->data = ds_xrealloc(b->data, cap);
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    b->data[b->len] = 0;
-}
-
-void ctl_buf_puts(struct ctl_buf *b, const char *s)
-{
-    ctl_buf_put(b, s, strlen(s));
-}
-
-void ctl_buf_free(struct ctl_buf *b)
-{
-    free(b->data);
-    memset(b, 0, sizeof *b);
-}
-
 /* COPY text format: backslash, newline, carriage return and tab escaped. */
-static void copy_text(struct ctl_buf *b, const char *s)
+static void copy_text(struct ds_buf *b, const char *s)
 {
     const char *run = s;
     for (; *s; s++) {
@@ -993,20 +968,20 @@ static void copy_text(struct ctl_buf *b, const char *s)
         case '\t': esc = "\\t"; break;
         default: continue;
         }
-        ctl_buf_put(b, run, (size_t)(s - run));
-        ctl_buf_puts(b, esc);
+        ds_buf_put(b, run, (size_t)(s - run));
+        ds_buf_puts(b, esc);
         run = s + 1;
     }
-    ctl_buf_put(b, run, (size_t)(s - run));
+    ds_buf_put(b, run, (size_t)(s - run));
 }
 
-static void copy_field(struct ctl_buf *b, const char *s, bool last)
+static void copy_field(struct ds_buf *b, const char *s, bool last)
 {
     if (s)
         copy_text(b, s);
     else
-        ctl_buf_puts(b, "\\N");
-    ctl_buf_puts(b, last ? "\n" : "\t");
+        ds_buf_puts(b, "\\N");
+    ds_buf_puts(b, last ? "\n" : "\t");
 }
 
 /* Decimal text of v into buf (at least 21 bytes). */
@@ -1037,7 +1012,7 @@ static const char *fmt_real(double v, char *buf, size_t size)
     return buf;
 }
 
-void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf *out)
+void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ds_buf *out)
 {
     char num[64];
     copy_field(out, fmt_int(seq, num), false);
@@ -1046,15 +1021,15 @@ void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf 
     copy_field(out, r->prompt, false);
     copy_field(out, r->messages, false);
     if (r->prompt_ids) {
-        struct ctl_buf a = { 0 };
-        ctl_buf_puts(&a, "{");
+        struct ds_buf a = { 0 };
+        ds_buf_puts(&a, "{");
         for (size_t i = 0; i < r->nprompt_ids; i++) {
             snprintf(num, sizeof num, i ? ",%" PRId64 : "%" PRId64, r->prompt_ids[i]);
-            ctl_buf_puts(&a, num);
+            ds_buf_puts(&a, num);
         }
-        ctl_buf_puts(&a, "}");
+        ds_buf_puts(&a, "}");
         copy_field(out, a.data, false);
-        ctl_buf_free(&a);
+        ds_buf_free(&a);
     } else {
         copy_field(out, NULL, false);
     }
@@ -1069,20 +1044,20 @@ void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf 
     }
     if (r->nstop) {
         /* array literal: every element quoted, with " and \ escaped */
-        struct ctl_buf a = { 0 };
-        ctl_buf_puts(&a, "{");
+        struct ds_buf a = { 0 };
+        ds_buf_puts(&a, "{");
         for (size_t i = 0; i < r->nstop; i++) {
-            ctl_buf_puts(&a, i ? ",\"" : "\"");
+            ds_buf_puts(&a, i ? ",\"" : "\"");
             for (const char *p = r->stop[i]; *p; p++) {
                 if (*p == '"' || *p == '\\')
-                    ctl_buf_puts(&a, "\\");
-                ctl_buf_put(&a, p, 1);
+                    ds_buf_puts(&a, "\\");
+                ds_buf_put(&a, p, 1);
             }
-            ctl_buf_puts(&a, "\"");
+            ds_buf_puts(&a, "\"");
         }
-        ctl_buf_puts(&a, "}");
+        ds_buf_puts(&a, "}");
         copy_field(out, a.data, true);
-        ctl_buf_free(&a);
+        ds_buf_free(&a);
     } else {
         copy_field(out, NULL, true);
     }

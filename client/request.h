@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dspark/ds-buf.h"
+
 /* Bounds shared with sql/001-schema.sql. */
 #define CTL_MAX_TOKENS_MAX 1000000
 #define CTL_TEMPERATURE_MAX 100.0
@@ -68,19 +70,10 @@ int ctl_request_from_prompt(const char *prompt, bool chat, const char *system,
                             const struct ctl_params *params, struct ctl_request *ret,
                             char *err, size_t errsize);
 
-/* A growing byte buffer. */
-struct ctl_buf {
-    char *data;
-    size_t len, cap;
-};
-void ctl_buf_put(struct ctl_buf *b, const char *s, size_t n);
-void ctl_buf_puts(struct ctl_buf *b, const char *s);
-void ctl_buf_free(struct ctl_buf *b);
-
 /* Append the request as one row of COPY text format, columns:
  * seq custom_id model prompt messages prompt_ids max_tokens temperature top_p
  * top_k seed stop. */
-void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ctl_buf *out);
+void ctl_request_copy_row(const struct ctl_request *r, long seq, struct ds_buf *out);
 #define CTL_COPY_COLUMNS \
     "seq, custom_id, model, prompt, messages, prompt_ids, max_tokens, temperature, " \
     "top_p, top_k, seed, stop"

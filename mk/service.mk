@@ -14,7 +14,9 @@ dist_dsparksql_DATA = $(DS_MIGRATIONS)
 
 noinst_LIBRARIES += libdscommon.a
 libdscommon_a_SOURCES = \
+	common/buf.c \
 	common/db.c \
+	include/dspark/ds-buf.h \
 	include/dspark/ds-db.h
 nodist_libdscommon_a_SOURCES = common/sql-embed.c
 libdscommon_a_CFLAGS = $(AM_CFLAGS) $(LIBPQ_CFLAGS) $(LIBZMQ_CFLAGS) $(MSGPACK_CFLAGS) \

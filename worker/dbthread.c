@@ -41,6 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dspark/ds-buf.h"
 #include "dspark/ds-db.h"
 #include "dspark/ds-log.h"
 #include "worker.h"
@@ -182,50 +183,24 @@ static void applied_rows(struct dbt *t, PGresult *res)
 }
 
 /* ---- write-back items as a dspark.job_result[] literal ---- */
-struct sbuf {
-    char *data;
-    size_t len, cap;
-};
-
-static void sb_put(struct sbuf *b, const char *s, size_t n)
+static void sb_quoted(struct ds_buf *b, const char *s, size_t n)
 {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        b->data = ds_xrealloc(b->data, cap);
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    b->data[b->len] = 0;
-}
-
-static void sb_puts(struct sbuf *b, const char *s)
-{
-    sb_put(b, s, strlen(s));
-}
-
-/* s in double quotes, with '"' and '\' escaped by a backslash (the quoting
- * of both record and array literals). */
-static void sb_quoted(struct sbuf *b, const char *s, size_t n)
-{
-    sb_puts(b, "\"");
+    ds_buf_puts(b, "\"");
     const char *run = s, *end = s + n;
     for (; s < end; s++) {
         if (*s != '"' && *s != '\\')
             continue;
-        sb_put(b, run, (size_t)(s - run));
-        sb_puts(b, "\\");
+        ds_buf_put(b, run, (size_t)(s - run));
+        ds_buf_puts(b, "\\");
         run = s;
     }
-    sb_put(b, run, (size_t)(end - run));
-    sb_puts(b, "\"");
+    ds_buf_put(b, run, (size_t)(end - run));
+    ds_buf_puts(b, "\"");
 }
 
 /* One field of a row literal: nothing for NULL (absent or null), else the
  * quoted text of a string, number or array of numbers. */
-static void sb_field(struct sbuf *b, json_t *v)
+static void sb_field(struct ds_buf *b, json_t *v)
 {
     char num[40];
     if (!v || json_is_null(v))
@@ -234,33 +209,33 @@ static void sb_field(struct sbuf *b, json_t *v)
         sb_quoted(b, json_string_value(v), json_string_length(v));
     } else if (json_is_integer(v)) {
         snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        sb_puts(b, num);
+        ds_buf_puts(b, num);
     } else if (json_is_real(v)) {
         snprintf(num, sizeof num, "%.17g", json_real_value(v));
-        sb_puts(b, num);
+        ds_buf_puts(b, num);
     } else if (json_is_boolean(v)) {
-        sb_puts(b, json_is_true(v) ? "t" : "f");
+        ds_buf_puts(b, json_is_true(v) ? "t" : "f");
     } else if (json_is_array(v)) {
-        struct sbuf a = {0};
+        struct ds_buf a = {0};
         size_t i;
         json_t *x;
-        sb_puts(&a, "{");
+        ds_buf_puts(&a, "{");
         json_array_foreach(v, i, x) {
             if (i)
-                sb_puts(&a, ",");
+                ds_buf_puts(&a, ",");
             if (json_is_integer(x)) {
                 snprintf(num, sizeof num, "%" JSON_INTEGER_FORMAT, json_integer_value(x));
-                sb_puts(&a, num);
+                ds_buf_puts(&a, num);
             } else if (json_is_real(x)) {
                 snprintf(num, sizeof num, "%.17g", json_real_value(x));
-                sb_puts(&a, num);
+                ds_buf_puts(&a, num);
             } else {
-                sb_puts(&a, "NULL");
+                ds_buf_puts(&a, "NULL");
             }
         }
-        sb_puts(&a, "}");
+        ds_buf_puts(&a, "}");
         sb_quoted(b, a.data, a.len);
-        free(a.data);
+        ds_buf_free(&a);
     } else {
         /* an object: its JSON text (the database refuses it with a message) */
         char *text = json_dumps(v, JSON_COMPACT);
@@ -282,30 +257,30 @@ static const char *const stats_fields[] = {
 /* The items (finish_jobs JSON objects) as an array literal of rows. */
 static char *results_literal(json_t *items)
 {
-    struct sbuf out = {0}, row = {0};
+    struct ds_buf out = {0}, row = {0};
     size_t i;
     json_t *item;
-    sb_puts(&out, "{");
+    ds_buf_puts(&out, "{");
     json_array_foreach(items, i, item) {
         json_t *st = json_object_get(item, "stats");
         row.len = 0;
-        sb_puts(&row, "(");
+        ds_buf_puts(&row, "(");
         for (int k = 0; result_fields[k]; k++) {
             if (k)
-                sb_puts(&row, ",");
+                ds_buf_puts(&row, ",");
             sb_field(&row, json_object_get(item, result_fields[k]));
         }
         for (int k = 0; stats_fields[k]; k++) {
-            sb_puts(&row, ",");
+            ds_buf_puts(&row, ",");
             sb_field(&row, json_is_object(st) ? json_object_get(st, stats_fields[k]) : NULL);
         }
-        sb_puts(&row, ")");
+        ds_buf_puts(&row, ")");
         if (i)
-            sb_puts(&out, ",");
+            ds_buf_puts(&out, ",");
         sb_quoted(&out, row.data, row.len);
     }
-    sb_puts(&out, "}");
-    free(row.data);
+    ds_buf_puts(&out, "}");
+    ds_buf_free(&row);
     return out.data;
 }
 
