@@ -8,7 +8,6 @@ libdsengine_a_SOURCES = \
 	engine/kv.c \
 	engine/model.c \
 	engine/forward-cpu.c \
-	engine/forward-cuda.c \
 	engine/sampler.c \
 	engine/engine.c \
 	engine/engine-impl.h \

@@ -9,6 +9,7 @@ libdskernels_a_LIBADD =
 # nvcc's host code needs the C++ runtime (static guards, the personality routine)
 KERNELS_LIBS = libdskernels.a $(CUDA_LIBS) -lstdc++
 # the engine's CUDA backend (engine/forward-cuda.c) calls the kernels
+libdsengine_a_SOURCES += engine/forward-cuda.c
 libdsengine_a_CFLAGS += $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 ENGINE_LIBS += $(KERNELS_LIBS)
 SUFFIXES = .cu
@@ -33,6 +34,8 @@ check-gpu: $(GPU_TESTS)
 	if test $$fail -ne 0; then echo "check-gpu: $$fail test program(s) failed"; exit 1; fi; \
 	if test $$skip -eq 2; then echo "check-gpu: SKIP: no CUDA device"; exit 77; fi
 else
+# without CUDA, the backend's functions say so (ds_cuda_available() is false)
+libdsengine_a_SOURCES += engine/forward-nocuda.c
 check-gpu:
 	@echo "check-gpu: SKIP: CUDA is not configured (run configure --with-cuda on a GPU host)"
 endif
