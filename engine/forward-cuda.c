@@ -115,16 +115,6 @@ void ds_cuda_describe(int device, char *buf, size_t cap)
              p.multiProcessorCount);
 }
 
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40);          /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1);                   /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
 static int dev_alloc(void *ptr, size_t bytes, const char *what)
 {
     void **p = ptr;
@@ -169,7 +159,7 @@ static int upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct 
     for (int i = 0; i < hm->n; i++) {
         ds_mat_row(hm, i, row);
         for (int j = 0; j < hm->k; j++)
-            buf[(size_t)i * hm->k + j] = f32_to_bf16(row[j]);
+            buf[(size_t)i * hm->k + j] = ds_f32_to_bf16(row[j]);
     }
     cudaError_t e = cudaMemcpy(dm->w, buf, n * 2, cudaMemcpyHostToDevice);
     free(row);
@@ -293,7 +283,7 @@ static int load_stacked(struct ds_cuda_target *t, const struct ds_st *st, const 
             } else {
                 ds_tensor_to_f32(tt, off, cnt, f);
                 for (size_t j = 0; j < cnt; j++)
-                    buf[j] = f32_to_bf16(f[j]);
+                    buf[j] = ds_f32_to_bf16(f[j]);
             }
             cudaError_t e = cudaMemcpy(dm->w + at + off, buf, cnt * 2, cudaMemcpyHostToDevice);
             if (e != cudaSuccess)
@@ -403,7 +393,7 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
             r = ds_seterr(DS_ENOMEM, "could not stage the embedding for the GPU");
         } else {
             for (size_t i = 0; i < n; i++)
-                buf[i] = f32_to_bf16(m->embed[i]);
+                buf[i] = ds_f32_to_bf16(m->embed[i]);
             if ((r = dev_alloc(&t->embed, n * 2, "the embedding")) == 0 &&
                 cudaMemcpy(t->embed, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
                 r = ds_seterr(DS_ECUDA, "uploading the embedding failed");
