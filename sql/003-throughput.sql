@@ -131,30 +131,43 @@ REVOKE EXECUTE ON FUNCTION dspark.batches_after_delete(), dspark.batches_after_u
 -- that changes one job several times all differ, so PostgreSQL delivers each
 -- (it folds identical payloads of one transaction into one).
 
+-- Send entries on 'dspark_events', cut into payloads of at most about 7000
+-- bytes by a running sum of their lengths (in array order).
+CREATE FUNCTION dspark.notify_job_changes(p_entries text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    payload text;
+BEGIN
+    FOR payload IN
+        SELECT pg_catalog.string_agg(c.entry, ',' ORDER BY c.i)
+        FROM (SELECT e.entry, e.i,
+                     pg_catalog.sum(pg_catalog.length(e.entry) + 1) OVER (ORDER BY e.i) / 7000 AS chunk
+              FROM pg_catalog.unnest(p_entries) WITH ORDINALITY AS e(entry, i)) c
+        GROUP BY c.chunk
+        ORDER BY c.chunk
+    LOOP
+        PERFORM pg_catalog.pg_notify('dspark_events', payload);
+    END LOOP;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION dspark.notify_job_changes(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dspark.notify_job_changes(text[]) TO dspark_client, dspark_worker, dspark_admin;
+
 -- Inserts: check the batches, then notify the new jobs.
 CREATE OR REPLACE FUNCTION dspark.jobs_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     bids bigint[];
-    payload text;
 BEGIN
     SELECT pg_catalog.array_agg(b.batch_id) INTO bids
     FROM (SELECT DISTINCT n.batch_id FROM new_rows n WHERE n.batch_id IS NOT NULL) b;
     IF bids IS NOT NULL THEN
         PERFORM dspark.lock_batches(bids);
     END IF;
-    FOR payload IN
-        SELECT pg_catalog.string_agg(c.entry, ',')
-        FROM (SELECT e.entry,
-                     pg_catalog.sum(pg_catalog.length(e.entry) + 1)
-                         OVER (ROWS UNBOUNDED PRECEDING) / 7000 AS chunk
-              FROM (SELECT n.id::text || ':' || n.version::text || ':'
-                           || pg_catalog.left(n.state, 1) || ':' || n.attempt::text AS entry
-                    FROM new_rows n) e) c
-        GROUP BY c.chunk
-    LOOP
-        PERFORM pg_catalog.pg_notify('dspark_events', payload);
-    END LOOP;
+    PERFORM dspark.notify_job_changes(ARRAY(
+        SELECT n.id::text || ':' || n.version::text || ':' || pg_catalog.left(n.state, 1) || ':' || n.attempt::text
+        FROM new_rows n));
     RETURN NULL;
 END
 $$;
@@ -167,7 +180,6 @@ CREATE OR REPLACE FUNCTION dspark.jobs_after_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     bids bigint[];
-    payload text;
 BEGIN
     IF EXISTS (SELECT FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE n.batch_id IS DISTINCT FROM o.batch_id) THEN
@@ -178,19 +190,10 @@ BEGIN
             PERFORM dspark.lock_batches(bids);
         END IF;
     END IF;
-    FOR payload IN
-        SELECT pg_catalog.string_agg(c.entry, ',')
-        FROM (SELECT e.entry,
-                     pg_catalog.sum(pg_catalog.length(e.entry) + 1)
-                         OVER (ROWS UNBOUNDED PRECEDING) / 7000 AS chunk
-              FROM (SELECT n.id::text || ':' || n.version::text || ':'
-                           || pg_catalog.left(n.state, 1) || ':' || n.attempt::text AS entry
-                    FROM new_rows n JOIN old_rows o ON o.id = n.id
-                    WHERE n.state <> o.state) e) c
-        GROUP BY c.chunk
-    LOOP
-        PERFORM pg_catalog.pg_notify('dspark_events', payload);
-    END LOOP;
+    PERFORM dspark.notify_job_changes(ARRAY(
+        SELECT n.id::text || ':' || n.version::text || ':' || pg_catalog.left(n.state, 1) || ':' || n.attempt::text
+        FROM new_rows n JOIN old_rows o ON o.id = n.id
+        WHERE n.state <> o.state));
     RETURN NULL;
 END
 $$;
