@@ -109,21 +109,13 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
             return CTL_EXIT_USAGE;
         }
     }
-    int64_t *ids = NULL;
-    size_t nids = 0;
-    if (ctl_parse_ids("results", argc, argv, optind, &ids, &nids) < 0)
-        return CTL_EXIT_USAGE;
-    if (!nids == !batch) {
-        free(ids);
-        return ctl_usage_error("results ", "give job ids or --batch (not both)");
-    }
-    int rc = ctl_connect(c, true);
-    if (rc) {
-        free(ids);
+    char *idarr;
+    size_t nids;
+    int rc = ctl_parse_selection("results", argc, argv, optind, batch, &idarr, &nids);
+    if (rc || (rc = ctl_connect(c, true))) {
+        free(idarr);
         return rc;
     }
-    char *idarr = nids ? ds_db_int64_array(ids, nids) : NULL;
-    free(ids);
 
     size_t len = strlen(result_sql) + strlen(metrics_sql) + 256;
     char *query = ds_xmalloc(len), *decl = ds_xmalloc(len + 64);
@@ -250,21 +242,13 @@ int ctl_cmd_cancel(struct ctl *c, int argc, char **argv)
             return CTL_EXIT_USAGE;
         }
     }
-    int64_t *ids = NULL;
-    size_t nids = 0;
-    if (ctl_parse_ids("cancel", argc, argv, optind, &ids, &nids) < 0)
-        return CTL_EXIT_USAGE;
-    if (!nids == !batch) {
-        free(ids);
-        return ctl_usage_error("cancel ", "give job ids or --batch (not both)");
-    }
-    int rc = ctl_connect(c, true);
-    if (rc) {
-        free(ids);
+    char *idarr;
+    size_t nids;
+    int rc = ctl_parse_selection("cancel", argc, argv, optind, batch, &idarr, &nids);
+    if (rc || (rc = ctl_connect(c, true))) {
+        free(idarr);
         return rc;
     }
-    char *idarr = nids ? ds_db_int64_array(ids, nids) : NULL;
-    free(ids);
     const char *params[] = { batch ? batch : idarr };
     json_t *rows;
     /* one statement: cancel, then report every selected job's state */

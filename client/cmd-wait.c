@@ -352,19 +352,9 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         return ctl_usage_error(cmdsp,
                                "--events-key needs dsparkd's public key: give"
                                " --events-server-key FILE or set DSPARK_EVENTS_SERVER_KEY");
-    int64_t *ids = NULL;
-    size_t nids = 0;
-    if (ctl_parse_ids(cmd, argc, argv, optind, &ids, &nids) < 0)
-        return CTL_EXIT_USAGE;
-    if (!nids == !w.batch) {
-        free(ids);
-        return ctl_usage_error(cmdsp, "give job ids or --batch (not both)");
-    }
-    if (nids) {
-        w.ids = ds_db_int64_array(ids, nids);
-        w.nids = nids;
-    }
-    free(ids);
+    int urc = ctl_parse_selection(cmd, argc, argv, optind, w.batch, &w.ids, &w.nids);
+    if (urc)
+        return urc;
     struct ds_events_sub_opts so = { .endpoint = endpoint };
     struct ctl_curve_keys keys;
     if (use_zmq && server_key && ctl_events_read_keys(server_key, client_key, &keys, &so) < 0) {

@@ -57,6 +57,12 @@ int ctl_parse_double(const char *cmd, const char *opt, const char *s, double *re
 /* Collect job ids from argv[first..argc) ("12", "12,13", "10-20"); usage error on bad input. */
 int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **ret_ids,
                   size_t *ret_n);
+/* The jobs a command acts on: ids from argv[first..argc) or --batch (batch, or
+ * NULL), exactly one of the two. *ret_idarr gets the ids as a PostgreSQL array
+ * literal (NULL with --batch; the caller frees it), *ret_n their count.
+ * Returns 0, or CTL_EXIT_USAGE after a usage message. */
+int ctl_parse_selection(const char *cmd, int argc, char **argv, int first, const char *batch, char **ret_idarr,
+                        size_t *ret_n);
 
 /* Run a query whose single column is one JSON document per row, and return
  * the rows as a JSON array (new reference). */

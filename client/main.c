@@ -193,6 +193,25 @@ int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **r
     return 0;
 }
 
+int ctl_parse_selection(const char *cmd, int argc, char **argv, int first, const char *batch, char **ret_idarr,
+                        size_t *ret_n)
+{
+    int64_t *ids = NULL;
+    size_t n = 0;
+    if (ctl_parse_ids(cmd, argc, argv, first, &ids, &n) < 0)
+        return CTL_EXIT_USAGE;
+    if (!n == !batch) {
+        free(ids);
+        char c1[64];
+        snprintf(c1, sizeof c1, "%s ", cmd);
+        return ctl_usage_error(c1, "give job ids or --batch (not both)");
+    }
+    *ret_idarr = n ? ds_db_int64_array(ids, n) : NULL;
+    *ret_n = n;
+    free(ids);
+    return 0;
+}
+
 int ctl_query_json(struct ctl *c, const char *sql, int nparams, const char *const *params,
                    json_t **ret)
 {
