@@ -3,19 +3,31 @@
  *
  *   bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,32,64,128,256] [--qs 1,4,8]
  *                   [--ctx 1024] [--reps N] [--products invariant,cublas] [--json FILE]
+ *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N]
  *
  * For every model, R sequences whose caches hold ctx positions each (random
  * K/V) feed q new tokens each in one pass, logits for every token (what a
  * verification pass needs; they stay on the device). Each pass is one CUDA
  * graph replay; the median of reps passes, timed with events. The floor is
  * the parameter bytes over the device-to-device copy bandwidth measured in
- * the same run. Prints a markdown table; --json writes one line per point. */
+ * the same run. Prints a markdown table; --json writes one line per point.
+ *
+ * --round times a whole greedy DSpark round on the GPU against its verify pass
+ * alone, both in wall-clock time from the host (syncs included): a random
+ * draft of DSpark's shape for that target (5 layers of the target's shape,
+ * 5 captured layers, γ = 7, vanilla Markov head of rank 256, confidence head)
+ * drafts a block for each of R sequences, runs its 7 Markov positions (argmax
+ * and confidence back to the host after each), the target verifies 8 tokens
+ * per sequence (argmax only, capturing the draft's layers), and all 8 rows
+ * extend the draft contexts (the most a round can commit). */
 #include "config.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "dspark/ds-config.h"
 
 #include "dspark/ds-cuda.h"
 #include "dspark/ds-model.h"
@@ -46,6 +58,104 @@ static int parse_list(const char *s, int *out, int cap)
     return n;
 }
 
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void die(const char *what);
+
+/* --round for one target: the round against its verify pass, for each R. */
+static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *c, const char *name,
+                        struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps)
+{
+    enum { G = 7, M = 5 };
+    struct ds_dspark_config dc = {.base = *c, .num_target_layers = c->num_hidden_layers, .block_size = G,
+                                  .mask_token_id = c->vocab_size - 1, .n_target_layers = M, .markov_rank = 256,
+                                  .markov_head = DS_MARKOV_VANILLA, .enable_confidence_head = true,
+                                  .confidence_head_with_markov = true};
+    dc.base.num_hidden_layers = 5;
+    for (int i = 0; i < M; i++)   /* 1, 9, 17, 25, 33 for 36 layers, as the released drafts */
+        dc.target_layer_ids[i] = 1 + i * (c->num_hidden_layers - 4) / (M - 1);
+    int max_r = 0;
+    for (int i = 0; i < n_rs; i++)
+        max_r = rs[i] > max_r ? rs[i] : max_r;
+    struct ds_cuda_draft *g = NULL;
+    if (ds_cuda_reserve(t, max_r * (G + 1), max_r, M) < 0 || ds_cuda_draft_new_random(t, &dc, 77, max_r, &g) < 0)
+        die("random draft");
+    for (int ri = 0; ri < n_rs; ri++) {
+        int R = rs[ri], n = R * (G + 1);
+        struct ds_kv_seq *seqs = calloc((size_t)R, sizeof *seqs);
+        struct ds_kv_seq **kv = calloc((size_t)R, sizeof *kv), **row_kv = calloc((size_t)n, sizeof *row_kv);
+        int32_t *tok = malloc((size_t)n * 4), *pos = malloc((size_t)n * 4), *sq = malloc((size_t)n * 4);
+        int32_t *rows = malloc((size_t)n * 4), *ids = malloc((size_t)n * 4), *anchor = malloc((size_t)R * 4);
+        int32_t *start = malloc((size_t)R * 4), *prev = malloc((size_t)R * 4);
+        float *z = malloc((size_t)R * 4);
+        for (int s = 0; s < R; s++) {
+            if (ds_kv_reserve(pool, &seqs[s], ctx + G + 1) < 0)
+                die("reserve");
+            seqs[s].len = ctx;
+            kv[s] = &seqs[s];
+            anchor[s] = (int32_t)((s * 7919u + 17) % (unsigned)c->vocab_size);
+            start[s] = ctx;
+        }
+        for (int s = 0, k = 0; s < R; s++)
+            for (int j = 0; j <= G; j++, k++) {
+                tok[k] = (int32_t)((k * 7919u + 17) % (unsigned)c->vocab_size);
+                pos[k] = ctx + j;
+                sq[k] = s;
+                rows[k] = k;
+                row_kv[k] = kv[s];
+            }
+        struct ds_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = sq, .kv = kv, .n_logits = n,
+                             .logit_rows = rows, .argmax = ids, .n_capture = M,
+                             .capture_layers = dc.target_layer_ids};
+        double *tv = malloc((size_t)reps * sizeof *tv), *tr = malloc((size_t)reps * sizeof *tr);
+        double *td = malloc((size_t)reps * sizeof *td);
+        for (int rep = -2; rep < reps; rep++) {   /* two warm-ups (the graph's capture) */
+            double t0 = now_s();
+            if (ds_cuda_forward(t, pool, &b) < 0)
+                die("verify pass");
+            double t1 = now_s();
+            if (ds_cuda_draft_block(g, pool, R, kv, anchor, start) < 0)
+                die("draft block");
+            memcpy(prev, anchor, (size_t)R * 4);
+            for (int k = 0; k < G; k++) {
+                if (ds_cuda_draft_step(g, k, prev, prev, z, NULL) < 0)
+                    die("Markov position");
+            }
+            double t2 = now_s();
+            if (ds_cuda_forward(t, pool, &b) < 0 || ds_cuda_draft_context(g, pool, n, rows, row_kv, pos) < 0)
+                die("verify and context");
+            double t3 = now_s();
+            if (rep >= 0) {
+                tv[rep] = t1 - t0;
+                td[rep] = t2 - t1;
+                tr[rep] = t3 - t1;
+            }
+        }
+        qsort(tv, (size_t)reps, sizeof *tv, cmp_double);
+        qsort(td, (size_t)reps, sizeof *td, cmp_double);
+        qsort(tr, (size_t)reps, sizeof *tr, cmp_double);
+        double v = tv[reps / 2] * 1e3, dr = td[reps / 2] * 1e3, rd = tr[reps / 2] * 1e3;
+        printf("| %s | %d | %.3f | %.3f | %.3f | %.2f |\n", name, R, v, dr, rd, rd / v);
+        fflush(stdout);
+        for (int s = 0; s < R; s++)
+            ds_kv_release(pool, &seqs[s]);
+        free(seqs), free(kv), free(row_kv), free(tok), free(pos), free(sq), free(rows), free(ids), free(anchor);
+        free(start), free(prev), free(z), free(tv), free(tr), free(td);
+    }
+    ds_cuda_draft_free(g);
+}
+
 static void die(const char *what)
 {
     fprintf(stderr, "bench-step-cuda: %s: %s\n", what, ds_errdetail());
@@ -56,11 +166,17 @@ int main(int argc, char **argv)
 {
     const char *models = "0.6b,4b,8b", *products = "invariant,cublas", *json_path = NULL;
     int rs[16] = {1, 8, 32, 64, 128, 256}, n_rs = 6, qs[8] = {1, 4, 8}, n_qs = 3, ctx = 1024, reps = 10;
+    bool round = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--round")) {
+            round = true;
+            continue;
+        }
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
-                   "                       [--products invariant,cublas] [--json FILE]\n");
+                   "                       [--products invariant,cublas] [--json FILE]\n"
+                   "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N]\n");
             return 0;
         }
         if (!v) {
@@ -109,13 +225,20 @@ int main(int argc, char **argv)
         fprintf(json, "{\"device\": \"%s\", \"copy_bytes_per_s\": %.6g, \"ctx\": %d, \"reps\": %d}\n", dev, bw, ctx,
                 reps);
     bool want_inv = strstr(products, "invariant") != NULL, want_cublas = strstr(products, "cublas") != NULL;
-    printf("| model | R | q | tokens | invariant ms | cuBLAS ms | floor ms | invariant / floor | invariant / cuBLAS |\n");
-    printf("|---|---|---|---|---|---|---|---|---|\n");
+    if (round) {
+        printf("| model | R | verify pass ms | draft block + 7 Markov ms | draft + verify + context ms | round / verify |\n");
+        printf("|---|---|---|---|---|---|\n");
+    } else {
+        printf("| model | R | q | tokens | invariant ms | cuBLAS ms | floor ms | invariant / floor | invariant / cuBLAS |\n");
+        printf("|---|---|---|---|---|---|---|---|---|\n");
+    }
     int max_r = 0, max_q = 0;
     for (int i = 0; i < n_rs; i++)
         max_r = rs[i] > max_r ? rs[i] : max_r;
     for (int i = 0; i < n_qs; i++)
         max_q = qs[i] > max_q ? qs[i] : max_q;
+    if (round && max_q < 8)
+        max_q = 8;   /* the verify pass of a round: γ + 1 tokens */
 
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const struct shape *sh = &shapes[si];
@@ -142,6 +265,12 @@ int main(int argc, char **argv)
         struct ds_kv_pool pool;
         if (ds_kv_pool_init_pages(&pool, sh->L, sh->nKV, sh->hd, page, per_seq * max_r) < 0)
             die("KV pages");
+        if (round) {
+            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps);
+            ds_kv_pool_done(&pool);
+            ds_cuda_target_free(t);
+            continue;
+        }
         for (int ri = 0; ri < n_rs; ri++) {
             int R = rs[ri];
             struct ds_kv_seq *seqs = calloc((size_t)R, sizeof *seqs);

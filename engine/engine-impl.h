@@ -57,6 +57,7 @@ struct ds_engine {
     struct ds_pool *pool;
     struct ds_forward_ctx *fwd;  /* CPU backend */
     struct ds_cuda_target *cuda; /* CUDA backend */
+    struct ds_cuda_draft *cuda_draft; /* the draft on the GPU (CUDA backend with a draft) */
     struct ds_kv_pool kv;        /* K/V rows on the host (CPU) or only the page lists (CUDA) */
     struct ds_seq **seqs;        /* [n_seqs] queued and running, in arrival order */
     int n_seqs, cap_seqs;

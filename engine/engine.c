@@ -119,7 +119,8 @@ static int cuda_init(struct ds_engine *e, struct ds_engine_opts *o)
     if (o->kv_pages <= 0) {
         double frac = o->gpu_memory_fraction > 0 ? o->gpu_memory_fraction : 0.85;
         int max_tokens = o->prefill_chunk + o->max_seqs * (1 + DS_MAX_BLOCK);
-        long fit = ds_cuda_pages_for_memory(e->cuda, o->page_size, frac, max_tokens);
+        size_t draft_page = e->draft ? ds_cuda_draft_page_bytes(e->draft, o->page_size) : 0;
+        long fit = ds_cuda_pages_for_memory(e->cuda, o->page_size, frac, max_tokens, draft_page);
         long want = (long)o->max_seqs * max_pages;
         o->kv_pages = (int)(want < fit ? want : fit);
         if (o->kv_pages < max_pages)
@@ -179,6 +180,8 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
         int max_tokens = o.prefill_chunk + o.max_seqs * (1 + e->gamma);
         if ((r = ds_cuda_reserve(e->cuda, max_tokens, o.max_seqs, n_capture)) < 0)
             goto fail;
+        if (draft && (r = ds_cuda_draft_new(e->cuda, draft, o.max_seqs, &e->cuda_draft)) < 0)
+            goto fail;
     }
     *ret = e;
     return 0;
@@ -217,6 +220,7 @@ struct ds_engine *ds_engine_free(struct ds_engine *e)
     ds_sps_done(&e->sps);
     ds_kv_pool_done(&e->kv);
     ds_forward_ctx_free(e->fwd);
+    ds_cuda_draft_free(e->cuda_draft);
     ds_cuda_target_free(e->cuda);
     ds_pool_free(e->pool);
     free(e->b_tokens);

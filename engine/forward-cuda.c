@@ -23,79 +23,9 @@
 #include <cuda_runtime_api.h>
 
 #include "dspark/ds-cuda.h"
+#include "cuda-impl.h"
 #include "kernels.h"
 #include "load-util.h"
-
-#define CK(call)                                                                                               \
-    do {                                                                                                       \
-        cudaError_t e_ = (call);                                                                               \
-        if (e_ != cudaSuccess)                                                                                 \
-            return ds_seterr(DS_ECUDA, "%s: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
-    } while (0)
-
-struct cu_mat {
-    uint16_t *w;          /* [n, k] bf16, row-major */
-    int n, k;
-    int split;            /* k split of the invariant product */
-};
-
-struct cu_layer {
-    float *attn_norm, *ffn_norm;  /* [H] */
-    float *q_norm, *k_norm;       /* [hd] */
-    float *qkv_bias;              /* [(nH + 2 nKV) hd] or NULL */
-    float *o_bias;                /* [H] or NULL */
-    struct cu_mat qkv, o, gate_up, down;
-};
-
-#define GRAPH_SLOTS 32
-/* offset of the page table in the metadata of passes of up to cap tokens */
-#define META_PAGES(cap) (6 * (size_t)(cap) + 1)
-
-struct graph_slot {
-    int n_tokens, n_logits, n_capture;
-    bool argmax;
-    int capture_layers[8];
-    cudaGraphExec_t exec;         /* NULL until the shape's second pass */
-    long last_use;                /* 0: free slot */
-};
-
-struct ds_cuda_target {
-    struct ds_qwen3_config cfg;
-    struct ds_cuda_opts opts;
-    int n_sm;
-    cudaStream_t stream;
-    cublasHandle_t cublas;
-    void *cublas_ws;
-    size_t weight_bytes;
-    uint16_t *embed;              /* [V, H] bf16 */
-    struct cu_layer *layers;      /* [L] */
-    float *final_norm;            /* [H] */
-    struct cu_mat lm_head;        /* [V, H] (shares embed when tied) */
-    float *inv_freq;              /* [hd / 2] */
-    /* KV cache */
-    uint16_t *k_cache, *v_cache;  /* [L, n_pages, page_size, nKV, hd] bf16 */
-    int n_pages, page_size, max_pages;
-    /* activations, for passes of up to cap_tokens tokens, cap_rows logits, cap_seqs sequences */
-    int cap_tokens, cap_rows, cap_seqs, cap_capture;
-    float *x;                     /* [cap_tokens, H] residual stream */
-    uint16_t *xn;                 /* [cap_tokens, max(H, I)] bf16 input of a product */
-    float *qkv;                   /* [cap_tokens, (nH + 2 nKV) hd] */
-    uint16_t *attn;               /* [cap_tokens, nH hd] bf16 */
-    float *gu;                    /* [cap_tokens, 2 I] */
-    float *ws;                    /* split-k partials */
-    float *att_ws;                /* attention partials */
-    size_t ws_floats;
-    uint16_t *rows;               /* [cap_rows, H] normed rows for the head */
-    float *logits;                /* [cap_rows, V] */
-    int32_t *ids;                 /* [cap_rows] argmax of each logits row */
-    float *captured;              /* [cap_tokens, cap_capture, H] */
-    int32_t *meta;                /* device: tokens, pos, seq, rows, run starts, run lengths [cap_tokens each],
-                                   * the run count [1], pages [cap_seqs, max_pages] */
-    int32_t *h_meta;              /* pinned host copy */
-    size_t meta_ints;
-    struct graph_slot graphs[GRAPH_SLOTS];
-    long uses;
-};
 
 bool ds_cuda_available(void)
 {
@@ -115,7 +45,7 @@ void ds_cuda_describe(int device, char *buf, size_t cap)
              p.multiProcessorCount);
 }
 
-static int dev_alloc(void *ptr, size_t bytes, const char *what)
+int ds_cu_alloc(void *ptr, size_t bytes, const char *what)
 {
     void **p = ptr;
     *p = NULL;
@@ -130,9 +60,9 @@ static int dev_alloc(void *ptr, size_t bytes, const char *what)
     return 0;
 }
 
-static int upload_f32(float **dst, const float *src, size_t n, const char *what)
+int ds_cu_upload_f32(float **dst, const float *src, size_t n, const char *what)
 {
-    int r = dev_alloc(dst, n * sizeof(float), what);
+    int r = ds_cu_alloc(dst, n * sizeof(float), what);
     if (r < 0 || n == 0)
         return r;
     CK(cudaMemcpy(*dst, src, n * sizeof(float), cudaMemcpyHostToDevice));
@@ -140,13 +70,13 @@ static int upload_f32(float **dst, const float *src, size_t n, const char *what)
 }
 
 /* Unpack a host panel matrix into bf16 rows on the device. */
-static int upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct ds_mat *hm, const char *what)
+int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct ds_mat *hm, const char *what)
 {
     dm->n = hm->n;
     dm->k = hm->k;
     dm->split = ds_k_gemm_split(hm->n, hm->k, t->n_sm);
     size_t n = (size_t)hm->n * hm->k;
-    int r = dev_alloc(&dm->w, n * 2, what);
+    int r = ds_cu_alloc(&dm->w, n * 2, what);
     if (r < 0)
         return r;
     float *row = malloc((size_t)hm->k * sizeof(float));
@@ -175,7 +105,7 @@ static int random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k,
     dm->n = n;
     dm->k = k;
     dm->split = ds_k_gemm_split(n, k, t->n_sm);
-    int r = dev_alloc(&dm->w, (size_t)n * k * 2, what);
+    int r = ds_cu_alloc(&dm->w, (size_t)n * k * 2, what);
     if (r < 0)
         return r;
     CK(ds_k_fill_uniform_bf16(dm->w, (size_t)n * k, seed, 0.0f, 1.0f / sqrtf((float)k), t->stream));
@@ -185,7 +115,7 @@ static int random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k,
 
 static int random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t seed, const char *what)
 {
-    int r = dev_alloc(dst, n * sizeof(float), what);
+    int r = ds_cu_alloc(dst, n * sizeof(float), what);
     if (r < 0)
         return r;
     CK(ds_k_fill_uniform_f32(*dst, n, seed, 1.0f, 0.1f, t->stream));
@@ -243,7 +173,7 @@ static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_o
     float *inv = malloc(half * sizeof(float));
     for (size_t i = 0; i < half; i++)   /* as model.c (and transformers): in f32 */
         inv[i] = 1.0f / powf((float)cfg->rope_theta, (float)(2 * i) / (float)cfg->head_dim);
-    r = upload_f32(&t->inv_freq, inv, half, "RoPE frequencies");
+    r = ds_cu_upload_f32(&t->inv_freq, inv, half, "RoPE frequencies");
     free(inv);
     return r;
 }
@@ -259,7 +189,7 @@ static int load_stacked(struct ds_cuda_target *t, const struct ds_st *st, const 
     dm->n = (int)total;
     dm->k = (int)k;
     dm->split = ds_k_gemm_split(dm->n, dm->k, t->n_sm);
-    int r = dev_alloc(&dm->w, (size_t)total * k * 2, names[0]);
+    int r = ds_cu_alloc(&dm->w, (size_t)total * k * 2, names[0]);
     if (r < 0)
         return r;
     const size_t block = 1u << 20;   /* elements per staging block */
@@ -303,7 +233,7 @@ static int upload_vec_file(const struct ds_st *st, const char *name, int64_t n, 
     float *h = NULL;
     int r = ds_load_vec(st, name, n, &h);
     if (r == 0)
-        r = upload_f32(dst, h, (size_t)n, name);
+        r = ds_cu_upload_f32(dst, h, (size_t)n, name);
     free(h);
     return r;
 }
@@ -348,7 +278,7 @@ static int load_layers(struct ds_cuda_target *t, const struct ds_model *m)
                 memcpy(all, b[0], (size_t)q_rows * sizeof(float));
                 memcpy(all + q_rows, b[1], (size_t)kv_rows * sizeof(float));
                 memcpy(all + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
-                r = upload_f32(&dl->qkv_bias, all, (size_t)(q_rows + 2 * kv_rows), "biases");
+                r = ds_cu_upload_f32(&dl->qkv_bias, all, (size_t)(q_rows + 2 * kv_rows), "biases");
                 free(all);
             }
             for (int j = 0; j < 3; j++)
@@ -394,7 +324,7 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
         } else {
             for (size_t i = 0; i < n; i++)
                 buf[i] = ds_f32_to_bf16(m->embed[i]);
-            if ((r = dev_alloc(&t->embed, n * 2, "the embedding")) == 0 &&
+            if ((r = ds_cu_alloc(&t->embed, n * 2, "the embedding")) == 0 &&
                 cudaMemcpy(t->embed, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
                 r = ds_seterr(DS_ECUDA, "uploading the embedding failed");
             free(buf);
@@ -406,26 +336,26 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
     for (int li = 0; li < c->num_hidden_layers && r == 0 && m->layers; li++) {
         const struct ds_layer *hl = &m->layers[li];
         struct cu_layer *dl = &t->layers[li];
-        if ((r = upload_f32(&dl->attn_norm, hl->attn_norm, H, "norm weights")) < 0 ||
-            (r = upload_f32(&dl->ffn_norm, hl->ffn_norm, H, "norm weights")) < 0 ||
-            (r = upload_f32(&dl->q_norm, hl->q_norm, hd, "norm weights")) < 0 ||
-            (r = upload_f32(&dl->k_norm, hl->k_norm, hd, "norm weights")) < 0 ||
-            (hl->qkv_bias && (r = upload_f32(&dl->qkv_bias, hl->qkv_bias, qkv, "biases")) < 0) ||
-            (hl->o_bias && (r = upload_f32(&dl->o_bias, hl->o_bias, H, "biases")) < 0) ||
-            (r = upload_mat(t, &dl->qkv, &hl->qkv, "q/k/v projections")) < 0 ||
-            (r = upload_mat(t, &dl->o, &hl->o, "o projections")) < 0 ||
-            (r = upload_mat(t, &dl->gate_up, &hl->gate_up, "gate/up projections")) < 0 ||
-            (r = upload_mat(t, &dl->down, &hl->down, "down projections")) < 0)
+        if ((r = ds_cu_upload_f32(&dl->attn_norm, hl->attn_norm, H, "norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->ffn_norm, hl->ffn_norm, H, "norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->q_norm, hl->q_norm, hd, "norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->k_norm, hl->k_norm, hd, "norm weights")) < 0 ||
+            (hl->qkv_bias && (r = ds_cu_upload_f32(&dl->qkv_bias, hl->qkv_bias, qkv, "biases")) < 0) ||
+            (hl->o_bias && (r = ds_cu_upload_f32(&dl->o_bias, hl->o_bias, H, "biases")) < 0) ||
+            (r = ds_cu_upload_mat(t, &dl->qkv, &hl->qkv, "q/k/v projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->o, &hl->o, "o projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->gate_up, &hl->gate_up, "gate/up projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->down, &hl->down, "down projections")) < 0)
             break;
     }
     if (r == 0)
-        r = upload_f32(&t->final_norm, m->final_norm, H, "the final norm");
+        r = ds_cu_upload_f32(&t->final_norm, m->final_norm, H, "the final norm");
     if (r == 0) {
         if (c->tie_word_embeddings) {
             t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = (int)H,
                                          .split = ds_k_gemm_split(c->vocab_size, (int)H, t->n_sm)};
         } else {
-            r = upload_mat(t, &t->lm_head, &m->lm_head, "the lm head");
+            r = ds_cu_upload_mat(t, &t->lm_head, &m->lm_head, "the lm head");
         }
     }
     if (r < 0) {
@@ -443,7 +373,7 @@ int ds_cuda_target_new_random(const struct ds_qwen3_config *c, uint64_t seed, co
     int r = target_init(c, o, &t);
     int H = c->hidden_size, hd = c->head_dim, I = c->intermediate_size;
     int qkv = (c->num_attention_heads + 2 * c->num_key_value_heads) * hd;
-    if (r == 0 && (r = dev_alloc(&t->embed, (size_t)c->vocab_size * H * 2, "the embedding")) == 0) {
+    if (r == 0 && (r = ds_cu_alloc(&t->embed, (size_t)c->vocab_size * H * 2, "the embedding")) == 0) {
         cudaError_t e = ds_k_fill_uniform_bf16(t->embed, (size_t)c->vocab_size * H, seed, 0.0f, 1.0f, t->stream);
         if (e != cudaSuccess)
             r = ds_seterr(DS_ECUDA, "filling the embedding: %s", cudaGetErrorString(e));
@@ -591,7 +521,8 @@ static size_t activation_bytes(const struct ds_qwen3_config *c, int n, int n_sm)
     return per * (size_t)n + (64u << 20);
 }
 
-long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens)
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens,
+                              size_t extra_page_bytes)
 {
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess)
@@ -599,7 +530,7 @@ long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, dou
     double budget = fraction * (double)free_b - (double)activation_bytes(&t->cfg, max_tokens, t->n_sm);
     if (budget <= 0)
         return 0;
-    return (long)(budget / (double)ds_cuda_page_bytes(t, page_size));
+    return (long)(budget / (double)(ds_cuda_page_bytes(t, page_size) + extra_page_bytes));
 }
 
 int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int max_pages_per_seq)
@@ -612,8 +543,8 @@ int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int m
     free_activations(t);   /* the page table's row length may change */
     size_t half = ds_cuda_page_bytes(t, page_size) / 2 * (size_t)n_pages;
     int r;
-    if ((r = dev_alloc(&t->k_cache, half, "the KV cache")) < 0 ||
-        (r = dev_alloc(&t->v_cache, half, "the KV cache")) < 0)
+    if ((r = ds_cu_alloc(&t->k_cache, half, "the KV cache")) < 0 ||
+        (r = ds_cu_alloc(&t->v_cache, half, "the KV cache")) < 0)
         return r;
     t->n_pages = n_pages;
     t->page_size = page_size;
@@ -667,19 +598,19 @@ static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_se
 
     t->meta_ints = META_PAGES(cn) + (size_t)cs * t->max_pages;
     int r;
-    if ((r = dev_alloc(&t->x, cn * H * 4, "activations")) < 0 ||
-        (r = dev_alloc(&t->xn, cn * widest_in * 2, "activations")) < 0 ||
-        (r = dev_alloc(&t->qkv, cn * qkv * 4, "activations")) < 0 ||
-        (r = dev_alloc(&t->attn, cn * nq * 2, "activations")) < 0 ||
-        (r = dev_alloc(&t->gu, cn * 2 * I * 4, "activations")) < 0 ||
-        (r = dev_alloc(&t->ws, ws * 4, "the product workspace")) < 0 ||
-        (r = dev_alloc(&t->att_ws, ds_k_attention_workspace(cn, c->num_attention_heads, (int)hd) * 4,
+    if ((r = ds_cu_alloc(&t->x, cn * H * 4, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->xn, cn * widest_in * 2, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->qkv, cn * qkv * 4, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->attn, cn * nq * 2, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->gu, cn * 2 * I * 4, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->ws, ws * 4, "the product workspace")) < 0 ||
+        (r = ds_cu_alloc(&t->att_ws, ds_k_attention_workspace(cn, c->num_attention_heads, (int)hd) * 4,
                        "the attention workspace")) < 0 ||
-        (r = dev_alloc(&t->rows, cr * H * 2, "activations")) < 0 ||
-        (r = dev_alloc(&t->logits, cr * V * 4, "logits")) < 0 ||
-        (r = dev_alloc(&t->ids, cr * 4, "token ids")) < 0 ||
-        (cc > 0 && (r = dev_alloc(&t->captured, (size_t)cn * cc * H * 4, "captured features")) < 0) ||
-        (r = dev_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
+        (r = ds_cu_alloc(&t->rows, cr * H * 2, "activations")) < 0 ||
+        (r = ds_cu_alloc(&t->logits, cr * V * 4, "logits")) < 0 ||
+        (r = ds_cu_alloc(&t->ids, cr * 4, "token ids")) < 0 ||
+        (cc > 0 && (r = ds_cu_alloc(&t->captured, (size_t)cn * cc * H * 4, "captured features")) < 0) ||
+        (r = ds_cu_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
         return r;
     CK(cudaMallocHost((void **)&t->h_meta, t->meta_ints * 4));
     t->ws_floats = ws;
@@ -697,8 +628,8 @@ int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int 
     return ensure_capacity(t, max_tokens, max_tokens, max_seqs, n_capture);
 }
 
-static int gemm(struct ds_cuda_target *t, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y, int ldy,
-                bool accumulate)
+int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
+               int ldy, bool accumulate)
 {
     if (M == 0)
         return 0;
@@ -711,7 +642,7 @@ static int gemm(struct ds_cuda_target *t, const struct cu_mat *m, const uint16_t
             return ds_seterr(DS_ECUBLAS, "cublasGemmEx (%d x %d x %d) failed with status %d", M, m->n, m->k, (int)s);
         return 0;
     }
-    CK(ds_k_gemm_bf16(x, ldx, m->w, M, m->n, m->k, m->split, t->ws, y, ldy, accumulate, t->stream));
+    CK(ds_k_gemm_bf16(x, ldx, m->w, M, m->n, m->k, m->split, ws, y, ldy, accumulate, t->stream));
     return 0;
 }
 
@@ -742,7 +673,7 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
         const struct cu_layer *l = &t->layers[li];
         uint16_t *kc = t->k_cache + (size_t)li * layer_kv, *vc = t->v_cache + (size_t)li * layer_kv;
         CK(ds_k_rmsnorm_bf16(t->x, NULL, l->attn_norm, n, H, eps, t->xn, t->stream));
-        if ((r = gemm(t, &l->qkv, t->xn, H, n, t->qkv, qkvw, false)) < 0)
+        if ((r = ds_cu_gemm(t, t->ws, &l->qkv, t->xn, H, n, t->qkv, qkvw, false)) < 0)
             return r;
         if (l->qkv_bias)
             CK(ds_k_add_bias(t->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
@@ -752,15 +683,15 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
                                d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
         CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs, d_pages,
                                t->max_pages, t->page_size, n, nH, nKV, hd, scale, t->att_ws, t->attn, t->stream));
-        if ((r = gemm(t, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
+        if ((r = ds_cu_gemm(t, t->ws, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
             return r;
         if (l->o_bias)
             CK(ds_k_add_bias(t->x, H, l->o_bias, n, H, t->stream));
         CK(ds_k_rmsnorm_bf16(t->x, NULL, l->ffn_norm, n, H, eps, t->xn, t->stream));
-        if ((r = gemm(t, &l->gate_up, t->xn, H, n, t->gu, 2 * I, false)) < 0)
+        if ((r = ds_cu_gemm(t, t->ws, &l->gate_up, t->xn, H, n, t->gu, 2 * I, false)) < 0)
             return r;
         CK(ds_k_swiglu_bf16(t->gu, n, I, t->xn, t->stream));
-        if ((r = gemm(t, &l->down, t->xn, I, n, t->x, H, true)) < 0)
+        if ((r = ds_cu_gemm(t, t->ws, &l->down, t->xn, I, n, t->x, H, true)) < 0)
             return r;
         for (int ci = 0; ci < n_capture; ci++)
             if (capture_layers[ci] == li)
@@ -769,7 +700,7 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
     }
     if (n_rows > 0) {
         CK(ds_k_rmsnorm_bf16(t->x, d_rows, t->final_norm, n_rows, H, eps, t->rows, t->stream));
-        if ((r = gemm(t, &t->lm_head, t->rows, H, n_rows, t->logits, V, false)) < 0)
+        if ((r = ds_cu_gemm(t, t->ws, &t->lm_head, t->rows, H, n_rows, t->logits, V, false)) < 0)
             return r;
         if (argmax)
             CK(ds_k_argmax(t->logits, n_rows, V, t->ids, t->stream));
@@ -951,9 +882,9 @@ int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
 {
     void *a = NULL, *b = NULL;
     int r;
-    if ((r = dev_alloc(&a, bytes, "the bandwidth test")) < 0)
+    if ((r = ds_cu_alloc(&a, bytes, "the bandwidth test")) < 0)
         return r;
-    if ((r = dev_alloc(&b, bytes, "the bandwidth test")) < 0) {
+    if ((r = ds_cu_alloc(&b, bytes, "the bandwidth test")) < 0) {
         cudaFree(a);
         return r;
     }

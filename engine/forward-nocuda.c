@@ -45,7 +45,8 @@ size_t ds_cuda_page_bytes(const struct ds_cuda_target *t, int page_size)
 {
     return 0;
 }
-long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens)
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens,
+                              size_t extra_page_bytes)
 {
     return 0;
 }
@@ -74,4 +75,34 @@ int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
 {
     return nocuda();
 }
-
+size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size)
+{
+    return 0;
+}
+int ds_cuda_draft_new(struct ds_cuda_target *t, const struct ds_draft *d, int max_seqs, struct ds_cuda_draft **ret)
+{
+    return nocuda();
+}
+int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_config *cfg, uint64_t seed,
+                             int max_seqs, struct ds_cuda_draft **ret)
+{
+    return nocuda();
+}
+struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
+{
+    return NULL;
+}
+int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int n, const int32_t *rows,
+                          struct ds_kv_seq *const *kv, const int32_t *pos)
+{
+    return nocuda();
+}
+int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                        const int32_t *anchor, const int32_t *start)
+{
+    return nocuda();
+}
+int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int32_t *ids, float *z, float *logits)
+{
+    return nocuda();
+}

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dspark/ds-cuda.h"
 #include "dspark/ds-draft.h"
 #include "dspark/ds-model.h"
 #include "dspark/ds-sched.h"
@@ -39,8 +40,11 @@ struct ds_spec {
     /* per-round buffers */
     float *h, *U, *q, *z, *corr, *state, *feat_rows;
     size_t cap_h, cap_U, cap_q, cap_z, cap_corr, cap_state, cap_feat;
-    int32_t *idx, *anchor, *start, *drafts, *prev, *len, *cap, *row0, *pos_rows;
+    int32_t *idx, *anchor, *start, *drafts, *prev, *ids, *len, *cap, *row0, *pos_rows, *ctx_tok;
     struct ds_draft_cache **caches;
+    struct ds_kv_seq **kvs;          /* [cap_r] the drafting sequences' KV (GPU draft) */
+    struct ds_seq **ctx_seq;         /* [cap_ctx] the sequence of each context row */
+    int cap_ctx;
     int cap_r;
     float *a, *c;
 };
@@ -77,8 +81,9 @@ void ds_spec_done(struct ds_engine *e)
         return;
     ds_scratch_done(&sp->scratch);
     free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->corr), free(sp->state), free(sp->feat_rows);
-    free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->len);
-    free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->caches), free(sp->a), free(sp->c);
+    free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->ids), free(sp->len);
+    free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->ctx_tok), free(sp->caches), free(sp->kvs);
+    free(sp->ctx_seq), free(sp->a), free(sp->c);
     free(sp);
     e->spec = NULL;
 }
@@ -118,6 +123,8 @@ static int seq_draft_state(struct ds_engine *e, struct ds_seq *s)
         return 0;
     s->draft = ds_xcalloc(1, sizeof *s->draft);
     ds_draft_sts(e->draft, s->sampling.temperature, s->draft->sts);
+    if (e->cuda_draft)
+        return 0;   /* the context lives in the GPU pages of the sequence's KV */
     return ds_draft_cache_reserve(e->draft, &s->draft->cache, s->cap + 1);
 }
 
@@ -199,6 +206,117 @@ static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round,
     for (int i = 0; i < n_committed; i++)
         fprintf(f, "%s%d", i ? "," : "", committed[i]);
     fprintf(f, "]}\n");
+}
+
+/* Draft k of block i: the argmax for greedy rows (argmax_id when the GPU gave
+ * it, else from lg), else a draw from the corrected logits lg (q keeps the
+ * distribution); records it with its calibrated confidence and prefix survival. */
+static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk)
+{
+    struct ds_spec *sp = e->spec;
+    struct ds_seq *s = e->seqs[sp->idx[i]];
+    int g = e->gamma, V = e->target->cfg.vocab_size;
+    int32_t dk;
+    if (ds_sampling_is_greedy(&s->sampling)) {
+        dk = argmax_id >= 0 ? argmax_id : ds_argmax(lg, V);
+    } else {
+        float *q = sp->q + ((size_t)i * g + k) * V;
+        ds_probs(lg, V, &s->sampling, q, e->scratch);
+        dk = ds_sample_probs(q, V, ds_uniform(s->sampling.seed, (uint64_t)(sp->start[i] + k + 1), DS_SLOT_DRAFT));
+    }
+    sp->drafts[(size_t)i * g + k] = dk;
+    sp->z[(size_t)i * g + k] = zk;
+    float ck = isfinite(zk) ? sigmoid(zk / s->draft->sts[k]) : 1.0f;
+    sp->c[(size_t)i * g + k] = ck;
+    sp->a[(size_t)i * g + k] = (k == 0 ? 1.0f : sp->a[(size_t)i * g + k - 1]) * ck;
+    return dk;
+}
+
+/* The draft phase on the CPU: blocks, then the Markov positions left to right. */
+static int draft_cpu(struct ds_engine *e, int R)
+{
+    struct ds_spec *sp = e->spec;
+    const struct ds_draft *d = e->draft;
+    int g = e->gamma, V = e->target->cfg.vocab_size, H = e->target->cfg.hidden_size, r;
+    if ((r = ds_draft_block(d, e->pool, R, sp->caches, sp->anchor, sp->start, sp->h, sp->U, &sp->scratch)) < 0)
+        return r;
+    memset(sp->state, 0, (size_t)R * (d->r + 1) * sizeof(float));
+    float *zk = ds_xmalloc((size_t)R * sizeof(float));
+    for (int i = 0; i < R; i++)
+        sp->prev[i] = sp->anchor[i];
+    for (int k = 0; k < g && r == 0; k++) {
+        r = ds_draft_markov_step(d, e->pool, R, sp->prev, sp->U + (size_t)k * V, g * V, sp->h + (size_t)k * H, g * H,
+                                 sp->state, sp->corr, zk, &sp->scratch);
+        for (int i = 0; i < R && r == 0; i++)
+            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, -1, zk[i]);
+    }
+    free(zk);
+    return r;
+}
+
+/* The draft phase on the GPU: the corrected logits come to the host only when a row samples. */
+static int draft_cuda(struct ds_engine *e, int R)
+{
+    struct ds_spec *sp = e->spec;
+    int g = e->gamma, V = e->target->cfg.vocab_size, r;
+    bool sampled = false;
+    for (int i = 0; i < R; i++) {
+        struct ds_seq *s = e->seqs[sp->idx[i]];
+        sp->kvs[i] = &s->kv;
+        sampled |= !ds_sampling_is_greedy(&s->sampling);
+    }
+    if ((r = ds_cuda_draft_block(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start)) < 0)
+        return r;
+    float *zk = ds_xmalloc((size_t)R * sizeof(float));
+    for (int i = 0; i < R; i++)
+        sp->prev[i] = sp->anchor[i];
+    for (int k = 0; k < g && r == 0; k++) {
+        r = ds_cuda_draft_step(e->cuda_draft, k, sp->prev, sp->ids, zk, sampled ? sp->corr : NULL);
+        for (int i = 0; i < R && r == 0; i++)
+            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, sp->ids[i], zk[i]);
+    }
+    free(zk);
+    return r;
+}
+
+/* A context row for the draft: batch row tok of the pass is position pos of s. */
+static void add_ctx_row(struct ds_spec *sp, int *n_ctx, int tok, struct ds_seq *s, int pos)
+{
+    sp->ctx_tok[*n_ctx] = tok;
+    sp->pos_rows[*n_ctx] = pos;
+    sp->ctx_seq[*n_ctx] = s;
+    (*n_ctx)++;
+}
+
+/* Extend the draft contexts with the collected rows (their features are the pass's captures). */
+static int extend_contexts(struct ds_engine *e, int n_ctx)
+{
+    struct ds_spec *sp = e->spec;
+    int r;
+    if (n_ctx == 0)
+        return 0;
+    if (e->cuda_draft) {
+        struct ds_kv_seq **kv = ds_xmalloc((size_t)n_ctx * sizeof *kv);
+        for (int t = 0; t < n_ctx; t++)
+            kv[t] = &sp->ctx_seq[t]->kv;
+        r = ds_cuda_draft_context(e->cuda_draft, &e->kv, n_ctx, sp->ctx_tok, kv, sp->pos_rows);
+        free(kv);
+        return r;
+    }
+    size_t feat_w = (size_t)e->draft->m * e->target->cfg.hidden_size;
+    struct ds_draft_cache **caches = ds_xmalloc((size_t)n_ctx * sizeof *caches);
+    sp->feat_rows = grow(sp->feat_rows, &sp->cap_feat, (size_t)n_ctx * feat_w, sizeof(float));
+    for (int t = 0; t < n_ctx; t++) {
+        memcpy(sp->feat_rows + (size_t)t * feat_w, e->captured + (size_t)sp->ctx_tok[t] * feat_w,
+               feat_w * sizeof(float));
+        caches[t] = &sp->ctx_seq[t]->draft->cache;
+    }
+    r = ds_draft_add_context(e->draft, e->pool, n_ctx, sp->feat_rows, caches, sp->pos_rows, &sp->scratch);
+    for (int t = 0; t < n_ctx && r == 0; t++)
+        if (caches[t]->len < sp->pos_rows[t] + 1)
+            caches[t]->len = sp->pos_rows[t] + 1;
+    free(caches);
+    return r;
 }
 
 /* Choose ℓ for every drafting sequence (indices idx[0..R)), given the pass's other tokens. */
@@ -309,6 +427,8 @@ int ds_spec_round(struct ds_engine *e)
         sp->start = ds_xrealloc(sp->start, (size_t)c * sizeof(int32_t));
         sp->drafts = ds_xrealloc(sp->drafts, (size_t)c * g * sizeof(int32_t));
         sp->prev = ds_xrealloc(sp->prev, (size_t)c * sizeof(int32_t));
+        sp->ids = ds_xrealloc(sp->ids, (size_t)c * sizeof(int32_t));
+        sp->kvs = ds_xrealloc(sp->kvs, (size_t)c * sizeof(*sp->kvs));
         sp->len = ds_xrealloc(sp->len, (size_t)c * sizeof(int32_t));
         sp->cap = ds_xrealloc(sp->cap, (size_t)c * sizeof(int32_t));
         sp->row0 = ds_xrealloc(sp->row0, (size_t)c * sizeof(int32_t));
@@ -348,46 +468,11 @@ int ds_spec_round(struct ds_engine *e)
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
     sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
+    if (!e->probs)
+        e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * sizeof(int32_t));
     double t_draft = ds_now();
-    if (R > 0) {
-        if ((r = ds_draft_block(d, e->pool, R, sp->caches, sp->anchor, sp->start, sp->h, sp->U, &sp->scratch)) < 0)
-            return r;
-        memset(sp->state, 0, (size_t)R * (d->r + 1) * sizeof(float));
-        int32_t *prev = sp->prev;
-        float *zk = ds_xmalloc((size_t)R * sizeof(float));
-        for (int i = 0; i < R; i++)
-            prev[i] = sp->anchor[i];
-        if (!e->probs)
-            e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * sizeof(int32_t));
-        for (int k = 0; k < g; k++) {
-            if ((r = ds_draft_markov_step(d, e->pool, R, prev, sp->U + (size_t)k * V, g * V, sp->h + (size_t)k * H,
-                                          g * H, sp->state, sp->corr, zk, &sp->scratch)) < 0) {
-                free(zk);
-                return r;
-            }
-            for (int i = 0; i < R; i++) {
-                struct ds_seq *s = e->seqs[sp->idx[i]];
-                const float *lg = sp->corr + (size_t)i * V;
-                float *q = sp->q + ((size_t)i * g + k) * V;
-                int32_t dk;
-                if (ds_sampling_is_greedy(&s->sampling)) {
-                    dk = ds_argmax(lg, V);
-                } else {
-                    ds_probs(lg, V, &s->sampling, q, e->scratch);
-                    dk = ds_sample_probs(q, V, ds_uniform(s->sampling.seed, (uint64_t)(sp->start[i] + k + 1),
-                                                          DS_SLOT_DRAFT));
-                }
-                sp->drafts[(size_t)i * g + k] = dk;
-                sp->z[(size_t)i * g + k] = zk[i];
-                /* calibrated conditional confidence and prefix survival */
-                float ck = isfinite(zk[i]) ? sigmoid(zk[i] / s->draft->sts[k]) : 1.0f;
-                sp->c[(size_t)i * g + k] = ck;
-                sp->a[(size_t)i * g + k] = (k == 0 ? 1.0f : sp->a[(size_t)i * g + k - 1]) * ck;
-                prev[i] = dk;
-            }
-        }
-        free(zk);
-    }
+    if (R > 0 && (r = (e->cuda_draft ? draft_cuda : draft_cpu)(e, R)) < 0)
+        return r;
 
     /* (2) verification lengths (priced with the draft time of earlier rounds) */
     int extra = n_prefill;
@@ -438,17 +523,20 @@ int ds_spec_round(struct ds_engine *e)
     struct ds_batch b = {
         .n_tokens = nt, .tokens = e->b_tokens, .pos = e->b_pos, .seq = e->b_seq, .kv = e->b_kv,
         .n_logits = nrows, .logit_rows = e->b_rows, .logits = e->logits, .argmax = e->argmax,
-        .n_capture = m, .capture_layers = m ? d->cfg.target_layer_ids : none_layers, .captured = e->captured,
+        .n_capture = m, .capture_layers = m ? d->cfg.target_layer_ids : none_layers,
+        .captured = e->cuda_draft ? NULL : e->captured,   /* the GPU draft reads them on the device */
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
         goto out;
 
     /* (4) prefill bookkeeping and acceptance; collect context rows for (5) */
-    size_t feat_w = (size_t)m * H;
     int n_ctx = 0;
-    sp->pos_rows = ds_xrealloc(sp->pos_rows, (size_t)(nt + 1) * sizeof(int32_t));
-    struct ds_draft_cache **ctx_caches = ds_xmalloc((size_t)(nt + 1) * sizeof *ctx_caches);
-    sp->feat_rows = grow(sp->feat_rows, &sp->cap_feat, (size_t)(nt + 1) * feat_w, sizeof(float));
+    if (nt + 1 > sp->cap_ctx) {
+        sp->cap_ctx = nt + 1;
+        sp->pos_rows = ds_xrealloc(sp->pos_rows, (size_t)sp->cap_ctx * sizeof(int32_t));
+        sp->ctx_tok = ds_xrealloc(sp->ctx_tok, (size_t)sp->cap_ctx * sizeof(int32_t));
+        sp->ctx_seq = ds_xrealloc(sp->ctx_seq, (size_t)sp->cap_ctx * sizeof(*sp->ctx_seq));
+    }
     int32_t committed[DS_MAX_BLOCK + 1];
     float *p_prev = e->probs, *p_tmp = e->probs + V;
     ri = 0;
@@ -458,13 +546,9 @@ int ds_spec_round(struct ds_engine *e)
         if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
             if (uses_draft(s)) {
                 if ((r = seq_draft_state(e, s)) < 0)
-                    goto out_free;
-                for (int k = 0; k < s->chunk; k++) {
-                    memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)(tok + k) * feat_w,
-                           feat_w * sizeof(float));
-                    sp->pos_rows[n_ctx] = s->kv.len + k;
-                    ctx_caches[n_ctx++] = &s->draft->cache;
-                }
+                    goto out;
+                for (int k = 0; k < s->chunk; k++)
+                    add_ctx_row(sp, &n_ctx, tok + k, s, s->kv.len + k);
             }
             ds_finish_prefill(e, s, &row);
             continue;
@@ -474,12 +558,8 @@ int ds_spec_round(struct ds_engine *e)
         if (!drafts_now(e, s)) {
             /* target-only this round: a sequence without speculation, or a paused one,
              * whose anchor still joins its draft context */
-            if (uses_draft(s)) {
-                memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)tok * feat_w,
-                       feat_w * sizeof(float));
-                sp->pos_rows[n_ctx] = s->kv.len;
-                ctx_caches[n_ctx++] = &s->draft->cache;
-            }
+            if (uses_draft(s))
+                add_ctx_row(sp, &n_ctx, tok, s, s->kv.len);
             ds_seq_decode_one(e, s, row);
             continue;
         }
@@ -555,23 +635,12 @@ int ds_spec_round(struct ds_engine *e)
         /* (5) commit: the target keeps x_0 and the accepted drafts; the draft context gains their features */
         int keep = 1 + acc_emitted;
         s->kv.len = start + keep;
-        if (s->state != DS_SEQ_DONE) {
-            for (int k = 0; k < keep; k++) {
-                memcpy(sp->feat_rows + (size_t)n_ctx * feat_w, e->captured + (size_t)(tok + k) * feat_w,
-                       feat_w * sizeof(float));
-                sp->pos_rows[n_ctx] = start + k;
-                ctx_caches[n_ctx++] = &s->draft->cache;
-            }
-        }
+        if (s->state != DS_SEQ_DONE)
+            for (int k = 0; k < keep; k++)
+                add_ctx_row(sp, &n_ctx, tok + k, s, start + k);
         ri++;
     }
-    if ((r = ds_draft_add_context(d, e->pool, n_ctx, sp->feat_rows, ctx_caches, sp->pos_rows, &sp->scratch)) < 0)
-        goto out_free;
-    for (int t = 0; t < n_ctx; t++)
-        if (ctx_caches[t]->len < sp->pos_rows[t] + 1)
-            ctx_caches[t]->len = sp->pos_rows[t] + 1;
-out_free:
-    free(ctx_caches);
+    r = extend_contexts(e, n_ctx);
 out:
     free(seq_row);
     free(seq_tok);

@@ -43,7 +43,7 @@ cudaError_t ds_k_add_rmsnorm(float *x /* [n, H] in/out */, const float *y /* [n,
  * then rotate-half RoPE at position pos[t]: for i < hd/2, angle = pos * inv_freq[i],
  * (a, b) = (x[i], x[i + hd/2]) becomes (a cos - b sin, b cos + a sin).
  * Head h of token t starts at q + t * ldq + h * hd (k likewise with ldk), so
- * q and k may point into one fused qkv row. hd must be even. */
+ * q and k may point into one fused qkv row. hd must be even. nH may be 0 (keys only). */
 cudaError_t ds_k_qk_norm_rope(float *q /* [n, ldq] holding [nH, hd] */, int ldq,
                               float *k /* [n, ldk] holding [nKV, hd] */, int ldk,
                               const float *q_norm /* [hd] */, const float *k_norm /* [hd] */,
@@ -112,6 +112,27 @@ cudaError_t ds_k_attention_bf16(const float *q /* [n, ldq] */, int ldq, const ui
                                 const int32_t *n_runs /* [1] */, const int32_t *page_table /* [n_seqs, max_pages] */,
                                 int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
                                 uint16_t *out /* [n, nH * hd] */, cudaStream_t stream);
+
+/* ---- the draft's kernels (draft.cu) ---- */
+/* out[i, 0:w] = x[rows[i], 0:w] rounded to bf16 (rows NULL: row i); out rows have stride ldo. */
+cudaError_t ds_k_gather_bf16(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */, int n,
+                             int w, uint16_t *out /* [n, ldo] */, int ldo, cudaStream_t stream);
+/* out[i, 0:w] = table[ids[i]] (bf16 copied; ids outside [0, V) give zeros). */
+cudaError_t ds_k_table_rows_bf16(const uint16_t *table /* [V, w] */, const int32_t *ids /* [n] */, int n, int w,
+                                 int V, uint16_t *out /* [n, ldo] */, int ldo, cudaStream_t stream);
+/* Gated Markov head: out[i] = sigmoid(mid[i] + bias) * w1[prev[i]], as bf16. */
+cudaError_t ds_k_markov_gated(const float *mid /* [n, r] */, const float *bias /* [r] */,
+                              const uint16_t *w1 /* [V, r] */, const int32_t *prev /* [n] */, int n, int r, int V,
+                              uint16_t *out /* [n, r] */, cudaStream_t stream);
+/* rnn Markov head, from mid = joint · [state; w1[prev]; h]: with g = sigmoid(mid[0:r] + b),
+ * c = tanh(mid[r:2r] + b), o = tanh(mid[2r:3r] + b): state = g state + (1 - g) c, out = o (bf16). */
+cudaError_t ds_k_markov_rnn(const float *mid /* [n, 3 r] */, const float *bias /* [3 r] */,
+                            float *state /* [n, r] in/out */, int n, int r, uint16_t *out /* [n, r] */,
+                            cudaStream_t stream);
+/* Confidence logit z[i] = w[0:H]·h[i] + w[H:H+r]·w1[prev[i]] + b (r 0: no Markov input). */
+cudaError_t ds_k_confidence(const float *h /* [n, ldh] */, int ldh, const float *w /* [H + r] */,
+                            const uint16_t *w1 /* [V, r] or NULL */, const int32_t *prev /* [n] or NULL */, int n,
+                            int H, int r, int V, float b, float *z /* [n] */, cudaStream_t stream);
 
 /* ---- the batch-invariant bf16 product (gemm.cu) ---- */
 /* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends

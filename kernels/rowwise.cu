@@ -188,9 +188,9 @@ extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, c
                                          const float *k_norm, const float *inv_freq, const int32_t *pos, int n,
                                          int nH, int nKV, int hd, float eps, cudaStream_t stream)
 {
-    if (n < 0 || nH <= 0 || nKV < 0 || hd <= 0 || hd % 2 || hd > 4096 || ldq < nH * hd || ldk < nKV * hd)
+    if (n < 0 || nH < 0 || nKV < 0 || hd <= 0 || hd % 2 || hd > 4096 || ldq < nH * hd || ldk < nKV * hd)
         return cudaErrorInvalidValue;
-    if (n == 0)
+    if (n == 0 || nH + nKV == 0)
         return cudaSuccess;
     dim3 grid((unsigned)n, (unsigned)(nH + nKV));
     qk_norm_rope_kernel<<<grid, HEAD_THREADS, (size_t)hd * sizeof(float), stream>>>(

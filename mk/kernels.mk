@@ -1,7 +1,7 @@
 # mk/kernels.mk: CUDA kernels (built only with --with-cuda), compiled by nvcc,
 # and their GPU test. The test is not in TESTS (CI has no GPU): run it with
 # `make check-gpu` on a GPU host.
-DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu
+DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu kernels/draft.cu
 if HAVE_CUDA
 noinst_LIBRARIES += libdskernels.a
 libdskernels_a_SOURCES = $(DS_KERNEL_SOURCES) kernels/kernels.h
@@ -9,7 +9,7 @@ libdskernels_a_LIBADD =
 # nvcc's host code needs the C++ runtime (static guards, the personality routine)
 KERNELS_LIBS = libdskernels.a $(CUDA_LIBS) -lstdc++
 # the engine's CUDA backend (engine/forward-cuda.c) calls the kernels
-libdsengine_a_SOURCES += engine/forward-cuda.c
+libdsengine_a_SOURCES += engine/forward-cuda.c engine/draft-cuda.c engine/cuda-impl.h
 libdsengine_a_CFLAGS += $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 ENGINE_LIBS += $(KERNELS_LIBS)
 SUFFIXES = .cu

@@ -15,6 +15,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "dspark/ds-config.h"
+#include "dspark/ds-draft.h"
 #include "dspark/ds-err.h"
 #include "dspark/ds-model.h"
 
@@ -46,8 +48,10 @@ int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas) DS_MUSTCHECK;
 size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t);
 size_t ds_cuda_page_bytes(const struct ds_cuda_target *t, int page_size);
 /* Pages that fraction of the device's free memory holds, leaving room for the
- * activations of passes of up to max_tokens tokens. */
-long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens);
+ * activations of passes of up to max_tokens tokens; each page also costs
+ * extra_page_bytes (the draft's context cache: ds_cuda_draft_page_bytes). */
+long ds_cuda_pages_for_memory(const struct ds_cuda_target *t, int page_size, double fraction, int max_tokens,
+                              size_t extra_page_bytes);
 /* Allocate the device KV cache: n_pages pages of page_size positions; a
  * sequence may hold at most max_pages_per_seq pages. */
 int ds_cuda_kv_alloc(struct ds_cuda_target *t, int n_pages, int page_size, int max_pages_per_seq) DS_MUSTCHECK;
@@ -70,6 +74,41 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
  * milliseconds per pass go to *ret_ms. */
 int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b, int reps,
                          bool graph, double *ret_ms) DS_MUSTCHECK;
+/* ---- the DSpark draft on the target's GPU ----
+ * The draft's context cache is paged like the target's and uses the same page
+ * tables (the same positions, its own rows), so a sequence's KV reservation
+ * covers both. Draft work runs on the target's stream. */
+struct ds_cuda_draft;
+
+/* Bytes of one page of the draft's context cache (K and V, every draft layer). */
+size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size);
+/* Upload a loaded draft next to target t (after ds_cuda_kv_alloc and
+ * ds_cuda_reserve), for blocks of up to max_seqs sequences. The draft shares
+ * t's embedding and head when it shares the host model's. */
+int ds_cuda_draft_new(struct ds_cuda_target *t, const struct ds_draft *d, int max_seqs, struct ds_cuda_draft **ret)
+    DS_MUSTCHECK;
+/* A draft of the given shape with random bf16 weights made on the device,
+ * sharing t's embedding and head (benchmarks). */
+int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_config *cfg, uint64_t seed,
+                             int max_seqs, struct ds_cuda_draft **ret) DS_MUSTCHECK;
+struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g);
+/* Extend draft contexts with n rows of the last target pass (which captured
+ * the draft's layers): batch row rows[i] is position pos[i] of sequence kv[i]. */
+int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int n, const int32_t *rows /* [n] */,
+                          struct ds_kv_seq *const *kv /* [n] */, const int32_t *pos /* [n] */) DS_MUSTCHECK;
+/* Run the draft blocks of R sequences: anchor[i] at position start[i] (its
+ * context length) then γ−1 masks. The states and base logits stay on the GPU
+ * for ds_cuda_draft_step. */
+int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R,
+                        struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
+                        const int32_t *start /* [R] */) DS_MUSTCHECK;
+/* Markov position k (0-based) of the last blocks, given the token before it
+ * (prev: the anchor for k = 0, then the chosen drafts): ids gets the argmax of
+ * the corrected logits, z the raw confidence logits (NaN without a confidence
+ * head; z may be NULL), logits the corrected logits (NULL: they stay on the GPU). */
+int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev /* [R] */, int32_t *ids /* [R] */,
+                       float *z /* [R] */, float *logits /* [R, V] */) DS_MUSTCHECK;
+
 /* Device-to-device copy bandwidth in bytes per second (bytes read + written),
  * over a buffer of the given size; the median of reps copies. */
 int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps) DS_MUSTCHECK;

@@ -7,11 +7,15 @@
  *     checkpoint itself, gives the same logits bits as one uploaded from the host.
  *  2. Batch invariance of the whole forward: a sequence's logits are the same
  *     bits alone and inside a ragged batch with other sequences.
- *  3. Greedy speculative output equals greedy target-only output token for
- *     token, on the GPU, for every speculation mode, at concurrency 1, 32
- *     and 256 (the bundled target and DSpark draft).
+ *  3. The draft on the GPU against the CPU draft (draft.c), for every Markov
+ *     head kind, with and without a confidence head: context rows from the
+ *     target's captured features, a block, then the γ Markov positions:
+ *     corrected logits and confidence logits within bf16 tolerance.
+ *  4. Greedy speculative output equals greedy target-only output token for
+ *     token, on the GPU (target and draft), for every speculation mode, at
+ *     concurrency 1, 32 and 256 (the bundled target and DSpark draft).
  * Prints TAP; without a CUDA device it prints a skip plan and exits 77.
- * DS_TEST_QUICK=1 runs part 3 at concurrency 1 only (for the memory checker). */
+ * DS_TEST_QUICK=1 runs part 4 at concurrency 1 only (for the memory checker). */
 #include "config.h"
 
 #include <math.h>
@@ -26,6 +30,7 @@
 #include "dspark/ds-draft.h"
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
+#include "../../engine/draft-ops.h"
 
 static int n_test, n_failed;
 
@@ -307,7 +312,148 @@ static void check_direct_load(const char *rel)
     ds_model_free(lean);
 }
 
-/* Part 3: run n_prompts prompts at the given concurrency and mode; outputs go to out[i]. */
+/* Part 3: the GPU draft against the CPU draft on three sequences of one pass. */
+static void check_draft(const char *target_rel, const char *draft_rel, double bound)
+{
+    struct ds_model *m = NULL;
+    struct ds_draft *d = NULL;
+    struct ds_model_opts mo = {0};
+    if (ds_model_load(src_path(target_rel), &mo, &m) < 0 || ds_draft_load(src_path(draft_rel), m, &d) < 0) {
+        tap(false, "%s: load: %s", draft_rel, ds_errdetail());
+        ds_model_free(m);
+        return;
+    }
+    const struct ds_qwen3_config *c = &m->cfg;
+    const struct ds_dspark_config *dc = ds_draft_config(d);
+    int V = c->vocab_size, H = c->hidden_size, g = ds_draft_block_size(d), nm = dc->n_target_layers;
+    enum { S = 3 };
+    struct ds_cuda_target *t = NULL;
+    struct ds_cuda_draft *gd = NULL;
+    struct ds_cuda_opts co = {0};
+    struct ds_kv_pool cpu_pool, gpu_pool;
+    if (ds_cuda_target_new(m, &co, &t) < 0 || ds_cuda_kv_alloc(t, 64, 8, 32) < 0 ||
+        ds_cuda_reserve(t, 128, S, nm) < 0 || ds_cuda_draft_new(t, d, S, &gd) < 0 ||
+        ds_kv_pool_init(&cpu_pool, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0 ||
+        ds_kv_pool_init_pages(&gpu_pool, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 8, 64) < 0) {
+        tap(false, "%s: GPU draft: %s", draft_rel, ds_errdetail());
+        return;
+    }
+    struct ds_pool *threads = NULL;
+    struct ds_forward_ctx *ctx = NULL;
+    if (ds_pool_new(0, &threads) < 0 || ds_forward_ctx_new(m, threads, &ctx) < 0)
+        abort();
+    int32_t ids[S][128];
+    for (int s = 0; s < S; s++)
+        for (int i = 0; i < 128; i++)
+            ids[s][i] = (int32_t)(rnd() % (uint32_t)V);
+    int lens[S] = {4, 19, 30};
+    struct pass pc, pg;
+    uint64_t saved = rng;
+    if (make_pass(&cpu_pool, &pc, lens, S, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    rng = saved;
+    if (make_pass(&gpu_pool, &pg, lens, S, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    for (int s = 0; s < S; s++)   /* the block's positions too */
+        if (ds_kv_reserve(&gpu_pool, &pg.kv[s], lens[s] + g) < 0)
+            abort();
+    int n = pc.n;
+    float *lc = malloc((size_t)n * V * 4), *feats = malloc((size_t)n * nm * H * 4);
+    struct ds_batch bc = {.n_tokens = n, .tokens = pc.tokens, .pos = pc.pos, .seq = pc.seq, .kv = pc.kvp,
+                          .n_logits = n, .logit_rows = pc.rows, .logits = lc, .n_capture = nm,
+                          .capture_layers = dc->target_layer_ids, .captured = feats};
+    struct ds_batch bg = bc;   /* the GPU keeps its captures on the device */
+    bg.kv = pg.kvp;
+    bg.logits = NULL;
+    bg.captured = NULL;
+    bg.n_logits = 0;
+    struct ds_draft_scratch scr = {0};
+    struct ds_draft_cache cache[S] = {{0}};
+    struct ds_draft_cache *row_cache[512], *caches[S];
+    struct ds_kv_seq *row_kv[512];
+    float *h = malloc((size_t)S * g * H * 4), *U = malloc((size_t)S * g * V * 4);
+    float *corr = malloc((size_t)S * V * 4), *lg = malloc((size_t)S * V * 4);
+    float *state = calloc((size_t)S * (dc->markov_rank + 1), 4);
+    double e_logits = 0, e_conf = 0;
+    int agree = 0, total = 0, r = 0;
+    for (int s = 0; s < S; s++) {
+        caches[s] = &cache[s];
+        if (ds_draft_cache_reserve(d, &cache[s], 64) < 0)
+            abort();
+    }
+    for (int i = 0; i < n; i++) {
+        row_cache[i] = &cache[pc.seq[i]];
+        row_kv[i] = pg.kvp[pc.seq[i]];
+    }
+    if (ds_model_forward(m, ctx, &cpu_pool, &bc) < 0 || ds_cuda_forward(t, &gpu_pool, &bg) < 0 ||
+        ds_draft_add_context(d, threads, n, feats, row_cache, pc.pos, &scr) < 0 ||
+        ds_cuda_draft_context(gd, &gpu_pool, n, pc.rows, row_kv, pc.pos) < 0) {
+        tap(false, "%s: context: %s", draft_rel, ds_errdetail());
+        r = -1;
+    }
+    int32_t anchor[S], start[S], prev[S], gids[S];
+    float zc[S], zg[S];
+    for (int s = 0; s < S && r == 0; s++) {
+        cache[s].len = lens[s];
+        anchor[s] = (int32_t)(rnd() % (uint32_t)V);
+        start[s] = lens[s];
+        prev[s] = anchor[s];
+    }
+    if (r == 0 && (ds_draft_block(d, threads, S, caches, anchor, start, h, U, &scr) < 0 ||
+                   ds_cuda_draft_block(gd, &gpu_pool, S, pg.kvp, anchor, start) < 0)) {
+        tap(false, "%s: block: %s", draft_rel, ds_errdetail());
+        r = -1;
+    }
+    for (int k = 0; k < g && r == 0; k++) {
+        if (ds_draft_markov_step(d, threads, S, prev, U + (size_t)k * V, g * V, h + (size_t)k * H, g * H, state, corr,
+                                 zc, &scr) < 0 ||
+            ds_cuda_draft_step(gd, k, prev, gids, zg, lg) < 0) {
+            tap(false, "%s: Markov position %d: %s", draft_rel, k, ds_errdetail());
+            r = -1;
+            break;
+        }
+        double el = norm_err(lg, corr, (size_t)S * V);
+        e_logits = el > e_logits ? el : e_logits;
+        for (int s = 0; s < S; s++) {
+            if (isnan(zc[s]) != isnan(zg[s])) {
+                e_conf = INFINITY;
+            } else if (!isnan(zc[s])) {
+                double ez = fabs((double)zg[s] - zc[s]) / (fabs(zc[s]) > 1 ? fabs(zc[s]) : 1);
+                e_conf = ez > e_conf ? ez : e_conf;
+            }
+            int best = 0;
+            for (int v = 1; v < V; v++)
+                if (corr[(size_t)s * V + v] > corr[(size_t)s * V + best])
+                    best = v;
+            agree += gids[s] == best;
+            total++;
+            prev[s] = best;   /* both follow the CPU's drafts */
+        }
+    }
+    if (r == 0) {
+        printf("# %s: corrected logits normalized max error %.3g, confidence %.3g, argmax agrees on %d of %d\n",
+               draft_rel, e_logits, e_conf, agree, total);
+        tap(e_logits < bound && e_conf < bound,
+            "%s: GPU draft (bf16) vs CPU draft (f32): context, block and %d Markov positions within %.0e", draft_rel,
+            g, bound);
+    }
+    for (int s = 0; s < S; s++)
+        ds_draft_cache_done(&cache[s]);
+    ds_scratch_done(&scr);
+    free(lc), free(feats), free(h), free(U), free(corr), free(lg), free(state);
+    release_pass(&cpu_pool, &pc, S);
+    release_pass(&gpu_pool, &pg, S);
+    ds_forward_ctx_free(ctx);
+    ds_pool_free(threads);
+    ds_kv_pool_done(&cpu_pool);
+    ds_kv_pool_done(&gpu_pool);
+    ds_cuda_draft_free(gd);
+    ds_cuda_target_free(t);
+    ds_draft_free(d);
+    ds_model_free(m);
+}
+
+/* Part 4: run n_prompts prompts at the given concurrency and mode; outputs go to out[i]. */
 static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, int conc, int n_prompts,
                       int32_t (*prompts)[64], const int *plen, int max_tokens, int32_t (*out)[64], int *out_n,
                       double *tau)
@@ -427,6 +573,14 @@ int main(void)
     check_forward("tests/data/models/tiny-mha", 3e-2);
     check_direct_load("models/dspark-tiny-target");
     check_direct_load("tests/data/models/tiny-untied-gqa2-hd");
+    static const char *const drafts[] = {"draft-vanilla", "draft-gated", "draft-rnn", "draft-vanilla-noconf",
+                                         "draft-dflash", "draft-m3-noembed"};
+    for (size_t i = 0; i < sizeof drafts / sizeof drafts[0]; i++) {
+        char rel[128];
+        snprintf(rel, sizeof rel, "tests/data/drafts/%s", drafts[i]);
+        check_draft("tests/data/models/pair-target", rel, 3e-2);
+    }
+    check_draft("models/dspark-tiny-target", "models/dspark-tiny-draft", 3e-2);
     check_lossless(quick);
     printf("1..%d\n", n_test);
     return n_failed ? 1 : 0;

@@ -1,0 +1,99 @@
+/* cuda-impl.h: the CUDA backend's private structures and helpers, shared by
+ * the target (forward-cuda.c) and the draft (draft-cuda.c). */
+#ifndef DS_CUDA_IMPL_H
+#define DS_CUDA_IMPL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "dspark/ds-cuda.h"
+#include "dspark/ds-gemm.h"
+
+#define CK(call)                                                                                               \
+    do {                                                                                                       \
+        cudaError_t e_ = (call);                                                                               \
+        if (e_ != cudaSuccess)                                                                                 \
+            return ds_seterr(DS_ECUDA, "%s: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+    } while (0)
+
+struct cu_mat {
+    uint16_t *w;          /* [n, k] bf16, row-major */
+    int n, k;
+    int split;            /* k split of the invariant product */
+};
+
+struct cu_layer {
+    float *attn_norm, *ffn_norm;  /* [H] */
+    float *q_norm, *k_norm;       /* [hd] */
+    float *qkv_bias;              /* [(nH + 2 nKV) hd] or NULL */
+    float *o_bias;                /* [H] or NULL */
+    struct cu_mat qkv, o, gate_up, down;
+};
+
+#define GRAPH_SLOTS 32
+/* offset of the page table in the metadata of passes of up to cap tokens */
+#define META_PAGES(cap) (6 * (size_t)(cap) + 1)
+
+struct graph_slot {
+    int n_tokens, n_logits, n_capture;
+    bool argmax;
+    int capture_layers[8];
+    cudaGraphExec_t exec;         /* NULL until the shape's second pass */
+    long last_use;                /* 0: free slot */
+};
+
+struct ds_cuda_target {
+    struct ds_qwen3_config cfg;
+    struct ds_cuda_opts opts;
+    int n_sm;
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    void *cublas_ws;
+    size_t weight_bytes;
+    uint16_t *embed;              /* [V, H] bf16 */
+    struct cu_layer *layers;      /* [L] */
+    float *final_norm;            /* [H] */
+    struct cu_mat lm_head;        /* [V, H] (shares embed when tied) */
+    float *inv_freq;              /* [hd / 2] */
+    /* KV cache */
+    uint16_t *k_cache, *v_cache;  /* [L, n_pages, page_size, nKV, hd] bf16 */
+    int n_pages, page_size, max_pages;
+    /* activations, for passes of up to cap_tokens tokens, cap_rows logits, cap_seqs sequences */
+    int cap_tokens, cap_rows, cap_seqs, cap_capture;
+    float *x;                     /* [cap_tokens, H] residual stream */
+    uint16_t *xn;                 /* [cap_tokens, max(H, I)] bf16 input of a product */
+    float *qkv;                   /* [cap_tokens, (nH + 2 nKV) hd] */
+    uint16_t *attn;               /* [cap_tokens, nH hd] bf16 */
+    float *gu;                    /* [cap_tokens, 2 I] */
+    float *ws;                    /* split-k partials */
+    float *att_ws;                /* attention partials */
+    size_t ws_floats;
+    uint16_t *rows;               /* [cap_rows, H] normed rows for the head */
+    float *logits;                /* [cap_rows, V] */
+    int32_t *ids;                 /* [cap_rows] argmax of each logits row */
+    float *captured;              /* [cap_tokens, cap_capture, H] */
+    int32_t *meta;                /* device: tokens, pos, seq, rows, run starts, run lengths [cap_tokens each],
+                                   * the run count [1], pages [cap_seqs, max_pages] */
+    int32_t *h_meta;              /* pinned host copy */
+    size_t meta_ints;
+    struct graph_slot graphs[GRAPH_SLOTS];
+    long uses;
+};
+
+/* cudaMalloc with a message naming what the memory is for (bytes 0: NULL). */
+int ds_cu_alloc(void *ptr, size_t bytes, const char *what) DS_MUSTCHECK;
+/* Allocate n floats on the device and copy src there. */
+int ds_cu_upload_f32(float **dst, const float *src, size_t n, const char *what) DS_MUSTCHECK;
+/* Unpack a host panel matrix into bf16 rows on the device. */
+int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct ds_mat *hm, const char *what)
+    DS_MUSTCHECK;
+/* y[M, m->n] (+)= x[M, m->k] · m^T on t's stream: the invariant kernel (split-k
+ * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
+int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
+               int ldy, bool accumulate) DS_MUSTCHECK;
+
+#endif

@@ -1,0 +1,610 @@
+/* draft-cuda.c: the DSpark draft on the target's GPU (the CUDA backend).
+ *
+ * The same operations as draft.c, with bf16 weights:
+ *   context rows: captured target features → fc → hidden norm → every layer's
+ *     k/v projection → k norm + RoPE → the draft's paged context cache;
+ *   a block: anchor + γ−1 masks through the draft layers; its own K/V are
+ *     written at positions start..start+γ−1 of the same pages and every block
+ *     row attends to all positions up to start+γ−1 (non-causal); the context
+ *     rows of accepted tokens overwrite those slots later;
+ *   a Markov position: corrected logits U_k + W2·m(prev, h_k, state), their
+ *     argmax and the confidence logit, for every block at once.
+ * The context cache shares the target's page tables, so the engine's KV
+ * reservation of a sequence covers both. Any draft keeps speculation lossless,
+ * so the draft's numerics need only be close to draft.c's, not equal. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
+#include "dspark/ds-cuda.h"
+#include "cuda-impl.h"
+#include "draft-impl.h"
+#include "kernels.h"
+
+struct cu_draft_layer {
+    float *attn_norm, *ffn_norm;     /* [H] */
+    float *q_norm, *k_norm;          /* [hd] */
+    struct cu_mat qkv, o, gate_up, down;
+};
+
+/* metadata slots of passes of up to cap rows: tokens, pos, attention pos, seq,
+ * run starts, run lengths [cap each], the run count [1], then the page table
+ * [max_seqs, max_pages] and the previous tokens [max_seqs] */
+enum { M_TOK, M_POS, M_ATT_POS, M_SEQ, M_RUN_START, M_RUN_LEN, M_SLOTS };
+
+struct ds_cuda_draft {
+    struct ds_cuda_target *t;        /* the GPU, its stream and page geometry */
+    struct ds_dspark_config cfg;
+    float conf_b;                    /* the confidence head's bias */
+    int g, H, V, m, r, L, nH, nKV, hd, I, max_seqs;
+    const uint16_t *embed;           /* [V, H] bf16: t's or own_embed */
+    uint16_t *own_embed;
+    const struct cu_mat *head;       /* [V, H]: t's or &own_head */
+    struct cu_mat own_head;
+    struct cu_mat fc;                /* [H, m H] */
+    struct cu_mat ctx_kv;            /* [L 2 nKV hd, H]: per layer k_proj then v_proj */
+    struct cu_mat w2;                /* [V, r] */
+    struct cu_mat gate;              /* gated head: [r, H + r] */
+    struct cu_mat joint;             /* rnn head: [3 r, 2 r + H] */
+    float *hidden_norm, *final_norm; /* [H] */
+    float *inv_freq;                 /* [hd / 2] */
+    float *gate_bias, *joint_bias;   /* [r], [3 r] */
+    float *conf_w;                   /* [H + r] or [H] */
+    uint16_t *w1;                    /* [V, r] */
+    struct cu_draft_layer *layers;   /* [L] */
+    uint16_t *k_cache, *v_cache;     /* [L, n_pages, page_size, nKV, hd] */
+    /* activations: blocks of up to max_seqs sequences, context passes of up to cap_rows rows */
+    int cap_rows;
+    float *x;                        /* [cap_rows, H] */
+    uint16_t *xn;                    /* [cap_rows, max(H, I, m H)] */
+    float *wide;                     /* [cap_rows, max((nH + 2 nKV) hd, 2 I, L 2 nKV hd)] */
+    uint16_t *attn;                  /* [cap_rows, nH hd] */
+    float *ws, *att_ws;              /* product and attention workspaces */
+    float *h;                        /* [max_seqs γ, H] final-normed block states */
+    uint16_t *hb;                    /* [max_seqs γ, H] the same in bf16 */
+    float *U;                        /* [max_seqs γ, V] base logits */
+    float *logits;                   /* [max_seqs, V] corrected logits of one position */
+    int32_t *ids;                    /* [max_seqs] their argmax */
+    float *z;                        /* [max_seqs] confidence logits */
+    float *state;                    /* [max_seqs, r] rnn state */
+    uint16_t *m_in;                  /* [max_seqs, 2 r + H] Markov head input */
+    float *mid;                      /* [max_seqs, 3 r] */
+    uint16_t *corr;                  /* [max_seqs, r] Markov correction input of W2 */
+    int32_t *meta, *h_meta;          /* device, pinned host */
+    size_t meta_ints;
+    struct ds_kv_seq **row_kv;       /* [max_seqs] the sequences of a context pass's page table */
+    int R;                           /* blocks of the last ds_cuda_draft_block */
+};
+
+static size_t meta_pages(const struct ds_cuda_draft *g)
+{
+    return (size_t)M_SLOTS * g->cap_rows + 1;
+}
+
+static size_t meta_prev(const struct ds_cuda_draft *g)
+{
+    return meta_pages(g) + (size_t)g->max_seqs * g->t->max_pages;
+}
+
+size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size)
+{
+    return 2ull * d->n_layers * page_size * d->nKV * d->hd * 2;
+}
+
+static size_t page_bytes(const struct ds_cuda_draft *g, int page_size)
+{
+    return 2ull * g->L * page_size * g->nKV * g->hd * 2;
+}
+
+struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
+{
+    if (!g)
+        return NULL;
+    cudaStreamSynchronize(g->t->stream);
+    if (g->layers) {
+        for (int i = 0; i < g->L; i++) {
+            struct cu_draft_layer *l = &g->layers[i];
+            cudaFree(l->attn_norm);
+            cudaFree(l->ffn_norm);
+            cudaFree(l->q_norm);
+            cudaFree(l->k_norm);
+            cudaFree(l->qkv.w);
+            cudaFree(l->o.w);
+            cudaFree(l->gate_up.w);
+            cudaFree(l->down.w);
+        }
+        free(g->layers);
+    }
+    void *bufs[] = {g->own_embed, g->own_head.w, g->fc.w, g->ctx_kv.w, g->w2.w, g->gate.w, g->joint.w,
+                    g->hidden_norm, g->final_norm, g->inv_freq, g->gate_bias, g->joint_bias, g->conf_w, g->w1,
+                    g->k_cache, g->v_cache, g->x, g->xn, g->wide, g->attn, g->ws, g->att_ws, g->h, g->hb, g->U,
+                    g->logits, g->ids, g->z, g->state, g->m_in, g->mid, g->corr, g->meta};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        cudaFree(bufs[i]);
+    cudaFreeHost(g->h_meta);
+    free(g->row_kv);
+    free(g);
+    return NULL;
+}
+
+static int upload_bf16_table(uint16_t **dst, const float *src, size_t n, const char *what)
+{
+    uint16_t *buf = malloc(n * 2);
+    if (!buf)
+        return ds_seterr(DS_ENOMEM, "could not stage %s for the GPU", what);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = ds_f32_to_bf16(src[i]);
+    int r = ds_cu_alloc(dst, n * 2, what);
+    if (r == 0 && cudaMemcpy(*dst, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ds_seterr(DS_ECUDA, "uploading %s failed", what);
+    free(buf);
+    return r;
+}
+
+static int upload_weights(struct ds_cuda_draft *g, const struct ds_draft *d)
+{
+    struct ds_cuda_target *t = g->t;
+    int H = g->H, hd = g->hd, r;
+    for (int i = 0; i < g->L; i++) {
+        const struct ds_draft_layer *hl = &d->layers[i];
+        struct cu_draft_layer *dl = &g->layers[i];
+        if ((r = ds_cu_upload_f32(&dl->attn_norm, hl->attn_norm, (size_t)H, "draft norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->ffn_norm, hl->ffn_norm, (size_t)H, "draft norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->q_norm, hl->q_norm, (size_t)hd, "draft norm weights")) < 0 ||
+            (r = ds_cu_upload_f32(&dl->k_norm, hl->k_norm, (size_t)hd, "draft norm weights")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->qkv, &hl->qkv, "draft q/k/v projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->o, &hl->o, "draft o projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->gate_up, &hl->gate_up, "draft gate/up projections")) < 0 ||
+            (r = ds_cu_upload_mat(t, &dl->down, &hl->down, "draft down projections")) < 0)
+            return r;
+    }
+    if ((r = ds_cu_upload_mat(t, &g->fc, &d->fc, "the draft's fc")) < 0 ||
+        (r = ds_cu_upload_mat(t, &g->ctx_kv, &d->ctx_kv, "the draft's context projections")) < 0 ||
+        (r = ds_cu_upload_f32(&g->hidden_norm, d->hidden_norm, (size_t)H, "draft norm weights")) < 0 ||
+        (r = ds_cu_upload_f32(&g->final_norm, d->final_norm, (size_t)H, "draft norm weights")) < 0 ||
+        (r = ds_cu_upload_f32(&g->inv_freq, d->inv_freq, (size_t)hd / 2, "RoPE frequencies")) < 0)
+        return r;
+    g->conf_b = d->conf_b;
+    if (g->r > 0) {
+        if ((r = upload_bf16_table(&g->w1, d->w1, (size_t)g->V * g->r, "the Markov embedding")) < 0 ||
+            (r = ds_cu_upload_mat(t, &g->w2, &d->w2, "the Markov output")) < 0)
+            return r;
+        if (d->cfg.markov_head == DS_MARKOV_GATED &&
+            ((r = ds_cu_upload_mat(t, &g->gate, &d->gate, "the Markov gate")) < 0 ||
+             (r = ds_cu_upload_f32(&g->gate_bias, d->gate_bias, (size_t)g->r, "the Markov gate")) < 0))
+            return r;
+        if (d->cfg.markov_head == DS_MARKOV_RNN &&
+            ((r = ds_cu_upload_mat(t, &g->joint, &d->joint, "the Markov rnn")) < 0 ||
+             (r = ds_cu_upload_f32(&g->joint_bias, d->joint_bias, 3 * (size_t)g->r, "the Markov rnn")) < 0))
+            return r;
+    }
+    if (d->conf_w) {
+        size_t in = (size_t)H + (d->cfg.confidence_head_with_markov && g->r > 0 ? g->r : 0);
+        if ((r = ds_cu_upload_f32(&g->conf_w, d->conf_w, in, "the confidence head")) < 0)
+            return r;
+    }
+    /* the target's embedding and head when the draft shares them */
+    if (d->own_embed) {
+        if ((r = upload_bf16_table(&g->own_embed, d->own_embed, (size_t)g->V * H, "the draft's embedding")) < 0)
+            return r;
+        g->embed = g->own_embed;
+    } else {
+        g->embed = t->embed;
+    }
+    if (d->lm_head == &d->own_lm_head) {
+        if ((r = ds_cu_upload_mat(t, &g->own_head, &d->own_lm_head, "the draft's head")) < 0)
+            return r;
+        g->head = &g->own_head;
+    } else {
+        g->head = &t->lm_head;
+    }
+    return 0;
+}
+
+static size_t max3(size_t a, size_t b, size_t c)
+{
+    size_t m = a > b ? a : b;
+    return m > c ? m : c;
+}
+
+static size_t max2(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
+static int alloc_activations(struct ds_cuda_draft *g)
+{
+    size_t cr = (size_t)g->cap_rows, S = (size_t)g->max_seqs, B = S * g->g;
+    size_t H = g->H, V = g->V, r = g->r, hd = g->hd;
+    size_t kvw = (size_t)g->nKV * hd, qkvw = ((size_t)g->nH + 2 * g->nKV) * hd;
+    size_t in_w = max3(H, g->I, (size_t)g->m * H), wide_w = max3(qkvw, 2 * (size_t)g->I, 2 * g->L * kvw);
+    /* split-k workspace of the largest product */
+    size_t ws = 0;
+    const struct cu_mat *row_mats[] = {&g->fc, &g->ctx_kv};
+    for (int i = 0; i < 2; i++)
+        ws = max2(ws, ds_k_gemm_workspace((int)cr, row_mats[i]->n, row_mats[i]->split));
+    for (int i = 0; i < g->L; i++) {
+        const struct cu_mat *ms[4] = {&g->layers[i].qkv, &g->layers[i].o, &g->layers[i].gate_up,
+                                      &g->layers[i].down};
+        for (int j = 0; j < 4; j++)
+            ws = max2(ws, ds_k_gemm_workspace((int)cr, ms[j]->n, ms[j]->split));
+    }
+    ws = max2(ws, ds_k_gemm_workspace((int)B, g->head->n, g->head->split));
+    const struct cu_mat *heads[] = {&g->w2, &g->gate, &g->joint};
+    for (int i = 0; i < 3; i++)
+        if (heads[i]->w)
+            ws = max2(ws, ds_k_gemm_workspace((int)S, heads[i]->n, heads[i]->split));
+    g->meta_ints = meta_prev(g) + S;
+    size_t rk = r > 0 ? r : 1;
+    int e;
+    if ((e = ds_cu_alloc(&g->x, cr * H * 4, "draft activations")) < 0 ||
+        (e = ds_cu_alloc(&g->xn, cr * in_w * 2, "draft activations")) < 0 ||
+        (e = ds_cu_alloc(&g->wide, cr * wide_w * 4, "draft activations")) < 0 ||
+        (e = ds_cu_alloc(&g->attn, cr * g->nH * hd * 2, "draft activations")) < 0 ||
+        (e = ds_cu_alloc(&g->ws, (ws > 0 ? ws : 1) * 4, "the draft's product workspace")) < 0 ||
+        (e = ds_cu_alloc(&g->att_ws, ds_k_attention_workspace((int)cr, g->nH, g->hd) * 4,
+                         "the draft's attention workspace")) < 0 ||
+        (e = ds_cu_alloc(&g->h, B * H * 4, "draft states")) < 0 ||
+        (e = ds_cu_alloc(&g->hb, B * H * 2, "draft states")) < 0 ||
+        (e = ds_cu_alloc(&g->U, B * V * 4, "draft logits")) < 0 ||
+        (e = ds_cu_alloc(&g->logits, S * V * 4, "draft logits")) < 0 ||
+        (e = ds_cu_alloc(&g->ids, S * 4, "draft tokens")) < 0 ||
+        (e = ds_cu_alloc(&g->z, S * 4, "draft confidences")) < 0 ||
+        (e = ds_cu_alloc(&g->state, S * rk * 4, "the Markov state")) < 0 ||
+        (e = ds_cu_alloc(&g->m_in, S * (2 * rk + H) * 2, "the Markov input")) < 0 ||
+        (e = ds_cu_alloc(&g->mid, S * 3 * rk * 4, "the Markov head")) < 0 ||
+        (e = ds_cu_alloc(&g->corr, S * rk * 2, "the Markov head")) < 0 ||
+        (e = ds_cu_alloc(&g->meta, g->meta_ints * 4, "draft metadata")) < 0)
+        return e;
+    CK(cudaMallocHost((void **)&g->h_meta, g->meta_ints * 4));
+    return 0;
+}
+
+/* The shape from the config; checks what the kernels need. */
+static int draft_init(struct ds_cuda_target *t, const struct ds_dspark_config *cfg, int max_seqs,
+                      struct ds_cuda_draft **ret)
+{
+    const struct ds_qwen3_config *c = &cfg->base;
+    if (!t->k_cache || t->cap_tokens == 0)
+        return ds_seterr(DS_EINVAL, "allocate the target's GPU KV cache and activations before the draft's");
+    if (c->hidden_size != t->cfg.hidden_size || c->vocab_size != t->cfg.vocab_size)
+        return ds_seterr(DS_EINVAL, "the draft's hidden size or vocabulary differs from the target's");
+    int mH = cfg->n_target_layers * c->hidden_size;
+    if (c->hidden_size % 8 || c->intermediate_size % 8 || c->head_dim % 8 || c->head_dim > 256 || mH % 8 ||
+        cfg->markov_rank % 8 || (c->num_attention_heads * c->head_dim) % 8)
+        return ds_seterr(DS_ENOTSUP,
+                         "the CUDA draft needs hidden size, intermediate size, head_dim (at most 256) and the "
+                         "Markov rank in multiples of 8");
+    if (max_seqs <= 0)
+        return ds_seterr(DS_EINVAL, "max_seqs must be positive");
+    struct ds_cuda_draft *g = ds_xcalloc(1, sizeof *g);
+    g->t = t;
+    g->cfg = *cfg;
+    g->g = cfg->block_size;
+    g->H = c->hidden_size;
+    g->V = c->vocab_size;
+    g->m = cfg->n_target_layers;
+    g->r = cfg->markov_rank;
+    g->L = c->num_hidden_layers;
+    g->nH = c->num_attention_heads;
+    g->nKV = c->num_key_value_heads;
+    g->hd = c->head_dim;
+    g->I = c->intermediate_size;
+    g->max_seqs = max_seqs;
+    g->row_kv = ds_xcalloc((size_t)max_seqs, sizeof *g->row_kv);
+    g->cap_rows = t->cap_tokens > max_seqs * g->g ? t->cap_tokens : max_seqs * g->g;
+    g->layers = ds_xcalloc((size_t)g->L, sizeof *g->layers);
+    *ret = g;
+    return 0;
+}
+
+/* The context cache and the activations, once the weights are there. */
+static int draft_finish(struct ds_cuda_draft *g)
+{
+    struct ds_cuda_target *t = g->t;
+    size_t half = page_bytes(g, t->page_size) / 2 * (size_t)t->n_pages;
+    int r;
+    if ((r = ds_cu_alloc(&g->k_cache, half, "the draft's context cache")) < 0 ||
+        (r = ds_cu_alloc(&g->v_cache, half, "the draft's context cache")) < 0)
+        return r;
+    CK(cudaMemset(g->k_cache, 0, half));   /* no stale bits, ever, in slots a block may read */
+    CK(cudaMemset(g->v_cache, 0, half));
+    return alloc_activations(g);
+}
+
+int ds_cuda_draft_new(struct ds_cuda_target *t, const struct ds_draft *d, int max_seqs, struct ds_cuda_draft **ret)
+{
+    struct ds_cuda_draft *g = NULL;
+    int r = draft_init(t, &d->cfg, max_seqs, &g);
+    if (r == 0 && (r = upload_weights(g, d)) == 0)
+        r = draft_finish(g);
+    if (r < 0) {
+        ds_cuda_draft_free(g);
+        return r;
+    }
+    *ret = g;
+    return 0;
+}
+
+static int random_mat(struct ds_cuda_draft *g, struct cu_mat *dm, int n, int k, uint64_t seed)
+{
+    dm->n = n;
+    dm->k = k;
+    dm->split = ds_k_gemm_split(n, k, g->t->n_sm);
+    int r = ds_cu_alloc(&dm->w, (size_t)n * k * 2, "random draft weights");
+    if (r == 0)
+        CK(ds_k_fill_uniform_bf16(dm->w, (size_t)n * k, seed, 0.0f, 1.0f / sqrtf((float)k), g->t->stream));
+    return r;
+}
+
+static int random_vec(struct ds_cuda_draft *g, float **dst, size_t n, uint64_t seed, float center, float scale)
+{
+    int r = ds_cu_alloc(dst, n * 4, "random draft weights");
+    if (r == 0)
+        CK(ds_k_fill_uniform_f32(*dst, n, seed, center, scale, g->t->stream));
+    return r;
+}
+
+int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_config *cfg, uint64_t seed,
+                             int max_seqs, struct ds_cuda_draft **ret)
+{
+    struct ds_cuda_draft *g = NULL;
+    int r = draft_init(t, cfg, max_seqs, &g);
+    if (r < 0)
+        return r;
+    int H = g->H, hd = g->hd, I = g->I, V = g->V, rk = g->r, kvw = g->nKV * hd;
+    uint64_t s = seed;
+    for (int i = 0; i < g->L && r == 0; i++) {
+        struct cu_draft_layer *l = &g->layers[i];
+        if ((r = random_vec(g, &l->attn_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
+            (r = random_vec(g, &l->ffn_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
+            (r = random_vec(g, &l->q_norm, (size_t)hd, ++s, 1.0f, 0.1f)) < 0 ||
+            (r = random_vec(g, &l->k_norm, (size_t)hd, ++s, 1.0f, 0.1f)) < 0 ||
+            (r = random_mat(g, &l->qkv, (g->nH + 2 * g->nKV) * hd, H, ++s)) < 0 ||
+            (r = random_mat(g, &l->o, H, g->nH * hd, ++s)) < 0 ||
+            (r = random_mat(g, &l->gate_up, 2 * I, H, ++s)) < 0 || (r = random_mat(g, &l->down, H, I, ++s)) < 0)
+            break;
+    }
+    if (r == 0 && ((r = random_mat(g, &g->fc, H, g->m * H, ++s)) < 0 ||
+                   (r = random_mat(g, &g->ctx_kv, 2 * g->L * kvw, H, ++s)) < 0 ||
+                   (r = random_vec(g, &g->hidden_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
+                   (r = random_vec(g, &g->final_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0))
+        goto out;
+    if (r == 0 && rk > 0) {
+        if ((r = ds_cu_alloc(&g->w1, (size_t)V * rk * 2, "random draft weights")) < 0 ||
+            (r = random_mat(g, &g->w2, V, rk, ++s)) < 0)
+            goto out;
+        CK(ds_k_fill_uniform_bf16(g->w1, (size_t)V * rk, ++s, 0.0f, 1.0f, t->stream));
+        if (cfg->markov_head == DS_MARKOV_GATED &&
+            ((r = random_mat(g, &g->gate, rk, H + rk, ++s)) < 0 ||
+             (r = random_vec(g, &g->gate_bias, (size_t)rk, ++s, 0.0f, 0.1f)) < 0))
+            goto out;
+        if (cfg->markov_head == DS_MARKOV_RNN &&
+            ((r = random_mat(g, &g->joint, 3 * rk, 2 * rk + H, ++s)) < 0 ||
+             (r = random_vec(g, &g->joint_bias, 3 * (size_t)rk, ++s, 0.0f, 0.1f)) < 0))
+            goto out;
+    }
+    if (r == 0 && cfg->enable_confidence_head) {
+        size_t in = (size_t)H + (cfg->confidence_head_with_markov && rk > 0 ? rk : 0);
+        r = random_vec(g, &g->conf_w, in, ++s, 0.0f, 0.05f);
+    }
+    if (r == 0) {
+        /* inverse RoPE frequencies as the loader computes them */
+        float *inv = malloc((size_t)hd / 2 * sizeof(float));
+        for (int i = 0; i < hd / 2; i++)
+            inv[i] = 1.0f / powf((float)cfg->base.rope_theta, (float)(2 * i) / (float)hd);
+        r = ds_cu_upload_f32(&g->inv_freq, inv, (size_t)hd / 2, "RoPE frequencies");
+        free(inv);
+    }
+    g->embed = t->embed;
+    g->head = &t->lm_head;
+    if (r == 0)
+        r = draft_finish(g);
+    if (r == 0 && cudaStreamSynchronize(t->stream) != cudaSuccess)
+        r = ds_seterr(DS_ECUDA, "making random draft weights failed");
+out:
+    if (r < 0) {
+        ds_cuda_draft_free(g);
+        return r;
+    }
+    *ret = g;
+    return 0;
+}
+
+/* Row of kv in a context pass's page table (g->row_kv[0..*n_rows)), added when new; -1 when full. */
+static int page_row(struct ds_cuda_draft *g, int *n_rows, struct ds_kv_seq *kv)
+{
+    for (int i = *n_rows - 1; i >= 0; i--)
+        if (g->row_kv[i] == kv)
+            return i;
+    if (*n_rows == g->max_seqs)
+        return -1;
+    int32_t *pages = g->h_meta + meta_pages(g) + (size_t)*n_rows * g->t->max_pages;
+    memcpy(pages, kv->pages, (size_t)kv->n_pages * 4);
+    g->row_kv[*n_rows] = kv;
+    return (*n_rows)++;
+}
+
+static int check_kv(const struct ds_cuda_draft *g, const struct ds_kv_pool *pool, const struct ds_kv_seq *kv, int pos)
+{
+    if (pool->page_size != g->t->page_size || pool->n_pages > g->t->n_pages)
+        return ds_seterr(DS_EINVAL, "the KV bookkeeping does not match the GPU cache");
+    if (pos < 0 || ds_kv_pages_for(pool, pos + 1) > kv->n_pages)
+        return ds_seterr(DS_EINVAL, "draft position %d has no KV page reserved", pos);
+    if (kv->n_pages > g->t->max_pages)
+        return ds_seterr(DS_ELIMIT, "a sequence holds %d KV pages, more than the GPU page table allows",
+                         kv->n_pages);
+    return 0;
+}
+
+int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int n, const int32_t *rows,
+                          struct ds_kv_seq *const *kv, const int32_t *pos)
+{
+    struct ds_cuda_target *t = g->t;
+    int H = g->H, hd = g->hd, kvw = g->nKV * hd, ldkv = 2 * g->L * kvw, mH = g->m * H, cap = g->cap_rows, r;
+    float eps = (float)g->cfg.base.rms_norm_eps;
+    size_t layer_kv = (size_t)t->n_pages * t->page_size * kvw;
+    const int32_t *d_rows = g->meta + M_TOK * cap, *d_pos = g->meta + M_POS * cap;
+    const int32_t *d_seq = g->meta + M_SEQ * cap, *d_pages = g->meta + meta_pages(g);
+    int32_t *h = g->h_meta;
+    for (int at = 0; at < n; at += cap) {
+        int nc = n - at < cap ? n - at : cap, n_rows = 0;
+        for (int i = 0; i < nc; i++) {
+            if ((r = check_kv(g, pool, kv[at + i], pos[at + i])) < 0)
+                return r;
+            if (rows[at + i] < 0 || rows[at + i] >= t->cap_tokens)
+                return ds_seterr(DS_EINVAL, "context row %d is outside the last pass", rows[at + i]);
+            int pr = page_row(g, &n_rows, kv[at + i]);
+            if (pr < 0)
+                return ds_seterr(DS_ELIMIT, "draft context rows of more than %d sequences in one call", g->max_seqs);
+            h[M_TOK * cap + i] = rows[at + i];
+            h[M_POS * cap + i] = pos[at + i];
+            h[M_SEQ * cap + i] = pr;
+        }
+        CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)n_rows * t->max_pages) * 4, cudaMemcpyHostToDevice,
+                           t->stream));
+        CK(ds_k_gather_bf16(t->captured, mH, d_rows, nc, mH, g->xn, mH, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &g->fc, g->xn, mH, nc, g->x, H, false)) < 0)
+            return r;
+        CK(ds_k_rmsnorm_bf16(g->x, NULL, g->hidden_norm, nc, H, eps, g->xn, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &g->ctx_kv, g->xn, H, nc, g->wide, ldkv, false)) < 0)
+            return r;
+        for (int l = 0; l < g->L; l++) {
+            float *k = g->wide + (size_t)l * 2 * kvw, *v = k + kvw;
+            CK(ds_k_qk_norm_rope(k, ldkv, k, ldkv, g->layers[l].k_norm, g->layers[l].k_norm, g->inv_freq, d_pos, nc,
+                                 0, g->nKV, hd, eps, t->stream));
+            CK(ds_k_kv_append_bf16(k, ldkv, v, ldkv, d_seq, d_pos, d_pages, t->max_pages, t->page_size, nc, g->nKV,
+                                   hd, g->k_cache + (size_t)l * layer_kv, g->v_cache + (size_t)l * layer_kv,
+                                   t->stream));
+        }
+        /* the pinned metadata is rewritten by the next call */
+        CK(cudaStreamSynchronize(t->stream));
+    }
+    return 0;
+}
+
+int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                        const int32_t *anchor, const int32_t *start)
+{
+    struct ds_cuda_target *t = g->t;
+    int gm = g->g, n = R * gm, H = g->H, hd = g->hd, nH = g->nH, nKV = g->nKV, I = g->I, V = g->V, r;
+    int qkvw = (nH + 2 * nKV) * hd, cap = g->cap_rows;
+    float eps = (float)g->cfg.base.rms_norm_eps, scale = 1.0f / sqrtf((float)hd);
+    size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
+    if (R <= 0)
+        return 0;
+    if (R > g->max_seqs)
+        return ds_seterr(DS_ELIMIT, "%d draft blocks, more than the %d the GPU draft was sized for", R, g->max_seqs);
+    int32_t *h = g->h_meta;
+    for (int i = 0; i < R; i++) {
+        if ((r = check_kv(g, pool, kv[i], start[i] + gm - 1)) < 0)
+            return r;
+        if (anchor[i] < 0 || anchor[i] >= V)
+            return ds_seterr(DS_EINVAL, "draft anchor %d is outside the vocabulary", anchor[i]);
+        memcpy(h + meta_pages(g) + (size_t)i * t->max_pages, kv[i]->pages, (size_t)kv[i]->n_pages * 4);
+        for (int k = 0; k < gm; k++) {
+            int row = i * gm + k;
+            h[M_TOK * cap + row] = k == 0 ? anchor[i] : g->cfg.mask_token_id;
+            h[M_POS * cap + row] = start[i] + k;
+            h[M_ATT_POS * cap + row] = start[i] + gm - 1;   /* every block row sees the whole block */
+            h[M_SEQ * cap + row] = i;
+        }
+    }
+    h[M_SLOTS * cap] = ds_k_attention_runs(h + M_SEQ * cap, n, nH, nKV, h + M_RUN_START * cap, h + M_RUN_LEN * cap);
+    const int32_t *d_tok = g->meta + M_TOK * cap, *d_pos = g->meta + M_POS * cap;
+    const int32_t *d_att = g->meta + M_ATT_POS * cap, *d_seq = g->meta + M_SEQ * cap;
+    const int32_t *d_rs = g->meta + M_RUN_START * cap, *d_rl = g->meta + M_RUN_LEN * cap;
+    const int32_t *d_nr = g->meta + M_SLOTS * cap, *d_pages = g->meta + meta_pages(g);
+    CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)R * t->max_pages) * 4, cudaMemcpyHostToDevice,
+                       t->stream));
+    CK(ds_k_embed_bf16(g->embed, d_tok, n, H, V, g->x, t->stream));
+    for (int l = 0; l < g->L; l++) {
+        const struct cu_draft_layer *L = &g->layers[l];
+        uint16_t *kc = g->k_cache + (size_t)l * layer_kv, *vc = g->v_cache + (size_t)l * layer_kv;
+        CK(ds_k_rmsnorm_bf16(g->x, NULL, L->attn_norm, n, H, eps, g->xn, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &L->qkv, g->xn, H, n, g->wide, qkvw, false)) < 0)
+            return r;
+        CK(ds_k_qk_norm_rope(g->wide, qkvw, g->wide + (size_t)nH * hd, qkvw, L->q_norm, L->k_norm, g->inv_freq, d_pos,
+                             n, nH, nKV, hd, eps, t->stream));
+        CK(ds_k_kv_append_bf16(g->wide + (size_t)nH * hd, qkvw, g->wide + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
+                               d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
+        CK(ds_k_attention_bf16(g->wide, qkvw, kc, vc, d_seq, d_att, d_rs, d_rl, d_nr, d_pages, t->max_pages,
+                               t->page_size, n, nH, nKV, hd, scale, g->att_ws, g->attn, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &L->o, g->attn, nH * hd, n, g->x, H, true)) < 0)
+            return r;
+        CK(ds_k_rmsnorm_bf16(g->x, NULL, L->ffn_norm, n, H, eps, g->xn, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &L->gate_up, g->xn, H, n, g->wide, 2 * I, false)) < 0)
+            return r;
+        CK(ds_k_swiglu_bf16(g->wide, n, I, g->xn, t->stream));
+        if ((r = ds_cu_gemm(t, g->ws, &L->down, g->xn, I, n, g->x, H, true)) < 0)
+            return r;
+    }
+    CK(ds_k_rmsnorm(g->x, g->final_norm, n, H, eps, g->h, t->stream));
+    CK(ds_k_rmsnorm_bf16(g->x, NULL, g->final_norm, n, H, eps, g->hb, t->stream));
+    if ((r = ds_cu_gemm(t, g->ws, g->head, g->hb, H, n, g->U, V, false)) < 0)
+        return r;
+    if (g->r > 0)
+        CK(cudaMemsetAsync(g->state, 0, (size_t)R * g->r * 4, t->stream));
+    g->R = R;
+    return 0;
+}
+
+int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int32_t *ids, float *z, float *logits)
+{
+    struct ds_cuda_target *t = g->t;
+    const struct ds_dspark_config *cfg = &g->cfg;
+    int R = g->R, gm = g->g, H = g->H, V = g->V, rk = g->r, r;
+    if (R <= 0 || k < 0 || k >= gm)
+        return ds_seterr(DS_EINVAL, "no draft block to continue at position %d", k);
+    for (int i = 0; i < R; i++)
+        if (prev[i] < 0 || prev[i] >= V)
+            return ds_seterr(DS_EINVAL, "draft token %d is outside the vocabulary", prev[i]);
+    int32_t *d_prev = g->meta + meta_prev(g);
+    memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
+    CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
+    const float *hk = g->h + (size_t)k * H;   /* row i at hk + i γ H */
+    CK(cudaMemcpy2DAsync(g->logits, (size_t)V * 4, g->U + (size_t)k * V, (size_t)gm * V * 4, (size_t)V * 4, R,
+                         cudaMemcpyDeviceToDevice, t->stream));
+    if (rk > 0) {
+        if (cfg->markov_head == DS_MARKOV_GATED) {
+            int w = H + rk;
+            CK(ds_k_gather_bf16(hk, gm * H, NULL, R, H, g->m_in, w, t->stream));
+            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->m_in + H, w, t->stream));
+            if ((r = ds_cu_gemm(t, g->ws, &g->gate, g->m_in, w, R, g->mid, rk, false)) < 0)
+                return r;
+            CK(ds_k_markov_gated(g->mid, g->gate_bias, g->w1, d_prev, R, rk, V, g->corr, t->stream));
+        } else if (cfg->markov_head == DS_MARKOV_RNN) {
+            int w = 2 * rk + H;
+            CK(ds_k_gather_bf16(g->state, rk, NULL, R, rk, g->m_in, w, t->stream));
+            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->m_in + rk, w, t->stream));
+            CK(ds_k_gather_bf16(hk, gm * H, NULL, R, H, g->m_in + 2 * rk, w, t->stream));
+            if ((r = ds_cu_gemm(t, g->ws, &g->joint, g->m_in, w, R, g->mid, 3 * rk, false)) < 0)
+                return r;
+            CK(ds_k_markov_rnn(g->mid, g->joint_bias, g->state, R, rk, g->corr, t->stream));
+        } else {
+            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->corr, rk, t->stream));
+        }
+        if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, g->logits, V, true)) < 0)
+            return r;
+    }
+    CK(ds_k_argmax(g->logits, R, V, g->ids, t->stream));
+    bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
+    if (g->conf_w && z)
+        CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? d_prev : NULL, R, H,
+                           with_markov ? rk : 0, V, g->conf_b, g->z, t->stream));
+    CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (g->conf_w && z)
+        CK(cudaMemcpyAsync(z, g->z, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (logits)
+        CK(cudaMemcpyAsync(logits, g->logits, (size_t)R * V * 4, cudaMemcpyDeviceToHost, t->stream));
+    CK(cudaStreamSynchronize(t->stream));
+    if (z && !g->conf_w)
+        for (int i = 0; i < R; i++)
+            z[i] = NAN;
+    return 0;
+}
