@@ -71,6 +71,7 @@ int main(int argc, char **argv)
             CHECK(cudaMalloc((void **)&x, (size_t)M * K * 2));
             CHECK(cudaMalloc((void **)&y, (size_t)M * N * 4));
             CHECK(cudaMalloc((void **)&ws, ds_k_gemm_workspace(M, N, split) * 4 + 4));
+            CHECK(cudaMemset(ws, 0, ds_k_gemm_workspace(M, N, split) * 4 + 4));
             CHECK(ds_k_fill_uniform_bf16(x, (size_t)M * K, 3, 0.0f, 1.0f, 0));
             /* each implementation: one graph of reps launches (weights rotated), replayed 5 times */
             float t[2][5];

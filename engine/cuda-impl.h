@@ -39,7 +39,7 @@ struct cu_layer {
 #define META_PAGES(cap) (6 * (size_t)(cap) + 1)
 
 struct graph_slot {
-    int n_tokens, n_logits, n_capture;
+    int n_tokens, n_logits, n_capture, att_longest;
     bool argmax;
     int capture_layers[8];
     cudaGraphExec_t exec;         /* NULL until the shape's second pass */
@@ -80,6 +80,7 @@ struct ds_cuda_target {
                                    * the run count [1], pages [cap_seqs, max_pages] */
     int32_t *h_meta;              /* pinned host copy */
     size_t meta_ints;
+    int att_longest;              /* the longest attention run of the uploaded pass (picks a block shape) */
     struct graph_slot graphs[GRAPH_SLOTS];
     long uses;
 };
@@ -95,5 +96,8 @@ int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct d
  * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
                int ldy, bool accumulate) DS_MUSTCHECK;
+
+/* Capture what enqueue(arg) puts on stream as a CUDA graph, ready to launch. */
+int ds_cu_capture(cudaStream_t stream, int (*enqueue)(void *arg), void *arg, cudaGraphExec_t *ret) DS_MUSTCHECK;
 
 #endif

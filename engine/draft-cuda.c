@@ -33,9 +33,17 @@ struct cu_draft_layer {
 };
 
 /* metadata slots of passes of up to cap rows: tokens, pos, attention pos, seq,
- * run starts, run lengths [cap each], the run count [1], then the page table
- * [max_seqs, max_pages] and the previous tokens [max_seqs] */
-enum { M_TOK, M_POS, M_ATT_POS, M_SEQ, M_RUN_START, M_RUN_LEN, M_SLOTS };
+ * run starts, run lengths, anchors [cap each], the run count [1], then the page
+ * table [max_seqs, max_pages] and the previous tokens [max_seqs γ] */
+enum { M_TOK, M_POS, M_ATT_POS, M_SEQ, M_RUN_START, M_RUN_LEN, M_ANCHOR, M_SLOTS };
+
+#define DRAFT_GRAPHS 32
+
+struct draft_graph {
+    int R;                           /* blocks */
+    cudaGraphExec_t exec;            /* NULL until the shape's second round */
+    long last_use;                   /* 0: free slot */
+};
 
 struct ds_cuda_draft {
     struct ds_cuda_target *t;        /* the GPU, its stream and page geometry */
@@ -78,6 +86,12 @@ struct ds_cuda_draft {
     int32_t *meta, *h_meta;          /* device, pinned host */
     size_t meta_ints;
     struct ds_kv_seq **row_kv;       /* [max_seqs] the sequences of a context pass's page table */
+    int att_longest;                 /* the longest attention run of the blocks (picks a block shape) */
+    int32_t *ids_all;                /* [γ, max_seqs] greedy drafts, position-major */
+    float *z_all;                    /* [γ, max_seqs] their confidence logits */
+    float *h_z;                      /* pinned [γ, max_seqs] */
+    struct draft_graph graphs[DRAFT_GRAPHS];
+    long uses;
     int R;                           /* blocks of the last ds_cuda_draft_block */
 };
 
@@ -127,6 +141,12 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         cudaFree(bufs[i]);
     cudaFreeHost(g->h_meta);
+    cudaFreeHost(g->h_z);
+    cudaFree(g->ids_all);
+    cudaFree(g->z_all);
+    for (int i = 0; i < DRAFT_GRAPHS; i++)
+        if (g->graphs[i].exec)
+            cudaGraphExecDestroy(g->graphs[i].exec);
     free(g->row_kv);
     free(g);
     return NULL;
@@ -239,7 +259,7 @@ static int alloc_activations(struct ds_cuda_draft *g)
     for (int i = 0; i < 3; i++)
         if (heads[i]->w)
             ws = max2(ws, ds_k_gemm_workspace((int)S, heads[i]->n, heads[i]->split));
-    g->meta_ints = meta_prev(g) + S;
+    g->meta_ints = meta_prev(g) + S * g->g;
     size_t rk = r > 0 ? r : 1;
     int e;
     if ((e = ds_cu_alloc(&g->x, cr * H * 4, "draft activations")) < 0 ||
@@ -259,9 +279,13 @@ static int alloc_activations(struct ds_cuda_draft *g)
         (e = ds_cu_alloc(&g->m_in, S * (2 * rk + H) * 2, "the Markov input")) < 0 ||
         (e = ds_cu_alloc(&g->mid, S * 3 * rk * 4, "the Markov head")) < 0 ||
         (e = ds_cu_alloc(&g->corr, S * rk * 2, "the Markov head")) < 0 ||
-        (e = ds_cu_alloc(&g->meta, g->meta_ints * 4, "draft metadata")) < 0)
+        (e = ds_cu_alloc(&g->meta, g->meta_ints * 4, "draft metadata")) < 0 ||
+        (e = ds_cu_alloc(&g->ids_all, S * g->g * 4, "draft tokens")) < 0 ||
+        (e = ds_cu_alloc(&g->z_all, S * g->g * 4, "draft confidences")) < 0)
         return e;
     CK(cudaMallocHost((void **)&g->h_meta, g->meta_ints * 4));
+    CK(cudaMemset(g->ws, 0, (ws > 0 ? ws : 1) * 4));   /* the product's tile counters start at zero */
+    CK(cudaMallocHost((void **)&g->h_z, S * g->g * 4));
     return 0;
 }
 
@@ -488,25 +512,22 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
     return 0;
 }
 
-int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
-                        const int32_t *anchor, const int32_t *start)
+/* Check a block's sequences and write its metadata (pinned; uploaded by the caller). */
+static int block_meta(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                      const int32_t *anchor, const int32_t *start)
 {
     struct ds_cuda_target *t = g->t;
-    int gm = g->g, n = R * gm, H = g->H, hd = g->hd, nH = g->nH, nKV = g->nKV, I = g->I, V = g->V, r;
-    int qkvw = (nH + 2 * nKV) * hd, cap = g->cap_rows;
-    float eps = (float)g->cfg.base.rms_norm_eps, scale = 1.0f / sqrtf((float)hd);
-    size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
-    if (R <= 0)
-        return 0;
+    int gm = g->g, cap = g->cap_rows, r;
     if (R > g->max_seqs)
         return ds_seterr(DS_ELIMIT, "%d draft blocks, more than the %d the GPU draft was sized for", R, g->max_seqs);
     int32_t *h = g->h_meta;
     for (int i = 0; i < R; i++) {
         if ((r = check_kv(g, pool, kv[i], start[i] + gm - 1)) < 0)
             return r;
-        if (anchor[i] < 0 || anchor[i] >= V)
+        if (anchor[i] < 0 || anchor[i] >= g->V)
             return ds_seterr(DS_EINVAL, "draft anchor %d is outside the vocabulary", anchor[i]);
         memcpy(h + meta_pages(g) + (size_t)i * t->max_pages, kv[i]->pages, (size_t)kv[i]->n_pages * 4);
+        h[M_ANCHOR * cap + i] = anchor[i];
         for (int k = 0; k < gm; k++) {
             int row = i * gm + k;
             h[M_TOK * cap + row] = k == 0 ? anchor[i] : g->cfg.mask_token_id;
@@ -515,13 +536,25 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
             h[M_SEQ * cap + row] = i;
         }
     }
-    h[M_SLOTS * cap] = ds_k_attention_runs(h + M_SEQ * cap, n, nH, nKV, h + M_RUN_START * cap, h + M_RUN_LEN * cap);
+    h[M_SLOTS * cap] = ds_k_attention_runs(h + M_SEQ * cap, R * gm, g->nH, g->nKV, h + M_RUN_START * cap,
+                                           h + M_RUN_LEN * cap, &g->att_longest);
+    CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)R * t->max_pages) * 4, cudaMemcpyHostToDevice,
+                       t->stream));
+    return 0;
+}
+
+/* The device part of R blocks (metadata uploaded): h, hb and U. Graph-capturable. */
+static int enqueue_block(struct ds_cuda_draft *g, int R)
+{
+    struct ds_cuda_target *t = g->t;
+    int gm = g->g, n = R * gm, H = g->H, hd = g->hd, nH = g->nH, nKV = g->nKV, I = g->I, V = g->V, r;
+    int qkvw = (nH + 2 * nKV) * hd, cap = g->cap_rows;
+    float eps = (float)g->cfg.base.rms_norm_eps, scale = 1.0f / sqrtf((float)hd);
+    size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
     const int32_t *d_tok = g->meta + M_TOK * cap, *d_pos = g->meta + M_POS * cap;
     const int32_t *d_att = g->meta + M_ATT_POS * cap, *d_seq = g->meta + M_SEQ * cap;
     const int32_t *d_rs = g->meta + M_RUN_START * cap, *d_rl = g->meta + M_RUN_LEN * cap;
     const int32_t *d_nr = g->meta + M_SLOTS * cap, *d_pages = g->meta + meta_pages(g);
-    CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)R * t->max_pages) * 4, cudaMemcpyHostToDevice,
-                       t->stream));
     CK(ds_k_embed_bf16(g->embed, d_tok, n, H, V, g->x, t->stream));
     for (int l = 0; l < g->L; l++) {
         const struct cu_draft_layer *L = &g->layers[l];
@@ -533,8 +566,8 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
                              n, nH, nKV, hd, eps, t->stream));
         CK(ds_k_kv_append_bf16(g->wide + (size_t)nH * hd, qkvw, g->wide + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
                                d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
-        CK(ds_k_attention_bf16(g->wide, qkvw, kc, vc, d_seq, d_att, d_rs, d_rl, d_nr, d_pages, t->max_pages,
-                               t->page_size, n, nH, nKV, hd, scale, g->att_ws, g->attn, t->stream));
+        CK(ds_k_attention_bf16(g->wide, qkvw, kc, vc, d_seq, d_att, d_rs, d_rl, d_nr, g->att_longest, d_pages,
+                               t->max_pages, t->page_size, n, nH, nKV, hd, scale, g->att_ws, g->attn, t->stream));
         if ((r = ds_cu_gemm(t, g->ws, &L->o, g->attn, nH * hd, n, g->x, H, true)) < 0)
             return r;
         CK(ds_k_rmsnorm_bf16(g->x, NULL, L->ffn_norm, n, H, eps, g->xn, t->stream));
@@ -550,23 +583,17 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
         return r;
     if (g->r > 0)
         CK(cudaMemsetAsync(g->state, 0, (size_t)R * g->r * 4, t->stream));
-    g->R = R;
     return 0;
 }
 
-int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int32_t *ids, float *z, float *logits)
+/* The device part of Markov position k for R blocks: corrected logits into
+ * g->logits, their argmax into ids, the confidence logits into z (NULL: none).
+ * prev [R] is on the device. Graph-capturable. */
+static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, int32_t *ids, float *z)
 {
     struct ds_cuda_target *t = g->t;
     const struct ds_dspark_config *cfg = &g->cfg;
-    int R = g->R, gm = g->g, H = g->H, V = g->V, rk = g->r, r;
-    if (R <= 0 || k < 0 || k >= gm)
-        return ds_seterr(DS_EINVAL, "no draft block to continue at position %d", k);
-    for (int i = 0; i < R; i++)
-        if (prev[i] < 0 || prev[i] >= V)
-            return ds_seterr(DS_EINVAL, "draft token %d is outside the vocabulary", prev[i]);
-    int32_t *d_prev = g->meta + meta_prev(g);
-    memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
-    CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
+    int gm = g->g, H = g->H, V = g->V, rk = g->r, r;
     const float *hk = g->h + (size_t)k * H;   /* row i at hk + i γ H */
     CK(cudaMemcpy2DAsync(g->logits, (size_t)V * 4, g->U + (size_t)k * V, (size_t)gm * V * 4, (size_t)V * 4, R,
                          cudaMemcpyDeviceToDevice, t->stream));
@@ -574,29 +601,58 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
         if (cfg->markov_head == DS_MARKOV_GATED) {
             int w = H + rk;
             CK(ds_k_gather_bf16(hk, gm * H, NULL, R, H, g->m_in, w, t->stream));
-            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->m_in + H, w, t->stream));
+            CK(ds_k_table_rows_bf16(g->w1, prev, R, rk, V, g->m_in + H, w, t->stream));
             if ((r = ds_cu_gemm(t, g->ws, &g->gate, g->m_in, w, R, g->mid, rk, false)) < 0)
                 return r;
-            CK(ds_k_markov_gated(g->mid, g->gate_bias, g->w1, d_prev, R, rk, V, g->corr, t->stream));
+            CK(ds_k_markov_gated(g->mid, g->gate_bias, g->w1, prev, R, rk, V, g->corr, t->stream));
         } else if (cfg->markov_head == DS_MARKOV_RNN) {
             int w = 2 * rk + H;
             CK(ds_k_gather_bf16(g->state, rk, NULL, R, rk, g->m_in, w, t->stream));
-            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->m_in + rk, w, t->stream));
+            CK(ds_k_table_rows_bf16(g->w1, prev, R, rk, V, g->m_in + rk, w, t->stream));
             CK(ds_k_gather_bf16(hk, gm * H, NULL, R, H, g->m_in + 2 * rk, w, t->stream));
             if ((r = ds_cu_gemm(t, g->ws, &g->joint, g->m_in, w, R, g->mid, 3 * rk, false)) < 0)
                 return r;
             CK(ds_k_markov_rnn(g->mid, g->joint_bias, g->state, R, rk, g->corr, t->stream));
         } else {
-            CK(ds_k_table_rows_bf16(g->w1, d_prev, R, rk, V, g->corr, rk, t->stream));
+            CK(ds_k_table_rows_bf16(g->w1, prev, R, rk, V, g->corr, rk, t->stream));
         }
         if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, g->logits, V, true)) < 0)
             return r;
     }
-    CK(ds_k_argmax(g->logits, R, V, g->ids, t->stream));
+    CK(ds_k_argmax(g->logits, R, V, ids, t->stream));
     bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
     if (g->conf_w && z)
-        CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? d_prev : NULL, R, H,
-                           with_markov ? rk : 0, V, g->conf_b, g->z, t->stream));
+        CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? prev : NULL, R, H,
+                           with_markov ? rk : 0, V, g->conf_b, z, t->stream));
+    return 0;
+}
+
+int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                        const int32_t *anchor, const int32_t *start)
+{
+    int r;
+    if (R <= 0)
+        return 0;
+    if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0 || (r = enqueue_block(g, R)) < 0)
+        return r;
+    g->R = R;
+    return 0;
+}
+
+int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int32_t *ids, float *z, float *logits)
+{
+    struct ds_cuda_target *t = g->t;
+    int R = g->R, V = g->V, r;
+    if (R <= 0 || k < 0 || k >= g->g)
+        return ds_seterr(DS_EINVAL, "no draft block to continue at position %d", k);
+    for (int i = 0; i < R; i++)
+        if (prev[i] < 0 || prev[i] >= V)
+            return ds_seterr(DS_EINVAL, "draft token %d is outside the vocabulary", prev[i]);
+    int32_t *d_prev = g->meta + meta_prev(g);
+    memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
+    CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
+    if ((r = enqueue_step(g, R, k, d_prev, g->ids, z ? g->z : NULL)) < 0)
+        return r;
     CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
         CK(cudaMemcpyAsync(z, g->z, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
@@ -606,5 +662,84 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     if (z && !g->conf_w)
         for (int i = 0; i < R; i++)
             z[i] = NAN;
+    return 0;
+}
+
+/* Blocks and all γ greedy positions, each position's argmax feeding the next on the device. */
+static int enqueue_greedy(struct ds_cuda_draft *g, int R)
+{
+    int r = enqueue_block(g, R);
+    const int32_t *prev = g->meta + M_ANCHOR * g->cap_rows;
+    for (int k = 0; k < g->g && r == 0; k++) {
+        int32_t *ids = g->ids_all + (size_t)k * g->max_seqs;
+        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * g->max_seqs : NULL);
+        prev = ids;
+    }
+    return r;
+}
+
+struct greedy_args {
+    struct ds_cuda_draft *g;
+    int R;
+};
+
+static int enqueue_greedy_args(void *arg)
+{
+    const struct greedy_args *a = arg;
+    return enqueue_greedy(a->g, a->R);
+}
+
+int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z)
+{
+    struct ds_cuda_target *t = g->t;
+    int gm = g->g, S = g->max_seqs, r;
+    if (R <= 0)
+        return 0;
+    if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
+        return r;
+    /* a shape seen before replays its graph (captured on its second round) */
+    struct draft_graph *hit = NULL, *victim = &g->graphs[0];
+    for (int i = 0; i < DRAFT_GRAPHS && t->opts.graphs; i++) {
+        if (g->graphs[i].last_use && g->graphs[i].R == R) {
+            hit = &g->graphs[i];
+            break;
+        }
+        if (g->graphs[i].last_use < victim->last_use)
+            victim = &g->graphs[i];
+    }
+    if (!t->opts.graphs) {
+        r = enqueue_greedy(g, R);
+    } else if (!hit) {
+        if (victim->exec)
+            cudaGraphExecDestroy(victim->exec);
+        memset(victim, 0, sizeof *victim);
+        victim->R = R;
+        victim->last_use = ++g->uses;
+        r = enqueue_greedy(g, R);
+    } else {
+        hit->last_use = ++g->uses;
+        if (!hit->exec) {
+            struct greedy_args a = {g, R};
+            if ((r = ds_cu_capture(t->stream, enqueue_greedy_args, &a, &hit->exec)) < 0)
+                return r;
+        }
+        CK(cudaGraphLaunch(hit->exec, t->stream));
+    }
+    if (r < 0)
+        return r;
+    int32_t *h_ids = g->h_meta + meta_prev(g);   /* [γ, S] staging, then [R, γ] out */
+    CK(cudaMemcpyAsync(h_ids, g->ids_all, (size_t)gm * S * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (g->conf_w && z)
+        CK(cudaMemcpyAsync(g->h_z, g->z_all, (size_t)gm * S * 4, cudaMemcpyDeviceToHost, t->stream));
+    CK(cudaStreamSynchronize(t->stream));
+    for (int i = 0; i < R; i++)
+        for (int k = 0; k < gm; k++) {
+            int32_t id = h_ids[(size_t)k * S + i];
+            drafts[(size_t)i * gm + k] = id >= 0 && id < g->V ? id : 0;   /* NaN logits: any token is a valid draft */
+            if (z)
+                z[(size_t)i * gm + k] = g->conf_w ? g->h_z[(size_t)k * S + i] : NAN;
+        }
+    g->R = R;
     return 0;
 }

@@ -613,6 +613,8 @@ static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_se
         (r = ds_cu_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
         return r;
     CK(cudaMallocHost((void **)&t->h_meta, t->meta_ints * 4));
+    if (ws)
+        CK(cudaMemset(t->ws, 0, ws * 4));   /* the product's tile counters start at zero */
     t->ws_floats = ws;
     t->cap_tokens = cn;
     t->cap_rows = cr;
@@ -681,8 +683,9 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
                              n, nH, nKV, hd, eps, t->stream));
         CK(ds_k_kv_append_bf16(t->qkv + (size_t)nH * hd, qkvw, t->qkv + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
                                d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
-        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs, d_pages,
-                               t->max_pages, t->page_size, n, nH, nKV, hd, scale, t->att_ws, t->attn, t->stream));
+        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs,
+                               t->att_longest, d_pages, t->max_pages, t->page_size, n, nH, nKV, hd, scale, t->att_ws,
+                               t->attn, t->stream));
         if ((r = ds_cu_gemm(t, t->ws, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
             return r;
         if (l->o_bias)
@@ -748,7 +751,7 @@ static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, 
     if (b->n_logits)
         memcpy(h + 3 * cn, b->logit_rows, (size_t)b->n_logits * 4);
     h[6 * cn] = ds_k_attention_runs(b->seq, n, t->cfg.num_attention_heads, t->cfg.num_key_value_heads, h + 4 * cn,
-                                    h + 5 * cn);
+                                    h + 5 * cn, &t->att_longest);
     int32_t *pages = h + META_PAGES(cn);
     for (int s = 0; s < n_seqs; s++) {
         const struct ds_kv_seq *kv = b->kv[s];
@@ -762,6 +765,35 @@ static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, 
     return 0;
 }
 
+int ds_cu_capture(cudaStream_t stream, int (*enqueue)(void *arg), void *arg, cudaGraphExec_t *ret)
+{
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    int r = enqueue(arg);
+    cudaError_t e = cudaStreamEndCapture(stream, &g);
+    if (r < 0)
+        return r;
+    if (e != cudaSuccess)
+        return ds_seterr(DS_ECUDA, "capturing a CUDA graph: %s", cudaGetErrorString(e));
+    e = cudaGraphInstantiate(ret, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess)
+        return ds_seterr(DS_ECUDA, "instantiating a CUDA graph: %s", cudaGetErrorString(e));
+    return 0;
+}
+
+struct pass_args {
+    struct ds_cuda_target *t;
+    int n, n_rows;
+    const struct ds_batch *b;
+};
+
+static int enqueue_pass_args(void *arg)
+{
+    const struct pass_args *a = arg;
+    return enqueue_pass(a->t, a->n, a->n_rows, a->b->n_capture, a->b->capture_layers, a->b->argmax != NULL);
+}
+
 /* Run the device part. With graphs on, a shape seen before is captured as a
  * CUDA graph on its second pass and replayed from then on (a shape seen once
  * runs eagerly: capturing costs more than one pass). */
@@ -773,6 +805,7 @@ static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds
     for (int i = 0; i < GRAPH_SLOTS; i++) {
         struct graph_slot *g = &t->graphs[i];
         if (g->last_use && g->n_tokens == n && g->n_logits == n_rows && g->n_capture == b->n_capture &&
+            g->att_longest == t->att_longest &&
             g->argmax == (b->argmax != NULL) &&
             (b->n_capture == 0 || !memcmp(g->capture_layers, b->capture_layers, (size_t)b->n_capture * 4))) {
             hit = g;
@@ -788,6 +821,7 @@ static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds
         victim->n_tokens = n;
         victim->n_logits = n_rows;
         victim->n_capture = b->n_capture;
+        victim->att_longest = t->att_longest;
         victim->argmax = b->argmax != NULL;
         if (b->n_capture)
             memcpy(victim->capture_layers, b->capture_layers, (size_t)b->n_capture * 4);
@@ -796,18 +830,10 @@ static int run_pass(struct ds_cuda_target *t, int n, int n_rows, const struct ds
     }
     hit->last_use = ++t->uses;
     if (!hit->exec) {
-        cudaGraph_t g;
-        CK(cudaStreamBeginCapture(t->stream, cudaStreamCaptureModeThreadLocal));
-        int r = enqueue_pass(t, n, n_rows, b->n_capture, b->capture_layers, b->argmax != NULL);
-        cudaError_t e = cudaStreamEndCapture(t->stream, &g);
+        struct pass_args a = {t, n, n_rows, b};
+        int r = ds_cu_capture(t->stream, enqueue_pass_args, &a, &hit->exec);
         if (r < 0)
             return r;
-        if (e != cudaSuccess)
-            return ds_seterr(DS_ECUDA, "capturing a CUDA graph: %s", cudaGetErrorString(e));
-        e = cudaGraphInstantiate(&hit->exec, g, 0);
-        cudaGraphDestroy(g);
-        if (e != cudaSuccess)
-            return ds_seterr(DS_ECUDA, "instantiating a CUDA graph: %s", cudaGetErrorString(e));
     }
     CK(cudaGraphLaunch(hit->exec, t->stream));
     return 0;

@@ -254,7 +254,8 @@ static int draft_cpu(struct ds_engine *e, int R)
     return r;
 }
 
-/* The draft phase on the GPU: the corrected logits come to the host only when a row samples. */
+/* The draft phase on the GPU: the corrected logits come to the host only when
+ * a row samples; otherwise the whole phase is one graph and one copy back. */
 static int draft_cuda(struct ds_engine *e, int R)
 {
     struct ds_spec *sp = e->spec;
@@ -264,6 +265,18 @@ static int draft_cuda(struct ds_engine *e, int R)
         struct ds_seq *s = e->seqs[sp->idx[i]];
         sp->kvs[i] = &s->kv;
         sampled |= !ds_sampling_is_greedy(&s->sampling);
+    }
+    if (!sampled) {
+        /* all greedy: the γ positions chain on the device, one copy back */
+        int32_t *dr = ds_xmalloc((size_t)R * g * sizeof(int32_t));
+        float *z = ds_xmalloc((size_t)R * g * sizeof(float));
+        r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, dr, z);
+        for (int i = 0; i < R && r == 0; i++)
+            for (int k = 0; k < g; k++)
+                pick_draft(e, i, k, NULL, dr[(size_t)i * g + k], z[(size_t)i * g + k]);
+        free(dr);
+        free(z);
+        return r;
     }
     if ((r = ds_cuda_draft_block(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start)) < 0)
         return r;

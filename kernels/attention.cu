@@ -24,7 +24,6 @@
 
 #include "kernels.h"
 
-#define ATT_WARPS 4
 
 template <typename T> __device__ static inline T from_f32(float v);
 template <> __device__ inline float from_f32<float>(float v)
@@ -40,14 +39,14 @@ template <> __device__ inline __nv_bfloat16 from_f32<__nv_bfloat16>(float v)
 template <typename KV>
 __global__ static void kv_append_kernel(const float *k, int ldk, const float *v, int ldv, const int32_t *seq,
                                         const int32_t *pos, const int32_t *page_table, int max_pages,
-                                        int page_size, int row, KV *k_cache, KV *v_cache)
+                                        int page_size, int row, int hd, KV *k_cache, KV *v_cache)
 {
-    int t = blockIdx.x;
+    int t = blockIdx.x, h = blockIdx.y;   /* one block per (token, KV head) */
     int p = pos[t];
     int page = page_table[(size_t)seq[t] * max_pages + p / page_size];
-    size_t dst = ((size_t)page * page_size + p % page_size) * row;
-    const float *kr = k + (size_t)t * ldk, *vr = v + (size_t)t * ldv;
-    for (int i = threadIdx.x; i < row; i += blockDim.x) {
+    size_t dst = ((size_t)page * page_size + p % page_size) * row + (size_t)h * hd;
+    const float *kr = k + (size_t)t * ldk + (size_t)h * hd, *vr = v + (size_t)t * ldv + (size_t)h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         k_cache[dst + i] = from_f32<KV>(kr[i]);
         v_cache[dst + i] = from_f32<KV>(vr[i]);
     }
@@ -55,7 +54,8 @@ __global__ static void kv_append_kernel(const float *k, int ldk, const float *v,
 
 static bool kv_append_ok(int n, int ldk, int ldv, int max_pages, int page_size, int nKV, int hd)
 {
-    return n >= 0 && nKV > 0 && hd > 0 && page_size > 0 && max_pages > 0 && ldk >= nKV * hd && ldv >= nKV * hd;
+    return n >= 0 && nKV > 0 && nKV <= 65535 && hd > 0 && page_size > 0 && max_pages > 0 && ldk >= nKV * hd &&
+           ldv >= nKV * hd;
 }
 
 extern "C" cudaError_t ds_k_kv_append(const float *k, int ldk, const float *v, int ldv, const int32_t *seq,
@@ -66,8 +66,8 @@ extern "C" cudaError_t ds_k_kv_append(const float *k, int ldk, const float *v, i
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    kv_append_kernel<float><<<n, 256, 0, stream>>>(k, ldk, v, ldv, seq, pos, page_table, max_pages, page_size,
-                                                   nKV * hd, k_cache, v_cache);
+    kv_append_kernel<float><<<dim3((unsigned)n, (unsigned)nKV), 128, 0, stream>>>(
+        k, ldk, v, ldv, seq, pos, page_table, max_pages, page_size, nKV * hd, hd, k_cache, v_cache);
     return cudaGetLastError();
 }
 
@@ -80,9 +80,9 @@ extern "C" cudaError_t ds_k_kv_append_bf16(const float *k, int ldk, const float 
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    kv_append_kernel<__nv_bfloat16><<<n, 256, 0, stream>>>(k, ldk, v, ldv, seq, pos, page_table, max_pages,
-                                                           page_size, nKV * hd, (__nv_bfloat16 *)k_cache,
-                                                           (__nv_bfloat16 *)v_cache);
+    kv_append_kernel<__nv_bfloat16><<<dim3((unsigned)n, (unsigned)nKV), 128, 0, stream>>>(
+        k, ldk, v, ldv, seq, pos, page_table, max_pages, page_size, nKV * hd, hd, (__nv_bfloat16 *)k_cache,
+        (__nv_bfloat16 *)v_cache);
     return cudaGetLastError();
 }
 
@@ -90,7 +90,15 @@ extern "C" cudaError_t ds_k_kv_append_bf16(const float *k, int ldk, const float 
 #define ATT_TILE 32                 /* positions per tile: one per lane */
 #define ATT_SPLIT 8                 /* position groups per (run, KV head) */
 #define ATT_QUERIES 32              /* queries per block at most */
-#define ATT_Q_PER_WARP (ATT_QUERIES / ATT_WARPS)
+/* Warps per block: 8 for passes of few blocks (a few tokens, or a few
+ * verification blocks whose runs hold more than 16 queries): each block then
+ * loads its tiles and carries its queries faster; else 4, so that more blocks
+ * fit an SM (measured on an H200, bench/RESULTS.md). One warp carries
+ * ATT_QUERIES / W queries; which warp carries a query never changes its
+ * arithmetic. */
+#define ATT_WIDE_QUERIES 16
+#define ATT_WIDE_TOKENS 64
+#define ATT_FEW_TOKENS 4
 
 extern "C" size_t ds_k_attention_workspace(int n, int nH, int hd)
 {
@@ -98,8 +106,10 @@ extern "C" size_t ds_k_attention_workspace(int n, int nH, int hd)
     return (size_t)n * nH * ATT_SPLIT * (hd + 2);
 }
 
-extern "C" int ds_k_attention_runs(const int32_t *seq, int n, int nH, int nKV, int32_t *run_start, int32_t *run_len)
+extern "C" int ds_k_attention_runs(const int32_t *seq, int n, int nH, int nKV, int32_t *run_start, int32_t *run_len,
+                                   int *ret_longest)
 {
+    int longest = 0;
     int group = nH / nKV, cap = ATT_QUERIES / (group > 0 ? group : 1), n_runs = 0;
     if (cap < 1)
         cap = 1;
@@ -109,8 +119,11 @@ extern "C" int ds_k_attention_runs(const int32_t *seq, int n, int nH, int nKV, i
             len++;
         run_start[n_runs] = t;
         run_len[n_runs++] = len;
+        longest = len > longest ? len : longest;
         t += len;
     }
+    if (ret_longest)
+        *ret_longest = longest;
     return n_runs;
 }
 
@@ -157,8 +170,8 @@ template <typename KV> struct AttSmem {
 };
 
 /* Block (run, KV head g, group z). Writes ws[((t nH + h) S + z)] = (m, l, acc[hd]), unnormalized. */
-template <typename KV, int R>   /* R = ceil(hd / 32) value elements per lane */
-__global__ static void __launch_bounds__(ATT_WARPS * 32)
+template <typename KV, int R, int W>   /* R = ceil(hd / 32) value elements per lane; W warps */
+__global__ static void __launch_bounds__(W * 32)
 attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_cache, const int32_t *seq,
                       const int32_t *pos, const int32_t *run_start, const int32_t *run_len, const int32_t *n_runs,
                       const int32_t *page_table, int max_pages, int page_size, int nH, int nKV, int hd, float scale,
@@ -205,11 +218,11 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
         int t = t0 + qi / G, h = g * G + qi % G;
         Qs[qi * hd + d] = q[(size_t)t * ldq + (size_t)h * hd + d] * scale;
     }
-    float m[ATT_Q_PER_WARP], l[ATT_Q_PER_WARP], acc[ATT_Q_PER_WARP][R];
-    int qpos[ATT_Q_PER_WARP];
+    float m[(ATT_QUERIES / W)], l[(ATT_QUERIES / W)], acc[(ATT_QUERIES / W)][R];
+    int qpos[(ATT_QUERIES / W)];
 #pragma unroll
-    for (int k = 0; k < ATT_Q_PER_WARP; k++) {
-        int qi = w + k * ATT_WARPS;
+    for (int k = 0; k < (ATT_QUERIES / W); k++) {
+        int qi = w + k * W;
         qpos[k] = qi < nq ? pos[t0 + qi / G] : -1;
         m[k] = -INFINITY;
         l[k] = 0.0f;
@@ -229,8 +242,8 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
         __syncthreads();                          /* this tile (and Qs) visible to all */
         const KV *Ks = stage0 + (it & 1) * L::stage(hd), *Vs = Ks + ATT_TILE * ldk;
 #pragma unroll
-        for (int k = 0; k < ATT_Q_PER_WARP; k++) {
-            int qi = w + k * ATT_WARPS;
+        for (int k = 0; k < (ATT_QUERIES / W); k++) {
+            int qi = w + k * W;
             if (qi >= nq || j0 > qpos[k])         /* no position of this tile is visible to the query */
                 continue;
             const float *qv = Qs + qi * hd;
@@ -283,8 +296,8 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
 #pragma unroll
-    for (int k = 0; k < ATT_Q_PER_WARP; k++) {
-        int qi = w + k * ATT_WARPS;
+    for (int k = 0; k < (ATT_QUERIES / W); k++) {
+        int qi = w + k * W;
         if (qi >= nq)
             continue;
         int t = t0 + qi / G, h = g * G + qi % G;
@@ -293,6 +306,8 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
             out[0] = m[k];
             out[1] = l[k];
         }
+        if (l[k] == 0.0f)
+            continue;                             /* no visible position here: the merge skips the group */
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int d = lane + 32 * r;
@@ -325,36 +340,42 @@ __global__ static void attention_merge_kernel(const float *ws, int nH, int hd, O
         float sum = 0.0f;
 #pragma unroll
         for (int z = 0; z < ATT_SPLIT; z++)
-            sum += part[z * (hd + 2) + 2 + d] * f[z];
+            if (f[z] > 0.0f)                       /* empty groups wrote no values */
+                sum += part[z * (hd + 2) + 2 + d] * f[z];
         oh[d] = from_f32<OUT>(sum * inv);
     }
 }
 
-template <typename KV, typename OUT>
-static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, const KV *v_cache,
-                                    const int32_t *seq, const int32_t *pos, const int32_t *run_start,
-                                    const int32_t *run_len, const int32_t *n_runs, const int32_t *page_table,
-                                    int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale,
-                                    float *ws, OUT *out, cudaStream_t stream)
+/* Allow the largest head_dim's shared memory, once per kernel instance. */
+template <typename KV, int RR, int W> static cudaError_t smem_attr(void)
 {
-    if (n < 0 || nH <= 0 || nKV <= 0 || nH % nKV || nH / nKV > ATT_QUERIES || nKV > 65535 || page_size <= 0 ||
-        max_pages <= 0 || hd <= 0 || hd > 256 || hd % 8 || ldq < nH * hd || !ws)
-        return cudaErrorInvalidValue;
-    if (n == 0)
+    static bool done;
+    if (done)
         return cudaSuccess;
+    cudaError_t e = cudaFuncSetAttribute(attention_part_kernel<KV, RR, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)AttSmem<KV>::bytes(256));
+    done = e == cudaSuccess;
+    return e;
+}
+
+template <typename KV, int W>
+static cudaError_t launch_part(const float *q, int ldq, const KV *k_cache, const KV *v_cache, const int32_t *seq,
+                               const int32_t *pos, const int32_t *run_start, const int32_t *run_len,
+                               const int32_t *n_runs, const int32_t *page_table, int max_pages, int page_size, int n,
+                               int nH, int nKV, int hd, float scale, float *ws, cudaStream_t stream)
+{
     size_t smem = AttSmem<KV>::bytes(hd);
-    dim3 grid((unsigned)n, (unsigned)nKV, ATT_SPLIT), block(ATT_WARPS * 32);
+    dim3 grid((unsigned)n, (unsigned)nKV, ATT_SPLIT), block(W * 32);
     cudaError_t e = cudaSuccess;
 #define ATT_CASE(RR)                                                                                           \
     case RR:                                                                                                   \
-        e = cudaFuncSetAttribute(attention_part_kernel<KV, RR>, cudaFuncAttributeMaxDynamicSharedMemorySize,   \
-                                 (int)AttSmem<KV>::bytes(256));                                                \
+        e = smem_attr<KV, RR, W>();                                                                            \
         if (e != cudaSuccess)                                                                                  \
             return e;                                                                                          \
-        attention_part_kernel<KV, RR><<<grid, block, smem, stream>>>(q, ldq, k_cache, v_cache, seq, pos,        \
-                                                                     run_start, run_len, n_runs, page_table,    \
-                                                                     max_pages, page_size, nH, nKV, hd, scale, \
-                                                                     ws);                                      \
+        attention_part_kernel<KV, RR, W><<<grid, block, smem, stream>>>(q, ldq, k_cache, v_cache, seq, pos,     \
+                                                                        run_start, run_len, n_runs, page_table, \
+                                                                        max_pages, page_size, nH, nKV, hd,      \
+                                                                        scale, ws);                             \
         break;
     switch ((hd + 31) / 32) {
         ATT_CASE(1)
@@ -367,6 +388,29 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
         ATT_CASE(8)
     }
 #undef ATT_CASE
+    return e;
+}
+
+template <typename KV, typename OUT>
+static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, const KV *v_cache,
+                                    const int32_t *seq, const int32_t *pos, const int32_t *run_start,
+                                    const int32_t *run_len, const int32_t *n_runs, int longest,
+                                    const int32_t *page_table, int max_pages, int page_size, int n, int nH, int nKV,
+                                    int hd, float scale, float *ws, OUT *out, cudaStream_t stream)
+{
+    bool wide = (longest * (nH / (nKV > 0 ? nKV : 1)) > ATT_WIDE_QUERIES && n <= ATT_WIDE_TOKENS) ||
+                n <= ATT_FEW_TOKENS;
+    if (n < 0 || nH <= 0 || nKV <= 0 || nH % nKV || nH / nKV > ATT_QUERIES || nKV > 65535 || page_size <= 0 ||
+        max_pages <= 0 || hd <= 0 || hd > 256 || hd % 8 || ldq < nH * hd || !ws)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    cudaError_t e = wide ? launch_part<KV, 8>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
+                                              page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream)
+                         : launch_part<KV, 4>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
+                                              page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
+    if (e != cudaSuccess)
+        return e;
     e = cudaGetLastError();
     if (e != cudaSuccess)
         return e;
@@ -376,22 +420,22 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
 
 extern "C" cudaError_t ds_k_attention(const float *q, int ldq, const float *k_cache, const float *v_cache,
                                       const int32_t *seq, const int32_t *pos, const int32_t *run_start,
-                                      const int32_t *run_len, const int32_t *n_runs, const int32_t *page_table,
-                                      int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale,
-                                      float *ws, float *out, cudaStream_t stream)
+                                      const int32_t *run_len, const int32_t *n_runs, int longest,
+                                      const int32_t *page_table, int max_pages, int page_size, int n, int nH, int nKV,
+                                      int hd, float scale, float *ws, float *out, cudaStream_t stream)
 {
-    return attention_launch<float, float>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
+    return attention_launch<float, float>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, longest,
                                           page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, out, stream);
 }
 
 extern "C" cudaError_t ds_k_attention_bf16(const float *q, int ldq, const uint16_t *k_cache,
                                            const uint16_t *v_cache, const int32_t *seq, const int32_t *pos,
                                            const int32_t *run_start, const int32_t *run_len, const int32_t *n_runs,
-                                           const int32_t *page_table, int max_pages, int page_size, int n, int nH,
-                                           int nKV, int hd, float scale, float *ws, uint16_t *out,
+                                           int longest, const int32_t *page_table, int max_pages, int page_size,
+                                           int n, int nH, int nKV, int hd, float scale, float *ws, uint16_t *out,
                                            cudaStream_t stream)
 {
     return attention_launch<__nv_bfloat16, __nv_bfloat16>(
         q, ldq, (const __nv_bfloat16 *)k_cache, (const __nv_bfloat16 *)v_cache, seq, pos, run_start, run_len, n_runs,
-        page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, (__nv_bfloat16 *)out, stream);
+        longest, page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, (__nv_bfloat16 *)out, stream);
 }

@@ -5,8 +5,9 @@
  * `split` contiguous ranges at multiples of 32 that depend only on (n, k) and
  * the GPU (ds_k_gemm_split); within a range, every output element is one
  * chain of tensor-core products over 16-wide k chunks in increasing order
- * (wmma m16n16k16), and the ranges' partials are summed by a second kernel in
- * range order. Tile shapes differ with m (a 16-row tile that streams W for
+ * (wmma m16n16k16), and the ranges' partials are summed in range order: for
+ * decoding's 16-row tiles by the last block of the tile to finish (a counter
+ * per tile at the start of the workspace), else by a second kernel. Tile shapes differ with m (a 16-row tile that streams W for
  * decoding, 64 and 128-row tiles for larger passes), but chunks past a
  * range's end are zero-filled, so every shape runs the same chain for each
  * element: a token's result never depends on what else shares the pass. */
@@ -32,7 +33,8 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
     static constexpr int SMEM = PIPE > EPI ? PIPE : EPI;
 };
 
-#define GM_KQ 32   /* split boundaries are multiples of this */
+#define GM_KQ 32              /* split boundaries are multiples of this */
+#define GM_COUNTERS 4096      /* tile counters at the start of the workspace (f32 slots) */
 
 __device__ static inline void cp_async16(void *smem, const void *gmem, bool valid)
 {
@@ -71,11 +73,12 @@ __device__ static inline void load_stage(__nv_bfloat16 *As, __nv_bfloat16 *Bs, c
 }
 
 /* Grid: (n tiles, m tiles, split). Split s covers k in [32 ⌊s KQ / S⌋, 32 ⌊(s + 1) KQ / S⌋) ∩ [0, K),
- * KQ = ⌈K / 32⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to ws[s]. */
+ * KQ = ⌈K / 32⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to part[s]
+ * (part = ws + GM_COUNTERS), and with `fused` the tile's last block sums the parts into y. */
 template <int BM, int BN, int BK, int WM, int WN, int STAGES>
 __global__ static void __launch_bounds__(WM * WN * 32)
 gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M, int N, int K, float *y, int ldy,
-                 int accumulate, float *ws)
+                 int accumulate, float *ws, int fused)
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -156,8 +159,37 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
             float *dst = y + (size_t)m * ldy + n;
             *dst = accumulate ? *dst + v : v;
         } else {
-            ws[((size_t)s * M + m) * N + n] = v;
+            ws[GM_COUNTERS + ((size_t)s * M + m) * N + n] = v;
         }
+    }
+    if (S == 1 || !fused)
+        return;
+    /* the last block of this tile to finish sums the parts in split order */
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int *count = (int *)ws + blockIdx.y * gridDim.x + blockIdx.x;
+        last = atomicAdd(count, 1) == S - 1;
+        if (last)
+            *count = 0;   /* ready for the next product */
+    }
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    const float *part = ws + GM_COUNTERS;
+    for (int idx = threadIdx.x; idx < rows * BN; idx += T::THREADS) {
+        int r = idx / BN, c = idx % BN;
+        int m = m0 + r, n = n0 + c;
+        if (n >= N)
+            continue;
+        size_t i = (size_t)m * N + n;
+        float v = __ldcg(part + i);
+        for (int z = 1; z < S; z++)
+            v += __ldcg(part + (size_t)z * M * N + i);
+        float *dst = y + (size_t)m * ldy + n;
+        *dst = accumulate ? *dst + v : v;
     }
 }
 
@@ -175,7 +207,7 @@ extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
 
 extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
 {
-    return split > 1 ? (size_t)split * M * N : 0;
+    return split > 1 ? GM_COUNTERS + (size_t)split * M * N : 0;
 }
 
 /* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order. */
@@ -185,16 +217,17 @@ __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, 
     if (i >= (size_t)M * N)
         return;
     int m = (int)(i / N), n = (int)(i % N);
-    float v = ws[i];
+    const float *part = ws + GM_COUNTERS;
+    float v = part[i];
     for (int s = 1; s < S; s++)
-        v += ws[(size_t)s * M * N + i];
+        v += part[(size_t)s * M * N + i];
     float *dst = y + (size_t)m * ldy + n;
     *dst = accumulate ? *dst + v : v;
 }
 
 template <int BM, int BN, int BK, int WM, int WN, int STAGES>
 static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
-                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
+                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream, int *fused)
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     static int attr_set;
@@ -208,8 +241,10 @@ static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, in
     if ((M + BM - 1) / BM > 65535)
         return cudaErrorInvalidValue;
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)split);
+    /* one block sums a tile's parts: worth it for decoding's small tiles only */
+    *fused = BM <= 16 && (size_t)grid.x * grid.y <= GM_COUNTERS;
     gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES><<<grid, T::THREADS, T::SMEM, stream>>>(
-        (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws);
+        (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws, *fused);
     return cudaGetLastError();
 }
 
@@ -222,13 +257,14 @@ extern "C" cudaError_t ds_k_gemm_bf16(const uint16_t *x, int ldx, const uint16_t
     if (M == 0)
         return cudaSuccess;
     cudaError_t e;
+    int fused = 0;
     if (M <= 16)        /* decoding: stream W with deep k steps */
-        e = gemm_launch<16, 64, 128, 1, 4, 3>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+        e = gemm_launch<16, 64, 128, 1, 4, 3>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
     else if (M <= 128)
-        e = gemm_launch<64, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+        e = gemm_launch<64, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
     else
-        e = gemm_launch<128, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
-    if (e != cudaSuccess || split == 1)
+        e = gemm_launch<128, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
+    if (e != cudaSuccess || split == 1 || fused)
         return e;
     size_t total = (size_t)M * N;
     gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);

@@ -32,7 +32,8 @@ cudaError_t ds_k_embed_f32(const float *table /* [V, H] */, const int32_t *token
 cudaError_t ds_k_embed_bf16(const uint16_t *table /* [V, H] */, const int32_t *tokens /* [n] */, int n, int H,
                             int V, float *out /* [n, H] */, cudaStream_t stream);
 
-/* out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), per row; out may equal x. */
+/* out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), per row; out may equal x.
+ * When H % 4 == 0, x and w must be 16-byte aligned (so must a bf16 out, to 8). */
 cudaError_t ds_k_rmsnorm(const float *x /* [n, H] */, const float *w /* [H] */, int n, int H, float eps,
                          float *out /* [n, H] */, cudaStream_t stream);
 /* x[t] += y[t], then out[t] = rmsnorm(x[t]) as above (the residual add fused with the next norm). */
@@ -64,21 +65,24 @@ cudaError_t ds_k_kv_append(const float *k /* [n, ldk] holding [nKV, hd] */, int 
  * uses KV head h / (nH / nKV). Scores are q.k * scale; softmax and the value
  * sum accumulate in f32 with an online softmax in a fixed order (see
  * attention.cu). The batch is cut into runs of consecutive rows of one
- * sequence by ds_k_attention_runs (on the host; *n_runs on the device); hd at
+ * sequence by ds_k_attention_runs (on the host; *n_runs on the device; longest,
+ * the longest run, only picks the block shape, never the arithmetic); hd at
  * most 256, nH / nKV at most 32; ws holds ds_k_attention_workspace(n, nH, hd)
  * floats. */
 size_t ds_k_attention_workspace(int n, int nH, int hd);
-/* Host: cut a batch into runs; returns their count (at most n). */
+/* Host: cut a batch into runs; returns their count (at most n) and the longest run's length
+ * in *ret_longest (may be NULL). */
 int ds_k_attention_runs(const int32_t *seq /* [n] */, int n, int nH, int nKV, int32_t *run_start /* [n] */,
-                        int32_t *run_len /* [n] */);
+                        int32_t *run_len /* [n] */, int *ret_longest);
 cudaError_t ds_k_attention(const float *q /* [n, ldq] holding [nH, hd] */, int ldq,
                            const float *k_cache /* [n_pages, page_size, nKV, hd] */,
                            const float *v_cache /* [n_pages, page_size, nKV, hd] */,
                            const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
                            const int32_t *run_start /* [n_runs] */, const int32_t *run_len /* [n_runs] */,
-                           const int32_t *n_runs /* [1] */, const int32_t *page_table /* [n_seqs, max_pages] */,
-                           int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
-                           float *out /* [n, nH * hd] */, cudaStream_t stream);
+                           const int32_t *n_runs /* [1] */, int longest,
+                           const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages, int page_size, int n,
+                           int nH, int nKV, int hd, float scale, float *ws, float *out /* [n, nH * hd] */,
+                           cudaStream_t stream);
 
 /* out[t, i] = silu(gate[t, i]) * up[t, i], with gu[t] = [gate (I), up (I)]. */
 cudaError_t ds_k_swiglu(const float *gu /* [n, 2 I] */, int n, int I, float *out /* [n, I] */,
@@ -109,9 +113,10 @@ cudaError_t ds_k_kv_append_bf16(const float *k /* [n, ldk] */, int ldk, const fl
 cudaError_t ds_k_attention_bf16(const float *q /* [n, ldq] */, int ldq, const uint16_t *k_cache,
                                 const uint16_t *v_cache, const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
                                 const int32_t *run_start /* [n_runs] */, const int32_t *run_len /* [n_runs] */,
-                                const int32_t *n_runs /* [1] */, const int32_t *page_table /* [n_seqs, max_pages] */,
-                                int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
-                                uint16_t *out /* [n, nH * hd] */, cudaStream_t stream);
+                                const int32_t *n_runs /* [1] */, int longest,
+                                const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages, int page_size,
+                                int n, int nH, int nKV, int hd, float scale, float *ws, uint16_t *out /* [n, nH * hd] */,
+                                cudaStream_t stream);
 
 /* ---- the draft's kernels (draft.cu) ---- */
 /* out[i, 0:w] = x[rows[i], 0:w] rounded to bf16 (rows NULL: row i); out rows have stride ldo. */
@@ -138,7 +143,10 @@ cudaError_t ds_k_confidence(const float *h /* [n, ldh] */, int ldh, const float 
 /* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends
  * on nothing else, so every batch size runs the same reduction. */
 int ds_k_gemm_split(int N, int K, int n_sm);
-/* f32 elements of workspace a product of M rows needs with that split (0 for split 1). */
+/* f32 elements of workspace a product of M rows needs with that split (0 for
+ * split 1). Zero a workspace once when it is allocated: it starts with tile
+ * counters that every product leaves at zero again. Products sharing a
+ * workspace must not run at the same time. */
 size_t ds_k_gemm_workspace(int M, int N, int split);
 
 /* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.

@@ -89,15 +89,32 @@ __device__ static float rms_scale(float ss, int H, float eps)
     return (float)(1.0 / sqrt((double)ss / H + (double)eps));
 }
 
+/* This thread's part of a row's sum of squares: float4 chunks i, i + blockDim,
+ * ... when H % 4 == 0 (four at a time, so that their loads overlap), else
+ * single elements; either way the same order for every row of a tensor. */
+__device__ static float row_sumsq(const float *xr, int H)
+{
+    float ss = 0.0f;
+    if ((H & 3) == 0) {
+        const float4 *x4 = (const float4 *)xr;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
+            float4 v = x4[i];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+    } else {
+        for (int i = threadIdx.x; i < H; i += blockDim.x)
+            ss += xr[i] * xr[i];
+    }
+    return ss;
+}
+
 __global__ static void rmsnorm_kernel(const float *x, const float *w, int H, float eps, float *out)
 {
     __shared__ float red[32];
     const float *xr = x + (size_t)blockIdx.x * H;
     float *o = out + (size_t)blockIdx.x * H;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-        ss += xr[i] * xr[i];
-    float scale = rms_scale(block_sum(ss, red), H, eps);
+    float scale = rms_scale(block_sum(row_sumsq(xr, H), red), H, eps);
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         o[i] = w[i] * (xr[i] * scale);
 }
@@ -119,10 +136,16 @@ __global__ static void add_rmsnorm_kernel(float *x, const float *y, const float 
         o[i] = w[i] * (xr[i] * scale);
 }
 
+/* The float4 paths need 16-byte aligned rows when H % 4 == 0. */
+static bool rows_aligned(const void *x, const void *w, int H)
+{
+    return (H & 3) || !(((uintptr_t)x | (uintptr_t)w) & 15);
+}
+
 extern "C" cudaError_t ds_k_rmsnorm(const float *x, const float *w, int n, int H, float eps, float *out,
                                     cudaStream_t stream)
 {
-    if (n < 0 || H <= 0)
+    if (n < 0 || H <= 0 || !rows_aligned(x, w, H))
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
@@ -277,10 +300,18 @@ __global__ static void rmsnorm_bf16_kernel(const float *x, const int32_t *rows, 
     int src = rows ? rows[blockIdx.x] : (int)blockIdx.x;
     const float *xr = x + (size_t)src * H;
     __nv_bfloat16 *o = out + (size_t)blockIdx.x * H;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-        ss += xr[i] * xr[i];
-    float scale = rms_scale(block_sum(ss, red), H, eps);
+    float scale = rms_scale(block_sum(row_sumsq(xr, H), red), H, eps);
+    if ((H & 3) == 0) {
+        const float4 *x4 = (const float4 *)xr, *w4 = (const float4 *)w;
+        __nv_bfloat162 *o2 = (__nv_bfloat162 *)o;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
+            float4 v = x4[i], g = w4[i];
+            o2[2 * i] = __floats2bfloat162_rn(g.x * (v.x * scale), g.y * (v.y * scale));
+            o2[2 * i + 1] = __floats2bfloat162_rn(g.z * (v.z * scale), g.w * (v.w * scale));
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         o[i] = __float2bfloat16_rn(w[i] * (xr[i] * scale));
 }
@@ -288,7 +319,7 @@ __global__ static void rmsnorm_bf16_kernel(const float *x, const int32_t *rows, 
 extern "C" cudaError_t ds_k_rmsnorm_bf16(const float *x, const int32_t *rows, const float *w, int n, int H,
                                          float eps, uint16_t *out, cudaStream_t stream)
 {
-    if (n < 0 || H <= 0)
+    if (n < 0 || H <= 0 || !rows_aligned(x, w, H) || ((H & 3) == 0 && ((uintptr_t)out & 7)))
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;

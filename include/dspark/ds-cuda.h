@@ -109,6 +109,15 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
 int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev /* [R] */, int32_t *ids /* [R] */,
                        float *z /* [R] */, float *logits /* [R, V] */) DS_MUSTCHECK;
 
+/* ds_cuda_draft_block and all γ positions for rows that all decode greedily,
+ * each position's argmax feeding the next on the device (one CUDA graph per
+ * R, replayed from the shape's second round): drafts [R, γ] and z [R, γ]
+ * (NaN without a confidence head; z may be NULL) come back in one copy. */
+int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R,
+                         struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
+                         const int32_t *start /* [R] */, int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */)
+    DS_MUSTCHECK;
+
 /* Device-to-device copy bandwidth in bytes per second (bytes read + written),
  * over a buffer of the given size; the median of reps copies. */
 int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps) DS_MUSTCHECK;

@@ -10,7 +10,9 @@
  *  3. The draft on the GPU against the CPU draft (draft.c), for every Markov
  *     head kind, with and without a confidence head: context rows from the
  *     target's captured features, a block, then the γ Markov positions:
- *     corrected logits and confidence logits within bf16 tolerance.
+ *     corrected logits and confidence logits within bf16 tolerance; the
+ *     greedy phase chained on the device (and replayed as a CUDA graph) gives
+ *     the step-by-step chain's drafts bit for bit.
  *  4. Greedy speculative output equals greedy target-only output token for
  *     token, on the GPU (target and draft), for every speculation mode, at
  *     concurrency 1, 32 and 256 (the bundled target and DSpark draft).
@@ -329,7 +331,7 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
     enum { S = 3 };
     struct ds_cuda_target *t = NULL;
     struct ds_cuda_draft *gd = NULL;
-    struct ds_cuda_opts co = {0};
+    struct ds_cuda_opts co = {.graphs = true};
     struct ds_kv_pool cpu_pool, gpu_pool;
     if (ds_cuda_target_new(m, &co, &t) < 0 || ds_cuda_kv_alloc(t, 64, 8, 32) < 0 ||
         ds_cuda_reserve(t, 128, S, nm) < 0 || ds_cuda_draft_new(t, d, S, &gd) < 0 ||
@@ -437,6 +439,38 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
             "%s: GPU draft (bf16) vs CPU draft (f32): context, block and %d Markov positions within %.0e", draft_rel,
             g, bound);
     }
+    /* the greedy phase chained on the device (eager, captured, replayed) gives
+     * the step-by-step chain's drafts and confidences, bit for bit */
+    int32_t chain[S * 16], fused[S * 16];
+    float zchain[S * 16], zfused[S * 16];
+    for (int s = 0; s < S; s++)
+        prev[s] = anchor[s];
+    if (r == 0 && ds_cuda_draft_block(gd, &gpu_pool, S, pg.kvp, anchor, start) < 0)
+        r = -1;
+    for (int k = 0; k < g && r == 0; k++) {
+        if (ds_cuda_draft_step(gd, k, prev, gids, zg, NULL) < 0)
+            r = -1;
+        for (int s = 0; s < S; s++) {
+            chain[s * g + k] = prev[s] = gids[s];
+            zchain[s * g + k] = zg[s];
+        }
+    }
+    int same_runs = 0;
+    for (int run = 0; run < 3 && r == 0; run++) {
+        if (ds_cuda_draft_greedy(gd, &gpu_pool, S, pg.kvp, anchor, start, fused, zfused) < 0) {
+            r = -1;
+            break;
+        }
+        bool same = !memcmp(chain, fused, (size_t)S * g * 4);
+        for (int i = 0; i < S * g; i++)
+            same &= (isnan(zchain[i]) && isnan(zfused[i])) || !memcmp(&zchain[i], &zfused[i], 4);
+        same_runs += same;
+    }
+    if (r < 0)
+        tap(false, "%s: greedy chain: %s", draft_rel, ds_errdetail());
+    else
+        tap(same_runs == 3, "%s: greedy phase chained on the device = the step-by-step chain (%d of 3 runs)",
+            draft_rel, same_runs);
     for (int s = 0; s < S; s++)
         ds_draft_cache_done(&cache[s]);
     ds_scratch_done(&scr);

@@ -490,7 +490,8 @@ static bool test_attention(const struct att_case *c, const char *name)
     float scale = 1.0f / sqrtf((float)hd);
     float *d_ws = dpoison(ds_k_attention_workspace(n, nH, hd) * sizeof(float));
     int32_t *rs = hmalloc((size_t)n * 4), *rl = hmalloc((size_t)n * 4);
-    int32_t n_runs = ds_k_attention_runs(s.seq, n, nH, nKV, rs, rl);
+    int longest = 0;
+    int32_t n_runs = ds_k_attention_runs(s.seq, n, nH, nKV, rs, rl, &longest);
     int32_t *d_rs = dup_to_dev(rs, (size_t)n * 4), *d_rl = dup_to_dev(rl, (size_t)n * 4);
     int32_t *d_nr = dup_to_dev(&n_runs, 4);
     int32_t one_run[3] = {0, 1, 1};   /* start, length, count */
@@ -502,8 +503,15 @@ static bool test_attention(const struct att_case *c, const char *name)
                                  d_v + layer_floats, 0), "kv_append"))
         return false;
     if (!launched(ds_k_attention(d_qkv, s.width, d_k + layer_floats, d_v + layer_floats, d_seq, d_pos, d_rs, d_rl,
-                                 d_nr, d_pt,
-                                 s.max_pages, c->page_size, n, nH, nKV, hd, scale, d_ws, d_out, 0), "attention"))
+                                 d_nr, longest, d_pt, s.max_pages, c->page_size, n, nH, nKV, hd, scale, d_ws, d_out,
+                                 0), "attention"))
+        return false;
+    /* the other block shape (4 or 8 warps) gives the same bits */
+    float *d_other = dpoison(out_floats * sizeof(float));
+    int other = longest * (nH / nKV) > 16 ? 1 : 32;
+    if (!launched(ds_k_attention(d_qkv, s.width, d_k + layer_floats, d_v + layer_floats, d_seq, d_pos, d_rs, d_rl,
+                                 d_nr, other, d_pt, s.max_pages, c->page_size, n, nH, nKV, hd, scale, d_ws, d_other,
+                                 0), "attention, other block shape"))
         return false;
     float *ref = hmalloc(out_floats * sizeof(float));
     att_reference(c, &s, ref);
@@ -514,6 +522,9 @@ static bool test_attention(const struct att_case *c, const char *name)
     ok = same_bits(what, dup_to_host(d_v, cache_bytes), s.pool.v, cache_bytes) && ok;
     float *got = dup_to_host(d_out, out_floats * sizeof(float));
     ok = close_enough(name, got, ref, out_floats, 1e-5) && ok;
+    snprintf(what, sizeof what, "%s: %d warps per block vs %d", name, longest * (nH / nKV) > 16 ? 8 : 4,
+             longest * (nH / nKV) > 16 ? 4 : 8);
+    ok = same_bits(what, dup_to_host(d_other, out_floats * sizeof(float)), got, out_floats * sizeof(float)) && ok;
 
     /* the bf16 cache and output: the same function up to bf16 rounding */
     size_t half_bytes = 2 * layer_floats * 2;
@@ -548,10 +559,11 @@ static bool test_attention(const struct att_case *c, const char *name)
         uint16_t *d_kb2 = dup_to_dev(hk, layer_floats * 2), *d_vb2 = dup_to_dev(hv, layer_floats * 2);
         float *d_fk = dup_to_dev(fk, layer_floats * 4), *d_fv = dup_to_dev(fv, layer_floats * 4);
         float *d_ref = dpoison(out_floats * 4);
-        if (!launched(ds_k_attention_bf16(d_qkv, s.width, d_kb2, d_vb2, d_seq, d_pos, d_rs, d_rl, d_nr, d_pt,
+        if (!launched(ds_k_attention_bf16(d_qkv, s.width, d_kb2, d_vb2, d_seq, d_pos, d_rs, d_rl, d_nr, longest, d_pt,
                                           s.max_pages, c->page_size,
                                           n, nH, nKV, hd, scale, d_ws, d_ob, 0), "attention_bf16") ||
-            !launched(ds_k_attention(d_qkv, s.width, d_fk, d_fv, d_seq, d_pos, d_rs, d_rl, d_nr, d_pt, s.max_pages,
+            !launched(ds_k_attention(d_qkv, s.width, d_fk, d_fv, d_seq, d_pos, d_rs, d_rl, d_nr, longest, d_pt,
+                                     s.max_pages,
                                      c->page_size, n,
                                      nH, nKV, hd, scale, d_ws, d_ref, 0), "attention on rounded rows"))
             return false;
@@ -568,7 +580,7 @@ static bool test_attention(const struct att_case *c, const char *name)
         int t = alone[i];
         float *d_one = dpoison((size_t)nH * hd * sizeof(float));
         if (!launched(ds_k_attention(d_qkv + (size_t)t * s.width, s.width, d_k + layer_floats, d_v + layer_floats,
-                                     d_seq + t, d_pos + t, d_one_run, d_one_run + 1, d_one_run + 2, d_pt,
+                                     d_seq + t, d_pos + t, d_one_run, d_one_run + 1, d_one_run + 2, 1, d_pt,
                                      s.max_pages, c->page_size, 1, nH, nKV, hd, scale,
                                      d_ws, d_one, 0), "attention, one token"))
             return false;
@@ -631,6 +643,7 @@ static bool gemm_case(int M, int N, int K, int split, bool accumulate)
     float *y0 = accumulate ? rnd_vec((size_t)M * N) : NULL;
     float *d_y = accumulate ? dup_to_dev(y0, (size_t)M * N * 4) : dpoison((size_t)M * N * 4);
     float *d_ws = dpoison(ds_k_gemm_workspace(M, N, split) * 4 + 4);
+    cudaMemset(d_ws, 0, ds_k_gemm_workspace(M, N, split) * 4);   /* the tile counters */
     if (!launched(ds_k_gemm_bf16(dup_to_dev(x, (size_t)M * K * 2), K, dup_to_dev(w, (size_t)N * K * 2), M, N, K, split,
                                  d_ws, d_y, N, accumulate, 0), "gemm_bf16"))
         return false;
@@ -649,6 +662,7 @@ static bool test_gemm(void)
     ok = gemm_case(64, 128, 64, 1, true) && ok;
     ok = gemm_case(130, 520, 2560, 3, true) && ok;
     ok = gemm_case(300, 96, 48, 1, false) && ok;
+    ok = gemm_case(16, 268800, 64, 2, true) && ok;   /* more tiles than counters: the separate sum */
     return ok;
 }
 
@@ -660,6 +674,7 @@ static bool test_gemm_invariance(void)
     uint16_t *x = rnd_bf16((size_t)M * K), *w = rnd_bf16((size_t)N * K);
     uint16_t *d_x = dup_to_dev(x, (size_t)M * K * 2), *d_w = dup_to_dev(w, (size_t)N * K * 2);
     float *d_ws = dpoison(ds_k_gemm_workspace(M, N, split) * 4 + 4);
+    cudaMemset(d_ws, 0, ds_k_gemm_workspace(M, N, split) * 4);   /* the tile counters */
     float *d_y = dpoison((size_t)M * N * 4);
     printf("# split %d\n", split);
     if (!launched(ds_k_gemm_bf16(d_x, K, d_w, M, N, K, split, d_ws, d_y, N, 0, 0), "gemm, full batch"))
@@ -706,11 +721,13 @@ static bool test_invalid(void)
     bool ok = true;
     float *d = dpoison(1024 * sizeof(float));
     int32_t *di = dpoison(16 * sizeof(int32_t));
-    if (ds_k_attention(d, 258 * 2, d, d, di, di, di, di, di, di, 1, 16, 1, 2, 1, 258, 1.0f, d, d, 0) != cudaErrorInvalidValue) {
+    if (ds_k_attention(d, 258 * 2, d, d, di, di, di, di, di, 1, di, 1, 16, 1, 2, 1, 258, 1.0f, d, d, 0) !=
+        cudaErrorInvalidValue) {
         printf("# attention with hd 258 was not refused\n");
         ok = false;
     }
-    if (ds_k_attention(d, 128 * 3, d, d, di, di, di, di, di, di, 1, 16, 1, 3, 2, 128, 1.0f, d, d, 0) != cudaErrorInvalidValue) {
+    if (ds_k_attention(d, 128 * 3, d, d, di, di, di, di, di, 1, di, 1, 16, 1, 3, 2, 128, 1.0f, d, d, 0) !=
+        cudaErrorInvalidValue) {
         printf("# attention with 3 heads over 2 KV heads was not refused\n");
         ok = false;
     }
