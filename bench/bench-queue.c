@@ -12,7 +12,9 @@
  *           dspark.finish_jobs(worker, results))
  *   plain   UPDATE bench_plain SET state = 'running' WHERE id IN (SELECT id ...
  *           ORDER BY id LIMIT BATCH FOR UPDATE SKIP LOCKED) RETURNING id, payload,
- *           then UPDATE ... SET state = 'done', result = ... WHERE id = ANY (...)
+ *           then UPDATE ... SET state = 'done', result = u.result FROM
+ *           unnest(ids, results) u WHERE id = u.id: like dspark, each job's
+ *           output travels from the client
  * Each client is a thread with its own connections (libpq defaults: the PG*
  * environment). Prints "dspark JOBS SECONDS" and "plain JOBS SECONDS". */
 #include "config.h"
@@ -134,6 +136,7 @@ static int one_batch(struct client *cl, char **buf, size_t *cap)
         const char *p[] = { worker, *buf };
         r = run(c, "SELECT count(*) FROM dspark.finish_jobs($1, $2::jsonb)", 2, p, &ok);
     } else {
+        /* two array literals in one buffer: the ids, then their outputs */
         put(buf, &len, cap, "{");
         for (int i = 0; i < n; i++) {
             if (i)
@@ -141,12 +144,21 @@ static int one_batch(struct client *cl, char **buf, size_t *cap)
             put(buf, &len, cap, PQgetvalue(r, i, 0));
         }
         put(buf, &len, cap, "}");
+        size_t results_at = len + 1;
+        put(buf, &len, cap, " {");
+        for (int i = 0; i < n; i++) {
+            char item[64];
+            snprintf(item, sizeof item, "%s\"output of job %s\"", i ? "," : "", PQgetvalue(r, i, 0));
+            put(buf, &len, cap, item);
+        }
+        put(buf, &len, cap, "}");
+        (*buf)[results_at - 1] = 0;
         PQclear(r);
-        const char *p[] = { *buf };
+        const char *p[] = { *buf, *buf + results_at };
         r = run(c,
-                "UPDATE bench_plain SET state = 'done', result = 'output of job ' || id"
-                " WHERE id = ANY ($1::bigint[])",
-                1, p, &ok);
+                "UPDATE bench_plain p SET state = 'done', result = u.result"
+                " FROM unnest($1::bigint[], $2::text[]) AS u(id, result) WHERE p.id = u.id",
+                2, p, &ok);
     }
     PQclear(r);
     return ok ? n : -1;

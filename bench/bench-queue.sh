@@ -4,7 +4,9 @@
 #
 #   (a) submission: a JSONL file of N chat requests (OpenAI Batch format)
 #       through 'dsparkctl submit -f', against a COPY of the same lines into a
-#       minimal table (id bigserial, line jsonb); the file goes in P parts,
+#       minimal queue table (id bigserial primary key, state default 'queued',
+#       line jsonb, and the index on queued rows that claiming needs: what a
+#       plain queue must keep up at insert); the file goes in P parts,
 #       alternating the two;
 #   (b) claim + write-back: N queued jobs drained by C clients through
 #       dspark.claim_jobs / dspark.finish_jobs, 64 at a time, against the
@@ -47,7 +49,9 @@ awk -v n="$N" 'BEGIN {
     for (i = 1; i <= n; i++)
         printf "{\"custom_id\": \"request-%d\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {\"model\": \"qwen3-4b\", \"messages\": [{\"role\": \"system\", \"content\": \"You are a helpful assistant.\"}, {\"role\": \"user\", \"content\": \"Question %d: explain why the sky is blue in two sentences.\"}], \"max_tokens\": 256, \"temperature\": 0.7}}\n", i, i
 }' >"$T/requests.jsonl"
-q "CREATE TABLE plain_submit (id bigserial PRIMARY KEY, line jsonb NOT NULL)" >/dev/null
+q "CREATE TABLE plain_submit (id bigserial PRIMARY KEY, state text NOT NULL DEFAULT 'queued',
+       line jsonb NOT NULL);
+   CREATE INDEX plain_submit_queued ON plain_submit (id) WHERE state = 'queued'" >/dev/null
 # in alternating parts, so that both see the same machine load: each part of
 # the file goes through dsparkctl (one batch), then the same lines by COPY
 (cd "$T" && split -l $(( (N + PARTS - 1) / PARTS )) requests.jsonl part.)
@@ -82,6 +86,8 @@ cl_ds_n=$2 cl_ds_s=$3 cl_plain_n=$5 cl_plain_s=$6
 [ "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'succeeded'")" = "$N" ] &&
     [ "$(q "SELECT count(*) FROM dspark.job_stats")" = "$N" ] ||
     { echo "bench-queue.sh: not every job succeeded once" >&2; exit 1; }
+[ "$(q "SELECT count(*) FROM bench_plain WHERE state = 'done' AND result = 'output of job ' || id")" = "$N" ] ||
+    { echo "bench-queue.sh: not every plain job was marked done with its output" >&2; exit 1; }
 
 ds1=$(rate "$N" "$sub_ds")
 pl1=$(rate "$N" "$sub_plain")
