@@ -475,8 +475,10 @@ int ds_spec_round(struct ds_engine *e)
         sp->cap[R] = left - 1 < g ? (left - 1 > 0 ? left - 1 : 0) : g;
         R++;
     }
-    sp->h = grow(sp->h, &sp->cap_h, (size_t)R * g * H + 1, sizeof(float));
-    sp->U = grow(sp->U, &sp->cap_U, (size_t)R * g * V + 1, sizeof(float));
+    if (!e->cuda_draft) {   /* the GPU draft keeps its states and base logits on the device */
+        sp->h = grow(sp->h, &sp->cap_h, (size_t)R * g * H + 1, sizeof(float));
+        sp->U = grow(sp->U, &sp->cap_U, (size_t)R * g * V + 1, sizeof(float));
+    }
     sp->q = grow(sp->q, &sp->cap_q, (size_t)R * g * V + 1, sizeof(float));
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
     sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
