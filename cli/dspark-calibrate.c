@@ -6,7 +6,8 @@
  * of accepted drafts a; the prefix label y_k is 1 iff a >= k. For k = 1..γ in
  * turn, T_k is chosen on a log grid to minimise the expected calibration error
  * (20 equal-width bins) of Π_{i<=k} σ(z_i / T_i) against y_k, earlier T fixed.
- * The result is merged into DRAFT/sts.json under the traces' temperature. */
+ * The result is merged into DRAFT/sts.json under the traces' temperature.
+ * --held-out FILE scores the fitted temperatures on other traces as well. */
 #include "config.h"
 
 #include <errno.h>
@@ -61,28 +62,81 @@ static double ece(const struct round *r, int n, int k, const double *T, int g)
     return e;
 }
 
+/* Append the full-length rounds of trace file path to *r (n, cap); every file
+ * must share one block size g and one temperature (-1 before the first). */
+static int read_traces(const char *path, struct round **r, int *n, int *cap, int *g, double *temp)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "dspark-calibrate: could not open '%s': %s\n", path, strerror(errno));
+        return -1;
+    }
+    char *line = NULL;
+    size_t lc = 0;
+    int lineno = 0, rc = 0;
+    while (rc == 0 && getline(&line, &lc, f) > 0) {
+        lineno++;
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        json_t *z = json_object_get(o, "confidence"), *cm = json_object_get(o, "committed");
+        if (!o || !json_is_array(z) || !json_is_integer(json_object_get(o, "verify_len"))) {
+            fprintf(stderr, "dspark-calibrate: '%s' line %d: not a trace line\n", path, lineno);
+            rc = -1;
+        } else {
+            int gg = (int)json_array_size(z), vl = (int)json_integer_value(json_object_get(o, "verify_len"));
+            double t = json_number_value(json_object_get(o, "temperature"));
+            if (*g < 0)
+                *g = gg, *temp = t;
+            if (gg != *g || gg > MAX_G || fabs(t - *temp) > 1e-9) {
+                fprintf(stderr, "dspark-calibrate: '%s' line %d: traces mix block sizes or temperatures\n", path,
+                        lineno);
+                rc = -1;
+            } else if (json_is_null(json_array_get(z, 0))) {
+                fprintf(stderr, "dspark-calibrate: the draft has no confidence head (null confidences)\n");
+                rc = -1;
+            } else if (vl == gg) { /* full-length rounds only */
+                if (*n == *cap)
+                    *r = realloc(*r, (size_t)(*cap = *cap ? 2 * *cap : 1024) * sizeof **r);
+                struct round *x = &(*r)[(*n)++];
+                for (int k = 0; k < gg; k++)
+                    x->z[k] = (float)json_number_value(json_array_get(z, (size_t)k));
+                x->accepted = (int)json_integer_value(json_object_get(o, "accepted"));
+                /* a round that ended on an accepted stop token emitted no bonus: no labels after it */
+                int committed = (int)json_array_size(cm);
+                x->labelled = committed <= x->accepted ? x->accepted : gg;
+            }
+        }
+        json_decref(o);
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}
+
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: dspark-calibrate --draft DIR [--dry-run] [--json] TRACE.jsonl...\n"
+    fprintf(f, "usage: dspark-calibrate --draft DIR [--dry-run] [--json] [--held-out TRACE.jsonl] TRACE.jsonl...\n"
                "\n"
                "Fit per-position confidence temperatures (STS) from traces of full-length\n"
                "rounds (dspark-generate --trace FILE --spec fixed:GAMMA) made at one sampling\n"
                "temperature, and merge them into DIR/sts.json under that temperature.\n"
-               "Prints ECE before (T = 1) and after, per position.\n");
+               "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
+               "those traces (made the same way from other prompts), which the fit never sees.\n");
 }
 
 int main(int argc, char **argv)
 {
-    const char *draft = NULL;
+    const char *draft = NULL, *held_out = NULL;
     bool dry = false, as_json = false;
     static const struct option opts[] = {{"draft", required_argument, NULL, 'd'}, {"dry-run", no_argument, NULL, 'n'},
-                                         {"json", no_argument, NULL, 'j'}, {"help", no_argument, NULL, 'h'},
-                                         {NULL, 0, NULL, 0}};
+                                         {"json", no_argument, NULL, 'j'}, {"held-out", required_argument, NULL, 'o'},
+                                         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         if (c == 'd') draft = optarg;
         else if (c == 'n') dry = true;
         else if (c == 'j') as_json = true;
+        else if (c == 'o') held_out = optarg;
         else if (c == 'h') { usage(stdout); return 0; }
         else { usage(stderr); return 2; }
     }
@@ -90,61 +144,23 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    struct round *r = NULL;
-    int n = 0, cap = 0, g = -1;
+    struct round *r = NULL, *h = NULL;
+    int n = 0, cap = 0, nh = 0, cap_h = 0, g = -1;
     double temp = -1;
-    for (int a = optind; a < argc; a++) {
-        FILE *f = fopen(argv[a], "r");
-        if (!f) {
-            fprintf(stderr, "dspark-calibrate: could not open '%s': %s\n", argv[a], strerror(errno));
+    for (int a = optind; a < argc; a++)
+        if (read_traces(argv[a], &r, &n, &cap, &g, &temp) < 0)
             return 1;
-        }
-        char *line = NULL;
-        size_t lc = 0;
-        int lineno = 0;
-        while (getline(&line, &lc, f) > 0) {
-            lineno++;
-            json_error_t je;
-            json_t *o = json_loads(line, 0, &je);
-            json_t *z = json_object_get(o, "confidence"), *cm = json_object_get(o, "committed");
-            if (!o || !json_is_array(z) || !json_is_integer(json_object_get(o, "verify_len"))) {
-                fprintf(stderr, "dspark-calibrate: '%s' line %d: not a trace line\n", argv[a], lineno);
-                return 1;
-            }
-            int gg = (int)json_array_size(z), vl = (int)json_integer_value(json_object_get(o, "verify_len"));
-            double t = json_number_value(json_object_get(o, "temperature"));
-            if (g < 0)
-                g = gg, temp = t;
-            if (gg != g || gg > MAX_G || fabs(t - temp) > 1e-9) {
-                fprintf(stderr, "dspark-calibrate: '%s' line %d: traces mix block sizes or temperatures\n", argv[a],
-                        lineno);
-                return 1;
-            }
-            if (json_is_null(json_array_get(z, 0))) {
-                fprintf(stderr, "dspark-calibrate: the draft has no confidence head (null confidences)\n");
-                return 1;
-            }
-            if (vl == g) { /* full-length rounds only */
-                if (n == cap)
-                    r = realloc(r, (size_t)(cap = cap ? 2 * cap : 1024) * sizeof *r);
-                struct round *x = &r[n++];
-                for (int k = 0; k < g; k++)
-                    x->z[k] = (float)json_number_value(json_array_get(z, (size_t)k));
-                x->accepted = (int)json_integer_value(json_object_get(o, "accepted"));
-                /* a round that ended on an accepted stop token emitted no bonus: no labels after it */
-                int committed = (int)json_array_size(cm);
-                x->labelled = committed <= x->accepted ? x->accepted : g;
-            }
-            json_decref(o);
-        }
-        free(line);
-        fclose(f);
-    }
+    if (held_out && read_traces(held_out, &h, &nh, &cap_h, &g, &temp) < 0)
+        return 1;
     if (n < 50) {
         fprintf(stderr, "dspark-calibrate: only %d full-length rounds; make traces with --spec fixed:%d\n", n, g);
         return 1;
     }
-    double ones[MAX_G], T[MAX_G], before[MAX_G], after[MAX_G];
+    if (held_out && nh < 50) {
+        fprintf(stderr, "dspark-calibrate: only %d full-length rounds in '%s'\n", nh, held_out);
+        return 1;
+    }
+    double ones[MAX_G], T[MAX_G], before[MAX_G], after[MAX_G], h_before[MAX_G], h_after[MAX_G];
     for (int k = 0; k < g; k++)
         ones[k] = 1, T[k] = 1;
     for (int k = 0; k < g; k++) {
@@ -159,6 +175,10 @@ int main(int argc, char **argv)
         T[k] = bt;
         after[k] = best;
     }
+    for (int k = 0; k < g && held_out; k++) {
+        h_before[k] = ece(h, nh, k, ones, g);
+        h_after[k] = ece(h, nh, k, T, g);
+    }
     if (as_json) {
         printf("{\"rounds\":%d,\"temperature\":%g,\"sts\":[", n, temp);
         for (int k = 0; k < g; k++)
@@ -169,12 +189,29 @@ int main(int argc, char **argv)
         printf("],\"ece_after\":[");
         for (int k = 0; k < g; k++)
             printf("%s%.5f", k ? "," : "", after[k]);
+        if (held_out) {
+            printf("],\"held_out_rounds\":%d,\"held_out_ece_before\":[", nh);
+            for (int k = 0; k < g; k++)
+                printf("%s%.5f", k ? "," : "", h_before[k]);
+            printf("],\"held_out_ece_after\":[");
+            for (int k = 0; k < g; k++)
+                printf("%s%.5f", k ? "," : "", h_after[k]);
+        }
         printf("]}\n");
     } else {
-        printf("%d full-length rounds at sampling temperature %g\n", n, temp);
-        printf("%-9s %10s %12s %12s\n", "position", "T_k", "ECE before", "ECE after");
-        for (int k = 0; k < g; k++)
-            printf("%-9d %10.4f %11.2f%% %11.2f%%\n", k + 1, T[k], 100 * before[k], 100 * after[k]);
+        printf("%d full-length rounds at sampling temperature %g", n, temp);
+        if (held_out)
+            printf("; %d held out", nh);
+        printf("\n%-9s %10s %12s %12s", "position", "T_k", "ECE before", "ECE after");
+        if (held_out)
+            printf(" %16s %16s", "held-out before", "held-out after");
+        printf("\n");
+        for (int k = 0; k < g; k++) {
+            printf("%-9d %10.4f %11.2f%% %11.2f%%", k + 1, T[k], 100 * before[k], 100 * after[k]);
+            if (held_out)
+                printf(" %15.2f%% %15.2f%%", 100 * h_before[k], 100 * h_after[k]);
+            printf("\n");
+        }
     }
     if (dry)
         return 0;
@@ -213,5 +250,6 @@ int main(int argc, char **argv)
     fprintf(stderr, "dspark-calibrate: wrote temperatures for %s to '%s'\n", key, path);
     json_decref(root);
     free(r);
+    free(h);
     return 0;
 }
