@@ -8,7 +8,9 @@
  *     row attends to all positions up to start+γ−1 (non-causal); the context
  *     rows of accepted tokens overwrite those slots later;
  *   a Markov position: corrected logits U_k + W2·m(prev, h_k, state), their
- *     argmax and the confidence logit, for every block at once.
+ *     argmax and the confidence logit, for every block at once;
+ *   a greedy draft phase: the block and all γ positions, each argmax feeding
+ *     the next on the device, captured as one CUDA graph per block count.
  * The context cache shares the target's page tables, so the engine's KV
  * reservation of a sequence covers both. Any draft keeps speculation lossless,
  * so the draft's numerics need only be close to draft.c's, not equal. */
