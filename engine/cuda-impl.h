@@ -92,6 +92,17 @@ int ds_cu_upload_f32(float **dst, const float *src, size_t n, const char *what) 
 /* Unpack a host panel matrix into bf16 rows on the device. */
 int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct ds_mat *hm, const char *what)
     DS_MUSTCHECK;
+/* Round n floats to bf16 and upload them (counted in t's weight bytes). */
+int ds_cu_upload_bf16(struct ds_cuda_target *t, uint16_t **dst, const float *src, size_t n, const char *what)
+    DS_MUSTCHECK;
+/* Random device weights for benchmarks: an [n, k] bf16 matrix uniform in ±1/√k (counted in
+ * t's weight bytes), or n floats center ± scale. */
+int ds_cu_random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k, uint64_t seed, const char *what)
+    DS_MUSTCHECK;
+int ds_cu_random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t seed, float center, float scale,
+                     const char *what) DS_MUSTCHECK;
+/* Free a layer's device arrays (its struct stays). */
+void ds_cu_layer_free(struct cu_layer *l);
 /* y[M, m->n] (+)= x[M, m->k] · m^T on t's stream: the invariant kernel (split-k
  * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,

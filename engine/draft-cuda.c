@@ -28,12 +28,6 @@
 #include "draft-impl.h"
 #include "kernels.h"
 
-struct cu_draft_layer {
-    float *attn_norm, *ffn_norm;     /* [H] */
-    float *q_norm, *k_norm;          /* [hd] */
-    struct cu_mat qkv, o, gate_up, down;
-};
-
 /* metadata slots of passes of up to cap rows: tokens, pos, attention pos, seq,
  * run starts, run lengths, anchors [cap each], the run count [1], then the page
  * table [max_seqs, max_pages] and the previous tokens [max_seqs γ] */
@@ -66,7 +60,7 @@ struct ds_cuda_draft {
     float *gate_bias, *joint_bias;   /* [r], [3 r] */
     float *conf_w;                   /* [H + r] or [H] */
     uint16_t *w1;                    /* [V, r] */
-    struct cu_draft_layer *layers;   /* [L] */
+    struct cu_layer *layers;         /* [L] (no biases) */
     uint16_t *k_cache, *v_cache;     /* [L, n_pages, page_size, nKV, hd] */
     /* activations: blocks of up to max_seqs sequences, context passes of up to cap_rows rows */
     int cap_rows;
@@ -107,14 +101,15 @@ static size_t meta_prev(const struct ds_cuda_draft *g)
     return meta_pages(g) + (size_t)g->max_seqs * g->t->max_pages;
 }
 
-size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size)
+/* bf16 K and V of every draft layer for page_size positions */
+static size_t kv_page_bytes(int layers, int nKV, int hd, int page_size)
 {
-    return 2ull * d->n_layers * page_size * d->nKV * d->hd * 2;
+    return 2ull * layers * page_size * nKV * hd * 2;
 }
 
-static size_t page_bytes(const struct ds_cuda_draft *g, int page_size)
+size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size)
 {
-    return 2ull * g->L * page_size * g->nKV * g->hd * 2;
+    return kv_page_bytes(d->n_layers, d->nKV, d->hd, page_size);
 }
 
 struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
@@ -123,17 +118,8 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
         return NULL;
     cudaStreamSynchronize(g->t->stream);
     if (g->layers) {
-        for (int i = 0; i < g->L; i++) {
-            struct cu_draft_layer *l = &g->layers[i];
-            cudaFree(l->attn_norm);
-            cudaFree(l->ffn_norm);
-            cudaFree(l->q_norm);
-            cudaFree(l->k_norm);
-            cudaFree(l->qkv.w);
-            cudaFree(l->o.w);
-            cudaFree(l->gate_up.w);
-            cudaFree(l->down.w);
-        }
+        for (int i = 0; i < g->L; i++)
+            ds_cu_layer_free(&g->layers[i]);
         free(g->layers);
     }
     void *bufs[] = {g->own_embed, g->own_head.w, g->fc.w, g->ctx_kv.w, g->w2.w, g->gate.w, g->joint.w,
@@ -154,27 +140,13 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
     return NULL;
 }
 
-static int upload_bf16_table(uint16_t **dst, const float *src, size_t n, const char *what)
-{
-    uint16_t *buf = malloc(n * 2);
-    if (!buf)
-        return ds_seterr(DS_ENOMEM, "could not stage %s for the GPU", what);
-    for (size_t i = 0; i < n; i++)
-        buf[i] = ds_f32_to_bf16(src[i]);
-    int r = ds_cu_alloc(dst, n * 2, what);
-    if (r == 0 && cudaMemcpy(*dst, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
-        r = ds_seterr(DS_ECUDA, "uploading %s failed", what);
-    free(buf);
-    return r;
-}
-
 static int upload_weights(struct ds_cuda_draft *g, const struct ds_draft *d)
 {
     struct ds_cuda_target *t = g->t;
     int H = g->H, hd = g->hd, r;
     for (int i = 0; i < g->L; i++) {
         const struct ds_draft_layer *hl = &d->layers[i];
-        struct cu_draft_layer *dl = &g->layers[i];
+        struct cu_layer *dl = &g->layers[i];
         if ((r = ds_cu_upload_f32(&dl->attn_norm, hl->attn_norm, (size_t)H, "draft norm weights")) < 0 ||
             (r = ds_cu_upload_f32(&dl->ffn_norm, hl->ffn_norm, (size_t)H, "draft norm weights")) < 0 ||
             (r = ds_cu_upload_f32(&dl->q_norm, hl->q_norm, (size_t)hd, "draft norm weights")) < 0 ||
@@ -193,7 +165,7 @@ static int upload_weights(struct ds_cuda_draft *g, const struct ds_draft *d)
         return r;
     g->conf_b = d->conf_b;
     if (g->r > 0) {
-        if ((r = upload_bf16_table(&g->w1, d->w1, (size_t)g->V * g->r, "the Markov embedding")) < 0 ||
+        if ((r = ds_cu_upload_bf16(t, &g->w1, d->w1, (size_t)g->V * g->r, "the Markov embedding")) < 0 ||
             (r = ds_cu_upload_mat(t, &g->w2, &d->w2, "the Markov output")) < 0)
             return r;
         if (d->cfg.markov_head == DS_MARKOV_GATED &&
@@ -212,7 +184,7 @@ static int upload_weights(struct ds_cuda_draft *g, const struct ds_draft *d)
     }
     /* the target's embedding and head when the draft shares them */
     if (d->own_embed) {
-        if ((r = upload_bf16_table(&g->own_embed, d->own_embed, (size_t)g->V * H, "the draft's embedding")) < 0)
+        if ((r = ds_cu_upload_bf16(t, &g->own_embed, d->own_embed, (size_t)g->V * H, "the draft's embedding")) < 0)
             return r;
         g->embed = g->own_embed;
     } else {
@@ -333,7 +305,7 @@ static int draft_init(struct ds_cuda_target *t, const struct ds_dspark_config *c
 static int draft_finish(struct ds_cuda_draft *g)
 {
     struct ds_cuda_target *t = g->t;
-    size_t half = page_bytes(g, t->page_size) / 2 * (size_t)t->n_pages;
+    size_t half = kv_page_bytes(g->L, g->nKV, g->hd, t->page_size) / 2 * (size_t)t->n_pages;
     int r;
     if ((r = ds_cu_alloc(&g->k_cache, half, "the draft's context cache")) < 0 ||
         (r = ds_cu_alloc(&g->v_cache, half, "the draft's context cache")) < 0)
@@ -357,25 +329,6 @@ int ds_cuda_draft_new(struct ds_cuda_target *t, const struct ds_draft *d, int ma
     return 0;
 }
 
-static int random_mat(struct ds_cuda_draft *g, struct cu_mat *dm, int n, int k, uint64_t seed)
-{
-    dm->n = n;
-    dm->k = k;
-    dm->split = ds_k_gemm_split(n, k, g->t->n_sm);
-    int r = ds_cu_alloc(&dm->w, (size_t)n * k * 2, "random draft weights");
-    if (r == 0)
-        CK(ds_k_fill_uniform_bf16(dm->w, (size_t)n * k, seed, 0.0f, 1.0f / sqrtf((float)k), g->t->stream));
-    return r;
-}
-
-static int random_vec(struct ds_cuda_draft *g, float **dst, size_t n, uint64_t seed, float center, float scale)
-{
-    int r = ds_cu_alloc(dst, n * 4, "random draft weights");
-    if (r == 0)
-        CK(ds_k_fill_uniform_f32(*dst, n, seed, center, scale, g->t->stream));
-    return r;
-}
-
 int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_config *cfg, uint64_t seed,
                              int max_seqs, struct ds_cuda_draft **ret)
 {
@@ -385,39 +338,41 @@ int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_co
         return r;
     int H = g->H, hd = g->hd, I = g->I, V = g->V, rk = g->r, kvw = g->nKV * hd;
     uint64_t s = seed;
+    const char *W = "random draft weights";
     for (int i = 0; i < g->L && r == 0; i++) {
-        struct cu_draft_layer *l = &g->layers[i];
-        if ((r = random_vec(g, &l->attn_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
-            (r = random_vec(g, &l->ffn_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
-            (r = random_vec(g, &l->q_norm, (size_t)hd, ++s, 1.0f, 0.1f)) < 0 ||
-            (r = random_vec(g, &l->k_norm, (size_t)hd, ++s, 1.0f, 0.1f)) < 0 ||
-            (r = random_mat(g, &l->qkv, (g->nH + 2 * g->nKV) * hd, H, ++s)) < 0 ||
-            (r = random_mat(g, &l->o, H, g->nH * hd, ++s)) < 0 ||
-            (r = random_mat(g, &l->gate_up, 2 * I, H, ++s)) < 0 || (r = random_mat(g, &l->down, H, I, ++s)) < 0)
+        struct cu_layer *l = &g->layers[i];
+        if ((r = ds_cu_random_vec(t, &l->attn_norm, (size_t)H, ++s, 1.0f, 0.1f, W)) < 0 ||
+            (r = ds_cu_random_vec(t, &l->ffn_norm, (size_t)H, ++s, 1.0f, 0.1f, W)) < 0 ||
+            (r = ds_cu_random_vec(t, &l->q_norm, (size_t)hd, ++s, 1.0f, 0.1f, W)) < 0 ||
+            (r = ds_cu_random_vec(t, &l->k_norm, (size_t)hd, ++s, 1.0f, 0.1f, W)) < 0 ||
+            (r = ds_cu_random_mat(t, &l->qkv, (g->nH + 2 * g->nKV) * hd, H, ++s, W)) < 0 ||
+            (r = ds_cu_random_mat(t, &l->o, H, g->nH * hd, ++s, W)) < 0 ||
+            (r = ds_cu_random_mat(t, &l->gate_up, 2 * I, H, ++s, W)) < 0 ||
+            (r = ds_cu_random_mat(t, &l->down, H, I, ++s, W)) < 0)
             break;
     }
-    if (r == 0 && ((r = random_mat(g, &g->fc, H, g->m * H, ++s)) < 0 ||
-                   (r = random_mat(g, &g->ctx_kv, 2 * g->L * kvw, H, ++s)) < 0 ||
-                   (r = random_vec(g, &g->hidden_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0 ||
-                   (r = random_vec(g, &g->final_norm, (size_t)H, ++s, 1.0f, 0.1f)) < 0))
+    if (r == 0 && ((r = ds_cu_random_mat(t, &g->fc, H, g->m * H, ++s, W)) < 0 ||
+                   (r = ds_cu_random_mat(t, &g->ctx_kv, 2 * g->L * kvw, H, ++s, W)) < 0 ||
+                   (r = ds_cu_random_vec(t, &g->hidden_norm, (size_t)H, ++s, 1.0f, 0.1f, W)) < 0 ||
+                   (r = ds_cu_random_vec(t, &g->final_norm, (size_t)H, ++s, 1.0f, 0.1f, W)) < 0))
         goto out;
     if (r == 0 && rk > 0) {
-        if ((r = ds_cu_alloc(&g->w1, (size_t)V * rk * 2, "random draft weights")) < 0 ||
-            (r = random_mat(g, &g->w2, V, rk, ++s)) < 0)
+        if ((r = ds_cu_alloc(&g->w1, (size_t)V * rk * 2, W)) < 0 ||
+            (r = ds_cu_random_mat(t, &g->w2, V, rk, ++s, W)) < 0)
             goto out;
         CK(ds_k_fill_uniform_bf16(g->w1, (size_t)V * rk, ++s, 0.0f, 1.0f, t->stream));
         if (cfg->markov_head == DS_MARKOV_GATED &&
-            ((r = random_mat(g, &g->gate, rk, H + rk, ++s)) < 0 ||
-             (r = random_vec(g, &g->gate_bias, (size_t)rk, ++s, 0.0f, 0.1f)) < 0))
+            ((r = ds_cu_random_mat(t, &g->gate, rk, H + rk, ++s, W)) < 0 ||
+             (r = ds_cu_random_vec(t, &g->gate_bias, (size_t)rk, ++s, 0.0f, 0.1f, W)) < 0))
             goto out;
         if (cfg->markov_head == DS_MARKOV_RNN &&
-            ((r = random_mat(g, &g->joint, 3 * rk, 2 * rk + H, ++s)) < 0 ||
-             (r = random_vec(g, &g->joint_bias, 3 * (size_t)rk, ++s, 0.0f, 0.1f)) < 0))
+            ((r = ds_cu_random_mat(t, &g->joint, 3 * rk, 2 * rk + H, ++s, W)) < 0 ||
+             (r = ds_cu_random_vec(t, &g->joint_bias, 3 * (size_t)rk, ++s, 0.0f, 0.1f, W)) < 0))
             goto out;
     }
     if (r == 0 && cfg->enable_confidence_head) {
         size_t in = (size_t)H + (cfg->confidence_head_with_markov && rk > 0 ? rk : 0);
-        r = random_vec(g, &g->conf_w, in, ++s, 0.0f, 0.05f);
+        r = ds_cu_random_vec(t, &g->conf_w, in, ++s, 0.0f, 0.05f, W);
     }
     if (r == 0) {
         /* inverse RoPE frequencies as the loader computes them */
@@ -559,7 +514,7 @@ static int enqueue_block(struct ds_cuda_draft *g, int R)
     const int32_t *d_nr = g->meta + M_SLOTS * cap, *d_pages = g->meta + meta_pages(g);
     CK(ds_k_embed_bf16(g->embed, d_tok, n, H, V, g->x, t->stream));
     for (int l = 0; l < g->L; l++) {
-        const struct cu_draft_layer *L = &g->layers[l];
+        const struct cu_layer *L = &g->layers[l];
         uint16_t *kc = g->k_cache + (size_t)l * layer_kv, *vc = g->v_cache + (size_t)l * layer_kv;
         CK(ds_k_rmsnorm_bf16(g->x, NULL, L->attn_norm, n, H, eps, g->xn, t->stream));
         if ((r = ds_cu_gemm(t, g->ws, &L->qkv, g->xn, H, n, g->wide, qkvw, false)) < 0)

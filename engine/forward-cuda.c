@@ -100,7 +100,23 @@ int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct d
     return 0;
 }
 
-static int random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k, uint64_t seed, const char *what)
+int ds_cu_upload_bf16(struct ds_cuda_target *t, uint16_t **dst, const float *src, size_t n, const char *what)
+{
+    uint16_t *buf = malloc(n * 2);
+    if (!buf)
+        return ds_seterr(DS_ENOMEM, "could not stage %s for the GPU", what);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = ds_f32_to_bf16(src[i]);
+    int r = ds_cu_alloc(dst, n * 2, what);
+    if (r == 0 && cudaMemcpy(*dst, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
+        r = ds_seterr(DS_ECUDA, "uploading %s failed", what);
+    free(buf);
+    if (r == 0)
+        t->weight_bytes += n * 2;
+    return r;
+}
+
+int ds_cu_random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k, uint64_t seed, const char *what)
 {
     dm->n = n;
     dm->k = k;
@@ -113,13 +129,28 @@ static int random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k,
     return 0;
 }
 
-static int random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t seed, const char *what)
+int ds_cu_random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t seed, float center, float scale,
+                     const char *what)
 {
     int r = ds_cu_alloc(dst, n * sizeof(float), what);
     if (r < 0)
         return r;
-    CK(ds_k_fill_uniform_f32(*dst, n, seed, 1.0f, 0.1f, t->stream));
+    CK(ds_k_fill_uniform_f32(*dst, n, seed, center, scale, t->stream));
     return 0;
+}
+
+void ds_cu_layer_free(struct cu_layer *l)
+{
+    cudaFree(l->attn_norm);
+    cudaFree(l->ffn_norm);
+    cudaFree(l->q_norm);
+    cudaFree(l->k_norm);
+    cudaFree(l->qkv_bias);
+    cudaFree(l->o_bias);
+    cudaFree(l->qkv.w);
+    cudaFree(l->o.w);
+    cudaFree(l->gate_up.w);
+    cudaFree(l->down.w);
 }
 
 static int check_shape(const struct ds_qwen3_config *c)
@@ -267,22 +298,13 @@ static int load_layers(struct ds_cuda_target *t, const struct ds_model *m)
         if ((r = load_stacked(t, st, qkv, qkv_rows, 3, H, &dl->qkv)) < 0)
             break;
         if (c->attention_bias) {
-            float *b[3] = {NULL, NULL, NULL};
+            float *all = NULL;
             NAME(n[0], "self_attn.q_proj.bias");
             NAME(n[1], "self_attn.k_proj.bias");
             NAME(n[2], "self_attn.v_proj.bias");
-            for (int j = 0; j < 3 && r == 0; j++)
-                r = ds_load_vec(st, n[j], qkv_rows[j], &b[j]);
-            if (r == 0) {
-                float *all = ds_xmalloc((size_t)(q_rows + 2 * kv_rows) * sizeof(float));
-                memcpy(all, b[0], (size_t)q_rows * sizeof(float));
-                memcpy(all + q_rows, b[1], (size_t)kv_rows * sizeof(float));
-                memcpy(all + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
+            if ((r = ds_load_concat(st, qkv, qkv_rows, 3, &all)) == 0)
                 r = ds_cu_upload_f32(&dl->qkv_bias, all, (size_t)(q_rows + 2 * kv_rows), "biases");
-                free(all);
-            }
-            for (int j = 0; j < 3; j++)
-                free(b[j]);
+            free(all);
             NAME(n[0], "self_attn.o_proj.bias");
             if (r == 0)
                 r = upload_vec_file(st, n[0], H, &dl->o_bias);
@@ -316,21 +338,8 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
     int r = target_init(c, o, &t);
     size_t H = c->hidden_size, hd = c->head_dim;
     size_t qkv = (c->num_attention_heads + 2 * (size_t)c->num_key_value_heads) * hd;
-    if (r == 0) {
-        size_t n = (size_t)c->vocab_size * H;
-        uint16_t *buf = malloc(n * 2);
-        if (!buf) {
-            r = ds_seterr(DS_ENOMEM, "could not stage the embedding for the GPU");
-        } else {
-            for (size_t i = 0; i < n; i++)
-                buf[i] = ds_f32_to_bf16(m->embed[i]);
-            if ((r = ds_cu_alloc(&t->embed, n * 2, "the embedding")) == 0 &&
-                cudaMemcpy(t->embed, buf, n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
-                r = ds_seterr(DS_ECUDA, "uploading the embedding failed");
-            free(buf);
-            t->weight_bytes += n * 2;
-        }
-    }
+    if (r == 0)
+        r = ds_cu_upload_bf16(t, &t->embed, m->embed, (size_t)c->vocab_size * H, "the embedding");
     if (r == 0 && !m->layers)
         r = load_layers(t, m);
     for (int li = 0; li < c->num_hidden_layers && r == 0 && m->layers; li++) {
@@ -382,14 +391,14 @@ int ds_cuda_target_new_random(const struct ds_qwen3_config *c, uint64_t seed, co
     for (int li = 0; li < c->num_hidden_layers && r == 0; li++) {
         struct cu_layer *dl = &t->layers[li];
         uint64_t s = seed + 1000 * (uint64_t)(li + 1);
-        if ((r = random_vec(t, &dl->attn_norm, H, s + 1, "norm weights")) < 0 ||
-            (r = random_vec(t, &dl->ffn_norm, H, s + 2, "norm weights")) < 0 ||
-            (r = random_vec(t, &dl->q_norm, hd, s + 3, "norm weights")) < 0 ||
-            (r = random_vec(t, &dl->k_norm, hd, s + 4, "norm weights")) < 0 ||
-            (r = random_mat(t, &dl->qkv, qkv, H, s + 5, "q/k/v projections")) < 0 ||
-            (r = random_mat(t, &dl->o, c->num_attention_heads * hd, H, s + 6, "o projections")) < 0 ||
-            (r = random_mat(t, &dl->gate_up, 2 * I, H, s + 7, "gate/up projections")) < 0 ||
-            (r = random_mat(t, &dl->down, H, I, s + 8, "down projections")) < 0)
+        if ((r = ds_cu_random_vec(t, &dl->attn_norm, H, s + 1, 1.0f, 0.1f, "norm weights")) < 0 ||
+            (r = ds_cu_random_vec(t, &dl->ffn_norm, H, s + 2, 1.0f, 0.1f, "norm weights")) < 0 ||
+            (r = ds_cu_random_vec(t, &dl->q_norm, hd, s + 3, 1.0f, 0.1f, "norm weights")) < 0 ||
+            (r = ds_cu_random_vec(t, &dl->k_norm, hd, s + 4, 1.0f, 0.1f, "norm weights")) < 0 ||
+            (r = ds_cu_random_mat(t, &dl->qkv, qkv, H, s + 5, "q/k/v projections")) < 0 ||
+            (r = ds_cu_random_mat(t, &dl->o, c->num_attention_heads * hd, H, s + 6, "o projections")) < 0 ||
+            (r = ds_cu_random_mat(t, &dl->gate_up, 2 * I, H, s + 7, "gate/up projections")) < 0 ||
+            (r = ds_cu_random_mat(t, &dl->down, H, I, s + 8, "down projections")) < 0)
             break;
         /* o maps nH hd -> H: its weight is [H, nH hd] */
         dl->o.n = H;
@@ -397,13 +406,13 @@ int ds_cuda_target_new_random(const struct ds_qwen3_config *c, uint64_t seed, co
         dl->o.split = ds_k_gemm_split(dl->o.n, dl->o.k, t->n_sm);
     }
     if (r == 0)
-        r = random_vec(t, &t->final_norm, H, seed + 7, "the final norm");
+        r = ds_cu_random_vec(t, &t->final_norm, H, seed + 7, 1.0f, 0.1f, "the final norm");
     if (r == 0) {
         if (c->tie_word_embeddings)
             t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = H,
                                          .split = ds_k_gemm_split(c->vocab_size, H, t->n_sm)};
         else
-            r = random_mat(t, &t->lm_head, c->vocab_size, H, seed + 9, "the lm head");
+            r = ds_cu_random_mat(t, &t->lm_head, c->vocab_size, H, seed + 9, "the lm head");
     }
     if (r == 0 && cudaStreamSynchronize(t->stream) != cudaSuccess)
         r = ds_seterr(DS_ECUDA, "making random weights failed");
@@ -456,19 +465,8 @@ struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
         cudaStreamSynchronize(t->stream);
     free_activations(t);
     if (t->layers) {
-        for (int i = 0; i < t->cfg.num_hidden_layers; i++) {
-            struct cu_layer *l = &t->layers[i];
-            cudaFree(l->attn_norm);
-            cudaFree(l->ffn_norm);
-            cudaFree(l->q_norm);
-            cudaFree(l->k_norm);
-            cudaFree(l->qkv_bias);
-            cudaFree(l->o_bias);
-            cudaFree(l->qkv.w);
-            cudaFree(l->o.w);
-            cudaFree(l->gate_up.w);
-            cudaFree(l->down.w);
-        }
+        for (int i = 0; i < t->cfg.num_hidden_layers; i++)
+            ds_cu_layer_free(&t->layers[i]);
         free(t->layers);
     }
     if (t->lm_head.w != t->embed)

@@ -11,6 +11,8 @@
 /* A tensor of exactly this shape as a new f32 array (caller frees). */
 int ds_load_f32(const struct ds_st *st, const char *name, int ndim, const int64_t *shape, float **ret);
 int ds_load_vec(const struct ds_st *st, const char *name, int64_t n, float **ret);
+/* Several 1-D tensors of lengths lens[i], concatenated into one new f32 array (caller frees). */
+int ds_load_concat(const struct ds_st *st, const char *const *names, const int64_t *lens, int n, float **ret);
 /* A [rows, cols] tensor packed for ds_gemm. */
 int ds_load_mat(const struct ds_st *st, const char *name, int64_t rows, int64_t cols, struct ds_mat *m);
 /* Several [rows_i, cols] tensors stacked into one packed matrix (at most 16). */

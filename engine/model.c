@@ -35,6 +35,28 @@ int ds_load_vec(const struct ds_st *st, const char *name, int64_t n, float **ret
     return ds_load_f32(st, name, 1, &n, ret);
 }
 
+int ds_load_concat(const struct ds_st *st, const char *const *names, const int64_t *lens, int n, float **ret)
+{
+    int64_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += lens[i];
+    float *all = ds_xmalloc((size_t)(total > 0 ? total : 1) * sizeof(float));
+    int64_t at = 0;
+    for (int i = 0; i < n; i++) {
+        float *part = NULL;
+        int r = ds_load_vec(st, names[i], lens[i], &part);
+        if (r < 0) {
+            free(all);
+            return r;
+        }
+        memcpy(all + at, part, (size_t)lens[i] * sizeof(float));
+        free(part);
+        at += lens[i];
+    }
+    *ret = all;
+    return 0;
+}
+
 int ds_load_mat(const struct ds_st *st, const char *name, int64_t rows, int64_t cols, struct ds_mat *m)
 {
     const struct ds_tensor *t;
@@ -120,23 +142,13 @@ static int load_layer(const struct ds_st *st, const struct ds_qwen3_config *c, i
     if ((r = ds_load_mat(st, n[0], H, I, &l->down)) < 0)
         return r;
     if (c->attention_bias) {
-        float *b[3] = {NULL, NULL, NULL};
         NAME(n[0], "self_attn.q_proj.bias");
         NAME(n[1], "self_attn.k_proj.bias");
         NAME(n[2], "self_attn.v_proj.bias");
-        for (int j = 0; j < 3 && r == 0; j++)
-            r = ds_load_vec(st, n[j], qkv_rows[j], &b[j]);
-        if (r == 0) {
-            l->qkv_bias = ds_xmalloc((size_t)(q_rows + 2 * kv_rows) * sizeof(float));
-            memcpy(l->qkv_bias, b[0], (size_t)q_rows * sizeof(float));
-            memcpy(l->qkv_bias + q_rows, b[1], (size_t)kv_rows * sizeof(float));
-            memcpy(l->qkv_bias + q_rows + kv_rows, b[2], (size_t)kv_rows * sizeof(float));
-            NAME(n[0], "self_attn.o_proj.bias");
-            r = ds_load_vec(st, n[0], H, &l->o_bias);
-        }
-        for (int j = 0; j < 3; j++)
-            free(b[j]);
-        if (r < 0)
+        if ((r = ds_load_concat(st, qkv, qkv_rows, 3, &l->qkv_bias)) < 0)
+            return r;
+        NAME(n[0], "self_attn.o_proj.bias");
+        if ((r = ds_load_vec(st, n[0], H, &l->o_bias)) < 0)
             return r;
     }
 #undef NAME

@@ -267,15 +267,11 @@ static int draft_cuda(struct ds_engine *e, int R)
         sampled |= !ds_sampling_is_greedy(&s->sampling);
     }
     if (!sampled) {
-        /* all greedy: the γ positions chain on the device, one copy back */
-        int32_t *dr = ds_xmalloc((size_t)R * g * sizeof(int32_t));
-        float *z = ds_xmalloc((size_t)R * g * sizeof(float));
-        r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, dr, z);
+        /* all greedy: the γ positions chain on the device, one copy back into drafts and z */
+        r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->drafts, sp->z);
         for (int i = 0; i < R && r == 0; i++)
             for (int k = 0; k < g; k++)
-                pick_draft(e, i, k, NULL, dr[(size_t)i * g + k], z[(size_t)i * g + k]);
-        free(dr);
-        free(z);
+                pick_draft(e, i, k, NULL, sp->drafts[(size_t)i * g + k], sp->z[(size_t)i * g + k]);
         return r;
     }
     if ((r = ds_cuda_draft_block(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start)) < 0)
@@ -284,7 +280,7 @@ static int draft_cuda(struct ds_engine *e, int R)
     for (int i = 0; i < R; i++)
         sp->prev[i] = sp->anchor[i];
     for (int k = 0; k < g && r == 0; k++) {
-        r = ds_cuda_draft_step(e->cuda_draft, k, sp->prev, sp->ids, zk, sampled ? sp->corr : NULL);
+        r = ds_cuda_draft_step(e->cuda_draft, k, sp->prev, sp->ids, zk, sp->corr);
         for (int i = 0; i < R && r == 0; i++)
             sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, sp->ids[i], zk[i]);
     }

@@ -14,6 +14,8 @@
 #include "testutil.h"
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
+#include "dspark/ds-safetensors.h"
+#include "../../engine/load-util.h"
 
 static const char *const MODELS[] = {"tiny-tied-gqa4", "tiny-untied-gqa2-hd", "tiny-mha", "pair-target"};
 #define N_MODELS (sizeof MODELS / sizeof MODELS[0])
@@ -306,6 +308,31 @@ static void test_bad_requests(void **state)
     free_fixture(&f);
 }
 
+/* ds_load_concat (the stacked q/k/v biases) equals the parts loaded one by one,
+ * in order, and a part of the wrong length is refused. */
+static void test_load_concat(void **state)
+{
+    (void)state;
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/tiny-mha", ds_test_path("tests/data/models"));
+    struct ds_st *st;
+    assert_int_equal(ds_st_open_dir(dir, &st), 0);
+    const char *names[2] = {"model.norm.weight", "model.layers.0.input_layernorm.weight"};
+    int64_t lens[2] = {48, 48}, bad[2] = {48, 47};
+    float *all, *a, *b;
+    assert_int_equal(ds_load_concat(st, names, lens, 2, &all), 0);
+    assert_int_equal(ds_load_vec(st, names[0], 48, &a), 0);
+    assert_int_equal(ds_load_vec(st, names[1], 48, &b), 0);
+    assert_memory_equal(all, a, 48 * sizeof(float));
+    assert_memory_equal(all + 48, b, 48 * sizeof(float));
+    assert_memory_not_equal(a, b, 48 * sizeof(float));
+    float *none = NULL;
+    assert_true(ds_load_concat(st, names, bad, 2, &none) < 0);
+    assert_null(none);
+    free(all), free(a), free(b);
+    ds_st_free(st);
+}
+
 /* skip_layers: the shared parts stay (embedding, final norm, head, checksum),
  * the layers do not, and the CPU forward refuses such a model. */
 static void test_skip_layers(void **state)
@@ -367,6 +394,7 @@ int main(void)
         cmocka_unit_test(test_greedy_generation),
         cmocka_unit_test(test_bad_requests),
         cmocka_unit_test(test_skip_layers),
+        cmocka_unit_test(test_load_concat),
     };
     return cmocka_run_group_tests_name("qwen3", tests, setup, teardown);
 }
