@@ -13,18 +13,18 @@ tap_like "$out" "database has no dspark schema: run 'dsparkctl db init'" "... an
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 0 "db init succeeds"
-tap_like "$out" "created schema version 3" "db init reports the version"
+tap_like "$out" "created schema version 4" "db init reports the version"
 tap_is "$(q 'SELECT string_agg(version || name, $$ $$ ORDER BY version) FROM dspark.schema_version')" \
-    "1001-schema 2002-queue 3003-throughput" "schema_version holds every migration once"
+    "1001-schema 2002-queue 3003-throughput 4004-index-churn" "schema_version holds every migration once"
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 1 "db init refuses an initialised database"
-tap_like "$out" "already has a dspark schema \\(version 3\\)" "... with a clear message"
+tap_like "$out" "already has a dspark schema \\(version 4\\)" "... with a clear message"
 
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 0 "db migrate on a current database succeeds"
-tap_like "$out" "schema version 3 is current" "... and changes nothing"
-tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 3 "... no duplicate version rows"
+tap_like "$out" "schema version 4 is current" "... and changes nothing"
+tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 4 "... no duplicate version rows"
 
 "$DSPARKCTL" db status >/dev/null 2>&1
 tap_is "$?" 0 "db status exits 0 on a current schema"
@@ -49,14 +49,14 @@ p2=$!
 wait $p1; r1=$?
 wait $p2; r2=$?
 tap_is "$r1$r2" 00 "two concurrent db migrate both succeed"
-tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 3 \
+tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 4 \
     "... and applied each migration once"
 
 # a database newer than the build is refused by everything but db status
 q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')"
 out=$("$DSPARKCTL" list 2>&1)
 tap_is "$?" 1 "an unknown schema version is refused"
-tap_like "$out" "database schema version 99, this build knows 3: run 'dsparkctl db migrate'" \
+tap_like "$out" "database schema version 99, this build knows 4: run 'dsparkctl db migrate'" \
     "... with the version message"
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 1 "db migrate refuses a database newer than the build"
@@ -152,5 +152,40 @@ out=$("$DSPARKCTL" submit -f "$T/many.jsonl" --skip-invalid --json 2>/dev/null)
 tap_is "$?" 0 "--skip-invalid submits the valid lines"
 tap_is "$(q 'SELECT string_agg(custom_id, $$,$$ ORDER BY id) FROM dspark.jobs')" "a,e" \
     "... exactly the valid ones, in file order"
+
+# --- batches: the reference and custom_id unique within a batch -------------
+# (checked by triggers: the jobs of a batch are found through a BRIN index)
+q "DELETE FROM dspark.jobs; DELETE FROM dspark.batches" >/dev/null
+b1=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+b2=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+bad "batch_id, custom_id, model, prompt" "$((b2 + 100)), 'x', 'm', 'p'" \
+    "violates foreign key constraint \"jobs_batch_id_fkey\"" "a job naming a batch that does not exist is refused"
+bad "batch_id, custom_id, model, prompt" "$b1, 'x', 'm', 'p'), ($b1, 'y', 'm', 'p'), ($b1, 'x', 'm', 'p'" \
+    "duplicate key value violates unique constraint \"jobs_batch_custom_id_key\"" \
+    "a custom_id repeated within one INSERT into a batch is refused"
+q "INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt) VALUES ($b1, 'x', 'm', 'p'), ($b1, 'y', 'm', 'p'), ($b1, NULL, 'm', 'p'), ($b1, NULL, 'm', 'p'), ($b2, 'x', 'm', 'p')" >/dev/null
+tap_is "$?" 0 "the same custom_id in two batches, and several jobs without one, are accepted"
+out=$(q "INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt) VALUES ($b1, 'y', 'm', 'p')" 2>&1)
+tap_like "$out" "Key \(batch_id, custom_id\)=\($b1, y\) already exists" \
+    "a later INSERT repeating a custom_id of the batch is refused, naming the key"
+out=$(q "UPDATE dspark.jobs SET batch_id = $b1 WHERE batch_id = $b2" 2>&1)
+tap_like "$out" "jobs_batch_custom_id_key" "moving a job into a batch that has its custom_id is refused"
+out=$(q "UPDATE dspark.jobs SET custom_id = 'y' WHERE batch_id = $b1 AND custom_id = 'x'" 2>&1)
+tap_like "$out" "jobs_batch_custom_id_key" "renaming a custom_id to one the batch has is refused"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE batch_id = $b1 AND custom_id IS NOT NULL")" 2 \
+    "... and the batch still has its two named jobs"
+# two sessions adding the same custom_id to one batch: the second waits for the
+# first (the batch row is locked) and is then refused
+psql -X -q -v ON_ERROR_STOP=1 -c "BEGIN" \
+    -c "INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt) VALUES ($b2, 'race', 'm', 'p')" \
+    -c "SELECT pg_sleep(1.5)" -c "COMMIT" >/dev/null 2>&1 &
+racer=$!
+sleep 0.5
+out=$(q "INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt) VALUES ($b2, 'race', 'm', 'p')" 2>&1)
+wait $racer
+tap_like "$out" "jobs_batch_custom_id_key" "of two concurrent inserts of one custom_id into a batch, the later is refused"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE batch_id = $b2 AND custom_id = 'race'")" 1 "... and the first is kept"
+tap_like "$(q "SET enable_seqscan = off; EXPLAIN SELECT * FROM dspark.jobs WHERE batch_id = $b1")" \
+    "jobs_batch_brin" "a batch's jobs can be found through the BRIN index (this table is too small to need it)"
 
 tap_done
