@@ -83,6 +83,11 @@ struct ds_cuda_target {
     int att_longest;              /* the longest attention run of the uploaded pass (picks a block shape) */
     struct graph_slot graphs[GRAPH_SLOTS];
     long uses;
+    int last_rows;                /* logits rows of the last pass */
+    uint64_t logits_to_host;      /* bytes of logits rows copied to the host (passes and draft steps) */
+    /* device sampling, for up to cap_rows rows and chains: rows [cap_rows] int32, params
+     * [cap_rows] ds_k_sampling, chains [cap_rows] ds_k_chain, accepted and next [cap_rows] int32 */
+    void *samp, *h_samp;          /* device, pinned host */
 };
 
 /* cudaMalloc with a message naming what the memory is for (bytes 0: NULL). */
@@ -107,6 +112,11 @@ void ds_cu_layer_free(struct cu_layer *l);
  * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
                int ldy, bool accumulate) DS_MUSTCHECK;
+
+/* The draft distributions of the draft's last ds_cuda_draft_sample: rows
+ * [blocks, γ, V] (NULL when the last phase did not sample); *ret_blocks and
+ * *ret_gamma give the shape. */
+const float *ds_cu_draft_q(const struct ds_cuda_draft *g, int *ret_blocks, int *ret_gamma);
 
 /* Capture what enqueue(arg) puts on stream as a CUDA graph, ready to launch. */
 int ds_cu_capture(cudaStream_t stream, int (*enqueue)(void *arg), void *arg, cudaGraphExec_t *ret) DS_MUSTCHECK;

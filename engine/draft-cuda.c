@@ -10,7 +10,11 @@
  *   a Markov position: corrected logits U_k + W2·m(prev, h_k, state), their
  *     argmax and the confidence logit, for every block at once;
  *   a greedy draft phase: the block and all γ positions, each argmax feeding
- *     the next on the device, captured as one CUDA graph per block count.
+ *     the next on the device, captured as one CUDA graph per block count;
+ *   a sampled draft phase: the same, each position's corrected logits turned
+ *     into the row's sampling distribution q (kernels/sample.cu), written over
+ *     that position's base logits (read once, so free), and the draft drawn
+ *     from q with an uploaded uniform; q stays for the target's acceptance.
  * The context cache shares the target's page tables, so the engine's KV
  * reservation of a sequence covers both. Any draft keeps speculation lossless,
  * so the draft's numerics need only be close to draft.c's, not equal. */
@@ -37,6 +41,7 @@ enum { M_TOK, M_POS, M_ATT_POS, M_SEQ, M_RUN_START, M_RUN_LEN, M_ANCHOR, M_SLOTS
 
 struct draft_graph {
     int R;                           /* blocks */
+    bool sampled;                    /* the sampled phase (else the greedy one) */
     cudaGraphExec_t exec;            /* NULL until the shape's second round */
     long last_use;                   /* 0: free slot */
 };
@@ -71,7 +76,7 @@ struct ds_cuda_draft {
     float *ws, *att_ws;              /* product and attention workspaces */
     float *h;                        /* [max_seqs γ, H] final-normed block states */
     uint16_t *hb;                    /* [max_seqs γ, H] the same in bf16 */
-    float *U;                        /* [max_seqs γ, V] base logits */
+    float *U;                        /* [max_seqs γ, V] base logits; after a sampled phase, each position's q */
     float *logits;                   /* [max_seqs, V] corrected logits of one position */
     int32_t *ids;                    /* [max_seqs] their argmax */
     float *z;                        /* [max_seqs] confidence logits */
@@ -83,9 +88,12 @@ struct ds_cuda_draft {
     size_t meta_ints;
     struct ds_kv_seq **row_kv;       /* [max_seqs] the sequences of a context pass's page table */
     int att_longest;                 /* the longest attention run of the blocks (picks a block shape) */
-    int32_t *ids_all;                /* [γ, max_seqs] greedy drafts, position-major */
+    int32_t *ids_all;                /* [γ, max_seqs] a phase's drafts, position-major */
     float *z_all;                    /* [γ, max_seqs] their confidence logits */
     float *h_z;                      /* pinned [γ, max_seqs] */
+    struct ds_k_sampling *samp, *h_samp; /* [max_seqs] sampling parameters (device, pinned) */
+    float *u, *h_u;                  /* [γ, max_seqs] the draws' uniforms (device, pinned) */
+    bool q_ready;                    /* U holds the last phase's q: [R, γ, V] */
     struct draft_graph graphs[DRAFT_GRAPHS];
     long uses;
     int R;                           /* blocks of the last ds_cuda_draft_block */
@@ -130,8 +138,12 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
         cudaFree(bufs[i]);
     cudaFreeHost(g->h_meta);
     cudaFreeHost(g->h_z);
+    cudaFreeHost(g->h_samp);
+    cudaFreeHost(g->h_u);
     cudaFree(g->ids_all);
     cudaFree(g->z_all);
+    cudaFree(g->samp);
+    cudaFree(g->u);
     for (int i = 0; i < DRAFT_GRAPHS; i++)
         if (g->graphs[i].exec)
             cudaGraphExecDestroy(g->graphs[i].exec);
@@ -255,9 +267,13 @@ static int alloc_activations(struct ds_cuda_draft *g)
         (e = ds_cu_alloc(&g->corr, S * rk * 2, "the Markov head")) < 0 ||
         (e = ds_cu_alloc(&g->meta, g->meta_ints * 4, "draft metadata")) < 0 ||
         (e = ds_cu_alloc(&g->ids_all, S * g->g * 4, "draft tokens")) < 0 ||
-        (e = ds_cu_alloc(&g->z_all, S * g->g * 4, "draft confidences")) < 0)
+        (e = ds_cu_alloc(&g->z_all, S * g->g * 4, "draft confidences")) < 0 ||
+        (e = ds_cu_alloc(&g->samp, S * sizeof *g->samp, "draft sampling parameters")) < 0 ||
+        (e = ds_cu_alloc(&g->u, S * g->g * 4, "draft uniforms")) < 0)
         return e;
     CK(cudaMallocHost((void **)&g->h_meta, g->meta_ints * 4));
+    CK(cudaMallocHost((void **)&g->h_samp, S * sizeof *g->h_samp));
+    CK(cudaMallocHost((void **)&g->h_u, S * g->g * 4));
     CK(cudaMemset(g->ws, 0, (ws > 0 ? ws : 1) * 4));   /* the product's tile counters start at zero */
     CK(cudaMallocHost((void **)&g->h_z, S * g->g * 4));
     return 0;
@@ -590,6 +606,7 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
     int r;
     if (R <= 0)
         return 0;
+    g->q_ready = false;
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0 || (r = enqueue_block(g, R)) < 0)
         return r;
     g->R = R;
@@ -613,8 +630,10 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
         CK(cudaMemcpyAsync(z, g->z, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
-    if (logits)
+    if (logits) {
         CK(cudaMemcpyAsync(logits, g->logits, (size_t)R * V * 4, cudaMemcpyDeviceToHost, t->stream));
+        t->logits_to_host += (uint64_t)R * V * 4;
+    }
     CK(cudaStreamSynchronize(t->stream));
     if (z && !g->conf_w)
         for (int i = 0; i < R; i++)
@@ -622,43 +641,49 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     return 0;
 }
 
-/* Blocks and all γ greedy positions, each position's argmax feeding the next on the device. */
-static int enqueue_greedy(struct ds_cuda_draft *g, int R)
+/* Blocks and all γ positions on the device, each position's draft feeding the
+ * next: the argmax (greedy), or (sampled) a draw with the uploaded uniform from
+ * the row's sampling distribution q, which replaces that position's base
+ * logits U[i, k]. Drafts and confidences go to ids_all and z_all. */
+static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled)
 {
-    int r = enqueue_block(g, R);
+    struct ds_cuda_target *t = g->t;
+    int r = enqueue_block(g, R), gm = g->g, V = g->V, S = g->max_seqs;
     const int32_t *prev = g->meta + M_ANCHOR * g->cap_rows;
-    for (int k = 0; k < g->g && r == 0; k++) {
-        int32_t *ids = g->ids_all + (size_t)k * g->max_seqs;
-        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * g->max_seqs : NULL);
+    for (int k = 0; k < gm && r == 0; k++) {
+        int32_t *ids = g->ids_all + (size_t)k * S;
+        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL);
+        if (r == 0 && sampled) {
+            float *q = g->U + (size_t)k * V;   /* row i at q + i γ V */
+            CK(ds_k_sampling_probs(g->logits, V, NULL, g->samp, R, V, q, gm * V, t->stream));
+            CK(ds_k_sample(q, gm * V, NULL, g->u + (size_t)k * S, R, V, ids, t->stream));
+        }
         prev = ids;
     }
     return r;
 }
 
-struct greedy_args {
+struct phase_args {
     struct ds_cuda_draft *g;
     int R;
+    bool sampled;
 };
 
-static int enqueue_greedy_args(void *arg)
+static int enqueue_phase_args(void *arg)
 {
-    const struct greedy_args *a = arg;
-    return enqueue_greedy(a->g, a->R);
+    const struct phase_args *a = arg;
+    return enqueue_phase(a->g, a->R, a->sampled);
 }
 
-int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
-                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z)
+/* Run a draft phase whose metadata is uploaded (a shape seen before replays
+ * its graph, captured on its second round) and copy drafts and z back. */
+static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *drafts, float *z)
 {
     struct ds_cuda_target *t = g->t;
     int gm = g->g, S = g->max_seqs, r;
-    if (R <= 0)
-        return 0;
-    if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
-        return r;
-    /* a shape seen before replays its graph (captured on its second round) */
     struct draft_graph *hit = NULL, *victim = &g->graphs[0];
     for (int i = 0; i < DRAFT_GRAPHS && t->opts.graphs; i++) {
-        if (g->graphs[i].last_use && g->graphs[i].R == R) {
+        if (g->graphs[i].last_use && g->graphs[i].R == R && g->graphs[i].sampled == sampled) {
             hit = &g->graphs[i];
             break;
         }
@@ -666,22 +691,24 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
             victim = &g->graphs[i];
     }
     if (!t->opts.graphs) {
-        r = enqueue_greedy(g, R);
+        r = enqueue_phase(g, R, sampled);
     } else if (!hit) {
         if (victim->exec)
             cudaGraphExecDestroy(victim->exec);
         memset(victim, 0, sizeof *victim);
         victim->R = R;
+        victim->sampled = sampled;
         victim->last_use = ++g->uses;
-        r = enqueue_greedy(g, R);
+        r = enqueue_phase(g, R, sampled);
     } else {
         hit->last_use = ++g->uses;
         if (!hit->exec) {
-            struct greedy_args a = {g, R};
-            if ((r = ds_cu_capture(t->stream, enqueue_greedy_args, &a, &hit->exec)) < 0)
+            struct phase_args a = {g, R, sampled};
+            if ((r = ds_cu_capture(t->stream, enqueue_phase_args, &a, &hit->exec)) < 0)
                 return r;
         }
         CK(cudaGraphLaunch(hit->exec, t->stream));
+        r = 0;
     }
     if (r < 0)
         return r;
@@ -698,5 +725,47 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
                 z[(size_t)i * gm + k] = g->conf_w ? g->h_z[(size_t)k * S + i] : NAN;
         }
     g->R = R;
+    g->q_ready = sampled;
     return 0;
+}
+
+int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z)
+{
+    int r;
+    if (R <= 0)
+        return 0;
+    g->q_ready = false;
+    if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
+        return r;
+    return run_phase(g, R, false, drafts, z);
+}
+
+int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                         const int32_t *anchor, const int32_t *start, const struct ds_sampling *s, int32_t *drafts,
+                         float *z)
+{
+    struct ds_cuda_target *t = g->t;
+    int gm = g->g, S = g->max_seqs, r;
+    if (R <= 0)
+        return 0;
+    g->q_ready = false;
+    if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
+        return r;
+    for (int i = 0; i < R; i++) {
+        g->h_samp[i] = (struct ds_k_sampling){.temperature = s[i].temperature, .top_p = s[i].top_p,
+                                              .top_k = s[i].top_k};
+        for (int k = 0; k < gm; k++)
+            g->h_u[(size_t)k * S + i] = ds_uniform(s[i].seed, (uint64_t)(start[i] + k + 1), DS_SLOT_DRAFT);
+    }
+    CK(cudaMemcpyAsync(g->samp, g->h_samp, (size_t)R * sizeof *g->samp, cudaMemcpyHostToDevice, t->stream));
+    CK(cudaMemcpyAsync(g->u, g->h_u, (size_t)gm * S * 4, cudaMemcpyHostToDevice, t->stream));
+    return run_phase(g, R, true, drafts, z);
+}
+
+const float *ds_cu_draft_q(const struct ds_cuda_draft *g, int *ret_blocks, int *ret_gamma)
+{
+    *ret_blocks = g->q_ready ? g->R : 0;
+    *ret_gamma = g->g;
+    return g->q_ready ? g->U : NULL;
 }

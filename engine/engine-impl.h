@@ -15,6 +15,7 @@
 enum ds_seq_state { DS_SEQ_QUEUED, DS_SEQ_PREFILL, DS_SEQ_DECODE, DS_SEQ_DONE };
 
 struct ds_spec_seq;   /* per-sequence draft state (spec.c) */
+struct ds_cuda_chain; /* one sequence's draws on the GPU (ds-cuda.h) */
 struct ds_spec;       /* engine-wide draft state (spec.c) */
 
 struct ds_seq {
@@ -77,6 +78,12 @@ struct ds_engine {
     size_t cap_captured;
     float *probs;                /* [2 V] */
     int32_t *scratch;            /* [V] */
+    /* device sampling (CUDA): sampled rows draw on the GPU, only ids come back */
+    bool device_sampling;        /* the CUDA backend without opts.cuda_host_sampling */
+    struct ds_cuda_chain *draws; /* [cap_draws] the pass's draws, in row order */
+    int32_t *draw_acc, *draw_next; /* [cap_draws] accepted drafts and the token after them */
+    int n_draws, cap_draws;
+    int32_t *row_draw;           /* [cap_logits] the draw starting at a logits row, else -1 */
     struct ds_spec *spec;
     struct ds_sps sps;           /* SPS(B): target steps per second at B tokens */
 };
@@ -94,8 +101,19 @@ int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b);
 /* The next token of s from logits row `row` of the pass (its argmax when greedy). */
 int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, int row);
 void ds_seq_decode_one(struct ds_engine *e, struct ds_seq *s, int row);
+/* The logits row whose token ends s's prompt this round (first: the chunk's first row), or -1. */
+int ds_prefill_draw_row(const struct ds_seq *s, int first);
+/* Device sampling: start the draws of a pass of n_rows logits rows, add them in
+ * row order (ds_draw_plain: a draw for s's next token from one row, nothing for
+ * a greedy s; ds_draw_chain: the verification of len drafts of block row
+ * q_block), then run them all at once; ds_seq_sample then reads the results. */
+void ds_draws_begin(struct ds_engine *e, int n_rows);
+void ds_draw_plain(struct ds_engine *e, struct ds_seq *s, int row);
+void ds_draw_chain(struct ds_engine *e, struct ds_seq *s, int row, int len, const int32_t *drafts, int q_block);
+int ds_draws_run(struct ds_engine *e);
 /* Whether the pass must bring its logits to the host: some row belongs to a
- * sampling sequence or to a prompt whose logits are kept (else ids suffice). */
+ * prompt whose logits are kept, or to a sampling sequence that draws on the
+ * host (else ids suffice). */
 bool ds_engine_needs_logits(const struct ds_engine *e);
 /* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture);

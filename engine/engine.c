@@ -95,7 +95,7 @@ const char *ds_backend_name(enum ds_backend b)
 int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
 {
     if (e->cuda) {
-        /* ids are enough when every row is greedy: the logits stay on the GPU */
+        /* ids are enough when every row is greedy or draws on the GPU: the logits stay there */
         struct ds_batch c = *b;
         if (c.argmax && !ds_engine_needs_logits(e))
             c.logits = NULL;
@@ -162,6 +162,7 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
             o.kv_pages = 1;
     }
     e->opts = o;
+    e->device_sampling = e->cuda && !o.cuda_host_sampling;
     e->gamma = draft ? ds_draft_block_size(draft) : 0;
     if ((r = ds_pool_new(o.n_threads, &e->pool)) < 0)
         goto fail;
@@ -233,8 +234,17 @@ struct ds_engine *ds_engine_free(struct ds_engine *e)
     free(e->captured);
     free(e->probs);
     free(e->scratch);
+    free(e->draws);
+    free(e->draw_acc);
+    free(e->draw_next);
+    free(e->row_draw);
     free(e);
     return NULL;
+}
+
+struct ds_cuda_target *ds_engine_cuda_target(struct ds_engine *e)
+{
+    return e->cuda;
 }
 
 long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_tokens)
@@ -491,6 +501,8 @@ int32_t ds_seq_sample(struct ds_engine *e, struct ds_seq *s, int row)
     int V = e->target->cfg.vocab_size;
     if (ds_sampling_is_greedy(&s->sampling))
         return e->argmax[row];
+    if (e->device_sampling)
+        return e->draw_next[e->row_draw[row]];   /* drawn by ds_draws_run */
     const float *logits = e->logits + (size_t)row * V;
     ds_probs(logits, V, &s->sampling, e->probs, e->scratch);
     return ds_sample_probs(e->probs, V, ds_uniform(s->sampling.seed, (uint64_t)s->n_tokens, DS_SLOT_TARGET));
@@ -509,11 +521,48 @@ bool ds_engine_needs_logits(const struct ds_engine *e)
 {
     for (int i = 0; i < e->n_seqs; i++) {
         const struct ds_seq *s = e->seqs[i];
-        if (s->state == DS_SEQ_DECODE || (s->state == DS_SEQ_PREFILL && s->chunk > 0))
-            if (!ds_sampling_is_greedy(&s->sampling) || s->want_prompt_logits)
-                return true;
+        bool prefill = s->state == DS_SEQ_PREFILL && s->chunk > 0;
+        if (prefill && s->want_prompt_logits)
+            return true;
+        if ((prefill || s->state == DS_SEQ_DECODE) && !ds_sampling_is_greedy(&s->sampling) && !e->device_sampling)
+            return true;
     }
     return false;
+}
+
+/* ---- draws on the GPU ---- */
+void ds_draws_begin(struct ds_engine *e, int n_rows)
+{
+    e->n_draws = 0;
+    for (int i = 0; i < n_rows; i++)
+        e->row_draw[i] = -1;
+}
+
+void ds_draw_chain(struct ds_engine *e, struct ds_seq *s, int row, int len, const int32_t *drafts, int q_block)
+{
+    if (e->n_draws == e->cap_draws) {
+        e->cap_draws = e->cap_draws ? 2 * e->cap_draws : 64;
+        e->draws = ds_xrealloc(e->draws, (size_t)e->cap_draws * sizeof *e->draws);
+        e->draw_acc = ds_xrealloc(e->draw_acc, (size_t)e->cap_draws * sizeof *e->draw_acc);
+        e->draw_next = ds_xrealloc(e->draw_next, (size_t)e->cap_draws * sizeof *e->draw_next);
+    }
+    /* the token drawn from `row` is the one at position n_tokens (kv.len + 1 while decoding) */
+    e->draws[e->n_draws] = (struct ds_cuda_chain){.row = row, .len = len, .drafts = drafts, .q_block = q_block,
+                                                  .sampling = s->sampling, .position = (uint64_t)s->n_tokens};
+    e->row_draw[row] = e->n_draws++;
+}
+
+void ds_draw_plain(struct ds_engine *e, struct ds_seq *s, int row)
+{
+    if (!ds_sampling_is_greedy(&s->sampling))
+        ds_draw_chain(e, s, row, 0, NULL, -1);
+}
+
+int ds_draws_run(struct ds_engine *e)
+{
+    if (e->n_draws == 0)
+        return 0;
+    return ds_cuda_sample(e->cuda, e->cuda_draft, e->n_draws, e->draws, e->draw_acc, e->draw_next);
 }
 
 /* ---- the round ---- */
@@ -533,6 +582,7 @@ int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_
             return ds_seterr(DS_ENOMEM, "could not allocate logits for %d rows", n_rows);
         e->logits = p;
         e->argmax = ds_xrealloc(e->argmax, (size_t)n_rows * sizeof *e->argmax);
+        e->row_draw = ds_xrealloc(e->row_draw, (size_t)n_rows * sizeof *e->row_draw);
         e->cap_logits = (size_t)n_rows;
     }
     size_t cap_feat = (size_t)n_tokens * n_capture * H;
@@ -626,12 +676,24 @@ void ds_batch_add_prefill(struct ds_engine *e, struct ds_seq *s, int seq_index, 
     }
 }
 
+/* Logits rows of s's prefill chunk: one per token when the prompt logits are
+ * kept, else one for the last prompt token when the chunk ends the prompt. */
+static int prefill_rows(const struct ds_seq *s)
+{
+    return s->want_prompt_logits ? s->chunk : (s->kv.len + s->chunk == s->n_prompt);
+}
+
+int ds_prefill_draw_row(const struct ds_seq *s, int first)
+{
+    return s->kv.len + s->chunk == s->n_prompt ? first + prefill_rows(s) - 1 : -1;
+}
+
 /* After the pass: copy prompt logits, advance the cache, and sample the first
  * token when the prompt is done. row points at the sequence's first logits row. */
 void ds_finish_prefill(struct ds_engine *e, struct ds_seq *s, int *row)
 {
     size_t V = e->target->cfg.vocab_size;
-    int n_rows = s->want_prompt_logits ? s->chunk : (s->kv.len + s->chunk == s->n_prompt);
+    int n_rows = prefill_rows(s);
     if (s->want_prompt_logits) {
         if (!s->prompt_logits)
             s->prompt_logits = ds_xmalloc((size_t)s->n_prompt * V * sizeof(float));
@@ -683,6 +745,23 @@ int ds_plain_round(struct ds_engine *e)
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
         return r;
+    if (e->device_sampling) {
+        /* the sampled rows' tokens, drawn on the GPU in one go */
+        ds_draws_begin(e, n_rows);
+        for (int i = 0, row = 0; i < e->n_seqs; i++) {
+            struct ds_seq *s = e->seqs[i];
+            if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+                int dr = ds_prefill_draw_row(s, row);
+                if (dr >= 0)
+                    ds_draw_plain(e, s, dr);
+                row += prefill_rows(s);
+            } else if (s->state == DS_SEQ_DECODE) {
+                ds_draw_plain(e, s, row++);
+            }
+        }
+        if ((r = ds_draws_run(e)) < 0)
+            return r;
+    }
     int row = 0;
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];

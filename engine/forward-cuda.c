@@ -449,6 +449,10 @@ static void free_activations(struct ds_cuda_target *t)
     cudaFree(t->captured);
     cudaFree(t->meta);
     cudaFreeHost(t->h_meta);
+    cudaFree(t->samp);
+    cudaFreeHost(t->h_samp);
+    t->samp = t->h_samp = NULL;
+    t->last_rows = 0;
     t->x = t->qkv = t->gu = t->ws = t->att_ws = t->logits = t->captured = NULL;
     t->xn = t->attn = t->rows = NULL;
     t->ids = NULL;
@@ -559,6 +563,28 @@ int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed)
     return 0;
 }
 
+/* Where the parts of the sampling staging buffers lie, for cap rows. */
+struct samp_layout {
+    size_t rows, params, chains, accepted, next, bytes;
+};
+
+static size_t align16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+static struct samp_layout samp_layout(int cap)
+{
+    struct samp_layout l;
+    l.rows = 0;
+    l.params = align16(l.rows + (size_t)cap * sizeof(int32_t));
+    l.chains = align16(l.params + (size_t)cap * sizeof(struct ds_k_sampling));
+    l.accepted = align16(l.chains + (size_t)cap * sizeof(struct ds_k_chain));
+    l.next = l.accepted + (size_t)cap * sizeof(int32_t);
+    l.bytes = l.next + (size_t)cap * sizeof(int32_t);
+    return l;
+}
+
 /* Grow the activation buffers (dropping captured graphs, which point into them). */
 static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_seqs, int n_capture)
 {
@@ -608,9 +634,11 @@ static int ensure_capacity(struct ds_cuda_target *t, int n, int n_rows, int n_se
         (r = ds_cu_alloc(&t->logits, cr * V * 4, "logits")) < 0 ||
         (r = ds_cu_alloc(&t->ids, cr * 4, "token ids")) < 0 ||
         (cc > 0 && (r = ds_cu_alloc(&t->captured, (size_t)cn * cc * H * 4, "captured features")) < 0) ||
-        (r = ds_cu_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0)
+        (r = ds_cu_alloc(&t->meta, t->meta_ints * 4, "pass metadata")) < 0 ||
+        (r = ds_cu_alloc(&t->samp, samp_layout((int)cr).bytes, "sampling parameters")) < 0)
         return r;
     CK(cudaMallocHost((void **)&t->h_meta, t->meta_ints * 4));
+    CK(cudaMallocHost(&t->h_samp, samp_layout((int)cr).bytes));
     if (ws)
         CK(cudaMemset(t->ws, 0, ws * 4));   /* the product's tile counters start at zero */
     t->ws_floats = ws;
@@ -848,8 +876,11 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
     if (r < 0)
         return r;
     size_t H = t->cfg.hidden_size, V = t->cfg.vocab_size;
-    if (b->logits && b->n_logits)
+    t->last_rows = b->n_logits;
+    if (b->logits && b->n_logits) {
         CK(cudaMemcpyAsync(b->logits, t->logits, (size_t)b->n_logits * V * 4, cudaMemcpyDeviceToHost, t->stream));
+        t->logits_to_host += (uint64_t)b->n_logits * V * 4;
+    }
     if (b->argmax && b->n_logits)
         CK(cudaMemcpyAsync(b->argmax, t->ids, (size_t)b->n_logits * 4, cudaMemcpyDeviceToHost, t->stream));
     if (b->captured && b->n_capture)
@@ -857,6 +888,70 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
                            t->stream));
     CK(cudaStreamSynchronize(t->stream));
     return 0;
+}
+
+/* ---- sampling on the device ---- */
+int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int n, const struct ds_cuda_chain *c,
+                   int32_t *accepted, int32_t *next)
+{
+    int V = t->cfg.vocab_size, q_blocks = 0, gamma = 0, n_rows = 0, end = 0;
+    if (n <= 0)
+        return 0;
+    struct samp_layout l = samp_layout(t->cap_rows);
+    uint8_t *h = t->h_samp, *d = t->samp;
+    int32_t *rows = (int32_t *)(h + l.rows);                  /* [n_rows] logits rows to turn into p */
+    struct ds_k_sampling *params = (struct ds_k_sampling *)(h + l.params);   /* [n_rows] */
+    struct ds_k_chain *chains = (struct ds_k_chain *)(h + l.chains);         /* [n] */
+    const float *q = g ? ds_cu_draft_q(g, &q_blocks, &gamma) : NULL;         /* [q_blocks, γ, V] */
+    for (int i = 0; i < n; i++) {
+        const struct ds_cuda_chain *ci = &c[i];
+        if (ci->len < 0 || ci->len > DS_K_MAX_CHAIN || ci->row < end || ci->row + ci->len >= t->last_rows)
+            return ds_seterr(DS_EINVAL,
+                             "sampling rows %d..%d are outside the last pass's %d logits rows or overlap a chain "
+                             "before them", ci->row, ci->row + ci->len, t->last_rows);
+        if (ci->len > 0 && (!q || ci->q_block < 0 || ci->q_block >= q_blocks || ci->len > gamma))
+            return ds_seterr(DS_EINVAL, "%d drafts to verify without their draft distributions (block row %d)",
+                             ci->len, ci->q_block);
+        end = ci->row + ci->len + 1;
+        const struct ds_sampling *s = &ci->sampling;
+        struct ds_k_sampling kp = {.temperature = s->temperature, .top_p = s->top_p, .top_k = s->top_k};
+        struct ds_k_chain *k = &chains[i];
+        memset(k, 0, sizeof *k);
+        k->p_row = ci->row;
+        k->q_row = ci->len > 0 ? ci->q_block * gamma : 0;
+        k->len = ci->len;
+        for (int j = 0; j <= ci->len; j++) {
+            rows[n_rows] = ci->row + j;
+            params[n_rows++] = kp;
+            k->u_target[j] = ds_uniform(s->seed, ci->position + (uint64_t)j, DS_SLOT_TARGET);
+            if (j == ci->len)
+                break;
+            if (ci->drafts[j] < 0 || ci->drafts[j] >= V)
+                return ds_seterr(DS_EINVAL, "draft token %d is outside the vocabulary", ci->drafts[j]);
+            k->drafts[j] = ci->drafts[j];
+            k->u_accept[j] = ds_uniform(s->seed, ci->position + (uint64_t)j, DS_SLOT_ACCEPT);
+        }
+    }
+    /* the logits rows become probabilities in place, then one block per chain */
+    CK(cudaMemcpyAsync(d + l.rows, rows, (size_t)n_rows * sizeof *rows, cudaMemcpyHostToDevice, t->stream));
+    CK(cudaMemcpyAsync(d + l.params, params, (size_t)n_rows * sizeof *params, cudaMemcpyHostToDevice, t->stream));
+    CK(cudaMemcpyAsync(d + l.chains, chains, (size_t)n * sizeof *chains, cudaMemcpyHostToDevice, t->stream));
+    CK(ds_k_sampling_probs(t->logits, V, (const int32_t *)(d + l.rows), (const struct ds_k_sampling *)(d + l.params),
+                           n_rows, V, t->logits, V, t->stream));
+    CK(ds_k_spec_accept(t->logits, V, q, V, (const struct ds_k_chain *)(d + l.chains), n, V,
+                        (int32_t *)(d + l.accepted), (int32_t *)(d + l.next), t->stream));
+    CK(cudaMemcpyAsync(h + l.accepted, d + l.accepted, (size_t)n * 4, cudaMemcpyDeviceToHost, t->stream));
+    CK(cudaMemcpyAsync(h + l.next, d + l.next, (size_t)n * 4, cudaMemcpyDeviceToHost, t->stream));
+    CK(cudaStreamSynchronize(t->stream));
+    memcpy(accepted, h + l.accepted, (size_t)n * 4);
+    memcpy(next, h + l.next, (size_t)n * 4);
+    t->last_rows = 0;   /* the rows now hold probabilities */
+    return 0;
+}
+
+uint64_t ds_cuda_logits_to_host(const struct ds_cuda_target *t)
+{
+    return t ? t->logits_to_host : 0;
 }
 
 static int cmp_double(const void *a, const void *b)

@@ -111,3 +111,18 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
 {
     return nocuda();
 }
+int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
+                         const int32_t *anchor, const int32_t *start, const struct ds_sampling *s, int32_t *drafts,
+                         float *z)
+{
+    return nocuda();
+}
+int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int n, const struct ds_cuda_chain *c,
+                   int32_t *accepted, int32_t *next)
+{
+    return nocuda();
+}
+uint64_t ds_cuda_logits_to_host(const struct ds_cuda_target *t)
+{
+    return 0;
+}

@@ -7,7 +7,15 @@
  * the prefill chunks of new sequences, capturing the draft's features;
  * (4) chain accept/reject (greedy: d_i == argmax; sampled: u < p/q with the
  * residual on rejection), commit a+1 tokens, roll back the rest; (5) the
- * features of the committed tokens extend each draft context. */
+ * features of the committed tokens extend each draft context.
+ *
+ * On the CUDA backend sampled rows stay on the GPU (unless the engine was
+ * asked to sample on the host): the draft draws its tokens there and keeps
+ * their distributions q, and the target's rows are accepted or rejected there
+ * from the logits the pass left (ds_cuda_draft_sample, ds_cuda_sample); the
+ * host sees token ids and counts only. The host path below is the CPU
+ * backend's, with the same uniforms, so both give the same tokens up to
+ * float rounding. */
 #include "config.h"
 
 #include <math.h>
@@ -41,6 +49,7 @@ struct ds_spec {
     float *h, *U, *q, *z, *corr, *state, *feat_rows;
     size_t cap_h, cap_U, cap_q, cap_z, cap_corr, cap_state, cap_feat;
     int32_t *idx, *anchor, *start, *drafts, *prev, *ids, *len, *cap, *row0, *pos_rows, *ctx_tok;
+    struct ds_sampling *samp;        /* [cap_r] the drafting sequences' sampling (GPU draft) */
     struct ds_draft_cache **caches;
     struct ds_kv_seq **kvs;          /* [cap_r] the drafting sequences' KV (GPU draft) */
     struct ds_seq **ctx_seq;         /* [cap_ctx] the sequence of each context row */
@@ -83,7 +92,7 @@ void ds_spec_done(struct ds_engine *e)
     free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->corr), free(sp->state), free(sp->feat_rows);
     free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->ids), free(sp->len);
     free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->ctx_tok), free(sp->caches), free(sp->kvs);
-    free(sp->ctx_seq), free(sp->a), free(sp->c);
+    free(sp->ctx_seq), free(sp->a), free(sp->c), free(sp->samp);
     free(sp);
     e->spec = NULL;
 }
@@ -208,8 +217,9 @@ static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round,
     fprintf(f, "]}\n");
 }
 
-/* Draft k of block i: the argmax for greedy rows (argmax_id when the GPU gave
- * it, else from lg), else a draw from the corrected logits lg (q keeps the
+/* Draft k of block i: the token the GPU chose (lg NULL: its argmax or its
+ * draw), else the argmax for greedy rows (argmax_id when the GPU gave it, else
+ * from lg), else a draw from the corrected logits lg (q keeps the
  * distribution); records it with its calibrated confidence and prefix survival. */
 static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk)
 {
@@ -217,7 +227,9 @@ static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, in
     struct ds_seq *s = e->seqs[sp->idx[i]];
     int g = e->gamma, V = e->target->cfg.vocab_size;
     int32_t dk;
-    if (ds_sampling_is_greedy(&s->sampling)) {
+    if (!lg) {
+        dk = argmax_id;
+    } else if (ds_sampling_is_greedy(&s->sampling)) {
         dk = argmax_id >= 0 ? argmax_id : ds_argmax(lg, V);
     } else {
         float *q = sp->q + ((size_t)i * g + k) * V;
@@ -254,8 +266,10 @@ static int draft_cpu(struct ds_engine *e, int R)
     return r;
 }
 
-/* The draft phase on the GPU: the corrected logits come to the host only when
- * a row samples; otherwise the whole phase is one graph and one copy back. */
+/* The draft phase on the GPU: one graph and one copy back of drafts and
+ * confidences, drawing sampled rows' drafts there too (their q stay for the
+ * acceptance); only with host sampling do the corrected logits of every
+ * position come to the host. */
 static int draft_cuda(struct ds_engine *e, int R)
 {
     struct ds_spec *sp = e->spec;
@@ -264,11 +278,16 @@ static int draft_cuda(struct ds_engine *e, int R)
     for (int i = 0; i < R; i++) {
         struct ds_seq *s = e->seqs[sp->idx[i]];
         sp->kvs[i] = &s->kv;
+        sp->samp[i] = s->sampling;
         sampled |= !ds_sampling_is_greedy(&s->sampling);
     }
-    if (!sampled) {
-        /* all greedy: the γ positions chain on the device, one copy back into drafts and z */
-        r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->drafts, sp->z);
+    if (!sampled || e->device_sampling) {
+        /* the γ positions chain on the device, one copy back into drafts and z */
+        if (!sampled)
+            r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->drafts, sp->z);
+        else
+            r = ds_cuda_draft_sample(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->samp, sp->drafts,
+                                     sp->z);
         for (int i = 0; i < R && r == 0; i++)
             for (int k = 0; k < g; k++)
                 pick_draft(e, i, k, NULL, sp->drafts[(size_t)i * g + k], sp->z[(size_t)i * g + k]);
@@ -414,6 +433,73 @@ static void schedule(struct ds_engine *e, int R, int extra)
     ds_sps_done(&eff);
 }
 
+/* Greedy acceptance: drafts equal to the target's argmax, then the argmax. */
+static void accept_greedy(const struct ds_engine *e, int row, int len, const int32_t *dr, int *ret_a,
+                          int32_t *ret_next)
+{
+    int a = 0;
+    while (a < len && dr[a] == e->argmax[row + a])
+        a++;
+    *ret_a = a;
+    *ret_next = e->argmax[row + a];
+}
+
+/* Sampled acceptance on the host from the pass's logits rows row..row+len and
+ * the drafts' distributions q [len, V]: draft k is accepted while
+ * u · max(q[d_k], 1e-8) < p[d_k]; a rejection draws the correction from the
+ * residual, all accepted draw the bonus from p. Uniforms are keyed by the
+ * position of the token drawn. */
+static void accept_sampled(struct ds_engine *e, struct ds_seq *s, int row, int len, const int32_t *dr,
+                           const float *q, int *ret_a, int32_t *ret_next)
+{
+    int V = e->target->cfg.vocab_size, start = s->kv.len, a = 0;
+    float *p = e->probs, *tmp = e->probs + V;
+    uint64_t seed = s->sampling.seed;
+    int32_t next = -1;
+    for (int k = 0; k <= len; k++) {
+        uint64_t pos = (uint64_t)(start + k + 1);
+        ds_probs(e->logits + (size_t)(row + k) * V, V, &s->sampling, p, e->scratch);
+        if (k == len) {
+            next = ds_sample_probs(p, V, ds_uniform(seed, pos, DS_SLOT_TARGET));
+            break;
+        }
+        const float *qk = q + (size_t)k * V;
+        float pq = p[dr[k]], qq = qk[dr[k]] > 1e-8f ? qk[dr[k]] : 1e-8f;
+        if (ds_uniform(seed, pos, DS_SLOT_ACCEPT) * qq < pq) {
+            a++;
+            continue;
+        }
+        next = residual_sample(p, qk, V, ds_uniform(seed, pos, DS_SLOT_TARGET), tmp);
+        break;
+    }
+    *ret_a = a;
+    *ret_next = next;
+}
+
+/* Device sampling: the draws of the pass's sampled rows, on the GPU in one go
+ * (rows in batch order: sequence by sequence). */
+static int device_draws(struct ds_engine *e, const int *seq_row, int n_rows)
+{
+    struct ds_spec *sp = e->spec;
+    int ri = 0;
+    ds_draws_begin(e, n_rows);
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            int dr = ds_prefill_draw_row(s, seq_row[i]);
+            if (dr >= 0)
+                ds_draw_plain(e, s, dr);
+        } else if (s->state == DS_SEQ_DECODE && !drafts_now(e, s)) {
+            ds_draw_plain(e, s, seq_row[i]);
+        } else if (s->state == DS_SEQ_DECODE) {
+            if (!ds_sampling_is_greedy(&s->sampling))
+                ds_draw_chain(e, s, seq_row[i], sp->len[ri], sp->drafts + (size_t)ri * e->gamma, ri);
+            ri++;
+        }
+    }
+    return ds_draws_run(e);
+}
+
 int ds_spec_round(struct ds_engine *e)
 {
     struct ds_spec *sp = e->spec;
@@ -444,6 +530,7 @@ int ds_spec_round(struct ds_engine *e)
         sp->caches = ds_xrealloc(sp->caches, (size_t)c * sizeof(*sp->caches));
         sp->a = ds_xrealloc(sp->a, (size_t)c * g * sizeof(float));
         sp->c = ds_xrealloc(sp->c, (size_t)c * g * sizeof(float));
+        sp->samp = ds_xrealloc(sp->samp, (size_t)c * sizeof(*sp->samp));
     }
     if (e->n_seqs > e->cap_bkv) {
         e->cap_bkv = e->n_seqs;
@@ -475,9 +562,11 @@ int ds_spec_round(struct ds_engine *e)
         sp->h = grow(sp->h, &sp->cap_h, (size_t)R * g * H + 1, sizeof(float));
         sp->U = grow(sp->U, &sp->cap_U, (size_t)R * g * V + 1, sizeof(float));
     }
-    sp->q = grow(sp->q, &sp->cap_q, (size_t)R * g * V + 1, sizeof(float));
+    if (!e->device_sampling) {   /* q and the corrected logits on the host */
+        sp->q = grow(sp->q, &sp->cap_q, (size_t)R * g * V + 1, sizeof(float));
+        sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
+    }
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
-    sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
     if (!e->probs)
         e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * sizeof(int32_t));
@@ -539,6 +628,8 @@ int ds_spec_round(struct ds_engine *e)
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
         goto out;
+    if (e->device_sampling && (r = device_draws(e, seq_row, nrows)) < 0)
+        goto out;
 
     /* (4) prefill bookkeeping and acceptance; collect context rows for (5) */
     int n_ctx = 0;
@@ -549,7 +640,6 @@ int ds_spec_round(struct ds_engine *e)
         sp->ctx_seq = ds_xrealloc(sp->ctx_seq, (size_t)sp->cap_ctx * sizeof(*sp->ctx_seq));
     }
     int32_t committed[DS_MAX_BLOCK + 1];
-    float *p_prev = e->probs, *p_tmp = e->probs + V;
     ri = 0;
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];
@@ -576,36 +666,16 @@ int ds_spec_round(struct ds_engine *e)
         }
         int len = sp->len[ri], start = s->kv.len;
         const int32_t *dr = sp->drafts + (size_t)ri * g;
-        bool greedy = ds_sampling_is_greedy(&s->sampling);
-        int a = 0;
-        int32_t next = -1;
-        for (int k = 0; k <= len; k++) {
-            if (greedy) {
-                int32_t best = e->argmax[row + k];
-                if (k < len && dr[k] == best) {
-                    a++;
-                    continue;
-                }
-                next = best;
-                break;
-            }
-            ds_probs(e->logits + (size_t)(row + k) * V, V, &s->sampling, p_prev, e->scratch);
-            if (k < len) {
-                const float *q = sp->q + ((size_t)ri * g + k) * V;
-                float pq = p_prev[dr[k]], qq = q[dr[k]] > 1e-8f ? q[dr[k]] : 1e-8f;
-                float u = ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1), DS_SLOT_ACCEPT);
-                if (u * qq < pq) {
-                    a++;
-                    continue;
-                }
-                next = residual_sample(p_prev, q, V, ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1),
-                                                                DS_SLOT_TARGET),
-                                       p_tmp);
-            } else {
-                next = ds_sample_probs(p_prev, V, ds_uniform(s->sampling.seed, (uint64_t)(start + k + 1),
-                                                             DS_SLOT_TARGET));
-            }
-            break;
+        int a;
+        int32_t next;
+        if (ds_sampling_is_greedy(&s->sampling)) {
+            accept_greedy(e, row, len, dr, &a, &next);
+        } else if (e->device_sampling) {
+            int di = e->row_draw[row];   /* accepted and drawn on the GPU */
+            a = e->draw_acc[di];
+            next = e->draw_next[di];
+        } else {
+            accept_sampled(e, s, row, len, dr, sp->q + (size_t)ri * g * V, &a, &next);
         }
         /* emit accepted drafts, then the correction or bonus; a stop ends it early */
         int n_emit = 0, acc_emitted = 0;

@@ -139,6 +139,62 @@ cudaError_t ds_k_confidence(const float *h /* [n, ldh] */, int ldh, const float 
                             const uint16_t *w1 /* [V, r] or NULL */, const int32_t *prev /* [n] or NULL */, int n,
                             int H, int r, int V, float b, float *z /* [n] */, cudaStream_t stream);
 
+/* ---- sampling with explicit uniforms (sample.cu) ---- */
+/* Per-row sampling parameters, as struct ds_sampling: temperature < 1e-5 is
+ * greedy; top_p in (0, 1] (1: off); top_k 0: off. */
+struct ds_k_sampling {
+    float temperature;
+    float top_p;
+    int32_t top_k;
+};
+
+/* out[r] = the sampling distribution of x[r] with params[i], for r = rows[i]
+ * (rows NULL: r = i), exactly as ds_probs defines it: greedy gives a one-hot
+ * at the first maximum; else softmax(x / T), cut to the top-k tokens, then to
+ * the smallest prefix of the ranking (probability descending, ties to the
+ * lower id) whose mass reaches top_p of theirs, renormalized. out may be x
+ * (in place). V up to 2^31 / 8; rows of non-finite logits give unspecified
+ * probabilities. */
+cudaError_t ds_k_sampling_probs(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */,
+                                const struct ds_k_sampling *params /* [n] */, int n, int V,
+                                float *out /* [*, ldo] */, int ldo, cudaStream_t stream);
+/* out[i] = the first index j (index order) at which the running sum of
+ * probs[r] passes u[i] · its total, for r = rows[i] (rows NULL: i): the draw
+ * of ds_sample_probs. Rows are non-negative and sum to less than 8; sums are
+ * exact 2^-60 fixed-point. A row of zero mass gives its last positive index, else 0. */
+cudaError_t ds_k_sample(const float *probs /* [*, ldp] */, int ldp, const int32_t *rows /* [n] or NULL */,
+                        const float *u /* [n] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
+/* out[i] = the draw with u[i] from norm(max(0, p[i] - q[i])), or from p[i]
+ * when that mass is at most 1e-8 (the correction token of a rejection). */
+cudaError_t ds_k_sample_residual(const float *p /* [n, ldp] */, int ldp, const float *q /* [n, ldq] */, int ldq,
+                                 const float *u /* [n] */, int n, int V, int32_t *out /* [n] */,
+                                 cudaStream_t stream);
+
+#define DS_K_MAX_CHAIN 32   /* drafts verified per sequence and round, at most (DS_MAX_BLOCK) */
+
+/* One sequence's verification: target distributions in rows p_row .. p_row + len
+ * of p (row p_row + k follows draft k - 1; p_row + len gives the bonus), the
+ * drafts' distributions in rows q_row .. q_row + len - 1 of q, and the uniforms
+ * of each position (host-computed with ds_uniform). */
+struct ds_k_chain {
+    int32_t p_row;
+    int32_t q_row;
+    int32_t len;                            /* 0..DS_K_MAX_CHAIN */
+    int32_t drafts[DS_K_MAX_CHAIN];
+    float u_accept[DS_K_MAX_CHAIN];         /* DS_SLOT_ACCEPT */
+    float u_target[DS_K_MAX_CHAIN + 1];     /* DS_SLOT_TARGET */
+};
+
+/* Chain accept/reject, one block per chain: for k = 0..len-1, draft k is
+ * accepted while u_accept[k] · max(q[d_k], 1e-8) < p[d_k]; the first rejection
+ * draws next from the residual (ds_k_sample_residual with u_target[k]); after
+ * len acceptances next is drawn from row p_row + len with u_target[len].
+ * accepted[i] gets the accepted count, next[i] the token that follows them. q
+ * may be NULL when every len is 0. A draft id outside [0, V) is rejected. */
+cudaError_t ds_k_spec_accept(const float *p /* [*, ldp] */, int ldp, const float *q /* [*, ldq] or NULL */, int ldq,
+                             const struct ds_k_chain *chains /* [n] */, int n, int V, int32_t *accepted /* [n] */,
+                             int32_t *next /* [n] */, cudaStream_t stream);
+
 /* ---- the batch-invariant bf16 product (gemm.cu) ---- */
 /* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends
  * on nothing else, so every batch size runs the same reduction. */

@@ -1,7 +1,7 @@
 # mk/kernels.mk: CUDA kernels (built only with --with-cuda), compiled by nvcc,
 # and their GPU test. The test is not in TESTS (CI has no GPU): run it with
 # `make check-gpu` on a GPU host.
-DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu kernels/draft.cu
+DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu kernels/draft.cu kernels/sample.cu
 if HAVE_CUDA
 noinst_LIBRARIES += libdskernels.a
 libdskernels_a_SOURCES = $(DS_KERNEL_SOURCES) kernels/kernels.h

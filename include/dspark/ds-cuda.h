@@ -19,8 +19,11 @@
 #include "dspark/ds-draft.h"
 #include "dspark/ds-err.h"
 #include "dspark/ds-model.h"
+#include "dspark/ds-sampler.h"
 
 struct ds_cuda_target;
+struct ds_cuda_draft;
+struct ds_engine;
 
 struct ds_cuda_opts {
     int device;              /* CUDA device index */
@@ -65,9 +68,40 @@ int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed) DS_MUSTCHECK
 /* ds_model_forward on the GPU: pool is the host bookkeeping of the device
  * cache. Logits, their argmax and captures are copied to b->logits,
  * b->argmax and b->captured (b->logits NULL: computed on the device and not
- * copied, so greedy passes move only token ids). */
+ * copied, so greedy passes, and sampled ones drawn with ds_cuda_sample, move
+ * only token ids). */
 int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
     DS_MUSTCHECK;
+
+/* One sequence's draws from the logits of the last pass: a plain draw (len 0)
+ * or the verification of len drafts (the chain of spec.c: accept draft k while
+ * u_accept · max(q[d_k], 1e-8) < p[d_k], a rejection draws the correction from
+ * norm(max(0, p - q)), all accepted draws the bonus from p). p is the sampling
+ * distribution of logits rows row .. row + len; q comes from the draft's last
+ * ds_cuda_draft_sample, block row q_block. The uniforms are ds_uniform(seed,
+ * position + k, DS_SLOT_ACCEPT / DS_SLOT_TARGET) for the token drawn at row
+ * row + k. */
+struct ds_cuda_chain {
+    int row;                     /* first logits row of the last pass */
+    int len;                     /* drafts to verify, 0..DS_MAX_BLOCK */
+    const int32_t *drafts;       /* [len] (host) */
+    int q_block;                 /* the drafts' block row in the draft's last sampled phase */
+    struct ds_sampling sampling;
+    uint64_t position;           /* position of the token drawn from row `row` */
+};
+
+/* Draw n chains on the GPU from the logits the last ds_cuda_forward left
+ * there (the rows are turned into probabilities in place): accepted[i] drafts
+ * of chain i are accepted and next[i] follows them. g is the draft whose q
+ * the chains verify (NULL when every len is 0). Only ids cross to the host. */
+int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int n, const struct ds_cuda_chain *c,
+                   int32_t *accepted /* [n] */, int32_t *next /* [n] */) DS_MUSTCHECK;
+
+/* Bytes of full-vocabulary logits copied from the GPU to the host so far by
+ * t's passes and its draft's steps (tests: steady-state sampling copies none). */
+uint64_t ds_cuda_logits_to_host(const struct ds_cuda_target *t);
+/* The engine's CUDA target (NULL on the CPU backend). */
+struct ds_cuda_target *ds_engine_cuda_target(struct ds_engine *e);
 
 /* Time the device part of a pass of batch b (metadata uploaded once, then
  * reps passes, each as one CUDA graph replay when graph is true): the median
@@ -78,7 +112,6 @@ int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool
  * The draft's context cache is paged like the target's and uses the same page
  * tables (the same positions, its own rows), so a sequence's KV reservation
  * covers both. Draft work runs on the target's stream. */
-struct ds_cuda_draft;
 
 /* Bytes of one page of the draft's context cache (K and V, every draft layer). */
 size_t ds_cuda_draft_page_bytes(const struct ds_draft *d, int page_size);
@@ -117,6 +150,18 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
                          struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
                          const int32_t *start /* [R] */, int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */)
     DS_MUSTCHECK;
+
+/* The draft phase for rows that may sample: ds_cuda_draft_block and the γ
+ * positions chained on the device, row i drawing position k from the sampling
+ * distribution q of its corrected logits (s[i]; greedy rows: the argmax) with
+ * the uniform ds_uniform(s[i].seed, start[i] + k + 1, DS_SLOT_DRAFT). The q
+ * stay on the GPU (in the block's base-logit rows, which they replace) for
+ * ds_cuda_sample; drafts [R, γ] and z [R, γ] come back in one copy (one CUDA
+ * graph per R, as ds_cuda_draft_greedy). */
+int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R,
+                         struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
+                         const int32_t *start /* [R] */, const struct ds_sampling *s /* [R] */,
+                         int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */) DS_MUSTCHECK;
 
 /* Device-to-device copy bandwidth in bytes per second (bytes read + written),
  * over a buffer of the given size; the median of reps copies. */

@@ -54,6 +54,7 @@ struct ds_engine_opts {
     int device;                   /* CUDA device index */
     bool cublas;                  /* CUDA: cuBLAS products, faster but not batch-invariant */
     bool cuda_graphs;             /* CUDA: replay graphs of earlier passes of the same shape */
+    bool cuda_host_sampling;      /* CUDA: sample on the host from copied logits (as the CPU backend), not on the GPU */
     double gpu_memory_fraction;   /* CUDA: share of free GPU memory for the KV cache (0: 0.85) */
     int n_threads;                /* 0: all CPUs */
     int kv_pages;                 /* 0: sized from max_seqs x max context */

@@ -2,7 +2,7 @@
  * plain C reference where the engine has none), on fresh random inputs each
  * run. Outputs are poisoned with NaN (or -1) before each launch so that an
  * element left unwritten fails the comparison. Prints TAP; without a CUDA
- * device it prints a skip plan and exits 0. DS_TEST_SEED=N repeats a run. */
+ * device it prints a skip plan and exits 77. DS_TEST_SEED=N repeats a run. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -15,6 +15,7 @@
 #include <cuda_runtime_api.h>
 
 #include "dspark/ds-model.h"
+#include "dspark/ds-sampler.h"
 #include "kernels.h"
 
 /* ---- bookkeeping: every buffer of a test is freed when the test ends ---- */
@@ -746,6 +747,487 @@ static bool test_invalid(void)
     return launched(cudaSuccess, "after refused launches") && ok;
 }
 
+/* ---- sampling (sample.cu) against ds_probs / ds_sample_probs ---- */
+/* How a test row's logits are made. */
+enum row_kind { ROW_RANDOM, ROW_TIES, ROW_EQUAL, ROW_MAX_TIE };
+
+struct prob_case {
+    float temperature, top_p;
+    int top_k;                   /* < 0: that many tokens short of V */
+    enum row_kind kind;
+};
+
+static void make_logits(float *x, int V, enum row_kind kind)
+{
+    for (int i = 0; i < V; i++) {
+        float l = 6.0f * rnd_f();
+        switch (kind) {
+        case ROW_RANDOM: x[i] = l; break;
+        case ROW_TIES: x[i] = floorf(l * 0.5f) * 0.75f; break;   /* about 7 distinct values, many exact ties */
+        case ROW_EQUAL: x[i] = 0.5f; break;
+        case ROW_MAX_TIE: x[i] = l; break;
+        }
+    }
+    if (kind == ROW_MAX_TIE && V > 3) {
+        x[V / 3] = x[V - 1] = x[2 * V / 3] = 7.0f;
+        x[V / 2] = 6.99f;
+    }
+}
+
+static struct ds_k_sampling kparams(const struct prob_case *c, int V)
+{
+    int k = c->top_k < 0 ? V + c->top_k : c->top_k;
+    return (struct ds_k_sampling){.temperature = c->temperature, .top_p = c->top_p, .top_k = k};
+}
+
+static struct ds_sampling hparams(const struct ds_k_sampling *k)
+{
+    return (struct ds_sampling){.temperature = k->temperature, .top_p = k->top_p, .top_k = k->top_k};
+}
+
+/* Compare a row of device probabilities with ds_probs: the same kept set
+ * (non-zero entries) and max |got - ref| / max ref within bound. */
+static bool probs_row_ok(const char *what, int row, const float *got, const float *ref, int V, double bound,
+                         int *ret_same_bits)
+{
+    int only_got = 0, only_ref = 0, kept = 0, first_bad = -1, same = 0;
+    double maxdiff = 0, maxref = 0;
+    for (int i = 0; i < V; i++) {
+        bool g = got[i] > 0, r = ref[i] > 0;
+        if (isnan(got[i]) || g != r) {
+            only_got += g || isnan(got[i]);
+            only_ref += r;
+            if (first_bad < 0)
+                first_bad = i;
+        }
+        kept += r;
+        same += !memcmp(&got[i], &ref[i], 4);
+        double d = isnan(got[i]) ? INFINITY : fabs((double)got[i] - ref[i]);
+        maxdiff = d > maxdiff ? d : maxdiff;
+        maxref = ref[i] > maxref ? ref[i] : maxref;
+    }
+    double err = maxdiff / (maxref > 0 ? maxref : 1e-30);
+    *ret_same_bits = same;
+    if (only_got || only_ref || err > bound) {
+        printf("# %s row %d: %d kept by ds_probs, %d only on the device, %d only on the CPU, normalized error "
+               "%.3g (bound %.3g), %d of %d equal bits\n", what, row, kept, only_got, only_ref, err, bound, same, V);
+        if (first_bad >= 0)
+            printf("#   first set difference at %d: got %.9g want %.9g\n", first_bad, got[first_bad], ref[first_bad]);
+        return false;
+    }
+    return true;
+}
+
+static bool probs_case(int V, const struct prob_case *cases, int n)
+{
+    int ldx = V + 5;   /* a row stride larger than V */
+    float *x = hmalloc((size_t)n * ldx * sizeof(float));
+    float *ref = hmalloc((size_t)n * V * sizeof(float));
+    int32_t *scratch = hmalloc((size_t)V * sizeof(int32_t));
+    struct ds_k_sampling *kp = hmalloc((size_t)n * sizeof *kp);
+    int32_t *rows = hmalloc((size_t)n * sizeof(int32_t));
+    for (int i = 0; i < n; i++) {
+        make_logits(x + (size_t)i * ldx, V, cases[i].kind);
+        kp[i] = kparams(&cases[i], V);
+        struct ds_sampling hs = hparams(&kp[i]);
+        ds_probs(x + (size_t)i * ldx, V, &hs, ref + (size_t)i * V, scratch);
+        rows[i] = n - 1 - i;   /* params[i] belong to row rows[i] */
+    }
+    /* the launch takes its rows through rows[]: reorder the parameters to match */
+    struct ds_k_sampling *kp_rows = hmalloc((size_t)n * sizeof *kp_rows);
+    for (int i = 0; i < n; i++)
+        kp_rows[i] = kp[rows[i]];
+    float *d_x = dup_to_dev(x, (size_t)n * ldx * sizeof(float));
+    float *d_out = dpoison((size_t)n * V * sizeof(float));
+    struct ds_k_sampling *d_kp = dup_to_dev(kp, (size_t)n * sizeof *kp);
+    struct ds_k_sampling *d_kp_rows = dup_to_dev(kp_rows, (size_t)n * sizeof *kp_rows);
+    int32_t *d_rows = dup_to_dev(rows, (size_t)n * sizeof(int32_t));
+    char what[96];
+    bool ok = true;
+    long same_total = 0;
+    /* 1: out of place, rows in order; 2: in place through a row map */
+    snprintf(what, sizeof what, "sampling probs, V %d", V);
+    if (!launched(ds_k_sampling_probs(d_x, ldx, NULL, d_kp, n, V, d_out, V, 0), what))
+        return false;
+    float *got = dup_to_host(d_out, (size_t)n * V * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        int same;
+        ok &= probs_row_ok(what, i, got + (size_t)i * V, ref + (size_t)i * V, V, 1e-5, &same);
+        same_total += same;
+    }
+    snprintf(what, sizeof what, "sampling probs in place via rows, V %d", V);
+    if (!launched(ds_k_sampling_probs(d_x, ldx, d_rows, d_kp_rows, n, V, d_x, ldx, 0), what))
+        return false;
+    float *inplace = dup_to_host(d_x, (size_t)n * ldx * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        int same;
+        ok &= probs_row_ok(what, i, inplace + (size_t)i * ldx, ref + (size_t)i * V, V, 1e-5, &same);
+        if (memcmp(inplace + (size_t)i * ldx, got + (size_t)i * V, (size_t)V * 4)) {
+            printf("# %s: row %d differs from the out-of-place launch\n", what, i);
+            ok = false;
+        }
+    }
+    printf("# sampling probs, V %d: %d rows, %.6f of the probabilities have the CPU's bits\n", V, n,
+           (double)same_total / ((double)n * V));
+    return ok;
+}
+
+static const struct prob_case prob_cases[] = {
+    {0.0f, 1.0f, 0, ROW_RANDOM},      /* greedy */
+    {0.0f, 0.5f, 3, ROW_MAX_TIE},     /* greedy, a tie at the maximum: the lowest id */
+    {1.0f, 1.0f, 0, ROW_RANDOM},      /* no cut */
+    {0.7f, 0.9f, 0, ROW_RANDOM},
+    {1.0f, 1.0f, 50, ROW_RANDOM},
+    {1.3f, 0.8f, 1000, ROW_RANDOM},
+    {0.5f, 1.0f, 1, ROW_RANDOM},
+    {1.0f, 0.01f, 0, ROW_RANDOM},
+    {2.0f, 0.95f, -1, ROW_RANDOM},    /* top_k V - 1 */
+    {1.0f, 1.0f, 3, ROW_MAX_TIE},     /* top-k inside a group of tied maxima */
+    {1.0f, 1.0f, 0, ROW_TIES},
+    {1.0f, 1.0f, 333, ROW_TIES},      /* top-k cuts a group of ties */
+    {0.8f, 0.5f, 0, ROW_TIES},        /* top-p cuts a group of ties */
+    {1.2f, 0.7f, 777, ROW_TIES},
+    {1.0f, 0.5f, 0, ROW_EQUAL},       /* one group: the lowest ids */
+    {1.0f, 0.9f, 100, ROW_EQUAL},
+};
+
+static bool test_sampling_probs(void)
+{
+    int n = (int)(sizeof prob_cases / sizeof prob_cases[0]);
+    bool ok = true;
+    const int vocabs[] = {7, 1000, 4096, 151936};
+    for (int v = 0; v < 4; v++) {
+        ok &= probs_case(vocabs[v], prob_cases, n);
+        free_all();
+    }
+    return ok;
+}
+
+/* Is u · Σw within rounding of the cumulative sum at the lower of two
+ * disagreeing ids (where a sequential double sum and an exact one may part)? */
+static bool near_boundary(const float *w, int V, float u, int32_t a, int32_t b)
+{
+    double total = 0, acc = 0;
+    for (int i = 0; i < V; i++)
+        total += w[i] > 0 ? w[i] : 0;
+    int lo = a < b ? a : b;
+    for (int i = 0; i <= lo && i < V; i++)
+        acc += w[i] > 0 ? w[i] : 0;
+    return fabs(acc - (double)u * total) <= 1e-9 * total;
+}
+
+/* Check draws against the CPU's; a disagreement passes only at a boundary, and
+ * at most max_near of them. */
+static bool draws_ok(const char *what, const int32_t *got, const int32_t *want, int n,
+                     const float *(*row_w)(int i, void *ctx), const float *u, int V, void *ctx, int max_near)
+{
+    int near = 0, bad = 0;
+    for (int i = 0; i < n; i++) {
+        if (got[i] == want[i])
+            continue;
+        if (got[i] >= 0 && got[i] < V && near_boundary(row_w(i, ctx), V, u[i], got[i], want[i])) {
+            near++;
+            continue;
+        }
+        if (bad++ < 5)
+            printf("#   %s draw %d: got %d want %d (u %.9g)\n", what, i, got[i], want[i], u[i]);
+    }
+    printf("# %s: %d draws, %d differ at a rounding boundary (at most %d), %d differ elsewhere\n", what, n, near,
+           max_near, bad);
+    return bad == 0 && near <= max_near;
+}
+
+struct draw_ctx {
+    const float *probs;   /* [rows, V] */
+    int V, per_row;
+};
+
+static const float *draw_row_w(int i, void *ctx)
+{
+    struct draw_ctx *c = ctx;
+    return c->probs + (size_t)(i / c->per_row) * c->V;
+}
+
+static bool draw_case(int V, int n_rows, int per_row, const float *probs /* [n_rows, V] */, int max_near)
+{
+    int n = n_rows * per_row;
+    float *u = hmalloc((size_t)n * sizeof(float));
+    int32_t *rows = hmalloc((size_t)n * sizeof(int32_t)), *want = hmalloc((size_t)n * sizeof(int32_t));
+    for (int i = 0; i < n; i++) {
+        int k = i % per_row;
+        rows[i] = i / per_row;
+        u[i] = k == 0 ? 0.0f : k == 1 ? 1.0f - 1.0f / 16777216.0f : ds_uniform(rng, (uint64_t)i, DS_SLOT_TARGET);
+        want[i] = ds_sample_probs(probs + (size_t)rows[i] * V, V, u[i]);
+    }
+    int32_t *d_out = dpoison((size_t)n * sizeof(int32_t));
+    char what[64];
+    snprintf(what, sizeof what, "draws, V %d", V);
+    if (!launched(ds_k_sample(dup_to_dev(probs, (size_t)n_rows * V * sizeof(float)), V,
+                              dup_to_dev(rows, (size_t)n * sizeof(int32_t)), dup_to_dev(u, (size_t)n * sizeof(float)),
+                              n, V, d_out, 0), what))
+        return false;
+    int32_t *got = dup_to_host(d_out, (size_t)n * sizeof(int32_t));
+    struct draw_ctx ctx = {probs, V, per_row};
+    return draws_ok(what, got, want, n, draw_row_w, u, V, &ctx, max_near);
+}
+
+static bool test_sample_draws(void)
+{
+    bool ok = true;
+    /* exact boundaries: the strict '>' of the running sum, zero entries skipped */
+    static const float exact[4][5] = {
+        {0.25f, 0.0f, 0.25f, 0.5f, 0.0f},
+        {0.0f, 0.0f, 0.0f, 0.0f, 0.0f},    /* no mass: index 0 */
+        {0.0f, 0.0f, 0.0f, 0.0f, 1.0f},
+        {0.5f, 0.5f, 0.0f, 0.0f, 0.0f},
+    };
+    static const float eu[6] = {0.0f, 0.25f, 0.5f, 0.75f, 0.99999994f, 0.5f - 1.0f / 16777216.0f};
+    int32_t want[24], rows[24];
+    float u[24];
+    for (int r = 0; r < 4; r++)
+        for (int k = 0; k < 6; k++) {
+            rows[r * 6 + k] = r;
+            u[r * 6 + k] = eu[k];
+            want[r * 6 + k] = ds_sample_probs(exact[r], 5, eu[k]);
+        }
+    int32_t *d_out = dpoison(sizeof want);
+    if (!launched(ds_k_sample(dup_to_dev(exact, sizeof exact), 5, dup_to_dev(rows, sizeof rows),
+                              dup_to_dev(u, sizeof u), 24, 5, d_out, 0), "draws at exact boundaries"))
+        return false;
+    ok &= same_bits("draws at exact boundaries", dup_to_host(d_out, sizeof want), want, sizeof want);
+    free_all();
+    /* distributions from ds_probs, 256 uniforms each (including 0 and the largest) */
+    const int vocabs[] = {4096, 151936};
+    for (int v = 0; v < 2; v++) {
+        int V = vocabs[v], n_rows = 5;
+        float *probs = hmalloc((size_t)n_rows * V * sizeof(float)), *x = hmalloc((size_t)V * sizeof(float));
+        int32_t *scratch = hmalloc((size_t)V * sizeof(int32_t));
+        static const struct prob_case pc[5] = {{1.0f, 1.0f, 0, ROW_RANDOM},
+                                               {0.7f, 0.9f, 0, ROW_RANDOM},
+                                               {1.0f, 1.0f, 40, ROW_RANDOM},
+                                               {1.0f, 0.8f, 0, ROW_TIES},
+                                               {0.0f, 1.0f, 0, ROW_RANDOM}};
+        for (int r = 0; r < n_rows; r++) {
+            make_logits(x, V, pc[r].kind);
+            struct ds_k_sampling k = kparams(&pc[r], V);
+            struct ds_sampling hs = hparams(&k);
+            ds_probs(x, V, &hs, probs + (size_t)r * V, scratch);
+        }
+        ok &= draw_case(V, n_rows, 256, probs, 2);
+        free_all();
+    }
+    return ok;
+}
+
+/* The CPU's correction draw (engine/spec.c). */
+static int32_t ref_residual(const float *p, const float *q, int V, float u, float *tmp)
+{
+    double mass = 0;
+    for (int i = 0; i < V; i++) {
+        float r = p[i] - q[i];
+        tmp[i] = r > 0 ? r : 0;
+        mass += tmp[i];
+    }
+    return ds_sample_probs(mass > 1e-8 ? tmp : p, V, u);
+}
+
+struct res_ctx {
+    const float *p, *q;
+    float *tmp;
+    int V;
+};
+
+static const float *res_row_w(int i, void *ctx)
+{
+    struct res_ctx *c = ctx;
+    const float *p = c->p + (size_t)i * c->V, *q = c->q + (size_t)i * c->V;
+    double mass = 0;
+    for (int j = 0; j < c->V; j++) {
+        float r = p[j] - q[j];
+        c->tmp[j] = r > 0 ? r : 0;
+        mass += c->tmp[j];
+    }
+    return mass > 1e-8 ? c->tmp : p;
+}
+
+static bool test_residual(void)
+{
+    bool ok = true;
+    const int vocabs[] = {4096, 151936};
+    for (int v = 0; v < 2; v++) {
+        int V = vocabs[v], n = 12;
+        float *p = hmalloc((size_t)n * V * 4), *q = hmalloc((size_t)n * V * 4), *x = hmalloc((size_t)V * 4);
+        float *tmp = hmalloc((size_t)V * 4), *u = hmalloc((size_t)n * 4);
+        int32_t *scratch = hmalloc((size_t)V * 4), *want = hmalloc((size_t)n * 4);
+        for (int i = 0; i < n; i++) {
+            float *pi = p + (size_t)i * V, *qi = q + (size_t)i * V;
+            make_logits(x, V, i % 4 == 3 ? ROW_TIES : ROW_RANDOM);
+            struct ds_sampling sp = {.temperature = 1.0f, .top_p = i % 2 ? 0.9f : 1.0f, .top_k = i % 3 ? 0 : 64};
+            ds_probs(x, V, &sp, pi, scratch);
+            /* the draft: the same logits, perturbed (i 0: exactly p, so no residual mass) */
+            for (int j = 0; j < V; j++)
+                x[j] += i == 0 ? 0.0f : (i % 5 == 4 ? 3.0f : 0.3f) * rnd_f();
+            struct ds_sampling sq = sp;
+            if (i == 1)
+                sq.temperature = 0;   /* a greedy draft: q one-hot */
+            ds_probs(x, V, &sq, qi, scratch);
+            u[i] = ds_uniform(rng, (uint64_t)i, DS_SLOT_TARGET);
+            want[i] = ref_residual(pi, qi, V, u[i], tmp);
+        }
+        int32_t *d_out = dpoison((size_t)n * 4);
+        char what[64];
+        snprintf(what, sizeof what, "residual draws, V %d", V);
+        if (!launched(ds_k_sample_residual(dup_to_dev(p, (size_t)n * V * 4), V, dup_to_dev(q, (size_t)n * V * 4), V,
+                                           dup_to_dev(u, (size_t)n * 4), n, V, d_out, 0), what))
+            return false;
+        struct res_ctx ctx = {p, q, tmp, V};
+        ok &= draws_ok(what, dup_to_host(d_out, (size_t)n * 4), want, n, res_row_w, u, V, &ctx, 1);
+        free_all();
+    }
+    return ok;
+}
+
+/* The CPU's chain (engine/spec.c, sampled rows): accepted count and next token. */
+static void ref_chain(const float *p, const float *q, const struct ds_k_chain *c, int V, float *tmp, int *ret_a,
+                      int32_t *ret_next)
+{
+    int a = 0;
+    for (int k = 0; k <= c->len; k++) {
+        const float *pk = p + (size_t)(c->p_row + k) * V;
+        if (k < c->len) {
+            const float *qk = q + (size_t)(c->q_row + k) * V;
+            int d = c->drafts[k];
+            float pq = pk[d], qq = qk[d] > 1e-8f ? qk[d] : 1e-8f;
+            if (c->u_accept[k] * qq < pq) {
+                a++;
+                continue;
+            }
+            *ret_next = ref_residual(pk, qk, V, c->u_target[k], tmp);
+        } else {
+            *ret_next = ds_sample_probs(pk, V, c->u_target[k]);
+        }
+        break;
+    }
+    *ret_a = a;
+}
+
+/* Chains of lengths 0..7 over vocabulary V against ref_chain; *ret_full and
+ * *ret_rejected count chains with drafts that accepted all and that rejected one. */
+static bool chain_case(int V, int n, int *ret_full, int *ret_rejected)
+{
+    enum { G = 7 };
+    struct ds_k_chain *ch = hmalloc((size_t)n * sizeof *ch);
+    int n_p = 0, n_q = 0;
+    for (int i = 0; i < n; i++) {
+        memset(&ch[i], 0, sizeof ch[i]);
+        ch[i].len = i % (G + 1);
+        ch[i].p_row = n_p;
+        ch[i].q_row = n_q;
+        n_p += ch[i].len + 1;
+        n_q += G;   /* as the draft lays them out: γ rows per sequence */
+    }
+    float *p = hmalloc((size_t)n_p * V * 4), *q = hmalloc((size_t)n_q * V * 4), *x = hmalloc((size_t)V * 4);
+    float *tmp = hmalloc((size_t)V * 4);
+    int32_t *scratch = hmalloc((size_t)V * 4);
+    for (int i = 0; i < n; i++) {
+        struct ds_k_chain *c = &ch[i];
+        struct ds_sampling s = {.temperature = i % 3 == 0 ? 0.6f : i % 3 == 1 ? 1.0f : 1.4f,
+                                .top_p = i % 2 ? 0.9f : 1.0f, .top_k = i % 4 == 2 ? 40 : 0, .seed = rng + i};
+        if (i == 5)
+            s.temperature = 0;   /* greedy through the sampled path: accept iff draft = argmax */
+        for (int k = 0; k <= c->len; k++) {
+            make_logits(x, V, i % 6 == 4 ? ROW_TIES : ROW_RANDOM);
+            ds_probs(x, V, &s, p + (size_t)(c->p_row + k) * V, scratch);
+            if (k == c->len)
+                break;
+            /* the draft's distribution: the target's logits, perturbed */
+            for (int j = 0; j < V; j++)
+                x[j] += (i % 7 == 6 ? 2.0f : 0.4f) * rnd_f();
+            float *qk = q + (size_t)(c->q_row + k) * V;
+            ds_probs(x, V, &s, qk, scratch);
+            /* drafts drawn from q as the draft does; some chains get arbitrary ids */
+            c->drafts[k] = i % 5 == 3 ? (int32_t)(rnd_u32() % (uint32_t)V)
+                                      : ds_sample_probs(qk, V, ds_uniform(s.seed, (uint64_t)k, DS_SLOT_DRAFT));
+            c->u_accept[k] = ds_uniform(s.seed, (uint64_t)k + 1, DS_SLOT_ACCEPT);
+        }
+        for (int k = 0; k <= c->len; k++)
+            c->u_target[k] = ds_uniform(s.seed, (uint64_t)k + 1, DS_SLOT_TARGET);
+    }
+    int32_t *d_acc = dpoison((size_t)n * 4), *d_next = dpoison((size_t)n * 4);
+    char what[64];
+    snprintf(what, sizeof what, "chain accept/reject, V %d", V);
+    if (!launched(ds_k_spec_accept(dup_to_dev(p, (size_t)n_p * V * 4), V, dup_to_dev(q, (size_t)n_q * V * 4), V,
+                                   dup_to_dev(ch, (size_t)n * sizeof *ch), n, V, d_acc, d_next, 0), what))
+        return false;
+    int32_t *acc = dup_to_host(d_acc, (size_t)n * 4), *next = dup_to_host(d_next, (size_t)n * 4);
+    int bad = 0, near = 0, total_acc = 0, rejected = 0, full = 0;
+    for (int i = 0; i < n; i++) {
+        int a;
+        int32_t nx = -1;
+        ref_chain(p, q, &ch[i], V, tmp, &a, &nx);
+        total_acc += a;
+        rejected += a < ch[i].len;
+        full += ch[i].len > 0 && a == ch[i].len;
+        if (acc[i] == a && next[i] == nx)
+            continue;
+        /* the same decisions, and a draw that parts only at a rounding boundary */
+        if (acc[i] == a && next[i] >= 0 && next[i] < V) {
+            const float *pk = p + (size_t)(ch[i].p_row + a) * V;
+            const float *w = pk;
+            if (a < ch[i].len) {
+                struct res_ctx rc = {pk, q + (size_t)(ch[i].q_row + a) * V, tmp, V};
+                w = res_row_w(0, &rc);
+            }
+            if (near_boundary(w, V, ch[i].u_target[a], next[i], nx)) {
+                near++;
+                continue;
+            }
+        }
+        if (bad++ < 5)
+            printf("#   chain %d (len %d): got %d accepted then %d, want %d then %d\n", i, ch[i].len, acc[i], next[i],
+                   a, nx);
+    }
+    printf("# %s: %d chains, %d drafts accepted, %d chains rejected a draft, %d accepted all their drafts; %d "
+           "differ at a rounding boundary, %d elsewhere\n", what, n, total_acc, rejected, full, near, bad);
+    *ret_full += full;
+    *ret_rejected += rejected;
+    return bad == 0 && near <= 1;
+}
+
+static bool test_accept_chain(void)
+{
+    int full = 0, rejected = 0;
+    bool ok = chain_case(4096, 48, &full, &rejected);
+    free_all();
+    ok &= chain_case(151936, 16, &full, &rejected);
+    if (full == 0 || rejected == 0)
+        printf("# the chains did not exercise both full acceptance (%d) and rejection (%d)\n", full, rejected);
+    return ok && full > 0 && rejected > 0;
+}
+
+/* Shapes the sampling kernels do not support are refused. */
+static bool test_sampling_invalid(void)
+{
+    bool ok = true;
+    float *d = dpoison(64 * sizeof(float));
+    int32_t *di = dpoison(64 * sizeof(int32_t));
+    struct ds_k_sampling *dp = dpoison(4 * sizeof *dp);
+    struct ds_k_chain *dc = dpoison(sizeof *dc);
+    if (ds_k_sampling_probs(d, 7, NULL, dp, 1, 8, d, 8, 0) != cudaErrorInvalidValue ||
+        ds_k_sample(d, 8, NULL, d, 1, 0, di, 0) != cudaErrorInvalidValue ||
+        ds_k_sample_residual(d, 8, d, 4, d, 1, 8, di, 0) != cudaErrorInvalidValue ||
+        ds_k_spec_accept(d, 4, d, 8, dc, 1, 8, di, di, 0) != cudaErrorInvalidValue) {
+        printf("# a row stride below V or an empty vocabulary was not refused\n");
+        ok = false;
+    }
+    if (ds_k_sampling_probs(d, 8, NULL, dp, 0, 8, d, 8, 0) != cudaSuccess ||
+        ds_k_spec_accept(d, 8, NULL, 0, dc, 0, 8, di, di, 0) != cudaSuccess) {
+        printf("# an empty batch was refused\n");
+        ok = false;
+    }
+    return launched(cudaSuccess, "after refused launches") && ok;
+}
+
 static const struct {
     const char *name;
     bool (*fn)(void);
@@ -764,6 +1246,12 @@ static const struct {
     {"bf16 product: a row's bits do not depend on the batch", test_gemm_invariance},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
     {"unsupported shapes are refused", test_invalid},
+    {"sampling distribution against ds_probs (greedy, temperature, top-k, top-p, ties; V up to 151936)",
+     test_sampling_probs},
+    {"inverse-CDF draws against ds_sample_probs with the same uniforms", test_sample_draws},
+    {"residual draws norm(max(0, p - q)) (falling back to p)", test_residual},
+    {"chain accept/reject against the CPU's loop", test_accept_chain},
+    {"sampling kernels refuse unsupported shapes", test_sampling_invalid},
 };
 
 int main(void)
