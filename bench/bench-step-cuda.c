@@ -3,7 +3,7 @@
  *
  *   bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,32,64,128,256] [--qs 1,4,8]
  *                   [--ctx 1024] [--reps N] [--products invariant,cublas] [--json FILE]
- *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N]
+ *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N] [--temperature T]
  *
  * For every model, R sequences whose caches hold ctx positions each (random
  * K/V) feed q new tokens each in one pass, logits for every token (what a
@@ -19,7 +19,11 @@
  * drafts a block for each of R sequences and runs its 7 Markov positions
  * (greedy: chained on the device, one graph, one copy back), the target verifies 8 tokens
  * per sequence (argmax only, capturing the draft's layers), and all 8 rows
- * extend the draft contexts (the most a round can commit). */
+ * extend the draft contexts (the most a round can commit). With --temperature
+ * T > 0 the round samples (top-p 0.95), all on the device: the draft draws its
+ * tokens, the verify pass leaves its logits on the GPU, and the chains of
+ * ds_cuda_sample accept or reject all 7 drafts of each sequence; the verify
+ * pass alone is then the same pass without argmax. */
 #include "config.h"
 
 #include <stdio.h>
@@ -75,8 +79,9 @@ static void die(const char *what);
 
 /* --round for one target: the round against its verify pass, for each R. */
 static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *c, const char *name,
-                        struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps)
+                        struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps, float temperature)
 {
+    bool sampled = temperature >= DS_GREEDY_TEMPERATURE;
     enum { G = 7, M = 5 };
     struct ds_dspark_config dc = {.base = *c, .num_target_layers = c->num_hidden_layers, .block_size = G,
                                   .mask_token_id = c->vocab_size - 1, .n_target_layers = M, .markov_rank = 256,
@@ -99,6 +104,14 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         int32_t *rows = malloc((size_t)n * 4), *ids = malloc((size_t)n * 4), *anchor = malloc((size_t)R * 4);
         int32_t *start = malloc((size_t)R * 4), *drafts = malloc((size_t)R * G * 4);
         float *z = malloc((size_t)R * G * 4);
+        struct ds_sampling *samp = calloc((size_t)R, sizeof *samp);
+        struct ds_cuda_chain *chains = calloc((size_t)R, sizeof *chains);
+        int32_t *acc = malloc((size_t)R * 4), *next = malloc((size_t)R * 4);
+        for (int s = 0; s < R; s++) {
+            samp[s] = (struct ds_sampling){.temperature = temperature, .top_p = 0.95f, .seed = 1000u + (unsigned)s};
+            chains[s] = (struct ds_cuda_chain){.row = s * (G + 1), .len = G, .drafts = drafts + (size_t)s * G,
+                                               .q_block = s, .sampling = samp[s], .position = (uint64_t)ctx + 1};
+        }
         for (int s = 0; s < R; s++) {
             if (ds_kv_reserve(pool, &seqs[s], ctx + G + 1) < 0)
                 die("reserve");
@@ -116,7 +129,7 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
                 row_kv[k] = kv[s];
             }
         struct ds_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = sq, .kv = kv, .n_logits = n,
-                             .logit_rows = rows, .argmax = ids, .n_capture = M,
+                             .logit_rows = rows, .argmax = sampled ? NULL : ids, .n_capture = M,
                              .capture_layers = dc.target_layer_ids};
         double *tv = malloc((size_t)reps * sizeof *tv), *tr = malloc((size_t)reps * sizeof *tr);
         double *td = malloc((size_t)reps * sizeof *td);
@@ -125,11 +138,13 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
             if (ds_cuda_forward(t, pool, &b) < 0)
                 die("verify pass");
             double t1 = now_s();
-            if (ds_cuda_draft_greedy(g, pool, R, kv, anchor, start, drafts, z) < 0)
+            if ((sampled ? ds_cuda_draft_sample(g, pool, R, kv, anchor, start, samp, drafts, z)
+                         : ds_cuda_draft_greedy(g, pool, R, kv, anchor, start, drafts, z)) < 0)
                 die("draft phase");
             double t2 = now_s();
-            if (ds_cuda_forward(t, pool, &b) < 0 || ds_cuda_draft_context(g, pool, n, rows, row_kv, pos) < 0)
-                die("verify and context");
+            if (ds_cuda_forward(t, pool, &b) < 0 || (sampled && ds_cuda_sample(t, g, R, chains, acc, next) < 0) ||
+                ds_cuda_draft_context(g, pool, n, rows, row_kv, pos) < 0)
+                die("verify, accept and context");
             double t3 = now_s();
             if (rep >= 0) {
                 tv[rep] = t1 - t0;
@@ -146,7 +161,8 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         for (int s = 0; s < R; s++)
             ds_kv_release(pool, &seqs[s]);
         free(seqs), free(kv), free(row_kv), free(tok), free(pos), free(sq), free(rows), free(ids), free(anchor);
-        free(start), free(drafts), free(z), free(tv), free(tr), free(td);
+        free(start), free(drafts), free(z), free(tv), free(tr), free(td), free(samp), free(chains), free(acc);
+        free(next);
     }
     ds_cuda_draft_free(g);
 }
@@ -162,6 +178,7 @@ int main(int argc, char **argv)
     const char *models = "0.6b,4b,8b", *products = "invariant,cublas", *json_path = NULL;
     int rs[16] = {1, 8, 32, 64, 128, 256}, n_rs = 6, qs[8] = {1, 4, 8}, n_qs = 3, ctx = 1024, reps = 10;
     bool round = false;
+    float temperature = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--round")) {
@@ -171,7 +188,7 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
                    "                       [--products invariant,cublas] [--json FILE]\n"
-                   "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N]\n");
+                   "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n");
             return 0;
         }
         if (!v) {
@@ -193,6 +210,8 @@ int main(int argc, char **argv)
             products = v;
         else if (!strcmp(a, "--json"))
             json_path = v;
+        else if (!strcmp(a, "--temperature"))
+            temperature = strtof(v, NULL);
         else {
             fprintf(stderr, "bench-step-cuda: unknown option %s\n", a);
             return 2;
@@ -221,7 +240,10 @@ int main(int argc, char **argv)
                 reps);
     bool want_inv = strstr(products, "invariant") != NULL, want_cublas = strstr(products, "cublas") != NULL;
     if (round) {
-        printf("| model | R | verify pass ms | draft block + 7 Markov ms | draft + verify + context ms | round / verify |\n");
+        if (temperature >= DS_GREEDY_TEMPERATURE)
+            printf("sampled rounds: temperature %g, top-p 0.95, drafts drawn and 7 per sequence accepted or rejected on the GPU\n\n",
+                   temperature);
+        printf("| model | R | verify pass ms | draft block + 7 Markov ms | draft + verify + accept + context ms | round / verify |\n");
         printf("|---|---|---|---|---|---|\n");
     } else {
         printf("| model | R | q | tokens | invariant ms | cuBLAS ms | floor ms | invariant / floor | invariant / cuBLAS |\n");
@@ -261,7 +283,7 @@ int main(int argc, char **argv)
         if (ds_kv_pool_init_pages(&pool, sh->L, sh->nKV, sh->hd, page, per_seq * max_r) < 0)
             die("KV pages");
         if (round) {
-            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps);
+            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps, temperature);
             ds_kv_pool_done(&pool);
             ds_cuda_target_free(t);
             continue;
