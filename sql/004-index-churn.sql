@@ -22,15 +22,20 @@
 --    rows only; one that adds to a batch that had jobs reads the whole batch,
 --    so adding jobs one statement at a time to a batch of n jobs costs O(n)
 --    each.
--- 2. The statement trigger jobs_after_update is gone. An update that bumps
---    version itself takes over the duties of jobs_before_update: keeping to
---    the state machine and notifying every state change it makes. The queue
---    functions (claim_jobs, finish_job_results and so finish_jobs,
---    release_jobs, requeue_expired) do, from the rows their UPDATE returns,
---    in one payload list per statement as before. Every other update goes
---    through jobs_before_update, which now also notifies the state change it
---    lets through (one notification per changed row: clients' cancellations
---    and ad-hoc SQL).
+-- 2. The statement trigger jobs_after_update, with its transition tables, is
+--    gone. An update that bumps version itself takes over the duties of
+--    jobs_before_update: keeping to the state machine and notifying every
+--    state change it makes. The queue functions (claim_jobs,
+--    finish_job_results and so finish_jobs, release_jobs, requeue_expired) do,
+--    from the rows their UPDATE returns, in one list per statement as before.
+--    Every other update (clients' cancellations, ad-hoc SQL) goes through
+--    jobs_before_update, which now collects the entries of the state changes
+--    it lets through in the transaction-local setting dspark.job_changes
+--    (sending a full payload of about 7000 bytes when the next entry would
+--    not fit); the statement trigger jobs_after_update_notify, whose WHEN
+--    clause skips it unless entries are waiting, sends the rest when the
+--    statement ends. So notifications stay one list per statement, never one
+--    per row.
 -- 3. jobs_finished_idx is gone: it served only dspark.prune, and every
 --    write-back paid an entry in it. dspark.prune walks the jobs in id order.
 -- 4. dspark.notify_job_changes sends a list that fits one payload without
@@ -202,9 +207,12 @@ CREATE TRIGGER jobs_after_batch_change AFTER UPDATE OF batch_id, custom_id ON ds
 DROP TRIGGER jobs_after_update ON dspark.jobs;
 DROP FUNCTION dspark.jobs_after_update();
 
--- As in 001, plus the notification of the state change it lets through.
+-- As in 001, plus the entry of the state change it lets through.
 CREATE OR REPLACE FUNCTION dspark.jobs_before_update() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    entry text;
+    waiting text;
 BEGIN
     IF OLD.cancel_requested AND NOT NEW.cancel_requested THEN
         RAISE EXCEPTION 'cancellation of job % cannot be withdrawn', OLD.id
@@ -226,12 +234,36 @@ BEGIN
     END IF;
     NEW.version := OLD.version + 1;
     IF NEW.state IS DISTINCT FROM OLD.state THEN
-        PERFORM pg_catalog.pg_notify('dspark_events',
-                                     dspark.job_change(NEW.id, NEW.version, NEW.state, NEW.attempt));
+        -- collect the entry; jobs_after_update_notify sends the list
+        entry := dspark.job_change(NEW.id, NEW.version, NEW.state, NEW.attempt);
+        waiting := pg_catalog.current_setting('dspark.job_changes', true);
+        IF waiting IS NULL OR waiting = '' THEN
+            waiting := entry;
+        ELSIF pg_catalog.octet_length(waiting) + 1 + pg_catalog.octet_length(entry) > 7000 THEN
+            PERFORM pg_catalog.pg_notify('dspark_events', waiting);
+            waiting := entry;
+        ELSE
+            waiting := waiting || ',' || entry;
+        END IF;
+        PERFORM pg_catalog.set_config('dspark.job_changes', waiting, true);
     END IF;
     RETURN NEW;
 END
 $$;
+
+-- The end of an update statement: send the entries jobs_before_update collected.
+CREATE FUNCTION dspark.jobs_after_update_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('dspark_events', pg_catalog.current_setting('dspark.job_changes'));
+    PERFORM pg_catalog.set_config('dspark.job_changes', '', true);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_after_update_notify AFTER UPDATE ON dspark.jobs
+    FOR EACH STATEMENT
+    WHEN (pg_catalog.current_setting('dspark.job_changes', true) <> '')
+    EXECUTE FUNCTION dspark.jobs_after_update_notify();
 
 CREATE OR REPLACE FUNCTION dspark.claim_jobs(
     p_worker_id text, p_max_jobs int, p_token_budget bigint,

@@ -1,11 +1,11 @@
 #!/bin/sh
-# test-sql-notify.sh: job notifications on 'dspark_events' are entries
-# "id:version:state:attempt" (state as its first letter). Inserts and the queue
-# functions batch them: one comma-separated list per statement (split into
-# payloads of at most about 7000 bytes), never one per row; updates that change
-# no state (heartbeats) notify nothing; other updates (cancellations, ad-hoc
-# SQL) notify each state change they make. A transaction that changes one job
-# several times notifies every change.
+# test-sql-notify.sh: job notifications are batched: one NOTIFY per statement
+# on 'dspark_events' with one comma-separated entry per changed job,
+# "id:version:state:attempt" (state as its first letter; split into payloads of
+# at most about 7000 bytes), never one per row, and none for updates that change
+# no state (heartbeats); inserts notify the new jobs the same way, and so do
+# cancellations and ad-hoc updates. A transaction that changes one job several
+# times notifies every change.
 . "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
 pg_harness_start
 pg_harness_init
@@ -81,13 +81,26 @@ tap_is "$(grep -c 'x\|o\|m' "$T/claim" "$T/fin" "$T/ins" | awk -F: '{s += $2} EN
 # ad-hoc SQL: each state change it makes is notified, with the trigger's version
 ids=$(q "INSERT INTO dspark.jobs (model, prompt) SELECT 'adhoc', 'x' FROM generate_series(1, 3) RETURNING id" | tr '\n' ' ')
 listen_run "UPDATE dspark.jobs SET cancel_requested = true WHERE model = 'adhoc'" >"$T/adhoc"
-tap_is "$(sort "$T/adhoc" | tr '\n' ' ')" "$(for i in $ids; do printf '%s:2:c:0 ' "$i"; done)" \
-    "an ad-hoc UPDATE cancelling three queued jobs notifies each: 'id:2:c:0'"
+tap_is "$(grep -c . "$T/adhoc")" 1 "an ad-hoc UPDATE cancelling three queued jobs sends one notification"
+tap_is "$(entries_of "$T/adhoc" | sort | tr '\n' ' ')" "$(for i in $ids; do printf '%s:2:c:0 ' "$i"; done)" \
+    "... naming each: 'id:2:c:0'"
 listen_run "UPDATE dspark.jobs SET priority = 5 WHERE model = 'adhoc'" >"$T/adhoc2"
 tap_is "$(grep -c . "$T/adhoc2")" 0 "an ad-hoc UPDATE that changes no state notifies nothing"
 ja=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('adhoc2', 'x') RETURNING id")
 listen_run "UPDATE dspark.jobs SET state = 'failed', error = 'by hand' WHERE id = $ja" >"$T/adhoc3"
 tap_is "$(cat "$T/adhoc3")" "$ja:2:f:0" "an ad-hoc UPDATE failing a queued job notifies 'id:2:f:0'"
+
+# a large ad-hoc update: payloads of about 7000 bytes, not one per row
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'bulk', 'x' FROM generate_series(1, 3000)" >/dev/null
+listen_run "UPDATE dspark.jobs SET cancel_requested = true WHERE model = 'bulk'" >"$T/bulk"
+n=$(grep -c . "$T/bulk")
+tap_ok "an ad-hoc UPDATE cancelling 3000 jobs sends a handful of notifications ($n)" test "$n" -ge 2 -a "$n" -le 8
+tap_is "$(awk 'length($0) > 7000' "$T/bulk" | wc -l | tr -d ' ')" 0 "... each at most 7000 bytes"
+tap_is "$(ids_of "$T/bulk" | sort -n | uniq | wc -l | tr -d ' ')" 3000 "... together naming every job once"
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'bulk2', 'x' FROM generate_series(1, 10)" >/dev/null
+tap_is "$(q "BEGIN; UPDATE dspark.jobs SET cancel_requested = true WHERE model = 'bulk2';
+             SELECT coalesce(current_setting('dspark.job_changes', true), '') = ''; COMMIT")" t \
+    "after an ad-hoc update statement nothing is left waiting to be sent"
 
 # a requeue: the lease expires, the reaper requeues (attempt kept)
 j=$(q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('rq', 'x', 1000) RETURNING id")
