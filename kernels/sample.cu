@@ -138,7 +138,11 @@ struct probs_smem {
 };
 
 /* F(t) = Σ w_i over the tokens whose bits are >= t, for t = th[1..SEARCH_WAYS) into
- * sm->f[1..]; w_i is 1 (count) or p_i in fixed point (mass). Integer sums: exact. */
+ * sm->f[1..]; w_i is 1 (count) or p_i in fixed point (mass). Integer sums: exact.
+ * Only the tokens between th[1] and the search's hi are visited: the ones below
+ * count for no threshold, and the ones above count for all, with the weight
+ * F(hi + 1) = sm->f_hi1 the search already knows (so each pass gets cheaper as
+ * the range narrows). */
 __device__ static void eval_thresholds(const float *p, int V, bool by_mass, struct probs_smem *sm)
 {
     uint32_t th[SEARCH_WAYS - 1];
@@ -148,9 +152,12 @@ __device__ static void eval_thresholds(const float *p, int V, bool by_mass, stru
         th[j] = sm->th[j + 1];
         acc[j] = 0;
     }
+    uint32_t lo1 = th[0], hi = sm->hi;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float v = p[i];
         uint32_t b = __float_as_uint(v);
+        if (b < lo1 || b > hi)
+            continue;
         uint64_t w = by_mass ? to_fx(v) : 1;
 #pragma unroll
         for (int j = 0; j < SEARCH_WAYS - 1; j++)
@@ -171,7 +178,7 @@ __device__ static void eval_thresholds(const float *p, int V, bool by_mass, stru
         uint64_t s = 0;
         for (int w = 0; w < N_WARPS; w++)
             s += sm->red[w * SEARCH_WAYS + threadIdx.x];
-        sm->f[threadIdx.x + 1] = s;
+        sm->f[threadIdx.x + 1] = s + sm->f_hi1;
     }
     __syncthreads();
 }
