@@ -113,6 +113,27 @@ void ds_cu_layer_free(struct cu_layer *l);
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
                int ldy, bool accumulate) DS_MUSTCHECK;
 
+/* One transformer layer's pass over n tokens, for the target and the draft
+ * alike: the buffers and the pass's device metadata (attention positions att_pos
+ * may differ from the RoPE/cache positions pos: the draft block attends up to
+ * its last row). */
+struct cu_layer_pass {
+    int n, H, I, nH, nKV, hd;
+    float eps;
+    float *x;                      /* [n, H] residual stream */
+    uint16_t *xn;                  /* [n, max(H, I)] */
+    float *qkv;                    /* [n, (nH + 2 nKV) hd] */
+    uint16_t *attn;                /* [n, nH hd] */
+    float *gu;                     /* [n, 2 I] (may be qkv's buffer) */
+    float *ws, *att_ws;            /* product and attention workspaces */
+    const float *inv_freq;         /* [hd / 2] */
+    const int32_t *seq, *pos, *att_pos, *run_start, *run_len, *n_runs, *pages;   /* device metadata */
+    int att_longest;
+};
+/* The layer's kernels on t's stream; its K/V go to the caches kc/vc (t's page layout). */
+int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint16_t *kc, uint16_t *vc,
+                        const struct cu_layer_pass *p) DS_MUSTCHECK;
+
 /* The draft distributions of the draft's last ds_cuda_draft_sample: rows
  * [blocks, γ, V] (NULL when the last phase did not sample); *ret_blocks and
  * *ret_gamma give the shape. */

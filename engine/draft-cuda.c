@@ -521,35 +521,24 @@ static int enqueue_block(struct ds_cuda_draft *g, int R)
 {
     struct ds_cuda_target *t = g->t;
     int gm = g->g, n = R * gm, H = g->H, hd = g->hd, nH = g->nH, nKV = g->nKV, I = g->I, V = g->V, r;
-    int qkvw = (nH + 2 * nKV) * hd, cap = g->cap_rows;
-    float eps = (float)g->cfg.base.rms_norm_eps, scale = 1.0f / sqrtf((float)hd);
+    int cap = g->cap_rows;
+    float eps = (float)g->cfg.base.rms_norm_eps;
     size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
     const int32_t *d_tok = g->meta + M_TOK * cap, *d_pos = g->meta + M_POS * cap;
     const int32_t *d_att = g->meta + M_ATT_POS * cap, *d_seq = g->meta + M_SEQ * cap;
     const int32_t *d_rs = g->meta + M_RUN_START * cap, *d_rl = g->meta + M_RUN_LEN * cap;
     const int32_t *d_nr = g->meta + M_SLOTS * cap, *d_pages = g->meta + meta_pages(g);
     CK(ds_k_embed_bf16(g->embed, d_tok, n, H, V, g->x, t->stream));
-    for (int l = 0; l < g->L; l++) {
-        const struct cu_layer *L = &g->layers[l];
-        uint16_t *kc = g->k_cache + (size_t)l * layer_kv, *vc = g->v_cache + (size_t)l * layer_kv;
-        CK(ds_k_rmsnorm_bf16(g->x, NULL, L->attn_norm, n, H, eps, g->xn, t->stream));
-        if ((r = ds_cu_gemm(t, g->ws, &L->qkv, g->xn, H, n, g->wide, qkvw, false)) < 0)
+    /* the block attends non-causally: every row up to its block's last position (att_pos) */
+    struct cu_layer_pass lp = {.n = n, .H = H, .I = I, .nH = nH, .nKV = nKV, .hd = hd, .eps = eps, .x = g->x,
+                               .xn = g->xn, .qkv = g->wide, .attn = g->attn, .gu = g->wide, .ws = g->ws,
+                               .att_ws = g->att_ws, .inv_freq = g->inv_freq, .seq = d_seq, .pos = d_pos,
+                               .att_pos = d_att, .run_start = d_rs, .run_len = d_rl, .n_runs = d_nr,
+                               .pages = d_pages, .att_longest = g->att_longest};
+    for (int l = 0; l < g->L; l++)
+        if ((r = ds_cu_enqueue_layer(t, &g->layers[l], g->k_cache + (size_t)l * layer_kv,
+                                     g->v_cache + (size_t)l * layer_kv, &lp)) < 0)
             return r;
-        CK(ds_k_qk_norm_rope(g->wide, qkvw, g->wide + (size_t)nH * hd, qkvw, L->q_norm, L->k_norm, g->inv_freq, d_pos,
-                             n, nH, nKV, hd, eps, t->stream));
-        CK(ds_k_kv_append_bf16(g->wide + (size_t)nH * hd, qkvw, g->wide + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
-                               d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
-        CK(ds_k_attention_bf16(g->wide, qkvw, kc, vc, d_seq, d_att, d_rs, d_rl, d_nr, g->att_longest, d_pages,
-                               t->max_pages, t->page_size, n, nH, nKV, hd, scale, g->att_ws, g->attn, t->stream));
-        if ((r = ds_cu_gemm(t, g->ws, &L->o, g->attn, nH * hd, n, g->x, H, true)) < 0)
-            return r;
-        CK(ds_k_rmsnorm_bf16(g->x, NULL, L->ffn_norm, n, H, eps, g->xn, t->stream));
-        if ((r = ds_cu_gemm(t, g->ws, &L->gate_up, g->xn, H, n, g->wide, 2 * I, false)) < 0)
-            return r;
-        CK(ds_k_swiglu_bf16(g->wide, n, I, g->xn, t->stream));
-        if ((r = ds_cu_gemm(t, g->ws, &L->down, g->xn, I, n, g->x, H, true)) < 0)
-            return r;
-    }
     CK(ds_k_rmsnorm(g->x, g->final_norm, n, H, eps, g->h, t->stream));
     CK(ds_k_rmsnorm_bf16(g->x, NULL, g->final_norm, n, H, eps, g->hb, t->stream));
     if ((r = ds_cu_gemm(t, g->ws, g->head, g->hb, H, n, g->U, V, false)) < 0)

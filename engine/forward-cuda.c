@@ -676,20 +676,47 @@ int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, cons
 
 /* The device part of a pass; metadata is already in t->meta. Graph-capturable:
  * only kernel launches on t->stream. */
+int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint16_t *kc, uint16_t *vc,
+                        const struct cu_layer_pass *p)
+{
+    int n = p->n, H = p->H, I = p->I, nH = p->nH, nKV = p->nKV, hd = p->hd, r;
+    int qkvw = (nH + 2 * nKV) * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    CK(ds_k_rmsnorm_bf16(p->x, NULL, l->attn_norm, n, H, p->eps, p->xn, t->stream));
+    if ((r = ds_cu_gemm(t, p->ws, &l->qkv, p->xn, H, n, p->qkv, qkvw, false)) < 0)
+        return r;
+    if (l->qkv_bias)
+        CK(ds_k_add_bias(p->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
+    CK(ds_k_qk_norm_rope(p->qkv, qkvw, p->qkv + (size_t)nH * hd, qkvw, l->q_norm, l->k_norm, p->inv_freq, p->pos, n,
+                         nH, nKV, hd, p->eps, t->stream));
+    CK(ds_k_kv_append_bf16(p->qkv + (size_t)nH * hd, qkvw, p->qkv + (size_t)(nH + nKV) * hd, qkvw, p->seq, p->pos,
+                           p->pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
+    CK(ds_k_attention_bf16(p->qkv, qkvw, kc, vc, p->seq, p->att_pos, p->run_start, p->run_len, p->n_runs,
+                           p->att_longest, p->pages, t->max_pages, t->page_size, n, nH, nKV, hd, scale, p->att_ws,
+                           p->attn, t->stream));
+    if ((r = ds_cu_gemm(t, p->ws, &l->o, p->attn, nH * hd, n, p->x, H, true)) < 0)
+        return r;
+    if (l->o_bias)
+        CK(ds_k_add_bias(p->x, H, l->o_bias, n, H, t->stream));
+    CK(ds_k_rmsnorm_bf16(p->x, NULL, l->ffn_norm, n, H, p->eps, p->xn, t->stream));
+    if ((r = ds_cu_gemm(t, p->ws, &l->gate_up, p->xn, H, n, p->gu, 2 * I, false)) < 0)
+        return r;
+    CK(ds_k_swiglu_bf16(p->gu, n, I, p->xn, t->stream));
+    return ds_cu_gemm(t, p->ws, &l->down, p->xn, I, n, p->x, H, true);
+}
+
 static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_capture, const int32_t *capture_layers,
                         bool argmax)
 {
     const struct ds_qwen3_config *c = &t->cfg;
     int H = c->hidden_size, I = c->intermediate_size, hd = c->head_dim, V = c->vocab_size;
     int nH = c->num_attention_heads, nKV = c->num_key_value_heads;
-    int qkvw = (nH + 2 * nKV) * hd;
     float eps = (float)c->rms_norm_eps;
     const int32_t *d_tok = t->meta, *d_pos = t->meta + t->cap_tokens, *d_seq = t->meta + 2 * t->cap_tokens;
     const int32_t *d_rows = t->meta + 3 * t->cap_tokens, *d_pages = t->meta + META_PAGES(t->cap_tokens);
     const int32_t *d_run_start = t->meta + 4 * t->cap_tokens, *d_run_len = t->meta + 5 * t->cap_tokens;
     const int32_t *d_n_runs = t->meta + 6 * t->cap_tokens;
     size_t layer_kv = (size_t)t->n_pages * t->page_size * nKV * hd;
-    float scale = 1.0f / sqrtf((float)hd);
     int r;
 
     CK(ds_k_embed_bf16(t->embed, d_tok, n, H, V, t->x, t->stream));
@@ -697,30 +724,14 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
         if (capture_layers[ci] == -1)
             CK(cudaMemcpy2DAsync(t->captured + (size_t)ci * H, (size_t)n_capture * H * 4, t->x, (size_t)H * 4,
                                  (size_t)H * 4, n, cudaMemcpyDeviceToDevice, t->stream));
+    struct cu_layer_pass lp = {.n = n, .H = H, .I = I, .nH = nH, .nKV = nKV, .hd = hd, .eps = eps, .x = t->x,
+                               .xn = t->xn, .qkv = t->qkv, .attn = t->attn, .gu = t->gu, .ws = t->ws,
+                               .att_ws = t->att_ws, .inv_freq = t->inv_freq, .seq = d_seq, .pos = d_pos,
+                               .att_pos = d_pos, .run_start = d_run_start, .run_len = d_run_len, .n_runs = d_n_runs,
+                               .pages = d_pages, .att_longest = t->att_longest};
     for (int li = 0; li < c->num_hidden_layers; li++) {
-        const struct cu_layer *l = &t->layers[li];
-        uint16_t *kc = t->k_cache + (size_t)li * layer_kv, *vc = t->v_cache + (size_t)li * layer_kv;
-        CK(ds_k_rmsnorm_bf16(t->x, NULL, l->attn_norm, n, H, eps, t->xn, t->stream));
-        if ((r = ds_cu_gemm(t, t->ws, &l->qkv, t->xn, H, n, t->qkv, qkvw, false)) < 0)
-            return r;
-        if (l->qkv_bias)
-            CK(ds_k_add_bias(t->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
-        CK(ds_k_qk_norm_rope(t->qkv, qkvw, t->qkv + (size_t)nH * hd, qkvw, l->q_norm, l->k_norm, t->inv_freq, d_pos,
-                             n, nH, nKV, hd, eps, t->stream));
-        CK(ds_k_kv_append_bf16(t->qkv + (size_t)nH * hd, qkvw, t->qkv + (size_t)(nH + nKV) * hd, qkvw, d_seq, d_pos,
-                               d_pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
-        CK(ds_k_attention_bf16(t->qkv, qkvw, kc, vc, d_seq, d_pos, d_run_start, d_run_len, d_n_runs,
-                               t->att_longest, d_pages, t->max_pages, t->page_size, n, nH, nKV, hd, scale, t->att_ws,
-                               t->attn, t->stream));
-        if ((r = ds_cu_gemm(t, t->ws, &l->o, t->attn, nH * hd, n, t->x, H, true)) < 0)
-            return r;
-        if (l->o_bias)
-            CK(ds_k_add_bias(t->x, H, l->o_bias, n, H, t->stream));
-        CK(ds_k_rmsnorm_bf16(t->x, NULL, l->ffn_norm, n, H, eps, t->xn, t->stream));
-        if ((r = ds_cu_gemm(t, t->ws, &l->gate_up, t->xn, H, n, t->gu, 2 * I, false)) < 0)
-            return r;
-        CK(ds_k_swiglu_bf16(t->gu, n, I, t->xn, t->stream));
-        if ((r = ds_cu_gemm(t, t->ws, &l->down, t->xn, I, n, t->x, H, true)) < 0)
+        if ((r = ds_cu_enqueue_layer(t, &t->layers[li], t->k_cache + (size_t)li * layer_kv,
+                                     t->v_cache + (size_t)li * layer_kv, &lp)) < 0)
             return r;
         for (int ci = 0; ci < n_capture; ci++)
             if (capture_layers[ci] == li)
