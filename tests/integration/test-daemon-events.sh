@@ -137,6 +137,8 @@ wait_for "$T/batch.out" "^job id=$jid batch=$bid state=succeeded version=3 attem
 tap_result $? "write-back: a 'succeeded' event with the statistics"
 states=$(grep "^job id=$jid " "$T/batch.out" | sed 's/.*state=\([a-z]*\) version=\([0-9]*\).*/\1:\2/' | tr '\n' ' ')
 tap_is "$states" "queued:1 running:2 succeeded:3 " "the batch subscriber saw every state change, versions increasing"
+# (the job subscriber is another process: give it the time to write the last event)
+wait_for "$T/job.out" "^job id=$jid batch=$bid state=succeeded version=3 " 5
 states=$(grep "^job " "$T/job.out" | sed 's/^job id=\([0-9]*\) .*state=\([a-z]*\) version=\([0-9]*\).*/\1:\2:\3/' | tr '\n' ' ')
 tap_is "$states" "$jid:running:2 $jid:succeeded:3 " "the job subscriber (joined after the insert) saw later changes of that job only"
 
