@@ -50,7 +50,7 @@ int ds_backend_parse(const char *s, enum ds_backend *ret) DS_MUSTCHECK;
 const char *ds_backend_name(enum ds_backend b);
 
 struct ds_engine_opts {
-    enum ds_backend backend;      /* where the target runs (the draft runs on the CPU) */
+    enum ds_backend backend;      /* where the target and its draft run */
     int device;                   /* CUDA device index */
     bool cublas;                  /* CUDA: cuBLAS products, faster but not batch-invariant */
     bool cuda_graphs;             /* CUDA: replay graphs of earlier passes of the same shape */
