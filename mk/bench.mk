@@ -3,7 +3,7 @@ noinst_PROGRAMS += bench/bench-prefill
 bench_bench_prefill_SOURCES = bench/bench-prefill.c
 bench_bench_prefill_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
 bench_bench_prefill_LDADD = $(ENGINE_LIBS)
-EXTRA_DIST += bench/model-pair.sh bench/spec-speedup.sh bench/RESULTS.md
+EXTRA_DIST += bench/model-pair.sh bench/ngram-baseline.sh bench/spec-speedup.sh bench/RESULTS.md
 
 noinst_PROGRAMS += bench/bench-step-cuda
 bench_bench_step_cuda_SOURCES = bench/bench-step-cuda.c
