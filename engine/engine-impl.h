@@ -71,9 +71,10 @@ struct ds_engine {
     int cap_b;
     struct ds_kv_seq **b_kv;     /* [cap_bkv] */
     int cap_bkv;
-    float *logits;               /* [cap_logits, V] (not filled by passes whose rows are all greedy on CUDA) */
-    int32_t *argmax;             /* [cap_logits] each logits row's argmax, every pass */
-    size_t cap_logits;
+    float *logits;               /* [cap_logits, V] on the host: the CPU backend, host sampling, and
+                                    prompt logits (NULL on CUDA with device sampling until asked) */
+    int32_t *argmax;             /* [cap_rows] each logits row's argmax, every pass */
+    size_t cap_logits, cap_rows;
     float *captured;             /* [cap_captured] features of the pass */
     size_t cap_captured;
     float *probs;                /* [2 V] */
@@ -83,7 +84,7 @@ struct ds_engine {
     struct ds_cuda_chain *draws; /* [cap_draws] the pass's draws, in row order */
     int32_t *draw_acc, *draw_next; /* [cap_draws] accepted drafts and the token after them */
     int n_draws, cap_draws;
-    int32_t *row_draw;           /* [cap_logits] the draw starting at a logits row, else -1 */
+    int32_t *row_draw;           /* [cap_rows] the draw starting at a logits row, else -1 */
     struct ds_spec *spec;
     struct ds_sps sps;           /* SPS(B): target steps per second at B tokens */
 };

@@ -565,6 +565,20 @@ int ds_draws_run(struct ds_engine *e)
     return ds_cuda_sample(e->cuda, e->cuda_draft, e->n_draws, e->draws, e->draw_acc, e->draw_next);
 }
 
+/* Do passes need full logits rows on the host? Always on the CPU backend; on
+ * CUDA with device sampling only for requests that keep their prompt logits
+ * (a superset of ds_engine_needs_logits, so the buffer exists whenever a pass
+ * copies into it). */
+static bool host_logits_needed(const struct ds_engine *e)
+{
+    if (!e->cuda || !e->device_sampling)
+        return true;
+    for (int i = 0; i < e->n_seqs; i++)
+        if (e->seqs[i]->want_prompt_logits)
+            return true;
+    return false;
+}
+
 /* ---- the round ---- */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture)
 {
@@ -576,13 +590,16 @@ int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_
         e->b_rows = ds_xrealloc(e->b_rows, (size_t)n_tokens * sizeof *e->b_rows);
     }
     size_t V = e->target->cfg.vocab_size, H = e->target->cfg.hidden_size;
-    if ((size_t)n_rows > e->cap_logits) {
+    if ((size_t)n_rows > e->cap_rows) {
+        e->argmax = ds_xrealloc(e->argmax, (size_t)n_rows * sizeof *e->argmax);
+        e->row_draw = ds_xrealloc(e->row_draw, (size_t)n_rows * sizeof *e->row_draw);
+        e->cap_rows = (size_t)n_rows;
+    }
+    if ((size_t)n_rows > e->cap_logits && host_logits_needed(e)) {
         float *p = realloc(e->logits, (size_t)n_rows * V * sizeof(float));
         if (!p)
             return ds_seterr(DS_ENOMEM, "could not allocate logits for %d rows", n_rows);
         e->logits = p;
-        e->argmax = ds_xrealloc(e->argmax, (size_t)n_rows * sizeof *e->argmax);
-        e->row_draw = ds_xrealloc(e->row_draw, (size_t)n_rows * sizeof *e->row_draw);
         e->cap_logits = (size_t)n_rows;
     }
     size_t cap_feat = (size_t)n_tokens * n_capture * H;

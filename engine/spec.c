@@ -768,10 +768,11 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
     int32_t *tok = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *pos = ds_xmalloc((size_t)B_max * sizeof(int32_t));
     int32_t *sq = ds_xmalloc((size_t)B_max * sizeof(int32_t)), *rows = ds_xmalloc((size_t)B_max * sizeof(int32_t));
     int32_t *ids = ds_xmalloc((size_t)B_max * sizeof(int32_t));   /* as greedy rounds ask (logits stay on a GPU) */
-    float *logits = malloc((size_t)B_max * e->target->cfg.vocab_size * sizeof(float));
+    /* (on the GPU the ids are enough: the logits stay there) */
+    float *logits = e->cuda ? NULL : malloc((size_t)B_max * e->target->cfg.vocab_size * sizeof(float));
     struct ds_sps t = {.n = 0, .b = ds_xmalloc((size_t)n * sizeof(int)), .sps = ds_xmalloc((size_t)n * sizeof(double))};
     double times[16];
-    if (!logits) {
+    if (!logits && !e->cuda) {
         r = ds_seterr(DS_ENOMEM, "out of memory while profiling");
         goto out;
     }
