@@ -705,6 +705,18 @@ int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint
     return ds_cu_gemm(t, p->ws, &l->down, p->xn, I, n, p->x, H, true);
 }
 
+/* Copy the residual stream after layer li (-1: the embeddings) into the
+ * captured features of the draft layers it feeds ([n, n_capture, H]). */
+static int capture_after(struct ds_cuda_target *t, int li, int n, int n_capture, const int32_t *capture_layers)
+{
+    size_t H = (size_t)t->cfg.hidden_size;
+    for (int ci = 0; ci < n_capture; ci++)
+        if (capture_layers[ci] == li)
+            CK(cudaMemcpy2DAsync(t->captured + ci * H, n_capture * H * 4, t->x, H * 4, H * 4, n,
+                                 cudaMemcpyDeviceToDevice, t->stream));
+    return 0;
+}
+
 static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_capture, const int32_t *capture_layers,
                         bool argmax)
 {
@@ -720,10 +732,8 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
     int r;
 
     CK(ds_k_embed_bf16(t->embed, d_tok, n, H, V, t->x, t->stream));
-    for (int ci = 0; ci < n_capture; ci++)
-        if (capture_layers[ci] == -1)
-            CK(cudaMemcpy2DAsync(t->captured + (size_t)ci * H, (size_t)n_capture * H * 4, t->x, (size_t)H * 4,
-                                 (size_t)H * 4, n, cudaMemcpyDeviceToDevice, t->stream));
+    if ((r = capture_after(t, -1, n, n_capture, capture_layers)) < 0)
+        return r;
     struct cu_layer_pass lp = {.n = n, .H = H, .I = I, .nH = nH, .nKV = nKV, .hd = hd, .eps = eps, .x = t->x,
                                .xn = t->xn, .qkv = t->qkv, .attn = t->attn, .gu = t->gu, .ws = t->ws,
                                .att_ws = t->att_ws, .inv_freq = t->inv_freq, .seq = d_seq, .pos = d_pos,
@@ -733,10 +743,8 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
         if ((r = ds_cu_enqueue_layer(t, &t->layers[li], t->k_cache + (size_t)li * layer_kv,
                                      t->v_cache + (size_t)li * layer_kv, &lp)) < 0)
             return r;
-        for (int ci = 0; ci < n_capture; ci++)
-            if (capture_layers[ci] == li)
-                CK(cudaMemcpy2DAsync(t->captured + (size_t)ci * H, (size_t)n_capture * H * 4, t->x, (size_t)H * 4,
-                                     (size_t)H * 4, n, cudaMemcpyDeviceToDevice, t->stream));
+        if ((r = capture_after(t, li, n, n_capture, capture_layers)) < 0)
+            return r;
     }
     if (n_rows > 0) {
         CK(ds_k_rmsnorm_bf16(t->x, d_rows, t->final_norm, n_rows, H, eps, t->rows, t->stream));

@@ -103,6 +103,17 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
         probs[scratch[i]] *= renorm;
 }
 
+int32_t ds_sample_residual(const float *p, const float *q, int n, float u, float *tmp)
+{
+    double mass = 0;
+    for (int i = 0; i < n; i++) {
+        float r = p[i] - q[i];
+        tmp[i] = r > 0 ? r : 0;
+        mass += tmp[i];
+    }
+    return ds_sample_probs(mass > 1e-8 ? tmp : p, n, u);
+}
+
 int32_t ds_sample_probs(const float *probs, int n, float u)
 {
     double total = 0;

@@ -183,18 +183,6 @@ static float sigmoid(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
-/* Draw the correction token from norm(max(0, p - q)), or from p when that mass vanishes. */
-static int32_t residual_sample(const float *p, const float *q, int V, float u, float *tmp)
-{
-    double mass = 0;
-    for (int i = 0; i < V; i++) {
-        float r = p[i] - q[i];
-        tmp[i] = r > 0 ? r : 0;
-        mass += tmp[i];
-    }
-    return ds_sample_probs(mass > 1e-8 ? tmp : p, V, u);
-}
-
 static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round, int start, int32_t anchor,
                         const int32_t *drafts, const float *z, int len, int accepted, const int32_t *committed,
                         int n_committed)
@@ -469,7 +457,7 @@ static void accept_sampled(struct ds_engine *e, struct ds_seq *s, int row, int l
             a++;
             continue;
         }
-        next = residual_sample(p, qk, V, ds_uniform(seed, pos, DS_SLOT_TARGET), tmp);
+        next = ds_sample_residual(p, qk, V, ds_uniform(seed, pos, DS_SLOT_TARGET), tmp);
         break;
     }
     *ret_a = a;

@@ -55,7 +55,9 @@ __device__ static inline int segment_len(int V)
 }
 
 /* ---- block reductions (every thread gets the result) ---- */
-__device__ static uint64_t block_sum_u64(uint64_t v, uint64_t *red /* [N_WARPS] */)
+/* A sum in a fixed order (butterflies in each warp, then the warps in order), so
+ * a double sum does not depend on scheduling; T is uint64_t or double. */
+template <typename T> __device__ static T block_sum(T v, T *red /* [N_WARPS] */)
 {
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(FULL_MASK, v, o);
@@ -63,22 +65,7 @@ __device__ static uint64_t block_sum_u64(uint64_t v, uint64_t *red /* [N_WARPS] 
     if (lane_id() == 0)
         red[warp_id()] = v;
     __syncthreads();
-    uint64_t s = 0;
-    for (int i = 0; i < N_WARPS; i++)
-        s += red[i];
-    return s;
-}
-
-/* A double sum in a fixed order: butterflies in each warp, then the warps in order. */
-__device__ static double block_sum_f64(double v, double *red /* [N_WARPS] */)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(FULL_MASK, v, o);
-    __syncthreads();
-    if (lane_id() == 0)
-        red[warp_id()] = v;
-    __syncthreads();
-    double s = 0;
+    T s = 0;
     for (int i = 0; i < N_WARPS; i++)
         s += red[i];
     return s;
@@ -192,7 +179,7 @@ __device__ static uint64_t eval_one(const float *p, int V, uint32_t t, bool by_m
         if (__float_as_uint(v) >= t)
             acc += by_mass ? to_fx(v) : 1;
     }
-    return block_sum_u64(acc, sm->red);
+    return block_sum(acc, sm->red);
 }
 
 /* The largest bit pattern u with F(u) >= target, given F(lo) = f_lo >= target and
@@ -290,7 +277,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         o[i] = e;
         sum += e;
     }
-    sum = block_sum_f64(sum, sm.red_d);
+    sum = block_sum(sum, sm.red_d);
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;
@@ -301,7 +288,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     }
     if (!cut_k && !cut_p)
         return;
-    total = block_sum_u64(total, sm.red);   /* also makes the row's writes visible to the block */
+    total = block_sum(total, sm.red);   /* also makes the row's writes visible to the block */
     uint32_t top = __float_as_uint(__fmul_rn(1.0f, inv));   /* the largest probability: exp(0) · inv */
     uint32_t u = 0;        /* value (bits) of the last kept token in the ranking */
     uint64_t m = 0;        /* tokens kept among those equal to it (lowest ids) */

@@ -45,5 +45,8 @@ void ds_probs(const float *logits /* [n] */, int n, const struct ds_sampling *s,
               int32_t *scratch /* [n] */);
 /* Inverse-CDF draw in index order: the first i with cumsum(probs)[i] > u * sum(probs). */
 int32_t ds_sample_probs(const float *probs /* [n] */, int n, float u);
+/* The correction draw of a rejected draft: from norm(max(0, p - q)), or from p
+ * when that mass is below 1e-8. tmp: [n] scratch. */
+int32_t ds_sample_residual(const float *p /* [n] */, const float *q /* [n] */, int n, float u, float *tmp /* [n] */);
 
 #endif

@@ -1019,18 +1019,6 @@ static bool test_sample_draws(void)
     return ok;
 }
 
-/* The CPU's correction draw (engine/spec.c). */
-static int32_t ref_residual(const float *p, const float *q, int V, float u, float *tmp)
-{
-    double mass = 0;
-    for (int i = 0; i < V; i++) {
-        float r = p[i] - q[i];
-        tmp[i] = r > 0 ? r : 0;
-        mass += tmp[i];
-    }
-    return ds_sample_probs(mass > 1e-8 ? tmp : p, V, u);
-}
-
 struct res_ctx {
     const float *p, *q;
     float *tmp;
@@ -1072,7 +1060,7 @@ static bool test_residual(void)
                 sq.temperature = 0;   /* a greedy draft: q one-hot */
             ds_probs(x, V, &sq, qi, scratch);
             u[i] = ds_uniform(rng, (uint64_t)i, DS_SLOT_TARGET);
-            want[i] = ref_residual(pi, qi, V, u[i], tmp);
+            want[i] = ds_sample_residual(pi, qi, V, u[i], tmp);
         }
         int32_t *d_out = dpoison((size_t)n * 4);
         char what[64];
@@ -1102,7 +1090,7 @@ static void ref_chain(const float *p, const float *q, const struct ds_k_chain *c
                 a++;
                 continue;
             }
-            *ret_next = ref_residual(pk, qk, V, c->u_target[k], tmp);
+            *ret_next = ds_sample_residual(pk, qk, V, c->u_target[k], tmp);
         } else {
             *ret_next = ds_sample_probs(pk, V, c->u_target[k]);
         }

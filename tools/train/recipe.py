@@ -460,14 +460,14 @@ def main():
             R.log("  no evaluation prompts: the HumanEval file was not found and the calibration used "
                   "every held-out prompt; pass --humaneval FILE (the models are exported)")
             st["skipped"] = "no prompts"
-        for temp in ((0, 1) if prompts else ()):
-            for k, prop in props.items():
-                r = decode(prop, prompts, a.eval_new, float(temp), a.seed + 30 + temp)
-                st[f"{k}_t{temp}"] = {"tau": round(r["tau"], 3), "rounds": r["rounds"],
-                                      "accept_rate": r["accept_rate"]}
-                outs[(k, temp)] = r["outputs"]
-                R.log(f"  T={temp} {k:6s} tau {r['tau']:.3f} accept@k {r['accept_rate']}")
-        if prompts:
+        else:
+            for temp in (0, 1):
+                for k, prop in props.items():
+                    r = decode(prop, prompts, a.eval_new, float(temp), a.seed + 30 + temp)
+                    st[f"{k}_t{temp}"] = {"tau": round(r["tau"], 3), "rounds": r["rounds"],
+                                          "accept_rate": r["accept_rate"]}
+                    outs[(k, temp)] = r["outputs"]
+                    R.log(f"  T={temp} {k:6s} tau {r['tau']:.3f} accept@k {r['accept_rate']}")
             same = sum(o1 == o2 == o3 for o1, o2, o3 in zip(*(outs[(k, 0)] for k in props)))
             st["greedy_outputs_identical"] = f"{same}/{len(prompts)}"
             st["tau_ratio_t1_dspark_over_dflash"] = round(
