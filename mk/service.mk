@@ -9,7 +9,8 @@ DS_MIGRATIONS = \
 	sql/001-schema.sql \
 	sql/002-queue.sql \
 	sql/003-throughput.sql \
-	sql/004-index-churn.sql
+	sql/004-index-churn.sql \
+	sql/005-notify-chunks.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 
