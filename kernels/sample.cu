@@ -3,8 +3,11 @@
  * (ds_sample_probs), the residual draw norm(max(0, p - q)), and the chain
  * accept/reject of one speculative round per sequence.
  *
- * One block of SAMPLE_THREADS threads per row (or per sequence). Nothing is
- * sorted: the top-k and top-p cuts find the value of the last kept token by a
+ * One block of SAMPLE_THREADS threads per row (or per sequence); the sampling
+ * distribution spreads a row over a cluster of up to 8 blocks when there are
+ * few rows (each block takes a contiguous slice; the blocks combine their
+ * partial results through distributed shared memory, in rank order, so the
+ * result does not depend on scheduling). Nothing is sorted: the top-k and top-p cuts find the value of the last kept token by a
  * search over the bit patterns of the probabilities (non-negative floats order
  * like their bits), SEARCH_WAYS - 1 thresholds per pass over the row, then keep
  * every larger value and, of the tokens equal to it, the lowest ids (the
@@ -19,6 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "kernels.h"
@@ -26,6 +30,7 @@
 #define SAMPLE_THREADS 1024
 #define N_WARPS (SAMPLE_THREADS / 32)
 #define SEARCH_WAYS 16
+#define MAX_CLUSTER 8                   /* blocks per row at most (the portable cluster size) */
 #define FULL_MASK 0xffffffffu
 #define FX_ONE 1152921504606846976.0   /* 2^60: the fixed-point unit of masses */
 #define GREEDY_TEMPERATURE 1e-5f        /* DS_GREEDY_TEMPERATURE */
@@ -80,38 +85,19 @@ __device__ static inline void better(float &bv, int &bi, float v, int i)
     }
 }
 
-/* The first maximum of x[0..V) (ds_argmax: index 0 when nothing beats -inf). */
-__device__ static int block_argmax(const float *x, int V, float *sv /* [N_WARPS] */, int *si /* [N_WARPS] */,
-                                   float *ret_max)
-{
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x)
-        better(bv, bi, x[i], i);
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        better(bv, bi, ov, oi);
-    }
-    __syncthreads();
-    if (lane_id() == 0) {
-        sv[warp_id()] = bv;
-        si[warp_id()] = bi;
-    }
-    __syncthreads();
-    bv = sv[0];
-    bi = si[0];
-    for (int w = 1; w < N_WARPS; w++)
-        better(bv, bi, sv[w], si[w]);
-    if (bi == 0x7fffffff) {
-        bi = 0;
-        bv = x[0];
-    }
-    *ret_max = bv;
-    return bi;
-}
-
 /* ---- the sampling distribution ---- */
+namespace cg = cooperative_groups;
+
+/* What the blocks of a cluster exchange, twice over: exchange i uses set i % 2,
+ * so one cluster barrier per exchange suffices (a block writes set i % 2 again
+ * only after every block has passed exchange i + 1, so done reading i). */
+struct probs_xchg {
+    uint64_t u[2][SEARCH_WAYS];
+    double d[2];
+    float fv[2];
+    int fi[2];
+};
+
 struct probs_smem {
     uint64_t red[N_WARPS * SEARCH_WAYS];
     double red_d[N_WARPS];
@@ -122,7 +108,61 @@ struct probs_smem {
     uint32_t lo, hi;
     uint64_t f_lo, f_hi1;
     int warp_eq[N_WARPS];
+    struct probs_xchg x;
+    int par;   /* the set of x the next exchange uses (thread 0's; read after a barrier) */
+    int from, to;   /* this block's slice of the row */
 };
+
+/* Publish the block's values v[0..n) (threads 0..n-1 hold them) and return, to
+ * thread j < n, the sum over the cluster's blocks in rank order. Every thread
+ * of every block of the cluster must call it. */
+__device__ static uint64_t cluster_sum_u64(uint64_t v, int n, struct probs_smem *sm)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    int p = sm->par;
+    if ((int)threadIdx.x < n)
+        sm->x.u[p][threadIdx.x] = v;
+    cl.sync();
+    uint64_t s = 0;
+    if ((int)threadIdx.x < n)
+        for (unsigned b = 0; b < cl.num_blocks(); b++)
+            s += cl.map_shared_rank(sm, b)->x.u[p][threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0)
+        sm->par = p ^ 1;
+    __syncthreads();
+    return s;
+}
+
+/* The same for one double (thread 0's), the sum returned to every thread. */
+__device__ static double cluster_sum_d(double v, struct probs_smem *sm)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    int p = sm->par;
+    if (threadIdx.x == 0)
+        sm->x.d[p] = v;
+    cl.sync();
+    double s = 0;
+    for (unsigned b = 0; b < cl.num_blocks(); b++)
+        s += cl.map_shared_rank(sm, b)->x.d[p];
+    __syncthreads();
+    if (threadIdx.x == 0)
+        sm->par = p ^ 1;
+    __syncthreads();
+    return s;
+}
+
+/* Σ v over the block, then over the cluster; every thread gets it. */
+__device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
+{
+    uint64_t s = cluster_sum_u64(block_sum(v, sm->red), 1, sm);
+    if (threadIdx.x == 0)
+        sm->red[0] = s;
+    __syncthreads();
+    s = sm->red[0];
+    __syncthreads();
+    return s;
+}
 
 /* F(t) = Σ w_i over the tokens whose bits are >= t, for t = th[1..SEARCH_WAYS) into
  * sm->f[1..]; w_i is 1 (count) or p_i in fixed point (mass). Integer sums: exact.
@@ -130,7 +170,7 @@ struct probs_smem {
  * count for no threshold, and the ones above count for all, with the weight
  * F(hi + 1) = sm->f_hi1 the search already knows (so each pass gets cheaper as
  * the range narrows). */
-__device__ static void eval_thresholds(const float *p, int V, bool by_mass, struct probs_smem *sm)
+__device__ static void eval_thresholds(const float *p, bool by_mass, struct probs_smem *sm)
 {
     uint32_t th[SEARCH_WAYS - 1];
     uint64_t acc[SEARCH_WAYS - 1];
@@ -140,7 +180,7 @@ __device__ static void eval_thresholds(const float *p, int V, bool by_mass, stru
         acc[j] = 0;
     }
     uint32_t lo1 = th[0], hi = sm->hi;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x) {
         float v = p[i];
         uint32_t b = __float_as_uint(v);
         if (b < lo1 || b > hi)
@@ -161,31 +201,33 @@ __device__ static void eval_thresholds(const float *p, int V, bool by_mass, stru
         for (int j = 0; j < SEARCH_WAYS - 1; j++)
             sm->red[warp_id() * SEARCH_WAYS + j] = acc[j];
     __syncthreads();
-    if (threadIdx.x < SEARCH_WAYS - 1) {
-        uint64_t s = 0;
+    uint64_t s = 0;
+    if (threadIdx.x < SEARCH_WAYS - 1)
         for (int w = 0; w < N_WARPS; w++)
             s += sm->red[w * SEARCH_WAYS + threadIdx.x];
+    s = cluster_sum_u64(s, SEARCH_WAYS - 1, sm);
+    if (threadIdx.x < SEARCH_WAYS - 1)
         sm->f[threadIdx.x + 1] = s + sm->f_hi1;
-    }
     __syncthreads();
 }
 
 /* F at a single threshold t. */
-__device__ static uint64_t eval_one(const float *p, int V, uint32_t t, bool by_mass, struct probs_smem *sm)
+__device__ static uint64_t eval_one(const float *p, uint32_t t, bool by_mass, struct probs_smem *sm)
 {
     uint64_t acc = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x) {
         float v = p[i];
         if (__float_as_uint(v) >= t)
             acc += by_mass ? to_fx(v) : 1;
     }
-    return block_sum(acc, sm->red);
+    return row_sum_all(acc, sm);
 }
 
 /* The largest bit pattern u with F(u) >= target, given F(lo) = f_lo >= target and
  * F(hi + 1) = f_hi1 < target (so u is the value of a token of the row). Returns u;
- * *ret_above = F(u + 1), the weight of the tokens strictly above u. */
-__device__ static uint32_t search(const float *p, int V, uint32_t lo, uint64_t f_lo, uint32_t hi, uint64_t f_hi1,
+ * *ret_above = F(u + 1), the weight of the tokens strictly above u. Every block
+ * of the cluster takes the same steps (the same sums, the same rule). */
+__device__ static uint32_t search(const float *p, uint32_t lo, uint64_t f_lo, uint32_t hi, uint64_t f_hi1,
                                   uint64_t target, bool by_mass, struct probs_smem *sm, uint64_t *ret_above)
 {
     if (threadIdx.x == 0) {
@@ -199,7 +241,7 @@ __device__ static uint32_t search(const float *p, int V, uint32_t lo, uint64_t f
             sm->th[threadIdx.x] = (int)threadIdx.x < n_th ? sm->lo + (uint32_t)(size * threadIdx.x / n_th)
                                                           : 0xffffffffu;
         __syncthreads();
-        eval_thresholds(p, V, by_mass, sm);
+        eval_thresholds(p, by_mass, sm);
         if (threadIdx.x == 0) {
             int j = 0;   /* the last threshold still reaching the target */
             for (int k = 1; k < n_th; k++)
@@ -222,11 +264,13 @@ __device__ static uint32_t search(const float *p, int V, uint32_t lo, uint64_t f
 }
 
 /* Keep the tokens above value bits u and the first m (in index order) equal to it,
- * scaled by renorm; zero the rest. Two passes in the warp-segment layout. */
-__device__ static void write_kept(float *o, int V, uint32_t u, uint64_t m, float renorm, struct probs_smem *sm)
+ * scaled by renorm; zero the rest. Two passes over the block's slice, each warp
+ * walking its own contiguous segment; the blocks before this one in the cluster
+ * (the slices before this one) pass on their count of equal tokens. */
+__device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm, struct probs_smem *sm)
 {
-    int seg = segment_len(V), w = warp_id(), lane = lane_id();
-    int from = w * seg, to = from + seg < V ? from + seg : V;
+    int seg = segment_len(sm->to - sm->from), w = warp_id(), lane = lane_id();
+    int from = sm->from + w * seg, to = from + seg < sm->to ? from + seg : sm->to;
     int n_eq = 0;
     for (int base = from; base < to; base += 32) {
         int i = base + lane;
@@ -235,7 +279,18 @@ __device__ static void write_kept(float *o, int V, uint32_t u, uint64_t m, float
     if (lane == 0)
         sm->warp_eq[w] = n_eq;
     __syncthreads();
-    uint64_t rank = 0;   /* equal tokens before this warp's segment */
+    uint64_t block_eq = 0;
+    for (int k = 0; k < N_WARPS; k++)
+        block_eq += (uint64_t)sm->warp_eq[k];
+    /* equal tokens in the slices before this block's */
+    cg::cluster_group cl = cg::this_cluster();
+    int p = sm->par;
+    if (threadIdx.x == 0)
+        sm->x.u[p][0] = block_eq;
+    cl.sync();
+    uint64_t rank = 0;
+    for (unsigned b = 0; b < cl.block_rank(); b++)
+        rank += cl.map_shared_rank(sm, b)->x.u[p][0];
     for (int k = 0; k < w; k++)
         rank += (uint64_t)sm->warp_eq[k];
     for (int base = from; base < to; base += 32) {
@@ -250,45 +305,111 @@ __device__ static void write_kept(float *o, int V, uint32_t u, uint64_t m, float
         }
         rank += (uint64_t)__popc(bal);
     }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        sm->par = p ^ 1;
+    __syncthreads();
 }
 
+/* The first maximum of the row (ds_argmax: index 0 when nothing beats -inf),
+ * over the cluster; every thread gets it. */
+__device__ static int row_argmax(const float *x, struct probs_smem *sm, float *ret_max)
+{
+    float x0 = x[0];   /* read before the barrier below: after it, x may be overwritten */
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x)
+        better(bv, bi, x[i], i);
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        better(bv, bi, ov, oi);
+    }
+    __syncthreads();
+    if (lane_id() == 0) {
+        sm->sv[warp_id()] = bv;
+        sm->si[warp_id()] = bi;
+    }
+    __syncthreads();
+    cg::cluster_group cl = cg::this_cluster();
+    int p = sm->par;
+    if (threadIdx.x == 0) {
+        bv = sm->sv[0];
+        bi = sm->si[0];
+        for (int w = 1; w < N_WARPS; w++)
+            better(bv, bi, sm->sv[w], sm->si[w]);
+        sm->x.fv[p] = bv;
+        sm->x.fi[p] = bi;
+    }
+    cl.sync();
+    bv = -INFINITY;
+    bi = 0x7fffffff;
+    for (unsigned b = 0; b < cl.num_blocks(); b++) {
+        const struct probs_smem *r = cl.map_shared_rank(sm, b);
+        better(bv, bi, r->x.fv[p], r->x.fi[p]);
+    }
+    if (bi == 0x7fffffff) {
+        bi = 0;
+        bv = x0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        sm->par = p ^ 1;
+    __syncthreads();
+    *ret_max = bv;
+    return bi;
+}
+
+/* One row per cluster (gridDim.x = rows × cluster size). */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
                  int ldo)
 {
     __shared__ struct probs_smem sm;
-    size_t r = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
+    cg::cluster_group cl = cg::this_cluster();
+    int c = (int)cl.num_blocks(), row = blockIdx.x / c;
+    if (threadIdx.x == 0) {
+        int len = ((V + c - 1) / c + 31) & ~31;
+        int from = (int)cl.block_rank() * len;
+        sm.from = from < V ? from : V;
+        sm.to = from + len < V ? from + len : V;
+        sm.par = 0;
+    }
+    __syncthreads();
+    size_t r = rows ? (size_t)rows[row] : (size_t)row;
     const float *xr = x + r * ldx;
     float *o = out + r * ldo;
-    struct ds_k_sampling s = params[blockIdx.x];
+    struct ds_k_sampling s = params[row];
     float mx;
-    int imax = block_argmax(xr, V, sm.sv, sm.si, &mx);
-    __syncthreads();   /* every read of x is done: out may be x */
+    int imax = row_argmax(xr, &sm, &mx);   /* every read of x is done: out may be x (slices are disjoint) */
     if (s.temperature < GREEDY_TEMPERATURE) {
-        for (int i = threadIdx.x; i < V; i += blockDim.x)
+        for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x)
             o[i] = i == imax ? 1.0f : 0.0f;
+        cl.sync();   /* no block leaves while another may read its shared memory */
         return;
     }
     /* softmax(x / T): the CPU's float operations, exp rounded from double */
     float inv_t = 1.0f / s.temperature;
     double sum = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x) {
         float e = (float)exp((double)__fmul_rn(__fsub_rn(xr[i], mx), inv_t));
         o[i] = e;
         sum += e;
     }
-    sum = block_sum(sum, sm.red_d);
+    sum = cluster_sum_d(block_sum(sum, sm.red_d), &sm);
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x) {
         float v = __fmul_rn(o[i], inv);
         o[i] = v;
         total += to_fx(v);
     }
-    if (!cut_k && !cut_p)
+    if (!cut_k && !cut_p) {
+        cl.sync();
         return;
-    total = block_sum(total, sm.red);   /* also makes the row's writes visible to the block */
+    }
+    total = row_sum_all(total, &sm);   /* also makes the slice's writes visible to the block */
     uint32_t top = __float_as_uint(__fmul_rn(1.0f, inv));   /* the largest probability: exp(0) · inv */
     uint32_t u = 0;        /* value (bits) of the last kept token in the ranking */
     uint64_t m = 0;        /* tokens kept among those equal to it (lowest ids) */
@@ -297,9 +418,9 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     uint32_t lo = 0;
     if (cut_k) {
         uint64_t above;
-        u = search(o, V, 0, (uint64_t)V, top, 0, (uint64_t)s.top_k, false, &sm, &above);
+        u = search(o, 0, (uint64_t)V, top, 0, (uint64_t)s.top_k, false, &sm, &above);
         m = (uint64_t)s.top_k - above;
-        uint64_t mass_above = eval_one(o, V, u + 1, true, &sm);
+        uint64_t mass_above = eval_one(o, u + 1, true, &sm);
         kept = mass_above + m * to_fx(__uint_as_float(u));
         lo = u;
         f_lo = kept;
@@ -310,7 +431,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         if (target < 1)
             target = 1;
         uint64_t above;
-        uint32_t up = search(o, V, lo, f_lo, top, 0, target, true, &sm, &above);
+        uint32_t up = search(o, lo, f_lo, top, 0, target, true, &sm, &above);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)
@@ -322,7 +443,21 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         kept = above + m * v;
     }
     float renorm = (float)(1.0 / ((double)kept / FX_ONE));
-    write_kept(o, V, u, m, renorm, &sm);
+    write_kept(o, u, m, renorm, &sm);
+    cl.sync();
+}
+
+/* Blocks per row: spread few rows over the GPU, up to MAX_CLUSTER blocks each. */
+static int probs_cluster_size(int n)
+{
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 1;
+    int c = 1;
+    while (c < MAX_CLUSTER && (long)n * c * 2 <= sms)
+        c *= 2;
+    return c;
 }
 
 extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_t *rows,
@@ -333,8 +468,19 @@ extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    probs_kernel<<<n, SAMPLE_THREADS, 0, stream>>>(x, ldx, rows, params, V, out, ldo);
-    return cudaGetLastError();
+    int c = probs_cluster_size(n);
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = (unsigned)c;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(n * c));
+    cfg.blockDim = dim3(SAMPLE_THREADS);
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo);
 }
 
 /* ---- draws ---- */

@@ -891,15 +891,22 @@ static const struct prob_case prob_cases[] = {
     {1.0f, 0.9f, 100, ROW_EQUAL},
 };
 
+/* The cases once (few rows: a row spreads over a cluster of blocks), then
+ * repeated to 40 and 80 rows (fewer blocks per row, down to one). */
 static bool test_sampling_probs(void)
 {
     int n = (int)(sizeof prob_cases / sizeof prob_cases[0]);
     bool ok = true;
     const int vocabs[] = {7, 1000, 4096, 151936};
-    for (int v = 0; v < 4; v++) {
-        ok &= probs_case(vocabs[v], prob_cases, n);
-        free_all();
-    }
+    const int n_rows[] = {n, 40, 80};
+    struct prob_case many[80];
+    for (int i = 0; i < 80; i++)
+        many[i] = prob_cases[i % n];
+    for (int v = 0; v < 4; v++)
+        for (int k = 0; k < 3; k++) {
+            ok &= probs_case(vocabs[v], many, n_rows[k]);
+            free_all();
+        }
     return ok;
 }
 
