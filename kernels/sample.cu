@@ -7,11 +7,12 @@
  * distribution spreads a row over a cluster of up to 8 blocks when there are
  * few rows (each block takes a contiguous slice; the blocks combine their
  * partial results through distributed shared memory, in rank order, so the
- * result does not depend on scheduling). Nothing is sorted: the top-k and top-p cuts find the value of the last kept token by a
- * search over the bit patterns of the probabilities (non-negative floats order
- * like their bits), SEARCH_WAYS - 1 thresholds per pass over the row, then keep
- * every larger value and, of the tokens equal to it, the lowest ids (the
- * ranking's tie rule).
+ * result does not depend on scheduling). Nothing is sorted: the top-k and
+ * top-p cuts find the value of the last kept token by a radix select over the
+ * bit patterns of the probabilities (non-negative floats order like their
+ * bits): three passes over the row, each a histogram of the next 11, 10 and 10
+ * bits of the tokens still in play (counts and masses), then keep every larger
+ * value and, of the tokens equal to it, the lowest ids (the ranking's tie rule).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
@@ -29,7 +30,8 @@
 
 #define SAMPLE_THREADS 1024
 #define N_WARPS (SAMPLE_THREADS / 32)
-#define SEARCH_WAYS 16
+#define RADIX_BINS 1024                 /* bins of a radix level: one per thread */
+static_assert(RADIX_BINS == SAMPLE_THREADS, "pick_bin gives each thread one bin");
 #define MAX_CLUSTER 8                   /* blocks per row at most (the portable cluster size) */
 #define FULL_MASK 0xffffffffu
 #define FX_ONE 1152921504606846976.0   /* 2^60: the fixed-point unit of masses */
@@ -92,41 +94,42 @@ namespace cg = cooperative_groups;
  * so one cluster barrier per exchange suffices (a block writes set i % 2 again
  * only after every block has passed exchange i + 1, so done reading i). */
 struct probs_xchg {
-    uint64_t u[2][SEARCH_WAYS];
+    uint64_t u[2];
     double d[2];
     float fv[2];
     int fi[2];
 };
 
 struct probs_smem {
-    uint64_t red[N_WARPS * SEARCH_WAYS];
+    uint64_t red[N_WARPS];
     double red_d[N_WARPS];
     float sv[N_WARPS];
     int si[N_WARPS];
-    uint32_t th[SEARCH_WAYS];
-    uint64_t f[SEARCH_WAYS];
-    uint32_t lo, hi;
-    uint64_t f_lo, f_hi1;
+    unsigned hc[RADIX_BINS];                     /* a radix level's histogram of this block's slice: counts */
+    unsigned hm_lo[RADIX_BINS], hm_hi[RADIX_BINS];   /* ... and masses (2^-60 fixed point) in two halves */
+    uint64_t tc[RADIX_BINS], tm[RADIX_BINS];   /* the same over the cluster */
+    uint64_t wc[N_WARPS], wm[N_WARPS];
+    uint64_t pick_c, pick_m;
+    int pick;
     int warp_eq[N_WARPS];
     struct probs_xchg x;
     int par;   /* the set of x the next exchange uses (thread 0's; read after a barrier) */
     int from, to;   /* this block's slice of the row */
 };
 
-/* Publish the block's values v[0..n) (threads 0..n-1 hold them) and return, to
- * thread j < n, the sum over the cluster's blocks in rank order. Every thread
- * of every block of the cluster must call it. */
-__device__ static uint64_t cluster_sum_u64(uint64_t v, int n, struct probs_smem *sm)
+/* Publish the block's value v (thread 0's) and return to every thread the sum
+ * over the cluster's blocks in rank order. Every thread of every block of the
+ * cluster must call it. */
+__device__ static uint64_t cluster_sum_u64(uint64_t v, struct probs_smem *sm)
 {
     cg::cluster_group cl = cg::this_cluster();
     int p = sm->par;
-    if ((int)threadIdx.x < n)
-        sm->x.u[p][threadIdx.x] = v;
+    if (threadIdx.x == 0)
+        sm->x.u[p] = v;
     cl.sync();
     uint64_t s = 0;
-    if ((int)threadIdx.x < n)
-        for (unsigned b = 0; b < cl.num_blocks(); b++)
-            s += cl.map_shared_rank(sm, b)->x.u[p][threadIdx.x];
+    for (unsigned b = 0; b < cl.num_blocks(); b++)
+        s += cl.map_shared_rank(sm, b)->x.u[p];
     __syncthreads();
     if (threadIdx.x == 0)
         sm->par = p ^ 1;
@@ -155,112 +158,145 @@ __device__ static double cluster_sum_d(double v, struct probs_smem *sm)
 /* Σ v over the block, then over the cluster; every thread gets it. */
 __device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
 {
-    uint64_t s = cluster_sum_u64(block_sum(v, sm->red), 1, sm);
-    if (threadIdx.x == 0)
-        sm->red[0] = s;
-    __syncthreads();
-    s = sm->red[0];
-    __syncthreads();
-    return s;
+    return cluster_sum_u64(block_sum(v, sm->red), sm);
 }
 
-/* F(t) = Σ w_i over the tokens whose bits are >= t, for t = th[1..SEARCH_WAYS) into
- * sm->f[1..]; w_i is 1 (count) or p_i in fixed point (mass). Integer sums: exact.
- * Only the tokens between th[1] and the search's hi are visited: the ones below
- * count for no threshold, and the ones above count for all, with the weight
- * F(hi + 1) = sm->f_hi1 the search already knows (so each pass gets cheaper as
- * the range narrows). */
-__device__ static void eval_thresholds(const float *p, bool by_mass, struct probs_smem *sm)
+/* Σ of a u64 over the warp. */
+__device__ static inline uint64_t warp_sum_u64(uint64_t x)
 {
-    uint32_t th[SEARCH_WAYS - 1];
-    uint64_t acc[SEARCH_WAYS - 1];
-#pragma unroll
-    for (int j = 0; j < SEARCH_WAYS - 1; j++) {
-        th[j] = sm->th[j + 1];
-        acc[j] = 0;
-    }
-    uint32_t lo1 = th[0], hi = sm->hi;
-    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x) {
-        float v = p[i];
-        uint32_t b = __float_as_uint(v);
-        if (b < lo1 || b > hi)
-            continue;
-        uint64_t w = by_mass ? to_fx(v) : 1;
-#pragma unroll
-        for (int j = 0; j < SEARCH_WAYS - 1; j++)
-            if (b >= th[j])
-                acc[j] += w;
-    }
-#pragma unroll
-    for (int j = 0; j < SEARCH_WAYS - 1; j++)
-        for (int o = 16; o > 0; o >>= 1)
-            acc[j] += __shfl_xor_sync(FULL_MASK, acc[j], o);
-    __syncthreads();
-    if (lane_id() == 0)
-#pragma unroll
-        for (int j = 0; j < SEARCH_WAYS - 1; j++)
-            sm->red[warp_id() * SEARCH_WAYS + j] = acc[j];
-    __syncthreads();
-    uint64_t s = 0;
-    if (threadIdx.x < SEARCH_WAYS - 1)
-        for (int w = 0; w < N_WARPS; w++)
-            s += sm->red[w * SEARCH_WAYS + threadIdx.x];
-    s = cluster_sum_u64(s, SEARCH_WAYS - 1, sm);
-    if (threadIdx.x < SEARCH_WAYS - 1)
-        sm->f[threadIdx.x + 1] = s + sm->f_hi1;
-    __syncthreads();
+    for (int o = 16; o > 0; o >>= 1)
+        x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
 }
 
-/* F at a single threshold t. */
-__device__ static uint64_t eval_one(const float *p, uint32_t t, bool by_mass, struct probs_smem *sm)
+/* Add mass w to a bin with 32-bit atomics (native in shared memory): the low
+ * half, its carry and the high half. */
+__device__ static inline void add_mass(struct probs_smem *sm, int bin, uint64_t w)
 {
-    uint64_t acc = 0;
-    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x) {
-        float v = p[i];
-        if (__float_as_uint(v) >= t)
-            acc += by_mass ? to_fx(v) : 1;
-    }
-    return row_sum_all(acc, sm);
+    unsigned lo = (unsigned)w, hi = (unsigned)(w >> 32);
+    unsigned old = atomicAdd(&sm->hm_lo[bin], lo);
+    hi += old + lo < old;
+    if (hi)
+        atomicAdd(&sm->hm_hi[bin], hi);
 }
 
-/* The largest bit pattern u with F(u) >= target, given F(lo) = f_lo >= target and
- * F(hi + 1) = f_hi1 < target (so u is the value of a token of the row). Returns u;
- * *ret_above = F(u + 1), the weight of the tokens strictly above u. Every block
- * of the cluster takes the same steps (the same sums, the same rule). */
-__device__ static uint32_t search(const float *p, uint32_t lo, uint64_t f_lo, uint32_t hi, uint64_t f_hi1,
-                                  uint64_t target, bool by_mass, struct probs_smem *sm, uint64_t *ret_above)
+/* Add one token (when ok) of mass w to bin: lanes of the warp that share a
+ * bin add once, through their leader, when the warp holds few distinct bins
+ * (a flat distribution puts most tokens in a few bins); otherwise each lane
+ * adds its own. Integer sums: exact in any order. */
+__device__ static void hist_add(bool ok, int bin, uint64_t w, struct probs_smem *sm)
 {
-    if (threadIdx.x == 0) {
-        sm->lo = lo, sm->hi = hi, sm->f_lo = f_lo, sm->f_hi1 = f_hi1;
-    }
-    __syncthreads();
-    while (sm->lo < sm->hi) {
-        uint64_t size = (uint64_t)sm->hi - sm->lo + 1;
-        int n_th = size < SEARCH_WAYS ? (int)size : SEARCH_WAYS;
-        if (threadIdx.x < SEARCH_WAYS)
-            sm->th[threadIdx.x] = (int)threadIdx.x < n_th ? sm->lo + (uint32_t)(size * threadIdx.x / n_th)
-                                                          : 0xffffffffu;
-        __syncthreads();
-        eval_thresholds(p, by_mass, sm);
-        if (threadIdx.x == 0) {
-            int j = 0;   /* the last threshold still reaching the target */
-            for (int k = 1; k < n_th; k++)
-                if (sm->f[k] >= target)
-                    j = k;
-            uint64_t f_j = j ? sm->f[j] : sm->f_lo;
-            if (j + 1 < n_th) {
-                sm->hi = sm->th[j + 1] - 1;
-                sm->f_hi1 = sm->f[j + 1];
+    if (!__any_sync(FULL_MASK, ok))
+        return;
+    int lane = lane_id();
+    unsigned peers = __match_any_sync(FULL_MASK, ok ? bin : -1);
+    unsigned leaders = __ballot_sync(FULL_MASK, ok && __ffs(peers) - 1 == lane);
+    if (__popc(leaders) <= 4) {
+        while (leaders) {
+            int l = __ffs(leaders) - 1;
+            leaders &= leaders - 1;
+            int lb = __shfl_sync(FULL_MASK, bin, l);
+            uint64_t sum = warp_sum_u64(ok && bin == lb ? w : 0);
+            if (lane == l) {
+                atomicAdd(&sm->hc[lb], (unsigned)__popc(peers));
+                add_mass(sm, lb, sum);
             }
-            sm->lo = sm->th[j];
-            sm->f_lo = f_j;
         }
-        __syncthreads();
+    } else if (ok) {
+        atomicAdd(&sm->hc[bin], 1u);
+        add_mass(sm, bin, w);
     }
-    uint32_t u = sm->lo;
-    *ret_above = sm->f_hi1;
-    __syncthreads();   /* sm is reused by the caller */
-    return u;
+}
+
+/* The highest bin j of the level's histogram (sm->tc, sm->tm) with
+ * above + Σ_{b >= j} weight(b) >= target, weight the masses (by_mass) or the
+ * counts; *above_c and *above_m gain the bins above j. Thread t takes bin
+ * RADIX_BINS - 1 - t, so the sums from the top are a prefix scan. */
+__device__ static int pick_bin(uint64_t target, bool by_mass, uint64_t *above_c, uint64_t *above_m,
+                               struct probs_smem *sm)
+{
+    int lane = lane_id(), w = warp_id(), bin = RADIX_BINS - 1 - (int)threadIdx.x;
+    uint64_t c = sm->tc[bin], m = sm->tm[bin];
+    for (int o = 1; o < 32; o <<= 1) {
+        uint64_t yc = __shfl_up_sync(FULL_MASK, c, o), ym = __shfl_up_sync(FULL_MASK, m, o);
+        if (lane >= o) {
+            c += yc;
+            m += ym;
+        }
+    }
+    if (lane == 31) {
+        sm->wc[w] = c;
+        sm->wm[w] = m;
+    }
+    __syncthreads();
+    for (int k = 0; k < w; k++) {
+        c += sm->wc[k];
+        m += sm->wm[k];
+    }
+    /* c, m: the bins from the top down to this one; less this one: those above it */
+    uint64_t c_above = c - sm->tc[bin], m_above = m - sm->tm[bin];
+    uint64_t incl = *(by_mass ? above_m : above_c) + (by_mass ? m : c);
+    uint64_t excl = *(by_mass ? above_m : above_c) + (by_mass ? m_above : c_above);
+    if (incl >= target && excl < target) {
+        sm->pick = bin;
+        sm->pick_c = c_above;
+        sm->pick_m = m_above;
+    }
+    __syncthreads();
+    int j = sm->pick;
+    *above_c += sm->pick_c;
+    *above_m += sm->pick_m;
+    __syncthreads();
+    return j;
+}
+
+/* The largest bit pattern u with F(u) >= target, where F(t) is the weight
+ * (mass, or count) of the tokens whose bits are >= max(t, lo), given
+ * F(lo) >= target; *ret_c and *ret_m get the count and mass strictly above u.
+ * Three radix levels over bits 30..20, 19..10 and 9..0 (probabilities are at
+ * most 1, whose bits 30..20 are 0x3f8). Every block of the cluster takes the
+ * same steps from the same combined histograms. */
+__device__ static uint32_t radix_select(const float *p, uint32_t lo, uint64_t target, bool by_mass,
+                                        struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    const int shifts[3] = {20, 10, 0};
+    uint32_t prefix = 0;
+    uint64_t above_c = 0, above_m = 0;
+    for (int level = 0; level < 3; level++) {
+        int shift = shifts[level];
+        int keep = level == 0 ? 31 : shifts[level - 1];   /* the bits fixed by the levels before */
+        sm->hc[threadIdx.x] = 0;
+        sm->hm_lo[threadIdx.x] = 0;
+        sm->hm_hi[threadIdx.x] = 0;
+        __syncthreads();
+        int from = sm->from, to = sm->to;
+        for (int base = from; base < to; base += blockDim.x) {
+            int i = base + threadIdx.x;
+            float v = i < to ? p[i] : 0.0f;
+            uint32_t b = __float_as_uint(v);
+            bool ok = i < to && b >= lo && (b >> keep) == (prefix >> keep);
+            int bin = (int)((b >> shift) & (RADIX_BINS - 1));
+            if (level == 0 && (b >> shift) >= RADIX_BINS)
+                bin = RADIX_BINS - 1;
+            hist_add(ok, bin, to_fx(v), sm);
+        }
+        cl.sync();   /* every block's histogram is complete */
+        uint64_t c = 0, m = 0;
+        for (unsigned r = 0; r < cl.num_blocks(); r++) {
+            const struct probs_smem *o = cl.map_shared_rank(sm, r);
+            c += o->hc[threadIdx.x];
+            m += ((uint64_t)o->hm_hi[threadIdx.x] << 32) + o->hm_lo[threadIdx.x];
+        }
+        sm->tc[threadIdx.x] = c;
+        sm->tm[threadIdx.x] = m;
+        cl.sync();   /* every block has read the others' histograms (and its own tc, tm are complete) */
+        int j = pick_bin(target, by_mass, &above_c, &above_m, sm);
+        prefix |= (uint32_t)j << shift;
+    }
+    *ret_c = above_c;
+    *ret_m = above_m;
+    return prefix;
 }
 
 /* Keep the tokens above value bits u and the first m (in index order) equal to it,
@@ -286,11 +322,11 @@ __device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm
     cg::cluster_group cl = cg::this_cluster();
     int p = sm->par;
     if (threadIdx.x == 0)
-        sm->x.u[p][0] = block_eq;
+        sm->x.u[p] = block_eq;
     cl.sync();
     uint64_t rank = 0;
     for (unsigned b = 0; b < cl.block_rank(); b++)
-        rank += cl.map_shared_rank(sm, b)->x.u[p][0];
+        rank += cl.map_shared_rank(sm, b)->x.u[p];
     for (int k = 0; k < w; k++)
         rank += (uint64_t)sm->warp_eq[k];
     for (int base = from; base < to; base += 32) {
@@ -410,18 +446,16 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         return;
     }
     total = row_sum_all(total, &sm);   /* also makes the slice's writes visible to the block */
-    uint32_t top = __float_as_uint(__fmul_rn(1.0f, inv));   /* the largest probability: exp(0) · inv */
     uint32_t u = 0;        /* value (bits) of the last kept token in the ranking */
     uint64_t m = 0;        /* tokens kept among those equal to it (lowest ids) */
     uint64_t kept = total; /* kept mass */
     uint64_t f_lo = total; /* mass of the candidates (the top-k set, else every token) */
     uint32_t lo = 0;
     if (cut_k) {
-        uint64_t above;
-        u = search(o, 0, (uint64_t)V, top, 0, (uint64_t)s.top_k, false, &sm, &above);
-        m = (uint64_t)s.top_k - above;
-        uint64_t mass_above = eval_one(o, u + 1, true, &sm);
-        kept = mass_above + m * to_fx(__uint_as_float(u));
+        uint64_t above_c, above_m;
+        u = radix_select(o, 0, (uint64_t)s.top_k, false, &sm, &above_c, &above_m);
+        m = (uint64_t)s.top_k - above_c;
+        kept = above_m + m * to_fx(__uint_as_float(u));
         lo = u;
         f_lo = kept;
     }
@@ -430,8 +464,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         uint64_t target = (uint64_t)ceil((double)s.top_p * (double)f_lo);
         if (target < 1)
             target = 1;
-        uint64_t above;
-        uint32_t up = search(o, lo, f_lo, top, 0, target, true, &sm, &above);
+        uint64_t above_c, above;
+        uint32_t up = radix_select(o, lo, target, true, &sm, &above_c, &above);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)

@@ -48,5 +48,9 @@ noinst_PROGRAMS += bench/bench-gemm-cuda
 bench_bench_gemm_cuda_SOURCES = bench/bench-gemm-cuda.c
 bench_bench_gemm_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 bench_bench_gemm_cuda_LDADD = $(ENGINE_LIBS)
+noinst_PROGRAMS += bench/bench-sample-cuda
+bench_bench_sample_cuda_SOURCES = bench/bench-sample-cuda.c
+bench_bench_sample_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
+bench_bench_sample_cuda_LDADD = $(ENGINE_LIBS)
 endif
-EXTRA_DIST += bench/bench-gemm-cuda.c
+EXTRA_DIST += bench/bench-gemm-cuda.c bench/bench-sample-cuda.c

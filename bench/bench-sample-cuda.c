@@ -1,0 +1,106 @@
+/* bench-sample-cuda.c: the sampling kernels on their own, on a 151,936-token
+ * vocabulary (Qwen3's): the per-row sampling distribution (ds_k_sampling_probs)
+ * and the inverse-CDF draw (ds_k_sample), for 1, 8, 64 and 512 rows.
+ *
+ *   bench-sample-cuda
+ *
+ * Logits are normal with standard deviation 0.5 (a flat distribution, as random
+ * weights give) or 3 (a peaked one); the time is the fastest of 7 launches. */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels.h"
+
+#define V 151936
+#define MAX_ROWS 512
+#define REPS 7
+
+#define CHECK(x)                                                                      \
+    do {                                                                              \
+        if ((x) != 0) {                                                               \
+            fprintf(stderr, "bench-sample-cuda: %s failed at line %d\n", #x, __LINE__); \
+            exit(1);                                                                  \
+        }                                                                             \
+    } while (0)
+
+static double normal(unsigned *s)
+{
+    double u1 = (rand_r(s) + 1.0) / (RAND_MAX + 2.0), u2 = (rand_r(s) + 1.0) / (RAND_MAX + 2.0);
+    return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+int main(void)
+{
+    float *h = malloc((size_t)MAX_ROWS * V * sizeof(float)); /* [MAX_ROWS, V] */
+    float *d_x, *d_out, *d_u;                                /* [MAX_ROWS, V] ×2, [MAX_ROWS] */
+    int32_t *d_ids;                                          /* [MAX_ROWS] */
+    struct ds_k_sampling *d_p;                               /* [MAX_ROWS] */
+    CHECK(!h);
+    CHECK(cudaMalloc((void **)&d_x, (size_t)MAX_ROWS * V * sizeof(float)));
+    CHECK(cudaMalloc((void **)&d_out, (size_t)MAX_ROWS * V * sizeof(float)));
+    CHECK(cudaMalloc((void **)&d_u, MAX_ROWS * sizeof(float)));
+    CHECK(cudaMalloc((void **)&d_ids, MAX_ROWS * sizeof(int32_t)));
+    CHECK(cudaMalloc((void **)&d_p, MAX_ROWS * sizeof(struct ds_k_sampling)));
+    float u[MAX_ROWS];
+    for (int i = 0; i < MAX_ROWS; i++)
+        u[i] = (float)(i * 0.618 - floor(i * 0.618));
+    CHECK(cudaMemcpy(d_u, u, sizeof u, cudaMemcpyHostToDevice));
+    static const double stds[] = {0.5, 3.0};
+    static const struct {
+        const char *name;
+        struct ds_k_sampling p;
+    } cases[] = {{"greedy", {0.0f, 1.0f, 0}},
+                 {"T 1, no cut", {1.0f, 1.0f, 0}},
+                 {"T 1, top-p 0.95", {1.0f, 0.95f, 0}},
+                 {"T 0.7, top-k 50", {0.7f, 1.0f, 50}},
+                 {"T 0.8, top-p 0.9, top-k 200", {0.8f, 0.9f, 200}}};
+    static const int rows[] = {1, 8, 64, 512};
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    char dev[320] = "";
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
+        snprintf(dev, sizeof dev, "%.255s, %d SMs", prop.name, prop.multiProcessorCount);
+    printf("# %s; vocabulary %d; fastest of %d launches, µs per launch (distribution / draw)\n\n", dev, V, REPS);
+    printf("| logits std | sampling | 1 row | 8 rows | 64 rows | 512 rows |\n|---|---|---|---|---|---|\n");
+    for (int si = 0; si < 2; si++) {
+        unsigned seed = 7;
+        for (size_t i = 0; i < (size_t)MAX_ROWS * V; i++)
+            h[i] = (float)(stds[si] * normal(&seed));
+        CHECK(cudaMemcpy(d_x, h, (size_t)MAX_ROWS * V * sizeof(float), cudaMemcpyHostToDevice));
+        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+            struct ds_k_sampling p[MAX_ROWS];
+            for (int i = 0; i < MAX_ROWS; i++)
+                p[i] = cases[c].p;
+            CHECK(cudaMemcpy(d_p, p, sizeof p, cudaMemcpyHostToDevice));
+            printf("| %.1f | %s |", stds[si], cases[c].name);
+            for (int k = 0; k < 4; k++) {
+                float best[2] = {1e30f, 1e30f};
+                for (int rep = 0; rep < REPS; rep++)
+                    for (int which = 0; which < 2; which++) {
+                        CHECK(cudaEventRecord(e0, 0));
+                        if (which == 0)
+                            CHECK(ds_k_sampling_probs(d_x, V, NULL, d_p, rows[k], V, d_out, V, 0));
+                        else
+                            CHECK(ds_k_sample(d_out, V, NULL, d_u, rows[k], V, d_ids, 0));
+                        CHECK(cudaEventRecord(e1, 0));
+                        CHECK(cudaEventSynchronize(e1));
+                        float ms;
+                        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+                        if (ms < best[which])
+                            best[which] = ms;
+                    }
+                printf(" %.1f / %.1f |", best[0] * 1e3, best[1] * 1e3);
+            }
+            printf("\n");
+        }
+    }
+    free(h);
+    return 0;
+}
