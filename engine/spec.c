@@ -47,7 +47,8 @@ struct ds_spec {
     bool pause;                      /* this round the scheduled modes skip drafting */
     /* per-round buffers */
     float *h, *U, *q, *z, *corr, *state, *feat_rows;
-    size_t cap_h, cap_U, cap_q, cap_z, cap_corr, cap_state, cap_feat;
+    float *dprob;                    /* [R, γ] the draft's own probability of each draft (traces only) */
+    size_t cap_h, cap_U, cap_q, cap_z, cap_dprob, cap_corr, cap_state, cap_feat;
     int32_t *idx, *anchor, *start, *drafts, *prev, *ids, *len, *cap, *row0, *pos_rows, *ctx_tok;
     struct ds_sampling *samp;        /* [cap_r] the drafting sequences' sampling (GPU draft) */
     struct ds_draft_cache **caches;
@@ -89,7 +90,8 @@ void ds_spec_done(struct ds_engine *e)
     if (!sp)
         return;
     ds_scratch_done(&sp->scratch);
-    free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->corr), free(sp->state), free(sp->feat_rows);
+    free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->dprob), free(sp->corr), free(sp->state);
+    free(sp->feat_rows);
     free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->ids), free(sp->len);
     free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->ctx_tok), free(sp->caches), free(sp->kvs);
     free(sp->ctx_seq), free(sp->a), free(sp->c), free(sp->samp);
@@ -183,32 +185,57 @@ static float sigmoid(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
+/* A JSON array of n floats, null where not finite. */
+static void put_floats(FILE *f, const float *x, int n)
+{
+    fputc('[', f);
+    for (int k = 0; k < n; k++) {
+        if (isfinite(x[k]))
+            fprintf(f, "%s%.9g", k ? "," : "", x[k]);
+        else
+            fprintf(f, "%snull", k ? "," : "");
+    }
+    fputc(']', f);
+}
+
 static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round, int start, int32_t anchor,
-                        const int32_t *drafts, const float *z, int len, int accepted, const int32_t *committed,
-                        int n_committed)
+                        const int32_t *drafts, const float *z, const float *dprob, int len, int accepted,
+                        const int32_t *committed, int n_committed)
 {
     FILE *f = e->spec->trace;
     fprintf(f, "{\"seq\":%d,\"round\":%ld,\"start\":%d,\"anchor\":%d,\"temperature\":%g,\"drafts\":[", s->id, round,
             start, anchor, s->sampling.temperature);
     for (int k = 0; k < e->gamma; k++)
         fprintf(f, "%s%d", k ? "," : "", drafts[k]);
-    fprintf(f, "],\"confidence\":[");
-    for (int k = 0; k < e->gamma; k++) {
-        if (isfinite(z[k]))
-            fprintf(f, "%s%.9g", k ? "," : "", z[k]);
-        else
-            fprintf(f, "%snull", k ? "," : "");
-    }
-    fprintf(f, "],\"verify_len\":%d,\"accepted\":%d,\"committed\":[", len, accepted);
+    fprintf(f, "],\"confidence\":");
+    put_floats(f, z, e->gamma);
+    fprintf(f, ",\"draft_prob\":");
+    put_floats(f, dprob, e->gamma);
+    fprintf(f, ",\"verify_len\":%d,\"accepted\":%d,\"committed\":[", len, accepted);
     for (int i = 0; i < n_committed; i++)
         fprintf(f, "%s%d", i ? "," : "", committed[i]);
     fprintf(f, "]}\n");
 }
 
+/* softmax(x)[j] at temperature 1, computed stably. */
+static float prob_of(const float *x /* [n] */, int n, int32_t j)
+{
+    float mx = x[0];
+    for (int v = 1; v < n; v++)
+        if (x[v] > mx)
+            mx = x[v];
+    double sum = 0;
+    for (int v = 0; v < n; v++)
+        sum += exp((double)(x[v] - mx));
+    return (float)(exp((double)(x[j] - mx)) / sum);
+}
+
 /* Draft k of block i: the token the GPU chose (lg NULL: its argmax or its
  * draw), else the argmax for greedy rows (argmax_id when the GPU gave it, else
  * from lg), else a draw from the corrected logits lg (q keeps the
- * distribution); records it with its calibrated confidence and prefix survival. */
+ * distribution); records it with its calibrated confidence and prefix survival,
+ * and, when tracing with lg at hand, the draft's probability of it at
+ * temperature 1 (NaN where unknown). */
 static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk)
 {
     struct ds_spec *sp = e->spec;
@@ -226,6 +253,8 @@ static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, in
     }
     sp->drafts[(size_t)i * g + k] = dk;
     sp->z[(size_t)i * g + k] = zk;
+    if (sp->trace)
+        sp->dprob[(size_t)i * g + k] = lg ? prob_of(lg, V, dk) : NAN;
     float ck = isfinite(zk) ? sigmoid(zk / s->draft->sts[k]) : 1.0f;
     sp->c[(size_t)i * g + k] = ck;
     sp->a[(size_t)i * g + k] = (k == 0 ? 1.0f : sp->a[(size_t)i * g + k - 1]) * ck;
@@ -555,6 +584,8 @@ int ds_spec_round(struct ds_engine *e)
         sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
     }
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
+    if (sp->trace)
+        sp->dprob = grow(sp->dprob, &sp->cap_dprob, (size_t)R * g + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
     if (!e->probs)
         e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * sizeof(int32_t));
@@ -691,8 +722,8 @@ int ds_spec_round(struct ds_engine *e)
                 s->stats.accepted_by_position[k]++;
         }
         if (sp->trace)
-            trace_round(e, s, s->stats.rounds, start, sp->anchor[ri], dr, sp->z + (size_t)ri * g, len, a, committed,
-                        n_emit);
+            trace_round(e, s, s->stats.rounds, start, sp->anchor[ri], dr, sp->z + (size_t)ri * g,
+                        sp->dprob + (size_t)ri * g, len, a, committed, n_emit);
         /* async history and prior */
         struct ds_spec_seq *ds = s->draft;
         memmove(ds->a_hist[0], ds->a_hist[1], sizeof ds->a_hist[0]);

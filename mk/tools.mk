@@ -4,7 +4,8 @@ dspark_generate_SOURCES = cli/dspark-generate.c cli/cli-util.c cli/cli-util.h
 dspark_generate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 dspark_generate_LDADD = $(ENGINE_LIBS)
 
-EXTRA_DIST += models examples scripts/build.sh scripts/check.sh scripts/generate-demo.sh tools/train
+EXTRA_DIST += models examples scripts/build.sh scripts/check.sh scripts/generate-demo.sh tools/train \
+	tools/calibration-study.py
 
 bin_PROGRAMS += dspark-calibrate
 dspark_calibrate_SOURCES = cli/dspark-calibrate.c

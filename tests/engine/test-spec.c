@@ -6,7 +6,8 @@
  *    target's exact distribution (enumerated) in a chi-square test, α = 0.001;
  *  - the paper's Appendix A case: admission without early stop is biased,
  *    Algorithm 1 is not;
- *  - the scheduler functions themselves, and longer budgets at low load. */
+ *  - the scheduler functions themselves, and longer budgets at low load;
+ *  - traces carry the draft's probability of each draft. */
 #include "config.h"
 
 #include <math.h>
@@ -466,6 +467,100 @@ static void test_budget_shrinks_with_load(void **state)
     free(dir);
 }
 
+/* ---- traces: the draft's own probability of each draft ----
+ * On the CPU every trace line carries "draft_prob": γ numbers in (0, 1]. Greedy
+ * drafts are argmaxes, so p >= 1/V; sampled drafts at temperature 1 (no top-p,
+ * no top-k) are drawn from the very distribution p is taken from, so
+ * E[1/p(d)] = Σ_v q(v) / q(v) = V exactly. 1/p is heavy-tailed (its sample mean
+ * comes out a standard error or two low), so the check asks for V within a
+ * factor of two: the argmax's probability instead of the draw's gives about 2. */
+static void traced_run(struct ds_model *t, struct ds_draft *d, float temperature, double *sum, double *sum_inv,
+                       double *sum_inv2, double *min_p, double *max_p, long *n_vals, long *n_lines)
+{
+    int V = t->cfg.vocab_size, g = ds_draft_config(d)->block_size, n_prompts = 256, max_tokens = 64;
+    FILE *f = tmpfile();
+    assert_non_null(f);
+    struct ds_engine *e;
+    struct ds_engine_opts o = {.n_threads = 2, .max_seqs = 8, .max_context = 128};
+    assert_int_equal(ds_spec_mode_parse("fixed:4", &o.spec), 0);
+    assert_int_equal(ds_engine_new(t, d, &o, &e), 0);
+    struct ds_sps s = gentle_sps(8 * 9 + 8, 0.02);
+    assert_int_equal(ds_engine_set_sps(e, &s), 0);
+    ds_sps_done(&s);
+    ds_engine_set_trace(e, f);
+    int32_t prompt[8], no_stop = -1;
+    uint64_t st = 0x2545F4914F6CDD1Dull;   /* own stream: the prompts do not depend on the other tests */
+    int next = 0, done = 0;
+    while (done < n_prompts) {
+        while (next < n_prompts && ds_engine_active(e) < 8) {
+            for (int j = 0; j < 8; j++) {
+                st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+                prompt[j] = (int32_t)((st >> 16) % (uint64_t)(V - 2));
+            }
+            struct ds_request rq = {.prompt = prompt, .n_prompt = 8, .max_tokens = max_tokens,
+                                    .sampling = {.temperature = temperature, .top_p = 1, .seed = 11 + (uint64_t)next},
+                                    .stop_ids = &no_stop, .n_stop_ids = 0};
+            int id;
+            assert_int_equal(ds_engine_submit(e, &rq, &id), 0);
+            next++;
+        }
+        assert_int_equal(ds_engine_step(e), 0);
+        struct ds_result *res[16];
+        int k;
+        while ((k = ds_engine_take_finished(e, res, 16)) > 0)
+            for (int i = 0; i < k; i++, done++)
+                ds_result_free(res[i]);
+    }
+    ds_engine_free(e);
+    rewind(f);
+    char line[4096];
+    *sum = *sum_inv = *sum_inv2 = 0;
+    *min_p = INFINITY, *max_p = -INFINITY;
+    *n_vals = *n_lines = 0;
+    while (fgets(line, sizeof line, f)) {
+        const char *at = strstr(line, "\"draft_prob\":[");
+        if (!at)
+            fail_msg("a trace line without draft_prob: %s", line);
+        char *q = (char *)at + strlen("\"draft_prob\":[");
+        for (int k = 0; k < g; k++) {
+            char *end;
+            double p = strtod(q, &end);
+            if (end == q || *end != (k + 1 < g ? ',' : ']'))
+                fail_msg("draft_prob entry %d is not a number: %s", k, line);
+            q = end + 1;
+            *sum += p, *sum_inv += 1 / p, *sum_inv2 += 1 / (p * p);
+            *min_p = fmin(*min_p, p), *max_p = fmax(*max_p, p);
+            (*n_vals)++;
+        }
+        (*n_lines)++;
+    }
+    fclose(f);
+}
+
+static void test_trace_draft_prob(void **state)
+{
+    (void)state;
+    struct ds_model *t = load_target("tiny-v16");
+    struct ds_draft *d = load_draft("tiny-v16-draft", t);
+    int V = t->cfg.vocab_size;
+    double sum, inv, inv2, lo, hi;
+    long n, lines;
+    traced_run(t, d, 0.0f, &sum, &inv, &inv2, &lo, &hi, &n, &lines);
+    print_message("greedy: %ld trace lines, draft_prob in [%.4f, %.4f], mean %.4f\n", lines, lo, hi, sum / n);
+    assert_true(lines > 0);
+    assert_true(lo >= 1.0 / V - 1e-6);
+    assert_true(hi <= 1.0 + 1e-6);
+    traced_run(t, d, 1.0f, &sum, &inv, &inv2, &lo, &hi, &n, &lines);
+    double mean = inv / n, se = sqrt((inv2 / n - mean * mean) / n);
+    print_message("temperature 1: %ld trace lines, draft_prob in [%.4f, %.4f], mean 1/p %.3f (V = %d, se %.3f)\n",
+                  lines, lo, hi, mean, V, se);
+    assert_true(lines > 0);
+    assert_true(lo > 0 && hi <= 1.0 + 1e-6);
+    assert_true(mean > V / 2.0 && mean < 2.0 * V);
+    ds_draft_free(d);
+    ds_model_free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -476,6 +571,7 @@ int main(void)
         cmocka_unit_test(test_lossless_greedy_tiny),
         cmocka_unit_test(test_lossless_greedy_heads),
         cmocka_unit_test(test_lossless_sampled),
+        cmocka_unit_test(test_trace_draft_prob),
     };
     return cmocka_run_group_tests_name("spec", tests, NULL, NULL);
 }
