@@ -436,6 +436,7 @@ int main(int argc, char **argv)
                                    .spec = spec};
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         return ds_cli_fail("dspark-generate");
+    ds_engine_release_draft_weights(engine);   /* with CUDA the draft runs from its GPU copy */
     if (draft) {
         /* the dspark schedulers price verification with the step-time curve */
         struct ds_sps table;

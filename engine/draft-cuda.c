@@ -30,6 +30,7 @@
 #include "dspark/ds-cuda.h"
 #include "cuda-impl.h"
 #include "draft-impl.h"
+#include "draft-ops.h"
 #include "kernels.h"
 
 /* metadata slots of passes of up to cap rows: tokens, pos, attention pos, seq,
@@ -334,7 +335,10 @@ static int draft_finish(struct ds_cuda_draft *g)
 int ds_cuda_draft_new(struct ds_cuda_target *t, const struct ds_draft *d, int max_seqs, struct ds_cuda_draft **ret)
 {
     struct ds_cuda_draft *g = NULL;
-    int r = draft_init(t, &d->cfg, max_seqs, &g);
+    int r = ds_draft_check_weights(d);
+    if (r < 0)
+        return r;
+    r = draft_init(t, &d->cfg, max_seqs, &g);
     if (r == 0 && (r = upload_weights(g, d)) == 0)
         r = draft_finish(g);
     if (r < 0) {

@@ -48,6 +48,7 @@ struct ds_draft {
     /* confidence head */
     float *conf_w;                   /* [H + r] or [H] */
     float conf_b;
+    bool released;                   /* host weights freed (ds_draft_release_weights) */
     /* STS: per-position temperatures for some sampling temperatures */
     int n_sts;
     float sts_at[DS_STS_MAX];        /* sampling temperature of each set */

@@ -20,6 +20,10 @@ float *ds_scratch(struct ds_draft_scratch *s, int slot, size_t n);
 void ds_scratch_done(struct ds_draft_scratch *s);
 
 int ds_draft_block_size(const struct ds_draft *d);
+/* Free the host weights (the GPU copy serves); returns the bytes freed. */
+size_t ds_draft_release_weights(struct ds_draft *d);
+/* 0, or DS_EINVAL when the host weights were released. */
+int ds_draft_check_weights(const struct ds_draft *d) DS_MUSTCHECK;
 int ds_draft_cache_reserve(const struct ds_draft *d, struct ds_draft_cache *c, int cap) DS_MUSTCHECK;
 void ds_draft_cache_done(struct ds_draft_cache *c);
 

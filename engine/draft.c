@@ -247,29 +247,77 @@ fail:
     return r;
 }
 
+static size_t mat_bytes(const struct ds_mat *m)
+{
+    return m->panels ? (size_t)((m->n + m->nr - 1) / m->nr) * m->k * m->nr * sizeof(float) : 0;
+}
+
+/* The weights a pass needs (everything but the configuration, the small
+ * vectors and the calibration); *bytes gets their size. */
+static void free_weights(struct ds_draft *d, size_t *bytes)
+{
+    size_t b = 0;
+    if (d->layers)
+        for (int i = 0; i < d->n_layers; i++) {
+            struct ds_draft_layer *l = &d->layers[i];
+            b += mat_bytes(&l->qkv) + mat_bytes(&l->o) + mat_bytes(&l->gate_up) + mat_bytes(&l->down);
+            ds_mat_done(&l->qkv), ds_mat_done(&l->o), ds_mat_done(&l->gate_up), ds_mat_done(&l->down);
+        }
+    if (d->own_embed)
+        b += (size_t)d->V * d->H * sizeof(float);
+    free(d->own_embed);
+    d->own_embed = NULL;
+    b += mat_bytes(&d->own_lm_head) + mat_bytes(&d->fc) + mat_bytes(&d->ctx_kv) + mat_bytes(&d->w2) +
+         mat_bytes(&d->gate) + mat_bytes(&d->joint);
+    ds_mat_done(&d->own_lm_head);
+    ds_mat_done(&d->fc);
+    ds_mat_done(&d->ctx_kv);
+    if (d->w1)
+        b += (size_t)d->V * d->r * sizeof(float);
+    free(d->w1);
+    d->w1 = NULL;
+    ds_mat_done(&d->w2);
+    ds_mat_done(&d->gate);
+    ds_mat_done(&d->joint);
+    *bytes = b;
+}
+
+size_t ds_draft_release_weights(struct ds_draft *d)
+{
+    size_t b = 0;
+    if (d && !d->released) {
+        free_weights(d, &b);
+        d->embed = NULL;
+        d->lm_head = NULL;
+        d->released = true;
+    }
+    return b;
+}
+
+int ds_draft_check_weights(const struct ds_draft *d)
+{
+    if (d->released)
+        return ds_seterr(DS_EINVAL, "draft '%s': its host weights were released to run from a GPU copy; load "
+                                    "it again for another engine", d->dir);
+    return 0;
+}
+
 struct ds_draft *ds_draft_free(struct ds_draft *d)
 {
     if (!d)
         return NULL;
+    size_t unused;
+    free_weights(d, &unused);
     if (d->layers)
         for (int i = 0; i < d->n_layers; i++) {
             struct ds_draft_layer *l = &d->layers[i];
             free(l->attn_norm), free(l->ffn_norm), free(l->q_norm), free(l->k_norm);
-            ds_mat_done(&l->qkv), ds_mat_done(&l->o), ds_mat_done(&l->gate_up), ds_mat_done(&l->down);
         }
     free(d->layers);
-    free(d->own_embed);
-    ds_mat_done(&d->own_lm_head);
-    ds_mat_done(&d->fc);
     free(d->hidden_norm);
-    ds_mat_done(&d->ctx_kv);
     free(d->final_norm);
     free(d->inv_freq);
-    free(d->w1);
-    ds_mat_done(&d->w2);
-    ds_mat_done(&d->gate);
     free(d->gate_bias);
-    ds_mat_done(&d->joint);
     free(d->joint_bias);
     free(d->conf_w);
     free(d);
@@ -348,6 +396,9 @@ int ds_draft_add_context(const struct ds_draft *d, struct ds_pool *pool, int n, 
 {
     if (n <= 0)
         return 0;
+    int r = ds_draft_check_weights(d);
+    if (r < 0)
+        return r;
     int H = d->H;
     size_t kvrow = (size_t)2 * d->n_layers * d->nKV * d->hd;
     float *fc = ds_scratch(s, 0, (size_t)n * H), *cn = ds_scratch(s, 1, (size_t)n * H);
@@ -453,6 +504,9 @@ int ds_draft_block(const struct ds_draft *d, struct ds_pool *pool, int R, struct
     int width = (d->nH + 2 * d->nKV) * hd;
     if (R <= 0)
         return 0;
+    int rc = ds_draft_check_weights(d);
+    if (rc < 0)
+        return rc;
     int max_ctx = 0;
     for (int i = 0; i < R; i++)
         max_ctx = start[i] > max_ctx ? start[i] : max_ctx;
@@ -518,6 +572,9 @@ int ds_draft_markov_step(const struct ds_draft *d, struct ds_pool *pool, int R, 
                          float *z, struct ds_draft_scratch *s)
 {
     int V = d->V, H = d->H, rk = d->r;
+    int rc = ds_draft_check_weights(d);
+    if (rc < 0)
+        return rc;
     if (rk > 0) {
         float *in = ds_scratch(s, 8, (size_t)R * (2 * rk + H)), *mid = ds_scratch(s, 9, (size_t)R * 3 * rk);
         float *corr = ds_scratch(s, 10, (size_t)R * rk);

@@ -21,6 +21,7 @@
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
 #include "dspark/ds-tokenizer.h"
+#include "draft-ops.h"
 #include "engine-impl.h"
 
 double ds_now(void)
@@ -138,6 +139,8 @@ int ds_engine_new(struct ds_model *target, struct ds_draft *draft, const struct 
     int r;
     e->target = target;
     e->draft = draft;
+    if (draft && (r = ds_draft_check_weights(draft)) < 0)
+        goto fail;
     if (o.page_size <= 0)
         o.page_size = 16;
     if (o.max_seqs <= 0)

@@ -76,6 +76,11 @@ void ds_engine_set_trace(struct ds_engine *e, FILE *f)
         e->spec->trace = f;
 }
 
+size_t ds_engine_release_draft_weights(struct ds_engine *e)
+{
+    return e && e->cuda_draft ? ds_draft_release_weights(e->draft) : 0;
+}
+
 int ds_spec_init(struct ds_engine *e)
 {
     e->spec = ds_xcalloc(1, sizeof *e->spec);

@@ -664,6 +664,10 @@ int main(int argc, char **argv)
     struct ds_engine *engine = NULL;
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         die_config("could not create the engine: %s", ds_errdetail());
+    size_t released = ds_engine_release_draft_weights(engine);   /* the draft runs from its GPU copy */
+    if (released > 0)
+        wlog(DS_LOG_INFO, 0, "released %.0f MB of host memory held by the draft's weights (it runs on the GPU)",
+             released / 1e6);
     wlog(DS_LOG_INFO, 0, "loaded model '%s' (%s)%s%s in %.2f s; %ld KV tokens, %d sequences per round, %s",
          w->id.model, w->id.model_checksum, draft ? " with draft " : " without a draft", draft ? w->id.draft : "",
          wnow() - t0, ds_engine_free_tokens(engine), o->max_batch, w->id.device);

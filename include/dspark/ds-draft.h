@@ -23,4 +23,11 @@ const char *ds_draft_checksum(const struct ds_draft *d);
 /* Write one JSON line per round and sequence to f (NULL: off). */
 void ds_engine_set_trace(struct ds_engine *e, FILE *f);
 
+/* With the CUDA backend the engine's draft runs from its GPU copy: free the
+ * host copy of the draft's weights (gigabytes for a full-size draft). The draft
+ * keeps its configuration and calibration but serves no other engine and no
+ * CPU pass afterwards (ds_engine_new and the CPU draft refuse it). Returns the
+ * bytes freed: 0 when the engine does not run its draft on the GPU. */
+size_t ds_engine_release_draft_weights(struct ds_engine *e);
+
 #endif

@@ -561,6 +561,37 @@ static void test_trace_draft_prob(void **state)
     ds_model_free(t);
 }
 
+/* On the CPU backend the engine runs the draft from its host weights: nothing
+ * is released, and the draft still serves the next engine. */
+static void test_release_draft_weights_cpu(void **state)
+{
+    (void)state;
+    struct ds_model *t = load_target("tiny-v16");
+    struct ds_draft *d = load_draft("tiny-v16-draft", t);
+    struct ds_engine_opts o = {.n_threads = 2, .max_seqs = 4, .max_context = 128};
+    assert_int_equal(ds_spec_mode_parse("fixed:4", &o.spec), 0);
+    struct ds_engine *e = NULL;
+    assert_int_equal(ds_engine_new(t, d, &o, &e), 0);
+    assert_int_equal(ds_engine_release_draft_weights(e), 0);
+    ds_engine_free(e);
+    e = NULL;
+    assert_int_equal(ds_engine_new(t, d, &o, &e), 0);
+    int32_t prompt[] = {1, 2, 3, 4}, no_stop = -1;
+    struct ds_request rq = {.prompt = prompt, .n_prompt = 4, .max_tokens = 12, .sampling = {.temperature = 0, .top_p = 1},
+                            .stop_ids = &no_stop, .n_stop_ids = 1};
+    int id;
+    assert_int_equal(ds_engine_submit(e, &rq, &id), 0);
+    while (ds_engine_active(e) > 0)
+        assert_int_equal(ds_engine_step(e), 0);
+    struct ds_result *res[1];
+    assert_int_equal(ds_engine_take_finished(e, res, 1), 1);
+    assert_true(res[0]->stats.rounds > 0);   /* the draft drafted */
+    ds_result_free(res[0]);
+    ds_engine_free(e);
+    ds_draft_free(d);
+    ds_model_free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -572,6 +603,7 @@ int main(void)
         cmocka_unit_test(test_lossless_greedy_heads),
         cmocka_unit_test(test_lossless_sampled),
         cmocka_unit_test(test_trace_draft_prob),
+        cmocka_unit_test(test_release_draft_weights_cpu),
     };
     return cmocka_run_group_tests_name("spec", tests, NULL, NULL);
 }

@@ -495,10 +495,11 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
     ds_model_free(m);
 }
 
-/* Part 4: run n_prompts prompts at the given concurrency and mode; outputs go to out[i]. */
+/* Part 4: run n_prompts prompts at the given concurrency and mode; outputs go to out[i].
+ * released non-NULL: release the draft's host weights once the engine exists, and say how many bytes. */
 static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, int conc, int n_prompts,
                       int32_t (*prompts)[64], const int *plen, int max_tokens, int32_t (*out)[64], int *out_n,
-                      double *tau)
+                      double *tau, size_t *released)
 {
     struct ds_spec_mode spec;
     if (ds_spec_mode_parse(mode, &spec) < 0)
@@ -508,6 +509,8 @@ static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, 
     struct ds_engine *e = NULL;
     if (ds_engine_new(m, spec.kind == DS_SPEC_NONE ? NULL : d, &o, &e) < 0)
         return -1;
+    if (released)
+        *released = ds_engine_release_draft_weights(e);
     if ((spec.kind == DS_SPEC_DSPARK || spec.kind == DS_SPEC_DSPARK_ASYNC) && ds_engine_profile_sps(e, 64, 2) < 0)
         return -1;
     for (int i = 0; i < n_prompts; i++) {
@@ -569,13 +572,13 @@ static void check_lossless(bool quick)
             continue;
         int n = conc == 1 ? 8 : conc;
         double tau;
-        if (run_engine(m, d, "none", conc, n, prompts, plen, MAXT, base, base_n, &tau) < 0) {
+        if (run_engine(m, d, "none", conc, n, prompts, plen, MAXT, base, base_n, &tau, NULL) < 0) {
             tap(false, "concurrency %d, none: %s", conc, ds_errdetail());
             continue;
         }
         for (size_t mi = 0; mi < sizeof modes / sizeof modes[0]; mi++) {
             memset(got_n, 0, sizeof got_n);
-            if (run_engine(m, d, modes[mi], conc, n, prompts, plen, MAXT, got, got_n, &tau) < 0) {
+            if (run_engine(m, d, modes[mi], conc, n, prompts, plen, MAXT, got, got_n, &tau, NULL) < 0) {
                 tap(false, "concurrency %d, %s: %s", conc, modes[mi], ds_errdetail());
                 continue;
             }
@@ -592,6 +595,30 @@ static void check_lossless(bool quick)
             tap(same == n, "GPU greedy, concurrency %d, %s: %d of %d outputs equal target-only (tau %.2f)", conc,
                 modes[mi], same, n, tau);
         }
+        if (conc != 32 && !(quick && conc == 1))
+            continue;
+        /* the draft's host weights released once its GPU copy serves: same outputs, and the draft
+         * refuses another engine */
+        struct ds_draft *d2 = NULL;
+        size_t released = 0;
+        memset(got_n, 0, sizeof got_n);
+        if (ds_draft_load(src_path("models/dspark-tiny-draft"), m, &d2) < 0 ||
+            run_engine(m, d2, "dspark", conc, n, prompts, plen, MAXT, got, got_n, &tau, &released) < 0) {
+            tap(false, "concurrency %d, dspark with the draft's host weights released: %s", conc, ds_errdetail());
+        } else {
+            int same = 0;
+            for (int i = 0; i < n; i++)
+                same += got_n[i] == base_n[i] && !memcmp(got[i], base[i], (size_t)MAXT * 4);
+            struct ds_engine_opts o = {.backend = DS_BACKEND_CUDA, .max_seqs = 4, .max_context = 256};
+            struct ds_engine *e2 = NULL;
+            int r2 = ds_engine_new(m, d2, &o, &e2);
+            tap(released > 0 && same == n && r2 == -DS_EINVAL && strstr(ds_errdetail(), "released"),
+                "concurrency %d, dspark with the draft's host weights released (%zu bytes): %d of %d outputs "
+                "equal target-only; another engine refuses the draft (%d: %s)", conc, released, same, n, r2,
+                ds_errdetail());
+            ds_engine_free(e2);
+        }
+        ds_draft_free(d2);
     }
     ds_draft_free(d);
     ds_model_free(m);
