@@ -117,48 +117,37 @@ struct probs_smem {
     int from, to;   /* this block's slice of the row */
 };
 
-/* Publish the block's value v (thread 0's) and return to every thread the sum
- * over the cluster's blocks in rank order. Every thread of every block of the
- * cluster must call it. */
-__device__ static uint64_t cluster_sum_u64(uint64_t v, struct probs_smem *sm)
+/* The end of an exchange that used set p of sm->x: once every thread of the
+ * block has read it, the next exchange takes the other set. */
+__device__ static void exchange_done(struct probs_smem *sm, int p)
 {
-    cg::cluster_group cl = cg::this_cluster();
-    int p = sm->par;
-    if (threadIdx.x == 0)
-        sm->x.u[p] = v;
-    cl.sync();
-    uint64_t s = 0;
-    for (unsigned b = 0; b < cl.num_blocks(); b++)
-        s += cl.map_shared_rank(sm, b)->x.u[p];
     __syncthreads();
     if (threadIdx.x == 0)
         sm->par = p ^ 1;
     __syncthreads();
-    return s;
 }
 
-/* The same for one double (thread 0's), the sum returned to every thread. */
-__device__ static double cluster_sum_d(double v, struct probs_smem *sm)
+/* Publish the block's value v (thread 0's) in slot (sm->x.u or sm->x.d) and
+ * return to every thread the sum over the cluster's blocks in rank order.
+ * Every thread of every block of the cluster must call it. */
+template <typename T> __device__ static T cluster_sum(T v, T (probs_xchg::*slot)[2], struct probs_smem *sm)
 {
     cg::cluster_group cl = cg::this_cluster();
     int p = sm->par;
     if (threadIdx.x == 0)
-        sm->x.d[p] = v;
+        (sm->x.*slot)[p] = v;
     cl.sync();
-    double s = 0;
+    T s = 0;
     for (unsigned b = 0; b < cl.num_blocks(); b++)
-        s += cl.map_shared_rank(sm, b)->x.d[p];
-    __syncthreads();
-    if (threadIdx.x == 0)
-        sm->par = p ^ 1;
-    __syncthreads();
+        s += (cl.map_shared_rank(sm, b)->x.*slot)[p];
+    exchange_done(sm, p);
     return s;
 }
 
 /* Σ v over the block, then over the cluster; every thread gets it. */
 __device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
 {
-    return cluster_sum_u64(block_sum(v, sm->red), sm);
+    return cluster_sum(block_sum(v, sm->red), &probs_xchg::u, sm);
 }
 
 /* Σ of a u64 over the warp. */
@@ -341,10 +330,7 @@ __device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm
         }
         rank += (uint64_t)__popc(bal);
     }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        sm->par = p ^ 1;
-    __syncthreads();
+    exchange_done(sm, p);
 }
 
 /* The first maximum of the row (ds_argmax: index 0 when nothing beats -inf),
@@ -388,10 +374,7 @@ __device__ static int row_argmax(const float *x, struct probs_smem *sm, float *r
         bi = 0;
         bv = x0;
     }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        sm->par = p ^ 1;
-    __syncthreads();
+    exchange_done(sm, p);
     *ret_max = bv;
     return bi;
 }
@@ -432,7 +415,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         o[i] = e;
         sum += e;
     }
-    sum = cluster_sum_d(block_sum(sum, sm.red_d), &sm);
+    sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;

@@ -545,16 +545,24 @@ static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, 
     return 0;
 }
 
+/* The bundled target (NULL m: the one given) and draft; a failing check when they do not load. */
+static bool load_bundled_pair(struct ds_model **m, struct ds_draft **d)
+{
+    struct ds_model_opts mo = {0};
+    if ((!*m && ds_model_load(src_path("models/dspark-tiny-target"), &mo, m) < 0) ||
+        ds_draft_load(src_path("models/dspark-tiny-draft"), *m, d) < 0) {
+        tap(false, "load the bundled pair: %s", ds_errdetail());
+        return false;
+    }
+    return true;
+}
+
 static void check_lossless(bool quick)
 {
     struct ds_model *m = NULL;
     struct ds_draft *d = NULL;
-    struct ds_model_opts mo = {0};
-    if (ds_model_load(src_path("models/dspark-tiny-target"), &mo, &m) < 0 ||
-        ds_draft_load(src_path("models/dspark-tiny-draft"), m, &d) < 0) {
-        tap(false, "load the bundled pair: %s", ds_errdetail());
+    if (!load_bundled_pair(&m, &d))
         return;
-    }
     enum { N = 256, MAXT = 40 };
     static int32_t prompts[N][64], base[N][64], got[N][64];
     static int plen[N], base_n[N], got_n[N];
@@ -602,8 +610,9 @@ static void check_lossless(bool quick)
         struct ds_draft *d2 = NULL;
         size_t released = 0;
         memset(got_n, 0, sizeof got_n);
-        if (ds_draft_load(src_path("models/dspark-tiny-draft"), m, &d2) < 0 ||
-            run_engine(m, d2, "dspark", conc, n, prompts, plen, MAXT, got, got_n, &tau, &released) < 0) {
+        if (!load_bundled_pair(&m, &d2))
+            continue;
+        if (run_engine(m, d2, "dspark", conc, n, prompts, plen, MAXT, got, got_n, &tau, &released) < 0) {
             tap(false, "concurrency %d, dspark with the draft's host weights released: %s", conc, ds_errdetail());
         } else {
             int same = 0;
@@ -757,12 +766,8 @@ static void check_sampled(void)
 {
     struct ds_model *m = NULL;
     struct ds_draft *d = NULL;
-    struct ds_model_opts mo = {0};
-    if (ds_model_load(src_path("models/dspark-tiny-target"), &mo, &m) < 0 ||
-        ds_draft_load(src_path("models/dspark-tiny-draft"), m, &d) < 0) {
-        tap(false, "load the bundled pair: %s", ds_errdetail());
+    if (!load_bundled_pair(&m, &d))
         return;
-    }
     static int32_t prompts[SN / 2][64];
     static int plen[SN / 2];
     for (int i = 0; i < SN / 2; i++) {
