@@ -346,6 +346,312 @@ __global__ static void attention_merge_kernel(const float *ws, int nH, int hd, O
     }
 }
 
+/* ---- tensor-core attention over a bf16 cache ----
+ * The same blocks (run, KV head g, group z; ordered with g fastest) and the
+ * same partials as attention_part_kernel, for head_dim 64 or 128. Positions fall into tiles of
+ * MMA_TILE; block z takes tiles z, z + S, ... in increasing order, and warp w
+ * always takes positions 16 w .. 16 w + 15 of each tile. Its queries (up to
+ * MT x 16 rows: token x GQA head) are scored against those 16 positions by
+ * mma.sync (bf16 in, f32 accumulation, k = head_dim in increasing 16-wide
+ * steps); q is split into a bf16 high part and a bf16 remainder, each with its
+ * own product, so the scores keep about 16 bits of q. Each warp keeps its own
+ * online softmax over its positions, and the value sum P V takes P split the
+ * same way. At the end the block merges its four warps in warp order. A row's
+ * arithmetic depends only on its own q, position and the cache rows: which
+ * other rows share its m16 tile never enters, so the result is batch-invariant
+ * like the scalar kernel's (not bit-equal to it). */
+#define MMA_TILE 64                 /* positions per tile: 16 per warp */
+#define MMA_WARPS 4
+
+__device__ static inline void ldmatrix_x4(unsigned (&r)[4], const void *p)
+{
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ static inline void ldmatrix_x4_trans(unsigned (&r)[4], const void *p)
+{
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+/* d (16 x 8, f32) += a (16 x 16, bf16, row-major) . b (16 x 8, bf16, column-major) */
+__device__ static inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* Two f32 as a bf16 pair (low half first) and what rounding left of them. */
+__device__ static inline void split_bf16x2(float x, float y, unsigned &hi, unsigned &lo)
+{
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    float2 hf = __bfloat1622float2(h);
+    __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+    hi = *(unsigned *)&h;
+    lo = *(unsigned *)&l;
+}
+
+template <int HD, int MT> struct MmaSmem {
+    static constexpr int LD = HD + 8;                       /* padded bf16 rows: ldmatrix without bank conflicts */
+    static constexpr int STAGE = 2 * MMA_TILE * LD;         /* K then V, bf16 elements */
+    static constexpr int ROWS = MT * 16;
+    static constexpr size_t PIPE = 2 * STAGE * 2;           /* two stages, bytes */
+    static constexpr size_t MERGE = (size_t)MMA_WARPS * ROWS * (HD + 2) * 4;   /* per warp: O, m, l (f32) */
+    static constexpr size_t MAIN = PIPE > MERGE ? PIPE : MERGE;
+    static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * LD * 2 + ROWS * 4;   /* + q high, q low, positions */
+};
+
+template <int HD, int MT>
+__global__ static void __launch_bounds__(MMA_WARPS * 32)
+attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
+                     const int32_t *seq, const int32_t *pos, const int32_t *run_start, const int32_t *run_len,
+                     const int32_t *n_runs, const int32_t *page_table, int max_pages, int page_size, int nH, int nKV,
+                     float scale, float *ws)
+{
+    typedef MmaSmem<HD, MT> L;
+    constexpr int LD = L::LD, ROWS = L::ROWS, NT = HD / 8;   /* NT: n8 tiles of a value row */
+    extern __shared__ __align__(16) unsigned char att_smem[];
+    __nv_bfloat16 *stage0 = (__nv_bfloat16 *)att_smem;                 /* [2][K: TILE x LD, V: TILE x LD] */
+    __nv_bfloat16 *q_hi = (__nv_bfloat16 *)(att_smem + L::MAIN);       /* [ROWS, LD] */
+    __nv_bfloat16 *q_lo = q_hi + ROWS * LD;                             /* [ROWS, LD] */
+    int *qpos_s = (int *)(q_lo + ROWS * LD);                            /* [ROWS] */
+    /* one flat grid, KV head fastest, then group, then run: the blocks that run together read
+     * neighbouring rows of the same pages */
+    int g = (int)(blockIdx.x % (unsigned)nKV), z = (int)(blockIdx.x / (unsigned)nKV % ATT_SPLIT);
+    int run = (int)(blockIdx.x / ((unsigned)nKV * ATT_SPLIT));
+    if (run >= *n_runs)
+        return;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
+    int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
+    const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
+    size_t row = (size_t)nKV * HD;
+    int last = 0;
+    for (int i = 0; i < ntok; i++)
+        last = max(last, pos[t0 + i]);
+    constexpr int THREADS = MMA_WARPS * 32, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
+    constexpr int RPI = THREADS / CPR, ITER = MMA_TILE / RPI;   /* rows per step, steps per tile */
+
+    /* start loading tile `tile` into stage st: thread x copies chunk x % CPR of rows x / CPR + RPI i,
+     * all its page-table reads first (they would serialize between the copies) */
+    auto prefetch = [&](int tile, int st) {
+        __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * LD;
+        int j0 = tile * MMA_TILE, ch = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
+        size_t off[ITER];
+#pragma unroll
+        for (int i = 0; i < ITER; i++) {
+            int j = min(j0 + r0 + RPI * i, last);   /* past the end: a valid row, masked below */
+            off[i] = ((size_t)pages[j / page_size] * page_size + j % page_size) * row + (size_t)g * HD + ch * 8;
+        }
+#pragma unroll
+        for (int i = 0; i < ITER; i++) {
+            int jj = r0 + RPI * i;
+            cp_async16(Ks + jj * LD + ch * 8, k_cache + off[i]);
+            cp_async16(Vs + jj * LD + ch * 8, v_cache + off[i]);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    int tile = z;
+    if (tile * MMA_TILE <= last)
+        prefetch(tile, 0);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
+        int qi = i / HD, d = i % HD;
+        float v = 0.0f;
+        if (qi < nq)
+            v = q[(size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d] * scale;
+        __nv_bfloat16 h = __float2bfloat16_rn(v);
+        q_hi[qi * LD + d] = h;
+        q_lo[qi * LD + d] = __float2bfloat16_rn(v - __bfloat162float(h));
+    }
+    for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
+        qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
+
+    float o[MT][NT][4], m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                o[mt][n][c] = 0.0f;
+    }
+    int pw = 16 * w;   /* this warp's first position within a tile */
+    for (int it = 0; tile * MMA_TILE <= last; tile += ATT_SPLIT, it++) {
+        int j0 = tile * MMA_TILE, next = tile + ATT_SPLIT;
+        bool more = next * MMA_TILE <= last;
+        if (more)
+            prefetch(next, (it + 1) & 1);
+        if (more)
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        else
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads();   /* this tile (and the queries) visible to all */
+        const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * LD;
+        if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                if (mt * 16 >= nq)
+                    break;
+                /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
+                float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++) {
+                    unsigned kb[4], a[4];
+                    ldmatrix_x4(kb, Ks + (pw + (lane & 7) + 8 * (lane >> 4)) * LD + 16 * kk + 8 * ((lane >> 3) & 1));
+                    const int qr = mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), qc = 16 * kk + 8 * (lane >> 4);
+                    ldmatrix_x4(a, q_hi + qr * LD + qc);
+                    mma_bf16(s[0], a, kb[0], kb[1]);
+                    mma_bf16(s[1], a, kb[2], kb[3]);
+                    ldmatrix_x4(a, q_lo + qr * LD + qc);
+                    mma_bf16(s[0], a, kb[0], kb[1]);
+                    mma_bf16(s[1], a, kb[2], kb[3]);
+                }
+                float p[2][4];
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    int qp = qpos_s[mt * 16 + gr + 8 * r];
+                    float x[4];
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
+                        x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
+                    }
+                    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float mn = fmaxf(m[mt][r], mx);
+                    float corr = mn == -INFINITY ? 1.0f : expf(m[mt][r] - mn);
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
+                    float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
+                    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+                    ps += __shfl_xor_sync(0xffffffffu, ps, 2);
+                    l[mt][r] = l[mt][r] * corr + ps;
+                    m[mt][r] = mn;
+#pragma unroll
+                    for (int n = 0; n < NT; n++) {
+                        o[mt][n][2 * r] *= corr;
+                        o[mt][n][2 * r + 1] *= corr;
+                    }
+                }
+                /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
+                unsigned ph[4], pl[4];
+                split_bf16x2(p[0][0], p[0][1], ph[0], pl[0]);
+                split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
+                split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
+                split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
+#pragma unroll
+                for (int np = 0; np < HD / 16; np++) {
+                    unsigned vb[4];
+                    ldmatrix_x4_trans(vb, Vs + (pw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 16 * np +
+                                              8 * (lane >> 4));
+                    mma_bf16(o[mt][2 * np], ph, vb[0], vb[1]);
+                    mma_bf16(o[mt][2 * np], pl, vb[0], vb[1]);
+                    mma_bf16(o[mt][2 * np + 1], ph, vb[2], vb[3]);
+                    mma_bf16(o[mt][2 * np + 1], pl, vb[2], vb[3]);
+                }
+            }
+        }
+        __syncthreads();   /* the stage is free for the tile after next */
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+
+    /* merge the warps in warp order: per warp O [ROWS, HD], then m [ROWS], l [ROWS] */
+    float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * HD, *lw = mw + MMA_WARPS * ROWS;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int qr = mt * 16 + gr + 8 * r;
+            float *dst = ow + ((size_t)w * ROWS + qr) * HD;
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
+            if (tq == 0) {
+                mw[w * ROWS + qr] = m[mt][r];
+                lw[w * ROWS + qr] = l[mt][r];
+            }
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
+        int qi = i / HD, d = i % HD;
+        float M = -INFINITY;
+        for (int v = 0; v < MMA_WARPS; v++)
+            if (lw[v * ROWS + qi] > 0.0f)
+                M = fmaxf(M, mw[v * ROWS + qi]);
+        float Lsum = 0.0f, acc = 0.0f;
+        for (int v = 0; v < MMA_WARPS; v++) {
+            float lv = lw[v * ROWS + qi];
+            if (lv > 0.0f) {
+                float f = expf(mw[v * ROWS + qi] - M);
+                Lsum += lv * f;
+                acc += ow[((size_t)v * ROWS + qi) * HD + d] * f;
+            }
+        }
+        int t = t0 + qi / G, h = g * G + qi % G;
+        float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2);
+        if (d == 0) {
+            out[0] = M;
+            out[1] = Lsum;
+        }
+        if (Lsum > 0.0f)
+            out[2 + d] = acc;   /* no visible position here: the merge skips the group */
+    }
+}
+
+template <int HD, int MT>
+static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
+                              const int32_t *seq, const int32_t *pos, const int32_t *run_start,
+                              const int32_t *run_len, const int32_t *n_runs, const int32_t *page_table,
+                              int max_pages, int page_size, int n, int nH, int nKV, float scale, float *ws,
+                              cudaStream_t stream)
+{
+    static bool attr_done;
+    size_t smem = MmaSmem<HD, MT>::BYTES;
+    if (!attr_done) {
+        cudaError_t e = cudaFuncSetAttribute(attention_mma_kernel<HD, MT>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess)
+            return e;
+        attr_done = true;
+    }
+    attention_mma_kernel<HD, MT><<<(unsigned)n * nKV * ATT_SPLIT, MMA_WARPS * 32, smem, stream>>>(
+        q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, nH, nKV,
+        scale, ws);
+    return cudaGetLastError();
+}
+
+/* The tensor-core kernel where it applies (head_dim 64 or 128); else cudaErrorNotSupported. Blocks
+ * carry one m16 tile of queries when every run has at most 16, else two. */
+static cudaError_t launch_mma_part(const float *q, int ldq, const __nv_bfloat16 *k_cache,
+                                   const __nv_bfloat16 *v_cache, const int32_t *seq, const int32_t *pos,
+                                   const int32_t *run_start, const int32_t *run_len, const int32_t *n_runs,
+                                   int longest, const int32_t *page_table, int max_pages, int page_size, int n,
+                                   int nH, int nKV, int hd, float scale, float *ws, cudaStream_t stream)
+{
+    bool two = longest * (nH / nKV) > 16;
+#define MMA_CASE(HD)                                                                                             \
+    if (hd == HD)                                                                                                \
+        return two ? launch_mma<HD, 2>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,          \
+                                       page_table, max_pages, page_size, n, nH, nKV, scale, ws, stream)          \
+                   : launch_mma<HD, 1>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,          \
+                                       page_table, max_pages, page_size, n, nH, nKV, scale, ws, stream);
+    MMA_CASE(64)
+    MMA_CASE(128)
+#undef MMA_CASE
+    return cudaErrorNotSupported;
+}
+
 /* Allow the largest head_dim's shared memory, once per kernel instance. */
 template <typename KV, int RR, int W> static cudaError_t smem_attr(void)
 {
@@ -391,6 +697,23 @@ static cudaError_t launch_part(const float *q, int ldq, const KV *k_cache, const
     return e;
 }
 
+/* The tensor-core kernel for bf16 caches where it applies; cudaErrorNotSupported otherwise. */
+static cudaError_t try_mma_part(const float *, int, const float *, const float *, const int32_t *, const int32_t *,
+                                const int32_t *, const int32_t *, const int32_t *, int, const int32_t *, int, int,
+                                int, int, int, int, float, float *, cudaStream_t)
+{
+    return cudaErrorNotSupported;
+}
+static cudaError_t try_mma_part(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
+                                const int32_t *seq, const int32_t *pos, const int32_t *run_start,
+                                const int32_t *run_len, const int32_t *n_runs, int longest, const int32_t *page_table,
+                                int max_pages, int page_size, int n, int nH, int nKV, int hd, float scale, float *ws,
+                                cudaStream_t stream)
+{
+    return launch_mma_part(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, longest, page_table,
+                           max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
+}
+
 template <typename KV, typename OUT>
 static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, const KV *v_cache,
                                     const int32_t *seq, const int32_t *pos, const int32_t *run_start,
@@ -405,10 +728,13 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    cudaError_t e = wide ? launch_part<KV, 8>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
-                                              page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream)
-                         : launch_part<KV, 4>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
-                                              page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
+    cudaError_t e = try_mma_part(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, longest, page_table,
+                                 max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
+    if (e == cudaErrorNotSupported)
+        e = wide ? launch_part<KV, 8>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
+                                      page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream)
+                 : launch_part<KV, 4>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
+                                      page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
     if (e != cudaSuccess)
         return e;
     e = cudaGetLastError();

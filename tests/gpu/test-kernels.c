@@ -573,6 +573,20 @@ static bool test_attention(const struct att_case *c, const char *name)
         for (size_t i = 0; i < out_floats; i++)
             gf[i] = gb[i] == 0xffff ? NAN : bf16_to_f32(gb[i]);
         ok = close_enough(what, gf, dup_to_host(d_ref, out_floats * 4), out_floats, 8e-3) && ok;
+        /* batch invariance of the bf16 path: a token alone gives the same bits */
+        int alone_b[3] = {0, n / 2, n - 1};
+        for (int i = 0; i < 3; i++) {
+            int t = alone_b[i];
+            uint16_t *d_one = dpoison((size_t)nH * hd * 2);
+            if (!launched(ds_k_attention_bf16(d_qkv + (size_t)t * s.width, s.width, d_kb2, d_vb2, d_seq + t,
+                                              d_pos + t, d_one_run, d_one_run + 1, d_one_run + 2, 1, d_pt,
+                                              s.max_pages, c->page_size, 1, nH, nKV, hd, scale, d_ws, d_one, 0),
+                          "attention_bf16, one token"))
+                return false;
+            snprintf(what, sizeof what, "%s: bf16, token %d alone (seq %d pos %d)", name, t, s.seq[t], s.pos[t]);
+            ok = same_bits(what, dup_to_host(d_one, (size_t)nH * hd * 2), gb + (size_t)t * nH * hd,
+                           (size_t)nH * hd * 2) && ok;
+        }
     }
 
     /* batch invariance: the first, a middle and the last token alone give the same bits */
@@ -607,6 +621,14 @@ static bool test_attention_hd64(void)
     struct att_case c = {.nH = 8, .nKV = 8, .hd = 64, .page_size = 8, .n_pages = 48, .n_seqs = 3,
                          .cached = {0, 41, 7}, .n_new = {40, 5, 1}};
     return test_attention(&c, "attention ragged (MHA, hd 64)");
+}
+
+/* Long contexts: each position group covers several tiles (double-buffered loads), GQA 4. */
+static bool test_attention_long(void)
+{
+    struct att_case c = {.nH = 32, .nKV = 8, .hd = 128, .page_size = 16, .n_pages = 112, .n_seqs = 2,
+                         .cached = {1000, 613}, .n_new = {9, 1}};
+    return test_attention(&c, "attention, long contexts (GQA 4, hd 128)");
 }
 
 /* hd 24 (not a multiple of 32: lanes past hd idle), GQA 2. */
@@ -1237,6 +1259,7 @@ static const struct {
     {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
     {"kv append + causal attention, ragged batch, hd 64", test_attention_hd64},
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
+    {"kv append + causal attention, long contexts", test_attention_long},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
     {"bf16 product: a row's bits do not depend on the batch", test_gemm_invariance},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
