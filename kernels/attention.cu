@@ -395,14 +395,20 @@ __device__ static inline void split_bf16x2(float x, float y, unsigned &hi, unsig
     lo = *(unsigned *)&l;
 }
 
+/* Shared rows of HD bf16 with their 16-byte chunks swizzled (chunk c of row r at c ^ (r & 7)), so
+ * that ldmatrix's eight rows at one column hit distinct banks without padding. col: a multiple of 8. */
+template <int HD> __device__ static inline int swz(int r, int col)
+{
+    return r * HD + (((col >> 3) ^ (r & 7)) << 3);
+}
+
 template <int HD, int MT> struct MmaSmem {
-    static constexpr int LD = HD + 8;                       /* padded bf16 rows: ldmatrix without bank conflicts */
-    static constexpr int STAGE = 2 * MMA_TILE * LD;         /* K then V, bf16 elements */
+    static constexpr int STAGE = 2 * MMA_TILE * HD;         /* K then V, bf16 elements */
     static constexpr int ROWS = MT * 16;
     static constexpr size_t PIPE = 2 * STAGE * 2;           /* two stages, bytes */
     static constexpr size_t MERGE = (size_t)MMA_WARPS * ROWS * (HD + 2) * 4;   /* per warp: O, m, l (f32) */
     static constexpr size_t MAIN = PIPE > MERGE ? PIPE : MERGE;
-    static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * LD * 2 + ROWS * 4;   /* + q high, q low, positions */
+    static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
 
 template <int HD, int MT>
@@ -413,12 +419,12 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                      float scale, float *ws)
 {
     typedef MmaSmem<HD, MT> L;
-    constexpr int LD = L::LD, ROWS = L::ROWS, NT = HD / 8;   /* NT: n8 tiles of a value row */
+    constexpr int ROWS = L::ROWS, NT = HD / 8;   /* NT: n8 tiles of a value row */
     extern __shared__ __align__(16) unsigned char att_smem[];
-    __nv_bfloat16 *stage0 = (__nv_bfloat16 *)att_smem;                 /* [2][K: TILE x LD, V: TILE x LD] */
-    __nv_bfloat16 *q_hi = (__nv_bfloat16 *)(att_smem + L::MAIN);       /* [ROWS, LD] */
-    __nv_bfloat16 *q_lo = q_hi + ROWS * LD;                             /* [ROWS, LD] */
-    int *qpos_s = (int *)(q_lo + ROWS * LD);                            /* [ROWS] */
+    __nv_bfloat16 *stage0 = (__nv_bfloat16 *)att_smem;                 /* [2][K: TILE x HD, V: TILE x HD] */
+    __nv_bfloat16 *q_hi = (__nv_bfloat16 *)(att_smem + L::MAIN);       /* [ROWS, HD] */
+    __nv_bfloat16 *q_lo = q_hi + ROWS * HD;                             /* [ROWS, HD] */
+    int *qpos_s = (int *)(q_lo + ROWS * HD);                            /* [ROWS] (all swizzled rows) */
     /* one flat grid, KV head fastest, then group, then run: the blocks that run together read
      * neighbouring rows of the same pages */
     int g = (int)(blockIdx.x % (unsigned)nKV), z = (int)(blockIdx.x / (unsigned)nKV % ATT_SPLIT);
@@ -438,7 +444,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     /* start loading tile `tile` into stage st: thread x copies chunk x % CPR of rows x / CPR + RPI i,
      * all its page-table reads first (they would serialize between the copies) */
     auto prefetch = [&](int tile, int st) {
-        __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * LD;
+        __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * HD;
         int j0 = tile * MMA_TILE, ch = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
         size_t off[ITER];
 #pragma unroll
@@ -449,15 +455,18 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
 #pragma unroll
         for (int i = 0; i < ITER; i++) {
             int jj = r0 + RPI * i;
-            cp_async16(Ks + jj * LD + ch * 8, k_cache + off[i]);
-            cp_async16(Vs + jj * LD + ch * 8, v_cache + off[i]);
+            cp_async16(Ks + swz<HD>(jj, ch * 8), k_cache + off[i]);
+            cp_async16(Vs + swz<HD>(jj, ch * 8), v_cache + off[i]);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
 
+    /* two tiles in flight: the first two now, tile i + 2 once tile i is done */
     int tile = z;
     if (tile * MMA_TILE <= last)
         prefetch(tile, 0);
+    if ((tile + ATT_SPLIT) * MMA_TILE <= last)
+        prefetch(tile + ATT_SPLIT, 1);
 #pragma unroll 4
     for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
         int qi = i / HD, d = i % HD;
@@ -465,8 +474,8 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         if (qi < nq)
             v = q[(size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d] * scale;
         __nv_bfloat16 h = __float2bfloat16_rn(v);
-        q_hi[qi * LD + d] = h;
-        q_lo[qi * LD + d] = __float2bfloat16_rn(v - __bfloat162float(h));
+        q_hi[swz<HD>(qi, d & ~7) + (d & 7)] = h;
+        q_lo[swz<HD>(qi, d & ~7) + (d & 7)] = __float2bfloat16_rn(v - __bfloat162float(h));
     }
     for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
         qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
@@ -485,16 +494,13 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     }
     int pw = 16 * w;   /* this warp's first position within a tile */
     for (int it = 0; tile * MMA_TILE <= last; tile += ATT_SPLIT, it++) {
-        int j0 = tile * MMA_TILE, next = tile + ATT_SPLIT;
-        bool more = next * MMA_TILE <= last;
-        if (more)
-            prefetch(next, (it + 1) & 1);
-        if (more)
+        int j0 = tile * MMA_TILE;
+        if ((tile + ATT_SPLIT) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
             asm volatile("cp.async.wait_group 1;\n" ::);
         else
             asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads();   /* this tile (and the queries) visible to all */
-        const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * LD;
+        const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * HD;
         if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
@@ -505,12 +511,12 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
 #pragma unroll
                 for (int kk = 0; kk < HD / 16; kk++) {
                     unsigned kb[4], a[4];
-                    ldmatrix_x4(kb, Ks + (pw + (lane & 7) + 8 * (lane >> 4)) * LD + 16 * kk + 8 * ((lane >> 3) & 1));
-                    const int qr = mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), qc = 16 * kk + 8 * (lane >> 4);
-                    ldmatrix_x4(a, q_hi + qr * LD + qc);
+                    ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4), 16 * kk + 8 * ((lane >> 3) & 1)));
+                    const int qa = swz<HD>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * kk + 8 * (lane >> 4));
+                    ldmatrix_x4(a, q_hi + qa);
                     mma_bf16(s[0], a, kb[0], kb[1]);
                     mma_bf16(s[1], a, kb[2], kb[3]);
-                    ldmatrix_x4(a, q_lo + qr * LD + qc);
+                    ldmatrix_x4(a, q_lo + qa);
                     mma_bf16(s[0], a, kb[0], kb[1]);
                     mma_bf16(s[1], a, kb[2], kb[3]);
                 }
@@ -552,8 +558,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
 #pragma unroll
                 for (int np = 0; np < HD / 16; np++) {
                     unsigned vb[4];
-                    ldmatrix_x4_trans(vb, Vs + (pw + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 16 * np +
-                                              8 * (lane >> 4));
+                    ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * np + 8 * (lane >> 4)));
                     mma_bf16(o[mt][2 * np], ph, vb[0], vb[1]);
                     mma_bf16(o[mt][2 * np], pl, vb[0], vb[1]);
                     mma_bf16(o[mt][2 * np + 1], ph, vb[2], vb[3]);
@@ -561,7 +566,9 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                 }
             }
         }
-        __syncthreads();   /* the stage is free for the tile after next */
+        __syncthreads();   /* the stage is free: the tile after next goes there */
+        if ((tile + 2 * ATT_SPLIT) * MMA_TILE <= last)
+            prefetch(tile + 2 * ATT_SPLIT, it & 1);
     }
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
