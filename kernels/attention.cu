@@ -1,5 +1,7 @@
 /* attention.cu: the paged KV cache append and causal attention over a
- * flattened ragged batch.
+ * flattened ragged batch: a scalar f32 kernel (any head_dim, f32 or bf16
+ * caches) and, further down, a tensor-core kernel that bf16 caches with
+ * head_dim 64 or 128 take.
  *
  * Attention works on runs: up to ATT_QUERIES / G consecutive batch rows of
  * one sequence (G = query heads per KV head), computed by the host. A block

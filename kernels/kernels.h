@@ -109,7 +109,11 @@ cudaError_t ds_k_kv_append_bf16(const float *k /* [n, ldk] */, int ldk, const fl
                                 const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
                                 const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages, int page_size,
                                 int n, int nKV, int hd, uint16_t *k_cache, uint16_t *v_cache, cudaStream_t stream);
-/* ds_k_attention over a bf16 cache with a bf16 output (f32 arithmetic inside). */
+/* ds_k_attention over a bf16 cache with a bf16 output. For head_dim 64 and 128
+ * the scores and the value sum run on tensor cores (bf16 operands, q and the
+ * softmax weights each split into a bf16 high part and remainder, f32
+ * accumulation); other head_dims take the f32 kernel. Batch-invariant either
+ * way, but not bit-equal to ds_k_attention. */
 cudaError_t ds_k_attention_bf16(const float *q /* [n, ldq] */, int ldq, const uint16_t *k_cache,
                                 const uint16_t *v_cache, const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,
                                 const int32_t *run_start /* [n_runs] */, const int32_t *run_len /* [n_runs] */,
