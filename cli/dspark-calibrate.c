@@ -6,8 +6,16 @@
  * of accepted drafts a; the prefix label y_k is 1 iff a >= k. For k = 1..γ in
  * turn, T_k is chosen on a log grid to minimise the expected calibration error
  * (20 equal-width bins) of Π_{i<=k} σ(z_i / T_i) against y_k, earlier T fixed.
+ *
+ * When every round also carries the draft's own probability p_k of each draft
+ * (CPU traces: "draft_prob"), a (z, p) map is fitted the same sequential way:
+ * c_k = σ(α_k z_k + β_k logit p_k + γ_k), each position started from its
+ * logistic regression on the rounds that reached it and refined by
+ * Nelder-Mead on the prefix ECE. At T = 0 a temperature alone cannot carry the
+ * head's confidences; p_k can (bench/RESULTS.md).
+ *
  * The result is merged into DRAFT/sts.json under the traces' temperature.
- * --held-out FILE scores the fitted temperatures on other traces as well. */
+ * --held-out FILE scores the fitted temperatures (and map) on other traces. */
 #include "config.h"
 
 #include <errno.h>
@@ -15,6 +23,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +33,8 @@
 
 struct round {
     float z[MAX_G];
+    float lp[MAX_G];  /* logit of the draft's probability of its token (with has_p) */
+    bool has_p;
     int accepted;
     int labelled;   /* positions with a label (past an accepted stop token there is none) */
 };
@@ -33,18 +44,21 @@ static double sigmoid(double x)
     return 1.0 / (1.0 + exp(-x));
 }
 
-/* ECE of predictions p against labels y over rounds with a label at position k. */
-static double ece(const struct round *r, int n, int k, const double *T, int g)
+/* The map's conditional confidence at position k of round x. */
+static double map_conf(const double *m /* [3] */, const struct round *x, int k)
+{
+    return sigmoid(m[0] * x->z[k] + m[1] * x->lp[k] + m[2]);
+}
+
+/* ECE of the prefix survivals pred[i] of rounds i labelled at position k. */
+static double ece_of(const struct round *r, int n, int k, const double *pred)
 {
     double conf[BINS] = {0}, acc[BINS] = {0};
     long cnt[BINS] = {0}, total = 0;
-    (void)g;
     for (int i = 0; i < n; i++) {
         if (r[i].labelled < k + 1)
             continue;
-        double p = 1;
-        for (int j = 0; j <= k; j++)
-            p *= sigmoid(r[i].z[j] / T[j]);
+        double p = pred[i];
         int b = (int)(p * BINS);
         if (b >= BINS)
             b = BINS - 1;
@@ -60,6 +74,202 @@ static double ece(const struct round *r, int n, int k, const double *T, int g)
         if (cnt[b])
             e += fabs(acc[b] - conf[b]) / (double)total;
     return e;
+}
+
+/* ECE at position k of Π_{i<=k} σ(z_i / T_i) (map NULL) or of the (z, p) map's survival. */
+static double ece(const struct round *r, int n, int k, const double *T, const double (*map)[3])
+{
+    double *pred = malloc((size_t)n * sizeof *pred);
+    for (int i = 0; i < n; i++) {
+        double p = 1;
+        for (int j = 0; j <= k; j++)
+            p *= map ? map_conf(map[j], &r[i], j) : sigmoid(r[i].z[j] / T[j]);
+        pred[i] = p;
+    }
+    double e = ece_of(r, n, k, pred);
+    free(pred);
+    return e;
+}
+
+/* Solve the 3 x 3 system A x = b (Gaussian elimination, partial pivoting); false if singular. */
+static bool solve3(double A[3][3], double b[3], double x[3])
+{
+    for (int c = 0; c < 3; c++) {
+        int piv = c;
+        for (int i = c + 1; i < 3; i++)
+            if (fabs(A[i][c]) > fabs(A[piv][c]))
+                piv = i;
+        if (fabs(A[piv][c]) < 1e-300)
+            return false;
+        for (int j = 0; j < 3; j++) {
+            double t = A[c][j];
+            A[c][j] = A[piv][j], A[piv][j] = t;
+        }
+        double t = b[c];
+        b[c] = b[piv], b[piv] = t;
+        for (int i = c + 1; i < 3; i++) {
+            double f = A[i][c] / A[c][c];
+            for (int j = c; j < 3; j++)
+                A[i][j] -= f * A[c][j];
+            b[i] -= f * b[c];
+        }
+    }
+    for (int i = 2; i >= 0; i--) {
+        double s = b[i];
+        for (int j = i + 1; j < 3; j++)
+            s -= A[i][j] * x[j];
+        x[i] = s / A[i][i];
+    }
+    return true;
+}
+
+/* Logistic regression (Newton, a small ridge on the two weights) of [a >= k + 1] on (z_k, logit p_k)
+ * over the rounds whose first k drafts were accepted. */
+static void fit_lr(const struct round *r, int n, int k, double m[3])
+{
+    m[0] = m[1] = m[2] = 0;
+    long used = 0;
+    for (int it = 0; it < 50; it++) {
+        double g[3] = {0}, H[3][3] = {{0}}, step[3];
+        used = 0;
+        for (int i = 0; i < n; i++) {
+            if (r[i].accepted < k || r[i].labelled < k + 1)
+                continue;
+            double x[3] = {r[i].z[k], r[i].lp[k], 1}, p = map_conf(m, &r[i], k), d = p - (r[i].accepted >= k + 1);
+            for (int a = 0; a < 3; a++) {
+                g[a] += d * x[a];
+                for (int b = 0; b < 3; b++)
+                    H[a][b] += p * (1 - p) * x[a] * x[b];
+            }
+            used++;
+        }
+        for (int a = 0; a < 2; a++) {
+            g[a] += 1e-4 * used * m[a];
+            H[a][a] += 1e-4 * used;
+        }
+        if (!used || !solve3(H, g, step))
+            return;
+        double big = 0;
+        for (int a = 0; a < 3; a++) {
+            m[a] -= step[a];
+            big = fmax(big, fabs(step[a]));
+        }
+        if (big < 1e-10)
+            break;
+    }
+}
+
+/* Prefix ECE at position k of prev[i] · map_conf(m, round i, k). */
+static double map_objective(const struct round *r, int n, int k, const double *prev, const double m[3],
+                            double *pred)
+{
+    for (int i = 0; i < n; i++)
+        pred[i] = prev[i] * map_conf(m, &r[i], k);
+    return ece_of(r, n, k, pred);
+}
+
+/* Nelder-Mead on map_objective from x (3 parameters); x becomes the best point, its value returned. */
+static double nelder_mead(const struct round *r, int n, int k, const double *prev, double *pred, double x[3])
+{
+    double P[4][3], v[4];
+    for (int i = 0; i < 4; i++) {
+        memcpy(P[i], x, sizeof P[i]);
+        if (i)
+            P[i][i - 1] += 0.3 * fmax(fabs(x[i - 1]), 0.3);
+        v[i] = map_objective(r, n, k, prev, P[i], pred);
+    }
+    for (int it = 0; it < 400; it++) {
+        for (int i = 1; i < 4; i++)   /* sort by value */
+            for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+                double t = v[j];
+                v[j] = v[j - 1], v[j - 1] = t;
+                for (int a = 0; a < 3; a++) {
+                    t = P[j][a];
+                    P[j][a] = P[j - 1][a], P[j - 1][a] = t;
+                }
+            }
+        double spread = 0;
+        for (int a = 0; a < 3; a++)
+            spread = fmax(spread, fabs(P[3][a] - P[0][a]));
+        if (v[3] - v[0] < 1e-9 && spread < 1e-7)
+            break;
+        double c[3], xr[3], xe[3], xc[3];
+        for (int a = 0; a < 3; a++) {
+            c[a] = (P[0][a] + P[1][a] + P[2][a]) / 3;
+            xr[a] = 2 * c[a] - P[3][a];
+            xe[a] = 3 * c[a] - 2 * P[3][a];
+            xc[a] = 0.5 * (c[a] + P[3][a]);
+        }
+        double fr = map_objective(r, n, k, prev, xr, pred);
+        if (fr < v[0]) {
+            double fe = map_objective(r, n, k, prev, xe, pred);
+            memcpy(P[3], fe < fr ? xe : xr, sizeof P[3]);
+            v[3] = fe < fr ? fe : fr;
+        } else if (fr < v[2]) {
+            memcpy(P[3], xr, sizeof P[3]);
+            v[3] = fr;
+        } else {
+            double fc = map_objective(r, n, k, prev, xc, pred);
+            if (fc < v[3]) {
+                memcpy(P[3], xc, sizeof P[3]);
+                v[3] = fc;
+            } else {
+                for (int i = 1; i < 4; i++) {
+                    for (int a = 0; a < 3; a++)
+                        P[i][a] = 0.5 * (P[0][a] + P[i][a]);
+                    v[i] = map_objective(r, n, k, prev, P[i], pred);
+                }
+            }
+        }
+    }
+    int best = 0;
+    for (int i = 1; i < 4; i++)
+        if (v[i] < v[best])
+            best = i;
+    memcpy(x, P[best], sizeof P[best]);
+    return v[best];
+}
+
+/* A normal deviate from a seeded xorshift generator (Box-Muller): the fit is reproducible. */
+static double gauss(uint64_t *st)
+{
+    double u[2];
+    for (int i = 0; i < 2; i++) {
+        *st ^= *st << 13, *st ^= *st >> 7, *st ^= *st << 17;
+        u[i] = ((double)(*st >> 11) + 0.5) / 9007199254740992.0;
+    }
+    return sqrt(-2 * log(u[0])) * cos(6.283185307179586 * u[1]);
+}
+
+/* The sequential (z, p) map fit: per position, Nelder-Mead from the logistic regression, from the
+ * fitted temperature (1 / T, 0, 0), from p alone (0, 1, 0) and from six random perturbations of
+ * the best of those; the lowest prefix ECE wins. */
+static void fit_map(const struct round *r, int n, int g, const double *T, double (*map)[3], double *after)
+{
+    double *prev = malloc((size_t)n * sizeof *prev), *pred = malloc((size_t)n * sizeof *pred);
+    uint64_t st = 0x9e3779b97f4a7c15ull;
+    for (int i = 0; i < n; i++)
+        prev[i] = 1;
+    for (int k = 0; k < g; k++) {
+        double starts[3][3] = {{0, 0, 0}, {1 / T[k], 0, 0}, {0, 1, 0}};
+        fit_lr(r, n, k, starts[0]);
+        double best = INFINITY;
+        for (int s = 0; s < 3 + 6; s++) {
+            double x[3];
+            for (int a = 0; a < 3; a++)
+                x[a] = s < 3 ? starts[s][a] : map[k][a] + 0.5 * gauss(&st) * fmax(fabs(map[k][a]), 0.5);
+            double v = nelder_mead(r, n, k, prev, pred, x);
+            if (v < best - 1e-12) {
+                best = v;
+                memcpy(map[k], x, sizeof map[k]);
+            }
+        }
+        after[k] = best;
+        for (int i = 0; i < n; i++)
+            prev[i] *= map_conf(map[k], &r[i], k);
+    }
+    free(prev);
+    free(pred);
 }
 
 /* Append the full-length rounds of trace file path to *r (n, cap); every file
@@ -98,8 +308,19 @@ static int read_traces(const char *path, struct round **r, int *n, int *cap, int
                 if (*n == *cap)
                     *r = realloc(*r, (size_t)(*cap = *cap ? 2 * *cap : 1024) * sizeof **r);
                 struct round *x = &(*r)[(*n)++];
-                for (int k = 0; k < gg; k++)
+                json_t *dp = json_object_get(o, "draft_prob");
+                x->has_p = json_is_array(dp) && (int)json_array_size(dp) == gg;
+                for (int k = 0; k < gg; k++) {
                     x->z[k] = (float)json_number_value(json_array_get(z, (size_t)k));
+                    json_t *pk = x->has_p ? json_array_get(dp, (size_t)k) : NULL;
+                    if (!json_is_number(pk)) {
+                        x->has_p = false;
+                        continue;
+                    }
+                    /* as the engine clamps it */
+                    double p = fmin(fmax(json_number_value(pk), 1e-6), 1 - 1e-6);
+                    x->lp[k] = (float)log(p / (1 - p));
+                }
                 x->accepted = (int)json_integer_value(json_object_get(o, "accepted"));
                 /* a round that ended on an accepted stop token emitted no bonus: no labels after it */
                 int committed = (int)json_array_size(cm);
@@ -115,11 +336,15 @@ static int read_traces(const char *path, struct round **r, int *n, int *cap, int
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: dspark-calibrate --draft DIR [--dry-run] [--json] [--held-out TRACE.jsonl] TRACE.jsonl...\n"
+    fprintf(f, "usage: dspark-calibrate --draft DIR [--dry-run] [--json] [--no-map] [--held-out TRACE.jsonl]\n"
+               "                        TRACE.jsonl...\n"
                "\n"
                "Fit per-position confidence temperatures (STS) from traces of full-length\n"
                "rounds (dspark-generate --trace FILE --spec fixed:GAMMA) made at one sampling\n"
                "temperature, and merge them into DIR/sts.json under that temperature.\n"
+               "When the traces carry the draft's own probabilities (CPU traces), also fit a\n"
+               "(z, p) map, c_k = sigmoid(a_k z_k + b_k logit p_k + c_k), which the CPU\n"
+               "backend then uses in place of the temperatures (--no-map: temperatures only).\n"
                "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
                "those traces (made the same way from other prompts), which the fit never sees.\n");
 }
@@ -127,9 +352,10 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     const char *draft = NULL, *held_out = NULL;
-    bool dry = false, as_json = false;
+    bool dry = false, as_json = false, no_map = false;
     static const struct option opts[] = {{"draft", required_argument, NULL, 'd'}, {"dry-run", no_argument, NULL, 'n'},
                                          {"json", no_argument, NULL, 'j'}, {"held-out", required_argument, NULL, 'o'},
+                                         {"no-map", no_argument, NULL, 'm'},
                                          {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -137,6 +363,7 @@ int main(int argc, char **argv)
         else if (c == 'n') dry = true;
         else if (c == 'j') as_json = true;
         else if (c == 'o') held_out = optarg;
+        else if (c == 'm') no_map = true;
         else if (c == 'h') { usage(stdout); return 0; }
         else { usage(stderr); return 2; }
     }
@@ -161,23 +388,36 @@ int main(int argc, char **argv)
         return 1;
     }
     double ones[MAX_G], T[MAX_G], before[MAX_G], after[MAX_G], h_before[MAX_G], h_after[MAX_G];
+    double map[MAX_G][3], after_map[MAX_G], h_after_map[MAX_G];
     for (int k = 0; k < g; k++)
         ones[k] = 1, T[k] = 1;
     for (int k = 0; k < g; k++) {
-        before[k] = ece(r, n, k, ones, g);
+        before[k] = ece(r, n, k, ones, NULL);
         double best = INFINITY, bt = 1;
         for (int i = 0; i <= 200; i++) {
             T[k] = exp(log(0.05) + (log(20.0) - log(0.05)) * i / 200.0);
-            double e = ece(r, n, k, T, g);
+            double e = ece(r, n, k, T, NULL);
             if (e < best - 1e-12)
                 best = e, bt = T[k];
         }
         T[k] = bt;
         after[k] = best;
     }
+    bool with_map = !no_map;
+    for (int i = 0; i < n && with_map; i++)
+        with_map = r[i].has_p;
+    for (int i = 0; i < nh && with_map; i++)
+        with_map = h[i].has_p;
+    if (with_map)
+        fit_map(r, n, g, T, map, after_map);
+    else if (!no_map)
+        fprintf(stderr, "dspark-calibrate: the traces do not all carry draft_prob (CPU traces do): "
+                        "fitting temperatures only\n");
     for (int k = 0; k < g && held_out; k++) {
-        h_before[k] = ece(h, nh, k, ones, g);
-        h_after[k] = ece(h, nh, k, T, g);
+        h_before[k] = ece(h, nh, k, ones, NULL);
+        h_after[k] = ece(h, nh, k, T, NULL);
+        if (with_map)
+            h_after_map[k] = ece(h, nh, k, T, map);
     }
     if (as_json) {
         printf("{\"rounds\":%d,\"temperature\":%g,\"sts\":[", n, temp);
@@ -197,19 +437,40 @@ int main(int argc, char **argv)
             for (int k = 0; k < g; k++)
                 printf("%s%.5f", k ? "," : "", h_after[k]);
         }
+        if (with_map) {
+            printf("],\"map\":[");
+            for (int k = 0; k < g; k++)
+                printf("%s[%.6g,%.6g,%.6g]", k ? "," : "", map[k][0], map[k][1], map[k][2]);
+            printf("],\"ece_after_map\":[");
+            for (int k = 0; k < g; k++)
+                printf("%s%.5f", k ? "," : "", after_map[k]);
+            if (held_out) {
+                printf("],\"held_out_ece_after_map\":[");
+                for (int k = 0; k < g; k++)
+                    printf("%s%.5f", k ? "," : "", h_after_map[k]);
+            }
+        }
         printf("]}\n");
     } else {
         printf("%d full-length rounds at sampling temperature %g", n, temp);
         if (held_out)
             printf("; %d held out", nh);
         printf("\n%-9s %10s %12s %12s", "position", "T_k", "ECE before", "ECE after");
+        if (with_map)
+            printf(" %12s", "(z,p) map");
         if (held_out)
             printf(" %16s %16s", "held-out before", "held-out after");
+        if (held_out && with_map)
+            printf(" %16s", "held-out map");
         printf("\n");
         for (int k = 0; k < g; k++) {
             printf("%-9d %10.4f %11.2f%% %11.2f%%", k + 1, T[k], 100 * before[k], 100 * after[k]);
+            if (with_map)
+                printf(" %11.2f%%", 100 * after_map[k]);
             if (held_out)
                 printf(" %15.2f%% %15.2f%%", 100 * h_before[k], 100 * h_after[k]);
+            if (held_out && with_map)
+                printf(" %15.2f%%", 100 * h_after_map[k]);
             printf("\n");
         }
     }
@@ -233,9 +494,25 @@ int main(int argc, char **argv)
         json_array_append_new(ea, json_real(round(after[k] * 1e5) / 1e5));
     }
     json_object_set_new(temps, key, arr);
-    const char *names[2] = {"ece_before", "ece_after"};
-    json_t *vals[2] = {eb, ea};
-    for (int i = 0; i < 2; i++) {
+    json_t *mp = json_array(), *em = json_array();
+    for (int k = 0; k < g && with_map; k++) {
+        json_array_append_new(mp, json_pack("[f,f,f]", round(map[k][0] * 1e6) / 1e6, round(map[k][1] * 1e6) / 1e6,
+                                            round(map[k][2] * 1e6) / 1e6));
+        json_array_append_new(em, json_real(round(after_map[k] * 1e5) / 1e5));
+    }
+    const char *names[4] = {"ece_before", "ece_after", "maps", "ece_after_map"};
+    json_t *vals[4] = {eb, ea, mp, em};
+    for (int i = 0; i < 4; i++) {
+        if (i >= 2 && !with_map) {   /* a map fitted with earlier temperatures is dropped, not kept stale */
+            json_t *o = json_object_get(root, names[i]);
+            if (json_is_object(o) && json_object_get(o, key)) {
+                json_object_del(o, key);
+                if (i == 2)
+                    fprintf(stderr, "dspark-calibrate: removed the earlier (z, p) map for %s\n", key);
+            }
+            json_decref(vals[i]);
+            continue;
+        }
         json_t *o = json_object_get(root, names[i]);
         if (!json_is_object(o)) {
             o = json_object();
@@ -247,7 +524,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "dspark-calibrate: could not write '%s'\n", path);
         return 1;
     }
-    fprintf(stderr, "dspark-calibrate: wrote temperatures for %s to '%s'\n", key, path);
+    fprintf(stderr, "dspark-calibrate: wrote temperatures%s for %s to '%s'\n", with_map ? " and a (z, p) map" : "",
+            key, path);
     json_decref(root);
     free(r);
     free(h);

@@ -67,7 +67,10 @@ static void usage(FILE *f)
             "  --json                one JSON object per prompt, in input order\n"
             "  --logits-out FILE     logits of every prompt position, raw little-endian f32\n"
             "                        [prompt_tokens, vocab], prompts concatenated in order\n"
-            "  --trace FILE          one JSON line per round and sequence (with --draft)\n"
+            "  --trace FILE          one JSON line per round and sequence (with --draft): drafts,\n"
+            "                        raw confidence logits, the draft's probability of each draft\n"
+            "                        (CPU; null on the GPU), the calibrated prefix survival the\n"
+            "                        scheduler used, verify length, accepted count, committed ids\n"
             "  --quiet               no summary table\n"
             "  -h, --help            this help\n");
 }

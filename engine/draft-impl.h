@@ -53,6 +53,8 @@ struct ds_draft {
     int n_sts;
     float sts_at[DS_STS_MAX];        /* sampling temperature of each set */
     float sts_t[DS_STS_MAX][DS_MAX_BLOCK]; /* [n_sts, gamma] */
+    bool sts_has_map[DS_STS_MAX];    /* set i also maps (z, p) to a confidence */
+    float sts_map[DS_STS_MAX][DS_MAX_BLOCK][3]; /* [n_sts, gamma, (alpha, beta, gamma)] */
 };
 
 /* Context cache of one sequence: K/V of every committed position, all layers. */

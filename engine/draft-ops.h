@@ -50,6 +50,7 @@ int ds_draft_markov_step(const struct ds_draft *d, struct ds_pool *pool, int R, 
                          float *z /* [R] */, struct ds_draft_scratch *s) DS_MUSTCHECK;
 
 /* STS temperatures [γ] for a sampling temperature. */
-void ds_draft_sts(const struct ds_draft *d, float sampling_t, float *out);
+bool ds_draft_sts(const struct ds_draft *d, float sampling_t, float *out_t /* [gamma] */,
+                  float (*out_map)[3] /* [gamma][3] */);
 
 #endif

@@ -51,7 +51,44 @@ static bool same_lm_head(const struct ds_tensor *t, const struct ds_mat *target,
     return same;
 }
 
-/* sts.json beside the checkpoint: {"temperatures": {"0": [γ floats], "1": [...]}} */
+/* The optional "maps" of sts.json: for a set of "temperatures", γ triples (α, β, γ0) with which
+ * c_k = σ(α z_k + β logit(p_k) + γ0), p_k the draft's probability of its token at T = 1. */
+static int load_sts_maps(struct ds_draft *d, json_t *maps, const char *path)
+{
+    const char *key;
+    json_t *arr;
+    json_object_foreach(maps, key, arr)
+    {
+        char *end;
+        double at = strtod(key, &end);
+        int set = -1;
+        for (int i = 0; i < d->n_sts && end != key && !*end; i++)
+            if (fabs(d->sts_at[i] - at) < 1e-6)
+                set = i;
+        if (set < 0)
+            return ds_seterr(DS_EFORMAT, "file '%s': map '%s' has no set of temperatures of the same key", path,
+                             key);
+        if (!json_is_array(arr) || (int)json_array_size(arr) != d->gamma)
+            return ds_seterr(DS_EFORMAT, "file '%s': map '%s' must hold %d triples", path, key, d->gamma);
+        for (int k = 0; k < d->gamma; k++) {
+            json_t *t = json_array_get(arr, (size_t)k);
+            if (!json_is_array(t) || json_array_size(t) != 3)
+                return ds_seterr(DS_EFORMAT, "file '%s': map '%s' position %d must be [alpha, beta, gamma]", path,
+                                 key, k + 1);
+            for (int j = 0; j < 3; j++) {
+                json_t *v = json_array_get(t, (size_t)j);
+                if (!json_is_number(v) || !isfinite(json_number_value(v)))
+                    return ds_seterr(DS_EFORMAT, "file '%s': map '%s' position %d holds a non-number", path, key,
+                                     k + 1);
+                d->sts_map[set][k][j] = (float)json_number_value(v);
+            }
+        }
+        d->sts_has_map[set] = true;
+    }
+    return 0;
+}
+
+/* sts.json beside the checkpoint: {"temperatures": {"0": [γ floats], "1": [...]}, optional "maps"} */
 static int load_sts(struct ds_draft *d, const char *dir)
 {
     char path[4200];
@@ -93,6 +130,11 @@ static int load_sts(struct ds_draft *d, const char *dir)
         }
         d->sts_at[d->n_sts++] = (float)at;
     }
+    json_t *maps = json_object_get(root, "maps");
+    if (maps && !json_is_object(maps))
+        r = ds_seterr(DS_EFORMAT, "file '%s': \"maps\" must be an object", path);
+    else if (maps)
+        r = load_sts_maps(d, maps, path);
 out:
     json_decref(root);
     return r;
@@ -642,8 +684,9 @@ int ds_draft_markov_step(const struct ds_draft *d, struct ds_pool *pool, int R, 
 }
 
 /* Per-position STS temperatures for a sampling temperature: the set measured
- * at the nearest temperature, or all ones when the draft ships none. */
-void ds_draft_sts(const struct ds_draft *d, float sampling_t, float *out)
+ * at the nearest temperature, or all ones when the draft ships none; true
+ * (and the set's map in out_map) when that set also has a (z, p) map. */
+bool ds_draft_sts(const struct ds_draft *d, float sampling_t, float *out_t, float (*out_map)[3])
 {
     int best = -1;
     float dist = INFINITY;
@@ -655,7 +698,11 @@ void ds_draft_sts(const struct ds_draft *d, float sampling_t, float *out)
         }
     }
     for (int k = 0; k < d->gamma; k++)
-        out[k] = best >= 0 ? d->sts_t[best][k] : 1.0f;
+        out_t[k] = best >= 0 ? d->sts_t[best][k] : 1.0f;
+    if (best < 0 || !d->sts_has_map[best])
+        return false;
+    memcpy(out_map, d->sts_map[best], (size_t)d->gamma * sizeof *out_map);
+    return true;
 }
 
 /* ---- scratch ---- */

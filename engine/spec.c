@@ -35,6 +35,8 @@ struct ds_spec_seq {
     float a_hist[2][DS_MAX_BLOCK];   /* survivals of the last two rounds (async capacity) */
     int n_hist;                      /* rounds recorded, capped at 2 */
     float sts[DS_MAX_BLOCK];         /* STS temperatures for this sequence's sampling temperature */
+    float map[DS_MAX_BLOCK][3];      /* and the (z, p) map of that set, where it has one */
+    bool has_map;
 };
 
 struct ds_spec {
@@ -138,7 +140,7 @@ static int seq_draft_state(struct ds_engine *e, struct ds_seq *s)
     if (s->draft)
         return 0;
     s->draft = ds_xcalloc(1, sizeof *s->draft);
-    ds_draft_sts(e->draft, s->sampling.temperature, s->draft->sts);
+    s->draft->has_map = ds_draft_sts(e->draft, s->sampling.temperature, s->draft->sts, s->draft->map);
     if (e->cuda_draft)
         return 0;   /* the context lives in the GPU pages of the sequence's KV */
     return ds_draft_cache_reserve(e->draft, &s->draft->cache, s->cap + 1);
@@ -204,8 +206,8 @@ static void put_floats(FILE *f, const float *x, int n)
 }
 
 static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round, int start, int32_t anchor,
-                        const int32_t *drafts, const float *z, const float *dprob, int len, int accepted,
-                        const int32_t *committed, int n_committed)
+                        const int32_t *drafts, const float *z, const float *dprob, const float *survival, int len,
+                        int accepted, const int32_t *committed, int n_committed)
 {
     FILE *f = e->spec->trace;
     fprintf(f, "{\"seq\":%d,\"round\":%ld,\"start\":%d,\"anchor\":%d,\"temperature\":%g,\"drafts\":[", s->id, round,
@@ -216,6 +218,8 @@ static void trace_round(struct ds_engine *e, const struct ds_seq *s, long round,
     put_floats(f, z, e->gamma);
     fprintf(f, ",\"draft_prob\":");
     put_floats(f, dprob, e->gamma);
+    fprintf(f, ",\"survival\":");
+    put_floats(f, survival, e->gamma);
     fprintf(f, ",\"verify_len\":%d,\"accepted\":%d,\"committed\":[", len, accepted);
     for (int i = 0; i < n_committed; i++)
         fprintf(f, "%s%d", i ? "," : "", committed[i]);
@@ -235,12 +239,27 @@ static float prob_of(const float *x /* [n] */, int n, int32_t j)
     return (float)(exp((double)(x[j] - mx)) / sum);
 }
 
+/* The calibrated confidence of a draft from its raw logit zk and the draft's
+ * probability pk of it (NaN where unknown): the set's (z, p) map where it has
+ * one and pk is known, else σ(zk / T_k). */
+static float calibrated(const struct ds_spec_seq *ds, int k, float zk, float pk)
+{
+    if (!isfinite(zk))
+        return 1.0f;
+    if (ds->has_map && isfinite(pk)) {
+        double p = fmin(fmax((double)pk, 1e-6), 1 - 1e-6);
+        const float *m = ds->map[k];
+        return sigmoid(m[0] * zk + m[1] * (float)log(p / (1 - p)) + m[2]);
+    }
+    return sigmoid(zk / ds->sts[k]);
+}
+
 /* Draft k of block i: the token the GPU chose (lg NULL: its argmax or its
  * draw), else the argmax for greedy rows (argmax_id when the GPU gave it, else
  * from lg), else a draw from the corrected logits lg (q keeps the
  * distribution); records it with its calibrated confidence and prefix survival,
- * and, when tracing with lg at hand, the draft's probability of it at
- * temperature 1 (NaN where unknown). */
+ * and, when tracing or calibrating with a (z, p) map with lg at hand, the
+ * draft's probability of it at temperature 1 (NaN where unknown). */
 static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk)
 {
     struct ds_spec *sp = e->spec;
@@ -258,9 +277,10 @@ static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, in
     }
     sp->drafts[(size_t)i * g + k] = dk;
     sp->z[(size_t)i * g + k] = zk;
+    float pk = lg && (sp->trace || s->draft->has_map) ? prob_of(lg, V, dk) : NAN;
     if (sp->trace)
-        sp->dprob[(size_t)i * g + k] = lg ? prob_of(lg, V, dk) : NAN;
-    float ck = isfinite(zk) ? sigmoid(zk / s->draft->sts[k]) : 1.0f;
+        sp->dprob[(size_t)i * g + k] = pk;
+    float ck = calibrated(s->draft, k, zk, pk);
     sp->c[(size_t)i * g + k] = ck;
     sp->a[(size_t)i * g + k] = (k == 0 ? 1.0f : sp->a[(size_t)i * g + k - 1]) * ck;
     return dk;
@@ -728,7 +748,7 @@ int ds_spec_round(struct ds_engine *e)
         }
         if (sp->trace)
             trace_round(e, s, s->stats.rounds, start, sp->anchor[ri], dr, sp->z + (size_t)ri * g,
-                        sp->dprob + (size_t)ri * g, len, a, committed, n_emit);
+                        sp->dprob + (size_t)ri * g, sp->a + (size_t)ri * g, len, a, committed, n_emit);
         /* async history and prior */
         struct ds_spec_seq *ds = s->draft;
         memmove(ds->a_hist[0], ds->a_hist[1], sizeof ds->a_hist[0]);

@@ -2,12 +2,13 @@
 # test-calibrate.sh: dspark-calibrate recovers known per-position confidence
 # temperatures from synthetic full-length-round traces, lowers the calibration
 # error (also on held-out traces made from other draws), and merges its result
-# into sts.json beside the draft.
+# into sts.json beside the draft; with the draft's probabilities in the traces
+# it also fits a (z, p) map that beats the temperatures where the truth needs p.
 set -u
 build=${DS_BUILDDIR:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..5"
+echo "1..8"
 # 20000 rounds, gamma 4, true temperatures 0.5 1 2 1 (awk's rand is seeded: reproducible)
 traces() {
 awk -v seed="$1" 'BEGIN { srand(seed); split("0.5 1 2 1", T, " ");
@@ -40,3 +41,41 @@ grep -q '"1"' "$tmp/draft/sts.json" && echo "ok 4 - sts.json written" || echo "n
 echo "$out" | awk -F'[][]' '/held_out_rounds":20000/ { split($8, b, ","); split($10, a, ",");
   if (a[1] < b[1] && a[3] < b[3]) ok = 1 }
   END { if (ok) print "ok 5 - held-out calibration error falls"; else print "not ok 5 - held-out calibration error falls: " $0 }'
+
+# 20000 rounds whose acceptance follows sigmoid(0.3 z + 1.2 logit p + 0.5): no temperature can carry it
+traces_p() {
+awk -v seed="$1" 'BEGIN { srand(seed);
+  for (i = 0; i < 20000; i++) {
+    acc = 0; alive = 1; zs = ""; ps = "";
+    for (k = 1; k <= 4; k++) {
+      z = rand() * 8 - 4; p = 0.02 + 0.96 * rand();
+      zs = zs (k > 1 ? "," : "") sprintf("%.6f", z); ps = ps (k > 1 ? "," : "") sprintf("%.6f", p);
+      x = 0.3 * z + 1.2 * log(p / (1 - p)) + 0.5;
+      if (alive && rand() < 1 / (1 + exp(-x))) acc++; else alive = 0;
+    }
+    com = ""; for (k = 0; k <= acc; k++) com = com (k ? "," : "") "5";
+    printf "{\"seq\":1,\"round\":%d,\"start\":0,\"anchor\":1,\"temperature\":0,\"drafts\":[1,2,3,4],\"confidence\":[%s],\"draft_prob\":[%s],\"verify_len\":4,\"accepted\":%d,\"committed\":[%s]}\n", i, zs, ps, acc, com
+  } }'
+}
+traces_p 9 > "$tmp/trace-p.jsonl"
+traces_p 10 > "$tmp/held-out-p.jsonl"
+out=$("$build/dspark-calibrate" --draft "$tmp/draft" --json --held-out "$tmp/held-out-p.jsonl" "$tmp/trace-p.jsonl" \
+    2>"$tmp/err")
+[ $? -eq 0 ] && grep -q '"maps"' "$tmp/draft/sts.json" && grep -q '"1"' "$tmp/draft/sts.json" &&
+    echo "ok 6 - a (z, p) map written beside the temperatures" ||
+    echo "not ok 6 - a (z, p) map written beside the temperatures: $(cat "$tmp/err")"
+# held out: the map's worst position beats the temperatures' worst, and stays under 2 %
+ht=$(echo "$out" | sed -n 's/.*"held_out_ece_after":\[\([^]]*\)\].*/\1/p')
+hm=$(echo "$out" | sed -n 's/.*"held_out_ece_after_map":\[\([^]]*\)\].*/\1/p')
+awk -v t="$ht" -v m="$hm" 'BEGIN { nt = split(t, a, ","); nm = split(m, b, ","); mt = 0; mm = 1;
+  if (nt == 4 && nm == 4) { mm = 0; for (i = 1; i <= 4; i++) { if (a[i] + 0 > mt) mt = a[i] + 0; if (b[i] + 0 > mm) mm = b[i] + 0 } }
+  printf "%s 7 - held-out ECE with the map %.4f against %.4f with temperatures\n", (mm < mt && mm < 0.02) ? "ok" : "not ok", mm, mt }'
+# traces without draft_prob, or --no-map: temperatures only, and the earlier map for that temperature goes
+"$build/dspark-calibrate" --draft "$tmp/draft" --json "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
+"$build/dspark-calibrate" --draft "$tmp/draft" --no-map --json "$tmp/trace-p.jsonl" >/dev/null 2>>"$tmp/err"
+if grep -q '"maps": {}' "$tmp/draft/sts.json" && grep -q 'removed the earlier (z, p) map for 0' "$tmp/err" &&
+    grep -q '"0": \[' "$tmp/draft/sts.json" && grep -q '"1": \[' "$tmp/draft/sts.json"; then
+    echo "ok 8 - --no-map refits temperatures and drops the earlier map"
+else
+    echo "not ok 8 - --no-map refits temperatures and drops the earlier map: $(cat "$tmp/err" "$tmp/draft/sts.json")"
+fi

@@ -7,13 +7,15 @@
  *  - the paper's Appendix A case: admission without early stop is biased,
  *    Algorithm 1 is not;
  *  - the scheduler functions themselves, and longer budgets at low load;
- *  - traces carry the draft's probability of each draft. */
+ *  - traces carry the draft's probability of each draft;
+ *  - sts.json's (z, p) map sets the confidences where it applies, temperatures elsewhere. */
 #include "config.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "testutil.h"
 #include "dspark/ds-draft.h"
@@ -561,6 +563,127 @@ static void test_trace_draft_prob(void **state)
     ds_model_free(t);
 }
 
+/* ---- the confidence map of sts.json ----
+ * A draft directory whose sts.json has temperatures for 0 and 1 and a (z, p)
+ * map for 0 only: greedy trace lines' "survival" must be the prefix product of
+ * σ(α z + β logit p + γ) computed from the same line's confidence and
+ * draft_prob, and at temperature 1 (no map there) of σ(z / T). */
+static const float map_t0[4] = {0.7f, 1.3f, 0.9f, 2.0f}, map_t1[4] = {1.1f, 0.6f, 1.5f, 0.8f};
+static const float map_abc[4][3] = {{0.5f, 0.8f, 0.3f}, {1.2f, 0.1f, -0.4f}, {0.0f, 1.0f, 0.0f}, {0.3f, 0.6f, 1.1f}};
+
+static void check_survival(const char *line, int g, bool with_map)
+{
+    double z[8], p[8], surv[8];
+    const char *keys[3] = {"\"confidence\":[", "\"draft_prob\":[", "\"survival\":["};
+    double *dst[3] = {z, p, surv};
+    for (int f = 0; f < 3; f++) {
+        const char *q = strstr(line, keys[f]);
+        if (!q)
+            fail_msg("a trace line without %s: %s", keys[f], line);
+        q += strlen(keys[f]);
+        for (int k = 0; k < g; k++) {
+            char *end;
+            dst[f][k] = strtod(q, &end);
+            if (end == q)
+                fail_msg("entry %d of %s is not a number: %s", k, keys[f], line);
+            q = end + 1;
+        }
+    }
+    double a = 1;
+    for (int k = 0; k < g; k++) {
+        double pk = fmin(fmax(p[k], 1e-6), 1 - 1e-6);
+        double x = with_map ? map_abc[k][0] * z[k] + map_abc[k][1] * log(pk / (1 - pk)) + map_abc[k][2]
+                            : z[k] / map_t1[k];
+        a *= 1 / (1 + exp(-x));
+        if (fabs(surv[k] - a) > 1e-4 * fmax(a, 1e-3))
+            fail_msg("position %d: survival %.7g, expected %.7g (%s): %s", k + 1, surv[k], a,
+                     with_map ? "map" : "temperature", line);
+    }
+}
+
+static void test_sts_map(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/ds-test-sts-XXXXXX", path[700], src[700];
+    assert_non_null(mkdtemp(dir));
+    const char *files[2] = {"config.json", "model.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(src, sizeof src, "%s/tiny-v16-draft/%s", ds_test_path("tests/data/drafts"), files[i]);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        assert_int_equal(symlink(src, path), 0);
+    }
+    snprintf(path, sizeof path, "%s/sts.json", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"format\": 1, \"block_size\": 4, \"temperatures\": {\"0\": [%g, %g, %g, %g], \"1\": [%g, %g, %g, %g]},"
+               " \"maps\": {\"0\": [", map_t0[0], map_t0[1], map_t0[2], map_t0[3], map_t1[0], map_t1[1], map_t1[2],
+            map_t1[3]);
+    for (int k = 0; k < 4; k++)
+        fprintf(f, "%s[%g, %g, %g]", k ? ", " : "", map_abc[k][0], map_abc[k][1], map_abc[k][2]);
+    fprintf(f, "]}}\n");
+    fclose(f);
+    struct ds_model *t = load_target("tiny-v16");
+    struct ds_draft *d;
+    if (ds_draft_load(dir, t, &d) < 0)
+        fail_msg("%s", ds_errdetail());
+    int g = ds_draft_config(d)->block_size;
+    assert_int_equal(g, 4);
+    for (int pass = 0; pass < 2; pass++) {
+        FILE *tr = tmpfile();
+        assert_non_null(tr);
+        struct ds_engine *e;
+        struct ds_engine_opts o = {.n_threads = 2, .max_seqs = 4, .max_context = 64};
+        assert_int_equal(ds_spec_mode_parse("fixed:4", &o.spec), 0);
+        assert_int_equal(ds_engine_new(t, d, &o, &e), 0);
+        ds_engine_set_trace(e, tr);
+        int32_t prompt[6] = {3, 9, 1, 7, 4, 2}, no_stop = -1;
+        for (int i = 0; i < 4; i++) {
+            prompt[0] = 3 + i;
+            struct ds_request rq = {.prompt = prompt, .n_prompt = 6, .max_tokens = 24,
+                                    .sampling = {.temperature = pass ? 1.0f : 0.0f, .top_p = 1, .seed = 5 + (uint64_t)i},
+                                    .stop_ids = &no_stop, .n_stop_ids = 0};
+            int id;
+            assert_int_equal(ds_engine_submit(e, &rq, &id), 0);
+        }
+        while (ds_engine_active(e) > 0) {
+            assert_int_equal(ds_engine_step(e), 0);
+            struct ds_result *res[4];
+            int k;
+            while ((k = ds_engine_take_finished(e, res, 4)) > 0)
+                for (int i = 0; i < k; i++)
+                    ds_result_free(res[i]);
+        }
+        ds_engine_free(e);
+        rewind(tr);
+        char line[4096];
+        long lines = 0;
+        while (fgets(line, sizeof line, tr)) {
+            check_survival(line, g, pass == 0);
+            lines++;
+        }
+        fclose(tr);
+        print_message("%s: %ld trace lines, survival as the %s gives\n", pass ? "temperature 1" : "greedy", lines,
+                      pass ? "temperatures" : "map");
+        assert_true(lines > 0);
+    }
+    ds_draft_free(d);
+    /* a map for a temperature with no set of temperatures is refused */
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"temperatures\": {\"1\": [1, 1, 1, 1]}, \"maps\": {\"0\": [[1,0,0],[1,0,0],[1,0,0],[1,0,0]]}}\n");
+    fclose(f);
+    assert_true(ds_draft_load(dir, t, &d) < 0);
+    print_message("refused: %s\n", ds_errdetail());
+    assert_non_null(strstr(ds_errdetail(), "no set of temperatures"));
+    ds_model_free(t);
+    const char *all[3] = {"config.json", "model.safetensors", "sts.json"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, all[i]);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
 /* On the CPU backend the engine runs the draft from its host weights: nothing
  * is released, and the draft still serves the next engine. */
 static void test_release_draft_weights_cpu(void **state)
@@ -603,6 +726,7 @@ int main(void)
         cmocka_unit_test(test_lossless_greedy_heads),
         cmocka_unit_test(test_lossless_sampled),
         cmocka_unit_test(test_trace_draft_prob),
+        cmocka_unit_test(test_sts_map),
         cmocka_unit_test(test_release_draft_weights_cpu),
     };
     return cmocka_run_group_tests_name("spec", tests, NULL, NULL);
