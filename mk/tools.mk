@@ -5,7 +5,7 @@ dspark_generate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 dspark_generate_LDADD = $(ENGINE_LIBS)
 
 EXTRA_DIST += models examples scripts/build.sh scripts/check.sh scripts/generate-demo.sh tools/train \
-	tools/calibration-study.py tools/code-prompts.py
+	tools/calibration-study.py tools/code-prompts.py tools/reliability-plot.py
 
 bin_PROGRAMS += dspark-calibrate
 dspark_calibrate_SOURCES = cli/dspark-calibrate.c
