@@ -159,24 +159,31 @@ static void fit_lr(const struct round *r, int n, int k, double m[3])
     }
 }
 
-/* Prefix ECE at position k of prev[i] · map_conf(m, round i, k). */
+/* What the map fit minimises at position k: the prefix ECE of prev[i] · map_conf(m, round i, k),
+ * plus MAP_PULL times the squared distance of m from the logistic regression's lr, so that among
+ * maps of about equal ECE the fit stays near the likelihood's (ECE alone is flat and noisy in m). */
+#define MAP_PULL 1e-2
 static double map_objective(const struct round *r, int n, int k, const double *prev, const double m[3],
-                            double *pred)
+                            const double lr[3], double *pred)
 {
     for (int i = 0; i < n; i++)
         pred[i] = prev[i] * map_conf(m, &r[i], k);
-    return ece_of(r, n, k, pred);
+    double d2 = 0;
+    for (int a = 0; a < 3; a++)
+        d2 += (m[a] - lr[a]) * (m[a] - lr[a]);
+    return ece_of(r, n, k, pred) + MAP_PULL * d2;
 }
 
 /* Nelder-Mead on map_objective from x (3 parameters); x becomes the best point, its value returned. */
-static double nelder_mead(const struct round *r, int n, int k, const double *prev, double *pred, double x[3])
+static double nelder_mead(const struct round *r, int n, int k, const double *prev, const double lr[3], double *pred,
+                          double x[3])
 {
     double P[4][3], v[4];
     for (int i = 0; i < 4; i++) {
         memcpy(P[i], x, sizeof P[i]);
         if (i)
             P[i][i - 1] += 0.3 * fmax(fabs(x[i - 1]), 0.3);
-        v[i] = map_objective(r, n, k, prev, P[i], pred);
+        v[i] = map_objective(r, n, k, prev, P[i], lr, pred);
     }
     for (int it = 0; it < 400; it++) {
         for (int i = 1; i < 4; i++)   /* sort by value */
@@ -200,16 +207,16 @@ static double nelder_mead(const struct round *r, int n, int k, const double *pre
             xe[a] = 3 * c[a] - 2 * P[3][a];
             xc[a] = 0.5 * (c[a] + P[3][a]);
         }
-        double fr = map_objective(r, n, k, prev, xr, pred);
+        double fr = map_objective(r, n, k, prev, xr, lr, pred);
         if (fr < v[0]) {
-            double fe = map_objective(r, n, k, prev, xe, pred);
+            double fe = map_objective(r, n, k, prev, xe, lr, pred);
             memcpy(P[3], fe < fr ? xe : xr, sizeof P[3]);
             v[3] = fe < fr ? fe : fr;
         } else if (fr < v[2]) {
             memcpy(P[3], xr, sizeof P[3]);
             v[3] = fr;
         } else {
-            double fc = map_objective(r, n, k, prev, xc, pred);
+            double fc = map_objective(r, n, k, prev, xc, lr, pred);
             if (fc < v[3]) {
                 memcpy(P[3], xc, sizeof P[3]);
                 v[3] = fc;
@@ -217,7 +224,7 @@ static double nelder_mead(const struct round *r, int n, int k, const double *pre
                 for (int i = 1; i < 4; i++) {
                     for (int a = 0; a < 3; a++)
                         P[i][a] = 0.5 * (P[0][a] + P[i][a]);
-                    v[i] = map_objective(r, n, k, prev, P[i], pred);
+                    v[i] = map_objective(r, n, k, prev, P[i], lr, pred);
                 }
             }
         }
@@ -258,13 +265,15 @@ static void fit_map(const struct round *r, int n, int g, const double *T, double
             double x[3];
             for (int a = 0; a < 3; a++)
                 x[a] = s < 3 ? starts[s][a] : map[k][a] + 0.5 * gauss(&st) * fmax(fabs(map[k][a]), 0.5);
-            double v = nelder_mead(r, n, k, prev, pred, x);
+            double v = nelder_mead(r, n, k, prev, starts[0], pred, x);
             if (v < best - 1e-12) {
                 best = v;
                 memcpy(map[k], x, sizeof map[k]);
             }
         }
-        after[k] = best;
+        for (int i = 0; i < n; i++)
+            pred[i] = prev[i] * map_conf(map[k], &r[i], k);
+        after[k] = ece_of(r, n, k, pred);
         for (int i = 0; i < n; i++)
             prev[i] *= map_conf(map[k], &r[i], k);
     }
