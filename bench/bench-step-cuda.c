@@ -138,8 +138,8 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
             if (ds_cuda_forward(t, pool, &b) < 0)
                 die("verify pass");
             double t1 = now_s();
-            if ((sampled ? ds_cuda_draft_sample(g, pool, R, kv, anchor, start, samp, drafts, z)
-                         : ds_cuda_draft_greedy(g, pool, R, kv, anchor, start, drafts, z)) < 0)
+            if ((sampled ? ds_cuda_draft_sample(g, pool, R, kv, anchor, start, samp, drafts, z, NULL)
+                         : ds_cuda_draft_greedy(g, pool, R, kv, anchor, start, drafts, z, NULL)) < 0)
                 die("draft phase");
             double t2 = now_s();
             if (ds_cuda_forward(t, pool, &b) < 0 || (sampled && ds_cuda_sample(t, g, R, chains, acc, next) < 0) ||

@@ -352,8 +352,9 @@ static void usage(FILE *f)
                "rounds (dspark-generate --trace FILE --spec fixed:GAMMA) made at one sampling\n"
                "temperature, and merge them into DIR/sts.json under that temperature.\n"
                "When the traces carry the draft's own probabilities (CPU traces), also fit a\n"
-               "(z, p) map, c_k = sigmoid(a_k z_k + b_k logit p_k + c_k), which the CPU\n"
-               "backend then uses in place of the temperatures (--no-map: temperatures only).\n"
+               "(z, p) map, c_k = sigmoid(a_k z_k + b_k logit p_k + c_k), which the engine\n"
+               "then uses in place of the temperatures wherever it knows p_k (greedy drafts on\n"
+               "the GPU, every draft on the CPU; --no-map: temperatures only).\n"
                "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
                "those traces (made the same way from other prompts), which the fit never sees.\n");
 }

@@ -69,8 +69,9 @@ static void usage(FILE *f)
             "                        [prompt_tokens, vocab], prompts concatenated in order\n"
             "  --trace FILE          one JSON line per round and sequence (with --draft): drafts,\n"
             "                        raw confidence logits, the draft's probability of each draft\n"
-            "                        (CPU; null on the GPU), the calibrated prefix survival the\n"
-            "                        scheduler used, verify length, accepted count, committed ids\n"
+            "                        (null for drafts sampled on the GPU), the calibrated prefix\n"
+            "                        survival the scheduler used, verify length, accepted count,\n"
+            "                        committed ids\n"
             "  --quiet               no summary table\n"
             "  -h, --help            this help\n");
 }

@@ -31,6 +31,7 @@
 #include "cuda-impl.h"
 #include "draft-impl.h"
 #include "draft-ops.h"
+#include "dspark/ds-sampler.h"
 #include "kernels.h"
 
 /* metadata slots of passes of up to cap rows: tokens, pos, attention pos, seq,
@@ -91,7 +92,8 @@ struct ds_cuda_draft {
     int att_longest;                 /* the longest attention run of the blocks (picks a block shape) */
     int32_t *ids_all;                /* [γ, max_seqs] a phase's drafts, position-major */
     float *z_all;                    /* [γ, max_seqs] their confidence logits */
-    float *h_z;                      /* pinned [γ, max_seqs] */
+    float *p_all;                    /* [γ, max_seqs] the probability of each argmax (T = 1) */
+    float *h_z, *h_p;                /* pinned [γ, max_seqs] */
     struct ds_k_sampling *samp, *h_samp; /* [max_seqs] sampling parameters (device, pinned) */
     float *u, *h_u;                  /* [γ, max_seqs] the draws' uniforms (device, pinned) */
     bool q_ready;                    /* U holds the last phase's q: [R, γ, V] */
@@ -139,10 +141,12 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
         cudaFree(bufs[i]);
     cudaFreeHost(g->h_meta);
     cudaFreeHost(g->h_z);
+    cudaFreeHost(g->h_p);
     cudaFreeHost(g->h_samp);
     cudaFreeHost(g->h_u);
     cudaFree(g->ids_all);
     cudaFree(g->z_all);
+    cudaFree(g->p_all);
     cudaFree(g->samp);
     cudaFree(g->u);
     for (int i = 0; i < DRAFT_GRAPHS; i++)
@@ -269,6 +273,7 @@ static int alloc_activations(struct ds_cuda_draft *g)
         (e = ds_cu_alloc(&g->meta, g->meta_ints * 4, "draft metadata")) < 0 ||
         (e = ds_cu_alloc(&g->ids_all, S * g->g * 4, "draft tokens")) < 0 ||
         (e = ds_cu_alloc(&g->z_all, S * g->g * 4, "draft confidences")) < 0 ||
+        (e = ds_cu_alloc(&g->p_all, S * g->g * 4, "draft probabilities")) < 0 ||
         (e = ds_cu_alloc(&g->samp, S * sizeof *g->samp, "draft sampling parameters")) < 0 ||
         (e = ds_cu_alloc(&g->u, S * g->g * 4, "draft uniforms")) < 0)
         return e;
@@ -277,6 +282,7 @@ static int alloc_activations(struct ds_cuda_draft *g)
     CK(cudaMallocHost((void **)&g->h_u, S * g->g * 4));
     CK(cudaMemset(g->ws, 0, (ws > 0 ? ws : 1) * 4));   /* the product's tile counters start at zero */
     CK(cudaMallocHost((void **)&g->h_z, S * g->g * 4));
+    CK(cudaMallocHost((void **)&g->h_p, S * g->g * 4));
     return 0;
 }
 
@@ -553,9 +559,10 @@ static int enqueue_block(struct ds_cuda_draft *g, int R)
 }
 
 /* The device part of Markov position k for R blocks: corrected logits into
- * g->logits, their argmax into ids, the confidence logits into z (NULL: none).
- * prev [R] is on the device. Graph-capturable. */
-static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, int32_t *ids, float *z)
+ * g->logits, their argmax into ids (and its probability at T = 1 into p; NULL:
+ * none), the confidence logits into z (NULL: none). prev [R] is on the device.
+ * Graph-capturable. */
+static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, int32_t *ids, float *z, float *p)
 {
     struct ds_cuda_target *t = g->t;
     const struct ds_dspark_config *cfg = &g->cfg;
@@ -585,7 +592,10 @@ static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *pr
         if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, g->logits, V, true)) < 0)
             return r;
     }
-    CK(ds_k_argmax(g->logits, R, V, ids, t->stream));
+    if (p)
+        CK(ds_k_argmax_prob(g->logits, R, V, ids, p, t->stream));
+    else
+        CK(ds_k_argmax(g->logits, R, V, ids, t->stream));
     bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
     if (g->conf_w && z)
         CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? prev : NULL, R, H,
@@ -618,7 +628,7 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     int32_t *d_prev = g->meta + meta_prev(g);
     memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
     CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
-    if ((r = enqueue_step(g, R, k, d_prev, g->ids, z ? g->z : NULL)) < 0)
+    if ((r = enqueue_step(g, R, k, d_prev, g->ids, z ? g->z : NULL, NULL)) < 0)
         return r;
     CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
@@ -645,7 +655,7 @@ static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled)
     const int32_t *prev = g->meta + M_ANCHOR * g->cap_rows;
     for (int k = 0; k < gm && r == 0; k++) {
         int32_t *ids = g->ids_all + (size_t)k * S;
-        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL);
+        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL, g->p_all + (size_t)k * S);
         if (r == 0 && sampled) {
             float *q = g->U + (size_t)k * V;   /* row i at q + i γ V */
             CK(ds_k_sampling_probs(g->logits, V, NULL, g->samp, R, V, q, gm * V, t->stream));
@@ -669,8 +679,8 @@ static int enqueue_phase_args(void *arg)
 }
 
 /* Run a draft phase whose metadata is uploaded (a shape seen before replays
- * its graph, captured on its second round) and copy drafts and z back. */
-static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *drafts, float *z)
+ * its graph, captured on its second round) and copy drafts, z and p back. */
+static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *drafts, float *z, float *p)
 {
     struct ds_cuda_target *t = g->t;
     int gm = g->g, S = g->max_seqs, r;
@@ -709,6 +719,8 @@ static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *draf
     CK(cudaMemcpyAsync(h_ids, g->ids_all, (size_t)gm * S * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
         CK(cudaMemcpyAsync(g->h_z, g->z_all, (size_t)gm * S * 4, cudaMemcpyDeviceToHost, t->stream));
+    if (p)
+        CK(cudaMemcpyAsync(g->h_p, g->p_all, (size_t)gm * S * 4, cudaMemcpyDeviceToHost, t->stream));
     CK(cudaStreamSynchronize(t->stream));
     for (int i = 0; i < R; i++)
         for (int k = 0; k < gm; k++) {
@@ -716,6 +728,8 @@ static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *draf
             drafts[(size_t)i * gm + k] = id >= 0 && id < g->V ? id : 0;   /* NaN logits: any token is a valid draft */
             if (z)
                 z[(size_t)i * gm + k] = g->conf_w ? g->h_z[(size_t)k * S + i] : NAN;
+            if (p)
+                p[(size_t)i * gm + k] = g->h_p[(size_t)k * S + i];
         }
     g->R = R;
     g->q_ready = sampled;
@@ -723,7 +737,7 @@ static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *draf
 }
 
 int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
-                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z)
+                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z, float *p)
 {
     int r;
     if (R <= 0)
@@ -731,12 +745,12 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     g->q_ready = false;
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
         return r;
-    return run_phase(g, R, false, drafts, z);
+    return run_phase(g, R, false, drafts, z, p);
 }
 
 int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
                          const int32_t *anchor, const int32_t *start, const struct ds_sampling *s, int32_t *drafts,
-                         float *z)
+                         float *z, float *p)
 {
     struct ds_cuda_target *t = g->t;
     int gm = g->g, S = g->max_seqs, r;
@@ -753,7 +767,13 @@ int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     }
     CK(cudaMemcpyAsync(g->samp, g->h_samp, (size_t)R * sizeof *g->samp, cudaMemcpyHostToDevice, t->stream));
     CK(cudaMemcpyAsync(g->u, g->h_u, (size_t)gm * S * 4, cudaMemcpyHostToDevice, t->stream));
-    return run_phase(g, R, true, drafts, z);
+    if ((r = run_phase(g, R, true, drafts, z, p)) < 0 || !p)
+        return r;
+    for (int i = 0; i < R; i++)   /* a drawn token's probability is not the argmax's */
+        if (!ds_sampling_is_greedy(&s[i]))
+            for (int k = 0; k < gm; k++)
+                p[(size_t)i * gm + k] = NAN;
+    return 0;
 }
 
 const float *ds_cu_draft_q(const struct ds_cuda_draft *g, int *ret_blocks, int *ret_gamma)

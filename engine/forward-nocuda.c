@@ -107,13 +107,13 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     return nocuda();
 }
 int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
-                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z)
+                         const int32_t *anchor, const int32_t *start, int32_t *drafts, float *z, float *p)
 {
     return nocuda();
 }
 int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
                          const int32_t *anchor, const int32_t *start, const struct ds_sampling *s, int32_t *drafts,
-                         float *z)
+                         float *z, float *p)
 {
     return nocuda();
 }

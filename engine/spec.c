@@ -50,7 +50,8 @@ struct ds_spec {
     /* per-round buffers */
     float *h, *U, *q, *z, *corr, *state, *feat_rows;
     float *dprob;                    /* [R, γ] the draft's own probability of each draft (traces only) */
-    size_t cap_h, cap_U, cap_q, cap_z, cap_dprob, cap_corr, cap_state, cap_feat;
+    float *gpu_p;                    /* [R, γ] the GPU's probability of each greedy draft (NaN: sampled) */
+    size_t cap_h, cap_U, cap_q, cap_z, cap_gpu_p, cap_dprob, cap_corr, cap_state, cap_feat;
     int32_t *idx, *anchor, *start, *drafts, *prev, *ids, *len, *cap, *row0, *pos_rows, *ctx_tok;
     struct ds_sampling *samp;        /* [cap_r] the drafting sequences' sampling (GPU draft) */
     struct ds_draft_cache **caches;
@@ -97,7 +98,7 @@ void ds_spec_done(struct ds_engine *e)
     if (!sp)
         return;
     ds_scratch_done(&sp->scratch);
-    free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->dprob), free(sp->corr), free(sp->state);
+    free(sp->h), free(sp->U), free(sp->q), free(sp->z), free(sp->gpu_p), free(sp->dprob), free(sp->corr), free(sp->state);
     free(sp->feat_rows);
     free(sp->idx), free(sp->anchor), free(sp->start), free(sp->drafts), free(sp->prev), free(sp->ids), free(sp->len);
     free(sp->cap), free(sp->row0), free(sp->pos_rows), free(sp->ctx_tok), free(sp->caches), free(sp->kvs);
@@ -255,12 +256,14 @@ static float calibrated(const struct ds_spec_seq *ds, int k, float zk, float pk)
 }
 
 /* Draft k of block i: the token the GPU chose (lg NULL: its argmax or its
- * draw), else the argmax for greedy rows (argmax_id when the GPU gave it, else
- * from lg), else a draw from the corrected logits lg (q keeps the
- * distribution); records it with its calibrated confidence and prefix survival,
- * and, when tracing or calibrating with a (z, p) map with lg at hand, the
- * draft's probability of it at temperature 1 (NaN where unknown). */
-static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk)
+ * draw, with gpu_pk its probability where the GPU gave one), else the argmax
+ * for greedy rows (argmax_id when the GPU gave it, else from lg), else a draw
+ * from the corrected logits lg (q keeps the distribution); records it with its
+ * calibrated confidence and prefix survival, and the draft's probability of it
+ * at temperature 1 (from lg when tracing or when a (z, p) map needs it; NaN
+ * where unknown). */
+static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, int32_t argmax_id, float zk,
+                          float gpu_pk)
 {
     struct ds_spec *sp = e->spec;
     struct ds_seq *s = e->seqs[sp->idx[i]];
@@ -277,7 +280,7 @@ static int32_t pick_draft(struct ds_engine *e, int i, int k, const float *lg, in
     }
     sp->drafts[(size_t)i * g + k] = dk;
     sp->z[(size_t)i * g + k] = zk;
-    float pk = lg && (sp->trace || s->draft->has_map) ? prob_of(lg, V, dk) : NAN;
+    float pk = !lg ? gpu_pk : sp->trace || s->draft->has_map ? prob_of(lg, V, dk) : NAN;
     if (sp->trace)
         sp->dprob[(size_t)i * g + k] = pk;
     float ck = calibrated(s->draft, k, zk, pk);
@@ -302,7 +305,7 @@ static int draft_cpu(struct ds_engine *e, int R)
         r = ds_draft_markov_step(d, e->pool, R, sp->prev, sp->U + (size_t)k * V, g * V, sp->h + (size_t)k * H, g * H,
                                  sp->state, sp->corr, zk, &sp->scratch);
         for (int i = 0; i < R && r == 0; i++)
-            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, -1, zk[i]);
+            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, -1, zk[i], NAN);
     }
     free(zk);
     return r;
@@ -326,13 +329,15 @@ static int draft_cuda(struct ds_engine *e, int R)
     if (!sampled || e->device_sampling) {
         /* the γ positions chain on the device, one copy back into drafts and z */
         if (!sampled)
-            r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->drafts, sp->z);
+            r = ds_cuda_draft_greedy(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->drafts, sp->z,
+                                     sp->gpu_p);
         else
             r = ds_cuda_draft_sample(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start, sp->samp, sp->drafts,
-                                     sp->z);
+                                     sp->z, sp->gpu_p);
         for (int i = 0; i < R && r == 0; i++)
             for (int k = 0; k < g; k++)
-                pick_draft(e, i, k, NULL, sp->drafts[(size_t)i * g + k], sp->z[(size_t)i * g + k]);
+                pick_draft(e, i, k, NULL, sp->drafts[(size_t)i * g + k], sp->z[(size_t)i * g + k],
+                           sp->gpu_p[(size_t)i * g + k]);
         return r;
     }
     if ((r = ds_cuda_draft_block(e->cuda_draft, &e->kv, R, sp->kvs, sp->anchor, sp->start)) < 0)
@@ -343,7 +348,7 @@ static int draft_cuda(struct ds_engine *e, int R)
     for (int k = 0; k < g && r == 0; k++) {
         r = ds_cuda_draft_step(e->cuda_draft, k, sp->prev, sp->ids, zk, sp->corr);
         for (int i = 0; i < R && r == 0; i++)
-            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, sp->ids[i], zk[i]);
+            sp->prev[i] = pick_draft(e, i, k, sp->corr + (size_t)i * V, sp->ids[i], zk[i], NAN);
     }
     free(zk);
     return r;
@@ -609,6 +614,7 @@ int ds_spec_round(struct ds_engine *e)
         sp->corr = grow(sp->corr, &sp->cap_corr, (size_t)R * V + 1, sizeof(float));
     }
     sp->z = grow(sp->z, &sp->cap_z, (size_t)R * g + 1, sizeof(float));
+    sp->gpu_p = grow(sp->gpu_p, &sp->cap_gpu_p, (size_t)R * g + 1, sizeof(float));
     if (sp->trace)
         sp->dprob = grow(sp->dprob, &sp->cap_dprob, (size_t)R * g + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));

@@ -254,10 +254,13 @@ __device__ static void better(float &bv, int &bi, float v, int i)
     }
 }
 
-__global__ static void argmax_kernel(const float *x, int V, int32_t *out)
+/* The argmax of each row; with p, also p[row] = softmax(row)[argmax] = 1 / Σ exp(x - max), the
+ * sum in a fixed order (each thread's stride, then lanes, then warps in order). */
+__global__ static void argmax_kernel(const float *x, int V, int32_t *out, float *p)
 {
     __shared__ float sv[32];
     __shared__ int si[32];
+    __shared__ float row_max;
     const float *row = x + (size_t)blockIdx.x * V;
     float bv = -INFINITY;
     int bi = 0x7fffffff;
@@ -278,6 +281,25 @@ __global__ static void argmax_kernel(const float *x, int V, int32_t *out)
             better(bv, bi, sv[w], si[w]);
         /* a row of -inf (or NaN) only: no candidate beat the start value */
         out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+        row_max = bi == 0x7fffffff ? NAN : bv;
+    }
+    if (!p)
+        return;
+    __syncthreads();
+    float mx = row_max, sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+        sum += expf(row[i] - mx);
+    for (int o = 16; o > 0; o >>= 1)
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    __syncthreads();   /* sv is reused */
+    if ((threadIdx.x & 31) == 0)
+        sv[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = sv[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            total += sv[w];
+        p[blockIdx.x] = 1.0f / total;   /* NaN for a row without a maximum */
     }
 }
 
@@ -287,7 +309,17 @@ extern "C" cudaError_t ds_k_argmax(const float *x, int n, int V, int32_t *out, c
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out);
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out, NULL);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_argmax_prob(const float *x, int n, int V, int32_t *out, float *p, cudaStream_t stream)
+{
+    if (n < 0 || V <= 0 || !p)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out, p);
     return cudaGetLastError();
 }
 

@@ -144,24 +144,26 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev /* [R
 
 /* ds_cuda_draft_block and all γ positions for rows that all decode greedily,
  * each position's argmax feeding the next on the device (one CUDA graph per
- * R, replayed from the shape's second round): drafts [R, γ] and z [R, γ]
- * (NaN without a confidence head; z may be NULL) come back in one copy. */
+ * R, replayed from the shape's second round): drafts [R, γ], z [R, γ] (NaN
+ * without a confidence head) and p [R, γ], the draft's probability of each
+ * draft at temperature 1, come back in one copy (z, p may be NULL). */
 int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R,
                          struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
-                         const int32_t *start /* [R] */, int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */)
-    DS_MUSTCHECK;
+                         const int32_t *start /* [R] */, int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */,
+                         float *p /* [R, γ] */) DS_MUSTCHECK;
 
 /* The draft phase for rows that may sample: ds_cuda_draft_block and the γ
  * positions chained on the device, row i drawing position k from the sampling
  * distribution q of its corrected logits (s[i]; greedy rows: the argmax) with
  * the uniform ds_uniform(s[i].seed, start[i] + k + 1, DS_SLOT_DRAFT). The q
  * stay on the GPU (in the block's base-logit rows, which they replace) for
- * ds_cuda_sample; drafts [R, γ] and z [R, γ] come back in one copy (one CUDA
- * graph per R, as ds_cuda_draft_greedy). */
+ * ds_cuda_sample; drafts [R, γ], z [R, γ] and p [R, γ] (as ds_cuda_draft_greedy;
+ * NaN for the rows that sample) come back in one copy (one CUDA graph per R,
+ * as ds_cuda_draft_greedy). */
 int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R,
                          struct ds_kv_seq *const *kv /* [R] */, const int32_t *anchor /* [R] */,
                          const int32_t *start /* [R] */, const struct ds_sampling *s /* [R] */,
-                         int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */) DS_MUSTCHECK;
+                         int32_t *drafts /* [R, γ] */, float *z /* [R, γ] */, float *p /* [R, γ] */) DS_MUSTCHECK;
 
 /* Device-to-device copy bandwidth in bytes per second (bytes read + written),
  * over a buffer of the given size; the median of reps copies. */

@@ -450,25 +450,34 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
     /* the greedy phase chained on the device (eager, captured, replayed) gives
      * the step-by-step chain's drafts and confidences, bit for bit */
     int32_t chain[S * 16], fused[S * 16];
-    float zchain[S * 16], zfused[S * 16];
+    float zchain[S * 16], zfused[S * 16], pchain[S * 16], pfused[S * 16];
     for (int s = 0; s < S; s++)
         prev[s] = anchor[s];
     if (r == 0 && ds_cuda_draft_block(gd, &gpu_pool, S, pg.kvp, anchor, start) < 0)
         r = -1;
     for (int k = 0; k < g && r == 0; k++) {
-        if (ds_cuda_draft_step(gd, k, prev, gids, zg, NULL) < 0)
+        if (ds_cuda_draft_step(gd, k, prev, gids, zg, lg) < 0)
             r = -1;
-        for (int s = 0; s < S; s++) {
+        for (int s = 0; s < S && r == 0; s++) {
             chain[s * g + k] = prev[s] = gids[s];
             zchain[s * g + k] = zg[s];
+            /* the argmax's probability at T = 1 from the GPU's corrected logits, in double on the host */
+            const float *row = lg + (size_t)s * V;
+            double sum = 0;
+            for (int v = 0; v < V; v++)
+                sum += exp((double)row[v] - row[gids[s]]);
+            pchain[s * g + k] = (float)(1 / sum);
         }
     }
     int same_runs = 0;
+    double e_p = 0;
     for (int run = 0; run < 3 && r == 0; run++) {
-        if (ds_cuda_draft_greedy(gd, &gpu_pool, S, pg.kvp, anchor, start, fused, zfused) < 0) {
+        if (ds_cuda_draft_greedy(gd, &gpu_pool, S, pg.kvp, anchor, start, fused, zfused, pfused) < 0) {
             r = -1;
             break;
         }
+        for (int i = 0; i < S * g; i++)
+            e_p = fmax(e_p, isnan(pfused[i]) ? INFINITY : fabs((double)pfused[i] - pchain[i]) / pchain[i]);
         bool same = !memcmp(chain, fused, (size_t)S * g * 4);
         for (int i = 0; i < S * g; i++)
             same &= (isnan(zchain[i]) && isnan(zfused[i])) || !memcmp(&zchain[i], &zfused[i], 4);
@@ -479,6 +488,12 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
     else
         tap(same_runs == 3, "%s: greedy phase chained on the device = the step-by-step chain (%d of 3 runs)",
             draft_rel, same_runs);
+    if (r == 0) {
+        printf("# %s: the draft's probability of its argmax, device vs host from the same logits: max relative "
+               "error %.3g\n", draft_rel, e_p);
+        tap(e_p < 1e-4, "%s: greedy phase's draft probabilities = softmax of the GPU's logits within 1e-4",
+            draft_rel);
+    }
     for (int s = 0; s < S; s++)
         ds_draft_cache_done(&cache[s]);
     ds_scratch_done(&scr);

@@ -353,7 +353,27 @@ static bool test_argmax(void)
             printf("# argmax row %d: got %d want %d\n", t, got[t], want[t]);
             ok = false;
         }
-    return ok;
+    /* with the argmax's probability at temperature 1: the same ids, p = 1 / Σ exp(x - max) */
+    int32_t *d_out2 = dpoison((size_t)n * sizeof(int32_t));
+    float *d_p = dpoison((size_t)n * sizeof(float));
+    if (!launched(ds_k_argmax_prob(dup_to_dev(x, (size_t)n * V * sizeof(float)), n, V, d_out2, d_p, 0),
+                  "argmax_prob"))
+        return false;
+    int32_t *got2 = dup_to_host(d_out2, (size_t)n * sizeof(int32_t));
+    float *gp = dup_to_host(d_p, (size_t)n * sizeof(float));
+    double worst = 0;
+    for (int t = 0; t < n; t++) {
+        const float *r = x + (size_t)t * V;
+        double sum = 0;
+        for (int i = 0; i < V; i++)
+            sum += exp((double)r[i] - r[want[t]]);
+        double e = fabs(gp[t] - 1 / sum) * sum;
+        worst = isnan(e) ? INFINITY : fmax(worst, e);
+        ok = got2[t] == want[t] && ok;
+    }
+    printf("# argmax_prob: ids %s, p max relative error %.3g (row 2, all equal: p %.6g, 1/V %.6g)\n",
+           memcmp(got2, want, sizeof want) ? "differ" : "agree", worst, gp[2], 1.0 / V);
+    return ok && worst < 1e-5;
 }
 
 /* ---- paged cache and attention ---- */
