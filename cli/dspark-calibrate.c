@@ -8,8 +8,8 @@
  * (20 equal-width bins) of Π_{i<=k} σ(z_i / T_i) against y_k, earlier T fixed.
  *
  * When every round also carries the draft's own probability p_k of each draft
- * (CPU traces: "draft_prob"), a (z, p) map is fitted the same sequential way:
- * c_k = σ(α_k z_k + β_k logit p_k + γ_k), each position started from its
+ * (CPU traces, and GPU traces of greedy drafts: "draft_prob"), a (z, p) map is
+ * fitted the same sequential way: c_k = σ(α_k z_k + β_k logit p_k + γ_k), each position started from its
  * logistic regression on the rounds that reached it and refined by
  * Nelder-Mead on the prefix ECE. At T = 0 a temperature alone cannot carry the
  * head's confidences; p_k can (bench/RESULTS.md).
@@ -351,10 +351,11 @@ static void usage(FILE *f)
                "Fit per-position confidence temperatures (STS) from traces of full-length\n"
                "rounds (dspark-generate --trace FILE --spec fixed:GAMMA) made at one sampling\n"
                "temperature, and merge them into DIR/sts.json under that temperature.\n"
-               "When the traces carry the draft's own probabilities (CPU traces), also fit a\n"
-               "(z, p) map, c_k = sigmoid(a_k z_k + b_k logit p_k + c_k), which the engine\n"
-               "then uses in place of the temperatures wherever it knows p_k (greedy drafts on\n"
-               "the GPU, every draft on the CPU; --no-map: temperatures only).\n"
+               "When the traces carry the draft's own probabilities (CPU traces; GPU traces\n"
+               "of greedy runs), also fit a (z, p) map, c_k = sigmoid(a_k z_k + b_k logit p_k\n"
+               "+ c_k), which the engine then uses in place of the temperatures wherever it\n"
+               "knows p_k (every draft on the CPU, greedy drafts on the GPU; --no-map:\n"
+               "temperatures only).\n"
                "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
                "those traces (made the same way from other prompts), which the fit never sees.\n");
 }
@@ -421,7 +422,7 @@ int main(int argc, char **argv)
     if (with_map)
         fit_map(r, n, g, T, map, after_map);
     else if (!no_map)
-        fprintf(stderr, "dspark-calibrate: the traces do not all carry draft_prob (CPU traces do): "
+        fprintf(stderr, "dspark-calibrate: the traces do not all carry draft_prob (CPU and greedy GPU traces do): "
                         "fitting temperatures only\n");
     for (int k = 0; k < g && held_out; k++) {
         h_before[k] = ece(h, nh, k, ones, NULL);
