@@ -9,9 +9,9 @@
  *
  * When every round also carries the draft's own probability p_k of each draft
  * (CPU traces, and GPU traces of greedy drafts: "draft_prob"), a (z, p) map is
- * fitted the same sequential way: c_k = σ(α_k z_k + β_k logit p_k + γ_k), each position started from its
- * logistic regression on the rounds that reached it and refined by
- * Nelder-Mead on the prefix ECE. At T = 0 a temperature alone cannot carry the
+ * fitted the same sequential way: c_k = σ(α_k z_k + β_k logit p_k + γ_k), each
+ * position started from its logistic regression on the rounds that reached it
+ * and refined by Nelder-Mead on the prefix ECE. At T = 0 a temperature alone cannot carry the
  * head's confidences; p_k can (bench/RESULTS.md).
  *
  * The result is merged into DRAFT/sts.json under the traces' temperature.
