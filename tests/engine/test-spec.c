@@ -439,8 +439,20 @@ static void test_budget_shrinks_with_load(void **state)
     struct ds_engine *e;
     struct ds_engine_opts o = {.n_threads = 1, .max_seqs = 16, .max_context = 256};
     assert_int_equal(ds_engine_new(t, NULL, &o, &e), 0);
-    assert_int_equal(ds_engine_profile_sps(e, 32, 5), 0);
-    const struct ds_sps *sps = ds_engine_sps(e);
+    /* The profile is measured: another process taking the cores mid-profile (make check runs
+     * tests side by side) can make a small pass look slower than a larger one. Measure again, up
+     * to three times, until step time grows with B, as it does on a quiet core. */
+    const struct ds_sps *sps = NULL;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        assert_int_equal(ds_engine_profile_sps(e, 32, 5), 0);
+        sps = ds_engine_sps(e);
+        double t1 = 1 / ds_sps_at(sps, 1), t2 = 1 / ds_sps_at(sps, 2), t16 = 1 / ds_sps_at(sps, 16);
+        double t128 = 1 / ds_sps_at(sps, 128);
+        if (t2 < 1.8 * t1 && t1 <= 1.1 * t16 && t16 <= 1.1 * t128)
+            break;
+        print_message("profile %d disturbed (step time at B = 1, 2, 16, 128: %.0f %.0f %.0f %.0f us)\n", attempt + 1,
+                      1e6 * t1, 1e6 * t2, 1e6 * t16, 1e6 * t128);
+    }
     assert_true(sps->n > 4);
     /* survivals of a good draft: 0.9, 0.81, ... */
     int g = 7;
