@@ -7,12 +7,16 @@ draws one panel per confidence map: raw sigma(z), the STS temperatures of that
 temperature, and the (z, p) map where sts.json has one. Rounds, labels and the
 20-bin ECE follow cli/dspark-calibrate.c. Score traces the fit never saw.
 
-usage: reliability-plot.py --sts DRAFT/sts.json --out FILE.png [--title TEXT] TRACE.jsonl...
+usage: reliability-plot.py --sts DRAFT/sts.json --out FILE.png [--title TEXT] [--floor N] TRACE.jsonl...
+--floor N also prints, per map and position, the ECE that a perfectly calibrated
+predictor would show on these rounds: labels drawn N times from the map's own
+conditional confidences (mean and 95th percentile).
 Needs matplotlib (Debian: python3-matplotlib).
 """
 import argparse
 import json
 import math
+import random
 import sys
 
 BINS = 20
@@ -54,12 +58,33 @@ def ece_bins(pred, lab):
     return e, pts
 
 
+def floor_table(name, rounds, f, g, reps):
+    """ECE of labels drawn from the map's own conditionals: what calibration alone would show."""
+    rng = random.Random(5)
+    conds = [[f(z, p, k) for k in range(g)] for z, p, acc, lab in rounds]
+    sims = [[] for _ in range(g)]
+    for _ in range(reps):
+        drawn = []
+        for c in conds:
+            n = 0
+            while n < g and rng.random() < c[n]:
+                n += 1
+            drawn.append(n)
+        for k in range(g):
+            sel = [i for i, r in enumerate(rounds) if r[3] >= k + 1]
+            surv = [math.prod(conds[i][:k + 1]) for i in sel]
+            sims[k].append(ece_bins(surv, [1 if drawn[i] >= k + 1 else 0 for i in sel])[0])
+    print("%s: finite-sample floor, mean (95th percentile), k = 1..%d: %s" % (
+        name, g, "  ".join("%.2f (%.2f)" % (100 * sum(s) / reps, 100 * sorted(s)[int(0.95 * reps)]) for s in sims)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--sts", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--floor", type=int, default=0)
     a = ap.parse_args()
     rounds, temp = read(a.traces)
     sts = json.load(open(a.sts))
@@ -93,6 +118,8 @@ def main():
             worst = max(worst, e)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, lw=1,
                     label="k=%d ECE %.1f%%" % (k + 1, 100 * e))
+        if a.floor > 0:
+            floor_table(name, rounds, f, g, a.floor)
         ax.set_title("%s %s (worst %.1f%%)" % (a.title, name, 100 * worst))
         ax.set_xlabel("predicted prefix survival")
         ax.legend(fontsize=7)
