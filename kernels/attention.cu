@@ -350,8 +350,9 @@ __global__ static void attention_merge_kernel(const float *ws, int nH, int hd, O
 
 /* ---- tensor-core attention over a bf16 cache ----
  * The same blocks (run, KV head g, group z; ordered with g fastest) and the
- * same partials as attention_part_kernel, for head_dim 64 or 128. Positions fall into tiles of
- * MMA_TILE; block z takes tiles z, z + S, ... in increasing order, and warp w
+ * same partials as attention_part_kernel, for head_dim 64 or 128. Positions
+ * fall into tiles of MMA_TILE; block z takes tiles z, z + S, ... in
+ * increasing order (two in flight: cp.async into two stages), and warp w
  * always takes positions 16 w .. 16 w + 15 of each tile. Its queries (up to
  * MT x 16 rows: token x GQA head) are scored against those 16 positions by
  * mma.sync (bf16 in, f32 accumulation, k = head_dim in increasing 16-wide
