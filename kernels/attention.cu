@@ -619,6 +619,17 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     }
 }
 
+/* Allow kernel instance K `bytes` of dynamic shared memory, once (the attribute stays with the function). */
+template <auto K> static cudaError_t allow_smem_once(int bytes)
+{
+    static bool done;
+    if (done)
+        return cudaSuccess;
+    cudaError_t e = cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    done = e == cudaSuccess;
+    return e;
+}
+
 template <int HD, int MT>
 static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
                               const int32_t *seq, const int32_t *pos, const int32_t *run_start,
@@ -626,15 +637,10 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
                               int max_pages, int page_size, int n, int nH, int nKV, float scale, float *ws,
                               cudaStream_t stream)
 {
-    static bool attr_done;
     size_t smem = MmaSmem<HD, MT>::BYTES;
-    if (!attr_done) {
-        cudaError_t e = cudaFuncSetAttribute(attention_mma_kernel<HD, MT>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess)
-            return e;
-        attr_done = true;
-    }
+    cudaError_t e = allow_smem_once<attention_mma_kernel<HD, MT>>((int)smem);
+    if (e != cudaSuccess)
+        return e;
     attention_mma_kernel<HD, MT><<<(unsigned)n * nKV * ATT_SPLIT, MMA_WARPS * 32, smem, stream>>>(
         q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, nH, nKV,
         scale, ws);
@@ -662,18 +668,6 @@ static cudaError_t launch_mma_part(const float *q, int ldq, const __nv_bfloat16 
     return cudaErrorNotSupported;
 }
 
-/* Allow the largest head_dim's shared memory, once per kernel instance. */
-template <typename KV, int RR, int W> static cudaError_t smem_attr(void)
-{
-    static bool done;
-    if (done)
-        return cudaSuccess;
-    cudaError_t e = cudaFuncSetAttribute(attention_part_kernel<KV, RR, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)AttSmem<KV>::bytes(256));
-    done = e == cudaSuccess;
-    return e;
-}
-
 template <typename KV, int W>
 static cudaError_t launch_part(const float *q, int ldq, const KV *k_cache, const KV *v_cache, const int32_t *seq,
                                const int32_t *pos, const int32_t *run_start, const int32_t *run_len,
@@ -685,7 +679,7 @@ static cudaError_t launch_part(const float *q, int ldq, const KV *k_cache, const
     cudaError_t e = cudaSuccess;
 #define ATT_CASE(RR)                                                                                           \
     case RR:                                                                                                   \
-        e = smem_attr<KV, RR, W>();                                                                            \
+        e = allow_smem_once<attention_part_kernel<KV, RR, W>>((int)AttSmem<KV>::bytes(256)); /* largest hd */ \
         if (e != cudaSuccess)                                                                                  \
             return e;                                                                                          \
         attention_part_kernel<KV, RR, W><<<grid, block, smem, stream>>>(q, ldq, k_cache, v_cache, seq, pos,     \

@@ -291,8 +291,7 @@ __global__ static void argmax_kernel(const float *x, int V, int32_t *out, float 
         sum += expf(row[i] - mx);
     for (int o = 16; o > 0; o >>= 1)
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    __syncthreads();   /* sv is reused */
-    if ((threadIdx.x & 31) == 0)
+    if ((threadIdx.x & 31) == 0)   /* thread 0 read sv before the barrier above */
         sv[threadIdx.x >> 5] = sum;
     __syncthreads();
     if (threadIdx.x == 0) {
