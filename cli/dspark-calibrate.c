@@ -343,6 +343,18 @@ static int read_traces(const char *path, struct round **r, int *n, int *cap, int
     return rc;
 }
 
+/* Print ,"name":[v_0,...,v_{n-1}], values as %.5g (general) or %.5f. */
+static void json_list(const char *name, bool general, const double *v, int n)
+{
+    printf(",\"%s\":[", name);
+    for (int k = 0; k < n; k++) {
+        if (k)
+            putchar(',');
+        printf(general ? "%.5g" : "%.5f", v[k]);
+    }
+    putchar(']');
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: dspark-calibrate --draft DIR [--dry-run] [--json] [--no-map] [--held-out TRACE.jsonl]\n"
@@ -431,37 +443,25 @@ int main(int argc, char **argv)
             h_after_map[k] = ece(h, nh, k, T, map);
     }
     if (as_json) {
-        printf("{\"rounds\":%d,\"temperature\":%g,\"sts\":[", n, temp);
-        for (int k = 0; k < g; k++)
-            printf("%s%.5g", k ? "," : "", T[k]);
-        printf("],\"ece_before\":[");
-        for (int k = 0; k < g; k++)
-            printf("%s%.5f", k ? "," : "", before[k]);
-        printf("],\"ece_after\":[");
-        for (int k = 0; k < g; k++)
-            printf("%s%.5f", k ? "," : "", after[k]);
+        printf("{\"rounds\":%d,\"temperature\":%g", n, temp);
+        json_list("sts", true, T, g);
+        json_list("ece_before", false, before, g);
+        json_list("ece_after", false, after, g);
         if (held_out) {
-            printf("],\"held_out_rounds\":%d,\"held_out_ece_before\":[", nh);
-            for (int k = 0; k < g; k++)
-                printf("%s%.5f", k ? "," : "", h_before[k]);
-            printf("],\"held_out_ece_after\":[");
-            for (int k = 0; k < g; k++)
-                printf("%s%.5f", k ? "," : "", h_after[k]);
+            printf(",\"held_out_rounds\":%d", nh);
+            json_list("held_out_ece_before", false, h_before, g);
+            json_list("held_out_ece_after", false, h_after, g);
         }
         if (with_map) {
-            printf("],\"map\":[");
+            printf(",\"map\":[");
             for (int k = 0; k < g; k++)
                 printf("%s[%.6g,%.6g,%.6g]", k ? "," : "", map[k][0], map[k][1], map[k][2]);
-            printf("],\"ece_after_map\":[");
-            for (int k = 0; k < g; k++)
-                printf("%s%.5f", k ? "," : "", after_map[k]);
-            if (held_out) {
-                printf("],\"held_out_ece_after_map\":[");
-                for (int k = 0; k < g; k++)
-                    printf("%s%.5f", k ? "," : "", h_after_map[k]);
-            }
+            printf("]");
+            json_list("ece_after_map", false, after_map, g);
+            if (held_out)
+                json_list("held_out_ece_after_map", false, h_after_map, g);
         }
-        printf("]}\n");
+        printf("}\n");
     } else {
         printf("%d full-length rounds at sampling temperature %g", n, temp);
         if (held_out)
