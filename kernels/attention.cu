@@ -428,194 +428,200 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     __nv_bfloat16 *q_hi = (__nv_bfloat16 *)(att_smem + L::MAIN);       /* [ROWS, HD] */
     __nv_bfloat16 *q_lo = q_hi + ROWS * HD;                             /* [ROWS, HD] */
     int *qpos_s = (int *)(q_lo + ROWS * HD);                            /* [ROWS] (all swizzled rows) */
-    /* one flat grid, KV head fastest, then group, then run: the blocks that run together read
-     * neighbouring rows of the same pages */
-    int g = (int)(blockIdx.x % (unsigned)nKV), z = (int)(blockIdx.x / (unsigned)nKV % ATT_SPLIT);
-    int run = (int)(blockIdx.x / ((unsigned)nKV * ATT_SPLIT));
-    if (run >= *n_runs)
-        return;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
-    int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
-    const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
-    size_t row = (size_t)nKV * HD;
-    int last = 0;
-    for (int i = 0; i < ntok; i++)
-        last = max(last, pos[t0 + i]);
-    constexpr int THREADS = MMA_WARPS * 32, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
-    constexpr int RPI = THREADS / CPR, ITER = MMA_TILE / RPI;   /* rows per step, steps per tile */
+    /* Items (run, group z, KV head g) in one flat order, KV head fastest, then group, then run: the
+     * items that run together read neighbouring rows of the same pages. The grid holds only as many
+     * blocks as fit the GPU at once, and block b takes items b, b + grid, ...: the launch shape
+     * depends on the pass's token count, while its runs (at most one per token) are often far
+     * fewer, and blocks for absent runs would cost their scheduling. */
+    int n_items = *n_runs * nKV * ATT_SPLIT;
+    for (int item = (int)blockIdx.x; item < n_items; item += (int)gridDim.x) {
+        int g = item % nKV, z = item / nKV % ATT_SPLIT, run = item / (nKV * ATT_SPLIT);
+        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
+        int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
+        const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
+        size_t row = (size_t)nKV * HD;
+        int last = 0;
+        for (int i = 0; i < ntok; i++)
+            last = max(last, pos[t0 + i]);
+        constexpr int THREADS = MMA_WARPS * 32, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
+        constexpr int RPI = THREADS / CPR, ITER = MMA_TILE / RPI;   /* rows per step, steps per tile */
 
-    /* start loading tile `tile` into stage st: thread x copies chunk x % CPR of rows x / CPR + RPI i,
-     * all its page-table reads first (they would serialize between the copies) */
-    auto prefetch = [&](int tile, int st) {
-        __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * HD;
-        int j0 = tile * MMA_TILE, ch = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
-        size_t off[ITER];
-#pragma unroll
-        for (int i = 0; i < ITER; i++) {
-            int j = min(j0 + r0 + RPI * i, last);   /* past the end: a valid row, masked below */
-            off[i] = ((size_t)pages[j / page_size] * page_size + j % page_size) * row + (size_t)g * HD + ch * 8;
-        }
-#pragma unroll
-        for (int i = 0; i < ITER; i++) {
-            int jj = r0 + RPI * i;
-            cp_async16(Ks + swz<HD>(jj, ch * 8), k_cache + off[i]);
-            cp_async16(Vs + swz<HD>(jj, ch * 8), v_cache + off[i]);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-
-    /* two tiles in flight: the first two now, tile i + 2 once tile i is done */
-    int tile = z;
-    if (tile * MMA_TILE <= last)
-        prefetch(tile, 0);
-    if ((tile + ATT_SPLIT) * MMA_TILE <= last)
-        prefetch(tile + ATT_SPLIT, 1);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
-        int qi = i / HD, d = i % HD;
-        float v = 0.0f;
-        if (qi < nq)
-            v = q[(size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d] * scale;
-        __nv_bfloat16 h = __float2bfloat16_rn(v);
-        q_hi[swz<HD>(qi, d & ~7) + (d & 7)] = h;
-        q_lo[swz<HD>(qi, d & ~7) + (d & 7)] = __float2bfloat16_rn(v - __bfloat162float(h));
-    }
-    for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
-        qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
-
-    float o[MT][NT][4], m[MT][2], l[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-            m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++)
-                o[mt][n][c] = 0.0f;
-    }
-    int pw = 16 * w;   /* this warp's first position within a tile */
-    for (int it = 0; tile * MMA_TILE <= last; tile += ATT_SPLIT, it++) {
-        int j0 = tile * MMA_TILE;
-        if ((tile + ATT_SPLIT) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        else
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        __syncthreads();   /* this tile (and the queries) visible to all */
-        const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * HD;
-        if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                if (mt * 16 >= nq)
-                    break;
-                /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
-                float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk++) {
-                    unsigned kb[4], a[4];
-                    ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4), 16 * kk + 8 * ((lane >> 3) & 1)));
-                    const int qa = swz<HD>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * kk + 8 * (lane >> 4));
-                    ldmatrix_x4(a, q_hi + qa);
-                    mma_bf16(s[0], a, kb[0], kb[1]);
-                    mma_bf16(s[1], a, kb[2], kb[3]);
-                    ldmatrix_x4(a, q_lo + qa);
-                    mma_bf16(s[0], a, kb[0], kb[1]);
-                    mma_bf16(s[1], a, kb[2], kb[3]);
-                }
-                float p[2][4];
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    int qp = qpos_s[mt * 16 + gr + 8 * r];
-                    float x[4];
-#pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
-                        x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
-                    }
-                    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    float mn = fmaxf(m[mt][r], mx);
-                    float corr = mn == -INFINITY ? 1.0f : expf(m[mt][r] - mn);
-#pragma unroll
-                    for (int c = 0; c < 4; c++)
-                        p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
-                    float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
-                    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
-                    ps += __shfl_xor_sync(0xffffffffu, ps, 2);
-                    l[mt][r] = l[mt][r] * corr + ps;
-                    m[mt][r] = mn;
-#pragma unroll
-                    for (int n = 0; n < NT; n++) {
-                        o[mt][n][2 * r] *= corr;
-                        o[mt][n][2 * r + 1] *= corr;
-                    }
-                }
-                /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
-                unsigned ph[4], pl[4];
-                split_bf16x2(p[0][0], p[0][1], ph[0], pl[0]);
-                split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
-                split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
-                split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
-#pragma unroll
-                for (int np = 0; np < HD / 16; np++) {
-                    unsigned vb[4];
-                    ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * np + 8 * (lane >> 4)));
-                    mma_bf16(o[mt][2 * np], ph, vb[0], vb[1]);
-                    mma_bf16(o[mt][2 * np], pl, vb[0], vb[1]);
-                    mma_bf16(o[mt][2 * np + 1], ph, vb[2], vb[3]);
-                    mma_bf16(o[mt][2 * np + 1], pl, vb[2], vb[3]);
-                }
+        /* start loading tile `tile` into stage st: thread x copies chunk x % CPR of rows x / CPR + RPI i,
+         * all its page-table reads first (they would serialize between the copies) */
+        auto prefetch = [&](int tile, int st) {
+            __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * HD;
+            int j0 = tile * MMA_TILE, ch = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
+            size_t off[ITER];
+    #pragma unroll
+            for (int i = 0; i < ITER; i++) {
+                int j = min(j0 + r0 + RPI * i, last);   /* past the end: a valid row, masked below */
+                off[i] = ((size_t)pages[j / page_size] * page_size + j % page_size) * row + (size_t)g * HD + ch * 8;
             }
-        }
-        __syncthreads();   /* the stage is free: the tile after next goes there */
-        if ((tile + 2 * ATT_SPLIT) * MMA_TILE <= last)
-            prefetch(tile + 2 * ATT_SPLIT, it & 1);
-    }
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();
+    #pragma unroll
+            for (int i = 0; i < ITER; i++) {
+                int jj = r0 + RPI * i;
+                cp_async16(Ks + swz<HD>(jj, ch * 8), k_cache + off[i]);
+                cp_async16(Vs + swz<HD>(jj, ch * 8), v_cache + off[i]);
+            }
+            asm volatile("cp.async.commit_group;\n" ::);
+        };
 
-    /* merge the warps in warp order: per warp O [ROWS, HD], then m [ROWS], l [ROWS] */
-    float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * HD, *lw = mw + MMA_WARPS * ROWS;
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int qr = mt * 16 + gr + 8 * r;
-            float *dst = ow + ((size_t)w * ROWS + qr) * HD;
-#pragma unroll
+        /* two tiles in flight: the first two now, tile i + 2 once tile i is done */
+        int tile = z;
+        if (tile * MMA_TILE <= last)
+            prefetch(tile, 0);
+        if ((tile + ATT_SPLIT) * MMA_TILE <= last)
+            prefetch(tile + ATT_SPLIT, 1);
+    #pragma unroll 4
+        for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
+            int qi = i / HD, d = i % HD;
+            float v = 0.0f;
+            if (qi < nq)
+                v = q[(size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d] * scale;
+            __nv_bfloat16 h = __float2bfloat16_rn(v);
+            q_hi[swz<HD>(qi, d & ~7) + (d & 7)] = h;
+            q_lo[swz<HD>(qi, d & ~7) + (d & 7)] = __float2bfloat16_rn(v - __bfloat162float(h));
+        }
+        for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
+            qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
+
+        float o[MT][NT][4], m[MT][2], l[MT][2];
+    #pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+    #pragma unroll
+            for (int r = 0; r < 2; r++)
+                m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
+    #pragma unroll
             for (int n = 0; n < NT; n++)
-                *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
-            if (tq == 0) {
-                mw[w * ROWS + qr] = m[mt][r];
-                lw[w * ROWS + qr] = l[mt][r];
+    #pragma unroll
+                for (int c = 0; c < 4; c++)
+                    o[mt][n][c] = 0.0f;
+        }
+        int pw = 16 * w;   /* this warp's first position within a tile */
+        for (int it = 0; tile * MMA_TILE <= last; tile += ATT_SPLIT, it++) {
+            int j0 = tile * MMA_TILE;
+            if ((tile + ATT_SPLIT) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
+                asm volatile("cp.async.wait_group 1;\n" ::);
+            else
+                asm volatile("cp.async.wait_group 0;\n" ::);
+            __syncthreads();   /* this tile (and the queries) visible to all */
+            const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * HD;
+            if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
+    #pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    if (mt * 16 >= nq)
+                        break;
+                    /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
+                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    #pragma unroll
+                    for (int kk = 0; kk < HD / 16; kk++) {
+                        unsigned kb[4], a[4];
+                        ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4),
+                                                     16 * kk + 8 * ((lane >> 3) & 1)));
+                        const int qa = swz<HD>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * kk + 8 * (lane >> 4));
+                        ldmatrix_x4(a, q_hi + qa);
+                        mma_bf16(s[0], a, kb[0], kb[1]);
+                        mma_bf16(s[1], a, kb[2], kb[3]);
+                        ldmatrix_x4(a, q_lo + qa);
+                        mma_bf16(s[0], a, kb[0], kb[1]);
+                        mma_bf16(s[1], a, kb[2], kb[3]);
+                    }
+                    float p[2][4];
+    #pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        int qp = qpos_s[mt * 16 + gr + 8 * r];
+                        float x[4];
+    #pragma unroll
+                        for (int c = 0; c < 4; c++) {
+                            int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
+                            x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
+                        }
+                        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        float mn = fmaxf(m[mt][r], mx);
+                        float corr = mn == -INFINITY ? 1.0f : expf(m[mt][r] - mn);
+    #pragma unroll
+                        for (int c = 0; c < 4; c++)
+                            p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
+                        float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
+                        ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+                        ps += __shfl_xor_sync(0xffffffffu, ps, 2);
+                        l[mt][r] = l[mt][r] * corr + ps;
+                        m[mt][r] = mn;
+    #pragma unroll
+                        for (int n = 0; n < NT; n++) {
+                            o[mt][n][2 * r] *= corr;
+                            o[mt][n][2 * r + 1] *= corr;
+                        }
+                    }
+                    /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
+                    unsigned ph[4], pl[4];
+                    split_bf16x2(p[0][0], p[0][1], ph[0], pl[0]);
+                    split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
+                    split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
+                    split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
+    #pragma unroll
+                    for (int np = 0; np < HD / 16; np++) {
+                        unsigned vb[4];
+                        ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                           16 * np + 8 * (lane >> 4)));
+                        mma_bf16(o[mt][2 * np], ph, vb[0], vb[1]);
+                        mma_bf16(o[mt][2 * np], pl, vb[0], vb[1]);
+                        mma_bf16(o[mt][2 * np + 1], ph, vb[2], vb[3]);
+                        mma_bf16(o[mt][2 * np + 1], pl, vb[2], vb[3]);
+                    }
+                }
             }
+            __syncthreads();   /* the stage is free: the tile after next goes there */
+            if ((tile + 2 * ATT_SPLIT) * MMA_TILE <= last)
+                prefetch(tile + 2 * ATT_SPLIT, it & 1);
         }
-    __syncthreads();
-    for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
-        int qi = i / HD, d = i % HD;
-        float M = -INFINITY;
-        for (int v = 0; v < MMA_WARPS; v++)
-            if (lw[v * ROWS + qi] > 0.0f)
-                M = fmaxf(M, mw[v * ROWS + qi]);
-        float Lsum = 0.0f, acc = 0.0f;
-        for (int v = 0; v < MMA_WARPS; v++) {
-            float lv = lw[v * ROWS + qi];
-            if (lv > 0.0f) {
-                float f = expf(mw[v * ROWS + qi] - M);
-                Lsum += lv * f;
-                acc += ow[((size_t)v * ROWS + qi) * HD + d] * f;
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads();
+
+        /* merge the warps in warp order: per warp O [ROWS, HD], then m [ROWS], l [ROWS] */
+        float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * HD, *lw = mw + MMA_WARPS * ROWS;
+    #pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+    #pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int qr = mt * 16 + gr + 8 * r;
+                float *dst = ow + ((size_t)w * ROWS + qr) * HD;
+    #pragma unroll
+                for (int n = 0; n < NT; n++)
+                    *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
+                if (tq == 0) {
+                    mw[w * ROWS + qr] = m[mt][r];
+                    lw[w * ROWS + qr] = l[mt][r];
+                }
             }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
+            int qi = i / HD, d = i % HD;
+            float M = -INFINITY;
+            for (int v = 0; v < MMA_WARPS; v++)
+                if (lw[v * ROWS + qi] > 0.0f)
+                    M = fmaxf(M, mw[v * ROWS + qi]);
+            float Lsum = 0.0f, acc = 0.0f;
+            for (int v = 0; v < MMA_WARPS; v++) {
+                float lv = lw[v * ROWS + qi];
+                if (lv > 0.0f) {
+                    float f = expf(mw[v * ROWS + qi] - M);
+                    Lsum += lv * f;
+                    acc += ow[((size_t)v * ROWS + qi) * HD + d] * f;
+                }
+            }
+            int t = t0 + qi / G, h = g * G + qi % G;
+            float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2);
+            if (d == 0) {
+                out[0] = M;
+                out[1] = Lsum;
+            }
+            if (Lsum > 0.0f)
+                out[2 + d] = acc;   /* no visible position here: the merge skips the group */
         }
-        int t = t0 + qi / G, h = g * G + qi % G;
-        float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2);
-        if (d == 0) {
-            out[0] = M;
-            out[1] = Lsum;
-        }
-        if (Lsum > 0.0f)
-            out[2 + d] = acc;   /* no visible position here: the merge skips the group */
+        __syncthreads();   /* the merge's shared rows are the next item's stages */
     }
 }
 
@@ -641,7 +647,19 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
     cudaError_t e = allow_smem_once<attention_mma_kernel<HD, MT>>((int)smem);
     if (e != cudaSuccess)
         return e;
-    attention_mma_kernel<HD, MT><<<(unsigned)n * nKV * ATT_SPLIT, MMA_WARPS * 32, smem, stream>>>(
+    static int resident;   /* blocks that fit the GPU at once */
+    if (!resident) {
+        int dev = 0, sms = 0, per_sm = 0;
+        if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
+            (e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
+            (e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_mma_kernel<HD, MT>, MMA_WARPS * 32,
+                                                               smem)) != cudaSuccess)
+            return e;
+        resident = sms * (per_sm > 0 ? per_sm : 1);
+    }
+    long items = (long)n * nKV * ATT_SPLIT;   /* at most one run per token */
+    unsigned grid = (unsigned)(items < resident ? items : resident);
+    attention_mma_kernel<HD, MT><<<grid, MMA_WARPS * 32, smem, stream>>>(
         q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, nH, nKV,
         scale, ws);
     return cudaGetLastError();
