@@ -1,5 +1,6 @@
-/* bench-gemm-cuda.c: the batch-invariant bf16 product against cuBLAS on the
- * Qwen3-4B layer shapes, for a few row counts.
+/* bench-gemm-cuda.c: the batch-invariant bf16 product (with cuBLASLt where it
+ * serves, and the in-house kernels alone) against cuBLAS on the Qwen3-4B layer
+ * shapes, for a few row counts.
  *
  *   bench-gemm-cuda [--reps N]
  *
@@ -45,15 +46,18 @@ int main(int argc, char **argv)
     const struct { const char *name; int N, K; } shapes[] = {
         {"qkv", 6144, 2560}, {"o", 2560, 4096}, {"gate_up", 19456, 2560}, {"down", 2560, 9728}, {"lm_head", 151936, 2560},
     };
-    const int Ms[] = {1, 8, 64, 256, 2048};
+    const int Ms[] = {1, 8, 16, 17, 32, 64, 128, 256, 512, 2048};
+    struct ds_k_gemm_lt *lt;
+    CHECK(ds_k_gemm_lt_create(&lt));
     cublasHandle_t h;
     CHECK(cublasCreate(&h));
     void *cws;
     CHECK(cudaMalloc(&cws, 32u << 20));
     CHECK(cublasSetWorkspace(h, cws, 32u << 20));   /* products captured in graphs */
     printf("# %s, %d SMs; per launch: a graph of %d launches (weights rotated), median of 5 replays\n\n", p.name, p.multiProcessorCount, reps);
-    printf("| shape | N x K | M | split | invariant us | cuBLAS us | invariant GB/s (W) | invariant TFLOP/s | cuBLAS TFLOP/s | invariant / cuBLAS |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    printf("| shape | N x K | M | split | invariant us | kernels alone us | cuBLAS us | invariant GB/s (W) | invariant TFLOP/s "
+           "| cuBLAS TFLOP/s | invariant / cuBLAS |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         int N = shapes[si].N, K = shapes[si].K;
         size_t wbytes = (size_t)N * K * 2;
@@ -74,21 +78,21 @@ int main(int argc, char **argv)
             CHECK(cudaMemset(ws, 0, ds_k_gemm_workspace(M, N, split) * 4 + 4));
             CHECK(ds_k_fill_uniform_bf16(x, (size_t)M * K, 3, 0.0f, 1.0f, 0));
             /* each implementation: one graph of reps launches (weights rotated), replayed 5 times */
-            float t[2][5];
+            float t[3][5];
             cudaStream_t st;
             CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
             CHECK(cublasSetStream(h, st));
             cudaEvent_t e0, e1;
             cudaEventCreate(&e0);
             cudaEventCreate(&e1);
-            for (int impl = 0; impl < 2; impl++) {
+            for (int impl = 0; impl < 3; impl++) {   /* invariant, kernels alone, cuBLAS */
                 cudaGraph_t g;
                 cudaGraphExec_t ge;
                 CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
                 for (int r = 0; r < reps; r++) {
                     const uint16_t *wc = w + (size_t)(r % copies) * N * K;
-                    if (impl == 0) {
-                        CHECK(ds_k_gemm_bf16(x, K, wc, M, N, K, split, ws, y, N, 0, st));
+                    if (impl < 2) {
+                        CHECK(ds_k_gemm_bf16(impl == 0 ? lt : NULL, x, K, wc, M, N, K, split, ws, y, N, 0, st));
                     } else {
                         float one = 1, zero = 0;
                         CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, wc, CUDA_R_16BF, K, x, CUDA_R_16BF,
@@ -111,11 +115,12 @@ int main(int argc, char **argv)
                 cudaGraphDestroy(g);
             }
             cudaStreamDestroy(st);
-            qsort(t[0], 5, sizeof(float), cmp);
-            qsort(t[1], 5, sizeof(float), cmp);
-            double ti = t[0][2] * 1e-3, tc = t[1][2] * 1e-3, flop = 2.0 * M * N * K;
-            printf("| %s | %d x %d | %d | %d | %.1f | %.1f | %.0f | %.1f | %.1f | %.2f |\n", shapes[si].name, N, K, M, split,
-                   ti * 1e6, tc * 1e6, wbytes / ti / 1e9, flop / ti / 1e12, flop / tc / 1e12, ti / tc);
+            for (int impl = 0; impl < 3; impl++)
+                qsort(t[impl], 5, sizeof(float), cmp);
+            double ti = t[0][2] * 1e-3, tk = t[1][2] * 1e-3, tc = t[2][2] * 1e-3, flop = 2.0 * M * N * K;
+            printf("| %s | %d x %d | %d | %d | %.1f | %.1f | %.1f | %.0f | %.1f | %.1f | %.2f |\n", shapes[si].name, N, K,
+                   M, split, ti * 1e6, tk * 1e6, tc * 1e6, wbytes / ti / 1e9, flop / ti / 1e12, flop / tc / 1e12,
+                   ti / tc);
             fflush(stdout);
             cudaFree(x), cudaFree(y), cudaFree(ws);
             cudaEventDestroy(e0), cudaEventDestroy(e1);
@@ -123,5 +128,6 @@ int main(int argc, char **argv)
         cudaFree(w);
     }
     cublasDestroy(h);
+    ds_k_gemm_lt_destroy(lt);
     return 0;
 }

@@ -2,7 +2,7 @@
  * weights with real Qwen3 shapes, against the weight-streaming floor.
  *
  *   bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,32,64,128,256] [--qs 1,4,8]
- *                   [--ctx 1024] [--reps N] [--products invariant,cublas] [--json FILE]
+ *                   [--ctx 1024] [--reps N] [--products invariant,kernels,cublas] [--json FILE]
  *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N] [--temperature T]
  *
  * For every model, R sequences whose caches hold ctx positions each (random
@@ -187,7 +187,7 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
-                   "                       [--products invariant,cublas] [--json FILE]\n"
+                   "                       [--products invariant,kernels,cublas] [--json FILE]\n"
                    "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n");
             return 0;
         }
@@ -239,6 +239,7 @@ int main(int argc, char **argv)
         fprintf(json, "{\"device\": \"%s\", \"copy_bytes_per_s\": %.6g, \"ctx\": %d, \"reps\": %d}\n", dev, bw, ctx,
                 reps);
     bool want_inv = strstr(products, "invariant") != NULL, want_cublas = strstr(products, "cublas") != NULL;
+    bool want_kernels = strstr(products, "kernels") != NULL;   /* invariant, the in-house kernels alone */
     if (round) {
         if (temperature >= DS_GREEDY_TEMPERATURE)
             printf("sampled rounds: temperature %g, top-p 0.95, drafts drawn and 7 per sequence accepted or rejected on the GPU\n\n",
@@ -246,8 +247,9 @@ int main(int argc, char **argv)
         printf("| model | R | verify pass ms | draft block + 7 Markov ms | draft + verify + accept + context ms | round / verify |\n");
         printf("|---|---|---|---|---|---|\n");
     } else {
-        printf("| model | R | q | tokens | invariant ms | cuBLAS ms | floor ms | invariant / floor | invariant / cuBLAS |\n");
-        printf("|---|---|---|---|---|---|---|---|---|\n");
+        printf("| model | R | q | tokens | invariant ms | invariant, kernels alone ms | cuBLAS ms | floor ms | "
+               "invariant / floor | invariant / cuBLAS |\n");
+        printf("|---|---|---|---|---|---|---|---|---|---|\n");
     }
     int max_r = 0, max_q = 0;
     for (int i = 0; i < n_rs; i++)
@@ -312,23 +314,35 @@ int main(int argc, char **argv)
                 struct ds_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = sq, .kv = kv, .n_logits = n,
                                      .logit_rows = rows, .logits = NULL};
                 int rp = n >= 1024 ? (reps + 1) / 2 : reps;
-                double inv_ms = -1, cub_ms = -1;
+                double inv_ms = -1, ker_ms = -1, cub_ms = -1;
                 if (want_inv) {
-                    if (ds_cuda_set_cublas(t, false) < 0 || ds_cuda_time_forward(t, &pool, &b, rp, true, &inv_ms) < 0)
+                    if (ds_cuda_set_products(t, false, false) < 0 ||
+                        ds_cuda_time_forward(t, &pool, &b, rp, true, &inv_ms) < 0)
                         die("timing the invariant products");
                 }
+                if (want_kernels) {
+                    if (ds_cuda_set_products(t, false, true) < 0 ||
+                        ds_cuda_time_forward(t, &pool, &b, rp, true, &ker_ms) < 0)
+                        die("timing the invariant products on the kernels alone");
+                }
                 if (want_cublas) {
-                    if (ds_cuda_set_cublas(t, true) < 0 || ds_cuda_time_forward(t, &pool, &b, rp, true, &cub_ms) < 0)
+                    if (ds_cuda_set_products(t, true, false) < 0 ||
+                        ds_cuda_time_forward(t, &pool, &b, rp, true, &cub_ms) < 0)
                         die("timing cuBLAS products");
                 }
-                printf("| %s | %d | %d | %d | %.3f | %.3f | %.3f | %.2f | %.2f |\n", sh->name, R, q, n, inv_ms, cub_ms,
-                       floor_ms, inv_ms / floor_ms, cub_ms > 0 ? inv_ms / cub_ms : 0.0);
+                char ker[16] = "-", cub[16] = "-";   /* "-": not asked for */
+                if (ker_ms >= 0)
+                    snprintf(ker, sizeof ker, "%.3f", ker_ms);
+                if (cub_ms >= 0)
+                    snprintf(cub, sizeof cub, "%.3f", cub_ms);
+                printf("| %s | %d | %d | %d | %.3f | %s | %s | %.3f | %.2f | %.2f |\n", sh->name, R, q, n, inv_ms, ker,
+                       cub, floor_ms, inv_ms / floor_ms, cub_ms > 0 ? inv_ms / cub_ms : 0.0);
                 fflush(stdout);
                 if (json)
                     fprintf(json,
                             "{\"model\": \"%s\", \"R\": %d, \"q\": %d, \"tokens\": %d, \"invariant_ms\": %.4f, "
-                            "\"cublas_ms\": %.4f, \"floor_ms\": %.4f, \"weight_bytes\": %zu}\n",
-                            sh->name, R, q, n, inv_ms, cub_ms, floor_ms, ds_cuda_weight_bytes(t));
+                            "\"kernels_ms\": %.4f, \"cublas_ms\": %.4f, \"floor_ms\": %.4f, \"weight_bytes\": %zu}\n",
+                            sh->name, R, q, n, inv_ms, ker_ms, cub_ms, floor_ms, ds_cuda_weight_bytes(t));
                 free(tok), free(pos), free(sq), free(rows);
             }
             for (int s = 0; s < R; s++)

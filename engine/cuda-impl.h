@@ -53,6 +53,7 @@ struct ds_cuda_target {
     cudaStream_t stream;
     cublasHandle_t cublas;
     void *cublas_ws;
+    struct ds_k_gemm_lt *lt;      /* cuBLASLt for the invariant products; NULL: the kernels alone */
     size_t weight_bytes;
     uint16_t *embed;              /* [V, H] bf16 */
     struct cu_layer *layers;      /* [L] */
@@ -108,7 +109,7 @@ int ds_cu_random_vec(struct ds_cuda_target *t, float **dst, size_t n, uint64_t s
                      const char *what) DS_MUSTCHECK;
 /* Free a layer's device arrays (its struct stays). */
 void ds_cu_layer_free(struct cu_layer *l);
-/* y[M, m->n] (+)= x[M, m->k] · m^T on t's stream: the invariant kernel (split-k
+/* y[M, m->n] (+)= x[M, m->k] · m^T on t's stream: the invariant product (split-k
  * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
                int ldy, bool accumulate) DS_MUSTCHECK;

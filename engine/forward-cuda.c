@@ -199,6 +199,10 @@ static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_o
     CK(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking));
     if (t->opts.cublas && (r = cublas_init(t)) < 0)
         return r;
+    if (ds_k_gemm_lt_create(&t->lt) != cudaSuccess) {   /* the kernels alone then: same bits, slower */
+        t->lt = NULL;
+        cudaGetLastError();
+    }
     t->layers = ds_xcalloc((size_t)cfg->num_hidden_layers, sizeof *t->layers);
     size_t half = (size_t)cfg->head_dim / 2;
     float *inv = malloc(half * sizeof(float));
@@ -483,13 +487,14 @@ struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
     if (t->cublas)
         cublasDestroy(t->cublas);
     cudaFree(t->cublas_ws);
+    ds_k_gemm_lt_destroy(t->lt);
     if (t->stream)
         cudaStreamDestroy(t->stream);
     free(t);
     return NULL;
 }
 
-int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas)
+int ds_cuda_set_products(struct ds_cuda_target *t, bool cublas, bool kernels_only)
 {
     int r = cublas ? cublas_init(t) : 0;
     if (r < 0)
@@ -497,6 +502,7 @@ int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas)
     cudaStreamSynchronize(t->stream);
     drop_graphs(t);
     t->opts.cublas = cublas;
+    t->opts.kernels_only = kernels_only;
     return 0;
 }
 
@@ -670,7 +676,8 @@ int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, cons
             return ds_seterr(DS_ECUBLAS, "cublasGemmEx (%d x %d x %d) failed with status %d", M, m->n, m->k, (int)s);
         return 0;
     }
-    CK(ds_k_gemm_bf16(x, ldx, m->w, M, m->n, m->k, m->split, ws, y, ldy, accumulate, t->stream));
+    CK(ds_k_gemm_bf16(t->opts.kernels_only ? NULL : t->lt, x, ldx, m->w, M, m->n, m->k, m->split, ws, y, ldy,
+                      accumulate, t->stream));
     return 0;
 }
 

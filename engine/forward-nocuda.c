@@ -33,7 +33,7 @@ struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
 {
     return NULL;
 }
-int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas)
+int ds_cuda_set_products(struct ds_cuda_target *t, bool cublas, bool kernels_only)
 {
     return nocuda();
 }

@@ -10,9 +10,18 @@
  * per tile at the start of the workspace), else by a second kernel. Tile shapes differ with m (a 16-row tile that streams W for
  * decoding, 64 and 128-row tiles for larger passes), but chunks past a
  * range's end are zero-filled, so every shape runs the same chain for each
- * element: a token's result never depends on what else shares the pass. */
+ * element: a token's result never depends on what else shares the pass.
+ *
+ * Larger passes can run each k range through cuBLASLt instead (with a
+ * ds_k_gemm_lt): an algorithm that does not split k runs that same chain, one
+ * tensor-core product per 16-wide chunk in increasing order from zero, and
+ * gives the same bits (measured on an H200 for every algorithm its heuristic
+ * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run). */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
+#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -248,14 +257,10 @@ static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, in
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t ds_k_gemm_bf16(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
-                                      float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
+/* The in-house kernels: a tile shape by M, the k ranges' partials summed in order. */
+static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
+                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
-    if (M < 0 || N <= 0 || K <= 0 || K % 8 || ldx % 8 || ldx < K || ldy < N || split < 1 || split > 64 ||
-        (split > 1 && !ws))
-        return cudaErrorInvalidValue;
-    if (M == 0)
-        return cudaSuccess;
     cudaError_t e;
     int fused = 0;
     if (M <= 16)        /* decoding: stream W with deep k steps */
@@ -269,4 +274,208 @@ extern "C" cudaError_t ds_k_gemm_bf16(const uint16_t *x, int ldx, const uint16_t
     size_t total = (size_t)M * N;
     gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);
     return cudaGetLastError();
+}
+
+/* ---- cuBLASLt for the larger passes ---- */
+#define LT_WORKSPACE (32u << 20)
+#define LT_CACHE 512              /* (M, N, range K, ...) problems remembered */
+
+struct lt_problem {               /* one k range's product, as cuBLASLt sees it */
+    int M, N, Ks, K, ldx, ldy, beta, align;
+};
+struct lt_entry {
+    struct lt_problem key;
+    int usable;                   /* 0: no algorithm that keeps the chain; use the kernels */
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+};
+struct ds_k_gemm_lt {
+    cublasLtHandle_t handle;
+    void *workspace;              /* LT_WORKSPACE bytes: fixed, so products can be captured in graphs */
+    struct lt_entry cache[LT_CACHE];
+    int used, next_evict;
+};
+
+extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
+{
+    struct ds_k_gemm_lt *lt = (struct ds_k_gemm_lt *)calloc(1, sizeof *lt);
+    if (!lt)
+        return cudaErrorMemoryAllocation;
+    if (cublasLtCreate(&lt->handle) != CUBLAS_STATUS_SUCCESS) {
+        free(lt);
+        return cudaErrorNotSupported;
+    }
+    cudaError_t e = cudaMalloc(&lt->workspace, LT_WORKSPACE);
+    if (e != cudaSuccess) {
+        cublasLtDestroy(lt->handle);
+        free(lt);
+        return e;
+    }
+    *ret = lt;
+    return cudaSuccess;
+}
+
+static void lt_entry_free(struct lt_entry *en)
+{
+    if (en->op)
+        cublasLtMatmulDescDestroy(en->op);
+    if (en->a)
+        cublasLtMatrixLayoutDestroy(en->a);
+    if (en->b)
+        cublasLtMatrixLayoutDestroy(en->b);
+    if (en->c)
+        cublasLtMatrixLayoutDestroy(en->c);
+    memset(en, 0, sizeof *en);
+}
+
+extern "C" void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt)
+{
+    if (!lt)
+        return;
+    for (int i = 0; i < lt->used; i++)
+        lt_entry_free(&lt->cache[i]);
+    cudaFree(lt->workspace);
+    cublasLtDestroy(lt->handle);
+    free(lt);
+}
+
+/* Whether cuBLASLt's algorithm `al` may stand in for the kernels: it must not split k. */
+static bool lt_keeps_chain(const cublasLtMatmulAlgo_t *al)
+{
+    int32_t splitk = 1;
+    uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_NONE;
+    size_t got = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(al, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof splitk, &got) !=
+            CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(al, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &reduction, sizeof reduction,
+                                             &got) != CUBLAS_STATUS_SUCCESS)
+        return false;
+    return splitk <= 1 && reduction == CUBLASLT_REDUCTION_SCHEME_NONE;
+}
+
+/* The descriptors and algorithm for one problem: the heuristic's best that keeps the chain. */
+static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
+{
+    const struct lt_problem *k = &en->key;
+    cublasOperation_t tr = CUBLAS_OP_T, no = CUBLAS_OP_N;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res[16];
+    int got = 0;
+    size_t wsb = LT_WORKSPACE;
+    uint32_t align = (uint32_t)k->align;
+    en->usable = 0;
+    /* y^T [N, M] = W [N, Ks] . x^T [Ks, M] in cuBLAS's column-major terms */
+    if (cublasLtMatmulDescCreate(&en->op, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(en->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(en->op, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof no) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&en->a, CUDA_R_16BF, k->Ks, k->N, k->K) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&en->b, CUDA_R_16BF, k->Ks, k->M, k->ldx) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatrixLayoutCreate(&en->c, CUDA_R_32F, k->N, k->M, k->ldy) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS)
+        goto done;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof align);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof align);
+    if (cublasLtMatmulAlgoGetHeuristic(lt->handle, en->op, en->a, en->b, en->c, en->c, pref, 16, res, &got) !=
+        CUBLAS_STATUS_SUCCESS)
+        got = 0;
+    for (int i = 0; i < got; i++)
+        if (res[i].state == CUBLAS_STATUS_SUCCESS && res[i].workspaceSize <= wsb && lt_keeps_chain(&res[i].algo)) {
+            en->algo = res[i].algo;
+            en->usable = 1;
+            break;
+        }
+done:
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+}
+
+static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
+{
+    for (int i = 0; i < lt->used; i++)
+        if (!memcmp(&lt->cache[i].key, key, sizeof *key))
+            return &lt->cache[i];
+    struct lt_entry *en;
+    if (lt->used < LT_CACHE) {
+        en = &lt->cache[lt->used++];
+    } else {
+        en = &lt->cache[lt->next_evict];
+        lt->next_evict = (lt->next_evict + 1) % LT_CACHE;
+        lt_entry_free(en);
+    }
+    en->key = *key;
+    lt_setup(lt, en);
+    return en;
+}
+
+static int pointer_alignment(const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    int al = 256;
+    while (al > 2 && a % (uintptr_t)al)
+        al /= 2;
+    return al;
+}
+
+/* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel; cudaErrorNotSupported when some
+ * range has no algorithm that keeps the chain (nothing was launched then). */
+static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M, int N,
+                           int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
+{
+    struct lt_entry *ranges[64];
+    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    for (int s = 0; s < split; s++) {
+        int kb = (int)((long)s * KQ / split) * GM_KQ, ke = (int)((long)(s + 1) * KQ / split) * GM_KQ;
+        float *dst = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
+        int al = pointer_alignment(w + kb);
+        al = al < pointer_alignment(x + kb) ? al : pointer_alignment(x + kb);
+        al = al < pointer_alignment(dst) ? al : pointer_alignment(dst);
+        struct lt_problem key = {M, N, (ke < K ? ke : K) - kb, K, ldx, split == 1 ? ldy : N,
+                                 split == 1 && accumulate, al};
+        if (!(ranges[s] = lt_lookup(lt, &key))->usable)
+            return cudaErrorNotSupported;
+    }
+    for (int s = 0; s < split; s++) {
+        int kb = (int)((long)s * KQ / split) * GM_KQ;
+        float *dst = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
+        const float one = 1.0f, beta = ranges[s]->key.beta ? 1.0f : 0.0f;
+        struct lt_entry *en = ranges[s];
+        if (cublasLtMatmul(lt->handle, en->op, &one, w + kb, en->a, x + kb, en->b, &beta, dst, en->c, dst, en->c,
+                           &en->algo, lt->workspace, LT_WORKSPACE, stream) != CUBLAS_STATUS_SUCCESS)
+            return s == 0 ? cudaErrorNotSupported : cudaErrorLaunchFailure;
+    }
+    if (split == 1)
+        return cudaSuccess;
+    size_t total = (size_t)M * N;
+    gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);
+    return cudaGetLastError();
+}
+
+/* Which passes cuBLASLt takes: every pass of a product without a k split (its
+ * one range is a full-size product), and passes of more than 16 rows per range
+ * otherwise; decoding's few rows keep the kernel that spreads k ranges over
+ * the GPU. Measured, bench/RESULTS.md. */
+static bool lt_takes(int M, int split)
+{
+    return split == 1 || M > 16 * split;
+}
+
+extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M,
+                                      int N, int K, int split, float *ws, float *y, int ldy, int accumulate,
+                                      cudaStream_t stream)
+{
+    if (M < 0 || N <= 0 || K <= 0 || K % 8 || ldx % 8 || ldx < K || ldy < N || split < 1 || split > 64 ||
+        (split > 1 && !ws))
+        return cudaErrorInvalidValue;
+    if (M == 0)
+        return cudaSuccess;
+    if (lt && lt_takes(M, split)) {
+        cudaError_t e = gemm_lt(lt, x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+        if (e != cudaErrorNotSupported)
+            return e;
+    }
+    return gemm_inhouse(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
 }

@@ -212,11 +212,20 @@ int ds_k_gemm_split(int N, int K, int n_sm);
  * workspace must not run at the same time. */
 size_t ds_k_gemm_workspace(int M, int N, int split);
 
+/* cuBLASLt for the larger passes (a handle, a fixed workspace and the
+ * algorithms chosen so far): the same bits as the kernels, faster. One per
+ * stream of products; not for concurrent use. */
+struct ds_k_gemm_lt;
+cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **lt);
+void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt);
+
 /* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
- * K and ldx must be multiples of 8; ws holds ds_k_gemm_workspace(M, N, split) floats. */
-cudaError_t ds_k_gemm_bf16(const uint16_t *x /* [M, ldx] */, int ldx, const uint16_t *w /* [N, K] */, int M, int N,
-                           int K, int split, float *ws, float *y /* [M, ldy] */, int ldy, int accumulate,
-                           cudaStream_t stream);
+ * K and ldx must be multiples of 8; ws holds ds_k_gemm_workspace(M, N, split)
+ * floats. lt: cuBLASLt for the passes it serves best, or NULL for the
+ * in-house kernels alone; either way the same bits. */
+cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x /* [M, ldx] */, int ldx,
+                           const uint16_t *w /* [N, K] */, int M, int N, int K, int split, float *ws,
+                           float *y /* [M, ldy] */, int ldy, int accumulate, cudaStream_t stream);
 
 /* ---- random fills: center + scale * u, u uniform in [-1, 1), from (seed, index) ---- */
 cudaError_t ds_k_fill_uniform_bf16(uint16_t *out, size_t n, uint64_t seed, float center, float scale,

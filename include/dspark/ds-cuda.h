@@ -4,8 +4,8 @@
  *
  * The host keeps the page bookkeeping (struct ds_kv_pool made with
  * ds_kv_pool_init_pages, the sequences' page lists); the device holds the K/V
- * rows of those pages. Every product runs through the batch-invariant bf16
- * kernel by default, so a token's logits do not depend on the rest of its pass
+ * rows of those pages. Every product is batch-invariant by default (the
+ * in-house bf16 kernels, and cuBLASLt algorithms that give their bits), so a token's logits do not depend on the rest of its pass
  * (lossless speculation at bf16 needs that); `cublas` trades that for cuBLAS's
  * fastest algorithms. Available only in builds configured --with-cuda;
  * elsewhere every function fails with DS_ENOTSUP. */
@@ -28,6 +28,8 @@ struct ds_engine;
 struct ds_cuda_opts {
     int device;              /* CUDA device index */
     bool cublas;             /* products through cuBLAS (not batch-invariant) */
+    bool kernels_only;       /* invariant products through the in-house kernels alone, never cuBLASLt
+                              * (the same bits, slower: for comparisons) */
     bool graphs;             /* replay CUDA graphs of earlier passes with the same shape */
 };
 
@@ -44,8 +46,9 @@ int ds_cuda_target_new_random(const struct ds_qwen3_config *cfg, uint64_t seed, 
                               struct ds_cuda_target **ret) DS_MUSTCHECK;
 struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t);
 
-/* Switch the products between the batch-invariant kernel and cuBLAS (drops captured graphs). */
-int ds_cuda_set_cublas(struct ds_cuda_target *t, bool cublas) DS_MUSTCHECK;
+/* Switch the products between batch-invariant and cuBLAS, and the invariant ones between
+ * cuBLASLt-where-it-serves and the kernels alone (drops captured graphs). */
+int ds_cuda_set_products(struct ds_cuda_target *t, bool cublas, bool kernels_only) DS_MUSTCHECK;
 
 /* Bytes of the weights on the device, and of one KV page (K and V, every layer). */
 size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t);

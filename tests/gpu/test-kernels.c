@@ -680,63 +680,86 @@ static uint16_t *rnd_bf16(size_t n)
     return p;
 }
 
-static bool gemm_case(int M, int N, int K, int split, bool accumulate)
+static struct ds_k_gemm_lt *lt;   /* cuBLASLt for the products (NULL where it could not be set up) */
+
+static bool gemm_case(struct ds_k_gemm_lt *with, int M, int N, int K, int split, bool accumulate)
 {
     uint16_t *x = rnd_bf16((size_t)M * K), *w = rnd_bf16((size_t)N * K);
     float *y0 = accumulate ? rnd_vec((size_t)M * N) : NULL;
     float *d_y = accumulate ? dup_to_dev(y0, (size_t)M * N * 4) : dpoison((size_t)M * N * 4);
     float *d_ws = dpoison(ds_k_gemm_workspace(M, N, split) * 4 + 4);
     cudaMemset(d_ws, 0, ds_k_gemm_workspace(M, N, split) * 4);   /* the tile counters */
-    if (!launched(ds_k_gemm_bf16(dup_to_dev(x, (size_t)M * K * 2), K, dup_to_dev(w, (size_t)N * K * 2), M, N, K, split,
-                                 d_ws, d_y, N, accumulate, 0), "gemm_bf16"))
+    if (!launched(ds_k_gemm_bf16(with, dup_to_dev(x, (size_t)M * K * 2), K, dup_to_dev(w, (size_t)N * K * 2), M, N, K,
+                                 split, d_ws, d_y, N, accumulate, 0), "gemm_bf16"))
         return false;
     float *ref = hmalloc((size_t)M * N * 4);
     gemm_reference(x, w, y0, M, N, K, ref);
     char what[128];
-    snprintf(what, sizeof what, "gemm %d x %d x %d, split %d%s", M, N, K, split, accumulate ? ", accumulate" : "");
+    snprintf(what, sizeof what, "gemm %d x %d x %d, split %d%s%s", M, N, K, split, accumulate ? ", accumulate" : "",
+             with ? ", cuBLASLt" : "");
     return close_enough(what, dup_to_host(d_y, (size_t)M * N * 4), ref, (size_t)M * N, 2e-5);
 }
 
 static bool test_gemm(void)
 {
-    bool ok = true;
-    ok = gemm_case(1, 200, 264, 1, false) && ok;                              /* partial tiles in n and k */
-    ok = gemm_case(7, 300, 1024, ds_k_gemm_split(300, 1024, 132), false) && ok;
-    ok = gemm_case(64, 128, 64, 1, true) && ok;
-    ok = gemm_case(130, 520, 2560, 3, true) && ok;
-    ok = gemm_case(300, 96, 48, 1, false) && ok;
-    ok = gemm_case(16, 268800, 64, 2, true) && ok;   /* more tiles than counters: the separate sum */
+    bool ok = lt != NULL;
+    if (!ok)
+        printf("# cuBLASLt could not be set up\n");
+    for (int i = 0; i < 2; i++) {   /* the kernels alone, then with cuBLASLt */
+        struct ds_k_gemm_lt *with = i ? lt : NULL;
+        ok = gemm_case(with, 1, 200, 264, 1, false) && ok;                              /* partial tiles in n and k */
+        ok = gemm_case(with, 7, 300, 1024, ds_k_gemm_split(300, 1024, 132), false) && ok;
+        ok = gemm_case(with, 64, 128, 64, 1, true) && ok;
+        ok = gemm_case(with, 130, 520, 2560, 3, true) && ok;
+        ok = gemm_case(with, 300, 96, 48, 1, false) && ok;
+        ok = gemm_case(with, 200, 384, 1024, 4, true) && ok;
+        ok = gemm_case(with, 16, 268800, 64, 2, true) && ok;   /* more tiles than counters: the separate sum */
+    }
     return ok;
 }
 
-/* A row's result is the same bits whatever the batch size and the row's place in it. */
-static bool test_gemm_invariance(void)
+/* A row's result is the same bits whatever the batch size, the row's place in it and whether cuBLASLt or the
+ * kernels computed it: rows alone and in batches of several sizes (with cuBLASLt taking the larger ones)
+ * against the kernels alone on the whole batch. */
+static bool gemm_invariance_case(int N, int K, bool accumulate)
 {
-    int M = 300, N = 384, K = 1024;
+    int M = 300;
     int split = ds_k_gemm_split(N, K, 132);
     uint16_t *x = rnd_bf16((size_t)M * K), *w = rnd_bf16((size_t)N * K);
+    float *y0 = rnd_vec((size_t)M * N);
     uint16_t *d_x = dup_to_dev(x, (size_t)M * K * 2), *d_w = dup_to_dev(w, (size_t)N * K * 2);
     float *d_ws = dpoison(ds_k_gemm_workspace(M, N, split) * 4 + 4);
     cudaMemset(d_ws, 0, ds_k_gemm_workspace(M, N, split) * 4);   /* the tile counters */
-    float *d_y = dpoison((size_t)M * N * 4);
-    printf("# split %d\n", split);
-    if (!launched(ds_k_gemm_bf16(d_x, K, d_w, M, N, K, split, d_ws, d_y, N, 0, 0), "gemm, full batch"))
+    float *d_y = accumulate ? dup_to_dev(y0, (size_t)M * N * 4) : dpoison((size_t)M * N * 4);
+    printf("# %d x %d, split %d%s\n", N, K, split, accumulate ? ", accumulate" : "");
+    if (!launched(ds_k_gemm_bf16(NULL, d_x, K, d_w, M, N, K, split, d_ws, d_y, N, accumulate, 0), "gemm, full batch"))
         return false;
     float *full = dup_to_host(d_y, (size_t)M * N * 4);
-    bool ok = split > 1;
-    if (!ok)
-        printf("# the shape was meant to split k\n");
-    const int starts[4] = {0, 63, 150, 299}, sizes[4] = {1, 37, 2, 1};
-    for (int i = 0; i < 4; i++) {
+    bool ok = true;
+    const int starts[7] = {0, 0, 63, 150, 299, 100, 40}, sizes[7] = {300, 1, 37, 2, 1, 150, 17};
+    for (int i = 0; i < 7; i++) {
         int m0 = starts[i], mm = sizes[i];
-        float *d_part = dpoison((size_t)mm * N * 4);
-        if (!launched(ds_k_gemm_bf16(d_x + (size_t)m0 * K, K, d_w, mm, N, K, split, d_ws, d_part, N, 0, 0),
+        float *d_part = accumulate ? dup_to_dev(y0 + (size_t)m0 * N, (size_t)mm * N * 4) : dpoison((size_t)mm * N * 4);
+        if (!launched(ds_k_gemm_bf16(lt, d_x + (size_t)m0 * K, K, d_w, mm, N, K, split, d_ws, d_part, N, accumulate, 0),
                       "gemm, part of the batch"))
             return false;
-        char what[96];
-        snprintf(what, sizeof what, "gemm rows %d..%d alone vs in a batch of %d", m0, m0 + mm - 1, M);
+        char what[128];
+        snprintf(what, sizeof what, "gemm rows %d..%d (cuBLASLt where it serves) vs the kernels on a batch of %d", m0,
+                 m0 + mm - 1, M);
         ok = same_bits(what, dup_to_host(d_part, (size_t)mm * N * 4), full + (size_t)m0 * N, (size_t)mm * N * 4) && ok;
     }
+    return ok;
+}
+
+static bool test_gemm_invariance(void)
+{
+    bool ok = lt != NULL && ds_k_gemm_split(384, 1024, 132) > 1 && ds_k_gemm_split(384, 256, 132) == 1;
+    if (!ok)
+        printf("# no cuBLASLt, or the shapes do not split k as meant\n");
+    ok = gemm_invariance_case(384, 1024, false) && ok;   /* k split in 4 */
+    ok = gemm_invariance_case(384, 1024, true) && ok;
+    ok = gemm_invariance_case(384, 256, false) && ok;    /* no split: cuBLASLt takes every size */
+    ok = gemm_invariance_case(384, 256, true) && ok;
     return ok;
 }
 
@@ -1281,7 +1304,7 @@ static const struct {
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
-    {"bf16 product: a row's bits do not depend on the batch", test_gemm_invariance},
+    {"bf16 product: a row's bits depend neither on the batch nor on cuBLASLt", test_gemm_invariance},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
     {"unsupported shapes are refused", test_invalid},
     {"sampling distribution against ds_probs (greedy, temperature, top-k, top-p, ties; V up to 151936)",
@@ -1310,6 +1333,8 @@ int main(void)
     if (!rng)
         rng = 1;
 
+    if (ds_k_gemm_lt_create(&lt) != cudaSuccess)
+        lt = NULL;   /* the product tests fail then */
     int n = (int)(sizeof tests / sizeof tests[0]), failed = 0;
     printf("1..%d\n", n);
     for (int i = 0; i < n; i++) {
@@ -1319,5 +1344,6 @@ int main(void)
         failed += !ok;
         fflush(stdout);
     }
+    ds_k_gemm_lt_destroy(lt);
     return failed ? 1 : 0;
 }
