@@ -409,7 +409,8 @@ template <int HD, int MT> struct MmaSmem {
     static constexpr int STAGE = 2 * MMA_TILE * HD;         /* K then V, bf16 elements */
     static constexpr int ROWS = MT * 16;
     static constexpr size_t PIPE = 2 * STAGE * 2;           /* two stages, bytes */
-    static constexpr size_t MERGE = (size_t)MMA_WARPS * ROWS * (HD + 2) * 4;   /* per warp: O, m, l (f32) */
+    /* per warp O, m, l; then per row its sum and a factor per warp (f32) */
+    static constexpr size_t MERGE = ((size_t)MMA_WARPS * ROWS * (HD + 2) + ROWS + ROWS * MMA_WARPS) * 4;
     static constexpr size_t MAIN = PIPE > MERGE ? PIPE : MERGE;
     static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
@@ -418,8 +419,8 @@ template <int HD, int MT>
 __global__ static void __launch_bounds__(MMA_WARPS * 32)
 attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
                      const int32_t *seq, const int32_t *pos, const int32_t *run_start, const int32_t *run_len,
-                     const int32_t *n_runs, const int32_t *page_table, int max_pages, int page_size, int nH, int nKV,
-                     float scale, float *ws)
+                     const int32_t *n_runs, const int32_t *page_table, int max_pages, int page_size, int page_shift,
+                     int nH, int nKV, float scale, float *ws)
 {
     typedef MmaSmem<HD, MT> L;
     constexpr int ROWS = L::ROWS, NT = HD / 8;   /* NT: n8 tiles of a value row */
@@ -452,12 +453,13 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             __nv_bfloat16 *Ks = stage0 + st * L::STAGE, *Vs = Ks + MMA_TILE * HD;
             int j0 = tile * MMA_TILE, ch = threadIdx.x % CPR, r0 = threadIdx.x / CPR;
             size_t off[ITER];
-    #pragma unroll
+#pragma unroll
             for (int i = 0; i < ITER; i++) {
                 int j = min(j0 + r0 + RPI * i, last);   /* past the end: a valid row, masked below */
-                off[i] = ((size_t)pages[j / page_size] * page_size + j % page_size) * row + (size_t)g * HD + ch * 8;
+                int pg = page_shift >= 0 ? j >> page_shift : j / page_size;
+                off[i] = ((size_t)pages[pg] * page_size + (j - pg * page_size)) * row + (size_t)g * HD + ch * 8;
             }
-    #pragma unroll
+#pragma unroll
             for (int i = 0; i < ITER; i++) {
                 int jj = r0 + RPI * i;
                 cp_async16(Ks + swz<HD>(jj, ch * 8), k_cache + off[i]);
@@ -472,28 +474,32 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             prefetch(tile, 0);
         if ((tile + ATT_SPLIT) * MMA_TILE <= last)
             prefetch(tile + ATT_SPLIT, 1);
-    #pragma unroll 4
-        for (int i = threadIdx.x; i < ROWS * HD; i += THREADS) {
-            int qi = i / HD, d = i % HD;
-            float v = 0.0f;
+        /* the queries, four elements a thread at a time (ldq and HD are multiples of 4) */
+#pragma unroll 4
+        for (int i = threadIdx.x; i < ROWS * HD / 4; i += THREADS) {
+            int qi = i / (HD / 4), d = i % (HD / 4) * 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (qi < nq)
-                v = q[(size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d] * scale;
-            __nv_bfloat16 h = __float2bfloat16_rn(v);
-            q_hi[swz<HD>(qi, d & ~7) + (d & 7)] = h;
-            q_lo[swz<HD>(qi, d & ~7) + (d & 7)] = __float2bfloat16_rn(v - __bfloat162float(h));
+                v = *(const float4 *)(q + (size_t)(t0 + qi / G) * ldq + (size_t)(g * G + qi % G) * HD + d);
+            unsigned h[2], l[2];
+            split_bf16x2(v.x * scale, v.y * scale, h[0], l[0]);
+            split_bf16x2(v.z * scale, v.w * scale, h[1], l[1]);
+            int at = swz<HD>(qi, d & ~7) + (d & 7);
+            *(uint2 *)(q_hi + at) = make_uint2(h[0], h[1]);
+            *(uint2 *)(q_lo + at) = make_uint2(l[0], l[1]);
         }
         for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
             qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
 
         float o[MT][NT][4], m[MT][2], l[MT][2];
-    #pragma unroll
+#pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-    #pragma unroll
+#pragma unroll
             for (int r = 0; r < 2; r++)
                 m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
-    #pragma unroll
+#pragma unroll
             for (int n = 0; n < NT; n++)
-    #pragma unroll
+#pragma unroll
                 for (int c = 0; c < 4; c++)
                     o[mt][n][c] = 0.0f;
         }
@@ -507,13 +513,13 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             __syncthreads();   /* this tile (and the queries) visible to all */
             const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * HD;
             if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
-    #pragma unroll
+#pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     if (mt * 16 >= nq)
                         break;
                     /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
                     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    #pragma unroll
+#pragma unroll
                     for (int kk = 0; kk < HD / 16; kk++) {
                         unsigned kb[4], a[4];
                         ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4),
@@ -527,11 +533,11 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                         mma_bf16(s[1], a, kb[2], kb[3]);
                     }
                     float p[2][4];
-    #pragma unroll
+#pragma unroll
                     for (int r = 0; r < 2; r++) {
                         int qp = qpos_s[mt * 16 + gr + 8 * r];
                         float x[4];
-    #pragma unroll
+#pragma unroll
                         for (int c = 0; c < 4; c++) {
                             int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
                             x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
@@ -541,7 +547,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                         float mn = fmaxf(m[mt][r], mx);
                         float corr = mn == -INFINITY ? 1.0f : expf(m[mt][r] - mn);
-    #pragma unroll
+#pragma unroll
                         for (int c = 0; c < 4; c++)
                             p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
                         float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
@@ -549,11 +555,12 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                         ps += __shfl_xor_sync(0xffffffffu, ps, 2);
                         l[mt][r] = l[mt][r] * corr + ps;
                         m[mt][r] = mn;
-    #pragma unroll
-                        for (int n = 0; n < NT; n++) {
-                            o[mt][n][2 * r] *= corr;
-                            o[mt][n][2 * r + 1] *= corr;
-                        }
+                        if (__any_sync(0xffffffffu, corr != 1.0f))   /* x 1 changes nothing: skip it */
+#pragma unroll
+                            for (int n = 0; n < NT; n++) {
+                                o[mt][n][2 * r] *= corr;
+                                o[mt][n][2 * r + 1] *= corr;
+                            }
                     }
                     /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
                     unsigned ph[4], pl[4];
@@ -561,7 +568,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                     split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
                     split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
                     split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
-    #pragma unroll
+#pragma unroll
                     for (int np = 0; np < HD / 16; np++) {
                         unsigned vb[4];
                         ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1),
@@ -582,13 +589,14 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
 
         /* merge the warps in warp order: per warp O [ROWS, HD], then m [ROWS], l [ROWS] */
         float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * HD, *lw = mw + MMA_WARPS * ROWS;
-    #pragma unroll
+        float *fw = lw + (MMA_WARPS + 1) * ROWS;   /* [ROWS][MMA_WARPS]; lw's last ROWS: each row's sum */
+#pragma unroll
         for (int mt = 0; mt < MT; mt++)
-    #pragma unroll
+#pragma unroll
             for (int r = 0; r < 2; r++) {
                 int qr = mt * 16 + gr + 8 * r;
                 float *dst = ow + ((size_t)w * ROWS + qr) * HD;
-    #pragma unroll
+#pragma unroll
                 for (int n = 0; n < NT; n++)
                     *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
                 if (tq == 0) {
@@ -597,29 +605,47 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                 }
             }
         __syncthreads();
-        for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
-            int qi = i / HD, d = i % HD;
+        /* per row: its max and sum, and each warp's factor (0 for a warp that saw none of its positions) */
+        for (int qi = threadIdx.x; qi < nq; qi += blockDim.x) {
             float M = -INFINITY;
             for (int v = 0; v < MMA_WARPS; v++)
                 if (lw[v * ROWS + qi] > 0.0f)
                     M = fmaxf(M, mw[v * ROWS + qi]);
-            float Lsum = 0.0f, acc = 0.0f;
+            float Lsum = 0.0f;
             for (int v = 0; v < MMA_WARPS; v++) {
-                float lv = lw[v * ROWS + qi];
+                float lv = lw[v * ROWS + qi], f = 0.0f;
                 if (lv > 0.0f) {
-                    float f = expf(mw[v * ROWS + qi] - M);
+                    f = expf(mw[v * ROWS + qi] - M);
                     Lsum += lv * f;
-                    acc += ow[((size_t)v * ROWS + qi) * HD + d] * f;
                 }
+                fw[qi * MMA_WARPS + v] = f;
             }
             int t = t0 + qi / G, h = g * G + qi % G;
             float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2);
-            if (d == 0) {
-                out[0] = M;
-                out[1] = Lsum;
-            }
-            if (Lsum > 0.0f)
-                out[2 + d] = acc;   /* no visible position here: the merge skips the group */
+            out[0] = M;
+            out[1] = Lsum;
+            lw[MMA_WARPS * ROWS + qi] = Lsum;
+        }
+        __syncthreads();
+        /* the values, four elements a thread at a time, added in warp order */
+        for (int i = threadIdx.x; i < nq * HD / 4; i += blockDim.x) {
+            int qi = i / (HD / 4), d = i % (HD / 4) * 4;
+            if (!(lw[MMA_WARPS * ROWS + qi] > 0.0f))
+                continue;   /* no visible position here: the merge skips the group */
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int v = 0; v < MMA_WARPS; v++)
+                if (lw[v * ROWS + qi] > 0.0f) {
+                    float f = fw[qi * MMA_WARPS + v];
+                    float4 ov = *(const float4 *)(ow + ((size_t)v * ROWS + qi) * HD + d);
+                    acc.x += ov.x * f;
+                    acc.y += ov.y * f;
+                    acc.z += ov.z * f;
+                    acc.w += ov.w * f;
+                }
+            int t = t0 + qi / G, h = g * G + qi % G;
+            float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2) + 2 + d;
+            *(float2 *)out = make_float2(acc.x, acc.y);   /* rows of HD + 2 floats: 8-byte aligned */
+            *(float2 *)(out + 2) = make_float2(acc.z, acc.w);
         }
         __syncthreads();   /* the merge's shared rows are the next item's stages */
     }
@@ -659,20 +685,27 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
     }
     long items = (long)n * nKV * ATT_SPLIT;   /* at most one run per token */
     unsigned grid = (unsigned)(items < resident ? items : resident);
+    int page_shift = -1;   /* pages of 2^s positions: shifts instead of divisions */
+    for (int sh = 0; sh < 31; sh++)
+        if (page_size == 1 << sh)
+            page_shift = sh;
     attention_mma_kernel<HD, MT><<<grid, MMA_WARPS * 32, smem, stream>>>(
-        q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, nH, nKV,
-        scale, ws);
+        q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, page_shift,
+        nH, nKV, scale, ws);
     return cudaGetLastError();
 }
 
-/* The tensor-core kernel where it applies (head_dim 64 or 128); else cudaErrorNotSupported. Blocks
- * carry one m16 tile of queries when every run has at most 16, else two. */
+/* The tensor-core kernel where it applies (head_dim 64 or 128, q 16-byte aligned with ldq a multiple of
+ * 4); else cudaErrorNotSupported. Blocks carry one m16 tile of queries when every run has at most 16,
+ * else two. */
 static cudaError_t launch_mma_part(const float *q, int ldq, const __nv_bfloat16 *k_cache,
                                    const __nv_bfloat16 *v_cache, const int32_t *seq, const int32_t *pos,
                                    const int32_t *run_start, const int32_t *run_len, const int32_t *n_runs,
                                    int longest, const int32_t *page_table, int max_pages, int page_size, int n,
                                    int nH, int nKV, int hd, float scale, float *ws, cudaStream_t stream)
 {
+    if (ldq % 4 || (uintptr_t)q % 16)
+        return cudaErrorNotSupported;   /* the queries are read as float4 */
     bool two = longest * (nH / nKV) > 16;
 #define MMA_CASE(HD)                                                                                             \
     if (hd == HD)                                                                                                \

@@ -651,6 +651,14 @@ static bool test_attention_long(void)
     return test_attention(&c, "attention, long contexts (GQA 4, hd 128)");
 }
 
+/* Pages of 12 positions (not a power of two: divisions, not shifts), a verify block of 8, GQA 4, hd 128. */
+static bool test_attention_odd_pages(void)
+{
+    struct att_case c = {.nH = 8, .nKV = 2, .hd = 128, .page_size = 12, .n_pages = 32, .n_seqs = 2,
+                         .cached = {100, 29}, .n_new = {8, 1}};
+    return test_attention(&c, "attention, pages of 12 positions (GQA 4, hd 128)");
+}
+
 /* hd 24 (not a multiple of 32: lanes past hd idle), GQA 2. */
 static bool test_attention_hd24(void)
 {
@@ -1303,6 +1311,7 @@ static const struct {
     {"kv append + causal attention, ragged batch, hd 64", test_attention_hd64},
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
+    {"kv append + causal attention, pages of 12 positions", test_attention_odd_pages},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
     {"bf16 product: a row's bits depend neither on the batch nor on cuBLASLt", test_gemm_invariance},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
