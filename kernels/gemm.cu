@@ -278,13 +278,15 @@ static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, i
 
 /* ---- cuBLASLt for the larger passes ---- */
 #define LT_WORKSPACE (32u << 20)
-#define LT_CACHE 512              /* (M, N, range K, ...) problems remembered */
+#define LT_CACHE 1024             /* (M, N, range K, ...) problems remembered: a power of two */
+#define LT_PROBE 8                /* slots a problem may take, from its hash on */
 
 struct lt_problem {               /* one k range's product, as cuBLASLt sees it */
     int M, N, Ks, K, ldx, ldy, beta, align;
 };
 struct lt_entry {
     struct lt_problem key;
+    int used;
     int usable;                   /* 0: no algorithm that keeps the chain; use the kernels */
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t a, b, c;
@@ -293,8 +295,8 @@ struct lt_entry {
 struct ds_k_gemm_lt {
     cublasLtHandle_t handle;
     void *workspace;              /* LT_WORKSPACE bytes: fixed, so products can be captured in graphs */
-    struct lt_entry cache[LT_CACHE];
-    int used, next_evict;
+    struct lt_entry cache[LT_CACHE];   /* open addressing by the problem's hash */
+    unsigned next_evict;
 };
 
 extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
@@ -333,7 +335,7 @@ extern "C" void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt)
 {
     if (!lt)
         return;
-    for (int i = 0; i < lt->used; i++)
+    for (int i = 0; i < LT_CACHE; i++)
         lt_entry_free(&lt->cache[i]);
     cudaFree(lt->workspace);
     cublasLtDestroy(lt->handle);
@@ -395,18 +397,23 @@ done:
 
 static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
 {
-    for (int i = 0; i < lt->used; i++)
-        if (!memcmp(&lt->cache[i].key, key, sizeof *key))
-            return &lt->cache[i];
-    struct lt_entry *en;
-    if (lt->used < LT_CACHE) {
-        en = &lt->cache[lt->used++];
-    } else {
-        en = &lt->cache[lt->next_evict];
-        lt->next_evict = (lt->next_evict + 1) % LT_CACHE;
+    unsigned h = 2166136261u;   /* FNV-1a over the problem's ints */
+    for (size_t i = 0; i < sizeof *key; i++)
+        h = (h ^ ((const unsigned char *)key)[i]) * 16777619u;
+    struct lt_entry *en = NULL;
+    for (int p = 0; p < LT_PROBE && !en; p++) {
+        struct lt_entry *e = &lt->cache[(h + p) & (LT_CACHE - 1)];
+        if (!e->used)
+            en = e;
+        else if (!memcmp(&e->key, key, sizeof *key))
+            return e;
+    }
+    if (!en) {   /* every slot taken: replace one in turn */
+        en = &lt->cache[(h + lt->next_evict++ % LT_PROBE) & (LT_CACHE - 1)];
         lt_entry_free(en);
     }
     en->key = *key;
+    en->used = 1;
     lt_setup(lt, en);
     return en;
 }
