@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 
 template <typename T> __device__ static inline T from_f32(float v);
@@ -43,6 +44,7 @@ __global__ static void kv_append_kernel(const float *k, int ldk, const float *v,
                                         const int32_t *pos, const int32_t *page_table, int max_pages,
                                         int page_size, int row, int hd, KV *k_cache, KV *v_cache)
 {
+    pdl_enter();
     int t = blockIdx.x, h = blockIdx.y;   /* one block per (token, KV head) */
     int p = pos[t];
     int page = page_table[(size_t)seq[t] * max_pages + p / page_size];
@@ -82,10 +84,9 @@ extern "C" cudaError_t ds_k_kv_append_bf16(const float *k, int ldk, const float 
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    kv_append_kernel<__nv_bfloat16><<<dim3((unsigned)n, (unsigned)nKV), 128, 0, stream>>>(
-        k, ldk, v, ldv, seq, pos, page_table, max_pages, page_size, nKV * hd, hd, (__nv_bfloat16 *)k_cache,
-        (__nv_bfloat16 *)v_cache);
-    return cudaGetLastError();
+    return pdl_launch(kv_append_kernel<__nv_bfloat16>, dim3((unsigned)n, (unsigned)nKV), dim3(128), 0, stream, k,
+                      ldk, v, ldv, seq, pos, page_table, max_pages, page_size, nKV * hd, hd,
+                      (__nv_bfloat16 *)k_cache, (__nv_bfloat16 *)v_cache);
 }
 
 /* ---- attention ---- */
@@ -323,6 +324,7 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
 template <typename OUT>
 __global__ static void attention_merge_kernel(const float *ws, int nH, int hd, OUT *out)
 {
+    pdl_enter();
     int t = blockIdx.x, h = blockIdx.y;
     const float *part = ws + ((size_t)t * nH + h) * ATT_SPLIT * (hd + 2);
     float M = -INFINITY;
@@ -434,6 +436,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
      * blocks as fit the GPU at once, and block b takes items b, b + grid, ...: the launch shape
      * depends on the pass's token count, while its runs (at most one per token) are often far
      * fewer, and blocks for absent runs would cost their scheduling. */
+    pdl_enter();
     int n_items = *n_runs * nKV * ATT_SPLIT;
     for (int item = (int)blockIdx.x; item < n_items; item += (int)gridDim.x) {
         int g = item % nKV, z = item / nKV % ATT_SPLIT, run = item / (nKV * ATT_SPLIT);
@@ -689,10 +692,9 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
     for (int sh = 0; sh < 31; sh++)
         if (page_size == 1 << sh)
             page_shift = sh;
-    attention_mma_kernel<HD, MT><<<grid, MMA_WARPS * 32, smem, stream>>>(
-        q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, page_shift,
-        nH, nKV, scale, ws);
-    return cudaGetLastError();
+    return pdl_launch(attention_mma_kernel<HD, MT>, dim3(grid), dim3(MMA_WARPS * 32), smem, stream, q, ldq, k_cache,
+                      v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, page_shift, nH,
+                      nKV, scale, ws);
 }
 
 /* The tensor-core kernel where it applies (head_dim 64 or 128, q 16-byte aligned with ldq a multiple of
@@ -795,8 +797,8 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
     e = cudaGetLastError();
     if (e != cudaSuccess)
         return e;
-    attention_merge_kernel<OUT><<<dim3((unsigned)n, (unsigned)nH), 128, 0, stream>>>(ws, nH, hd, out);
-    return cudaGetLastError();
+    return pdl_launch(attention_merge_kernel<OUT>, dim3((unsigned)n, (unsigned)nH), dim3(128), 0, stream, ws, nH, hd,
+                      out);
 }
 
 extern "C" cudaError_t ds_k_attention(const float *q, int ldq, const float *k_cache, const float *v_cache,

@@ -27,6 +27,7 @@
 #include <mma.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 using namespace nvcuda;
 
@@ -91,6 +92,7 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     extern __shared__ __align__(128) unsigned char smem[];
+    pdl_enter();
     __nv_bfloat16 *As = (__nv_bfloat16 *)smem;
     __nv_bfloat16 *Bs = As + T::A_STAGE * STAGES;
     int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
@@ -222,6 +224,7 @@ extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
 /* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order. */
 __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, float *y, int ldy, int accumulate)
 {
+    pdl_enter();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)M * N)
         return;
@@ -252,9 +255,9 @@ static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, in
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)split);
     /* one block sums a tile's parts: worth it for decoding's small tiles only */
     *fused = BM <= 16 && (size_t)grid.x * grid.y <= GM_COUNTERS;
-    gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES><<<grid, T::THREADS, T::SMEM, stream>>>(
-        (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws, *fused);
-    return cudaGetLastError();
+    return pdl_launch(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES>, grid, dim3(T::THREADS), (size_t)T::SMEM, stream,
+                      (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws,
+                      *fused);
 }
 
 /* The in-house kernels: a tile shape by M, the k ranges' partials summed in order. */
@@ -272,8 +275,8 @@ static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, i
     if (e != cudaSuccess || split == 1 || fused)
         return e;
     size_t total = (size_t)M * N;
-    gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);
-    return cudaGetLastError();
+    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream,
+                      (const float *)ws, M, N, split, y, ldy, accumulate);
 }
 
 /* ---- cuBLASLt for the larger passes ---- */
@@ -457,8 +460,8 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
     if (split == 1)
         return cudaSuccess;
     size_t total = (size_t)M * N;
-    gemm_reduce_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(ws, M, N, split, y, ldy, accumulate);
-    return cudaGetLastError();
+    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream,
+                      (const float *)ws, M, N, split, y, ldy, accumulate);
 }
 
 /* Which passes cuBLASLt takes: every pass of a product without a k split (its

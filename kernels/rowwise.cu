@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 #define ROW_THREADS 256
 
@@ -174,6 +175,7 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
 {
     extern __shared__ float buf[];   /* [hd] */
     __shared__ float red[32];
+    pdl_enter();
     int t = blockIdx.x, h = blockIdx.y;
     float *x;
     const float *w;
@@ -216,9 +218,8 @@ extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, c
     if (n == 0 || nH + nKV == 0)
         return cudaSuccess;
     dim3 grid((unsigned)n, (unsigned)(nH + nKV));
-    qk_norm_rope_kernel<<<grid, HEAD_THREADS, (size_t)hd * sizeof(float), stream>>>(
-        q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, nH, hd, eps);
-    return cudaGetLastError();
+    return pdl_launch(qk_norm_rope_kernel, grid, dim3(HEAD_THREADS), (size_t)hd * sizeof(float), stream, q, ldq, k,
+                      ldk, q_norm, k_norm, inv_freq, pos, nH, hd, eps);
 }
 
 /* ---- SwiGLU ---- */
@@ -328,6 +329,7 @@ __global__ static void rmsnorm_bf16_kernel(const float *x, const int32_t *rows, 
                                            __nv_bfloat16 *out)
 {
     __shared__ float red[32];
+    pdl_enter();
     int src = rows ? rows[blockIdx.x] : (int)blockIdx.x;
     const float *xr = x + (size_t)src * H;
     __nv_bfloat16 *o = out + (size_t)blockIdx.x * H;
@@ -354,12 +356,13 @@ extern "C" cudaError_t ds_k_rmsnorm_bf16(const float *x, const int32_t *rows, co
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    rmsnorm_bf16_kernel<<<n, ROW_THREADS, 0, stream>>>(x, rows, w, H, eps, (__nv_bfloat16 *)out);
-    return cudaGetLastError();
+    return pdl_launch(rmsnorm_bf16_kernel, dim3((unsigned)n), dim3(ROW_THREADS), 0, stream, x, rows, w, H, eps,
+                      (__nv_bfloat16 *)out);
 }
 
 __global__ static void swiglu_bf16_kernel(const float *gu, int I, size_t total, __nv_bfloat16 *out)
 {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total)
         return;
@@ -375,8 +378,8 @@ extern "C" cudaError_t ds_k_swiglu_bf16(const float *gu, int n, int I, uint16_t 
     if (n == 0)
         return cudaSuccess;
     size_t total = (size_t)n * I;
-    swiglu_bf16_kernel<<<(unsigned)((total + 255) / 256), 256, 0, stream>>>(gu, I, total, (__nv_bfloat16 *)out);
-    return cudaGetLastError();
+    return pdl_launch(swiglu_bf16_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream, gu, I, total,
+                      (__nv_bfloat16 *)out);
 }
 
 __global__ static void add_bias_kernel(float *y, int ldy, const float *bias, int N, size_t total)

@@ -1,0 +1,54 @@
+/* pdl.cuh: programmatic dependent launch for the forward pass's kernels.
+ *
+ * A kernel launched with pdl_launch may start while the kernel before it in
+ * the stream is still running; it must call pdl_enter() first thing, which
+ * waits until that kernel has finished and its writes are visible, then lets
+ * the next kernel start launching in turn. What is saved is the launch
+ * latency between consecutive small kernels (most of a decoding pass's
+ * kernels are a few microseconds long). Arithmetic is unchanged. Needs
+ * compute capability 9.0; elsewhere both are plain launches and no-ops. */
+#ifndef DS_PDL_CUH
+#define DS_PDL_CUH
+
+#include <utility>
+
+#include <cuda_runtime.h>
+
+__device__ static inline void pdl_enter(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+/* Whether the current device takes programmatic launches (once per process). */
+static inline bool pdl_supported(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        int dev = 0, major = 0;
+        known = cudaGetDevice(&dev) == cudaSuccess &&
+                cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+    }
+    return known == 1;
+}
+
+template <typename... P, typename... A>
+static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              A &&...args)
+{
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+}
+
+#endif
