@@ -5,9 +5,9 @@
  * The host keeps the page bookkeeping (struct ds_kv_pool made with
  * ds_kv_pool_init_pages, the sequences' page lists); the device holds the K/V
  * rows of those pages. Every product is batch-invariant by default (the
- * in-house bf16 kernels, and cuBLASLt algorithms that give their bits), so a token's logits do not depend on the rest of its pass
- * (lossless speculation at bf16 needs that); `cublas` trades that for cuBLAS's
- * fastest algorithms. Available only in builds configured --with-cuda;
+ * in-house bf16 kernels, and cuBLASLt algorithms that give their bits), so a
+ * token's logits do not depend on the rest of its pass (lossless speculation
+ * at bf16 needs that); `cublas` trades that for cuBLAS's fastest algorithms. Available only in builds configured --with-cuda;
  * elsewhere every function fails with DS_ENOTSUP. */
 #ifndef DS_CUDA_H
 #define DS_CUDA_H
