@@ -7,10 +7,11 @@
  * chain of tensor-core products over 16-wide k chunks in increasing order
  * (wmma m16n16k16), and the ranges' partials are summed in range order: for
  * decoding's 16-row tiles by the last block of the tile to finish (a counter
- * per tile at the start of the workspace), else by a second kernel. Tile shapes differ with m (a 16-row tile that streams W for
- * decoding, 64 and 128-row tiles for larger passes), but chunks past a
- * range's end are zero-filled, so every shape runs the same chain for each
- * element: a token's result never depends on what else shares the pass.
+ * per tile at the start of the workspace), else by a second kernel. Tile
+ * shapes differ with m (a 16-row tile that streams W for decoding, 64 and
+ * 128-row tiles for larger passes), but chunks past a range's end are
+ * zero-filled, so every shape runs the same chain for each element: a token's
+ * result never depends on what else shares the pass.
  *
  * Larger passes can run each k range through cuBLASLt instead (with a
  * ds_k_gemm_lt): an algorithm that does not split k runs that same chain, one

@@ -7,8 +7,9 @@
  * rows of those pages. Every product is batch-invariant by default (the
  * in-house bf16 kernels, and cuBLASLt algorithms that give their bits), so a
  * token's logits do not depend on the rest of its pass (lossless speculation
- * at bf16 needs that); `cublas` trades that for cuBLAS's fastest algorithms. Available only in builds configured --with-cuda;
- * elsewhere every function fails with DS_ENOTSUP. */
+ * at bf16 needs that); `cublas` trades that for cuBLAS's fastest algorithms.
+ * Available only in builds configured --with-cuda; elsewhere every function
+ * fails with DS_ENOTSUP. */
 #ifndef DS_CUDA_H
 #define DS_CUDA_H
 
