@@ -432,11 +432,12 @@ static int pointer_alignment(const void *p)
 }
 
 /* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel; cudaErrorNotSupported when some
- * range has no algorithm that keeps the chain (nothing was launched then). */
+ * range has no algorithm that keeps the chain, or a product fails to launch: y is then untouched (with a
+ * split, cuBLASLt writes only the partials), and the kernels compute the whole product. */
 static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M, int N,
                            int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
-    struct lt_entry *ranges[64];
+    struct lt_problem keys[64];
     int KQ = (K + GM_KQ - 1) / GM_KQ;
     for (int s = 0; s < split; s++) {
         int kb = (int)((long)s * KQ / split) * GM_KQ, ke = (int)((long)(s + 1) * KQ / split) * GM_KQ;
@@ -444,19 +445,21 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
         int al = pointer_alignment(w + kb);
         al = al < pointer_alignment(x + kb) ? al : pointer_alignment(x + kb);
         al = al < pointer_alignment(dst) ? al : pointer_alignment(dst);
-        struct lt_problem key = {M, N, (ke < K ? ke : K) - kb, K, ldx, split == 1 ? ldy : N,
-                                 split == 1 && accumulate, al};
-        if (!(ranges[s] = lt_lookup(lt, &key))->usable)
-            return cudaErrorNotSupported;
+        keys[s] = lt_problem{M, N, (ke < K ? ke : K) - kb, K, ldx, split == 1 ? ldy : N, split == 1 && accumulate,
+                             al};
+        if (!lt_lookup(lt, &keys[s])->usable)
+            return cudaErrorNotSupported;   /* nothing launched yet */
     }
     for (int s = 0; s < split; s++) {
+        /* looked up again: a later range's lookup may have replaced an earlier one's entry */
+        struct lt_entry *en = lt_lookup(lt, &keys[s]);
         int kb = (int)((long)s * KQ / split) * GM_KQ;
         float *dst = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
-        const float one = 1.0f, beta = ranges[s]->key.beta ? 1.0f : 0.0f;
-        struct lt_entry *en = ranges[s];
-        if (cublasLtMatmul(lt->handle, en->op, &one, w + kb, en->a, x + kb, en->b, &beta, dst, en->c, dst, en->c,
-                           &en->algo, lt->workspace, LT_WORKSPACE, stream) != CUBLAS_STATUS_SUCCESS)
-            return s == 0 ? cudaErrorNotSupported : cudaErrorLaunchFailure;
+        const float one = 1.0f, beta = en->key.beta ? 1.0f : 0.0f;
+        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + kb, en->a, x + kb, en->b, &beta, dst, en->c,
+                                          dst, en->c, &en->algo, lt->workspace, LT_WORKSPACE,
+                                          stream) != CUBLAS_STATUS_SUCCESS)
+            return cudaErrorNotSupported;
     }
     if (split == 1)
         return cudaSuccess;

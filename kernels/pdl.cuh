@@ -5,8 +5,9 @@
  * waits until that kernel has finished and its writes are visible, then lets
  * the next kernel start launching in turn. What is saved is the launch
  * latency between consecutive small kernels (most of a decoding pass's
- * kernels are a few microseconds long). Arithmetic is unchanged. Needs
- * compute capability 9.0; elsewhere both are plain launches and no-ops. */
+ * kernels are a few microseconds long). Arithmetic is unchanged. Needs a
+ * device of compute capability 9.0 and kernels compiled for it (pdl_enter is
+ * empty below that); elsewhere both are plain launches and no-ops. */
 #ifndef DS_PDL_CUH
 #define DS_PDL_CUH
 
@@ -46,8 +47,14 @@ static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
+    static int compiled = -1;   /* whether these kernels' code waits in pdl_enter (one build: one answer) */
+    if (compiled < 0) {
+        cudaFuncAttributes fa;
+        compiled = pdl_supported() && cudaFuncGetAttributes(&fa, (const void *)kernel) == cudaSuccess &&
+                   fa.ptxVersion >= 90;
+    }
     cfg.attrs = &attr;
-    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    cfg.numAttrs = compiled == 1 ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 

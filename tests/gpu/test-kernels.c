@@ -651,6 +651,15 @@ static bool test_attention_long(void)
     return test_attention(&c, "attention, long contexts (GQA 4, hd 128)");
 }
 
+/* Many (run, group, KV head) items: more than the tensor-core kernel's blocks that fit an H200 at once (264 to
+ * 396), so blocks take several items in turn. 160 tokens of 4 sequences, GQA 4, hd 128. */
+static bool test_attention_many_items(void)
+{
+    struct att_case c = {.nH = 32, .nKV = 8, .hd = 128, .page_size = 16, .n_pages = 64, .n_seqs = 4,
+                         .cached = {300, 0, 129, 60}, .n_new = {40, 40, 40, 40}};
+    return test_attention(&c, "attention, many items (GQA 4, hd 128)");
+}
+
 /* Pages of 12 positions (not a power of two: divisions, not shifts), a verify block of 8, GQA 4, hd 128. */
 static bool test_attention_odd_pages(void)
 {
@@ -1312,6 +1321,7 @@ static const struct {
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
     {"kv append + causal attention, pages of 12 positions", test_attention_odd_pages},
+    {"kv append + causal attention, blocks taking many items", test_attention_many_items},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
     {"bf16 product: a row's bits depend neither on the batch nor on cuBLASLt", test_gemm_invariance},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
