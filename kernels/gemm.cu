@@ -301,6 +301,7 @@ struct ds_k_gemm_lt {
     void *workspace;              /* LT_WORKSPACE bytes: fixed, so products can be captured in graphs */
     struct lt_entry cache[LT_CACHE];   /* open addressing by the problem's hash */
     unsigned next_evict;
+    size_t launches;              /* products cuBLASLt was given */
 };
 
 extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
@@ -333,6 +334,11 @@ static void lt_entry_free(struct lt_entry *en)
     if (en->c)
         cublasLtMatrixLayoutDestroy(en->c);
     memset(en, 0, sizeof *en);
+}
+
+extern "C" size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt)
+{
+    return lt ? lt->launches : 0;
 }
 
 extern "C" void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt)
@@ -460,6 +466,7 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
                                           dst, en->c, &en->algo, lt->workspace, LT_WORKSPACE,
                                           stream) != CUBLAS_STATUS_SUCCESS)
             return cudaErrorNotSupported;
+        lt->launches++;
     }
     if (split == 1)
         return cudaSuccess;

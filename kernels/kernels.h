@@ -218,6 +218,8 @@ size_t ds_k_gemm_workspace(int M, int N, int split);
 struct ds_k_gemm_lt;
 cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **lt);
 void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt);
+/* Products (k ranges) given to cuBLASLt so far: tests check it served. */
+size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt);
 
 /* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
  * K and ldx must be multiples of 8; ws holds ds_k_gemm_workspace(M, N, split)
