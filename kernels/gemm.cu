@@ -444,26 +444,27 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
                            int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
     struct lt_problem keys[64];
+    int kb[64];     /* each range's first k */
+    float *dst[64]; /* and where its product goes */
     int KQ = (K + GM_KQ - 1) / GM_KQ;
     for (int s = 0; s < split; s++) {
-        int kb = (int)((long)s * KQ / split) * GM_KQ, ke = (int)((long)(s + 1) * KQ / split) * GM_KQ;
-        float *dst = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
-        int al = pointer_alignment(w + kb);
-        al = al < pointer_alignment(x + kb) ? al : pointer_alignment(x + kb);
-        al = al < pointer_alignment(dst) ? al : pointer_alignment(dst);
-        keys[s] = lt_problem{M, N, (ke < K ? ke : K) - kb, K, ldx, split == 1 ? ldy : N, split == 1 && accumulate,
+        int ke = (int)((long)(s + 1) * KQ / split) * GM_KQ;
+        kb[s] = (int)((long)s * KQ / split) * GM_KQ;
+        dst[s] = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
+        int al = pointer_alignment(w + kb[s]);
+        al = al < pointer_alignment(x + kb[s]) ? al : pointer_alignment(x + kb[s]);
+        al = al < pointer_alignment(dst[s]) ? al : pointer_alignment(dst[s]);
+        keys[s] = lt_problem{M, N, (ke < K ? ke : K) - kb[s], K, ldx, split == 1 ? ldy : N, split == 1 && accumulate,
                              al};
         if (!lt_lookup(lt, &keys[s])->usable)
             return cudaErrorNotSupported;   /* nothing launched yet */
     }
+    const float one = 1.0f, beta = split == 1 && accumulate ? 1.0f : 0.0f;
     for (int s = 0; s < split; s++) {
         /* looked up again: a later range's lookup may have replaced an earlier one's entry */
         struct lt_entry *en = lt_lookup(lt, &keys[s]);
-        int kb = (int)((long)s * KQ / split) * GM_KQ;
-        float *dst = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
-        const float one = 1.0f, beta = en->key.beta ? 1.0f : 0.0f;
-        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + kb, en->a, x + kb, en->b, &beta, dst, en->c,
-                                          dst, en->c, &en->algo, lt->workspace, LT_WORKSPACE,
+        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + kb[s], en->a, x + kb[s], en->b, &beta, dst[s],
+                                          en->c, dst[s], en->c, &en->algo, lt->workspace, LT_WORKSPACE,
                                           stream) != CUBLAS_STATUS_SUCCESS)
             return cudaErrorNotSupported;
         lt->launches++;

@@ -23,18 +23,6 @@ __device__ static inline void pdl_enter(void)
 #endif
 }
 
-/* Whether the current device takes programmatic launches (once per process). */
-static inline bool pdl_supported(void)
-{
-    static int known = -1;
-    if (known < 0) {
-        int dev = 0, major = 0;
-        known = cudaGetDevice(&dev) == cudaSuccess &&
-                cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-    }
-    return known == 1;
-}
-
 template <typename... P, typename... A>
 static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                               A &&...args)
@@ -47,14 +35,18 @@ static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    static int compiled = -1;   /* whether these kernels' code waits in pdl_enter (one build: one answer) */
-    if (compiled < 0) {
+    /* whether the device takes programmatic launches and these kernels' code waits in pdl_enter (one device
+     * and one build per process: one answer) */
+    static int usable = -1;
+    if (usable < 0) {
+        int dev = 0, major = 0;
         cudaFuncAttributes fa;
-        compiled = pdl_supported() && cudaFuncGetAttributes(&fa, (const void *)kernel) == cudaSuccess &&
-                   fa.ptxVersion >= 90;
+        usable = cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+                 cudaFuncGetAttributes(&fa, (const void *)kernel) == cudaSuccess && fa.ptxVersion >= 90;
     }
     cfg.attrs = &attr;
-    cfg.numAttrs = compiled == 1 ? 1 : 0;
+    cfg.numAttrs = usable == 1 ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
