@@ -62,11 +62,10 @@ template <int N> __device__ static inline void cp_async_wait(void)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/* Load the x tile (BM × BK) and the W tile (BN × BK) at k0; k at or past k_lim reads as zero. */
-template <class T, int BM, int BN, int BK>
-__device__ static inline void load_stage(__nv_bfloat16 *As, __nv_bfloat16 *Bs, const __nv_bfloat16 *x, int ldx,
-                                         const __nv_bfloat16 *w, int M, int N, int K, int m0, int n0, int k0,
-                                         int k_lim)
+/* Load the x tile (BM × BK) at k0; k at or past k_lim reads as zero. */
+template <class T, int BM, int BK>
+__device__ static inline void load_x_stage(__nv_bfloat16 *As, const __nv_bfloat16 *x, int ldx, int M, int m0, int k0,
+                                           int k_lim)
 {
     constexpr int CPR = BK / 8;   /* 16-byte chunks per row */
     for (int idx = threadIdx.x; idx < BM * CPR; idx += T::THREADS) {
@@ -75,6 +74,14 @@ __device__ static inline void load_stage(__nv_bfloat16 *As, __nv_bfloat16 *Bs, c
         bool ok = m < M && k < k_lim;
         cp_async16(As + r * T::LDS + c, ok ? (const void *)(x + (size_t)m * ldx + k) : (const void *)x, ok);
     }
+}
+
+/* Load the W tile (BN × BK) at k0; k at or past k_lim reads as zero. */
+template <class T, int BN, int BK>
+__device__ static inline void load_w_stage(__nv_bfloat16 *Bs, const __nv_bfloat16 *w, int N, int K, int n0, int k0,
+                                           int k_lim)
+{
+    constexpr int CPR = BK / 8;
     for (int idx = threadIdx.x; idx < BN * CPR; idx += T::THREADS) {
         int r = idx / CPR, c = (idx % CPR) * 8;
         int n = n0 + r, k = k0 + c;
@@ -93,7 +100,6 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     extern __shared__ __align__(128) unsigned char smem[];
-    pdl_enter();
     __nv_bfloat16 *As = (__nv_bfloat16 *)smem;
     __nv_bfloat16 *Bs = As + T::A_STAGE * STAGES;
     int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
@@ -112,21 +118,29 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
         for (int j = 0; j < T::FN; j++)
             wmma::fill_fragment(acc[i][j], 0.0f);
 
+    /* No kernel writes W: its first stages are requested before waiting for the kernel before (so they
+     * stream while that one finishes), x after. The prologue is one group, then empty ones, so that the
+     * loop's wait keeps counting STAGES - 1 groups ahead. */
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) {
+    for (int st = 0; st < STAGES - 1; st++)
         if (st < nk)
-            load_stage<T, BM, BN, BK>(As + st * T::A_STAGE, Bs + st * T::B_STAGE, x, ldx, w, M, N, K, m0, n0,
-                                      kb + st * BK, k_lim);
+            load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + st * BK, k_lim);
+    pdl_enter();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; st++)
+        if (st < nk)
+            load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + st * BK, k_lim);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; st++)
         cp_async_commit();
-    }
     for (int i = 0; i < nk; i++) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         int nxt = i + STAGES - 1;
         if (nxt < nk) {
             int st = nxt % STAGES;
-            load_stage<T, BM, BN, BK>(As + st * T::A_STAGE, Bs + st * T::B_STAGE, x, ldx, w, M, N, K, m0, n0,
-                                      kb + nxt * BK, k_lim);
+            load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + nxt * BK, k_lim);
+            load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + nxt * BK, k_lim);
         }
         cp_async_commit();
         const __nv_bfloat16 *a = As + (i % STAGES) * T::A_STAGE;

@@ -160,7 +160,9 @@ struct ds_k_sampling {
  * at the first maximum; else softmax(x / T), cut to the top-k tokens, then to
  * the smallest prefix of the ranking (probability descending, ties to the
  * lower id) whose mass reaches top_p of theirs, renormalized. out may be x
- * (in place). V up to 2^31 / 8; rows of non-finite logits give unspecified
+ * (in place). A row is split over up to 8 blocks, each holding its slice in
+ * shared memory: V up to about 400,000 on a GPU with 227 KB of it per block
+ * (larger: cudaErrorInvalidValue); rows of non-finite logits give unspecified
  * probabilities. */
 cudaError_t ds_k_sampling_probs(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */,
                                 const struct ds_k_sampling *params /* [n] */, int n, int V,

@@ -1,9 +1,11 @@
 /* pdl.cuh: programmatic dependent launch for the forward pass's kernels.
  *
  * A kernel launched with pdl_launch may start while the kernel before it in
- * the stream is still running; it must call pdl_enter() first thing, which
- * waits until that kernel has finished and its writes are visible, then lets
- * the next kernel start launching in turn. What is saved is the launch
+ * the stream is still running; it must call pdl_enter() before it touches
+ * anything an earlier kernel writes (the products request their first weight
+ * tiles before it, nothing else does anything first). pdl_enter waits until
+ * that kernel has finished and its writes are visible, then lets the next
+ * kernel start launching in turn. What is saved is the launch
  * latency between consecutive small kernels (most of a decoding pass's
  * kernels are a few microseconds long). Arithmetic is unchanged. Needs a
  * device of compute capability 9.0 and kernels compiled for it (pdl_enter is

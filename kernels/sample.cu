@@ -4,10 +4,11 @@
  * accept/reject of one speculative round per sequence.
  *
  * One block of SAMPLE_THREADS threads per row (or per sequence); the sampling
- * distribution spreads a row over a cluster of up to 8 blocks when there are
- * few rows (each block takes a contiguous slice; the blocks combine their
- * partial results through distributed shared memory, in rank order, so the
- * result does not depend on scheduling). Nothing is sorted: the top-k and
+ * distribution spreads a row over a cluster of up to 8 blocks (each block takes
+ * a contiguous slice, which it reads once into shared memory and works on
+ * there, writing the result once; the blocks combine their partial results
+ * through distributed shared memory, in rank order, so the result does not
+ * depend on scheduling). Nothing is sorted: the top-k and
  * top-p cuts find the value of the last kept token by a radix select over the
  * bit patterns of the probabilities (non-negative floats order like their
  * bits): three passes over the row, each a histogram of the next 11, 10 and 10
@@ -241,12 +242,13 @@ __device__ static int pick_bin(uint64_t target, bool by_mass, uint64_t *above_c,
 
 /* The largest bit pattern u with F(u) >= target, where F(t) is the weight
  * (mass, or count) of the tokens whose bits are >= max(t, lo), given
- * F(lo) >= target; *ret_c and *ret_m get the count and mass strictly above u.
+ * F(lo) >= target; *ret_c and *ret_m get the count and mass strictly above u,
+ * *ret_eq the count equal to it.
  * Three radix levels over bits 30..20, 19..10 and 9..0 (probabilities are at
  * most 1, whose bits 30..20 are 0x3f8). Every block of the cluster takes the
  * same steps from the same combined histograms. */
-__device__ static uint32_t radix_select(const float *p, uint32_t lo, uint64_t target, bool by_mass,
-                                        struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m)
+__device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_t target, bool by_mass,
+                                        struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m, uint64_t *ret_eq)
 {
     cg::cluster_group cl = cg::this_cluster();
     const int shifts[3] = {20, 10, 0};
@@ -259,12 +261,12 @@ __device__ static uint32_t radix_select(const float *p, uint32_t lo, uint64_t ta
         sm->hm_lo[threadIdx.x] = 0;
         sm->hm_hi[threadIdx.x] = 0;
         __syncthreads();
-        int from = sm->from, to = sm->to;
-        for (int base = from; base < to; base += blockDim.x) {
-            int i = base + threadIdx.x;
-            float v = i < to ? p[i] : 0.0f;
+        int n = sm->to - sm->from;
+        for (int base = 0; base < n; base += blockDim.x) {
+            int j = base + threadIdx.x;
+            float v = j < n ? slice[j] : 0.0f;
             uint32_t b = __float_as_uint(v);
-            bool ok = i < to && b >= lo && (b >> keep) == (prefix >> keep);
+            bool ok = j < n && b >= lo && (b >> keep) == (prefix >> keep);
             int bin = (int)((b >> shift) & (RADIX_BINS - 1));
             if (level == 0 && (b >> shift) >= RADIX_BINS)
                 bin = RADIX_BINS - 1;
@@ -282,24 +284,39 @@ __device__ static uint32_t radix_select(const float *p, uint32_t lo, uint64_t ta
         cl.sync();   /* every block has read the others' histograms (and its own tc, tm are complete) */
         int j = pick_bin(target, by_mass, &above_c, &above_m, sm);
         prefix |= (uint32_t)j << shift;
+        if (level == 2)
+            *ret_eq = sm->tc[j];   /* the last level's bins are single values, all of them in play */
     }
     *ret_c = above_c;
     *ret_m = above_m;
     return prefix;
 }
 
-/* Keep the tokens above value bits u and the first m (in index order) equal to it,
- * scaled by renorm; zero the rest. Two passes over the block's slice, each warp
- * walking its own contiguous segment; the blocks before this one in the cluster
- * (the slices before this one) pass on their count of equal tokens. */
-__device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm, struct probs_smem *sm)
+/* out[j] = slice[j] · renorm for the tokens above value bits u and the first m
+ * (in index order) equal to it, else 0 (out: the block's slice of the output
+ * row). Each warp walks its own contiguous segment; the blocks before this one
+ * in the cluster (the slices before this one) pass on their count of equal
+ * tokens. n_eq_all: the row's count of tokens equal to u, when known (else 0):
+ * when all of them are kept, the counting pass is skipped. */
+__device__ static void write_kept(const float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
+                                  float renorm, struct probs_smem *sm)
 {
     int seg = segment_len(sm->to - sm->from), w = warp_id(), lane = lane_id();
-    int from = sm->from + w * seg, to = from + seg < sm->to ? from + seg : sm->to;
+    int from = w * seg, to = from + seg < sm->to - sm->from ? from + seg : sm->to - sm->from;
+    if (n_eq_all > 0 && m >= n_eq_all) {
+        for (int base = from; base < to; base += 32) {
+            int j = base + lane;
+            if (j < to) {
+                uint32_t b = __float_as_uint(slice[j]);
+                out[j] = b >= u ? __fmul_rn(slice[j], renorm) : 0.0f;
+            }
+        }
+        return;
+    }
     int n_eq = 0;
     for (int base = from; base < to; base += 32) {
-        int i = base + lane;
-        n_eq += __popc(__ballot_sync(FULL_MASK, i < to && __float_as_uint(o[i]) == u));
+        int j = base + lane;
+        n_eq += __popc(__ballot_sync(FULL_MASK, j < to && __float_as_uint(slice[j]) == u));
     }
     if (lane == 0)
         sm->warp_eq[w] = n_eq;
@@ -319,14 +336,14 @@ __device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm
     for (int k = 0; k < w; k++)
         rank += (uint64_t)sm->warp_eq[k];
     for (int base = from; base < to; base += 32) {
-        int i = base + lane;
-        uint32_t b = i < to ? __float_as_uint(o[i]) : 0;
-        bool eq = i < to && b == u;
+        int j = base + lane;
+        uint32_t b = j < to ? __float_as_uint(slice[j]) : 0;
+        bool eq = j < to && b == u;
         unsigned bal = __ballot_sync(FULL_MASK, eq);
         uint64_t my_rank = rank + (uint64_t)__popc(bal & ((1u << lane) - 1u));
-        if (i < to) {
+        if (j < to) {
             bool keep = b > u || (eq && my_rank < m);
-            o[i] = keep ? __fmul_rn(o[i], renorm) : 0.0f;
+            out[j] = keep ? __fmul_rn(slice[j], renorm) : 0.0f;
         }
         rank += (uint64_t)__popc(bal);
     }
@@ -334,14 +351,34 @@ __device__ static void write_kept(float *o, uint32_t u, uint64_t m, float renorm
 }
 
 /* The first maximum of the row (ds_argmax: index 0 when nothing beats -inf),
- * over the cluster; every thread gets it. */
-__device__ static int row_argmax(const float *x, struct probs_smem *sm, float *ret_max)
+ * over the cluster; every thread gets it. The block's slice of x is copied to
+ * `slice` on the way (16 bytes at a time where x allows). */
+__device__ static int row_argmax(const float *x, float *slice, struct probs_smem *sm, float *ret_max)
 {
     float x0 = x[0];   /* read before the barrier below: after it, x may be overwritten */
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int i = sm->from + threadIdx.x; i < sm->to; i += blockDim.x)
-        better(bv, bi, x[i], i);
+    int from = sm->from, n = sm->to - sm->from, j = 0;
+    const float *xs = x + from;
+    if (((uintptr_t)xs & 15) == 0) {
+        int n4 = n / 4;
+#pragma unroll 4
+        for (int k = threadIdx.x; k < n4; k += blockDim.x) {
+            float4 v = __ldcs((const float4 *)xs + k);
+            ((float4 *)slice)[k] = v;
+            int i = from + 4 * k;
+            better(bv, bi, v.x, i);
+            better(bv, bi, v.y, i + 1);
+            better(bv, bi, v.z, i + 2);
+            better(bv, bi, v.w, i + 3);
+        }
+        j = 4 * n4;
+    }
+    for (j += threadIdx.x; j < n; j += blockDim.x) {
+        float v = xs[j];
+        slice[j] = v;
+        better(bv, bi, v, from + j);
+    }
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(FULL_MASK, bv, o);
         int oi = __shfl_xor_sync(FULL_MASK, bi, o);
@@ -379,16 +416,23 @@ __device__ static int row_argmax(const float *x, struct probs_smem *sm, float *r
     return bi;
 }
 
-/* One row per cluster (gridDim.x = rows × cluster size). */
+/* The length of a block's slice of a row of V over c blocks: a multiple of 32. */
+static __host__ __device__ inline int slice_len(int V, int c)
+{
+    return ((V + c - 1) / c + 31) & ~31;
+}
+
+/* One row per cluster (gridDim.x = rows × cluster size); dynamic shared memory: the block's slice. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
                  int ldo)
 {
     __shared__ struct probs_smem sm;
+    extern __shared__ __align__(16) float slice[];   /* [slice_len(V, c)]: x, then e, then probabilities */
     cg::cluster_group cl = cg::this_cluster();
     int c = (int)cl.num_blocks(), row = blockIdx.x / c;
     if (threadIdx.x == 0) {
-        int len = ((V + c - 1) / c + 31) & ~31;
+        int len = slice_len(V, c);
         int from = (int)cl.block_rank() * len;
         sm.from = from < V ? from : V;
         sm.to = from + len < V ? from + len : V;
@@ -397,31 +441,35 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     __syncthreads();
     size_t r = rows ? (size_t)rows[row] : (size_t)row;
     const float *xr = x + r * ldx;
-    float *o = out + r * ldo;
+    float *o = out + r * ldo + sm.from;   /* the block's slice of the output row */
+    int n = sm.to - sm.from;
     struct ds_k_sampling s = params[row];
     float mx;
-    int imax = row_argmax(xr, &sm, &mx);   /* every read of x is done: out may be x (slices are disjoint) */
+    int imax = row_argmax(xr, slice, &sm, &mx);   /* every read of x is done: out may be x (slices are disjoint) */
     if (s.temperature < GREEDY_TEMPERATURE) {
-        for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x)
-            o[i] = i == imax ? 1.0f : 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x)
+            o[j] = sm.from + j == imax ? 1.0f : 0.0f;
         cl.sync();   /* no block leaves while another may read its shared memory */
         return;
     }
     /* softmax(x / T): the CPU's float operations, exp rounded from double */
     float inv_t = 1.0f / s.temperature;
     double sum = 0;
-    for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x) {
-        float e = (float)exp((double)__fmul_rn(__fsub_rn(xr[i], mx), inv_t));
-        o[i] = e;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = (float)exp((double)__fmul_rn(__fsub_rn(slice[j], mx), inv_t));
+        slice[j] = e;
         sum += e;
     }
     sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;
-    for (int i = sm.from + threadIdx.x; i < sm.to; i += blockDim.x) {
-        float v = __fmul_rn(o[i], inv);
-        o[i] = v;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = __fmul_rn(slice[j], inv);
+        if (cut_k || cut_p)
+            slice[j] = v;
+        else
+            o[j] = v;
         total += to_fx(v);
     }
     if (!cut_k && !cut_p) {
@@ -431,12 +479,13 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     total = row_sum_all(total, &sm);   /* also makes the slice's writes visible to the block */
     uint32_t u = 0;        /* value (bits) of the last kept token in the ranking */
     uint64_t m = 0;        /* tokens kept among those equal to it (lowest ids) */
+    uint64_t n_eq = 0;     /* tokens equal to it */
     uint64_t kept = total; /* kept mass */
     uint64_t f_lo = total; /* mass of the candidates (the top-k set, else every token) */
     uint32_t lo = 0;
     if (cut_k) {
         uint64_t above_c, above_m;
-        u = radix_select(o, 0, (uint64_t)s.top_k, false, &sm, &above_c, &above_m);
+        u = radix_select(slice, 0, (uint64_t)s.top_k, false, &sm, &above_c, &above_m, &n_eq);
         m = (uint64_t)s.top_k - above_c;
         kept = above_m + m * to_fx(__uint_as_float(u));
         lo = u;
@@ -448,7 +497,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         if (target < 1)
             target = 1;
         uint64_t above_c, above;
-        uint32_t up = radix_select(o, lo, target, true, &sm, &above_c, &above);
+        uint32_t up = radix_select(slice, lo, target, true, &sm, &above_c, &above, &n_eq);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)
@@ -460,21 +509,35 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         kept = above + m * v;
     }
     float renorm = (float)(1.0 / ((double)kept / FX_ONE));
-    write_kept(o, u, m, renorm, &sm);
+    write_kept(slice, o, u, m, n_eq, renorm, &sm);
     cl.sync();
 }
 
-/* Blocks per row: spread few rows over the GPU, up to MAX_CLUSTER blocks each. */
-static int probs_cluster_size(int n)
+/* Blocks per row: spread few rows over the GPU, and enough blocks that a slice
+ * fits a block's shared memory (up to MAX_CLUSTER); 0 when it cannot fit.
+ * *ret_slice gets the slice's bytes. */
+static int probs_cluster_size(int n, int V, size_t *ret_slice)
 {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-        return 1;
+    static int sms = -1, smem_max = 0;   /* the device's (one per process) */
+    if (sms < 0) {
+        int dev = 0, optin = 0;
+        cudaFuncAttributes fa;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+            cudaFuncGetAttributes(&fa, (const void *)probs_kernel) != cudaSuccess ||
+            cudaFuncSetAttribute(probs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 optin - (int)fa.sharedSizeBytes) != cudaSuccess) {
+            sms = -1;
+            return 0;
+        }
+        smem_max = optin - (int)fa.sharedSizeBytes;
+    }
     int c = 1;
-    while (c < MAX_CLUSTER && (long)n * c * 2 <= sms)
+    while (c < MAX_CLUSTER && ((long)n * c * 2 <= sms || (size_t)slice_len(V, c) * 4 > (size_t)smem_max))
         c *= 2;
-    return c;
+    *ret_slice = (size_t)slice_len(V, c) * 4;
+    return *ret_slice <= (size_t)smem_max ? c : 0;
 }
 
 extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_t *rows,
@@ -485,7 +548,10 @@ extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    int c = probs_cluster_size(n);
+    size_t slice_bytes;
+    int c = probs_cluster_size(n, V, &slice_bytes);
+    if (c == 0)
+        return cudaErrorInvalidValue;   /* a vocabulary too large for MAX_CLUSTER blocks' shared memory */
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = (unsigned)c;
@@ -494,6 +560,7 @@ extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)(n * c));
     cfg.blockDim = dim3(SAMPLE_THREADS);
+    cfg.dynamicSmemBytes = slice_bytes;
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
