@@ -1,6 +1,7 @@
 /* bench-sample-cuda.c: the sampling kernels on their own, on a 151,936-token
  * vocabulary (Qwen3's): the per-row sampling distribution (ds_k_sampling_probs)
- * and the inverse-CDF draw (ds_k_sample), for 1, 8, 64 and 512 rows.
+ * and the inverse-CDF draw (ds_k_sample), and both in one launch
+ * (ds_k_sample_logits), for 1, 8, 64 and 512 rows.
  *
  *   bench-sample-cuda
  *
@@ -67,7 +68,8 @@ int main(void)
     struct cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
         snprintf(dev, sizeof dev, "%.255s, %d SMs", prop.name, prop.multiProcessorCount);
-    printf("# %s; vocabulary %d; fastest of %d launches, µs per launch (distribution / draw)\n\n", dev, V, REPS);
+    printf("# %s; vocabulary %d; fastest of %d launches, µs per launch (distribution / draw / both in one "
+           "launch)\n\n", dev, V, REPS);
     printf("| logits std | sampling | 1 row | 8 rows | 64 rows | 512 rows |\n|---|---|---|---|---|---|\n");
     for (int si = 0; si < 2; si++) {
         unsigned seed = 7;
@@ -81,14 +83,16 @@ int main(void)
             CHECK(cudaMemcpy(d_p, p, sizeof p, cudaMemcpyHostToDevice));
             printf("| %.1f | %s |", stds[si], cases[c].name);
             for (int k = 0; k < 4; k++) {
-                float best[2] = {1e30f, 1e30f};
+                float best[3] = {1e30f, 1e30f, 1e30f};
                 for (int rep = 0; rep < REPS; rep++)
-                    for (int which = 0; which < 2; which++) {
+                    for (int which = 0; which < 3; which++) {
                         CHECK(cudaEventRecord(e0, 0));
                         if (which == 0)
                             CHECK(ds_k_sampling_probs(d_x, V, NULL, d_p, rows[k], V, d_out, V, 0));
-                        else
+                        else if (which == 1)
                             CHECK(ds_k_sample(d_out, V, NULL, d_u, rows[k], V, d_ids, 0));
+                        else
+                            CHECK(ds_k_sample_logits(d_x, V, NULL, d_p, rows[k], V, d_out, V, d_u, d_ids, 0));
                         CHECK(cudaEventRecord(e1, 0));
                         CHECK(cudaEventSynchronize(e1));
                         float ms;
@@ -96,7 +100,7 @@ int main(void)
                         if (ms < best[which])
                             best[which] = ms;
                     }
-                printf(" %.1f / %.1f |", best[0] * 1e3, best[1] * 1e3);
+                printf(" %.1f / %.1f / %.1f |", best[0] * 1e3, best[1] * 1e3, best[2] * 1e3);
             }
             printf("\n");
         }

@@ -658,8 +658,8 @@ static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled)
         r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL, g->p_all + (size_t)k * S);
         if (r == 0 && sampled) {
             float *q = g->U + (size_t)k * V;   /* row i at q + i γ V */
-            CK(ds_k_sampling_probs(g->logits, V, NULL, g->samp, R, V, q, gm * V, t->stream));
-            CK(ds_k_sample(q, gm * V, NULL, g->u + (size_t)k * S, R, V, ids, t->stream));
+            CK(ds_k_sample_logits(g->logits, V, NULL, g->samp, R, V, q, gm * V, g->u + (size_t)k * S, ids,
+                                  t->stream));
         }
         prev = ids;
     }

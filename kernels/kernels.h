@@ -173,6 +173,11 @@ cudaError_t ds_k_sampling_probs(const float *x /* [*, ldx] */, int ldx, const in
  * exact 2^-60 fixed-point. A row of zero mass gives its last positive index, else 0. */
 cudaError_t ds_k_sample(const float *probs /* [*, ldp] */, int ldp, const int32_t *rows /* [n] or NULL */,
                         const float *u /* [n] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
+/* ds_k_sampling_probs and then ds_k_sample from each row written, with u[i]
+ * for row i, in one launch: the same probabilities and the same ids. */
+cudaError_t ds_k_sample_logits(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */,
+                               const struct ds_k_sampling *params /* [n] */, int n, int V, float *out /* [*, ldo] */,
+                               int ldo, const float *u /* [n] */, int32_t *ids /* [n] */, cudaStream_t stream);
 /* out[i] = the draw with u[i] from norm(max(0, p[i] - q[i])), or from p[i]
  * when that mass is at most 1e-8 (the correction token of a rejection). */
 cudaError_t ds_k_sample_residual(const float *p /* [n, ldp] */, int ldp, const float *q /* [n, ldq] */, int ldq,

@@ -170,32 +170,43 @@ __device__ static inline void add_mass(struct probs_smem *sm, int bin, uint64_t 
         atomicAdd(&sm->hm_hi[bin], hi);
 }
 
-/* Add one token (when ok) of mass w to bin: lanes of the warp that share a
- * bin add once, through their leader, when the warp holds few distinct bins
- * (a flat distribution puts most tokens in a few bins); otherwise each lane
- * adds its own. Integer sums: exact in any order. */
-__device__ static void hist_add(bool ok, int bin, uint64_t w, struct probs_smem *sm)
+/* Add one token (when ok) of mass w to bin, and with `count` one to
+ * the bin's count. When every token of the warp in play falls in one bin (a
+ * flat or degenerate row), the warp adds once; otherwise each lane adds its
+ * own. Integer sums: exact in any order. */
+__device__ static void hist_add(bool ok, int bin, uint64_t w, bool count, struct probs_smem *sm)
 {
-    if (!__any_sync(FULL_MASK, ok))
+    unsigned act = __ballot_sync(FULL_MASK, ok);
+    if (!act)
         return;
-    int lane = lane_id();
-    unsigned peers = __match_any_sync(FULL_MASK, ok ? bin : -1);
-    unsigned leaders = __ballot_sync(FULL_MASK, ok && __ffs(peers) - 1 == lane);
-    if (__popc(leaders) <= 4) {
-        while (leaders) {
-            int l = __ffs(leaders) - 1;
-            leaders &= leaders - 1;
-            int lb = __shfl_sync(FULL_MASK, bin, l);
-            uint64_t sum = warp_sum_u64(ok && bin == lb ? w : 0);
-            if (lane == l) {
-                atomicAdd(&sm->hc[lb], (unsigned)__popc(peers));
-                add_mass(sm, lb, sum);
-            }
+    int first = __ffs(act) - 1;
+    int b0 = __shfl_sync(FULL_MASK, bin, first);
+    if (__all_sync(FULL_MASK, !ok || bin == b0)) {
+        uint64_t sum = warp_sum_u64(ok ? w : 0);
+        if (lane_id() == first) {
+            if (count)
+                atomicAdd(&sm->hc[b0], (unsigned)__popc(act));
+            add_mass(sm, b0, sum);
         }
     } else if (ok) {
-        atomicAdd(&sm->hc[bin], 1u);
+        if (count)
+            atomicAdd(&sm->hc[bin], 1u);
         add_mass(sm, bin, w);
     }
+}
+
+/* The first radix level's bin of value bits b (probabilities are at most 1: bits 30..20 at most 0x3f8). */
+__device__ static inline int level0_bin(uint32_t b)
+{
+    return b >> 20 < RADIX_BINS ? (int)(b >> 20) : RADIX_BINS - 1;
+}
+
+/* Empty the block's histogram (thread t clears bin t). */
+__device__ static inline void hist_clear(struct probs_smem *sm)
+{
+    sm->hc[threadIdx.x] = 0;
+    sm->hm_lo[threadIdx.x] = 0;
+    sm->hm_hi[threadIdx.x] = 0;
 }
 
 /* The highest bin j of the level's histogram (sm->tc, sm->tm) with
@@ -242,13 +253,16 @@ __device__ static int pick_bin(uint64_t target, bool by_mass, uint64_t *above_c,
 
 /* The largest bit pattern u with F(u) >= target, where F(t) is the weight
  * (mass, or count) of the tokens whose bits are >= max(t, lo), given
- * F(lo) >= target; *ret_c and *ret_m get the count and mass strictly above u,
+ * F(lo) >= target; *ret_m gets the mass strictly above u, *ret_c the count
+ * (when selecting by count: a search by mass counts only in its last level),
  * *ret_eq the count equal to it.
  * Three radix levels over bits 30..20, 19..10 and 9..0 (probabilities are at
  * most 1, whose bits 30..20 are 0x3f8). Every block of the cluster takes the
- * same steps from the same combined histograms. */
+ * same steps from the same combined histograms. level0_done: the block's
+ * histogram already holds the first level's (of every token, lo 0). */
 __device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_t target, bool by_mass,
-                                        struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m, uint64_t *ret_eq)
+                                        bool level0_done, struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m,
+                                        uint64_t *ret_eq)
 {
     cg::cluster_group cl = cg::this_cluster();
     const int shifts[3] = {20, 10, 0};
@@ -257,20 +271,18 @@ __device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_
     for (int level = 0; level < 3; level++) {
         int shift = shifts[level];
         int keep = level == 0 ? 31 : shifts[level - 1];   /* the bits fixed by the levels before */
-        sm->hc[threadIdx.x] = 0;
-        sm->hm_lo[threadIdx.x] = 0;
-        sm->hm_hi[threadIdx.x] = 0;
-        __syncthreads();
         int n = sm->to - sm->from;
-        for (int base = 0; base < n; base += blockDim.x) {
-            int j = base + threadIdx.x;
-            float v = j < n ? slice[j] : 0.0f;
-            uint32_t b = __float_as_uint(v);
-            bool ok = j < n && b >= lo && (b >> keep) == (prefix >> keep);
-            int bin = (int)((b >> shift) & (RADIX_BINS - 1));
-            if (level == 0 && (b >> shift) >= RADIX_BINS)
-                bin = RADIX_BINS - 1;
-            hist_add(ok, bin, to_fx(v), sm);
+        if (level > 0 || !level0_done) {
+            hist_clear(sm);
+            __syncthreads();
+            for (int base = 0; base < n; base += blockDim.x) {
+                int j = base + threadIdx.x;
+                float v = j < n ? slice[j] : 0.0f;
+                uint32_t b = __float_as_uint(v);
+                bool ok = j < n && b >= lo && (b >> keep) == (prefix >> keep);
+                int bin = level == 0 ? level0_bin(b) : (int)((b >> shift) & (RADIX_BINS - 1));
+                hist_add(ok, bin, ok ? to_fx(v) : 0, !by_mass || level == 2, sm);
+            }
         }
         cl.sync();   /* every block's histogram is complete */
         uint64_t c = 0, m = 0;
@@ -292,13 +304,13 @@ __device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_
     return prefix;
 }
 
-/* out[j] = slice[j] · renorm for the tokens above value bits u and the first m
- * (in index order) equal to it, else 0 (out: the block's slice of the output
- * row). Each warp walks its own contiguous segment; the blocks before this one
+/* out[j] = slice[j] = slice[j] · renorm for the tokens above value bits u and
+ * the first m (in index order) equal to it, else 0 (out: the block's slice of
+ * the output row). Each warp walks its own contiguous segment; the blocks before this one
  * in the cluster (the slices before this one) pass on their count of equal
  * tokens. n_eq_all: the row's count of tokens equal to u, when known (else 0):
  * when all of them are kept, the counting pass is skipped. */
-__device__ static void write_kept(const float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
+__device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
                                   float renorm, struct probs_smem *sm)
 {
     int seg = segment_len(sm->to - sm->from), w = warp_id(), lane = lane_id();
@@ -308,7 +320,9 @@ __device__ static void write_kept(const float *slice, float *out, uint32_t u, ui
             int j = base + lane;
             if (j < to) {
                 uint32_t b = __float_as_uint(slice[j]);
-                out[j] = b >= u ? __fmul_rn(slice[j], renorm) : 0.0f;
+                float f = b >= u ? __fmul_rn(slice[j], renorm) : 0.0f;
+                out[j] = f;
+                slice[j] = f;
             }
         }
         return;
@@ -343,7 +357,9 @@ __device__ static void write_kept(const float *slice, float *out, uint32_t u, ui
         uint64_t my_rank = rank + (uint64_t)__popc(bal & ((1u << lane) - 1u));
         if (j < to) {
             bool keep = b > u || (eq && my_rank < m);
-            out[j] = keep ? __fmul_rn(slice[j], renorm) : 0.0f;
+            float f = keep ? __fmul_rn(slice[j], renorm) : 0.0f;
+            out[j] = f;
+            slice[j] = f;
         }
         rank += (uint64_t)__popc(bal);
     }
@@ -416,6 +432,84 @@ __device__ static int row_argmax(const float *x, float *slice, struct probs_smem
     return bi;
 }
 
+/* The draw of ds_k_sample from the row whose probabilities the cluster's
+ * slices hold, with uniform u: the first index at which the running sum passes
+ * u · the row's mass (see draw_from), found through each warp segment's and
+ * each block's mass in order. Rank 0's thread 0 or the thread that finds it
+ * writes *id. Every thread of every block of the cluster must call it. */
+__device__ static void draw_in_cluster(const float *slice, float u, struct probs_smem *sm, int32_t *id)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    int n = sm->to - sm->from, seg = segment_len(n), w = warp_id(), lane = lane_id();
+    int a = w * seg, e = a + seg < n ? a + seg : n;
+    uint64_t acc = 0;
+    int last = -1;   /* the last positive index, for a row of no mass */
+    for (int j = a + lane; j < e; j += 32) {
+        acc += to_fx(slice[j]);
+        if (slice[j] > 0.0f)
+            last = sm->from + j;
+    }
+    acc = warp_sum_u64(acc);
+    for (int o = 16; o > 0; o >>= 1)
+        last = max(last, __shfl_xor_sync(FULL_MASK, last, o));
+    __syncthreads();
+    if (lane == 0) {
+        sm->wm[w] = acc;
+        sm->si[w] = last;
+    }
+    __syncthreads();
+    uint64_t block = 0, before = 0;
+    int block_last = -1;
+    for (int k = 0; k < N_WARPS; k++) {
+        block += sm->wm[k];
+        before += k < w ? sm->wm[k] : 0;
+        block_last = max(block_last, sm->si[k]);
+    }
+    int p = sm->par;
+    if (threadIdx.x == 0) {
+        sm->x.u[p] = block;
+        sm->x.fi[p] = block_last;
+    }
+    cl.sync();
+    uint64_t total = 0;
+    int row_last = -1;
+    for (unsigned b = 0; b < cl.num_blocks(); b++) {
+        const struct probs_smem *r = cl.map_shared_rank(sm, b);
+        before += b < cl.block_rank() ? r->x.u[p] : 0;
+        total += r->x.u[p];
+        row_last = max(row_last, r->x.fi[p]);
+    }
+    exchange_done(sm, p);
+    if (total == 0) {
+        if (cl.block_rank() == 0 && threadIdx.x == 0)
+            *id = row_last < 0 ? 0 : row_last;
+        return;
+    }
+    uint64_t uf = (uint64_t)((double)(u > 0.0f ? u : 0.0f) * 4294967296.0);
+    if (uf > 0xffffffffull)
+        uf = 0xffffffffull;
+    uint64_t target = (total >> 32) * uf + (((total & 0xffffffffull) * uf) >> 32);
+    if (!(before <= target && target < before + sm->wm[w]))
+        return;
+    uint64_t run = before;   /* exactly one warp of the row holds the crossing */
+    for (int base = a; base < e; base += 32) {
+        int j = base + lane;
+        uint64_t incl = j < e ? to_fx(slice[j]) : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            uint64_t y = __shfl_up_sync(FULL_MASK, incl, o);
+            if (lane >= o)
+                incl += y;
+        }
+        unsigned hit = __ballot_sync(FULL_MASK, j < e && run + incl > target);
+        if (hit) {
+            if (lane == 0)
+                *id = sm->from + base + __ffs(hit) - 1;
+            return;
+        }
+        run += __shfl_sync(FULL_MASK, incl, 31);
+    }
+}
+
 /* The length of a block's slice of a row of V over c blocks: a multiple of 32. */
 static __host__ __device__ inline int slice_len(int V, int c)
 {
@@ -425,7 +519,7 @@ static __host__ __device__ inline int slice_len(int V, int c)
 /* One row per cluster (gridDim.x = rows × cluster size); dynamic shared memory: the block's slice. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
-                 int ldo)
+                 int ldo, const float *uniform, int32_t *ids)
 {
     __shared__ struct probs_smem sm;
     extern __shared__ __align__(16) float slice[];   /* [slice_len(V, c)]: x, then e, then probabilities */
@@ -438,6 +532,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         sm.to = from + len < V ? from + len : V;
         sm.par = 0;
     }
+    hist_clear(&sm);   /* the normalization pass builds the first select's first level */
     __syncthreads();
     size_t r = rows ? (size_t)rows[row] : (size_t)row;
     const float *xr = x + r * ldx;
@@ -449,6 +544,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     if (s.temperature < GREEDY_TEMPERATURE) {
         for (int j = threadIdx.x; j < n; j += blockDim.x)
             o[j] = sm.from + j == imax ? 1.0f : 0.0f;
+        if (ids && cl.block_rank() == 0 && threadIdx.x == 0)
+            ids[row] = imax;   /* what a draw from the one-hot row gives, whatever u */
         cl.sync();   /* no block leaves while another may read its shared memory */
         return;
     }
@@ -464,15 +561,29 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float v = __fmul_rn(slice[j], inv);
-        if (cut_k || cut_p)
-            slice[j] = v;
-        else
+    if (cut_k || cut_p) {
+        for (int base = 0; base < n; base += blockDim.x) {
+            int j = base + threadIdx.x;
+            float v = j < n ? __fmul_rn(slice[j], inv) : 0.0f;
+            uint64_t w = to_fx(v);
+            if (j < n)
+                slice[j] = v;
+            total += w;
+            hist_add(j < n, level0_bin(__float_as_uint(v)), w, cut_k, &sm);
+        }
+    } else {
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            float v = __fmul_rn(slice[j], inv);
             o[j] = v;
-        total += to_fx(v);
+            slice[j] = v;
+            total += to_fx(v);
+        }
     }
     if (!cut_k && !cut_p) {
+        if (ids) {
+            __syncthreads();
+            draw_in_cluster(slice, uniform[row], &sm, ids + row);
+        }
         cl.sync();
         return;
     }
@@ -485,7 +596,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     uint32_t lo = 0;
     if (cut_k) {
         uint64_t above_c, above_m;
-        u = radix_select(slice, 0, (uint64_t)s.top_k, false, &sm, &above_c, &above_m, &n_eq);
+        u = radix_select(slice, 0, (uint64_t)s.top_k, false, true, &sm, &above_c, &above_m, &n_eq);
         m = (uint64_t)s.top_k - above_c;
         kept = above_m + m * to_fx(__uint_as_float(u));
         lo = u;
@@ -497,7 +608,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         if (target < 1)
             target = 1;
         uint64_t above_c, above;
-        uint32_t up = radix_select(slice, lo, target, true, &sm, &above_c, &above, &n_eq);
+        uint32_t up = radix_select(slice, lo, target, true, !cut_k, &sm, &above_c, &above, &n_eq);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)
@@ -510,6 +621,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     }
     float renorm = (float)(1.0 / ((double)kept / FX_ONE));
     write_kept(slice, o, u, m, n_eq, renorm, &sm);
+    if (ids)
+        draw_in_cluster(slice, uniform[row], &sm, ids + row);
     cl.sync();
 }
 
@@ -540,11 +653,10 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
     return *ret_slice <= (size_t)smem_max ? c : 0;
 }
 
-extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_t *rows,
-                                           const struct ds_k_sampling *params, int n, int V, float *out, int ldo,
-                                           cudaStream_t stream)
+static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params,
+                                int n, int V, float *out, int ldo, const float *u, int32_t *ids, cudaStream_t stream)
 {
-    if (n < 0 || V <= 0 || ldx < V || ldo < V)
+    if (n < 0 || V <= 0 || ldx < V || ldo < V || (ids && !u))
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
@@ -564,7 +676,23 @@ extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo);
+    return cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids);
+}
+
+extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_t *rows,
+                                           const struct ds_k_sampling *params, int n, int V, float *out, int ldo,
+                                           cudaStream_t stream)
+{
+    return probs_launch(x, ldx, rows, params, n, V, out, ldo, NULL, NULL, stream);
+}
+
+extern "C" cudaError_t ds_k_sample_logits(const float *x, int ldx, const int32_t *rows,
+                                          const struct ds_k_sampling *params, int n, int V, float *out, int ldo,
+                                          const float *u, int32_t *ids, cudaStream_t stream)
+{
+    if (!u || !ids)
+        return cudaErrorInvalidValue;
+    return probs_launch(x, ldx, rows, params, n, V, out, ldo, u, ids, stream);
 }
 
 /* ---- draws ---- */

@@ -942,6 +942,30 @@ static bool probs_case(int V, const struct prob_case *cases, int n)
         ok &= probs_row_ok(what, i, got + (size_t)i * V, ref + (size_t)i * V, V, 1e-5, &same);
         same_total += same;
     }
+    /* 1b: the distribution and a draw in one launch: the same bits, and ds_k_sample's ids */
+    float *uni = hmalloc((size_t)n * sizeof(float));
+    for (int i = 0; i < n; i++)
+        uni[i] = (float)((i * 0.618034 + 0.1) - floor(i * 0.618034 + 0.1));
+    float *d_u = dup_to_dev(uni, (size_t)n * sizeof(float));
+    float *d_out2 = dpoison((size_t)n * V * sizeof(float));
+    int32_t *d_ids = dpoison((size_t)n * sizeof(int32_t)), *d_ids_ref = dpoison((size_t)n * sizeof(int32_t));
+    snprintf(what, sizeof what, "sampling probs with a draw, V %d", V);
+    if (!launched(ds_k_sample_logits(d_x, ldx, NULL, d_kp, n, V, d_out2, V, d_u, d_ids, 0), what) ||
+        !launched(ds_k_sample(d_out, V, NULL, d_u, n, V, d_ids_ref, 0), what))
+        return false;
+    float *got2 = dup_to_host(d_out2, (size_t)n * V * sizeof(float));
+    int32_t *ids = dup_to_host(d_ids, (size_t)n * sizeof(int32_t));
+    int32_t *ids_ref = dup_to_host(d_ids_ref, (size_t)n * sizeof(int32_t));
+    for (int i = 0; i < n; i++) {
+        if (memcmp(got2 + (size_t)i * V, got + (size_t)i * V, (size_t)V * 4)) {
+            printf("# %s: row %d differs from ds_k_sampling_probs\n", what, i);
+            ok = false;
+        }
+        if (ids[i] != ids_ref[i]) {
+            printf("# %s: row %d drew %d, ds_k_sample %d\n", what, i, ids[i], ids_ref[i]);
+            ok = false;
+        }
+    }
     snprintf(what, sizeof what, "sampling probs in place via rows, V %d", V);
     if (!launched(ds_k_sampling_probs(d_x, ldx, d_rows, d_kp_rows, n, V, d_x, ldx, 0), what))
         return false;
@@ -1298,8 +1322,11 @@ static bool test_sampling_invalid(void)
     if (ds_k_sampling_probs(d, 7, NULL, dp, 1, 8, d, 8, 0) != cudaErrorInvalidValue ||
         ds_k_sample(d, 8, NULL, d, 1, 0, di, 0) != cudaErrorInvalidValue ||
         ds_k_sample_residual(d, 8, d, 4, d, 1, 8, di, 0) != cudaErrorInvalidValue ||
-        ds_k_spec_accept(d, 4, d, 8, dc, 1, 8, di, di, 0) != cudaErrorInvalidValue) {
-        printf("# a row stride below V or an empty vocabulary was not refused\n");
+        ds_k_spec_accept(d, 4, d, 8, dc, 1, 8, di, di, 0) != cudaErrorInvalidValue ||
+        ds_k_sample_logits(d, 8, NULL, dp, 1, 8, d, 8, NULL, di, 0) != cudaErrorInvalidValue ||
+        ds_k_sampling_probs(d, 1 << 20, NULL, dp, 1, 1 << 20, d, 1 << 20, 0) != cudaErrorInvalidValue) {
+        printf("# a row stride below V, an empty vocabulary, a draw without uniforms or a vocabulary over the "
+               "shared memory of 8 blocks was not refused\n");
         ok = false;
     }
     if (ds_k_sampling_probs(d, 8, NULL, dp, 0, 8, d, 8, 0) != cudaSuccess ||
