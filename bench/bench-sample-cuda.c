@@ -70,6 +70,8 @@ int main(void)
         snprintf(dev, sizeof dev, "%.255s, %d SMs", prop.name, prop.multiProcessorCount);
     printf("# %s; vocabulary %d; fastest of %d launches, µs per launch (distribution / draw / both in one "
            "launch)\n\n", dev, V, REPS);
+    printf("blocks per row: %d, %d, %d and %d\n\n", ds_k_sampling_blocks_per_row(1, V), ds_k_sampling_blocks_per_row(8, V),
+           ds_k_sampling_blocks_per_row(64, V), ds_k_sampling_blocks_per_row(512, V));
     printf("| logits std | sampling | 1 row | 8 rows | 64 rows | 512 rows |\n|---|---|---|---|---|---|\n");
     for (int si = 0; si < 2; si++) {
         unsigned seed = 7;

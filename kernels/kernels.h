@@ -173,6 +173,8 @@ cudaError_t ds_k_sampling_probs(const float *x /* [*, ldx] */, int ldx, const in
  * exact 2^-60 fixed-point. A row of zero mass gives its last positive index, else 0. */
 cudaError_t ds_k_sample(const float *probs /* [*, ldp] */, int ldp, const int32_t *rows /* [n] or NULL */,
                         const float *u /* [n] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
+/* The blocks per row a launch of n rows of V takes (0: V too large). */
+int ds_k_sampling_blocks_per_row(int n, int V);
 /* ds_k_sampling_probs and then ds_k_sample from each row written, with u[i]
  * for row i, in one launch: the same probabilities and the same ids. */
 cudaError_t ds_k_sample_logits(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */,

@@ -626,31 +626,76 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     cl.sync();
 }
 
-/* Blocks per row: spread few rows over the GPU, and enough blocks that a slice
- * fits a block's shared memory (up to MAX_CLUSTER); 0 when it cannot fit.
- * *ret_slice gets the slice's bytes. */
+/* A row's fixed cost in the time model below, in tokens of slice: a cluster
+ * takes about ROW_FIXED + (tokens per block) units (h200: ~48 µs fixed, the
+ * phases' barriers and latencies, and ~0.42 ns per token; bench/RESULTS.md). */
+#define ROW_FIXED 114000.0
+
+/* Blocks per row (a cluster of them): of the sizes whose slice fits a block's
+ * shared memory, the one of least time in waves × (ROW_FIXED + slice), with
+ * ⌈n / active⌉ waves, active being how many clusters of that size the GPU
+ * holds at once (one block per SM; a cluster stays within a GPC, so sizes
+ * waste SMs differently); 0 when no size fits. *ret_slice gets the slice's
+ * bytes. */
 static int probs_cluster_size(int n, int V, size_t *ret_slice)
 {
-    static int sms = -1, smem_max = 0;   /* the device's (one per process) */
-    if (sms < 0) {
+    static int smem_max = -1;             /* the device's (one per process) */
+    static int memo_V = -1;
+    static int active[MAX_CLUSTER + 1];   /* clusters held at once, by size, for memo_V; 0: does not fit */
+    if (smem_max < 0) {
         int dev = 0, optin = 0;
         cudaFuncAttributes fa;
         if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
             cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
             cudaFuncGetAttributes(&fa, (const void *)probs_kernel) != cudaSuccess ||
             cudaFuncSetAttribute(probs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 optin - (int)fa.sharedSizeBytes) != cudaSuccess) {
-            sms = -1;
+                                 optin - (int)fa.sharedSizeBytes) != cudaSuccess)
             return 0;
-        }
         smem_max = optin - (int)fa.sharedSizeBytes;
     }
-    int c = 1;
-    while (c < MAX_CLUSTER && ((long)n * c * 2 <= sms || (size_t)slice_len(V, c) * 4 > (size_t)smem_max))
-        c *= 2;
-    *ret_slice = (size_t)slice_len(V, c) * 4;
-    return *ret_slice <= (size_t)smem_max ? c : 0;
+    if (memo_V != V) {
+        for (int c = 1; c <= MAX_CLUSTER; c++) {
+            size_t bytes = (size_t)slice_len(V, c) * 4;
+            active[c] = 0;
+            if (bytes > (size_t)smem_max)
+                continue;
+            cudaLaunchAttribute attr;
+            attr.id = cudaLaunchAttributeClusterDimension;
+            attr.val.clusterDim.x = (unsigned)c;
+            attr.val.clusterDim.y = 1;
+            attr.val.clusterDim.z = 1;
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3((unsigned)c);
+            cfg.blockDim = dim3(SAMPLE_THREADS);
+            cfg.dynamicSmemBytes = bytes;
+            cfg.attrs = &attr;
+            cfg.numAttrs = 1;
+            if (cudaOccupancyMaxActiveClusters(&active[c], probs_kernel, &cfg) != cudaSuccess) {
+                active[c] = 0;
+                (void)cudaGetLastError();   /* a size the GPU refuses is not the caller's error */
+            }
+        }
+        memo_V = V;
+    }
+    int best = 0;
+    double best_work = 0;
+    for (int c = 1; c <= MAX_CLUSTER; c++) {
+        if (active[c] <= 0)
+            continue;
+        double work = (double)((n + active[c] - 1) / active[c]) * (ROW_FIXED + slice_len(V, c));
+        if (!best || work < best_work) {
+            best = c;
+            best_work = work;
+        }
+    }
+    *ret_slice = best ? (size_t)slice_len(V, best) * 4 : 0;
+    return best;
+}
+
+extern "C" int ds_k_sampling_blocks_per_row(int n, int V)
+{
+    size_t bytes;
+    return n > 0 && V > 0 ? probs_cluster_size(n, V, &bytes) : 0;
 }
 
 static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params,
