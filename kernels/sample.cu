@@ -8,12 +8,14 @@
  * a contiguous slice, which it reads once into shared memory and works on
  * there, writing the result once; the blocks combine their partial results
  * through distributed shared memory, in rank order, so the result does not
- * depend on scheduling). Nothing is sorted: the top-k and
- * top-p cuts find the value of the last kept token by a radix select over the
- * bit patterns of the probabilities (non-negative floats order like their
- * bits): three passes over the row, each a histogram of the next 11, 10 and 10
- * bits of the tokens still in play (counts and masses), then keep every larger
- * value and, of the tokens equal to it, the lowest ids (the ranking's tie rule).
+ * depend on scheduling), and can draw from the row in the same launch.
+ * Nothing is sorted: the top-k and top-p cuts find the value of the last kept
+ * token by a radix select over the bit patterns of the probabilities
+ * (non-negative floats order like their bits): three levels, each a histogram
+ * of the next 11, 10 and 10 bits of the tokens still in play (masses, and
+ * counts where the search needs them; the first level is built while the row
+ * is normalized), then keep every larger value and, of the tokens equal to
+ * it, the lowest ids (the ranking's tie rule).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
