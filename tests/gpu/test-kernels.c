@@ -978,8 +978,8 @@ static bool probs_case(int V, const struct prob_case *cases, int n)
             ok = false;
         }
     }
-    printf("# sampling probs, V %d: %d rows, %.6f of the probabilities have the CPU's bits\n", V, n,
-           (double)same_total / ((double)n * V));
+    printf("# sampling probs, V %d: %d rows, %d blocks per row, %.6f of the probabilities have the CPU's bits\n", V,
+           n, ds_k_sampling_blocks_per_row(n, V), (double)same_total / ((double)n * V));
     return ok;
 }
 
@@ -1002,8 +1002,8 @@ static const struct prob_case prob_cases[] = {
     {1.0f, 0.9f, 100, ROW_EQUAL},
 };
 
-/* The cases once (few rows: a row spreads over a cluster of blocks), then
- * repeated to 40 and 80 rows (fewer blocks per row, down to one). */
+/* The cases once, then repeated to 40 and 80 rows: the blocks per row follow
+ * the row count and V (ds_k_sampling_blocks_per_row; printed with each case). */
 static bool test_sampling_probs(void)
 {
     int n = (int)(sizeof prob_cases / sizeof prob_cases[0]);
