@@ -643,7 +643,8 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
 {
     static int smem_max = -1;             /* the device's (one per process) */
     static int memo_V = -1;
-    static int active[MAX_CLUSTER + 1];   /* clusters held at once, by size, for memo_V; 0: does not fit */
+    static int active[MAX_CLUSTER + 1];   /* clusters held at once, by size, for memo_V; 0: none (or the slice
+                                             does not fit); -1: fits, but the GPU did not say how many */
     if (smem_max < 0) {
         int dev = 0, optin = 0;
         cudaFuncAttributes fa;
@@ -673,19 +674,22 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
             cfg.attrs = &attr;
             cfg.numAttrs = 1;
             if (cudaOccupancyMaxActiveClusters(&active[c], probs_kernel, &cfg) != cudaSuccess) {
-                active[c] = 0;
-                (void)cudaGetLastError();   /* a size the GPU refuses is not the caller's error */
+                active[c] = -1;
+                (void)cudaGetLastError();   /* not the caller's error */
             }
         }
         memo_V = V;
     }
     int best = 0;
     double best_work = 0;
+    for (int c = 1; c <= MAX_CLUSTER && !best; c++)   /* without occupancy figures: the smallest that fits */
+        if (active[c] != 0)
+            best = c;
     for (int c = 1; c <= MAX_CLUSTER; c++) {
         if (active[c] <= 0)
             continue;
         double work = (double)((n + active[c] - 1) / active[c]) * (ROW_FIXED + slice_len(V, c));
-        if (!best || work < best_work) {
+        if (best_work == 0 || work < best_work) {
             best = c;
             best_work = work;
         }
