@@ -90,6 +90,48 @@ __device__ static inline void better(float &bv, int &bi, float v, int i)
     }
 }
 
+/* Weight of token i: p_i, or max(0, p_i - q_i) (as the CPU computes it) when q is given. */
+__device__ static inline uint64_t weight(const float *p, const float *q, int i)
+{
+    if (!q)
+        return to_fx(p[i]);
+    float r = __fsub_rn(p[i], q[i]);
+    return to_fx(r > 0.0f ? r : 0.0f);
+}
+
+/* floor(u · total) exactly, u taken as a 32-bit fraction (24 bits for ds_uniform): the
+ * running weight a draw must pass (ds_sample_probs). */
+__device__ static inline uint64_t draw_target(float u, uint64_t total)
+{
+    uint64_t uf = (uint64_t)((double)(u > 0.0f ? u : 0.0f) * 4294967296.0);
+    if (uf > 0xffffffffull)
+        uf = 0xffffffffull;
+    return (total >> 32) * uf + (((total & 0xffffffffull) * uf) >> 32);
+}
+
+/* The first i in [from, to) at which run plus the running weight (p, q) from
+ * `from` exceeds target, or -1; the whole warp calls it and every lane gets
+ * the answer. */
+__device__ static int warp_crossing(const float *p, const float *q, int from, int to, uint64_t run,
+                                    uint64_t target)
+{
+    int lane = lane_id();
+    for (int base = from; base < to; base += 32) {
+        int i = base + lane;
+        uint64_t incl = i < to ? weight(p, q, i) : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            uint64_t y = __shfl_up_sync(FULL_MASK, incl, o);
+            if (lane >= o)
+                incl += y;
+        }
+        unsigned hit = __ballot_sync(FULL_MASK, i < to && run + incl > target);
+        if (hit)
+            return base + __ffs(hit) - 1;
+        run += __shfl_sync(FULL_MASK, incl, 31);
+    }
+    return -1;
+}
+
 /* ---- the sampling distribution ---- */
 namespace cg = cooperative_groups;
 
@@ -487,29 +529,12 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct probs
             *id = row_last < 0 ? 0 : row_last;
         return;
     }
-    uint64_t uf = (uint64_t)((double)(u > 0.0f ? u : 0.0f) * 4294967296.0);
-    if (uf > 0xffffffffull)
-        uf = 0xffffffffull;
-    uint64_t target = (total >> 32) * uf + (((total & 0xffffffffull) * uf) >> 32);
+    uint64_t target = draw_target(u, total);
     if (!(before <= target && target < before + sm->wm[w]))
-        return;
-    uint64_t run = before;   /* exactly one warp of the row holds the crossing */
-    for (int base = a; base < e; base += 32) {
-        int j = base + lane;
-        uint64_t incl = j < e ? to_fx(slice[j]) : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            uint64_t y = __shfl_up_sync(FULL_MASK, incl, o);
-            if (lane >= o)
-                incl += y;
-        }
-        unsigned hit = __ballot_sync(FULL_MASK, j < e && run + incl > target);
-        if (hit) {
-            if (lane == 0)
-                *id = sm->from + base + __ffs(hit) - 1;
-            return;
-        }
-        run += __shfl_sync(FULL_MASK, incl, 31);
-    }
+        return;   /* exactly one warp of the row holds the crossing */
+    int j = warp_crossing(slice, NULL, a, e, before, target);
+    if (j >= 0 && lane == 0)
+        *id = sm->from + j;
 }
 
 /* The length of a block's slice of a row of V over c blocks: a multiple of 32. */
@@ -752,15 +777,6 @@ struct draw_smem {
     int result;
 };
 
-/* Weight of token i: p_i, or max(0, p_i - q_i) (as the CPU computes it) when q is given. */
-__device__ static inline uint64_t weight(const float *p, const float *q, int i)
-{
-    if (!q)
-        return to_fx(p[i]);
-    float r = __fsub_rn(p[i], q[i]);
-    return to_fx(r > 0.0f ? r : 0.0f);
-}
-
 /* Σ of the weights; every thread gets it (and sm->warp_sum holds each warp segment's share). */
 __device__ static uint64_t draw_mass(const float *p, const float *q, int V, struct draw_smem *sm)
 {
@@ -802,33 +818,15 @@ __device__ static int draw_from(const float *p, const float *q, int V, float u, 
         __syncthreads();
         return res;
     }
-    /* target = floor(u · total), exactly: u is taken as a 32-bit fraction (24 bits for ds_uniform) */
-    uint64_t uf = (uint64_t)((double)(u > 0.0f ? u : 0.0f) * 4294967296.0);
-    if (uf > 0xffffffffull)
-        uf = 0xffffffffull;
-    uint64_t target = (total >> 32) * uf + (((total & 0xffffffffull) * uf) >> 32);
+    uint64_t target = draw_target(u, total);
     uint64_t before = 0;
     for (int k = 0; k < w; k++)
         before += sm->warp_sum[k];
     /* exactly one warp's segment holds the crossing: before <= target < before + its sum */
     if (before <= target && target < before + sm->warp_sum[w]) {
-        uint64_t run = before;
-        for (int base = from; base < to; base += 32) {
-            int i = base + lane;
-            uint64_t x = i < to ? weight(p, q, i) : 0, incl = x;
-            for (int o = 1; o < 32; o <<= 1) {
-                uint64_t y = __shfl_up_sync(FULL_MASK, incl, o);
-                if (lane >= o)
-                    incl += y;
-            }
-            unsigned hit = __ballot_sync(FULL_MASK, i < to && run + incl > target);
-            if (hit) {
-                if (lane == 0)
-                    sm->result = base + __ffs(hit) - 1;
-                break;
-            }
-            run += __shfl_sync(FULL_MASK, incl, 31);
-        }
+        int i = warp_crossing(p, q, from, to, before, target);
+        if (i >= 0 && lane == 0)
+            sm->result = i;
     }
     __syncthreads();
     int res = sm->result < 0 ? 0 : sm->result;
