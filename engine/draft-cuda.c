@@ -44,6 +44,7 @@ enum { M_TOK, M_POS, M_ATT_POS, M_SEQ, M_RUN_START, M_RUN_LEN, M_ANCHOR, M_SLOTS
 struct draft_graph {
     int R;                           /* blocks */
     bool sampled;                    /* the sampled phase (else the greedy one) */
+    bool argmax;                     /* its positions take the argmax (greedy rows need it) */
     cudaGraphExec_t exec;            /* NULL until the shape's second round */
     long last_use;                   /* 0: free slot */
 };
@@ -559,10 +560,11 @@ static int enqueue_block(struct ds_cuda_draft *g, int R)
 }
 
 /* The device part of Markov position k for R blocks: corrected logits into
- * g->logits, their argmax into ids (and its probability at T = 1 into p; NULL:
- * none), the confidence logits into z (NULL: none). prev [R] is on the device.
- * Graph-capturable. */
-static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, int32_t *ids, float *z, float *p)
+ * g->logits, with `argmax` their argmax into ids (and its probability at T = 1
+ * into p; NULL: none), the confidence logits into z (NULL: none). prev [R] is
+ * on the device. Graph-capturable. */
+static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, bool argmax, int32_t *ids, float *z,
+                        float *p)
 {
     struct ds_cuda_target *t = g->t;
     const struct ds_dspark_config *cfg = &g->cfg;
@@ -592,9 +594,9 @@ static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *pr
         if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, g->logits, V, true)) < 0)
             return r;
     }
-    if (p)
+    if (argmax && p)
         CK(ds_k_argmax_prob(g->logits, R, V, ids, p, t->stream));
-    else
+    else if (argmax)
         CK(ds_k_argmax(g->logits, R, V, ids, t->stream));
     bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
     if (g->conf_w && z)
@@ -628,7 +630,7 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     int32_t *d_prev = g->meta + meta_prev(g);
     memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
     CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
-    if ((r = enqueue_step(g, R, k, d_prev, g->ids, z ? g->z : NULL, NULL)) < 0)
+    if ((r = enqueue_step(g, R, k, d_prev, true, g->ids, z ? g->z : NULL, NULL)) < 0)
         return r;
     CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
@@ -647,15 +649,17 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
 /* Blocks and all γ positions on the device, each position's draft feeding the
  * next: the argmax (greedy), or (sampled) a draw with the uploaded uniform from
  * the row's sampling distribution q, which replaces that position's base
- * logits U[i, k]. Drafts and confidences go to ids_all and z_all. */
-static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled)
+ * logits U[i, k]. Drafts and confidences go to ids_all and z_all. A sampled
+ * phase without greedy rows skips the argmax (and its probability, p_all). */
+static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled, bool argmax)
 {
     struct ds_cuda_target *t = g->t;
     int r = enqueue_block(g, R), gm = g->g, V = g->V, S = g->max_seqs;
     const int32_t *prev = g->meta + M_ANCHOR * g->cap_rows;
     for (int k = 0; k < gm && r == 0; k++) {
         int32_t *ids = g->ids_all + (size_t)k * S;
-        r = enqueue_step(g, R, k, prev, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL, g->p_all + (size_t)k * S);
+        r = enqueue_step(g, R, k, prev, argmax || !sampled, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL,
+                         g->p_all + (size_t)k * S);
         if (r == 0 && sampled) {
             float *q = g->U + (size_t)k * V;   /* row i at q + i γ V */
             CK(ds_k_sample_logits(g->logits, V, NULL, g->samp, R, V, q, gm * V, g->u + (size_t)k * S, ids,
@@ -669,24 +673,25 @@ static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled)
 struct phase_args {
     struct ds_cuda_draft *g;
     int R;
-    bool sampled;
+    bool sampled, argmax;
 };
 
 static int enqueue_phase_args(void *arg)
 {
     const struct phase_args *a = arg;
-    return enqueue_phase(a->g, a->R, a->sampled);
+    return enqueue_phase(a->g, a->R, a->sampled, a->argmax);
 }
 
 /* Run a draft phase whose metadata is uploaded (a shape seen before replays
  * its graph, captured on its second round) and copy drafts, z and p back. */
-static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *drafts, float *z, float *p)
+static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, bool argmax, int32_t *drafts, float *z, float *p)
 {
     struct ds_cuda_target *t = g->t;
     int gm = g->g, S = g->max_seqs, r;
     struct draft_graph *hit = NULL, *victim = &g->graphs[0];
     for (int i = 0; i < DRAFT_GRAPHS && t->opts.graphs; i++) {
-        if (g->graphs[i].last_use && g->graphs[i].R == R && g->graphs[i].sampled == sampled) {
+        if (g->graphs[i].last_use && g->graphs[i].R == R && g->graphs[i].sampled == sampled &&
+            g->graphs[i].argmax == argmax) {
             hit = &g->graphs[i];
             break;
         }
@@ -694,19 +699,20 @@ static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, int32_t *draf
             victim = &g->graphs[i];
     }
     if (!t->opts.graphs) {
-        r = enqueue_phase(g, R, sampled);
+        r = enqueue_phase(g, R, sampled, argmax);
     } else if (!hit) {
         if (victim->exec)
             cudaGraphExecDestroy(victim->exec);
         memset(victim, 0, sizeof *victim);
         victim->R = R;
         victim->sampled = sampled;
+        victim->argmax = argmax;
         victim->last_use = ++g->uses;
-        r = enqueue_phase(g, R, sampled);
+        r = enqueue_phase(g, R, sampled, argmax);
     } else {
         hit->last_use = ++g->uses;
         if (!hit->exec) {
-            struct phase_args a = {g, R, sampled};
+            struct phase_args a = {g, R, sampled, argmax};
             if ((r = ds_cu_capture(t->stream, enqueue_phase_args, &a, &hit->exec)) < 0)
                 return r;
         }
@@ -745,7 +751,7 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     g->q_ready = false;
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
         return r;
-    return run_phase(g, R, false, drafts, z, p);
+    return run_phase(g, R, false, true, drafts, z, p);
 }
 
 int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int R, struct ds_kv_seq *const *kv,
@@ -767,7 +773,10 @@ int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     }
     CK(cudaMemcpyAsync(g->samp, g->h_samp, (size_t)R * sizeof *g->samp, cudaMemcpyHostToDevice, t->stream));
     CK(cudaMemcpyAsync(g->u, g->h_u, (size_t)gm * S * 4, cudaMemcpyHostToDevice, t->stream));
-    if ((r = run_phase(g, R, true, drafts, z, p)) < 0 || !p)
+    bool any_greedy = false;   /* only greedy rows use the argmax's probability */
+    for (int i = 0; i < R; i++)
+        any_greedy |= ds_sampling_is_greedy(&s[i]);
+    if ((r = run_phase(g, R, true, any_greedy, drafts, z, p)) < 0 || !p)
         return r;
     for (int i = 0; i < R; i++)   /* a drawn token's probability is not the argmax's */
         if (!ds_sampling_is_greedy(&s[i]))
