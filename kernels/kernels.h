@@ -175,6 +175,9 @@ cudaError_t ds_k_sample(const float *probs /* [*, ldp] */, int ldp, const int32_
                         const float *u /* [n] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
 /* The blocks per row a launch of n rows of V takes (0: V too large). */
 int ds_k_sampling_blocks_per_row(int n, int V);
+/* For tests: later launches take c blocks per row wherever the slice fits
+ * (0: the time model again); -1 when c is not 0 to 8. */
+int ds_k_sampling_force_blocks_per_row(int c);
 /* ds_k_sampling_probs and then ds_k_sample from each row written, with u[i]
  * for row i, in one launch: the same probabilities and the same ids. */
 cudaError_t ds_k_sample_logits(const float *x /* [*, ldx] */, int ldx, const int32_t *rows /* [n] or NULL */,

@@ -664,6 +664,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
  * holds at once (one block per SM; a cluster stays within a GPC, so sizes
  * waste SMs differently); 0 when no size fits. *ret_slice gets the slice's
  * bytes. */
+static int forced_cluster;   /* ds_k_sampling_force_blocks_per_row's; 0: the time model */
+
 static int probs_cluster_size(int n, int V, size_t *ret_slice)
 {
     static int smem_max = -1;             /* the device's (one per process) */
@@ -705,6 +707,10 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
         }
         memo_V = V;
     }
+    if (forced_cluster && active[forced_cluster] != 0) {
+        *ret_slice = (size_t)slice_len(V, forced_cluster) * 4;
+        return forced_cluster;
+    }
     int best = 0;
     double best_work = 0;
     for (int c = 1; c <= MAX_CLUSTER && !best; c++)   /* without occupancy figures: the smallest that fits */
@@ -727,6 +733,14 @@ extern "C" int ds_k_sampling_blocks_per_row(int n, int V)
 {
     size_t bytes;
     return n > 0 && V > 0 ? probs_cluster_size(n, V, &bytes) : 0;
+}
+
+extern "C" int ds_k_sampling_force_blocks_per_row(int c)
+{
+    if (c < 0 || c > MAX_CLUSTER)
+        return -1;
+    forced_cluster = c;
+    return 0;
 }
 
 static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params,

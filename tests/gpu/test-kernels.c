@@ -1018,6 +1018,24 @@ static bool test_sampling_probs(void)
             ok &= probs_case(vocabs[v], many, n_rows[k]);
             free_all();
         }
+    /* Cluster sizes the time model would not pick: at V 7, blocks past the
+     * first have empty slices (slices are 32 tokens) yet join every barrier. */
+    const int forced[] = {2, 5, 8};
+    for (int f = 0; f < 3; f++)
+        for (int v = 0; v < 2; v++) {
+            if (ds_k_sampling_force_blocks_per_row(forced[f]) != 0 ||
+                ds_k_sampling_blocks_per_row(n, vocabs[v]) != forced[f]) {
+                printf("# forcing %d blocks per row at V %d did not take\n", forced[f], vocabs[v]);
+                ok = false;
+            }
+            ok &= probs_case(vocabs[v], many, n);
+            free_all();
+        }
+    ds_k_sampling_force_blocks_per_row(0);
+    if (ds_k_sampling_force_blocks_per_row(9) != -1) {   /* 8 at most */
+        printf("# forcing %d blocks per row was accepted\n", 9);
+        ok = false;
+    }
     return ok;
 }
 
