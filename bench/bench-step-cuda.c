@@ -164,6 +164,12 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         free(start), free(drafts), free(z), free(tv), free(tr), free(td), free(samp), free(chains), free(acc);
         free(next);
     }
+    if (sampled) {   /* after the table: how many verify rows needed their whole distribution */
+        uint64_t rows, dist;
+        ds_cuda_verify_rows(t, &rows, &dist);
+        fprintf(stderr, "bench-step-cuda: %s: sampled verifies computed the distribution of %llu of %llu rows\n",
+                name, (unsigned long long)dist, (unsigned long long)rows);
+    }
     ds_cuda_draft_free(g);
 }
 

@@ -86,8 +86,12 @@ struct ds_cuda_target {
     long uses;
     int last_rows;                /* logits rows of the last pass */
     uint64_t logits_to_host;      /* bytes of logits rows copied to the host (passes and draft steps) */
-    /* device sampling, for up to cap_rows rows and chains: rows [cap_rows] int32, params
-     * [cap_rows] ds_k_sampling, chains [cap_rows] ds_k_chain, accepted and next [cap_rows] int32 */
+    uint64_t verify_rows;         /* rows the device verifies have sampled (one per chain and draft, and the bonus) */
+    uint64_t distribution_rows;   /* ... of them, those whose whole distribution the accept needed */
+    /* device sampling, for up to cap_rows rows and chains (samp_layout): rows [cap_rows] int32
+     * and params [cap_rows] ds_k_sampling of the distributions to compute; chains [cap_rows]
+     * ds_k_chain and chain_params [cap_rows] ds_k_sampling; the screen's status [cap_rows,
+     * DS_K_MAX_CHAIN] uint8; n_rows [1] int32; accepted and next [cap_rows] int32 */
     void *samp, *h_samp;          /* device, pinned host */
 };
 

@@ -571,7 +571,7 @@ int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed)
 
 /* Where the parts of the sampling staging buffers lie, for cap rows. */
 struct samp_layout {
-    size_t rows, params, chains, accepted, next, bytes;
+    size_t rows, params, chains, chain_params, status, n_rows, accepted, next, bytes;
 };
 
 static size_t align16(size_t n)
@@ -585,7 +585,10 @@ static struct samp_layout samp_layout(int cap)
     l.rows = 0;
     l.params = align16(l.rows + (size_t)cap * sizeof(int32_t));
     l.chains = align16(l.params + (size_t)cap * sizeof(struct ds_k_sampling));
-    l.accepted = align16(l.chains + (size_t)cap * sizeof(struct ds_k_chain));
+    l.chain_params = align16(l.chains + (size_t)cap * sizeof(struct ds_k_chain));
+    l.status = align16(l.chain_params + (size_t)cap * sizeof(struct ds_k_sampling));
+    l.n_rows = align16(l.status + (size_t)cap * DS_K_MAX_CHAIN);
+    l.accepted = align16(l.n_rows + sizeof(int32_t));
     l.next = l.accepted + (size_t)cap * sizeof(int32_t);
     l.bytes = l.next + (size_t)cap * sizeof(int32_t);
     return l;
@@ -917,17 +920,25 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
 }
 
 /* ---- sampling on the device ---- */
+/* Verifies of at most this many rows compute every row's distribution: the
+ * distribution kernel takes one wave for them anyway, and the screen's pass
+ * and its sync cost more than they save (h200: 8 rows, 5.94 against 6.01 ms a
+ * round; 64 rows, even; 512 rows, 0.8 ms saved; bench/RESULTS.md). */
+#define SCREEN_MIN_ROWS 32
+
 int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int n, const struct ds_cuda_chain *c,
                    int32_t *accepted, int32_t *next)
 {
-    int V = t->cfg.vocab_size, q_blocks = 0, gamma = 0, n_rows = 0, end = 0;
+    int V = t->cfg.vocab_size, q_blocks = 0, gamma = 0, max_len = 0, end = 0;
     if (n <= 0)
         return 0;
     struct samp_layout l = samp_layout(t->cap_rows);
     uint8_t *h = t->h_samp, *d = t->samp;
-    int32_t *rows = (int32_t *)(h + l.rows);                  /* [n_rows] logits rows to turn into p */
-    struct ds_k_sampling *params = (struct ds_k_sampling *)(h + l.params);   /* [n_rows] */
-    struct ds_k_chain *chains = (struct ds_k_chain *)(h + l.chains);         /* [n] */
+    struct ds_k_chain *chains = (struct ds_k_chain *)(h + l.chains);                  /* [n] */
+    struct ds_k_sampling *params = (struct ds_k_sampling *)(h + l.chain_params);      /* [n] */
+    int32_t *rows = (int32_t *)(h + l.rows);                                          /* [n_all] */
+    struct ds_k_sampling *row_params = (struct ds_k_sampling *)(h + l.params);        /* [n_all] */
+    int n_all = 0;   /* rows of the chains */
     const float *q = g ? ds_cu_draft_q(g, &q_blocks, &gamma) : NULL;         /* [q_blocks, γ, V] */
     for (int i = 0; i < n; i++) {
         const struct ds_cuda_chain *ci = &c[i];
@@ -939,16 +950,17 @@ int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int 
             return ds_seterr(DS_EINVAL, "%d drafts to verify without their draft distributions (block row %d)",
                              ci->len, ci->q_block);
         end = ci->row + ci->len + 1;
+        max_len = ci->len > max_len ? ci->len : max_len;
         const struct ds_sampling *s = &ci->sampling;
-        struct ds_k_sampling kp = {.temperature = s->temperature, .top_p = s->top_p, .top_k = s->top_k};
+        params[i] = (struct ds_k_sampling){.temperature = s->temperature, .top_p = s->top_p, .top_k = s->top_k};
         struct ds_k_chain *k = &chains[i];
         memset(k, 0, sizeof *k);
         k->p_row = ci->row;
         k->q_row = ci->len > 0 ? ci->q_block * gamma : 0;
         k->len = ci->len;
         for (int j = 0; j <= ci->len; j++) {
-            rows[n_rows] = ci->row + j;
-            params[n_rows++] = kp;
+            rows[n_all] = ci->row + j;
+            row_params[n_all++] = params[i];
             k->u_target[j] = ds_uniform(s->seed, ci->position + (uint64_t)j, DS_SLOT_TARGET);
             if (j == ci->len)
                 break;
@@ -958,14 +970,33 @@ int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int 
             k->u_accept[j] = ds_uniform(s->seed, ci->position + (uint64_t)j, DS_SLOT_ACCEPT);
         }
     }
-    /* the logits rows become probabilities in place, then one block per chain */
-    CK(cudaMemcpyAsync(d + l.rows, rows, (size_t)n_rows * sizeof *rows, cudaMemcpyHostToDevice, t->stream));
-    CK(cudaMemcpyAsync(d + l.params, params, (size_t)n_rows * sizeof *params, cudaMemcpyHostToDevice, t->stream));
+    /* Above SCREEN_MIN_ROWS rows, drafts whose outcome one pass over the
+     * logits settles need no distribution (ds_k_spec_screen); the rows the
+     * accept still reads become probabilities in place; one block per chain. */
+    bool screen = n_all > SCREEN_MIN_ROWS;
+    int n_rows = n_all;
     CK(cudaMemcpyAsync(d + l.chains, chains, (size_t)n * sizeof *chains, cudaMemcpyHostToDevice, t->stream));
+    if (screen) {
+        CK(cudaMemcpyAsync(d + l.chain_params, params, (size_t)n * sizeof *params, cudaMemcpyHostToDevice,
+                           t->stream));
+        CK(ds_k_spec_screen(t->logits, V, q, V, (const struct ds_k_chain *)(d + l.chains),
+                            (const struct ds_k_sampling *)(d + l.chain_params), n, max_len, V, d + l.status,
+                            (int32_t *)(d + l.rows), (struct ds_k_sampling *)(d + l.params),
+                            (int32_t *)(d + l.n_rows), t->stream));
+        CK(cudaMemcpyAsync(h + l.n_rows, d + l.n_rows, sizeof(int32_t), cudaMemcpyDeviceToHost, t->stream));
+        CK(cudaStreamSynchronize(t->stream));
+        n_rows = *(const int32_t *)(h + l.n_rows);
+    } else {
+        CK(cudaMemcpyAsync(d + l.rows, rows, (size_t)n_all * sizeof *rows, cudaMemcpyHostToDevice, t->stream));
+        CK(cudaMemcpyAsync(d + l.params, row_params, (size_t)n_all * sizeof *row_params, cudaMemcpyHostToDevice,
+                           t->stream));
+    }
+    t->verify_rows += (uint64_t)n_all;
+    t->distribution_rows += (uint64_t)n_rows;
     CK(ds_k_sampling_probs(t->logits, V, (const int32_t *)(d + l.rows), (const struct ds_k_sampling *)(d + l.params),
                            n_rows, V, t->logits, V, t->stream));
-    CK(ds_k_spec_accept(t->logits, V, q, V, (const struct ds_k_chain *)(d + l.chains), n, V,
-                        (int32_t *)(d + l.accepted), (int32_t *)(d + l.next), t->stream));
+    CK(ds_k_spec_accept(t->logits, V, q, V, (const struct ds_k_chain *)(d + l.chains), screen ? d + l.status : NULL,
+                        n, V, (int32_t *)(d + l.accepted), (int32_t *)(d + l.next), t->stream));
     CK(cudaMemcpyAsync(h + l.accepted, d + l.accepted, (size_t)n * 4, cudaMemcpyDeviceToHost, t->stream));
     CK(cudaMemcpyAsync(h + l.next, d + l.next, (size_t)n * 4, cudaMemcpyDeviceToHost, t->stream));
     CK(cudaStreamSynchronize(t->stream));
@@ -978,6 +1009,12 @@ int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int 
 uint64_t ds_cuda_logits_to_host(const struct ds_cuda_target *t)
 {
     return t ? t->logits_to_host : 0;
+}
+
+void ds_cuda_verify_rows(const struct ds_cuda_target *t, uint64_t *rows, uint64_t *distributions)
+{
+    *rows = t ? t->verify_rows : 0;
+    *distributions = t ? t->distribution_rows : 0;
 }
 
 static int cmp_double(const void *a, const void *b)

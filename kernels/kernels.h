@@ -204,15 +204,36 @@ struct ds_k_chain {
     float u_target[DS_K_MAX_CHAIN + 1];     /* DS_SLOT_TARGET */
 };
 
+/* Before the distributions of a verify: for each chain i and draft k < len,
+ * one pass over its logits row p_row + k of x (sampling params[i]) bounds
+ * p[d_k] (ds_k_sampling_probs' value, whatever its rounding) closely enough
+ * to tell whether the acceptance test below certainly accepts, certainly
+ * rejects or may go either way: status[i · DS_K_MAX_CHAIN + k]. Then the rows
+ * the accept can read (each uncertain one up to the first certain rejection,
+ * whose residual needs p, or else the bonus row) go to rows and row_params in
+ * chain order, their count to *n_rows. The distributions of those rows alone
+ * and ds_k_spec_accept with status give the accepted counts and tokens that
+ * every row's distribution gives. max_len: at least every chain's len. Rows
+ * with top-k are always uncertain. */
+cudaError_t ds_k_spec_screen(const float *x /* [*, ldx] logits */, int ldx, const float *q /* [*, ldq] or NULL */,
+                             int ldq, const struct ds_k_chain *chains /* [n] */,
+                             const struct ds_k_sampling *params /* [n] */, int n, int max_len, int V,
+                             uint8_t *status /* [n, DS_K_MAX_CHAIN] */, int32_t *rows /* [Σ (len + 1)] */,
+                             struct ds_k_sampling *row_params /* [Σ (len + 1)] */, int32_t *n_rows /* [1] */,
+                             cudaStream_t stream);
+
 /* Chain accept/reject, one block per chain: for k = 0..len-1, draft k is
  * accepted while u_accept[k] · max(q[d_k], 1e-8) < p[d_k]; the first rejection
  * draws next from the residual (ds_k_sample_residual with u_target[k]); after
  * len acceptances next is drawn from row p_row + len with u_target[len].
  * accepted[i] gets the accepted count, next[i] the token that follows them. q
- * may be NULL when every len is 0. A draft id outside [0, V) is rejected. */
+ * may be NULL when every len is 0. A draft id outside [0, V) is rejected.
+ * status (ds_k_spec_screen's, or NULL): drafts it certainly accepts are
+ * accepted without reading p. */
 cudaError_t ds_k_spec_accept(const float *p /* [*, ldp] */, int ldp, const float *q /* [*, ldq] or NULL */, int ldq,
-                             const struct ds_k_chain *chains /* [n] */, int n, int V, int32_t *accepted /* [n] */,
-                             int32_t *next /* [n] */, cudaStream_t stream);
+                             const struct ds_k_chain *chains /* [n] */, const uint8_t *status /* [n, DS_K_MAX_CHAIN] or NULL */,
+                             int n, int V, int32_t *accepted /* [n] */, int32_t *next /* [n] */,
+                             cudaStream_t stream);
 
 /* ---- the batch-invariant bf16 product (gemm.cu) ---- */
 /* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends

@@ -1,7 +1,8 @@
 /* sample.cu: sampling on the device with explicit uniforms: the sampling
  * distribution of a row of logits (ds_probs), inverse-CDF draws
- * (ds_sample_probs), the residual draw norm(max(0, p - q)), and the chain
- * accept/reject of one speculative round per sequence.
+ * (ds_sample_probs), the residual draw norm(max(0, p - q)), the chain
+ * accept/reject of one speculative round per sequence, and the screen that
+ * settles most of a round's drafts from bounds before any distribution.
  *
  * One block of SAMPLE_THREADS threads per row (or per sequence); the sampling
  * distribution spreads a row over a cluster of up to 8 blocks (each block takes
@@ -902,14 +903,267 @@ extern "C" cudaError_t ds_k_sample_residual(const float *p, int ldp, const float
     return cudaGetLastError();
 }
 
+/* ---- screening drafts before the verify's distributions ---- */
+/* Most drafts of a round are accepted or rejected by a margin: one pass over a
+ * row's logits bounds p[d] (the distribution kernel's value at the draft,
+ * whatever its rounding) closely enough to settle the acceptance test, and
+ * only the rows the accept may still read need their whole distribution. */
+#define SCREEN_UNSURE 0
+#define SCREEN_ACCEPT 1
+#define SCREEN_REJECT 2
+#define SCREEN_SLACK 1e-4      /* relative, on every estimate: covers fast exp, float sums and the exact kernel's roundings */
+#define SCREEN_FLOOR 1e-30     /* absolute, on p[d]: covers denormal and flushed probabilities (and u = 0) */
+#define SCREEN_LEVELS 6        /* mass above x_d - T·2^l, l < SCREEN_LEVELS: bounds on the cut's value */
+#define SCREEN_SUMS (3 + SCREEN_LEVELS)
+
+/* A thread's (then a warp's) pass: the first maximum and, for soft rows, the
+ * masses exp((x - m) / T) of every token, of those above the band around x_d,
+ * of those in the band or above it, and of those above each level. */
+struct screen_part {
+    float m;
+    int im;
+    float s[SCREEN_SUMS];
+};
+
+struct screen_bounds {
+    float inv_t, band_lo, band_hi, level[SCREEN_LEVELS];
+    bool soft;
+};
+
+__device__ static inline void screen_add(struct screen_part &p, float x, int i, const struct screen_bounds &b)
+{
+    if (b.soft && x > p.m) {
+        float f = p.m == -INFINITY ? 0.0f : __expf((p.m - x) * b.inv_t);
+        for (int k = 0; k < SCREEN_SUMS; k++)
+            p.s[k] *= f;
+    }
+    better(p.m, p.im, x, i);
+    if (b.soft) {
+        float w = x == -INFINITY ? 0.0f : __expf((x - p.m) * b.inv_t);
+        p.s[0] += w;
+        p.s[1] += x > b.band_hi ? w : 0.0f;
+        p.s[2] += x >= b.band_lo ? w : 0.0f;
+        for (int l = 0; l < SCREEN_LEVELS; l++)
+            p.s[3 + l] += x > b.level[l] ? w : 0.0f;
+    }
+}
+
+/* One block per (draft k, chain): status[chain · DS_K_MAX_CHAIN + k]. */
+__global__ static void __launch_bounds__(SAMPLE_THREADS)
+    screen_kernel(const float *x, int ldx, const float *q, int ldq, const struct ds_k_chain *chains,
+                  const struct ds_k_sampling *params, int V, uint8_t *status)
+{
+    __shared__ struct screen_part warp_part[N_WARPS];
+    const struct ds_k_chain *c = &chains[blockIdx.y];
+    int k = (int)blockIdx.x, len = c->len < 0 || !q ? 0 : c->len > DS_K_MAX_CHAIN ? DS_K_MAX_CHAIN : c->len;
+    if (k >= len)
+        return;
+    uint8_t *st = status + (size_t)blockIdx.y * DS_K_MAX_CHAIN + k;
+    int d = c->drafts[k];
+    if (d < 0 || d >= V) {
+        if (threadIdx.x == 0)
+            *st = SCREEN_REJECT;   /* the accept rejects it, and draws from the residual */
+        return;
+    }
+    const float *xr = x + (size_t)(c->p_row + k) * ldx;
+    struct ds_k_sampling sp = params[blockIdx.y];
+    float xd = xr[d], T = sp.temperature;
+    struct screen_bounds b;
+    b.soft = T >= GREEDY_TEMPERATURE;
+    b.inv_t = b.soft ? 1.0f / T : 0.0f;
+    /* tokens below the band have a probability below p[d], those above it one
+     * above (checked below against the row's maximum) */
+    float band = b.soft ? 2e-4f * (T + fabsf(xd) + 8.0f) : 0.0f;
+    b.band_lo = xd - band;
+    b.band_hi = xd + band;
+    for (int l = 0; l < SCREEN_LEVELS; l++)
+        b.level[l] = xd - T * (float)(1 << l);
+    struct screen_part p;
+    p.m = -INFINITY;
+    p.im = 0x7fffffff;
+    for (int i = 0; i < SCREEN_SUMS; i++)
+        p.s[i] = 0.0f;
+    int j = 0;
+    if (((uintptr_t)xr & 15) == 0) {
+        int n4 = V / 4;
+        for (int i4 = threadIdx.x; i4 < n4; i4 += blockDim.x) {
+            float4 v = __ldcs((const float4 *)xr + i4);
+            screen_add(p, v.x, 4 * i4, b);
+            screen_add(p, v.y, 4 * i4 + 1, b);
+            screen_add(p, v.z, 4 * i4 + 2, b);
+            screen_add(p, v.w, 4 * i4 + 3, b);
+        }
+        j = 4 * n4;
+    }
+    for (j += threadIdx.x; j < V; j += blockDim.x)
+        screen_add(p, xr[j], j, b);
+    /* the warp's parts, then the block's (in double, by thread 0) */
+    for (int o = 16; o > 0; o >>= 1) {
+        struct screen_part r;
+        r.m = __shfl_xor_sync(FULL_MASK, p.m, o);
+        r.im = __shfl_xor_sync(FULL_MASK, p.im, o);
+        for (int i = 0; i < SCREEN_SUMS; i++)
+            r.s[i] = __shfl_xor_sync(FULL_MASK, p.s[i], o);
+        float m = fmaxf(p.m, r.m);
+        float fp = p.m == -INFINITY ? 0.0f : __expf((p.m - m) * b.inv_t);
+        float fr = r.m == -INFINITY ? 0.0f : __expf((r.m - m) * b.inv_t);
+        for (int i = 0; i < SCREEN_SUMS && b.soft; i++)
+            p.s[i] = p.s[i] * fp + r.s[i] * fr;
+        better(p.m, p.im, r.m, r.im);
+    }
+    if (lane_id() == 0)
+        warp_part[warp_id()] = p;
+    __syncthreads();
+    if (threadIdx.x != 0)
+        return;
+    float m = -INFINITY;
+    int im = 0x7fffffff;
+    for (int w = 0; w < N_WARPS; w++)
+        better(m, im, warp_part[w].m, warp_part[w].im);
+    if (im == 0x7fffffff)
+        im = 0;   /* ds_argmax's answer for a row that nothing beats -inf in */
+    const float *qk = q + (size_t)(c->q_row + k) * ldq;
+    float qq = qk[d] > MIN_DRAFT_PROB ? qk[d] : MIN_DRAFT_PROB;
+    double uq = (double)__fmul_rn(c->u_accept[k], qq);   /* the accept's left side, exactly */
+    uint8_t out = SCREEN_UNSURE;
+    if (!b.soft) {   /* one-hot at the first maximum */
+        out = d == im && uq < 1.0 ? SCREEN_ACCEPT : SCREEN_REJECT;
+    } else {
+        double sum[SCREEN_SUMS] = {0};
+        for (int w = 0; w < N_WARPS; w++) {
+            if (warp_part[w].m == -INFINITY)
+                continue;
+            double f = exp((double)(warp_part[w].m - m) * b.inv_t);
+            for (int i = 0; i < SCREEN_SUMS; i++)
+                sum[i] += (double)warp_part[w].s[i] * f;
+        }
+        const double lo = 1.0 - SCREEN_SLACK, hi = 1.0 + SCREEN_SLACK;
+        double Z = sum[0], vd = exp((double)(xd - m) * b.inv_t) / Z;
+        /* the band must hold every token whose probability can round to p[d]'s:
+         * the exact kernel's exponents err by ~3 ulps of (m - x) / T, and e and
+         * p by an ulp each, so a band of 2.4e-7 T + 3.6e-7 (m - x_d) would do */
+        bool band_ok = band >= 2e-6 * (T + ((double)m - xd));
+        bool cut_k = sp.top_k > 0 && sp.top_k < V, cut_p = sp.top_p > 0 && sp.top_p < 1;
+        if (!band_ok || cut_k || !(Z > 0) || !isfinite(Z)) {
+            out = SCREEN_UNSURE;   /* (top-k rows: the full distribution) */
+        } else if (!cut_p) {
+            out = uq < vd * lo - SCREEN_FLOOR ? SCREEN_ACCEPT : uq >= vd * hi + SCREEN_FLOOR ? SCREEN_REJECT
+                                                                                              : SCREEN_UNSURE;
+        } else {
+            /* kept: the smallest prefix of the ranking of mass >= top_p of the
+             * row's (both ~1): d is in it when the mass from its band up is
+             * below that, out of it when the mass above its band reaches it */
+            double t = sp.top_p, above = sum[1] / Z, from_band = sum[2] / Z;
+            /* d's place in the ranking: every token above its band comes before
+             * it, none below the band does ("through d": up to and with d) */
+            double before_hi = from_band * hi - vd * lo, through_lo = (above + vd) * lo, through_hi = from_band * hi;
+            if (above * lo >= t * hi) {
+                out = SCREEN_REJECT;   /* the mass before d reaches the target: p[d] = 0 */
+            } else {
+                bool kept = before_hi < t * lo;
+                /* the cut (the last kept token's value) is at or below d when d is
+                 * kept, and at or below every level whose mass above is short of
+                 * the target */
+                double v_cut = kept ? vd * hi : 1.0;
+                for (int l = 0; l < SCREEN_LEVELS; l++)
+                    if (sum[3 + l] / Z * hi < t * lo) {
+                        double v = exp((double)(b.level[l] - m) * b.inv_t) / Z * hi + 1e-17;
+                        v_cut = v < v_cut ? v : v_cut;
+                    }
+                /* the kept mass: at least the target (and, d kept, the mass
+                 * through d); below target + v_cut, or, when d is the last kept
+                 * token, the mass through d */
+                double kept_lo = t * lo, kept_hi = t * hi + v_cut + 1e-17;
+                if (kept) {
+                    kept_lo = through_lo > kept_lo ? through_lo : kept_lo;
+                    if (through_lo >= t * hi)
+                        kept_hi = through_hi;   /* d is the last kept token */
+                    else if (through_hi >= t * lo && through_hi > kept_hi)
+                        kept_hi = through_hi;   /* it may be */
+                }
+                double p_lo = vd * lo / kept_hi - SCREEN_FLOOR, p_hi = vd * hi / kept_lo + SCREEN_FLOOR;
+                out = kept && uq < p_lo ? SCREEN_ACCEPT : uq >= p_hi ? SCREEN_REJECT : SCREEN_UNSURE;
+            }
+        }
+    }
+    *st = out;
+}
+
+/* One block: the rows each chain's accept may read without a certain
+ * acceptance, in chain order, and their count. */
+__global__ static void __launch_bounds__(SAMPLE_THREADS)
+    screen_plan_kernel(const struct ds_k_chain *chains, const struct ds_k_sampling *params, const uint8_t *status,
+                       int n, bool have_q, int32_t *rows, struct ds_k_sampling *row_params, int32_t *n_rows)
+{
+    __shared__ int warp_total[N_WARPS];
+    int done = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+        int i = base + (int)threadIdx.x, count = 0;
+        const struct ds_k_chain *c = &chains[i < n ? i : 0];
+        const uint8_t *st = status + (size_t)(i < n ? i : 0) * DS_K_MAX_CHAIN;
+        int len = c->len < 0 || !have_q ? 0 : c->len > DS_K_MAX_CHAIN ? DS_K_MAX_CHAIN : c->len;
+        for (int k = 0; k <= len && i < n; k++) {
+            if (k < len && st[k] == SCREEN_ACCEPT)
+                continue;
+            count++;
+            if (k == len || st[k] == SCREEN_REJECT)
+                break;
+        }
+        /* exclusive scan of count over the block */
+        int incl = count;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(FULL_MASK, incl, o);
+            if (lane_id() >= o)
+                incl += y;
+        }
+        if (lane_id() == 31)
+            warp_total[warp_id()] = incl;
+        __syncthreads();
+        int at = done + incl - count, all = 0;
+        for (int w = 0; w < N_WARPS; w++) {
+            at += w < warp_id() ? warp_total[w] : 0;
+            all += warp_total[w];
+        }
+        for (int k = 0; k <= len && i < n; k++) {
+            if (k < len && st[k] == SCREEN_ACCEPT)
+                continue;
+            rows[at] = c->p_row + k;
+            row_params[at++] = params[i];
+            if (k == len || st[k] == SCREEN_REJECT)
+                break;
+        }
+        done += all;
+        __syncthreads();   /* warp_total is read before the next chunk writes it */
+    }
+    if (threadIdx.x == 0)
+        *n_rows = done;
+}
+
+extern "C" cudaError_t ds_k_spec_screen(const float *x, int ldx, const float *q, int ldq,
+                                        const struct ds_k_chain *chains, const struct ds_k_sampling *params, int n,
+                                        int max_len, int V, uint8_t *status, int32_t *rows,
+                                        struct ds_k_sampling *row_params, int32_t *n_rows, cudaStream_t stream)
+{
+    if (n < 0 || n > 65535 || V <= 0 || ldx < V || (q && ldq < V) || max_len < 0 || max_len > DS_K_MAX_CHAIN)
+        return cudaErrorInvalidValue;   /* (n: the grid's y extent) */
+    if (n == 0)
+        return cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream);
+    if (max_len > 0 && q)
+        screen_kernel<<<dim3((unsigned)max_len, (unsigned)n), SAMPLE_THREADS, 0, stream>>>(x, ldx, q, ldq, chains,
+                                                                                            params, V, status);
+    screen_plan_kernel<<<1, SAMPLE_THREADS, 0, stream>>>(chains, params, status, n, q != NULL, rows, row_params,
+                                                         n_rows);
+    return cudaGetLastError();
+}
+
 /* ---- chain accept/reject ---- */
 /* One block per chain: draft k is accepted when u_accept[k] · max(q_k[d_k], 1e-8) < p_k[d_k];
  * the first rejection draws the correction from the residual of p_k and q_k;
  * with every draft accepted the bonus comes from p_len. A draft id outside the
  * vocabulary is rejected. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
-    accept_kernel(const float *p, int ldp, const float *q, int ldq, const struct ds_k_chain *chains, int V,
-                  int32_t *accepted, int32_t *next)
+    accept_kernel(const float *p, int ldp, const float *q, int ldq, const struct ds_k_chain *chains,
+                  const uint8_t *status, int V, int32_t *accepted, int32_t *next)
 {
     __shared__ struct draw_smem sm;
     const struct ds_k_chain *c = &chains[blockIdx.x];
@@ -917,6 +1171,10 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     int a = 0, tok = 0;
     for (int k = 0; k <= len; k++) {
         const float *pk = p + (size_t)(c->p_row + k) * ldp;
+        if (k < len && status && status[(size_t)blockIdx.x * DS_K_MAX_CHAIN + k] == SCREEN_ACCEPT) {
+            a++;   /* certain without p_k (ds_k_spec_screen) */
+            continue;
+        }
         if (k < len) {
             const float *qk = q + (size_t)(c->q_row + k) * ldq;
             int d = c->drafts[k];
@@ -941,13 +1199,13 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
 }
 
 extern "C" cudaError_t ds_k_spec_accept(const float *p, int ldp, const float *q, int ldq,
-                                        const struct ds_k_chain *chains, int n, int V, int32_t *accepted,
-                                        int32_t *next, cudaStream_t stream)
+                                        const struct ds_k_chain *chains, const uint8_t *status, int n, int V,
+                                        int32_t *accepted, int32_t *next, cudaStream_t stream)
 {
     if (n < 0 || V <= 0 || ldp < V || (q && ldq < V))
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    accept_kernel<<<n, SAMPLE_THREADS, 0, stream>>>(p, ldp, q, ldq, chains, V, accepted, next);
+    accept_kernel<<<n, SAMPLE_THREADS, 0, stream>>>(p, ldp, q, ldq, chains, status, V, accepted, next);
     return cudaGetLastError();
 }

@@ -104,6 +104,10 @@ int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int 
 /* Bytes of full-vocabulary logits copied from the GPU to the host so far by
  * t's passes and its draft's steps (tests: steady-state sampling copies none). */
 uint64_t ds_cuda_logits_to_host(const struct ds_cuda_target *t);
+/* Rows ds_cuda_sample has verified so far (a chain's drafts and its bonus)
+ * and, of them, those whose whole sampling distribution it computed (the rest
+ * were settled by the screen's bounds). */
+void ds_cuda_verify_rows(const struct ds_cuda_target *t, uint64_t *rows, uint64_t *distributions);
 /* The engine's CUDA target (NULL on the CPU backend). */
 struct ds_cuda_target *ds_engine_cuda_target(struct ds_engine *e);
 

@@ -656,13 +656,14 @@ struct sampled_run {
     int n_out[SN];
     long accepted, drafted, rounds;
     uint64_t logits_bytes;           /* full-vocabulary logits copied to the host during the run */
+    uint64_t verify_rows, distribution_rows;   /* ds_cuda_verify_rows at the end */
 };
 
-static int run_sampled(struct ds_model *m, struct ds_draft *d, bool host, int32_t (*prompts)[64], const int *plen,
-                       const struct ds_sampling *smp, struct sampled_run *res)
+static int run_sampled(struct ds_model *m, struct ds_draft *d, bool host, int max_seqs, int32_t (*prompts)[64],
+                       const int *plen, const struct ds_sampling *smp, struct sampled_run *res)
 {
     struct ds_engine_opts o = {.backend = DS_BACKEND_CUDA, .cuda_graphs = true, .cuda_host_sampling = host,
-                               .max_seqs = SN, .max_context = 256, .spec = {.kind = DS_SPEC_DSPARK}};
+                               .max_seqs = max_seqs, .max_context = 256, .spec = {.kind = DS_SPEC_DSPARK}};
     struct ds_engine *e = NULL;
     memset(res, 0, sizeof *res);
     if (ds_engine_new(m, d, &o, &e) < 0)
@@ -700,6 +701,7 @@ static int run_sampled(struct ds_model *m, struct ds_draft *d, bool host, int32_
             }
     }
     res->logits_bytes = ds_cuda_logits_to_host(ds_engine_cuda_target(e)) - before;
+    ds_cuda_verify_rows(ds_engine_cuda_target(e), &res->verify_rows, &res->distribution_rows);
     ds_engine_free(e);
     return r;
 }
@@ -718,7 +720,8 @@ static int same_outputs(const struct sampled_run *a, const struct sampled_run *b
 }
 
 static void check_sampled_case(struct ds_model *m, struct ds_draft *d, int32_t (*prompts)[64], const int *plen,
-                               const char *name, float temperature, float top_p, int top_k, bool with_greedy)
+                               const char *name, float temperature, float top_p, int top_k, bool with_greedy,
+                               int max_seqs)
 {
     /* sequences 2j and 2j + 1 share prompt j; with_greedy: pairs j % 4 == 0
      * decode greedily (else no row is greedy, and the draft's sampled phase
@@ -730,8 +733,9 @@ static void check_sampled_case(struct ds_model *m, struct ds_draft *d, int32_t (
                                       .seed = 7001 + 13 * (uint64_t)i};
     }
     static struct sampled_run dev, host, again;
-    if (run_sampled(m, d, false, prompts, plen, smp, &dev) < 0 || run_sampled(m, d, true, prompts, plen, smp, &host) < 0 ||
-        run_sampled(m, d, false, prompts, plen, smp, &again) < 0) {
+    if (run_sampled(m, d, false, max_seqs, prompts, plen, smp, &dev) < 0 ||
+        run_sampled(m, d, true, max_seqs, prompts, plen, smp, &host) < 0 ||
+        run_sampled(m, d, false, max_seqs, prompts, plen, smp, &again) < 0) {
         tap(false, "sampled dspark, %s: %s", name, ds_errdetail());
         return;
     }
@@ -761,6 +765,15 @@ static void check_sampled_case(struct ds_model *m, struct ds_draft *d, int32_t (
     tap(dev.logits_bytes == 0 && again.logits_bytes == 0 && host.logits_bytes > 0,
         "sampled dspark, %s: no logits copied to the host with GPU draws (%llu bytes; host draws: %llu)", name,
         (unsigned long long)dev.logits_bytes, (unsigned long long)host.logits_bytes);
+    /* verifies of more than 32 rows (at most 8 per sequence here) screen their drafts
+     * (ds_k_spec_screen) and compute fewer distributions; smaller ones compute
+     * every row's */
+    bool screened = max_seqs * 8 > 32;
+    tap(dev.verify_rows > 0 &&
+            (screened ? dev.distribution_rows < dev.verify_rows : dev.distribution_rows == dev.verify_rows),
+        "sampled dspark, %s: %s: the distribution of %llu of %llu verified rows", name,
+        screened ? "screened verifies" : "unscreened verifies", (unsigned long long)dev.distribution_rows,
+        (unsigned long long)dev.verify_rows);
     int replay = same_outputs(&dev, &again, &bad);
     tap(replay == SN, "sampled dspark, %s: a second GPU run replays the same tokens (%d of %d)", name, replay, SN);
     int parted = 0, pairs = 0, greedy_same = 0, greedy_pairs = 0;
@@ -792,9 +805,10 @@ static void check_sampled(void)
         for (int k = 0; k < plen[i]; k++)
             prompts[i][k] = k < 4 ? 100 + (i % 7) * 13 + k : (int32_t)(rnd() % (uint32_t)m->cfg.vocab_size);
     }
-    check_sampled_case(m, d, prompts, plen, "T 0.9, top-p 0.9", 0.9f, 0.9f, 0, true);
-    check_sampled_case(m, d, prompts, plen, "T 1, top-k 20", 1.0f, 1.0f, 20, true);
-    check_sampled_case(m, d, prompts, plen, "T 0.8, top-p 0.95, no greedy rows", 0.8f, 0.95f, 0, false);
+    check_sampled_case(m, d, prompts, plen, "T 0.9, top-p 0.9", 0.9f, 0.9f, 0, true, SN);
+    check_sampled_case(m, d, prompts, plen, "T 1, top-k 20", 1.0f, 1.0f, 20, true, SN);
+    check_sampled_case(m, d, prompts, plen, "T 0.8, top-p 0.95, no greedy rows", 0.8f, 0.95f, 0, false, SN);
+    check_sampled_case(m, d, prompts, plen, "T 1.1, top-p 0.9, 3 at a time", 1.1f, 0.9f, 0, true, 3);
     ds_draft_free(d);
     ds_model_free(m);
 }

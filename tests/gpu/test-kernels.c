@@ -1281,7 +1281,7 @@ static bool chain_case(int V, int n, int *ret_full, int *ret_rejected)
     char what[64];
     snprintf(what, sizeof what, "chain accept/reject, V %d", V);
     if (!launched(ds_k_spec_accept(dup_to_dev(p, (size_t)n_p * V * 4), V, dup_to_dev(q, (size_t)n_q * V * 4), V,
-                                   dup_to_dev(ch, (size_t)n * sizeof *ch), n, V, d_acc, d_next, 0), what))
+                                   dup_to_dev(ch, (size_t)n * sizeof *ch), NULL, n, V, d_acc, d_next, 0), what))
         return false;
     int32_t *acc = dup_to_host(d_acc, (size_t)n * 4), *next = dup_to_host(d_next, (size_t)n * 4);
     int bad = 0, near = 0, total_acc = 0, rejected = 0, full = 0;
@@ -1329,6 +1329,173 @@ static bool test_accept_chain(void)
     return ok && full > 0 && rejected > 0;
 }
 
+/* The screen before the distributions (ds_k_spec_screen): its verdicts
+ * against the acceptance test on every row's full distribution, and the accept
+ * over the rows it leaves against the accept over every row, id for id. Rows
+ * are random, some with a few peaked tokens (probabilities up to ~0.9, where
+ * the kept mass's bounds are widest); drafts come from q, or are the row's
+ * argmax, the last kept or the first dropped token, or arbitrary ids; some
+ * uniforms sit within an ulp of the acceptance threshold. */
+static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *ret_rows, long *ret_all_rows)
+{
+    enum { G = 7 };
+    struct ds_k_chain *ch = hmalloc((size_t)n * sizeof *ch);
+    struct ds_k_sampling *kp = hmalloc((size_t)n * sizeof *kp);
+    int n_p = 0, n_q = 0, max_len = 0;
+    for (int i = 0; i < n; i++) {
+        memset(&ch[i], 0, sizeof ch[i]);
+        ch[i].len = i % 9 == 8 ? 0 : 1 + i % G;
+        ch[i].p_row = n_p;
+        ch[i].q_row = n_q;
+        n_p += ch[i].len + 1;
+        n_q += G;
+        max_len = ch[i].len > max_len ? ch[i].len : max_len;
+        const float temps[] = {0.7f, 1.0f, 1.3f, 0.0f, 1.0f};
+        const float tops[] = {0.95f, 1.0f, 0.9f, 0.5f, 0.99f, 0.8f};
+        kp[i] = (struct ds_k_sampling){.temperature = temps[i % 5], .top_p = tops[i % 6],
+                                       .top_k = i % 11 == 10 ? 40 : 0};
+    }
+    size_t row = (size_t)V * 4;
+    float *x = hmalloc((size_t)n_p * row), *xq = hmalloc(row), *q = hmalloc((size_t)n_q * row);
+    int32_t *scratch = hmalloc(row);
+    for (int i = 0; i < n; i++) {
+        struct ds_sampling s = {.temperature = kp[i].temperature, .top_p = kp[i].top_p, .top_k = kp[i].top_k};
+        for (int k = 0; k <= ch[i].len; k++) {
+            float *xk = x + (size_t)(ch[i].p_row + k) * V;
+            make_logits(xk, V, (i + k) % 7 == 3 ? ROW_TIES : ROW_RANDOM);
+            if ((i + k) % 3 == 0)   /* a few confident tokens */
+                for (int j = 0; j < 4; j++)
+                    xk[rnd_u32() % (uint32_t)V] = 14.0f + 3.0f * rnd_f() - 2.5f * (float)j;
+            else if ((i + k) % 5 == 1)   /* one token of probability ~1, alone above top-p */
+                xk[rnd_u32() % (uint32_t)V] = 24.0f + 4.0f * rnd_f();
+            if (k == ch[i].len)
+                break;
+            for (int j = 0; j < V; j++)
+                xq[j] = xk[j] + (i % 4 == 1 ? 1.5f : 0.3f) * rnd_f();
+            ds_probs(xq, V, &s, q + (size_t)(ch[i].q_row + k) * V, scratch);
+        }
+    }
+    /* every row's distribution, for the drafts' choice and the reference */
+    float *d_p = dup_to_dev(x, (size_t)n_p * row);
+    struct ds_k_sampling *rows_kp = hmalloc((size_t)n_p * sizeof *rows_kp);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= ch[i].len; k++)
+            rows_kp[ch[i].p_row + k] = kp[i];
+    if (!launched(ds_k_sampling_probs(d_p, V, NULL, dup_to_dev(rows_kp, (size_t)n_p * sizeof *rows_kp), n_p, V, d_p,
+                                      V, 0), "screen: every row's distribution"))
+        return false;
+    float *p = dup_to_host(d_p, (size_t)n_p * row);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < ch[i].len; k++) {
+            const float *pk = p + (size_t)(ch[i].p_row + k) * V, *qk = q + (size_t)(ch[i].q_row + k) * V;
+            const float *xk = x + (size_t)(ch[i].p_row + k) * V;
+            int d = ds_sample_probs(qk, V, ds_uniform(rng + (uint64_t)i, (uint64_t)k, DS_SLOT_DRAFT));
+            int how = (int)(rnd_u32() % 10);
+            if (how == 0) {
+                d = 0;   /* the argmax */
+                for (int j = 1; j < V; j++)
+                    d = xk[j] > xk[d] ? j : d;
+            } else if (how == 1 || how == 2) {   /* the last kept token, or the first dropped */
+                int best = -1;
+                for (int j = 0; j < V; j++) {
+                    bool want = how == 1 ? pk[j] > 0 : pk[j] == 0;
+                    if (want && (best < 0 || (how == 1 ? pk[j] < pk[best] : xk[j] > xk[best])))
+                        best = j;
+                }
+                d = best >= 0 ? best : d;
+            } else if (how == 3) {
+                d = (int)(rnd_u32() % (uint32_t)V);
+            } else if (how == 4 && i % 13 == 12) {
+                d = V + 5;   /* outside the vocabulary: rejected */
+            }
+            ch[i].drafts[k] = d;
+            float u = ds_uniform(rng + (uint64_t)i, (uint64_t)k + 1, DS_SLOT_ACCEPT);
+            if (how == 5 && d < V) {   /* at the threshold, to the ulp */
+                float qq = qk[d] > 1e-8f ? qk[d] : 1e-8f, t = pk[d] / qq;
+                u = t < 1.0f ? nextafterf(t, (rnd_u32() & 1) ? 0.0f : 1.0f) : u;
+            }
+            ch[i].u_accept[k] = u;
+        }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k <= ch[i].len; k++)
+            ch[i].u_target[k] = ds_uniform(rng + (uint64_t)i, (uint64_t)k + 1, DS_SLOT_TARGET);
+    struct ds_k_chain *d_ch = dup_to_dev(ch, (size_t)n * sizeof *ch);
+    float *d_q = dup_to_dev(q, (size_t)n_q * row);
+    int32_t *acc_ref = dpoison((size_t)n * 4), *next_ref = dpoison((size_t)n * 4);
+    if (!launched(ds_k_spec_accept(d_p, V, d_q, V, d_ch, NULL, n, V, acc_ref, next_ref, 0), "screen: reference accept"))
+        return false;
+    /* the screened path, on a fresh copy of the logits */
+    float *d_x = dup_to_dev(x, (size_t)n_p * row);
+    uint8_t *d_st = dpoison((size_t)n * DS_K_MAX_CHAIN);
+    int32_t *d_rows = dpoison((size_t)n_p * 4), *d_nrows = dpoison(4);
+    struct ds_k_sampling *d_rkp = dpoison((size_t)n_p * sizeof *d_rkp);
+    int32_t *acc = dpoison((size_t)n * 4), *next = dpoison((size_t)n * 4);
+    if (!launched(ds_k_spec_screen(d_x, V, d_q, V, d_ch, dup_to_dev(kp, (size_t)n * sizeof *kp), n, max_len, V, d_st,
+                                   d_rows, d_rkp, d_nrows, 0), "screen"))
+        return false;
+    int32_t n_rows = *(int32_t *)dup_to_host(d_nrows, 4);
+    if (n_rows < 0 || n_rows > n_p) {
+        printf("# the screen left %d rows of %d\n", n_rows, n_p);
+        return false;
+    }
+    if (!launched(ds_k_sampling_probs(d_x, V, d_rows, d_rkp, n_rows, V, d_x, V, 0), "screen: the rows left") ||
+        !launched(ds_k_spec_accept(d_x, V, d_q, V, d_ch, d_st, n, V, acc, next, 0), "screen: accept"))
+        return false;
+    uint8_t *st = dup_to_host(d_st, (size_t)n * DS_K_MAX_CHAIN);
+    int32_t *a0 = dup_to_host(acc_ref, (size_t)n * 4), *n0 = dup_to_host(next_ref, (size_t)n * 4);
+    int32_t *a1 = dup_to_host(acc, (size_t)n * 4), *n1 = dup_to_host(next, (size_t)n * 4);
+    int wrong = 0, differ = 0, sure_acc = 0, sure_rej = 0, drafts = 0;
+    for (int i = 0; i < n; i++) {
+        for (int k = 0; k < ch[i].len; k++) {
+            const float *pk = p + (size_t)(ch[i].p_row + k) * V, *qk = q + (size_t)(ch[i].q_row + k) * V;
+            int d = ch[i].drafts[k];
+            bool accepts = false;
+            if (d >= 0 && d < V) {
+                float qq = qk[d] > 1e-8f ? qk[d] : 1e-8f;
+                accepts = ch[i].u_accept[k] * qq < pk[d];
+            }
+            int v = st[(size_t)i * DS_K_MAX_CHAIN + k];
+            drafts++;
+            sure_acc += v == 1;
+            sure_rej += v == 2;
+            if ((v == 1 && !accepts) || (v == 2 && accepts) || v > 2) {
+                if (wrong++ < 5)
+                    printf("#   chain %d draft %d (T %g, top-p %g, top-k %d): verdict %d, but p %.9g, u·q %.9g\n", i,
+                           k, kp[i].temperature, kp[i].top_p, kp[i].top_k, v, d >= 0 && d < V ? pk[d] : -1.0,
+                           d >= 0 && d < V ? ch[i].u_accept[k] * (qk[d] > 1e-8f ? qk[d] : 1e-8f) : -1.0);
+            }
+        }
+        if (a0[i] != a1[i] || n0[i] != n1[i]) {
+            if (differ++ < 5)
+                printf("#   chain %d: screened %d accepted then %d, every row %d then %d\n", i, a1[i], n1[i], a0[i],
+                       n0[i]);
+        }
+    }
+    printf("# screen, V %d: %d chains, %d drafts: %d certain accepts, %d certain rejects, %d wrong; %d of %d rows "
+           "need their distribution; %d chains differ from the accept over every row\n", V, n, drafts, sure_acc,
+           sure_rej, wrong, n_rows, n_p, differ);
+    *ret_sure += sure_acc + sure_rej;
+    *ret_drafts += drafts;
+    *ret_rows += n_rows;
+    *ret_all_rows += n_p;
+    return wrong == 0 && differ == 0;
+}
+
+static bool test_spec_screen(void)
+{
+    long sure = 0, drafts = 0, rows = 0, all_rows = 0;
+    bool ok = screen_case(4096, 120, &sure, &drafts, &rows, &all_rows);
+    free_all();
+    ok &= screen_case(151936, 40, &sure, &drafts, &rows, &all_rows);
+    free_all();
+    /* the screen must settle most drafts, or it saves nothing */
+    if (2 * sure < drafts || 2 * rows > all_rows) {
+        printf("# the screen settled %ld of %ld drafts and left %ld of %ld rows\n", sure, drafts, rows, all_rows);
+        ok = false;
+    }
+    return ok;
+}
+
 /* Shapes the sampling kernels do not support are refused. */
 static bool test_sampling_invalid(void)
 {
@@ -1340,7 +1507,7 @@ static bool test_sampling_invalid(void)
     if (ds_k_sampling_probs(d, 7, NULL, dp, 1, 8, d, 8, 0) != cudaErrorInvalidValue ||
         ds_k_sample(d, 8, NULL, d, 1, 0, di, 0) != cudaErrorInvalidValue ||
         ds_k_sample_residual(d, 8, d, 4, d, 1, 8, di, 0) != cudaErrorInvalidValue ||
-        ds_k_spec_accept(d, 4, d, 8, dc, 1, 8, di, di, 0) != cudaErrorInvalidValue ||
+        ds_k_spec_accept(d, 4, d, 8, dc, NULL, 1, 8, di, di, 0) != cudaErrorInvalidValue ||
         ds_k_sample_logits(d, 8, NULL, dp, 1, 8, d, 8, NULL, di, 0) != cudaErrorInvalidValue ||
         ds_k_sampling_probs(d, 1 << 20, NULL, dp, 1, 1 << 20, d, 1 << 20, 0) != cudaErrorInvalidValue) {
         printf("# a row stride below V, an empty vocabulary, a draw without uniforms or a vocabulary over the "
@@ -1348,7 +1515,7 @@ static bool test_sampling_invalid(void)
         ok = false;
     }
     if (ds_k_sampling_probs(d, 8, NULL, dp, 0, 8, d, 8, 0) != cudaSuccess ||
-        ds_k_spec_accept(d, 8, NULL, 0, dc, 0, 8, di, di, 0) != cudaSuccess) {
+        ds_k_spec_accept(d, 8, NULL, 0, dc, NULL, 0, 8, di, di, 0) != cudaSuccess) {
         printf("# an empty batch was refused\n");
         ok = false;
     }
@@ -1381,6 +1548,7 @@ static const struct {
     {"inverse-CDF draws against ds_sample_probs with the same uniforms", test_sample_draws},
     {"residual draws norm(max(0, p - q)) (falling back to p)", test_residual},
     {"chain accept/reject against the CPU's loop", test_accept_chain},
+    {"the screen before a verify's distributions: certain verdicts, the same chains", test_spec_screen},
     {"sampling kernels refuse unsupported shapes", test_sampling_invalid},
 };
 
