@@ -484,11 +484,10 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
             return r;
         for (int l = 0; l < g->L; l++) {
             float *k = g->wide + (size_t)l * 2 * kvw, *v = k + kvw;
-            CK(ds_k_qk_norm_rope(k, ldkv, k, ldkv, g->layers[l].k_norm, g->layers[l].k_norm, g->inv_freq, d_pos, nc,
-                                 0, g->nKV, hd, eps, t->stream));
-            CK(ds_k_kv_append_bf16(k, ldkv, v, ldkv, d_seq, d_pos, d_pages, t->max_pages, t->page_size, nc, g->nKV,
-                                   hd, g->k_cache + (size_t)l * layer_kv, g->v_cache + (size_t)l * layer_kv,
-                                   t->stream));
+            CK(ds_k_qk_norm_rope_append_bf16(k, ldkv, k, ldkv, v, ldkv, g->layers[l].k_norm, g->layers[l].k_norm,
+                                             g->inv_freq, d_pos, d_seq, d_pages, t->max_pages, t->page_size, nc, 0,
+                                             g->nKV, hd, eps, g->k_cache + (size_t)l * layer_kv,
+                                             g->v_cache + (size_t)l * layer_kv, t->stream));
         }
         /* the pinned metadata is rewritten by the next call */
         CK(cudaStreamSynchronize(t->stream));

@@ -697,10 +697,9 @@ int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint
         return r;
     if (l->qkv_bias)
         CK(ds_k_add_bias(p->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
-    CK(ds_k_qk_norm_rope(p->qkv, qkvw, p->qkv + (size_t)nH * hd, qkvw, l->q_norm, l->k_norm, p->inv_freq, p->pos, n,
-                         nH, nKV, hd, p->eps, t->stream));
-    CK(ds_k_kv_append_bf16(p->qkv + (size_t)nH * hd, qkvw, p->qkv + (size_t)(nH + nKV) * hd, qkvw, p->seq, p->pos,
-                           p->pages, t->max_pages, t->page_size, n, nKV, hd, kc, vc, t->stream));
+    CK(ds_k_qk_norm_rope_append_bf16(p->qkv, qkvw, p->qkv + (size_t)nH * hd, qkvw, p->qkv + (size_t)(nH + nKV) * hd,
+                                     qkvw, l->q_norm, l->k_norm, p->inv_freq, p->pos, p->seq, p->pages, t->max_pages,
+                                     t->page_size, n, nH, nKV, hd, p->eps, kc, vc, t->stream));
     CK(ds_k_attention_bf16(p->qkv, qkvw, kc, vc, p->seq, p->att_pos, p->run_start, p->run_len, p->n_runs,
                            p->att_longest, p->pages, t->max_pages, t->page_size, n, nH, nKV, hd, scale, p->att_ws,
                            p->attn, t->stream));

@@ -107,6 +107,19 @@ cudaError_t ds_k_swiglu_bf16(const float *gu /* [n, 2 I] */, int n, int I, uint1
 /* y[t, i] += bias[i]. */
 cudaError_t ds_k_add_bias(float *y /* [n, ldy] */, int ldy, const float *bias /* [N] */, int n, int N,
                           cudaStream_t stream);
+/* ds_k_qk_norm_rope, and in the same launch ds_k_kv_append_bf16 of the
+ * rotated k heads and of the v heads: the same bits as the two launches. */
+cudaError_t ds_k_qk_norm_rope_append_bf16(float *q /* [n, ldq] holding [nH, hd] */, int ldq,
+                                          float *k /* [n, ldk] holding [nKV, hd] */, int ldk,
+                                          const float *v /* [n, ldv] holding [nKV, hd] */, int ldv,
+                                          const float *q_norm /* [hd] */, const float *k_norm /* [hd] */,
+                                          const float *inv_freq /* [hd / 2] */, const int32_t *pos /* [n] */,
+                                          const int32_t *seq /* [n] */,
+                                          const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages,
+                                          int page_size, int n, int nH, int nKV, int hd, float eps,
+                                          uint16_t *k_cache /* [n_pages, page_size, nKV, hd] */,
+                                          uint16_t *v_cache /* [n_pages, page_size, nKV, hd] */,
+                                          cudaStream_t stream);
 /* ds_k_kv_append into a bf16 cache. */
 cudaError_t ds_k_kv_append_bf16(const float *k /* [n, ldk] */, int ldk, const float *v /* [n, ldv] */, int ldv,
                                 const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,

@@ -1,6 +1,6 @@
 /* rowwise.cu: per-row kernels of the forward pass: embedding gather, RMSNorm
  * (plain and fused with the residual add, f32 or bf16 out), per-head q/k
- * RMSNorm with RoPE, SwiGLU, bias add, argmax, and random fills for benchmarks.
+ * RMSNorm with RoPE (and the KV cache append in the same launch), SwiGLU, bias add, argmax, and random fills for benchmarks.
  * One block per row with a fixed block size, so a row's
  * reductions always run in the same order whatever the batch. */
 #include <math.h>
@@ -168,10 +168,21 @@ extern "C" cudaError_t ds_k_add_rmsnorm(float *x, const float *y, const float *w
 /* ---- per-head q/k RMSNorm + RoPE ---- */
 #define HEAD_THREADS 128
 
-/* Block (t, h): heads 0..nH-1 are q's, nH..nH+nKV-1 are k's. */
+/* Where ds_k_kv_append writes token t's KV heads: the slot of position pos[t]
+ * of sequence seq[t] (NULL caches: nowhere). */
+struct kv_slots {
+    const float *v;   /* [n, ldv] holding [nKV, hd] */
+    int ldv;
+    const int32_t *seq, *page_table;
+    int max_pages, page_size;
+    __nv_bfloat16 *k_cache, *v_cache;   /* [n_pages, page_size, nKV, hd] */
+};
+
+/* Block (t, h): heads 0..nH-1 are q's, nH..nH+nKV-1 are k's; a k head also
+ * goes to the cache after RoPE, with its v head, when there is one. */
 __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk, const float *q_norm,
                                            const float *k_norm, const float *inv_freq, const int32_t *pos,
-                                           int nH, int hd, float eps)
+                                           int nH, int nKV, int hd, float eps, struct kv_slots kv)
 {
     extern __shared__ float buf[];   /* [hd] */
     __shared__ float red[32];
@@ -198,28 +209,73 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
     __syncthreads();
     int half = hd / 2;
     float p = (float)pos[t];
+    __nv_bfloat16 *kc = NULL, *vc = NULL;
+    if (h >= nH && kv.k_cache) {
+        int slot = pos[t];
+        int page = kv.page_table[(size_t)kv.seq[t] * kv.max_pages + slot / kv.page_size];
+        size_t dst = ((size_t)page * kv.page_size + slot % kv.page_size) * ((size_t)nKV * hd) + (size_t)(h - nH) * hd;
+        kc = kv.k_cache + dst;
+        vc = kv.v_cache + dst;
+        const float *vr = kv.v + (size_t)t * kv.ldv + (size_t)(h - nH) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x)
+            vc[i] = __float2bfloat16_rn(vr[i]);
+    }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float angle = p * inv_freq[i];
         double s, c;
         sincos((double)angle, &s, &c);
         float cf = (float)c, sf = (float)s;
         float a = buf[i], b = buf[i + half];
-        x[i] = a * cf - b * sf;
-        x[i + half] = b * cf + a * sf;
+        float ra = a * cf - b * sf, rb = b * cf + a * sf;
+        x[i] = ra;
+        x[i + half] = rb;
+        if (kc) {
+            kc[i] = __float2bfloat16_rn(ra);
+            kc[i + half] = __float2bfloat16_rn(rb);
+        }
     }
+}
+
+static bool qk_norm_rope_ok(int n, int ldq, int ldk, int nH, int nKV, int hd)
+{
+    return n >= 0 && nH >= 0 && nKV >= 0 && nH + nKV <= 65535 && hd > 0 && hd % 2 == 0 && hd <= 4096 &&
+           ldq >= nH * hd && ldk >= nKV * hd;
+}
+
+static cudaError_t qk_norm_rope_launch(float *q, int ldq, float *k, int ldk, const float *q_norm, const float *k_norm,
+                                       const float *inv_freq, const int32_t *pos, int n, int nH, int nKV, int hd,
+                                       float eps, struct kv_slots kv, cudaStream_t stream)
+{
+    if (n == 0 || nH + nKV == 0)
+        return cudaSuccess;
+    dim3 grid((unsigned)n, (unsigned)(nH + nKV));
+    return pdl_launch(qk_norm_rope_kernel, grid, dim3(HEAD_THREADS), (size_t)hd * sizeof(float), stream, q, ldq, k,
+                      ldk, q_norm, k_norm, inv_freq, pos, nH, nKV, hd, eps, kv);
 }
 
 extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, const float *q_norm,
                                          const float *k_norm, const float *inv_freq, const int32_t *pos, int n,
                                          int nH, int nKV, int hd, float eps, cudaStream_t stream)
 {
-    if (n < 0 || nH < 0 || nKV < 0 || hd <= 0 || hd % 2 || hd > 4096 || ldq < nH * hd || ldk < nKV * hd)
+    if (!qk_norm_rope_ok(n, ldq, ldk, nH, nKV, hd))
         return cudaErrorInvalidValue;
-    if (n == 0 || nH + nKV == 0)
-        return cudaSuccess;
-    dim3 grid((unsigned)n, (unsigned)(nH + nKV));
-    return pdl_launch(qk_norm_rope_kernel, grid, dim3(HEAD_THREADS), (size_t)hd * sizeof(float), stream, q, ldq, k,
-                      ldk, q_norm, k_norm, inv_freq, pos, nH, hd, eps);
+    struct kv_slots none = {};
+    return qk_norm_rope_launch(q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, n, nH, nKV, hd, eps, none, stream);
+}
+
+extern "C" cudaError_t ds_k_qk_norm_rope_append_bf16(float *q, int ldq, float *k, int ldk, const float *v, int ldv,
+                                                     const float *q_norm, const float *k_norm, const float *inv_freq,
+                                                     const int32_t *pos, const int32_t *seq,
+                                                     const int32_t *page_table, int max_pages, int page_size, int n,
+                                                     int nH, int nKV, int hd, float eps, uint16_t *k_cache,
+                                                     uint16_t *v_cache, cudaStream_t stream)
+{
+    if (!qk_norm_rope_ok(n, ldq, ldk, nH, nKV, hd) || nKV == 0 || ldv < nKV * hd || max_pages <= 0 ||
+        page_size <= 0 || !k_cache || !v_cache)
+        return cudaErrorInvalidValue;
+    struct kv_slots kv = {v, ldv, seq, page_table, max_pages, page_size, (__nv_bfloat16 *)k_cache,
+                          (__nv_bfloat16 *)v_cache};
+    return qk_norm_rope_launch(q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, n, nH, nKV, hd, eps, kv, stream);
 }
 
 /* ---- SwiGLU ---- */

@@ -302,6 +302,52 @@ static bool test_qk_norm_rope(void)
     return close_enough("qk_norm_rope", dup_to_host(d_qkv, bytes), qkv, (size_t)n * width, 1e-5);
 }
 
+/* ds_k_qk_norm_rope_append_bf16 against ds_k_qk_norm_rope then
+ * ds_k_kv_append_bf16: the qkv rows and both caches bit for bit (two
+ * sequences over scattered pages; also keys only, nH 0, as the draft's
+ * context path uses it). */
+static bool test_qk_norm_rope_append(void)
+{
+    enum { N_SEQS = 2, MAX_PAGES = 4, PAGE = 16, N_PAGES = 9 };
+    int n = 21, nKV = 8, hd = 128;
+    bool ok = true;
+    for (int keys_only = 0; keys_only < 2; keys_only++) {
+        int nH = keys_only ? 0 : 32, width = (nH + 2 * nKV) * hd;
+        size_t bytes = (size_t)n * width * sizeof(float), cache = (size_t)N_PAGES * PAGE * nKV * hd * 2;
+        float *qkv = rnd_vec((size_t)n * width), *qn = rnd_vec(hd), *kn = rnd_vec(hd);
+        int32_t *pos = hmalloc((size_t)n * 4), *seq = hmalloc((size_t)n * 4);
+        int32_t pt[N_SEQS * MAX_PAGES] = {7, 2, 5, 0, 1, 8, 3, 6};
+        for (int t = 0; t < n; t++) {   /* sequence 0 at 3.., sequence 1 at 40.. */
+            seq[t] = t % 2;
+            pos[t] = seq[t] ? 40 + t / 2 : 3 + t / 2;
+        }
+        float *d_fq = dup_to_dev(qn, (size_t)hd * 4), *d_fk = dup_to_dev(kn, (size_t)hd * 4);
+        float *d_if = dup_to_dev(rope_freqs(hd, 1e6), (size_t)hd / 2 * 4);
+        int32_t *d_pos = dup_to_dev(pos, (size_t)n * 4), *d_seq = dup_to_dev(seq, (size_t)n * 4);
+        int32_t *d_pt = dup_to_dev(pt, sizeof pt);
+        float *a = dup_to_dev(qkv, bytes), *b = dup_to_dev(qkv, bytes);
+        uint16_t *ka = dpoison(cache), *va = dpoison(cache), *kb = dpoison(cache), *vb = dpoison(cache);
+        float *ak = a + (size_t)nH * hd, *bk = b + (size_t)nH * hd;
+        if (!launched(ds_k_qk_norm_rope(keys_only ? ak : a, width, ak, width, d_fq, d_fk, d_if, d_pos, n, nH, nKV, hd,
+                                        1e-6f, 0), "qk_norm_rope before the append") ||
+            !launched(ds_k_kv_append_bf16(ak, width, ak + (size_t)nKV * hd, width, d_seq, d_pos, d_pt, MAX_PAGES, PAGE,
+                                          n, nKV, hd, ka, va, 0), "kv_append_bf16") ||
+            !launched(ds_k_qk_norm_rope_append_bf16(keys_only ? bk : b, width, bk, width, bk + (size_t)nKV * hd, width,
+                                                    d_fq, d_fk, d_if, d_pos, d_seq, d_pt, MAX_PAGES, PAGE, n, nH, nKV,
+                                                    hd, 1e-6f, kb, vb, 0), "qk_norm_rope_append_bf16"))
+            return false;
+        char what[96];
+        snprintf(what, sizeof what, "fused append%s: qkv rows", keys_only ? " (keys only)" : "");
+        ok &= same_bits(what, dup_to_host(b, bytes), dup_to_host(a, bytes), bytes);
+        snprintf(what, sizeof what, "fused append%s: K cache", keys_only ? " (keys only)" : "");
+        ok &= same_bits(what, dup_to_host(kb, cache), dup_to_host(ka, cache), cache);
+        snprintf(what, sizeof what, "fused append%s: V cache", keys_only ? " (keys only)" : "");
+        ok &= same_bits(what, dup_to_host(vb, cache), dup_to_host(va, cache), cache);
+        free_all();
+    }
+    return ok;
+}
+
 static bool test_swiglu(void)
 {
     int n = 7, I = 3000;
@@ -1531,6 +1577,7 @@ static const struct {
     {"rmsnorm against ds_rmsnorm, and in place", test_rmsnorm},
     {"residual add + rmsnorm", test_add_rmsnorm},
     {"per-head q/k rmsnorm + rope against ds_rmsnorm/ds_rope", test_qk_norm_rope},
+    {"q/k rmsnorm + rope + kv append in one launch = the two launches", test_qk_norm_rope_append},
     {"swiglu", test_swiglu},
     {"argmax, ties to the lowest index", test_argmax},
     {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
