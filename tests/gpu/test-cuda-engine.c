@@ -22,7 +22,10 @@
  *     (all but at most one sequence), acceptance above zero, no full-vocabulary
  *     logits copied to the host in the GPU run (and some in the host run, so
  *     the counter counts), a replay gives the same tokens, sampled sequences
- *     with one prompt and different seeds part, greedy ones do not.
+ *     with one prompt and different seeds part, greedy ones do not; a case
+ *     without greedy rows (the draft's phase skips its argmax), and one of 3
+ *     sequences at a time (verifies too small for the screen); the screen
+ *     computes fewer distributions than rows verified where it runs.
  * Prints TAP; without a CUDA device it prints a skip plan and exits 77.
  * DS_TEST_QUICK=1 runs part 4 at concurrency 1 only (for the memory checker). */
 #include "config.h"
