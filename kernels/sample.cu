@@ -911,7 +911,9 @@ extern "C" cudaError_t ds_k_sample_residual(const float *p, int ldp, const float
 #define SCREEN_UNSURE 0
 #define SCREEN_ACCEPT 1
 #define SCREEN_REJECT 2
-#define SCREEN_SLACK 1e-4      /* relative, on every estimate: covers fast exp, float sums and the exact kernel's roundings */
+/* relative, on every estimate: fast exp and each thread's float sum of ~V / 1024 terms (up to
+ * ~2.4e-7 a term when every term rescales), and the exact kernel's roundings */
+#define SCREEN_SLACK(V) (1e-4 + 1e-6 * (double)(((V) + SAMPLE_THREADS - 1) / SAMPLE_THREADS))
 #define SCREEN_FLOOR 1e-30     /* absolute, on p[d]: covers denormal and flushed probabilities (and u = 0) */
 #define SCREEN_LEVELS 6        /* mass above x_d - T·2^l, l < SCREEN_LEVELS: bounds on the cut's value */
 #define SCREEN_SUMS (3 + SCREEN_LEVELS)
@@ -969,7 +971,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     struct ds_k_sampling sp = params[blockIdx.y];
     float xd = xr[d], T = sp.temperature;
     struct screen_bounds b;
-    b.soft = T >= GREEDY_TEMPERATURE;
+    b.soft = !(T < GREEDY_TEMPERATURE);   /* as probs_kernel decides (a NaN T is soft there) */
     b.inv_t = b.soft ? 1.0f / T : 0.0f;
     /* tokens below the band have a probability below p[d], those above it one
      * above (checked below against the row's maximum) */
@@ -1037,14 +1039,14 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
             for (int i = 0; i < SCREEN_SUMS; i++)
                 sum[i] += (double)warp_part[w].s[i] * f;
         }
-        const double lo = 1.0 - SCREEN_SLACK, hi = 1.0 + SCREEN_SLACK;
+        const double lo = 1.0 - SCREEN_SLACK(V), hi = 1.0 + SCREEN_SLACK(V);
         double Z = sum[0], vd = exp((double)(xd - m) * b.inv_t) / Z;
         /* the band must hold every token whose probability can round to p[d]'s:
          * the exact kernel's exponents err by ~3 ulps of (m - x) / T, and e and
-         * p by an ulp each, so a band of 2.4e-7 T + 3.6e-7 (m - x_d) would do */
+         * p by an ulp each, so a band of about 4e-7 T + 5e-7 (m - x_d) would do */
         bool band_ok = band >= 2e-6 * (T + ((double)m - xd));
         bool cut_k = sp.top_k > 0 && sp.top_k < V, cut_p = sp.top_p > 0 && sp.top_p < 1;
-        if (!band_ok || cut_k || !(Z > 0) || !isfinite(Z)) {
+        if (!band_ok || cut_k || !(Z > 0) || !isfinite(Z) || !isfinite(T)) {
             out = SCREEN_UNSURE;   /* (top-k rows: the full distribution) */
         } else if (!cut_p) {
             out = uq < vd * lo - SCREEN_FLOOR ? SCREEN_ACCEPT : uq >= vd * hi + SCREEN_FLOOR ? SCREEN_REJECT
@@ -1071,15 +1073,13 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
                         v_cut = v < v_cut ? v : v_cut;
                     }
                 /* the kept mass: at least the target (and, d kept, the mass
-                 * through d); below target + v_cut, or, when d is the last kept
-                 * token, the mass through d */
+                 * through d); below target + v_cut, and, when d is the last kept
+                 * token, at most the mass through d */
                 double kept_lo = t * lo, kept_hi = t * hi + v_cut + 1e-17;
                 if (kept) {
                     kept_lo = through_lo > kept_lo ? through_lo : kept_lo;
-                    if (through_lo >= t * hi)
+                    if (through_lo >= t * hi && through_hi < kept_hi)
                         kept_hi = through_hi;   /* d is the last kept token */
-                    else if (through_hi >= t * lo && through_hi > kept_hi)
-                        kept_hi = through_hi;   /* it may be */
                 }
                 double p_lo = vd * lo / kept_hi - SCREEN_FLOOR, p_hi = vd * hi / kept_lo + SCREEN_FLOOR;
                 out = kept && uq < p_lo ? SCREEN_ACCEPT : uq >= p_hi ? SCREEN_REJECT : SCREEN_UNSURE;
