@@ -2,9 +2,11 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "dspark/ds-err.h"
 #include "dspark/ds-sampler.h"
 
 void ds_philox4x32(uint64_t key, uint64_t ctr_hi, uint64_t ctr_lo, uint32_t out[4])
@@ -39,15 +41,48 @@ int32_t ds_argmax(const float *x, int n)
     return best;
 }
 
-/* qsort has no context argument: the keys travel in a thread-local */
-static _Thread_local const float *sort_keys;
-
-static int by_prob_desc(const void *a, const void *b)
+/* The tokens ranked by probability, descending, ties by lower id, as
+ * (bits << 32 | id) (non-negative floats order like their bits): a stable LSD
+ * radix sort on the bits, one byte a pass, skipping bytes every token shares,
+ * from id order; tmp: [n]. Returns ranked or tmp, whichever holds the result. */
+static uint64_t *rank_by_prob(const float *probs, int n, uint64_t *ranked, uint64_t *tmp)
 {
-    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    if (sort_keys[i] != sort_keys[j])
-        return sort_keys[i] > sort_keys[j] ? -1 : 1;
-    return i < j ? -1 : i > j;
+    uint32_t all_or = 0, all_and = 0xffffffffu;
+    for (int i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &probs[i], 4);
+        all_or |= b;
+        all_and &= b;
+        ranked[i] = (uint64_t)b << 32 | (uint32_t)i;
+    }
+    uint64_t *src = ranked, *dst = tmp;
+    for (int shift = 32; shift < 64; shift += 8) {
+        if ((((all_or ^ all_and) >> (shift - 32)) & 0xffu) == 0)
+            continue;   /* every token has this byte */
+        size_t start[256] = {0};
+        for (int i = 0; i < n; i++)
+            start[0xffu - ((src[i] >> shift) & 0xffu)]++;   /* larger bytes first */
+        size_t at = 0;
+        for (int d = 0; d < 256; d++) {
+            size_t c = start[d];
+            start[d] = at;
+            at += c;
+        }
+        for (int i = 0; i < n; i++)
+            dst[start[0xffu - ((src[i] >> shift) & 0xffu)]++] = src[i];
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    return src;
+}
+
+static inline float ranked_prob(uint64_t r)
+{
+    uint32_t b = (uint32_t)(r >> 32);
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
 }
 
 void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *probs, int32_t *scratch)
@@ -74,20 +109,18 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
     if (!cut_k && !cut_p)
         return;
     /* rank tokens by probability (ties: lower id first), keep a prefix of the ranking */
-    for (int i = 0; i < n; i++)
-        scratch[i] = i;
-    sort_keys = probs;
-    qsort(scratch, (size_t)n, sizeof *scratch, by_prob_desc);
+    uint64_t *buf = ds_xmalloc((size_t)n * 2 * sizeof *buf);
+    const uint64_t *rank = rank_by_prob(probs, n, buf, buf + n);
     int keep = cut_k ? s->top_k : n;
     if (cut_p) {
         double kept_mass = 0;
         for (int i = 0; i < keep; i++)
-            kept_mass += probs[scratch[i]];
+            kept_mass += ranked_prob(rank[i]);
         /* smallest prefix whose share of the (top-k) mass reaches top_p */
         double acc = 0;
         int j = 0;
         while (j < keep) {
-            acc += probs[scratch[j++]];
+            acc += ranked_prob(rank[j++]);
             if (acc >= s->top_p * kept_mass)
                 break;
         }
@@ -95,12 +128,18 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
     }
     double kept = 0;
     for (int i = 0; i < keep; i++)
-        kept += probs[scratch[i]];
-    for (int i = keep; i < n; i++)
-        probs[scratch[i]] = 0;
+        kept += ranked_prob(rank[i]);
     float renorm = (float)(1.0 / kept);
-    for (int i = 0; i < keep; i++)
-        probs[scratch[i]] *= renorm;
+    /* the kept tokens: above the last kept one's bits, or equal with an id up to its */
+    uint32_t last_bits = (uint32_t)(rank[keep - 1] >> 32);
+    int32_t last_id = (int32_t)(uint32_t)rank[keep - 1];
+    free(buf);
+    for (int i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &probs[i], 4);
+        probs[i] = b > last_bits || (b == last_bits && i <= last_id) ? probs[i] * renorm : 0.0f;
+    }
+    (void)scratch;
 }
 
 int32_t ds_sample_residual(const float *p, const float *q, int n, float u, float *tmp)

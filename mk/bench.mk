@@ -3,6 +3,9 @@ noinst_PROGRAMS += bench/bench-prefill
 bench_bench_prefill_SOURCES = bench/bench-prefill.c
 bench_bench_prefill_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
 bench_bench_prefill_LDADD = $(ENGINE_LIBS)
+noinst_PROGRAMS += bench/bench-sampler
+bench_bench_sampler_SOURCES = bench/bench-sampler.c
+bench_bench_sampler_LDADD = $(ENGINE_LIBS)
 EXTRA_DIST += bench/model-pair.sh bench/ngram-baseline.sh bench/spec-speedup.sh bench/RESULTS.md
 
 noinst_PROGRAMS += bench/bench-step-cuda

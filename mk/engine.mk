@@ -28,6 +28,12 @@ tests_unit_test_gemm_SOURCES = tests/unit/test-gemm.c
 tests_unit_test_gemm_CFLAGS = $(TEST_CFLAGS)
 tests_unit_test_gemm_LDADD = $(ENGINE_LIBS) $(TEST_LIBS)
 
+check_PROGRAMS += tests/unit/test-sampler
+TESTS += tests/unit/test-sampler
+tests_unit_test_sampler_SOURCES = tests/unit/test-sampler.c
+tests_unit_test_sampler_CFLAGS = $(TEST_CFLAGS)
+tests_unit_test_sampler_LDADD = $(ENGINE_LIBS) $(TEST_LIBS)
+
 check_PROGRAMS += tests/engine/test-qwen3
 TESTS += tests/engine/test-qwen3
 tests_engine_test_qwen3_SOURCES = tests/engine/test-qwen3.c

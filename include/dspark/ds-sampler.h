@@ -39,8 +39,12 @@ static inline bool ds_sampling_is_greedy(const struct ds_sampling *s)
 /* Index of the first maximum. */
 int32_t ds_argmax(const float *x /* [n] */, int n);
 
-/* The sampling distribution of one row of logits. scratch: [n] ints.
- * Greedy gives a one-hot. */
+/* The sampling distribution of one row of logits: softmax(logits / T) in
+ * float (expf, the sum in double), then with top-k and/or top-p the kept
+ * prefix of the ranking by probability (ties: lower id first; top-p: the
+ * shortest prefix whose running double sum reaches top_p of the candidates'),
+ * renormalized; the rest 0. Greedy gives a one-hot. scratch: unused (may be
+ * NULL; kept for callers). */
 void ds_probs(const float *logits /* [n] */, int n, const struct ds_sampling *s, float *probs /* [n] out */,
               int32_t *scratch /* [n] */);
 /* Inverse-CDF draw in index order: the first i with cumsum(probs)[i] > u * sum(probs). */
