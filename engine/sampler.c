@@ -87,6 +87,9 @@ static inline float ranked_prob(uint64_t r)
 
 void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *probs, int32_t *scratch)
 {
+    (void)scratch;
+    if (n <= 0)
+        return;
     if (ds_sampling_is_greedy(s)) {
         memset(probs, 0, (size_t)n * sizeof *probs);
         probs[ds_argmax(logits, n)] = 1.0f;
@@ -139,7 +142,6 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
         memcpy(&b, &probs[i], 4);
         probs[i] = b > last_bits || (b == last_bits && i <= last_id) ? probs[i] * renorm : 0.0f;
     }
-    (void)scratch;
 }
 
 int32_t ds_sample_residual(const float *p, const float *q, int n, float u, float *tmp)
