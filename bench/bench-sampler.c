@@ -59,6 +59,7 @@ int main(int argc, char **argv)
         {"T 1, top-p 0.95", {.temperature = 1.0f, .top_p = 0.95f}},
         {"T 0.7, top-k 50", {.temperature = 0.7f, .top_p = 1.0f, .top_k = 50}},
         {"T 0.8, top-p 0.9, top-k 1000", {.temperature = 0.8f, .top_p = 0.9f, .top_k = 1000}},
+        {"T 0.6, top-p 0.95, top-k 20", {.temperature = 0.6f, .top_p = 0.95f, .top_k = 20}},
     };
     float *x = malloc((size_t)V * 4), *p = malloc((size_t)V * 4);
     int32_t *scratch = malloc((size_t)V * 4);

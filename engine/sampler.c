@@ -41,20 +41,40 @@ int32_t ds_argmax(const float *x, int n)
     return best;
 }
 
-/* The tokens ranked by probability, descending, ties by lower id, as
- * (bits << 32 | id) (non-negative floats order like their bits): a stable LSD
- * radix sort on the bits, one byte a pass, skipping bytes every token shares,
- * from id order; tmp: [n]. Returns ranked or tmp, whichever holds the result. */
-static uint64_t *rank_by_prob(const float *probs, int n, uint64_t *ranked, uint64_t *tmp)
+/* The first `need` places of the ranking by probability, descending, ties by
+ * lower id (and perhaps more), as (bits << 32 | id) (non-negative floats order
+ * like their bits): the tokens from the highest 11-bit bucket of the bits down
+ * to the one that holds the need-th, then a stable LSD radix sort of those on
+ * the bits, one byte a pass, skipping bytes they all share, from id order.
+ * ranked, tmp: [n]. Returns ranked or tmp, whichever holds them. */
+static uint64_t *rank_by_prob(const float *probs, int n, int need, uint64_t *ranked, uint64_t *tmp)
 {
+    uint32_t floor_bits = 0;
+    if (need < n) {
+        size_t count[2048] = {0};
+        for (int i = 0; i < n; i++) {
+            uint32_t b;
+            memcpy(&b, &probs[i], 4);
+            count[b >> 21]++;
+        }
+        size_t above = 0;
+        int top = 2047;
+        while (top > 0 && above + count[top] < (size_t)need)
+            above += count[top--];
+        floor_bits = (uint32_t)top << 21;
+    }
     uint32_t all_or = 0, all_and = 0xffffffffu;
+    int m = 0;
     for (int i = 0; i < n; i++) {
         uint32_t b;
         memcpy(&b, &probs[i], 4);
+        if (b < floor_bits)
+            continue;
         all_or |= b;
         all_and &= b;
-        ranked[i] = (uint64_t)b << 32 | (uint32_t)i;
+        ranked[m++] = (uint64_t)b << 32 | (uint32_t)i;
     }
+    n = m;
     uint64_t *src = ranked, *dst = tmp;
     for (int shift = 32; shift < 64; shift += 8) {
         if ((((all_or ^ all_and) >> (shift - 32)) & 0xffu) == 0)
@@ -112,9 +132,9 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
     if (!cut_k && !cut_p)
         return;
     /* rank tokens by probability (ties: lower id first), keep a prefix of the ranking */
-    uint64_t *buf = ds_xmalloc((size_t)n * 2 * sizeof *buf);
-    const uint64_t *rank = rank_by_prob(probs, n, buf, buf + n);
     int keep = cut_k ? s->top_k : n;
+    uint64_t *buf = ds_xmalloc((size_t)n * 2 * sizeof *buf);
+    const uint64_t *rank = rank_by_prob(probs, n, keep, buf, buf + n);   /* [>= keep] */
     if (cut_p) {
         double kept_mass = 0;
         for (int i = 0; i < keep; i++)
