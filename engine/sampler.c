@@ -41,6 +41,14 @@ int32_t ds_argmax(const float *x, int n)
     return best;
 }
 
+/* A float's bits (for non-negative floats, ordered as the values). */
+static inline uint32_t float_bits(float f)
+{
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+
 /* The first `need` places of the ranking by probability, descending, ties by
  * lower id (and perhaps more), as (bits << 32 | id) (non-negative floats order
  * like their bits): the tokens from the highest 11-bit bucket of the bits down
@@ -52,11 +60,8 @@ static uint64_t *rank_by_prob(const float *probs, int n, int need, uint64_t *ran
     uint32_t floor_bits = 0;
     if (need < n) {
         size_t count[2048] = {0};
-        for (int i = 0; i < n; i++) {
-            uint32_t b;
-            memcpy(&b, &probs[i], 4);
-            count[b >> 21]++;
-        }
+        for (int i = 0; i < n; i++)
+            count[float_bits(probs[i]) >> 21]++;
         size_t above = 0;
         int top = 2047;
         while (top > 0 && above + count[top] < (size_t)need)
@@ -66,21 +71,19 @@ static uint64_t *rank_by_prob(const float *probs, int n, int need, uint64_t *ran
     uint32_t all_or = 0, all_and = 0xffffffffu;
     int m = 0;
     for (int i = 0; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, &probs[i], 4);
+        uint32_t b = float_bits(probs[i]);
         if (b < floor_bits)
             continue;
         all_or |= b;
         all_and &= b;
         ranked[m++] = (uint64_t)b << 32 | (uint32_t)i;
     }
-    n = m;
     uint64_t *src = ranked, *dst = tmp;
     for (int shift = 32; shift < 64; shift += 8) {
         if ((((all_or ^ all_and) >> (shift - 32)) & 0xffu) == 0)
             continue;   /* every token has this byte */
         size_t start[256] = {0};
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < m; i++)
             start[0xffu - ((src[i] >> shift) & 0xffu)]++;   /* larger bytes first */
         size_t at = 0;
         for (int d = 0; d < 256; d++) {
@@ -88,7 +91,7 @@ static uint64_t *rank_by_prob(const float *probs, int n, int need, uint64_t *ran
             start[d] = at;
             at += c;
         }
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < m; i++)
             dst[start[0xffu - ((src[i] >> shift) & 0xffu)]++] = src[i];
         uint64_t *t = src;
         src = dst;
@@ -135,31 +138,28 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
     int keep = cut_k ? s->top_k : n;
     uint64_t *buf = ds_xmalloc((size_t)n * 2 * sizeof *buf);
     const uint64_t *rank = rank_by_prob(probs, n, keep, buf, buf + n);   /* [>= keep] */
+    double kept = 0;   /* the kept prefix's mass, summed in ranking order */
+    for (int i = 0; i < keep; i++)
+        kept += ranked_prob(rank[i]);
     if (cut_p) {
-        double kept_mass = 0;
-        for (int i = 0; i < keep; i++)
-            kept_mass += ranked_prob(rank[i]);
         /* smallest prefix whose share of the (top-k) mass reaches top_p */
         double acc = 0;
         int j = 0;
         while (j < keep) {
             acc += ranked_prob(rank[j++]);
-            if (acc >= s->top_p * kept_mass)
+            if (acc >= s->top_p * kept)
                 break;
         }
         keep = j;
+        kept = acc;
     }
-    double kept = 0;
-    for (int i = 0; i < keep; i++)
-        kept += ranked_prob(rank[i]);
     float renorm = (float)(1.0 / kept);
     /* the kept tokens: above the last kept one's bits, or equal with an id up to its */
     uint32_t last_bits = (uint32_t)(rank[keep - 1] >> 32);
     int32_t last_id = (int32_t)(uint32_t)rank[keep - 1];
     free(buf);
     for (int i = 0; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, &probs[i], 4);
+        uint32_t b = float_bits(probs[i]);
         probs[i] = b > last_bits || (b == last_bits && i <= last_id) ? probs[i] * renorm : 0.0f;
     }
 }
