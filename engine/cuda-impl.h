@@ -117,6 +117,10 @@ void ds_cu_layer_free(struct cu_layer *l);
  * partials in ws, ds_k_gemm_workspace floats), or cuBLAS when t asks for it. */
 int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
                int ldy, bool accumulate) DS_MUSTCHECK;
+struct ds_k_x;
+/* The same on a made x (kernels.h's ds_k_x: rows normalized or SwiGLU'd on the way in). */
+int ds_cu_gemm_x(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const struct ds_k_x *x, int M, float *y,
+                 int ldy, bool accumulate) DS_MUSTCHECK;
 
 /* One transformer layer's pass over n tokens, for the target and the draft
  * alike: the buffers and the pass's device metadata (attention positions att_pos

@@ -665,23 +665,31 @@ int ds_cuda_reserve(struct ds_cuda_target *t, int max_tokens, int max_seqs, int 
     return ensure_capacity(t, max_tokens, max_tokens, max_seqs, n_capture);
 }
 
-int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
-               int ldy, bool accumulate)
+int ds_cu_gemm_x(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const struct ds_k_x *x, int M, float *y,
+                 int ldy, bool accumulate)
 {
     if (M == 0)
         return 0;
     if (t->opts.cublas) {
+        CK(ds_k_x_make(x, M, m->k, t->stream));
         const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
         cublasStatus_t s = cublasGemmEx(t->cublas, CUBLAS_OP_T, CUBLAS_OP_N, m->n, M, m->k, &one, m->w, CUDA_R_16BF,
-                                        m->k, x, CUDA_R_16BF, ldx, &beta, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F,
-                                        CUBLAS_GEMM_DEFAULT);
+                                        m->k, x->x, CUDA_R_16BF, x->ldx, &beta, y, CUDA_R_32F, ldy,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         if (s != CUBLAS_STATUS_SUCCESS)
             return ds_seterr(DS_ECUBLAS, "cublasGemmEx (%d x %d x %d) failed with status %d", M, m->n, m->k, (int)s);
         return 0;
     }
-    CK(ds_k_gemm_bf16(t->opts.kernels_only ? NULL : t->lt, x, ldx, m->w, M, m->n, m->k, m->split, ws, y, ldy,
-                      accumulate, t->stream));
+    CK(ds_k_gemm_bf16_x(t->opts.kernels_only ? NULL : t->lt, x, m->w, M, m->n, m->k, m->split, ws, y, ldy,
+                        accumulate, t->stream));
     return 0;
+}
+
+int ds_cu_gemm(struct ds_cuda_target *t, float *ws, const struct cu_mat *m, const uint16_t *x, int ldx, int M, float *y,
+               int ldy, bool accumulate)
+{
+    struct ds_k_x in = {.kind = DS_K_X_BF16, .x = (uint16_t *)x, .ldx = ldx};
+    return ds_cu_gemm_x(t, ws, m, &in, M, y, ldy, accumulate);
 }
 
 /* The device part of a pass; metadata is already in t->meta. Graph-capturable:
@@ -692,8 +700,9 @@ int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint
     int n = p->n, H = p->H, I = p->I, nH = p->nH, nKV = p->nKV, hd = p->hd, r;
     int qkvw = (nH + 2 * nKV) * hd;
     float scale = 1.0f / sqrtf((float)hd);
-    CK(ds_k_rmsnorm_bf16(p->x, NULL, l->attn_norm, n, H, p->eps, p->xn, t->stream));
-    if ((r = ds_cu_gemm(t, p->ws, &l->qkv, p->xn, H, n, p->qkv, qkvw, false)) < 0)
+    struct ds_k_x attn_in = {.kind = DS_K_X_RMSNORM, .x = p->xn, .ldx = H, .src = p->x, .norm_w = l->attn_norm,
+                             .eps = p->eps};
+    if ((r = ds_cu_gemm_x(t, p->ws, &l->qkv, &attn_in, n, p->qkv, qkvw, false)) < 0)
         return r;
     if (l->qkv_bias)
         CK(ds_k_add_bias(p->qkv, qkvw, l->qkv_bias, n, qkvw, t->stream));
@@ -707,11 +716,12 @@ int ds_cu_enqueue_layer(struct ds_cuda_target *t, const struct cu_layer *l, uint
         return r;
     if (l->o_bias)
         CK(ds_k_add_bias(p->x, H, l->o_bias, n, H, t->stream));
-    CK(ds_k_rmsnorm_bf16(p->x, NULL, l->ffn_norm, n, H, p->eps, p->xn, t->stream));
-    if ((r = ds_cu_gemm(t, p->ws, &l->gate_up, p->xn, H, n, p->gu, 2 * I, false)) < 0)
+    struct ds_k_x ffn_in = {.kind = DS_K_X_RMSNORM, .x = p->xn, .ldx = H, .src = p->x, .norm_w = l->ffn_norm,
+                            .eps = p->eps};
+    if ((r = ds_cu_gemm_x(t, p->ws, &l->gate_up, &ffn_in, n, p->gu, 2 * I, false)) < 0)
         return r;
-    CK(ds_k_swiglu_bf16(p->gu, n, I, p->xn, t->stream));
-    return ds_cu_gemm(t, p->ws, &l->down, p->xn, I, n, p->x, H, true);
+    struct ds_k_x down_in = {.kind = DS_K_X_SWIGLU, .x = p->xn, .ldx = I, .src = p->gu};
+    return ds_cu_gemm_x(t, p->ws, &l->down, &down_in, n, p->x, H, true);
 }
 
 /* Copy the residual stream after layer li (-1: the embeddings) into the

@@ -17,7 +17,14 @@
  * ds_k_gemm_lt): an algorithm that does not split k runs that same chain, one
  * tensor-core product per 16-wide chunk in increasing order from zero, and
  * gives the same bits (measured on an H200 for every algorithm its heuristic
- * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run). */
+ * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run).
+ *
+ * x can also be made on the way in (ds_k_gemm_bf16_x): the RMSNorm or SwiGLU
+ * of f32 rows. Decoding's few rows are then made by each block for its own k
+ * range, in shared memory, with rowwise.cu's arithmetic (rowmath.cuh), so a
+ * layer at batch 1 runs no norm or SwiGLU kernel before its qkv and down
+ * products; larger passes make the rows with those kernels first. Either way
+ * the same bits. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +36,7 @@
 
 #include "kernels.h"
 #include "pdl.cuh"
+#include "rowmath.cuh"
 
 using namespace nvcuda;
 
@@ -46,6 +54,9 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
 
 #define GM_KQ 32              /* split boundaries are multiples of this */
 #define GM_COUNTERS 4096      /* tile counters at the start of the workspace (f32 slots) */
+#define GM_X_ROWS 4           /* decoding's products make their x themselves for at most this many rows: each
+                                 block reads whole rows for a norm */
+#define GM_XS_MAX 11264       /* and in at most this many bytes of shared memory (three blocks still fit an SM) */
 
 __device__ static inline void cp_async16(void *smem, const void *gmem, bool valid)
 {
@@ -90,18 +101,76 @@ __device__ static inline void load_w_stage(__nv_bfloat16 *Bs, const __nv_bfloat1
     }
 }
 
+/* Where decoding's product makes its x from (ds_k_x, as the kernel reads it). */
+struct x_src {
+    const float *src;     /* RMSNORM: [M, ld] rows; SWIGLU: [M, ld] rows holding gate [K] then up [K] */
+    const float *norm_w;  /* RMSNORM: [K] */
+    float eps;
+    int ld;
+    int xs_ld;            /* row stride of the made range in shared memory (bf16 elements) */
+};
+
+/* Make rows 0..M-1 of x over this block's k range [kb, kb + cols) into Xs (zeros at k_lim and past), with
+ * the arithmetic of ds_k_rmsnorm_bf16 / ds_k_swiglu_bf16 (rowmath.cuh), so the same bits. */
+template <int XK, int B>
+__device__ static void make_x_range(__nv_bfloat16 *Xs, const x_src &in, int M, int K, int kb, int k_lim, int cols,
+                                    float *red)
+{
+    for (int m = 0; m < M; m++) {
+        const float *row = in.src + (size_t)m * in.ld;
+        float scale = 0.0f;
+        if (XK == DS_K_X_RMSNORM)
+            scale = rms_scale(row_sumsq4<B>(row, K, red), K, in.eps);
+        __nv_bfloat16 *dst = Xs + (size_t)m * in.xs_ld;
+#pragma unroll 4
+        for (int j = threadIdx.x * 4; j < cols; j += B * 4) {
+            int k = kb + j;
+            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(0.0f, 0.0f), __floats2bfloat162_rn(0.0f, 0.0f)};
+            if (k < k_lim) {   /* k_lim and k are multiples of 4: the four are in or out together */
+                float4 v = *(const float4 *)(row + k);
+                if (XK == DS_K_X_RMSNORM) {
+                    rms_bf16x4(v, *(const float4 *)(in.norm_w + k), scale, o);
+                } else {
+                    float4 u = *(const float4 *)(row + K + k);
+                    o[0] = __floats2bfloat162_rn(silu_mul(v.x, u.x), silu_mul(v.y, u.y));
+                    o[1] = __floats2bfloat162_rn(silu_mul(v.z, u.z), silu_mul(v.w, u.w));
+                }
+            }
+            *(uint2 *)(dst + j) = make_uint2(*(const unsigned *)&o[0], *(const unsigned *)&o[1]);
+        }
+    }
+}
+
+/* The x tile (BM × BK) at column j0 of the made range: rows past M are zeros. */
+template <class T, int BM, int BK>
+__device__ static inline void copy_x_stage(__nv_bfloat16 *As, const __nv_bfloat16 *Xs, int xs_ld, int M, int j0)
+{
+    constexpr int CPR = BK / 8;
+    for (int idx = threadIdx.x; idx < BM * CPR; idx += T::THREADS) {
+        int r = idx / CPR, c = (idx % CPR) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < M)
+            v = *(const uint4 *)(Xs + (size_t)r * xs_ld + j0 + c);
+        *(uint4 *)(As + r * T::LDS + c) = v;
+    }
+}
+
 /* Grid: (n tiles, m tiles, split). Split s covers k in [32 ⌊s KQ / S⌋, 32 ⌊(s + 1) KQ / S⌋) ∩ [0, K),
  * KQ = ⌈K / 32⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to part[s]
- * (part = ws + GM_COUNTERS), and with `fused` the tile's last block sums the parts into y. */
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+ * (part = ws + GM_COUNTERS), and with `fused` the tile's last block sums the parts into y. XK other than
+ * DS_K_X_BF16: x is made from `in` into shared memory after the pipeline's (Xs), for this block's k range
+ * (and x is not read). */
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, int XK>
 __global__ static void __launch_bounds__(WM * WN * 32)
 gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M, int N, int K, float *y, int ldy,
-                 int accumulate, float *ws, int fused)
+                 int accumulate, float *ws, int fused, x_src in)
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ float red[ROW_THREADS / 32];
     __nv_bfloat16 *As = (__nv_bfloat16 *)smem;
     __nv_bfloat16 *Bs = As + T::A_STAGE * STAGES;
+    __nv_bfloat16 *Xs = (__nv_bfloat16 *)(smem + T::SMEM);   /* [M, in.xs_ld] when XK != DS_K_X_BF16 */
     int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
     int S = gridDim.z, s = blockIdx.z;
     int KQ = (K + GM_KQ - 1) / GM_KQ;
@@ -126,10 +195,19 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
         if (st < nk)
             load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + st * BK, k_lim);
     pdl_enter();
+    if (XK != DS_K_X_BF16) {
+        make_x_range<XK, T::THREADS>(Xs, in, M, K, kb, k_lim, nk * BK, red);
+        __syncthreads();
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; st++)
-        if (st < nk)
-            load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + st * BK, k_lim);
+        for (int st = 0; st < STAGES - 1; st++)
+            if (st < nk)
+                copy_x_stage<T, BM, BK>(As + st * T::A_STAGE, Xs, in.xs_ld, M, st * BK);
+    } else {
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; st++)
+            if (st < nk)
+                load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + st * BK, k_lim);
+    }
 #pragma unroll
     for (int st = 0; st < STAGES - 1; st++)
         cp_async_commit();
@@ -139,7 +217,10 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
         int nxt = i + STAGES - 1;
         if (nxt < nk) {
             int st = nxt % STAGES;
-            load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + nxt * BK, k_lim);
+            if (XK != DS_K_X_BF16)
+                copy_x_stage<T, BM, BK>(As + st * T::A_STAGE, Xs, in.xs_ld, M, nxt * BK);
+            else
+                load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + nxt * BK, k_lim);
             load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + nxt * BK, k_lim);
         }
         cp_async_commit();
@@ -252,15 +333,17 @@ __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, 
     *dst = accumulate ? *dst + v : v;
 }
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, int XK>
 static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, int M, int N, int K, int split,
-                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream, int *fused)
+                               float *ws, float *y, int ldy, int accumulate, cudaStream_t stream, int *fused,
+                               x_src in, size_t xs_bytes)
 {
     typedef Tile<BM, BN, BK, WM, WN, STAGES> T;
     static int attr_set;
     if (!attr_set) {
-        cudaError_t e = cudaFuncSetAttribute(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM);
+        cudaError_t e = cudaFuncSetAttribute(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES, XK>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             T::SMEM + (XK != DS_K_X_BF16 ? GM_XS_MAX : 0));
         if (e != cudaSuccess)
             return e;
         attr_set = 1;
@@ -270,9 +353,18 @@ static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, in
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)((M + BM - 1) / BM), (unsigned)split);
     /* one block sums a tile's parts: worth it for decoding's small tiles only */
     *fused = BM <= 16 && (size_t)grid.x * grid.y <= GM_COUNTERS;
-    return pdl_launch(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES>, grid, dim3(T::THREADS), (size_t)T::SMEM, stream,
-                      (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M, N, K, y, ldy, accumulate, ws,
-                      *fused);
+    return pdl_launch(gemm_bf16_kernel<BM, BN, BK, WM, WN, STAGES, XK>, grid, dim3(T::THREADS),
+                      (size_t)T::SMEM + xs_bytes, stream, (const __nv_bfloat16 *)x, ldx, (const __nv_bfloat16 *)w, M,
+                      N, K, y, ldy, accumulate, ws, *fused, in);
+}
+
+/* The split's sums after products that did not sum their own parts. */
+static cudaError_t gemm_reduce(int M, int N, int split, const float *ws, float *y, int ldy, int accumulate,
+                               cudaStream_t stream)
+{
+    size_t total = (size_t)M * N;
+    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream, ws, M, N,
+                      split, y, ldy, accumulate);
 }
 
 /* The in-house kernels: a tile shape by M, the k ranges' partials summed in order. */
@@ -281,17 +373,19 @@ static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, i
 {
     cudaError_t e;
     int fused = 0;
+    x_src none = {};
     if (M <= 16)        /* decoding: stream W with deep k steps */
-        e = gemm_launch<16, 64, 128, 1, 4, 3>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
+        e = gemm_launch<16, 64, 128, 1, 4, 3, DS_K_X_BF16>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream,
+                                                           &fused, none, 0);
     else if (M <= 128)
-        e = gemm_launch<64, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
+        e = gemm_launch<64, 128, 32, 2, 4, 4, DS_K_X_BF16>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream,
+                                                           &fused, none, 0);
     else
-        e = gemm_launch<128, 128, 32, 2, 4, 4>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream, &fused);
+        e = gemm_launch<128, 128, 32, 2, 4, 4, DS_K_X_BF16>(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate,
+                                                            stream, &fused, none, 0);
     if (e != cudaSuccess || split == 1 || fused)
         return e;
-    size_t total = (size_t)M * N;
-    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream,
-                      (const float *)ws, M, N, split, y, ldy, accumulate);
+    return gemm_reduce(M, N, split, ws, y, ldy, accumulate, stream);
 }
 
 /* ---- cuBLASLt for the larger passes ---- */
@@ -485,9 +579,7 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
     }
     if (split == 1)
         return cudaSuccess;
-    size_t total = (size_t)M * N;
-    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream,
-                      (const float *)ws, M, N, split, y, ldy, accumulate);
+    return gemm_reduce(M, N, split, ws, y, ldy, accumulate, stream);
 }
 
 /* Which passes cuBLASLt takes: every pass of a product without a k split (its
@@ -514,4 +606,64 @@ extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x
             return e;
     }
     return gemm_inhouse(x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+}
+
+/* ---- products whose x is made on the way in ---- */
+extern "C" cudaError_t ds_k_x_make(const struct ds_k_x *x, int M, int K, cudaStream_t stream)
+{
+    switch (x->kind) {
+    case DS_K_X_BF16:
+        return cudaSuccess;
+    case DS_K_X_RMSNORM:
+        return ds_k_rmsnorm_bf16(x->src, NULL, x->norm_w, M, K, x->eps, x->x, stream);
+    case DS_K_X_SWIGLU:
+        return ds_k_swiglu_bf16(x->src, M, K, x->x, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+/* Bytes of shared memory for a decoding block's made x: M rows of its k range rounded up to the tile's k step
+ * (the longest range of the split); 0 when the product should not make x itself. */
+static size_t made_x_bytes(const struct ds_k_x *x, int M, int K, int split, int *ret_ld)
+{
+    const int BK = 128;
+    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int range = (KQ + split - 1) / split * GM_KQ;
+    int ld = (range + BK - 1) / BK * BK;
+    size_t bytes = (size_t)M * ld * 2;
+    int ld_src = x->kind == DS_K_X_SWIGLU ? 2 * K : K;
+    if (M > GM_X_ROWS || bytes > GM_XS_MAX || K % 4 || ((uintptr_t)x->src & 15) ||
+        (x->kind == DS_K_X_RMSNORM && ((uintptr_t)x->norm_w & 15)) || ld_src % 4)
+        return 0;
+    *ret_ld = ld;
+    return bytes;
+}
+
+extern "C" cudaError_t ds_k_gemm_bf16_x(struct ds_k_gemm_lt *lt, const struct ds_k_x *x, const uint16_t *w, int M,
+                                        int N, int K, int split, float *ws, float *y, int ldy, int accumulate,
+                                        cudaStream_t stream)
+{
+    if (x->kind != DS_K_X_BF16 && (x->ldx != K || !x->src || (x->kind == DS_K_X_RMSNORM && !x->norm_w)))
+        return cudaErrorInvalidValue;
+    int xs_ld = 0;
+    size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split)) &&
+                        split >= 1 && split <= 64 && K % 8 == 0 && N > 0 && ldy >= N && (split == 1 || ws)
+                    ? made_x_bytes(x, M, K, split, &xs_ld)
+                    : 0;
+    if (!xs) {   /* the rows first, then the product */
+        cudaError_t e = ds_k_x_make(x, M, K, stream);
+        if (e != cudaSuccess)
+            return e;
+        return ds_k_gemm_bf16(lt, x->x, x->ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
+    }
+    x_src in = {x->src, x->norm_w, x->eps, x->kind == DS_K_X_SWIGLU ? 2 * K : K, xs_ld};
+    int fused = 0;
+    cudaError_t e = x->kind == DS_K_X_RMSNORM
+                        ? gemm_launch<16, 64, 128, 1, 4, 3, DS_K_X_RMSNORM>(NULL, K, w, M, N, K, split, ws, y, ldy,
+                                                                            accumulate, stream, &fused, in, xs)
+                        : gemm_launch<16, 64, 128, 1, 4, 3, DS_K_X_SWIGLU>(NULL, K, w, M, N, K, split, ws, y, ldy,
+                                                                           accumulate, stream, &fused, in, xs);
+    if (e != cudaSuccess || split == 1 || fused)
+        return e;
+    return gemm_reduce(M, N, split, ws, y, ldy, accumulate, stream);
 }

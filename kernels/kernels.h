@@ -275,6 +275,28 @@ cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x /* [M, ldx
                            const uint16_t *w /* [N, K] */, int M, int N, int K, int split, float *ws,
                            float *y /* [M, ldy] */, int ldy, int accumulate, cudaStream_t stream);
 
+/* A product's bf16 x: given rows (DS_K_X_BF16: x, ldx), or rows made from f32
+ * ones on the way in: DS_K_X_RMSNORM, x = rmsnorm(src) as ds_k_rmsnorm_bf16
+ * makes it (src [M, K], norm_w [K], eps); DS_K_X_SWIGLU, x = SwiGLU(src) as
+ * ds_k_swiglu_bf16 makes it (src [M, 2 K], gate then up). Made rows are
+ * written to x ([M, K], ldx = K) unless the product makes them itself
+ * (decoding's few rows, in shared memory): the same bits either way. */
+enum ds_k_x_kind { DS_K_X_BF16, DS_K_X_RMSNORM, DS_K_X_SWIGLU };
+struct ds_k_x {
+    enum ds_k_x_kind kind;
+    uint16_t *x;          /* [M, ldx] bf16 */
+    int ldx;
+    const float *src;
+    const float *norm_w;
+    float eps;
+};
+/* ds_k_gemm_bf16 on x; M rows of K. */
+cudaError_t ds_k_gemm_bf16_x(struct ds_k_gemm_lt *lt, const struct ds_k_x *x, const uint16_t *w /* [N, K] */, int M,
+                             int N, int K, int split, float *ws, float *y /* [M, ldy] */, int ldy, int accumulate,
+                             cudaStream_t stream);
+/* Write made rows into x->x (nothing for DS_K_X_BF16). */
+cudaError_t ds_k_x_make(const struct ds_k_x *x, int M, int K, cudaStream_t stream);
+
 /* ---- random fills: center + scale * u, u uniform in [-1, 1), from (seed, index) ---- */
 cudaError_t ds_k_fill_uniform_bf16(uint16_t *out, size_t n, uint64_t seed, float center, float scale,
                                    cudaStream_t stream);

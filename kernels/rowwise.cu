@@ -11,8 +11,7 @@
 
 #include "kernels.h"
 #include "pdl.cuh"
-
-#define ROW_THREADS 256
+#include "rowmath.cuh"
 
 /* Sum over the block, the same value in every thread; fixed order: a butterfly
  * within each warp, then the warps' sums in warp order. red holds 32 floats. */
@@ -85,11 +84,6 @@ extern "C" cudaError_t ds_k_embed_bf16(const uint16_t *table, const int32_t *tok
 }
 
 /* ---- RMSNorm ---- */
-__device__ static float rms_scale(float ss, int H, float eps)
-{
-    return (float)(1.0 / sqrt((double)ss / H + (double)eps));
-}
-
 /* This thread's part of a row's sum of squares: float4 chunks i, i + blockDim,
  * ... when H % 4 == 0 (four at a time, so that their loads overlap), else
  * single elements; either way the same order for every row of a tensor. */
@@ -285,8 +279,7 @@ __global__ static void swiglu_kernel(const float *gu, int I, float *out)
     float *o = out + (size_t)blockIdx.y * I;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < I) {
-        float gv = g[i];
-        o[i] = gv / (1.0f + expf(-gv)) * u[i];
+        o[i] = silu_mul(g[i], u[i]);
     }
 }
 
@@ -389,18 +382,16 @@ __global__ static void rmsnorm_bf16_kernel(const float *x, const int32_t *rows, 
     int src = rows ? rows[blockIdx.x] : (int)blockIdx.x;
     const float *xr = x + (size_t)src * H;
     __nv_bfloat16 *o = out + (size_t)blockIdx.x * H;
-    float scale = rms_scale(block_sum(row_sumsq(xr, H), red), H, eps);
-    if ((H & 3) == 0) {
+    if ((H & 3) == 0) {   /* the order and arithmetic of the products that normalize their x (gemm.cu) */
+        float scale = rms_scale(row_sumsq4<ROW_THREADS>(xr, H, red), H, eps);
         const float4 *x4 = (const float4 *)xr, *w4 = (const float4 *)w;
         __nv_bfloat162 *o2 = (__nv_bfloat162 *)o;
 #pragma unroll 4
-        for (int i = threadIdx.x; i < H / 4; i += blockDim.x) {
-            float4 v = x4[i], g = w4[i];
-            o2[2 * i] = __floats2bfloat162_rn(g.x * (v.x * scale), g.y * (v.y * scale));
-            o2[2 * i + 1] = __floats2bfloat162_rn(g.z * (v.z * scale), g.w * (v.w * scale));
-        }
+        for (int i = threadIdx.x; i < H / 4; i += blockDim.x)
+            rms_bf16x4(x4[i], w4[i], scale, o2 + 2 * i);
         return;
     }
+    float scale = rms_scale(block_sum(row_sumsq(xr, H), red), H, eps);
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         o[i] = __float2bfloat16_rn(w[i] * (xr[i] * scale));
 }
@@ -423,8 +414,7 @@ __global__ static void swiglu_bf16_kernel(const float *gu, int I, size_t total, 
     if (idx >= total)
         return;
     size_t t = idx / I, i = idx % I;
-    float gv = gu[t * 2 * I + i], uv = gu[t * 2 * I + I + i];
-    out[idx] = __float2bfloat16_rn(gv / (1.0f + expf(-gv)) * uv);
+    out[idx] = __float2bfloat16_rn(silu_mul(gu[t * 2 * I + i], gu[t * 2 * I + I + i]));
 }
 
 extern "C" cudaError_t ds_k_swiglu_bf16(const float *gu, int n, int I, uint16_t *out, cudaStream_t stream)

@@ -19,7 +19,7 @@
 #include "kernels.h"
 
 /* ---- bookkeeping: every buffer of a test is freed when the test ends ---- */
-#define MAX_BUFS 64
+#define MAX_BUFS 128
 static void *dev_bufs[MAX_BUFS], *host_bufs[MAX_BUFS];
 static int n_dev, n_host;
 
@@ -714,6 +714,17 @@ static bool test_attention_odd_pages(void)
     return test_attention(&c, "attention, pages of 12 positions (GQA 4, hd 128)");
 }
 
+/* Decoding: runs of one or two tokens of several sequences (GQA 4, hd 128; then GQA 8, hd 64). */
+static bool test_attention_decode(void)
+{
+    struct att_case c = {.nH = 32, .nKV = 8, .hd = 128, .page_size = 16, .n_pages = 80, .n_seqs = 4,
+                         .cached = {500, 17, 0, 255}, .n_new = {1, 2, 1, 2}};
+    struct att_case c8 = {.nH = 16, .nKV = 2, .hd = 64, .page_size = 16, .n_pages = 32, .n_seqs = 2,
+                          .cached = {33, 90}, .n_new = {1, 1}};
+    bool ok = test_attention(&c, "attention, decoding (GQA 4, hd 128)");
+    return test_attention(&c8, "attention, decoding (GQA 8, hd 64)") && ok;
+}
+
 /* hd 24 (not a multiple of 32: lanes past hd idle), GQA 2. */
 static bool test_attention_hd24(void)
 {
@@ -828,6 +839,68 @@ static bool test_gemm_invariance(void)
     ok = gemm_invariance_case(384, 1024, true) && ok;
     ok = gemm_invariance_case(384, 256, false) && ok;    /* no split: cuBLASLt takes every size */
     ok = gemm_invariance_case(384, 256, true) && ok;
+    return ok;
+}
+
+/* A product whose x is made on the way in (RMSNorm or SwiGLU of f32 rows) against the rows made by their own
+ * kernel and then the product: the same bits. in_product: the product should make the rows itself
+ * (decoding's few rows), leaving x->x as it was. */
+static bool gemm_made_x_case(struct ds_k_gemm_lt *with, enum ds_k_x_kind kind, int M, int N, int K, bool accumulate,
+                             bool in_product)
+{
+    int split = ds_k_gemm_split(N, K, 132), src_w = kind == DS_K_X_SWIGLU ? 2 * K : K;
+    float *src = rnd_vec((size_t)M * src_w), *g = rnd_vec(K), *y0 = rnd_vec((size_t)M * N);
+    uint16_t *w = rnd_bf16((size_t)N * K);
+    uint16_t *d_w = dup_to_dev(w, (size_t)N * K * 2);
+    size_t wsf = ds_k_gemm_workspace(M, N, split);
+    float *d_ws = dpoison(wsf * 4 + 4);
+    cudaMemset(d_ws, 0, wsf * 4);   /* the tile counters */
+    uint16_t *d_made = dpoison((size_t)M * K * 2), *d_apart = dpoison((size_t)M * K * 2);
+    float *d_y = accumulate ? dup_to_dev(y0, (size_t)M * N * 4) : dpoison((size_t)M * N * 4);
+    float *d_ref = accumulate ? dup_to_dev(y0, (size_t)M * N * 4) : dpoison((size_t)M * N * 4);
+    struct ds_k_x in = {.kind = kind, .x = d_made, .ldx = K, .src = dup_to_dev(src, (size_t)M * src_w * 4),
+                        .norm_w = kind == DS_K_X_RMSNORM ? dup_to_dev(g, (size_t)K * 4) : NULL, .eps = 1e-6f};
+    struct ds_k_x apart = in;
+    apart.x = d_apart;
+    char what[160];
+    snprintf(what, sizeof what, "%s x made on the way in: %d x %d x %d, split %d%s%s",
+             kind == DS_K_X_RMSNORM ? "RMSNorm" : "SwiGLU", M, N, K, split, accumulate ? ", accumulate" : "",
+             with ? ", cuBLASLt" : "");
+    if (!launched(ds_k_gemm_bf16_x(with, &in, d_w, M, N, K, split, d_ws, d_y, N, accumulate, 0), what) ||
+        !launched(ds_k_x_make(&apart, M, K, 0), "the rows apart") ||
+        !launched(ds_k_gemm_bf16(with, d_apart, K, d_w, M, N, K, split, d_ws, d_ref, N, accumulate, 0),
+                  "the product apart"))
+        return false;
+    bool ok = same_bits(what, dup_to_host(d_y, (size_t)M * N * 4), dup_to_host(d_ref, (size_t)M * N * 4),
+                        (size_t)M * N * 4);
+    uint16_t *made = dup_to_host(d_made, (size_t)M * K * 2);
+    bool untouched = true;
+    for (size_t i = 0; i < (size_t)M * K; i++)
+        untouched = untouched && made[i] == 0xffff;
+    if (in_product != untouched) {
+        printf("# %s: the rows were %s\n", what, untouched ? "made in the product, not as meant" : "written apart, not "
+               "made in the product as meant");
+        ok = false;
+    }
+    if (!untouched)
+        ok = same_bits("the rows written by the made-x product", made, dup_to_host(d_apart, (size_t)M * K * 2),
+                       (size_t)M * K * 2) && ok;
+    return ok;
+}
+
+static bool test_gemm_made_x(void)
+{
+    bool ok = ds_k_gemm_split(6144, 2560, 132) == 4 && ds_k_gemm_split(64, 968, 132) == 3 &&
+              ds_k_gemm_split(2560, 9728, 132) == 9 && ds_k_gemm_split(512, 480, 132) == 1;
+    if (!ok)
+        printf("# the shapes do not split k as meant\n");
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 6144, 2560, false, true) && ok;    /* qkv of a 4B at one row */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 3, 64, 968, true, true) && ok;      /* uneven k ranges */
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, true) && ok;     /* down of a 4B at four rows */
+    ok = gemm_made_x_case(NULL, DS_K_X_SWIGLU, 5, 200, 264, false, false) && ok;   /* too many rows to make */
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 2, 512, 480, false, false) && ok;    /* unsplit: cuBLASLt's */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 2, 512, 480, false, true) && ok;   /* the kernels' */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 16, 64, 968, true, false) && ok;
     return ok;
 }
 
@@ -1585,9 +1658,11 @@ static const struct {
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
     {"kv append + causal attention, pages of 12 positions", test_attention_odd_pages},
+    {"kv append + causal attention, decoding batches", test_attention_decode},
     {"kv append + causal attention, blocks taking many items", test_attention_many_items},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
     {"bf16 product: a row's bits depend neither on the batch nor on cuBLASLt", test_gemm_invariance},
+    {"bf16 product on rows made on the way in (RMSNorm, SwiGLU): the same bits as made apart", test_gemm_made_x},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
     {"unsupported shapes are refused", test_invalid},
     {"sampling distribution against ds_probs (greedy, temperature, top-k, top-p, ties; V up to 151936)",
