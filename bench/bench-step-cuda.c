@@ -3,7 +3,7 @@
  *
  *   bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,32,64,128,256] [--qs 1,4,8]
  *                   [--ctx 1024] [--reps N] [--products invariant,kernels,cublas] [--json FILE]
- *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N] [--temperature T]
+ *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N] [--temperature T] [--top-k K]
  *
  * For every model, R sequences whose caches hold ctx positions each (random
  * K/V) feed q new tokens each in one pass, logits for every token (what a
@@ -20,7 +20,7 @@
  * (greedy: chained on the device, one graph, one copy back), the target verifies 8 tokens
  * per sequence (argmax only, capturing the draft's layers), and all 8 rows
  * extend the draft contexts (the most a round can commit). With --temperature
- * T > 0 the round samples (top-p 0.95), all on the device: the draft draws its
+ * T > 0 the round samples (top-p 0.95, and top-k K with --top-k), all on the device: the draft draws its
  * tokens, the verify pass leaves its logits on the GPU, and the chains of
  * ds_cuda_sample accept or reject all 7 drafts of each sequence; the verify
  * pass alone is then the same pass without argmax. */
@@ -79,7 +79,8 @@ static void die(const char *what);
 
 /* --round for one target: the round against its verify pass, for each R. */
 static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *c, const char *name,
-                        struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps, float temperature)
+                        struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps, float temperature,
+                        int top_k)
 {
     bool sampled = temperature >= DS_GREEDY_TEMPERATURE;
     enum { G = 7, M = 5 };
@@ -108,7 +109,8 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         struct ds_cuda_chain *chains = calloc((size_t)R, sizeof *chains);
         int32_t *acc = malloc((size_t)R * 4), *next = malloc((size_t)R * 4);
         for (int s = 0; s < R; s++) {
-            samp[s] = (struct ds_sampling){.temperature = temperature, .top_p = 0.95f, .seed = 1000u + (unsigned)s};
+            samp[s] = (struct ds_sampling){.temperature = temperature, .top_p = 0.95f, .top_k = top_k,
+                                           .seed = 1000u + (unsigned)s};
             chains[s] = (struct ds_cuda_chain){.row = s * (G + 1), .len = G, .drafts = drafts + (size_t)s * G,
                                                .q_block = s, .sampling = samp[s], .position = (uint64_t)ctx + 1};
         }
@@ -185,6 +187,7 @@ int main(int argc, char **argv)
     int rs[16] = {1, 8, 32, 64, 128, 256}, n_rs = 6, qs[8] = {1, 4, 8}, n_qs = 3, ctx = 1024, reps = 10;
     bool round = false;
     float temperature = 0;
+    int top_k = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--round")) {
@@ -194,7 +197,8 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
                    "                       [--products invariant,kernels,cublas] [--json FILE]\n"
-                   "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n");
+                   "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n"
+                   "                       [--top-k K]\n");
             return 0;
         }
         if (!v) {
@@ -218,13 +222,15 @@ int main(int argc, char **argv)
             json_path = v;
         else if (!strcmp(a, "--temperature"))
             temperature = strtof(v, NULL);
+        else if (!strcmp(a, "--top-k"))
+            top_k = atoi(v);
         else {
             fprintf(stderr, "bench-step-cuda: unknown option %s\n", a);
             return 2;
         }
     }
-    if (n_rs <= 0 || n_qs <= 0 || ctx <= 0 || reps <= 0) {
-        fprintf(stderr, "bench-step-cuda: bad --rs, --qs, --ctx or --reps\n");
+    if (n_rs <= 0 || n_qs <= 0 || ctx <= 0 || reps <= 0 || top_k < 0) {
+        fprintf(stderr, "bench-step-cuda: bad --rs, --qs, --ctx, --reps or --top-k\n");
         return 2;
     }
     if (!ds_cuda_available()) {
@@ -248,8 +254,8 @@ int main(int argc, char **argv)
     bool want_kernels = strstr(products, "kernels") != NULL;   /* invariant, the in-house kernels alone */
     if (round) {
         if (temperature >= DS_GREEDY_TEMPERATURE)
-            printf("sampled rounds: temperature %g, top-p 0.95, drafts drawn and 7 per sequence accepted or rejected on the GPU\n\n",
-                   temperature);
+            printf("sampled rounds: temperature %g, top-p 0.95, top-k %d, drafts drawn and 7 per sequence accepted or "
+                   "rejected on the GPU\n\n", temperature, top_k);
         printf("| model | R | verify pass ms | draft block + 7 Markov ms | draft + verify + accept + context ms | round / verify |\n");
         printf("|---|---|---|---|---|---|\n");
     } else {
@@ -291,7 +297,7 @@ int main(int argc, char **argv)
         if (ds_kv_pool_init_pages(&pool, sh->L, sh->nKV, sh->hd, page, per_seq * max_r) < 0)
             die("KV pages");
         if (round) {
-            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps, temperature);
+            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps, temperature, top_k);
             ds_kv_pool_done(&pool);
             ds_cuda_target_free(t);
             continue;

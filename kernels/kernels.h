@@ -227,7 +227,8 @@ struct ds_k_chain {
  * chain order, their count to *n_rows. The distributions of those rows alone
  * and ds_k_spec_accept with status give the accepted counts and tokens that
  * every row's distribution gives. max_len: at least every chain's len. Rows
- * with top-k are always uncertain. */
+ * with top-k are bounded through the counts of tokens above the draft and
+ * above levels below it (the top k's mass lies between what they hold). */
 cudaError_t ds_k_spec_screen(const float *x /* [*, ldx] logits */, int ldx, const float *q /* [*, ldq] or NULL */,
                              int ldq, const struct ds_k_chain *chains /* [n] */,
                              const struct ds_k_sampling *params /* [n] */, int n, int max_len, int V,

@@ -917,19 +917,22 @@ extern "C" cudaError_t ds_k_sample_residual(const float *p, int ldp, const float
 #define SCREEN_FLOOR 1e-30     /* absolute, on p[d]: covers denormal and flushed probabilities (and u = 0) */
 #define SCREEN_LEVELS 6        /* mass above x_d - T·2^l, l < SCREEN_LEVELS: bounds on the cut's value */
 #define SCREEN_SUMS (3 + SCREEN_LEVELS)
+#define SCREEN_COUNTS (2 + SCREEN_LEVELS)
 
 /* A thread's (then a warp's) pass: the first maximum and, for soft rows, the
  * masses exp((x - m) / T) of every token, of those above the band around x_d,
- * of those in the band or above it, and of those above each level. */
+ * of those in the band or above it, and of those above each level; for top-k
+ * rows also the counts of the last three kinds (c[0], c[1], c[2 + l]). */
 struct screen_part {
     float m;
     int im;
     float s[SCREEN_SUMS];
+    int c[SCREEN_COUNTS];
 };
 
 struct screen_bounds {
     float inv_t, band_lo, band_hi, level[SCREEN_LEVELS];
-    bool soft;
+    bool soft, count;
 };
 
 __device__ static inline void screen_add(struct screen_part &p, float x, int i, const struct screen_bounds &b)
@@ -947,6 +950,12 @@ __device__ static inline void screen_add(struct screen_part &p, float x, int i, 
         p.s[2] += x >= b.band_lo ? w : 0.0f;
         for (int l = 0; l < SCREEN_LEVELS; l++)
             p.s[3 + l] += x > b.level[l] ? w : 0.0f;
+    }
+    if (b.count) {
+        p.c[0] += x > b.band_hi;
+        p.c[1] += x >= b.band_lo;
+        for (int l = 0; l < SCREEN_LEVELS; l++)
+            p.c[2 + l] += x > b.level[l];
     }
 }
 
@@ -972,6 +981,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     float xd = xr[d], T = sp.temperature;
     struct screen_bounds b;
     b.soft = !(T < GREEDY_TEMPERATURE);   /* as probs_kernel decides (a NaN T is soft there) */
+    b.count = b.soft && sp.top_k > 0 && sp.top_k < V;
     b.inv_t = b.soft ? 1.0f / T : 0.0f;
     /* tokens below the band have a probability below p[d], those above it one
      * above (checked below against the row's maximum) */
@@ -985,6 +995,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     p.im = 0x7fffffff;
     for (int i = 0; i < SCREEN_SUMS; i++)
         p.s[i] = 0.0f;
+    for (int i = 0; i < SCREEN_COUNTS; i++)
+        p.c[i] = 0;
     int j = 0;
     if (((uintptr_t)xr & 15) == 0) {
         int n4 = V / 4;
@@ -1006,6 +1018,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         r.im = __shfl_xor_sync(FULL_MASK, p.im, o);
         for (int i = 0; i < SCREEN_SUMS; i++)
             r.s[i] = __shfl_xor_sync(FULL_MASK, p.s[i], o);
+        for (int i = 0; i < SCREEN_COUNTS && b.count; i++)
+            p.c[i] += __shfl_xor_sync(FULL_MASK, p.c[i], o);
         float m = fmaxf(p.m, r.m);
         float fp = p.m == -INFINITY ? 0.0f : __expf((p.m - m) * b.inv_t);
         float fr = r.m == -INFINITY ? 0.0f : __expf((r.m - m) * b.inv_t);
@@ -1032,7 +1046,10 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         out = d == im && uq < 1.0 ? SCREEN_ACCEPT : SCREEN_REJECT;
     } else {
         double sum[SCREEN_SUMS] = {0};
+        long cnt[SCREEN_COUNTS] = {0};
         for (int w = 0; w < N_WARPS; w++) {
+            for (int i = 0; i < SCREEN_COUNTS; i++)
+                cnt[i] += warp_part[w].c[i];
             if (warp_part[w].m == -INFINITY)
                 continue;
             double f = exp((double)(warp_part[w].m - m) * b.inv_t);
@@ -1045,40 +1062,83 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
          * the exact kernel's exponents err by ~3 ulps of (m - x) / T, and e and
          * p by an ulp each, so a band of about 4e-7 T + 5e-7 (m - x_d) would do */
         bool band_ok = band >= 2e-6 * (T + ((double)m - xd));
-        bool cut_k = sp.top_k > 0 && sp.top_k < V, cut_p = sp.top_p > 0 && sp.top_p < 1;
-        if (!band_ok || cut_k || !(Z > 0) || !isfinite(Z) || !isfinite(T)) {
-            out = SCREEN_UNSURE;   /* (top-k rows: the full distribution) */
-        } else if (!cut_p) {
+        bool cut_k = b.count, cut_p = sp.top_p > 0 && sp.top_p < 1;
+        /* the probability of a token at logit y, and the masses above the band and from it up */
+        auto value = [&](double y) { return exp((y - m) * b.inv_t) / Z; };
+        double above = sum[1] / Z, from_band = sum[2] / Z;
+        /* the pool the cut applies to (every token, or the top k), its mass within [pool_lo, pool_hi]
+         * (slack included), and whether d is certainly in it */
+        double pool_lo = lo, pool_hi = hi;
+        bool in_pool = true;
+        if (cut_k && band_ok && Z > 0 && isfinite(Z) && isfinite(T)) {
+            /* Tokens rank by the kernel's p (ties: lower id first), which never decreases with x, and
+             * tokens whose p tie lie within the band's width: so every token above the band comes
+             * before d, and only tokens from the band up can. At a level, the same holds across the
+             * gap down to the next level (checked against that width): the c[2 + l + 1] tokens above
+             * level l + 1 hold every token that can rank before one above level l. */
+            double k = sp.top_k;
+            if ((double)cnt[0] >= k) {
+                *st = SCREEN_REJECT;   /* k tokens rank before d: p[d] = 0 */
+                return;
+            }
+            in_pool = (double)cnt[1] <= k;
+            pool_lo = in_pool ? (above + vd) * lo : 0.0;   /* d and everything above its band are kept */
+            pool_hi = hi;
+            if (in_pool)   /* the rest of the top k lies at or below the band */
+                pool_hi = fmin(pool_hi, (above + (k - (double)cnt[0]) * value(b.band_hi)) * hi);
+            for (int l = 0; l + 1 < SCREEN_LEVELS; l++) {
+                double y = b.level[l], ny = b.level[l + 1];
+                if (!((double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - ny))))
+                    continue;   /* the gap to the next level is not wider than a tie */
+                double above_l = sum[3 + l] / Z;
+                if ((double)cnt[2 + l + 1] <= k) {   /* every token above level l is in the top k */
+                    pool_lo = fmax(pool_lo, above_l * lo);
+                    pool_hi = fmin(pool_hi, (above_l + (k - (double)cnt[2 + l]) * value(y)) * hi);
+                }
+                if ((double)cnt[2 + l] >= k)   /* the top k lies above level l + 1 */
+                    pool_hi = fmin(pool_hi, sum[3 + l + 1] / Z * hi);
+            }
+        }
+        if (!band_ok || !(Z > 0) || !isfinite(Z) || !isfinite(T) || !(pool_lo > 0)) {
+            out = SCREEN_UNSURE;
+        } else if (!cut_p && !cut_k) {
             out = uq < vd * lo - SCREEN_FLOOR ? SCREEN_ACCEPT : uq >= vd * hi + SCREEN_FLOOR ? SCREEN_REJECT
                                                                                               : SCREEN_UNSURE;
+        } else if (!cut_p) {
+            /* p[d] = v_d / the pool's mass when d is in the pool */
+            double p_lo = vd * lo / pool_hi - SCREEN_FLOOR, p_hi = vd * hi / pool_lo + SCREEN_FLOOR;
+            out = in_pool && uq < p_lo ? SCREEN_ACCEPT : uq >= p_hi ? SCREEN_REJECT : SCREEN_UNSURE;
         } else {
-            /* kept: the smallest prefix of the ranking of mass >= top_p of the
-             * row's (both ~1): d is in it when the mass from its band up is
-             * below that, out of it when the mass above its band reaches it */
-            double t = sp.top_p, above = sum[1] / Z, from_band = sum[2] / Z;
+            /* kept: the smallest prefix of the pool's ranking of mass >= top_p of
+             * the pool's (without top-k both ~1): d is in it when the mass from
+             * its band up is below that, out of it when the mass above its band
+             * reaches it */
+            double t = sp.top_p;
             /* d's place in the ranking: every token above its band comes before
              * it, none below the band does ("through d": up to and with d) */
             double before_hi = from_band * hi - vd * lo, through_lo = (above + vd) * lo, through_hi = from_band * hi;
-            if (above * lo >= t * hi) {
+            if (above * lo >= t * pool_hi) {
                 out = SCREEN_REJECT;   /* the mass before d reaches the target: p[d] = 0 */
             } else {
-                bool kept = before_hi < t * lo;
+                bool kept = in_pool && before_hi < t * pool_lo;
                 /* the cut (the last kept token's value) is at or below d when d is
                  * kept, and at or below every level whose mass above is short of
-                 * the target */
+                 * the target (with top-k: a level whose tokens above are all in the pool) */
                 double v_cut = kept ? vd * hi : 1.0;
                 for (int l = 0; l < SCREEN_LEVELS; l++)
-                    if (sum[3 + l] / Z * hi < t * lo) {
-                        double v = exp((double)(b.level[l] - m) * b.inv_t) / Z * hi + 1e-17;
+                    if (sum[3 + l] / Z * hi < t * pool_lo &&
+                        (!cut_k || (l + 1 < SCREEN_LEVELS && (double)cnt[2 + l + 1] <= (double)sp.top_k &&
+                                    (double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - b.level[l + 1]))))) {
+                        double v = value(b.level[l]) * hi + 1e-17;
                         v_cut = v < v_cut ? v : v_cut;
                     }
                 /* the kept mass: at least the target (and, d kept, the mass
                  * through d); below target + v_cut, and, when d is the last kept
                  * token, at most the mass through d */
-                double kept_lo = t * lo, kept_hi = t * hi + v_cut + 1e-17;
+                double kept_lo = t * pool_lo, kept_hi = t * pool_hi + v_cut + 1e-17;
                 if (kept) {
                     kept_lo = through_lo > kept_lo ? through_lo : kept_lo;
-                    if (through_lo >= t * hi && through_hi < kept_hi)
+                    if (through_lo >= t * pool_hi && through_hi < kept_hi)
                         kept_hi = through_hi;   /* d is the last kept token */
                 }
                 double p_lo = vd * lo / kept_hi - SCREEN_FLOOR, p_hi = vd * hi / kept_lo + SCREEN_FLOOR;

@@ -25,7 +25,8 @@
  *     with one prompt and different seeds part, greedy ones do not; a case
  *     without greedy rows (the draft's phase skips its argmax), and one of 3
  *     sequences at a time (verifies too small for the screen); the screen
- *     computes fewer distributions than rows verified where it runs.
+ *     computes fewer distributions than rows verified where it runs (top-k
+ *     rows included).
  * Prints TAP; without a CUDA device it prints a skip plan and exits 77.
  * DS_TEST_QUICK=1 runs part 4 at concurrency 1 only (for the memory checker). */
 #include "config.h"
@@ -769,14 +770,14 @@ static void check_sampled_case(struct ds_model *m, struct ds_draft *d, int32_t (
         "sampled dspark, %s: no logits copied to the host with GPU draws (%llu bytes; host draws: %llu)", name,
         (unsigned long long)dev.logits_bytes, (unsigned long long)host.logits_bytes);
     /* verifies of more than 32 rows (at most 8 per sequence here) screen their
-     * drafts (ds_k_spec_screen) and compute fewer distributions; smaller ones
-     * compute every row's, and so do top-k rows, which the screen leaves */
-    bool screened = max_seqs * 8 > 32 && top_k == 0;
+     * drafts (ds_k_spec_screen), top-k rows too, and compute fewer
+     * distributions; smaller ones compute every row's */
+    bool screened = max_seqs * 8 > 32;
     tap(dev.verify_rows > 0 &&
             (screened ? dev.distribution_rows < dev.verify_rows : dev.distribution_rows == dev.verify_rows),
         "sampled dspark, %s: %s: the distribution of %llu of %llu verified rows", name,
-        screened ? "screened verifies" : max_seqs * 8 > 32 ? "top-k rows, left by the screen" : "unscreened verifies",
-        (unsigned long long)dev.distribution_rows, (unsigned long long)dev.verify_rows);
+        screened ? "screened verifies" : "unscreened verifies", (unsigned long long)dev.distribution_rows,
+        (unsigned long long)dev.verify_rows);
     int replay = same_outputs(&dev, &again, &bad);
     tap(replay == SN, "sampled dspark, %s: a second GPU run replays the same tokens (%d of %d)", name, replay, SN);
     int parted = 0, pairs = 0, greedy_same = 0, greedy_pairs = 0;

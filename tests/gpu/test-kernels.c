@@ -1455,7 +1455,8 @@ static bool test_accept_chain(void)
  * the kept mass's bounds are widest); drafts come from q, or are the row's
  * argmax, the last kept or the first dropped token, or arbitrary ids; some
  * uniforms sit within an ulp of the acceptance threshold. */
-static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *ret_rows, long *ret_all_rows)
+static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *ret_rows, long *ret_all_rows,
+                        long *ret_topk_sure)
 {
     enum { G = 7 };
     struct ds_k_chain *ch = hmalloc((size_t)n * sizeof *ch);
@@ -1472,7 +1473,9 @@ static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *re
         const float temps[] = {0.7f, 1.0f, 1.3f, 0.0f, 1.0f};
         const float tops[] = {0.95f, 1.0f, 0.9f, 0.5f, 0.99f, 0.8f};
         kp[i] = (struct ds_k_sampling){.temperature = temps[i % 5], .top_p = tops[i % 6],
-                                       .top_k = i % 11 == 10 ? 40 : 0};
+                                       .top_k = i % 11 == 10 ? 40 : i % 13 == 6 ? 3 : 0};
+        if (i % 8 == 7)   /* Qwen3's recommended sampling */
+            kp[i] = (struct ds_k_sampling){.temperature = 0.6f, .top_p = 0.95f, .top_k = 20};
     }
     size_t row = (size_t)V * 4;
     float *x = hmalloc((size_t)n_p * row), *xq = hmalloc(row), *q = hmalloc((size_t)n_q * row);
@@ -1563,8 +1566,20 @@ static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *re
     uint8_t *st = dup_to_host(d_st, (size_t)n * DS_K_MAX_CHAIN);
     int32_t *a0 = dup_to_host(acc_ref, (size_t)n * 4), *n0 = dup_to_host(next_ref, (size_t)n * 4);
     int32_t *a1 = dup_to_host(acc, (size_t)n * 4), *n1 = dup_to_host(next, (size_t)n * 4);
-    int wrong = 0, differ = 0, sure_acc = 0, sure_rej = 0, drafts = 0;
+    int wrong = 0, differ = 0, sure_acc = 0, sure_rej = 0, drafts = 0, topk_drafts = 0, topk_sure = 0;
+    int plain_rows = 0, plain_all = 0, plain_drafts = 0, plain_sure = 0;   /* the chains without top-k */
     for (int i = 0; i < n; i++) {
+        if (kp[i].top_k == 0 || kp[i].temperature == 0) {
+            plain_all += ch[i].len + 1;
+            for (int k = 0; k <= ch[i].len; k++) {   /* as the plan lists them */
+                int v = k < ch[i].len ? st[(size_t)i * DS_K_MAX_CHAIN + k] : 0;
+                if (v == 1)
+                    continue;
+                plain_rows++;
+                if (v == 2)
+                    break;
+            }
+        }
         for (int k = 0; k < ch[i].len; k++) {
             const float *pk = p + (size_t)(ch[i].p_row + k) * V, *qk = q + (size_t)(ch[i].q_row + k) * V;
             int d = ch[i].drafts[k];
@@ -1577,6 +1592,13 @@ static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *re
             drafts++;
             sure_acc += v == 1;
             sure_rej += v == 2;
+            if (kp[i].top_k > 0 && kp[i].temperature > 0) {
+                topk_drafts++;
+                topk_sure += v == 1 || v == 2;
+            } else {
+                plain_drafts++;
+                plain_sure += v == 1 || v == 2;
+            }
             if ((v == 1 && !accepts) || (v == 2 && accepts) || v > 2) {
                 if (wrong++ < 5)
                     printf("#   chain %d draft %d (T %g, top-p %g, top-k %d): verdict %d, but p %.9g, u·q %.9g\n", i,
@@ -1591,25 +1613,27 @@ static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *re
         }
     }
     printf("# screen, V %d: %d chains, %d drafts: %d certain accepts, %d certain rejects, %d wrong; %d of %d rows "
-           "need their distribution; %d chains differ from the accept over every row\n", V, n, drafts, sure_acc,
-           sure_rej, wrong, n_rows, n_p, differ);
-    *ret_sure += sure_acc + sure_rej;
-    *ret_drafts += drafts;
-    *ret_rows += n_rows;
-    *ret_all_rows += n_p;
+           "need their distribution; %d chains differ from the accept over every row; top-k rows: %d of %d drafts "
+           "settled\n", V, n, drafts, sure_acc, sure_rej, wrong, n_rows, n_p, differ, topk_sure, topk_drafts);
+    *ret_topk_sure += topk_sure;
+    *ret_sure += plain_sure;
+    *ret_drafts += plain_drafts;
+    *ret_rows += plain_rows;
+    *ret_all_rows += plain_all;
     return wrong == 0 && differ == 0;
 }
 
 static bool test_spec_screen(void)
 {
-    long sure = 0, drafts = 0, rows = 0, all_rows = 0;
-    bool ok = screen_case(4096, 120, &sure, &drafts, &rows, &all_rows);
+    long sure = 0, drafts = 0, rows = 0, all_rows = 0, topk_sure = 0;
+    bool ok = screen_case(4096, 120, &sure, &drafts, &rows, &all_rows, &topk_sure);
     free_all();
-    ok &= screen_case(151936, 40, &sure, &drafts, &rows, &all_rows);
+    ok &= screen_case(151936, 40, &sure, &drafts, &rows, &all_rows, &topk_sure);
     free_all();
-    /* the screen must settle most drafts, or it saves nothing */
-    if (2 * sure < drafts || 2 * rows > all_rows) {
-        printf("# the screen settled %ld of %ld drafts and left %ld of %ld rows\n", sure, drafts, rows, all_rows);
+    /* the screen must settle most drafts without top-k, or it saves nothing, and some with it */
+    if (2 * sure < drafts || 2 * rows > all_rows || topk_sure == 0) {
+        printf("# without top-k, the screen settled %ld of %ld drafts and left %ld of %ld rows; with top-k it "
+               "settled %ld\n", sure, drafts, rows, all_rows, topk_sure);
         ok = false;
     }
     return ok;
