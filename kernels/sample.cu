@@ -1050,8 +1050,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         for (int w = 0; w < N_WARPS; w++) {
             for (int i = 0; i < SCREEN_COUNTS; i++)
                 cnt[i] += warp_part[w].c[i];
-            if (warp_part[w].m == -INFINITY)
-                continue;
+            if (warp_part[w].m == -INFINITY && !isnan(warp_part[w].s[0]))
+                continue;   /* (a warp of NaN logits is not skipped: Z becomes NaN, every verdict unsure) */
             double f = exp((double)(warp_part[w].m - m) * b.inv_t);
             for (int i = 0; i < SCREEN_SUMS; i++)
                 sum[i] += (double)warp_part[w].s[i] * f;
@@ -1076,26 +1076,28 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
              * before d, and only tokens from the band up can. At a level, the same holds across the
              * gap down to the next level (checked against that width): the c[2 + l + 1] tokens above
              * level l + 1 hold every token that can rank before one above level l. */
-            double k = sp.top_k;
-            if ((double)cnt[0] >= k) {
-                *st = SCREEN_REJECT;   /* k tokens rank before d: p[d] = 0 */
+            double kk = sp.top_k;
+            if ((double)cnt[0] >= kk && vd * lo > SCREEN_FLOOR) {
+                /* k tokens rank before d: p[d] = 0 (p[d] normal: subnormal probabilities can tie tokens
+                 * above the band, which then rank after d by id) */
+                *st = SCREEN_REJECT;
                 return;
             }
-            in_pool = (double)cnt[1] <= k;
+            in_pool = (double)cnt[1] <= kk;
             pool_lo = in_pool ? (above + vd) * lo : 0.0;   /* d and everything above its band are kept */
             pool_hi = hi;
             if (in_pool)   /* the rest of the top k lies at or below the band */
-                pool_hi = fmin(pool_hi, (above + (k - (double)cnt[0]) * value(b.band_hi)) * hi);
+                pool_hi = fmin(pool_hi, (above + (kk - (double)cnt[0]) * value(b.band_hi)) * hi);
             for (int l = 0; l + 1 < SCREEN_LEVELS; l++) {
                 double y = b.level[l], ny = b.level[l + 1];
                 if (!((double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - ny))))
                     continue;   /* the gap to the next level is not wider than a tie */
                 double above_l = sum[3 + l] / Z;
-                if ((double)cnt[2 + l + 1] <= k) {   /* every token above level l is in the top k */
+                if ((double)cnt[2 + l + 1] <= kk) {   /* every token above level l is in the top k */
                     pool_lo = fmax(pool_lo, above_l * lo);
-                    pool_hi = fmin(pool_hi, (above_l + (k - (double)cnt[2 + l]) * value(y)) * hi);
+                    pool_hi = fmin(pool_hi, (above_l + (kk - (double)cnt[2 + l]) * value(y)) * hi);
                 }
-                if ((double)cnt[2 + l] >= k)   /* the top k lies above level l + 1 */
+                if ((double)cnt[2 + l] >= kk)   /* the top k lies above level l + 1 */
                     pool_hi = fmin(pool_hi, sum[3 + l + 1] / Z * hi);
             }
         }
@@ -1117,8 +1119,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
             /* d's place in the ranking: every token above its band comes before
              * it, none below the band does ("through d": up to and with d) */
             double before_hi = from_band * hi - vd * lo, through_lo = (above + vd) * lo, through_hi = from_band * hi;
-            if (above * lo >= t * pool_hi) {
-                out = SCREEN_REJECT;   /* the mass before d reaches the target: p[d] = 0 */
+            if (above * lo >= t * pool_hi && vd * lo > SCREEN_FLOOR) {
+                out = SCREEN_REJECT;   /* the mass before d reaches the target: p[d] = 0 (p[d] normal, as above) */
             } else {
                 bool kept = in_pool && before_hi < t * pool_lo;
                 /* the cut (the last kept token's value) is at or below d when d is

@@ -1639,6 +1639,128 @@ static bool test_spec_screen(void)
     return ok;
 }
 
+/* Hand-made rows at the screen's edges, each a chain of one draft with q one-hot at it (so u·q = u): its
+ * verdict against the acceptance test on the row's full distribution; rows with NaN logits must be unsure.
+ * u < 0 asks for one float below p[d] (-1), p[d] itself (-2) or half of it (-3). */
+enum edge_row { EDGE_SUBNORMAL, EDGE_NAN_WARP, EDGE_PEAKS_TIED, EDGE_RANDOM };
+struct screen_edge {
+    const char *what;
+    enum edge_row row;
+    int V;
+    struct ds_k_sampling sp;
+    int d;      /* -1: the argmax; -2, -3: the 3rd and 4th peak of EDGE_PEAKS_TIED */
+    float u;
+};
+
+static void edge_row(float *x, int V, enum edge_row kind)
+{
+    make_logits(x, V, ROW_RANDOM);
+    if (kind == EDGE_SUBNORMAL) {   /* p[1] subnormal, tied after rounding with three tokens above its band */
+        float xd = (float)(log(26.52) - 149.0 * log(2.0));
+        const float row[8] = {0.0f, xd, xd + 0.03f, xd + 0.03f, xd + 0.03f, -INFINITY, -INFINITY, -INFINITY};
+        memcpy(x, row, sizeof row);
+    } else if (kind == EDGE_NAN_WARP) {   /* a whole warp's share of a 4,096-token row is NaN */
+        for (int i = 0; i < 128 && i < V; i++)
+            x[i] = NAN;
+    } else if (kind == EDGE_PEAKS_TIED) {   /* peaks 10, 9, 8, 8 at 100, 300, 500, 700 */
+        x[100] = 10.0f;
+        x[300] = 9.0f;
+        x[500] = x[700] = 8.0f;
+    }
+}
+
+static bool test_spec_screen_edges(void)
+{
+    const struct ds_k_sampling tk3 = {.temperature = 1.0f, .top_p = 1.0f, .top_k = 3};
+    const struct ds_k_sampling tk3p = {.temperature = 1.0f, .top_p = 0.9f, .top_k = 3};
+    const struct screen_edge cases[] = {
+        {"subnormal p[d] tied above its band, top-k 3, u = 0", EDGE_SUBNORMAL, 8, tk3, 1, 0.0f},
+        {"subnormal p[d], top-k 3, top-p 0.5, u = 0", EDGE_SUBNORMAL, 8,
+         {.temperature = 1.0f, .top_p = 0.5f, .top_k = 3}, 1, 0.0f},
+        {"a warp of NaN logits, top-p 0.9", EDGE_NAN_WARP, 4096, {.temperature = 1.0f, .top_p = 0.9f}, -1, 0.01f},
+        {"a warp of NaN logits, top-k 20", EDGE_NAN_WARP, 4096, {.temperature = 1.0f, .top_p = 1.0f, .top_k = 20}, -1,
+         0.01f},
+        {"top-k 3, the 3rd peak tied with the 4th (kept), u below p", EDGE_PEAKS_TIED, 4096, tk3, -2, -1.0f},
+        {"top-k 3, the 3rd peak tied with the 4th (kept), u = p", EDGE_PEAKS_TIED, 4096, tk3, -2, -2.0f},
+        {"top-k 3, the 4th peak (dropped), u = 0", EDGE_PEAKS_TIED, 4096, tk3, -3, 0.0f},
+        {"top-k 3, top-p 0.9, the 3rd peak, u below p", EDGE_PEAKS_TIED, 4096, tk3p, -2, -1.0f},
+        {"top-k 3, top-p 0.9, the 4th peak, u = 0", EDGE_PEAKS_TIED, 4096, tk3p, -3, 0.0f},
+        {"top-k V - 1, the argmax, u below p", EDGE_RANDOM, 8, {.temperature = 1.0f, .top_p = 1.0f, .top_k = 7}, -1,
+         -1.0f},
+        {"T 5, top-k 20, the argmax, u below p", EDGE_RANDOM, 4096, {.temperature = 5.0f, .top_p = 1.0f, .top_k = 20},
+         -1, -1.0f},
+        {"T 5, top-k 20, the argmax, u half p", EDGE_RANDOM, 4096, {.temperature = 5.0f, .top_p = 1.0f, .top_k = 20},
+         -1, -3.0f},
+        {"top-p 0.05 with top-k 20, the argmax, u below p", EDGE_PEAKS_TIED, 4096,
+         {.temperature = 1.0f, .top_p = 0.05f, .top_k = 20}, -1, -1.0f},
+    };
+    enum { N = sizeof cases / sizeof cases[0], VMAX = 4096 };
+    float *x = hmalloc((size_t)2 * N * VMAX * 4), *q = hmalloc((size_t)N * VMAX * 4);
+    struct ds_k_chain *ch = hmalloc(N * sizeof *ch);
+    struct ds_k_sampling *kp = hmalloc(N * sizeof *kp), *rows_kp = hmalloc(N * sizeof *rows_kp);
+    int32_t *prows = hmalloc(N * sizeof *prows);
+    bool ok = true;
+    for (int V = 8; V <= VMAX; V *= 512) {   /* the cases of each vocabulary size in one screen */
+        int n = 0, n_probs = 0, idx[N];
+        for (int c = 0; c < N; c++) {
+            if (cases[c].V != V)
+                continue;
+            float *xr = x + (size_t)2 * n * V;
+            edge_row(xr, V, cases[c].row);
+            int d = cases[c].d == -2 ? 500 : cases[c].d == -3 ? 700 : cases[c].d;
+            if (d == -1) {
+                d = 0;
+                for (int j = 1; j < V; j++)
+                    d = !(xr[j] <= xr[d]) && !isnan(xr[j]) ? j : d;
+            }
+            memcpy(xr + V, xr, (size_t)V * 4);   /* the bonus row */
+            memset(q + (size_t)n * V, 0, (size_t)V * 4);
+            q[(size_t)n * V + d] = 1.0f;
+            memset(&ch[n], 0, sizeof ch[n]);
+            ch[n] = (struct ds_k_chain){.len = 1, .p_row = 2 * n, .q_row = n};
+            ch[n].drafts[0] = d;
+            ch[n].u_target[0] = ch[n].u_target[1] = 0.5f;
+            kp[n] = cases[c].sp;
+            if (cases[c].row != EDGE_NAN_WARP) {   /* (the distribution kernel is not for NaN rows) */
+                prows[n_probs] = 2 * n;
+                rows_kp[n_probs++] = cases[c].sp;
+            }
+            idx[n++] = c;
+        }
+        /* the full distributions first, for p[d] */
+        float *d_p = dup_to_dev(x, (size_t)2 * n * V * 4);
+        if (!launched(ds_k_sampling_probs(d_p, V, dup_to_dev(prows, n_probs * sizeof *prows),
+                                          dup_to_dev(rows_kp, n_probs * sizeof *rows_kp), n_probs, V, d_p, V, 0),
+                      "screen edges: distributions"))
+            return false;
+        float *p = dup_to_host(d_p, (size_t)2 * n * V * 4);
+        for (int i = 0; i < n; i++) {
+            float pd = p[(size_t)2 * i * V + ch[i].drafts[0]], u = cases[idx[i]].u;
+            ch[i].u_accept[0] = u == -1.0f ? nextafterf(pd, 0.0f) : u == -2.0f ? pd : u == -3.0f ? 0.5f * pd : u;
+        }
+        uint8_t *d_st = dpoison((size_t)n * DS_K_MAX_CHAIN);
+        int32_t *d_rows = dpoison((size_t)2 * n * 4), *d_nrows = dpoison(4);
+        struct ds_k_sampling *d_rkp = dpoison((size_t)2 * n * sizeof *d_rkp);
+        if (!launched(ds_k_spec_screen(dup_to_dev(x, (size_t)2 * n * V * 4), V, dup_to_dev(q, (size_t)n * V * 4), V,
+                                       dup_to_dev(ch, (size_t)n * sizeof *ch), dup_to_dev(kp, (size_t)n * sizeof *kp),
+                                       n, 1, V, d_st, d_rows, d_rkp, d_nrows, 0), "screen edges"))
+            return false;
+        uint8_t *st = dup_to_host(d_st, (size_t)n * DS_K_MAX_CHAIN);
+        for (int i = 0; i < n; i++) {
+            bool nan_row = cases[idx[i]].row == EDGE_NAN_WARP;
+            float pd = nan_row ? NAN : p[(size_t)2 * i * V + ch[i].drafts[0]];
+            bool accepts = ch[i].u_accept[0] * 1.0f < pd;
+            int v = st[(size_t)i * DS_K_MAX_CHAIN];
+            bool right = v == 0 || (!nan_row && ((v == 1 && accepts) || (v == 2 && !accepts)));
+            printf("# %s: p[d] %.9g, u %.9g: %s, verdict %s%s\n", cases[idx[i]].what, pd, ch[i].u_accept[0],
+                   accepts ? "accepts" : "rejects", v == 0 ? "unsure" : v == 1 ? "accept" : v == 2 ? "reject" : "?",
+                   right ? "" : " (WRONG)");
+            ok = right && ok;
+        }
+    }
+    return ok;
+}
+
 /* Shapes the sampling kernels do not support are refused. */
 static bool test_sampling_invalid(void)
 {
@@ -1695,6 +1817,7 @@ static const struct {
     {"residual draws norm(max(0, p - q)) (falling back to p)", test_residual},
     {"chain accept/reject against the CPU's loop", test_accept_chain},
     {"the screen before a verify's distributions: certain verdicts, the same chains", test_spec_screen},
+    {"the screen at its edges: subnormal and NaN rows, ties at the k-th, T 5, k = V - 1", test_spec_screen_edges},
     {"sampling kernels refuse unsupported shapes", test_sampling_invalid},
 };
 
