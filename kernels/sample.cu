@@ -667,6 +667,25 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
  * bytes. */
 static int forced_cluster;   /* ds_k_sampling_force_blocks_per_row's; 0: the time model */
 
+/* A launch of `blocks` blocks of probs_kernel in clusters of c, each block with `bytes` of shared memory;
+ * attr is the cluster attribute cfg points to. */
+static cudaLaunchConfig_t cluster_config(int c, unsigned blocks, size_t bytes, cudaStream_t stream,
+                                         cudaLaunchAttribute *attr)
+{
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = (unsigned)c;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(SAMPLE_THREADS);
+    cfg.dynamicSmemBytes = bytes;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cfg;
+}
+
 static int probs_cluster_size(int n, int V, size_t *ret_slice)
 {
     static int smem_max = -1;             /* the device's (one per process) */
@@ -691,16 +710,7 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
             if (bytes > (size_t)smem_max)
                 continue;
             cudaLaunchAttribute attr;
-            attr.id = cudaLaunchAttributeClusterDimension;
-            attr.val.clusterDim.x = (unsigned)c;
-            attr.val.clusterDim.y = 1;
-            attr.val.clusterDim.z = 1;
-            cudaLaunchConfig_t cfg = {};
-            cfg.gridDim = dim3((unsigned)c);
-            cfg.blockDim = dim3(SAMPLE_THREADS);
-            cfg.dynamicSmemBytes = bytes;
-            cfg.attrs = &attr;
-            cfg.numAttrs = 1;
+            cudaLaunchConfig_t cfg = cluster_config(c, (unsigned)c, bytes, 0, &attr);
             if (cudaOccupancyMaxActiveClusters(&active[c], probs_kernel, &cfg) != cudaSuccess) {
                 active[c] = -1;
                 (void)cudaGetLastError();   /* not the caller's error */
@@ -756,17 +766,7 @@ static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, co
     if (c == 0)
         return cudaErrorInvalidValue;   /* a vocabulary too large for MAX_CLUSTER blocks' shared memory */
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = (unsigned)c;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(n * c));
-    cfg.blockDim = dim3(SAMPLE_THREADS);
-    cfg.dynamicSmemBytes = slice_bytes;
-    cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg = cluster_config(c, (unsigned)(n * c), slice_bytes, stream, &attr);
     return cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids);
 }
 
