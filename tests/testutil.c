@@ -98,6 +98,14 @@ const char *ds_test_qwen3_tokenizer(void)
 }
 
 /* ---- a random-weight Qwen3 directory ---- */
+float ds_test_frand(uint64_t *state)
+{
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return (float)((*state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+
 static int put_tensor(FILE *f, unsigned *state, long n, int is_norm)
 {
     float buf[1024];

@@ -24,6 +24,9 @@ void ds_test_skip_all(const char *fmt, ...) __attribute__((noreturn, format(prin
  * overrides), or NULL when absent. */
 const char *ds_test_qwen3_tokenizer(void);
 
+/* The next of a xorshift64 stream (state nonzero): a float uniform in [-1, 1). */
+float ds_test_frand(uint64_t *state);
+
 /* Write a random-weight f32 Qwen3 directory (config.json, generation_config.json,
  * model.safetensors) with tied embeddings; 0 or -1. */
 struct ds_test_shape {

@@ -12,19 +12,12 @@
 
 static uint64_t rng_state = 88172645463325252ull;
 
-static float frand(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
 
 static float *rand_vec(size_t n)
 {
     float *v = malloc(n * sizeof *v);
     for (size_t i = 0; i < n; i++)
-        v[i] = frand();
+        v[i] = ds_test_frand(&rng_state);
     return v;
 }
 

@@ -13,13 +13,6 @@
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
-static float frand(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
 
 /* qsort has no context argument */
 static const float *ref_keys;
@@ -88,12 +81,14 @@ enum row_kind { ROW_RANDOM, ROW_PEAKED, ROW_TIES, ROW_FLAT };
 static void make_row(float *x, int n, enum row_kind kind)
 {
     for (int i = 0; i < n; i++) {
-        float l = 6.0f * frand();
+        float l = 6.0f * ds_test_frand(&rng_state);
         x[i] = kind == ROW_TIES ? floorf(l * 0.5f) * 0.75f : kind == ROW_FLAT ? 0.5f : l;
     }
     if (kind == ROW_PEAKED)
-        for (int j = 0; j < 3 && j < n; j++)
-            x[(size_t)(rng_state % (uint64_t)n)] = 20.0f - 3.0f * (float)j + frand();
+        for (int j = 0; j < 3 && j < n; j++) {
+            size_t at = (size_t)(rng_state % (uint64_t)n);
+            x[at] = 20.0f - 3.0f * (float)j + ds_test_frand(&rng_state);
+        }
 }
 
 static void test_probs_match_reference(void **state)
