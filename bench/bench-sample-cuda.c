@@ -3,8 +3,10 @@
  * and the inverse-CDF draw (ds_k_sample), and both in one launch
  * (ds_k_sample_logits), for 1, 8, 64 and 512 rows.
  *
- *   bench-sample-cuda
+ *   bench-sample-cuda [--blocks N]
  *
+ * --blocks N spreads every row over N blocks (1..8) instead of the count the
+ * time model picks (ds_k_sampling_force_blocks_per_row).
  * Logits are normal with standard deviation 0.5 (a flat distribution, as random
  * weights give) or 3 (a peaked one); the time is the fastest of 7 launches. */
 #include "config.h"
@@ -12,6 +14,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cuda_runtime_api.h>
 
@@ -35,8 +38,19 @@ static double normal(unsigned *s)
     return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--blocks") && i + 1 < argc) {
+            if (ds_k_sampling_force_blocks_per_row(atoi(argv[++i])) < 0) {
+                fprintf(stderr, "bench-sample-cuda: --blocks takes 1 to 8\n");
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "usage: bench-sample-cuda [--blocks N]\n");
+            return !!strcmp(argv[i], "--help") * 2;
+        }
+    }
     float *h = malloc((size_t)MAX_ROWS * V * sizeof(float)); /* [MAX_ROWS, V] */
     float *d_x, *d_out, *d_u;                                /* [MAX_ROWS, V] ×2, [MAX_ROWS] */
     int32_t *d_ids;                                          /* [MAX_ROWS] */

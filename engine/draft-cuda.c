@@ -98,6 +98,7 @@ struct ds_cuda_draft {
     struct ds_k_sampling *samp, *h_samp; /* [max_seqs] sampling parameters (device, pinned) */
     float *u, *h_u;                  /* [γ, max_seqs] the draws' uniforms (device, pinned) */
     bool q_ready;                    /* U holds the last phase's q: [R, γ, V] */
+    bool base_ready;                 /* U holds ds_cuda_draft_block's base logits (a phase overwrites them) */
     struct draft_graph graphs[DRAFT_GRAPHS];
     long uses;
     int R;                           /* blocks of the last ds_cuda_draft_block */
@@ -558,19 +559,31 @@ static int enqueue_block(struct ds_cuda_draft *g, int R)
     return 0;
 }
 
+/* Where Markov position k's corrected logits are made: in place over the
+ * block's base logits U[·, k] (a phase, which reads each position once), or
+ * in g->logits from a copy of them (a step, which leaves U as it was).
+ * Row i at logits + i ld. */
+static float *step_logits(struct ds_cuda_draft *g, int k, bool in_place, int *ld)
+{
+    *ld = in_place ? g->g * g->V : g->V;
+    return in_place ? g->U + (size_t)k * g->V : g->logits;
+}
+
 /* The device part of Markov position k for R blocks: corrected logits into
- * g->logits, with `argmax` their argmax into ids (and its probability at T = 1
- * into p; NULL: none), the confidence logits into z (NULL: none). prev [R] is
- * on the device. Graph-capturable. */
-static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, bool argmax, int32_t *ids, float *z,
-                        float *p)
+ * step_logits(g, k, in_place), with `argmax` their argmax into ids (and its
+ * probability at T = 1 into p; NULL: none), the confidence logits into z
+ * (NULL: none). prev [R] is on the device. Graph-capturable. */
+static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, bool in_place, bool argmax,
+                        int32_t *ids, float *z, float *p)
 {
     struct ds_cuda_target *t = g->t;
     const struct ds_dspark_config *cfg = &g->cfg;
-    int gm = g->g, H = g->H, V = g->V, rk = g->r, r;
+    int gm = g->g, H = g->H, V = g->V, rk = g->r, r, ld;
     const float *hk = g->h + (size_t)k * H;   /* row i at hk + i γ H */
-    CK(cudaMemcpy2DAsync(g->logits, (size_t)V * 4, g->U + (size_t)k * V, (size_t)gm * V * 4, (size_t)V * 4, R,
-                         cudaMemcpyDeviceToDevice, t->stream));
+    float *logits = step_logits(g, k, in_place, &ld);
+    if (!in_place)
+        CK(cudaMemcpy2DAsync(logits, (size_t)V * 4, g->U + (size_t)k * V, (size_t)gm * V * 4, (size_t)V * 4, R,
+                             cudaMemcpyDeviceToDevice, t->stream));
     if (rk > 0) {
         if (cfg->markov_head == DS_MARKOV_GATED) {
             int w = H + rk;
@@ -590,13 +603,13 @@ static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *pr
         } else {
             CK(ds_k_table_rows_bf16(g->w1, prev, R, rk, V, g->corr, rk, t->stream));
         }
-        if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, g->logits, V, true)) < 0)
+        if ((r = ds_cu_gemm(t, g->ws, &g->w2, g->corr, rk, R, logits, ld, true)) < 0)
             return r;
     }
     if (argmax && p)
-        CK(ds_k_argmax_prob(g->logits, R, V, ids, p, t->stream));
+        CK(ds_k_argmax_prob(logits, ld, R, V, ids, p, t->stream));
     else if (argmax)
-        CK(ds_k_argmax(g->logits, R, V, ids, t->stream));
+        CK(ds_k_argmax(logits, ld, R, V, ids, t->stream));
     bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
     if (g->conf_w && z)
         CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? prev : NULL, R, H,
@@ -614,6 +627,7 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0 || (r = enqueue_block(g, R)) < 0)
         return r;
     g->R = R;
+    g->base_ready = true;
     return 0;
 }
 
@@ -621,7 +635,7 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
 {
     struct ds_cuda_target *t = g->t;
     int R = g->R, V = g->V, r;
-    if (R <= 0 || k < 0 || k >= g->g)
+    if (R <= 0 || !g->base_ready || k < 0 || k >= g->g)
         return ds_seterr(DS_EINVAL, "no draft block to continue at position %d", k);
     for (int i = 0; i < R; i++)
         if (prev[i] < 0 || prev[i] >= V)
@@ -629,7 +643,7 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
     int32_t *d_prev = g->meta + meta_prev(g);
     memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
     CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
-    if ((r = enqueue_step(g, R, k, d_prev, true, g->ids, z ? g->z : NULL, NULL)) < 0)
+    if ((r = enqueue_step(g, R, k, d_prev, false, true, g->ids, z ? g->z : NULL, NULL)) < 0)
         return r;
     CK(cudaMemcpyAsync(ids, g->ids, (size_t)R * 4, cudaMemcpyDeviceToHost, t->stream));
     if (g->conf_w && z)
@@ -657,12 +671,12 @@ static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled, bool argm
     const int32_t *prev = g->meta + M_ANCHOR * g->cap_rows;
     for (int k = 0; k < gm && r == 0; k++) {
         int32_t *ids = g->ids_all + (size_t)k * S;
-        r = enqueue_step(g, R, k, prev, argmax || !sampled, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL,
+        r = enqueue_step(g, R, k, prev, true, argmax || !sampled, ids, g->conf_w ? g->z_all + (size_t)k * S : NULL,
                          g->p_all + (size_t)k * S);
         if (r == 0 && sampled) {
-            float *q = g->U + (size_t)k * V;   /* row i at q + i γ V */
-            CK(ds_k_sample_logits(g->logits, V, NULL, g->samp, R, V, q, gm * V, g->u + (size_t)k * S, ids,
-                                  t->stream));
+            int ld;
+            float *q = step_logits(g, k, true, &ld);   /* the draw's q replaces the logits it is made from */
+            CK(ds_k_sample_logits(q, ld, NULL, g->samp, R, V, q, ld, g->u + (size_t)k * S, ids, t->stream));
         }
         prev = ids;
     }
@@ -738,6 +752,7 @@ static int run_phase(struct ds_cuda_draft *g, int R, bool sampled, bool argmax, 
         }
     g->R = R;
     g->q_ready = sampled;
+    g->base_ready = false;
     return 0;
 }
 
@@ -747,7 +762,7 @@ int ds_cuda_draft_greedy(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     int r;
     if (R <= 0)
         return 0;
-    g->q_ready = false;
+    g->q_ready = g->base_ready = false;
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
         return r;
     return run_phase(g, R, false, true, drafts, z, p);
@@ -761,7 +776,7 @@ int ds_cuda_draft_sample(struct ds_cuda_draft *g, const struct ds_kv_pool *pool,
     int gm = g->g, S = g->max_seqs, r;
     if (R <= 0)
         return 0;
-    g->q_ready = false;
+    g->q_ready = g->base_ready = false;
     if ((r = block_meta(g, pool, R, kv, anchor, start)) < 0)
         return r;
     for (int i = 0; i < R; i++) {

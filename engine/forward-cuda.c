@@ -770,7 +770,7 @@ static int enqueue_pass(struct ds_cuda_target *t, int n, int n_rows, int n_captu
         if ((r = ds_cu_gemm(t, t->ws, &t->lm_head, t->rows, H, n_rows, t->logits, V, false)) < 0)
             return r;
         if (argmax)
-            CK(ds_k_argmax(t->logits, n_rows, V, t->ids, t->stream));
+            CK(ds_k_argmax(t->logits, V, n_rows, V, t->ids, t->stream));
     }
     return 0;
 }

@@ -89,11 +89,12 @@ cudaError_t ds_k_swiglu(const float *gu /* [n, 2 I] */, int n, int I, float *out
                         cudaStream_t stream);
 
 /* out[t] = the index of the largest x[t, i]; ties go to the lowest index
- * (rows holding NaN give an unspecified index). */
-cudaError_t ds_k_argmax(const float *x /* [n, V] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
+ * (rows holding NaN give an unspecified index). Row t starts at x + t ldx. */
+cudaError_t ds_k_argmax(const float *x /* [n, ldx] */, int ldx, int n, int V, int32_t *out /* [n] */,
+                        cudaStream_t stream);
 /* ds_k_argmax, and p[t] = softmax(x[t])[out[t]] at temperature 1 (NaN for rows without a maximum). */
-cudaError_t ds_k_argmax_prob(const float *x /* [n, V] */, int n, int V, int32_t *out /* [n] */, float *p /* [n] */,
-                             cudaStream_t stream);
+cudaError_t ds_k_argmax_prob(const float *x /* [n, ldx] */, int ldx, int n, int V, int32_t *out /* [n] */,
+                             float *p /* [n] */, cudaStream_t stream);
 
 /* ---- bf16 variants used by the CUDA backend ---- */
 /* out[i] = rmsnorm(x[rows[i]]) rounded to bf16 (rows NULL: row i), the same

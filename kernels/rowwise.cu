@@ -306,12 +306,12 @@ __device__ static void better(float &bv, int &bi, float v, int i)
 
 /* The argmax of each row; with p, also p[row] = softmax(row)[argmax] = 1 / Σ exp(x - max), the
  * sum in a fixed order (each thread's stride, then lanes, then warps in order). */
-__global__ static void argmax_kernel(const float *x, int V, int32_t *out, float *p)
+__global__ static void argmax_kernel(const float *x, int ldx, int V, int32_t *out, float *p)
 {
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ float row_max;
-    const float *row = x + (size_t)blockIdx.x * V;
+    const float *row = x + (size_t)blockIdx.x * ldx;
     float bv = -INFINITY;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += blockDim.x)
@@ -352,23 +352,24 @@ __global__ static void argmax_kernel(const float *x, int V, int32_t *out, float 
     }
 }
 
-extern "C" cudaError_t ds_k_argmax(const float *x, int n, int V, int32_t *out, cudaStream_t stream)
+extern "C" cudaError_t ds_k_argmax(const float *x, int ldx, int n, int V, int32_t *out, cudaStream_t stream)
 {
-    if (n < 0 || V <= 0)
+    if (n < 0 || V <= 0 || ldx < V)
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out, NULL);
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, ldx, V, out, NULL);
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t ds_k_argmax_prob(const float *x, int n, int V, int32_t *out, float *p, cudaStream_t stream)
+extern "C" cudaError_t ds_k_argmax_prob(const float *x, int ldx, int n, int V, int32_t *out, float *p,
+                                        cudaStream_t stream)
 {
-    if (n < 0 || V <= 0 || !p)
+    if (n < 0 || V <= 0 || ldx < V || !p)
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    argmax_kernel<<<n, 1024, 0, stream>>>(x, V, out, p);
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, ldx, V, out, p);
     return cudaGetLastError();
 }
 

@@ -390,7 +390,7 @@ static bool test_argmax(void)
         return false;
     }
     int32_t *d_out = dpoison((size_t)n * sizeof(int32_t));
-    if (!launched(ds_k_argmax(dup_to_dev(x, (size_t)n * V * sizeof(float)), n, V, d_out, 0), "argmax"))
+    if (!launched(ds_k_argmax(dup_to_dev(x, (size_t)n * V * sizeof(float)), V, n, V, d_out, 0), "argmax"))
         return false;
     int32_t *got = dup_to_host(d_out, (size_t)n * sizeof(int32_t));
     bool ok = true;
@@ -399,11 +399,21 @@ static bool test_argmax(void)
             printf("# argmax row %d: got %d want %d\n", t, got[t], want[t]);
             ok = false;
         }
-    /* with the argmax's probability at temperature 1: the same ids, p = 1 / Σ exp(x - max) */
+    /* with the argmax's probability at temperature 1: the same ids, p = 1 / Σ exp(x - max); the rows
+     * apart in memory (ldx > V), with a larger value in the gap that a wrong stride would read */
+    int ldx = V + 37;
+    float *xs = malloc((size_t)n * ldx * sizeof(float));   /* [n, ldx] */
+    for (int t = 0; t < n; t++) {
+        memcpy(xs + (size_t)t * ldx, x + (size_t)t * V, (size_t)V * sizeof(float));
+        for (int i = V; i < ldx; i++)
+            xs[(size_t)t * ldx + i] = 100.0f;
+    }
     int32_t *d_out2 = dpoison((size_t)n * sizeof(int32_t));
     float *d_p = dpoison((size_t)n * sizeof(float));
-    if (!launched(ds_k_argmax_prob(dup_to_dev(x, (size_t)n * V * sizeof(float)), n, V, d_out2, d_p, 0),
-                  "argmax_prob"))
+    bool run = launched(ds_k_argmax_prob(dup_to_dev(xs, (size_t)n * ldx * sizeof(float)), ldx, n, V, d_out2, d_p, 0),
+                        "argmax_prob");
+    free(xs);
+    if (!run)
         return false;
     int32_t *got2 = dup_to_host(d_out2, (size_t)n * sizeof(int32_t));
     float *gp = dup_to_host(d_p, (size_t)n * sizeof(float));
@@ -946,7 +956,7 @@ static bool test_invalid(void)
         printf("# qk_norm_rope with odd hd was not refused\n");
         ok = false;
     }
-    if (ds_k_swiglu(d, 0, 8, d, 0) != cudaSuccess || ds_k_argmax(d, 0, 8, di, 0) != cudaSuccess) {
+    if (ds_k_swiglu(d, 0, 8, d, 0) != cudaSuccess || ds_k_argmax(d, 8, 0, 8, di, 0) != cudaSuccess) {
         printf("# an empty batch was refused\n");
         ok = false;
     }
