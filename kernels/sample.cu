@@ -1147,6 +1147,12 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
                 out = kept && uq < p_lo ? SCREEN_ACCEPT : uq >= p_hi ? SCREEN_REJECT : SCREEN_UNSURE;
             }
         }
+        /* Whatever d's rank: a cut row's p[d] is d's value over the kept mass, which holds the row's
+         * maximum (value 1 / Z), so p[d] <= (v_d + floor) Z. This settles drafts far below the peak,
+         * whose subnormal or flushed value keeps the rules above from ranking them. */
+        if (out == SCREEN_UNSURE && (cut_k || cut_p) && Z > 0 && isfinite(Z) && isfinite(T) &&
+            uq >= (vd * hi + SCREEN_FLOOR) * Z * (hi / lo))
+            out = SCREEN_REJECT;
     }
     *st = out;
 }
