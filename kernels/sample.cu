@@ -151,11 +151,12 @@ struct probs_smem {
     double red_d[N_WARPS];
     float sv[N_WARPS];
     int si[N_WARPS];
+    /* (the cluster's sum of a level's histograms stays in registers, one bin a thread: the less static
+     * shared memory, the larger the slice a block holds; 3 blocks per row fit Qwen3's vocabulary) */
     unsigned hc[RADIX_BINS];                     /* a radix level's histogram of this block's slice: counts */
     unsigned hm_lo[RADIX_BINS], hm_hi[RADIX_BINS];   /* ... and masses (2^-60 fixed point) in two halves */
-    uint64_t tc[RADIX_BINS], tm[RADIX_BINS];   /* the same over the cluster */
     uint64_t wc[N_WARPS], wm[N_WARPS];
-    uint64_t pick_c, pick_m;
+    uint64_t pick_c, pick_m, pick_n;
     int pick;
     int warp_eq[N_WARPS];
     struct probs_xchg x;
@@ -254,15 +255,16 @@ __device__ static inline void hist_clear(struct probs_smem *sm)
     sm->hm_hi[threadIdx.x] = 0;
 }
 
-/* The highest bin j of the level's histogram (sm->tc, sm->tm) with
+/* The highest bin j of the level's histogram over the cluster with
  * above + Σ_{b >= j} weight(b) >= target, weight the masses (by_mass) or the
- * counts; *above_c and *above_m gain the bins above j. Thread t takes bin
- * RADIX_BINS - 1 - t, so the sums from the top are a prefix scan. */
-__device__ static int pick_bin(uint64_t target, bool by_mass, uint64_t *above_c, uint64_t *above_m,
-                               struct probs_smem *sm)
+ * counts; *above_c and *above_m gain the bins above j, *ret_n gets bin j's
+ * count. Thread t holds bin RADIX_BINS - 1 - t (count bc, mass bm), so the
+ * sums from the top are a prefix scan. */
+__device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool by_mass, uint64_t *above_c,
+                               uint64_t *above_m, uint64_t *ret_n, struct probs_smem *sm)
 {
     int lane = lane_id(), w = warp_id(), bin = RADIX_BINS - 1 - (int)threadIdx.x;
-    uint64_t c = sm->tc[bin], m = sm->tm[bin];
+    uint64_t c = bc, m = bm;
     for (int o = 1; o < 32; o <<= 1) {
         uint64_t yc = __shfl_up_sync(FULL_MASK, c, o), ym = __shfl_up_sync(FULL_MASK, m, o);
         if (lane >= o) {
@@ -280,18 +282,20 @@ __device__ static int pick_bin(uint64_t target, bool by_mass, uint64_t *above_c,
         m += sm->wm[k];
     }
     /* c, m: the bins from the top down to this one; less this one: those above it */
-    uint64_t c_above = c - sm->tc[bin], m_above = m - sm->tm[bin];
+    uint64_t c_above = c - bc, m_above = m - bm;
     uint64_t incl = *(by_mass ? above_m : above_c) + (by_mass ? m : c);
     uint64_t excl = *(by_mass ? above_m : above_c) + (by_mass ? m_above : c_above);
     if (incl >= target && excl < target) {
         sm->pick = bin;
         sm->pick_c = c_above;
         sm->pick_m = m_above;
+        sm->pick_n = bc;
     }
     __syncthreads();
     int j = sm->pick;
     *above_c += sm->pick_c;
     *above_m += sm->pick_m;
+    *ret_n = sm->pick_n;
     __syncthreads();
     return j;
 }
@@ -330,19 +334,18 @@ __device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_
             }
         }
         cl.sync();   /* every block's histogram is complete */
-        uint64_t c = 0, m = 0;
+        int bin = RADIX_BINS - 1 - (int)threadIdx.x;   /* the bin pick_bin gives this thread */
+        uint64_t c = 0, m = 0, n_bin;
         for (unsigned r = 0; r < cl.num_blocks(); r++) {
             const struct probs_smem *o = cl.map_shared_rank(sm, r);
-            c += o->hc[threadIdx.x];
-            m += ((uint64_t)o->hm_hi[threadIdx.x] << 32) + o->hm_lo[threadIdx.x];
+            c += o->hc[bin];
+            m += ((uint64_t)o->hm_hi[bin] << 32) + o->hm_lo[bin];
         }
-        sm->tc[threadIdx.x] = c;
-        sm->tm[threadIdx.x] = m;
-        cl.sync();   /* every block has read the others' histograms (and its own tc, tm are complete) */
-        int j = pick_bin(target, by_mass, &above_c, &above_m, sm);
+        cl.sync();   /* every block has read the others' histograms */
+        int j = pick_bin(c, m, target, by_mass, &above_c, &above_m, &n_bin, sm);
         prefix |= (uint32_t)j << shift;
         if (level == 2)
-            *ret_eq = sm->tc[j];   /* the last level's bins are single values, all of them in play */
+            *ret_eq = n_bin;   /* the last level's bins are single values, all of them in play */
     }
     *ret_c = above_c;
     *ret_m = above_m;
