@@ -42,7 +42,9 @@ int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--blocks") && i + 1 < argc) {
-            if (ds_k_sampling_force_blocks_per_row(atoi(argv[++i])) < 0) {
+            char *end;
+            long c = strtol(argv[++i], &end, 10);
+            if (*end || c < 1 || c > 8 || ds_k_sampling_force_blocks_per_row((int)c) < 0) {
                 fprintf(stderr, "bench-sample-cuda: --blocks takes 1 to 8\n");
                 return 2;
             }

@@ -146,7 +146,10 @@ int ds_cuda_draft_block(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, 
 /* Markov position k (0-based) of the last blocks, given the token before it
  * (prev: the anchor for k = 0, then the chosen drafts): ids gets the argmax of
  * the corrected logits, z the raw confidence logits (NaN without a confidence
- * head; z may be NULL), logits the corrected logits (NULL: they stay on the GPU). */
+ * head; z may be NULL), logits the corrected logits (NULL: they stay on the GPU).
+ * Only after ds_cuda_draft_block: a greedy or sampled phase below consumes its
+ * blocks' base logits (each position is corrected in place), and DS_EINVAL
+ * refuses a step after one. */
 int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev /* [R] */, int32_t *ids /* [R] */,
                        float *z /* [R] */, float *logits /* [R, V] */) DS_MUSTCHECK;
 

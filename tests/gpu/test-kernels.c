@@ -956,6 +956,11 @@ static bool test_invalid(void)
         printf("# qk_norm_rope with odd hd was not refused\n");
         ok = false;
     }
+    if (ds_k_argmax(d, 7, 1, 8, di, 0) != cudaErrorInvalidValue ||
+        ds_k_argmax_prob(d, 7, 1, 8, di, d, 0) != cudaErrorInvalidValue) {
+        printf("# argmax with a row stride below V was not refused\n");
+        ok = false;
+    }
     if (ds_k_swiglu(d, 0, 8, d, 0) != cudaSuccess || ds_k_argmax(d, 8, 0, 8, di, 0) != cudaSuccess) {
         printf("# an empty batch was refused\n");
         ok = false;
