@@ -62,7 +62,7 @@ int main(int argc, char **argv)
         {"T 0.6, top-p 0.95, top-k 20", {.temperature = 0.6f, .top_p = 0.95f, .top_k = 20}},
     };
     float *x = malloc((size_t)V * 4), *p = malloc((size_t)V * 4);
-    int32_t *scratch = malloc((size_t)V * 4);
+    uint64_t *scratch = malloc((size_t)V * 2 * sizeof *scratch);
     double *ms = malloc((size_t)reps * sizeof *ms);
     printf("ds_probs, vocabulary %d, median of %d calls\n\n", V, reps);
     printf("| setting | logits | ms per row |\n|---|---|---|\n");

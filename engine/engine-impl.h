@@ -78,7 +78,7 @@ struct ds_engine {
     float *captured;             /* [cap_captured] features of the pass */
     size_t cap_captured;
     float *probs;                /* [2 V] */
-    int32_t *scratch;            /* [V] */
+    uint64_t *scratch;           /* [2 V] ds_probs' */
     /* device sampling (CUDA): sampled rows draw on the GPU, only ids come back */
     bool device_sampling;        /* the CUDA backend without opts.cuda_host_sampling */
     struct ds_cuda_chain *draws; /* [cap_draws] the pass's draws, in row order */

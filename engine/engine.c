@@ -615,7 +615,7 @@ int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_
     }
     if (!e->probs) {
         e->probs = ds_xmalloc(V * sizeof(float) * 2);
-        e->scratch = ds_xmalloc(V * sizeof(int32_t));
+        e->scratch = ds_xmalloc(V * 2 * sizeof(uint64_t));
     }
     return 0;
 }

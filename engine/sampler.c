@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dspark/ds-err.h"
 #include "dspark/ds-sampler.h"
 
 void ds_philox4x32(uint64_t key, uint64_t ctr_hi, uint64_t ctr_lo, uint32_t out[4])
@@ -108,9 +107,8 @@ static inline float ranked_prob(uint64_t r)
     return f;
 }
 
-void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *probs, int32_t *scratch)
+void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *probs, uint64_t *scratch)
 {
-    (void)scratch;
     if (n <= 0)
         return;
     if (ds_sampling_is_greedy(s)) {
@@ -136,8 +134,7 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
         return;
     /* rank tokens by probability (ties: lower id first), keep a prefix of the ranking */
     int keep = cut_k ? s->top_k : n;
-    uint64_t *buf = ds_xmalloc((size_t)n * 2 * sizeof *buf);
-    const uint64_t *rank = rank_by_prob(probs, n, keep, buf, buf + n);   /* [>= keep] */
+    const uint64_t *rank = rank_by_prob(probs, n, keep, scratch, scratch + n);   /* [>= keep] */
     double kept = 0;   /* the kept prefix's mass, summed in ranking order */
     for (int i = 0; i < keep; i++)
         kept += ranked_prob(rank[i]);
@@ -157,7 +154,6 @@ void ds_probs(const float *logits, int n, const struct ds_sampling *s, float *pr
     /* the kept tokens: above the last kept one's bits, or equal with an id up to its */
     uint32_t last_bits = (uint32_t)(rank[keep - 1] >> 32);
     int32_t last_id = (int32_t)(uint32_t)rank[keep - 1];
-    free(buf);
     for (int i = 0; i < n; i++) {
         uint32_t b = float_bits(probs[i]);
         probs[i] = b > last_bits || (b == last_bits && i <= last_id) ? probs[i] * renorm : 0.0f;

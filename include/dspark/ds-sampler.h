@@ -43,10 +43,10 @@ int32_t ds_argmax(const float *x /* [n] */, int n);
  * float (expf, the sum in double), then with top-k and/or top-p the kept
  * prefix of the ranking by probability (ties: lower id first; top-p: the
  * shortest prefix whose running double sum reaches top_p of the candidates'),
- * renormalized; the rest 0. Greedy gives a one-hot. scratch: unused (may be
- * NULL; kept for callers). */
+ * renormalized; the rest 0. Greedy gives a one-hot. scratch: [2 n], the
+ * ranking's (may be NULL for a row without top-k or top-p). */
 void ds_probs(const float *logits /* [n] */, int n, const struct ds_sampling *s, float *probs /* [n] out */,
-              int32_t *scratch /* [n] */);
+              uint64_t *scratch /* [2 n] */);
 /* Inverse-CDF draw in index order: the first i with cumsum(probs)[i] > u * sum(probs). */
 int32_t ds_sample_probs(const float *probs /* [n] */, int n, float u);
 /* The correction draw of a rejected draft: from norm(max(0, p - q)), or from p

@@ -239,7 +239,8 @@ static void exact_distribution(struct ds_model *t, const int32_t *prompt, int n,
     assert_int_equal(ds_kv_pool_init(&kv, c->num_hidden_layers, c->num_key_value_heads, c->head_dim, 32, 4), 0);
     float *logits = malloc((size_t)V * sizeof(float)), *p1 = malloc((size_t)V * sizeof(float));
     float *p2 = malloc((size_t)V * sizeof(float)), *p3 = malloc((size_t)V * sizeof(float));
-    int32_t *scratch = malloc((size_t)V * sizeof(int32_t)), seq[64];
+    uint64_t *scratch = malloc((size_t)V * 2 * sizeof(uint64_t));
+    int32_t seq[64];
     memcpy(seq, prompt, (size_t)n * sizeof(int32_t));
     /* the distribution after a full prefix, by one pass over it */
 #define DIST(len, out)                                                                                 \

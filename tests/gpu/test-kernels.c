@@ -1044,7 +1044,7 @@ static bool probs_case(int V, const struct prob_case *cases, int n)
     int ldx = V + 5;   /* a row stride larger than V */
     float *x = hmalloc((size_t)n * ldx * sizeof(float));
     float *ref = hmalloc((size_t)n * V * sizeof(float));
-    int32_t *scratch = hmalloc((size_t)V * sizeof(int32_t));
+    uint64_t *scratch = hmalloc((size_t)V * 2 * sizeof *scratch);
     struct ds_k_sampling *kp = hmalloc((size_t)n * sizeof *kp);
     int32_t *rows = hmalloc((size_t)n * sizeof(int32_t));
     for (int i = 0; i < n; i++) {
@@ -1271,7 +1271,7 @@ static bool test_sample_draws(void)
     for (int v = 0; v < 2; v++) {
         int V = vocabs[v], n_rows = 5;
         float *probs = hmalloc((size_t)n_rows * V * sizeof(float)), *x = hmalloc((size_t)V * sizeof(float));
-        int32_t *scratch = hmalloc((size_t)V * sizeof(int32_t));
+        uint64_t *scratch = hmalloc((size_t)V * 2 * sizeof *scratch);
         static const struct prob_case pc[5] = {{1.0f, 1.0f, 0, ROW_RANDOM},
                                                {0.7f, 0.9f, 0, ROW_RANDOM},
                                                {1.0f, 1.0f, 40, ROW_RANDOM},
@@ -1316,7 +1316,8 @@ static bool test_residual(void)
         int V = vocabs[v], n = 12;
         float *p = hmalloc((size_t)n * V * 4), *q = hmalloc((size_t)n * V * 4), *x = hmalloc((size_t)V * 4);
         float *tmp = hmalloc((size_t)V * 4), *u = hmalloc((size_t)n * 4);
-        int32_t *scratch = hmalloc((size_t)V * 4), *want = hmalloc((size_t)n * 4);
+        uint64_t *scratch = hmalloc((size_t)V * 2 * sizeof *scratch);
+        int32_t *want = hmalloc((size_t)n * 4);
         for (int i = 0; i < n; i++) {
             float *pi = p + (size_t)i * V, *qi = q + (size_t)i * V;
             make_logits(x, V, i % 4 == 3 ? ROW_TIES : ROW_RANDOM);
@@ -1386,7 +1387,7 @@ static bool chain_case(int V, int n, int *ret_full, int *ret_rejected)
     }
     float *p = hmalloc((size_t)n_p * V * 4), *q = hmalloc((size_t)n_q * V * 4), *x = hmalloc((size_t)V * 4);
     float *tmp = hmalloc((size_t)V * 4);
-    int32_t *scratch = hmalloc((size_t)V * 4);
+    uint64_t *scratch = hmalloc((size_t)V * 2 * sizeof *scratch);
     for (int i = 0; i < n; i++) {
         struct ds_k_chain *c = &ch[i];
         struct ds_sampling s = {.temperature = i % 3 == 0 ? 0.6f : i % 3 == 1 ? 1.0f : 1.4f,
@@ -1494,7 +1495,7 @@ static bool screen_case(int V, int n, long *ret_sure, long *ret_drafts, long *re
     }
     size_t row = (size_t)V * 4;
     float *x = hmalloc((size_t)n_p * row), *xq = hmalloc(row), *q = hmalloc((size_t)n_q * row);
-    int32_t *scratch = hmalloc(row);
+    uint64_t *scratch = hmalloc((size_t)V * 2 * sizeof *scratch);
     for (int i = 0; i < n; i++) {
         struct ds_sampling s = {.temperature = kp[i].temperature, .top_p = kp[i].top_p, .top_k = kp[i].top_k};
         for (int k = 0; k <= ch[i].len; k++) {

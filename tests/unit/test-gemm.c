@@ -12,7 +12,6 @@
 
 static uint64_t rng_state = 88172645463325252ull;
 
-
 static float *rand_vec(size_t n)
 {
     float *v = malloc(n * sizeof *v);

@@ -13,7 +13,6 @@
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
-
 /* qsort has no context argument */
 static const float *ref_keys;
 
@@ -25,25 +24,15 @@ static int ref_by_prob_desc(const void *a, const void *b)
     return i < j ? -1 : i > j;
 }
 
-/* The distribution as the header defines it, with a comparison sort. */
+/* The distribution as the header defines it, with a comparison sort: the
+ * softmax (and greedy's one-hot) from ds_probs without a cut, which ranks
+ * nothing, then the cuts here. */
 static void ref_probs(const float *logits, int n, const struct ds_sampling *s, float *probs)
 {
-    if (ds_sampling_is_greedy(s)) {
-        memset(probs, 0, (size_t)n * sizeof *probs);
-        probs[ds_argmax(logits, n)] = 1.0f;
+    const struct ds_sampling uncut = {.temperature = s->temperature, .top_p = 1.0f, .top_k = 0};
+    ds_probs(logits, n, &uncut, probs, NULL);
+    if (ds_sampling_is_greedy(s))
         return;
-    }
-    float inv_t = 1.0f / s->temperature, mx = -INFINITY;
-    for (int i = 0; i < n; i++)
-        mx = logits[i] > mx ? logits[i] : mx;
-    double sum = 0;
-    for (int i = 0; i < n; i++) {
-        probs[i] = expf((logits[i] - mx) * inv_t);
-        sum += probs[i];
-    }
-    float inv = (float)(1.0 / sum);
-    for (int i = 0; i < n; i++)
-        probs[i] *= inv;
     bool cut_k = s->top_k > 0 && s->top_k < n, cut_p = s->top_p > 0 && s->top_p < 1;
     if (!cut_k && !cut_p)
         return;
@@ -105,7 +94,7 @@ static void test_probs_match_reference(void **state)
     for (size_t v = 0; v < sizeof sizes / sizeof sizes[0]; v++) {
         int n = sizes[v];
         float *x = malloc((size_t)n * 4), *got = malloc((size_t)n * 4), *want = malloc((size_t)n * 4);
-        int32_t *scratch = malloc((size_t)n * 4);
+        uint64_t *scratch = malloc((size_t)n * 2 * sizeof *scratch);
         for (int kind = ROW_RANDOM; kind <= ROW_FLAT; kind++)
             for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
                 make_row(x, n, (enum row_kind)kind);
