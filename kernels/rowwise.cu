@@ -1,6 +1,7 @@
 /* rowwise.cu: per-row kernels of the forward pass: embedding gather, RMSNorm
  * (plain and fused with the residual add, f32 or bf16 out), per-head q/k
- * RMSNorm with RoPE (and the KV cache append in the same launch), SwiGLU, bias add, argmax, and random fills for benchmarks.
+ * RMSNorm with RoPE (and the KV cache append in the same launch), SwiGLU,
+ * bias add, argmax, and random fills for benchmarks.
  * One block per row with a fixed block size, so a row's
  * reductions always run in the same order whatever the batch. */
 #include <math.h>
@@ -352,25 +353,25 @@ __global__ static void argmax_kernel(const float *x, int ldx, int V, int32_t *ou
     }
 }
 
-extern "C" cudaError_t ds_k_argmax(const float *x, int ldx, int n, int V, int32_t *out, cudaStream_t stream)
+static cudaError_t argmax_launch(const float *x, int ldx, int n, int V, int32_t *out, float *p, cudaStream_t stream)
 {
     if (n < 0 || V <= 0 || ldx < V)
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    argmax_kernel<<<n, 1024, 0, stream>>>(x, ldx, V, out, NULL);
+    argmax_kernel<<<n, 1024, 0, stream>>>(x, ldx, V, out, p);
     return cudaGetLastError();
+}
+
+extern "C" cudaError_t ds_k_argmax(const float *x, int ldx, int n, int V, int32_t *out, cudaStream_t stream)
+{
+    return argmax_launch(x, ldx, n, V, out, NULL, stream);
 }
 
 extern "C" cudaError_t ds_k_argmax_prob(const float *x, int ldx, int n, int V, int32_t *out, float *p,
                                         cudaStream_t stream)
 {
-    if (n < 0 || V <= 0 || ldx < V || !p)
-        return cudaErrorInvalidValue;
-    if (n == 0)
-        return cudaSuccess;
-    argmax_kernel<<<n, 1024, 0, stream>>>(x, ldx, V, out, p);
-    return cudaGetLastError();
+    return p ? argmax_launch(x, ldx, n, V, out, p, stream) : cudaErrorInvalidValue;
 }
 
 /* ---- bf16 outputs (inputs of the bf16 products) ---- */
