@@ -753,8 +753,8 @@ static void check_sampled_case(struct ds_model *m, struct ds_draft *d, int32_t (
     }
     printf("# %s: GPU draws accepted %ld of %ld drafts in %ld rounds, host draws %ld of %ld in %ld\n", name,
            dev.accepted, dev.drafted, dev.rounds, host.accepted, host.drafted, host.rounds);
-    /* the probabilities agree bit for bit but where exp rounding (the GPU's
-     * exp in double vs glibc's expf, within 0.502 ulp) differs by an ulp, and
+    /* the probabilities agree bit for bit but where exp rounding (CUDA's expf
+     * within 2 ulp, glibc's within 0.502) differs by an ulp or two, and
      * draws sum exactly where the host sums in double: a token differs only
      * when a uniform lands within ~1e-7 of a threshold (expected well under
      * once per run); one such event makes the rest of its sequence differ */
