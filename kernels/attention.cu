@@ -351,9 +351,10 @@ __global__ static void attention_merge_kernel(const float *ws, int nH, int hd, O
 }
 
 /* ---- tensor-core attention over a bf16 cache ----
- * The same blocks (run, KV head g, group z; ordered with g fastest) and the
- * same partials as attention_part_kernel, for head_dim 64 or 128. Positions
- * fall into tiles of MMA_TILE; block z takes tiles z, z + S, ... in
+ * The same items (run, KV head g, group z; here ordered with z fastest, a
+ * block taking a contiguous share) and the same partials as
+ * attention_part_kernel, for head_dim 64 or 128. Positions fall into tiles of
+ * MMA_TILE; group z takes tiles z, z + S, ... in
  * increasing order (two in flight: cp.async into two stages), and warp w
  * always takes positions 16 w .. 16 w + 15 of each tile. Its queries (up to
  * MT x 16 rows: token x GQA head) are scored against those 16 positions by
@@ -411,8 +412,10 @@ template <int HD, int MT> struct MmaSmem {
     static constexpr int STAGE = 2 * MMA_TILE * HD;         /* K then V, bf16 elements */
     static constexpr int ROWS = MT * 16;
     static constexpr size_t PIPE = 2 * STAGE * 2;           /* two stages, bytes */
-    /* per warp O, m, l; then per row its sum and a factor per warp (f32) */
-    static constexpr size_t MERGE = ((size_t)MMA_WARPS * ROWS * (HD + 2) + ROWS + ROWS * MMA_WARPS) * 4;
+    /* per warp O (rows of OLD: 8 floats of padding, so that the rows' stores hit distinct banks), m, l; then
+     * per row its sum and a factor per warp (f32) */
+    static constexpr int OLD = HD + 8;
+    static constexpr size_t MERGE = ((size_t)MMA_WARPS * ROWS * (OLD + 2) + ROWS + ROWS * MMA_WARPS) * 4;
     static constexpr size_t MAIN = PIPE > MERGE ? PIPE : MERGE;
     static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
@@ -431,15 +434,19 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     __nv_bfloat16 *q_hi = (__nv_bfloat16 *)(att_smem + L::MAIN);       /* [ROWS, HD] */
     __nv_bfloat16 *q_lo = q_hi + ROWS * HD;                             /* [ROWS, HD] */
     int *qpos_s = (int *)(q_lo + ROWS * HD);                            /* [ROWS] (all swizzled rows) */
-    /* Items (run, group z, KV head g) in one flat order, KV head fastest, then group, then run: the
-     * items that run together read neighbouring rows of the same pages. The grid holds only as many
-     * blocks as fit the GPU at once, and block b takes items b, b + grid, ...: the launch shape
-     * depends on the pass's token count, while its runs (at most one per token) are often far
-     * fewer, and blocks for absent runs would cost their scheduling. */
+    /* Items (run, KV head g, group z) in one flat order, group fastest, then KV head, then run. The
+     * grid holds only as many blocks as fit the GPU at once (the launch shape depends on the pass's
+     * token count, while its runs, at most one per token, are often far fewer, and blocks for
+     * absent runs would cost their scheduling), and block b takes a contiguous share of the items,
+     * so that consecutive items of a block are mostly the groups of one (run, g): their queries
+     * are loaded once. */
     pdl_enter();
     int n_items = *n_runs * nKV * ATT_SPLIT;
-    for (int item = (int)blockIdx.x; item < n_items; item += (int)gridDim.x) {
-        int g = item % nKV, z = item / nKV % ATT_SPLIT, run = item / (nKV * ATT_SPLIT);
+    int share = (n_items + (int)gridDim.x - 1) / (int)gridDim.x;
+    int item_end = min(n_items, ((int)blockIdx.x + 1) * share);
+    int q_pair = -1;   /* the (run, g) whose queries q_hi, q_lo and qpos_s hold */
+    for (int item = (int)blockIdx.x * share; item < item_end; item++) {
+        int z = item % ATT_SPLIT, g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
         int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
         const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
@@ -477,9 +484,12 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             prefetch(tile, 0);
         if ((tile + ATT_SPLIT) * MMA_TILE <= last)
             prefetch(tile + ATT_SPLIT, 1);
-        /* the queries, four elements a thread at a time (ldq and HD are multiples of 4) */
+        /* the queries, four elements a thread at a time (ldq and HD are multiples of 4); the previous
+         * item's when it had the same (run, g) (nothing else writes q_hi, q_lo or qpos_s) */
+        bool new_q = q_pair != item / ATT_SPLIT;
+        q_pair = item / ATT_SPLIT;
 #pragma unroll 4
-        for (int i = threadIdx.x; i < ROWS * HD / 4; i += THREADS) {
+        for (int i = threadIdx.x; new_q && i < ROWS * HD / 4; i += THREADS) {
             int qi = i / (HD / 4), d = i % (HD / 4) * 4;
             float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (qi < nq)
@@ -491,7 +501,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             *(uint2 *)(q_hi + at) = make_uint2(h[0], h[1]);
             *(uint2 *)(q_lo + at) = make_uint2(l[0], l[1]);
         }
-        for (int i = threadIdx.x; i < ROWS; i += blockDim.x)
+        for (int i = threadIdx.x; new_q && i < ROWS; i += blockDim.x)
             qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
 
         float o[MT][NT][4], m[MT][2], l[MT][2];
@@ -590,15 +600,16 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads();
 
-        /* merge the warps in warp order: per warp O [ROWS, HD], then m [ROWS], l [ROWS] */
-        float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * HD, *lw = mw + MMA_WARPS * ROWS;
+        /* merge the warps in warp order: per warp O [ROWS, OLD], then m [ROWS], l [ROWS] */
+        constexpr int OLD = L::OLD;
+        float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * OLD, *lw = mw + MMA_WARPS * ROWS;
         float *fw = lw + (MMA_WARPS + 1) * ROWS;   /* [ROWS][MMA_WARPS]; lw's last ROWS: each row's sum */
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 int qr = mt * 16 + gr + 8 * r;
-                float *dst = ow + ((size_t)w * ROWS + qr) * HD;
+                float *dst = ow + ((size_t)w * ROWS + qr) * OLD;
 #pragma unroll
                 for (int n = 0; n < NT; n++)
                     *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
@@ -639,7 +650,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             for (int v = 0; v < MMA_WARPS; v++)
                 if (lw[v * ROWS + qi] > 0.0f) {
                     float f = fw[qi * MMA_WARPS + v];
-                    float4 ov = *(const float4 *)(ow + ((size_t)v * ROWS + qi) * HD + d);
+                    float4 ov = *(const float4 *)(ow + ((size_t)v * ROWS + qi) * OLD + d);
                     acc.x += ov.x * f;
                     acc.y += ov.y * f;
                     acc.z += ov.z * f;

@@ -433,14 +433,16 @@ static bool test_argmax(void)
 }
 
 /* ---- paged cache and attention ---- */
+#define ATT_MAX_SEQS 24
+
 struct att_case {
     int nH, nKV, hd, page_size, n_pages, n_seqs;
-    int cached[4], n_new[4];   /* per sequence: positions already cached, tokens in this batch */
+    int cached[ATT_MAX_SEQS], n_new[ATT_MAX_SEQS];   /* per sequence: positions already cached, tokens in this batch */
 };
 
 struct att_setup {
     struct ds_kv_pool pool;     /* host copy, 2 layers; the kernels work on layer 1 */
-    struct ds_kv_seq seqs[4];
+    struct ds_kv_seq seqs[ATT_MAX_SEQS];
     int max_pages, n, width;
     int32_t *page_table;        /* [n_seqs, max_pages] */
     int32_t *seq, *pos;         /* [n] */
@@ -491,7 +493,7 @@ static void att_setup(const struct att_case *c, struct att_setup *s)
     /* round-robin over sequences, a few tokens at a time, so chunks interleave */
     s->seq = hmalloc((size_t)s->n * sizeof(int32_t));
     s->pos = hmalloc((size_t)s->n * sizeof(int32_t));
-    int done[4] = {0}, t = 0;
+    int done[ATT_MAX_SEQS] = {0}, t = 0;
     while (t < s->n)
         for (int q = 0; q < c->n_seqs; q++) {
             int take = 1 + (int)(rnd_u32() % 7);
@@ -689,6 +691,19 @@ static bool test_attention_ragged(void)
     struct att_case c = {.nH = 16, .nKV = 4, .hd = 128, .page_size = 16, .n_pages = 64, .n_seqs = 3,
                          .cached = {63, 250, 32}, .n_new = {37, 1, 1}};
     return test_attention(&c, "attention ragged (GQA 4, hd 128)");
+}
+
+/* 24 verify blocks of 8 (GQA 4, hd 128) at contexts 40 to 361: more (run, KV head, group) items than
+ * the tensor-core kernel has blocks, so each block takes several groups of a (run, KV head) in turn and
+ * reuses their queries; tokens alone (one item a block) must give the same bits. */
+static bool test_attention_many_runs(void)
+{
+    struct att_case c = {.nH = 16, .nKV = 4, .hd = 128, .page_size = 16, .n_pages = 24 * 24, .n_seqs = 24};
+    for (int i = 0; i < c.n_seqs; i++) {
+        c.cached[i] = 40 + 14 * i - (i % 3);
+        c.n_new[i] = 8;
+    }
+    return test_attention(&c, "attention, 24 verify blocks (GQA 4, hd 128)");
 }
 
 /* hd 64 without GQA: a fresh prefill from position 0, a verify block of 5 and a decode. */
@@ -1831,6 +1846,7 @@ static const struct {
     {"argmax, ties to the lowest index", test_argmax},
     {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
     {"kv append + causal attention, ragged batch, hd 64", test_attention_hd64},
+    {"kv append + causal attention, 24 verify blocks", test_attention_many_runs},
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
     {"kv append + causal attention, pages of 12 positions", test_attention_odd_pages},
