@@ -320,33 +320,57 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
     }
 }
 
-/* Merge the ATT_SPLIT partials of (token, head) in group order. */
+/* Merge the ATT_SPLIT partials of (token, head) in group order: one warp per
+ * (token, head), MERGE_HEADS heads a block (one block per (token, head) was
+ * tens of thousands of tiny blocks at a verification pass, bound by their
+ * scheduling). Lane j takes elements j, j + 32, ...; each element's
+ * arithmetic is the same whatever the lane. */
+#define MERGE_HEADS 8
 template <typename OUT>
-__global__ static void attention_merge_kernel(const float *ws, int nH, int hd, OUT *out)
+__global__ static void __launch_bounds__(MERGE_HEADS * 32) attention_merge_kernel(const float *ws, int nH, int hd,
+                                                                                 OUT *out)
 {
     pdl_enter();
-    int t = blockIdx.x, h = blockIdx.y;
+    int t = blockIdx.x, h = (int)(blockIdx.y * MERGE_HEADS + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
+    if (h >= nH)
+        return;
     const float *part = ws + ((size_t)t * nH + h) * ATT_SPLIT * (hd + 2);
+    float Mz[ATT_SPLIT], Lz[ATT_SPLIT];
+#pragma unroll
+    for (int z = 0; z < ATT_SPLIT; z++) {
+        Mz[z] = part[z * (hd + 2)];
+        Lz[z] = part[z * (hd + 2) + 1];
+    }
     float M = -INFINITY;
+#pragma unroll
     for (int z = 0; z < ATT_SPLIT; z++)
-        if (part[z * (hd + 2) + 1] > 0.0f)
-            M = fmaxf(M, part[z * (hd + 2)]);
+        if (Lz[z] > 0.0f)
+            M = fmaxf(M, Mz[z]);
     float f[ATT_SPLIT], L = 0.0f;
 #pragma unroll
     for (int z = 0; z < ATT_SPLIT; z++) {
-        float lz = part[z * (hd + 2) + 1];
-        f[z] = lz > 0.0f ? expf(part[z * (hd + 2)] - M) : 0.0f;
-        L += lz * f[z];
+        f[z] = Lz[z] > 0.0f ? expf(Mz[z] - M) : 0.0f;
+        L += Lz[z] * f[z];
     }
     float inv = 1.0f / L;
     OUT *oh = out + ((size_t)t * nH + h) * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float sum = 0.0f;
+    for (int d0 = lane; d0 < hd; d0 += 4 * 32) {   /* four elements a lane, their loads issued together */
+        float v[4][ATT_SPLIT];
 #pragma unroll
-        for (int z = 0; z < ATT_SPLIT; z++)
-            if (f[z] > 0.0f)                       /* empty groups wrote no values */
-                sum += part[z * (hd + 2) + 2 + d] * f[z];
-        oh[d] = from_f32<OUT>(sum * inv);
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int z = 0; z < ATT_SPLIT; z++)   /* (empty groups wrote no values: not read) */
+                v[j][z] = d0 + 32 * j < hd && Lz[z] > 0.0f ? part[z * (hd + 2) + 2 + d0 + 32 * j] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int z = 0; z < ATT_SPLIT; z++)
+                if (f[z] > 0.0f)
+                    sum += v[j][z] * f[z];
+            if (d0 + 32 * j < hd)
+                oh[d0 + 32 * j] = from_f32<OUT>(sum * inv);
+        }
     }
 }
 
@@ -808,8 +832,8 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
     e = cudaGetLastError();
     if (e != cudaSuccess)
         return e;
-    return pdl_launch(attention_merge_kernel<OUT>, dim3((unsigned)n, (unsigned)nH), dim3(128), 0, stream, ws, nH, hd,
-                      out);
+    return pdl_launch(attention_merge_kernel<OUT>, dim3((unsigned)n, (unsigned)((nH + MERGE_HEADS - 1) / MERGE_HEADS)),
+                      dim3(MERGE_HEADS * 32), 0, stream, ws, nH, hd, out);
 }
 
 extern "C" cudaError_t ds_k_attention(const float *q, int ldq, const float *k_cache, const float *v_cache,

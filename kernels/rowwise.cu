@@ -161,7 +161,7 @@ extern "C" cudaError_t ds_k_add_rmsnorm(float *x, const float *y, const float *w
 }
 
 /* ---- per-head q/k RMSNorm + RoPE ---- */
-#define HEAD_THREADS 128
+#define HEAD_THREADS 128   /* the threads whose order a head's sum of squares follows (one block a head, once) */
 
 /* Where ds_k_kv_append writes token t's KV heads: the slot of position pos[t]
  * of sequence seq[t] (NULL caches: nowhere). */
@@ -173,37 +173,66 @@ struct kv_slots {
     __nv_bfloat16 *k_cache, *v_cache;   /* [n_pages, page_size, nKV, hd] */
 };
 
-/* Block (t, h): heads 0..nH-1 are q's, nH..nH+nKV-1 are k's; a k head also
- * goes to the cache after RoPE, with its v head, when there is one. */
+/* Block (t, y), warp w: head h = y W + w (W warps a block, qk_warps); heads
+ * 0..nH-1 are q's, nH..nH+nKV-1 are k's; a k head also goes to the cache
+ * after RoPE, with its v head, when there is one. The head's sum of squares
+ * is block_sum's over HEAD_THREADS threads, emulated in the warp: virtual
+ * thread v < HEAD_THREADS sums elements v, v + HEAD_THREADS, ... in turn, each
+ * 32 of them by a butterfly (lane 0's value), then those sums in order. The
+ * token's rotations are computed once a block into shared memory. (One block
+ * per (token, head) was tens of thousands of tiny blocks at a verification
+ * pass, with each block computing its token's rotations again.) */
 __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk, const float *q_norm,
                                            const float *k_norm, const float *inv_freq, const int32_t *pos,
                                            int nH, int nKV, int hd, float eps, struct kv_slots kv)
 {
-    extern __shared__ float buf[];   /* [hd] */
-    __shared__ float red[32];
+    extern __shared__ float smem_qk[];   /* cos [hd / 2], sin [hd / 2], then per warp [hd] */
+    int t = blockIdx.x, W = (int)(blockDim.x >> 5), w = (int)(threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int h = (int)blockIdx.y * W + w, half = hd / 2;
+    float *cs = smem_qk, *sn = cs + half, *buf = sn + half + (size_t)w * hd;
+    /* the rotations first: no kernel writes pos or inv_freq, so they overlap the kernel before */
+    float p = (float)pos[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float angle = p * inv_freq[i];
+        double sd, cd;
+        sincos((double)angle, &sd, &cd);
+        cs[i] = (float)cd;
+        sn[i] = (float)sd;
+    }
     pdl_enter();
-    int t = blockIdx.x, h = blockIdx.y;
+    __syncthreads();
+    if (h >= nH + nKV)
+        return;
     float *x;
-    const float *w;
+    const float *wn;
     if (h < nH) {
         x = q + (size_t)t * ldq + (size_t)h * hd;
-        w = q_norm;
+        wn = q_norm;
     } else {
         x = k + (size_t)t * ldk + (size_t)(h - nH) * hd;
-        w = k_norm;
+        wn = k_norm;
     }
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float v = x[i];
-        buf[i] = v;
-        ss += v * v;
+#pragma unroll 4
+    for (int i = lane; i < hd; i += 32)   /* every load in flight at once */
+        buf[i] = x[i];
+    __syncwarp();
+    float total = 0.0f;
+#pragma unroll
+    for (int vw = 0; vw < HEAD_THREADS / 32; vw++) {
+        float ss = 0.0f;
+        for (int i = vw * 32 + lane; i < hd; i += HEAD_THREADS) {
+            float v = buf[i];
+            ss += v * v;
+        }
+        for (int o = 16; o > 0; o >>= 1)
+            ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        total += __shfl_sync(0xffffffffu, ss, 0);
     }
-    float scale = rms_scale(block_sum(ss, red), hd, eps);
-    for (int i = threadIdx.x; i < hd; i += blockDim.x)
-        buf[i] = w[i] * (buf[i] * scale);
-    __syncthreads();
-    int half = hd / 2;
-    float p = (float)pos[t];
+    float scale = rms_scale(total, hd, eps);
+    __syncwarp();
+    for (int i = lane; i < hd; i += 32)
+        buf[i] = wn[i] * (buf[i] * scale);
+    __syncwarp();
     __nv_bfloat16 *kc = NULL, *vc = NULL;
     if (h >= nH && kv.k_cache) {
         int slot = pos[t];
@@ -212,14 +241,11 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
         kc = kv.k_cache + dst;
         vc = kv.v_cache + dst;
         const float *vr = kv.v + (size_t)t * kv.ldv + (size_t)(h - nH) * hd;
-        for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        for (int i = lane; i < hd; i += 32)
             vc[i] = __float2bfloat16_rn(vr[i]);
     }
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float angle = p * inv_freq[i];
-        double s, c;
-        sincos((double)angle, &s, &c);
-        float cf = (float)c, sf = (float)s;
+    for (int i = lane; i < half; i += 32) {
+        float cf = cs[i], sf = sn[i];
         float a = buf[i], b = buf[i + half];
         float ra = a * cf - b * sf, rb = b * cf + a * sf;
         x[i] = ra;
@@ -229,6 +255,14 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
             kc[i + half] = __float2bfloat16_rn(rb);
         }
     }
+}
+
+/* Warps (heads) per block of qk_norm_rope_kernel: 8, fewer for heads over 128 wide (shared memory). One
+ * head a block for passes of at most 16 tokens was slower at one token (bench/RESULTS.md). */
+static int qk_warps(int hd)
+{
+    int w = 8 * 128 / hd;
+    return w < 1 ? 1 : w > 8 ? 8 : w;
 }
 
 static bool qk_norm_rope_ok(int n, int ldq, int ldk, int nH, int nKV, int hd)
@@ -243,9 +277,11 @@ static cudaError_t qk_norm_rope_launch(float *q, int ldq, float *k, int ldk, con
 {
     if (n == 0 || nH + nKV == 0)
         return cudaSuccess;
-    dim3 grid((unsigned)n, (unsigned)(nH + nKV));
-    return pdl_launch(qk_norm_rope_kernel, grid, dim3(HEAD_THREADS), (size_t)hd * sizeof(float), stream, q, ldq, k,
-                      ldk, q_norm, k_norm, inv_freq, pos, nH, nKV, hd, eps, kv);
+    int W = qk_warps(hd);
+    dim3 grid((unsigned)n, (unsigned)((nH + nKV + W - 1) / W));
+    size_t smem = ((size_t)hd + (size_t)W * hd) * sizeof(float);   /* the rotations, then a head per warp */
+    return pdl_launch(qk_norm_rope_kernel, grid, dim3((unsigned)(W * 32)), smem, stream, q, ldq, k, ldk, q_norm,
+                      k_norm, inv_freq, pos, nH, nKV, hd, eps, kv);
 }
 
 extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, const float *q_norm,
