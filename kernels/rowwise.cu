@@ -2,8 +2,9 @@
  * (plain and fused with the residual add, f32 or bf16 out), per-head q/k
  * RMSNorm with RoPE (and the KV cache append in the same launch), SwiGLU,
  * bias add, argmax, and random fills for benchmarks.
- * One block per row with a fixed block size, so a row's
- * reductions always run in the same order whatever the batch. */
+ * One block per row with a fixed block size (q/k norm: one warp per head,
+ * following a fixed 128-thread order), so a row's reductions always run in
+ * the same order whatever the batch. */
 #include <math.h>
 #include <stdint.h>
 

@@ -1063,8 +1063,9 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         const double lo = 1.0 - SCREEN_SLACK(V), hi = 1.0 + SCREEN_SLACK(V);
         double Z = sum[0], vd = exp((double)(xd - m) * b.inv_t) / Z;
         /* the band must hold every token whose probability can round to p[d]'s:
-         * the exact kernel's exponents err by ~3 ulps of (m - x) / T, and e and
-         * p by an ulp each, so a band of about 4e-7 T + 5e-7 (m - x_d) would do */
+         * the exact kernel's exponents err by ~3 ulps of (m - x) / T, e by two
+         * ulps (CUDA's expf) and p by one, so a band of about 6e-7 T + 5e-7
+         * (m - x_d) would do (4e-7 T when e was exp in double) */
         bool band_ok = band >= 2e-6 * (T + ((double)m - xd));
         bool cut_k = b.count, cut_p = sp.top_p > 0 && sp.top_p < 1;
         /* the probability of a token at logit y, and the masses above the band and from it up */
