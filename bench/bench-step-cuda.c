@@ -158,7 +158,7 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         qsort(td, (size_t)reps, sizeof *td, cmp_double);
         qsort(tr, (size_t)reps, sizeof *tr, cmp_double);
         double v = tv[reps / 2] * 1e3, dr = td[reps / 2] * 1e3, rd = tr[reps / 2] * 1e3;
-        printf("| %s | %d | %.3f | %.3f | %.3f | %.2f |\n", name, R, v, dr, rd, rd / v);
+        printf("| %s | %d | %.3f | %.3f | %.3f | %.3f |\n", name, R, v, dr, rd, rd / v);
         fflush(stdout);
         for (int s = 0; s < R; s++)
             ds_kv_release(pool, &seqs[s]);

@@ -270,9 +270,10 @@ static float *rope_freqs(int hd, double theta)
     return f;
 }
 
-static bool test_qk_norm_rope(void)
+/* One head width: the kernel against ds_rmsnorm + ds_rope on the CPU. */
+static bool qk_norm_rope_case(int hd)
 {
-    int n = 13, nH = 32, nKV = 8, hd = 128;
+    int n = 13, nH = 32, nKV = 8;
     int width = (nH + 2 * nKV) * hd;
     float eps = 1e-6f;
     size_t bytes = (size_t)n * width * sizeof(float);
@@ -292,14 +293,27 @@ static bool test_qk_norm_rope(void)
         ds_rope(q, nH, hd, inv_freq, pos[t]);
         ds_rope(k, nKV, hd, inv_freq, pos[t]);
     }
+    char what[64];
+    snprintf(what, sizeof what, "qk_norm_rope, hd %d", hd);
     if (!launched(ds_k_qk_norm_rope(d_qkv, width, d_qkv + (size_t)nH * hd, width,
                                     dup_to_dev(qn, hd * sizeof(float)), dup_to_dev(kn, hd * sizeof(float)),
                                     dup_to_dev(inv_freq, (size_t)hd / 2 * sizeof(float)),
                                     dup_to_dev(pos, (size_t)n * sizeof *pos), n, nH, nKV, hd, eps, 0),
-                  "qk_norm_rope"))
+                  what))
         return false;
     /* the v part of each row must come back untouched: it is in the comparison */
-    return close_enough("qk_norm_rope", dup_to_host(d_qkv, bytes), qkv, (size_t)n * width, 1e-5);
+    return close_enough(what, dup_to_host(d_qkv, bytes), qkv, (size_t)n * width, 1e-5);
+}
+
+/* Head widths: 24 (not a multiple of a warp), 128 (Qwen3's: eight heads a block), 256 (four a block,
+ * two elements per virtual thread of the sum of squares). */
+static bool test_qk_norm_rope(void)
+{
+    bool ok = true;
+    const int hds[] = {24, 128, 256};
+    for (size_t i = 0; i < sizeof hds / sizeof hds[0]; i++)
+        ok = qk_norm_rope_case(hds[i]) && ok;
+    return ok;
 }
 
 /* ds_k_qk_norm_rope_append_bf16 against ds_k_qk_norm_rope then
@@ -693,9 +707,10 @@ static bool test_attention_ragged(void)
     return test_attention(&c, "attention ragged (GQA 4, hd 128)");
 }
 
-/* 24 verify blocks of 8 (GQA 4, hd 128) at contexts 40 to 361: more (run, KV head, group) items than
- * the tensor-core kernel has blocks, so each block takes several groups of a (run, KV head) in turn and
- * reuses their queries; tokens alone (one item a block) must give the same bits. */
+/* 24 sequences of 8 new tokens each (GQA 4, hd 128, interleaved in chunks of 1 to 7, so runs of at
+ * most 7 tokens) at contexts 40 to 360: more (run, KV head, group) items than the tensor-core kernel
+ * has blocks, so each block takes several groups of a (run, KV head) in turn and reuses their
+ * queries; tokens alone (one item a block) must give the same bits. */
 static bool test_attention_many_runs(void)
 {
     struct att_case c = {.nH = 16, .nKV = 4, .hd = 128, .page_size = 16, .n_pages = 24 * 24, .n_seqs = 24};
