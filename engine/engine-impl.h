@@ -118,6 +118,8 @@ int ds_draws_run(struct ds_engine *e);
 bool ds_engine_needs_logits(const struct ds_engine *e);
 /* Size the batch buffers for a pass of n_tokens with n_rows logits and n_capture captured layers. */
 int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_capture);
+/* e->probs [2 V] and e->scratch [2 V] (ds_probs' ranking), once. */
+void ds_engine_ensure_probs(struct ds_engine *e);
 
 /* spec.c */
 int ds_draft_block_size(const struct ds_draft *d);

@@ -613,11 +613,17 @@ int ds_engine_ensure_batch(struct ds_engine *e, int n_tokens, int n_rows, int n_
         e->captured = p;
         e->cap_captured = cap_feat;
     }
-    if (!e->probs) {
-        e->probs = ds_xmalloc(V * sizeof(float) * 2);
-        e->scratch = ds_xmalloc(V * 2 * sizeof(uint64_t));
-    }
+    ds_engine_ensure_probs(e);
     return 0;
+}
+
+void ds_engine_ensure_probs(struct ds_engine *e)
+{
+    size_t V = (size_t)e->target->cfg.vocab_size;
+    if (!e->probs) {
+        e->probs = ds_xmalloc(V * 2 * sizeof *e->probs);
+        e->scratch = ds_xmalloc(V * 2 * sizeof *e->scratch);
+    }
 }
 
 /* Admit queued sequences in order while there is room. */

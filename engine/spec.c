@@ -618,8 +618,7 @@ int ds_spec_round(struct ds_engine *e)
     if (sp->trace)
         sp->dprob = grow(sp->dprob, &sp->cap_dprob, (size_t)R * g + 1, sizeof(float));
     sp->state = grow(sp->state, &sp->cap_state, (size_t)R * (d->r + 1) + 1, sizeof(float));
-    if (!e->probs)
-        e->probs = ds_xmalloc((size_t)V * 2 * sizeof(float)), e->scratch = ds_xmalloc((size_t)V * 2 * sizeof(uint64_t));
+    ds_engine_ensure_probs(e);
     double t_draft = ds_now();
     if (R > 0 && (r = (e->cuda_draft ? draft_cuda : draft_cpu)(e, R)) < 0)
         return r;
