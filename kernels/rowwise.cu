@@ -162,7 +162,7 @@ extern "C" cudaError_t ds_k_add_rmsnorm(float *x, const float *y, const float *w
 }
 
 /* ---- per-head q/k RMSNorm + RoPE ---- */
-#define HEAD_THREADS 128   /* the threads whose order a head's sum of squares follows (one block a head, once) */
+#define HEAD_THREADS 128   /* a head's sum of squares follows block_sum's order over this many threads */
 
 /* Where ds_k_kv_append writes token t's KV heads: the slot of position pos[t]
  * of sequence seq[t] (NULL caches: nowhere). */
