@@ -2,8 +2,9 @@
  *
  * y[m, n] (+)= x[m, k] · W[n, k]ᵀ with bf16 x and W (row-major, W as
  * PyTorch's Linear stores it), f32 accumulation and f32 y. k is cut into
- * `split` contiguous ranges at multiples of 32 that depend only on (n, k) and
- * the GPU (ds_k_gemm_split); within a range, every output element is one
+ * `split` contiguous ranges of equal length (a multiple of 32; the last range
+ * takes what is left) that depend only on (n, k) and the GPU
+ * (ds_k_gemm_split); within a range, every output element is one
  * chain of tensor-core products over 16-wide k chunks in increasing order
  * (wmma m16n16k16), and the ranges' partials are summed in range order: for
  * decoding's 16-row tiles by the last block of the tile to finish (a counter
@@ -13,11 +14,13 @@
  * zero-filled, so every shape runs the same chain for each element: a token's
  * result never depends on what else shares the pass.
  *
- * Larger passes can run each k range through cuBLASLt instead (with a
+ * Larger passes can run the k ranges through cuBLASLt instead (with a
  * ds_k_gemm_lt): an algorithm that does not split k runs that same chain, one
  * tensor-core product per 16-wide chunk in increasing order from zero, and
  * gives the same bits (measured on an H200 for every algorithm its heuristic
  * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run).
+ * The equal ranges go as one strided batch, so that the GPU is filled by all
+ * of them at once, and the last range, when shorter, as a second product.
  *
  * x can also be made on the way in (ds_k_gemm_bf16_x): the RMSNorm or SwiGLU
  * of f32 rows. Decoding's few rows are then made by each block for its own k
@@ -53,6 +56,12 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
 };
 
 #define GM_KQ 32              /* split boundaries are multiples of this */
+
+/* Chunks of GM_KQ in each k range but the last, which takes the rest (at least one chunk: ds_k_gemm_split). */
+__host__ __device__ static inline int range_chunks(int KQ, int split)
+{
+    return (KQ + split - 1) / split;
+}
 #define GM_COUNTERS 4096      /* tile counters at the start of the workspace (f32 slots) */
 #define GM_X_ROWS 4           /* decoding's products make their x themselves for at most this many rows: each
                                  block reads whole rows for a norm */
@@ -155,8 +164,8 @@ __device__ static inline void copy_x_stage(__nv_bfloat16 *As, const __nv_bfloat1
     }
 }
 
-/* Grid: (n tiles, m tiles, split). Split s covers k in [32 ⌊s KQ / S⌋, 32 ⌊(s + 1) KQ / S⌋) ∩ [0, K),
- * KQ = ⌈K / 32⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to part[s]
+/* Grid: (n tiles, m tiles, split). Split s covers k in [32 s L, 32 (s + 1) L) ∩ [0, K), KQ = ⌈K / 32⌉,
+ * L = ⌈KQ / S⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to part[s]
  * (part = ws + GM_COUNTERS), and with `fused` the tile's last block sums the parts into y. XK other than
  * DS_K_X_BF16: x is made from `in` into shared memory after the pipeline's (Xs), for this block's k range
  * (and x is not read). */
@@ -174,7 +183,8 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
     int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
     int S = gridDim.z, s = blockIdx.z;
     int KQ = (K + GM_KQ - 1) / GM_KQ;
-    int kb = (int)((long)s * KQ / S) * GM_KQ, ke = (int)((long)(s + 1) * KQ / S) * GM_KQ;
+    int L = range_chunks(KQ, S);
+    int kb = s * L * GM_KQ, ke = (s + 1) * L * GM_KQ;
     int k_lim = ke < K ? ke : K;
     int nk = (ke - kb + BK - 1) / BK;
 
@@ -309,7 +319,9 @@ extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
     int split = 1;
     while (tiles * (split + 1) <= 3 * n_sm && KQ / (split + 1) >= 8 && split < 32)
         split++;
-    return split;
+    /* ranges of ⌈KQ / split⌉ chunks: as many as it takes to cover k, so that none is empty */
+    int L = range_chunks(KQ, split);
+    return (KQ + L - 1) / L;
 }
 
 extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
@@ -393,8 +405,8 @@ static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, i
 #define LT_CACHE 1024             /* (M, N, range K, ...) problems remembered: a power of two */
 #define LT_PROBE 8                /* slots a problem may take, from its hash on */
 
-struct lt_problem {               /* one k range's product, as cuBLASLt sees it */
-    int M, N, Ks, K, ldx, ldy, beta, align;
+struct lt_problem {               /* `batch` k ranges of Ks each, one after another, as cuBLASLt sees them */
+    int M, N, Ks, K, ldx, ldy, beta, align, batch;
 };
 struct lt_entry {
     struct lt_problem key;
@@ -494,6 +506,23 @@ static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
         cublasLtMatrixLayoutCreate(&en->c, CUDA_R_32F, k->N, k->M, k->ldy) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS)
         goto done;
+    if (k->batch > 1) {   /* range b: W and x from column b Ks on, its partial at b M N (ldy = N) */
+        int32_t count = k->batch;
+        int64_t in_stride = k->Ks, out_stride = (int64_t)k->M * k->N;
+        if (cublasLtMatrixLayoutSetAttribute(en->a, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
+                CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatrixLayoutSetAttribute(en->a, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &in_stride,
+                                             sizeof in_stride) != CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatrixLayoutSetAttribute(en->b, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
+                CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatrixLayoutSetAttribute(en->b, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &in_stride,
+                                             sizeof in_stride) != CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatrixLayoutSetAttribute(en->c, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
+                CUBLAS_STATUS_SUCCESS ||
+            cublasLtMatrixLayoutSetAttribute(en->c, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &out_stride,
+                                             sizeof out_stride) != CUBLAS_STATUS_SUCCESS)
+            goto done;
+    }
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align);
@@ -536,43 +565,55 @@ static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_probl
     return en;
 }
 
-static int pointer_alignment(const void *p)
+static int alignment_of(uintptr_t a)
 {
-    uintptr_t a = (uintptr_t)p;
     int al = 256;
     while (al > 2 && a % (uintptr_t)al)
         al /= 2;
     return al;
 }
 
-/* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel; cudaErrorNotSupported when some
- * range has no algorithm that keeps the chain, or a product fails to launch: y is then untouched (with a
- * split, cuBLASLt writes only the partials), and the kernels compute the whole product. */
+static int pointer_alignment(const void *p)
+{
+    return alignment_of((uintptr_t)p);
+}
+
+/* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel: the ranges of L chunks as one
+ * strided batch, then the last range when it is shorter. cudaErrorNotSupported when some group has no
+ * algorithm that keeps the chain, or a product fails to launch: y is then untouched (with a split, cuBLASLt
+ * writes only the partials), and the kernels compute the whole product. */
 static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M, int N,
                            int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
-    struct lt_problem keys[64];
-    int kb[64];     /* each range's first k */
-    float *dst[64]; /* and where its product goes */
-    int KQ = (K + GM_KQ - 1) / GM_KQ;
-    for (int s = 0; s < split; s++) {
-        int ke = (int)((long)(s + 1) * KQ / split) * GM_KQ;
-        kb[s] = (int)((long)s * KQ / split) * GM_KQ;
-        dst[s] = split == 1 ? y : ws + GM_COUNTERS + (size_t)s * M * N;
-        int al = pointer_alignment(w + kb[s]);
-        al = al < pointer_alignment(x + kb[s]) ? al : pointer_alignment(x + kb[s]);
-        al = al < pointer_alignment(dst[s]) ? al : pointer_alignment(dst[s]);
-        keys[s] = lt_problem{M, N, (ke < K ? ke : K) - kb[s], K, ldx, split == 1 ? ldy : N, split == 1 && accumulate,
-                             al};
-        if (!lt_lookup(lt, &keys[s])->usable)
+    struct lt_problem keys[2];
+    int kb[2];      /* each group's first k */
+    float *dst[2];  /* and where its first product goes */
+    int KQ = (K + GM_KQ - 1) / GM_KQ, L = range_chunks(KQ, split);
+    int last_ks = K - (split - 1) * L * GM_KQ;              /* k in the last range */
+    int groups = split > 1 && last_ks != L * GM_KQ ? 2 : 1;
+    for (int g = 0; g < groups; g++) {
+        int first = g == 0 ? 0 : split - 1, batch = g == 0 ? split - groups + 1 : 1;
+        int ks = split == 1 ? K : g == 0 ? L * GM_KQ : last_ks;
+        kb[g] = first * L * GM_KQ;
+        dst[g] = split == 1 ? y : ws + GM_COUNTERS + (size_t)first * M * N;
+        int al = pointer_alignment(w + kb[g]);
+        al = al < pointer_alignment(x + kb[g]) ? al : pointer_alignment(x + kb[g]);
+        al = al < pointer_alignment(dst[g]) ? al : pointer_alignment(dst[g]);
+        if (batch > 1) {   /* every range of the batch starts as aligned as the first */
+            int st = alignment_of((uintptr_t)ks * 2), sc = alignment_of((uintptr_t)M * N * 4);
+            al = al < st ? al : st;
+            al = al < sc ? al : sc;
+        }
+        keys[g] = lt_problem{M, N, ks, K, ldx, split == 1 ? ldy : N, split == 1 && accumulate, al, batch};
+        if (!lt_lookup(lt, &keys[g])->usable)
             return cudaErrorNotSupported;   /* nothing launched yet */
     }
     const float one = 1.0f, beta = split == 1 && accumulate ? 1.0f : 0.0f;
-    for (int s = 0; s < split; s++) {
-        /* looked up again: a later range's lookup may have replaced an earlier one's entry */
-        struct lt_entry *en = lt_lookup(lt, &keys[s]);
-        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + kb[s], en->a, x + kb[s], en->b, &beta, dst[s],
-                                          en->c, dst[s], en->c, &en->algo, lt->workspace, LT_WORKSPACE,
+    for (int g = 0; g < groups; g++) {
+        /* looked up again: the other group's lookup may have replaced this one's entry */
+        struct lt_entry *en = lt_lookup(lt, &keys[g]);
+        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + kb[g], en->a, x + kb[g], en->b, &beta, dst[g],
+                                          en->c, dst[g], en->c, &en->algo, lt->workspace, LT_WORKSPACE,
                                           stream) != CUBLAS_STATUS_SUCCESS)
             return cudaErrorNotSupported;
         lt->launches++;
@@ -580,6 +621,13 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
     if (split == 1)
         return cudaSuccess;
     return gemm_reduce(M, N, split, ws, y, ldy, accumulate, stream);
+}
+
+/* Whether k splits into `split` ranges that each hold at least one chunk (as ds_k_gemm_split's do). */
+static bool split_fits(int K, int split)
+{
+    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    return split >= 1 && split <= 64 && (split - 1) * range_chunks(KQ, split) < KQ;
 }
 
 /* Which passes cuBLASLt takes: every pass of a product without a k split (its
@@ -595,7 +643,7 @@ extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x
                                       int N, int K, int split, float *ws, float *y, int ldy, int accumulate,
                                       cudaStream_t stream)
 {
-    if (M < 0 || N <= 0 || K <= 0 || K % 8 || ldx % 8 || ldx < K || ldy < N || split < 1 || split > 64 ||
+    if (M < 0 || N <= 0 || K <= 0 || K % 8 || ldx % 8 || ldx < K || ldy < N || !split_fits(K, split) ||
         (split > 1 && !ws))
         return cudaErrorInvalidValue;
     if (M == 0)
@@ -628,7 +676,7 @@ static size_t made_x_bytes(const struct ds_k_x *x, int M, int K, int split, int 
 {
     const int BK = 128;
     int KQ = (K + GM_KQ - 1) / GM_KQ;
-    int range = (KQ + split - 1) / split * GM_KQ;
+    int range = range_chunks(KQ, split) * GM_KQ;
     int ld = (range + BK - 1) / BK * BK;
     size_t bytes = (size_t)M * ld * 2;
     int ld_src = x->kind == DS_K_X_SWIGLU ? 2 * K : K;
@@ -647,7 +695,7 @@ extern "C" cudaError_t ds_k_gemm_bf16_x(struct ds_k_gemm_lt *lt, const struct ds
         return cudaErrorInvalidValue;
     int xs_ld = 0;
     size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split)) &&
-                        split >= 1 && split <= 64 && K % 8 == 0 && N > 0 && ldy >= N && (split == 1 || ws)
+                        split_fits(K, split) && K % 8 == 0 && N > 0 && ldy >= N && (split == 1 || ws)
                     ? made_x_bytes(x, M, K, split, &xs_ld)
                     : 0;
     if (!xs) {   /* the rows first, then the product */

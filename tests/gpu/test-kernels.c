@@ -872,11 +872,13 @@ static bool gemm_invariance_case(int N, int K, bool accumulate)
 
 static bool test_gemm_invariance(void)
 {
-    bool ok = lt != NULL && ds_k_gemm_split(384, 1024, 132) > 1 && ds_k_gemm_split(384, 256, 132) == 1;
+    bool ok = lt != NULL && ds_k_gemm_split(384, 1024, 132) == 4 && ds_k_gemm_split(384, 256, 132) == 1 &&
+              ds_k_gemm_split(384, 1176, 132) == 4;
     if (!ok)
         printf("# no cuBLASLt, or the shapes do not split k as meant\n");
-    ok = gemm_invariance_case(384, 1024, false) && ok;   /* k split in 4 */
+    ok = gemm_invariance_case(384, 1024, false) && ok;   /* k split in 4 equal ranges: one batch for cuBLASLt */
     ok = gemm_invariance_case(384, 1024, true) && ok;
+    ok = gemm_invariance_case(384, 1176, true) && ok;    /* 3 ranges of 320 and one of 216: a batch, then one */
     ok = gemm_invariance_case(384, 256, false) && ok;    /* no split: cuBLASLt takes every size */
     ok = gemm_invariance_case(384, 256, true) && ok;
     return ok;
