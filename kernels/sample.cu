@@ -101,6 +101,14 @@ __device__ static inline uint64_t weight(const float *p, const float *q, int i)
     return to_fx(r > 0.0f ? r : 0.0f);
 }
 
+/* Σ of a u64 over the warp. */
+__device__ static inline uint64_t warp_sum_u64(uint64_t x)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        x += __shfl_xor_sync(FULL_MASK, x, o);
+    return x;
+}
+
 /* floor(u · total) exactly, u taken as a 32-bit fraction (24 bits for ds_uniform): the
  * running weight a draw must pass (ds_sample_probs). */
 __device__ static inline uint64_t draw_target(float u, uint64_t total)
@@ -113,23 +121,42 @@ __device__ static inline uint64_t draw_target(float u, uint64_t total)
 
 /* The first i in [from, to) at which run plus the running weight (p, q) from
  * `from` exceeds target, or -1; the whole warp calls it and every lane gets
- * the answer. */
+ * the answer. Four chunks of 32 at a time: their weights are read together,
+ * each chunk's total decides whether the crossing is in it, and only that
+ * chunk is scanned (integer sums: the same index as a scan of every chunk). */
 __device__ static int warp_crossing(const float *p, const float *q, int from, int to, uint64_t run,
                                     uint64_t target)
 {
     int lane = lane_id();
-    for (int base = from; base < to; base += 32) {
-        int i = base + lane;
-        uint64_t incl = i < to ? weight(p, q, i) : 0;
+    for (int base = from; base < to; base += 4 * 32) {
+        uint64_t w[4], t[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int i = base + 32 * u + lane;
+            w[u] = i < to ? weight(p, q, i) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            t[u] = warp_sum_u64(w[u]);
+        int u = 0;
+        while (u < 4 && run + t[u] <= target) {
+            run += t[u];
+            u++;
+        }
+        if (u == 4)
+            continue;
+        uint64_t incl = 0;
+#pragma unroll
+        for (int v = 0; v < 4; v++)
+            incl = v == u ? w[v] : incl;
         for (int o = 1; o < 32; o <<= 1) {
             uint64_t y = __shfl_up_sync(FULL_MASK, incl, o);
             if (lane >= o)
                 incl += y;
         }
+        int i = base + 32 * u + lane;
         unsigned hit = __ballot_sync(FULL_MASK, i < to && run + incl > target);
-        if (hit)
-            return base + __ffs(hit) - 1;
-        run += __shfl_sync(FULL_MASK, incl, 31);
+        return base + 32 * u + __ffs(hit) - 1;   /* the chunk's total passes target: some lane does */
     }
     return -1;
 }
@@ -198,13 +225,6 @@ __device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
     return cluster_sum(block_sum(v, sm->red), &probs_xchg::u, sm);
 }
 
-/* Σ of a u64 over the warp. */
-__device__ static inline uint64_t warp_sum_u64(uint64_t x)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        x += __shfl_xor_sync(FULL_MASK, x, o);
-    return x;
-}
 
 /* Add mass w to a bin with 32-bit atomics (native in shared memory): the low
  * half, its carry and the high half. */
@@ -802,7 +822,10 @@ __device__ static uint64_t draw_mass(const float *p, const float *q, int V, stru
     int seg = segment_len(V), w = warp_id(), lane = lane_id();
     int from = w * seg, to = from + seg < V ? from + seg : V;
     uint64_t acc = 0;
-    for (int i = from + lane; i < to; i += 32)
+    int i = from + lane;
+    for (; i + 3 * 32 < to; i += 4 * 32)   /* four reads in flight (integer sums: any order) */
+        acc += (weight(p, q, i) + weight(p, q, i + 32)) + (weight(p, q, i + 64) + weight(p, q, i + 96));
+    for (; i < to; i += 32)
         acc += weight(p, q, i);
     for (int o = 16; o > 0; o >>= 1)
         acc += __shfl_xor_sync(FULL_MASK, acc, o);
