@@ -631,12 +631,12 @@ static bool split_fits(int K, int split)
 }
 
 /* Which passes cuBLASLt takes: every pass of a product without a k split (its
- * one range is a full-size product), and passes of more than 16 rows per range
+ * one range is a full-size product), and passes of more than GM_X_ROWS rows
  * otherwise; decoding's few rows keep the kernel that spreads k ranges over
- * the GPU. Measured, bench/RESULTS.md. */
+ * the GPU and makes their x on the way in. Measured, bench/RESULTS.md. */
 static bool lt_takes(int M, int split)
 {
-    return split == 1 || M > 16 * split;
+    return split == 1 || M > GM_X_ROWS;
 }
 
 extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M,
