@@ -315,7 +315,8 @@ extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
     int KQ = (K + GM_KQ - 1) / GM_KQ;
     int tiles = (N + 63) / 64;
     /* decoding runs the 16 x 64 tile, three blocks per SM: as many k ranges as
-     * still fit one wave of blocks, each range at least 8 chunks of 32 long */
+     * still fit one wave of blocks, each range but the last at least 8 chunks of
+     * 32 long */
     int split = 1;
     while (tiles * (split + 1) <= 3 * n_sm && KQ / (split + 1) >= 8 && split < 32)
         split++;
