@@ -7,15 +7,17 @@
 #          the weight-streaming floor, invariant and cuBLAS products (step.jsonl)
 #   round  the whole round against its verify pass at R 1, 8, 32, 64: greedy,
 #          T 1 with top-p 0.95, and Qwen3's T 0.6 top-p 0.95 top-k 20
+#   att    the attention alone (bench-attention-cuda: attention.md, and its
+#          outputs in attention.bin for a bit comparison with another build)
 #   hf     transformers eager and sdpa on the same shapes (bench_step_hf.py;
 #          needs torch and transformers), within HF_BUDGET_S seconds (280)
-# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,hf]
+# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]
 # BUILD_DIR is a build configured --with-cuda. Exit status: 0, 1 when a part
 # failed, 77 when the tests part found no CUDA device.
 set -u
-build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,hf]}
-out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,hf]}
-parts=${3:-tests,step,round}
+build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]}
+out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]}
+parts=${3:-tests,step,round,att}
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "$build" && pwd) || exit 1
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
@@ -68,6 +70,13 @@ if has_part round; then
             --reps 15 $sampling 2>&1; } >> "$out/round.md" || fail "round ${sampling:-greedy}"
     done
     cat "$out/round.md"
+fi
+
+if has_part att; then
+    say "att: bench-attention-cuda"
+    "$build/bench/bench-attention-cuda" --out "$out/attention.bin" > "$out/attention.md" 2>&1 ||
+        fail "bench-attention-cuda ($out/attention.md)"
+    cat "$out/attention.md"
 fi
 
 if has_part hf; then
