@@ -56,16 +56,16 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
 };
 
 #define GM_KQ 32              /* split boundaries are multiples of this */
+#define GM_COUNTERS 4096      /* tile counters at the start of the workspace (f32 slots) */
+#define GM_X_ROWS 4           /* decoding's products make their x themselves for at most this many rows: each
+                                 block reads whole rows for a norm */
+#define GM_XS_MAX 11264       /* and in at most this many bytes of shared memory (three blocks still fit an SM) */
 
 /* Chunks of GM_KQ in each k range but the last, which takes the rest (at least one chunk: ds_k_gemm_split). */
 __host__ __device__ static inline int range_chunks(int KQ, int split)
 {
     return (KQ + split - 1) / split;
 }
-#define GM_COUNTERS 4096      /* tile counters at the start of the workspace (f32 slots) */
-#define GM_X_ROWS 4           /* decoding's products make their x themselves for at most this many rows: each
-                                 block reads whole rows for a norm */
-#define GM_XS_MAX 11264       /* and in at most this many bytes of shared memory (three blocks still fit an SM) */
 
 __device__ static inline void cp_async16(void *smem, const void *gmem, bool valid)
 {

@@ -271,9 +271,10 @@ size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt);
 
 /* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
  * K and ldx must be multiples of 8; split is ds_k_gemm_split's (or any count
- * up to 64 whose ranges of ⌈⌈K / 32⌉ / split⌉ chunks of 32 leave none empty); ws holds
- * ds_k_gemm_workspace(M, N, split) floats. lt: cuBLASLt for the passes it serves best, or NULL for the
- * in-house kernels alone; either way the same bits. */
+ * up to 64 whose ranges of ⌈⌈K / 32⌉ / split⌉ chunks of 32 leave none
+ * empty); ws holds ds_k_gemm_workspace(M, N, split) floats. lt: cuBLASLt for
+ * the passes it serves best, or NULL for the in-house kernels alone; either
+ * way the same bits. */
 cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x /* [M, ldx] */, int ldx,
                            const uint16_t *w /* [N, K] */, int M, int N, int K, int split, float *ws,
                            float *y /* [M, ldy] */, int ldy, int accumulate, cudaStream_t stream);

@@ -225,7 +225,6 @@ __device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
     return cluster_sum(block_sum(v, sm->red), &probs_xchg::u, sm);
 }
 
-
 /* Add mass w to a bin with 32-bit atomics (native in shared memory): the low
  * half, its carry and the high half. */
 __device__ static inline void add_mass(struct probs_smem *sm, int bin, uint64_t w)
