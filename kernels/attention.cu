@@ -376,10 +376,10 @@ __global__ static void __launch_bounds__(MERGE_HEADS * 32) attention_merge_kerne
 
 /* ---- tensor-core attention over a bf16 cache ----
  * The same items (run, KV head g, group z; here ordered with z fastest, a
- * block taking a contiguous share) and the same partials as
+ * block taking a contiguous share) and the same layout of partials as
  * attention_part_kernel, for head_dim 64 or 128. Positions fall into tiles of
- * MMA_TILE; group z takes tiles z, z + S, ... in
- * increasing order (two in flight: cp.async into two stages), and warp w
+ * MMA_TILE; group z takes runs of MMA_RUN_TILES consecutive tiles (group_tile)
+ * in increasing order (two in flight: cp.async into two stages), and warp w
  * always takes positions 16 w .. 16 w + 15 of each tile. Its queries (up to
  * MT x 16 rows: token x GQA head) are scored against those 16 positions by
  * mma.sync (bf16 in, f32 accumulation, k = head_dim in increasing 16-wide
@@ -392,6 +392,16 @@ __global__ static void __launch_bounds__(MERGE_HEADS * 32) attention_merge_kerne
  * like the scalar kernel's (not bit-equal to it). */
 #define MMA_TILE 64                 /* positions per tile: 16 per warp */
 #define MMA_WARPS 4
+#define MMA_RUN_TILES 4             /* consecutive tiles of a group (see group_tile) */
+
+/* The i-th tile of position group z: the groups take runs of MMA_RUN_TILES
+ * consecutive tiles in turn (group z the z-th run, then the (z + S)-th, ...),
+ * so that at short contexts the first groups hold several tiles each and the
+ * last ones none, rather than every group one or two. */
+__device__ static inline int group_tile(int z, int i)
+{
+    return ((i / MMA_RUN_TILES) * ATT_SPLIT + z) * MMA_RUN_TILES + i % MMA_RUN_TILES;
+}
 
 __device__ static inline void ldmatrix_x4(unsigned (&r)[4], const void *p)
 {
@@ -470,7 +480,11 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     int item_end = min(n_items, ((int)blockIdx.x + 1) * share);
     int q_pair = -1;   /* the (run, g) whose queries q_hi, q_lo and qpos_s hold */
     for (int item = (int)blockIdx.x * share; item < item_end; item++) {
-        int z = item % ATT_SPLIT, g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
+        /* the groups of a (run, g) in the order 0, S - 1, 1, S - 2, ...: the first groups hold the
+         * most tiles, so neighbouring items, which share a block when items outnumber blocks, pair a
+         * full group with an emptier one (the order of work, never the arithmetic) */
+        int slot = item % ATT_SPLIT, z = slot & 1 ? ATT_SPLIT - 1 - slot / 2 : slot / 2;
+        int g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
         int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
         const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
@@ -502,12 +516,20 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             asm volatile("cp.async.commit_group;\n" ::);
         };
 
+        if (group_tile(z, 0) * MMA_TILE > last) {   /* no position of this group is visible: an empty partial */
+            for (int qi = threadIdx.x; qi < nq; qi += blockDim.x) {
+                float *out = ws + (((size_t)(t0 + qi / G) * nH + g * G + qi % G) * ATT_SPLIT + z) * (HD + 2);
+                out[0] = -INFINITY;
+                out[1] = 0.0f;
+            }
+            continue;
+        }
         /* two tiles in flight: the first two now, tile i + 2 once tile i is done */
-        int tile = z;
+        int tile = group_tile(z, 0);
         if (tile * MMA_TILE <= last)
             prefetch(tile, 0);
-        if ((tile + ATT_SPLIT) * MMA_TILE <= last)
-            prefetch(tile + ATT_SPLIT, 1);
+        if (group_tile(z, 1) * MMA_TILE <= last)
+            prefetch(group_tile(z, 1), 1);
         /* the queries, four elements a thread at a time (ldq and HD are multiples of 4); the previous
          * item's when it had the same (run, g) (nothing else writes q_hi, q_lo or qpos_s) */
         bool new_q = q_pair != item / ATT_SPLIT;
@@ -541,9 +563,9 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                     o[mt][n][c] = 0.0f;
         }
         int pw = 16 * w;   /* this warp's first position within a tile */
-        for (int it = 0; tile * MMA_TILE <= last; tile += ATT_SPLIT, it++) {
+        for (int it = 0; (tile = group_tile(z, it)) * MMA_TILE <= last; it++) {
             int j0 = tile * MMA_TILE;
-            if ((tile + ATT_SPLIT) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
+            if (group_tile(z, it + 1) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
                 asm volatile("cp.async.wait_group 1;\n" ::);
             else
                 asm volatile("cp.async.wait_group 0;\n" ::);
@@ -618,8 +640,8 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                 }
             }
             __syncthreads();   /* the stage is free: the tile after next goes there */
-            if ((tile + 2 * ATT_SPLIT) * MMA_TILE <= last)
-                prefetch(tile + 2 * ATT_SPLIT, it & 1);
+            if (group_tile(z, it + 2) * MMA_TILE <= last)
+                prefetch(group_tile(z, it + 2), it & 1);
         }
         asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads();

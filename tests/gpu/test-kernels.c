@@ -452,6 +452,7 @@ static bool test_argmax(void)
 struct att_case {
     int nH, nKV, hd, page_size, n_pages, n_seqs;
     int cached[ATT_MAX_SEQS], n_new[ATT_MAX_SEQS];   /* per sequence: positions already cached, tokens in this batch */
+    bool repeat;   /* also the batch repeated to 2,048 tokens: see att_repeated */
 };
 
 struct att_setup {
@@ -568,6 +569,42 @@ static void att_reference(const struct att_case *c, struct att_setup *s, float *
     }
 }
 
+/* The bf16 attention of the batch repeated to at least 2,048 tokens: more items than the tensor-core kernel
+ * has blocks, runs that join tokens of two copies (so a longer run and the kernel's two-tile query shape),
+ * and every copy of a token must give the bits it gave in the batch (gb). */
+static bool att_repeated(const struct att_case *c, const struct att_setup *s, const void *d_kb, const void *d_vb,
+                         const int32_t *d_pt, const uint16_t *gb, const char *name)
+{
+    int n = s->n, nH = c->nH, nKV = c->nKV, hd = c->hd, copies = (2048 + n - 1) / n, nb = n * copies;
+    float *q = hmalloc((size_t)nb * s->width * sizeof(float));
+    int32_t *seq = hmalloc((size_t)nb * 4), *pos = hmalloc((size_t)nb * 4);
+    int32_t *rs = hmalloc((size_t)nb * 4), *rl = hmalloc((size_t)nb * 4);
+    for (int r = 0; r < copies; r++) {
+        memcpy(q + (size_t)r * n * s->width, s->qkv, (size_t)n * s->width * sizeof(float));
+        memcpy(seq + (size_t)r * n, s->seq, (size_t)n * 4);
+        memcpy(pos + (size_t)r * n, s->pos, (size_t)n * 4);
+    }
+    int longest = 0;
+    int32_t n_runs = ds_k_attention_runs(seq, nb, nH, nKV, rs, rl, &longest);
+    size_t ws_floats = ds_k_attention_workspace(nb, nH, hd), row = (size_t)nH * hd;
+    float *d_ws = dpoison(ws_floats * sizeof(float));
+    uint16_t *d_out = dpoison((size_t)nb * row * 2);
+    if (!launched(ds_k_attention_bf16(dup_to_dev(q, (size_t)nb * s->width * sizeof(float)), s->width, d_kb, d_vb,
+                                      dup_to_dev(seq, (size_t)nb * 4), dup_to_dev(pos, (size_t)nb * 4),
+                                      dup_to_dev(rs, (size_t)nb * 4), dup_to_dev(rl, (size_t)nb * 4),
+                                      dup_to_dev(&n_runs, 4), longest, d_pt, s->max_pages, c->page_size, nb, nH, nKV,
+                                      hd, 1.0f / sqrtf((float)hd), d_ws, d_out, 0),
+                  "attention_bf16, repeated batch"))
+        return false;
+    uint16_t *got = dup_to_host(d_out, (size_t)nb * row * 2);
+    int differ = 0;
+    for (int r = 0; r < copies; r++)
+        differ += memcmp(got + (size_t)r * n * row, gb, (size_t)n * row * 2) != 0;
+    printf("# %s: bf16, the batch %d times (%d tokens in %d runs): %d of %d copies differ\n", name, copies, nb,
+           n_runs, differ, copies);
+    return differ == 0;
+}
+
 static bool test_attention(const struct att_case *c, const char *name)
 {
     struct att_setup s;
@@ -679,6 +716,8 @@ static bool test_attention(const struct att_case *c, const char *name)
             ok = same_bits(what, dup_to_host(d_one, (size_t)nH * hd * 2), gb + (size_t)t * nH * hd,
                            (size_t)nH * hd * 2) && ok;
         }
+        if (c->repeat)
+            ok = att_repeated(c, &s, d_kb2, d_vb2, d_pt, gb, name) && ok;
     }
 
     /* batch invariance: the first, a middle and the last token alone give the same bits */
@@ -758,7 +797,7 @@ static bool test_attention_odd_pages(void)
 static bool test_attention_decode(void)
 {
     struct att_case c = {.nH = 32, .nKV = 8, .hd = 128, .page_size = 16, .n_pages = 80, .n_seqs = 4,
-                         .cached = {500, 17, 0, 255}, .n_new = {1, 2, 1, 2}};
+                         .cached = {500, 17, 0, 255}, .n_new = {1, 2, 1, 2}, .repeat = true};
     struct att_case c8 = {.nH = 16, .nKV = 2, .hd = 64, .page_size = 16, .n_pages = 32, .n_seqs = 2,
                           .cached = {33, 90}, .n_new = {1, 1}};
     bool ok = test_attention(&c, "attention, decoding (GQA 4, hd 128)");
