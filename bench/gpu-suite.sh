@@ -10,7 +10,8 @@
 #   att    the attention alone (bench-attention-cuda: attention.md, and its
 #          outputs in attention.bin for a bit comparison with another build)
 #   hf     transformers eager and sdpa on the same shapes (bench_step_hf.py;
-#          needs torch and transformers), within HF_BUDGET_S seconds (280)
+#          needs torch and transformers), within HF_BUDGET_S seconds (280);
+#          after a step part, both side by side in table.md (step_table.py)
 # usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]
 # BUILD_DIR is a build configured --with-cuda. Exit status: 0, 1 when a part
 # failed, 77 when the tests part found no CUDA device.
@@ -85,6 +86,11 @@ if has_part hf; then
         --impl eager,sdpa --reps 5 --budget-s "${HF_BUDGET_S:-280}" --out "$out/hf-step.jsonl" \
         > "$out/hf-step.md" 2> "$out/hf-step.err" || fail "bench_step_hf.py ($out/hf-step.err)"
     tail -n 60 "$out/hf-step.md"
+    if [ -s "$out/step.jsonl" ]; then   # the step part's points beside transformers': issue 5's table
+        python3 "$src/bench/step_table.py" "$out/step.jsonl" "$out/hf-step.jsonl" > "$out/table.md" ||
+            fail "step_table.py ($out/table.md)"
+        tail -n 4 "$out/table.md"
+    fi
 fi
 
 say "done: $out (exit $status)"
