@@ -509,20 +509,14 @@ static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
         goto done;
     if (k->batch > 1) {   /* range b: W and x from column b Ks on, its partial at b M N (ldy = N) */
         int32_t count = k->batch;
-        int64_t in_stride = k->Ks, out_stride = (int64_t)k->M * k->N;
-        if (cublasLtMatrixLayoutSetAttribute(en->a, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
-                CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatrixLayoutSetAttribute(en->a, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &in_stride,
-                                             sizeof in_stride) != CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatrixLayoutSetAttribute(en->b, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
-                CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatrixLayoutSetAttribute(en->b, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &in_stride,
-                                             sizeof in_stride) != CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatrixLayoutSetAttribute(en->c, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count) !=
-                CUBLAS_STATUS_SUCCESS ||
-            cublasLtMatrixLayoutSetAttribute(en->c, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &out_stride,
-                                             sizeof out_stride) != CUBLAS_STATUS_SUCCESS)
-            goto done;
+        cublasLtMatrixLayout_t layout[3] = {en->a, en->b, en->c};
+        int64_t stride[3] = {k->Ks, k->Ks, (int64_t)k->M * k->N};
+        for (int i = 0; i < 3; i++)
+            if (cublasLtMatrixLayoutSetAttribute(layout[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                 sizeof count) != CUBLAS_STATUS_SUCCESS ||
+                cublasLtMatrixLayoutSetAttribute(layout[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride[i],
+                                                 sizeof stride[i]) != CUBLAS_STATUS_SUCCESS)
+                goto done;
     }
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align);
