@@ -91,7 +91,7 @@ tap_is "$DRC" "0" "SIGTERM: everything stops cleanly"
 
 # ---- the worker's configuration errors: exit 78 with a message ----
 out=$("$WORKER" --target "$E2E_TARGET" --backend cuda 2>&1)
-tap_is "$?" "78" "--backend cuda in a build without CUDA: exit 78"
+tap_is "$?" "78" "--backend cuda where it cannot run (a build without CUDA, or no device): exit 78"
 tap_like "$out" "backend 'cuda'" "... saying so"
 out=$("$WORKER" --target "$T/no-such-dir" 2>&1)
 tap_is "$?" "78" "a missing model directory: exit 78"
