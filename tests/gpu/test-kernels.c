@@ -569,9 +569,10 @@ static void att_reference(const struct att_case *c, struct att_setup *s, float *
     }
 }
 
-/* The bf16 attention of the batch repeated to at least 2,048 tokens: more items than the tensor-core kernel
- * has blocks, runs that join tokens of two copies (so a longer run and the kernel's two-tile query shape),
- * and every copy of a token must give the bits it gave in the batch (gb). */
+/* The bf16 attention of the batch repeated to at least 2,048 tokens: far more items than the tensor-core
+ * kernel has blocks, so each block takes many in turn (and, where a copy ends with the sequence the next
+ * one starts with, a run joins the two copies' tokens). Every copy of a token must give the bits it gave
+ * in the batch (gb). */
 static bool att_repeated(const struct att_case *c, const struct att_setup *s, const void *d_kb, const void *d_vb,
                          const int32_t *d_pt, const uint16_t *gb, const char *name)
 {
