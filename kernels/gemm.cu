@@ -560,17 +560,13 @@ static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_probl
     return en;
 }
 
+/* The largest power of two from 2 to 256 that divides a: of several values at once, give it their OR. */
 static int alignment_of(uintptr_t a)
 {
     int al = 256;
     while (al > 2 && a % (uintptr_t)al)
         al /= 2;
     return al;
-}
-
-static int pointer_alignment(const void *p)
-{
-    return alignment_of((uintptr_t)p);
 }
 
 /* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel: the ranges of L chunks as one
@@ -591,14 +587,10 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
         int ks = split == 1 ? K : g == 0 ? L * GM_KQ : last_ks;
         kb[g] = first * L * GM_KQ;
         dst[g] = split == 1 ? y : ws + GM_COUNTERS + (size_t)first * M * N;
-        int al = pointer_alignment(w + kb[g]);
-        al = al < pointer_alignment(x + kb[g]) ? al : pointer_alignment(x + kb[g]);
-        al = al < pointer_alignment(dst[g]) ? al : pointer_alignment(dst[g]);
-        if (batch > 1) {   /* every range of the batch starts as aligned as the first */
-            int st = alignment_of((uintptr_t)ks * 2), sc = alignment_of((uintptr_t)M * N * 4);
-            al = al < st ? al : st;
-            al = al < sc ? al : sc;
-        }
+        uintptr_t at = (uintptr_t)(w + kb[g]) | (uintptr_t)(x + kb[g]) | (uintptr_t)dst[g];
+        if (batch > 1)   /* every range of the batch starts as aligned as the first */
+            at |= (uintptr_t)ks * 2 | (uintptr_t)M * N * 4;
+        int al = alignment_of(at);
         keys[g] = lt_problem{M, N, ks, K, ldx, split == 1 ? ldy : N, split == 1 && accumulate, al, batch};
         if (!lt_lookup(lt, &keys[g])->usable)
             return cudaErrorNotSupported;   /* nothing launched yet */
