@@ -186,6 +186,7 @@ struct probs_smem {
     uint64_t wc[N_WARPS], wm[N_WARPS];
     uint64_t pick_c, pick_m, pick_n;
     int pick;
+    int n_cand;   /* tokens gathered for the radix levels after the first */
     int warp_eq[N_WARPS];
     struct probs_xchg x;
     int par;   /* the set of x the next exchange uses (thread 0's; read after a barrier) */
@@ -320,6 +321,35 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
     return j;
 }
 
+/* Copy the values of this block's tokens still in play after the first radix
+ * level (bits >= lo, bits 30..20 equal to j0) to scratch[0..count); every
+ * thread gets the count. Warps append in any order: the later levels only
+ * histogram them. */
+__device__ static int gather_candidates(const float *slice, float *scratch, uint32_t lo, uint32_t j0,
+                                        struct probs_smem *sm)
+{
+    int n = sm->to - sm->from, lane = lane_id();
+    if (threadIdx.x == 0)
+        sm->n_cand = 0;
+    __syncthreads();
+    for (int base = 0; base < n; base += blockDim.x) {
+        int j = base + threadIdx.x;
+        uint32_t b = j < n ? __float_as_uint(slice[j]) : 0;
+        bool ok = j < n && b >= lo && b >> 20 == j0;
+        unsigned act = __ballot_sync(FULL_MASK, ok);
+        if (!act)
+            continue;
+        int first = __ffs(act) - 1, at = 0;
+        if (lane == first)
+            at = atomicAdd(&sm->n_cand, __popc(act));
+        at = __shfl_sync(FULL_MASK, at, first);
+        if (ok)
+            scratch[at + __popc(act & ((1u << lane) - 1u))] = __uint_as_float(b);
+    }
+    __syncthreads();   /* the count, and the block's writes to scratch, seen by every thread */
+    return sm->n_cand;
+}
+
 /* The largest bit pattern u with F(u) >= target, where F(t) is the weight
  * (mass, or count) of the tokens whose bits are >= max(t, lo), given
  * F(lo) >= target; *ret_m gets the mass strictly above u, *ret_c the count
@@ -328,25 +358,33 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
  * Three radix levels over bits 30..20, 19..10 and 9..0 (probabilities are at
  * most 1, whose bits 30..20 are 0x3f8). Every block of the cluster takes the
  * same steps from the same combined histograms. level0_done: the block's
- * histogram already holds the first level's (of every token, lo 0). */
-__device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_t target, bool by_mass,
-                                        bool level0_done, struct probs_smem *sm, uint64_t *ret_c, uint64_t *ret_m,
-                                        uint64_t *ret_eq)
+ * histogram already holds the first level's (of every token, lo 0). The
+ * levels after the first read only the tokens of the first level's chosen
+ * bin, gathered into scratch (the block's slice of the output row, written
+ * only after the select; global memory, mostly L2). */
+__device__ static uint32_t radix_select(const float *slice, float *scratch, uint32_t lo, uint64_t target,
+                                        bool by_mass, bool level0_done, struct probs_smem *sm, uint64_t *ret_c,
+                                        uint64_t *ret_m, uint64_t *ret_eq)
 {
     cg::cluster_group cl = cg::this_cluster();
     const int shifts[3] = {20, 10, 0};
     uint32_t prefix = 0;
     uint64_t above_c = 0, above_m = 0;
+    const float *src = slice;   /* what a level reads: the slice, then the gathered candidates */
+    int n = sm->to - sm->from;
     for (int level = 0; level < 3; level++) {
         int shift = shifts[level];
         int keep = level == 0 ? 31 : shifts[level - 1];   /* the bits fixed by the levels before */
-        int n = sm->to - sm->from;
+        if (level == 1) {
+            n = gather_candidates(slice, scratch, lo, prefix >> 20, sm);
+            src = scratch;
+        }
         if (level > 0 || !level0_done) {
             hist_clear(sm);
             __syncthreads();
             for (int base = 0; base < n; base += blockDim.x) {
                 int j = base + threadIdx.x;
-                float v = j < n ? slice[j] : 0.0f;
+                float v = j < n ? src[j] : 0.0f;
                 uint32_t b = __float_as_uint(v);
                 bool ok = j < n && b >= lo && (b >> keep) == (prefix >> keep);
                 int bin = level == 0 ? level0_bin(b) : (int)((b >> shift) & (RADIX_BINS - 1));
@@ -372,14 +410,30 @@ __device__ static uint32_t radix_select(const float *slice, uint32_t lo, uint64_
     return prefix;
 }
 
+/* A lane's share of its warp segment for a draw: the lane's tokens of the
+ * segment (every 32nd from the lane's first), their mass and the last
+ * positive index. */
+struct draw_part {
+    uint64_t acc;
+    int last;   /* -1: none, for a row of no mass */
+};
+
+__device__ static inline void draw_part_add(struct draw_part &dp, float p, int i)
+{
+    dp.acc += to_fx(p);
+    if (p > 0.0f)
+        dp.last = i;
+}
+
 /* out[j] = slice[j] = slice[j] · renorm for the tokens above value bits u and
  * the first m (in index order) equal to it, else 0 (out: the block's slice of
  * the output row). Each warp walks its own contiguous segment; the blocks before this one
  * in the cluster (the slices before this one) pass on their count of equal
  * tokens. n_eq_all: the row's count of tokens equal to u, when known (else 0):
- * when all of them are kept, the counting pass is skipped. */
+ * when all of them are kept, the counting pass is skipped. With `draw`, dp
+ * gathers the lane's share of a draw from the written row (draw_scan's). */
 __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
-                                  float renorm, struct probs_smem *sm)
+                                  float renorm, struct probs_smem *sm, bool draw, struct draw_part &dp)
 {
     int seg = segment_len(sm->to - sm->from), w = warp_id(), lane = lane_id();
     int from = w * seg, to = from + seg < sm->to - sm->from ? from + seg : sm->to - sm->from;
@@ -391,6 +445,8 @@ __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t
                 float f = b >= u ? __fmul_rn(slice[j], renorm) : 0.0f;
                 out[j] = f;
                 slice[j] = f;
+                if (draw)
+                    draw_part_add(dp, f, sm->from + j);
             }
         }
         return;
@@ -428,6 +484,8 @@ __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t
             float f = keep ? __fmul_rn(slice[j], renorm) : 0.0f;
             out[j] = f;
             slice[j] = f;
+            if (draw)
+                draw_part_add(dp, f, sm->from + j);
         }
         rank += (uint64_t)__popc(bal);
     }
@@ -500,24 +558,30 @@ __device__ static int row_argmax(const float *x, float *slice, struct probs_smem
     return bi;
 }
 
+/* The lane's draw_part from the block's slice. */
+__device__ static struct draw_part draw_scan(const float *slice, const struct probs_smem *sm)
+{
+    int n = sm->to - sm->from, seg = segment_len(n), a = warp_id() * seg, e = a + seg < n ? a + seg : n;
+    struct draw_part dp = {0, -1};
+    for (int j = a + lane_id(); j < e; j += 32)
+        draw_part_add(dp, slice[j], sm->from + j);
+    return dp;
+}
+
 /* The draw of ds_k_sample from the row whose probabilities the cluster's
  * slices hold, with uniform u: the first index at which the running sum passes
  * u · the row's mass (see draw_from), found through each warp segment's and
- * each block's mass in order. Rank 0's thread 0 or the thread that finds it
- * writes *id. Every thread of every block of the cluster must call it. */
-__device__ static void draw_in_cluster(const float *slice, float u, struct probs_smem *sm, int32_t *id)
+ * each block's mass in order; dp is the lane's share (draw_scan's). Rank 0's
+ * thread 0 or the thread that finds it writes *id. Every thread of every
+ * block of the cluster must call it. */
+__device__ static void draw_in_cluster(const float *slice, float u, struct draw_part dp, struct probs_smem *sm,
+                                       int32_t *id)
 {
     cg::cluster_group cl = cg::this_cluster();
     int n = sm->to - sm->from, seg = segment_len(n), w = warp_id(), lane = lane_id();
     int a = w * seg, e = a + seg < n ? a + seg : n;
-    uint64_t acc = 0;
-    int last = -1;   /* the last positive index, for a row of no mass */
-    for (int j = a + lane; j < e; j += 32) {
-        acc += to_fx(slice[j]);
-        if (slice[j] > 0.0f)
-            last = sm->from + j;
-    }
-    acc = warp_sum_u64(acc);
+    uint64_t acc = warp_sum_u64(dp.acc);
+    int last = dp.last;
     for (int o = 16; o > 0; o >>= 1)
         last = max(last, __shfl_xor_sync(FULL_MASK, last, o));
     __syncthreads();
@@ -633,7 +697,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     if (!cut_k && !cut_p) {
         if (ids) {
             __syncthreads();
-            draw_in_cluster(slice, uniform[row], &sm, ids + row);
+            draw_in_cluster(slice, uniform[row], draw_scan(slice, &sm), &sm, ids + row);
         }
         cl.sync();
         return;
@@ -647,7 +711,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     uint32_t lo = 0;
     if (cut_k) {
         uint64_t above_c, above_m;
-        u = radix_select(slice, 0, (uint64_t)s.top_k, false, true, &sm, &above_c, &above_m, &n_eq);
+        u = radix_select(slice, o, 0, (uint64_t)s.top_k, false, true, &sm, &above_c, &above_m, &n_eq);
         m = (uint64_t)s.top_k - above_c;
         kept = above_m + m * to_fx(__uint_as_float(u));
         lo = u;
@@ -659,7 +723,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         if (target < 1)
             target = 1;
         uint64_t above_c, above;
-        uint32_t up = radix_select(slice, lo, target, true, !cut_k, &sm, &above_c, &above, &n_eq);
+        uint32_t up = radix_select(slice, o, lo, target, true, !cut_k, &sm, &above_c, &above, &n_eq);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)
@@ -671,9 +735,10 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         kept = above + m * v;
     }
     float renorm = (float)(1.0 / ((double)kept / FX_ONE));
-    write_kept(slice, o, u, m, n_eq, renorm, &sm);
+    struct draw_part dp = {0, -1};
+    write_kept(slice, o, u, m, n_eq, renorm, &sm, ids != NULL, dp);
     if (ids)
-        draw_in_cluster(slice, uniform[row], &sm, ids + row);
+        draw_in_cluster(slice, uniform[row], dp, &sm, ids + row);
     cl.sync();
 }
 
