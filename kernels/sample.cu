@@ -631,15 +631,16 @@ static __host__ __device__ inline int slice_len(int V, int c)
     return ((V + c - 1) / c + 31) & ~31;
 }
 
-/* One row per cluster (gridDim.x = rows × cluster size); dynamic shared memory: the block's slice. */
+/* One row per cluster (gridDim.x = rows × cluster size), rows row0 on; dynamic shared memory: the block's
+ * slice. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
-                 int ldo, const float *uniform, int32_t *ids)
+                 int ldo, const float *uniform, int32_t *ids, int row0)
 {
     __shared__ struct probs_smem sm;
     extern __shared__ __align__(16) float slice[];   /* [slice_len(V, c)]: x, then e, then probabilities */
     cg::cluster_group cl = cg::this_cluster();
-    int c = (int)cl.num_blocks(), row = blockIdx.x / c;
+    int c = (int)cl.num_blocks(), row = row0 + (int)blockIdx.x / c;
     if (threadIdx.x == 0) {
         int len = slice_len(V, c);
         int from = (int)cl.block_rank() * len;
@@ -747,12 +748,6 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
  * phases' barriers and latencies, and ~0.42 ns per token; bench/RESULTS.md). */
 #define ROW_FIXED 114000.0
 
-/* Blocks per row (a cluster of them): of the sizes whose slice fits a block's
- * shared memory, the one of least time in waves × (ROW_FIXED + slice), with
- * ⌈n / active⌉ waves, active being how many clusters of that size the GPU
- * holds at once (one block per SM; a cluster stays within a GPC, so sizes
- * waste SMs differently); 0 when no size fits. *ret_slice gets the slice's
- * bytes. */
 static int forced_cluster;   /* ds_k_sampling_force_blocks_per_row's; 0: the time model */
 
 /* A launch of `blocks` blocks of probs_kernel in clusters of c, each block with `bytes` of shared memory;
@@ -774,12 +769,16 @@ static cudaLaunchConfig_t cluster_config(int c, unsigned blocks, size_t bytes, c
     return cfg;
 }
 
-static int probs_cluster_size(int n, int V, size_t *ret_slice)
+/* Clusters of each size 1..MAX_CLUSTER the GPU holds at once for rows of V
+ * (one block per SM; a cluster stays within a GPC, so sizes waste SMs
+ * differently): 0 when the slice does not fit a block's shared memory, -1 when
+ * it fits but the GPU did not say how many. NULL when the device cannot be
+ * asked at all. */
+static const int *probs_active(int V)
 {
     static int smem_max = -1;             /* the device's (one per process) */
     static int memo_V = -1;
-    static int active[MAX_CLUSTER + 1];   /* clusters held at once, by size, for memo_V; 0: none (or the slice
-                                             does not fit); -1: fits, but the GPU did not say how many */
+    static int active[MAX_CLUSTER + 1];   /* for memo_V */
     if (smem_max < 0) {
         int dev = 0, optin = 0;
         cudaFuncAttributes fa;
@@ -788,7 +787,7 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
             cudaFuncGetAttributes(&fa, (const void *)probs_kernel) != cudaSuccess ||
             cudaFuncSetAttribute(probs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  optin - (int)fa.sharedSizeBytes) != cudaSuccess)
-            return 0;
+            return NULL;
         smem_max = optin - (int)fa.sharedSizeBytes;
     }
     if (memo_V != V) {
@@ -806,32 +805,69 @@ static int probs_cluster_size(int n, int V, size_t *ret_slice)
         }
         memo_V = V;
     }
-    if (forced_cluster && active[forced_cluster] != 0) {
-        *ret_slice = (size_t)slice_len(V, forced_cluster) * 4;
-        return forced_cluster;
-    }
+    return active;
+}
+
+/* The time model: n rows of V in clusters of c take ⌈n / active⌉ waves × (ROW_FIXED + slice). */
+static double probs_time(int n, int V, int c, const int *active)
+{
+    return (double)((n + active[c] - 1) / active[c]) * (ROW_FIXED + slice_len(V, c));
+}
+
+/* Blocks per row for one launch of n rows: of the sizes that fit, the one of least time by the model (without
+ * occupancy figures: the smallest that fits); 0 when no size fits. */
+static int probs_one_size(int n, int V, const int *active)
+{
     int best = 0;
-    double best_work = 0;
-    for (int c = 1; c <= MAX_CLUSTER && !best; c++)   /* without occupancy figures: the smallest that fits */
+    for (int c = 1; c <= MAX_CLUSTER && !best; c++)
         if (active[c] != 0)
             best = c;
-    for (int c = 1; c <= MAX_CLUSTER; c++) {
-        if (active[c] <= 0)
-            continue;
-        double work = (double)((n + active[c] - 1) / active[c]) * (ROW_FIXED + slice_len(V, c));
-        if (best_work == 0 || work < best_work) {
+    for (int c = 1; c <= MAX_CLUSTER; c++)
+        if (active[c] > 0 && (active[best] <= 0 || probs_time(n, V, c, active) < probs_time(n, V, best, active)))
             best = c;
-            best_work = work;
+    return best;
+}
+
+/* How n rows of V are launched: rows [0, n1) in clusters of c1 and, when n1 < n, the rest in a second launch in
+ * clusters of c2. A second launch pays when the one launch's last wave would be partial: whole waves of c1, then
+ * the remaining rows in smaller slices (over more blocks), is then quicker by the model. 0 when no size fits. */
+struct probs_plan {
+    int c1, n1, c2;
+};
+
+static int probs_plan(int n, int V, struct probs_plan *pl)
+{
+    const int *active = probs_active(V);
+    if (!active)
+        return 0;
+    if (forced_cluster && active[forced_cluster] != 0) {
+        *pl = (struct probs_plan){forced_cluster, n, 0};
+        return forced_cluster;
+    }
+    int c = probs_one_size(n, V, active);
+    *pl = (struct probs_plan){c, n, 0};
+    if (!c || active[c] <= 0)
+        return c;
+    double best = probs_time(n, V, c, active);
+    for (int c1 = 1; c1 <= MAX_CLUSTER; c1++) {
+        if (active[c1] <= 0 || n <= active[c1] || n % active[c1] == 0)
+            continue;
+        int n1 = n / active[c1] * active[c1], c2 = probs_one_size(n - n1, V, active);
+        if (active[c2] <= 0)
+            continue;
+        double t = probs_time(n1, V, c1, active) + probs_time(n - n1, V, c2, active);
+        if (t < best) {
+            best = t;
+            *pl = (struct probs_plan){c1, n1, c2};
         }
     }
-    *ret_slice = best ? (size_t)slice_len(V, best) * 4 : 0;
-    return best;
+    return pl->c1;
 }
 
 extern "C" int ds_k_sampling_blocks_per_row(int n, int V)
 {
-    size_t bytes;
-    return n > 0 && V > 0 ? probs_cluster_size(n, V, &bytes) : 0;
+    struct probs_plan pl;
+    return n > 0 && V > 0 ? probs_plan(n, V, &pl) : 0;
 }
 
 extern "C" int ds_k_sampling_force_blocks_per_row(int c)
@@ -849,13 +885,21 @@ static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, co
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    size_t slice_bytes;
-    int c = probs_cluster_size(n, V, &slice_bytes);
-    if (c == 0)
+    struct probs_plan pl;
+    if (!probs_plan(n, V, &pl))
         return cudaErrorInvalidValue;   /* a vocabulary too large for MAX_CLUSTER blocks' shared memory */
-    cudaLaunchAttribute attr;
-    cudaLaunchConfig_t cfg = cluster_config(c, (unsigned)(n * c), slice_bytes, stream, &attr);
-    return cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids);
+    const int size[2] = {pl.c1, pl.c2}, from[2] = {0, pl.n1}, to[2] = {pl.n1, n};
+    for (int i = 0; i < 2; i++) {
+        if (from[i] == to[i])
+            continue;
+        cudaLaunchAttribute attr;
+        cudaLaunchConfig_t cfg = cluster_config(size[i], (unsigned)((to[i] - from[i]) * size[i]),
+                                                (size_t)slice_len(V, size[i]) * 4, stream, &attr);
+        cudaError_t e = cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids, from[i]);
+        if (e != cudaSuccess)
+            return e;
+    }
+    return cudaSuccess;
 }
 
 extern "C" cudaError_t ds_k_sampling_probs(const float *x, int ldx, const int32_t *rows,
@@ -887,8 +931,9 @@ __device__ static uint64_t draw_mass(const float *p, const float *q, int V, stru
     int from = w * seg, to = from + seg < V ? from + seg : V;
     uint64_t acc = 0;
     int i = from + lane;
-    for (; i + 3 * 32 < to; i += 4 * 32)   /* four reads in flight (integer sums: any order) */
-        acc += (weight(p, q, i) + weight(p, q, i + 32)) + (weight(p, q, i + 64) + weight(p, q, i + 96));
+    for (; i + 7 * 32 < to; i += 8 * 32)   /* eight reads in flight (integer sums: any order) */
+        acc += ((weight(p, q, i) + weight(p, q, i + 32)) + (weight(p, q, i + 64) + weight(p, q, i + 96))) +
+               ((weight(p, q, i + 128) + weight(p, q, i + 160)) + (weight(p, q, i + 192) + weight(p, q, i + 224)));
     for (; i < to; i += 32)
         acc += weight(p, q, i);
     for (int o = 16; o > 0; o >>= 1)
@@ -1090,8 +1135,23 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         p.c[i] = 0;
     int j = 0;
     if (((uintptr_t)xr & 15) == 0) {
-        int n4 = V / 4;
-        for (int i4 = threadIdx.x; i4 < n4; i4 += blockDim.x) {
+        int n4 = V / 4, i4 = threadIdx.x, bd = blockDim.x;
+        for (; i4 + 3 * bd < n4; i4 += 4 * bd) {   /* four reads in flight a thread: a block streams only what
+                                                      it has asked for */
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                v[u] = __ldcs((const float4 *)xr + i4 + u * bd);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int i = 4 * (i4 + u * bd);
+                screen_add(p, v[u].x, i, b);
+                screen_add(p, v[u].y, i + 1, b);
+                screen_add(p, v[u].z, i + 2, b);
+                screen_add(p, v[u].w, i + 3, b);
+            }
+        }
+        for (; i4 < n4; i4 += bd) {
             float4 v = __ldcs((const float4 *)xr + i4);
             screen_add(p, v.x, 4 * i4, b);
             screen_add(p, v.y, 4 * i4 + 1, b);

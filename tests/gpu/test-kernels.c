@@ -1211,19 +1211,21 @@ static const struct prob_case prob_cases[] = {
     {1.0f, 0.9f, 100, ROW_EQUAL},
 };
 
-/* The cases once, then repeated to 40 and 80 rows: the blocks per row follow
- * the row count and V (ds_k_sampling_blocks_per_row; printed with each case). */
+/* The cases once, then repeated to 40, 64 and 80 rows: the blocks per row follow
+ * the row count and V (ds_k_sampling_blocks_per_row; printed with each case),
+ * and at V 151936 on an H200, 64 rows go in two launches of different cluster
+ * sizes (44 rows in clusters of 3, then the other 20 in smaller slices). */
 static bool test_sampling_probs(void)
 {
     int n = (int)(sizeof prob_cases / sizeof prob_cases[0]);
     bool ok = true;
     const int vocabs[] = {7, 1000, 4096, 151936};
-    const int n_rows[] = {n, 40, 80};
+    const int n_rows[] = {n, 40, 64, 80};
     struct prob_case many[80];
     for (int i = 0; i < 80; i++)
         many[i] = prob_cases[i % n];
     for (int v = 0; v < 4; v++)
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < 4; k++) {
             ok &= probs_case(vocabs[v], many, n_rows[k]);
             free_all();
         }
