@@ -1214,7 +1214,7 @@ static const struct prob_case prob_cases[] = {
 /* The cases once, then repeated to 40, 64 and 80 rows: the blocks per row follow
  * the row count and V (ds_k_sampling_blocks_per_row; printed with each case),
  * and at V 151936 on an H200, 64 rows go in two launches of different cluster
- * sizes (44 rows in clusters of 3, then the other 20 in smaller slices). */
+ * sizes (39 rows in clusters of 3, then 25 in clusters of 4). */
 static bool test_sampling_probs(void)
 {
     int n = (int)(sizeof prob_cases / sizeof prob_cases[0]);
