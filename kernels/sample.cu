@@ -921,6 +921,7 @@ extern "C" cudaError_t ds_k_sample_logits(const float *x, int ldx, const int32_t
 /* ---- draws ---- */
 struct draw_smem {
     uint64_t warp_sum[N_WARPS];
+    uint64_t piece_sum[N_WARPS];   /* draw_from: the crossing segment's pieces, one a warp */
     int result;
 };
 
@@ -970,11 +971,27 @@ __device__ static int draw_from(const float *p, const float *q, int V, float u, 
         return res;
     }
     uint64_t target = draw_target(u, total);
+    /* The warp segment that holds the crossing (before <= target < before + its sum; target < total, so one
+     * does), cut into one piece a warp: every warp sums its piece, and only the piece that holds the crossing
+     * is scanned, by one warp (a scan of the whole segment by one warp waits on each of its reads in turn). */
+    int cw = 0;
     uint64_t before = 0;
+    while (cw < N_WARPS - 1 && before + sm->warp_sum[cw] <= target)
+        before += sm->warp_sum[cw++];
+    int c_from = cw * seg, c_to = c_from + seg < V ? c_from + seg : V;
+    int piece = ((c_to - c_from + N_WARPS - 1) / N_WARPS + 31) & ~31;
+    from = c_from + w * piece < c_to ? c_from + w * piece : c_to;
+    to = from + piece < c_to ? from + piece : c_to;
+    uint64_t acc = 0;
+    for (int i = from + lane; i < to; i += 32)
+        acc += weight(p, q, i);
+    acc = warp_sum_u64(acc);
+    if (lane == 0)
+        sm->piece_sum[w] = acc;
+    __syncthreads();
     for (int k = 0; k < w; k++)
-        before += sm->warp_sum[k];
-    /* exactly one warp's segment holds the crossing: before <= target < before + its sum */
-    if (before <= target && target < before + sm->warp_sum[w]) {
+        before += sm->piece_sum[k];
+    if (before <= target && target < before + sm->piece_sum[w]) {
         int i = warp_crossing(p, q, from, to, before, target);
         if (i >= 0 && lane == 0)
             sm->result = i;
