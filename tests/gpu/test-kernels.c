@@ -868,6 +868,7 @@ static bool test_gemm(void)
         ok = gemm_case(with, 300, 96, 48, 1, false) && ok;
         ok = gemm_case(with, 200, 384, 1024, 4, true) && ok;
         ok = gemm_case(with, 16, 268800, 64, 2, true) && ok;   /* more tiles than counters: the separate sum */
+        ok = gemm_case(with, 40, 302, 1024, 3, true) && ok;    /* the separate sum one column a thread (N % 4) */
     }
     return ok;
 }
