@@ -677,6 +677,12 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     float inv = (float)(1.0 / sum);
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     uint64_t total = 0;
+    /* Top-p alone: the first level's histogram leaves out the tokens of bins below `prune`, each under the
+     * bin's lower edge, so together under V · edge: at most half the mass the cut leaves out, so the cut lies
+     * above them. Checked exactly once the total is known (else radix_select builds it again, every token). */
+    int prune = 0;
+    if (cut_p && !cut_k)
+        prune = level0_bin(__float_as_uint((float)((1.0 - (double)s.top_p) / (2.0 * V))));
     if (cut_k || cut_p) {
         for (int base = 0; base < n; base += blockDim.x) {
             int j = base + threadIdx.x;
@@ -685,7 +691,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
             if (j < n)
                 slice[j] = v;
             total += w;
-            hist_add(j < n, level0_bin(__float_as_uint(v)), w, cut_k, &sm);
+            int bin = level0_bin(__float_as_uint(v));
+            hist_add(j < n && bin >= prune, bin, w, cut_k, &sm);
         }
     } else {
         for (int j = threadIdx.x; j < n; j += blockDim.x) {
@@ -723,8 +730,11 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         uint64_t target = (uint64_t)ceil((double)s.top_p * (double)f_lo);
         if (target < 1)
             target = 1;
+        /* the tokens left out of the first level weigh under `pruned`: enough mass remains above them */
+        uint64_t pruned = (uint64_t)ceil((double)V * (double)__uint_as_float((uint32_t)prune << 20) * FX_ONE) + 1;
+        bool level0_done = !cut_k && (prune == 0 || (total >= target && total - target >= pruned));
         uint64_t above_c, above;
-        uint32_t up = radix_select(slice, o, lo, target, true, !cut_k, &sm, &above_c, &above, &n_eq);
+        uint32_t up = radix_select(slice, o, lo, target, true, level0_done, &sm, &above_c, &above, &n_eq);
         uint64_t v = to_fx(__uint_as_float(up));
         uint64_t need = v > 0 ? (target - above + v - 1) / v : 1;
         if (need < 1)
