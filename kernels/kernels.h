@@ -187,7 +187,8 @@ cudaError_t ds_k_sampling_probs(const float *x /* [*, ldx] */, int ldx, const in
  * exact 2^-60 fixed-point. A row of zero mass gives its last positive index, else 0. */
 cudaError_t ds_k_sample(const float *probs /* [*, ldp] */, int ldp, const int32_t *rows /* [n] or NULL */,
                         const float *u /* [n] */, int n, int V, int32_t *out /* [n] */, cudaStream_t stream);
-/* The blocks per row a launch of n rows of V takes (0: V too large). */
+/* The blocks per row a launch of n rows of V takes (0: V too large); of its first
+ * part when it goes as two launches. */
 int ds_k_sampling_blocks_per_row(int n, int V);
 /* For tests: later launches take c blocks per row wherever the slice fits
  * (0: the time model again); -1 when c is not 0 to 8. */

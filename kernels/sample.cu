@@ -15,8 +15,10 @@
  * (non-negative floats order like their bits): three levels, each a histogram
  * of the next 11, 10 and 10 bits of the tokens still in play (masses, and
  * counts where the search needs them; the first level is built while the row
- * is normalized), then keep every larger value and, of the tokens equal to
- * it, the lowest ids (the ranking's tie rule).
+ * is normalized, the others over the first level's chosen bin alone), then
+ * keep every larger value and, of the tokens equal to it, the lowest ids (the
+ * ranking's tie rule). A launch whose last wave of clusters would be partial
+ * can go as two, the second in smaller slices (a time model decides).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
