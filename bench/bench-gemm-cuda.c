@@ -2,12 +2,13 @@
  * serves, and the in-house kernels alone) against cuBLAS on the Qwen3-4B layer
  * shapes, for a few row counts.
  *
- *   bench-gemm-cuda [--reps N]
+ *   bench-gemm-cuda [--reps N] [--shapes qkv,o,...] [--ms 1,8,...] [--resident]
  *
  * Prints, per shape and M, the time per launch of each (a CUDA graph of reps
  * launches with the weights rotated among copies larger than the L2 cache,
  * the median of 5 replays), the weight bytes per second and the tensor
- * throughput. */
+ * throughput. --resident: one copy of the weights, which the L2 then holds
+ * when it fits (the products' time with their weights already on chip). */
 #include "config.h"
 
 #include <stdio.h>
@@ -33,9 +34,46 @@ static int cmp(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Whether name is in the comma-separated list (every name when there is no list). */
+static int listed(const char *list, const char *name)
+{
+    if (!list)
+        return 1;
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !strncmp(p, name, n))
+            return 1;
+        p += len + (e ? 1 : 0);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    int reps = argc > 2 && !strcmp(argv[1], "--reps") ? atoi(argv[2]) : 20;
+    int reps = 20, resident = 0;
+    const char *only_shapes = NULL, *only_ms = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--resident")) {
+            resident = 1;
+        } else if (i + 1 < argc && !strcmp(argv[i], "--reps")) {
+            reps = atoi(argv[++i]);
+        } else if (i + 1 < argc && !strcmp(argv[i], "--shapes")) {
+            only_shapes = argv[++i];
+        } else if (i + 1 < argc && !strcmp(argv[i], "--ms")) {
+            only_ms = argv[++i];
+        } else {
+            int help = !strcmp(argv[i], "--help");
+            fprintf(help ? stdout : stderr, "usage: bench-gemm-cuda [--reps N] [--shapes qkv,o,gate_up,down,lm_head] "
+                                            "[--ms 1,8,...] [--resident]\n");
+            return help ? 0 : 2;
+        }
+    }
+    if (reps < 1) {
+        fprintf(stderr, "bench-gemm-cuda: --reps must be at least 1\n");
+        return 2;
+    }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         fprintf(stderr, "bench-gemm-cuda: no CUDA device\n");
@@ -54,22 +92,31 @@ int main(int argc, char **argv)
     void *cws;
     CHECK(cudaMalloc(&cws, 32u << 20));
     CHECK(cublasSetWorkspace(h, cws, 32u << 20));   /* products captured in graphs */
-    printf("# %s, %d SMs; per launch: a graph of %d launches (weights rotated), median of 5 replays\n\n", p.name, p.multiProcessorCount, reps);
+    printf("# %s, %d SMs; per launch: a graph of %d launches (%s), median of 5 replays\n\n", p.name,
+           p.multiProcessorCount, reps, resident ? "one copy of the weights" : "weights rotated");
     printf("| shape | N x K | M | split | invariant us | kernels alone us | cuBLAS us | invariant GB/s (W) | invariant TFLOP/s "
            "| cuBLAS TFLOP/s | invariant / cuBLAS |\n");
     printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        if (!listed(only_shapes, shapes[si].name))
+            continue;
         int N = shapes[si].N, K = shapes[si].K;
         size_t wbytes = (size_t)N * K * 2;
         int copies = (int)(512e6 / wbytes) + 1;   /* > the 50 MB L2 by far */
         if (copies > 8)
             copies = 8;
+        if (resident)
+            copies = 1;
         uint16_t *w;
         CHECK(cudaMalloc((void **)&w, wbytes * copies));
         CHECK(ds_k_fill_uniform_bf16(w, wbytes / 2 * copies, 7, 0.0f, 0.05f, 0));
         int split = ds_k_gemm_split(N, K, p.multiProcessorCount);
         for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
             int M = Ms[mi];
+            char mname[16];
+            snprintf(mname, sizeof mname, "%d", M);
+            if (!listed(only_ms, mname))
+                continue;
             uint16_t *x;
             float *y, *ws;
             CHECK(cudaMalloc((void **)&x, (size_t)M * K * 2));
