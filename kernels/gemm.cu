@@ -330,20 +330,37 @@ extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
     return split > 1 ? GM_COUNTERS + (size_t)split * M * N : 0;
 }
 
-/* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order. */
+/* W consecutive f32 read or written as one access (16 bytes for W = 4). */
+template <int W> struct __align__(4 * W) f32s {
+    float v[W];
+};
+
+/* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order, W columns a thread (for W = 4: N and ldy
+ * multiples of 4, y and ws 16-byte aligned, so four times the bytes in flight; the same sums either way). */
+template <int W>
 __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, float *y, int ldy, int accumulate)
 {
     pdl_enter();
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
     if (i >= (size_t)M * N)
         return;
     int m = (int)(i / N), n = (int)(i % N);
     const float *part = ws + GM_COUNTERS;
-    float v = part[i];
-    for (int s = 1; s < S; s++)
-        v += part[(size_t)s * M * N + i];
-    float *dst = y + (size_t)m * ldy + n;
-    *dst = accumulate ? *dst + v : v;
+    f32s<W> v = *(const f32s<W> *)(part + i);
+    for (int s = 1; s < S; s++) {
+        f32s<W> p = *(const f32s<W> *)(part + (size_t)s * M * N + i);
+#pragma unroll
+        for (int c = 0; c < W; c++)
+            v.v[c] += p.v[c];
+    }
+    f32s<W> *dst = (f32s<W> *)(y + (size_t)m * ldy + n);
+    if (accumulate) {
+        f32s<W> d = *dst;
+#pragma unroll
+        for (int c = 0; c < W; c++)
+            v.v[c] = d.v[c] + v.v[c];
+    }
+    *dst = v;
 }
 
 template <int BM, int BN, int BK, int WM, int WN, int STAGES, int XK>
@@ -371,41 +388,15 @@ static cudaError_t gemm_launch(const uint16_t *x, int ldx, const uint16_t *w, in
                       N, K, y, ldy, accumulate, ws, *fused, in);
 }
 
-/* gemm_reduce_kernel four columns a thread, in 16-byte reads and writes (N and ldy multiples of 4, y and ws
- * 16-byte aligned): the same sums, in the same order, with four times the bytes in flight. */
-__global__ static void gemm_reduce4_kernel(const float *ws, int M, int N, int S, float *y, int ldy, int accumulate)
-{
-    pdl_enter();
-    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-    if (i >= (size_t)M * N)
-        return;
-    int m = (int)(i / N), n = (int)(i % N);
-    const float *part = ws + GM_COUNTERS;
-    float4 v = *(const float4 *)(part + i);
-    for (int s = 1; s < S; s++) {
-        float4 p = *(const float4 *)(part + (size_t)s * M * N + i);
-        v.x += p.x;
-        v.y += p.y;
-        v.z += p.z;
-        v.w += p.w;
-    }
-    float4 *dst = (float4 *)(y + (size_t)m * ldy + n);
-    if (accumulate) {
-        float4 d = *dst;
-        v = make_float4(d.x + v.x, d.y + v.y, d.z + v.z, d.w + v.w);
-    }
-    *dst = v;
-}
-
 /* The split's sums after products that did not sum their own parts. */
 static cudaError_t gemm_reduce(int M, int N, int split, const float *ws, float *y, int ldy, int accumulate,
                                cudaStream_t stream)
 {
     size_t total = (size_t)M * N;
     if (N % 4 == 0 && ldy % 4 == 0 && ((uintptr_t)y & 15) == 0 && ((uintptr_t)ws & 15) == 0)
-        return pdl_launch(gemm_reduce4_kernel, dim3((unsigned)((total / 4 + 255) / 256)), dim3(256), 0, stream, ws,
+        return pdl_launch(gemm_reduce_kernel<4>, dim3((unsigned)((total / 4 + 255) / 256)), dim3(256), 0, stream, ws,
                           M, N, split, y, ldy, accumulate);
-    return pdl_launch(gemm_reduce_kernel, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream, ws, M, N,
+    return pdl_launch(gemm_reduce_kernel<1>, dim3((unsigned)((total + 255) / 256)), dim3(256), 0, stream, ws, M, N,
                       split, y, ldy, accumulate);
 }
 

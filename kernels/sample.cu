@@ -967,7 +967,6 @@ __device__ static uint64_t draw_mass(const float *p, const float *q, int V, stru
 __device__ static int draw_from(const float *p, const float *q, int V, float u, uint64_t total, struct draw_smem *sm)
 {
     int seg = segment_len(V), w = warp_id(), lane = lane_id();
-    int from = w * seg, to = from + seg < V ? from + seg : V;
     if (threadIdx.x == 0)
         sm->result = -1;
     __syncthreads();
@@ -992,8 +991,8 @@ __device__ static int draw_from(const float *p, const float *q, int V, float u, 
         before += sm->warp_sum[cw++];
     int c_from = cw * seg, c_to = c_from + seg < V ? c_from + seg : V;
     int piece = ((c_to - c_from + N_WARPS - 1) / N_WARPS + 31) & ~31;
-    from = c_from + w * piece < c_to ? c_from + w * piece : c_to;
-    to = from + piece < c_to ? from + piece : c_to;
+    int from = c_from + w * piece < c_to ? c_from + w * piece : c_to;
+    int to = from + piece < c_to ? from + piece : c_to;
     uint64_t acc = 0;
     for (int i = from + lane; i < to; i += 32)
         acc += weight(p, q, i);
