@@ -1245,6 +1245,10 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         bool cut_k = b.count, cut_p = sp.top_p > 0 && sp.top_p < 1;
         /* the probability of a token at logit y, and the masses above the band and from it up */
         auto value = [&](double y) { return exp((y - m) * b.inv_t) / Z; };
+        /* whether the gap from level l down to level l + 1 is wider than a tie (as band_ok asks of the band) */
+        auto gap_wide = [&](int l) {
+            return (double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - b.level[l + 1]));
+        };
         double above = sum[1] / Z, from_band = sum[2] / Z;
         /* the pool the cut applies to (every token, or the top k), its mass within [pool_lo, pool_hi]
          * (slack included), and whether d is certainly in it */
@@ -1269,9 +1273,9 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
             if (in_pool)   /* the rest of the top k lies at or below the band */
                 pool_hi = fmin(pool_hi, (above + (kk - (double)cnt[0]) * value(b.band_hi)) * hi);
             for (int l = 0; l + 1 < SCREEN_LEVELS; l++) {
-                double y = b.level[l], ny = b.level[l + 1];
-                if (!((double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - ny))))
-                    continue;   /* the gap to the next level is not wider than a tie */
+                double y = b.level[l];
+                if (!gap_wide(l))
+                    continue;
                 double above_l = sum[3 + l] / Z;
                 if ((double)cnt[2 + l + 1] <= kk) {   /* every token above level l is in the top k */
                     pool_lo = fmax(pool_lo, above_l * lo);
@@ -1310,7 +1314,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
                 for (int l = 0; l < SCREEN_LEVELS; l++)
                     if (sum[3 + l] / Z * hi < t * pool_lo &&
                         (!cut_k || (l + 1 < SCREEN_LEVELS && (double)cnt[2 + l + 1] <= (double)sp.top_k &&
-                                    (double)T * (double)(1 << l) >= 4e-6 * (T + ((double)m - b.level[l + 1]))))) {
+                                    gap_wide(l)))) {
                         double v = value(b.level[l]) * hi + 1e-17;
                         v_cut = v < v_cut ? v : v_cut;
                     }
