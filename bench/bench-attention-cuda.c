@@ -26,13 +26,8 @@
 #define HEAD_DIM 128
 #define PAGE 16
 
-#define CHECK(x)                                                                          \
-    do {                                                                                  \
-        if ((x) != 0) {                                                                   \
-            fprintf(stderr, "bench-attention-cuda: %s failed at line %d\n", #x, __LINE__); \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
+#define BENCH_NAME "bench-attention-cuda"
+#include "bench-check.h"
 
 static uint64_t rng = 88172645463325252ull;
 

@@ -20,13 +20,8 @@
 
 #include "kernels.h"
 
-#define CHECK(x)                                                                    \
-    do {                                                                            \
-        if ((x) != 0) {                                                             \
-            fprintf(stderr, "bench-gemm-cuda: %s failed at line %d\n", #x, __LINE__); \
-            exit(1);                                                                \
-        }                                                                           \
-    } while (0)
+#define BENCH_NAME "bench-gemm-cuda"
+#include "bench-check.h"
 
 static int cmp(const void *a, const void *b)
 {

@@ -25,13 +25,8 @@
 #define MAX_ROWS 512
 #define REPS 7
 
-#define CHECK(x)                                                                      \
-    do {                                                                              \
-        if ((x) != 0) {                                                               \
-            fprintf(stderr, "bench-sample-cuda: %s failed at line %d\n", #x, __LINE__); \
-            exit(1);                                                                  \
-        }                                                                             \
-    } while (0)
+#define BENCH_NAME "bench-sample-cuda"
+#include "bench-check.h"
 
 static double normal(unsigned *s)
 {

@@ -45,16 +45,16 @@ EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/pdl.cuh kernels/row
 
 if HAVE_CUDA
 noinst_PROGRAMS += bench/bench-gemm-cuda
-bench_bench_gemm_cuda_SOURCES = bench/bench-gemm-cuda.c
+bench_bench_gemm_cuda_SOURCES = bench/bench-gemm-cuda.c bench/bench-check.h
 bench_bench_gemm_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 bench_bench_gemm_cuda_LDADD = $(ENGINE_LIBS)
 noinst_PROGRAMS += bench/bench-sample-cuda
-bench_bench_sample_cuda_SOURCES = bench/bench-sample-cuda.c
+bench_bench_sample_cuda_SOURCES = bench/bench-sample-cuda.c bench/bench-check.h
 bench_bench_sample_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 bench_bench_sample_cuda_LDADD = $(ENGINE_LIBS)
 noinst_PROGRAMS += bench/bench-attention-cuda
-bench_bench_attention_cuda_SOURCES = bench/bench-attention-cuda.c
+bench_bench_attention_cuda_SOURCES = bench/bench-attention-cuda.c bench/bench-check.h
 bench_bench_attention_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 bench_bench_attention_cuda_LDADD = $(ENGINE_LIBS)
 endif
-EXTRA_DIST += bench/bench-gemm-cuda.c bench/bench-sample-cuda.c bench/bench-attention-cuda.c
+EXTRA_DIST += bench/bench-gemm-cuda.c bench/bench-sample-cuda.c bench/bench-attention-cuda.c bench/bench-check.h
