@@ -82,33 +82,77 @@ template <int N> __device__ static inline void cp_async_wait(void)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/* Load the x tile (BM × BK) at k0; k at or past k_lim reads as zero. */
-template <class T, int BM, int BK>
-__device__ static inline void load_x_stage(__nv_bfloat16 *As, const __nv_bfloat16 *x, int ldx, int M, int m0, int k0,
-                                           int k_lim)
-{
-    constexpr int CPR = BK / 8;   /* 16-byte chunks per row */
-    for (int idx = threadIdx.x; idx < BM * CPR; idx += T::THREADS) {
-        int r = idx / CPR, c = (idx % CPR) * 8;
-        int m = m0 + r, k = k0 + c;
-        bool ok = m < M && k < k_lim;
-        cp_async16(As + r * T::LDS + c, ok ? (const void *)(x + (size_t)m * ldx + k) : (const void *)x, ok);
+/* The x tile's (BM x BK) 16-byte chunks that this thread fills, addressed once a block: from x at k0 (k at
+ * or past k_lim, and rows past M, read as zero), or from the made rows in shared memory (rows past M are
+ * zeros). */
+template <class T, int BM, int BK> struct x_loader {
+    static constexpr int CPR = BK / 8, PER = BM * CPR / T::THREADS;
+    static_assert(BM * CPR % T::THREADS == 0, "every thread fills as many chunks");
+    const __nv_bfloat16 *src[PER];   /* the chunk's row and column at k 0 in x (row 0 for rows past M) */
+    int col[PER];                    /* its column; past M: never in range */
+    int made[PER];                   /* its offset in the made rows (row stride xs_ld); past M: -1 */
+    int dst[PER];                    /* its place in the stage */
+    __device__ x_loader(const __nv_bfloat16 *x, int ldx, int M, int m0, int xs_ld)
+    {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            int idx = threadIdx.x + i * T::THREADS, r = idx / CPR, c = (idx % CPR) * 8;
+            bool in = m0 + r < M;
+            src[i] = x + (size_t)(in ? m0 + r : 0) * ldx + c;
+            col[i] = in ? c : 1 << 30;
+            made[i] = in ? r * xs_ld + c : -1;
+            dst[i] = r * T::LDS + c;
+        }
     }
-}
+    __device__ void stage(__nv_bfloat16 *As, const __nv_bfloat16 *x, int k0, int k_lim) const
+    {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            bool ok = k0 + col[i] < k_lim;
+            cp_async16(As + dst[i], ok ? (const void *)(src[i] + k0) : (const void *)x, ok);
+        }
+    }
+    /* the stage at column j0 of the made rows Xs */
+    __device__ void copy(__nv_bfloat16 *As, const __nv_bfloat16 *Xs, int j0) const
+    {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (made[i] >= 0)
+                v = *(const uint4 *)(Xs + made[i] + j0);
+            *(uint4 *)(As + dst[i]) = v;
+        }
+    }
+};
 
-/* Load the W tile (BN × BK) at k0; k at or past k_lim reads as zero. */
-template <class T, int BN, int BK>
-__device__ static inline void load_w_stage(__nv_bfloat16 *Bs, const __nv_bfloat16 *w, int N, int K, int n0, int k0,
-                                           int k_lim)
-{
-    constexpr int CPR = BK / 8;
-    for (int idx = threadIdx.x; idx < BN * CPR; idx += T::THREADS) {
-        int r = idx / CPR, c = (idx % CPR) * 8;
-        int n = n0 + r, k = k0 + c;
-        bool ok = n < N && k < k_lim;
-        cp_async16(Bs + r * T::LDS + c, ok ? (const void *)(w + (size_t)n * K + k) : (const void *)w, ok);
+/* The W tile's (BN x BK) 16-byte chunks that this thread copies, addressed once a block: a pipeline stage at
+ * k0 is then a predicate and a copy per chunk (k at or past k_lim, and rows past N, read as zero). */
+template <class T, int BN, int BK> struct w_loader {
+    static constexpr int CPR = BK / 8, PER = BN * CPR / T::THREADS;
+    static_assert(BN * CPR % T::THREADS == 0, "every thread copies as many chunks");
+    const __nv_bfloat16 *src[PER];   /* the chunk's row and column at k 0 (row 0 for rows past N) */
+    int col[PER];                    /* its column; past N: never in range */
+    int dst[PER];                    /* its place in the stage */
+    __device__ w_loader(const __nv_bfloat16 *w, int N, int K, int n0)
+    {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            int idx = threadIdx.x + i * T::THREADS, r = idx / CPR, c = (idx % CPR) * 8;
+            bool in = n0 + r < N;
+            src[i] = w + (size_t)(in ? n0 + r : 0) * K + c;
+            col[i] = in ? c : 1 << 30;
+            dst[i] = r * T::LDS + c;
+        }
     }
-}
+    __device__ void stage(__nv_bfloat16 *Bs, const __nv_bfloat16 *w, int k0, int k_lim) const
+    {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            bool ok = k0 + col[i] < k_lim;
+            cp_async16(Bs + dst[i], ok ? (const void *)(src[i] + k0) : (const void *)w, ok);
+        }
+    }
+};
 
 /* Where decoding's product makes its x from (ds_k_x, as the kernel reads it). */
 struct x_src {
@@ -150,20 +194,6 @@ __device__ static void make_x_range(__nv_bfloat16 *Xs, const x_src &in, int M, i
     }
 }
 
-/* The x tile (BM × BK) at column j0 of the made range: rows past M are zeros. */
-template <class T, int BM, int BK>
-__device__ static inline void copy_x_stage(__nv_bfloat16 *As, const __nv_bfloat16 *Xs, int xs_ld, int M, int j0)
-{
-    constexpr int CPR = BK / 8;
-    for (int idx = threadIdx.x; idx < BM * CPR; idx += T::THREADS) {
-        int r = idx / CPR, c = (idx % CPR) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r < M)
-            v = *(const uint4 *)(Xs + (size_t)r * xs_ld + j0 + c);
-        *(uint4 *)(As + r * T::LDS + c) = v;
-    }
-}
-
 /* Grid: (n tiles, m tiles, split). Split s covers k in [32 s L, 32 (s + 1) L) ∩ [0, K), KQ = ⌈K / 32⌉,
  * L = ⌈KQ / S⌉. With split 1 the tile goes to y (added to it when accumulate); otherwise to part[s]
  * (part = ws + GM_COUNTERS), and with `fused` the tile's last block sums the parts into y. XK other than
@@ -200,10 +230,12 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
     /* No kernel writes W: its first stages are requested before waiting for the kernel before (so they
      * stream while that one finishes), x after. The prologue is one group, then empty ones, so that the
      * loop's wait keeps counting STAGES - 1 groups ahead. */
+    const w_loader<T, BN, BK> wl(w, N, K, n0);
+    const x_loader<T, BM, BK> xl(x, ldx, M, m0, in.xs_ld);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; st++)
         if (st < nk)
-            load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + st * BK, k_lim);
+            wl.stage(Bs + st * T::B_STAGE, w, kb + st * BK, k_lim);
     pdl_enter();
     if (XK != DS_K_X_BF16) {
         make_x_range<XK, T::THREADS>(Xs, in, M, K, kb, k_lim, nk * BK, red);
@@ -211,12 +243,12 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
 #pragma unroll
         for (int st = 0; st < STAGES - 1; st++)
             if (st < nk)
-                copy_x_stage<T, BM, BK>(As + st * T::A_STAGE, Xs, in.xs_ld, M, st * BK);
+                xl.copy(As + st * T::A_STAGE, Xs, st * BK);
     } else {
 #pragma unroll
         for (int st = 0; st < STAGES - 1; st++)
             if (st < nk)
-                load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + st * BK, k_lim);
+                xl.stage(As + st * T::A_STAGE, x, kb + st * BK, k_lim);
     }
 #pragma unroll
     for (int st = 0; st < STAGES - 1; st++)
@@ -228,10 +260,10 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
         if (nxt < nk) {
             int st = nxt % STAGES;
             if (XK != DS_K_X_BF16)
-                copy_x_stage<T, BM, BK>(As + st * T::A_STAGE, Xs, in.xs_ld, M, nxt * BK);
+                xl.copy(As + st * T::A_STAGE, Xs, nxt * BK);
             else
-                load_x_stage<T, BM, BK>(As + st * T::A_STAGE, x, ldx, M, m0, kb + nxt * BK, k_lim);
-            load_w_stage<T, BN, BK>(Bs + st * T::B_STAGE, w, N, K, n0, kb + nxt * BK, k_lim);
+                xl.stage(As + st * T::A_STAGE, x, kb + nxt * BK, k_lim);
+            wl.stage(Bs + st * T::B_STAGE, w, kb + nxt * BK, k_lim);
         }
         cp_async_commit();
         const __nv_bfloat16 *a = As + (i % STAGES) * T::A_STAGE;
