@@ -82,74 +82,47 @@ template <int N> __device__ static inline void cp_async_wait(void)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-/* The x tile's (BM x BK) 16-byte chunks that this thread fills, addressed once a block: from x at k0 (k at
- * or past k_lim, and rows past M, read as zero), or from the made rows in shared memory (rows past M are
- * zeros). */
-template <class T, int BM, int BK> struct x_loader {
-    static constexpr int CPR = BK / 8, PER = BM * CPR / T::THREADS;
-    static_assert(BM * CPR % T::THREADS == 0, "every thread fills as many chunks");
-    const __nv_bfloat16 *src[PER];   /* the chunk's row and column at k 0 in x (row 0 for rows past M) */
-    int col[PER];                    /* its column; past M: never in range */
-    int made[PER];                   /* its offset in the made rows (row stride xs_ld); past M: -1 */
+/* A tile's (ROWS x BK) 16-byte chunks that this thread fills, addressed once a block, from rows r0.. of a
+ * row-major source with leading dimension ld: a pipeline stage at k0 is then a predicate and a copy per
+ * chunk (k at or past k_lim, and rows at or past `rows`, read as zero). The W tile (rows of W) and the x
+ * tile (rows of x, or of the rows made in shared memory with stride xs_ld: copy) both use it. */
+template <class T, int ROWS, int BK> struct tile_loader {
+    static constexpr int CPR = BK / 8, PER = ROWS * CPR / T::THREADS;
+    static_assert(ROWS * CPR % T::THREADS == 0, "every thread fills as many chunks");
+    const __nv_bfloat16 *src[PER];   /* the chunk's row and column at k 0 (row 0 for rows out of range) */
+    int col[PER];                    /* its column; rows out of range: never below k_lim */
+    int made[PER];                   /* its offset in made rows of stride xs_ld; rows out of range: -1 */
     int dst[PER];                    /* its place in the stage */
-    __device__ x_loader(const __nv_bfloat16 *x, int ldx, int M, int m0, int xs_ld)
+    __device__ tile_loader(const __nv_bfloat16 *base, int ld, int rows, int r0, int xs_ld)
     {
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             int idx = threadIdx.x + i * T::THREADS, r = idx / CPR, c = (idx % CPR) * 8;
-            bool in = m0 + r < M;
-            src[i] = x + (size_t)(in ? m0 + r : 0) * ldx + c;
+            bool in = r0 + r < rows;
+            src[i] = base + (size_t)(in ? r0 + r : 0) * ld + c;
             col[i] = in ? c : 1 << 30;
             made[i] = in ? r * xs_ld + c : -1;
             dst[i] = r * T::LDS + c;
         }
     }
-    __device__ void stage(__nv_bfloat16 *As, const __nv_bfloat16 *x, int k0, int k_lim) const
+    /* the stage at k0 from the source (base: any valid address, read for nothing) */
+    __device__ void stage(__nv_bfloat16 *S, const __nv_bfloat16 *base, int k0, int k_lim) const
     {
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             bool ok = k0 + col[i] < k_lim;
-            cp_async16(As + dst[i], ok ? (const void *)(src[i] + k0) : (const void *)x, ok);
+            cp_async16(S + dst[i], ok ? (const void *)(src[i] + k0) : (const void *)base, ok);
         }
     }
     /* the stage at column j0 of the made rows Xs */
-    __device__ void copy(__nv_bfloat16 *As, const __nv_bfloat16 *Xs, int j0) const
+    __device__ void copy(__nv_bfloat16 *S, const __nv_bfloat16 *Xs, int j0) const
     {
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
             if (made[i] >= 0)
                 v = *(const uint4 *)(Xs + made[i] + j0);
-            *(uint4 *)(As + dst[i]) = v;
-        }
-    }
-};
-
-/* The W tile's (BN x BK) 16-byte chunks that this thread copies, addressed once a block: a pipeline stage at
- * k0 is then a predicate and a copy per chunk (k at or past k_lim, and rows past N, read as zero). */
-template <class T, int BN, int BK> struct w_loader {
-    static constexpr int CPR = BK / 8, PER = BN * CPR / T::THREADS;
-    static_assert(BN * CPR % T::THREADS == 0, "every thread copies as many chunks");
-    const __nv_bfloat16 *src[PER];   /* the chunk's row and column at k 0 (row 0 for rows past N) */
-    int col[PER];                    /* its column; past N: never in range */
-    int dst[PER];                    /* its place in the stage */
-    __device__ w_loader(const __nv_bfloat16 *w, int N, int K, int n0)
-    {
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            int idx = threadIdx.x + i * T::THREADS, r = idx / CPR, c = (idx % CPR) * 8;
-            bool in = n0 + r < N;
-            src[i] = w + (size_t)(in ? n0 + r : 0) * K + c;
-            col[i] = in ? c : 1 << 30;
-            dst[i] = r * T::LDS + c;
-        }
-    }
-    __device__ void stage(__nv_bfloat16 *Bs, const __nv_bfloat16 *w, int k0, int k_lim) const
-    {
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            bool ok = k0 + col[i] < k_lim;
-            cp_async16(Bs + dst[i], ok ? (const void *)(src[i] + k0) : (const void *)w, ok);
+            *(uint4 *)(S + dst[i]) = v;
         }
     }
 };
@@ -230,8 +203,8 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
     /* No kernel writes W: its first stages are requested before waiting for the kernel before (so they
      * stream while that one finishes), x after. The prologue is one group, then empty ones, so that the
      * loop's wait keeps counting STAGES - 1 groups ahead. */
-    const w_loader<T, BN, BK> wl(w, N, K, n0);
-    const x_loader<T, BM, BK> xl(x, ldx, M, m0, in.xs_ld);
+    const tile_loader<T, BN, BK> wl(w, K, N, n0, 0);
+    const tile_loader<T, BM, BK> xl(x, ldx, M, m0, in.xs_ld);
 #pragma unroll
     for (int st = 0; st < STAGES - 1; st++)
         if (st < nk)
