@@ -25,9 +25,10 @@
  * x can also be made on the way in (ds_k_gemm_bf16_x): the RMSNorm or SwiGLU
  * of f32 rows. Decoding's few rows are then made by each block for its own k
  * range, in shared memory, with rowwise.cu's arithmetic (rowmath.cuh), so a
- * layer at batch 1 runs no norm or SwiGLU kernel before its qkv and down
- * products; larger passes make the rows with those kernels first. Either way
- * the same bits. */
+ * layer at batch 1 runs no norm or SwiGLU kernel before its products (one
+ * row's gate_up, which cuBLASLt takes otherwise, runs here unsplit for it);
+ * larger passes make the rows with those kernels first. Either way the same
+ * bits. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -706,7 +707,8 @@ extern "C" cudaError_t ds_k_gemm_bf16_x(struct ds_k_gemm_lt *lt, const struct ds
     if (x->kind != DS_K_X_BF16 && (x->ldx != K || !x->src || (x->kind == DS_K_X_RMSNORM && !x->norm_w)))
         return cudaErrorInvalidValue;
     int xs_ld = 0;
-    size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split)) &&
+    /* one row makes its x in the product even where cuBLASLt would take it (gate_up: one kernel fewer a layer) */
+    size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split) && M > 1) &&
                         split_fits(K, split) && K % 8 == 0 && N > 0 && ldy >= N && (split == 1 || ws)
                     ? made_x_bytes(x, M, K, split, &xs_ld)
                     : 0;

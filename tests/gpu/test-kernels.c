@@ -985,6 +985,7 @@ static bool test_gemm_made_x(void)
     ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, true) && ok;     /* down of a 4B at four rows */
     ok = gemm_made_x_case(NULL, DS_K_X_SWIGLU, 5, 200, 264, false, false) && ok;   /* too many rows to make */
     ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 2, 512, 480, false, false) && ok;    /* unsplit: cuBLASLt's */
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 512, 480, true, true) && ok;      /* but one row makes its own */
     ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 2, 512, 480, false, true) && ok;   /* the kernels' */
     ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 16, 64, 968, true, false) && ok;
     return ok;
