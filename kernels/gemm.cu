@@ -644,12 +644,14 @@ static bool split_fits(int K, int split)
 }
 
 /* Which passes cuBLASLt takes: every pass of a product without a k split (its
- * one range is a full-size product), and passes of more than GM_X_ROWS rows
- * otherwise; decoding's few rows keep the kernel that spreads k ranges over
- * the GPU and makes their x on the way in. Measured, bench/RESULTS.md. */
-static bool lt_takes(int M, int split)
+ * one range is a full-size product) but one row whose x is made on the way in
+ * (gate_up: the kernel makes the row itself, one kernel fewer a layer), and
+ * passes of more than GM_X_ROWS rows otherwise; decoding's few rows keep the
+ * kernel that spreads k ranges over the GPU and makes their x on the way in.
+ * Measured, bench/RESULTS.md. */
+static bool lt_takes(int M, int split, bool made_x)
 {
-    return split == 1 || M > GM_X_ROWS;
+    return (split == 1 && !(made_x && M == 1)) || M > GM_X_ROWS;
 }
 
 extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M,
@@ -661,7 +663,7 @@ extern "C" cudaError_t ds_k_gemm_bf16(struct ds_k_gemm_lt *lt, const uint16_t *x
         return cudaErrorInvalidValue;
     if (M == 0)
         return cudaSuccess;
-    if (lt && lt_takes(M, split)) {
+    if (lt && lt_takes(M, split, false)) {
         cudaError_t e = gemm_lt(lt, x, ldx, w, M, N, K, split, ws, y, ldy, accumulate, stream);
         if (e != cudaErrorNotSupported)
             return e;
@@ -707,8 +709,7 @@ extern "C" cudaError_t ds_k_gemm_bf16_x(struct ds_k_gemm_lt *lt, const struct ds
     if (x->kind != DS_K_X_BF16 && (x->ldx != K || !x->src || (x->kind == DS_K_X_RMSNORM && !x->norm_w)))
         return cudaErrorInvalidValue;
     int xs_ld = 0;
-    /* one row makes its x in the product even where cuBLASLt would take it (gate_up: one kernel fewer a layer) */
-    size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split) && M > 1) &&
+    size_t xs = x->kind != DS_K_X_BF16 && M > 0 && M <= 16 && !(lt && lt_takes(M, split, true)) &&
                         split_fits(K, split) && K % 8 == 0 && N > 0 && ldy >= N && (split == 1 || ws)
                     ? made_x_bytes(x, M, K, split, &xs_ld)
                     : 0;
