@@ -390,6 +390,7 @@ static bool test_argmax(void)
         x[(size_t)2 * V + i] = 0.25f;
     x[(size_t)3 * V] = 5.0f;                              /* row 3: index 0 */
     x[(size_t)4 * V + 1023] = x[(size_t)4 * V + 1024] = 4.0f; /* row 4: a tie across threads */
+    x[(size_t)5 * V + 30000] = x[(size_t)5 * V + 100000] = 6.0f; /* row 5: a tie across blocks, neither first */
     int32_t want[7];
     for (int t = 0; t < n; t++) {
         const float *r = x + (size_t)t * V;
@@ -399,7 +400,7 @@ static bool test_argmax(void)
                 b = i;
         want[t] = b;
     }
-    if (want[0] != 77 || want[1] != V - 1 || want[2] != 0 || want[3] != 0 || want[4] != 1023) {
+    if (want[0] != 77 || want[1] != V - 1 || want[2] != 0 || want[3] != 0 || want[4] != 1023 || want[5] != 30000) {
         printf("# argmax: the reference is wrong\n");
         return false;
     }
@@ -443,6 +444,27 @@ static bool test_argmax(void)
     }
     printf("# argmax_prob: ids %s, p max relative error %.3g (row 2, all equal: p %.6g, 1/V %.6g)\n",
            memcmp(got2, want, sizeof want) ? "differ" : "agree", worst, gp[2], 1.0 / V);
+    /* short rows, which leave some of the blocks a row is cut into with nothing (most rows of these
+     * lengths start off a 16-byte boundary) */
+    const int short_v[] = {1, 3, 5, 9, 37, 130};
+    for (size_t k = 0; k < sizeof short_v / sizeof *short_v; k++) {
+        int v = short_v[k], m = 5;
+        float *xv = rnd_vec((size_t)m * v);
+        int32_t *d_ids = dpoison((size_t)m * sizeof(int32_t));
+        if (!launched(ds_k_argmax(dup_to_dev(xv, (size_t)m * v * sizeof(float)), v, m, v, d_ids, 0), "argmax"))
+            return false;
+        int32_t *ids = dup_to_host(d_ids, (size_t)m * sizeof(int32_t));
+        for (int t = 0; t < m; t++) {
+            int b = 0;
+            for (int i = 1; i < v; i++)
+                if (xv[(size_t)t * v + i] > xv[(size_t)t * v + b])
+                    b = i;
+            if (ids[t] != b) {
+                printf("# argmax V %d row %d: got %d want %d\n", v, t, ids[t], b);
+                ok = false;
+            }
+        }
+    }
     return ok && worst < 1e-5;
 }
 
@@ -1737,13 +1759,14 @@ static bool test_spec_screen(void)
 /* Hand-made rows at the screen's edges, each a chain of one draft with q one-hot at it (so u·q = u): its
  * verdict against the acceptance test on the row's full distribution; rows with NaN logits must be unsure.
  * u < 0 asks for one float below p[d] (-1), p[d] itself (-2) or half of it (-3). */
-enum edge_row { EDGE_SUBNORMAL, EDGE_NAN_WARP, EDGE_PEAKS_TIED, EDGE_RANDOM, EDGE_FAR };
+enum edge_row { EDGE_SUBNORMAL, EDGE_NAN_WARP, EDGE_PEAKS_TIED, EDGE_RANDOM, EDGE_FAR, EDGE_MAX_TIED };
 struct screen_edge {
     const char *what;
     enum edge_row row;
     int V;
     struct ds_k_sampling sp;
-    int d;      /* -1: the argmax; -2, -3: the 3rd and 4th peak of EDGE_PEAKS_TIED; -4: EDGE_FAR's far token */
+    int d;      /* -1: the argmax; -2, -3: the 3rd and 4th peak of EDGE_PEAKS_TIED; -4: EDGE_FAR's far token;
+                   -5, -6: the first and second index of EDGE_MAX_TIED's maximum */
     float u;
     bool settle;   /* the verdict must also be certain */
 };
