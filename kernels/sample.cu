@@ -1123,6 +1123,28 @@ __device__ static inline void screen_add(struct screen_part &p, float x, int i, 
     }
 }
 
+/* screen_add's sums and counts for a value against the part's reference p.m, which is finite (or +inf)
+ * and at least x (or x is NaN), without the maximum's bookkeeping. */
+__device__ static inline void screen_add_below(struct screen_part &p, float x, const struct screen_bounds &b)
+{
+    if (b.soft) {
+        float w = __expf((x - p.m) * b.inv_t);   /* 0 for -inf */
+        p.s[0] += w;
+        p.s[1] += x > b.band_hi ? w : 0.0f;
+        p.s[2] += x >= b.band_lo ? w : 0.0f;
+#pragma unroll
+        for (int l = 0; l < SCREEN_LEVELS; l++)
+            p.s[3 + l] += x > b.level[l] ? w : 0.0f;
+    }
+    if (b.count) {
+        p.c[0] += x > b.band_hi;
+        p.c[1] += x >= b.band_lo;
+#pragma unroll
+        for (int l = 0; l < SCREEN_LEVELS; l++)
+            p.c[2 + l] += x > b.level[l];
+    }
+}
+
 /* One block per (draft k, chain): status[chain · DS_K_MAX_CHAIN + k]. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     screen_kernel(const float *x, int ldx, const float *q, int ldq, const struct ds_k_chain *chains,
@@ -1164,20 +1186,75 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     int j = 0;
     if (((uintptr_t)xr & 15) == 0) {
         int n4 = V / 4, i4 = threadIdx.x, bd = blockDim.x;
-        for (; i4 + 3 * bd < n4; i4 += 4 * bd) {   /* four reads in flight a thread: a block streams only what
-                                                      it has asked for */
+        /* Sixteen values a thread at a time (four reads in flight: a block streams only what it has asked
+         * for), while the whole warp's are in the row. Once the warp has seen a finite value, its lanes'
+         * sums share one reference, the warp's maximum M (raised, and the sums rescaled, when a group
+         * brings a larger one), so most values only add to the sums (screen_add_below); each lane keeps
+         * its own first maximum (tb at ti) for the row's argmax. Until then, screen_add as for the rest. */
+        float M = -INFINITY, tb = -INFINITY;
+        int ti = 0x7fffffff;
+        bool shared_m = false;
+        for (; i4 - lane_id() + 31 + 3 * bd < n4; i4 += 4 * bd) {
             float4 v[4];
 #pragma unroll
             for (int u = 0; u < 4; u++)
                 v[u] = __ldcs((const float4 *)xr + i4 + u * bd);
+            float cm = -INFINITY;   /* the lane's sixteen's maximum (NaN only when all are) */
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                cm = fmaxf(cm, fmaxf(fmaxf(v[u].x, v[u].y), fmaxf(v[u].z, v[u].w)));
+            float wm = cm;
+            for (int o = 16; o > 0; o >>= 1)
+                wm = fmaxf(wm, __shfl_xor_sync(FULL_MASK, wm, o));
+            if (!shared_m && wm > -INFINITY) {   /* the warp's first finite (or +inf) value: M from here on */
+                float f = p.m == -INFINITY ? 0.0f : __expf((p.m - wm) * b.inv_t);
+                for (int k = 0; k < SCREEN_SUMS; k++)
+                    p.s[k] *= f;
+                M = wm;
+                tb = p.m;
+                ti = p.im;
+                shared_m = true;
+            }
+            if (!shared_m) {
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    int i = 4 * (i4 + u * bd);
+                    screen_add(p, v[u].x, i, b);
+                    screen_add(p, v[u].y, i + 1, b);
+                    screen_add(p, v[u].z, i + 2, b);
+                    screen_add(p, v[u].w, i + 3, b);
+                }
+                continue;
+            }
+            if (cm > tb) {   /* the lane's first value equal to cm: its new maximum */
+#pragma unroll
+                for (int u = 3; u >= 0; u--) {
+                    int i = 4 * (i4 + u * bd);
+                    ti = v[u].w == cm ? i + 3 : ti;
+                    ti = v[u].z == cm ? i + 2 : ti;
+                    ti = v[u].y == cm ? i + 1 : ti;
+                    ti = v[u].x == cm ? i : ti;
+                }
+                tb = cm;
+            }
+            if (wm > M) {
+                float f = __expf((M - wm) * b.inv_t);
+                for (int k = 0; k < SCREEN_SUMS; k++)
+                    p.s[k] *= f;
+                M = wm;
+            }
+            p.m = M;
 #pragma unroll
             for (int u = 0; u < 4; u++) {
-                int i = 4 * (i4 + u * bd);
-                screen_add(p, v[u].x, i, b);
-                screen_add(p, v[u].y, i + 1, b);
-                screen_add(p, v[u].z, i + 2, b);
-                screen_add(p, v[u].w, i + 3, b);
+                screen_add_below(p, v[u].x, b);
+                screen_add_below(p, v[u].y, b);
+                screen_add_below(p, v[u].z, b);
+                screen_add_below(p, v[u].w, b);
             }
+        }
+        if (shared_m) {   /* back to a lane's own state: sums against M, its maximum M where it holds M */
+            p.m = M;
+            p.im = tb == M ? ti : 0x7fffffff;
         }
         for (; i4 < n4; i4 += bd) {
             float4 v = __ldcs((const float4 *)xr + i4);

@@ -1778,12 +1778,16 @@ static void edge_row(float *x, int V, enum edge_row kind)
         float xd = (float)(log(26.52) - 149.0 * log(2.0));
         const float row[8] = {0.0f, xd, xd + 0.03f, xd + 0.03f, xd + 0.03f, -INFINITY, -INFINITY, -INFINITY};
         memcpy(x, row, sizeof row);
-    } else if (kind == EDGE_NAN_WARP) {   /* a whole warp's share of a 4,096-token row is NaN */
-        for (int i = 0; i < 128 && i < V; i++)
-            x[i] = NAN;
+    } else if (kind == EDGE_NAN_WARP) {   /* a whole warp's share of a 4,096-token row is NaN (of longer rows,
+                                             the first sixteen values of each of the warp's lanes) */
+        for (int u = 0; u < 4; u++)
+            for (int i = 0; i < 128 && u * 4096 + i < V; i++)
+                x[u * 4096 + i] = NAN;
     } else if (kind == EDGE_FAR) {   /* token 900 lies 120 below a peak of 10 at 100: its probability flushes to 0 */
         x[100] = 10.0f;
         x[900] = -110.0f;
+    } else if (kind == EDGE_MAX_TIED) {   /* the maximum 12 at 30, 36 and 8221: two lanes, two groups of one */
+        x[30] = x[36] = x[8221] = 12.0f;
     } else if (kind == EDGE_PEAKS_TIED) {   /* peaks 10, 9, 8, 8 at 100, 300, 500, 700 */
         x[100] = 10.0f;
         x[300] = 9.0f;
@@ -1824,21 +1828,35 @@ static bool test_spec_screen_edges(void)
          4096, {.temperature = 0.6f, .top_p = 0.95f, .top_k = 20}, -4, 0.01f, true},
         {"p[d] flushed to 0 far below the peak, top-p 0.9, u 1e-6: rejected for certain", EDGE_FAR, 4096,
          {.temperature = 1.0f, .top_p = 0.9f}, -4, 1e-6f, true},
+        /* rows long enough for the screen's warp-wide pass */
+        {"V 32768: a tied maximum, greedy, its first index, u 0.5: accepted for certain", EDGE_MAX_TIED, 32768,
+         {.temperature = 0.0f, .top_p = 1.0f}, -5, 0.5f, true},
+        {"V 32768: a tied maximum, greedy, its second index, u 0: rejected for certain", EDGE_MAX_TIED, 32768,
+         {.temperature = 0.0f, .top_p = 1.0f}, -6, 0.0f, true},
+        {"V 32768: a tied maximum, top-k 3, its first index, u below p", EDGE_MAX_TIED, 32768, tk3, -5, -1.0f,
+         false},
+        {"V 32768: NaN logits, top-p 0.9", EDGE_NAN_WARP, 32768, {.temperature = 1.0f, .top_p = 0.9f}, -1, 0.01f,
+         false},
+        {"V 32768: top-k 3, top-p 0.9, the 3rd peak, u below p", EDGE_PEAKS_TIED, 32768, tk3p, -2, -1.0f, false},
+        {"V 32768: p[d] flushed to 0 far below the peak, top-p 0.9, u 1e-6: rejected for certain", EDGE_FAR, 32768,
+         {.temperature = 1.0f, .top_p = 0.9f}, -4, 1e-6f, true},
     };
-    enum { N = sizeof cases / sizeof cases[0], VMAX = 4096 };
+    enum { N = sizeof cases / sizeof cases[0], VMAX = 32768 };
+    const int vocabularies[] = {8, 4096, 32768};
     float *x = hmalloc((size_t)2 * N * VMAX * 4), *q = hmalloc((size_t)N * VMAX * 4);
     struct ds_k_chain *ch = hmalloc(N * sizeof *ch);
     struct ds_k_sampling *kp = hmalloc(N * sizeof *kp), *rows_kp = hmalloc(N * sizeof *rows_kp);
     int32_t *prows = hmalloc(N * sizeof *prows);
     bool ok = true;
-    for (int V = 8; V <= VMAX; V *= 512) {   /* the cases of each vocabulary size in one screen */
-        int n = 0, n_probs = 0, idx[N];
+    for (int vi = 0; vi < 3; vi++) {   /* the cases of each vocabulary size in one screen */
+        int V = vocabularies[vi], n = 0, n_probs = 0, idx[N];
         for (int c = 0; c < N; c++) {
             if (cases[c].V != V)
                 continue;
             float *xr = x + (size_t)2 * n * V;
             edge_row(xr, V, cases[c].row);
-            int d = cases[c].d == -2 ? 500 : cases[c].d == -3 ? 700 : cases[c].d == -4 ? 900 : cases[c].d;
+            const int fixed_d[] = {0, 0, 500, 700, 900, 30, 36};   /* by -d */
+            int d = cases[c].d < -1 ? fixed_d[-cases[c].d] : cases[c].d;
             if (d == -1) {
                 d = 0;
                 for (int j = 1; j < V; j++)
