@@ -961,27 +961,31 @@ __device__ static uint64_t draw_mass(const float *p, const float *q, int V, stru
     return total;
 }
 
-/* The first i in index order whose running sum of weights exceeds u · total
- * (ds_sample_probs); total comes from draw_mass with the same p and q. A row of
- * zero mass gives its last positive token, else 0. Every thread gets the result. */
-__device__ static int draw_from(const float *p, const float *q, int V, float u, uint64_t total, struct draw_smem *sm)
+/* The last i with a positive weight (p, or p - q), or -1; every thread gets it. */
+__device__ static int last_positive(const float *p, const float *q, int V, struct draw_smem *sm)
+{
+    if (threadIdx.x == 0)
+        sm->result = -1;
+    __syncthreads();
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float v = q ? __fsub_rn(p[i], q[i]) : p[i];
+        if (v > 0.0f)
+            atomicMax(&sm->result, i);
+    }
+    __syncthreads();
+    int res = sm->result;
+    __syncthreads();
+    return res;
+}
+
+/* The first i at which the running sum of weights exceeds target (< the total of draw_mass, which the block
+ * ran on the same p, q and V last, so that sm->warp_sum holds its segments); every thread gets it. */
+__device__ static int draw_from_target(const float *p, const float *q, int V, uint64_t target, struct draw_smem *sm)
 {
     int seg = segment_len(V), w = warp_id(), lane = lane_id();
     if (threadIdx.x == 0)
         sm->result = -1;
     __syncthreads();
-    if (total == 0) {
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
-            float v = q ? __fsub_rn(p[i], q[i]) : p[i];
-            if (v > 0.0f)
-                atomicMax(&sm->result, i);
-        }
-        __syncthreads();
-        int res = sm->result < 0 ? 0 : sm->result;
-        __syncthreads();
-        return res;
-    }
-    uint64_t target = draw_target(u, total);
     /* The warp segment that holds the crossing (before <= target < before + its sum; target < total, so one
      * does), cut into one piece a warp: every warp sums its piece, and only the piece that holds the crossing
      * is scanned, by one warp (a scan of the whole segment by one warp waits on each of its reads in turn). */
@@ -1011,6 +1015,18 @@ __device__ static int draw_from(const float *p, const float *q, int V, float u, 
     int res = sm->result < 0 ? 0 : sm->result;
     __syncthreads();
     return res;
+}
+
+/* The first i in index order whose running sum of weights exceeds u · total
+ * (ds_sample_probs); total comes from draw_mass with the same p and q. A row of
+ * zero mass gives its last positive token, else 0. Every thread gets the result. */
+__device__ static int draw_from(const float *p, const float *q, int V, float u, uint64_t total, struct draw_smem *sm)
+{
+    if (total == 0) {
+        int last = last_positive(p, q, V, sm);
+        return last < 0 ? 0 : last;
+    }
+    return draw_from_target(p, q, V, draw_target(u, total), sm);
 }
 
 /* The correction token: a draw from norm(max(0, p - q)), or from p when that mass is at most 1e-8. */
@@ -1486,26 +1502,86 @@ extern "C" cudaError_t ds_k_spec_screen(const float *x, int ldx, const float *q,
 }
 
 /* ---- chain accept/reject ---- */
-/* One block per chain: draft k is accepted when u_accept[k] · max(q_k[d_k], 1e-8) < p_k[d_k];
- * the first rejection draws the correction from the residual of p_k and q_k;
- * with every draft accepted the bonus comes from p_len. A draft id outside the
- * vocabulary is rejected. */
+/* The sums over the cluster's blocks of v (thread 0's), over all of them and over the ranks before this
+ * block's; every thread gets both. slot: the block's exchange slot in shared memory, free again when it
+ * returns (its last barrier follows every block's reads). Every thread of the cluster must call it. */
+__device__ static void cluster_prefix(uint64_t v, uint64_t *slot, uint64_t *ret_total, uint64_t *ret_before)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    if (threadIdx.x == 0)
+        *slot = v;
+    cl.sync();
+    uint64_t total = 0, before = 0;
+    for (unsigned r = 0; r < cl.num_blocks(); r++) {
+        uint64_t x = *cl.map_shared_rank(slot, r);
+        total += x;
+        before += r < cl.block_rank() ? x : 0;
+    }
+    cl.sync();
+    *ret_total = total;
+    *ret_before = before;
+}
+
+/* The draw of draw_from over a whole row of weights (p, or p - q) by the blocks of a cluster, each holding
+ * the slice [from, from + n): its mass, the row's, and the slices' before it (cluster_prefix's); the block
+ * whose slice holds the crossing writes the token to *out (rank 0 for a row of zero mass). The same token
+ * as one block's draw_from: integer sums, in index order. Every thread of the cluster must call it. */
+__device__ static void cluster_draw(const float *p, const float *q, int from, int n, float u, uint64_t mine,
+                                    uint64_t total, uint64_t before, struct draw_smem *sm, uint64_t *slot,
+                                    int32_t *out)
+{
+    const float *qs = q ? q + from : NULL;
+    if (total == 0) {   /* the row's last positive token, else 0 */
+        cg::cluster_group cl = cg::this_cluster();
+        int last = last_positive(p + from, qs, n, sm);
+        if (threadIdx.x == 0)
+            *slot = last < 0 ? 0 : (uint64_t)(from + last) + 1;   /* 0: none */
+        cl.sync();
+        uint64_t row_last = 0;
+        for (unsigned r = 0; r < cl.num_blocks(); r++) {
+            uint64_t x = *cl.map_shared_rank(slot, r);
+            row_last = x > row_last ? x : row_last;
+        }
+        cl.sync();   /* every block has read every slot */
+        if (cl.block_rank() == 0 && threadIdx.x == 0)
+            *out = row_last == 0 ? 0 : (int32_t)(row_last - 1);
+        return;
+    }
+    uint64_t target = draw_target(u, total);
+    if (before <= target && target < before + mine) {   /* exactly one block's slice holds the crossing */
+        int i = draw_from_target(p + from, qs, n, target - before, sm);
+        if (threadIdx.x == 0)
+            *out = from + i;
+    }
+}
+
+/* One cluster per chain, each block taking a slice of the rows' tokens (every block takes the same
+ * decisions): draft k is accepted when u_accept[k] · max(q_k[d_k], 1e-8) < p_k[d_k]; the first rejection
+ * draws the correction from the residual of p_k and q_k (from p_k when that mass is at most 1e-8); with
+ * every draft accepted the bonus comes from p_len. A draft id outside the vocabulary is rejected. */
 __global__ static void __launch_bounds__(SAMPLE_THREADS)
     accept_kernel(const float *p, int ldp, const float *q, int ldq, const struct ds_k_chain *chains,
                   const uint8_t *status, int V, int32_t *accepted, int32_t *next)
 {
     __shared__ struct draw_smem sm;
-    const struct ds_k_chain *c = &chains[blockIdx.x];
+    __shared__ uint64_t slot;
+    cg::cluster_group cl = cg::this_cluster();
+    int C = (int)cl.num_blocks(), chain = (int)blockIdx.x / C;
+    int slice = ((V + C - 1) / C + 31) & ~31;
+    int from = (int)cl.block_rank() * slice < V ? (int)cl.block_rank() * slice : V;
+    int n = (from + slice < V ? from + slice : V) - from;
+    const struct ds_k_chain *c = &chains[chain];
     int len = c->len < 0 || !q ? 0 : c->len > DS_K_MAX_CHAIN ? DS_K_MAX_CHAIN : c->len;
-    int a = 0, tok = 0;
+    int a = 0;
     for (int k = 0; k <= len; k++) {
         const float *pk = p + (size_t)(c->p_row + k) * ldp;
-        if (k < len && status && status[(size_t)blockIdx.x * DS_K_MAX_CHAIN + k] == SCREEN_ACCEPT) {
+        if (k < len && status && status[(size_t)chain * DS_K_MAX_CHAIN + k] == SCREEN_ACCEPT) {
             a++;   /* certain without p_k (ds_k_spec_screen) */
             continue;
         }
+        const float *qk = NULL;
         if (k < len) {
-            const float *qk = q + (size_t)(c->q_row + k) * ldq;
+            qk = q + (size_t)(c->q_row + k) * ldq;
             int d = c->drafts[k];
             if (d >= 0 && d < V) {
                 float pq = pk[d], qq = qk[d] > MIN_DRAFT_PROB ? qk[d] : MIN_DRAFT_PROB;
@@ -1514,17 +1590,20 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
                     continue;
                 }
             }
-            tok = draw_residual(pk, qk, V, c->u_target[k], &sm);
-        } else {
-            uint64_t total = draw_mass(pk, NULL, V, &sm);
-            tok = draw_from(pk, NULL, V, c->u_target[k], total, &sm);
         }
+        uint64_t mine = draw_mass(pk + from, qk ? qk + from : NULL, n, &sm), total, before;
+        cluster_prefix(mine, &slot, &total, &before);
+        if (qk && !((double)total / FX_ONE > RESIDUAL_MIN_MASS)) {   /* no residual to speak of: from p */
+            qk = NULL;
+            __syncthreads();
+            mine = draw_mass(pk + from, NULL, n, &sm);
+            cluster_prefix(mine, &slot, &total, &before);
+        }
+        cluster_draw(pk, qk, from, n, c->u_target[k], mine, total, before, &sm, &slot, next + chain);
         break;
     }
-    if (threadIdx.x == 0) {
-        accepted[blockIdx.x] = a;
-        next[blockIdx.x] = tok;
-    }
+    if (cl.block_rank() == 0 && threadIdx.x == 0)
+        accepted[chain] = a;
 }
 
 extern "C" cudaError_t ds_k_spec_accept(const float *p, int ldp, const float *q, int ldq,
@@ -1535,6 +1614,27 @@ extern "C" cudaError_t ds_k_spec_accept(const float *p, int ldp, const float *q,
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    accept_kernel<<<n, SAMPLE_THREADS, 0, stream>>>(p, ldp, q, ldq, chains, status, V, accepted, next);
-    return cudaGetLastError();
+    /* blocks a chain: as many as keep every chain's blocks within one wave (one 1,024-thread block an SM) */
+    static int n_sm = -1;   /* the device's (one per process) */
+    int dev = 0;
+    if (n_sm < 0 && (cudaGetDevice(&dev) != cudaSuccess ||
+                     cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess))
+        n_sm = 0;
+    int blocks = 1;
+    while (blocks < MAX_CLUSTER && (long)n * (blocks + 1) <= n_sm)
+        blocks++;
+    if ((long)n * blocks > 0x7fffffffL)
+        return cudaErrorInvalidValue;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = (unsigned)blocks;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(n * blocks));
+    cfg.blockDim = dim3(SAMPLE_THREADS);
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, accept_kernel, p, ldp, q, ldq, chains, status, V, accepted, next);
 }
