@@ -981,7 +981,7 @@ int ds_cuda_sample(struct ds_cuda_target *t, const struct ds_cuda_draft *g, int 
     }
     /* Above SCREEN_MIN_ROWS rows, drafts whose outcome one pass over the
      * logits settles need no distribution (ds_k_spec_screen); the rows the
-     * accept still reads become probabilities in place; one block per chain. */
+     * accept still reads become probabilities in place; one cluster of blocks per chain. */
     bool screen = n_all > SCREEN_MIN_ROWS && n <= 65535;   /* (the screen's grid takes 65535 chains) */
     int n_rows = n_all;
     CK(cudaMemcpyAsync(d + l.chains, chains, (size_t)n * sizeof *chains, cudaMemcpyHostToDevice, t->stream));

@@ -238,7 +238,7 @@ cudaError_t ds_k_spec_screen(const float *x /* [*, ldx] logits */, int ldx, cons
                              struct ds_k_sampling *row_params /* [Σ (len + 1)] */, int32_t *n_rows /* [1] */,
                              cudaStream_t stream);
 
-/* Chain accept/reject, one block per chain: for k = 0..len-1, draft k is
+/* Chain accept/reject, one cluster of blocks per chain: for k = 0..len-1, draft k is
  * accepted while u_accept[k] · max(q[d_k], 1e-8) < p[d_k]; the first rejection
  * draws next from the residual (ds_k_sample_residual with u_target[k]); after
  * len acceptances next is drawn from row p_row + len with u_target[len].
