@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cluster.cuh"
 #include "kernels.h"
 #include "pdl.cuh"
 #include "rowmath.cuh"
@@ -468,16 +469,8 @@ static cudaError_t argmax_launch(const float *x, int ldx, int n, int V, int32_t 
     if (n > INT32_MAX / ARGMAX_CLUSTER)
         return cudaErrorInvalidValue;
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = ARGMAX_CLUSTER;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(n * ARGMAX_CLUSTER));
-    cfg.blockDim = dim3(ARGMAX_THREADS);
-    cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg =
+        cluster_config(ARGMAX_CLUSTER, (unsigned)(n * ARGMAX_CLUSTER), ARGMAX_THREADS, 0, stream, &attr);
     return cudaLaunchKernelEx(&cfg, argmax_kernel, x, ldx, V, out, p);
 }
 

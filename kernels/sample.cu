@@ -33,6 +33,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include "cluster.cuh"
 #include "kernels.h"
 
 #define SAMPLE_THREADS 1024
@@ -762,25 +763,6 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
 
 static int forced_cluster;   /* ds_k_sampling_force_blocks_per_row's; 0: the time model */
 
-/* A launch of `blocks` blocks of probs_kernel in clusters of c, each block with `bytes` of shared memory;
- * attr is the cluster attribute cfg points to. */
-static cudaLaunchConfig_t cluster_config(int c, unsigned blocks, size_t bytes, cudaStream_t stream,
-                                         cudaLaunchAttribute *attr)
-{
-    attr->id = cudaLaunchAttributeClusterDimension;
-    attr->val.clusterDim.x = (unsigned)c;
-    attr->val.clusterDim.y = 1;
-    attr->val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(SAMPLE_THREADS);
-    cfg.dynamicSmemBytes = bytes;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cfg;
-}
-
 /* Clusters of each size 1..MAX_CLUSTER the GPU holds at once for rows of V
  * (one block per SM; a cluster stays within a GPC, so sizes waste SMs
  * differently): 0 when the slice does not fit a block's shared memory, -1 when
@@ -809,7 +791,7 @@ static const int *probs_active(int V)
             if (bytes > (size_t)smem_max)
                 continue;
             cudaLaunchAttribute attr;
-            cudaLaunchConfig_t cfg = cluster_config(c, (unsigned)c, bytes, 0, &attr);
+            cudaLaunchConfig_t cfg = cluster_config(c, (unsigned)c, SAMPLE_THREADS, bytes, 0, &attr);
             if (cudaOccupancyMaxActiveClusters(&active[c], probs_kernel, &cfg) != cudaSuccess) {
                 active[c] = -1;
                 (void)cudaGetLastError();   /* not the caller's error */
@@ -905,7 +887,7 @@ static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, co
         if (from[i] == to[i])
             continue;
         cudaLaunchAttribute attr;
-        cudaLaunchConfig_t cfg = cluster_config(size[i], (unsigned)((to[i] - from[i]) * size[i]),
+        cudaLaunchConfig_t cfg = cluster_config(size[i], (unsigned)((to[i] - from[i]) * size[i]), SAMPLE_THREADS,
                                                 (size_t)slice_len(V, size[i]) * 4, stream, &attr);
         cudaError_t e = cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids, from[i]);
         if (e != cudaSuccess)
@@ -1626,15 +1608,6 @@ extern "C" cudaError_t ds_k_spec_accept(const float *p, int ldp, const float *q,
     if ((long)n * blocks > 0x7fffffffL)
         return cudaErrorInvalidValue;
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = (unsigned)blocks;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(n * blocks));
-    cfg.blockDim = dim3(SAMPLE_THREADS);
-    cfg.stream = stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg = cluster_config(blocks, (unsigned)(n * blocks), SAMPLE_THREADS, 0, stream, &attr);
     return cudaLaunchKernelEx(&cfg, accept_kernel, p, ldp, q, ldq, chains, status, V, accepted, next);
 }

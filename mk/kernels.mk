@@ -4,7 +4,7 @@
 DS_KERNEL_SOURCES = kernels/rowwise.cu kernels/attention.cu kernels/gemm.cu kernels/draft.cu kernels/sample.cu
 if HAVE_CUDA
 noinst_LIBRARIES += libdskernels.a
-libdskernels_a_SOURCES = $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/pdl.cuh kernels/rowmath.cuh
+libdskernels_a_SOURCES = $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/cluster.cuh kernels/pdl.cuh kernels/rowmath.cuh
 libdskernels_a_LIBADD =
 # nvcc's host code needs the C++ runtime (static guards, the personality routine)
 KERNELS_LIBS = libdskernels.a $(CUDA_LIBS) -lstdc++
@@ -15,7 +15,7 @@ ENGINE_LIBS += $(KERNELS_LIBS)
 SUFFIXES = .cu
 .cu.o:
 	$(AM_V_CC)$(NVCC) $(NVCCFLAGS) -Xcompiler -Wall -I$(top_srcdir)/include -I$(top_srcdir)/kernels -I$(top_builddir) -c -o $@ $<
-$(libdskernels_a_OBJECTS): $(top_srcdir)/kernels/kernels.h $(top_srcdir)/kernels/pdl.cuh $(top_srcdir)/kernels/rowmath.cuh
+$(libdskernels_a_OBJECTS): $(top_srcdir)/kernels/kernels.h $(top_srcdir)/kernels/cluster.cuh $(top_srcdir)/kernels/pdl.cuh $(top_srcdir)/kernels/rowmath.cuh
 
 check_PROGRAMS += tests/gpu/test-kernels tests/gpu/test-cuda-engine
 tests_gpu_test_kernels_SOURCES = tests/gpu/test-kernels.c
@@ -40,7 +40,7 @@ check-gpu:
 	@echo "check-gpu: SKIP: CUDA is not configured (run configure --with-cuda on a GPU host)"
 endif
 .PHONY: check-gpu
-EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/pdl.cuh kernels/rowmath.cuh tests/gpu/test-kernels.c tests/gpu/test-cuda-engine.c \
+EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/cluster.cuh kernels/pdl.cuh kernels/rowmath.cuh tests/gpu/test-kernels.c tests/gpu/test-cuda-engine.c \
 	tests/gpu/README.md
 
 if HAVE_CUDA
