@@ -1011,11 +1011,17 @@ __device__ static int draw_from(const float *p, const float *q, int V, float u, 
     return draw_from_target(p, q, V, draw_target(u, total), sm);
 }
 
+/* Whether a residual of this mass is drawn from (else the draw falls back to p). */
+__device__ static inline bool residual_drawable(uint64_t mass)
+{
+    return (double)mass / FX_ONE > RESIDUAL_MIN_MASS;
+}
+
 /* The correction token: a draw from norm(max(0, p - q)), or from p when that mass is at most 1e-8. */
 __device__ static int draw_residual(const float *p, const float *q, int V, float u, struct draw_smem *sm)
 {
     uint64_t mass = draw_mass(p, q, V, sm);
-    if ((double)mass / FX_ONE > RESIDUAL_MIN_MASS)
+    if (residual_drawable(mass))
         return draw_from(p, q, V, u, mass, sm);
     __syncthreads();
     uint64_t total = draw_mass(p, NULL, V, sm);
@@ -1549,7 +1555,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     __shared__ uint64_t slot;
     cg::cluster_group cl = cg::this_cluster();
     int C = (int)cl.num_blocks(), chain = (int)blockIdx.x / C;
-    int slice = ((V + C - 1) / C + 31) & ~31;
+    int slice = slice_len(V, C);
     int from = (int)cl.block_rank() * slice < V ? (int)cl.block_rank() * slice : V;
     int n = (from + slice < V ? from + slice : V) - from;
     const struct ds_k_chain *c = &chains[chain];
@@ -1575,7 +1581,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         }
         uint64_t mine = draw_mass(pk + from, qk ? qk + from : NULL, n, &sm), total, before;
         cluster_prefix(mine, &slot, &total, &before);
-        if (qk && !((double)total / FX_ONE > RESIDUAL_MIN_MASS)) {   /* no residual to speak of: from p */
+        if (qk && !residual_drawable(total)) {   /* no residual to speak of: from p */
             qk = NULL;
             __syncthreads();
             mine = draw_mass(pk + from, NULL, n, &sm);
