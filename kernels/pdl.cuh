@@ -27,6 +27,38 @@ __device__ static inline void pdl_enter(void)
 #endif
 }
 
+/* The halves of pdl_enter, for a kernel that shares no data with the kernel launched after it: pdl_release
+ * lets that one start launching now; pdl_wait waits until the kernel before this one has finished and its
+ * writes are visible (at once when this one was not launched programmatically). */
+__device__ static inline void pdl_release(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ static inline void pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* Whether the device takes programmatic launches and the kernel's code waits (compiled for compute
+ * capability 9.0 or later). One device and one build per process: one answer. */
+static inline bool pdl_usable(const void *kernel)
+{
+    static int usable = -1;
+    if (usable < 0) {
+        int dev = 0, major = 0;
+        cudaFuncAttributes fa;
+        usable = cudaGetDevice(&dev) == cudaSuccess &&
+                 cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+                 cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
+    }
+    return usable == 1;
+}
+
 template <typename... P, typename... A>
 static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                               A &&...args)
@@ -39,18 +71,8 @@ static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    /* whether the device takes programmatic launches and these kernels' code waits in pdl_enter (one device
-     * and one build per process: one answer) */
-    static int usable = -1;
-    if (usable < 0) {
-        int dev = 0, major = 0;
-        cudaFuncAttributes fa;
-        usable = cudaGetDevice(&dev) == cudaSuccess &&
-                 cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
-                 cudaFuncGetAttributes(&fa, (const void *)kernel) == cudaSuccess && fa.ptxVersion >= 90;
-    }
     cfg.attrs = &attr;
-    cfg.numAttrs = usable == 1 ? 1 : 0;
+    cfg.numAttrs = pdl_usable((const void *)kernel) ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 

@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include "cluster.cuh"
+#include "pdl.cuh"
 #include "kernels.h"
 
 #define SAMPLE_THREADS 1024
@@ -47,10 +48,12 @@ static_assert(RADIX_BINS == SAMPLE_THREADS, "pick_bin gives each thread one bin"
 #define RESIDUAL_MIN_MASS 1e-8          /* below it the residual draw falls back to p */
 #define MIN_DRAFT_PROB 1e-8f            /* the acceptance test's floor under q */
 
-/* A probability as a 2^-60 fixed-point integer (rows sum to well under 8). */
+/* A probability as a 2^-60 fixed-point integer (rows sum to well under 8): p · 2^60 toward zero. The
+ * product is exact in float (a power of two, and float's range reaches 2^68 · p), so one conversion from
+ * float gives what (double)p · 2^60 would (saturated from p = 16 on, as that would be), without a second. */
 __device__ static inline uint64_t to_fx(float p)
 {
-    return p > 0.0f ? __double2ull_rz((double)p * FX_ONE) : 0;
+    return p > 0.0f ? __float2ull_rz(__fmul_rn(p, 0x1p60f)) : 0;
 }
 
 __device__ static inline int lane_id(void)
@@ -189,7 +192,6 @@ struct probs_smem {
     uint64_t wc[N_WARPS], wm[N_WARPS];
     uint64_t pick_c, pick_m, pick_n;
     int pick;
-    int n_cand;   /* tokens gathered for the radix levels after the first */
     int warp_eq[N_WARPS];
     struct probs_xchg x;
     int par;   /* the set of x the next exchange uses (thread 0's; read after a barrier) */
@@ -324,33 +326,27 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
     return j;
 }
 
-/* Copy the values of this block's tokens still in play after the first radix
- * level (bits >= lo, bits 30..20 equal to j0) to scratch[0..count); every
- * thread gets the count. Warps append in any order: the later levels only
- * histogram them. */
+/* Each warp copies the values of the tokens of its segment of the block's
+ * slice still in play after the first radix level (bits >= lo, bits 30..20
+ * equal to j0) to the start of the same segment of scratch, and returns their
+ * count (every lane of the warp gets it). No atomics, no barrier: only the
+ * warp reads its candidates again (the later levels only histogram them). */
 __device__ static int gather_candidates(const float *slice, float *scratch, uint32_t lo, uint32_t j0,
-                                        struct probs_smem *sm)
+                                        const struct probs_smem *sm)
 {
-    int n = sm->to - sm->from, lane = lane_id();
-    if (threadIdx.x == 0)
-        sm->n_cand = 0;
-    __syncthreads();
-    for (int base = 0; base < n; base += blockDim.x) {
-        int j = base + threadIdx.x;
-        uint32_t b = j < n ? __float_as_uint(slice[j]) : 0;
-        bool ok = j < n && b >= lo && b >> 20 == j0;
+    int n = sm->to - sm->from, seg = segment_len(n), lane = lane_id();
+    int from = warp_id() * seg, to = from + seg < n ? from + seg : n, count = 0;
+    for (int base = from; base < to; base += 32) {
+        int j = base + lane;
+        uint32_t b = j < to ? __float_as_uint(slice[j]) : 0;
+        bool ok = j < to && b >= lo && b >> 20 == j0;
         unsigned act = __ballot_sync(FULL_MASK, ok);
-        if (!act)
-            continue;
-        int first = __ffs(act) - 1, at = 0;
-        if (lane == first)
-            at = atomicAdd(&sm->n_cand, __popc(act));
-        at = __shfl_sync(FULL_MASK, at, first);
         if (ok)
-            scratch[at + __popc(act & ((1u << lane) - 1u))] = __uint_as_float(b);
+            scratch[from + count + __popc(act & ((1u << lane) - 1u))] = __uint_as_float(b);
+        count += __popc(act);
     }
-    __syncthreads();   /* the count, and the block's writes to scratch, seen by every thread */
-    return sm->n_cand;
+    __syncwarp();   /* the warp's writes to scratch seen by its lanes */
+    return count;
 }
 
 /* The largest bit pattern u with F(u) >= target, where F(t) is the weight
@@ -363,30 +359,35 @@ __device__ static int gather_candidates(const float *slice, float *scratch, uint
  * same steps from the same combined histograms. level0_done: the block's
  * histogram already holds the first level's (of every token, lo 0). The
  * levels after the first read only the tokens of the first level's chosen
- * bin, gathered into scratch (the block's slice of the output row, written
- * only after the select; global memory, mostly L2). */
+ * bin, each warp those of its segment, gathered into the segment's start in
+ * scratch (the block's slice of the output row, written only after the
+ * select; global memory, mostly L2). */
 __device__ static uint32_t radix_select(const float *slice, float *scratch, uint32_t lo, uint64_t target,
                                         bool by_mass, bool level0_done, struct probs_smem *sm, uint64_t *ret_c,
                                         uint64_t *ret_m, uint64_t *ret_eq)
 {
     cg::cluster_group cl = cg::this_cluster();
-    const int shifts[3] = {20, 10, 0};
     uint32_t prefix = 0;
     uint64_t above_c = 0, above_m = 0;
-    const float *src = slice;   /* what a level reads: the slice, then the gathered candidates */
-    int n = sm->to - sm->from;
+    /* what a level reads: the slice, each thread every blockDim-th token; then the warp's candidates,
+     * each lane every 32nd */
+    const float *src = slice;
+    int n = sm->to - sm->from, first = threadIdx.x, step = blockDim.x;
     for (int level = 0; level < 3; level++) {
-        int shift = shifts[level];
-        int keep = level == 0 ? 31 : shifts[level - 1];   /* the bits fixed by the levels before */
+        int shift = 20 - 10 * level;                      /* the level's bits: from 30..20 down to 9..0 */
+        int keep = level == 0 ? 31 : shift + 10;           /* the bits fixed by the levels before */
         if (level == 1) {
-            n = gather_candidates(slice, scratch, lo, prefix >> 20, sm);
-            src = scratch;
+            int from = warp_id() * segment_len(n);
+            n = gather_candidates(slice, scratch, lo, prefix >> 20, sm);   /* the warp's */
+            src = scratch + from;
+            first = lane_id();
+            step = 32;
         }
         if (level > 0 || !level0_done) {
             hist_clear(sm);
             __syncthreads();
-            for (int base = 0; base < n; base += blockDim.x) {
-                int j = base + threadIdx.x;
+            for (int base = 0; base < n; base += step) {   /* (n and step are the same over each warp) */
+                int j = base + first;
                 float v = j < n ? src[j] : 0.0f;
                 uint32_t b = __float_as_uint(v);
                 bool ok = j < n && b >= lo && (b >> keep) == (prefix >> keep);
@@ -636,9 +637,8 @@ static __host__ __device__ inline int slice_len(int V, int c)
 
 /* One row per cluster (gridDim.x = rows × cluster size), rows row0 on; dynamic shared memory: the block's
  * slice. */
-__global__ static void __launch_bounds__(SAMPLE_THREADS)
-    probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
-                 int ldo, const float *uniform, int32_t *ids, int row0)
+__device__ static void probs_row(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params,
+                                 int V, float *out, int ldo, const float *uniform, int32_t *ids, int row0)
 {
     __shared__ struct probs_smem sm;
     extern __shared__ __align__(16) float slice[];   /* [slice_len(V, c)]: x, then e, then probabilities */
@@ -754,6 +754,19 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     if (ids)
         draw_in_cluster(slice, uniform[row], dp, &sm, ids + row);
     cl.sync();
+}
+
+/* probs_row. A launch in two parts (probs_launch) runs the second while the first ends: the parts' rows are
+ * disjoint, so the first lets the second launch at once (its blocks take SMs as the first's leave), and the
+ * second waits for the first only before it exits, so that what follows the second follows both. (A kernel
+ * after a launch in one part may launch early too: a pdl_launch waits for this one in pdl_enter.) */
+__global__ static void __launch_bounds__(SAMPLE_THREADS)
+    probs_kernel(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params, int V, float *out,
+                 int ldo, const float *uniform, int32_t *ids, int row0)
+{
+    pdl_release();
+    probs_row(x, ldx, rows, params, V, out, ldo, uniform, ids, row0);
+    pdl_wait();
 }
 
 /* A row's fixed cost in the time model below, in tokens of slice: a cluster
@@ -886,9 +899,14 @@ static cudaError_t probs_launch(const float *x, int ldx, const int32_t *rows, co
     for (int i = 0; i < 2; i++) {
         if (from[i] == to[i])
             continue;
-        cudaLaunchAttribute attr;
+        cudaLaunchAttribute attr[2];
         cudaLaunchConfig_t cfg = cluster_config(size[i], (unsigned)((to[i] - from[i]) * size[i]), SAMPLE_THREADS,
-                                                (size_t)slice_len(V, size[i]) * 4, stream, &attr);
+                                                (size_t)slice_len(V, size[i]) * 4, stream, &attr[0]);
+        if (i == 1 && pdl_usable((const void *)probs_kernel)) {   /* the second part overlaps the first */
+            attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[1].val.programmaticStreamSerializationAllowed = 1;
+            cfg.numAttrs = 2;
+        }
         cudaError_t e = cudaLaunchKernelEx(&cfg, probs_kernel, x, ldx, rows, params, V, out, ldo, u, ids, from[i]);
         if (e != cudaSuccess)
             return e;
@@ -1271,7 +1289,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     }
     for (j += threadIdx.x; j < V; j += blockDim.x)
         screen_add(p, xr[j], j, b);
-    /* the warp's parts, then the block's (in double, by thread 0) */
+    /* the warp's parts, then the block's (in double, by warp 0) */
     for (int o = 16; o > 0; o >>= 1) {
         struct screen_part r;
         r.m = __shfl_xor_sync(FULL_MASK, p.m, o);
@@ -1290,12 +1308,20 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     if (lane_id() == 0)
         warp_part[warp_id()] = p;
     __syncthreads();
-    if (threadIdx.x != 0)
+    /* warp 0 merges the warps' parts, lane w taking warp w's (butterflies: a fixed order); lane 0 then
+     * gives the verdict */
+    if (threadIdx.x >= 32)
         return;
+    static_assert(N_WARPS == 32, "a lane of warp 0 for each warp's part");
+    const struct screen_part &wp = warp_part[lane_id()];
     float m = -INFINITY;
     int im = 0x7fffffff;
-    for (int w = 0; w < N_WARPS; w++)
-        better(m, im, warp_part[w].m, warp_part[w].im);
+    better(m, im, wp.m, wp.im);
+    for (int o = 16; o > 0; o >>= 1) {
+        float om = __shfl_xor_sync(FULL_MASK, m, o);
+        int oi = __shfl_xor_sync(FULL_MASK, im, o);
+        better(m, im, om, oi);
+    }
     if (im == 0x7fffffff)
         im = 0;   /* ds_argmax's answer for a row that nothing beats -inf in */
     const float *qk = q + (size_t)(c->q_row + k) * ldq;
@@ -1305,17 +1331,26 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
     if (!b.soft) {   /* one-hot at the first maximum */
         out = d == im && uq < 1.0 ? SCREEN_ACCEPT : SCREEN_REJECT;
     } else {
-        double sum[SCREEN_SUMS] = {0};
-        long cnt[SCREEN_COUNTS] = {0};
-        for (int w = 0; w < N_WARPS; w++) {
-            for (int i = 0; i < SCREEN_COUNTS; i++)
-                cnt[i] += warp_part[w].c[i];
-            if (warp_part[w].m == -INFINITY && !isnan(warp_part[w].s[0]))
-                continue;   /* (a warp of NaN logits is not skipped: Z becomes NaN, every verdict unsure) */
-            double f = exp((double)(warp_part[w].m - m) * b.inv_t);
-            for (int i = 0; i < SCREEN_SUMS; i++)
-                sum[i] += (double)warp_part[w].s[i] * f;
+        double sum[SCREEN_SUMS];
+        int cnt[SCREEN_COUNTS];   /* (each at most V) */
+        /* a part of no finite value adds nothing (but a warp of NaN logits does: Z becomes NaN, every
+         * verdict unsure) */
+        bool skip = wp.m == -INFINITY && !isnan(wp.s[0]);
+        double f = skip ? 0.0 : exp((double)(wp.m - m) * b.inv_t);
+#pragma unroll
+        for (int i = 0; i < SCREEN_COUNTS; i++) {
+            cnt[i] = wp.c[i];   /* (0 without top-k) */
+            for (int o = 16; o > 0; o >>= 1)
+                cnt[i] += __shfl_xor_sync(FULL_MASK, cnt[i], o);
         }
+#pragma unroll
+        for (int i = 0; i < SCREEN_SUMS; i++) {
+            sum[i] = skip ? 0.0 : (double)wp.s[i] * f;
+            for (int o = 16; o > 0; o >>= 1)
+                sum[i] += __shfl_xor_sync(FULL_MASK, sum[i], o);
+        }
+        if (lane_id() != 0)
+            return;
         const double lo = 1.0 - SCREEN_SLACK(V), hi = 1.0 + SCREEN_SLACK(V);
         double Z = sum[0], vd = exp((double)(xd - m) * b.inv_t) / Z;
         /* the band must hold every token whose probability can round to p[d]'s:
@@ -1419,7 +1454,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
             uq >= (vd * hi + SCREEN_FLOOR) * Z * (hi / lo))
             out = SCREEN_REJECT;
     }
-    *st = out;
+    if (lane_id() == 0)
+        *st = out;
 }
 
 /* One block: the rows each chain's accept may read without a certain
