@@ -18,7 +18,8 @@
  * is normalized, the others over the first level's chosen bin alone), then
  * keep every larger value and, of the tokens equal to it, the lowest ids (the
  * ranking's tie rule). A launch whose last wave of clusters would be partial
- * can go as two, the second in smaller slices (a time model decides).
+ * can go as two, the second in smaller slices (a time model decides), started
+ * while the first runs (programmatic dependent launch).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
@@ -73,20 +74,26 @@ __device__ static inline int segment_len(int V)
 }
 
 /* ---- block reductions (every thread gets the result) ---- */
-/* A sum in a fixed order (butterflies in each warp, then the warps in order), so
- * a double sum does not depend on scheduling; T is uint64_t or double. */
-template <typename T> __device__ static T block_sum(T v, T *red /* [N_WARPS] */)
+/* Σ of a T over the warp, in butterflies (a fixed order). */
+template <typename T> __device__ static inline T warp_sum(T v)
 {
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+/* A sum in a fixed order (butterflies in each warp, then over the warps' sums,
+ * lane w taking warp w's), so a double sum does not depend on scheduling; T is
+ * uint64_t or double. */
+template <typename T> __device__ static T block_sum(T v, T *red /* [N_WARPS] */)
+{
+    static_assert(N_WARPS == 32, "a lane for each warp's sum");
+    v = warp_sum(v);
     __syncthreads();
     if (lane_id() == 0)
         red[warp_id()] = v;
     __syncthreads();
-    T s = 0;
-    for (int i = 0; i < N_WARPS; i++)
-        s += red[i];
-    return s;
+    return warp_sum(red[lane_id()]);
 }
 
 /* (bv, bi) becomes the better of itself and (v, i): larger value, then lower index. */
@@ -107,13 +114,6 @@ __device__ static inline uint64_t weight(const float *p, const float *q, int i)
     return to_fx(r > 0.0f ? r : 0.0f);
 }
 
-/* Σ of a u64 over the warp. */
-__device__ static inline uint64_t warp_sum_u64(uint64_t x)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        x += __shfl_xor_sync(FULL_MASK, x, o);
-    return x;
-}
 
 /* floor(u · total) exactly, u taken as a 32-bit fraction (24 bits for ds_uniform): the
  * running weight a draw must pass (ds_sample_probs). */
@@ -143,7 +143,7 @@ __device__ static int warp_crossing(const float *p, const float *q, int from, in
         }
 #pragma unroll
         for (int u = 0; u < 4; u++)
-            t[u] = warp_sum_u64(w[u]);
+            t[u] = warp_sum(w[u]);
         int u = 0;
         while (u < 4 && run + t[u] <= target) {
             run += t[u];
@@ -254,7 +254,7 @@ __device__ static void hist_add(bool ok, int bin, uint64_t w, bool count, struct
     int first = __ffs(act) - 1;
     int b0 = __shfl_sync(FULL_MASK, bin, first);
     if (__all_sync(FULL_MASK, !ok || bin == b0)) {
-        uint64_t sum = warp_sum_u64(ok ? w : 0);
+        uint64_t sum = warp_sum(ok ? w : 0);
         if (lane_id() == first) {
             if (count)
                 atomicAdd(&sm->hc[b0], (unsigned)__popc(act));
@@ -303,10 +303,8 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
         sm->wm[w] = m;
     }
     __syncthreads();
-    for (int k = 0; k < w; k++) {
-        c += sm->wc[k];
-        m += sm->wm[k];
-    }
+    c += warp_sum(lane < w ? sm->wc[lane] : (uint64_t)0);   /* the warps before this one */
+    m += warp_sum(lane < w ? sm->wm[lane] : (uint64_t)0);
     /* c, m: the bins from the top down to this one; less this one: those above it */
     uint64_t c_above = c - bc, m_above = m - bm;
     uint64_t incl = *(by_mass ? above_m : above_c) + (by_mass ? m : c);
@@ -584,7 +582,7 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
     cg::cluster_group cl = cg::this_cluster();
     int n = sm->to - sm->from, seg = segment_len(n), w = warp_id(), lane = lane_id();
     int a = w * seg, e = a + seg < n ? a + seg : n;
-    uint64_t acc = warp_sum_u64(dp.acc);
+    uint64_t acc = warp_sum(dp.acc);
     int last = dp.last;
     for (int o = 16; o > 0; o >>= 1)
         last = max(last, __shfl_xor_sync(FULL_MASK, last, o));
@@ -594,13 +592,10 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
         sm->si[w] = last;
     }
     __syncthreads();
-    uint64_t block = 0, before = 0;
-    int block_last = -1;
-    for (int k = 0; k < N_WARPS; k++) {
-        block += sm->wm[k];
-        before += k < w ? sm->wm[k] : 0;
-        block_last = max(block_last, sm->si[k]);
-    }
+    uint64_t block = warp_sum(sm->wm[lane]), before = warp_sum(lane < w ? sm->wm[lane] : (uint64_t)0);
+    int block_last = sm->si[lane];
+    for (int o = 16; o > 0; o >>= 1)
+        block_last = max(block_last, __shfl_xor_sync(FULL_MASK, block_last, o));
     int p = sm->par;
     if (threadIdx.x == 0) {
         sm->x.u[p] = block;
@@ -1000,7 +995,7 @@ __device__ static int draw_from_target(const float *p, const float *q, int V, ui
     uint64_t acc = 0;
     for (int i = from + lane; i < to; i += 32)
         acc += weight(p, q, i);
-    acc = warp_sum_u64(acc);
+    acc = warp_sum(acc);
     if (lane == 0)
         sm->piece_sum[w] = acc;
     __syncthreads();
