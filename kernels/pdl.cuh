@@ -9,7 +9,10 @@
  * that kernel has finished and its writes are visible, then lets the next
  * kernel start launching in turn. What is saved is the launch
  * latency between consecutive small kernels (most of a decoding pass's
- * kernels are a few microseconds long). Arithmetic is unchanged. Needs a
+ * kernels are a few microseconds long). Arithmetic is unchanged. Kernels
+ * that share no data with the kernel after them use its halves instead
+ * (pdl_release first, pdl_wait last: the sampling distribution's two parts,
+ * which then run together). Needs a
  * device of compute capability 9.0 and kernels compiled for it (pdl_enter is
  * empty below that); elsewhere both are plain launches and no-ops. */
 #ifndef DS_PDL_CUH
