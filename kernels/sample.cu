@@ -73,12 +73,28 @@ __device__ static inline int segment_len(int V)
     return ((V + N_WARPS - 1) / N_WARPS + 31) & ~31;
 }
 
+/* This warp's segment [*from, *to) of a row of n (empty past the row's end). */
+__device__ static inline void warp_segment(int n, int *from, int *to)
+{
+    int seg = segment_len(n);
+    *from = warp_id() * seg;
+    *to = *from + seg < n ? *from + seg : n;
+}
+
 /* ---- block reductions (every thread gets the result) ---- */
 /* Σ of a T over the warp, in butterflies (a fixed order). */
 template <typename T> __device__ static inline T warp_sum(T v)
 {
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+/* The largest int over the warp. */
+__device__ static inline int warp_max(int v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = max(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
 }
 
@@ -324,16 +340,15 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
     return j;
 }
 
-/* Each warp copies the values of the tokens of its segment of the block's
- * slice still in play after the first radix level (bits >= lo, bits 30..20
- * equal to j0) to the start of the same segment of scratch, and returns their
- * count (every lane of the warp gets it). No atomics, no barrier: only the
- * warp reads its candidates again (the later levels only histogram them). */
-__device__ static int gather_candidates(const float *slice, float *scratch, uint32_t lo, uint32_t j0,
-                                        const struct probs_smem *sm)
+/* Each warp copies the values of the tokens of its segment [from, to) of the
+ * block's slice still in play after the first radix level (bits >= lo, bits
+ * 30..20 equal to j0) to the start of the same segment of scratch, and returns
+ * their count (every lane of the warp gets it). No atomics, no barrier: only
+ * the warp reads its candidates again (the later levels only histogram them). */
+__device__ static int gather_candidates(const float *slice, float *scratch, int from, int to, uint32_t lo,
+                                        uint32_t j0)
 {
-    int n = sm->to - sm->from, seg = segment_len(n), lane = lane_id();
-    int from = warp_id() * seg, to = from + seg < n ? from + seg : n, count = 0;
+    int lane = lane_id(), count = 0;
     for (int base = from; base < to; base += 32) {
         int j = base + lane;
         uint32_t b = j < to ? __float_as_uint(slice[j]) : 0;
@@ -375,8 +390,9 @@ __device__ static uint32_t radix_select(const float *slice, float *scratch, uint
         int shift = 20 - 10 * level;                      /* the level's bits: from 30..20 down to 9..0 */
         int keep = level == 0 ? 31 : shift + 10;           /* the bits fixed by the levels before */
         if (level == 1) {
-            int from = warp_id() * segment_len(n);
-            n = gather_candidates(slice, scratch, lo, prefix >> 20, sm);   /* the warp's */
+            int from, to;
+            warp_segment(n, &from, &to);
+            n = gather_candidates(slice, scratch, from, to, lo, prefix >> 20);   /* the warp's */
             src = scratch + from;
             first = lane_id();
             step = 32;
@@ -437,8 +453,8 @@ __device__ static inline void draw_part_add(struct draw_part &dp, float p, int i
 __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
                                   float renorm, struct probs_smem *sm, bool draw, struct draw_part &dp)
 {
-    int seg = segment_len(sm->to - sm->from), w = warp_id(), lane = lane_id();
-    int from = w * seg, to = from + seg < sm->to - sm->from ? from + seg : sm->to - sm->from;
+    int from, to, w = warp_id(), lane = lane_id();
+    warp_segment(sm->to - sm->from, &from, &to);
     if (n_eq_all > 0 && m >= n_eq_all) {
         for (int base = from; base < to; base += 32) {
             int j = base + lane;
@@ -563,7 +579,8 @@ __device__ static int row_argmax(const float *x, float *slice, struct probs_smem
 /* The lane's draw_part from the block's slice. */
 __device__ static struct draw_part draw_scan(const float *slice, const struct probs_smem *sm)
 {
-    int n = sm->to - sm->from, seg = segment_len(n), a = warp_id() * seg, e = a + seg < n ? a + seg : n;
+    int a, e;
+    warp_segment(sm->to - sm->from, &a, &e);
     struct draw_part dp = {0, -1};
     for (int j = a + lane_id(); j < e; j += 32)
         draw_part_add(dp, slice[j], sm->from + j);
@@ -580,12 +597,10 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
                                        int32_t *id)
 {
     cg::cluster_group cl = cg::this_cluster();
-    int n = sm->to - sm->from, seg = segment_len(n), w = warp_id(), lane = lane_id();
-    int a = w * seg, e = a + seg < n ? a + seg : n;
+    int a, e, w = warp_id(), lane = lane_id();
+    warp_segment(sm->to - sm->from, &a, &e);
     uint64_t acc = warp_sum(dp.acc);
-    int last = dp.last;
-    for (int o = 16; o > 0; o >>= 1)
-        last = max(last, __shfl_xor_sync(FULL_MASK, last, o));
+    int last = warp_max(dp.last);
     __syncthreads();
     if (lane == 0) {
         sm->wm[w] = acc;
@@ -593,9 +608,7 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
     }
     __syncthreads();
     uint64_t block = warp_sum(sm->wm[lane]), before = warp_sum(lane < w ? sm->wm[lane] : (uint64_t)0);
-    int block_last = sm->si[lane];
-    for (int o = 16; o > 0; o >>= 1)
-        block_last = max(block_last, __shfl_xor_sync(FULL_MASK, block_last, o));
+    int block_last = warp_max(sm->si[lane]);
     int p = sm->par;
     if (threadIdx.x == 0) {
         sm->x.u[p] = block;
@@ -935,8 +948,8 @@ struct draw_smem {
 /* Σ of the weights; every thread gets it (and sm->warp_sum holds each warp segment's share). */
 __device__ static uint64_t draw_mass(const float *p, const float *q, int V, struct draw_smem *sm)
 {
-    int seg = segment_len(V), w = warp_id(), lane = lane_id();
-    int from = w * seg, to = from + seg < V ? from + seg : V;
+    int from, to, w = warp_id(), lane = lane_id();
+    warp_segment(V, &from, &to);
     uint64_t acc = 0;
     int i = from + lane;
     for (; i + 7 * 32 < to; i += 8 * 32)   /* eight reads in flight (integer sums: any order) */
