@@ -121,6 +121,20 @@ cudaError_t ds_k_qk_norm_rope_append_bf16(float *q /* [n, ldq] holding [nH, hd] 
                                           uint16_t *k_cache /* [n_pages, page_size, nKV, hd] */,
                                           uint16_t *v_cache /* [n_pages, page_size, nKV, hd] */,
                                           cudaStream_t stream);
+/* ds_k_qk_norm_rope_append_bf16's keys-only form (nH 0) for several layers'
+ * k and v heads in one launch, as the draft's context rows hold them: layer
+ * l's [nKV, hd] k heads at k + l ld_layer in each row (its v heads at v + l
+ * ld_layer), its norm weights at k_norms + l hd, its caches at k_cache and
+ * v_cache + l cache_layer. Each layer's bits are those of its own launch. */
+cudaError_t ds_k_k_norm_rope_append_layers_bf16(float *k /* [n, ld] */, const float *v /* [n, ld] */, int ld,
+                                                int layers, int ld_layer, const float *k_norms /* [layers, hd] */,
+                                                const float *inv_freq /* [hd / 2] */, const int32_t *pos /* [n] */,
+                                                const int32_t *seq /* [n] */,
+                                                const int32_t *page_table /* [n_seqs, max_pages] */, int max_pages,
+                                                int page_size, int n, int nKV, int hd, float eps,
+                                                uint16_t *k_cache /* [layers, cache_layer] */,
+                                                uint16_t *v_cache /* [layers, cache_layer] */, size_t cache_layer,
+                                                cudaStream_t stream);
 /* ds_k_kv_append into a bf16 cache. */
 cudaError_t ds_k_kv_append_bf16(const float *k /* [n, ldk] */, int ldk, const float *v /* [n, ldv] */, int ldv,
                                 const int32_t *seq /* [n] */, const int32_t *pos /* [n] */,

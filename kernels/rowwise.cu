@@ -175,17 +175,23 @@ struct kv_slots {
     const int32_t *seq, *page_table;
     int max_pages, page_size;
     __nv_bfloat16 *k_cache, *v_cache;   /* [n_pages, page_size, nKV, hd] */
+    /* k heads in layers of nKV (1 but for the draft's context rows): layer l's k and v heads at l ld_layer
+     * further in their rows, its k norm weights at k_norm + l hd, its caches at l cache_layer further */
+    int layers, ld_layer;
+    size_t cache_layer;
 };
 
 /* Block (t, y), warp w: head h = y W + w (W warps a block, qk_warps); heads
- * 0..nH-1 are q's, nH..nH+nKV-1 are k's; a k head also goes to the cache
- * after RoPE, with its v head, when there is one. The head's sum of squares
+ * 0..nH-1 are q's, nH..nH+nKV-1 are k's (and on, one run of nKV a layer); a k
+ * head also goes to the cache after RoPE, with its v head, when there is one. The head's sum of squares
  * is block_sum's over HEAD_THREADS threads, emulated in the warp: virtual
  * thread v < HEAD_THREADS sums elements v, v + HEAD_THREADS, ... in turn, each
  * 32 of them by a butterfly (lane 0's value), then those sums in order. The
  * token's rotations are computed once a block into shared memory. (One block
  * per (token, head) was tens of thousands of tiny blocks at a verification
- * pass, with each block computing its token's rotations again.) */
+ * pass, with each block computing its token's rotations again.) LAYERS: k
+ * heads of kv.layers layers (else one, and none of the layer arithmetic). */
+template <bool LAYERS>
 __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk, const float *q_norm,
                                            const float *k_norm, const float *inv_freq, const int32_t *pos,
                                            int nH, int nKV, int hd, float eps, struct kv_slots kv)
@@ -205,16 +211,21 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
     }
     pdl_enter();
     __syncthreads();
-    if (h >= nH + nKV)
+    if (h >= nH + nKV * (LAYERS ? kv.layers : 1))
         return;
     float *x;
     const float *wn;
+    int layer = 0, kh = h - nH;   /* a k head's layer, and its head within the layer */
     if (h < nH) {
         x = q + (size_t)t * ldq + (size_t)h * hd;
         wn = q_norm;
     } else {
-        x = k + (size_t)t * ldk + (size_t)(h - nH) * hd;
-        wn = k_norm;
+        if (LAYERS) {
+            layer = kh / nKV;
+            kh -= layer * nKV;
+        }
+        x = k + (size_t)t * ldk + (size_t)layer * kv.ld_layer + (size_t)kh * hd;
+        wn = k_norm + (size_t)layer * hd;
     }
 #pragma unroll 4
     for (int i = lane; i < hd; i += 32)   /* every load in flight at once */
@@ -241,10 +252,11 @@ __global__ static void qk_norm_rope_kernel(float *q, int ldq, float *k, int ldk,
     if (h >= nH && kv.k_cache) {
         int slot = pos[t];
         int page = kv.page_table[(size_t)kv.seq[t] * kv.max_pages + slot / kv.page_size];
-        size_t dst = ((size_t)page * kv.page_size + slot % kv.page_size) * ((size_t)nKV * hd) + (size_t)(h - nH) * hd;
+        size_t dst = (size_t)layer * kv.cache_layer +
+                     ((size_t)page * kv.page_size + slot % kv.page_size) * ((size_t)nKV * hd) + (size_t)kh * hd;
         kc = kv.k_cache + dst;
         vc = kv.v_cache + dst;
-        const float *vr = kv.v + (size_t)t * kv.ldv + (size_t)(h - nH) * hd;
+        const float *vr = kv.v + (size_t)t * kv.ldv + (size_t)layer * kv.ld_layer + (size_t)kh * hd;
         for (int i = lane; i < hd; i += 32)
             vc[i] = __float2bfloat16_rn(vr[i]);
     }
@@ -275,6 +287,12 @@ static bool qk_norm_rope_ok(int n, int ldq, int ldk, int nH, int nKV, int hd)
            ldq >= nH * hd && ldk >= nKV * hd;
 }
 
+static bool kv_slots_ok(int ldv, int nKV, int hd, int max_pages, int page_size, const uint16_t *k_cache,
+                        const uint16_t *v_cache)
+{
+    return nKV > 0 && ldv >= nKV * hd && max_pages > 0 && page_size > 0 && k_cache && v_cache;
+}
+
 static cudaError_t qk_norm_rope_launch(float *q, int ldq, float *k, int ldk, const float *q_norm, const float *k_norm,
                                        const float *inv_freq, const int32_t *pos, int n, int nH, int nKV, int hd,
                                        float eps, struct kv_slots kv, cudaStream_t stream)
@@ -282,10 +300,11 @@ static cudaError_t qk_norm_rope_launch(float *q, int ldq, float *k, int ldk, con
     if (n == 0 || nH + nKV == 0)
         return cudaSuccess;
     int W = qk_warps(hd);
-    dim3 grid((unsigned)n, (unsigned)((nH + nKV + W - 1) / W));
+    dim3 grid((unsigned)n, (unsigned)((nH + nKV * kv.layers + W - 1) / W));
     size_t smem = ((size_t)hd + (size_t)W * hd) * sizeof(float);   /* the rotations, then a head per warp */
-    return pdl_launch(qk_norm_rope_kernel, grid, dim3((unsigned)(W * 32)), smem, stream, q, ldq, k, ldk, q_norm,
-                      k_norm, inv_freq, pos, nH, nKV, hd, eps, kv);
+    return pdl_launch(kv.layers > 1 ? qk_norm_rope_kernel<true> : qk_norm_rope_kernel<false>, grid,
+                      dim3((unsigned)(W * 32)), smem, stream, q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, nH, nKV,
+                      hd, eps, kv);
 }
 
 extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, const float *q_norm,
@@ -295,6 +314,7 @@ extern "C" cudaError_t ds_k_qk_norm_rope(float *q, int ldq, float *k, int ldk, c
     if (!qk_norm_rope_ok(n, ldq, ldk, nH, nKV, hd))
         return cudaErrorInvalidValue;
     struct kv_slots none = {};
+    none.layers = 1;
     return qk_norm_rope_launch(q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, n, nH, nKV, hd, eps, none, stream);
 }
 
@@ -305,12 +325,27 @@ extern "C" cudaError_t ds_k_qk_norm_rope_append_bf16(float *q, int ldq, float *k
                                                      int nH, int nKV, int hd, float eps, uint16_t *k_cache,
                                                      uint16_t *v_cache, cudaStream_t stream)
 {
-    if (!qk_norm_rope_ok(n, ldq, ldk, nH, nKV, hd) || nKV == 0 || ldv < nKV * hd || max_pages <= 0 ||
-        page_size <= 0 || !k_cache || !v_cache)
+    if (!qk_norm_rope_ok(n, ldq, ldk, nH, nKV, hd) || !kv_slots_ok(ldv, nKV, hd, max_pages, page_size, k_cache, v_cache))
         return cudaErrorInvalidValue;
     struct kv_slots kv = {v, ldv, seq, page_table, max_pages, page_size, (__nv_bfloat16 *)k_cache,
-                          (__nv_bfloat16 *)v_cache};
+                          (__nv_bfloat16 *)v_cache, 1, 0, 0};
     return qk_norm_rope_launch(q, ldq, k, ldk, q_norm, k_norm, inv_freq, pos, n, nH, nKV, hd, eps, kv, stream);
+}
+
+extern "C" cudaError_t ds_k_k_norm_rope_append_layers_bf16(float *k, const float *v, int ld, int layers, int ld_layer,
+                                                          const float *k_norms, const float *inv_freq,
+                                                          const int32_t *pos, const int32_t *seq,
+                                                          const int32_t *page_table, int max_pages, int page_size,
+                                                          int n, int nKV, int hd, float eps, uint16_t *k_cache,
+                                                          uint16_t *v_cache, size_t cache_layer, cudaStream_t stream)
+{
+    if (!qk_norm_rope_ok(n, 0, ld, 0, nKV, hd) || !kv_slots_ok(ld, nKV, hd, max_pages, page_size, k_cache, v_cache) ||
+        layers <= 0 || (long long)nKV * layers > 65535 || ld_layer < 0 ||
+        (long long)(layers - 1) * ld_layer + nKV * hd > ld)
+        return cudaErrorInvalidValue;
+    struct kv_slots kv = {v, ld, seq, page_table, max_pages, page_size, (__nv_bfloat16 *)k_cache,
+                          (__nv_bfloat16 *)v_cache, layers, ld_layer, cache_layer};
+    return qk_norm_rope_launch(k, 0, k, ld, k_norms, k_norms, inv_freq, pos, n, 0, nKV, hd, eps, kv, stream);
 }
 
 /* ---- SwiGLU ---- */

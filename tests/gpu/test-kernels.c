@@ -362,6 +362,80 @@ static bool test_qk_norm_rope_append(void)
     return ok;
 }
 
+/* ds_k_k_norm_rope_append_layers_bf16 against one ds_k_qk_norm_rope_append_bf16
+ * (keys only) a layer: the rows and both caches bit for bit, three layers laid
+ * out as the draft's context rows ([layer][k heads, v heads] in each row). */
+static bool test_k_norm_rope_append_layers(void)
+{
+    enum { N_SEQS = 2, MAX_PAGES = 4, PAGE = 16, N_PAGES = 9, L = 3 };
+    int n = 21, nKV = 8, hd = 128, kvw = nKV * hd, ld = 2 * L * kvw;
+    size_t bytes = (size_t)n * ld * sizeof(float), layer = (size_t)N_PAGES * PAGE * kvw;
+    size_t cache = L * layer * 2;
+    float *rows = rnd_vec((size_t)n * ld), *norms = rnd_vec((size_t)L * hd);
+    int32_t *pos = hmalloc((size_t)n * 4), *seq = hmalloc((size_t)n * 4);
+    int32_t pt[N_SEQS * MAX_PAGES] = {7, 2, 5, 0, 1, 8, 3, 6};
+    for (int t = 0; t < n; t++) {
+        seq[t] = t % 2;
+        pos[t] = seq[t] ? 40 + t / 2 : 3 + t / 2;
+    }
+    float *d_norms = dup_to_dev(norms, (size_t)L * hd * 4), *d_if = dup_to_dev(rope_freqs(hd, 1e6), (size_t)hd / 2 * 4);
+    int32_t *d_pos = dup_to_dev(pos, (size_t)n * 4), *d_seq = dup_to_dev(seq, (size_t)n * 4);
+    int32_t *d_pt = dup_to_dev(pt, sizeof pt);
+    float *a = dup_to_dev(rows, bytes), *b = dup_to_dev(rows, bytes);
+    uint16_t *ka = dpoison(cache), *va = dpoison(cache), *kb = dpoison(cache), *vb = dpoison(cache);
+    for (int l = 0; l < L; l++) {
+        float *k = a + (size_t)l * 2 * kvw;
+        if (!launched(ds_k_qk_norm_rope_append_bf16(k, ld, k, ld, k + kvw, ld, d_norms + l * hd, d_norms + l * hd, d_if,
+                                                    d_pos, d_seq, d_pt, MAX_PAGES, PAGE, n, 0, nKV, hd, 1e-6f,
+                                                    ka + l * layer, va + l * layer, 0),
+                      "qk_norm_rope_append_bf16, a layer"))
+            return false;
+    }
+    if (!launched(ds_k_k_norm_rope_append_layers_bf16(b, b + kvw, ld, L, 2 * kvw, d_norms, d_if, d_pos, d_seq, d_pt,
+                                                      MAX_PAGES, PAGE, n, nKV, hd, 1e-6f, kb, vb, layer, 0),
+                  "k_norm_rope_append_layers_bf16"))
+        return false;
+    bool ok = same_bits("layers in one launch: rows", dup_to_host(b, bytes), dup_to_host(a, bytes), bytes);
+    ok &= same_bits("layers in one launch: K caches", dup_to_host(kb, cache), dup_to_host(ka, cache), cache);
+    ok &= same_bits("layers in one launch: V caches", dup_to_host(vb, cache), dup_to_host(va, cache), cache);
+    /* and the bounds: a layer stride that runs past the row */
+    ok &= ds_k_k_norm_rope_append_layers_bf16(b, b + kvw, ld, L, 3 * kvw, d_norms, d_if, d_pos, d_seq, d_pt,
+                                              MAX_PAGES, PAGE, n, nKV, hd, 1e-6f, kb, vb, layer,
+                                              0) == cudaErrorInvalidValue;
+    free_all();
+    return ok;
+}
+
+/* ds_k_gather_bf16 against round-to-nearest-even on the host: picked rows,
+ * four columns a thread (aligned) and one (an odd width and leading dimension). */
+static bool test_gather_bf16(void)
+{
+    int n = 13, src_rows = 40;
+    bool ok = true;
+    for (int vec = 1; vec >= 0; vec--) {
+        int w = vec ? 1024 : 1021, ldx = vec ? 1032 : 1023, ldo = vec ? 1028 : 1025;
+        float *x = rnd_vec((size_t)src_rows * ldx);
+        for (size_t i = 0; i < (size_t)src_rows * ldx; i++)
+            x[i] *= 100.0f;
+        int32_t *rows = hmalloc((size_t)n * 4);
+        for (int i = 0; i < n; i++)
+            rows[i] = (int32_t)(rnd_u32() % (uint32_t)src_rows);
+        size_t out_bytes = (size_t)n * ldo * 2;
+        uint16_t *ref = hmalloc(out_bytes), *d_out = dpoison(out_bytes);
+        if (!launched(ds_k_gather_bf16(dup_to_dev(x, (size_t)src_rows * ldx * 4), ldx, dup_to_dev(rows, (size_t)n * 4),
+                                       n, w, d_out, ldo, 0), "gather_bf16"))
+            return false;
+        uint16_t *got = dup_to_host(d_out, out_bytes);
+        memcpy(ref, got, out_bytes);   /* the padding past w is not the kernel's */
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < w; c++)
+                ref[(size_t)i * ldo + c] = f32_to_bf16(x[(size_t)rows[i] * ldx + c]);
+        ok &= same_bits(vec ? "gather_bf16, four a thread" : "gather_bf16, one a thread", got, ref, out_bytes);
+        free_all();
+    }
+    return ok;
+}
+
 static bool test_swiglu(void)
 {
     int n = 7, I = 3000;
@@ -1947,6 +2021,9 @@ static const struct {
     {"residual add + rmsnorm", test_add_rmsnorm},
     {"per-head q/k rmsnorm + rope against ds_rmsnorm/ds_rope", test_qk_norm_rope},
     {"q/k rmsnorm + rope + kv append in one launch = the two launches", test_qk_norm_rope_append},
+    {"k rmsnorm + rope + kv append of several layers in one launch = a launch a layer",
+     test_k_norm_rope_append_layers},
+    {"gather_bf16 against host rounding, vectorized and not", test_gather_bf16},
     {"swiglu", test_swiglu},
     {"argmax, ties to the lowest index", test_argmax},
     {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
