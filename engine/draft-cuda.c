@@ -69,6 +69,7 @@ struct ds_cuda_draft {
     float *conf_w;                   /* [H + r] or [H] */
     uint16_t *w1;                    /* [V, r] */
     struct cu_layer *layers;         /* [L] (no biases) */
+    float *k_norms;                  /* [L, hd] the layers' k norm weights together (the context rows' launch) */
     uint16_t *k_cache, *v_cache;     /* [L, n_pages, page_size, nKV, hd] */
     /* activations: blocks of up to max_seqs sequences, context passes of up to cap_rows rows */
     int cap_rows;
@@ -99,6 +100,8 @@ struct ds_cuda_draft {
     float *u, *h_u;                  /* [γ, max_seqs] the draws' uniforms (device, pinned) */
     bool q_ready;                    /* U holds the last phase's q: [R, γ, V] */
     bool base_ready;                 /* U holds ds_cuda_draft_block's base logits (a phase overwrites them) */
+    cudaStream_t side;               /* a phase's confidence heads, beside its positions' products */
+    cudaEvent_t forked, joined;      /* the side branch's start (each position) and end (the phase) */
     struct draft_graph graphs[DRAFT_GRAPHS];
     long uses;
     int R;                           /* blocks of the last ds_cuda_draft_block */
@@ -138,7 +141,7 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
     void *bufs[] = {g->own_embed, g->own_head.w, g->fc.w, g->ctx_kv.w, g->w2.w, g->gate.w, g->joint.w,
                     g->hidden_norm, g->final_norm, g->inv_freq, g->gate_bias, g->joint_bias, g->conf_w, g->w1,
                     g->k_cache, g->v_cache, g->x, g->xn, g->wide, g->attn, g->ws, g->att_ws, g->h, g->hb, g->U,
-                    g->logits, g->ids, g->z, g->state, g->m_in, g->mid, g->corr, g->meta};
+                    g->logits, g->ids, g->z, g->state, g->m_in, g->mid, g->corr, g->meta, g->k_norms};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         cudaFree(bufs[i]);
     cudaFreeHost(g->h_meta);
@@ -154,6 +157,12 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
     for (int i = 0; i < DRAFT_GRAPHS; i++)
         if (g->graphs[i].exec)
             cudaGraphExecDestroy(g->graphs[i].exec);
+    if (g->side)
+        cudaStreamDestroy(g->side);
+    if (g->forked)
+        cudaEventDestroy(g->forked);
+    if (g->joined)
+        cudaEventDestroy(g->joined);
     free(g->row_kv);
     free(g);
     return NULL;
@@ -285,6 +294,9 @@ static int alloc_activations(struct ds_cuda_draft *g)
     CK(cudaMemset(g->ws, 0, (ws > 0 ? ws : 1) * 4));   /* the product's tile counters start at zero */
     CK(cudaMallocHost((void **)&g->h_z, S * g->g * 4));
     CK(cudaMallocHost((void **)&g->h_p, S * g->g * 4));
+    CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking));
+    CK(cudaEventCreateWithFlags(&g->forked, cudaEventDisableTiming));
+    CK(cudaEventCreateWithFlags(&g->joined, cudaEventDisableTiming));
     return 0;
 }
 
@@ -337,6 +349,11 @@ static int draft_finish(struct ds_cuda_draft *g)
         return r;
     CK(cudaMemset(g->k_cache, 0, half));   /* no stale bits, ever, in slots a block may read */
     CK(cudaMemset(g->v_cache, 0, half));
+    if ((r = ds_cu_alloc(&g->k_norms, (size_t)g->L * g->hd * 4, "draft norm weights")) < 0)
+        return r;
+    for (int l = 0; l < g->L; l++)
+        CK(cudaMemcpyAsync(g->k_norms + (size_t)l * g->hd, g->layers[l].k_norm, (size_t)g->hd * 4,
+                           cudaMemcpyDeviceToDevice, g->t->stream));
     return alloc_activations(g);
 }
 
@@ -483,13 +500,9 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
         CK(ds_k_rmsnorm_bf16(g->x, NULL, g->hidden_norm, nc, H, eps, g->xn, t->stream));
         if ((r = ds_cu_gemm(t, g->ws, &g->ctx_kv, g->xn, H, nc, g->wide, ldkv, false)) < 0)
             return r;
-        for (int l = 0; l < g->L; l++) {
-            float *k = g->wide + (size_t)l * 2 * kvw, *v = k + kvw;
-            CK(ds_k_qk_norm_rope_append_bf16(k, ldkv, k, ldkv, v, ldkv, g->layers[l].k_norm, g->layers[l].k_norm,
-                                             g->inv_freq, d_pos, d_seq, d_pages, t->max_pages, t->page_size, nc, 0,
-                                             g->nKV, hd, eps, g->k_cache + (size_t)l * layer_kv,
-                                             g->v_cache + (size_t)l * layer_kv, t->stream));
-        }
+        CK(ds_k_k_norm_rope_append_layers_bf16(g->wide, g->wide + kvw, ldkv, g->L, 2 * kvw, g->k_norms, g->inv_freq,
+                                               d_pos, d_seq, d_pages, t->max_pages, t->page_size, nc, g->nKV, hd, eps,
+                                               g->k_cache, g->v_cache, layer_kv, t->stream));
         /* the pinned metadata is rewritten by the next call */
         CK(cudaStreamSynchronize(t->stream));
     }
@@ -572,7 +585,9 @@ static float *step_logits(struct ds_cuda_draft *g, int k, bool in_place, int *ld
 /* The device part of Markov position k for R blocks: corrected logits into
  * step_logits(g, k, in_place), with `argmax` their argmax into ids (and its
  * probability at T = 1 into p; NULL: none), the confidence logits into z
- * (NULL: none). prev [R] is on the device. Graph-capturable. */
+ * (NULL: none). prev [R] is on the device. In place (a phase), the confidence
+ * head goes on g->side, after what the stream holds so far (prev), so it runs
+ * beside the position's product and distribution; the phase joins it. Graph-capturable. */
 static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *prev, bool in_place, bool argmax,
                         int32_t *ids, float *z, float *p)
 {
@@ -580,6 +595,16 @@ static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *pr
     const struct ds_dspark_config *cfg = &g->cfg;
     int gm = g->g, H = g->H, V = g->V, rk = g->r, r, ld;
     const float *hk = g->h + (size_t)k * H;   /* row i at hk + i γ H */
+    if (g->conf_w && z) {
+        bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
+        cudaStream_t conf_stream = in_place ? g->side : t->stream;
+        if (in_place) {
+            CK(cudaEventRecord(g->forked, t->stream));
+            CK(cudaStreamWaitEvent(g->side, g->forked, 0));
+        }
+        CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? prev : NULL, R, H,
+                           with_markov ? rk : 0, V, g->conf_b, z, conf_stream));
+    }
     float *logits = step_logits(g, k, in_place, &ld);
     if (!in_place)
         CK(cudaMemcpy2DAsync(logits, (size_t)V * 4, g->U + (size_t)k * V, (size_t)gm * V * 4, (size_t)V * 4, R,
@@ -610,10 +635,6 @@ static int enqueue_step(struct ds_cuda_draft *g, int R, int k, const int32_t *pr
         CK(ds_k_argmax_prob(logits, ld, R, V, ids, p, t->stream));
     else if (argmax)
         CK(ds_k_argmax(logits, ld, R, V, ids, t->stream));
-    bool with_markov = rk > 0 && cfg->confidence_head_with_markov;
-    if (g->conf_w && z)
-        CK(ds_k_confidence(hk, gm * H, g->conf_w, with_markov ? g->w1 : NULL, with_markov ? prev : NULL, R, H,
-                           with_markov ? rk : 0, V, g->conf_b, z, t->stream));
     return 0;
 }
 
@@ -679,6 +700,10 @@ static int enqueue_phase(struct ds_cuda_draft *g, int R, bool sampled, bool argm
             CK(ds_k_sample_logits(q, ld, NULL, g->samp, R, V, q, ld, g->u + (size_t)k * S, ids, t->stream));
         }
         prev = ids;
+    }
+    if (g->conf_w) {   /* join the confidence heads' branch (a capture must end joined) */
+        CK(cudaEventRecord(g->joined, g->side));
+        CK(cudaStreamWaitEvent(t->stream, g->joined, 0));
     }
     return r;
 }
