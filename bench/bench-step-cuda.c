@@ -19,11 +19,12 @@
  * drafts a block for each of R sequences and runs its 7 Markov positions
  * (greedy: chained on the device, one graph, one copy back), the target verifies 8 tokens
  * per sequence (argmax only, capturing the draft's layers), and all 8 rows
- * extend the draft contexts (the most a round can commit). With --temperature
+ * extend the draft contexts (what the engine queues before the acceptance: every verified row). With --temperature
  * T > 0 the round samples (top-p 0.95, and top-k K with --top-k), all on the device: the draft draws its
  * tokens, the verify pass leaves its logits on the GPU, and the chains of
- * ds_cuda_sample accept or reject all 7 drafts of each sequence; the verify
- * pass alone is then the same pass without argmax. */
+ * ds_cuda_sample accept or reject all 7 drafts of each sequence, after the
+ * contexts are queued; the verify pass alone is then the same pass without
+ * argmax. Both end when the GPU has finished (ds_cuda_sync). */
 #include "config.h"
 
 #include <stdio.h>
@@ -137,16 +138,17 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
         double *td = malloc((size_t)reps * sizeof *td);
         for (int rep = -2; rep < reps; rep++) {   /* two warm-ups (the graph's capture) */
             double t0 = now_s();
-            if (ds_cuda_forward(t, pool, &b) < 0)
+            if (ds_cuda_forward(t, pool, &b) < 0 || ds_cuda_sync(t) < 0)
                 die("verify pass");
             double t1 = now_s();
             if ((sampled ? ds_cuda_draft_sample(g, pool, R, kv, anchor, start, samp, drafts, z, NULL)
                          : ds_cuda_draft_greedy(g, pool, R, kv, anchor, start, drafts, z, NULL)) < 0)
                 die("draft phase");
             double t2 = now_s();
-            if (ds_cuda_forward(t, pool, &b) < 0 || (sampled && ds_cuda_sample(t, g, R, chains, acc, next) < 0) ||
-                ds_cuda_draft_context(g, pool, n, rows, row_kv, pos) < 0)
-                die("verify, accept and context");
+            /* as the engine orders them: the contexts gain every verified row while the accept runs */
+            if (ds_cuda_forward(t, pool, &b) < 0 || ds_cuda_draft_context(g, pool, n, rows, row_kv, pos) < 0 ||
+                (sampled && ds_cuda_sample(t, g, R, chains, acc, next) < 0) || ds_cuda_sync(t) < 0)
+                die("verify, context and accept");
             double t3 = now_s();
             if (rep >= 0) {
                 tv[rep] = t1 - t0;

@@ -51,6 +51,7 @@ struct ds_cuda_target {
     struct ds_cuda_opts opts;
     int n_sm;
     cudaStream_t stream;
+    cudaEvent_t meta_sent;        /* after the last pass's metadata copy: h_meta may be rewritten */
     cublasHandle_t cublas;
     void *cublas_ws;
     struct ds_k_gemm_lt *lt;      /* cuBLASLt for the invariant products; NULL: the kernels alone */

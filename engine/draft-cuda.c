@@ -89,6 +89,7 @@ struct ds_cuda_draft {
     float *mid;                      /* [max_seqs, 3 r] */
     uint16_t *corr;                  /* [max_seqs, r] Markov correction input of W2 */
     int32_t *meta, *h_meta;          /* device, pinned host */
+    cudaEvent_t meta_sent;           /* after the last copy of h_meta to meta: h_meta may be rewritten */
     size_t meta_ints;
     struct ds_kv_seq **row_kv;       /* [max_seqs] the sequences of a context pass's page table */
     int att_longest;                 /* the longest attention run of the blocks (picks a block shape) */
@@ -163,6 +164,8 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
         cudaEventDestroy(g->forked);
     if (g->joined)
         cudaEventDestroy(g->joined);
+    if (g->meta_sent)
+        cudaEventDestroy(g->meta_sent);
     free(g->row_kv);
     free(g);
     return NULL;
@@ -297,6 +300,7 @@ static int alloc_activations(struct ds_cuda_draft *g)
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking));
     CK(cudaEventCreateWithFlags(&g->forked, cudaEventDisableTiming));
     CK(cudaEventCreateWithFlags(&g->joined, cudaEventDisableTiming));
+    CK(cudaEventCreateWithFlags(&g->meta_sent, cudaEventDisableTiming));
     return 0;
 }
 
@@ -480,6 +484,7 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
     int32_t *h = g->h_meta;
     for (int at = 0; at < n; at += cap) {
         int nc = n - at < cap ? n - at : cap, n_rows = 0;
+        CK(cudaEventSynchronize(g->meta_sent));   /* the last upload of the pinned metadata has been read */
         for (int i = 0; i < nc; i++) {
             if ((r = check_kv(g, pool, kv[at + i], pos[at + i])) < 0)
                 return r;
@@ -494,6 +499,7 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
         }
         CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)n_rows * t->max_pages) * 4, cudaMemcpyHostToDevice,
                            t->stream));
+        CK(cudaEventRecord(g->meta_sent, t->stream));
         CK(ds_k_gather_bf16(t->captured, mH, d_rows, nc, mH, g->xn, mH, t->stream));
         if ((r = ds_cu_gemm(t, g->ws, &g->fc, g->xn, mH, nc, g->x, H, false)) < 0)
             return r;
@@ -503,8 +509,6 @@ int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool
         CK(ds_k_k_norm_rope_append_layers_bf16(g->wide, g->wide + kvw, ldkv, g->L, 2 * kvw, g->k_norms, g->inv_freq,
                                                d_pos, d_seq, d_pages, t->max_pages, t->page_size, nc, g->nKV, hd, eps,
                                                g->k_cache, g->v_cache, layer_kv, t->stream));
-        /* the pinned metadata is rewritten by the next call */
-        CK(cudaStreamSynchronize(t->stream));
     }
     return 0;
 }
@@ -517,6 +521,7 @@ static int block_meta(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, in
     int gm = g->g, cap = g->cap_rows, r;
     if (R > g->max_seqs)
         return ds_seterr(DS_ELIMIT, "%d draft blocks, more than the %d the GPU draft was sized for", R, g->max_seqs);
+    CK(cudaEventSynchronize(g->meta_sent));
     int32_t *h = g->h_meta;
     for (int i = 0; i < R; i++) {
         if ((r = check_kv(g, pool, kv[i], start[i] + gm - 1)) < 0)
@@ -537,6 +542,7 @@ static int block_meta(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, in
                                            h + M_RUN_LEN * cap, &g->att_longest);
     CK(cudaMemcpyAsync(g->meta, h, (meta_pages(g) + (size_t)R * t->max_pages) * 4, cudaMemcpyHostToDevice,
                        t->stream));
+    CK(cudaEventRecord(g->meta_sent, t->stream));
     return 0;
 }
 
@@ -662,6 +668,7 @@ int ds_cuda_draft_step(struct ds_cuda_draft *g, int k, const int32_t *prev, int3
         if (prev[i] < 0 || prev[i] >= V)
             return ds_seterr(DS_EINVAL, "draft token %d is outside the vocabulary", prev[i]);
     int32_t *d_prev = g->meta + meta_prev(g);
+    CK(cudaEventSynchronize(g->meta_sent));
     memcpy(g->h_meta + meta_prev(g), prev, (size_t)R * 4);
     CK(cudaMemcpyAsync(d_prev, g->h_meta + meta_prev(g), (size_t)R * 4, cudaMemcpyHostToDevice, t->stream));
     if ((r = enqueue_step(g, R, k, d_prev, false, true, g->ids, z ? g->z : NULL, NULL)) < 0)

@@ -93,13 +93,29 @@ const char *ds_backend_name(enum ds_backend b)
     return b == DS_BACKEND_CUDA ? "cuda" : "cpu";
 }
 
+/* Whether a sequence in the pass reads the target's argmax (a greedy one). */
+static bool pass_needs_argmax(const struct ds_engine *e)
+{
+    for (int i = 0; i < e->n_seqs; i++) {
+        const struct ds_seq *s = e->seqs[i];
+        if (((s->state == DS_SEQ_PREFILL && s->chunk > 0) || s->state == DS_SEQ_DECODE) &&
+            ds_sampling_is_greedy(&s->sampling))
+            return true;
+    }
+    return false;
+}
+
 int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
 {
     if (e->cuda) {
-        /* ids are enough when every row is greedy or draws on the GPU: the logits stay there */
+        /* ids are enough when every row is greedy or draws on the GPU: the logits stay there; and
+         * when every row draws there, nothing comes back (the draws wait for the pass on the GPU) */
         struct ds_batch c = *b;
-        if (c.argmax && !ds_engine_needs_logits(e))
+        if (c.argmax && !ds_engine_needs_logits(e)) {
             c.logits = NULL;
+            if (e->device_sampling && !pass_needs_argmax(e))
+                c.argmax = NULL;
+        }
         return ds_cuda_forward(e->cuda, &e->kv, &c);
     }
     int r = ds_model_forward(e->target, e->fwd, &e->kv, b);

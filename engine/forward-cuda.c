@@ -197,6 +197,7 @@ static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_o
     CK(cudaGetDeviceProperties(&p, t->opts.device));
     t->n_sm = p.multiProcessorCount;
     CK(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking));
+    CK(cudaEventCreateWithFlags(&t->meta_sent, cudaEventDisableTiming));
     if (t->opts.cublas && (r = cublas_init(t)) < 0)
         return r;
     if (ds_k_gemm_lt_create(&t->lt) != cudaSuccess) {   /* the kernels alone then: same bits, slower */
@@ -488,6 +489,8 @@ struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t)
         cublasDestroy(t->cublas);
     cudaFree(t->cublas_ws);
     ds_k_gemm_lt_destroy(t->lt);
+    if (t->meta_sent)
+        cudaEventDestroy(t->meta_sent);
     if (t->stream)
         cudaStreamDestroy(t->stream);
     free(t);
@@ -807,6 +810,7 @@ static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, 
     int r = ensure_capacity(t, n, b->n_logits, n_seqs, b->n_capture);
     if (r < 0)
         return r;
+    CK(cudaEventSynchronize(t->meta_sent));   /* the last pass may still be reading it (never recorded: at once) */
     int32_t *h = t->h_meta;
     int cn = t->cap_tokens;
     memcpy(h, b->tokens, (size_t)n * 4);
@@ -825,6 +829,7 @@ static int upload_pass(struct ds_cuda_target *t, const struct ds_kv_pool *pool, 
     }
     size_t used = META_PAGES(cn) + (size_t)n_seqs * t->max_pages;
     CK(cudaMemcpyAsync(t->meta, h, used * 4, cudaMemcpyHostToDevice, t->stream));
+    CK(cudaEventRecord(t->meta_sent, t->stream));
     *ret_seqs = n_seqs;
     return 0;
 }
@@ -914,16 +919,29 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
     if (r < 0)
         return r;
     size_t H = t->cfg.hidden_size, V = t->cfg.vocab_size;
+    bool to_host = false;
     t->last_rows = b->n_logits;
     if (b->logits && b->n_logits) {
         CK(cudaMemcpyAsync(b->logits, t->logits, (size_t)b->n_logits * V * 4, cudaMemcpyDeviceToHost, t->stream));
         t->logits_to_host += (uint64_t)b->n_logits * V * 4;
+        to_host = true;
     }
-    if (b->argmax && b->n_logits)
+    if (b->argmax && b->n_logits) {
         CK(cudaMemcpyAsync(b->argmax, t->ids, (size_t)b->n_logits * 4, cudaMemcpyDeviceToHost, t->stream));
-    if (b->captured && b->n_capture)
+        to_host = true;
+    }
+    if (b->captured && b->n_capture) {
         CK(cudaMemcpyAsync(b->captured, t->captured, (size_t)n * b->n_capture * H * 4, cudaMemcpyDeviceToHost,
                            t->stream));
+        to_host = true;
+    }
+    if (to_host)   /* else what follows on the stream (ds_cuda_sample, the draft's context) waits for it there */
+        CK(cudaStreamSynchronize(t->stream));
+    return 0;
+}
+
+int ds_cuda_sync(struct ds_cuda_target *t)
+{
     CK(cudaStreamSynchronize(t->stream));
     return 0;
 }

@@ -66,6 +66,10 @@ int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, con
 {
     return nocuda();
 }
+int ds_cuda_sync(struct ds_cuda_target *t)
+{
+    return nocuda();
+}
 int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b, int reps,
                          bool graph, double *ret_ms)
 {

@@ -15,7 +15,10 @@
  * from the logits the pass left (ds_cuda_draft_sample, ds_cuda_sample); the
  * host sees token ids and counts only. The host path below is the CPU
  * backend's, with the same uniforms, so both give the same tokens up to
- * float rounding. */
+ * float rounding. With the GPU draft, (5) comes before (4): every verified
+ * row extends the contexts, queued behind the pass, so that work runs while
+ * the acceptance is decided (collect_all_ctx_rows says why rows of rejected
+ * drafts do no harm). */
 #include "config.h"
 
 #include <math.h>
@@ -547,6 +550,38 @@ static int device_draws(struct ds_engine *e, const int *seq_row, int n_rows)
     return ds_draws_run(e);
 }
 
+/* Before the acceptance (the GPU draft): the context rows of the pass's
+ * prefill chunks, its plain decode tokens, and every row of each verified
+ * chain. Rows past what the chain commits hold features of rejected drafts;
+ * the sequence's next block writes its own keys and values over those
+ * positions (ℓ ≤ γ and a round commits at least one token) before any block
+ * reads them, and later rounds' context rows replace them in turn. */
+static int collect_all_ctx_rows(struct ds_engine *e, const int *seq_tok, int *n_ctx)
+{
+    struct ds_spec *sp = e->spec;
+    int ri = 0, r;
+    for (int i = 0; i < e->n_seqs; i++) {
+        struct ds_seq *s = e->seqs[i];
+        int tok = seq_tok[i];
+        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
+            if (!uses_draft(s))
+                continue;
+            if ((r = seq_draft_state(e, s)) < 0)
+                return r;
+            for (int k = 0; k < s->chunk; k++)
+                add_ctx_row(sp, n_ctx, tok + k, s, s->kv.len + k);
+        } else if (s->state == DS_SEQ_DECODE && !drafts_now(e, s)) {
+            if (uses_draft(s))
+                add_ctx_row(sp, n_ctx, tok, s, s->kv.len);
+        } else if (s->state == DS_SEQ_DECODE) {
+            for (int k = 0; k <= sp->len[ri]; k++)
+                add_ctx_row(sp, n_ctx, tok + k, s, s->kv.len + k);
+            ri++;
+        }
+    }
+    return 0;
+}
+
 int ds_spec_round(struct ds_engine *e)
 {
     struct ds_spec *sp = e->spec;
@@ -677,10 +712,6 @@ int ds_spec_round(struct ds_engine *e)
     };
     if ((r = ds_engine_forward(e, &b)) < 0)
         goto out;
-    if (e->device_sampling && (r = device_draws(e, seq_row, nrows)) < 0)
-        goto out;
-
-    /* (4) prefill bookkeeping and acceptance; collect context rows for (5) */
     int n_ctx = 0;
     if (nt + 1 > sp->cap_ctx) {
         sp->cap_ctx = nt + 1;
@@ -688,13 +719,23 @@ int ds_spec_round(struct ds_engine *e)
         sp->ctx_tok = ds_xrealloc(sp->ctx_tok, (size_t)sp->cap_ctx * sizeof(int32_t));
         sp->ctx_seq = ds_xrealloc(sp->ctx_seq, (size_t)sp->cap_ctx * sizeof(*sp->ctx_seq));
     }
+    /* (5) first on the GPU: the draft contexts gain every row the pass verified
+     * (queued behind it, so they run while the acceptance is decided) */
+    bool ctx_first = e->cuda_draft != NULL;
+    if (ctx_first && ((r = collect_all_ctx_rows(e, seq_tok, &n_ctx)) < 0 || (r = extend_contexts(e, n_ctx)) < 0))
+        goto out;
+    if (e->device_sampling && (r = device_draws(e, seq_row, nrows)) < 0)
+        goto out;
+
+    /* (4) prefill bookkeeping and acceptance; collect context rows for (5) on the CPU */
+    n_ctx = 0;
     int32_t committed[DS_MAX_BLOCK + 1];
     ri = 0;
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];
         int row = seq_row[i], tok = seq_tok[i];
         if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
-            if (uses_draft(s)) {
+            if (uses_draft(s) && !ctx_first) {
                 if ((r = seq_draft_state(e, s)) < 0)
                     goto out;
                 for (int k = 0; k < s->chunk; k++)
@@ -708,7 +749,7 @@ int ds_spec_round(struct ds_engine *e)
         if (!drafts_now(e, s)) {
             /* target-only this round: a sequence without speculation, or a paused one,
              * whose anchor still joins its draft context */
-            if (uses_draft(s))
+            if (uses_draft(s) && !ctx_first)
                 add_ctx_row(sp, &n_ctx, tok, s, s->kv.len);
             ds_seq_decode_one(e, s, row);
             continue;
@@ -765,7 +806,7 @@ int ds_spec_round(struct ds_engine *e)
         /* (5) commit: the target keeps x_0 and the accepted drafts; the draft context gains their features */
         int keep = 1 + acc_emitted;
         s->kv.len = start + keep;
-        if (s->state != DS_SEQ_DONE)
+        if (s->state != DS_SEQ_DONE && !ctx_first)
             for (int k = 0; k < keep; k++)
                 add_ctx_row(sp, &n_ctx, tok + k, s, start + k);
         ri++;

@@ -73,9 +73,13 @@ int ds_cuda_kv_fill_random(struct ds_cuda_target *t, uint64_t seed) DS_MUSTCHECK
  * cache. Logits, their argmax and captures are copied to b->logits,
  * b->argmax and b->captured (b->logits NULL: computed on the device and not
  * copied, so greedy passes, and sampled ones drawn with ds_cuda_sample, move
- * only token ids). */
+ * only token ids). It returns once those copies are on the host; a pass that
+ * copies nothing may return while it still runs on the GPU, ordered before
+ * whatever t runs next (ds_cuda_sync waits for it). */
 int ds_cuda_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool, const struct ds_batch *b)
     DS_MUSTCHECK;
+/* Wait until everything t's stream holds (passes, the draft's work) has run. */
+int ds_cuda_sync(struct ds_cuda_target *t) DS_MUSTCHECK;
 
 /* One sequence's draws from the logits of the last pass: a plain draw (len 0)
  * or the verification of len drafts (the chain of spec.c: accept draft k while
@@ -134,7 +138,11 @@ int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_co
                              int max_seqs, struct ds_cuda_draft **ret) DS_MUSTCHECK;
 struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g);
 /* Extend draft contexts with n rows of the last target pass (which captured
- * the draft's layers): batch row rows[i] is position pos[i] of sequence kv[i]. */
+ * the draft's layers): batch row rows[i] is position pos[i] of sequence kv[i].
+ * Returns once the work is queued on t's stream (the next call that needs
+ * it waits there; ds_cuda_sync waits for it). A position past what a round
+ * commits may be written too: the sequence's next block writes its own keys
+ * and values there before anything reads them. */
 int ds_cuda_draft_context(struct ds_cuda_draft *g, const struct ds_kv_pool *pool, int n, const int32_t *rows /* [n] */,
                           struct ds_kv_seq *const *kv /* [n] */, const int32_t *pos /* [n] */) DS_MUSTCHECK;
 /* Run the draft blocks of R sequences: anchor[i] at position start[i] (its
