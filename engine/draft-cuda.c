@@ -160,12 +160,10 @@ struct ds_cuda_draft *ds_cuda_draft_free(struct ds_cuda_draft *g)
             cudaGraphExecDestroy(g->graphs[i].exec);
     if (g->side)
         cudaStreamDestroy(g->side);
-    if (g->forked)
-        cudaEventDestroy(g->forked);
-    if (g->joined)
-        cudaEventDestroy(g->joined);
-    if (g->meta_sent)
-        cudaEventDestroy(g->meta_sent);
+    cudaEvent_t events[] = {g->forked, g->joined, g->meta_sent};
+    for (size_t i = 0; i < sizeof events / sizeof events[0]; i++)
+        if (events[i])
+            cudaEventDestroy(events[i]);
     free(g->row_kv);
     free(g);
     return NULL;
