@@ -550,6 +550,25 @@ static int device_draws(struct ds_engine *e, const int *seq_row, int n_rows)
     return ds_draws_run(e);
 }
 
+/* The context rows of s that wait for no acceptance, from batch row tok on:
+ * its prefill chunk's (a prefilling s), or its token of a target-only round
+ * (a decoding one); none without a draft. */
+static int plain_ctx_rows(struct ds_engine *e, struct ds_seq *s, int tok, int *n_ctx)
+{
+    int r;
+    if (!uses_draft(s))
+        return 0;
+    if (s->state != DS_SEQ_PREFILL) {
+        add_ctx_row(e->spec, n_ctx, tok, s, s->kv.len);
+        return 0;
+    }
+    if ((r = seq_draft_state(e, s)) < 0)
+        return r;
+    for (int k = 0; k < s->chunk; k++)
+        add_ctx_row(e->spec, n_ctx, tok + k, s, s->kv.len + k);
+    return 0;
+}
+
 /* Before the acceptance (the GPU draft): the context rows of the pass's
  * prefill chunks, its plain decode tokens, and every row of each verified
  * chain. Rows past what the chain commits hold features of rejected drafts;
@@ -563,16 +582,9 @@ static int collect_all_ctx_rows(struct ds_engine *e, const int *seq_tok, int *n_
     for (int i = 0; i < e->n_seqs; i++) {
         struct ds_seq *s = e->seqs[i];
         int tok = seq_tok[i];
-        if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
-            if (!uses_draft(s))
-                continue;
-            if ((r = seq_draft_state(e, s)) < 0)
+        if ((s->state == DS_SEQ_PREFILL && s->chunk > 0) || (s->state == DS_SEQ_DECODE && !drafts_now(e, s))) {
+            if ((r = plain_ctx_rows(e, s, tok, n_ctx)) < 0)
                 return r;
-            for (int k = 0; k < s->chunk; k++)
-                add_ctx_row(sp, n_ctx, tok + k, s, s->kv.len + k);
-        } else if (s->state == DS_SEQ_DECODE && !drafts_now(e, s)) {
-            if (uses_draft(s))
-                add_ctx_row(sp, n_ctx, tok, s, s->kv.len);
         } else if (s->state == DS_SEQ_DECODE) {
             for (int k = 0; k <= sp->len[ri]; k++)
                 add_ctx_row(sp, n_ctx, tok + k, s, s->kv.len + k);
@@ -735,12 +747,8 @@ int ds_spec_round(struct ds_engine *e)
         struct ds_seq *s = e->seqs[i];
         int row = seq_row[i], tok = seq_tok[i];
         if (s->state == DS_SEQ_PREFILL && s->chunk > 0) {
-            if (uses_draft(s) && !ctx_first) {
-                if ((r = seq_draft_state(e, s)) < 0)
-                    goto out;
-                for (int k = 0; k < s->chunk; k++)
-                    add_ctx_row(sp, &n_ctx, tok + k, s, s->kv.len + k);
-            }
+            if (!ctx_first && (r = plain_ctx_rows(e, s, tok, &n_ctx)) < 0)
+                goto out;
             ds_finish_prefill(e, s, &row);
             continue;
         }
@@ -749,8 +757,8 @@ int ds_spec_round(struct ds_engine *e)
         if (!drafts_now(e, s)) {
             /* target-only this round: a sequence without speculation, or a paused one,
              * whose anchor still joins its draft context */
-            if (uses_draft(s) && !ctx_first)
-                add_ctx_row(sp, &n_ctx, tok, s, s->kv.len);
+            if (!ctx_first && (r = plain_ctx_rows(e, s, tok, &n_ctx)) < 0)
+                goto out;
             ds_seq_decode_one(e, s, row);
             continue;
         }
