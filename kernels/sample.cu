@@ -130,7 +130,6 @@ __device__ static inline uint64_t weight(const float *p, const float *q, int i)
     return to_fx(r > 0.0f ? r : 0.0f);
 }
 
-
 /* floor(u · total) exactly, u taken as a 32-bit fraction (24 bits for ds_uniform): the
  * running weight a draw must pass (ds_sample_probs). */
 __device__ static inline uint64_t draw_target(float u, uint64_t total)
