@@ -379,19 +379,21 @@ __global__ static void __launch_bounds__(MERGE_HEADS * 32) attention_merge_kerne
  * block taking a contiguous share) and the same layout of partials as
  * attention_part_kernel, for head_dim 64 or 128. Positions fall into tiles of
  * MMA_TILE; group z takes runs of MMA_RUN_TILES consecutive tiles (group_tile)
- * in increasing order (two in flight: cp.async into two stages), and warp w
- * always takes positions 16 w .. 16 w + 15 of each tile. Its queries (up to
- * MT x 16 rows: token x GQA head) are scored against those 16 positions by
+ * in increasing order (two in flight: cp.async into two stages). A block has
+ * MMA_SLICES warps per m16 tile of queries (MT tiles: up to MT x 16 rows, token
+ * x GQA head); warp w takes tile w / MMA_SLICES, and always positions
+ * 16 s .. 16 s + 15 of each position tile (its slice s = w % MMA_SLICES).
+ * Its 16 queries are scored against those 16 positions by
  * mma.sync (bf16 in, f32 accumulation, k = head_dim in increasing 16-wide
  * steps); q is split into a bf16 high part and a bf16 remainder, each with its
  * own product, so the scores keep about 16 bits of q. Each warp keeps its own
  * online softmax over its positions, and the value sum P V takes P split the
- * same way. At the end the block merges its four warps in warp order. A row's
+ * same way. At the end the block merges a row's four slices in slice order. A row's
  * arithmetic depends only on its own q, position and the cache rows: which
  * other rows share its m16 tile never enters, so the result is batch-invariant
  * like the scalar kernel's (not bit-equal to it). */
-#define MMA_TILE 64                 /* positions per tile: 16 per warp */
-#define MMA_WARPS 4
+#define MMA_TILE 64                 /* positions per tile: 16 per slice */
+#define MMA_SLICES 4                /* position slices of a tile: warps per m16 tile of queries */
 #define MMA_RUN_TILES 4             /* consecutive tiles of a group (see group_tile) */
 
 /* The i-th tile of position group z: the groups take runs of MMA_RUN_TILES
@@ -445,17 +447,18 @@ template <int HD> __device__ static inline int swz(int r, int col)
 template <int HD, int MT> struct MmaSmem {
     static constexpr int STAGE = 2 * MMA_TILE * HD;         /* K then V, bf16 elements */
     static constexpr int ROWS = MT * 16;
+    static constexpr int THREADS = MMA_SLICES * MT * 32;   /* a warp per (m16 tile, slice) */
     static constexpr size_t PIPE = 2 * STAGE * 2;           /* two stages, bytes */
-    /* per warp O (rows of OLD: 8 floats of padding, so that the rows' stores hit distinct banks), m, l; then
-     * per row its sum and a factor per warp (f32) */
+    /* per slice O (rows of OLD: 8 floats of padding, so that the rows' stores hit distinct banks), m, l; then
+     * per row its sum and a factor per slice (f32) */
     static constexpr int OLD = HD + 8;
-    static constexpr size_t MERGE = ((size_t)MMA_WARPS * ROWS * (OLD + 2) + ROWS + ROWS * MMA_WARPS) * 4;
+    static constexpr size_t MERGE = ((size_t)MMA_SLICES * ROWS * (OLD + 2) + ROWS + ROWS * MMA_SLICES) * 4;
     static constexpr size_t MAIN = PIPE > MERGE ? PIPE : MERGE;
     static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
 
 template <int HD, int MT>
-__global__ static void __launch_bounds__(MMA_WARPS * 32)
+__global__ static void __launch_bounds__(MmaSmem<HD, MT>::THREADS, 2)
 attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
                      const int32_t *seq, const int32_t *pos, const int32_t *run_start, const int32_t *run_len,
                      const int32_t *n_runs, const int32_t *page_table, int max_pages, int page_size, int page_shift,
@@ -486,13 +489,14 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         int slot = item % ATT_SPLIT, z = slot & 1 ? ATT_SPLIT - 1 - slot / 2 : slot / 2;
         int g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
+        int mt = w / MMA_SLICES, sl = w % MMA_SLICES;   /* this warp's m16 tile and position slice */
         int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
         const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
         size_t row = (size_t)nKV * HD;
         int last = 0;
         for (int i = 0; i < ntok; i++)
             last = max(last, pos[t0 + i]);
-        constexpr int THREADS = MMA_WARPS * 32, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
+        constexpr int THREADS = L::THREADS, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
         constexpr int RPI = THREADS / CPR, ITER = MMA_TILE / RPI;   /* rows per step, steps per tile */
 
         /* start loading tile `tile` into stage st: thread x copies chunk x % CPR of rows x / CPR + RPI i,
@@ -550,19 +554,17 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         for (int i = threadIdx.x; new_q && i < ROWS; i += blockDim.x)
             qpos_s[i] = i < nq ? pos[t0 + i / G] : -1;
 
-        float o[MT][NT][4], m[MT][2], l[MT][2];
+        float o[NT][4], m[2], l[2];
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
+        for (int r = 0; r < 2; r++)
+            m[r] = -INFINITY, l[r] = 0.0f;
 #pragma unroll
-            for (int r = 0; r < 2; r++)
-                m[mt][r] = -INFINITY, l[mt][r] = 0.0f;
+        for (int n = 0; n < NT; n++)
 #pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int c = 0; c < 4; c++)
-                    o[mt][n][c] = 0.0f;
-        }
-        int pw = 16 * w;   /* this warp's first position within a tile */
+            for (int c = 0; c < 4; c++)
+                o[n][c] = 0.0f;
+        int pw = 16 * sl;   /* this warp's first position within a tile */
+        bool rows_here = mt * 16 < nq;   /* else this warp's m16 tile holds no query of the run */
         for (int it = 0; (tile = group_tile(z, it)) * MMA_TILE <= last; it++) {
             int j0 = tile * MMA_TILE;
             if (group_tile(z, it + 1) * MMA_TILE <= last)   /* the next tile's copies were issued after this one's */
@@ -571,72 +573,66 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                 asm volatile("cp.async.wait_group 0;\n" ::);
             __syncthreads();   /* this tile (and the queries) visible to all */
             const __nv_bfloat16 *Ks = stage0 + (it & 1) * L::STAGE, *Vs = Ks + MMA_TILE * HD;
-            if (j0 + pw <= last) {   /* else every position of this warp's slice is past every query */
+            /* else every position of this warp's slice is past every query */
+            if (rows_here && j0 + pw <= last) {
+                /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
+                float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    if (mt * 16 >= nq)
-                        break;
-                    /* scores s[j][c]: rows gr (c 0, 1) and gr + 8 (c 2, 3), positions pw + 8 j + 2 tq + (c & 1) */
-                    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                for (int kk = 0; kk < HD / 16; kk++) {
+                    unsigned kb[4], a[4];
+                    ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4), 16 * kk + 8 * ((lane >> 3) & 1)));
+                    const int qa = swz<HD>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * kk + 8 * (lane >> 4));
+                    ldmatrix_x4(a, q_hi + qa);
+                    mma_bf16(s[0], a, kb[0], kb[1]);
+                    mma_bf16(s[1], a, kb[2], kb[3]);
+                    ldmatrix_x4(a, q_lo + qa);
+                    mma_bf16(s[0], a, kb[0], kb[1]);
+                    mma_bf16(s[1], a, kb[2], kb[3]);
+                }
+                float p[2][4];
 #pragma unroll
-                    for (int kk = 0; kk < HD / 16; kk++) {
-                        unsigned kb[4], a[4];
-                        ldmatrix_x4(kb, Ks + swz<HD>(pw + (lane & 7) + 8 * (lane >> 4),
-                                                     16 * kk + 8 * ((lane >> 3) & 1)));
-                        const int qa = swz<HD>(mt * 16 + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * kk + 8 * (lane >> 4));
-                        ldmatrix_x4(a, q_hi + qa);
-                        mma_bf16(s[0], a, kb[0], kb[1]);
-                        mma_bf16(s[1], a, kb[2], kb[3]);
-                        ldmatrix_x4(a, q_lo + qa);
-                        mma_bf16(s[0], a, kb[0], kb[1]);
-                        mma_bf16(s[1], a, kb[2], kb[3]);
+                for (int r = 0; r < 2; r++) {
+                    int qp = qpos_s[mt * 16 + gr + 8 * r];
+                    float x[4];
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
+                        x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
                     }
-                    float p[2][4];
+                    float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float mn = fmaxf(m[r], mx);
+                    float corr = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
 #pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        int qp = qpos_s[mt * 16 + gr + 8 * r];
-                        float x[4];
+                    for (int c = 0; c < 4; c++)
+                        p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
+                    float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
+                    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+                    ps += __shfl_xor_sync(0xffffffffu, ps, 2);
+                    l[r] = l[r] * corr + ps;
+                    m[r] = mn;
+                    if (__any_sync(0xffffffffu, corr != 1.0f))   /* x 1 changes nothing: skip it */
 #pragma unroll
-                        for (int c = 0; c < 4; c++) {
-                            int j = j0 + pw + 8 * (c >> 1) + 2 * tq + (c & 1);
-                            x[c] = j <= qp ? s[c >> 1][2 * r + (c & 1)] : -INFINITY;
+                        for (int n = 0; n < NT; n++) {
+                            o[n][2 * r] *= corr;
+                            o[n][2 * r + 1] *= corr;
                         }
-                        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                        float mn = fmaxf(m[mt][r], mx);
-                        float corr = mn == -INFINITY ? 1.0f : expf(m[mt][r] - mn);
+                }
+                /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
+                unsigned ph[4], pl[4];
+                split_bf16x2(p[0][0], p[0][1], ph[0], pl[0]);
+                split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
+                split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
+                split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
 #pragma unroll
-                        for (int c = 0; c < 4; c++)
-                            p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
-                        float ps = (p[0][2 * r] + p[0][2 * r + 1]) + (p[1][2 * r] + p[1][2 * r + 1]);
-                        ps += __shfl_xor_sync(0xffffffffu, ps, 1);
-                        ps += __shfl_xor_sync(0xffffffffu, ps, 2);
-                        l[mt][r] = l[mt][r] * corr + ps;
-                        m[mt][r] = mn;
-                        if (__any_sync(0xffffffffu, corr != 1.0f))   /* x 1 changes nothing: skip it */
-#pragma unroll
-                            for (int n = 0; n < NT; n++) {
-                                o[mt][n][2 * r] *= corr;
-                                o[mt][n][2 * r + 1] *= corr;
-                            }
-                    }
-                    /* P as the A operand (rows x 16 positions): the score tiles' layout is the A layout */
-                    unsigned ph[4], pl[4];
-                    split_bf16x2(p[0][0], p[0][1], ph[0], pl[0]);
-                    split_bf16x2(p[0][2], p[0][3], ph[1], pl[1]);
-                    split_bf16x2(p[1][0], p[1][1], ph[2], pl[2]);
-                    split_bf16x2(p[1][2], p[1][3], ph[3], pl[3]);
-#pragma unroll
-                    for (int np = 0; np < HD / 16; np++) {
-                        unsigned vb[4];
-                        ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1),
-                                                           16 * np + 8 * (lane >> 4)));
-                        mma_bf16(o[mt][2 * np], ph, vb[0], vb[1]);
-                        mma_bf16(o[mt][2 * np], pl, vb[0], vb[1]);
-                        mma_bf16(o[mt][2 * np + 1], ph, vb[2], vb[3]);
-                        mma_bf16(o[mt][2 * np + 1], pl, vb[2], vb[3]);
-                    }
+                for (int np = 0; np < HD / 16; np++) {
+                    unsigned vb[4];
+                    ldmatrix_x4_trans(vb, Vs + swz<HD>(pw + (lane & 7) + 8 * ((lane >> 3) & 1), 16 * np + 8 * (lane >> 4)));
+                    mma_bf16(o[2 * np], ph, vb[0], vb[1]);
+                    mma_bf16(o[2 * np], pl, vb[0], vb[1]);
+                    mma_bf16(o[2 * np + 1], ph, vb[2], vb[3]);
+                    mma_bf16(o[2 * np + 1], pl, vb[2], vb[3]);
                 }
             }
             __syncthreads();   /* the stage is free: the tile after next goes there */
@@ -646,56 +642,54 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads();
 
-        /* merge the warps in warp order: per warp O [ROWS, OLD], then m [ROWS], l [ROWS] */
+        /* merge the slices in slice order: per slice O [ROWS, OLD], then m [ROWS], l [ROWS] */
         constexpr int OLD = L::OLD;
-        float *ow = (float *)att_smem, *mw = ow + MMA_WARPS * ROWS * OLD, *lw = mw + MMA_WARPS * ROWS;
-        float *fw = lw + (MMA_WARPS + 1) * ROWS;   /* [ROWS][MMA_WARPS]; lw's last ROWS: each row's sum */
+        float *ow = (float *)att_smem, *mw = ow + MMA_SLICES * ROWS * OLD, *lw = mw + MMA_SLICES * ROWS;
+        float *fw = lw + (MMA_SLICES + 1) * ROWS;   /* [ROWS][MMA_SLICES]; lw's last ROWS: each row's sum */
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+        for (int r = 0; r < 2; r++) {
+            int qr = mt * 16 + gr + 8 * r;
+            float *dst = ow + ((size_t)sl * ROWS + qr) * OLD;
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
-                int qr = mt * 16 + gr + 8 * r;
-                float *dst = ow + ((size_t)w * ROWS + qr) * OLD;
-#pragma unroll
-                for (int n = 0; n < NT; n++)
-                    *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[mt][n][2 * r], o[mt][n][2 * r + 1]);
-                if (tq == 0) {
-                    mw[w * ROWS + qr] = m[mt][r];
-                    lw[w * ROWS + qr] = l[mt][r];
-                }
+            for (int n = 0; n < NT; n++)
+                *(float2 *)(dst + 8 * n + 2 * tq) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+            if (tq == 0) {
+                mw[sl * ROWS + qr] = m[r];
+                lw[sl * ROWS + qr] = l[r];
             }
+        }
         __syncthreads();
-        /* per row: its max and sum, and each warp's factor (0 for a warp that saw none of its positions) */
+        /* per row: its max and sum, and each slice's factor (0 for a slice that saw none of its positions) */
         for (int qi = threadIdx.x; qi < nq; qi += blockDim.x) {
             float M = -INFINITY;
-            for (int v = 0; v < MMA_WARPS; v++)
+            for (int v = 0; v < MMA_SLICES; v++)
                 if (lw[v * ROWS + qi] > 0.0f)
                     M = fmaxf(M, mw[v * ROWS + qi]);
             float Lsum = 0.0f;
-            for (int v = 0; v < MMA_WARPS; v++) {
+            for (int v = 0; v < MMA_SLICES; v++) {
                 float lv = lw[v * ROWS + qi], f = 0.0f;
                 if (lv > 0.0f) {
                     f = expf(mw[v * ROWS + qi] - M);
                     Lsum += lv * f;
                 }
-                fw[qi * MMA_WARPS + v] = f;
+                fw[qi * MMA_SLICES + v] = f;
             }
             int t = t0 + qi / G, h = g * G + qi % G;
             float *out = ws + (((size_t)t * nH + h) * ATT_SPLIT + z) * (HD + 2);
             out[0] = M;
             out[1] = Lsum;
-            lw[MMA_WARPS * ROWS + qi] = Lsum;
+            lw[MMA_SLICES * ROWS + qi] = Lsum;
         }
         __syncthreads();
-        /* the values, four elements a thread at a time, added in warp order */
+        /* the values, four elements a thread at a time, added in slice order */
         for (int i = threadIdx.x; i < nq * HD / 4; i += blockDim.x) {
             int qi = i / (HD / 4), d = i % (HD / 4) * 4;
-            if (!(lw[MMA_WARPS * ROWS + qi] > 0.0f))
+            if (!(lw[MMA_SLICES * ROWS + qi] > 0.0f))
                 continue;   /* no visible position here: the merge skips the group */
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int v = 0; v < MMA_WARPS; v++)
+            for (int v = 0; v < MMA_SLICES; v++)
                 if (lw[v * ROWS + qi] > 0.0f) {
-                    float f = fw[qi * MMA_WARPS + v];
+                    float f = fw[qi * MMA_SLICES + v];
                     float4 ov = *(const float4 *)(ow + ((size_t)v * ROWS + qi) * OLD + d);
                     acc.x += ov.x * f;
                     acc.y += ov.y * f;
@@ -738,7 +732,7 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
         int dev = 0, sms = 0, per_sm = 0;
         if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
             (e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
-            (e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_mma_kernel<HD, MT>, MMA_WARPS * 32,
+            (e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_mma_kernel<HD, MT>, MmaSmem<HD, MT>::THREADS,
                                                                smem)) != cudaSuccess)
             return e;
         resident = sms * (per_sm > 0 ? per_sm : 1);
@@ -749,7 +743,7 @@ static cudaError_t launch_mma(const float *q, int ldq, const __nv_bfloat16 *k_ca
     for (int sh = 0; sh < 31; sh++)
         if (page_size == 1 << sh)
             page_shift = sh;
-    return pdl_launch(attention_mma_kernel<HD, MT>, dim3(grid), dim3(MMA_WARPS * 32), smem, stream, q, ldq, k_cache,
+    return pdl_launch(attention_mma_kernel<HD, MT>, dim3(grid), dim3(MmaSmem<HD, MT>::THREADS), smem, stream, q, ldq, k_cache,
                       v_cache, seq, pos, run_start, run_len, n_runs, page_table, max_pages, page_size, page_shift, nH,
                       nKV, scale, ws);
 }
