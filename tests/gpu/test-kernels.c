@@ -436,6 +436,35 @@ static bool test_gather_bf16(void)
     return ok;
 }
 
+/* ds_k_swiglu_bf16 against ds_k_swiglu's f32 values rounded on the host: bit for bit, four elements a
+ * thread (I a multiple of 4) and one (I odd, or the output misaligned for eight-byte stores). */
+static bool test_swiglu_bf16(void)
+{
+    bool ok = true;
+    const int shapes[][3] = {{7, 3000, 0}, {5, 3001, 0}, {3, 1024, 1}};   /* n, I, output offset in elements */
+    for (int c = 0; c < 3; c++) {
+        int n = shapes[c][0], I = shapes[c][1], off = shapes[c][2];
+        float *gu = rnd_vec((size_t)n * 2 * I);
+        for (size_t i = 0; i < (size_t)n * 2 * I; i++)
+            gu[i] *= 8.0f;
+        float *d_gu = dup_to_dev(gu, (size_t)n * 2 * I * sizeof(float));
+        float *d_f32 = dpoison((size_t)n * I * sizeof(float));
+        uint16_t *d_out = dpoison(((size_t)n * I + off) * sizeof(uint16_t));
+        if (!launched(ds_k_swiglu(d_gu, n, I, d_f32, 0), "swiglu") ||
+            !launched(ds_k_swiglu_bf16(d_gu, n, I, d_out + off, 0), "swiglu_bf16"))
+            return false;
+        float *f = dup_to_host(d_f32, (size_t)n * I * sizeof(float));
+        uint16_t *got = dup_to_host(d_out, ((size_t)n * I + off) * sizeof(uint16_t));
+        uint16_t *ref = hmalloc((size_t)n * I * sizeof(uint16_t));
+        for (size_t i = 0; i < (size_t)n * I; i++)
+            ref[i] = f32_to_bf16(f[i]);
+        ok &= same_bits(c == 0 ? "swiglu_bf16, four a thread" : "swiglu_bf16, one a thread", got + off, ref,
+                        (size_t)n * I * sizeof(uint16_t));
+        free_all();
+    }
+    return ok;
+}
+
 static bool test_swiglu(void)
 {
     int n = 7, I = 3000;
@@ -2024,6 +2053,7 @@ static const struct {
     {"k rmsnorm + rope + kv append of several layers in one launch = a launch a layer",
      test_k_norm_rope_append_layers},
     {"gather_bf16 against host rounding, vectorized and not", test_gather_bf16},
+    {"swiglu_bf16 against host rounding of swiglu, vectorized and not", test_swiglu_bf16},
     {"swiglu", test_swiglu},
     {"argmax, ties to the lowest index", test_argmax},
     {"kv append + causal attention, ragged batch, GQA", test_attention_ragged},
