@@ -102,7 +102,7 @@ cudaError_t ds_k_argmax_prob(const float *x /* [n, ldx] */, int ldx, int n, int 
 cudaError_t ds_k_rmsnorm_bf16(const float *x /* [*, H] */, const int32_t *rows /* [n] or NULL */,
                               const float *w /* [H] */, int n, int H, float eps, uint16_t *out /* [n, H] */,
                               cudaStream_t stream);
-/* SwiGLU as ds_k_swiglu, rounded to bf16. */
+/* SwiGLU as ds_k_swiglu, rounded to bf16 (n I below 2^31, else cudaErrorInvalidValue). */
 cudaError_t ds_k_swiglu_bf16(const float *gu /* [n, 2 I] */, int n, int I, uint16_t *out /* [n, I] */,
                              cudaStream_t stream);
 /* y[t, i] += bias[i]. */

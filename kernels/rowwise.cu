@@ -556,7 +556,7 @@ extern "C" cudaError_t ds_k_rmsnorm_bf16(const float *x, const int32_t *rows, co
 }
 
 /* W consecutive elements of a row a thread (W = 4: I a multiple of 4 and gu 16-byte aligned, out 8-byte
- * aligned; the same values either way), 32-bit indices (ds_k_swiglu_bf16 checks that they fit). */
+ * aligned; the same values either way), 32-bit indices (ds_k_swiglu_bf16 keeps n I under 2^31). */
 template <int W> struct __align__(4 * W) swiglu_f32s {
     float v[W];
 };
@@ -582,7 +582,7 @@ __global__ static void swiglu_bf16_kernel(const float *gu, unsigned I, unsigned 
 
 extern "C" cudaError_t ds_k_swiglu_bf16(const float *gu, int n, int I, uint16_t *out, cudaStream_t stream)
 {
-    if (n < 0 || I <= 0 || (size_t)n * I > 0xffffffffu)
+    if (n < 0 || I <= 0 || (size_t)n * I > 0x7fffffffu)
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
