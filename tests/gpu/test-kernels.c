@@ -1163,6 +1163,10 @@ static bool test_invalid(void)
         printf("# argmax with a row stride below V was not refused\n");
         ok = false;
     }
+    if (ds_k_swiglu_bf16(d, 1 << 16, 1 << 15, (uint16_t *)d, 0) != cudaErrorInvalidValue) {
+        printf("# swiglu_bf16 of 2^31 elements (past its 32-bit indices) was not refused\n");
+        ok = false;
+    }
     if (ds_k_swiglu(d, 0, 8, d, 0) != cudaSuccess || ds_k_argmax(d, 8, 0, 8, di, 0) != cudaSuccess) {
         printf("# an empty batch was refused\n");
         ok = false;
