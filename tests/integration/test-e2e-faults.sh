@@ -69,7 +69,7 @@ done
 tap_is "$(grep -c 'worker testhost/[01]: database connection restored' "$T/dsparkd.log")" "2" "... and both reconnected"
 grep -Eq "worker testhost/[01]: database connection restored; writing [1-9][0-9]* waiting results" "$T/dsparkd.log"
 tap_result $? "jobs that finished while the database was down were kept and written after the reconnection"
-grep -q "^<[0-9]>database connection restored" "$T/dsparkd.log"
+wait_for "$T/dsparkd.log" "^<[0-9]>database connection restored" 15
 tap_result $? "dsparkd reconnected too"
 tap_is "$(q "SELECT string_agg(state, ' ') FROM dspark.workers")" "running running" "both workers still run"
 
