@@ -336,11 +336,6 @@ extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
     return split > 1 ? GM_COUNTERS + (size_t)split * M * N : 0;
 }
 
-/* W consecutive f32 read or written as one access (16 bytes for W = 4). */
-template <int W> struct __align__(4 * W) f32s {
-    float v[W];
-};
-
 /* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order, W columns a thread (for W = 4: N and ldy
  * multiples of 4, y and ws 16-byte aligned, so four times the bytes in flight; the same sums either way). */
 template <int W>

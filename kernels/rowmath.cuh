@@ -12,6 +12,11 @@
 
 #define ROW_THREADS 256   /* rowwise.cu's block size, and the width of a row's fixed sum order */
 
+/* W consecutive f32 read or written as one access (16 bytes for W = 4). */
+template <int W> struct __align__(4 * W) f32s {
+    float v[W];
+};
+
 __device__ static inline float rms_scale(float ss, int H, float eps)
 {
     return (float)(1.0 / sqrt((double)ss / H + (double)eps));

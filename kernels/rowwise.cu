@@ -557,9 +557,6 @@ extern "C" cudaError_t ds_k_rmsnorm_bf16(const float *x, const int32_t *rows, co
 
 /* W consecutive elements of a row a thread (W = 4: I a multiple of 4 and gu 16-byte aligned, out 8-byte
  * aligned; the same values either way), 32-bit indices (ds_k_swiglu_bf16 keeps n I under 2^31). */
-template <int W> struct __align__(4 * W) swiglu_f32s {
-    float v[W];
-};
 template <int W> struct __align__(2 * W) swiglu_bf16s {
     __nv_bfloat16 v[W];
 };
@@ -572,7 +569,7 @@ __global__ static void swiglu_bf16_kernel(const float *gu, unsigned I, unsigned 
         return;
     unsigned t = idx / per_row, i = idx % per_row * W;
     const float *g = gu + (size_t)t * 2 * I + i;
-    swiglu_f32s<W> gv = *(const swiglu_f32s<W> *)g, uv = *(const swiglu_f32s<W> *)(g + I);
+    f32s<W> gv = *(const f32s<W> *)g, uv = *(const f32s<W> *)(g + I);
     swiglu_bf16s<W> o;
 #pragma unroll
     for (int c = 0; c < W; c++)
