@@ -61,11 +61,7 @@ tap_is "$(q "SELECT count(*) FROM dspark.job_stats s JOIN dspark.jobs j ON j.id 
     "... each of the job's final attempt"
 tap_is "$(grep -c 'worker testhost/[01]: database connection lost' "$T/dsparkd.log")" "2" "both workers saw the connection go"
 # a worker with nothing to write may still be in its back-off (up to 5 s) when the other has run every job
-_n=0
-while [ "$(grep -c 'worker testhost/[01]: database connection restored' "$T/dsparkd.log")" -lt 2 ] && [ $_n -lt 150 ]; do
-    sleep 0.1
-    _n=$((_n + 1))
-done
+for w in 0 1; do wait_for "$T/dsparkd.log" "worker testhost/$w: database connection restored" 15; done
 tap_is "$(grep -c 'worker testhost/[01]: database connection restored' "$T/dsparkd.log")" "2" "... and both reconnected"
 grep -Eq "worker testhost/[01]: database connection restored; writing [1-9][0-9]* waiting results" "$T/dsparkd.log"
 tap_result $? "jobs that finished while the database was down were kept and written after the reconnection"
