@@ -340,12 +340,25 @@ static int draft_init(struct ds_cuda_target *t, const struct ds_dspark_config *c
     return 0;
 }
 
+/* The most k ranges of a draft layer's products. The target's ranges are sized for decoding's one row;
+ * a draft block has γ rows, so its products take cuBLASLt's batched ranges at every batch size, and each
+ * range more is a partial of every row to write and add. At most 2 made the sampled 4B and 8B rounds
+ * faster at 1, 8 and 64 blocks alike (1 was slow at 8 blocks; bench/RESULTS.md, twenty-first round). A
+ * constant, so a block's bits still do not depend on the batch. */
+#define DRAFT_MAX_SPLIT 2
+
 /* The context cache and the activations, once the weights are there. */
 static int draft_finish(struct ds_cuda_draft *g)
 {
     struct ds_cuda_target *t = g->t;
     size_t half = kv_page_bytes(g->L, g->nKV, g->hd, t->page_size) / 2 * (size_t)t->n_pages;
     int r;
+    for (int l = 0; l < g->L; l++) {
+        struct cu_layer *dl = &g->layers[l];
+        struct cu_mat *ms[] = {&dl->qkv, &dl->o, &dl->gate_up, &dl->down};
+        for (size_t i = 0; i < sizeof ms / sizeof *ms; i++)
+            ms[i]->split = ds_k_gemm_split_at_most(ms[i]->split, ms[i]->k, DRAFT_MAX_SPLIT);
+    }
     if ((r = ds_cu_alloc(&g->k_cache, half, "the draft's context cache")) < 0 ||
         (r = ds_cu_alloc(&g->v_cache, half, "the draft's context cache")) < 0)
         return r;

@@ -331,6 +331,14 @@ extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
     return (KQ + L - 1) / L;
 }
 
+extern "C" int ds_k_gemm_split_at_most(int split, int K, int max_ranges)
+{
+    if (max_ranges < 1 || split <= max_ranges)
+        return split;
+    int KQ = (K + GM_KQ - 1) / GM_KQ, L = range_chunks(KQ, max_ranges);
+    return (KQ + L - 1) / L;
+}
+
 extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
 {
     return split > 1 ? GM_COUNTERS + (size_t)split * M * N : 0;

@@ -269,6 +269,10 @@ cudaError_t ds_k_spec_accept(const float *p /* [*, ldp] */, int ldp, const float
 /* The k split for an [N, K] weight on a GPU with n_sm multiprocessors; depends
  * on nothing else, so every batch size runs the same reduction. */
 int ds_k_gemm_split(int N, int K, int n_sm);
+/* A split of at most max_ranges k ranges for a weight K wide, ranges as ds_k_gemm_split makes them; split
+ * itself when it has no more. For weights whose products never run decoding's one row (the draft's layers:
+ * γ rows a block), where fewer partial sums cost less than the extra parallelism gives. */
+int ds_k_gemm_split_at_most(int split, int K, int max_ranges);
 /* f32 elements of workspace a product of M rows needs with that split (0 for
  * split 1). Zero a workspace once when it is allocated: it starts with tile
  * counters that every product leaves at zero again. Products sharing a

@@ -1000,11 +1000,11 @@ static bool test_gemm(void)
 
 /* A row's result is the same bits whatever the batch size, the row's place in it and whether cuBLASLt or the
  * kernels computed it: rows alone and in batches of several sizes (with cuBLASLt taking the larger ones)
- * against the kernels alone on the whole batch. */
-static bool gemm_invariance_case(int N, int K, bool accumulate)
+ * against the kernels alone on the whole batch. max_ranges > 0 caps the k ranges as the draft's layers do. */
+static bool gemm_invariance_case(int N, int K, bool accumulate, int max_ranges)
 {
     int M = 300;
-    int split = ds_k_gemm_split(N, K, 132);
+    int split = ds_k_gemm_split_at_most(ds_k_gemm_split(N, K, 132), K, max_ranges);
     uint16_t *x = rnd_bf16((size_t)M * K), *w = rnd_bf16((size_t)N * K);
     float *y0 = rnd_vec((size_t)M * N);
     uint16_t *d_x = dup_to_dev(x, (size_t)M * K * 2), *d_w = dup_to_dev(w, (size_t)N * K * 2);
@@ -1042,14 +1042,18 @@ static bool gemm_invariance_case(int N, int K, bool accumulate)
 static bool test_gemm_invariance(void)
 {
     bool ok = lt != NULL && ds_k_gemm_split(384, 1024, 132) == 4 && ds_k_gemm_split(384, 256, 132) == 1 &&
-              ds_k_gemm_split(384, 1176, 132) == 4;
+              ds_k_gemm_split(384, 1176, 132) == 4 && ds_k_gemm_split_at_most(4, 1176, 2) == 2 &&
+              ds_k_gemm_split_at_most(9, 9728, 2) == 2 && ds_k_gemm_split_at_most(1, 1024, 2) == 1 &&
+              ds_k_gemm_split_at_most(4, 1024, 8) == 4 && ds_k_gemm_split_at_most(3, 40, 2) == 2 &&
+              ds_k_gemm_split_at_most(5, 1024, 0) == 5;
     if (!ok)
         printf("# no cuBLASLt, or the shapes do not split k as meant\n");
-    ok = gemm_invariance_case(384, 1024, false) && ok;   /* k split in 4 equal ranges: one batch for cuBLASLt */
-    ok = gemm_invariance_case(384, 1024, true) && ok;
-    ok = gemm_invariance_case(384, 1176, true) && ok;    /* 3 ranges of 320 and one of 216: a batch, then one */
-    ok = gemm_invariance_case(384, 256, false) && ok;    /* no split: cuBLASLt takes every size */
-    ok = gemm_invariance_case(384, 256, true) && ok;
+    ok = gemm_invariance_case(384, 1024, false, 0) && ok;   /* k split in 4 equal ranges: one batch for cuBLASLt */
+    ok = gemm_invariance_case(384, 1024, true, 0) && ok;
+    ok = gemm_invariance_case(384, 1176, true, 0) && ok;    /* 3 ranges of 320 and one of 216: a batch, then one */
+    ok = gemm_invariance_case(384, 1176, true, 2) && ok;    /* capped as a draft layer's: ranges of 608 and 568 */
+    ok = gemm_invariance_case(384, 256, false, 0) && ok;    /* no split: cuBLASLt takes every size */
+    ok = gemm_invariance_case(384, 256, true, 0) && ok;
     return ok;
 }
 
