@@ -316,6 +316,13 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
     }
 }
 
+/* Ranges of ⌈KQ / split⌉ chunks: as many as it takes to cover k (KQ chunks), so that none is empty. */
+static int covering_split(int KQ, int split)
+{
+    int L = range_chunks(KQ, split);
+    return (KQ + L - 1) / L;
+}
+
 extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
 {
     int KQ = (K + GM_KQ - 1) / GM_KQ;
@@ -326,17 +333,14 @@ extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
     int split = 1;
     while (tiles * (split + 1) <= 3 * n_sm && KQ / (split + 1) >= 8 && split < 32)
         split++;
-    /* ranges of ⌈KQ / split⌉ chunks: as many as it takes to cover k, so that none is empty */
-    int L = range_chunks(KQ, split);
-    return (KQ + L - 1) / L;
+    return covering_split(KQ, split);
 }
 
 extern "C" int ds_k_gemm_split_at_most(int split, int K, int max_ranges)
 {
     if (max_ranges < 1 || split <= max_ranges)
         return split;
-    int KQ = (K + GM_KQ - 1) / GM_KQ, L = range_chunks(KQ, max_ranges);
-    return (KQ + L - 1) / L;
+    return covering_split((K + GM_KQ - 1) / GM_KQ, max_ranges);
 }
 
 extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
