@@ -482,6 +482,8 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     int share = (n_items + (int)gridDim.x - 1) / (int)gridDim.x;
     int item_end = min(n_items, ((int)blockIdx.x + 1) * share);
     int q_pair = -1;   /* the (run, g) whose queries q_hi, q_lo and qpos_s hold */
+    int m_run = -1, t0 = 0, ntok = 0, last = 0;   /* the run whose first token, length and last position these are */
+    const int32_t *pages = page_table;            /* its sequence's pages */
     for (int item = (int)blockIdx.x * share; item < item_end; item++) {
         /* the groups of a (run, g) in the order 0, S - 1, 1, S - 2, ...: the first groups hold the
          * most tiles, so neighbouring items, which share a block when items outnumber blocks, pair a
@@ -490,12 +492,17 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         int g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
         int mt = w / MMA_SLICES, sl = w % MMA_SLICES;   /* this warp's m16 tile and position slice */
-        int G = nH / nKV, t0 = run_start[run], ntok = run_len[run], nq = G * ntok;
-        const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
+        if (run != m_run) {   /* read once for a block's consecutive items of one run (its KV heads and groups) */
+            m_run = run;
+            t0 = run_start[run];
+            ntok = run_len[run];
+            pages = page_table + (size_t)seq[t0] * max_pages;
+            last = 0;
+            for (int i = 0; i < ntok; i++)
+                last = max(last, pos[t0 + i]);
+        }
+        int G = nH / nKV, nq = G * ntok;
         size_t row = (size_t)nKV * HD;
-        int last = 0;
-        for (int i = 0; i < ntok; i++)
-            last = max(last, pos[t0 + i]);
         constexpr int THREADS = L::THREADS, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
         constexpr int RPI = THREADS / CPR, ITER = MMA_TILE / RPI;   /* rows per step, steps per tile */
 
