@@ -62,6 +62,12 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
                                  block reads whole rows for a norm */
 #define GM_XS_MAX 11264       /* and in at most this many bytes of shared memory (three blocks still fit an SM) */
 
+/* Chunks of GM_KQ in k (the last one may be partial). */
+__host__ __device__ static inline int k_chunks(int K)
+{
+    return (K + GM_KQ - 1) / GM_KQ;
+}
+
 /* Chunks of GM_KQ in each k range but the last, which takes the rest (at least one chunk: ds_k_gemm_split). */
 __host__ __device__ static inline int range_chunks(int KQ, int split)
 {
@@ -186,7 +192,7 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
     __nv_bfloat16 *Xs = (__nv_bfloat16 *)(smem + T::SMEM);   /* [M, in.xs_ld] when XK != DS_K_X_BF16 */
     int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
     int S = gridDim.z, s = blockIdx.z;
-    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int KQ = k_chunks(K);
     int L = range_chunks(KQ, S);
     int kb = s * L * GM_KQ, ke = (s + 1) * L * GM_KQ;
     int k_lim = ke < K ? ke : K;
@@ -325,7 +331,7 @@ static int covering_split(int KQ, int split)
 
 extern "C" int ds_k_gemm_split(int N, int K, int n_sm)
 {
-    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int KQ = k_chunks(K);
     int tiles = (N + 63) / 64;
     /* decoding runs the 16 x 64 tile, three blocks per SM: as many k ranges as
      * still fit one wave of blocks, each range but the last at least 8 chunks of
@@ -340,7 +346,7 @@ extern "C" int ds_k_gemm_split_at_most(int split, int K, int max_ranges)
 {
     if (max_ranges < 1 || split <= max_ranges)
         return split;
-    return covering_split((K + GM_KQ - 1) / GM_KQ, max_ranges);
+    return covering_split(k_chunks(K), max_ranges);
 }
 
 extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
@@ -612,7 +618,7 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
     struct lt_problem keys[2];
     int kb[2];      /* each group's first k */
     float *dst[2];  /* and where its first product goes */
-    int KQ = (K + GM_KQ - 1) / GM_KQ, L = range_chunks(KQ, split);
+    int KQ = k_chunks(K), L = range_chunks(KQ, split);
     int last_ks = K - (split - 1) * L * GM_KQ;              /* k in the last range */
     int groups = split > 1 && last_ks != L * GM_KQ ? 2 : 1;
     for (int g = 0; g < groups; g++) {
@@ -646,7 +652,7 @@ static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, 
 /* Whether k splits into `split` ranges that each hold at least one chunk (as ds_k_gemm_split's do). */
 static bool split_fits(int K, int split)
 {
-    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int KQ = k_chunks(K);
     return split >= 1 && split <= 64 && (split - 1) * range_chunks(KQ, split) < KQ;
 }
 
@@ -697,7 +703,7 @@ extern "C" cudaError_t ds_k_x_make(const struct ds_k_x *x, int M, int K, cudaStr
 static size_t made_x_bytes(const struct ds_k_x *x, int M, int K, int split, int *ret_ld)
 {
     const int BK = 128;
-    int KQ = (K + GM_KQ - 1) / GM_KQ;
+    int KQ = k_chunks(K);
     int range = range_chunks(KQ, split) * GM_KQ;
     int ld = (range + BK - 1) / BK * BK;
     size_t bytes = (size_t)M * ld * 2;
