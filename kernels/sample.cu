@@ -342,22 +342,29 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
 /* Each warp copies the values of the tokens of its segment [from, to) of the
  * block's slice still in play after the first radix level (bits >= lo, bits
  * 30..20 equal to j0) to the start of the same segment of scratch, and returns
- * their count (every lane of the warp gets it). No atomics, no barrier: only
- * the warp reads its candidates again (the later levels only histogram them). */
+ * their count (every lane of the warp gets it). Tokens of probability 0, when
+ * in play, are only counted (*zeros): a row whose cut falls among them (fewer
+ * nonzero tokens than top-k, as in a peaked row at a low temperature) would
+ * otherwise gather nearly the whole row. No atomics, no barrier: only the warp
+ * reads its candidates again (the later levels only histogram them). */
 __device__ static int gather_candidates(const float *slice, float *scratch, int from, int to, uint32_t lo,
-                                        uint32_t j0)
+                                        uint32_t j0, int *zeros)
 {
-    int lane = lane_id(), count = 0;
+    int lane = lane_id(), count = 0, n_zero = 0;
+    bool zeros_in_play = j0 == 0 && lo == 0;   /* else no token of probability 0 is in play: not counted */
     for (int base = from; base < to; base += 32) {
         int j = base + lane;
         uint32_t b = j < to ? __float_as_uint(slice[j]) : 0;
-        bool ok = j < to && b >= lo && b >> 20 == j0;
+        bool in_play = j < to && b >= lo && b >> 20 == j0, ok = in_play && b != 0;
         unsigned act = __ballot_sync(FULL_MASK, ok);
         if (ok)
             scratch[from + count + __popc(act & ((1u << lane) - 1u))] = __uint_as_float(b);
         count += __popc(act);
+        if (zeros_in_play)
+            n_zero += __popc(__ballot_sync(FULL_MASK, in_play && b == 0));
     }
     __syncwarp();   /* the warp's writes to scratch seen by its lanes */
+    *zeros = n_zero;
     return count;
 }
 
@@ -385,13 +392,14 @@ __device__ static uint32_t radix_select(const float *slice, float *scratch, uint
      * each lane every 32nd */
     const float *src = slice;
     int n = sm->to - sm->from, first = threadIdx.x, step = blockDim.x;
+    int zeros = 0;   /* from the second level on: the warp's tokens of probability 0 in play, not gathered */
     for (int level = 0; level < 3; level++) {
         int shift = 20 - 10 * level;                      /* the level's bits: from 30..20 down to 9..0 */
         int keep = level == 0 ? 31 : shift + 10;           /* the bits fixed by the levels before */
         if (level == 1) {
             int from, to;
             warp_segment(n, &from, &to);
-            n = gather_candidates(slice, scratch, from, to, lo, prefix >> 20);   /* the warp's */
+            n = gather_candidates(slice, scratch, from, to, lo, prefix >> 20, &zeros);   /* the warp's */
             src = scratch + from;
             first = lane_id();
             step = 32;
@@ -407,6 +415,9 @@ __device__ static uint32_t radix_select(const float *slice, float *scratch, uint
                 int bin = level == 0 ? level0_bin(b) : (int)((b >> shift) & (RADIX_BINS - 1));
                 hist_add(ok, bin, ok ? to_fx(v) : 0, !by_mass || level == 2, sm);
             }
+            /* the zeros: bin 0 of every level, in play while the levels before chose bin 0; no mass */
+            if (level > 0 && zeros && lane_id() == 0 && (!by_mass || level == 2) && (prefix >> keep) == 0)
+                atomicAdd(&sm->hc[0], (unsigned)zeros);
         }
         cl.sync();   /* every block's histogram is complete */
         int bin = RADIX_BINS - 1 - (int)threadIdx.x;   /* the bin pick_bin gives this thread */
@@ -447,14 +458,15 @@ __device__ static inline void draw_part_add(struct draw_part &dp, float p, int i
  * the output row). Each warp walks its own contiguous segment; the blocks before this one
  * in the cluster (the slices before this one) pass on their count of equal
  * tokens. n_eq_all: the row's count of tokens equal to u, when known (else 0):
- * when all of them are kept, the counting pass is skipped. With `draw`, dp
+ * when all of them are kept, the counting pass is skipped; so it is when u is
+ * 0 (a cut among the tokens of probability 0, which are 0 kept or not). With `draw`, dp
  * gathers the lane's share of a draw from the written row (draw_scan's). */
 __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t m, uint64_t n_eq_all,
                                   float renorm, struct probs_smem *sm, bool draw, struct draw_part &dp)
 {
     int from, to, w = warp_id(), lane = lane_id();
     warp_segment(sm->to - sm->from, &from, &to);
-    if (n_eq_all > 0 && m >= n_eq_all) {
+    if (u == 0 || (n_eq_all > 0 && m >= n_eq_all)) {
         for (int base = from; base < to; base += 32) {
             int j = base + lane;
             if (j < to) {

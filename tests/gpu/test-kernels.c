@@ -1180,7 +1180,7 @@ static bool test_invalid(void)
 
 /* ---- sampling (sample.cu) against ds_probs / ds_sample_probs ---- */
 /* How a test row's logits are made. */
-enum row_kind { ROW_RANDOM, ROW_TIES, ROW_EQUAL, ROW_MAX_TIE };
+enum row_kind { ROW_RANDOM, ROW_TIES, ROW_EQUAL, ROW_MAX_TIE, ROW_PEAKED };
 
 struct prob_case {
     float temperature, top_p;
@@ -1197,7 +1197,16 @@ static void make_logits(float *x, int V, enum row_kind kind)
         case ROW_TIES: x[i] = floorf(l * 0.5f) * 0.75f; break;   /* about 7 distinct values, many exact ties */
         case ROW_EQUAL: x[i] = 0.5f; break;
         case ROW_MAX_TIE: x[i] = l; break;
+        case ROW_PEAKED: x[i] = l; break;
         }
+    }
+    /* a few tokens far above the rest, whose probabilities underflow to exactly 0 (at T 0.6, token 3's
+     * to a subnormal): fewer nonzero tokens than top-k, as in a trained model's rows at a low temperature */
+    if (kind == ROW_PEAKED && V > 7) {
+        x[V / 5] = 150.0f;
+        x[V / 2] = 149.0f;
+        x[V - 2] = 140.0f;
+        x[3] = 95.0f;
     }
     if (kind == ROW_MAX_TIE && V > 3) {
         x[V / 3] = x[V - 1] = x[2 * V / 3] = 7.0f;
@@ -1344,6 +1353,8 @@ static const struct prob_case prob_cases[] = {
     {1.2f, 0.7f, 777, ROW_TIES},
     {1.0f, 0.5f, 0, ROW_EQUAL},       /* one group: the lowest ids */
     {1.0f, 0.9f, 100, ROW_EQUAL},
+    {0.6f, 0.95f, 20, ROW_PEAKED},    /* the top-k cut among the zeros, then top-p */
+    {1.0f, 1.0f, 20, ROW_PEAKED},
 };
 
 /* The cases once, then repeated to 40, 64 and 80 rows: the blocks per row follow
