@@ -9,7 +9,10 @@ floor of its own run); HF.jsonl is `bench_step_hf.py --out` (transformers eager
 and sdpa on the same shapes). Prints a markdown table with the invariant step
 against the floor and against cuBLAS, the better transformers time and how many
 times faster the invariant step is; points transformers did not finish show
-their status. Then one summary line per shape and overall.
+their status. Then one summary line per shape and overall, and, where
+STEP.jsonl has the weights + KV floor (the weights and the K and V rows the
+pass must read, at the same copy bandwidth), the points where a tenth of the
+transformers time is below that floor: there no engine can be 10x faster.
 """
 import json
 import sys
@@ -36,24 +39,31 @@ def main(argv):
                 best[key] = (p["ms"], p["impl"])
         else:
             status.setdefault(key, p.get("status", "?"))
+    with_kv = any("memory_floor_ms" in p for p in ours)
+    kv_head, kv_rule = (" weights + KV floor ms |", "---|") if with_kv else ("", "")
     print("| shape | R | q | tokens | invariant ms | cuBLAS ms | floor ms | invariant / floor "
-          "| invariant / cuBLAS | best transformers ms | transformers / invariant |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| invariant / cuBLAS |{kv_head} best transformers ms | transformers / invariant |")
+    print(f"|---|---|---|---|---|---|---|---|---|{kv_rule}---|---|")
     speedups = {}
+    below_floor = []   # points where transformers / 10 is under the weights + KV floor
     for p in ours:
         key = (p["model"], p["R"], p["q"])
         inv, cub, floor = p["invariant_ms"], p.get("cublas_ms", -1.0), p["floor_ms"]
         cub_s = f"{cub:.3f}" if cub > 0 else "-"
         ratio_s = f"{inv / cub:.2f}" if cub > 0 else "-"
+        mem = p.get("memory_floor_ms")
+        kv_s = (f" {mem:.3f} |" if mem is not None else " - |") if with_kv else ""
         if key in best:
             hf_ms, impl = best[key]
+            if mem is not None and hf_ms / 10 < mem:
+                below_floor.append(f"{p['model']} R {p['R']} q {p['q']}")
             speed = hf_ms / inv
             speedups.setdefault(p["model"], []).append(speed)
             hf_s, speed_s = f"{hf_ms:.1f} ({impl})", f"{speed:.1f}"
         else:
             hf_s, speed_s = status.get(key, "not run"), "-"
         print(f"| {p['model']} | {p['R']} | {p['q']} | {p['tokens']} | {inv:.3f} | {cub_s} | {floor:.3f} "
-              f"| {inv / floor:.2f} | {ratio_s} | {hf_s} | {speed_s} |")
+              f"| {inv / floor:.2f} | {ratio_s} |{kv_s} {hf_s} | {speed_s} |")
     print()
     every = [s for v in speedups.values() for s in v]
     for model, v in speedups.items():
@@ -62,6 +72,9 @@ def main(argv):
     if every:
         print(f"- all: {min(every):.1f}-{max(every):.1f}x; at least 10x at {sum(s >= 10 for s in every)} "
               f"of {len(every)} points")
+    if with_kv:
+        print(f"- a tenth of the transformers time is under the weights + KV floor at {len(below_floor)} of "
+              f"{len(every)} points" + (": " + ", ".join(below_floor) if below_floor else ""))
     return 0
 
 

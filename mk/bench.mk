@@ -1,4 +1,4 @@
-# mk/bench.mk: engine benchmarks (not tests; they print tables for bench/RESULTS.md).
+# mk/bench.mk: engine benchmarks (they print tables for bench/RESULTS.md) and the test of the step table's script.
 noinst_PROGRAMS += bench/bench-prefill
 bench_bench_prefill_SOURCES = bench/bench-prefill.c
 bench_bench_prefill_CFLAGS = $(AM_CFLAGS) $(OPENBLAS_CFLAGS)
@@ -12,3 +12,5 @@ noinst_PROGRAMS += bench/bench-step-cuda
 bench_bench_step_cuda_SOURCES = bench/bench-step-cuda.c
 bench_bench_step_cuda_LDADD = $(ENGINE_LIBS)
 EXTRA_DIST += bench/bench_step_hf.py bench/gpu-suite.sh bench/step_table.py
+TESTS += tests/unit/test-step-table.sh
+EXTRA_DIST += tests/unit/test-step-table.sh
