@@ -4,7 +4,8 @@
 #   tests  make check-gpu; compute-sanitizer memcheck of tests/gpu/test-kernels
 #          and of tests/gpu/test-cuda-engine (DS_TEST_QUICK=1)
 #   step   target step time for R in 1..256 x q in 1, 4, 8 at context 1024 with
-#          the weight-streaming floor, invariant and cuBLAS products (step.jsonl)
+#          the weight-streaming floor and the weights + KV floor, invariant and
+#          cuBLAS products (step.jsonl)
 #   round  the whole round against its verify pass at R 1, 8, 32, 64: greedy,
 #          T 1 with top-p 0.95, and Qwen3's T 0.6 top-p 0.95 top-k 20
 #   att    the attention alone (bench-attention-cuda: attention.md, and its
@@ -89,7 +90,7 @@ if has_part hf; then
     if [ -s "$out/step.jsonl" ]; then   # the step part's points beside transformers': issue 5's table
         python3 "$src/bench/step_table.py" "$out/step.jsonl" "$out/hf-step.jsonl" > "$out/table.md" ||
             fail "step_table.py ($out/table.md)"
-        tail -n 4 "$out/table.md"
+        tail -n 5 "$out/table.md"
     fi
 fi
 
