@@ -347,25 +347,32 @@ __device__ static int pick_bin(uint64_t bc, uint64_t bm, uint64_t target, bool b
  * nonzero tokens than top-k, as in a peaked row at a low temperature) would
  * otherwise gather nearly the whole row. No atomics, no barrier: only the warp
  * reads its candidates again (the later levels only histogram them). */
-__device__ static int gather_candidates(const float *slice, float *scratch, int from, int to, uint32_t lo,
-                                        uint32_t j0, int *zeros)
+template <bool ZEROS>   /* whether tokens of probability 0 can be in play (else the loop never tests for them) */
+__device__ static int gather_candidates_in(const float *slice, float *scratch, int from, int to, uint32_t lo,
+                                           uint32_t j0, int *zeros)
 {
     int lane = lane_id(), count = 0, n_zero = 0;
-    bool zeros_in_play = j0 == 0 && lo == 0;   /* else no token of probability 0 is in play: not counted */
     for (int base = from; base < to; base += 32) {
         int j = base + lane;
         uint32_t b = j < to ? __float_as_uint(slice[j]) : 0;
-        bool in_play = j < to && b >= lo && b >> 20 == j0, ok = in_play && b != 0;
+        bool in_play = j < to && b >= lo && b >> 20 == j0, ok = in_play && (!ZEROS || b != 0);
         unsigned act = __ballot_sync(FULL_MASK, ok);
         if (ok)
             scratch[from + count + __popc(act & ((1u << lane) - 1u))] = __uint_as_float(b);
         count += __popc(act);
-        if (zeros_in_play)
+        if (ZEROS)
             n_zero += __popc(__ballot_sync(FULL_MASK, in_play && b == 0));
     }
     __syncwarp();   /* the warp's writes to scratch seen by its lanes */
     *zeros = n_zero;
     return count;
+}
+
+__device__ static int gather_candidates(const float *slice, float *scratch, int from, int to, uint32_t lo,
+                                        uint32_t j0, int *zeros)
+{
+    return j0 == 0 && lo == 0 ? gather_candidates_in<true>(slice, scratch, from, to, lo, j0, zeros)
+                              : gather_candidates_in<false>(slice, scratch, from, to, lo, j0, zeros);
 }
 
 /* The largest bit pattern u with F(u) >= target, where F(t) is the weight
