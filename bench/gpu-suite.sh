@@ -1,6 +1,6 @@
 #!/bin/sh
 # bench/gpu-suite.sh: what issue 5 asks to be shown on a GPU host, in parts that
-# each fit a ten-minute session on one H200, every log and table under OUT_DIR:
+# each take under ten minutes on one H200, every log and table under OUT_DIR:
 #   tests  make check-gpu; compute-sanitizer memcheck of tests/gpu/test-kernels
 #          and of tests/gpu/test-cuda-engine (DS_TEST_QUICK=1)
 #   step   target step time for R in 1..256 x q in 1, 4, 8 at context 1024 with
