@@ -353,7 +353,7 @@ int main(int argc, char **argv)
                 if (cub_ms >= 0)
                     snprintf(cub, sizeof cub, "%.3f", cub_ms);
                 double kv_bytes = (double)R * (ctx + q) * (double)position_bytes;   /* read by attention */
-                double memory_floor_ms = ((double)ds_cuda_weight_bytes(t) + kv_bytes) / bw * 1e3;
+                double memory_floor_ms = floor_ms + kv_bytes / bw * 1e3;
                 printf("| %s | %d | %d | %d | %.3f | %s | %s | %.3f | %.2f | %.2f | %.3f | %.2f |\n", sh->name, R, q, n,
                        inv_ms, ker, cub, floor_ms, inv_ms / floor_ms, cub_ms > 0 ? inv_ms / cub_ms : 0.0,
                        memory_floor_ms, inv_ms / memory_floor_ms);
