@@ -10,16 +10,19 @@
  * there, writing the result once; the blocks combine their partial results
  * through distributed shared memory, in rank order, so the result does not
  * depend on scheduling), and can draw from the row in the same launch.
- * Nothing is sorted: the top-k and top-p cuts find the value of the last kept
- * token by a radix select over the bit patterns of the probabilities
- * (non-negative floats order like their bits): three levels, each a histogram
- * of the next 11, 10 and 10 bits of the tokens still in play (masses, and
- * counts where the search needs them; the first level is built while the row
- * is normalized, the others over the first level's chosen bin alone), then
- * keep every larger value and, of the tokens equal to it, the lowest ids (the
- * ranking's tie rule). A launch whose last wave of clusters would be partial
- * can go as two, the second in smaller slices (a time model decides), started
- * while the first runs (programmatic dependent launch).
+ * A top-k of at most CAND_ROW tokens ranks the row's few candidates, those at
+ * or above a bound that each thread's largest value gives, and a top-p after
+ * it cuts among them (cut_from_candidates). Otherwise nothing is sorted: the
+ * top-k and top-p cuts find the value of the last kept token by a radix select
+ * over the bit patterns of the probabilities (non-negative floats order like
+ * their bits): three levels, each a histogram of the next 11, 10 and 10 bits
+ * of the tokens still in play (masses, and counts where the search needs
+ * them; the first level is built while the row is normalized, the others over
+ * the first level's chosen bin alone), then keep every larger value and, of
+ * the tokens equal to it, the lowest ids (the ranking's tie rule). A launch
+ * whose last wave of clusters would be partial can go as two, the second in
+ * smaller slices (a time model decides), started while the first runs
+ * (programmatic dependent launch).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
@@ -43,6 +46,11 @@
 #define RADIX_BINS 1024                 /* bins of a radix level: one per thread */
 static_assert(RADIX_BINS == SAMPLE_THREADS, "pick_bin gives each thread one bin");
 #define MAX_CLUSTER 8                   /* blocks per row at most (the portable cluster size) */
+#define CAND_BLOCK 512                  /* a top-k's candidates a block holds at most (else the radix select) */
+#define CAND_ROW 1024                   /* ... and a row: one a thread */
+static_assert(CAND_ROW == SAMPLE_THREADS, "the candidates' ranks are one a thread");
+static_assert(CAND_BLOCK * 8 == RADIX_BINS * 4 && CAND_ROW * 8 == 2 * RADIX_BINS * 4,
+              "the candidate lists lie over the histogram's counts and masses");
 #define FULL_MASK 0xffffffffu
 #define FX_ONE 1152921504606846976.0   /* 2^60: the fixed-point unit of masses */
 #define GREEDY_TEMPERATURE 1e-5f        /* DS_GREEDY_TEMPERATURE */
@@ -202,8 +210,19 @@ struct probs_smem {
     int si[N_WARPS];
     /* (the cluster's sum of a level's histograms stays in registers, one bin a thread: the less static
      * shared memory, the larger the slice a block holds; 3 blocks per row fit Qwen3's vocabulary) */
-    unsigned hc[RADIX_BINS];                     /* a radix level's histogram of this block's slice: counts */
-    unsigned hm_lo[RADIX_BINS], hm_hi[RADIX_BINS];   /* ... and masses (2^-60 fixed point) in two halves */
+    union {
+        struct {
+            unsigned hc[RADIX_BINS];                     /* a radix level's histogram of this block's slice: counts */
+            unsigned hm_lo[RADIX_BINS], hm_hi[RADIX_BINS];   /* ... and masses (2^-60 fixed point) in two halves */
+        } hist;
+        struct {   /* a top-k's candidates as keys (cut_from_candidates): this block's, then the row's */
+            uint64_t own[CAND_BLOCK];   /* over hc */
+            uint64_t all[CAND_ROW];     /* over hm_lo and hm_hi */
+        } cand;
+    };
+    int n_own;                                   /* this block's candidates */
+    int cut_rank;                                /* a rank the candidates' cuts pass on to every thread */
+    uint64_t cut_mass;                           /* ... and a mass */
     uint64_t wc[N_WARPS], wm[N_WARPS];
     uint64_t pick_c, pick_m, pick_n;
     int pick;
@@ -251,10 +270,10 @@ __device__ static uint64_t row_sum_all(uint64_t v, struct probs_smem *sm)
 __device__ static inline void add_mass(struct probs_smem *sm, int bin, uint64_t w)
 {
     unsigned lo = (unsigned)w, hi = (unsigned)(w >> 32);
-    unsigned old = atomicAdd(&sm->hm_lo[bin], lo);
+    unsigned old = atomicAdd(&sm->hist.hm_lo[bin], lo);
     hi += old + lo < old;
     if (hi)
-        atomicAdd(&sm->hm_hi[bin], hi);
+        atomicAdd(&sm->hist.hm_hi[bin], hi);
 }
 
 /* Add one token (when ok) of mass w to bin, and with `count` one to
@@ -272,12 +291,12 @@ __device__ static void hist_add(bool ok, int bin, uint64_t w, bool count, struct
         uint64_t sum = warp_sum(ok ? w : 0);
         if (lane_id() == first) {
             if (count)
-                atomicAdd(&sm->hc[b0], (unsigned)__popc(act));
+                atomicAdd(&sm->hist.hc[b0], (unsigned)__popc(act));
             add_mass(sm, b0, sum);
         }
     } else if (ok) {
         if (count)
-            atomicAdd(&sm->hc[bin], 1u);
+            atomicAdd(&sm->hist.hc[bin], 1u);
         add_mass(sm, bin, w);
     }
 }
@@ -291,9 +310,9 @@ __device__ static inline int level0_bin(uint32_t b)
 /* Empty the block's histogram (thread t clears bin t). */
 __device__ static inline void hist_clear(struct probs_smem *sm)
 {
-    sm->hc[threadIdx.x] = 0;
-    sm->hm_lo[threadIdx.x] = 0;
-    sm->hm_hi[threadIdx.x] = 0;
+    sm->hist.hc[threadIdx.x] = 0;
+    sm->hist.hm_lo[threadIdx.x] = 0;
+    sm->hist.hm_hi[threadIdx.x] = 0;
 }
 
 /* The highest bin j of the level's histogram over the cluster with
@@ -424,15 +443,15 @@ __device__ static uint32_t radix_select(const float *slice, float *scratch, uint
             }
             /* the zeros: bin 0 of every level, in play while the levels before chose bin 0; no mass */
             if (level > 0 && zeros && lane_id() == 0 && (!by_mass || level == 2) && (prefix >> keep) == 0)
-                atomicAdd(&sm->hc[0], (unsigned)zeros);
+                atomicAdd(&sm->hist.hc[0], (unsigned)zeros);
         }
         cl.sync();   /* every block's histogram is complete */
         int bin = RADIX_BINS - 1 - (int)threadIdx.x;   /* the bin pick_bin gives this thread */
         uint64_t c = 0, m = 0, n_bin;
         for (unsigned r = 0; r < cl.num_blocks(); r++) {
             const struct probs_smem *o = cl.map_shared_rank(sm, r);
-            c += o->hc[bin];
-            m += ((uint64_t)o->hm_hi[bin] << 32) + o->hm_lo[bin];
+            c += o->hist.hc[bin];
+            m += ((uint64_t)o->hist.hm_hi[bin] << 32) + o->hist.hm_lo[bin];
         }
         cl.sync();   /* every block has read the others' histograms */
         int j = pick_bin(c, m, target, by_mass, &above_c, &above_m, &n_bin, sm);
@@ -655,10 +674,192 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
         *id = sm->from + j;
 }
 
+/* ---- the top-k from a few candidates ----
+ * A top-k cut (then a top-p cut among the kept) from a row's few largest
+ * tokens, with no radix select: most rows' top k lie among a few dozen tokens
+ * that a bound found from each thread's largest value picks out. Keys order
+ * the ranking: larger probability first, then lower index. */
+__device__ static inline uint64_t rank_key(uint32_t bits, int i)
+{
+    return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)i;
+}
+
+/* Σ of v over the threads up to this one (inclusive), in thread order; T's sums are exact (integers). */
+__device__ static uint64_t block_scan(uint64_t v, struct probs_smem *sm)
+{
+    int lane = lane_id(), w = warp_id();
+    for (int o = 1; o < 32; o <<= 1) {
+        uint64_t y = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o)
+            v += y;
+    }
+    __syncthreads();   /* wm is free */
+    if (lane == 31)
+        sm->wm[w] = v;
+    __syncthreads();
+    return v + warp_sum(lane < w ? sm->wm[lane] : (uint64_t)0);
+}
+
+/* The row's probabilities are slice · inv (the block's slice holds the exponentials e); every
+ * thread's largest e is in its block's first-level histogram hist.hm_lo (counts, one a thread).
+ * When the top-k's candidates fit (CAND_BLOCK a block, CAND_ROW a row), writes the kept
+ * probabilities, renormalized, to out and the slice (and with `draw`, draws from them with u into
+ * *id) and returns true; else returns false having written nothing, and the histogram is the
+ * caller's to clear. The cuts, and so every written value, are those of the radix select's path.
+ * Every thread of every block of the cluster must call it, and they all return the same. */
+__device__ static bool cut_from_candidates(float *slice, float *out, const struct ds_k_sampling &s, float inv,
+                                           struct probs_smem *sm, bool draw, float u_draw, int32_t *id)
+{
+    cg::cluster_group cl = cg::this_cluster();
+    int nb = (int)cl.num_blocks(), k = s.top_k, n = sm->to - sm->from, t = threadIdx.x;
+    /* The bound lo: k threads of the cluster (k <= CAND_ROW, at most a block's threads) have a largest e at
+     * or above the lower edge of the highest first-level bin that reaches k of their counts, so k tokens a
+     * probability at or above that edge · inv (rounding keeps the order); at least 1, the least positive
+     * float. */
+    int bin = RADIX_BINS - 1 - t;
+    uint64_t c = 0, above_c = 0, above_m = 0, n_bin;
+    for (int r = 0; r < nb; r++)
+        c += cl.map_shared_rank(sm, r)->hist.hm_lo[bin];
+    int j0 = pick_bin(c, 0, (uint64_t)k, false, &above_c, &above_m, &n_bin, sm);
+    uint32_t lo = __float_as_uint(__fmul_rn(__uint_as_float((uint32_t)j0 << 20), inv));
+    lo = lo > 1 ? lo : 1;
+    /* this block's candidates, the tokens at or above lo (in no particular order: the keys rank them) */
+    for (int base = 0; base < n; base += blockDim.x) {
+        int j = base + t;
+        uint32_t b = j < n ? __float_as_uint(__fmul_rn(slice[j], inv)) : 0;
+        bool cand = j < n && b >= lo;
+        unsigned act = __ballot_sync(FULL_MASK, cand);
+        if (!act)
+            continue;
+        int first = __ffs(act) - 1, at = 0;
+        if (lane_id() == first)
+            at = atomicAdd(&sm->n_own, __popc(act));
+        at = __shfl_sync(FULL_MASK, at, first) + __popc(act & ((1u << lane_id()) - 1u));
+        if (cand && at < CAND_BLOCK)
+            sm->cand.own[at] = rank_key(b, sm->from + j);
+    }
+    __syncthreads();
+    /* the row's candidates, in every block (block order; the remote blocks' lists stay until they leave) */
+    int p = sm->par;
+    if (t == 0)
+        sm->x.u[p] = (uint64_t)sm->n_own;
+    cl.sync();   /* also: every block has read the others' counts of hist.hm_lo, which cand.all overwrites */
+    int n_c = 0, fits = 1, own_at = 0, own_before = 0;   /* the block holding candidate t, and its first's */
+    for (int r = 0; r < nb; r++) {
+        int cnt = (int)cl.map_shared_rank(sm, r)->x.u[p];
+        fits &= cnt <= CAND_BLOCK;
+        if (t >= n_c && t < n_c + cnt) {
+            own_at = r;
+            own_before = n_c;
+        }
+        n_c += cnt;
+    }
+    /* fewer than k candidates only for lo 1: fewer than k tokens above 0, the cut is 0 */
+    fits &= n_c >= 1 && n_c <= CAND_ROW && (n_c >= k || lo == 1);
+    uint64_t key = 0;
+    if (fits && t < n_c) {
+        key = cl.map_shared_rank(sm, own_at)->cand.own[t - own_before];
+        sm->cand.all[t] = key;
+    }
+    exchange_done(sm, p);
+    if (!fits)
+        return false;
+    /* ranks: thread r then holds the candidate of rank r, and its mass; cum: the masses of ranks 0..r */
+    int rank = 0;
+    for (int j = 0; t < n_c && j < n_c; j++)
+        rank += sm->cand.all[j] > key;
+    __syncthreads();
+    if (t < n_c)
+        sm->cand.all[rank] = key;
+    __syncthreads();
+    bool mine = t < n_c;
+    key = mine ? sm->cand.all[t] : 0;
+    uint32_t vb = (uint32_t)(key >> 32);
+    bool first_of_value = mine && (t == 0 || (uint32_t)(sm->cand.all[t - 1] >> 32) != vb);
+    uint64_t w = mine ? to_fx(__uint_as_float(vb)) : 0, cum = block_scan(w, sm);
+    /* the top-k: ranks 0..k - 1 (the tokens above the k-th value u and, of those equal to it, the lowest
+     * ids); or, with fewer than k tokens above 0, every candidate (the zeros kept weigh nothing) */
+    int last = (n_c < k ? n_c : k) - 1;
+    if (t == last)
+        sm->cut_mass = cum;
+    __syncthreads();
+    uint64_t kept = sm->cut_mass;
+    if (s.top_p > 0 && s.top_p < 1) {
+        /* the top-p among them, as radix_select's search by mass from the top-k's u: the first rank whose
+         * running mass reaches the target; its value's tokens from its first rank on, as many as needed */
+        uint32_t u = n_c < k ? 0 : (uint32_t)(sm->cand.all[last] >> 32);
+        int first_u = 0;   /* the first rank of u (where the top-k's m tokens equal to u start) */
+        uint64_t target = (uint64_t)ceil((double)s.top_p * (double)kept);
+        if (target < 1)
+            target = 1;
+        __syncthreads();
+        if (first_of_value && vb == u)
+            sm->cut_rank = t;
+        __syncthreads();
+        first_u = u ? sm->cut_rank : n_c;
+        __syncthreads();
+        if (mine && cum >= target && cum - w < target)
+            sm->cut_rank = t;   /* w > 0 there: one thread */
+        __syncthreads();
+        uint32_t up = (uint32_t)(sm->cand.all[sm->cut_rank] >> 32);
+        __syncthreads();
+        if (first_of_value && vb == up) {
+            sm->cut_rank = t;
+            sm->cut_mass = cum - w;
+        }
+        __syncthreads();
+        int f = sm->cut_rank;
+        uint64_t above = sm->cut_mass, v = to_fx(__uint_as_float(up));
+        uint64_t need = (target - above + v - 1) / v, m = (uint64_t)(last + 1 - first_u);
+        if (need < 1)
+            need = 1;
+        if (up == u && need > m)
+            need = m;
+        kept = above + need * v;
+        last = f + (int)need - 1;
+    }
+    uint64_t cut = sm->cand.all[last];   /* the last kept key */
+    float renorm = (float)(1.0 / ((double)kept / FX_ONE));
+    /* the row, as write_kept writes it: each warp its own segment (the draw's order) */
+    struct draw_part dp = {0, -1};
+    int from, to;
+    warp_segment(n, &from, &to);
+    for (int base = from; base < to; base += 32) {
+        int j = base + lane_id();
+        if (j < to) {
+            float pj = __fmul_rn(slice[j], inv);
+            float f = rank_key(__float_as_uint(pj), sm->from + j) >= cut ? __fmul_rn(pj, renorm) : 0.0f;
+            out[j] = f;
+            slice[j] = f;
+            if (draw)
+                draw_part_add(dp, f, sm->from + j);
+        }
+    }
+    if (draw)
+        draw_in_cluster(slice, u_draw, dp, sm, id);
+    return true;
+}
+
 /* The length of a block's slice of a row of V over c blocks: a multiple of 32. */
 static __host__ __device__ inline int slice_len(int V, int c)
 {
     return ((V + c - 1) / c + 31) & ~31;
+}
+
+/* slice[j] = e = exp((slice[j] - mx) / T) over the thread's tokens (the CPU's float operations); returns
+ * their sum, and with E_MAX their largest e in *e_max. */
+template <bool E_MAX>
+__device__ static double exp_pass(float *slice, int n, float mx, float inv_t, float *e_max)
+{
+    double sum = 0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = expf(__fmul_rn(__fsub_rn(slice[j], mx), inv_t));
+        slice[j] = e;
+        sum += e;
+        if (E_MAX)
+            *e_max = fmaxf(*e_max, e);
+    }
+    return sum;
 }
 
 /* One row per cluster (gridDim.x = rows × cluster size), rows row0 on; dynamic shared memory: the block's
@@ -676,6 +877,7 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
         sm.from = from < V ? from : V;
         sm.to = from + len < V ? from + len : V;
         sm.par = 0;
+        sm.n_own = 0;
     }
     hist_clear(&sm);   /* the normalization pass builds the first select's first level */
     __syncthreads();
@@ -696,15 +898,22 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
     }
     /* softmax(x / T): the CPU's float operations */
     float inv_t = 1.0f / s.temperature;
-    double sum = 0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float e = expf(__fmul_rn(__fsub_rn(slice[j], mx), inv_t));
-        slice[j] = e;
-        sum += e;
-    }
+    bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
+    bool few = cut_k && s.top_k <= CAND_ROW;   /* the top-k may come from candidates (cut_from_candidates) */
+    float e_max = 0.0f;                         /* ... whose bound needs this thread's largest e */
+    double sum = few ? exp_pass<true>(slice, n, mx, inv_t, &e_max) : exp_pass<false>(slice, n, mx, inv_t, &e_max);
+    if (few)
+        atomicAdd(&sm.hist.hm_lo[level0_bin(__float_as_uint(e_max))], 1u);
     sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
-    bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
+    if (few) {
+        if (cut_from_candidates(slice, o, s, inv, &sm, ids != NULL, ids ? uniform[row] : 0.0f, ids ? ids + row : NULL)) {
+            cl.sync();
+            return;
+        }
+        hist_clear(&sm);   /* too many candidates: the radix select, on a clean histogram */
+        __syncthreads();
+    }
     uint64_t total = 0;
     /* Top-p alone: the first level's histogram leaves out the tokens of bins below `prune`, each under the
      * bin's lower edge, so together under V · edge: at most half the mass the cut leaves out, so the cut lies
