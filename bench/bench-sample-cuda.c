@@ -3,16 +3,22 @@
  * and the inverse-CDF draw (ds_k_sample), and both in one launch
  * (ds_k_sample_logits), for 1, 8, 64 and 512 rows.
  *
- *   bench-sample-cuda [--blocks N]
+ *   bench-sample-cuda [--blocks N] [--hashes FILE]
  *
  * --blocks N spreads every row over N blocks (1..8) instead of the count the
  * time model picks (ds_k_sampling_force_blocks_per_row).
+ * --hashes FILE writes, for every row set, a 64-bit FNV-1a hash of the rows
+ * and ids the last launch in one (ds_k_sample_logits) wrote: two builds give
+ * the same file when their distributions and draws are the same bits.
  * Logits are normal with standard deviation 0.5 (a flat distribution, as random
- * weights give), 3 (a peaked one) or 8 (most of the vocabulary far below 1 / V,
- * as in a trained model's rows); the time is the fastest of 7 launches. */
+ * weights give), 3 (a peaked one), 8 (most of the vocabulary far below 1 / V,
+ * as in a trained model's rows) or 29 (as the random 4B's tied embedding
+ * gives: at T 0.6 nearly every probability underflows to 0); the time is the
+ * fastest of 7 launches. */
 #include "config.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +40,18 @@ static double normal(unsigned *s)
     return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
+/* FNV-1a over n bytes, continuing from h. */
+static uint64_t fnv1a(const void *p, size_t n, uint64_t h)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
 int main(int argc, char **argv)
 {
+    FILE *hashes = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--blocks") && i + 1 < argc) {
             char *end;
@@ -44,8 +60,13 @@ int main(int argc, char **argv)
                 fprintf(stderr, "bench-sample-cuda: --blocks takes 1 to 8\n");
                 return 2;
             }
+        } else if (!strcmp(argv[i], "--hashes") && i + 1 < argc) {
+            if (!(hashes = fopen(argv[++i], "w"))) {
+                perror(argv[i]);
+                return 1;
+            }
         } else {
-            fprintf(stderr, "usage: bench-sample-cuda [--blocks N]\n");
+            fprintf(stderr, "usage: bench-sample-cuda [--blocks N] [--hashes FILE]\n");
             return !!strcmp(argv[i], "--help") * 2;
         }
     }
@@ -63,7 +84,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < MAX_ROWS; i++)
         u[i] = (float)(i * 0.618 - floor(i * 0.618));
     CHECK(cudaMemcpy(d_u, u, sizeof u, cudaMemcpyHostToDevice));
-    static const double stds[] = {0.5, 3.0, 8.0};
+    static const double stds[] = {0.5, 3.0, 8.0, 29.0};
     static const struct {
         const char *name;
         struct ds_k_sampling p;
@@ -71,7 +92,8 @@ int main(int argc, char **argv)
                  {"T 1, no cut", {1.0f, 1.0f, 0}},
                  {"T 1, top-p 0.95", {1.0f, 0.95f, 0}},
                  {"T 0.7, top-k 50", {0.7f, 1.0f, 50}},
-                 {"T 0.8, top-p 0.9, top-k 200", {0.8f, 0.9f, 200}}};
+                 {"T 0.8, top-p 0.9, top-k 200", {0.8f, 0.9f, 200}},
+                 {"T 0.6, top-p 0.95, top-k 20", {0.6f, 0.95f, 20}}};
     static const int rows[] = {1, 8, 64, 512};
     cudaEvent_t e0, e1;
     CHECK(cudaEventCreate(&e0));
@@ -115,10 +137,23 @@ int main(int argc, char **argv)
                             best[which] = ms;
                     }
                 printf(" %.1f / %.1f / %.1f |", best[0] * 1e3, best[1] * 1e3, best[2] * 1e3);
+                if (hashes) {   /* the last launch was ds_k_sample_logits' */
+                    int32_t ids[MAX_ROWS];
+                    CHECK(cudaMemcpy(h, d_out, (size_t)rows[k] * V * sizeof(float), cudaMemcpyDeviceToHost));
+                    CHECK(cudaMemcpy(ids, d_ids, (size_t)rows[k] * sizeof(int32_t), cudaMemcpyDeviceToHost));
+                    uint64_t f = fnv1a(ids, (size_t)rows[k] * sizeof(int32_t),
+                                       fnv1a(h, (size_t)rows[k] * V * sizeof(float), 14695981039346656037ull));
+                    fprintf(hashes, "std %.1f | %s | %d rows | %016llx\n", stds[si], cases[c].name, rows[k],
+                            (unsigned long long)f);
+                }
             }
             printf("\n");
         }
     }
     free(h);
+    if (hashes && fclose(hashes) != 0) {
+        perror("bench-sample-cuda: --hashes");
+        return 1;
+    }
     return 0;
 }
