@@ -952,13 +952,13 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     /* the cuts may come from candidates (cut_from_candidates): a top-k of at most CAND_ROW, or a top-p alone
      * whose row is peaked enough; their bound starts from the e of each thread's largest logit */
-    bool few = cut_k && s.top_k <= CAND_ROW;
-    float e_max = expf(__fmul_rn(__fsub_rn(x_max, mx), inv_t));
+    bool few = cut_k && s.top_k <= CAND_ROW, few_p = !cut_k && cut_p;
+    float e_max = few || few_p ? expf(__fmul_rn(__fsub_rn(x_max, mx), inv_t)) : 0.0f;
     if (few)
         atomicAdd(&sm.hist.hm_lo[level0_bin(__float_as_uint(e_max))], 1u);
     sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
-    if (few || (!cut_k && cut_p && top_p_may_fit(s.top_p, inv))) {
+    if (few || (few_p && top_p_may_fit(s.top_p, inv))) {
         if (cut_from_candidates(slice, o, s, V, sum, inv, e_max, &sm, ids != NULL, ids ? uniform[row] : 0.0f,
                                 ids ? ids + row : NULL)) {
             cl.sync();
