@@ -10,19 +10,20 @@
  * there, writing the result once; the blocks combine their partial results
  * through distributed shared memory, in rank order, so the result does not
  * depend on scheduling), and can draw from the row in the same launch.
- * A top-k of at most CAND_ROW tokens ranks the row's few candidates, those at
- * or above a bound that each thread's largest value gives, and a top-p after
- * it cuts among them (cut_from_candidates). Otherwise nothing is sorted: the
- * top-k and top-p cuts find the value of the last kept token by a radix select
- * over the bit patterns of the probabilities (non-negative floats order like
- * their bits): three levels, each a histogram of the next 11, 10 and 10 bits
- * of the tokens still in play (masses, and counts where the search needs
- * them; the first level is built while the row is normalized, the others over
- * the first level's chosen bin alone), then keep every larger value and, of
- * the tokens equal to it, the lowest ids (the ranking's tie rule). A launch
- * whose last wave of clusters would be partial can go as two, the second in
- * smaller slices (a time model decides), started while the first runs
- * (programmatic dependent launch).
+ * A top-k of at most CAND_ROW tokens (and a top-p after it), or the top-p
+ * alone of a peaked row, ranks the row's few candidates, those at or above a
+ * bound that each thread's largest value gives (cut_from_candidates; a row
+ * with too many candidates takes the radix select). Otherwise nothing is
+ * sorted: the top-k and top-p cuts find the value of the last kept token by a
+ * radix select over the bit patterns of the probabilities (non-negative
+ * floats order like their bits): three levels, each a histogram of the next
+ * 11, 10 and 10 bits of the tokens still in play (masses, and counts where the
+ * search needs them; the first level is built while the row is normalized,
+ * the others over the first level's chosen bin alone), then keep every larger
+ * value and, of the tokens equal to it, the lowest ids (the ranking's tie
+ * rule). A launch whose last wave of clusters would be partial can go as two,
+ * the second in smaller slices (a time model decides), started while the
+ * first runs (programmatic dependent launch).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
@@ -677,11 +678,12 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
         *id = sm->from + j;
 }
 
-/* ---- the top-k from a few candidates ----
- * A top-k cut (then a top-p cut among the kept) from a row's few largest
- * tokens, with no radix select: most rows' top k lie among a few dozen tokens
- * that a bound found from each thread's largest value picks out. Keys order
- * the ranking: larger probability first, then lower index. */
+/* ---- the cuts from a few candidates ----
+ * A top-k cut (then a top-p cut among the kept), or a peaked row's top-p
+ * alone, from the row's few largest tokens, with no radix select: most rows'
+ * top k, and a peaked row's top-p set, lie among a few dozen tokens that a
+ * bound found from each thread's largest value picks out. Keys order the
+ * ranking: larger probability first, then lower index. */
 __device__ static inline uint64_t rank_key(uint32_t bits, int i)
 {
     return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)i;
