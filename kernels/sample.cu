@@ -715,7 +715,8 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
     /* The bound lo: k threads of the cluster (k <= CAND_ROW, at most a block's threads) have a largest e at
      * or above the lower edge of the highest first-level bin that reaches k of their counts, so k tokens a
      * probability at or above that edge · inv (rounding keeps the order); at least 1, the least positive
-     * float. */
+     * float. (The counts were added before the sum's cluster exchange in probs_row, whose barrier makes
+     * them visible here; no block writes hm_lo again before the cluster barrier after the gather.) */
     int bin = RADIX_BINS - 1 - t;
     uint64_t c = 0, above_c = 0, above_m = 0, n_bin;
     for (int r = 0; r < nb; r++)
