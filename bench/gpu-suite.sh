@@ -10,16 +10,19 @@
 #          T 1 with top-p 0.95, and Qwen3's T 0.6 top-p 0.95 top-k 20
 #   att    the attention alone (bench-attention-cuda: attention.md, and its
 #          outputs in attention.bin for a bit comparison with another build)
+#   sample the sampling kernels alone (bench-sample-cuda: sample.md, and the
+#          hashes of their rows and draws in sample-hashes.txt, to compare
+#          with another build)
 #   hf     transformers eager and sdpa on the same shapes (bench_step_hf.py;
 #          needs torch and transformers), within HF_BUDGET_S seconds (280);
 #          after a step part, both side by side in table.md (step_table.py)
-# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]
+# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]
 # BUILD_DIR is a build configured --with-cuda. Exit status: 0, 1 when a part
 # failed, 77 when the tests part found no CUDA device.
 set -u
-build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]}
-out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,hf]}
-parts=${3:-tests,step,round,att}
+build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]}
+out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]}
+parts=${3:-tests,step,round,att,sample}
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "$build" && pwd) || exit 1
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1
@@ -79,6 +82,13 @@ if has_part att; then
     "$build/bench/bench-attention-cuda" --out "$out/attention.bin" > "$out/attention.md" 2>&1 ||
         fail "bench-attention-cuda ($out/attention.md)"
     cat "$out/attention.md"
+fi
+
+if has_part sample; then
+    say "sample: bench-sample-cuda"
+    "$build/bench/bench-sample-cuda" --hashes "$out/sample-hashes.txt" > "$out/sample.md" 2>&1 ||
+        fail "bench-sample-cuda ($out/sample.md)"
+    cat "$out/sample.md"
 fi
 
 if has_part hf; then
