@@ -10,19 +10,20 @@
  * there, writing the result once; the blocks combine their partial results
  * through distributed shared memory, in rank order, so the result does not
  * depend on scheduling), and can draw from the row in the same launch.
- * A top-k of at most CAND_ROW tokens ranks the row's few candidates, those at
- * or above a bound that each thread's largest value gives, and a top-p after
- * it cuts among them (cut_from_candidates). Otherwise nothing is sorted: the
- * top-k and top-p cuts find the value of the last kept token by a radix select
- * over the bit patterns of the probabilities (non-negative floats order like
- * their bits): three levels, each a histogram of the next 11, 10 and 10 bits
- * of the tokens still in play (masses, and counts where the search needs
- * them; the first level is built while the row is normalized, the others over
- * the first level's chosen bin alone), then keep every larger value and, of
- * the tokens equal to it, the lowest ids (the ranking's tie rule). A launch
- * whose last wave of clusters would be partial can go as two, the second in
- * smaller slices (a time model decides), started while the first runs
- * (programmatic dependent launch).
+ * A top-k of at most CAND_ROW tokens (and a top-p after it), or the top-p
+ * alone of a peaked row, ranks the row's few candidates, those at or above a
+ * bound that each thread's largest value gives (cut_from_candidates; a row
+ * with too many candidates takes the radix select). Otherwise nothing is
+ * sorted: the top-k and top-p cuts find the value of the last kept token by a
+ * radix select over the bit patterns of the probabilities (non-negative
+ * floats order like their bits): three levels, each a histogram of the next
+ * 11, 10 and 10 bits of the tokens still in play (masses, and counts where the
+ * search needs them; the first level is built while the row is normalized,
+ * the others over the first level's chosen bin alone), then keep every larger
+ * value and, of the tokens equal to it, the lowest ids (the ranking's tie
+ * rule). A launch whose last wave of clusters would be partial can go as two,
+ * the second in smaller slices (a time model decides), started while the
+ * first runs (programmatic dependent launch).
  *
  * Masses are summed as 2^-60 fixed-point integers, so a sum is exact and
  * independent of the order of its terms: cuts and draws depend only on the
@@ -197,7 +198,7 @@ namespace cg = cooperative_groups;
  * so one cluster barrier per exchange suffices (a block writes set i % 2 again
  * only after every block has passed exchange i + 1, so done reading i). */
 struct probs_xchg {
-    uint64_t u[2];
+    uint64_t u[2], t[2];
     double d[2];
     float fv[2];
     int fi[2];
@@ -548,9 +549,11 @@ __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t
 }
 
 /* The first maximum of the row (ds_argmax: index 0 when nothing beats -inf),
- * over the cluster; every thread gets it. The block's slice of x is copied to
- * `slice` on the way (16 bytes at a time where x allows). */
-__device__ static int row_argmax(const float *x, float *slice, struct probs_smem *sm, float *ret_max)
+ * over the cluster; every thread gets it, and in *thread_max the largest of its
+ * own tokens (-inf for none). The block's slice of x is copied to `slice` on
+ * the way (16 bytes at a time where x allows). */
+__device__ static int row_argmax(const float *x, float *slice, struct probs_smem *sm, float *ret_max,
+                                 float *thread_max)
 {
     float x0 = x[0];   /* read before the barrier below: after it, x may be overwritten */
     float bv = -INFINITY;
@@ -576,6 +579,7 @@ __device__ static int row_argmax(const float *x, float *slice, struct probs_smem
         slice[j] = v;
         better(bv, bi, v, from + j);
     }
+    *thread_max = bv;
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(FULL_MASK, bv, o);
         int oi = __shfl_xor_sync(FULL_MASK, bi, o);
@@ -674,11 +678,12 @@ __device__ static void draw_in_cluster(const float *slice, float u, struct draw_
         *id = sm->from + j;
 }
 
-/* ---- the top-k from a few candidates ----
- * A top-k cut (then a top-p cut among the kept) from a row's few largest
- * tokens, with no radix select: most rows' top k lie among a few dozen tokens
- * that a bound found from each thread's largest value picks out. Keys order
- * the ranking: larger probability first, then lower index. */
+/* ---- the cuts from a few candidates ----
+ * A top-k cut (then a top-p cut among the kept), or a peaked row's top-p
+ * alone, from the row's few largest tokens, with no radix select: most rows'
+ * top k, and a peaked row's top-p set, lie among a few dozen tokens that a
+ * bound found from each thread's largest value picks out. Keys order the
+ * ranking: larger probability first, then lower index. */
 __device__ static inline uint64_t rank_key(uint32_t bits, int i)
 {
     return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)i;
@@ -700,34 +705,77 @@ __device__ static uint64_t block_scan(uint64_t v, struct probs_smem *sm)
     return v + warp_sum(lane < w ? sm->wm[lane] : (uint64_t)0);
 }
 
-/* The row's probabilities are slice · inv (the block's slice holds the exponentials e); every
- * thread's largest e is in its block's first-level histogram hist.hm_lo (counts, one a thread).
- * When the top-k's candidates fit (CAND_BLOCK a block, CAND_ROW a row), writes the kept
- * probabilities, renormalized, to out and the slice (and with `draw`, draws from them with u into
- * *id) and returns true; else returns false having written nothing, and the histogram is the
- * caller's to clear. The cuts, and so every written value, are those of the radix select's path.
- * Every thread of every block of the cluster must call it, and they all return the same. */
-__device__ static bool cut_from_candidates(float *slice, float *out, const struct ds_k_sampling &s, float inv,
-                                           struct probs_smem *sm, bool draw, float u_draw, int32_t *id)
+/* Whether a top-p alone may keep few enough tokens for cut_from_candidates: it keeps at least
+ * top_p / p_max of them, and the row's largest probability is inv (its e is 1). */
+__device__ static inline bool top_p_may_fit(float top_p, float inv)
+{
+    return (double)top_p * 0.999 <= (double)CAND_ROW * (double)inv;
+}
+
+/* The row's probabilities are slice · inv (the block's slice holds the exponentials e, sum their sum);
+ * e_max is the e of the thread's largest logit (row_argmax's thread_max: those of the threads are
+ * distinct tokens). For a top-k (k <= CAND_ROW), every thread's e_max is already counted in its
+ * block's first-level histogram hist.hm_lo. When the cut's candidates fit (CAND_BLOCK a block,
+ * CAND_ROW a row), writes the kept probabilities, renormalized, to out and the slice (and with `draw`,
+ * draws from them with u into *id) and returns true; else returns false having written nothing, and
+ * the histogram is the caller's to clear. The cuts, and so every written value, are those of the radix
+ * select's path. Every thread of every block of the cluster must call it, and they all return the same. */
+__device__ static bool cut_from_candidates(float *slice, float *out, const struct ds_k_sampling &s, int V, double sum,
+                                           float inv, float e_max, struct probs_smem *sm, bool draw, float u_draw,
+                                           int32_t *id)
 {
     cg::cluster_group cl = cg::this_cluster();
     int nb = (int)cl.num_blocks(), k = s.top_k, n = sm->to - sm->from, t = threadIdx.x;
-    /* The bound lo: k threads of the cluster (k <= CAND_ROW, at most a block's threads) have a largest e at
-     * or above the lower edge of the highest first-level bin that reaches k of their counts, so k tokens a
-     * probability at or above that edge · inv (rounding keeps the order); at least 1, the least positive
-     * float. (The counts were added before the sum's cluster exchange in probs_row, whose barrier makes
-     * them visible here; no block writes hm_lo again before the cluster barrier after the gather.) */
+    bool cut_k = k > 0 && k < V, cut_p = s.top_p > 0 && s.top_p < 1;
     int bin = RADIX_BINS - 1 - t;
-    uint64_t c = 0, above_c = 0, above_m = 0, n_bin;
-    for (int r = 0; r < nb; r++)
-        c += cl.map_shared_rank(sm, r)->hist.hm_lo[bin];
-    int j0 = pick_bin(c, 0, (uint64_t)k, false, &above_c, &above_m, &n_bin, sm);
-    uint32_t lo = __float_as_uint(__fmul_rn(__uint_as_float((uint32_t)j0 << 20), inv));
-    lo = lo > 1 ? lo : 1;
-    /* this block's candidates, the tokens at or above lo (in no particular order: the keys rank them) */
+    uint64_t c = 0, m = 0, above_c = 0, above_m = 0, n_bin;
+    uint32_t lo;
+    if (cut_k) {
+        /* k threads of the cluster (k <= CAND_ROW, at most a block's threads) have a largest e at or above
+         * the lower edge of the highest first-level bin that reaches k of their counts, so k tokens a
+         * probability at or above that edge · inv (rounding keeps the order) */
+        for (int r = 0; r < nb; r++)   /* (added before the sum's cluster exchange in probs_row, whose barrier
+                                        * makes them visible; hm_lo is written again only after the barrier
+                                        * after the gather) */
+            c += cl.map_shared_rank(sm, r)->hist.hm_lo[bin];
+        int j = pick_bin(c, 0, (uint64_t)k, false, &above_c, &above_m, &n_bin, sm);
+        lo = __float_as_uint(__fmul_rn(__uint_as_float((uint32_t)j << 20), inv));
+    } else {
+        /* top-p alone: the threads' largest probabilities weigh at least the cut's target at or above the
+         * lower edge of the highest first-level bin whose masses from the top reach a bound on that
+         * target (from the row's sum: the exact total is Σ of each p's rounding, within 2^-24 of it) */
+        float pm = __fmul_rn(e_max, inv);
+        int b = level0_bin(__float_as_uint(pm));
+        atomicAdd(&sm->hist.hc[b], 1u);
+        add_mass(sm, b, to_fx(pm));
+        cl.sync();   /* every block's counts and masses are in */
+        for (int r = 0; r < nb; r++) {
+            const struct probs_smem *o = cl.map_shared_rank(sm, r);
+            c += o->hist.hc[bin];
+            m += ((uint64_t)o->hist.hm_hi[bin] << 32) + o->hist.hm_lo[bin];
+        }
+        cl.sync();   /* every block has read the others' histograms: cand.own, over hc, may be written */
+        double total_hi = sum * (double)inv * FX_ONE * (1.0 + 0x1p-22);
+        uint64_t target_hi = (uint64_t)ceil((double)s.top_p * total_hi) + 1;
+        if (t == 0)
+            sm->pick = -1;
+        int j = pick_bin(c, m, target_hi, true, &above_c, &above_m, &n_bin, sm);
+        /* the radix select when the threads' maxima do not reach it, or when more of them than a row's
+         * candidates lie at or above the bound (each a token) */
+        if (j < 0 || above_c + n_bin > CAND_ROW)
+            return false;
+        lo = (uint32_t)j << 20;
+    }
+    lo = lo > 1 ? lo : 1;   /* at least the least positive float */
+    /* this block's candidates, the tokens at or above lo (in no particular order: the keys rank them); for a
+     * top-p alone, also the exact total of the block's probabilities */
+    uint64_t total = 0;
     for (int base = 0; base < n; base += blockDim.x) {
         int j = base + t;
-        uint32_t b = j < n ? __float_as_uint(__fmul_rn(slice[j], inv)) : 0;
+        float pj = j < n ? __fmul_rn(slice[j], inv) : 0.0f;
+        uint32_t b = __float_as_uint(pj);
+        if (!cut_k)
+            total += to_fx(pj);
         bool cand = j < n && b >= lo;
         unsigned act = __ballot_sync(FULL_MASK, cand);
         if (!act)
@@ -735,19 +783,29 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
         int first = __ffs(act) - 1, at = 0;
         if (lane_id() == first)
             at = atomicAdd(&sm->n_own, __popc(act));
-        at = __shfl_sync(FULL_MASK, at, first) + __popc(act & ((1u << lane_id()) - 1u));
+        int at0 = __shfl_sync(FULL_MASK, at, first);
+        at = at0 + __popc(act & ((1u << lane_id()) - 1u));
         if (cand && at < CAND_BLOCK)
             sm->cand.own[at] = rank_key(b, sm->from + j);
+        if (at0 + __popc(act) > CAND_BLOCK)
+            break;   /* too many: the count says so, and the radix select takes the row */
     }
+    if (!cut_k)
+        total = block_sum(total, sm->red);
     __syncthreads();
     /* the row's candidates, in every block (block order; the remote blocks' lists stay until they leave) */
     int p = sm->par;
-    if (t == 0)
+    if (t == 0) {
         sm->x.u[p] = (uint64_t)sm->n_own;
-    cl.sync();   /* also: every block has read the others' counts of hist.hm_lo, which cand.all overwrites */
+        sm->x.t[p] = total;
+    }
+    cl.sync();   /* also: every block has read the others' hist.hm_lo and hm_hi, which cand.all overwrites */
     int n_c = 0, fits = 1, own_at = 0, own_before = 0;   /* the block holding candidate t, and its first's */
+    total = 0;
     for (int r = 0; r < nb; r++) {
-        int cnt = (int)cl.map_shared_rank(sm, r)->x.u[p];
+        const struct probs_smem *o = cl.map_shared_rank(sm, r);
+        int cnt = (int)o->x.u[p];
+        total += o->x.t[p];
         fits &= cnt <= CAND_BLOCK;
         if (t >= n_c && t < n_c + cnt) {
             own_at = r;
@@ -756,7 +814,7 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
         n_c += cnt;
     }
     /* fewer than k candidates only for lo 1: fewer than k tokens above 0, the cut is 0 */
-    fits &= n_c >= 1 && n_c <= CAND_ROW && (n_c >= k || lo == 1);
+    fits &= n_c >= 1 && n_c <= CAND_ROW && (!cut_k || n_c >= k || lo == 1);
     uint64_t key = 0;
     if (fits && t < n_c) {
         key = cl.map_shared_rank(sm, own_at)->cand.own[t - own_before];
@@ -779,22 +837,27 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
     bool first_of_value = mine && (t == 0 || (uint32_t)(sm->cand.all[t - 1] >> 32) != vb);
     uint64_t w = mine ? to_fx(__uint_as_float(vb)) : 0, cum = block_scan(w, sm);
     /* the top-k: ranks 0..k - 1 (the tokens above the k-th value u and, of those equal to it, the lowest
-     * ids); or, with fewer than k tokens above 0, every candidate (the zeros kept weigh nothing) */
-    int last = (n_c < k ? n_c : k) - 1;
+     * ids); or, with fewer than k tokens above 0, every candidate (the zeros kept weigh nothing). A top-p
+     * alone starts from every token. */
+    int last = cut_k ? (n_c < k ? n_c : k) - 1 : n_c - 1;
     if (t == last)
         sm->cut_mass = cum;
     __syncthreads();
-    uint64_t kept = sm->cut_mass;
-    if (s.top_p > 0 && s.top_p < 1) {
+    uint64_t kept = cut_k ? sm->cut_mass : total;
+    if (cut_p) {
         /* the top-p among them, as radix_select's search by mass from the top-k's u: the first rank whose
          * running mass reaches the target; its value's tokens from its first rank on, as many as needed */
-        uint32_t u = n_c < k ? 0 : (uint32_t)(sm->cand.all[last] >> 32);
-        int first_u = 0;   /* the first rank of u (where the top-k's m tokens equal to u start) */
         uint64_t target = (uint64_t)ceil((double)s.top_p * (double)kept);
         if (target < 1)
             target = 1;
+        if (!cut_k && sm->cut_mass < target) {   /* (the bound makes this impossible) */
+            cl.sync();   /* no block reads another's list any more */
+            return false;
+        }
+        uint32_t u = !cut_k || n_c < k ? 0 : (uint32_t)(sm->cand.all[last] >> 32);
+        int first_u = n_c;   /* the first rank of u (where the top-k's m tokens equal to u start) */
         __syncthreads();
-        if (first_of_value && vb == u)
+        if (u && first_of_value && vb == u)
             sm->cut_rank = t;
         __syncthreads();
         first_u = u ? sm->cut_rank : n_c;
@@ -811,11 +874,11 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
         __syncthreads();
         int f = sm->cut_rank;
         uint64_t above = sm->cut_mass, v = to_fx(__uint_as_float(up));
-        uint64_t need = (target - above + v - 1) / v, m = (uint64_t)(last + 1 - first_u);
+        uint64_t need = (target - above + v - 1) / v, m_u = (uint64_t)(last + 1 - first_u);
         if (need < 1)
             need = 1;
-        if (up == u && need > m)
-            need = m;
+        if (cut_k && up == u && need > m_u)
+            need = m_u;
         kept = above + need * v;
         last = f + (int)need - 1;
     }
@@ -847,22 +910,6 @@ static __host__ __device__ inline int slice_len(int V, int c)
     return ((V + c - 1) / c + 31) & ~31;
 }
 
-/* slice[j] = e = exp((slice[j] - mx) / T) over the thread's tokens (the CPU's float operations); returns
- * their sum, and with E_MAX their largest e in *e_max. */
-template <bool E_MAX>
-__device__ static double exp_pass(float *slice, int n, float mx, float inv_t, float *e_max)
-{
-    double sum = 0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float e = expf(__fmul_rn(__fsub_rn(slice[j], mx), inv_t));
-        slice[j] = e;
-        sum += e;
-        if (E_MAX)
-            *e_max = fmaxf(*e_max, e);
-    }
-    return sum;
-}
-
 /* One row per cluster (gridDim.x = rows × cluster size), rows row0 on; dynamic shared memory: the block's
  * slice. */
 __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, const struct ds_k_sampling *params,
@@ -887,8 +934,8 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
     float *o = out + r * ldo + sm.from;   /* the block's slice of the output row */
     int n = sm.to - sm.from;
     struct ds_k_sampling s = params[row];
-    float mx;
-    int imax = row_argmax(xr, slice, &sm, &mx);   /* every read of x is done: out may be x (slices are disjoint) */
+    float mx, x_max;
+    int imax = row_argmax(xr, slice, &sm, &mx, &x_max);   /* every read of x is done: out may be x (slices are disjoint) */
     if (s.temperature < GREEDY_TEMPERATURE) {
         for (int j = threadIdx.x; j < n; j += blockDim.x)
             o[j] = sm.from + j == imax ? 1.0f : 0.0f;
@@ -899,16 +946,24 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
     }
     /* softmax(x / T): the CPU's float operations */
     float inv_t = 1.0f / s.temperature;
+    double sum = 0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float e = expf(__fmul_rn(__fsub_rn(slice[j], mx), inv_t));
+        slice[j] = e;
+        sum += e;
+    }
     bool cut_k = s.top_k > 0 && s.top_k < V, cut_p = s.top_p > 0 && s.top_p < 1;
-    bool few = cut_k && s.top_k <= CAND_ROW;   /* the top-k may come from candidates (cut_from_candidates) */
-    float e_max = 0.0f;                         /* ... whose bound needs this thread's largest e */
-    double sum = few ? exp_pass<true>(slice, n, mx, inv_t, &e_max) : exp_pass<false>(slice, n, mx, inv_t, &e_max);
+    /* the cuts may come from candidates (cut_from_candidates): a top-k of at most CAND_ROW, or a top-p alone
+     * whose row is peaked enough; their bound starts from the e of each thread's largest logit */
+    bool few = cut_k && s.top_k <= CAND_ROW, few_p = !cut_k && cut_p;
+    float e_max = few || few_p ? expf(__fmul_rn(__fsub_rn(x_max, mx), inv_t)) : 0.0f;
     if (few)
         atomicAdd(&sm.hist.hm_lo[level0_bin(__float_as_uint(e_max))], 1u);
     sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
-    if (few) {
-        if (cut_from_candidates(slice, o, s, inv, &sm, ids != NULL, ids ? uniform[row] : 0.0f, ids ? ids + row : NULL)) {
+    if (few || (few_p && top_p_may_fit(s.top_p, inv))) {
+        if (cut_from_candidates(slice, o, s, V, sum, inv, e_max, &sm, ids != NULL, ids ? uniform[row] : 0.0f,
+                                ids ? ids + row : NULL)) {
             cl.sync();
             return;
         }

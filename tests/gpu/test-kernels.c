@@ -1357,6 +1357,7 @@ static const struct prob_case prob_cases[] = {
     {1.0f, 1.0f, 20, ROW_PEAKED},
     {1.0f, 1.0f, 1024, ROW_RANDOM},   /* as many candidates as a row's ranking holds (CAND_ROW) */
     {1.0f, 0.6f, 40, ROW_TIES},       /* a top-p among the candidates, inside a group of ties */
+    {1.0f, 0.9f, 0, ROW_PEAKED},      /* a top-p alone from candidates */
 };
 
 /* The cases once, then repeated to 40, 64 and 80 rows: the blocks per row follow
