@@ -480,6 +480,26 @@ __device__ static inline void draw_part_add(struct draw_part &dp, float p, int i
         dp.last = i;
 }
 
+/* out[j] = slice[j] = p · renorm where keep(bits of p, token id), else 0, over the warp's segment [from, to)
+ * of the block's slice, p = prob(slice[j]); with `draw`, dp gathers the lane's share of a draw from the
+ * written row (draw_scan's). */
+template <typename Prob, typename Keep>
+__device__ static void write_segment(float *slice, float *out, int from, int to, float renorm, Prob prob, Keep keep,
+                                     const struct probs_smem *sm, bool draw, struct draw_part &dp)
+{
+    for (int base = from; base < to; base += 32) {
+        int j = base + lane_id();
+        if (j < to) {
+            float p = prob(slice[j]);
+            float f = keep(__float_as_uint(p), sm->from + j) ? __fmul_rn(p, renorm) : 0.0f;
+            out[j] = f;
+            slice[j] = f;
+            if (draw)
+                draw_part_add(dp, f, sm->from + j);
+        }
+    }
+}
+
 /* out[j] = slice[j] = slice[j] · renorm for the tokens above value bits u and
  * the first m (in index order) equal to it, else 0 (out: the block's slice of
  * the output row). Each warp walks its own contiguous segment; the blocks before this one
@@ -494,17 +514,9 @@ __device__ static void write_kept(float *slice, float *out, uint32_t u, uint64_t
     int from, to, w = warp_id(), lane = lane_id();
     warp_segment(sm->to - sm->from, &from, &to);
     if (u == 0 || (n_eq_all > 0 && m >= n_eq_all)) {
-        for (int base = from; base < to; base += 32) {
-            int j = base + lane;
-            if (j < to) {
-                uint32_t b = __float_as_uint(slice[j]);
-                float f = b >= u ? __fmul_rn(slice[j], renorm) : 0.0f;
-                out[j] = f;
-                slice[j] = f;
-                if (draw)
-                    draw_part_add(dp, f, sm->from + j);
-            }
-        }
+        write_segment(
+            slice, out, from, to, renorm, [](float p) { return p; },
+            [u](uint32_t b, int) { return b >= u; }, sm, draw, dp);
         return;
     }
     int n_eq = 0;
@@ -888,17 +900,9 @@ __device__ static bool cut_from_candidates(float *slice, float *out, const struc
     struct draw_part dp = {0, -1};
     int from, to;
     warp_segment(n, &from, &to);
-    for (int base = from; base < to; base += 32) {
-        int j = base + lane_id();
-        if (j < to) {
-            float pj = __fmul_rn(slice[j], inv);
-            float f = rank_key(__float_as_uint(pj), sm->from + j) >= cut ? __fmul_rn(pj, renorm) : 0.0f;
-            out[j] = f;
-            slice[j] = f;
-            if (draw)
-                draw_part_add(dp, f, sm->from + j);
-        }
-    }
+    write_segment(
+        slice, out, from, to, renorm, [inv](float e) { return __fmul_rn(e, inv); },
+        [cut](uint32_t b, int id) { return rank_key(b, id) >= cut; }, sm, draw, dp);
     if (draw)
         draw_in_cluster(slice, u_draw, dp, sm, id);
     return true;
