@@ -457,6 +457,44 @@ template <int HD, int MT> struct MmaSmem {
     static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
 
+/* The position group of item (run, g, slot): a (run, g)'s groups in the order 0, S - 1, 1, S - 2, ...:
+ * the first groups hold the most tiles, so neighbouring items, which share a block when items outnumber
+ * blocks, pair a full group with an emptier one (the order of work, never the arithmetic). */
+__device__ static inline int item_group(int item)
+{
+    int slot = item % ATT_SPLIT;
+    return slot & 1 ? ATT_SPLIT - 1 - slot / 2 : slot / 2;
+}
+
+/* Ask L2 for the cache rows of the first two tiles of the block's first item (run, KV head g, group z),
+ * one request per 128-byte line, before the kernel waits for the one before it: the metadata that
+ * addresses them only host copies write, and L2 is where every SM's writes meet, so a row that the
+ * append before is still writing is fetched again, or updated in place, by then. Not inlined: the item
+ * loop's code stays as it is without it (inlined, the loop at R 64, q 8 measured up to 1 % slower). */
+template <int HD>
+__device__ static __noinline__ void warm_first_tiles(const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
+                                                     const int32_t *seq, const int32_t *pos, const int32_t *run_start,
+                                                     const int32_t *run_len, const int32_t *page_table,
+                                                     int max_pages, int page_size, int page_shift, int nKV, int item)
+{
+    constexpr int LINES = HD * 2 / 128;   /* 128-byte lines of a row's head */
+    int z = item_group(item), g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
+    int t0 = run_start[run], ntok = run_len[run], last = 0;
+    for (int i = 0; i < ntok; i++)
+        last = max(last, pos[t0 + i]);
+    const int32_t *pages = page_table + (size_t)seq[t0] * max_pages;
+    for (int i = threadIdx.x; i < 2 * MMA_TILE * LINES; i += blockDim.x) {
+        int j = group_tile(z, i / (MMA_TILE * LINES)) * MMA_TILE + i / LINES % MMA_TILE;
+        if (j > last)
+            continue;
+        int pg = page_shift >= 0 ? j >> page_shift : j / page_size;
+        size_t off = ((size_t)pages[pg] * page_size + (j - pg * page_size)) * nKV * HD + (size_t)g * HD +
+                     (i % LINES) * 64;
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(k_cache + off));
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(v_cache + off));
+    }
+}
+
 template <int HD, int MT>
 __global__ static void __launch_bounds__(MmaSmem<HD, MT>::THREADS, 2)
 attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, const __nv_bfloat16 *v_cache,
@@ -477,19 +515,18 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
      * absent runs would cost their scheduling), and block b takes a contiguous share of the items,
      * so that consecutive items of a block are mostly the groups of one (run, g): their queries
      * are loaded once. */
-    pdl_enter();
     int n_items = *n_runs * nKV * ATT_SPLIT;
     int share = (n_items + (int)gridDim.x - 1) / (int)gridDim.x;
     int item_end = min(n_items, ((int)blockIdx.x + 1) * share);
+    if ((int)blockIdx.x * share < item_end)
+        warm_first_tiles<HD>(k_cache, v_cache, seq, pos, run_start, run_len, page_table, max_pages, page_size,
+                             page_shift, nKV, (int)blockIdx.x * share);
+    pdl_enter();
     int q_pair = -1;   /* the (run, g) whose queries q_hi, q_lo and qpos_s hold */
     int m_run = -1, t0 = 0, ntok = 0, last = 0;   /* the run whose first token, length and last position these are */
     const int32_t *pages = page_table;            /* its sequence's pages */
     for (int item = (int)blockIdx.x * share; item < item_end; item++) {
-        /* the groups of a (run, g) in the order 0, S - 1, 1, S - 2, ...: the first groups hold the
-         * most tiles, so neighbouring items, which share a block when items outnumber blocks, pair a
-         * full group with an emptier one (the order of work, never the arithmetic) */
-        int slot = item % ATT_SPLIT, z = slot & 1 ? ATT_SPLIT - 1 - slot / 2 : slot / 2;
-        int g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
+        int z = item_group(item), g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
         int mt = w / MMA_SLICES, sl = w % MMA_SLICES;   /* this warp's m16 tile and position slice */
         if (run != m_run) {   /* read once for a block's consecutive items of one run (its KV heads and groups) */

@@ -3,9 +3,10 @@
  * A kernel launched with pdl_launch may start while the kernel before it in
  * the stream is still running; it must call pdl_enter() before it touches
  * anything an earlier kernel writes (the products request their first weight
- * tiles before it, and q/k norm + RoPE computes its rotations from the
+ * tiles before it; q/k norm + RoPE computes its rotations from the
  * positions and frequencies, which only host copies before the pass write;
- * nothing else does anything first). pdl_enter waits until
+ * attention reads its runs from that metadata and asks L2 for its first
+ * cache rows; nothing else does anything first). pdl_enter waits until
  * that kernel has finished and its writes are visible, then lets the next
  * kernel start launching in turn. What is saved is the launch
  * latency between consecutive small kernels (most of a decoding pass's
