@@ -732,13 +732,15 @@ __device__ static inline bool top_p_may_fit(float top_p, float inv)
  * draws from them with u into *id) and returns true; else returns false having written nothing, and
  * the histogram is the caller's to clear. The cuts, and so every written value, are those of the radix
  * select's path. Every thread of every block of the cluster must call it, and they all return the same. */
-__device__ static bool cut_from_candidates(float *slice, float *out, const struct ds_k_sampling &s, int V, double sum,
+template <bool TOP_K>   /* a top-k (0 < k <= CAND_ROW, k < V), else a top-p alone: the two paths compiled apart */
+__device__ static bool cut_from_candidates(float *slice, float *out, const struct ds_k_sampling &s, double sum,
                                            float inv, float e_max, struct probs_smem *sm, bool draw, float u_draw,
                                            int32_t *id)
 {
     cg::cluster_group cl = cg::this_cluster();
     int nb = (int)cl.num_blocks(), k = s.top_k, n = sm->to - sm->from, t = threadIdx.x;
-    bool cut_k = k > 0 && k < V, cut_p = s.top_p > 0 && s.top_p < 1;
+    constexpr bool cut_k = TOP_K;
+    bool cut_p = s.top_p > 0 && s.top_p < 1;
     int bin = RADIX_BINS - 1 - t;
     uint64_t c = 0, m = 0, above_c = 0, above_m = 0, n_bin;
     uint32_t lo;
@@ -966,8 +968,11 @@ __device__ static void probs_row(const float *x, int ldx, const int32_t *rows, c
     sum = cluster_sum(block_sum(sum, sm.red_d), &probs_xchg::d, &sm);
     float inv = (float)(1.0 / sum);
     if (few || (few_p && top_p_may_fit(s.top_p, inv))) {
-        if (cut_from_candidates(slice, o, s, V, sum, inv, e_max, &sm, ids != NULL, ids ? uniform[row] : 0.0f,
-                                ids ? ids + row : NULL)) {
+        bool done = few ? cut_from_candidates<true>(slice, o, s, sum, inv, e_max, &sm, ids != NULL,
+                                                    ids ? uniform[row] : 0.0f, ids ? ids + row : NULL)
+                        : cut_from_candidates<false>(slice, o, s, sum, inv, e_max, &sm, ids != NULL,
+                                                     ids ? uniform[row] : 0.0f, ids ? ids + row : NULL);
+        if (done) {
             cl.sync();
             return;
         }
