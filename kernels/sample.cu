@@ -47,7 +47,7 @@
 #define RADIX_BINS 1024                 /* bins of a radix level: one per thread */
 static_assert(RADIX_BINS == SAMPLE_THREADS, "pick_bin gives each thread one bin");
 #define MAX_CLUSTER 8                   /* blocks per row at most (the portable cluster size) */
-#define CAND_BLOCK 512                  /* a top-k's candidates a block holds at most (else the radix select) */
+#define CAND_BLOCK 512                  /* a cut's candidates a block holds at most (else the radix select) */
 #define CAND_ROW 1024                   /* ... and a row: one a thread */
 static_assert(CAND_ROW == SAMPLE_THREADS, "the candidates' ranks are one a thread");
 static_assert(CAND_BLOCK * 8 == RADIX_BINS * 4 && CAND_ROW * 8 == 2 * RADIX_BINS * 4,
@@ -216,7 +216,7 @@ struct probs_smem {
             unsigned hc[RADIX_BINS];                     /* a radix level's histogram of this block's slice: counts */
             unsigned hm_lo[RADIX_BINS], hm_hi[RADIX_BINS];   /* ... and masses (2^-60 fixed point) in two halves */
         } hist;
-        struct {   /* a top-k's candidates as keys (cut_from_candidates): this block's, then the row's */
+        struct {   /* a cut's candidates as keys (cut_from_candidates): this block's, then the row's */
             uint64_t own[CAND_BLOCK];   /* over hc */
             uint64_t all[CAND_ROW];     /* over hm_lo and hm_hi */
         } cand;
