@@ -9,7 +9,7 @@
 #       plain queue must keep up at insert); the file goes in P parts,
 #       alternating the two;
 #   (b) claim + write-back: N queued jobs drained by C clients through
-#       dspark.claim_jobs / dspark.finish_jobs, 64 at a time, against the
+#       dspark.claim_jobs / dspark.finish_job_results, 64 at a time, against the
 #       plain pattern on a minimal table (claim 64 with FOR UPDATE SKIP
 #       LOCKED, mark them done with their output), in alternating rounds.
 #

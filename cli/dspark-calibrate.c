@@ -369,7 +369,8 @@ static void usage(FILE *f)
                "knows p_k (every draft on the CPU, greedy drafts on the GPU; --no-map:\n"
                "temperatures only).\n"
                "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
-               "those traces (made the same way from other prompts), which the fit never sees.\n");
+               "those traces (made the same way from other prompts), which the fit never sees.\n"
+               "--dry-run: print the fit without writing DIR/sts.json; --json: print it as JSON.\n");
 }
 
 int main(int argc, char **argv)
