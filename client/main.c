@@ -47,7 +47,7 @@ static void usage(FILE *f)
             "      --json      machine-readable output\n"
             "  -q, --quiet     print less\n"
             "  -h, --help      this help; 'dsparkctl COMMAND --help' for a command\n"
-            "      --version   print the version\n"
+            "      --version   print the version (before the command only)\n"
             "\n"
             "Exit status: 0 success, 1 error, 2 usage error, 3 (wait) some jobs failed\n"
             "or were cancelled, 4 (wait) timed out. See dsparkctl(1).\n");

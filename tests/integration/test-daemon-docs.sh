@@ -1,6 +1,7 @@
 #!/bin/sh
 # test-daemon-docs.sh: the shipped manual pages match their markdown (when the
-# same pandoc is at hand), dspark.conf(5) and the example configuration cover
+# same pandoc is at hand), dsparkd(8), dspark-worker(8) and dsparkctl(1) name
+# every option their programs' --help shows, dspark.conf(5) and the example configuration cover
 # every key dsparkd reads, the example passes --check-config, and the SQL
 # recipes of dspark(7) run against the real schema with sample rows.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
@@ -36,6 +37,26 @@ for p in dsparkd.8 dspark-worker.8 dspark.conf.5 dspark.7; do
     out=$(MANWIDTH=80 man -l "$DS_SRCDIR/man/$p" 2>&1 >/dev/null)
     tap_is "$out" "" "man -l man/$p renders without warnings"
 done
+
+# 1b. every option a program's --help names is in its manual page
+opts() { grep -oE -- '\\?--[a-z][a-z0-9-]*' | tr -d '\\' | sort -u; }
+help_vs_man() {   # PAGE PROGRAM [ARGS]: the options of 'PROGRAM ARGS --help' missing from man/PAGE.md
+    page=$1
+    shift
+    "$@" --help 2>&1 | opts >"$T/help-opts"
+    opts <"$DS_SRCDIR/man/$page.md" >"$T/man-opts"
+    [ -s "$T/help-opts" ] || echo "(no options in '$* --help')"
+    comm -23 "$T/help-opts" "$T/man-opts" | tr '\n' ' '
+}
+tap_is "$(help_vs_man dsparkd.8 "$DSPARKD")" "" "dsparkd(8) documents every option of dsparkd --help"
+tap_is "$(help_vs_man dspark-worker.8 "$DS_BUILDDIR/dspark-worker")" "" \
+    "dspark-worker(8) documents every option of dspark-worker --help"
+missing=$(help_vs_man dsparkctl.1 "$DS_BUILDDIR/dsparkctl")
+for c in db submit status list wait watch cancel results stats workers keygen; do
+    m=$(help_vs_man dsparkctl.1 "$DS_BUILDDIR/dsparkctl" "$c")
+    [ -z "$m" ] || missing="$missing$c: $m"
+done
+tap_is "$missing" "" "dsparkctl(1) documents every option of dsparkctl's and its commands' --help"
 
 # 2. every key dsparkd reads is documented and in the example
 "$DSPARKD" --dump-config -c /dev/null >"$T/dump" 2>"$T/dump.err"
