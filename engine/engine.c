@@ -44,9 +44,9 @@ int ds_spec_mode_parse(const char *s, struct ds_spec_mode *ret)
     } else if (strncmp(s, "fixed:", 6) == 0) {
         m.kind = DS_SPEC_FIXED;
         long n = strtol(s + 6, &end, 10);
-        if (end == s + 6 || *end || n < 0 || n > DS_MAX_BLOCK)
+        if (end == s + 6 || *end || n < 0 || n > DS_SPEC_FIXED_MAX)
             return ds_seterr(DS_EINVAL, "speculation mode '%s': length must be an integer in 0..%d", s,
-                             DS_MAX_BLOCK);
+                             DS_SPEC_FIXED_MAX);
         m.fixed_len = (int)n;
     } else if (strncmp(s, "threshold:", 10) == 0) {
         m.kind = DS_SPEC_THRESHOLD;

@@ -20,10 +20,12 @@ struct ds_draft;
 struct ds_engine;
 
 #define DS_MAX_BLOCK 32           /* largest draft block (gamma) supported */
+#define DS_SPEC_FIXED_MAX 64      /* fixed:N's largest N, as the jobs table allows (a round verifies at most the
+                                     draft's block) */
 
 enum ds_spec_kind {
     DS_SPEC_NONE = 0,             /* target-only decoding */
-    DS_SPEC_FIXED,                /* verify fixed_len drafts every round */
+    DS_SPEC_FIXED,                /* verify fixed_len drafts every round (at most the draft's block) */
     DS_SPEC_THRESHOLD,            /* cut at the first c_k < threshold */
     DS_SPEC_DSPARK,               /* Algorithm 1: causal greedy admission with early stop */
     DS_SPEC_DSPARK_ASYNC,         /* capacity from predictions two rounds old, top-K admission */

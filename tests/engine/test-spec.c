@@ -166,6 +166,49 @@ static void lossless_greedy(const char *target, const char *draft, int n_prompts
     ds_model_free(t);
 }
 
+/* The modes' text forms: what the jobs table's spec_mode domain allows parses and formats back to itself
+ * (fixed:N up to 64), the rest is refused; a fixed length above the draft's block verifies at most the block. */
+static void test_spec_mode_parse(void **state)
+{
+    (void)state;
+    const char *good[] = {"none", "dspark", "dspark-async", "fixed:0", "fixed:7", "fixed:64", "threshold:0.35",
+                          "threshold:1"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        struct ds_spec_mode m;
+        char back[32];
+        if (ds_spec_mode_parse(good[i], &m) < 0)
+            fail_msg("'%s' refused: %s", good[i], ds_errdetail());
+        ds_spec_mode_format(&m, back, sizeof back);
+        assert_string_equal(back, good[i]);
+    }
+    const char *bad[] = {"fixed:65", "fixed:-1", "fixed:", "fixed:4x", "threshold:1.5", "threshold:", "greedy", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        struct ds_spec_mode m;
+        if (ds_spec_mode_parse(bad[i], &m) == 0)
+            fail_msg("'%s' accepted", bad[i]);
+    }
+
+    struct ds_model *t = load_target("tiny-v16");
+    struct ds_draft *d = load_draft("tiny-v16-draft", t);
+    int block = ds_draft_config(d)->block_size, n = 8, max_tokens = 16;
+    assert_true(block < DS_SPEC_FIXED_MAX);
+    int32_t *prompts[8], store[8][4], out[8 * 16], out_n[8], lens[8];
+    for (int p = 0; p < n; p++) {
+        for (int j = 0; j < 4; j++)
+            store[p][j] = (int32_t)((7 * p + 13 * j + 1) % t->cfg.vocab_size);   /* (rnd() is the other tests') */
+        prompts[p] = store[p];
+        lens[p] = 4;
+    }
+    struct ds_sampling greedy = {.temperature = 0, .top_p = 1};
+    struct run_stats st = {0};
+    generate_all(t, d, "fixed:64", 4, prompts, lens, n, max_tokens, &greedy, out, out_n, &st);
+    print_message("fixed:64 with a block of %d: %ld drafts verified in %ld rounds\n", block, st.verified, st.rounds);
+    assert_true(st.verified > 0);
+    assert_true(st.verified <= st.rounds * block);
+    ds_draft_free(d);
+    ds_model_free(t);
+}
+
 static void test_lossless_greedy_pair(void **state)
 {
     (void)state;
@@ -731,6 +774,7 @@ static void test_release_draft_weights_cpu(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_spec_mode_parse),
         cmocka_unit_test(test_scheduler_functions),
         cmocka_unit_test(test_appendix_a),
         cmocka_unit_test(test_budget_shrinks_with_load),
