@@ -13,6 +13,7 @@
 
 #include "dspark/ds-draft.h"
 #include "dspark/ds-engine.h"
+#include "dspark/ds-gemm.h"
 #include "dspark/ds-model.h"
 #include "dspark/ds-sched.h"
 #include "dspark/ds-tokenizer.h"
@@ -379,7 +380,7 @@ int main(int argc, char **argv)
         case O_IGNORE_EOS: ignore_eos = true; break;
         case O_SPEC: spec_text = optarg; break;
         case O_CONC: concurrency = ds_cli_int("--concurrency", optarg, 1, 4096); break;
-        case O_THREADS: threads = ds_cli_int("--threads", optarg, 1, 256); break;
+        case O_THREADS: threads = ds_cli_int("--threads", optarg, 1, DS_POOL_MAX_THREADS); break;
         case O_BACKEND: backend_text = optarg; break;
         case O_DEVICE: device = ds_cli_int("--device", optarg, 0, 1024); break;
         case O_CUBLAS: cublas = true; break;

@@ -83,12 +83,10 @@ static void *worker_main(void *arg)
 
 int ds_pool_new(int n_threads, struct ds_pool **ret)
 {
-    if (n_threads <= 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = n > 0 ? (int)n : 1;
-    }
-    if (n_threads > 256)
-        return ds_seterr(DS_EINVAL, "thread count %d is out of range (1..256)", n_threads);
+    if (n_threads <= 0)
+        n_threads = ds_pool_default_threads(sysconf(_SC_NPROCESSORS_ONLN));
+    if (n_threads > DS_POOL_MAX_THREADS)
+        return ds_seterr(DS_EINVAL, "thread count %d is out of range (1..%d)", n_threads, DS_POOL_MAX_THREADS);
     struct ds_pool *p = ds_xcalloc(1, sizeof *p);
     p->n_threads = n_threads;
     pthread_mutex_init(&p->mu, NULL);

@@ -35,6 +35,7 @@
 #include "dspark/ds-draft.h"
 #include "dspark/ds-cuda.h"
 #include "dspark/ds-engine.h"
+#include "dspark/ds-gemm.h"
 #include "dspark/ds-log.h"
 #include "dspark/ds-model.h"
 #include "dspark/ds-safetensors.h"
@@ -115,7 +116,7 @@ static void usage(FILE *f)
             "engine:\n"
             "  --backend auto|cpu|cuda   compute backend (default auto: cuda where a GPU exists)\n"
             "  --device N                device index\n"
-            "  --threads N               CPU threads (default: all)\n"
+            "  --threads N               CPU threads, up to 256 (default: all, at most 256)\n"
             "  --max-batch N             sequences decoded together (default 64)\n"
             "  --concurrency N           jobs held at once (default: max-batch + a quarter)\n"
             "  --kv-tokens N             KV-cache capacity in tokens (default: room for\n"
@@ -210,7 +211,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         case O_SPEC: o->spec = optarg; break;
         case O_BACKEND: o->backend = optarg; break;
         case O_DEVICE: o->device = (int)opt_long("--device", optarg, 0, 1 << 20); break;
-        case O_THREADS: o->threads = (int)opt_long("--threads", optarg, 0, 1024); break;
+        case O_THREADS: o->threads = (int)opt_long("--threads", optarg, 0, DS_POOL_MAX_THREADS); break;
         case O_MAX_BATCH: o->max_batch = (int)opt_long("--max-batch", optarg, 1, 65536); break;
         case O_CONC: o->concurrency = (int)opt_long("--concurrency", optarg, 1, 1 << 20); break;
         case O_KV: o->kv_tokens = opt_long("--kv-tokens", optarg, 1, 2000000000L); break;

@@ -20,7 +20,15 @@
 struct ds_pool;
 typedef void (*ds_task_fn)(void *ctx, int task, int thread);
 
-/* n_threads <= 0 means the number of online CPUs. */
+#define DS_POOL_MAX_THREADS 256
+
+/* The default thread count for a machine with online_cpus CPUs online (0 or less: unknown): all of them,
+ * but at most DS_POOL_MAX_THREADS, so that large hosts start. */
+static inline int ds_pool_default_threads(long online_cpus)
+{
+    return online_cpus < 1 ? 1 : online_cpus > DS_POOL_MAX_THREADS ? DS_POOL_MAX_THREADS : (int)online_cpus;
+}
+/* n_threads <= 0: ds_pool_default_threads of the online CPUs; above DS_POOL_MAX_THREADS: DS_EINVAL. */
 int ds_pool_new(int n_threads, struct ds_pool **ret) DS_MUSTCHECK;
 struct ds_pool *ds_pool_free(struct ds_pool *pool);
 int ds_pool_threads(const struct ds_pool *pool);

@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -116,12 +117,29 @@ static void test_pool_runs_every_task_once(void **state)
     assert_null(ds_pool_free(NULL));
 }
 
+/* The default thread count: every online CPU, at most DS_POOL_MAX_THREADS (a 384-CPU host still starts),
+ * and the pool takes it; more threads than that are refused. */
+static void test_pool_default_threads(void **state)
+{
+    (void)state;
+    assert_int_equal(ds_pool_default_threads(384), DS_POOL_MAX_THREADS);
+    assert_int_equal(ds_pool_default_threads(DS_POOL_MAX_THREADS), DS_POOL_MAX_THREADS);
+    assert_int_equal(ds_pool_default_threads(2), 2);
+    assert_int_equal(ds_pool_default_threads(-1), 1);
+    struct ds_pool *pool;
+    assert_int_equal(ds_pool_new(0, &pool), 0);
+    assert_int_equal(ds_pool_threads(pool), ds_pool_default_threads(sysconf(_SC_NPROCESSORS_ONLN)));
+    assert_null(ds_pool_free(pool));
+    assert_true(ds_pool_new(DS_POOL_MAX_THREADS + 1, &pool) < 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matches_reference),
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_pool_runs_every_task_once),
+        cmocka_unit_test(test_pool_default_threads),
     };
     return cmocka_run_group_tests_name("gemm", tests, NULL, NULL);
 }
