@@ -35,6 +35,18 @@ double ds_cli_double(const char *opt, const char *val, double min, double max)
     return v;
 }
 
+unsigned long long ds_cli_u64(const char *opt, const char *val)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(val, &end, 10);
+    if (val[0] < '0' || val[0] > '9' || *end || errno) {   /* (strtoull would take a sign) */
+        fprintf(stderr, "invalid value '%s' for %s: expected an integer in 0..18446744073709551615\n", val, opt);
+        exit(2);
+    }
+    return v;
+}
+
 int ds_cli_fail(const char *prog)
 {
     fprintf(stderr, "%s: %s\n", prog, ds_errdetail());

@@ -8,6 +8,8 @@
 /* Parse an option value or exit(2) with a message naming the option. */
 int ds_cli_int(const char *opt, const char *val, long min, long max);
 double ds_cli_double(const char *opt, const char *val, double min, double max);
+/* An unsigned decimal integer of 64 bits; exits 2 with a message otherwise. */
+unsigned long long ds_cli_u64(const char *opt, const char *val);
 /* Print "prog: <ds_errdetail()>" and return 1 (for `return ds_cli_fail(...)` in main). */
 int ds_cli_fail(const char *prog);
 double ds_cli_now(void);

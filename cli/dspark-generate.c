@@ -283,14 +283,15 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
 {
     long prompt_tokens = 0, rounds = 0, drafted = 0, verified = 0, accepted = 0, emitted = 0;
     long ver_pos[DS_MAX_BLOCK] = {0}, acc_pos[DS_MAX_BLOCK] = {0}, reach_pos[DS_MAX_BLOCK] = {0};
-    int gamma = 0;
+    int gamma = 0, generated = 0;   /* generated: the prompts that did not fail */
     double ttft = 0;
     for (int i = 0; i < n; i++) {
         const struct ds_result *r = ps[i].result;
-        prompt_tokens += ps[i].n;
         if (!r || r->error)
             continue;
         const struct ds_seq_stats *st = &r->stats;
+        generated++;
+        prompt_tokens += ps[i].n;
         ttft += st->time_to_first_token_s;
         rounds += st->rounds;
         drafted += st->num_draft_tokens;
@@ -308,12 +309,14 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
     ds_spec_mode_format(spec, mode, sizeof mode);
     fprintf(f, "\n%-28s %s\n", "speculation", draft ? mode : "none (no draft)");
     fprintf(f, "%-28s %d\n", "prompts", n);
+    if (generated < n)
+        fprintf(f, "%-28s %d\n", "failed prompts", n - generated);
     fprintf(f, "%-28s %ld\n", "prompt tokens", prompt_tokens);
     fprintf(f, "%-28s %ld\n", "output tokens", total_out);
     fprintf(f, "%-28s %.2f s\n", "load time", t_load);
     fprintf(f, "%-28s %.2f s\n", "generation time", t_total);
     fprintf(f, "%-28s %.1f\n", "output tokens/s", t_total > 0 ? total_out / t_total : 0);
-    fprintf(f, "%-28s %.3f s\n", "mean time to first token", n > 0 ? ttft / n : 0);
+    fprintf(f, "%-28s %.3f s\n", "mean time to first token", generated > 0 ? ttft / generated : 0);
     if (draft && rounds > 0) {
         fprintf(f, "%-28s %ld\n", "rounds", rounds);
         fprintf(f, "%-28s %.3f\n", "mean acceptance length (tau)", (double)emitted / rounds);
@@ -372,7 +375,7 @@ int main(int argc, char **argv)
         case O_TEMP: temperature = ds_cli_double("--temperature", optarg, 0, 100); break;
         case O_TOP_P: top_p = ds_cli_double("--top-p", optarg, 1e-9, 1); break;
         case O_TOP_K: top_k = ds_cli_int("--top-k", optarg, 0, 1 << 24); break;
-        case O_SEED: seed = (unsigned long long)ds_cli_double("--seed", optarg, 0, 9.007199254740992e15); break;
+        case O_SEED: seed = ds_cli_u64("--seed", optarg); break;
         case O_STOP:
             stops = ds_xrealloc(stops, (size_t)(n_stops + 1) * sizeof *stops);
             stops[n_stops++] = optarg;
@@ -404,16 +407,25 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (trace_file && !draft_dir) {
+        fprintf(stderr, "dspark-generate: --trace needs --draft\n");
+        return 2;
+    }
+    /* every bad option value is a usage error (2), found before anything loads */
     struct ds_spec_mode spec = {.kind = draft_dir ? DS_SPEC_DSPARK : DS_SPEC_NONE};
-    if (spec_text && ds_spec_mode_parse(spec_text, &spec) < 0)
-        return ds_cli_fail("dspark-generate");
+    if (spec_text && ds_spec_mode_parse(spec_text, &spec) < 0) {
+        fprintf(stderr, "dspark-generate: --spec: %s\n", ds_errdetail());
+        return 2;
+    }
 
     struct ds_model *model = NULL;
     struct ds_draft *draft = NULL;
     struct ds_engine *engine = NULL;
     enum ds_backend backend;
-    if (ds_backend_parse(backend_text, &backend) < 0)
-        return ds_cli_fail("dspark-generate: --backend");
+    if (ds_backend_parse(backend_text, &backend) < 0) {
+        fprintf(stderr, "dspark-generate: --backend: %s\n", ds_errdetail());
+        return 2;
+    }
     /* the GPU reads the layers from the checkpoint itself: the host keeps only what the draft shares */
     struct ds_model_opts mopts = {.load_tokenizer = true, .skip_layers = backend == DS_BACKEND_CUDA};
     double t0 = ds_cli_now();
@@ -458,10 +470,6 @@ int main(int argc, char **argv)
     }
     FILE *trace = NULL;
     if (trace_file) {
-        if (!draft) {
-            fprintf(stderr, "dspark-generate: --trace needs --draft\n");
-            return 2;
-        }
         if (!(trace = fopen(trace_file, "w"))) {
             fprintf(stderr, "dspark-generate: could not open '%s': %s\n", trace_file, strerror(errno));
             return 1;
