@@ -17,3 +17,5 @@ dspark_calibrate_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 dspark_calibrate_LDADD = $(JANSSON_LIBS) -lm
 TESTS += tests/engine/test-calibrate.sh
 EXTRA_DIST += tests/engine/test-calibrate.sh
+TESTS += tests/engine/test-generate-cli.sh
+EXTRA_DIST += tests/engine/test-generate-cli.sh

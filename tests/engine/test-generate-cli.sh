@@ -1,0 +1,65 @@
+#!/bin/sh
+# test-generate-cli.sh: dspark-generate on the bundled small pair: bad option
+# values are usage errors (exit 2) before anything loads; greedy speculative
+# output equals target-only output for dspark and fixed:64 (longer than the
+# draft's block); a seed of 64 bits replays; a prompt the engine refuses fails
+# alone (exit 1), the others print, and the summary counts it.
+set -u
+build=${DS_BUILDDIR:-.}
+src=${DS_SRCDIR:-.}
+gen="$build/dspark-generate"
+target="$src/models/dspark-tiny-target"
+draft="$src/models/dspark-tiny-draft"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+echo "1..11"
+n=0
+check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
+    what=$1
+    shift
+    n=$((n + 1))
+    if "$@"; then echo "ok $n - $what"; else echo "not ok $n - $what"; fi
+}
+usage_error() {   # ARGS...: exit 2 with a message, and no model loaded (--target does not exist)
+    "$gen" --target "$tmp/no-such-model" --prompt hi "$@" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    [ $rc -eq 2 ] && [ -s "$tmp/err" ] || { echo "# $*: exit $rc: $(cat "$tmp/err")"; return 1; }
+}
+check "a bad --spec is a usage error" usage_error --spec fixed:65
+check "a bad --backend is a usage error" usage_error --backend gpu
+bad_seeds() { usage_error --seed -3 && usage_error --seed 1.5 && usage_error --seed 18446744073709551616; }
+check "a negative, fractional or too large --seed is a usage error" bad_seeds
+check "--trace without --draft is a usage error" usage_error --trace "$tmp/trace.jsonl"
+check "--threads above the pool's 256 is a usage error" usage_error --threads 257
+
+printf '{"prompt": "The quick brown fox"}\n{"prompt": "Once upon a time"}\n{"prompt": "1, 2, 3,"}\n' >"$tmp/p.jsonl"
+run() {   # NAME ARGS...: the output ids of the three prompts (--json), a line each, into $tmp/NAME.ids
+    name=$1
+    shift
+    "$gen" --target "$target" --prompts "$tmp/p.jsonl" --max-tokens 24 --threads 2 --quiet --json "$@" \
+        >"$tmp/$name.out" 2>"$tmp/$name.err"
+    grep -o '"output_ids":\[[^]]*\]' "$tmp/$name.out" >"$tmp/$name.ids"
+}
+run none --spec none
+run dspark --draft "$draft" --spec dspark --concurrency 3
+run fixed --draft "$draft" --spec fixed:64 --concurrency 2
+check "target-only decoding gives three outputs of 24 tokens" sh -c '[ "$(grep -c "\"output_tokens\":24" "$0")" -eq 3 ]' \
+    "$tmp/none.out"
+check "greedy dspark output equals target-only output" cmp -s "$tmp/none.ids" "$tmp/dspark.ids"
+check "greedy fixed:64 (beyond the draft's block) equals target-only output" cmp -s "$tmp/none.ids" "$tmp/fixed.ids"
+
+# a sampled speculative run replays with the same seed and concurrency (the verify lengths, and so the
+# draws, depend on the batch: another concurrency samples other, equally distributed, tokens)
+run s1 --draft "$draft" --temperature 1 --seed 18446744073709551615 --concurrency 3
+run s2 --draft "$draft" --temperature 1 --seed 18446744073709551615 --concurrency 3
+check "a 64-bit seed is taken, and a sampled run replays" sh -c '[ -s "$0" ] && cmp -s "$0" "$1"' "$tmp/s1.ids" \
+    "$tmp/s2.ids"
+
+printf '{"prompt": "hi"}\n{"prompt": "a prompt far too long for a context of sixteen tokens, with many more words"}\n' \
+    >"$tmp/long.jsonl"
+"$gen" --target "$target" --prompts "$tmp/long.jsonl" --max-tokens 8 --max-context 16 --threads 2 \
+    >"$tmp/long.out" 2>"$tmp/long.err"
+rc=$?
+check "a refused prompt fails alone: exit 1, its reason named, the other printed" sh -c '[ "$1" -eq 1 ] &&
+    grep -q "prompt 1: .*exceeds the context" "$2" && [ -n "$(head -n 1 "$0")" ]' "$tmp/long.out" "$rc" "$tmp/long.err"
+check "the summary counts the failed prompt" grep -q '^failed prompts  *1$' "$tmp/long.err"
