@@ -48,10 +48,11 @@ check "target-only decoding gives three outputs of 24 tokens" sh -c '[ "$(grep -
 check "greedy dspark output equals target-only output" cmp -s "$tmp/none.ids" "$tmp/dspark.ids"
 check "greedy fixed:64 (beyond the draft's block) equals target-only output" cmp -s "$tmp/none.ids" "$tmp/fixed.ids"
 
-# a sampled speculative run replays with the same seed and concurrency (the verify lengths, and so the
-# draws, depend on the batch: another concurrency samples other, equally distributed, tokens)
-run s1 --draft "$draft" --temperature 1 --seed 18446744073709551615 --concurrency 3
-run s2 --draft "$draft" --temperature 1 --seed 18446744073709551615 --concurrency 3
+# a sampled speculative run replays with the same seed and verify lengths: fixed:4 here, as dspark's
+# lengths follow the step-time profile measured at start and the batch (other lengths sample other,
+# equally distributed, tokens)
+run s1 --draft "$draft" --spec fixed:4 --temperature 1 --seed 18446744073709551615 --concurrency 3
+run s2 --draft "$draft" --spec fixed:4 --temperature 1 --seed 18446744073709551615 --concurrency 3
 check "a 64-bit seed is taken, and a sampled run replays" sh -c '[ -s "$0" ] && cmp -s "$0" "$1"' "$tmp/s1.ids" \
     "$tmp/s2.ids"
 
