@@ -396,11 +396,12 @@ static struct ds_result *make_result(struct ds_engine *e, struct ds_seq *s)
             r->text_len = s->text_len;
             s->text = NULL;
         } else {
-            /* text of the output without a final stop id */
+            /* text of the output without a final stop id; ids past the tokenizer's (the model's vocab
+             * can be larger) add nothing, as they add nothing to the stop strings' text */
             int n = r->n_ids;
             if (n > 0 && ds_seq_is_stop_id(s, r->ids[n - 1]))
                 n--;
-            if (ds_tokenizer_decode(e->target->tok, r->ids, (size_t)n, &r->text, &r->text_len) < 0) {
+            if (ds_tokenizer_decode_known(e->target->tok, r->ids, (size_t)n, &r->text, &r->text_len) < 0) {
                 r->text = ds_xstrdup("");
                 r->text_len = 0;
             }

@@ -1697,27 +1697,26 @@ static int token_span(const struct ds_tokenizer *t, int32_t id, const char **p, 
     return 0;
 }
 
-int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size_t n, char **ret_text,
-                        size_t *ret_len)
+/* Both decodes: an id without a token is an error, or (skip_unknown) adds nothing. */
+static int decode_ids(const struct ds_tokenizer *tok, const int32_t *ids, size_t n, bool skip_unknown,
+                      char **ret_text, size_t *ret_len)
 {
     size_t total = 0;
     const char *p = NULL;
     size_t l = 0;
     for (size_t i = 0; i < n; i++) {
         int r = token_span(tok, ids[i], &p, &l);
-        if (r < 0)
+        if (r < 0 && !skip_unknown)
             return r;
-        total += l;
+        total += r < 0 ? 0 : l;
     }
     char *out = malloc(total + 1);
     if (!out)
         return ds_seterr(DS_ENOMEM, "out of memory decoding %zu tokens", n);
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
-        if (token_span(tok, ids[i], &p, &l) < 0) {
-            free(out);
-            return -DS_EINVAL;
-        }
+        if (token_span(tok, ids[i], &p, &l) < 0)
+            continue;   /* (only when skip_unknown: the first pass returned otherwise) */
         memcpy(out + o, p, l);
         o += l;
     }
@@ -1725,6 +1724,18 @@ int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size
     *ret_text = out;
     *ret_len = o;
     return 0;
+}
+
+int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size_t n, char **ret_text,
+                        size_t *ret_len)
+{
+    return decode_ids(tok, ids, n, false, ret_text, ret_len);
+}
+
+int ds_tokenizer_decode_known(const struct ds_tokenizer *tok, const int32_t *ids, size_t n, char **ret_text,
+                              size_t *ret_len)
+{
+    return decode_ids(tok, ids, n, true, ret_text, ret_len);
 }
 
 int ds_tokenizer_token_bytes(const struct ds_tokenizer *tok, int32_t id, char *buf, size_t cap)

@@ -32,6 +32,11 @@ int ds_tokenizer_encode(const struct ds_tokenizer *tok, const char *text, size_t
  * *ret_text is malloc'ed, NUL-terminated, owned by the caller. */
 int ds_tokenizer_decode(const struct ds_tokenizer *tok, const int32_t *ids, size_t n,
                         char **ret_text, size_t *ret_len) DS_MUSTCHECK;
+/* The same, but an id the tokenizer has no token for adds nothing (as `tokenizers` decode skips it):
+ * a model's vocab_size is often larger than its tokenizer (Qwen3: 151,936 rows, 151,669 tokens), and
+ * sampling can draw the rest. Fails only for lack of memory. */
+int ds_tokenizer_decode_known(const struct ds_tokenizer *tok, const int32_t *ids, size_t n,
+                              char **ret_text, size_t *ret_len) DS_MUSTCHECK;
 /* Append the bytes of one token to buf (for streaming); returns the byte count
  * or a negative DS_E* for an unknown id. buf needs room for 256 bytes. */
 int ds_tokenizer_token_bytes(const struct ds_tokenizer *tok, int32_t id, char *buf, size_t cap);

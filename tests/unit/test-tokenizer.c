@@ -338,6 +338,17 @@ static void test_decode_partial(void **state)
     free(ids);
     int32_t bad[] = { 9707, 151669 };
     assert_int_equal(ds_tokenizer_decode(tok, bad, 2, &text, &len), -DS_EINVAL);
+    /* an output's text skips ids past the tokenizer's, as tokenizers' decode does */
+    int32_t mixed[] = { 9707, 151669, 9707, -1 };
+    char *one;
+    size_t one_len;
+    assert_int_equal(ds_tokenizer_decode(tok, mixed, 1, &one, &one_len), 0);
+    assert_int_equal(ds_tokenizer_decode_known(tok, mixed, 4, &text, &len), 0);
+    assert_int_equal(len, 2 * one_len);
+    assert_memory_equal(text, one, one_len);
+    assert_memory_equal(text + one_len, one, one_len);
+    free(one);
+    free(text);
     assert_int_equal(ds_tokenizer_decode(tok, bad, 0, &text, &len), 0);
     assert_int_equal(len, 0);
     assert_string_equal(text, "");
