@@ -4,6 +4,7 @@
  * the finish_jobs items with their statistics. */
 #include "config.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -154,7 +155,8 @@ int wjob_request(const struct wjob *j, struct ds_request *req, struct wreq_keep 
     memset(keep, 0, sizeof *keep);
     req->max_tokens = j->max_tokens;
     req->sampling.temperature = (float)j->temperature;
-    req->sampling.top_p = (float)j->top_p;
+    /* (the table takes any top_p > 0 as a double: one below float's least normal keeps the top token) */
+    req->sampling.top_p = j->top_p > 0 && j->top_p < FLT_MIN ? FLT_MIN : (float)j->top_p;
     req->sampling.top_k = j->top_k;
     /* without a seed a job still replays exactly: its id is the seed */
     req->sampling.seed = (uint64_t)(j->has_seed ? j->seed : j->id);

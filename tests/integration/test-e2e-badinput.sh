@@ -5,7 +5,9 @@
 # temperature, invalid UTF-8, a malformed JSONL line. Failed by the worker,
 # which goes on running: an unknown model, a prompt longer than the context,
 # max_tokens beyond the context, token ids outside the vocabulary, text for a
-# model without a tokenizer. And the worker's own configuration errors (exit 78).
+# model without a tokenizer. Served, though the worker once refused them: a top_p
+# below float's range, fixed:N above 32. And the worker's own configuration
+# errors (exit 78).
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
 C=$DSPARKCTL
@@ -58,6 +60,8 @@ j_vocab=$(mk "prompt_ids, max_tokens" bad-ids "" "ARRAY[1, 700, 3], 8")
 j_text=$(mk "prompt, max_tokens" text-prompt "" "'def f():', 8")
 j_stop=$(mk "prompt_ids, max_tokens, stop" stop-string "" "ARRAY[1, 2], 8, ARRAY['x']")
 j_model=$(mk "prompt_ids, max_tokens" unknown-model no-such-model "ARRAY[1, 2], 8")
+# what the table takes and the worker once refused: a top_p below float's range, fixed:N above 32
+j_top_p=$(mk "prompt_ids, max_tokens, temperature, top_p, spec_mode" tiny-top-p "" "ARRAY[1, 2], 8, 1, 1e-50, 'fixed:64'")
 insert_jobs 30 12
 timeout 60 "$C" wait --batch "$bid" --timeout 50 >/dev/null 2>&1
 tap_is "$?" "0" "the 3 good lines of the file all succeed"
@@ -76,6 +80,7 @@ tap_is "$(err "$j_text")" "failed: model 'pair-target' has no tokenizer: submit 
 tap_like "$(err "$j_stop")" "^failed: stop strings need the model's tokenizer" "a stop string without a tokenizer fails with the reason"
 tap_is "$(err "$j_model")" "failed: no worker serves model 'no-such-model' (models served now: 'pair-target')" \
     "a job for a model no worker serves fails after --unknown-model-timeout, naming the model"
+tap_is "$(err "$j_top_p")" "succeeded: " "top_p 1e-50 with fixed:64, both within the table's rules, succeeds"
 tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'failed' AND (finish_reason <> 'error' OR error IS NULL)")" "0" \
     "failed jobs have finish_reason 'error' and an error message"
 tap_is "$(q "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM dspark.jobs
