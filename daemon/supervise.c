@@ -61,7 +61,7 @@ struct supervisor {
 
 /* ---- configuration ---- */
 
-/* Parse "0,1,2", "0-3", "cpu" or "" into device names. */
+/* Parse "0,1,2", "0-3", "0,2-3" or "" into device names (the worker's --device takes an index). */
 static int parse_devices(const char *spec, char (**ret)[32], int *ret_n)
 {
     char (*devs)[32] = NULL;
@@ -93,7 +93,7 @@ static int parse_devices(const char *spec, char (**ret)[32], int *ret_n)
             }
         } else {
             for (const char *c = tok; *c; c++)
-                if (!(*c >= '0' && *c <= '9') && !(*c >= 'a' && *c <= 'z') && *c != ':' && *c != '_' && *c != '.') {
+                if (!(*c >= '0' && *c <= '9')) {
                     free(devs);
                     return ds_seterr(DS_ECONFIG, "worker.devices: invalid device '%s' (expected numbers like '0,1' "
                                      "or '0-3')", tok);

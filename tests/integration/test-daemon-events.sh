@@ -310,6 +310,10 @@ out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 rc=$?
 tap_is "$rc" "78" "--check-config rejects a bad file with exit status 78"
 tap_like "$out" "line 3: key 'reaper_interval' in section \\[dsparkd\\] is already set on line 2" "... naming the line"
+printf '[worker]\ndevices = 0,cpu\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?" "78" "--check-config rejects a device that is not an index (the worker's --device takes one)"
+tap_like "$out" "worker.devices: invalid device 'cpu'" "... naming it"
 q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')" >/dev/null
 sed -i '/^bogus = 1$/d; /^devices = /d' "$T/dspark.conf"
 timeout 20 "$DSPARKD" -c "$T/dspark.conf" >"$T/future.log" 2>&1
