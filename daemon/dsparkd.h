@@ -118,6 +118,15 @@ int supervisor_count(const struct supervisor *s);
 int supervisor_running(const struct supervisor *s);
 int supervisor_ready(const struct supervisor *s);
 bool supervisor_all_ready(const struct supervisor *s);
+/* Workers not ready now that exited, were killed or could not be started at
+ * least once since dsparkd started (not counting exits while draining). */
+int supervisor_failed_not_ready(const struct supervisor *s);
+/* The devices of the workers not ready, for STATUS=: "device 0",
+ * "devices 0, 2"; "" when all are ready. */
+const char *supervisor_not_ready_names(struct supervisor *s);
+/* The same for the log, with what each is doing: "device '0' (failed 2 times,
+ * restarting in 0.4 s), device '2' (starting)". */
+const char *supervisor_not_ready_detail(struct supervisor *s, uint64_t now_us);
 /* The earliest time something is due (restart, timeout), or UINT64_MAX. */
 uint64_t supervisor_next_due(const struct supervisor *s);
 /* Concatenated STATUS texts of the workers, "" if none. */

@@ -6,8 +6,14 @@
  * publish events; run what is due (status, heartbeat, reaper, retention,
  * worker restarts and timeouts); talk to systemd. READY=1 goes out once the
  * database is connected with the right schema, the event socket is bound and
- * every worker said READY; WATCHDOG=1 only while the loop turns and the
- * database answered within the watchdog interval. */
+ * either every worker said READY, or at least one did and every other one has
+ * failed at least once since the start (exited, or killed for
+ * worker.start_timeout or a hang): one broken device must not keep the unit
+ * from starting, which would make systemd restart the healthy workers too.
+ * The workers not ready are then named in the log and in STATUS= until they
+ * are ready.
+ * WATCHDOG=1 only while the loop turns and the database answered within the
+ * watchdog interval. */
 #include "config.h"
 
 #include <errno.h>
@@ -137,6 +143,7 @@ struct daemon {
     struct fanout *fanout;
     struct supervisor *sup;
     bool ready_sent;
+    bool ready_partial;               /* READY=1 went out with workers not ready, not all ready since */
     bool stopping;
     int exit_code;
     uint64_t start_us;
@@ -213,11 +220,16 @@ static void update_status(struct daemon *d)
         snprintf(text, sizeof text, "database unavailable: %.300s", fanout_down_reason(d->fanout));
     else if (!d->ready_sent)
         snprintf(text, sizeof text, "starting: %d of %d workers ready", ready, nw);
-    else if (d->status.valid)
-        snprintf(text, sizeof text, "%" PRId64 " queued, %" PRId64 " running, %d/%d workers, %.1f tokens/s",
-                 d->status.queued, d->status.running, ready, nw, d->status.tokens_per_s);
-    else
-        snprintf(text, sizeof text, "%d/%d workers ready", ready, nw);
+    else {
+        /* ready, maybe without some workers: name those */
+        const char *missing = ready < nw ? supervisor_not_ready_names(d->sup) : "";
+        const char *sep = *missing ? "; not ready: " : "";
+        if (d->status.valid)
+            snprintf(text, sizeof text, "%" PRId64 " queued, %" PRId64 " running, %d/%d workers, %.1f tokens/s%s%s",
+                     d->status.queued, d->status.running, ready, nw, d->status.tokens_per_s, sep, missing);
+        else
+            snprintf(text, sizeof text, "%d/%d workers ready%s%s", ready, nw, sep, missing);
+    }
     if (strcmp(text, d->last_status) != 0) {
         snprintf(d->last_status, sizeof d->last_status, "%s", text);
         notify("STATUS=%s", text);
@@ -332,6 +344,15 @@ static bool healthy(struct daemon *d, uint64_t now)
     return last > 0 && now - last < d->watchdog_usec;
 }
 
+/* Whether the workers allow READY=1: all are ready, or at least one is and
+ * every other one has failed since the start (it keeps being restarted). A
+ * worker still loading that has not failed yet is waited for. */
+static bool workers_ready(struct daemon *d)
+{
+    int nw = supervisor_count(d->sup), ready = supervisor_ready(d->sup);
+    return ready == nw || (ready > 0 && ready + supervisor_failed_not_ready(d->sup) == nw);
+}
+
 static void run_due(struct daemon *d, uint64_t now)
 {
     if (now >= d->next_status_us) {
@@ -363,11 +384,22 @@ static void run_due(struct daemon *d, uint64_t now)
     supervisor_start_due(d->sup, now);
     supervisor_tick(d->sup, now);
 
-    if (!d->ready_sent && !d->stopping && fanout_up(d->fanout) && supervisor_all_ready(d->sup)) {
+    int nw = supervisor_count(d->sup);
+    if (!d->ready_sent && !d->stopping && fanout_up(d->fanout) && workers_ready(d)) {
         d->ready_sent = true;
-        ds_log(DS_LOG_INFO, "ready: %d worker%s, events on '%s'", supervisor_count(d->sup),
-               supervisor_count(d->sup) == 1 ? "" : "s", ds_events_pub_endpoint(d->pub));
+        if (supervisor_all_ready(d->sup)) {
+            ds_log(DS_LOG_INFO, "ready: %d worker%s, events on '%s'", nw, nw == 1 ? "" : "s",
+                   ds_events_pub_endpoint(d->pub));
+        } else {
+            d->ready_partial = true;
+            ds_log(DS_LOG_WARNING, "ready: %d of %d workers, events on '%s'; not ready: %s",
+                   supervisor_ready(d->sup), nw, ds_events_pub_endpoint(d->pub),
+                   supervisor_not_ready_detail(d->sup, now));
+        }
         notify("READY=1");
+    } else if (d->ready_partial && !d->stopping && supervisor_all_ready(d->sup)) {
+        d->ready_partial = false;
+        ds_log(DS_LOG_NOTICE, "all %d workers are ready", nw);
     }
     if (!d->ready_sent && !d->stopping && now >= d->next_extend_us &&
         (cfg.start_timeout == 0 || now - d->start_us < (uint64_t)cfg.start_timeout * 1000u)) {

@@ -1,6 +1,8 @@
 /* supervise.c: the dspark-worker processes of dsparkd: one per configured
  * device, started with the arguments the configuration gives, restarted with
  * exponential back-off when they exit, killed when they hang, drained on stop.
+ * Each worker also counts its failures since dsparkd started, so that main.c
+ * can tell systemd it is ready without the workers that keep failing.
  *
  * The protocol with a worker (also in dspark-worker(8)): fd 3 is the write end
  * of a pipe; the worker writes "READY\n" when it is about to claim jobs,
@@ -14,6 +16,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +47,7 @@ struct worker {
     uint64_t started_us;
     uint64_t last_wd_us;
     unsigned failures;        /* consecutive failed runs */
+    unsigned failed_total;    /* failed runs and starts since dsparkd started (never reset) */
     uint64_t restart_at_us;   /* 0 = not scheduled */
     bool killed;              /* we sent SIGKILL (hang or start timeout) */
     char status[128];
@@ -57,6 +61,8 @@ struct supervisor {
     bool draining;
     uint64_t kill_at_us;      /* drain deadline */
     char status_text[1024];
+    char not_ready_names[256];
+    char not_ready_detail[1024];
 };
 
 /* ---- configuration ---- */
@@ -413,6 +419,7 @@ void supervisor_start_due(struct supervisor *s, uint64_t now_us)
         if (start_worker(s, w, now_us) < 0) {
             ds_log(DS_LOG_ERR, "could not start the worker for device '%s': %s", w->device, ds_errdetail());
             w->failures++;
+            w->failed_total++;
             schedule_restart(s, w, now_us, false);
         }
     }
@@ -534,6 +541,7 @@ void supervisor_reap(struct supervisor *s, uint64_t now_us)
         if (now_us - w->started_us >= STABLE_RUN_US && was_ready)
             w->failures = 0;
         w->failures++;
+        w->failed_total++;
         schedule_restart(s, w, now_us, config_error);
     }
 }
@@ -626,17 +634,87 @@ int supervisor_running(const struct supervisor *s)
     return k;
 }
 
+static bool is_ready(const struct worker *w)
+{
+    return w->pid != 0 && w->ready;
+}
+
 int supervisor_ready(const struct supervisor *s)
 {
     int k = 0;
     for (int i = 0; i < s->n; i++)
-        k += s->w[i].pid != 0 && s->w[i].ready;
+        k += is_ready(&s->w[i]);
     return k;
 }
 
 bool supervisor_all_ready(const struct supervisor *s)
 {
     return supervisor_ready(s) == s->n;
+}
+
+int supervisor_failed_not_ready(const struct supervisor *s)
+{
+    int k = 0;
+    for (int i = 0; i < s->n; i++)
+        k += !is_ready(&s->w[i]) && s->w[i].failed_total > 0;
+    return k;
+}
+
+/* Append to buf, which holds *len characters; what does not fit is cut and
+ * marked with "...", and later appends are dropped. */
+static void append(char *buf, size_t size, size_t *len, const char *fmt, ...) DS_PRINTF(4, 5);
+
+static void append(char *buf, size_t size, size_t *len, const char *fmt, ...)
+{
+    if (*len >= size - 1)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int r = vsnprintf(buf + *len, size - *len, fmt, ap);
+    va_end(ap);
+    if (r >= 0 && (size_t)r < size - *len) {
+        *len += (size_t)r;
+        return;
+    }
+    memcpy(buf + size - 4, "...", 4);
+    *len = size - 1;
+}
+
+const char *supervisor_not_ready_names(struct supervisor *s)
+{
+    char *buf = s->not_ready_names;
+    size_t len = 0;
+    int missing = s->n - supervisor_ready(s);
+    buf[0] = 0;
+    for (int i = 0; i < s->n; i++)
+        if (!is_ready(&s->w[i]))
+            append(buf, sizeof s->not_ready_names, &len, "%s%s", len ? ", " : missing == 1 ? "device " : "devices ",
+                   s->w[i].device);
+    return buf;
+}
+
+const char *supervisor_not_ready_detail(struct supervisor *s, uint64_t now_us)
+{
+    char *buf = s->not_ready_detail;
+    size_t len = 0;
+    buf[0] = 0;
+    for (int i = 0; i < s->n; i++) {
+        const struct worker *w = &s->w[i];
+        if (is_ready(w))
+            continue;
+        append(buf, sizeof s->not_ready_detail, &len, "%sdevice '%s' (", len ? ", " : "", w->device);
+        if (w->failed_total > 0)
+            append(buf, sizeof s->not_ready_detail, &len, "failed %u time%s, ", w->failed_total,
+                   w->failed_total == 1 ? "" : "s");
+        if (w->pid)
+            append(buf, sizeof s->not_ready_detail, &len, "%s)", w->failed_total ? "starting again" : "starting");
+        else if (w->restart_at_us > now_us)
+            append(buf, sizeof s->not_ready_detail, &len, "restarting in %.1f s)",
+                   (double)(w->restart_at_us - now_us) / 1e6);
+        else
+            append(buf, sizeof s->not_ready_detail, &len, "restarting)");
+    }
+    return buf;
 }
 
 const char *supervisor_status_text(struct supervisor *s)

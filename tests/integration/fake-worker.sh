@@ -8,6 +8,7 @@
 #   FAKE_WORKER_NEVER_READY=<device>   never says READY
 #   FAKE_WORKER_HANG=<device>          stops sending WATCHDOG after the first one
 #   FAKE_WORKER_IGNORE_TERM=<device>   ignores SIGTERM
+#   FAKE_WORKER_GATE_DEVICE=<device>   only this device waits for $FAKE_WORKER_GATE
 dev=unknown
 prev=
 for a in "$@"; do
@@ -24,7 +25,7 @@ if [ "${FAKE_WORKER_IGNORE_TERM:-}" = "$dev" ]; then
 else
     trap 'echo "drained $$" >>"$d/$dev.log"; exit 0' TERM
 fi
-if [ -n "${FAKE_WORKER_GATE:-}" ]; then
+if [ -n "${FAKE_WORKER_GATE:-}" ] && [ "${FAKE_WORKER_GATE_DEVICE:-$dev}" = "$dev" ]; then
     while [ ! -e "$FAKE_WORKER_GATE" ]; do sleep 0.1; done
 fi
 if [ "${FAKE_WORKER_NEVER_READY:-}" = "$dev" ]; then

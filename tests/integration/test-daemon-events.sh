@@ -250,7 +250,18 @@ tap_result $? "a worker that stops sending WATCHDOG is killed"
 n=0
 while [ "$(grep -c '^start' "$T/w2/0.log")" -lt 2 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
 tap_result $([ "$(grep -c '^start' "$T/w2/0.log")" -ge 2 ]; echo $?) "killed workers are started again"
-tap_is "$(grep -c '^<6>ready:' "$T/sup.log")" "0" "no readiness while a worker never gets ready"
+# readiness with the workers that are ready, once device 0 (never ready) was
+# killed for start_timeout; device 1 may have been killed for hanging by then
+wait_for "$T/sup.log" "^<4>ready: [12] of 3 workers, " 5
+tap_result $? "a worker that never gets ready: dsparkd gets ready with the others after its first failure"
+kl=$(grep -n "worker for device '0' (pid [0-9]*) was terminated by signal 9 (killed by dsparkd)" "$T/sup.log" |
+    head -n 1 | cut -d: -f1)
+rl=$(grep -n "ready: [12] of 3 workers" "$T/sup.log" | head -n 1 | cut -d: -f1)
+tap_result $([ -n "$kl" ] && [ -n "$rl" ] && [ "$kl" -lt "$rl" ]; echo $?) \
+    "... not before it was killed for start_timeout (log lines $kl, $rl)"
+tap_like "$(grep '^<4>ready:' "$T/sup.log")" "; not ready: device '0' \\(failed [0-9]+ times?, " \
+    "... with a warning naming the device that is not ready"
+tap_is "$(grep -c '^<[0-7]>ready:' "$T/sup.log")" "1" "... once"
 kill -TERM "$DPID"
 t0=$(date +%s)
 wait "$DPID"

@@ -5,6 +5,10 @@
 # worker is still loading, READY=1 once it is ready, WATCHDOG=1 while healthy,
 # no WATCHDOG=1 while PostgreSQL is down and again once it is back,
 # RELOADING=1 with MONOTONIC_USEC then READY=1 on SIGHUP, STOPPING=1 on SIGTERM.
+# Then with two workers: no READY=1 while one that has not failed yet is still
+# loading; READY=1 with both healthy; READY=1 with the healthy one once the
+# other was killed for worker.start_timeout, STATUS= naming the device that is
+# not ready until it is.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -16,15 +20,17 @@ pg_harness_start
 T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dn.XXXXXX")
 DPID=
 RPID=
+NOUT="$T/notify.out"
+DLOG="$T/dsparkd.log"
 cleanup() {
     [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
     [ -n "$RPID" ] && kill "$RPID" 2>/dev/null
-    for f in "$T"/w/*.pid; do [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null; done
+    for f in "$T"/w*/*.pid; do [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null; done
     if [ "$tap_failed" -gt 0 ] 2>/dev/null; then
         echo "# notifications:"
-        sed 's/^/#   /' "$T/notify.out" 2>/dev/null | tail -n 40
+        sed 's/^/#   /' "$NOUT" 2>/dev/null | tail -n 40
         echo "# dsparkd log:"
-        sed 's/^/#   /' "$T/dsparkd.log" 2>/dev/null | tail -n 40
+        sed 's/^/#   /' "$DLOG" 2>/dev/null | tail -n 40
     fi
     rm -rf "$T"
     pg_harness_stop
@@ -141,5 +147,104 @@ wait "$DPID"
 rc=$?
 DPID=
 tap_is "$rc" "0" "dsparkd exits 0"
+kill "$RPID" 2>/dev/null
+wait "$RPID"
+RPID=
+
+# start_case NAME DEVICES START_TIMEOUT [VAR=VALUE]...: dsparkd with its own
+# configuration, workers in $T/w-NAME, log in $T/NAME.log and a receiver of
+# its notifications writing $T/NAME.out; the assignments go to its environment
+start_case() {
+    _c=$1
+    _devices=$2
+    _start_timeout=$3
+    shift 3
+    NOUT="$T/$_c.out"
+    DLOG="$T/$_c.log"
+    mkdir -p "$T/w-$_c"
+    cat >"$T/$_c.conf" <<EOF
+[dsparkd]
+status_interval = 200ms
+[database]
+dsn = "$DSPARK_DSN"
+[events]
+endpoint = ipc://$T/$_c-events.sock
+[worker]
+program = $DS_SRCDIR/tests/integration/fake-worker.sh
+devices = $_devices
+start_timeout = $_start_timeout
+restart_delay = 100ms
+restart_delay_max = 300ms
+EOF
+    "$RECV" "$T/$_c.sock" 60 >"$NOUT" 2>&1 &
+    RPID=$!
+    _n=0
+    while [ ! -S "$T/$_c.sock" ] && [ $_n -lt 50 ]; do sleep 0.1; _n=$((_n + 1)); done
+    env NOTIFY_SOCKET="$T/$_c.sock" FAKE_WORKER_DIR="$T/w-$_c" "$@" \
+        "$DSPARKD" --config "$T/$_c.conf" 2>"$DLOG" &
+    DPID=$!
+}
+stop_case() {
+    kill -TERM "$DPID"
+    wait "$DPID"
+    DPID=
+    kill "$RPID" 2>/dev/null
+    wait "$RPID"
+    RPID=
+}
+
+# two workers, device 0 still loading and never failed: READY=1 waits for it
+# even though device 1 is ready
+start_case slow 0-1 1min FAKE_WORKER_GATE="$T/go-slow" FAKE_WORKER_GATE_DEVICE=0
+wait_for "$T/slow.out" "STATUS=starting: 1 of 2 workers ready" 10
+tap_result $? "two workers, one still loading: STATUS= counts the ready one"
+sleep 2
+tap_is "$(count "$T/slow.out" '^[0-9]+ READY=1$')" "0" \
+    "no READY=1 while a worker that has not failed is still loading, though the other is ready"
+touch "$T/go-slow"
+wait_for "$T/slow.out" '^[0-9]+ READY=1$' 10
+tap_result $? "READY=1 once the slow worker is ready too"
+tap_like "$(cat "$T/slow.log")" "^<6>ready: 2 workers, events on " "... logged as ready with both workers"
+stop_case
+
+# two healthy workers: READY=1, nothing said about workers that are not ready
+start_case healthy 0-1 1min
+wait_for "$T/healthy.out" '^[0-9]+ READY=1$' 10
+tap_result $? "two healthy workers: READY=1"
+wait_for "$T/healthy.out" '^[0-9]+ STATUS=[0-9]+ queued, [0-9]+ running, 2/2 workers, [0-9.]+ tokens/s$' 5
+tap_result $? "... and STATUS= in its normal form"
+tap_is "$(count "$T/healthy.out" 'not ready')" "0" "... no STATUS= mentions a worker that is not ready"
+tap_is "$(count "$T/healthy.log" 'not ready')" "0" "... nor does the log"
+stop_case
+
+# device 0 cannot get ready (held back until go-broken exists) and is killed
+# after worker.start_timeout: dsparkd gets ready with device 1 once device 0
+# has failed, and keeps restarting device 0
+start_case broken 0-1 1s FAKE_WORKER_GATE="$T/go-broken" FAKE_WORKER_GATE_DEVICE=0
+wait_for "$T/broken.out" '^[0-9]+ READY=1$' 10
+tap_result $? "one of two workers does not get ready: READY=1 all the same"
+kl=$(grep -n "worker for device '0' (pid [0-9]*) was terminated by signal 9 (killed by dsparkd)" "$T/broken.log" |
+    head -n 1 | cut -d: -f1)
+rl=$(grep -n "ready: 1 of 2 workers" "$T/broken.log" | head -n 1 | cut -d: -f1)
+tap_result $([ -n "$kl" ] && [ -n "$rl" ] && [ "$kl" -lt "$rl" ]; echo $?) \
+    "... only after that worker was killed for worker.start_timeout (log lines $kl, $rl)"
+tap_like "$(cat "$T/broken.log")" \
+    "^<4>ready: 1 of 2 workers, events on '[^']*'; not ready: device '0' \\(failed 1 time, restarting" \
+    "... with a warning naming the device that is not ready"
+wait_for "$T/broken.out" \
+    '^[0-9]+ STATUS=[0-9]+ queued, [0-9]+ running, 1/2 workers, [0-9.]+ tokens/s; not ready: device 0$' 5
+tap_result $? "STATUS= names the device that is not ready"
+n=0
+while [ "$(grep -c '^start' "$T/w-broken/0.log")" -lt 3 ] && [ $n -lt 60 ]; do sleep 0.1; n=$((n + 1)); done
+tap_result $([ "$(grep -c '^start' "$T/w-broken/0.log")" -ge 3 ]; echo $?) \
+    "the failing worker keeps being restarted after READY=1"
+touch "$T/go-broken"
+wait_for "$T/broken.log" "worker for device '0' \\(pid [0-9]+\\) is ready" 5
+tap_result $? "the failing worker gets ready once it can"
+wait_for "$T/broken.out" '^[0-9]+ STATUS=[0-9]+ queued, [0-9]+ running, 2/2 workers, [0-9.]+ tokens/s$' 5
+tap_result $? "... and STATUS= is back to its normal form"
+tap_like "$(cat "$T/broken.log")" "^<5>all 2 workers are ready$" "... and the log says that all workers are ready"
+tap_is "$(count "$T/broken.out" '^[0-9]+ READY=1$')" "1" "READY=1 went out once"
+stop_case
 
 tap_done
