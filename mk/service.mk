@@ -11,7 +11,8 @@ DS_MIGRATIONS = \
 	sql/003-throughput.sql \
 	sql/004-index-churn.sql \
 	sql/005-notify-chunks.sql \
-	sql/006-job-stats-time.sql
+	sql/006-job-stats-time.sql \
+	sql/007-attempts.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -474,8 +474,9 @@ static int sweep(struct dbt *t)
     snprintf(secs, sizeof secs, "%g", t->w->o.unknown_model_timeout);
     const char *params[1] = {secs};
     PGresult *res;
-    /* a model counts as served while a worker for it runs, or ran in the last
-     * ten minutes (a restarting worker may take minutes to load its model) */
+    /* a model counts as served while a worker for it starts (loading, which
+     * may take minutes), runs or drains, or was heard from in the last ten
+     * minutes (a worker between a crash and its restart) */
     int r = ds_db_exec(t->db,
                        "SELECT m.model, (SELECT string_agg(DISTINCT quote_literal(w.model), ', ')"
                        "                 FROM dspark.workers w"
@@ -498,14 +499,12 @@ static int sweep(struct dbt *t)
     for (int i = 0; i < PQntuples(res); i++) {
         const char *model = PQgetvalue(res, i, 0);
         const char *served = PQgetisnull(res, i, 1) ? "none" : PQgetvalue(res, i, 1);
-        char lit[600], lease[16], msg[1024];
-        text_array1(lit, sizeof lit, model);
+        char lease[16], msg[1024];
         snprintf(lease, sizeof lease, "%d", t->lease_s);
-        const char *cp[4] = {t->w->id.worker_id, lease, lit, NULL};
+        const char *cp[3] = {t->w->id.worker_id, model, lease};
         PGresult *jr;
-        if (ds_db_exec(t->db,
-                       "SELECT " WJOB_COLUMNS " FROM dspark.claim_jobs($1, 1000, NULL, $2::int, $3::text[])", 3,
-                       cp, &jr) < 0) {
+        if (ds_db_exec(t->db, "SELECT " WJOB_COLUMNS " FROM dspark.claim_unserved($1, $2, 1000, $3::int)", 3, cp,
+                       &jr) < 0) {
             PQclear(res);
             if (conn_failed(t))
                 return -1;

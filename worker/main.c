@@ -10,12 +10,15 @@
  * the decoding thread when it is idle), so a slow or unreachable database
  * never stalls a decoding round.
  *
- * Start-up: load the models, connect and check the schema version (exit 78
- * on a mismatch), measure SPS(B) or load it (--sps), register in
+ * Start-up: connect if the database answers and announce the worker as
+ * starting (renewed by a short-lived thread while the models load), load the
+ * models, connect (with retries) if not yet and check the schema version
+ * (exit 78 on a mismatch), measure SPS(B) or load it (--sps), register in
  * dspark.workers, say READY on $DSPARK_READY_FD. SIGTERM/SIGINT: stop
  * claiming, let the jobs in flight finish for --drain-timeout seconds, hand
- * the rest back with dspark.release_jobs() (attempt kept), write what is left,
- * exit 0. A second signal hands back at once. */
+ * the rest back with dspark.release_jobs() (not counted against their
+ * max_attempts), write what is left, exit 0. A second signal hands back at
+ * once. */
 #include "config.h"
 
 #include <errno.h>
@@ -274,28 +277,123 @@ static void sleep_s(double s)
 
 /* Connect, retrying with back-off while the server is unreachable; exit 78
  * when the schema version is not this build's. Returns NULL on a signal. */
+/* One connection attempt: the connection, or NULL (the reason in ds_errdetail).
+ * A schema this build does not know is a configuration error. */
+static struct ds_db *try_connect_db(const struct wopts *o)
+{
+    struct ds_db *db = NULL;
+    int version = 0;
+    if (ds_db_connect(o->dsn, "dspark-worker", &db) == 0 && ds_db_schema_version(db, &version) == 0) {
+        if (ds_db_check_schema(db) < 0) {
+            ds_log(DS_LOG_ERR, "%s", ds_errdetail());
+            ds_db_free(db);
+            exit(EXIT_CONFIG);
+        }
+        return db;
+    }
+    ds_db_free(db);
+    return NULL;
+}
+
 static struct ds_db *connect_db(const struct wopts *o)
 {
     double delay = 0.1;
     for (int attempt = 0;; attempt++) {
-        struct ds_db *db = NULL;
-        int version = 0;
-        if (ds_db_connect(o->dsn, "dspark-worker", &db) == 0 && ds_db_schema_version(db, &version) == 0) {
-            if (ds_db_check_schema(db) < 0) {
-                ds_log(DS_LOG_ERR, "%s", ds_errdetail());
-                ds_db_free(db);
-                exit(EXIT_CONFIG);
-            }
+        struct ds_db *db = try_connect_db(o);
+        if (db)
             return db;
-        }
         if (attempt == 0 || attempt % 20 == 0)
             wlog(DS_LOG_WARNING, 0, "%s; retrying", ds_errdetail());
-        ds_db_free(db);
         if (got_term)
             return NULL;
         sleep_s(delay);
         delay = fmin(delay * 2, 5);
     }
+}
+
+/* ---- while loading: the worker's row says 'starting' ----
+ * dspark.worker_starting() before the models load, then every
+ * LOADING_BEAT_S from a thread of its own, so that the reaper does not call a
+ * worker that loads for minutes lost and the unknown-model sweep counts its
+ * model as served. The thread owns the connection until loading_beat_stop(). */
+#define LOADING_BEAT_S 10
+
+struct loading_beat {
+    struct wctx *w;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop;
+    bool running;
+};
+
+static int announce_starting(struct wctx *w)
+{
+    char pid[16];
+    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    const char *params[5] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model};
+    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5)", 5, params);
+}
+
+static void *loading_beat_main(void *arg)
+{
+    struct loading_beat *b = arg;
+    bool warned = false;
+    pthread_mutex_lock(&b->mu);
+    while (!b->stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += LOADING_BEAT_S;
+        int r = 0;
+        while (!b->stop && r != ETIMEDOUT)
+            r = pthread_cond_timedwait(&b->cv, &b->mu, &until);
+        if (b->stop)
+            break;
+        pthread_mutex_unlock(&b->mu);
+        if (ds_db_ensure(b->w->db, 0) >= 0 && announce_starting(b->w) == 0)
+            warned = false;
+        else if (!warned) {
+            wlog(DS_LOG_WARNING, 0, "could not renew the 'starting' heartbeat: %s", ds_errdetail());
+            warned = true;
+        }
+        pthread_mutex_lock(&b->mu);
+    }
+    pthread_mutex_unlock(&b->mu);
+    return NULL;
+}
+
+/* Announce the worker and keep announcing while it loads (best effort: the
+ * models load whether or not the database answers now). */
+static void loading_beat_start(struct loading_beat *b, struct wctx *w)
+{
+    *b = (struct loading_beat){.w = w};
+    if (!w->db)
+        return;
+    if (announce_starting(w) < 0) {
+        wlog(DS_LOG_WARNING, 0, "could not announce the worker as starting: %s", ds_errdetail());
+        return;
+    }
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->cv, NULL);
+    b->running = pthread_create(&b->thread, NULL, loading_beat_main, b) == 0;
+    if (!b->running) {
+        pthread_cond_destroy(&b->cv);
+        pthread_mutex_destroy(&b->mu);
+    }
+}
+
+static void loading_beat_stop(struct loading_beat *b)
+{
+    if (!b->running)
+        return;
+    pthread_mutex_lock(&b->mu);
+    b->stop = true;
+    pthread_cond_signal(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+    pthread_join(b->thread, NULL);
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+    b->running = false;
 }
 
 static json_t *sps_json(const struct ds_sps *t)
@@ -634,6 +732,18 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     ready_fd_open();
 
+    if (o->model_name)
+        snprintf(w->id.model, sizeof w->id.model, "%s", o->model_name);
+    else
+        base_name(o->target_dir, w->id.model, sizeof w->id.model);
+    if (!w->id.model[0] || strlen(w->id.model) > 256)
+        die_config("model name '%s' must have 1 to 256 bytes (see --model-name)", w->id.model);
+
+    /* the database now if it answers (else after loading, with retries) */
+    struct loading_beat beat;
+    w->db = try_connect_db(o);
+    loading_beat_start(&beat, w);
+
     /* models */
     double t0 = wnow();
     struct ds_model *model = NULL;
@@ -644,12 +754,6 @@ int main(int argc, char **argv)
         die_config("could not load the target model: %s", ds_errdetail());
     if (o->draft_dir && ds_draft_load(o->draft_dir, model, &draft) < 0)
         die_config("could not load the draft model: %s", ds_errdetail());
-    if (o->model_name)
-        snprintf(w->id.model, sizeof w->id.model, "%s", o->model_name);
-    else
-        base_name(o->target_dir, w->id.model, sizeof w->id.model);
-    if (!w->id.model[0] || strlen(w->id.model) > 256)
-        die_config("model name '%s' must have 1 to 256 bytes (see --model-name)", w->id.model);
     snprintf(w->id.model_checksum, sizeof w->id.model_checksum, "%s", model->checksum);
     if (draft) {
         base_name(o->draft_dir, w->id.draft, sizeof w->id.draft);
@@ -675,7 +779,8 @@ int main(int argc, char **argv)
          wnow() - t0, ds_engine_free_tokens(engine), o->max_batch, w->id.device);
 
     /* database */
-    w->db = connect_db(o);
+    if (!w->db)
+        w->db = connect_db(o);
     if (!w->db) {
         wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
         return 0;
@@ -700,6 +805,7 @@ int main(int argc, char **argv)
                 wlog(DS_LOG_WARNING, 0, "could not save the step-time profile: %s", ds_errdetail());
         }
     }
+    loading_beat_stop(&beat);
     if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
         if (got_term)
             return 0;

@@ -3,7 +3,8 @@
 # the service keeps serving everything else. Refused at submission (dsparkctl)
 # or INSERT (the schema's domains): negative or huge max_tokens, NaN
 # temperature, invalid UTF-8, a malformed JSONL line. Failed by the worker,
-# which goes on running: an unknown model, a prompt longer than the context,
+# which goes on running: an unknown model (but not the model of a worker that
+# is still starting), a prompt longer than the context,
 # max_tokens beyond the context, token ids outside the vocabulary, text for a
 # model without a tokenizer. Served, though the worker once refused them: a top_p
 # below float's range, fixed:N above 32. And the worker's own configuration
@@ -91,6 +92,29 @@ kill -0 "$DPID" 2>/dev/null
 tap_result $? "dsparkd still runs"
 out=$(printf 'print(1)\n' | "$C" submit --prompt - --model "$E2E_MODEL" 2>&1)
 tap_like "$out" "^[0-9]+$" "and still accepts jobs"
+
+# ---- a worker that is still starting keeps its model served ----
+# It measures its step-time profile (no --sps: seconds at --max-batch 256 on
+# one thread) after it announced itself; SIGSTOP holds it there.
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --model-name slow-model --backend cpu --threads 1 \
+    --max-batch 256 --unknown-model-timeout 1 --lease 10 >"$T/slow.log" 2>&1 &
+slow_pid=$!
+E2E_PIDS="$E2E_PIDS $slow_pid"
+wait_sql "SELECT state FROM dspark.workers WHERE model = 'slow-model'" starting 20
+tap_result $? "a worker announces itself as 'starting' before it is ready"
+kill -STOP "$slow_pid"
+j_slow=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, created_at) VALUES ('slow-model', ARRAY[1, 2], 4, now() - interval '1 hour') RETURNING id")
+sleep 11
+tap_is "$(err "$j_slow")" "queued: " "the other worker's unknown-model sweep leaves the old jobs of a starting worker's model queued"
+kill -CONT "$slow_pid"
+wait_sql "SELECT heartbeat_at > started_at + interval '10 s' FROM dspark.workers WHERE model = 'slow-model'" t 10
+tap_result $? "a starting worker renews its heartbeat every 10 s"
+wait_sql "SELECT state FROM dspark.jobs WHERE id = $j_slow" succeeded 60
+tap_result $? "once ready, the worker runs those jobs"
+tap_is "$(q "SELECT state FROM dspark.workers WHERE model = 'slow-model'")" "running" "... registered as running"
+kill -TERM "$slow_pid"
+wait "$slow_pid"
+
 stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: everything stops cleanly"
 

@@ -1,8 +1,10 @@
 #!/bin/sh
 # test-sql-queue.sh: the queue functions: concurrent claims with SKIP LOCKED
 # never hand out a job twice; priorities, delayed start, token budget, model
-# filter; leases, heartbeats, requeue and max_attempts; fenced write-backs;
-# cancellation; release; the state machine and version; retention.
+# filter; leases, heartbeats, requeue and max_attempts; a job whose lease
+# expired runs alone; hand-backs that do not count as attempts; workers that
+# announce themselves while loading; fenced write-backs; cancellation;
+# release; the state machine and version; retention.
 . "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
 pg_harness_start
 pg_harness_init
@@ -78,6 +80,51 @@ tap_is "$(q "SELECT state || '|' || error || '|' || finish_reason || '|' || (fin
     "failed|lease expired after 2 attempts|error|true" "after max_attempts an expired lease fails the job"
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w3', 1, NULL, 60)")" 0 "... and it is never claimed again"
 
+# --- a crash is paid by the job that causes it --------------------------------
+# A worker dies holding five jobs: the reaper requeues them to run alone.
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'p' || g FROM generate_series(1, 5) g" >/dev/null
+first=$(q "SELECT min(id) FROM dspark.jobs")
+q "SELECT count(*) FROM dspark.claim_jobs('dead', 5, NULL, 60)" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s'" >/dev/null
+q "SELECT dspark.requeue_expired()" >/dev/null
+tap_is "$(q "SELECT string_agg(state || ' ' || attempt || ' ' || run_alone, ',') FROM dspark.jobs")" \
+    "queued 1 true,queued 1 true,queued 1 true,queued 1 true,queued 1 true" "an expired lease requeues the job to run alone"
+tap_is "$(q "SELECT string_agg(id::text, ',') FROM dspark.claim_jobs('w1', 5, NULL, 60)")" "$first" \
+    "a worker that holds nothing claims the first such job, and only it"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w1', 5, NULL, 60)")" 0 "... and claims nothing more while it runs it"
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'urgent', 5)" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w2', 5, NULL, 60)")" "urgent" \
+    "jobs ahead of a job that runs alone are claimed without it"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w2', 5, NULL, 60)")" 0 \
+    "a worker that holds a job claims nothing while a job that runs alone is first in line"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w3', 5, 1, 60)")" 0 "... nor does one whose budget it exceeds"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w3', 5, NULL, 60)")" 1 "... and an empty worker takes it, alone"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_unserved('w2', 'm', 10, 60)")" 3 \
+    "claim_unserved (the unknown-model sweep) takes such jobs whatever the worker holds"
+
+# Ten jobs, one of which kills every worker that runs it, three attempts each:
+# only that one fails. (Before, the ten were claimed together after each
+# crash and all ten failed.)
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', CASE WHEN g = 4 THEN 'poison' ELSE 'p' || g END FROM generate_series(1, 10) g" >/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('crash-0', 10, NULL, 60)" >/dev/null
+crash=0
+while [ "$(q "SELECT count(*) FROM dspark.jobs WHERE state IN ('queued', 'running')")" -gt 0 ] && [ $crash -lt 40 ]; do
+    crash=$((crash + 1))
+    # the worker dies: its leases expire
+    q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE state = 'running'" >/dev/null
+    q "SELECT dspark.requeue_expired()" >/dev/null
+    # a new worker runs what it claims: a poisoned claim kills it, the others succeed
+    for id in $(q "SELECT id FROM dspark.claim_jobs('crash-$crash', 10, NULL, 60) WHERE prompt <> 'poison'"); do
+        q "SELECT * FROM dspark.finish_jobs('crash-$crash', '[{\"id\": $id, \"attempt\": 2, \"state\": \"succeeded\"}]')" >/dev/null
+    done
+done
+tap_is "$(q "SELECT string_agg(state || ' ' || attempt, ',' ORDER BY id) FROM dspark.jobs")" \
+    "succeeded 2,succeeded 2,succeeded 2,failed 3,succeeded 2,succeeded 2,succeeded 2,succeeded 2,succeeded 2,succeeded 2" \
+    "a job that kills its worker fails after max_attempts; the nine claimed with it succeed on their second attempt"
+tap_is "$(q "SELECT error FROM dspark.jobs WHERE prompt = 'poison'")" "lease expired after 3 attempts" "... with the reason"
+
 # one reaper at a time
 id=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x') RETURNING id")
 q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
@@ -98,6 +145,25 @@ q "SELECT * FROM dspark.cancel_jobs(ARRAY[$id]::bigint[])" >/dev/null
 q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
 q "SELECT dspark.requeue_expired()" >/dev/null
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $id")" cancelled "an expired job with cancel requested ends cancelled"
+
+# --- a worker that loads its model -------------------------------------------
+q "SELECT dspark.worker_starting('host1/0', 'host1', 100, 'cuda:0', 'qwen3-8b')" >/dev/null
+tap_is "$(q "SELECT state || ' ' || model || ' ' || pid FROM dspark.workers WHERE worker_id = 'host1/0'")" "starting qwen3-8b 100" \
+    "worker_starting records a worker that loads its model"
+q "UPDATE dspark.workers SET heartbeat_at = now() - interval '50 s', started_at = now() - interval '50 s' WHERE worker_id = 'host1/0'" >/dev/null
+q "SELECT dspark.worker_starting('host1/0', 'host1', 100, 'cuda:0', 'qwen3-8b')" >/dev/null
+tap_is "$(q "SELECT (heartbeat_at > now() - interval '5 s') || ' ' || (started_at < now() - interval '40 s') FROM dspark.workers WHERE worker_id = 'host1/0'")" "true true" \
+    "... again from the same process: a heartbeat, the start time kept"
+q "SELECT dspark.register_worker('host1/0', 'host1', 100, 'cuda:0', 'qwen3-8b', NULL, 'sha-m', NULL)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('qwen3-8b', 'x')" >/dev/null
+id=$(q "SELECT id FROM dspark.claim_jobs('host1/0', 1, NULL, 600)")
+q "SELECT dspark.worker_starting('host1/0', 'host1', 100, 'cuda:0', 'qwen3-8b')" >/dev/null
+tap_is "$(q "SELECT lease_expires_at > now() + interval '500 s' FROM dspark.jobs WHERE id = $id")" t \
+    "... leaving the jobs of the same process alone"
+q "SELECT dspark.worker_starting('host1/0', 'host1', 101, 'cuda:0', 'qwen3-8b')" >/dev/null
+tap_is "$(q "SELECT (lease_expires_at <= now()) || ' ' || w.state || ' ' || (w.model_checksum IS NULL) FROM dspark.jobs j, dspark.workers w WHERE j.id = $id AND w.worker_id = 'host1/0'")" \
+    "true starting true" "a new process under the same worker_id ends the old one's leases and clears its identity"
+q "DELETE FROM dspark.jobs; DELETE FROM dspark.workers" >/dev/null
 
 # --- heartbeats ----------------------------------------------------------
 q "DELETE FROM dspark.jobs" >/dev/null
@@ -164,8 +230,27 @@ q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x')" >/dev/null
 id=$(q "SELECT id FROM dspark.claim_jobs('w1', 1, NULL, 60)")
 tap_is "$(q "SELECT count(*) FROM dspark.release_jobs('w1', ARRAY[$id]::bigint[], ARRAY[7])")" 0 "release with a stale attempt does nothing"
 tap_is "$(q "SELECT count(*) FROM dspark.release_jobs('w1', ARRAY[$id]::bigint[], ARRAY[1])")" 1 "release hands a job back"
-tap_is "$(q "SELECT state || ' ' || attempt FROM dspark.jobs WHERE id = $id")" "queued 1" "... queued, attempt kept"
+tap_is "$(q "SELECT state || ' ' || attempt || ' ' || released FROM dspark.jobs WHERE id = $id")" "queued 1 1" \
+    "... queued, attempt kept, the hand-back counted"
 tap_is "$(q "SELECT applied FROM dspark.finish_jobs('w1', '$(res "$id" 1 succeeded)')")" f "... and the old claim's write-back is refused"
+# three drains and two crashes: a job with max_attempts 3 is still queued
+q "UPDATE dspark.jobs SET max_attempts = 3 WHERE id = $id" >/dev/null
+for a in 2 3; do
+    q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+    q "SELECT count(*) FROM dspark.release_jobs('w1', ARRAY[$id]::bigint[], ARRAY[$a])" >/dev/null
+done
+for a in 4 5; do
+    q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+    q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+    q "SELECT dspark.requeue_expired()" >/dev/null
+done
+tap_is "$(q "SELECT state || ' ' || attempt || ' ' || released FROM dspark.jobs WHERE id = $id")" "queued 5 3" \
+    "hand-backs do not count against max_attempts: three drains and two crashes leave the job queued"
+q "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 60)" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $id" >/dev/null
+q "SELECT dspark.requeue_expired()" >/dev/null
+tap_is "$(q "SELECT state || '|' || error FROM dspark.jobs WHERE id = $id")" "failed|lease expired after 3 attempts" \
+    "... and the third crash fails it"
 
 # --- cancel queued ----------------------------------------------------------
 q "DELETE FROM dspark.jobs" >/dev/null
