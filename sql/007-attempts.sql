@@ -20,6 +20,7 @@
 --    still counts every claim, so write-backs stay fenced on it.
 -- 3. claim_unserved: the unknown-model sweep's claim of jobs it is about to
 --    fail, without the budget and the run_alone rule (those jobs do not run).
+--    claim_jobs stays one statement, as in 003.
 -- 4. worker_starting: a worker announces itself (state 'starting') before it
 --    loads its model, and keeps its heartbeat while it loads, so that the
 --    sweep counts its model as served (it used to register only once loaded:
@@ -37,20 +38,48 @@ COMMENT ON COLUMN dspark.jobs.released IS 'claims handed back by draining worker
 CREATE INDEX jobs_running_alone_idx ON dspark.jobs (worker_id)
     WHERE run_alone AND state = 'running';
 
--- Claim the queued jobs p_ids (locked by the caller's transaction) for
--- p_worker_id under a lease, and notify them.
-CREATE FUNCTION dspark.claim_ids(p_worker_id text, p_ids bigint[], p_lease_seconds int)
+CREATE OR REPLACE FUNCTION dspark.claim_jobs(
+    p_worker_id text, p_max_jobs int, p_token_budget bigint,
+    p_lease_seconds int, p_models text[] DEFAULT NULL)
 RETURNS SETOF dspark.jobs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
+    -- One statement: lock the candidates in claim order (the locks last until
+    -- the caller commits), pick the prefix within the budget that stops
+    -- before the first job that runs alone (or that job alone, when it is
+    -- first in line and the worker holds nothing), update them by primary
+    -- key, and notify them. A worker that runs a job alone picks nothing.
     RETURN QUERY
-    WITH claimed AS (
+    WITH picked AS (
+        SELECT ca.id
+        FROM (SELECT cd.id,
+                     row_number() OVER w AS ord,
+                     sum(cd.cost) OVER w AS running_total,
+                     bool_or(cd.run_alone) OVER w AS alone_so_far
+              FROM (SELECT c.id, c.priority, c.run_alone,
+                           CASE WHEN p_token_budget IS NULL THEN 0
+                                ELSE dspark.prompt_tokens_est(c.prompt, c.messages, c.prompt_ids)
+                                     + c.max_tokens END AS cost
+                    FROM dspark.jobs c
+                    WHERE c.state = 'queued' AND c.run_after <= now()
+                      AND (p_models IS NULL OR c.model = ANY (p_models))
+                    ORDER BY c.priority DESC, c.id
+                    LIMIT greatest(p_max_jobs, 0)
+                    FOR UPDATE SKIP LOCKED) cd
+              WINDOW w AS (ORDER BY cd.priority DESC, cd.id)) ca
+        WHERE (p_token_budget IS NULL OR ca.running_total <= p_token_budget)
+          AND (NOT ca.alone_so_far
+               OR (ca.ord = 1 AND NOT EXISTS (SELECT FROM dspark.jobs h
+                                              WHERE h.state = 'running' AND h.worker_id = p_worker_id)))
+          AND NOT EXISTS (SELECT FROM dspark.jobs h
+                          WHERE h.run_alone AND h.state = 'running' AND h.worker_id = p_worker_id)
+    ), claimed AS (
         UPDATE dspark.jobs j
         SET state = 'running', attempt = j.attempt + 1, worker_id = p_worker_id,
             version = j.version + 1, started_at = now(),
             lease_expires_at = now() + make_interval(secs => greatest(p_lease_seconds, 1))
-        WHERE j.id = ANY (p_ids) AND j.state = 'queued'
+        WHERE j.id = ANY (ARRAY(SELECT pk.id FROM picked pk))
         RETURNING j.*
     ), sent AS (
         SELECT dspark.notify_job_changes(ARRAY(
@@ -61,82 +90,33 @@ BEGIN
     ORDER BY cl.priority DESC, cl.id;
 END
 $$;
-COMMENT ON FUNCTION dspark.claim_ids IS 'the update of claim_jobs and claim_unserved (internal)';
-REVOKE EXECUTE ON FUNCTION dspark.claim_ids(text, bigint[], int) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION dspark.claim_jobs(
-    p_worker_id text, p_max_jobs int, p_token_budget bigint,
-    p_lease_seconds int, p_models text[] DEFAULT NULL)
-RETURNS SETOF dspark.jobs
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan AS $$
-DECLARE
-    cand_ids bigint[];      -- the candidates in claim order, locked
-    cand_alone boolean[];
-    cand_total bigint[];    -- running sum of their costs (0 without a budget)
-    n int := 0;
-BEGIN
-    -- a job running alone keeps its worker to itself
-    IF EXISTS (SELECT FROM dspark.jobs h
-               WHERE h.run_alone AND h.state = 'running' AND h.worker_id = p_worker_id) THEN
-        RETURN;
-    END IF;
-    -- lock the candidates (the locks last until the caller commits)
-    SELECT array_agg(s.id ORDER BY s.priority DESC, s.id),
-           array_agg(s.run_alone ORDER BY s.priority DESC, s.id),
-           array_agg(s.running_total ORDER BY s.priority DESC, s.id)
-    INTO cand_ids, cand_alone, cand_total
-    FROM (SELECT cd.id, cd.priority, cd.run_alone,
-                 sum(cd.cost) OVER (ORDER BY cd.priority DESC, cd.id) AS running_total
-          FROM (SELECT c.id, c.priority, c.run_alone,
-                       CASE WHEN p_token_budget IS NULL THEN 0
-                            ELSE dspark.prompt_tokens_est(c.prompt, c.messages, c.prompt_ids)
-                                 + c.max_tokens END AS cost
-                FROM dspark.jobs c
-                WHERE c.state = 'queued' AND c.run_after <= now()
-                  AND (p_models IS NULL OR c.model = ANY (p_models))
-                ORDER BY c.priority DESC, c.id
-                LIMIT greatest(p_max_jobs, 0)
-                FOR UPDATE SKIP LOCKED) cd) s;
-    IF cand_ids IS NULL THEN
-        RETURN;
-    END IF;
-    IF cand_alone[1] THEN
-        -- first in line and running alone: only on a worker that holds nothing
-        -- (the others wait for it, so that it is not passed over forever)
-        IF (p_token_budget IS NULL OR cand_total[1] <= p_token_budget)
-           AND NOT EXISTS (SELECT FROM dspark.jobs h
-                           WHERE h.state = 'running' AND h.worker_id = p_worker_id) THEN
-            n := 1;
-        END IF;
-    ELSE
-        -- the prefix within the budget, up to the first job that runs alone
-        WHILE n < pg_catalog.cardinality(cand_ids) AND NOT cand_alone[n + 1]
-              AND (p_token_budget IS NULL OR cand_total[n + 1] <= p_token_budget) LOOP
-            n := n + 1;
-        END LOOP;
-    END IF;
-    IF n > 0 THEN
-        RETURN QUERY SELECT * FROM dspark.claim_ids(p_worker_id, cand_ids[1:n], p_lease_seconds);
-    END IF;
-END
-$$;
 COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget; they become running with a lease; a run_alone job is claimed alone';
 
 -- The unknown-model sweep: claim up to p_max_jobs queued, due jobs of p_model
 -- to fail them (dspark-worker writes them back as failed with the reason).
 CREATE FUNCTION dspark.claim_unserved(p_worker_id text, p_model text, p_max_jobs int, p_lease_seconds int)
 RETURNS SETOF dspark.jobs
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN QUERY SELECT * FROM dspark.claim_ids(p_worker_id, ARRAY(
-        SELECT c.id
-        FROM dspark.jobs c
-        WHERE c.state = 'queued' AND c.run_after <= now() AND c.model = p_model
-        ORDER BY c.priority DESC, c.id
-        LIMIT greatest(p_max_jobs, 0)
-        FOR UPDATE SKIP LOCKED), p_lease_seconds);
-END
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH claimed AS (
+        UPDATE dspark.jobs j
+        SET state = 'running', attempt = j.attempt + 1, worker_id = p_worker_id,
+            version = j.version + 1, started_at = now(),
+            lease_expires_at = now() + make_interval(secs => greatest(p_lease_seconds, 1))
+        WHERE j.id = ANY (ARRAY(
+            SELECT c.id
+            FROM dspark.jobs c
+            WHERE c.state = 'queued' AND c.run_after <= now() AND c.model = p_model
+            ORDER BY c.priority DESC, c.id
+            LIMIT greatest(p_max_jobs, 0)
+            FOR UPDATE SKIP LOCKED))
+        RETURNING j.*
+    ), sent AS (
+        SELECT dspark.notify_job_changes(ARRAY(
+            SELECT dspark.job_change(n.id, n.version, n.state, n.attempt)
+            FROM claimed n ORDER BY n.id))
+    )
+    SELECT cl.* FROM claimed cl WHERE (SELECT count(*) FROM sent) = 1
+    ORDER BY cl.priority DESC, cl.id;
 $$;
 COMMENT ON FUNCTION dspark.claim_unserved IS 'claim queued jobs of a model no worker serves, to fail them (the unknown-model sweep)';
 
