@@ -43,7 +43,8 @@ static void status_usage(FILE *f)
 static const char *const job_fields_sql =
     "SELECT json_build_object('id', j.id, 'batch_id', j.batch_id, 'custom_id', j.custom_id,"
     " 'owner', j.owner, 'model', j.model, 'state', j.state, 'attempt', j.attempt,"
-    " 'max_attempts', j.max_attempts, 'priority', j.priority, 'spec_mode', j.spec_mode,"
+    " 'max_attempts', j.max_attempts, 'released', j.released, 'run_alone', j.run_alone,"
+    " 'priority', j.priority, 'spec_mode', j.spec_mode,"
     " 'max_tokens', j.max_tokens, 'version', j.version, 'cancel_requested', j.cancel_requested,"
     " 'worker_id', j.worker_id, 'created_at', j.created_at, 'run_after', j.run_after,"
     " 'started_at', j.started_at, 'finished_at', j.finished_at,"

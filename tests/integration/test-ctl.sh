@@ -111,6 +111,7 @@ tap_py "list --batches --json" "d[0]['batch_id'] == $B and d[0]['total'] == 4 an
 tap_py "status --json counts the queue" "d['jobs']['queued'] == 7 and d['workers']['registered'] == 0" "$T/status.json"
 "$C" status "$id1" "$id3" --json >"$T/st.json"
 tap_py "status ID... --json" "[j['id'] for j in d] == [$id1, $id3] and d[1]['priority'] == 5" "$T/st.json"
+tap_py "... with the hand-backs and whether the job runs alone" "d[0]['released'] == 0 and d[0]['run_alone'] is False" "$T/st.json"
 out=$("$C" status 999999 2>&1)
 tap_is "$?" 1 "status of a missing job: exit 1"
 
