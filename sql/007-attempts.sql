@@ -74,6 +74,16 @@ BEGIN
                                               WHERE h.state = 'running' AND h.worker_id = p_worker_id)))
           AND NOT EXISTS (SELECT FROM dspark.jobs h
                           WHERE h.run_alone AND h.state = 'running' AND h.worker_id = p_worker_id)
+          -- first in line read without locks, so that a job that runs alone is
+          -- seen first in line by every worker that holds jobs even while another
+          -- claimer has it locked (they skip nothing and take nothing)
+          AND NOT (coalesce((SELECT q.run_alone FROM dspark.jobs q
+                             WHERE q.state = 'queued' AND q.run_after <= now()
+                               AND (p_models IS NULL OR q.model = ANY (p_models))
+                             ORDER BY q.priority DESC, q.id
+                             LIMIT 1), false)
+                   AND EXISTS (SELECT FROM dspark.jobs h
+                               WHERE h.state = 'running' AND h.worker_id = p_worker_id))
     ), claimed AS (
         UPDATE dspark.jobs j
         SET state = 'running', attempt = j.attempt + 1, worker_id = p_worker_id,

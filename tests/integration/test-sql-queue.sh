@@ -103,6 +103,24 @@ tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w3', 5, NULL, 60)")" 1 "...
 tap_is "$(q "SELECT count(*) FROM dspark.claim_unserved('w2', 'm', 10, 60)")" 3 \
     "claim_unserved (the unknown-model sweep) takes such jobs whatever the worker holds"
 
+# Two busy workers claiming at once: the one whose claim locks the job that
+# runs alone (and the jobs behind it) must not make the other skip past it.
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'held-a'), ('m', 'held-b'), ('m', 'alone')" >/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('busy-a', 1, NULL, 60)" >/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('busy-b', 1, NULL, 60)" >/dev/null
+q "UPDATE dspark.jobs SET run_alone = true WHERE prompt = 'alone'" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'behind' || g FROM generate_series(1, 5) g" >/dev/null
+psql -X -q -A -t -c "BEGIN" -c "SELECT count(*) FROM dspark.claim_jobs('busy-a', 4, NULL, 60)" \
+    -c "SELECT pg_sleep(2)" -c "COMMIT" >"$T/busy-a" 2>&1 &
+busy=$!
+sleep 0.5
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('busy-b', 4, NULL, 60)")" 0 \
+    "a busy worker takes nothing past a job that runs alone while another claimer holds it locked"
+wait $busy
+tap_is "$(q "SELECT string_agg(prompt, ',' ORDER BY id) FROM dspark.jobs WHERE state = 'running'")" "held-a,held-b" \
+    "... and neither busy worker took a job behind it"
+
 # Ten jobs, one of which kills every worker that runs it, three attempts each:
 # only that one fails. (Before, the ten were claimed together after each
 # crash and all ten failed.)
