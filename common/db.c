@@ -22,6 +22,7 @@
 #define DS_DB_MIGRATE_LOCK "7234107125371546880"
 #define DS_DB_BACKOFF_MIN_MS 100
 #define DS_DB_BACKOFF_MAX_MS 5000
+#define DS_DB_CONNECT_TIMEOUT_S "10"   /* seconds, as libpq's connect_timeout takes it */
 #define DS_DB_MAX_LISTEN 8
 
 struct ds_db {
@@ -111,15 +112,23 @@ static void ignore_notice(void *arg, const char *message)
 
 int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
 {
-    const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
-    const char *vals[] = { conninfo && *conninfo ? conninfo : NULL,
+    /* A connection attempt gives up after DS_DB_CONNECT_TIMEOUT_S unless the
+     * conninfo (processed after it, so it wins) or PGCONNECT_TIMEOUT says
+     * otherwise: libpq's own default waits for the kernel, minutes against a
+     * host that drops packets, and every caller retries anyway. */
+    const char *timeout = getenv("PGCONNECT_TIMEOUT") ? NULL : DS_DB_CONNECT_TIMEOUT_S;
+    const char *keys[] = { "connect_timeout", "dbname", "fallback_application_name", "client_encoding", NULL };
+    const char *vals[] = { timeout, conninfo && *conninfo ? conninfo : NULL,
                            application_name ? application_name : "dspark", "UTF8", NULL };
-    /* libpq stops at the first NULL key, so an absent conninfo must not end the list */
-    const char *const *k = keys, *const *v = vals;
-    if (!vals[0]) {
-        k++;
-        v++;
-    }
+    /* libpq stops at the first NULL key, so absent values must not end the list */
+    const char *k[5], *v[5];
+    int n = 0;
+    for (int i = 0; keys[i]; i++)
+        if (vals[i]) {
+            k[n] = keys[i];
+            v[n++] = vals[i];
+        }
+    k[n] = v[n] = NULL;
     PGconn *conn = PQconnectdbParams(k, v, 1);
     if (!conn)
         return ds_seterr(DS_ENOMEM, "could not allocate a database connection");

@@ -10,11 +10,12 @@
  * the decoding thread when it is idle), so a slow or unreachable database
  * never stalls a decoding round.
  *
- * Start-up: connect if the database answers and announce the worker as
- * starting (renewed by a short-lived thread while the models load), load the
- * models, connect (with retries) if not yet and check the schema version
- * (exit 78 on a mismatch), measure SPS(B) or load it (--sps), register in
- * dspark.workers, say READY on $DSPARK_READY_FD. SIGTERM/SIGINT: stop
+ * Start-up: a short-lived thread connects and announces the worker as
+ * starting (again every 10 s) while this one loads the models and measures
+ * SPS(B) or loads it (--sps); then connect (with retries) if that thread
+ * could not, check the schema version (exit 78 on a mismatch; the announcing
+ * thread checks it too), register in dspark.workers, say READY on
+ * $DSPARK_READY_FD. SIGTERM/SIGINT: stop
  * claiming, let the jobs in flight finish for --drain-timeout seconds, hand
  * the rest back with dspark.release_jobs() (not counted against their
  * max_attempts), write what is left, exit 0. A second signal hands back at
@@ -312,14 +313,18 @@ static struct ds_db *connect_db(const struct wopts *o)
 }
 
 /* ---- while loading: the worker's row says 'starting' ----
- * dspark.worker_starting() before the models load, then every
- * LOADING_BEAT_S from a thread of its own, so that the reaper does not call a
- * worker that loads for minutes lost and the unknown-model sweep counts its
- * model as served. The thread owns the connection until loading_beat_stop(). */
+ * A thread of its own connects (retrying every LOADING_RETRY_S while the
+ * database does not answer), calls dspark.worker_starting(), and calls it
+ * again every LOADING_BEAT_S, while the decoding thread loads the models and
+ * measures the step-time profile. So the reaper does not call a worker that
+ * loads for minutes lost, and the unknown-model sweep counts its model as
+ * served. The thread owns w->db until loading_beat_stop(). */
 #define LOADING_BEAT_S 10
+#define LOADING_RETRY_S 2
 
 struct loading_beat {
     struct wctx *w;
+    const struct wopts *o;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -338,23 +343,31 @@ static int announce_starting(struct wctx *w)
 static void *loading_beat_main(void *arg)
 {
     struct loading_beat *b = arg;
+    struct wctx *w = b->w;
     bool warned = false;
+    int wait_s = 0;
     pthread_mutex_lock(&b->mu);
     while (!b->stop) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += LOADING_BEAT_S;
+        until.tv_sec += wait_s;
         int r = 0;
         while (!b->stop && r != ETIMEDOUT)
             r = pthread_cond_timedwait(&b->cv, &b->mu, &until);
         if (b->stop)
             break;
         pthread_mutex_unlock(&b->mu);
-        if (ds_db_ensure(b->w->db, 0) >= 0 && announce_starting(b->w) == 0)
+        if (!w->db)
+            w->db = try_connect_db(b->o);
+        if (w->db && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
             warned = false;
-        else if (!warned) {
-            wlog(DS_LOG_WARNING, 0, "could not renew the 'starting' heartbeat: %s", ds_errdetail());
+            wait_s = LOADING_BEAT_S;
+        } else {
+            if (!warned)
+                wlog(DS_LOG_WARNING, 0, "could not announce the worker as starting (%s); retrying while it loads",
+                     ds_errdetail());
             warned = true;
+            wait_s = LOADING_RETRY_S;
         }
         pthread_mutex_lock(&b->mu);
     }
@@ -362,26 +375,20 @@ static void *loading_beat_main(void *arg)
     return NULL;
 }
 
-/* Announce the worker and keep announcing while it loads (best effort: the
- * models load whether or not the database answers now). */
-static void loading_beat_start(struct loading_beat *b, struct wctx *w)
+static void loading_beat_start(struct loading_beat *b, struct wctx *w, const struct wopts *o)
 {
-    *b = (struct loading_beat){.w = w};
-    if (!w->db)
-        return;
-    if (announce_starting(w) < 0) {
-        wlog(DS_LOG_WARNING, 0, "could not announce the worker as starting: %s", ds_errdetail());
-        return;
-    }
+    *b = (struct loading_beat){.w = w, .o = o};
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->cv, NULL);
     b->running = pthread_create(&b->thread, NULL, loading_beat_main, b) == 0;
     if (!b->running) {
+        wlog(DS_LOG_WARNING, 0, "could not start the thread that announces the worker while it loads");
         pthread_cond_destroy(&b->cv);
         pthread_mutex_destroy(&b->mu);
     }
 }
 
+/* Stop the thread (after its current call); w->db is the decoding thread's again. */
 static void loading_beat_stop(struct loading_beat *b)
 {
     if (!b->running)
@@ -739,10 +746,8 @@ int main(int argc, char **argv)
     if (!w->id.model[0] || strlen(w->id.model) > 256)
         die_config("model name '%s' must have 1 to 256 bytes (see --model-name)", w->id.model);
 
-    /* the database now if it answers (else after loading, with retries) */
     struct loading_beat beat;
-    w->db = try_connect_db(o);
-    loading_beat_start(&beat, w);
+    loading_beat_start(&beat, w, o);
 
     /* models */
     double t0 = wnow();
@@ -778,14 +783,6 @@ int main(int argc, char **argv)
          w->id.model, w->id.model_checksum, draft ? " with draft " : " without a draft", draft ? w->id.draft : "",
          wnow() - t0, ds_engine_free_tokens(engine), o->max_batch, w->id.device);
 
-    /* database */
-    if (!w->db)
-        w->db = connect_db(o);
-    if (!w->db) {
-        wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
-        return 0;
-    }
-
     /* the step-time curve the dspark schedulers price verification with */
     if (draft) {
         struct ds_sps table;
@@ -805,7 +802,14 @@ int main(int argc, char **argv)
                 wlog(DS_LOG_WARNING, 0, "could not save the step-time profile: %s", ds_errdetail());
         }
     }
+    /* database (the announcing thread's connection, else connect now, with retries) */
     loading_beat_stop(&beat);
+    if (!w->db)
+        w->db = connect_db(o);
+    if (!w->db) {
+        wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
+        return 0;
+    }
     if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
         if (got_term)
             return 0;

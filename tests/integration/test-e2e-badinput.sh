@@ -115,6 +115,32 @@ tap_is "$(q "SELECT state FROM dspark.workers WHERE model = 'slow-model'")" "run
 kill -TERM "$slow_pid"
 wait "$slow_pid"
 
+# ---- a worker that starts before its database announces itself once it can ----
+# (database 'later' does not exist yet; the profile at --max-batch 512 takes
+# about ten seconds on one thread, while the worker retries every 2 s)
+"$WORKER" --dsn "dbname=later" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --model-name later-model \
+    --backend cpu --threads 1 --max-batch 512 --lease 10 >"$T/later.log" 2>&1 &
+later_pid=$!
+E2E_PIDS="$E2E_PIDS $later_pid"
+sleep 1
+q "CREATE DATABASE later" >/dev/null
+"$C" -d "dbname=later" db init >/dev/null 2>&1
+n=0
+while [ "$(psql -X -q -A -t -d later -c "SELECT state FROM dspark.workers" 2>/dev/null)" != starting ] && [ $n -lt 40 ]; do
+    sleep 0.2
+    n=$((n + 1))
+done
+tap_is "$(psql -X -q -A -t -d later -c "SELECT state || ' ' || model FROM dspark.workers")" "starting later-model" \
+    "a worker whose database appears while it loads announces itself as starting"
+n=0
+while [ "$(psql -X -q -A -t -d later -c "SELECT state FROM dspark.workers" 2>/dev/null)" != running ] && [ $n -lt 150 ]; do
+    sleep 0.2
+    n=$((n + 1))
+done
+tap_is "$(psql -X -q -A -t -d later -c "SELECT state FROM dspark.workers")" "running" "... and registers on that connection once loaded"
+kill -TERM "$later_pid"
+wait "$later_pid"
+
 stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: everything stops cleanly"
 
