@@ -23,6 +23,7 @@ struct dsparkd_config {
     char *host_name;
     int64_t status_interval;
     int64_t reaper_interval;
+    int64_t reaper_grace;           /* the reaper's wait after each (re)connection */
     int64_t worker_timeout;
     int64_t retention;              /* 0 = keep forever */
     int64_t retention_interval;

@@ -66,6 +66,8 @@ static const struct ds_cfg_key config_keys[] = {
       NULL, "how often queue counts are read for STATUS= and heartbeats" },
     { "dsparkd", "reaper_interval", DS_CFG_DURATION, &cfg.reaper_interval, SEC, 3600 * SEC, "5s", DS_CFG_RELOADABLE,
       NULL, "how often expired leases are requeued (dspark.requeue_expired)" },
+    { "dsparkd", "reaper_grace", DS_CFG_DURATION, &cfg.reaper_grace, 0, 3600 * SEC, "15s", DS_CFG_RELOADABLE, NULL,
+      "after connecting to the database, the reaper waits this long (workers cut off with dsparkd renew their leases)" },
     { "dsparkd", "worker_timeout", DS_CFG_DURATION, &cfg.worker_timeout, SEC, DAY, "1min", DS_CFG_RELOADABLE, NULL,
       "a worker silent this long is marked lost in dspark.workers" },
     { "dsparkd", "retention", DS_CFG_DURATION, &cfg.retention, 0, 3650 * DAY, "7d", DS_CFG_RELOADABLE, NULL,
@@ -458,6 +460,15 @@ static int run(struct daemon *d)
     while (!d->stopping || supervisor_running(d->sup) > 0) {
         now = ds_now_usec();
         int r = d->exit_code == EXIT_CONFIG ? 0 : fanout_connect(d->fanout, now);
+        if (r == 1) {
+            /* (re)connected: after an outage the workers' leases may have run out
+             * meanwhile; give the workers that were cut off too the time to
+             * reconnect and renew them before the reaper takes their jobs (as
+             * crashed, to run alone) */
+            uint64_t after = now + (uint64_t)cfg.reaper_grace * 1000u;
+            if (d->next_reap_us < after)
+                d->next_reap_us = after;
+        }
         if (r < 0) {
             ds_log(DS_LOG_CRIT, "%s", ds_errdetail());
             d->exit_code = EXIT_CONFIG;

@@ -63,6 +63,7 @@ cat >"$T/dspark.conf" <<EOF
 host_name = testhost
 status_interval = 200ms
 reaper_interval = 1s
+reaper_grace = 0s
 log_level = debug
 
 [database]
@@ -311,6 +312,26 @@ wait_for "$T/curve.log" "reloaded the CURVE allow-list" 5
 "$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 5 \
     --server-key "$spub" --client-keys "$T/bob.key" >"$T/bob.out" 2>&1
 tap_like "$(cat "$T/bob.out")" "^hb host=" "SIGHUP rereads the allow-list file: the new client gets in"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
+# the reaper's grace after connecting: a lease that ran out while dsparkd was
+# away is left to its worker for reaper_grace, then reaped
+jg=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('grace', 'x') RETURNING id")
+q "SELECT count(*) FROM dspark.claim_jobs('w-away', 1, NULL, 1, ARRAY['grace'])" >/dev/null
+sleep 1.2
+printf '[dsparkd]\nreaper_interval = 1s\nreaper_grace = 3s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/grace.sock\n' \
+    "$DSPARK_DSN" "$T" >"$T/grace.conf"
+"$DSPARKD" --config "$T/grace.conf" 2>"$T/grace.log" &
+DPID=$!
+wait_for "$T/grace.log" "ready: 0 workers" 10
+sleep 1.5
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" "running" \
+    "after connecting, the reaper leaves an expired lease alone for reaper_grace"
+n=0
+while [ "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" != queued ] && [ $n -lt 60 ]; do sleep 0.1; n=$((n + 1)); done
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" "queued" "... and requeues it after"
 kill -TERM "$DPID"
 wait "$DPID"
 DPID=
