@@ -11,7 +11,7 @@
  * never stalls a decoding round.
  *
  * Start-up: a short-lived thread connects and announces the worker as
- * starting (again every 10 s) while this one loads the models and measures
+ * starting (again every --heartbeat seconds) while this one loads the models and measures
  * SPS(B) or loads it (--sps); then connect (with retries) if that thread
  * could not, check the schema version (exit 78 on a mismatch; the announcing
  * thread checks it too), register in dspark.workers, say READY on
@@ -315,12 +315,11 @@ static struct ds_db *connect_db(const struct wopts *o)
 /* ---- while loading: the worker's row says 'starting' ----
  * A thread of its own connects (retrying every LOADING_RETRY_S while the
  * database does not answer), calls dspark.worker_starting(), and calls it
- * again every LOADING_BEAT_S, while the decoding thread loads the models and
+ * again every --heartbeat seconds, while the decoding thread loads the models and
  * measures the step-time profile. So the reaper does not call a worker that
  * loads for minutes lost, and the unknown-model sweep counts its model as
  * served. The thread owns w->db until loading_beat_stop(). */
-#define LOADING_BEAT_S 10
-#define LOADING_RETRY_S 2
+#define LOADING_RETRY_S 2.0
 
 struct loading_beat {
     struct wctx *w;
@@ -345,12 +344,18 @@ static void *loading_beat_main(void *arg)
     struct loading_beat *b = arg;
     struct wctx *w = b->w;
     bool warned = false;
-    int wait_s = 0;
+    double wait_s = 0;
     pthread_mutex_lock(&b->mu);
     while (!b->stop) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += wait_s;
+        double whole = floor(wait_s);
+        until.tv_sec += (time_t)whole;
+        until.tv_nsec += (long)((wait_s - whole) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
         int r = 0;
         while (!b->stop && r != ETIMEDOUT)
             r = pthread_cond_timedwait(&b->cv, &b->mu, &until);
@@ -361,7 +366,7 @@ static void *loading_beat_main(void *arg)
             w->db = try_connect_db(b->o);
         if (w->db && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
             warned = false;
-            wait_s = LOADING_BEAT_S;
+            wait_s = b->o->heartbeat;
         } else {
             if (!warned)
                 wlog(DS_LOG_WARNING, 0, "could not announce the worker as starting (%s); retrying while it loads",
