@@ -12,6 +12,8 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "ctl.h"
 
@@ -126,15 +128,34 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
     free(query);
     const char *params[] = { batch ? batch : idarr };
 
+    /* -o FILE: written to a temporary file beside it, renamed over it once
+     * complete, so that a failure leaves FILE as it was */
     FILE *out = stdout;
-    if (output && !(out = fopen(output, "w"))) {
-        ctl_error("could not create '%s': %s", output, strerror(errno));
-        free(decl);
-        free(idarr);
-        return CTL_EXIT_ERROR;
+    char *tmp = NULL;
+    if (output) {
+        tmp = ds_xmalloc(strlen(output) + 16);
+        sprintf(tmp, "%s.tmp-XXXXXX", output);
+        int fd = mkstemp(tmp);
+        mode_t mask = umask(0);
+        umask(mask);
+        if (fd >= 0)
+            fchmod(fd, 0666 & ~mask);   /* as fopen would create it, not mkstemp's 0600 */
+        if (fd < 0 || !(out = fdopen(fd, "w"))) {
+            ctl_error("could not create '%s': %s", tmp, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            free(tmp);
+            free(decl);
+            free(idarr);
+            return CTL_EXIT_ERROR;
+        }
     }
     int64_t written = 0;
+    /* one snapshot for the results and the count of unfinished jobs, so that a
+     * job finishing meanwhile is in one or the other */
     int r = ds_db_begin(c->db);
+    if (r == 0)
+        r = ds_db_command(c->db, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", 0, NULL);
     if (r == 0)
         r = ds_db_command(c->db, decl, 1, params);
     free(decl);
@@ -184,13 +205,23 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
     bool werr = ferror(out) != 0;
     if (out != stdout && fclose(out) != 0)
         werr = true;
+    bool none = r == 0 && written == 0 && unfinished == 0;
+    if (tmp) {
+        if (r == 0 && !werr && !none && rename(tmp, output) < 0) {
+            ctl_error("could not rename '%s' to '%s': %s", tmp, output, strerror(errno));
+            werr = true;
+        }
+        if (r < 0 || werr || none)
+            unlink(tmp);
+        free(tmp);
+    }
     if (r < 0)
         return ctl_fail("could not read the results");
     if (werr) {
         ctl_error("could not write '%s'", output ? output : "<stdout>");
         return CTL_EXIT_ERROR;
     }
-    if (written == 0 && unfinished == 0) {
+    if (none) {
         ctl_error(batch ? "no jobs in batch %s (or the batch is not yours)"
                         : "no such jobs%s (or they are not yours)",
                   batch ? batch : "");

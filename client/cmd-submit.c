@@ -132,7 +132,32 @@ struct submit_opts {
     const char *delay;
 };
 
-static char *read_all(FILE *f)
+/* The options that only the database's rules judge (the speculation mode,
+ * start times), asked of the server before anything is written, so that a bad
+ * value is a usage error naming the option, as for the others. 0, or the
+ * exit status. */
+static int check_server_options(struct ctl *c, const struct submit_opts *o)
+{
+    const struct { const char *opt, *value, *sql; } checks[] = {
+        { "--spec-mode", o->spec_mode, "SELECT $1::dspark.spec_mode" },
+        { "--run-after", o->run_after, "SELECT $1::timestamptz" },
+        { "--delay", o->delay, "SELECT now() + $1::interval" },
+    };
+    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
+        if (!checks[i].value)
+            continue;
+        const char *params[] = { checks[i].value };
+        if (ds_db_command(c->db, checks[i].sql, 1, params) == 0)
+            continue;
+        if (!ds_db_ok(c->db))
+            return ctl_fail(NULL);
+        return ctl_usage_error("submit ", "%s '%s': %s", checks[i].opt, checks[i].value, ds_errdetail());
+    }
+    return 0;
+}
+
+/* All of f, NUL-terminated; its length in *len. */
+static char *read_all(FILE *f, size_t *len)
 {
     struct ds_buf b = { 0 };
     char tmp[65536];
@@ -141,6 +166,7 @@ static char *read_all(FILE *f)
         ds_buf_put(&b, tmp, n);
     if (!b.data)
         ds_buf_put(&b, "", 0);
+    *len = b.len;
     return b.data;
 }
 
@@ -230,9 +256,17 @@ static int submit_prompt(struct ctl *c, struct submit_opts *o)
     char *stdin_text = NULL;
     const char *text = o->prompt;
     if (strcmp(text, "-") == 0) {
-        stdin_text = read_all(stdin);
-        size_t n = strlen(stdin_text);
-        if (n > 0 && stdin_text[n - 1] == '\n') /* the newline that ends the input */
+        size_t n;
+        stdin_text = read_all(stdin, &n);
+        if (memchr(stdin_text, 0, n)) {
+            free(stdin_text);
+            ctl_error("prompt: the standard input holds a NUL byte");
+            return CTL_EXIT_ERROR;
+        }
+        /* the line end that ends the input */
+        if (n > 0 && stdin_text[n - 1] == '\n')
+            stdin_text[--n] = 0;
+        if (n > 0 && stdin_text[n - 1] == '\r')
             stdin_text[--n] = 0;
         text = stdin_text;
     }
@@ -246,6 +280,8 @@ static int submit_prompt(struct ctl *c, struct submit_opts *o)
     }
     free(stdin_text);
     int rc = ctl_connect(c, true);
+    if (!rc)
+        rc = check_server_options(c, o);
     if (rc) {
         ctl_request_done(&req);
         return rc;
@@ -308,6 +344,8 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
     json_decref(meta);
 
     int rc = ctl_connect(c, true);
+    if (!rc)
+        rc = check_server_options(c, o);
     if (rc) {
         free(meta_text);
         if (f != stdin)
@@ -344,16 +382,22 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
     char err[512];
     while (r == 0 && (len = getline(&line, &cap, f)) >= 0) {
         lineno++;
+        char *text = line;
         size_t l = (size_t)len;
-        while (l > 0 && (line[l - 1] == '\n' || line[l - 1] == '\r'))
+        if (lineno == 1 && l >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0) {
+            /* a UTF-8 byte order mark, as some Windows editors write */
+            text += 3;
+            l -= 3;
+        }
+        while (l > 0 && (text[l - 1] == '\n' || text[l - 1] == '\r'))
             l--;
         size_t k = 0;
-        while (k < l && (line[k] == ' ' || line[k] == '\t'))
+        while (k < l && (text[k] == ' ' || text[k] == '\t'))
             k++;
         if (k == l)
             continue; /* blank line */
         struct ctl_request req;
-        int bad = ctl_request_parse_line(line, l, lineno, &o->params, &req, err, sizeof err);
+        int bad = ctl_request_parse_line(text, l, lineno, &o->params, &req, err, sizeof err);
         if (!bad && req.custom_id) {
             long prev = idset_add(&ids, req.custom_id, lineno);
             if (prev) {
@@ -550,6 +594,8 @@ int ctl_cmd_submit(struct ctl *c, int argc, char **argv)
         return ctl_usage_error("submit ", "give either a prompt (PROMPT, --prompt) or --file");
     if (o.file && (o.chat || o.system))
         return ctl_usage_error("submit ", "--chat and --system apply to a single prompt");
+    if (o.params.model && (!*o.params.model || strlen(o.params.model) > CTL_MODEL_BYTES_MAX))
+        return ctl_usage_error("submit ", "--model must have 1 to %d bytes", CTL_MODEL_BYTES_MAX);
     char buf[256];
     if (*ctl_params_check(&o.params, buf, sizeof buf))
         return ctl_usage_error("submit ", "%s", buf);

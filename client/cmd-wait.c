@@ -473,6 +473,12 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
             draw_bar(&p, rate, t - start);
         int64_t done = p.succeeded + p.failed + p.cancelled;
         if (done == p.total) {
+            /* the counts come after the changes were read: a job may have
+             * finished in between, so print what is left before leaving */
+            if (watch && read_changes(&w, NULL) < 0) {
+                rc = ctl_fail(NULL);
+                break;
+            }
             rc = p.failed + p.cancelled ? CTL_EXIT_FAILED : CTL_EXIT_OK;
             break;
         }

@@ -54,7 +54,7 @@ int ctl_fail(const char *context);
 int ctl_parse_int64(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
                     int64_t *ret);
 int ctl_parse_double(const char *cmd, const char *opt, const char *s, double *ret);
-/* Collect job ids from argv[first..argc) ("12", "12,13", "10-20"); usage error on bad input. */
+/* Collect job ids from argv[first..argc) ("12", "12,13", "10-20"), sorted, each once; usage error on bad input. */
 int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **ret_ids,
                   size_t *ret_n);
 /* The jobs a command acts on: ids from argv[first..argc) or --batch (batch, or

@@ -155,6 +155,12 @@ int ctl_parse_double(const char *cmd, const char *opt, const char *s, double *re
     return 0;
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **ret_ids,
                   size_t *ret_n)
 {
@@ -187,6 +193,15 @@ int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **r
             }
         }
         free(s);
+    }
+    /* in increasing order, each once ("1-5 3-8" names eight jobs) */
+    if (n > 1) {
+        qsort(ids, n, sizeof *ids, cmp_id);
+        size_t k = 1;
+        for (size_t i = 1; i < n; i++)
+            if (ids[i] != ids[k - 1])
+                ids[k++] = ids[i];
+        n = k;
     }
     *ret_ids = ids;
     *ret_n = n;

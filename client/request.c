@@ -118,6 +118,12 @@ static int check_request(struct ctl_request *r, const char *where, char *err, si
     };
     if (*ctl_params_check(&p, buf, sizeof buf))
         return fail(err, errsize, "%s%s", where, buf);
+    size_t n;
+    if (r->prompt && (n = strlen(r->prompt)) > CTL_PROMPT_BYTES_MAX)
+        return fail(err, errsize, "%sprompt: must have at most %d bytes, got %zu", where, CTL_PROMPT_BYTES_MAX, n);
+    if (r->messages && (n = strlen(r->messages)) > CTL_PROMPT_BYTES_MAX)
+        return fail(err, errsize, "%smessages: must have at most %d bytes of JSON, got %zu", where,
+                    CTL_PROMPT_BYTES_MAX, n);
     return 0;
 }
 
@@ -933,9 +939,15 @@ int ctl_request_from_prompt(const char *prompt, bool chat, const char *system,
     request_from_defaults(ret, params);
     if (chat) {
         json_t *msgs = json_array();
-        if (system)
-            json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", "system",
-                                                  "content", system));
+        if (system) {
+            json_t *s = json_pack("{s:s, s:s}", "role", "system", "content", system);
+            if (!s) {
+                json_decref(msgs);
+                ctl_request_done(ret);
+                return fail(err, errsize, "system message: not valid UTF-8");
+            }
+            json_array_append_new(msgs, s);
+        }
         json_t *m = json_pack("{s:s, s:s}", "role", "user", "content", prompt);
         if (!m) {
             json_decref(msgs);

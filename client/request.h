@@ -18,6 +18,7 @@
 #define CTL_CUSTOM_ID_BYTES_MAX 512
 #define CTL_MODEL_BYTES_MAX 256
 #define CTL_PROMPT_IDS_MAX 1000000
+#define CTL_PROMPT_BYTES_MAX 16777216   /* a prompt, or chat messages as JSON */
 
 /* Sampling parameters, and the defaults a line or a prompt falls back to. */
 struct ctl_params {

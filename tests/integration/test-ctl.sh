@@ -69,7 +69,7 @@ id3=$(DSPARK_MODEL=env-model "$C" submit --max-tokens 77 --temperature 0.5 --top
 tap_is "$(q "SELECT concat_ws('|', model, max_tokens, temperature, top_p, top_k, seed, stop::text, spec_mode, priority, max_attempts, run_after > now() + interval '50 min') FROM dspark.jobs WHERE id = $id3")" \
     'env-model|77|0.5|0.9|40|-7|{###,"a\"b\\c"}|fixed:4|5|2|t' "every sampling and job option reaches its column"
 out=$("$C" submit --spec-mode fixed:99 -m m x 2>&1)
-tap_is "$?" 1 "a bad --spec-mode is refused by the database: exit 1"
+tap_is "$?" 2 "a bad --spec-mode is refused by the database's rule: a usage error (exit 2)"
 tap_like "$out" "spec_mode_dspark_dspark_async_fixed_n_threshold_x_or_none" "... naming the rule"
 
 # --- submit a JSONL file --------------------------------------------------------
@@ -226,6 +226,54 @@ q "SELECT count(*) FROM dspark.finish_jobs('gpu0', '[{\"id\": $i, \"attempt\": 1
 wait $waiter
 tap_is "$?$i" "0$idr" "wait reconnects after the server restarts and sees the job finish"
 tap_like "$(cat "$T/restart.err")" "reconnecting" "... saying that it reconnects"
+
+# watch prints the final state of jobs that finish just before it sees them all done
+for k in z y x; do
+    printf '{"custom_id": "%s", "method": "POST", "url": "/v1/completions", "body": {"model": "race", "prompt": "%s"}}\n' $k $k
+done >"$T/race.jsonl"
+rb=$("$C" submit -q -f "$T/race.jsonl" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["batch_id"])')
+rids=$(q "SELECT string_agg(id::text, ' ' ORDER BY id) FROM dspark.claim_jobs('gpu9', 3, NULL, 600, ARRAY['race'])")
+"$C" watch -v --batch "$rb" --interval 5 --timeout 30 >"$T/race.out" 2>/dev/null &
+watcher=$!
+sleep 1
+for i in $rids; do
+    q "SELECT count(*) FROM dspark.finish_jobs('gpu9', '[{\"id\": $i, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"ok\"}]')" >/dev/null
+    sleep 0.05
+done
+wait $watcher
+tap_is "$?$(grep -c ': succeeded' "$T/race.out")" "03" "watch prints every job's final state, also of jobs that finish together"
+
+# --- bad option values and input ------------------------------------------------
+"$C" submit -m m --spec-mode bogus hi >/dev/null 2>"$T/bad.err"
+tap_is "$?" 2 "submit --spec-mode bogus: a usage error (exit 2)"
+tap_like "$(cat "$T/bad.err")" "--spec-mode 'bogus': " "... naming the option"
+"$C" submit -m m --delay xyz hi >/dev/null 2>&1
+tap_is "$?" 2 "submit --delay xyz: exit 2"
+"$C" submit -m m --run-after notatime hi >/dev/null 2>&1
+tap_is "$?" 2 "submit --run-after notatime: exit 2"
+"$C" submit -m '' hi >/dev/null 2>&1
+tap_is "$?" 2 "submit -m '': exit 2"
+out=$("$C" submit -m m --chat --system "$(printf 'sys\377')" hi 2>&1)
+tap_is "$?" 1 "a system message that is not UTF-8 is refused"
+tap_like "$out" "system message: not valid UTF-8" "... saying so"
+out=$(printf 'a\0b' | "$C" submit -m m -p - 2>&1)
+tap_like "$out" "NUL byte" "a prompt on stdin with a NUL byte is refused, not cut"
+id=$(printf 'line end\r\n' | "$C" submit -m m -p -)
+tap_is "$(q "SELECT prompt = 'line end' FROM dspark.jobs WHERE id = $id")" "t" "... and its final CRLF is taken off"
+printf '\357\273\277{"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "after a BOM"}}\n' >"$T/bom.jsonl"
+"$C" submit -q -f "$T/bom.jsonl" >/dev/null 2>"$T/bom.err"
+tap_is "$?$(q "SELECT count(*) FROM dspark.jobs WHERE prompt = 'after a BOM'")" "01" "a file that starts with a UTF-8 byte order mark is read"
+python3 -c 'import json
+for i, p in enumerate(["ok", "x" * 16777217]):
+    print(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": p}}))' >"$T/huge.jsonl"
+out=$("$C" submit --skip-invalid -f "$T/huge.jsonl" 2>&1 >/dev/null)
+tap_is "$?" 0 "a prompt over 16 MiB with --skip-invalid: the other lines are submitted"
+tap_like "$out" "line 2: body.prompt: must have at most 16777216 bytes, got 16777217, skipped" "... and that line is named"
+"$C" status "$id" "$id" >/dev/null 2>&1
+tap_is "$?" 0 "a job named twice is one job"
+echo old >"$T/keep.jsonl"
+"$C" results 999999 -o "$T/keep.jsonl" 2>/dev/null
+tap_is "$?$(cat "$T/keep.jsonl")" "1old" "results -o FILE that fails leaves FILE as it was"
 
 # --- cancel ----------------------------------------------------------------------
 r1=$(q "SELECT id FROM dspark.jobs WHERE id = $id2")
