@@ -100,10 +100,10 @@ static void held_add(struct dbt *t, int64_t id, int attempt)
     t->held[t->n_held++] = (struct held){id, attempt};
 }
 
-static void held_remove(struct dbt *t, int64_t id)
+static void held_remove(struct dbt *t, int64_t id, int attempt)
 {
     for (int i = 0; i < t->n_held; i++)
-        if (t->held[i].id == id) {
+        if (t->held[i].id == id && t->held[i].attempt == attempt) {
             t->held[i] = t->held[--t->n_held];
             return;
         }
@@ -169,7 +169,18 @@ static void unlock(struct wctx *w)
 }
 
 /* ---- write-back ---- */
-static void applied_rows(struct dbt *t, PGresult *res)
+static int64_t item_id(json_t *item)
+{
+    return json_integer_value(json_object_get(item, "id"));
+}
+
+static int item_attempt(json_t *item)
+{
+    return (int)json_integer_value(json_object_get(item, "attempt"));
+}
+
+/* The items are written (or refused by the fence): the claims are no longer held. */
+static void applied_rows(struct dbt *t, json_t *items, PGresult *res)
 {
     for (int i = 0; i < PQntuples(res); i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
@@ -178,8 +189,38 @@ static void applied_rows(struct dbt *t, PGresult *res)
             wlog(DS_LOG_NOTICE, id,
                  "result dropped: the job is no longer held by this worker (its lease expired, or it was "
                  "handed back or finished elsewhere)");
-        held_remove(t, id);
     }
+    size_t i;
+    json_t *item;
+    json_array_foreach(items, i, item)
+        held_remove(t, item_id(item), item_attempt(item));
+}
+
+/* A job claimed again by this worker (its lease had expired, so it was
+ * requeued) can have a result of each claim waiting; the older one is refused
+ * by the fence anyway, and dspark.finish_job_results takes one item per job,
+ * so drop it here. */
+static void drop_stale_items(struct dbt *t)
+{
+    size_t n = json_array_size(t->pending);
+    json_t *keep = json_array();
+    for (size_t i = 0; i < n; i++) {
+        json_t *item = json_array_get(t->pending, i);
+        bool stale = false;
+        for (size_t k = 0; k < n && !stale; k++) {
+            json_t *other = json_array_get(t->pending, k);
+            stale = k != i && item_id(other) == item_id(item) && item_attempt(other) > item_attempt(item);
+        }
+        if (stale) {
+            wlog(DS_LOG_NOTICE, item_id(item), "result of attempt %d dropped: the job was claimed again",
+                 item_attempt(item));
+            held_remove(t, item_id(item), item_attempt(item));
+        } else {
+            json_array_append(keep, item);
+        }
+    }
+    json_decref(t->pending);
+    t->pending = keep;
 }
 
 /* ---- write-back items as a dspark.job_result[] literal ---- */
@@ -300,13 +341,15 @@ static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
         *sql_error = true;
         return 0;
     }
-    applied_rows(t, res);
+    applied_rows(t, items, res);
     PQclear(res);
     return 0;
 }
 
 static int write_back(struct dbt *t)
 {
+    if (json_array_size(t->pending) > 1)
+        drop_stale_items(t);
     size_t n = json_array_size(t->pending);
     if (n == 0)
         return 0;
@@ -334,7 +377,7 @@ static int write_back(struct dbt *t)
             }
             if (!sql_error)
                 continue;
-            int64_t id = json_integer_value(json_object_get(item, "id"));
+            int64_t id = item_id(item);
             char msg[600];
             snprintf(msg, sizeof msg, "could not store the result: %s", ds_errdetail());
             wlog(DS_LOG_ERR, id, "%s", msg);
@@ -343,9 +386,19 @@ static int write_back(struct dbt *t)
                                   "error", msg);
             r = f ? finish_call(t, f, &sql_error) : 0;
             json_decref(f);
-            if (r == 0 && sql_error) {
+            if (r < 0) {
+                /* the connection broke: keep this item (its failure is written
+                 * again after the reconnection) and the ones not written yet */
+                json_t *rest = json_array();
+                for (size_t k = i; k < n; k++)
+                    json_array_append(rest, json_array_get(t->pending, k));
+                json_decref(t->pending);
+                t->pending = rest;
+                return -1;
+            }
+            if (sql_error) {
                 wlog(DS_LOG_ERR, id, "could not store the failure either: %s; the lease will expire", ds_errdetail());
-                held_remove(t, id);
+                held_remove(t, id, item_attempt(item));
             }
         }
     }
@@ -373,7 +426,7 @@ static int release(struct dbt *t)
         PQclear(res);
     }
     for (int i = 0; i < t->n_rel; i++)
-        held_remove(t, t->rel_ids[i]);
+        held_remove(t, t->rel_ids[i], t->rel_att[i]);
     t->n_rel = 0;
     return 0;
 }
@@ -388,6 +441,10 @@ static int heartbeat(struct dbt *t)
     char *sids = int_array(ids, NULL, t->n_held), *satt = int_array(NULL, att, t->n_held), lease[16];
     free(ids);
     free(att);
+    /* the claims this heartbeat speaks for */
+    int n_sent = t->n_held;
+    struct held *sent = ds_xmalloc(((size_t)n_sent + 1) * sizeof *sent);
+    memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
     const char *params[4] = {t->w->id.worker_id, sids, satt, lease};
     PGresult *res;
@@ -396,6 +453,7 @@ static int heartbeat(struct dbt *t)
     free(sids);
     free(satt);
     if (r < 0) {
+        free(sent);
         if (conn_failed(t))
             return -1;
         wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
@@ -403,19 +461,29 @@ static int heartbeat(struct dbt *t)
     }
     int n = PQntuples(res);
     if (n > 0) {
+        /* stop the claims this heartbeat named, not a claim of the same job made since */
         struct wshared *sh = &t->w->sh;
         lock(t->w);
         for (int i = 0; i < n; i++) {
-            if (sh->n_stop == sh->cap_stop) {
-                sh->cap_stop = sh->cap_stop ? 2 * sh->cap_stop : 32;
-                sh->stop_ids = ds_xrealloc(sh->stop_ids, (size_t)sh->cap_stop * sizeof *sh->stop_ids);
+            int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            for (int k = 0; k < n_sent; k++) {
+                if (sent[k].id != id)
+                    continue;
+                if (sh->n_stop == sh->cap_stop) {
+                    sh->cap_stop = sh->cap_stop ? 2 * sh->cap_stop : 32;
+                    sh->stop_ids = ds_xrealloc(sh->stop_ids, (size_t)sh->cap_stop * sizeof *sh->stop_ids);
+                    sh->stop_attempts =
+                        ds_xrealloc(sh->stop_attempts, (size_t)sh->cap_stop * sizeof *sh->stop_attempts);
+                }
+                sh->stop_ids[sh->n_stop] = id;
+                sh->stop_attempts[sh->n_stop++] = sent[k].attempt;
             }
-            sh->stop_ids[sh->n_stop++] = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         }
         pthread_cond_signal(&sh->main_cv);
         unlock(t->w);
     }
     PQclear(res);
+    free(sent);
     return 0;
 }
 

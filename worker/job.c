@@ -327,7 +327,8 @@ json_t *wresult_json(const struct widentity *id, const struct wjob *j, const str
         json_t *acc = json_array(), *ver = json_array();
         for (int k = 0; k < s->block_size && k < DS_MAX_BLOCK; k++) {
             json_array_append_new(acc, json_integer(s->accepted_by_position[k]));
-            json_array_append_new(ver, json_integer(s->verified_by_position[k]));
+            /* the column's meaning (dspark(7)): verified with every earlier position accepted */
+            json_array_append_new(ver, json_integer(s->reached_by_position[k]));
         }
         json_object_set_new(st, "acceptance_by_position", acc);
         json_object_set_new(st, "verified_by_position", ver);

@@ -583,13 +583,17 @@ static int run_loop(struct loop *L)
         sh->inbox_tail = &sh->inbox;
         int n_stop = sh->n_stop;
         int64_t *stops = n_stop ? ds_xmalloc((size_t)n_stop * sizeof *stops) : NULL;
-        if (n_stop)
+        int *stop_attempts = n_stop ? ds_xmalloc((size_t)n_stop * sizeof *stop_attempts) : NULL;
+        if (n_stop) {
             memcpy(stops, sh->stop_ids, (size_t)n_stop * sizeof *stops);
+            memcpy(stop_attempts, sh->stop_attempts, (size_t)n_stop * sizeof *stop_attempts);
+        }
         sh->n_stop = 0;
         bool queue_empty = sh->queue_empty, db_up = sh->db_up;
         pthread_mutex_unlock(&sh->mu);
 
         if (got_term != term_seen) {
+            int signals = got_term - term_seen;
             term_seen = got_term;
             if (!draining) {
                 draining = true;
@@ -600,6 +604,11 @@ static int run_loop(struct loop *L)
                 sh->draining = true;
                 pthread_mutex_unlock(&sh->mu);
                 wdb_wake(w);
+                if (signals > 1) {
+                    /* two signals before this turn saw the first */
+                    wlog(DS_LOG_INFO, 0, "signal received again: handing back the jobs in flight now");
+                    drain_deadline = 0;
+                }
             } else {
                 wlog(DS_LOG_INFO, 0, "signal received again: handing back the jobs in flight now");
                 drain_deadline = 0;
@@ -618,12 +627,14 @@ static int run_loop(struct loop *L)
         }
         for (int i = 0; i < n_stop; i++)
             for (struct wjob *j = L->active; j; j = j->next)
-                if (j->id == stops[i]) {
-                    wlog(DS_LOG_INFO, j->id, "stopping: cancellation requested, or the job is no longer ours");
+                if (j->id == stops[i] && j->attempt == stop_attempts[i]) {
+                    wlog(DS_LOG_INFO, j->id, "stopping attempt %d: cancellation requested, or the job is no longer ours",
+                         j->attempt);
                     if (ds_engine_cancel(L->engine, j->engine_id) < 0)
                         wlog(DS_LOG_WARNING, j->id, "could not stop it: %s", ds_errdetail());
                 }
         free(stops);
+        free(stop_attempts);
 
         if (draining && wnow() >= drain_deadline && L->n_active > 0) {
             collect(L);
@@ -881,6 +892,7 @@ int main(int argc, char **argv)
     free(sh->rel_ids);
     free(sh->rel_attempts);
     free(sh->stop_ids);
+    free(sh->stop_attempts);
     close(sh->wake_fd);
     ds_db_free(w->db);
     ds_engine_free(engine);

@@ -102,6 +102,7 @@ struct wshared {
     struct wjob *inbox, **inbox_tail;
     uint64_t delivered;           /* jobs ever put into the inbox */
     int64_t *stop_ids;            /* jobs to stop (cancel requested, or no longer ours) */
+    int *stop_attempts;           /* ... the claim (attempt) of each: a stale stop spares a newer claim */
     int n_stop, cap_stop;
     bool queue_empty;             /* an idle claim found nothing */
     bool db_up;

@@ -60,6 +60,10 @@ tap_is "$(q "SELECT (num_accepted_tokens = (SELECT sum(x) FROM unnest(acceptance
                     AND abs(mean_acceptance_length - (num_accepted_tokens + rounds)::float8 / rounds) < 1e-9
              FROM dspark.job_stats WHERE job_id = $jid")" "t" \
     "tau = (accepted + rounds) / rounds, and accepted = the sum over positions"
+tap_is "$(q "SELECT count(*) FROM dspark.job_stats s, generate_subscripts(s.verified_by_position, 1) k
+             WHERE job_id = $jid AND (s.acceptance_by_position[k] > s.verified_by_position[k]
+                                      OR (k > 1 AND s.verified_by_position[k] > s.acceptance_by_position[k - 1]))")" "0" \
+    "verified_by_position counts the rounds that reached a position: accepted[k] <= verified[k] <= accepted[k - 1]"
 
 # the late subscriber: subscribe, sync, read the row, final state from the row
 late=$("$SUB" --endpoint "$EP" --topic "job|-|$jid|" --job "$jid" --dsn "$DSPARK_DSN" --timeout 5 2>&1 | tr '\n' ' ')
@@ -104,7 +108,7 @@ tap_is "$(q "SELECT bool_and(finish_reason = 'cancelled' AND cardinality(output_
 wait_sql "SELECT count(*) FROM dspark.jobs WHERE max_tokens = 480 AND state IN ('queued', 'running')" 0 60
 tap_is "$(q "SELECT string_agg(state || ':' || n, ' ' ORDER BY state) FROM (SELECT state, count(*) n FROM dspark.jobs
              WHERE max_tokens = 480 GROUP BY state) s")" "cancelled:2 succeeded:10" "the other jobs were not disturbed"
-grep -q "job $c1: stopping: cancellation requested" "$T/dsparkd.log"
+grep -q "job $c1: stopping attempt [0-9]*: cancellation requested" "$T/dsparkd.log"
 tap_result $? "the worker logs the stop with the job id"
 
 # every event the first subscriber saw for finished jobs is consistent with the rows

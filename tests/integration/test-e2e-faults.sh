@@ -131,4 +131,29 @@ tap_is "$(grep -c 'result dropped: the job is no longer held by this worker' "$T
     "the zombie's four late results were refused by the fence and dropped with a log line each"
 tap_is "$(q "SELECT count(*) || '|' || min(attempt) || '|' || min(worker_id) FROM dspark.job_stats")" "4|2|rescuer" \
     "only the second attempt wrote statistics"
+
+# ---- a zombie that thaws alone claims its jobs again: the stop meant for the
+# old claims must not stop the new ones (it used to, leaving a job 'running'
+# under a live worker forever; whether the stop and the new claim reach the
+# decoding thread together is a matter of timing, and the old code failed
+# here in about half the runs) ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature)
+   SELECT '$E2E_MODEL', ARRAY[g, 2 * g], 500, 0 FROM generate_series(1, 4) g" >/dev/null
+"$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id zombie2 \
+    --spec fixed:7 --lease 2 --heartbeat 0.5 --log-level debug 2>"$T/zombie2.log" &
+ZPID=$!
+E2E_PIDS="$E2E_PIDS $ZPID"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state = 'running' AND worker_id = 'zombie2'" 4 20
+kill -STOP "$ZPID"
+sleep 2.5
+tap_is "$(q "SELECT dspark.requeue_expired()")" "4" "a frozen worker's 4 jobs are requeued"
+kill -CONT "$ZPID"
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state = 'succeeded'" 4 90
+tap_result $? "thawed and alone, the worker claims them again and finishes all four"
+tap_is "$(q "SELECT string_agg(DISTINCT state || ':' || attempt, ' ') FROM dspark.jobs")" "succeeded:2" \
+    "... each on its second attempt"
+kill -TERM "$ZPID"
+wait "$ZPID"
+tap_is "$?" "0" "... and stops cleanly"
 tap_done
