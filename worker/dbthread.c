@@ -346,6 +346,16 @@ static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
     return 0;
 }
 
+/* Keep the pending items from the i-th on (the others are written). */
+static void keep_pending_from(struct dbt *t, size_t i)
+{
+    json_t *rest = json_array();
+    for (size_t k = i; k < json_array_size(t->pending); k++)
+        json_array_append(rest, json_array_get(t->pending, k));
+    json_decref(t->pending);
+    t->pending = rest;
+}
+
 static int write_back(struct dbt *t)
 {
     if (json_array_size(t->pending) > 1)
@@ -367,12 +377,7 @@ static int write_back(struct dbt *t)
             int r = finish_call(t, one, &sql_error);
             json_decref(one);
             if (r < 0) {
-                /* keep the items not written yet */
-                json_t *rest = json_array();
-                for (size_t k = i; k < n; k++)
-                    json_array_append(rest, json_array_get(t->pending, k));
-                json_decref(t->pending);
-                t->pending = rest;
+                keep_pending_from(t, i);   /* the items not written yet */
                 return -1;
             }
             if (!sql_error)
@@ -389,11 +394,7 @@ static int write_back(struct dbt *t)
             if (r < 0) {
                 /* the connection broke: keep this item (its failure is written
                  * again after the reconnection) and the ones not written yet */
-                json_t *rest = json_array();
-                for (size_t k = i; k < n; k++)
-                    json_array_append(rest, json_array_get(t->pending, k));
-                json_decref(t->pending);
-                t->pending = rest;
+                keep_pending_from(t, i);
                 return -1;
             }
             if (sql_error) {
