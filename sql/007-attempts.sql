@@ -33,10 +33,12 @@ ALTER TABLE dspark.jobs
 COMMENT ON COLUMN dspark.jobs.run_alone IS 'an earlier attempt ended with an expired lease: claimed only by a worker that holds no other job';
 COMMENT ON COLUMN dspark.jobs.released IS 'claims handed back by draining workers (release_jobs); max_attempts limits attempt - released';
 
--- The jobs running alone, by worker: normally empty, so claims look here for
--- the price of one index probe.
+-- The jobs that run or wait to run alone: normally none, so claims look here
+-- for the price of an index probe each.
 CREATE INDEX jobs_running_alone_idx ON dspark.jobs (worker_id)
     WHERE run_alone AND state = 'running';
+CREATE INDEX jobs_queued_alone_idx ON dspark.jobs (id)
+    WHERE run_alone AND state = 'queued';
 
 CREATE OR REPLACE FUNCTION dspark.claim_jobs(
     p_worker_id text, p_max_jobs int, p_token_budget bigint,
@@ -76,8 +78,12 @@ BEGIN
                           WHERE h.run_alone AND h.state = 'running' AND h.worker_id = p_worker_id)
           -- first in line read without locks, so that a job that runs alone is
           -- seen first in line by every worker that holds jobs even while another
-          -- claimer has it locked (they skip nothing and take nothing)
-          AND NOT (coalesce((SELECT q.run_alone FROM dspark.jobs q
+          -- claimer has it locked (they skip nothing and take nothing); looked
+          -- at only while some job waits to run alone (normally none: one probe
+          -- of an empty index)
+          AND NOT (EXISTS (SELECT FROM dspark.jobs a
+                           WHERE a.run_alone AND a.state = 'queued')
+                   AND coalesce((SELECT q.run_alone FROM dspark.jobs q
                              WHERE q.state = 'queued' AND q.run_after <= now()
                                AND (p_models IS NULL OR q.model = ANY (p_models))
                              ORDER BY q.priority DESC, q.id
