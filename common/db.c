@@ -117,11 +117,15 @@ int ds_db_connect(const char *conninfo, const char *application_name, struct ds_
      * otherwise: libpq's own default waits for the kernel, minutes against a
      * host that drops packets, and every caller retries anyway. */
     const char *timeout = getenv("PGCONNECT_TIMEOUT") ? NULL : DS_DB_CONNECT_TIMEOUT_S;
-    const char *keys[] = { "connect_timeout", "dbname", "fallback_application_name", "client_encoding", NULL };
-    const char *vals[] = { timeout, conninfo && *conninfo ? conninfo : NULL,
+    /* TCP keepalives (libpq turns them on) probe an idle connection after 30 s
+     * instead of the kernel's two hours, so that a connection to a server that
+     * vanished is noticed within a minute; the conninfo may say otherwise */
+    const char *keys[] = { "connect_timeout", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                           "dbname", "fallback_application_name", "client_encoding", NULL };
+    const char *vals[] = { timeout, "30", "10", "3", conninfo && *conninfo ? conninfo : NULL,
                            application_name ? application_name : "dspark", "UTF8", NULL };
     /* libpq stops at the first NULL key, so absent values must not end the list */
-    const char *k[5], *v[5];
+    const char *k[8], *v[8];
     int n = 0;
     for (int i = 0; keys[i]; i++)
         if (vals[i]) {

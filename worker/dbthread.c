@@ -88,6 +88,7 @@ struct dbt {
     double next_hb, next_sweep;
     bool was_down, state_draining;
     int lease_s;
+    double next_busy_log;             /* write-backs refused for a passing reason: log at most this often */
 };
 
 /* ---- small helpers ---- */
@@ -156,6 +157,17 @@ static bool conn_failed(struct dbt *t)
 {
     const char *st = ds_db_sqlstate(t->db);
     return !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
+}
+
+/* Did the last statement fail for a passing reason (a deadlock, a
+ * serialization failure, a statement timeout, a lock not available, a server
+ * short of disk, memory or connections), so that the same call should be made
+ * again later rather than its items judged bad? */
+static bool transient_error(struct dbt *t)
+{
+    const char *st = ds_db_sqlstate(t->db);
+    return strncmp(st, "40", 2) == 0 || strncmp(st, "53", 2) == 0 || strcmp(st, "57014") == 0 ||
+           strcmp(st, "55P03") == 0;
 }
 
 static void lock(struct wctx *w)
@@ -338,6 +350,15 @@ static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
     if (r < 0) {
         if (conn_failed(t))
             return -1;
+        if (transient_error(t)) {
+            /* keep everything and write it again on a later turn */
+            if (wnow() >= t->next_busy_log) {
+                wlog(DS_LOG_WARNING, 0, "could not write %zu results (%s); trying again", json_array_size(items),
+                     ds_errdetail());
+                t->next_busy_log = wnow() + 30;
+            }
+            return -1;
+        }
         *sql_error = true;
         return 0;
     }

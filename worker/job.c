@@ -315,7 +315,10 @@ json_t *wresult_json(const struct widentity *id, const struct wjob *j, const str
     json_t *st = stats_base(id, j);
     json_object_set_new(st, "prompt_tokens", json_integer(s->prompt_tokens));
     json_object_set_new(st, "output_tokens", json_integer(r->n_ids));
-    set_real(st, "time_to_first_token_s", s->time_to_first_token_s + ttft_extra);
+    /* no token, no time to the first one (NULL, not the whole run, which would
+     * skew the percentiles) */
+    if (r->n_ids > 0)
+        set_real(st, "time_to_first_token_s", s->time_to_first_token_s + ttft_extra);
     set_real(st, "decode_tokens_per_s", s->decode_tokens_per_s);
     json_object_set_new(st, "rounds", json_integer(s->rounds));
     if (s->block_size > 0) {
