@@ -308,8 +308,8 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         case 't':
             if (ctl_parse_double(cmd, "--timeout", optarg, &timeout))
                 return CTL_EXIT_USAGE;
-            if (timeout < 0)
-                return ctl_usage_error(cmdsp, "--timeout must not be negative");
+            if (!(timeout >= 0 && timeout <= 1e9))
+                return ctl_usage_error(cmdsp, "--timeout must be between 0 and 1e9 seconds");
             break;
         case 'i':
             if (ctl_parse_double(cmd, "--interval", optarg, &interval))

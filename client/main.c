@@ -348,7 +348,16 @@ const char *ctl_cell(json_t *v, char *buf, size_t size)
         return "-";
     if (json_is_string(v)) {
         /* one line: replace control characters */
-        snprintf(buf, size, "%s", json_string_value(v));
+        const char *s = json_string_value(v);
+        snprintf(buf, size, "%s", s);
+        size_t n = strlen(buf);
+        if (n < strlen(s)) {
+            /* cut: not inside a UTF-8 character (s[n], the first byte left
+             * out, continues one: drop that character's first bytes too) */
+            while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+                n--;
+            buf[n] = 0;
+        }
         for (char *p = buf; *p; p++)
             if ((unsigned char)*p < 0x20)
                 *p = ' ';

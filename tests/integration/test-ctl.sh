@@ -271,6 +271,13 @@ tap_is "$?" 0 "a prompt over 16 MiB with --skip-invalid: the other lines are sub
 tap_like "$out" "line 2: body.prompt: must have at most 16777216 bytes, got 16777217, skipped" "... and that line is named"
 "$C" status "$id" "$id" >/dev/null 2>&1
 tap_is "$?" 0 "a job named twice is one job"
+printf '{"custom_id": "%s\303\251x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "p"}}\n' \
+    "$(printf '%038d' 0)" >"$T/utf8.jsonl"
+"$C" submit -q -f "$T/utf8.jsonl" >/dev/null
+"$C" list >"$T/list.txt"
+tap_ok "a table cell cut short does not cut a UTF-8 character" iconv -f UTF-8 -t UTF-8 "$T/list.txt" -o /dev/null
+"$C" wait --timeout nan 1 >/dev/null 2>&1
+tap_is "$?" 2 "wait --timeout nan: exit 2"
 echo old >"$T/keep.jsonl"
 "$C" results 999999 -o "$T/keep.jsonl" 2>/dev/null
 tap_is "$?$(cat "$T/keep.jsonl")" "1old" "results -o FILE that fails leaves FILE as it was"
