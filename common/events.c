@@ -33,6 +33,7 @@
 #define ALLOW_MAX 4096
 #define SUB_QUEUE_MAX 1024
 #define SUB_TOPICS_MAX 256
+#define DS_EVENTS_MAX_SUBSCRIPTION 512   /* bytes of one subscription message (a topic and its prefix byte) */
 
 /* ---- shared helpers ---- */
 
@@ -307,8 +308,13 @@ int ds_events_pub_open(const struct ds_events_pub_opts *o, struct ds_events_pub 
         goto fail;
     }
     int hwm = o && o->sndhwm > 0 ? o->sndhwm : 100000;
+    /* what subscribers send is subscriptions (topics of a few dozen bytes):
+     * a longer message drops the peer, so that no client can make the
+     * publisher keep megabytes of topics */
+    int64_t max_in = DS_EVENTS_MAX_SUBSCRIPTION;
     if (setopt_int(p->xpub, ZMQ_XPUB_VERBOSE, 1) != 0 || setopt_int(p->xpub, ZMQ_SNDHWM, hwm) != 0 ||
-        setopt_int(p->xpub, ZMQ_LINGER, 200) != 0) {
+        setopt_int(p->xpub, ZMQ_LINGER, 200) != 0 ||
+        zmq_setsockopt(p->xpub, ZMQ_MAXMSGSIZE, &max_in, sizeof max_in) != 0) {
         r = ds_seterr(DS_EIO, "could not configure the event socket: %s", zmq_strerror(zmq_errno()));
         goto fail;
     }

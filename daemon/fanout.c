@@ -28,6 +28,7 @@
 #define CONNECT_BACKOFF_MAX_US 10000000u
 #define IDS_PER_QUERY 5000
 #define SEEN_SLOTS 8192          /* (id, last version published) against duplicate events */
+#define MAX_PENDING (1u << 22)   /* notified changes kept while their rows cannot be read */
 
 struct seen {
     int64_t id;
@@ -143,6 +144,12 @@ static int session_setup(struct fanout *f, bool *fatal)
 
 static void add_transition(struct fanout *f, const struct ds_db_transition *t)
 {
+    if (f->n_tr >= MAX_PENDING) {
+        /* the rows have not been readable for a long time: keep the newest */
+        ds_log(DS_LOG_WARNING, "%zu notified changes wait for their rows; dropping the older half", f->n_tr);
+        memmove(f->tr, f->tr + f->n_tr / 2, (f->n_tr - f->n_tr / 2) * sizeof *f->tr);
+        f->n_tr -= f->n_tr / 2;
+    }
     if (f->n_tr == f->cap_tr) {
         f->cap_tr = f->cap_tr ? f->cap_tr * 2 : 256;
         f->tr = ds_xrealloc(f->tr, f->cap_tr * sizeof *f->tr);
@@ -259,21 +266,31 @@ static int publish_rows(struct fanout *f, PGresult *res)
 
 /* Row i and the notified changes t[0..nt) of its job (nt >= 1, by version):
  * publish each change newer than the last published version, then the row.
- * A final change is left to the row's event, which carries the statistics.
- * When the row's state differs from the last notified one, the row went on
- * in a transaction whose notification has not been read yet: the row waits
- * for it, so that the change in between is not skipped (and since every state
- * change notifies, it comes). */
+ * A final state is published from the row only (its event carries the
+ * statistics). When the row's state differs from the last notified one, the
+ * row went on in a transaction whose notification has not been read yet: the
+ * row waits for it, so that the change in between is not skipped (and since
+ * every state change notifies, it comes).
+ * Anyone who may connect can NOTIFY on the channel, so a notification is
+ * believed only as far as the row allows: a change above the row's version
+ * cannot have happened (the row is read after the notifying transaction
+ * committed) and is ignored, and a final state is never taken from a
+ * notification. */
 static int publish_job(struct fanout *f, PGresult *res, int i, const struct ds_db_transition *t, size_t nt)
 {
     int64_t id = row_id(res, i), version = row_version(res, i);
     const char *state = PQgetvalue(res, i, 2);
     int64_t last = seen_version(f, id);
     int n = 0;
+    while (nt > 0 && t[nt - 1].version > version) {
+        ds_log_job(DS_LOG_WARNING, id, "ignoring a notified change at version %" PRId64 ", above the row's %" PRId64,
+                   t[nt - 1].version, version);
+        nt--;
+    }
+    if (nt == 0)
+        return 0;
     for (size_t k = 0; k < nt; k++) {
-        if (t[k].version <= last || t[k].version >= version)
-            continue;
-        if (is_final(t[k].state) && strcmp(t[k].state, state) == 0)
+        if (t[k].version <= last || t[k].version >= version || is_final(t[k].state))
             continue;
         n += publish_transition(f, res, i, &t[k]);
         last = t[k].version;
@@ -322,7 +339,9 @@ static int flush_transitions(struct fanout *f, uint64_t now_us)
         int r = ds_db_exec(f->db, JOB_EVENT_COLUMNS "WHERE j.id = ANY ($1::bigint[]) ORDER BY j.id", 1, params, &res);
         free(arr);
         if (r < 0) {
-            f->n_tr = 0;
+            /* keep the changes (a statement timeout, a lock, or a broken
+             * connection): the next pass reads them again, and what was
+             * published already is not published twice (seen_version) */
             return query_failed(f, now_us, r, "reading notified jobs");
         }
         /* rows and changes are both ordered by id; a job without a row was deleted */
@@ -452,8 +471,9 @@ int fanout_pump(struct fanout *f, uint64_t now_us)
         if (f->n_tr == 0)
             break;
         r = flush_transitions(f, now_us);
-        if (r > 0)
-            total += r;
+        if (r < 0)
+            break;   /* the changes wait for the next pass (the next status read at the latest) */
+        total += r;
     }
     return total;
 }

@@ -181,6 +181,21 @@ wait_for "$T/reap.out" "^job id=$j4 batch=- state=queued version=3 attempt=1 fin
 tap_result $? "reaper: lease expired -> back to 'queued' (attempt kept)"
 tap_is "$(q "SELECT error FROM dspark.jobs WHERE id = $j3")" "lease expired after 1 attempts" "the reaper recorded the reason"
 
+# notifications are believed only as far as the row allows: anyone who may
+# connect can NOTIFY on the channel
+jf=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('forge', 'x') RETURNING id")
+start_sub "$T/forge.out" --topic "job|-|$jf|" --timeout 30
+q "SELECT count(*) FROM dspark.claim_jobs('w-forge', 1, NULL, 300, ARRAY['forge'])" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() + interval '300 s' WHERE id = $jf" >/dev/null
+q "UPDATE dspark.jobs SET lease_expires_at = now() + interval '300 s' WHERE id = $jf" >/dev/null
+q "NOTIFY dspark_events, '$jf:3:s:1'" >/dev/null
+psql -X -q -c "BEGIN" \
+    -c "SELECT count(*) FROM dspark.finish_jobs('w-forge', '[{\"id\": $jf, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"x\", \"finish_reason\": \"stop\"}]')" \
+    -c "SELECT pg_notify('dspark_events', '$jf:999999:r:1')" -c "COMMIT" >/dev/null
+wait_for "$T/forge.out" "^job id=$jf batch=- state=succeeded version=5 " 10
+tap_result $? "a forged change above the row's version does not hold back the job's real final event"
+tap_is "$(grep -c "state=succeeded version=3" "$T/forge.out")" "0" "a forged final state is not published"
+
 # a worker killed with SIGKILL is restarted
 pid0=$(cat "$T/w/0.pid")
 kill -KILL "$pid0"
@@ -312,6 +327,28 @@ wait_for "$T/curve.log" "reloaded the CURVE allow-list" 5
 "$SUB" --endpoint "tcp://127.0.0.1:$port" --topic 'hb|' --count 1 --timeout 5 \
     --server-key "$spub" --client-keys "$T/bob.key" >"$T/bob.out" 2>&1
 tap_like "$(cat "$T/bob.out")" "^hb host=" "SIGHUP rereads the allow-list file: the new client gets in"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
+# a read of notified rows that fails (a statement timeout: job_stats locked, as
+# by VACUUM FULL) is tried again, and the change is published once it works
+printf '[dsparkd]\nstatus_interval = 200ms\ndb_timeout = 300ms\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/slow.sock\n' \
+    "$DSPARK_DSN" "$T" >"$T/slow.conf"
+"$DSPARKD" --config "$T/slow.conf" 2>"$T/slow.log" &
+DPID=$!
+wait_for "$T/slow.log" "ready: 0 workers" 10
+js=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('slow', 'x') RETURNING id")
+"$SUB" --endpoint "ipc://$T/slow.sock" --topic "job|-|$js|" --timeout 20 >"$T/slow.out" 2>&1 &
+SUBPIDS="$SUBPIDS $!"
+wait_for "$T/slow.out" '^(synced|nosync)' 10
+psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN ACCESS EXCLUSIVE MODE" -c "SELECT pg_sleep(2)" -c "COMMIT" \
+    >/dev/null 2>&1 &
+sleep 0.3
+q "SELECT count(*) FROM dspark.cancel_jobs(ARRAY[$js]::bigint[])" >/dev/null
+wait_for "$T/slow.out" "^job id=$js batch=- state=cancelled " 10
+tap_result $? "a change whose row could not be read at first is published once it can"
+tap_like "$(cat "$T/slow.log")" "reading notified jobs failed: .*statement timeout" "... after the failed read was logged"
 kill -TERM "$DPID"
 wait "$DPID"
 DPID=
