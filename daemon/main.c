@@ -154,6 +154,7 @@ struct daemon {
     uint64_t next_status_us;
     uint64_t next_heartbeat_us;
     uint64_t next_reap_us;
+    uint64_t reap_not_before_us;      /* the end of the reaper's grace after the last connection */
     uint64_t next_prune_us;
     uint64_t next_extend_us;
     struct fanout_status status;
@@ -282,7 +283,10 @@ static void reload(struct daemon *d)
         uint64_t now = ds_now_usec();
         d->next_status_us = now;
         d->next_heartbeat_us = now;
+        /* (not before the end of a reaper grace that is still running) */
         d->next_reap_us = now + (uint64_t)cfg.reaper_interval * 1000u;
+        if (d->next_reap_us < d->reap_not_before_us)
+            d->next_reap_us = d->reap_not_before_us;
         d->next_prune_us = now + (uint64_t)cfg.retention_interval * 1000u;
     }
     d->last_status[0] = 0;
@@ -380,8 +384,14 @@ static void run_due(struct daemon *d, uint64_t now)
     }
     if (now >= d->next_prune_us && fanout_up(d->fanout)) {
         int64_t n = fanout_prune(d->fanout, now);
-        /* a full batch: more may be waiting, continue soon in a new transaction */
-        d->next_prune_us = now + (n >= cfg.prune_batch ? 1000000u : (uint64_t)cfg.retention_interval * 1000u);
+        /* a full batch: more may be waiting, continue soon in a new transaction;
+         * a failure (a timeout, a lock held by another host's pass): in a minute */
+        uint64_t again = (uint64_t)cfg.retention_interval * 1000u;
+        if (n >= cfg.prune_batch)
+            again = 1000000u;
+        else if (n < 0 && again > 60000000u)
+            again = 60000000u;
+        d->next_prune_us = now + again;
     }
     supervisor_start_due(d->sup, now);
     supervisor_tick(d->sup, now);
@@ -465,9 +475,9 @@ static int run(struct daemon *d)
              * meanwhile; give the workers that were cut off too the time to
              * reconnect and renew them before the reaper takes their jobs (as
              * crashed, to run alone) */
-            uint64_t after = now + (uint64_t)cfg.reaper_grace * 1000u;
-            if (d->next_reap_us < after)
-                d->next_reap_us = after;
+            d->reap_not_before_us = now + (uint64_t)cfg.reaper_grace * 1000u;
+            if (d->next_reap_us < d->reap_not_before_us)
+                d->next_reap_us = d->reap_not_before_us;
         }
         if (r < 0) {
             ds_log(DS_LOG_CRIT, "%s", ds_errdetail());

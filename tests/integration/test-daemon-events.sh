@@ -363,9 +363,11 @@ printf '[dsparkd]\nreaper_interval = 1s\nreaper_grace = 3s\n[database]\ndsn = "%
 "$DSPARKD" --config "$T/grace.conf" 2>"$T/grace.log" &
 DPID=$!
 wait_for "$T/grace.log" "ready: 0 workers" 10
-sleep 1.5
+kill -HUP "$DPID"
+wait_for "$T/grace.log" "configuration reloaded" 5
+sleep 1.2
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" "running" \
-    "after connecting, the reaper leaves an expired lease alone for reaper_grace"
+    "after connecting, the reaper leaves an expired lease alone for reaper_grace (a reload meanwhile too)"
 n=0
 while [ "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" != queued ] && [ $n -lt 60 ]; do sleep 0.1; n=$((n + 1)); done
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $jg")" "queued" "... and requeues it after"
