@@ -13,14 +13,16 @@
 --    jobs claim nothing until one of them is empty, so it is not starved. So
 --    after one crash every job the worker held runs once on its own, and only
 --    the job that crashes again spends its other attempts. (The price: after
---    a crash the jobs it held run one at a time per worker.)
+--    a crash the jobs it held run one at a time per worker.) claim_jobs stays
+--    one statement, as in 003; while some job waits to run alone, it reads who
+--    is first in line without locks, so that a busy worker does not claim past
+--    such a job while another claimer holds it locked.
 -- 2. A hand-back is not an attempt. release_jobs (a drain that ran out of
 --    time) counts in released; max_attempts limits attempt - released, the
 --    claims that ended with an expired lease or a write-back. attempt itself
 --    still counts every claim, so write-backs stay fenced on it.
 -- 3. claim_unserved: the unknown-model sweep's claim of jobs it is about to
 --    fail, without the budget and the run_alone rule (those jobs do not run).
---    claim_jobs stays one statement, as in 003.
 -- 4. worker_starting: a worker announces itself (state 'starting') before it
 --    loads its model, and keeps its heartbeat while it loads, so that the
 --    sweep counts its model as served (it used to register only once loaded:
