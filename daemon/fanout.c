@@ -29,6 +29,8 @@
 #define IDS_PER_QUERY 5000
 #define SEEN_SLOTS 8192          /* (id, last version published) against duplicate events */
 #define MAX_PENDING (1u << 22)   /* notified changes kept while their rows cannot be read */
+#define START_CATCH_UP_DELAY_US 3000000u  /* after the first connection */
+#define START_CATCH_UP_WINDOW_S 600.0     /* finals of the last ten minutes are republished at start */
 
 struct seen {
     int64_t id;
@@ -43,7 +45,8 @@ struct fanout {
     uint64_t next_connect_us;
     uint64_t backoff_us;
     uint64_t last_ok_us;
-    double down_since;               /* wall clock when the connection was lost (0 = never up) */
+    uint64_t down_since_us;          /* when the connection was lost (0 = never up) */
+    uint64_t start_catch_up_us;      /* when to republish the finals of before the start (0 = done) */
     char down_reason[256];
     struct ds_db_transition *tr;     /* changes named by notifications, not yet published */
     size_t n_tr, cap_tr;
@@ -104,8 +107,8 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     if (!f->up)
         return;
     f->up = false;
-    /* wall-clock time of the last good exchange: the break may be noticed late */
-    f->down_since = ds_wire_now() - (double)(now_us - (f->last_ok_us ? f->last_ok_us : now_us)) / 1e6;
+    /* the last good exchange: the break may be noticed late */
+    f->down_since_us = f->last_ok_us ? f->last_ok_us : now_us;
     snprintf(f->down_reason, sizeof f->down_reason, "%s", ds_errdetail());
     ds_log(DS_LOG_WARNING, "lost the database connection: %s", f->down_reason);
     f->next_connect_us = now_us;   /* first retry at once, then back off */
@@ -364,25 +367,30 @@ static int flush_transitions(struct fanout *f, uint64_t now_us)
 }
 
 /* After a reconnection: publish jobs that finished while we could not listen. */
-static void catch_up(struct fanout *f, uint64_t now_us)
+/* Publish the final rows of the jobs that finished in the last window_s
+ * seconds (by the database's clock, so that the hosts' clocks do not matter)
+ * and were not published by this process: after a lost connection, and a
+ * little after the start (a dsparkd restarted while jobs finished, as its
+ * watchdog does during a long database outage). Subscribers drop a state they
+ * already have by its version. */
+static void catch_up(struct fanout *f, uint64_t now_us, double window_s, const char *when)
 {
-    if (f->down_since <= 0)
-        return;
-    char since[64];
-    snprintf(since, sizeof since, "%.6f", f->down_since - 2.0);
-    const char *params[1] = { since };
+    char secs[64];
+    snprintf(secs, sizeof secs, "%.3f", window_s);
+    const char *params[1] = { secs };
     PGresult *res;
-    int r = ds_db_exec(f->db, JOB_EVENT_COLUMNS "WHERE j.finished_at >= to_timestamp($1::float8) ORDER BY j.id LIMIT 100000",
+    int r = ds_db_exec(f->db,
+                       JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
+                                         " ORDER BY j.id LIMIT 100000",
                        1, params, &res);
     if (r < 0) {
-        query_failed(f, now_us, r, "reading jobs finished during the outage");
+        query_failed(f, now_us, r, "reading the jobs that finished meanwhile");
         return;
     }
     int n = publish_rows(f, res);
     PQclear(res);
     if (n > 0)
-        ds_log(DS_LOG_INFO, "published %d job%s that finished while the database connection was down", n,
-               n == 1 ? "" : "s");
+        ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s", when);
 }
 
 /* Server notices and libpq's own messages go to the log, not raw to stderr. */
@@ -428,10 +436,13 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     f->last_ok_us = now_us;
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->down_reason[0] = 0;
-    if (f->down_since > 0) {
+    if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);
-        catch_up(f, now_us);
+        catch_up(f, now_us, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
     } else {
+        /* the subscribers of a dsparkd that stopped reconnect within a second
+         * or so: republish after they had the time to */
+        f->start_catch_up_us = now_us + START_CATCH_UP_DELAY_US;
         ds_log(DS_LOG_INFO, "connected to the database (schema version %d), listening on '%s'",
                DS_SCHEMA_VERSION, DS_DB_EVENTS_CHANNEL);
     }
@@ -482,6 +493,12 @@ int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret)
 {
     if (!f->up)
         return ds_seterr(DS_EDB, "database connection is down");
+    if (f->start_catch_up_us && now_us >= f->start_catch_up_us) {
+        f->start_catch_up_us = 0;
+        catch_up(f, now_us, START_CATCH_UP_WINDOW_S, "before this dsparkd started");
+        if (!f->up)
+            return ds_seterr(DS_EDB, "database connection is down");
+    }
     PGresult *res;
     int r = ds_db_exec(f->db,
                        "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued'), "

@@ -353,6 +353,32 @@ kill -TERM "$DPID"
 wait "$DPID"
 DPID=
 
+# a job that finished while dsparkd was down (killed, and started again) has its
+# final state published a little after the new start, for the subscribers
+# that reconnected
+printf '[dsparkd]\nstatus_interval = 200ms\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/restart.sock\n' \
+    "$DSPARK_DSN" "$T" >"$T/restart.conf"
+"$DSPARKD" --config "$T/restart.conf" 2>"$T/restart1.log" &
+DPID=$!
+wait_for "$T/restart1.log" "ready: 0 workers" 10
+jr=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('restart', 'x') RETURNING id")
+"$SUB" --endpoint "ipc://$T/restart.sock" --topic "job|-|$jr|" --job "$jr" --dsn "$DSPARK_DSN" --timeout 20 \
+    >"$T/restart.out" 2>&1 &
+SUBPIDS="$SUBPIDS $!"
+wait_for "$T/restart.out" "^row queued 1$" 10
+kill -KILL "$DPID"
+wait "$DPID" 2>/dev/null
+q "SELECT count(*) FROM dspark.claim_jobs('w-restart', 1, NULL, 300, ARRAY['restart'])" >/dev/null
+q "SELECT count(*) FROM dspark.finish_jobs('w-restart', '[{\"id\": $jr, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"x\"}]')" >/dev/null
+"$DSPARKD" --config "$T/restart.conf" 2>"$T/restart2.log" &
+DPID=$!
+wait_for "$T/restart.out" "state=succeeded version=3" 15
+tap_result $? "a subscriber learns the final state of a job that finished while dsparkd was down, once it is back"
+tap_like "$(cat "$T/restart2.log")" "published [0-9]+ jobs? that finished before this dsparkd started" "... republished at start"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
 # the reaper's grace after connecting: a lease that ran out while dsparkd was
 # away is left to its worker for reaper_grace, then reaped
 jg=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('grace', 'x') RETURNING id")
