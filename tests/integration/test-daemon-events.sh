@@ -331,13 +331,20 @@ kill -TERM "$DPID"
 wait "$DPID"
 DPID=
 
+# start_small NAME LOG DSPARKD-LINES: a dsparkd without workers, its events on
+# ipc://$T/NAME.sock, configured by $T/NAME.conf with DSPARKD-LINES in its
+# [dsparkd] section; waits until it is ready (pid in DPID)
+start_small() {
+    printf '[dsparkd]\n%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/%s.sock\n' \
+        "$3" "$DSPARK_DSN" "$T" "$1" >"$T/$1.conf"
+    "$DSPARKD" --config "$T/$1.conf" 2>"$2" &
+    DPID=$!
+    wait_for "$2" "ready: 0 workers" 10
+}
+
 # a read of notified rows that fails (a statement timeout: job_stats locked, as
 # by VACUUM FULL) is tried again, and the change is published once it works
-printf '[dsparkd]\nstatus_interval = 200ms\ndb_timeout = 300ms\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/slow.sock\n' \
-    "$DSPARK_DSN" "$T" >"$T/slow.conf"
-"$DSPARKD" --config "$T/slow.conf" 2>"$T/slow.log" &
-DPID=$!
-wait_for "$T/slow.log" "ready: 0 workers" 10
+start_small slow "$T/slow.log" "$(printf 'status_interval = 200ms\ndb_timeout = 300ms')"
 js=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('slow', 'x') RETURNING id")
 "$SUB" --endpoint "ipc://$T/slow.sock" --topic "job|-|$js|" --timeout 20 >"$T/slow.out" 2>&1 &
 SUBPIDS="$SUBPIDS $!"
@@ -356,11 +363,7 @@ DPID=
 # a job that finished while dsparkd was down (killed, and started again) has its
 # final state published a little after the new start, for the subscribers
 # that reconnected
-printf '[dsparkd]\nstatus_interval = 200ms\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/restart.sock\n' \
-    "$DSPARK_DSN" "$T" >"$T/restart.conf"
-"$DSPARKD" --config "$T/restart.conf" 2>"$T/restart1.log" &
-DPID=$!
-wait_for "$T/restart1.log" "ready: 0 workers" 10
+start_small restart "$T/restart1.log" "status_interval = 200ms"
 jr=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('restart', 'x') RETURNING id")
 "$SUB" --endpoint "ipc://$T/restart.sock" --topic "job|-|$jr|" --job "$jr" --dsn "$DSPARK_DSN" --timeout 20 \
     >"$T/restart.out" 2>&1 &
@@ -384,11 +387,7 @@ DPID=
 jg=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('grace', 'x') RETURNING id")
 q "SELECT count(*) FROM dspark.claim_jobs('w-away', 1, NULL, 1, ARRAY['grace'])" >/dev/null
 sleep 1.2
-printf '[dsparkd]\nreaper_interval = 1s\nreaper_grace = 3s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/grace.sock\n' \
-    "$DSPARK_DSN" "$T" >"$T/grace.conf"
-"$DSPARKD" --config "$T/grace.conf" 2>"$T/grace.log" &
-DPID=$!
-wait_for "$T/grace.log" "ready: 0 workers" 10
+start_small grace "$T/grace.log" "$(printf 'reaper_interval = 1s\nreaper_grace = 3s')"
 kill -HUP "$DPID"
 wait_for "$T/grace.log" "configuration reloaded" 5
 sleep 1.2
