@@ -47,6 +47,8 @@ struct fanout {
     uint64_t last_ok_us;
     uint64_t down_since_us;          /* when the connection was lost (0 = never up) */
     uint64_t start_catch_up_us;      /* when to republish the finals of before the start (0 = done) */
+    uint64_t bad_notifications;      /* not job changes, since the last line about them */
+    uint64_t next_bad_log_us;
     char down_reason[256];
     struct ds_db_transition *tr;     /* changes named by notifications, not yet published */
     size_t n_tr, cap_tr;
@@ -457,7 +459,15 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     struct ds_db_transition *t;
     size_t n;
     if (ds_db_parse_transitions(payload, &t, &n) < 0) {
-        ds_log(DS_LOG_WARNING, "ignoring a notification on '%s': %s", channel, ds_errdetail());
+        /* anyone who may connect can send one: at most one line every 10 s */
+        uint64_t now = ds_now_usec();
+        f->bad_notifications++;
+        if (now >= f->next_bad_log_us) {
+            ds_log(DS_LOG_WARNING, "ignoring %" PRIu64 " notification%s on '%s' that are not job changes; the last: %s",
+                   f->bad_notifications, f->bad_notifications == 1 ? "" : "s", channel, ds_errdetail());
+            f->bad_notifications = 0;
+            f->next_bad_log_us = now + 10000000u;
+        }
         return;
     }
     for (size_t i = 0; i < n; i++)

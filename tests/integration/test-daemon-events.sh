@@ -195,6 +195,11 @@ psql -X -q -c "BEGIN" \
 wait_for "$T/forge.out" "^job id=$jf batch=- state=succeeded version=5 " 10
 tap_result $? "a forged change above the row's version does not hold back the job's real final event"
 tap_is "$(grep -c "state=succeeded version=3" "$T/forge.out")" "0" "a forged final state is not published"
+psql -X -q -c "DO \$\$ BEGIN FOR i IN 1..50 LOOP PERFORM pg_notify('dspark_events', 'not a change ' || i); END LOOP; END \$\$" \
+    >/dev/null
+wait_for "$T/dsparkd.log" "ignoring [0-9]+ notifications? on 'dspark_events' that are not job changes" 5
+tap_is "$(grep -cE "ignoring [0-9]+ notifications? on 'dspark_events'" "$T/dsparkd.log")" "1" \
+    "50 notifications that are not job changes make one log line, not 50"
 
 # a worker killed with SIGKILL is restarted
 pid0=$(cat "$T/w/0.pid")
