@@ -128,18 +128,29 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
     free(query);
     const char *params[] = { batch ? batch : idarr };
 
-    /* -o FILE: written to a temporary file beside it, renamed over it once
-     * complete, so that a failure leaves FILE as it was */
+    /* -o FILE: a new or regular FILE is written to a temporary file beside
+     * it, renamed over it once complete, so that a failure leaves FILE as it
+     * was (with an existing FILE's mode); anything else (a symbolic link, a
+     * device, a pipe) is written in place */
     FILE *out = stdout;
     char *tmp = NULL;
-    if (output) {
+    struct stat st;
+    bool exists = output && lstat(output, &st) == 0;
+    if (output && exists && !S_ISREG(st.st_mode)) {
+        if (!(out = fopen(output, "w"))) {
+            ctl_error("could not open '%s': %s", output, strerror(errno));
+            free(decl);
+            free(idarr);
+            return CTL_EXIT_ERROR;
+        }
+    } else if (output) {
         tmp = ds_xmalloc(strlen(output) + 16);
         sprintf(tmp, "%s.tmp-XXXXXX", output);
         int fd = mkstemp(tmp);
         mode_t mask = umask(0);
         umask(mask);
-        if (fd >= 0)
-            fchmod(fd, 0666 & ~mask);   /* as fopen would create it, not mkstemp's 0600 */
+        if (fd >= 0)   /* as fopen would create it (not mkstemp's 0600), or as FILE was */
+            fchmod(fd, exists ? st.st_mode & 07777 : 0666 & ~mask);
         if (fd < 0 || !(out = fdopen(fd, "w"))) {
             ctl_error("could not create '%s': %s", tmp, strerror(errno));
             if (fd >= 0)

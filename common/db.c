@@ -110,19 +110,38 @@ static void ignore_notice(void *arg, const char *message)
     (void)message;
 }
 
+/* Whether a connection service file will be read (PGSERVICE, or service= in
+ * the conninfo): its settings fill only what is not set yet, so ours must
+ * not be set before it. */
+static bool uses_service(const char *conninfo)
+{
+    if (getenv("PGSERVICE"))
+        return true;
+    if (!conninfo || !*conninfo)
+        return false;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    bool service = false;
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strcmp(o->keyword, "service") == 0 && o->val && *o->val)
+            service = true;
+    PQconninfoFree(opts);
+    return service;
+}
+
 int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
 {
-    /* A connection attempt gives up after DS_DB_CONNECT_TIMEOUT_S unless the
-     * conninfo (processed after it, so it wins) or PGCONNECT_TIMEOUT says
-     * otherwise: libpq's own default waits for the kernel, minutes against a
-     * host that drops packets, and every caller retries anyway. */
-    const char *timeout = getenv("PGCONNECT_TIMEOUT") ? NULL : DS_DB_CONNECT_TIMEOUT_S;
-    /* TCP keepalives (libpq turns them on) probe an idle connection after 30 s
-     * instead of the kernel's two hours, so that a connection to a server that
-     * vanished is noticed within a minute; the conninfo may say otherwise */
+    /* A connection attempt gives up after DS_DB_CONNECT_TIMEOUT_S, and TCP
+     * keepalives (libpq turns them on) probe an idle connection after 30 s
+     * instead of the kernel's two hours, so that a server that vanished is
+     * noticed within a minute: libpq's own defaults wait for the kernel, and
+     * every caller retries anyway. The conninfo (processed after these, so
+     * it wins), PGCONNECT_TIMEOUT, or a service file may say otherwise. */
+    bool defaults = !uses_service(conninfo);
+    const char *timeout = defaults && !getenv("PGCONNECT_TIMEOUT") ? DS_DB_CONNECT_TIMEOUT_S : NULL;
     const char *keys[] = { "connect_timeout", "keepalives_idle", "keepalives_interval", "keepalives_count",
                            "dbname", "fallback_application_name", "client_encoding", NULL };
-    const char *vals[] = { timeout, "30", "10", "3", conninfo && *conninfo ? conninfo : NULL,
+    const char *vals[] = { timeout, defaults ? "30" : NULL, defaults ? "10" : NULL, defaults ? "3" : NULL,
+                           conninfo && *conninfo ? conninfo : NULL,
                            application_name ? application_name : "dspark", "UTF8", NULL };
     /* libpq stops at the first NULL key, so absent values must not end the list */
     const char *k[8], *v[8];

@@ -162,13 +162,16 @@ static void add_transition(struct fanout *f, const struct ds_db_transition *t)
     f->tr[f->n_tr++] = *t;
 }
 
-/* By id, then version. */
+/* By id, version, then state (a forged entry may repeat a real one's version
+ * with another state: both are kept, and the row decides). */
 static int cmp_transition(const void *a, const void *b)
 {
     const struct ds_db_transition *x = a, *y = b;
     if (x->id != y->id)
         return x->id < y->id ? -1 : 1;
-    return (x->version > y->version) - (x->version < y->version);
+    if (x->version != y->version)
+        return x->version < y->version ? -1 : 1;
+    return strcmp(x->state, y->state);
 }
 
 static bool is_final(const char *state)
@@ -300,7 +303,12 @@ static int publish_job(struct fanout *f, PGresult *res, int i, const struct ds_d
         n += publish_transition(f, res, i, &t[k]);
         last = t[k].version;
     }
+    /* the last notified change: of the entries at the highest version, the
+     * one that agrees with the row if any */
     const struct ds_db_transition *lt = &t[nt - 1];
+    for (size_t k = nt; k > 0 && t[k - 1].version == lt->version; k--)
+        if (strcmp(t[k - 1].state, state) == 0)
+            lt = &t[k - 1];
     if (version <= last)
         return n;
     if (strcmp(lt->state, state) != 0) {
@@ -323,7 +331,7 @@ static int flush_transitions(struct fanout *f, uint64_t now_us)
     qsort(f->tr, f->n_tr, sizeof *f->tr, cmp_transition);
     size_t u = 0;
     for (size_t i = 0; i < f->n_tr; i++)
-        if (u == 0 || f->tr[i].id != f->tr[u - 1].id || f->tr[i].version != f->tr[u - 1].version)
+        if (u == 0 || cmp_transition(&f->tr[i], &f->tr[u - 1]) != 0)
             f->tr[u++] = f->tr[i];
     f->n_tr = u;
     if (f->cap_ids < f->n_tr) {
@@ -383,7 +391,7 @@ static void catch_up(struct fanout *f, uint64_t now_us, double window_s, const c
     PGresult *res;
     int r = ds_db_exec(f->db,
                        JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
-                                         " ORDER BY j.id LIMIT 100000",
+                                         " ORDER BY j.finished_at DESC LIMIT 100000",
                        1, params, &res);
     if (r < 0) {
         query_failed(f, now_us, r, "reading the jobs that finished meanwhile");

@@ -89,6 +89,7 @@ struct dbt {
     bool was_down, state_draining;
     int lease_s;
     double next_busy_log;             /* write-backs refused for a passing reason: log at most this often */
+    int busy_turns;                   /* turns in a row whose write-back met a passing error */
 };
 
 /* ---- small helpers ---- */
@@ -212,27 +213,54 @@ static void applied_rows(struct dbt *t, json_t *items, PGresult *res)
  * requeued) can have a result of each claim waiting; the older one is refused
  * by the fence anyway, and dspark.finish_job_results takes one item per job,
  * so drop it here. */
+struct item_key {
+    int64_t id;
+    int attempt;
+    size_t index;
+};
+
+static int cmp_item_key(const void *a, const void *b)
+{
+    const struct item_key *x = a, *y = b;
+    if (x->id != y->id)
+        return x->id < y->id ? -1 : 1;
+    return x->attempt < y->attempt ? -1 : x->attempt > y->attempt;
+}
+
 static void drop_stale_items(struct dbt *t)
 {
     size_t n = json_array_size(t->pending);
-    json_t *keep = json_array();
+    struct item_key *keys = ds_xmalloc(n * sizeof *keys);
     for (size_t i = 0; i < n; i++) {
         json_t *item = json_array_get(t->pending, i);
-        bool stale = false;
-        for (size_t k = 0; k < n && !stale; k++) {
-            json_t *other = json_array_get(t->pending, k);
-            stale = k != i && item_id(other) == item_id(item) && item_attempt(other) > item_attempt(item);
+        keys[i] = (struct item_key){item_id(item), item_attempt(item), i};
+    }
+    /* by id, then attempt: an entry followed by one of the same id is stale */
+    qsort(keys, n, sizeof *keys, cmp_item_key);
+    bool *stale = ds_xcalloc(n ? n : 1, sizeof *stale);
+    size_t n_stale = 0;
+    for (size_t k = 0; k + 1 < n; k++)
+        if (keys[k].id == keys[k + 1].id && keys[k].attempt < keys[k + 1].attempt) {
+            stale[keys[k].index] = true;
+            n_stale++;
         }
-        if (stale) {
+    free(keys);
+    if (n_stale > 0) {
+        json_t *keep = json_array();
+        for (size_t i = 0; i < n; i++) {
+            json_t *item = json_array_get(t->pending, i);
+            if (!stale[i]) {
+                json_array_append(keep, item);
+                continue;
+            }
             wlog(DS_LOG_NOTICE, item_id(item), "result of attempt %d dropped: the job was claimed again",
                  item_attempt(item));
             held_remove(t, item_id(item), item_attempt(item));
-        } else {
-            json_array_append(keep, item);
         }
+        json_decref(t->pending);
+        t->pending = keep;
     }
-    json_decref(t->pending);
-    t->pending = keep;
+    free(stale);
 }
 
 /* ---- write-back items as a dspark.job_result[] literal ---- */
@@ -337,8 +365,12 @@ static char *results_literal(json_t *items)
     return out.data;
 }
 
-/* Write one array of items; 0, or -1 when the connection failed (nothing lost). */
-static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
+/* How one write-back call went (when the connection held). */
+enum written { WRITTEN, REFUSED, BUSY };   /* applied or fenced; the statement failed; a passing error */
+
+/* Write one array of items; 0 with *how, or -1 when the connection failed
+ * (nothing lost). */
+static int finish_call(struct dbt *t, json_t *items, enum written *how)
 {
     char *text = results_literal(items);
     const char *params[2] = {t->w->id.worker_id, text};
@@ -346,20 +378,11 @@ static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
     int r = ds_db_exec(t->db, "SELECT id, applied FROM dspark.finish_job_results($1, $2::dspark.job_result[])", 2, params,
                        &res);
     free(text);
-    *sql_error = false;
+    *how = WRITTEN;
     if (r < 0) {
         if (conn_failed(t))
             return -1;
-        if (transient_error(t)) {
-            /* keep everything and write it again on a later turn */
-            if (wnow() >= t->next_busy_log) {
-                wlog(DS_LOG_WARNING, 0, "could not write %zu results (%s); trying again", json_array_size(items),
-                     ds_errdetail());
-                t->next_busy_log = wnow() + 30;
-            }
-            return -1;
-        }
-        *sql_error = true;
+        *how = transient_error(t) ? BUSY : REFUSED;
         return 0;
     }
     applied_rows(t, items, res);
@@ -367,16 +390,29 @@ static int finish_call(struct dbt *t, json_t *items, bool *sql_error)
     return 0;
 }
 
-/* Keep the pending items from the i-th on (the others are written). */
-static void keep_pending_from(struct dbt *t, size_t i)
+/* Keep the pending items from the i-th on, after those in kept (the others are written). */
+static void keep_pending_from(struct dbt *t, json_t *kept, size_t i)
 {
-    json_t *rest = json_array();
     for (size_t k = i; k < json_array_size(t->pending); k++)
-        json_array_append(rest, json_array_get(t->pending, k));
+        json_array_append(kept, json_array_get(t->pending, k));
     json_decref(t->pending);
-    t->pending = rest;
+    t->pending = kept;
 }
 
+static void log_busy(struct dbt *t, size_t n)
+{
+    if (wnow() < t->next_busy_log)
+        return;
+    wlog(DS_LOG_WARNING, 0, "could not write %zu result%s (%s); trying again", n, n == 1 ? "" : "s", ds_errdetail());
+    t->next_busy_log = wnow() + 30;
+}
+
+/* Write what is pending, in one call when it can. A passing error (a lock, a
+ * timeout) keeps the items for the next turn, so that heartbeats and claims
+ * go on meanwhile; after BUSY_TRIES such turns, or when the database refuses
+ * the call, the items go one by one: a refused item is stored as failed, an
+ * item held up by a passing error waits, and the others are written. */
+#define BUSY_TRIES 3
 static int write_back(struct dbt *t)
 {
     if (json_array_size(t->pending) > 1)
@@ -384,47 +420,71 @@ static int write_back(struct dbt *t)
     size_t n = json_array_size(t->pending);
     if (n == 0)
         return 0;
-    bool sql_error;
-    if (finish_call(t, t->pending, &sql_error) < 0)
+    enum written how;
+    if (finish_call(t, t->pending, &how) < 0)
         return -1;
-    if (sql_error) {
-        /* one bad item must not hold back the others: write them one by one,
-         * and store a failure for an item the database refuses */
+    if (how == WRITTEN) {
+        t->busy_turns = 0;
+        json_array_clear(t->pending);
+        return 0;
+    }
+    if (how == BUSY && ++t->busy_turns < BUSY_TRIES) {
+        log_busy(t, n);
+        return 0;
+    }
+    if (how == REFUSED)
         wlog(DS_LOG_WARNING, 0, "could not write %zu results at once: %s; writing them one by one", n,
              ds_errdetail());
-        for (size_t i = 0; i < n; i++) {
-            json_t *one = json_array(), *item = json_array_get(t->pending, i);
-            json_array_append(one, item);
-            int r = finish_call(t, one, &sql_error);
-            json_decref(one);
-            if (r < 0) {
-                keep_pending_from(t, i);   /* the items not written yet */
-                return -1;
-            }
-            if (!sql_error)
-                continue;
-            int64_t id = item_id(item);
-            char msg[600];
-            snprintf(msg, sizeof msg, "could not store the result: %s", ds_errdetail());
-            wlog(DS_LOG_ERR, id, "%s", msg);
-            json_t *f = json_pack("[{s:I, s:O, s:s, s:s, s:s}]", "id", (json_int_t)id, "attempt",
-                                  json_object_get(item, "attempt"), "state", "failed", "finish_reason", "error",
-                                  "error", msg);
-            r = f ? finish_call(t, f, &sql_error) : 0;
-            json_decref(f);
-            if (r < 0) {
-                /* the connection broke: keep this item (its failure is written
-                 * again after the reconnection) and the ones not written yet */
-                keep_pending_from(t, i);
-                return -1;
-            }
-            if (sql_error) {
-                wlog(DS_LOG_ERR, id, "could not store the failure either: %s; the lease will expire", ds_errdetail());
-                held_remove(t, id, item_attempt(item));
-            }
+    json_t *kept = json_array();
+    int busy_items = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (busy_items == 2) {
+            /* the table itself is held up: do not wait item by item now */
+            keep_pending_from(t, kept, i);
+            return 0;
+        }
+        json_t *one = json_array(), *item = json_array_get(t->pending, i);
+        json_array_append(one, item);
+        int r = finish_call(t, one, &how);
+        json_decref(one);
+        if (r < 0) {
+            keep_pending_from(t, kept, i);   /* the items not written yet */
+            return -1;
+        }
+        if (how == BUSY) {
+            log_busy(t, 1);
+            json_array_append(kept, item);
+            busy_items++;
+        }
+        if (how != REFUSED)
+            continue;
+        int64_t id = item_id(item);
+        char msg[600];
+        snprintf(msg, sizeof msg, "could not store the result: %s", ds_errdetail());
+        wlog(DS_LOG_ERR, id, "%s", msg);
+        json_t *f = json_pack("[{s:I, s:O, s:s, s:s, s:s}]", "id", (json_int_t)id, "attempt",
+                              json_object_get(item, "attempt"), "state", "failed", "finish_reason", "error",
+                              "error", msg);
+        r = f ? finish_call(t, f, &how) : 0;
+        json_decref(f);
+        if (r < 0) {
+            /* the connection broke: keep this item (its failure is written
+             * again after the reconnection) and the ones not written yet */
+            keep_pending_from(t, kept, i);
+            return -1;
+        }
+        if (how == BUSY) {
+            json_array_append(kept, item);   /* the result itself is tried again */
+            busy_items++;
+        } else if (how == REFUSED) {
+            wlog(DS_LOG_ERR, id, "could not store the failure either: %s; the lease will expire", ds_errdetail());
+            held_remove(t, id, item_attempt(item));
         }
     }
-    json_array_clear(t->pending);
+    json_decref(t->pending);
+    t->pending = kept;
+    if (json_array_size(kept) == 0)
+        t->busy_turns = 0;
     return 0;
 }
 
@@ -466,7 +526,8 @@ static int heartbeat(struct dbt *t)
     /* the claims this heartbeat speaks for */
     int n_sent = t->n_held;
     struct held *sent = ds_xmalloc(((size_t)n_sent + 1) * sizeof *sent);
-    memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
+    if (n_sent > 0)
+        memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
     const char *params[4] = {t->w->id.worker_id, sids, satt, lease};
     PGresult *res;

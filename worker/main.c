@@ -276,11 +276,10 @@ static void sleep_s(double s)
     nanosleep(&ts, NULL);
 }
 
-/* Connect, retrying with back-off while the server is unreachable; exit 78
- * when the schema version is not this build's. Returns NULL on a signal. */
 /* One connection attempt: the connection, or NULL (the reason in ds_errdetail).
- * A schema this build does not know is a configuration error. */
-static struct ds_db *try_connect_db(const struct wopts *o)
+ * A schema this build does not know is a configuration error: logged, then
+ * exit 78, or (bad_schema given) *bad_schema set for the caller to stop. */
+static struct ds_db *try_connect_db(const struct wopts *o, bool *bad_schema)
 {
     struct ds_db *db = NULL;
     int version = 0;
@@ -288,7 +287,10 @@ static struct ds_db *try_connect_db(const struct wopts *o)
         if (ds_db_check_schema(db) < 0) {
             ds_log(DS_LOG_ERR, "%s", ds_errdetail());
             ds_db_free(db);
-            exit(EXIT_CONFIG);
+            if (!bad_schema)
+                exit(EXIT_CONFIG);
+            *bad_schema = true;
+            return NULL;
         }
         return db;
     }
@@ -296,11 +298,13 @@ static struct ds_db *try_connect_db(const struct wopts *o)
     return NULL;
 }
 
+/* Connect, retrying with back-off while the server is unreachable; exit 78
+ * when the schema version is not this build's. Returns NULL on a signal. */
 static struct ds_db *connect_db(const struct wopts *o)
 {
     double delay = 0.1;
     for (int attempt = 0;; attempt++) {
-        struct ds_db *db = try_connect_db(o);
+        struct ds_db *db = try_connect_db(o, NULL);
         if (db)
             return db;
         if (attempt == 0 || attempt % 20 == 0)
@@ -329,6 +333,7 @@ struct loading_beat {
     pthread_cond_t cv;
     bool stop;
     bool running;
+    bool bad_schema;              /* the database's schema is not this build's: the worker exits 78 */
 };
 
 static int announce_starting(struct wctx *w)
@@ -363,7 +368,11 @@ static void *loading_beat_main(void *arg)
             break;
         pthread_mutex_unlock(&b->mu);
         if (!w->db)
-            w->db = try_connect_db(b->o);
+            w->db = try_connect_db(b->o, &b->bad_schema);
+        if (b->bad_schema) {
+            pthread_mutex_lock(&b->mu);
+            break;   /* the decoding thread exits once it stops this thread */
+        }
         if (w->db && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
             warned = false;
             wait_s = b->o->heartbeat;
@@ -820,6 +829,8 @@ int main(int argc, char **argv)
     }
     /* database (the announcing thread's connection, else connect now, with retries) */
     loading_beat_stop(&beat);
+    if (beat.bad_schema)
+        return EXIT_CONFIG;
     if (!w->db)
         w->db = connect_db(o);
     if (!w->db) {

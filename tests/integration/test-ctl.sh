@@ -278,6 +278,11 @@ printf '{"custom_id": "%s\303\251x", "method": "POST", "url": "/v1/completions",
 tap_ok "a table cell cut short does not cut a UTF-8 character" iconv -f UTF-8 -t UTF-8 "$T/list.txt" -o /dev/null
 "$C" wait --timeout nan 1 >/dev/null 2>&1
 tap_is "$?" 2 "wait --timeout nan: exit 2"
+echo old >"$T/target.jsonl"
+ln -s target.jsonl "$T/link.jsonl"
+"$C" results --batch "$B" -o "$T/link.jsonl"
+tap_is "$?$(test -L "$T/link.jsonl" && echo link)$(grep -c custom_id "$T/target.jsonl")" "0link4" \
+    "results -o through a symbolic link writes the file it names and keeps the link"
 echo old >"$T/keep.jsonl"
 "$C" results 999999 -o "$T/keep.jsonl" 2>/dev/null
 tap_is "$?$(cat "$T/keep.jsonl")" "1old" "results -o FILE that fails leaves FILE as it was"

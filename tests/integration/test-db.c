@@ -1,6 +1,6 @@
 /* test-db.c: common/db.c against a private PostgreSQL (started by
  * tests/integration/test-db.sh, which exports PGHOST etc. and PGH_SCRIPT):
- * connection errors, SQLSTATE and server detail in errors, the schema check
+ * connection errors and defaults, SQLSTATE and server detail in errors, the schema check
  * and migrations (embedded = sql/ files), LISTEN/NOTIFY, and reconnection
  * after the server restarts or is down for a while. */
 #include "config.h"
@@ -9,6 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
 
 #include "testutil.h"
 
@@ -52,6 +55,49 @@ static void test_connect_errors(void **state)
     r = ds_db_connect("port=notaport", "t", &db);
     assert_int_equal(r, -DS_EDB);
     assert_null(ds_db_free(NULL));
+}
+
+/* The value libpq uses for keyword on db's connection. */
+static const char *conn_option(struct ds_db *db, const char *keyword, char *buf, size_t size)
+{
+    PQconninfoOption *opts = PQconninfo(ds_db_conn(db));
+    snprintf(buf, size, "(unset)");
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strcmp(o->keyword, keyword) == 0 && o->val)
+            snprintf(buf, size, "%s", o->val);
+    PQconninfoFree(opts);
+    return buf;
+}
+
+/* Our connect_timeout and keepalive defaults, and what overrides them: the
+ * conninfo and a service file. */
+static void test_connection_defaults(void **state)
+{
+    (void)state;
+    char a[32], b[32];
+    struct ds_db *db = connect_db("postgres");
+    assert_string_equal(conn_option(db, "connect_timeout", a, sizeof a), "10");
+    assert_string_equal(conn_option(db, "keepalives_idle", b, sizeof b), "30");
+    ds_db_free(db);
+    assert_int_equal(ds_db_connect("dbname=postgres connect_timeout=77 keepalives_idle=55", "t", &db), 0);
+    assert_string_equal(conn_option(db, "connect_timeout", a, sizeof a), "77");
+    assert_string_equal(conn_option(db, "keepalives_idle", b, sizeof b), "55");
+    ds_db_free(db);
+    /* a service file's settings fill what is unset: ours must not come first */
+    char path[] = "/tmp/dspark-test-service-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fprintf(f, "[s]\ndbname=postgres\nconnect_timeout=66\nkeepalives_idle=99\n");
+    fclose(f);
+    setenv("PGSERVICEFILE", path, 1);
+    int r = ds_db_connect("service=s", "t", &db);
+    unsetenv("PGSERVICEFILE");
+    unlink(path);
+    assert_int_equal(r, 0);
+    assert_string_equal(conn_option(db, "connect_timeout", a, sizeof a), "66");
+    assert_string_equal(conn_option(db, "keepalives_idle", b, sizeof b), "99");
+    ds_db_free(db);
 }
 
 static void test_errors_carry_sqlstate(void **state)
@@ -316,6 +362,7 @@ int main(void)
         ds_test_skip_all("run through tests/integration/test-db.sh (needs its PostgreSQL)");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_connect_errors),
+        cmocka_unit_test(test_connection_defaults),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),

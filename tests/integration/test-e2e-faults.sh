@@ -158,21 +158,24 @@ wait "$ZPID"
 tap_is "$?" "0" "... and stops cleanly"
 
 # ---- a write-back that times out (job_stats locked by another session) is
-# written again later, not stored as a failure ----
+# written again later, not stored as a failure, and the heartbeats go on
+# meanwhile (a lease of 3 s, the lock held for 6 s) ----
 q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
 "$WORKER" --dsn "options='-c statement_timeout=300'" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" \
-    --threads 1 --worker-id locked --lease 60 2>"$T/locked.log" &
+    --threads 1 --worker-id locked --lease 3 --heartbeat 0.5 2>"$T/locked.log" &
 LPID=$!
 E2E_PIDS="$E2E_PIDS $LPID"
 wait_sql "SELECT state FROM dspark.workers WHERE worker_id = 'locked'" running 20
-psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN SHARE MODE" -c "SELECT pg_sleep(4)" -c "COMMIT" \
+psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN SHARE MODE" -c "SELECT pg_sleep(6)" -c "COMMIT" \
     >/dev/null 2>&1 &
 sleep 0.5
 jl=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature) VALUES ('$E2E_MODEL', ARRAY[5, 6], 20, 0) RETURNING id")
+sleep 4.5
+tap_is "$(q "SELECT dspark.requeue_expired()")" "0" "while its write-back waits, the worker's heartbeats keep the job's lease"
 wait_sql "SELECT state FROM dspark.jobs WHERE id = $jl" succeeded 30
 tap_is "$(q "SELECT state || ' ' || attempt || ' ' || coalesce(error, '-') FROM dspark.jobs WHERE id = $jl")" "succeeded 1 -" \
     "a write-back refused by a statement timeout is written again later, not stored as a failure"
-tap_like "$(cat "$T/locked.log")" "could not write 1 results \\(.*statement timeout.*\\); trying again" "... saying so"
+tap_like "$(cat "$T/locked.log")" "could not write 1 results? \\(.*statement timeout.*\\); trying again" "... saying so"
 kill -TERM "$LPID"
 wait "$LPID"
 tap_done
