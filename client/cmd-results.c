@@ -137,12 +137,7 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
     struct stat st;
     bool exists = output && lstat(output, &st) == 0;
     if (output && exists && !S_ISREG(st.st_mode)) {
-        if (!(out = fopen(output, "w"))) {
-            ctl_error("could not open '%s': %s", output, strerror(errno));
-            free(decl);
-            free(idarr);
-            return CTL_EXIT_ERROR;
-        }
+        out = fopen(output, "w");
     } else if (output) {
         tmp = ds_xmalloc(strlen(output) + 16);
         sprintf(tmp, "%s.tmp-XXXXXX", output);
@@ -151,15 +146,19 @@ int ctl_cmd_results(struct ctl *c, int argc, char **argv)
         umask(mask);
         if (fd >= 0)   /* as fopen would create it (not mkstemp's 0600), or as FILE was */
             fchmod(fd, exists ? st.st_mode & 07777 : 0666 & ~mask);
-        if (fd < 0 || !(out = fdopen(fd, "w"))) {
-            ctl_error("could not create '%s': %s", tmp, strerror(errno));
-            if (fd >= 0)
-                close(fd);
-            free(tmp);
-            free(decl);
-            free(idarr);
-            return CTL_EXIT_ERROR;
+        out = fd >= 0 ? fdopen(fd, "w") : NULL;
+        if (!out && fd >= 0) {
+            int e = errno;
+            close(fd);
+            errno = e;
         }
+    }
+    if (!out) {
+        ctl_error("could not create '%s': %s", tmp ? tmp : output, strerror(errno));
+        free(tmp);
+        free(decl);
+        free(idarr);
+        return CTL_EXIT_ERROR;
     }
     int64_t written = 0;
     /* one snapshot for the results and the count of unfinished jobs, so that a

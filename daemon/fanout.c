@@ -376,7 +376,6 @@ static int flush_transitions(struct fanout *f, uint64_t now_us)
     return total;
 }
 
-/* After a reconnection: publish jobs that finished while we could not listen. */
 /* Publish the final rows of the jobs that finished in the last window_s
  * seconds (by the database's clock, so that the hosts' clocks do not matter)
  * and were not published by this process: after a lost connection, and a

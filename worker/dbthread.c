@@ -64,15 +64,10 @@ void wdb_wake(struct wctx *w)
  * every job, this worker's included) trigger the next claim no sooner than this. */
 #define HINT_GAP 0.05
 
-struct held {
-    int64_t id;
-    int attempt;
-};
-
 struct dbt {
     struct wctx *w;
     struct ds_db *db;
-    struct held *held;                /* claimed and not yet written back or released */
+    struct wclaim *held;              /* claimed and not yet written back or released */
     int n_held, cap_held;
     json_t *pending;                  /* finish_jobs items to write */
     int64_t *rel_ids;
@@ -99,7 +94,7 @@ static void held_add(struct dbt *t, int64_t id, int attempt)
         t->cap_held = t->cap_held ? 2 * t->cap_held : 64;
         t->held = ds_xrealloc(t->held, (size_t)t->cap_held * sizeof *t->held);
     }
-    t->held[t->n_held++] = (struct held){id, attempt};
+    t->held[t->n_held++] = (struct wclaim){id, attempt};
 }
 
 static void held_remove(struct dbt *t, int64_t id, int attempt)
@@ -214,14 +209,13 @@ static void applied_rows(struct dbt *t, json_t *items, PGresult *res)
  * by the fence anyway, and dspark.finish_job_results takes one item per job,
  * so drop it here. */
 struct item_key {
-    int64_t id;
-    int attempt;
+    struct wclaim claim;
     size_t index;
 };
 
 static int cmp_item_key(const void *a, const void *b)
 {
-    const struct item_key *x = a, *y = b;
+    const struct wclaim *x = &((const struct item_key *)a)->claim, *y = &((const struct item_key *)b)->claim;
     if (x->id != y->id)
         return x->id < y->id ? -1 : 1;
     return x->attempt < y->attempt ? -1 : x->attempt > y->attempt;
@@ -233,14 +227,14 @@ static void drop_stale_items(struct dbt *t)
     struct item_key *keys = ds_xmalloc(n * sizeof *keys);
     for (size_t i = 0; i < n; i++) {
         json_t *item = json_array_get(t->pending, i);
-        keys[i] = (struct item_key){item_id(item), item_attempt(item), i};
+        keys[i] = (struct item_key){{item_id(item), item_attempt(item)}, i};
     }
     /* by id, then attempt: an entry followed by one of the same id is stale */
     qsort(keys, n, sizeof *keys, cmp_item_key);
     bool *stale = ds_xcalloc(n ? n : 1, sizeof *stale);
     size_t n_stale = 0;
     for (size_t k = 0; k + 1 < n; k++)
-        if (keys[k].id == keys[k + 1].id && keys[k].attempt < keys[k + 1].attempt) {
+        if (keys[k].claim.id == keys[k + 1].claim.id && keys[k].claim.attempt < keys[k + 1].claim.attempt) {
             stale[keys[k].index] = true;
             n_stale++;
         }
@@ -525,7 +519,7 @@ static int heartbeat(struct dbt *t)
     free(att);
     /* the claims this heartbeat speaks for */
     int n_sent = t->n_held;
-    struct held *sent = ds_xmalloc(((size_t)n_sent + 1) * sizeof *sent);
+    struct wclaim *sent = ds_xmalloc(((size_t)n_sent + 1) * sizeof *sent);
     if (n_sent > 0)
         memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
@@ -554,12 +548,9 @@ static int heartbeat(struct dbt *t)
                     continue;
                 if (sh->n_stop == sh->cap_stop) {
                     sh->cap_stop = sh->cap_stop ? 2 * sh->cap_stop : 32;
-                    sh->stop_ids = ds_xrealloc(sh->stop_ids, (size_t)sh->cap_stop * sizeof *sh->stop_ids);
-                    sh->stop_attempts =
-                        ds_xrealloc(sh->stop_attempts, (size_t)sh->cap_stop * sizeof *sh->stop_attempts);
+                    sh->stops = ds_xrealloc(sh->stops, (size_t)sh->cap_stop * sizeof *sh->stops);
                 }
-                sh->stop_ids[sh->n_stop] = id;
-                sh->stop_attempts[sh->n_stop++] = sent[k].attempt;
+                sh->stops[sh->n_stop++] = sent[k];
             }
         }
         pthread_cond_signal(&sh->main_cv);

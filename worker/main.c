@@ -591,18 +591,16 @@ static int run_loop(struct loop *L)
         sh->inbox = NULL;
         sh->inbox_tail = &sh->inbox;
         int n_stop = sh->n_stop;
-        int64_t *stops = n_stop ? ds_xmalloc((size_t)n_stop * sizeof *stops) : NULL;
-        int *stop_attempts = n_stop ? ds_xmalloc((size_t)n_stop * sizeof *stop_attempts) : NULL;
-        if (n_stop) {
-            memcpy(stops, sh->stop_ids, (size_t)n_stop * sizeof *stops);
-            memcpy(stop_attempts, sh->stop_attempts, (size_t)n_stop * sizeof *stop_attempts);
-        }
+        struct wclaim *stops = n_stop ? ds_xmalloc((size_t)n_stop * sizeof *stops) : NULL;
+        if (n_stop)
+            memcpy(stops, sh->stops, (size_t)n_stop * sizeof *stops);
         sh->n_stop = 0;
         bool queue_empty = sh->queue_empty, db_up = sh->db_up;
         pthread_mutex_unlock(&sh->mu);
 
         if (got_term != term_seen) {
-            int signals = got_term - term_seen;
+            /* a second signal (also two before this turn saw the first) hands back at once */
+            bool again = draining || got_term - term_seen > 1;
             term_seen = got_term;
             if (!draining) {
                 draining = true;
@@ -613,12 +611,8 @@ static int run_loop(struct loop *L)
                 sh->draining = true;
                 pthread_mutex_unlock(&sh->mu);
                 wdb_wake(w);
-                if (signals > 1) {
-                    /* two signals before this turn saw the first */
-                    wlog(DS_LOG_INFO, 0, "signal received again: handing back the jobs in flight now");
-                    drain_deadline = 0;
-                }
-            } else {
+            }
+            if (again) {
                 wlog(DS_LOG_INFO, 0, "signal received again: handing back the jobs in flight now");
                 drain_deadline = 0;
             }
@@ -636,14 +630,13 @@ static int run_loop(struct loop *L)
         }
         for (int i = 0; i < n_stop; i++)
             for (struct wjob *j = L->active; j; j = j->next)
-                if (j->id == stops[i] && j->attempt == stop_attempts[i]) {
+                if (j->id == stops[i].id && j->attempt == stops[i].attempt) {
                     wlog(DS_LOG_INFO, j->id, "stopping attempt %d: cancellation requested, or the job is no longer ours",
                          j->attempt);
                     if (ds_engine_cancel(L->engine, j->engine_id) < 0)
                         wlog(DS_LOG_WARNING, j->id, "could not stop it: %s", ds_errdetail());
                 }
         free(stops);
-        free(stop_attempts);
 
         if (draining && wnow() >= drain_deadline && L->n_active > 0) {
             collect(L);
@@ -902,8 +895,7 @@ int main(int argc, char **argv)
     json_decref(sh->results);
     free(sh->rel_ids);
     free(sh->rel_attempts);
-    free(sh->stop_ids);
-    free(sh->stop_attempts);
+    free(sh->stops);
     close(sh->wake_fd);
     ds_db_free(w->db);
     ds_engine_free(engine);

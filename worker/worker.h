@@ -79,6 +79,13 @@ struct widentity {
     char draft_checksum[17];
 };
 
+/* One claim of a job: the job and its attempt (a job claimed again after its
+ * lease expired is another claim). */
+struct wclaim {
+    int64_t id;
+    int attempt;
+};
+
 /* ---- what the two threads share (under mu) ---- */
 struct wshared {
     pthread_mutex_t mu;
@@ -101,8 +108,7 @@ struct wshared {
     /* database thread -> decoding thread */
     struct wjob *inbox, **inbox_tail;
     uint64_t delivered;           /* jobs ever put into the inbox */
-    int64_t *stop_ids;            /* jobs to stop (cancel requested, or no longer ours) */
-    int *stop_attempts;           /* ... the claim (attempt) of each: a stale stop spares a newer claim */
+    struct wclaim *stops;         /* claims to stop (cancel requested, or no longer ours): a stale stop spares a newer claim */
     int n_stop, cap_stop;
     bool queue_empty;             /* an idle claim found nothing */
     bool db_up;
