@@ -24,15 +24,20 @@ tests_gpu_test_kernels_LDADD = $(ENGINE_LIBS)
 tests_gpu_test_cuda_engine_SOURCES = tests/gpu/test-cuda-engine.c
 tests_gpu_test_cuda_engine_LDADD = $(ENGINE_LIBS)
 
-# Each GPU test exits 77 without a device; the target then exits 77 too.
+# Each GPU test exits 77 without a device; the target then exits 77 too. The
+# service test (a shell script: PostgreSQL, dsparkd and a cuda worker) also
+# skips without PostgreSQL.
 GPU_TESTS = tests/gpu/test-kernels$(EXEEXT) tests/gpu/test-cuda-engine$(EXEEXT)
-check-gpu: $(GPU_TESTS)
-	@fail=0; skip=0; for t in $(GPU_TESTS); do \
-	  echo "== $$t"; ./$$t; rc=$$?; \
+GPU_SHELL_TESTS = tests/gpu/test-service-gpu.sh
+check-gpu: $(GPU_TESTS) all
+	@fail=0; skip=0; n=0; for t in $(GPU_TESTS) $(GPU_SHELL_TESTS); do \
+	  n=$$((n + 1)); echo "== $$t"; \
+	  case $$t in *.sh) $(TESTS_ENVIRONMENT) $(SHELL) $(srcdir)/$$t ;; *) ./$$t ;; esac; rc=$$?; \
 	  if test $$rc -eq 77; then skip=$$((skip + 1)); elif test $$rc -ne 0; then fail=$$((fail + 1)); fi; \
 	done; \
 	if test $$fail -ne 0; then echo "check-gpu: $$fail test program(s) failed"; exit 1; fi; \
-	if test $$skip -eq 2; then echo "check-gpu: SKIP: no CUDA device"; exit 77; fi
+	if test $$skip -eq $$n; then echo "check-gpu: SKIP: no CUDA device"; exit 77; fi; \
+	if test $$skip -ne 0; then echo "check-gpu: $$skip of $$n test program(s) skipped"; fi
 else
 # without CUDA, the backend's functions say so (ds_cuda_available() is false)
 libdsengine_a_SOURCES += engine/forward-nocuda.c
@@ -41,7 +46,7 @@ check-gpu:
 endif
 .PHONY: check-gpu
 EXTRA_DIST += $(DS_KERNEL_SOURCES) kernels/kernels.h kernels/cluster.cuh kernels/pdl.cuh kernels/rowmath.cuh tests/gpu/test-kernels.c tests/gpu/test-cuda-engine.c \
-	tests/gpu/README.md
+	tests/gpu/README.md tests/gpu/test-service-gpu.sh
 
 if HAVE_CUDA
 noinst_PROGRAMS += bench/bench-gemm-cuda
