@@ -6,7 +6,7 @@ bench_bench_prefill_LDADD = $(ENGINE_LIBS)
 noinst_PROGRAMS += bench/bench-sampler
 bench_bench_sampler_SOURCES = bench/bench-sampler.c
 bench_bench_sampler_LDADD = $(ENGINE_LIBS)
-EXTRA_DIST += bench/model-pair.sh bench/ngram-baseline.sh bench/spec-speedup.sh bench/RESULTS.md
+EXTRA_DIST += bench/model-pair.sh bench/ngram-baseline.sh bench/spec-speedup.sh bench/service-throughput.sh bench/RESULTS.md
 
 noinst_PROGRAMS += bench/bench-step-cuda
 bench_bench_step_cuda_SOURCES = bench/bench-step-cuda.c
