@@ -3,6 +3,8 @@
 # engine alone, side by side in one run. The service: jobs queued with
 # 'dsparkctl submit', due together, claimed from PostgreSQL by the
 # dspark-worker that dsparkd supervises, written back with their statistics;
+# the worker starts cold, as dspark-generate does (the step-time profile is
+# measured once beforehand and loaded by both);
 # timed from the first claim (started_at) to the last finish (finished_at),
 # and the first claim's wait after the jobs were due (the worker's poll: due
 # jobs wake no one).
@@ -71,6 +73,13 @@ for c in range(copies):
                           "body": {"model": model, "prompt": t, "max_tokens": max_tokens}}))
 PYEOF
 JOBS=$(wc -l <"$T/requests.jsonl" | tr -d ' ')
+
+# the step-time profile once, before anything is timed; the worker loads it, so
+# that it starts as cold as dspark-generate (measuring it would run every pass
+# shape once, and capture their CUDA graphs, before the first job)
+"$DS_BUILDDIR/dspark-generate" --backend "$BACKEND" --target "$TARGET" --draft "$DRAFT" --prompt-ids "1 2 3" \
+    --max-tokens 2 --concurrency "$MAX_BATCH" --threads "$THREADS" --quiet --save-sps "$T/sps.json" \
+    >/dev/null 2>"$T/sps.log" || die "could not measure the step-time profile"
 
 cat >"$T/dspark.conf" <<EOF
 [dsparkd]

@@ -25,13 +25,19 @@ for line in open(sys.argv[1]):
     if out == int(sys.argv[2]):
         break
 PY
+# the step-time profile once, before the timed runs: a run that measured it
+# itself would start with its passes warm (CUDA graphs captured), and a run
+# without a draft measures none
+"$build/dspark-generate" --backend "${BACKEND:-auto}" --target "$models/dspark-tiny-target" \
+    --draft "$models/dspark-tiny-draft" --prompt-ids "1 2 3" --max-tokens 2 --concurrency 16 --quiet \
+    --save-sps "$tmp/sps.json" > /dev/null 2>&1
 printf '%-12s %-6s %10s %8s %8s\n' spec conc tokens/s tau speedup
 for conc in 1 16; do
     base=
     for spec in none dspark dspark-async; do
         draft="--draft $models/dspark-tiny-draft"
         "$build/dspark-generate" --backend "${BACKEND:-auto}" --target "$models/dspark-tiny-target" $draft \
-            --spec "$spec" --prompts "$tmp/p.jsonl" \
+            --spec "$spec" --prompts "$tmp/p.jsonl" --sps "$tmp/sps.json" \
             --max-tokens "$max" --ignore-eos --concurrency "$conc" > /dev/null 2> "$tmp/s.txt"
         tps=$(sed -n 's/^output tokens\/s *//p' "$tmp/s.txt")
         tau=$(sed -n 's/^mean acceptance length (tau) *//p' "$tmp/s.txt")
