@@ -160,7 +160,8 @@ static int get_real(json_t *obj, const char *name, const char *where, double *v,
     return 0;
 }
 
-/* The text of a message's content: a string, or an array of {"type":"text","text":...}. */
+/* The text of a message's content: a string, or an array of {"type":"text","text":...}
+ * whose texts are joined with newlines (as vLLM and TensorRT-LLM join them). */
 static int content_text(json_t *c, const char *where, size_t i, char **ret, char *err,
                         size_t errsize)
 {
@@ -168,6 +169,9 @@ static int content_text(json_t *c, const char *where, size_t i, char **ret, char
         *ret = ds_xstrdup(json_string_value(c));
         return 0;
     }
+    if (json_is_null(c) || !c)
+        return fail(err, errsize, "%smessages[%zu].content: missing or null (tool calls are not supported)",
+                    where, i);
     if (!json_is_array(c))
         return fail(err, errsize, "%smessages[%zu].content: must be a string or an array of text parts",
                     where, i);
@@ -180,12 +184,14 @@ static int content_text(json_t *c, const char *where, size_t i, char **ret, char
             return fail(err, errsize,
                         "%smessages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} parts are supported",
                         where, i, k);
-        len += json_string_length(text);
+        len += json_string_length(text) + 1;
     }
     char *s = ds_xmalloc(len + 1);
     size_t off = 0;
     json_array_foreach(c, k, part) {
         json_t *text = json_object_get(part, "text");
+        if (k > 0)
+            s[off++] = '\n';
         memcpy(s + off, json_string_value(text), json_string_length(text));
         off += json_string_length(text);
     }
@@ -416,9 +422,14 @@ static int parse_turns(json_t *root, long lineno, const struct ctl_params *d,
     json_t *cid = json_object_get(root, "custom_id");
     json_t *qid = json_object_get(root, "question_id");
     char buf[64];
+    if (cid && !json_is_string(cid) && !json_is_integer(cid))
+        return fail(err, errsize, "custom_id: must be a string or an integer");
     if (json_is_string(cid))
         r->custom_id = ds_xstrdup(json_string_value(cid));
-    else if (json_is_string(qid))
+    else if (json_is_integer(cid)) {
+        snprintf(buf, sizeof buf, "%" JSON_INTEGER_FORMAT, json_integer_value(cid));
+        r->custom_id = ds_xstrdup(buf);
+    } else if (json_is_string(qid))
         r->custom_id = ds_xstrdup(json_string_value(qid));
     else if (json_is_integer(qid)) {
         snprintf(buf, sizeof buf, "%" JSON_INTEGER_FORMAT, json_integer_value(qid));

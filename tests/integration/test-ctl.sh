@@ -74,7 +74,7 @@ tap_like "$out" "spec_mode_dspark_dspark_async_fixed_n_threshold_x_or_none" "...
 
 # --- submit a JSONL file --------------------------------------------------------
 cat >"$T/batch.jsonl" <<'EOF'
-{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "qwen3-4b", "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}], "max_tokens": 16, "temperature": 0, "seed": 3, "stop": "\n"}}
+{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "qwen3-4b", "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": [{"type": "text", "text": "Say hi."}, {"type": "text", "text": "Be brief."}]}], "max_tokens": 16, "temperature": 0, "seed": 3, "stop": "\n"}}
 {"custom_id": "text-1", "method": "POST", "url": "/v1/completions", "body": {"model": "qwen3-4b", "prompt": "Once upon a time", "max_completion_tokens": 32, "top_p": 0.5, "n": 1}}
 
 {"custom_id": "ids-1", "method": "POST", "url": "/v1/completions", "body": {"prompt": [151644, 872, 198]}}
@@ -88,7 +88,8 @@ tap_is "$(q "SELECT string_agg(concat_ws(':', custom_id, model, max_tokens, prio
     "chat-1:qwen3-4b:16:3 text-1:qwen3-4b:32:3 ids-1:default-model:1024:3 81:default-model:1024:3" \
     "custom_id, model (with --model as default), max_tokens and --priority per line, in file order"
 tap_is "$(q "SELECT messages::text FROM dspark.jobs WHERE batch_id = $B AND custom_id = 'chat-1'")" \
-    '[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"}]' "text parts are joined into one message"
+    '[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi.\nBe brief."}]' \
+    "text parts are joined into one message, a newline between them (as vLLM joins them)"
 tap_is "$(q "SELECT concat_ws('|', temperature, seed, stop::text) FROM dspark.jobs WHERE batch_id = $B AND custom_id = 'chat-1'")" \
     '0|3|{"
 "}' "temperature, seed and a stop string from the body"
@@ -269,6 +270,16 @@ for i, p in enumerate(["ok", "x" * 16777217]):
 out=$("$C" submit --skip-invalid -f "$T/huge.jsonl" 2>&1 >/dev/null)
 tap_is "$?" 0 "a prompt over 16 MiB with --skip-invalid: the other lines are submitted"
 tap_like "$out" "line 2: body.prompt: must have at most 16777216 bytes, got 16777217, skipped" "... and that line is named"
+printf '%s\n' '{"turns": ["seven"], "custom_id": 7}' >"$T/cid.jsonl"
+"$C" submit -q -m m -f "$T/cid.jsonl" >/dev/null
+tap_is "$(q "SELECT custom_id FROM dspark.jobs WHERE messages->0->>'content' = 'seven'")" "7" \
+    "a DeepSpec line's integer custom_id is kept as its digits"
+printf '%s\n' '{"turns": ["eight"], "custom_id": [8]}' >"$T/cid2.jsonl"
+out=$("$C" submit -m m -f "$T/cid2.jsonl" 2>&1)
+tap_like "$?: $out" "^1: .*line 1: custom_id: must be a string or an integer" "... and one of another type is refused, not replaced"
+printf '%s\n' '{"custom_id": "t", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": []}]}}' >"$T/tool.jsonl"
+out=$("$C" submit -f "$T/tool.jsonl" 2>&1)
+tap_like "$out" "messages\[1\]\.content: missing or null \(tool calls are not supported\)" "a turn without content (tool calls) is refused, saying why"
 "$C" status "$id" "$id" >/dev/null 2>&1
 tap_is "$?" 0 "a job named twice is one job"
 printf '{"custom_id": "%s\303\251x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "p"}}\n' \
