@@ -334,7 +334,40 @@ struct loading_beat {
     bool stop;
     bool running;
     bool bad_schema;              /* the database's schema is not this build's: the worker exits 78 */
+    bool id_checked;              /* id_in_use() ran and found the id free */
+    bool id_taken;                /* it found another host's live worker under this id: the worker exits 1 */
 };
+
+/* Is this worker id held by a live worker on another host (a row in state
+ * starting, running or draining whose heartbeat is younger than our lease)?
+ * Two hosts configured with one id would end each other's leases at every
+ * start and share one row; the second one refuses to start instead, and its
+ * supervisor retries later (a crashed holder's row goes stale within a lease).
+ * 1 taken (logged), 0 free, < 0 the query failed. */
+static int id_in_use(struct wctx *w, const struct wopts *o)
+{
+    char lease[32];
+    snprintf(lease, sizeof lease, "%g", o->lease);
+    const char *params[3] = {w->id.worker_id, w->id.host, lease};
+    PGresult *res = NULL;
+    int r = ds_db_exec(w->db,
+                       "SELECT host, pid, state, round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)"
+                       " FROM dspark.workers WHERE worker_id = $1 AND host IS DISTINCT FROM $2"
+                       " AND state IN ('starting', 'running', 'draining')"
+                       " AND heartbeat_at > now() - make_interval(secs => $3::float8)",
+                       3, params, &res);
+    if (r < 0)
+        return r;
+    int taken = PQntuples(res) > 0;
+    if (taken)
+        wlog(DS_LOG_ERR, 0,
+             "worker id '%s' is in use on host '%s' (pid %s, %s, heartbeat %s s ago): give each worker its own "
+             "--worker-id (or $DSPARK_WORKER_ID); not starting",
+             w->id.worker_id, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 2),
+             PQgetvalue(res, 0, 3));
+    PQclear(res);
+    return taken;
+}
 
 static int announce_starting(struct wctx *w)
 {
@@ -373,7 +406,18 @@ static void *loading_beat_main(void *arg)
             pthread_mutex_lock(&b->mu);
             break;   /* the decoding thread exits once it stops this thread */
         }
-        if (w->db && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
+        if (w->db && !b->id_checked && ds_db_ensure(w->db, 0) >= 0) {
+            int t = id_in_use(w, b->o);
+            if (t < 0 && ds_db_ok(w->db))   /* the query, not the connection, failed: go on unchecked */
+                wlog(DS_LOG_WARNING, 0, "could not check that the worker id is free: %s", ds_errdetail());
+            b->id_checked = t == 0 || (t < 0 && ds_db_ok(w->db));
+            if (t > 0) {
+                b->id_taken = true;
+                pthread_mutex_lock(&b->mu);
+                break;   /* as for a bad schema */
+            }
+        }
+        if (w->db && b->id_checked && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
             warned = false;
             wait_s = b->o->heartbeat;
         } else {
@@ -824,11 +868,22 @@ int main(int argc, char **argv)
     loading_beat_stop(&beat);
     if (beat.bad_schema)
         return EXIT_CONFIG;
+    if (beat.id_taken)
+        return 1;
     if (!w->db)
         w->db = connect_db(o);
     if (!w->db) {
         wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
         return 0;
+    }
+    if (!beat.id_checked) {
+        int t = id_in_use(w, o);
+        if (t < 0 && !ds_db_ok(w->db) && ds_db_ensure(w->db, 5000) >= 0)
+            t = id_in_use(w, o);
+        if (t > 0)
+            return 1;
+        if (t < 0)
+            wlog(DS_LOG_WARNING, 0, "could not check that the worker id is free: %s", ds_errdetail());
     }
     if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
         if (got_term)

@@ -8,7 +8,8 @@
 # max_tokens beyond the context, token ids outside the vocabulary, text for a
 # model without a tokenizer. Served, though the worker once refused them: a top_p
 # below float's range, fixed:N above 32. And the worker's own configuration
-# errors (exit 78).
+# errors (exit 78), and a worker id that a live worker on another host holds
+# (exit 1).
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
 C=$DSPARKCTL
@@ -143,6 +144,21 @@ wait "$later_pid"
 
 stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: everything stops cleanly"
+
+# ---- a worker id held by a live worker on another host ----
+q "INSERT INTO dspark.workers (worker_id, host, pid, device, model, state, heartbeat_at)
+   VALUES ('shared-id', 'otherhost', 4242, 'cuda:0', '$E2E_MODEL', 'running', now())" >/dev/null
+out=$(timeout 20 "$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id shared-id --once 2>&1)
+tap_is "$?" "1" "a worker whose id another host's live worker holds does not start (exit 1: its supervisor retries)"
+tap_like "$out" "worker id 'shared-id' is in use on host 'otherhost' \\(pid 4242, running, heartbeat [0-9.]+ s ago\\)" \
+    "... naming the host that holds it"
+tap_is "$(q "SELECT host || '|' || pid || '|' || state FROM dspark.workers WHERE worker_id = 'shared-id'")" \
+    "otherhost|4242|running" "... and leaves that worker's row alone"
+q "UPDATE dspark.workers SET heartbeat_at = now() - interval '1 hour' WHERE worker_id = 'shared-id'" >/dev/null
+timeout 30 "$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id shared-id --once \
+    >"$T/shared.log" 2>&1
+tap_is "$?|$(q "SELECT host <> 'otherhost' FROM dspark.workers WHERE worker_id = 'shared-id'")" "0|t" \
+    "once that worker's heartbeat is older than a lease, the id is taken over"
 
 # ---- the worker's configuration errors: exit 78 with a message ----
 out=$("$WORKER" --target "$E2E_TARGET" --backend cuda 2>&1)
