@@ -12,8 +12,11 @@
 #     run there with other sequences beside them;
 #   - a job that needs more KV cache than the worker's pool fails with the
 #     reason, and the same worker process runs the next job.
+# Where a second GPU answers, dsparkd runs a worker on each of two devices, both
+# take jobs, and the outputs of both match the references made on device 0.
 # Exit 77 (skipped) where the backend cannot run or PostgreSQL is not found.
-# DS_SERVICE_BACKEND=cpu runs the same checks on the CPU backend.
+# DS_SERVICE_BACKEND=cpu runs the same checks on the CPU backend;
+# DS_SERVICE_DEVICES=1 or 2 sets the number of workers.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 
 BACKEND=${DS_SERVICE_BACKEND:-cuda}
@@ -43,13 +46,25 @@ if ! probe=$("$GEN" --backend "$BACKEND" --target "$TARGET" --prompt-ids "1 2" -
     exit 1
 fi
 
+# two workers where device 1 answers too
+DEVICES=${DS_SERVICE_DEVICES:-}
+if [ -z "$DEVICES" ]; then
+    DEVICES=1
+    if [ "$BACKEND" != cpu ] &&
+        "$GEN" --backend "$BACKEND" --device 1 --target "$TARGET" --prompt-ids "1 2" --max-tokens 1 --quiet \
+            >/dev/null 2>&1; then
+        DEVICES=2
+    fi
+fi
+LAST=$((DEVICES - 1))
+
 pg_harness_start
 pg_harness_init
 T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-svc.XXXXXX")
 trap e2e_cleanup EXIT
 EP="ipc://$T/events.sock"
 
-# conf FILE WORKER-ARGS: dsparkd with one worker on device 0 of $BACKEND
+# conf FILE DEVICES WORKER-ARGS: dsparkd with a worker on each of DEVICES of $BACKEND
 conf() {
     cat >"$1" <<EOF
 [dsparkd]
@@ -65,13 +80,13 @@ endpoint = $EP
 
 [worker]
 program = $WORKER
-devices = 0
+devices = $2
 backend = $BACKEND
 target = $TARGET
 draft = $DRAFT
 max_batch = 256
 drain_timeout = 5s
-args = --threads 2 --lease 60 $2
+args = --threads 2 --lease 60 $3
 EOF
 }
 
@@ -92,18 +107,21 @@ submit() {
     done
 }
 
-conf "$T/dspark.conf" "--sps $T/sps.json"
+conf "$T/dspark.conf" "0-$LAST" "--sps $T/sps.json"
 t0=$(date +%s)
 "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
 DPID=$!
-wait_for "$T/dsparkd.log" "ready: 1 worker" 300
-tap_result $? "dsparkd starts a $BACKEND dspark-worker on the bundled pair, which becomes ready ($(($(date +%s) - t0)) s)"
-tap_is "$(q "SELECT concat_ws('|', worker_id, device, model, draft, state, jsonb_array_length(sps_profile->'tokens') > 1)
-             FROM dspark.workers")" \
-    "gpuhost/0|$BACKEND:0|dspark-tiny-target|dspark-tiny-draft|running|t" \
-    "the worker registered on $BACKEND:0 with a step-time profile"
+wait_for "$T/dsparkd.log" "ready: $DEVICES worker" 300
+tap_result $? "dsparkd starts $DEVICES $BACKEND dspark-worker(s) on the bundled pair, which become ready ($(($(date +%s) - t0)) s)"
+want=
+for d in $(seq 0 "$LAST"); do
+    want="$want gpuhost/$d|$BACKEND:$d|dspark-tiny-target|dspark-tiny-draft|running|t"
+done
+tap_is "$(q "SELECT string_agg(concat_ws('|', worker_id, device, model, draft, state,
+                                      jsonb_array_length(sps_profile->'tokens') > 1), ' ' ORDER BY worker_id)
+             FROM dspark.workers")" "${want# }" \
+    "each worker registered on its device ($BACKEND:0 to $BACKEND:$LAST) with a step-time profile"
 tap_ok "... measured at start on that backend and written to --sps" grep -q '"tokens"' "$T/sps.json"
-wpid=$(q "SELECT pid FROM dspark.workers")
 
 # the references: dspark-generate on the same backend, target-only greedy, and
 # sampled without a draft and with fixed:3 (prompt i seeded 100 + i)
@@ -153,14 +171,17 @@ for m in none fixed:3; do
 done
 tap_is "$(q "SELECT count(DISTINCT j.output_ids) FROM dspark.jobs j WHERE j.temperature > 0")" "32" \
     "... and the sampled outputs differ from prompt to prompt and from way to way"
-tap_is "$(q "SELECT count(*) FILTER (WHERE s.device = '$BACKEND:0' AND s.decode_tokens_per_s > 0
+tap_is "$(q "SELECT count(*) FILTER (WHERE s.device LIKE '$BACKEND:_' AND s.decode_tokens_per_s > 0
                                      AND s.output_tokens = cardinality(j.output_ids)
                                      AND s.mean_acceptance_length >= 1)
              || '|' || count(*) FILTER (WHERE j.spec_mode <> 'none' AND s.num_draft_tokens > 0
                                         AND s.num_accepted_tokens > 0)
              FROM dspark.jobs j JOIN dspark.job_stats s ON s.job_id = j.id")" \
     "$((16 * COPIES * 5 + 32))|$((16 * COPIES * 4 + 16))" \
-    "statistics: every job on $BACKEND:0 with tokens/s and tau; every speculative job drafted and accepted drafts"
+    "statistics: every job on a $BACKEND device with tokens/s and tau; every speculative job drafted and accepted drafts"
+tap_is "$(q "SELECT count(DISTINCT s.device) FROM dspark.job_stats s")" "$DEVICES" \
+    "the jobs ran on all $DEVICES device(s): $(q "SELECT string_agg(device || ' ' || n, ', ' ORDER BY device)
+                                                   FROM (SELECT device, count(*) n FROM dspark.job_stats GROUP BY 1) x")"
 tap_diag "$(q "SELECT 'output tokens ' || sum(s.output_tokens) || ', '
                       || round((sum(s.output_tokens) / extract(epoch FROM max(j.finished_at) - min(j.started_at)))::numeric)
                       || ' tok/s over the run; tau by mode: '
@@ -173,12 +194,12 @@ tap_diag "$(q "SELECT 'output tokens ' || sum(s.output_tokens) || ', '
 # a job larger than the KV pool: the worker fails it and goes on
 stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: dsparkd and its worker stop cleanly"
-conf "$T/small.conf" "--sps $T/sps.json --kv-tokens 256"
+conf "$T/small.conf" 0 "--sps $T/sps.json --kv-tokens 256"
 "$DSPARKD" --config "$T/small.conf" 2>"$T/dsparkd2.log" &
 DPID=$!
 wait_for "$T/dsparkd2.log" "ready: 1 worker" 300
 tap_result $? "a worker with a pool of 256 KV tokens becomes ready"
-wpid=$(q "SELECT pid FROM dspark.workers WHERE state = 'running'")
+wpid=$(q "SELECT pid FROM dspark.workers WHERE state = 'running' AND worker_id = 'gpuhost/0'")
 big=$("$DSPARKCTL" submit -q -m "$MODEL" --temperature 0 --max-tokens 400 "def f(x):")
 small=$("$DSPARKCTL" submit -q -m "$MODEL" --temperature 0 --max-tokens 16 "def g(y):")
 wait_sql "SELECT count(*) FROM dspark.jobs WHERE id IN ($big, $small) AND state IN ('queued', 'running')" 0 60
