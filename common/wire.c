@@ -167,7 +167,7 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
         break;
     }
     case DS_EVENT_HB:
-        msgpack_pack_map(&pk, 7);
+        msgpack_pack_map(&pk, 8);
         pack_key(&pk, "v");
         msgpack_pack_int(&pk, DS_WIRE_VERSION);
         pack_key(&pk, "type");
@@ -182,6 +182,11 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
         msgpack_pack_int64(&pk, ev->running);
         pack_key(&pk, "workers");
         msgpack_pack_int(&pk, ev->workers);
+        pack_key(&pk, "counts_ts");
+        if (ev->has & DS_EV_COUNTS_TS)
+            msgpack_pack_double(&pk, ev->counts_ts);
+        else
+            msgpack_pack_nil(&pk);
         break;
     case DS_EVENT_SUB:
         msgpack_pack_map(&pk, 4);
@@ -384,6 +389,12 @@ static int decode_map(const msgpack_object *root, struct ds_event *ev)
                     return r;
                 ev->workers = (int)iv;
                 seen |= SEEN_WORKERS;
+            } else if (key_is(kv, "counts_ts")) {
+                if (!nil) {
+                    if ((r = get_double(val, "counts_ts", &ev->counts_ts)) < 0)
+                        return r;
+                    ev->has |= DS_EV_COUNTS_TS;
+                }
             }
         } else if (ev->type == DS_EVENT_SUB) {
             if (key_is(kv, "topic")) {

@@ -158,6 +158,7 @@ struct daemon {
     uint64_t next_prune_us;
     uint64_t next_extend_us;
     struct fanout_status status;
+    double status_ts;               /* wall clock (Unix seconds) when status was read */
     char last_status[512];
 };
 
@@ -338,6 +339,10 @@ static void publish_heartbeat(struct daemon *d)
     hb.queued = d->status.valid ? d->status.queued : 0;
     hb.running = d->status.valid ? d->status.running : 0;
     hb.workers = supervisor_ready(d->sup);
+    if (d->status.valid) {
+        hb.counts_ts = d->status_ts;
+        hb.has |= DS_EV_COUNTS_TS;
+    }
     if (ds_events_publish(d->pub, &hb) < 0)
         ds_log(DS_LOG_WARNING, "could not publish a heartbeat: %s", ds_errdetail());
 }
@@ -368,8 +373,10 @@ static void run_due(struct daemon *d, uint64_t now)
             every = d->watchdog_usec / 4;
         d->next_status_us = now + every;
         struct fanout_status st = { 0 };
-        if (fanout_up(d->fanout) && fanout_status(d->fanout, now, &st) == 0)
+        if (fanout_up(d->fanout) && fanout_status(d->fanout, now, &st) == 0) {
             d->status = st;
+            d->status_ts = ds_wire_now();
+        }
         const char *ws = supervisor_status_text(d->sup);
         if (*ws)
             ds_log(DS_LOG_DEBUG, "workers: %s", ws);

@@ -14,7 +14,10 @@
  *        plus, for final states when the statistics exist: "output_tokens":int,
  *        "tokens_per_s":float, "mean_acceptance_length":float
  *   hb:  {"v":1, "type":"hb", "host":str, "ts":float, "queued":int,
- *         "running":int, "workers":int}
+ *         "running":int, "workers":int, "counts_ts":float|nil}
+ *        counts_ts: when queued and running were read from the database
+ *        (the publisher's clock), nil before the first read; while the
+ *        database is unreachable it stays behind ts, and the counts are old
  *   sub: {"v":1, "type":"sub", "topic":str, "ts":float}
  * "ts" is the publisher's wall clock in Unix seconds. Events never carry prompts
  * or outputs. */
@@ -44,6 +47,7 @@ enum {
     DS_EV_OUTPUT_TOKENS = 1u << 2,
     DS_EV_TOKENS_PER_S = 1u << 3,
     DS_EV_MEAN_ACCEPT = 1u << 4,     /* mean_acceptance_length */
+    DS_EV_COUNTS_TS = 1u << 5,       /* hb: counts_ts (else nil) */
 };
 
 struct ds_event {
@@ -65,6 +69,7 @@ struct ds_event {
     int64_t queued;
     int64_t running;
     int workers;
+    double counts_ts;                /* Unix seconds when queued and running were read */
     /* sub */
     char topic[DS_WIRE_TOPIC_MAX];
 };

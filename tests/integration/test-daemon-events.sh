@@ -116,7 +116,7 @@ tap_result $((1 - $?)) "the DSN is not on the worker's command line"
 
 # heartbeats
 start_sub "$T/hb.out" --topic 'hb|' --count 2 --timeout 5
-wait_for "$T/hb.out" '^hb host=testhost queued=[0-9]+ running=[0-9]+ workers=2$' 5
+wait_for "$T/hb.out" '^hb host=testhost queued=[0-9]+ running=[0-9]+ workers=2 counts_age=[0-9.]+$' 5
 tap_result $? "heartbeats carry host, queue counts and ready workers"
 
 # one job through its states, watched by batch and by job topic
@@ -213,10 +213,29 @@ tap_result $([ "$(cat "$T/w/0.pid")" != "$pid0" ]; echo $?) "and starts a new on
 wait_for "$T/dsparkd.log" "worker for device '0' \\(pid $(cat "$T/w/0.pid")\\) is ready" 5
 tap_result $? "the new worker becomes ready"
 
+# PostgreSQL stops: heartbeats go on, and say how old their queue counts are
+pg_harness_ctl -m fast -w -s stop >/dev/null 2>&1
+sleep 3
+start_sub "$T/hb-down.out" --topic 'hb|' --count 1 --timeout 5
+wait_for "$T/hb-down.out" '^hb ' 5
+age=$(sed -n 's/^hb .* counts_age=\([0-9.]*\)$/\1/p' "$T/hb-down.out")
+tap_result "$(awk -v a="${age:-0}" 'BEGIN { print (a >= 2.5) ? 0 : 1 }')" \
+    "while the database is down, a heartbeat's counts are older than the outage (counts_age ${age:-missing} s)"
+pg_harness_ctl -w -s start >/dev/null 2>&1
+wait_for "$T/dsparkd.log" "database connection restored" 20
+tap_result $? "dsparkd reconnects when PostgreSQL is back"
+start_sub "$T/hb-up.out" --topic 'hb|' --count 3 --timeout 5
+wait_for "$T/hb-up.out" '^hb .* counts_age=0\.[0-9]$' 5
+tap_result $? "... and its heartbeats' counts are fresh again"
+
 # PostgreSQL restarts: dsparkd reconnects, listens again, publishes
 pg_harness_ctl -m fast -w -s restart >/dev/null 2>&1
-wait_for "$T/dsparkd.log" "database connection restored" 20
-tap_result $? "dsparkd reconnects after a PostgreSQL restart"
+n=0
+while [ "$(grep -c "database connection restored" "$T/dsparkd.log")" -lt 2 ] && [ $n -lt 200 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+tap_result "$([ $n -lt 200 ]; echo $?)" "dsparkd reconnects after a PostgreSQL restart"
 j5=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'after restart') RETURNING id")
 wait_for "$T/reap.out" "^job id=$j5 batch=- state=queued version=1" 5
 tap_result $? "events flow again after the reconnection (LISTEN re-issued)"

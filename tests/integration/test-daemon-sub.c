@@ -27,8 +27,12 @@
 static void print_event(const struct ds_event *ev)
 {
     if (ev->type == DS_EVENT_HB) {
-        printf("hb host=%s queued=%" PRId64 " running=%" PRId64 " workers=%d\n", ev->host, ev->queued, ev->running,
+        printf("hb host=%s queued=%" PRId64 " running=%" PRId64 " workers=%d", ev->host, ev->queued, ev->running,
                ev->workers);
+        if (ev->has & DS_EV_COUNTS_TS)
+            printf(" counts_age=%.1f\n", ev->ts - ev->counts_ts);
+        else
+            printf(" counts_age=-\n");
         return;
     }
     printf("job id=%" PRId64, ev->id);

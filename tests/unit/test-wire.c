@@ -83,6 +83,11 @@ static void test_heartbeat_and_ack(void **state)
     assert_int_equal(got.queued, 1000000);
     assert_int_equal(got.running, 64);
     assert_int_equal(got.workers, 8);
+    assert_false(got.has & DS_EV_COUNTS_TS);   /* never read: nil */
+    hb.has |= DS_EV_COUNTS_TS;
+    hb.counts_ts = 1699999990.5;
+    roundtrip(&hb, &got);
+    assert_true((got.has & DS_EV_COUNTS_TS) && got.counts_ts == 1699999990.5);
 
     struct ds_event ack = { .type = DS_EVENT_SUB, .ts = 5 };
     strcpy(ack.topic, "job|42|");
