@@ -280,7 +280,8 @@ static json_t *result_json(const struct prompt *p, int index)
 
 /* The aggregate table printed at the end. */
 static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds_spec_mode *spec,
-                          const struct prompt *ps, int n, double t_load, double t_total, long total_out)
+                          const struct prompt *ps, int n, double t_load, double t_total, long total_out,
+                          const struct ds_engine_time *tm)
 {
     long prompt_tokens = 0, rounds = 0, drafted = 0, verified = 0, accepted = 0, emitted = 0;
     long ver_pos[DS_MAX_BLOCK] = {0}, acc_pos[DS_MAX_BLOCK] = {0}, reach_pos[DS_MAX_BLOCK] = {0};
@@ -318,6 +319,16 @@ static void print_summary(FILE *f, const struct ds_draft *draft, const struct ds
     fprintf(f, "%-28s %.2f s\n", "generation time", t_total);
     fprintf(f, "%-28s %.1f\n", "output tokens/s", t_total > 0 ? total_out / t_total : 0);
     fprintf(f, "%-28s %.3f s\n", "mean time to first token", generated > 0 ? ttft / generated : 0);
+    if (tm->steps > 0) {
+        double st = tm->step_s > 0 ? tm->step_s : 1, rest = tm->step_s - tm->pass_s - tm->draft_s;
+        fprintf(f, "%-28s %ld (%ld drafting)\n", "engine steps", tm->steps, tm->drafting_steps);
+        fprintf(f, "%-28s %.3f s (%.0f %% of the steps)\n", "  in target passes", tm->pass_s, 100 * tm->pass_s / st);
+        if (draft)
+            fprintf(f, "%-28s %.3f s (%.0f %%)\n", "  in draft phases", tm->draft_s, 100 * tm->draft_s / st);
+        fprintf(f, "%-28s %.3f s (%.0f %%)\n", "  in the rest", rest, 100 * rest / st);
+        if (tm->profile_pass_s > 0)
+            fprintf(f, "%-28s %.3f s\n", "  the profile's passes", tm->profile_pass_s);
+    }
     if (draft && rounds > 0) {
         fprintf(f, "%-28s %ld\n", "rounds", rounds);
         fprintf(f, "%-28s %.3f\n", "mean acceptance length (tau)", (double)emitted / rounds);
@@ -551,8 +562,11 @@ int main(int argc, char **argv)
         }
     }
     double t_total = ds_cli_now() - t_gen;
-    if (!quiet)
-        print_summary(stderr, draft, &spec, ps, n_prompts, t_load, t_total, total_out);
+    if (!quiet) {
+        struct ds_engine_time tm;
+        ds_engine_time(engine, &tm);
+        print_summary(stderr, draft, &spec, ps, n_prompts, t_load, t_total, total_out, &tm);
+    }
     if (logits_f && fclose(logits_f) != 0) {
         fprintf(stderr, "dspark-generate: could not write '%s': %s\n", logits_out, strerror(errno));
         return 1;

@@ -87,6 +87,7 @@ struct ds_engine {
     int32_t *row_draw;           /* [cap_rows] the draw starting at a logits row, else -1 */
     struct ds_spec *spec;
     struct ds_sps sps;           /* SPS(B): target steps per second at B tokens */
+    struct ds_engine_time time;  /* ds_engine_time() */
 };
 
 double ds_now(void);

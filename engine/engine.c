@@ -20,6 +20,7 @@
 #include "dspark/ds-draft.h"
 #include "dspark/ds-engine.h"
 #include "dspark/ds-model.h"
+#include "dspark/ds-sched.h"
 #include "dspark/ds-tokenizer.h"
 #include "draft-ops.h"
 #include "engine-impl.h"
@@ -105,7 +106,7 @@ static bool pass_needs_argmax(const struct ds_engine *e)
     return false;
 }
 
-int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
+static int forward(struct ds_engine *e, const struct ds_batch *b)
 {
     if (e->cuda) {
         /* ids are enough when every row is greedy or draws on the GPU: the logits stay there; and
@@ -123,6 +124,21 @@ int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
         for (int i = 0; i < b->n_logits; i++)
             b->argmax[i] = ds_argmax(b->logits + (size_t)i * e->target->cfg.vocab_size, e->target->cfg.vocab_size);
     return r;
+}
+
+int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
+{
+    double t0 = ds_now();
+    int r = forward(e, b);
+    e->time.pass_s += ds_now() - t0;
+    if (e->sps.n > 0 && b->n_tokens > 0)
+        e->time.profile_pass_s += 1.0 / ds_sps_at(&e->sps, b->n_tokens);
+    return r;
+}
+
+void ds_engine_time(const struct ds_engine *e, struct ds_engine_time *ret)
+{
+    *ret = e->time;
 }
 
 /* The GPU side of an engine: weights, then a KV cache sized from free memory. */
@@ -670,10 +686,15 @@ int ds_engine_step(struct ds_engine *e)
             ds_seq_finish(e, e->seqs[i], "cancelled");
     collect_finished(e);
     admit(e);
+    double t0 = ds_now(), pass0 = e->time.pass_s;
     if (e->draft) {
         r = ds_spec_round(e);
     } else {
         r = ds_plain_round(e);
+    }
+    if (e->time.pass_s != pass0) {   /* a round ran (it has a target pass) */
+        e->time.steps++;
+        e->time.step_s += ds_now() - t0;
     }
     collect_finished(e);
     return r;

@@ -669,6 +669,10 @@ int ds_spec_round(struct ds_engine *e)
     double t_draft = ds_now();
     if (R > 0 && (r = (e->cuda_draft ? draft_cuda : draft_cpu)(e, R)) < 0)
         return r;
+    if (R > 0) {
+        e->time.draft_s += ds_now() - t_draft;
+        e->time.drafting_steps++;
+    }
 
     /* (2) verification lengths (priced with the draft time of earlier rounds) */
     int extra = n_prefill;
@@ -907,6 +911,7 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
     }
     ds_sps_monotone(&t);
     r = ds_engine_set_sps(e, &t);
+    e->time = (struct ds_engine_time){0};   /* the profile's passes are not the engine's rounds */
 out:
     ds_sps_done(&t);
     for (int i = 0; i < got; i++)

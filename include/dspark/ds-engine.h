@@ -136,6 +136,21 @@ struct ds_result *ds_result_free(struct ds_result *r);
 long ds_engine_free_tokens(const struct ds_engine *e);
 long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_tokens);
 
+/* Where the engine's rounds spent their wall-clock time since it was created (or
+ * since its step-time profile was measured). A pass ends when its results are on
+ * the host: greedy ids, logits, or the draws' ids. Where the GPU draws every row,
+ * nothing comes back before the next round, and its time counts with the rest. */
+struct ds_engine_time {
+    long steps;                 /* ds_engine_step calls that ran a round */
+    long drafting_steps;        /* of them, rounds that drafted */
+    double step_s;              /* in those calls */
+    double pass_s;              /* in target passes */
+    double draft_s;             /* in draft phases, to the drafts on the host (the GPU's earlier
+                                   work that the drafts wait for included) */
+    double profile_pass_s;      /* what the profile SPS(B) gives for the same passes (0 without one) */
+};
+void ds_engine_time(const struct ds_engine *e, struct ds_engine_time *ret);
+
 /* The throughput table SPS(B) that the dspark schedulers use (engines with a draft). */
 struct ds_sps;
 /* Measure SPS(B) with the target at the given context length (B from 1 to

@@ -3,7 +3,8 @@
 # values are usage errors (exit 2) before anything loads; greedy speculative
 # output equals target-only output for dspark and fixed:64 (longer than the
 # draft's block); a seed of 64 bits replays; a prompt the engine refuses fails
-# alone (exit 1), the others print, and the summary counts it.
+# alone (exit 1), the others print, and the summary counts it; the summary's
+# time breakdown adds up to the engine's steps and fits in the generation time.
 set -u
 build=${DS_BUILDDIR:-.}
 src=${DS_SRCDIR:-.}
@@ -12,7 +13,7 @@ target="$src/models/dspark-tiny-target"
 draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..11"
+echo "1..12"
 n=0
 check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
     what=$1
@@ -64,3 +65,19 @@ rc=$?
 check "a refused prompt fails alone: exit 1, its reason named, the other printed" sh -c '[ "$1" -eq 1 ] &&
     grep -q "prompt 1: .*exceeds the context" "$2" && [ -n "$(head -n 1 "$0")" ]' "$tmp/long.out" "$rc" "$tmp/long.err"
 check "the summary counts the failed prompt" grep -q '^failed prompts  *1$' "$tmp/long.err"
+
+"$gen" --target "$target" --draft "$draft" --prompts "$tmp/p.jsonl" --max-tokens 24 --concurrency 3 --threads 2 \
+    >/dev/null 2>"$tmp/time.err"
+time_adds_up() {
+    awk '/^generation time/ { gen = $3 } /^engine steps/ { steps = $3 + 0; drafting = substr($4, 2) + 0 }
+         /^  in target passes/ { pass = $4 } /^  in draft phases/ { draft = $4 } /^  in the rest/ { rest = $4 }
+         /^  the profile.s passes/ { prof = $4 }
+         END { sum = pass + draft + rest
+               ok = steps > 0 && drafting > 0 && drafting <= steps && pass > 0 && draft > 0 && rest >= -0.002 &&
+                    sum <= gen + 0.002 && prof > 0
+               if (!ok) print "# gen " gen " steps " steps " drafting " drafting " pass " pass " draft " draft \
+                              " rest " rest " profile " prof
+               exit !ok }' "$tmp/time.err"
+}
+check "the summary splits the steps' time into passes, draft phases and the rest, within the generation time" \
+    time_adds_up
