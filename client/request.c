@@ -169,9 +169,10 @@ static int content_text(json_t *c, const char *where, size_t i, char **ret, char
         *ret = ds_xstrdup(json_string_value(c));
         return 0;
     }
-    if (json_is_null(c) || !c)
-        return fail(err, errsize, "%smessages[%zu].content: missing or null (tool calls are not supported)",
-                    where, i);
+    if (!c)
+        return fail(err, errsize, "%smessages[%zu].content: missing", where, i);
+    if (json_is_null(c))
+        return fail(err, errsize, "%smessages[%zu].content: null (tool calls are not supported)", where, i);
     if (!json_is_array(c))
         return fail(err, errsize, "%smessages[%zu].content: must be a string or an array of text parts",
                     where, i);
@@ -422,8 +423,14 @@ static int parse_turns(json_t *root, long lineno, const struct ctl_params *d,
     json_t *cid = json_object_get(root, "custom_id");
     json_t *qid = json_object_get(root, "question_id");
     char buf[64];
+    if (json_is_null(cid))
+        cid = NULL;   /* as if absent */
+    if (json_is_null(qid))
+        qid = NULL;
     if (cid && !json_is_string(cid) && !json_is_integer(cid))
         return fail(err, errsize, "custom_id: must be a string or an integer");
+    if (qid && !json_is_string(qid) && !json_is_integer(qid))
+        return fail(err, errsize, "question_id: must be a string or an integer");
     if (json_is_string(cid))
         r->custom_id = ds_xstrdup(json_string_value(cid));
     else if (json_is_integer(cid)) {

@@ -12,7 +12,8 @@ DS_MIGRATIONS = \
 	sql/004-index-churn.sql \
 	sql/005-notify-chunks.sql \
 	sql/006-job-stats-time.sql \
-	sql/007-attempts.sql
+	sql/007-attempts.sql \
+	sql/008-worker-ids.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -334,47 +334,29 @@ struct loading_beat {
     bool stop;
     bool running;
     bool bad_schema;              /* the database's schema is not this build's: the worker exits 78 */
-    bool id_checked;              /* id_in_use() ran and found the id free */
-    bool id_taken;                /* it found another host's live worker under this id: the worker exits 1 */
+    bool id_taken;                /* a live worker on another host holds this worker id: the worker exits 1 */
 };
 
-/* Is this worker id held by a live worker on another host (a row in state
- * starting, running or draining whose heartbeat is younger than our lease)?
- * Two hosts configured with one id would end each other's leases at every
- * start and share one row; the second one refuses to start instead, and its
- * supervisor retries later (a crashed holder's row goes stale within a lease).
- * 1 taken (logged), 0 free, < 0 the query failed. */
-static int id_in_use(struct wctx *w, const struct wopts *o)
+/* The database refused this worker id: a live worker on another host holds it
+ * (dspark.worker_starting and register_worker, SQLSTATE 55006, object_in_use).
+ * Two hosts configured with one id would otherwise share one row and end each
+ * other's leases; this one stops, and its supervisor retries later. */
+static bool id_refused(struct wctx *w)
 {
-    char lease[32];
-    snprintf(lease, sizeof lease, "%g", o->lease);
-    const char *params[3] = {w->id.worker_id, w->id.host, lease};
-    PGresult *res = NULL;
-    int r = ds_db_exec(w->db,
-                       "SELECT host, pid, state, round(extract(epoch FROM now() - heartbeat_at)::numeric, 1)"
-                       " FROM dspark.workers WHERE worker_id = $1 AND host IS DISTINCT FROM $2"
-                       " AND state IN ('starting', 'running', 'draining')"
-                       " AND heartbeat_at > now() - make_interval(secs => $3::float8)",
-                       3, params, &res);
-    if (r < 0)
-        return r;
-    int taken = PQntuples(res) > 0;
-    if (taken)
-        wlog(DS_LOG_ERR, 0,
-             "worker id '%s' is in use on host '%s' (pid %s, %s, heartbeat %s s ago): give each worker its own "
-             "--worker-id (or $DSPARK_WORKER_ID); not starting",
-             w->id.worker_id, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 2),
-             PQgetvalue(res, 0, 3));
-    PQclear(res);
-    return taken;
+    if (strcmp(ds_db_sqlstate(w->db), "55006") != 0)
+        return false;
+    wlog(DS_LOG_ERR, 0, "%s: give each worker its own --worker-id (or $DSPARK_WORKER_ID); not starting",
+         ds_errdetail());
+    return true;
 }
 
-static int announce_starting(struct wctx *w)
+static int announce_starting(struct wctx *w, const struct wopts *o)
 {
-    char pid[16];
+    char pid[16], live[32];
     snprintf(pid, sizeof pid, "%d", (int)getpid());
-    const char *params[5] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model};
-    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5)", 5, params);
+    snprintf(live, sizeof live, "%g", o->lease);
+    const char *params[6] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model, live};
+    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5, $6::float8)", 6, params);
 }
 
 static void *loading_beat_main(void *arg)
@@ -406,18 +388,15 @@ static void *loading_beat_main(void *arg)
             pthread_mutex_lock(&b->mu);
             break;   /* the decoding thread exits once it stops this thread */
         }
-        if (w->db && !b->id_checked && ds_db_ensure(w->db, 0) >= 0) {
-            int t = id_in_use(w, b->o);
-            if (t < 0 && ds_db_ok(w->db))   /* the query, not the connection, failed: go on unchecked */
-                wlog(DS_LOG_WARNING, 0, "could not check that the worker id is free: %s", ds_errdetail());
-            b->id_checked = t == 0 || (t < 0 && ds_db_ok(w->db));
-            if (t > 0) {
-                b->id_taken = true;
-                pthread_mutex_lock(&b->mu);
-                break;   /* as for a bad schema */
-            }
+        int announced = -1;
+        if (w->db && ds_db_ensure(w->db, 0) >= 0)
+            announced = announce_starting(w, b->o);
+        if (announced < 0 && w->db && id_refused(w)) {
+            pthread_mutex_lock(&b->mu);
+            b->id_taken = true;
+            break;   /* as for a bad schema */
         }
-        if (w->db && b->id_checked && ds_db_ensure(w->db, 0) >= 0 && announce_starting(w) == 0) {
+        if (announced == 0) {
             warned = false;
             wait_s = b->o->heartbeat;
         } else {
@@ -461,6 +440,21 @@ static void loading_beat_stop(struct loading_beat *b)
     b->running = false;
 }
 
+/* Has the database refused this worker while it loads (a schema this build does
+ * not know, or its id in use elsewhere)? Then the thread is stopped, so that the
+ * worker exits before it spends minutes loading. */
+static bool loading_refused(struct loading_beat *b)
+{
+    if (!b->running)
+        return false;
+    pthread_mutex_lock(&b->mu);
+    bool refused = b->bad_schema || b->id_taken;
+    pthread_mutex_unlock(&b->mu);
+    if (refused)
+        loading_beat_stop(b);
+    return refused;
+}
+
 static json_t *sps_json(const struct ds_sps *t)
 {
     json_t *o = json_object(), *b = json_array(), *s = json_array();
@@ -476,19 +470,21 @@ static json_t *sps_json(const struct ds_sps *t)
 }
 
 /* Register (upsert) the worker row; retries while the connection is down. */
-static int register_worker(struct wctx *w, const struct ds_sps *sps)
+static int register_worker(struct wctx *w, const struct wopts *o, const struct ds_sps *sps)
 {
-    char pid[16];
+    char pid[16], live[32];
     snprintf(pid, sizeof pid, "%d", (int)getpid());
+    snprintf(live, sizeof live, "%g", o->lease);
     json_t *j = sps ? sps_json(sps) : NULL;
     char *sps_text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
-    const char *params[9] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model,
-                             w->id.draft[0] ? w->id.draft : NULL, w->id.model_checksum,
-                             w->id.draft[0] ? w->id.draft_checksum : NULL, sps_text};
+    const char *params[10] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model,
+                              w->id.draft[0] ? w->id.draft : NULL, w->id.model_checksum,
+                              w->id.draft[0] ? w->id.draft_checksum : NULL, sps_text, live};
     int r;
-    while ((r = ds_db_command(w->db, "SELECT dspark.register_worker($1, $2, $3::int, $4, $5, $6, $7, $8, $9::jsonb)",
-                              9, params)) < 0) {
+    while ((r = ds_db_command(w->db,
+                              "SELECT dspark.register_worker($1, $2, $3::int, $4, $5, $6, $7, $8, $9::jsonb, $10::float8)",
+                              10, params)) < 0) {
         if (ds_db_ok(w->db) || got_term)
             break;
         wlog(DS_LOG_WARNING, 0, "could not register: %s; retrying", ds_errdetail());
@@ -819,6 +815,8 @@ int main(int argc, char **argv)
     struct ds_model_opts mopts = {.load_tokenizer = true, .skip_layers = backend == DS_BACKEND_CUDA};
     if (ds_model_load(o->target_dir, &mopts, &model) < 0)
         die_config("could not load the target model: %s", ds_errdetail());
+    if (loading_refused(&beat))
+        return beat.bad_schema ? EXIT_CONFIG : 1;
     if (o->draft_dir && ds_draft_load(o->draft_dir, model, &draft) < 0)
         die_config("could not load the draft model: %s", ds_errdetail());
     snprintf(w->id.model_checksum, sizeof w->id.model_checksum, "%s", model->checksum);
@@ -837,6 +835,8 @@ int main(int argc, char **argv)
     struct ds_engine *engine = NULL;
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         die_config("could not create the engine: %s", ds_errdetail());
+    if (loading_refused(&beat))
+        return beat.bad_schema ? EXIT_CONFIG : 1;
     size_t released = ds_engine_release_draft_weights(engine);   /* the draft runs from its GPU copy */
     if (released > 0)
         wlog(DS_LOG_INFO, 0, "released %.0f MB of host memory held by the draft's weights (it runs on the GPU)",
@@ -876,18 +876,11 @@ int main(int argc, char **argv)
         wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
         return 0;
     }
-    if (!beat.id_checked) {
-        int t = id_in_use(w, o);
-        if (t < 0 && !ds_db_ok(w->db) && ds_db_ensure(w->db, 5000) >= 0)
-            t = id_in_use(w, o);
-        if (t > 0)
-            return 1;
-        if (t < 0)
-            wlog(DS_LOG_WARNING, 0, "could not check that the worker id is free: %s", ds_errdetail());
-    }
-    if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
+    if (register_worker(w, o, draft ? ds_engine_sps(engine) : NULL) < 0) {
         if (got_term)
             return 0;
+        if (id_refused(w))
+            return 1;
         wlog(DS_LOG_ERR, 0, "could not register in dspark.workers: %s", ds_errdetail());
         return EXIT_CONFIG;
     }

@@ -181,6 +181,28 @@ tap_is "$(q "SELECT lease_expires_at > now() + interval '500 s' FROM dspark.jobs
 q "SELECT dspark.worker_starting('host1/0', 'host1', 101, 'cuda:0', 'qwen3-8b')" >/dev/null
 tap_is "$(q "SELECT (lease_expires_at <= now()) || ' ' || w.state || ' ' || (w.model_checksum IS NULL) FROM dspark.jobs j, dspark.workers w WHERE j.id = $id AND w.worker_id = 'host1/0'")" \
     "true starting true" "a new process under the same worker_id ends the old one's leases and clears its identity"
+out=$(q "SELECT dspark.worker_starting('host1/0', 'host2', 7, 'cuda:0', 'qwen3-8b', 30)" 2>&1)
+tap_like "$out" "worker id 'host1/0' is in use on host 'host1' \\(pid 101, starting, heartbeat [0-9.]+ s ago\\)" \
+    "another host's worker under a live worker's id is refused, naming the holder"
+out=$(q "SELECT dspark.register_worker('host1/0', 'host2', 7, 'cuda:0', 'qwen3-8b', NULL, 'sha-m', NULL, NULL, 30)" 2>&1)
+tap_like "$out" "is in use on host 'host1'" "... by register_worker too"
+tap_is "$(q "SELECT w.host || ' ' || w.pid || ' ' || (j.lease_expires_at <= now()) FROM dspark.workers w, dspark.jobs j WHERE w.worker_id = 'host1/0' AND j.id = $id")" \
+    "host1 101 true" "... and the holder's row is left alone"
+q "UPDATE dspark.workers SET heartbeat_at = now() - interval '31 s' WHERE worker_id = 'host1/0'" >/dev/null
+q "SELECT dspark.worker_starting('host1/0', 'host2', 7, 'cuda:0', 'qwen3-8b', 30)" >/dev/null
+tap_is "$(q "SELECT host || ' ' || pid FROM dspark.workers WHERE worker_id = 'host1/0'")" "host2 7" \
+    "once the holder's heartbeat is older than p_live_s, another host takes the id"
+# two hosts announcing a new id at once: the second waits for the first's row, then is refused
+psql -X -q -A -t -v ON_ERROR_STOP=1 -c "BEGIN; SELECT dspark.worker_starting('race/0', 'hostA', 1, 'cuda:0', 'm', 30);
+    SELECT pg_sleep(1.5); COMMIT;" >/dev/null 2>&1 &
+pa=$!
+sleep 0.5
+out=$(q "SELECT dspark.worker_starting('race/0', 'hostB', 2, 'cuda:0', 'm', 30)" 2>&1)
+rb=$?
+wait $pa
+tap_is "$rb $(q "SELECT host FROM dspark.workers WHERE worker_id = 'race/0'")" "1 hostA" \
+    "two hosts announcing one new id at once: the first keeps it, the second is refused"
+tap_like "$out" "SQLSTATE 55006|is in use on host 'hostA'" "... with the holder named"
 q "DELETE FROM dspark.jobs; DELETE FROM dspark.workers" >/dev/null
 
 # --- heartbeats ----------------------------------------------------------
