@@ -26,11 +26,12 @@ for line in open(sys.argv[1]):
         break
 PY
 # the step-time profile once, before the timed runs: a run that measured it
-# itself would start with its passes warm (CUDA graphs captured), and a run
-# without a draft measures none
+# itself would start with its passes warm (CUDA graphs captured), and the
+# --spec none runs measure none
 "$build/dspark-generate" --backend "${BACKEND:-auto}" --target "$models/dspark-tiny-target" \
     --draft "$models/dspark-tiny-draft" --prompt-ids "1 2 3" --max-tokens 2 --concurrency 16 --quiet \
-    --save-sps "$tmp/sps.json" > /dev/null 2>&1
+    --save-sps "$tmp/sps.json" > /dev/null 2> "$tmp/sps.err" ||
+    { echo "spec-speedup.sh: could not measure the step-time profile:" >&2; cat "$tmp/sps.err" >&2; exit 1; }
 printf '%-12s %-6s %10s %8s %8s\n' spec conc tokens/s tau speedup
 for conc in 1 16; do
     base=

@@ -373,9 +373,10 @@ static void run_due(struct daemon *d, uint64_t now)
             every = d->watchdog_usec / 4;
         d->next_status_us = now + every;
         struct fanout_status st = { 0 };
+        double asked = ds_wire_now();   /* before the query, so the counts' age is never understated */
         if (fanout_up(d->fanout) && fanout_status(d->fanout, now, &st) == 0) {
             d->status = st;
-            d->status_ts = ds_wire_now();
+            d->status_ts = asked;
         }
         const char *ws = supervisor_status_text(d->sup);
         if (*ws)

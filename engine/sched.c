@@ -4,7 +4,9 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dspark/ds-sched.h"
 
@@ -67,8 +69,22 @@ int ds_sps_save(const struct ds_sps *t, const char *path)
     json_object_set_new(o, "format", json_integer(1));
     json_object_set_new(o, "tokens", b);
     json_object_set_new(o, "steps_per_s", s);
-    int r = json_dump_file(o, path, JSON_INDENT(1));
+    /* written beside it and renamed over it, so that a reader (another worker
+     * sharing the path) never sees half a file */
+    size_t n = strlen(path) + 32;
+    char *tmp = malloc(n);
+    if (!tmp) {
+        json_decref(o);
+        return ds_seterr(DS_ENOMEM, "out of memory");
+    }
+    snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    int r = json_dump_file(o, tmp, JSON_INDENT(1));
     json_decref(o);
+    if (r == 0 && rename(tmp, path) != 0)
+        r = -1;
+    if (r != 0)
+        unlink(tmp);
+    free(tmp);
     return r == 0 ? 0 : ds_seterr(DS_EIO, "could not write '%s'", path);
 }
 

@@ -35,7 +35,9 @@ skip77() {
 for p in "$DSPARKD" "$WORKER" "$DSPARKCTL" "$GEN"; do
     [ -x "$p" ] || skip77 "$(basename "$p") not built"
 done
-[ -n "$(pg_harness_find_bindir)" ] || skip77 "PostgreSQL server binaries (initdb, pg_ctl) not found: set PG_BINDIR"
+PGBIN=$(pg_harness_find_bindir)
+[ -n "$PGBIN" ] || skip77 "PostgreSQL server binaries (initdb, pg_ctl) not found: set PG_BINDIR"
+command -v psql >/dev/null 2>&1 || [ -x "$PGBIN/psql" ] || skip77 "psql not found (PostgreSQL's client)"
 # skipped where the build or the host has no usable GPU, failed for anything else
 if ! probe=$("$GEN" --backend "$BACKEND" --target "$TARGET" --prompt-ids "1 2" --max-tokens 1 --quiet 2>&1 >/dev/null); then
     case $probe in
@@ -155,7 +157,7 @@ wait_sql "SELECT count(*) FROM dspark.jobs WHERE state IN ('queued', 'running')"
 tap_result $? "all of them finish ($(($(date +%s) - t0)) s)"
 tap_is "$(q "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM dspark.jobs GROUP BY state) s")" \
     "succeeded:$((16 * COPIES * 5 + 32))" "every job succeeded"
-tap_diag "$(q "SELECT 'largest batch: ' || max(n) FROM (SELECT count(*) n FROM dspark.jobs GROUP BY started_at) s")"
+tap_diag "$(q "SELECT 'most jobs claimed at once: ' || max(n) FROM (SELECT count(*) n FROM dspark.jobs GROUP BY started_at) s")"
 
 for m in $MODES; do
     tap_is "$(q "SELECT count(*) || '|' || count(*) FILTER (WHERE j.output_ids = r.ids)
