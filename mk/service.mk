@@ -13,7 +13,8 @@ DS_MIGRATIONS = \
 	sql/005-notify-chunks.sql \
 	sql/006-job-stats-time.sql \
 	sql/007-attempts.sql \
-	sql/008-worker-ids.sql
+	sql/008-worker-ids.sql \
+	sql/009-worker-fence.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

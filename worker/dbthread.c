@@ -14,7 +14,9 @@
  *     database decodes no JSON), so at most one call per decoding round;
  *   - heartbeats (dspark.heartbeat) every --heartbeat seconds, extending the
  *     leases of every job held (claimed and not yet written back) and
- *     reporting the ids to stop (cancel requested, or no longer ours);
+ *     reporting the ids to stop (cancel requested, or no longer ours); a
+ *     heartbeat refused because another process took the worker id over
+ *     (after this one was cut off for longer than a lease) stops the worker;
  *   - hand-backs (dspark.release_jobs) when a drain runs out of time;
  *   - a sweep for queued jobs of models that no registered worker serves
  *     (claim_jobs only hands out jobs of the worker's own model): after
@@ -82,6 +84,8 @@ struct dbt {
     char models[600];                 /* text[] literal of the models served */
     double next_hb, next_sweep;
     bool was_down, state_draining;
+    bool taken_over;                  /* the heartbeat found the worker id held by another process */
+    char pid[16];                     /* this process's, as the worker row holds it */
     int lease_s;
     double next_busy_log;             /* write-backs refused for a passing reason: log at most this often */
     int busy_turns;                   /* turns in a row whose write-back met a passing error */
@@ -523,16 +527,27 @@ static int heartbeat(struct dbt *t)
     if (n_sent > 0)
         memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
-    const char *params[4] = {t->w->id.worker_id, sids, satt, lease};
+    const char *params[6] = {t->w->id.worker_id, sids, satt, lease, t->w->id.host, t->pid};
     PGresult *res;
-    int r = ds_db_exec(t->db, "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int)", 4, params,
-                       &res);
+    int r = ds_db_exec(t->db, "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int, $5, $6::int)",
+                       6, params, &res);
     free(sids);
     free(satt);
     if (r < 0) {
         free(sent);
         if (conn_failed(t))
             return -1;
+        if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
+            /* another process holds this worker id now: claim nothing more,
+             * and the decoding thread stops (main.c) */
+            wlog(DS_LOG_ERR, 0, "%s; stopping", ds_errdetail());
+            t->taken_over = true;
+            lock(t->w);
+            t->w->sh.taken_over = true;
+            pthread_cond_signal(&t->w->sh.main_cv);
+            unlock(t->w);
+            return 0;
+        }
         wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
         return 0;
     }
@@ -676,8 +691,9 @@ static void notify_cb(void *ud, const char *channel, const char *payload)
 
 static void set_state(struct dbt *t, const char *state)
 {
-    const char *params[2] = {t->w->id.worker_id, state};
-    if (ds_db_command(t->db, "SELECT dspark.set_worker_state($1, $2)", 2, params) < 0)
+    /* with host and pid: a worker whose id was taken over leaves the new holder's row alone */
+    const char *params[4] = {t->w->id.worker_id, state, t->w->id.host, t->pid};
+    if (ds_db_command(t->db, "SELECT dspark.set_worker_state($1, $2, $3, $4::int)", 4, params) < 0)
         wlog(DS_LOG_WARNING, 0, "could not set the worker state '%s': %s", state, ds_errdetail());
 }
 
@@ -769,7 +785,7 @@ static void *db_main(void *arg)
                 continue;
             }
         }
-        if (!draining && w->o.unknown_model_timeout > 0 && now >= t->next_sweep) {
+        if (!draining && !t->taken_over && w->o.unknown_model_timeout > 0 && now >= t->next_sweep) {
             t->next_sweep = now + fmax(1.0, w->o.unknown_model_timeout / 2);
             if (sweep(t) < 0) {
                 pause = true;
@@ -779,7 +795,7 @@ static void *db_main(void *arg)
         /* claim when the decoding thread has room, measured after it took the
          * last claim's jobs, and there may be jobs */
         bool hinted = t->hint && now >= t->empty_at + HINT_GAP;
-        if (!draining && handshake && slots > 0 &&
+        if (!draining && !t->taken_over && handshake && slots > 0 &&
             (t->more_maybe || hinted || now >= t->next_poll || budget > t->empty_budget)) {
             t->hint = false;
             int n = 0;
@@ -864,6 +880,7 @@ int wdb_start(struct wctx *w, pthread_t *ret_thread)
     t->hint = true;
     t->empty_budget = -1;
     t->lease_s = (int)ceil(w->o.lease);
+    snprintf(t->pid, sizeof t->pid, "%d", (int)getpid());
     text_array1(t->models, sizeof t->models, w->id.model);
     t->next_sweep = wnow() + (w->o.unknown_model_timeout > 0 ? fmin(w->o.unknown_model_timeout, 5) : 0);
     if (ds_db_listen(t->db, DS_DB_EVENTS_CHANNEL) < 0)

@@ -504,6 +504,7 @@ struct loop {
     int n_active;
     json_t *results;              /* items finished in this turn */
     long tokens_out;              /* output tokens since the last STATUS */
+    bool taken_over;              /* run_loop stopped: another process holds the worker id */
 };
 
 static void add_result(struct loop *L, json_t *item)
@@ -604,12 +605,12 @@ static void hand_back(struct loop *L, struct wjob *j, const char *why)
 
 /* Hand back every job still in the engine, in one release call (they stay in
  * the engine until it is freed). */
-static void hand_back_all(struct loop *L)
+static void hand_back_all(struct loop *L, const char *why)
 {
     pthread_mutex_lock(&L->w->sh.mu);
     for (struct wjob *j = L->active, *next; j; j = next) {
         next = j->next;
-        hand_back_locked(L, j, "not finished within the drain timeout");
+        hand_back_locked(L, j, why);
     }
     pthread_mutex_unlock(&L->w->sh.mu);
     L->active = NULL;
@@ -635,8 +636,25 @@ static int run_loop(struct loop *L)
         if (n_stop)
             memcpy(stops, sh->stops, (size_t)n_stop * sizeof *stops);
         sh->n_stop = 0;
-        bool queue_empty = sh->queue_empty, db_up = sh->db_up;
+        bool queue_empty = sh->queue_empty, db_up = sh->db_up, taken_over = sh->taken_over;
         pthread_mutex_unlock(&sh->mu);
+
+        if (taken_over) {
+            /* another process holds this worker id: the jobs in flight go back
+             * to the queue (release_jobs is fenced by attempt), and the worker
+             * exits 1 like one refused its id at start */
+            for (struct wjob *j = jobs, *next; j; j = next) {
+                next = j->next;
+                j->next = NULL;
+                consumed++;
+                hand_back(L, j, "the worker id was taken over");
+            }
+            free(stops);
+            collect(L);
+            hand_back_all(L, "the worker id was taken over");
+            L->taken_over = true;
+            return 1;
+        }
 
         if (got_term != term_seen) {
             /* a second signal (also two before this turn saw the first) hands back at once */
@@ -680,7 +698,7 @@ static int run_loop(struct loop *L)
 
         if (draining && wnow() >= drain_deadline && L->n_active > 0) {
             collect(L);
-            hand_back_all(L);
+            hand_back_all(L, "not finished within the drain timeout");
         }
         if (ds_engine_active(L->engine) > 0 && L->n_active > 0) {
             if (ds_engine_step(L->engine) < 0) {
@@ -933,7 +951,10 @@ int main(int argc, char **argv)
     wdb_wake(w);
     pthread_join(dbt, NULL);
     int unwritten = sh->unwritten;
-    wlog(DS_LOG_INFO, 0, "stopped%s", rc ? " after an engine failure" : unwritten ? " (some results unwritten)" : "");
+    wlog(DS_LOG_INFO, 0, "stopped%s", L.taken_over ? ": the worker id is another process's now"
+                                      : rc       ? " after an engine failure"
+                                      : unwritten ? " (some results unwritten)"
+                                                  : "");
 
     for (struct wjob *j = L.active, *next; j; j = next) {
         next = j->next;

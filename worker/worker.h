@@ -112,6 +112,7 @@ struct wshared {
     int n_stop, cap_stop;
     bool queue_empty;             /* an idle claim found nothing */
     bool db_up;
+    bool taken_over;              /* another process took this worker id over (dspark.heartbeat): stop */
     int unwritten;                /* results the database thread gave up on at quit */
 };
 

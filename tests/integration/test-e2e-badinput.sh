@@ -160,6 +160,36 @@ timeout 30 "$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --wo
 tap_is "$?|$(q "SELECT host <> 'otherhost' FROM dspark.workers WHERE worker_id = 'shared-id'")" "0|t" \
     "once that worker's heartbeat is older than a lease, the id is taken over"
 
+# ---- a running worker whose id is taken over stops ----
+# (as when it was cut off from the database for longer than a lease and a
+# worker on another host started under its id: worker_starting's live_s 0)
+"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id moved-id --lease 10 \
+    --heartbeat 0.2 >"$T/moved.log" 2>&1 &
+moved_pid=$!
+E2E_PIDS="$E2E_PIDS $moved_pid"
+wait_for "$T/moved.log" "ready: serving" 60
+mjob=$(mk "prompt_ids, max_tokens" moved-job "" "ARRAY[1, 2, 3], 4")
+n=0
+while [ "$(q "SELECT state FROM dspark.jobs WHERE id = $mjob")" != succeeded ] && [ $n -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $mjob")" "succeeded moved-id" \
+    "a worker serves under its id"
+q "SELECT dspark.worker_starting('moved-id', 'otherhost', 4343, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
+n=0
+while kill -0 "$moved_pid" 2>/dev/null && [ $n -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+wait "$moved_pid"
+tap_is "$?" "1" "when another host takes its id over, the worker learns it from its next heartbeat and exits 1"
+tap_like "$(cat "$T/moved.log")" \
+    "worker id 'moved-id' was taken over by host 'otherhost' \\(pid 4343\\) while this worker's heartbeat was older than a lease" \
+    "... naming the new holder"
+tap_is "$(q "SELECT host || '|' || pid || '|' || state FROM dspark.workers WHERE worker_id = 'moved-id'")" \
+    "otherhost|4343|starting" "... and leaves the new holder's row as it was (not stopped, not heartbeated)"
+
 # ---- the worker's configuration errors: exit 78 with a message ----
 out=$("$WORKER" --target "$E2E_TARGET" --backend cuda 2>&1)
 tap_is "$?" "78" "--backend cuda where it cannot run (a build without CUDA, or no device): exit 78"

@@ -231,6 +231,19 @@ stop=$(q "SELECT string_agg(h::text, ',') FROM dspark.heartbeat('w1', ARRAY[$j1,
 tap_is "$stop" "$j3" "a heartbeat with a stale attempt is told to stop that job"
 stop=$(q "SELECT string_agg(h::text, ',') FROM dspark.heartbeat('w9', ARRAY[$j1]::bigint[], ARRAY[1], 600) h")
 tap_is "$stop" "$j1" "a heartbeat from another worker holds nothing"
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w1', ARRAY[$j1]::bigint[], ARRAY[1], 600, 'host1', 42) h")
+tap_is "$stop" "" "a heartbeat with the holder's host and pid is accepted"
+q "UPDATE dspark.jobs SET lease_expires_at = now() WHERE id = $j1" >/dev/null
+out=$(q "SELECT * FROM dspark.heartbeat('w1', ARRAY[$j1]::bigint[], ARRAY[1], 600, 'host1', 41)" 2>&1)
+tap_like "$out" "worker id 'w1' was taken over by host 'host1' \\(pid 42\\)" \
+    "a heartbeat from a process that no longer holds the id is refused, naming the holder"
+tap_is "$(q "SELECT lease_expires_at <= now() FROM dspark.jobs WHERE id = $j1")" t "... before it extends any lease"
+q "SELECT dspark.set_worker_state('w1', 'stopped', 'host9', 42)" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w1'")" running \
+    "set_worker_state from a process that no longer holds the id leaves the row alone"
+q "SELECT dspark.set_worker_state('w1', 'draining', 'host1', 42)" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w1'")" draining "... and the holder's own call changes it"
+q "SELECT dspark.set_worker_state('w1', 'running')" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
 
