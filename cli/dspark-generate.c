@@ -64,6 +64,8 @@ static void usage(FILE *f)
             "  --max-context N       context length (default: the model's)\n"
             "  --sps FILE            load the step-time profile SPS(B) instead of measuring it\n"
             "  --save-sps FILE       write the measured profile\n"
+            "  --sps-context N       measure the profile with every sequence at N tokens of context\n"
+            "                        (default 128)\n"
             "output:\n"
             "  --json                one JSON object per prompt, in input order\n"
             "  --logits-out FILE     logits of every prompt position, raw f32 in the machine's byte\n"
@@ -74,6 +76,11 @@ static void usage(FILE *f)
             "                        (null for drafts sampled on the GPU), the calibrated prefix\n"
             "                        survival the scheduler used, verify length, accepted count,\n"
             "                        committed ids\n"
+            "  --round-log FILE      one JSON line per round: the target pass's tokens, sequences that\n"
+            "                        drafted, seconds in the draft phase, the pass and the rest, and\n"
+            "                        the profile's seconds for that pass\n"
+            "  --sync-rounds         (with --round-log) each round and pass waits for the GPU at its\n"
+            "                        end, so that a phase's time is its own work; slower\n"
             "  --quiet               no summary table\n"
             "  -h, --help            this help\n");
 }
@@ -346,18 +353,20 @@ int main(int argc, char **argv)
 {
     const char *target_dir = NULL, *draft_dir = NULL, *prompt_text = NULL, *prompt_ids = NULL,
                *prompts_file = NULL, *logits_out = NULL, *trace_file = NULL, *spec_text = NULL,
-               *sps_file = NULL, *save_sps = NULL;
+               *sps_file = NULL, *save_sps = NULL, *round_log_file = NULL;
     bool chat = false, json_out = false, quiet = false, ignore_eos = false;
     int max_tokens = 128, top_k = 0, concurrency = 1, threads = 0, max_context = 0, device = 0;
     const char *backend_text = "auto";
-    bool cublas = false;
+    bool cublas = false, sync_rounds = false;
+    int sps_context = 128;
     double temperature = 0, top_p = 1;
     unsigned long long seed = 0;
     const char **stops = NULL;
     int n_stops = 0;
     enum { O_TARGET = 256, O_DRAFT, O_PROMPT, O_PROMPT_IDS, O_PROMPTS, O_CHAT, O_MAX_TOKENS, O_TEMP, O_TOP_P,
            O_TOP_K, O_SEED, O_STOP, O_IGNORE_EOS, O_SPEC, O_CONC, O_THREADS, O_MAXCTX, O_JSON, O_LOGITS,
-           O_TRACE, O_QUIET, O_SPS, O_SAVE_SPS, O_BACKEND, O_DEVICE, O_CUBLAS };
+           O_TRACE, O_QUIET, O_SPS, O_SAVE_SPS, O_BACKEND, O_DEVICE, O_CUBLAS, O_SPS_CONTEXT, O_ROUND_LOG,
+           O_SYNC_ROUNDS };
     static const struct option longopts[] = {
         {"target", required_argument, NULL, O_TARGET}, {"draft", required_argument, NULL, O_DRAFT},
         {"prompt", required_argument, NULL, O_PROMPT}, {"prompt-ids", required_argument, NULL, O_PROMPT_IDS},
@@ -371,7 +380,8 @@ int main(int argc, char **argv)
         {"logits-out", required_argument, NULL, O_LOGITS}, {"trace", required_argument, NULL, O_TRACE},
         {"quiet", no_argument, NULL, O_QUIET}, {"sps", required_argument, NULL, O_SPS},
         {"backend", required_argument, NULL, O_BACKEND}, {"device", required_argument, NULL, O_DEVICE},
-        {"cublas", no_argument, NULL, O_CUBLAS},
+        {"cublas", no_argument, NULL, O_CUBLAS}, {"sps-context", required_argument, NULL, O_SPS_CONTEXT},
+        {"round-log", required_argument, NULL, O_ROUND_LOG}, {"sync-rounds", no_argument, NULL, O_SYNC_ROUNDS},
         {"save-sps", required_argument, NULL, O_SAVE_SPS}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0},
     };
     int c;
@@ -406,6 +416,9 @@ int main(int argc, char **argv)
         case O_QUIET: quiet = true; break;
         case O_SPS: sps_file = optarg; break;
         case O_SAVE_SPS: save_sps = optarg; break;
+        case O_SPS_CONTEXT: sps_context = ds_cli_int("--sps-context", optarg, 1, 1 << 20); break;
+        case O_ROUND_LOG: round_log_file = optarg; break;
+        case O_SYNC_ROUNDS: sync_rounds = true; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -474,7 +487,7 @@ int main(int argc, char **argv)
                 return ds_cli_fail("dspark-generate");
             ds_sps_done(&table);
         } else if (spec.kind == DS_SPEC_DSPARK || spec.kind == DS_SPEC_DSPARK_ASYNC || save_sps) {
-            if (ds_engine_profile_sps(engine, 128, 3) < 0)
+            if (ds_engine_profile_sps(engine, sps_context, 3) < 0)
                 return ds_cli_fail("dspark-generate");
         }
         if (save_sps && ds_sps_save(ds_engine_sps(engine), save_sps) < 0)
@@ -487,6 +500,14 @@ int main(int argc, char **argv)
             return 1;
         }
         ds_engine_set_trace(engine, trace);
+    }
+    FILE *round_log = NULL;
+    if (round_log_file) {
+        if (!(round_log = fopen(round_log_file, "w"))) {
+            fprintf(stderr, "dspark-generate: could not open '%s': %s\n", round_log_file, strerror(errno));
+            return 1;
+        }
+        ds_engine_set_round_log(engine, round_log, sync_rounds);
     }
     FILE *logits_f = NULL;
     if (logits_out && !(logits_f = fopen(logits_out, "wb"))) {
@@ -571,6 +592,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "dspark-generate: could not write '%s': %s\n", logits_out, strerror(errno));
         return 1;
     }
+    if (round_log)
+        fclose(round_log);
     if (trace)
         fclose(trace);
     for (int i = 0; i < n_prompts; i++) {

@@ -88,6 +88,11 @@ struct ds_engine {
     struct ds_spec *spec;
     struct ds_sps sps;           /* SPS(B): target steps per second at B tokens */
     struct ds_engine_time time;  /* ds_engine_time() */
+    /* ds_engine_set_round_log: one line per round; with round_sync, each phase waits for the GPU */
+    FILE *round_log;
+    bool round_sync;
+    int last_pass_tokens;        /* the last target pass's tokens */
+    int last_drafting;           /* sequences that drafted in the last round */
 };
 
 double ds_now(void);

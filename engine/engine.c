@@ -130,10 +130,19 @@ int ds_engine_forward(struct ds_engine *e, const struct ds_batch *b)
 {
     double t0 = ds_now();
     int r = forward(e, b);
+    if (r == 0 && e->round_sync && e->cuda)
+        r = ds_cuda_sync(e->cuda);   /* a pass that brings nothing back ends on the GPU, not here */
     e->time.pass_s += ds_now() - t0;
+    e->last_pass_tokens = b->n_tokens;
     if (e->sps.n > 0 && b->n_tokens > 0)
         e->time.profile_pass_s += 1.0 / ds_sps_at(&e->sps, b->n_tokens);
     return r;
+}
+
+void ds_engine_set_round_log(struct ds_engine *e, FILE *f, bool sync)
+{
+    e->round_log = f;
+    e->round_sync = sync;
 }
 
 void ds_engine_time(const struct ds_engine *e, struct ds_engine_time *ret)
@@ -686,15 +695,29 @@ int ds_engine_step(struct ds_engine *e)
             ds_seq_finish(e, e->seqs[i], "cancelled");
     collect_finished(e);
     admit(e);
-    double t0 = ds_now(), pass0 = e->time.pass_s;
+    if (e->round_sync && e->cuda && (r = ds_cuda_sync(e->cuda)) < 0)
+        return r;
+    double t0 = ds_now(), pass0 = e->time.pass_s, draft0 = e->time.draft_s, prof0 = e->time.profile_pass_s;
+    e->last_drafting = 0;
     if (e->draft) {
         r = ds_spec_round(e);
     } else {
         r = ds_plain_round(e);
     }
+    if (r == 0 && e->round_sync && e->cuda)
+        r = ds_cuda_sync(e->cuda);   /* the round's queued work (the draft contexts) is its own */
     if (e->time.pass_s != pass0) {   /* a round ran (it has a target pass) */
+        double step = ds_now() - t0;
         e->time.steps++;
-        e->time.step_s += ds_now() - t0;
+        e->time.step_s += step;
+        if (e->round_log) {
+            double pass = e->time.pass_s - pass0, draft = e->time.draft_s - draft0;
+            fprintf(e->round_log,
+                    "{\"step\": %ld, \"tokens\": %d, \"drafting\": %d, \"draft_s\": %.7f, \"pass_s\": %.7f, "
+                    "\"rest_s\": %.7f, \"profile_pass_s\": %.7f}\n",
+                    e->time.steps, e->last_pass_tokens, e->last_drafting, draft, pass, step - pass - draft,
+                    e->time.profile_pass_s - prof0);
+        }
     }
     collect_finished(e);
     return r;

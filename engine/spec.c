@@ -672,6 +672,7 @@ int ds_spec_round(struct ds_engine *e)
     if (R > 0) {
         e->time.draft_s += ds_now() - t_draft;
         e->time.drafting_steps++;
+        e->last_drafting = R;
     }
 
     /* (2) verification lengths (priced with the draft time of earlier rounds) */

@@ -9,6 +9,7 @@
 #ifndef DS_ENGINE_H
 #define DS_ENGINE_H
 
+#include <stdio.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -150,6 +151,13 @@ struct ds_engine_time {
     double profile_pass_s;      /* what the profile SPS(B) gives for the same passes (0 without one) */
 };
 void ds_engine_time(const struct ds_engine *e, struct ds_engine_time *ret);
+/* Write one JSON line per round to f (NULL: none): the target pass's tokens,
+ * the sequences that drafted, and the seconds of the draft phase, the pass and
+ * the rest of the round, with the profile's time for the pass. With sync, each
+ * round and each pass waits for the GPU at its end, so that a phase's time is
+ * its own work (queued work otherwise lands in whichever phase waits next);
+ * that costs the overlap of host and GPU. */
+void ds_engine_set_round_log(struct ds_engine *e, FILE *f, bool sync);
 
 /* The throughput table SPS(B) that the dspark schedulers use (engines with a draft). */
 struct ds_sps;
