@@ -21,6 +21,8 @@
  * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run).
  * The equal ranges go as one strided batch, so that the GPU is filled by all
  * of them at once, and the last range, when shorter, as a second product.
+ * cuBLASLt's heuristic is asked once per class of row counts (lt_rows_class),
+ * not for every new pass size.
  *
  * x can also be made on the way in (ds_k_gemm_bf16_x): the RMSNorm or SwiGLU
  * of f32 rows. Decoding's few rows are then made by each block for its own k
@@ -462,6 +464,7 @@ struct ds_k_gemm_lt {
     struct lt_entry cache[LT_CACHE];   /* open addressing by the problem's hash */
     unsigned next_evict;
     size_t launches;              /* products cuBLASLt was given */
+    size_t heuristics;            /* questions asked of its heuristic */
 };
 
 extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
@@ -501,6 +504,11 @@ extern "C" size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt)
     return lt ? lt->launches : 0;
 }
 
+extern "C" size_t ds_k_gemm_lt_heuristics(const struct ds_k_gemm_lt *lt)
+{
+    return lt ? lt->heuristics : 0;
+}
+
 extern "C" void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt)
 {
     if (!lt)
@@ -526,26 +534,18 @@ static bool lt_keeps_chain(const cublasLtMatmulAlgo_t *al)
     return splitk <= 1 && reduction == CUBLASLT_REDUCTION_SCHEME_NONE;
 }
 
-/* The descriptors and algorithm for one problem: the heuristic's best that keeps the chain. */
-static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
+/* The descriptors of one problem (y^T [N, M] = W [N, Ks] . x^T [Ks, M] in cuBLAS's column-major terms). */
+static bool lt_describe(struct lt_entry *en)
 {
     const struct lt_problem *k = &en->key;
     cublasOperation_t tr = CUBLAS_OP_T, no = CUBLAS_OP_N;
-    cublasLtMatmulPreference_t pref = NULL;
-    cublasLtMatmulHeuristicResult_t res[16];
-    int got = 0;
-    size_t wsb = LT_WORKSPACE;
-    uint32_t align = (uint32_t)k->align;
-    en->usable = 0;
-    /* y^T [N, M] = W [N, Ks] . x^T [Ks, M] in cuBLAS's column-major terms */
     if (cublasLtMatmulDescCreate(&en->op, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulDescSetAttribute(en->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulDescSetAttribute(en->op, CUBLASLT_MATMUL_DESC_TRANSB, &no, sizeof no) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatrixLayoutCreate(&en->a, CUDA_R_16BF, k->Ks, k->N, k->K) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatrixLayoutCreate(&en->b, CUDA_R_16BF, k->Ks, k->M, k->ldx) != CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatrixLayoutCreate(&en->c, CUDA_R_32F, k->N, k->M, k->ldy) != CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS)
-        goto done;
+        cublasLtMatrixLayoutCreate(&en->c, CUDA_R_32F, k->N, k->M, k->ldy) != CUBLAS_STATUS_SUCCESS)
+        return false;
     if (k->batch > 1) {   /* range b: W and x from column b Ks on, its partial at b M N (ldy = N) */
         int32_t count = k->batch;
         cublasLtMatrixLayout_t layout[3] = {en->a, en->b, en->c};
@@ -555,8 +555,22 @@ static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
                                                  sizeof count) != CUBLAS_STATUS_SUCCESS ||
                 cublasLtMatrixLayoutSetAttribute(layout[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride[i],
                                                  sizeof stride[i]) != CUBLAS_STATUS_SUCCESS)
-                goto done;
+                return false;
     }
+    return true;
+}
+
+/* The heuristic's best algorithm for a described problem that keeps the chain (en->usable 0: none). */
+static void lt_choose(struct ds_k_gemm_lt *lt, struct lt_entry *en)
+{
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res[16];
+    int got = 0;
+    size_t wsb = LT_WORKSPACE;
+    uint32_t align = (uint32_t)en->key.align;
+    en->usable = 0;
+    if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS)
+        return;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align);
@@ -571,12 +585,36 @@ static void lt_setup(struct ds_k_gemm_lt *lt, struct lt_entry *en)
             en->usable = 1;
             break;
         }
-done:
-    if (pref)
-        cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatmulPreferenceDestroy(pref);
+    lt->heuristics++;
 }
 
-static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
+/* Whether an algorithm chosen for another row count runs this problem within the workspace. */
+static bool lt_fits(struct ds_k_gemm_lt *lt, const struct lt_entry *en, const cublasLtMatmulAlgo_t *al)
+{
+    cublasLtMatmulHeuristicResult_t res;
+    memset(&res, 0, sizeof res);
+    return cublasLtMatmulAlgoCheck(lt->handle, en->op, en->a, en->b, en->c, en->c, al, &res) ==
+               CUBLAS_STATUS_SUCCESS &&
+           res.state == CUBLAS_STATUS_SUCCESS && res.workspaceSize <= LT_WORKSPACE;
+}
+
+/* The row count whose heuristic choice a problem of M rows takes: M itself up to 8, else the next of
+ * 12, 16, 24, 32, 48, 64, ... (powers of two and one and a half times them). Each new pass size (a
+ * prefill of any length, a verification of any total) would otherwise ask the heuristic again, which costs
+ * about as much as a small pass. Every algorithm that keeps the chain gives the same bits, so which one a
+ * row count gets changes the time only. */
+static int lt_rows_class(int M)
+{
+    if (M <= 8)
+        return M;
+    int c = 8;
+    while (c < M)
+        c = (c & (c - 1)) == 0 ? c + c / 2 : c / 3 * 4;   /* 8, 12, 16, 24, 32, 48, ... */
+    return c;
+}
+
+static struct lt_entry *lt_slot(struct ds_k_gemm_lt *lt, const struct lt_problem *key, bool *found)
 {
     unsigned h = 2166136261u;   /* FNV-1a over the problem's ints */
     for (size_t i = 0; i < sizeof *key; i++)
@@ -586,16 +624,58 @@ static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_probl
         struct lt_entry *e = &lt->cache[(h + p) & (LT_CACHE - 1)];
         if (!e->used)
             en = e;
-        else if (!memcmp(&e->key, key, sizeof *key))
+        else if (!memcmp(&e->key, key, sizeof *key)) {
+            *found = true;
             return e;
+        }
     }
     if (!en) {   /* every slot taken: replace one in turn */
         en = &lt->cache[(h + lt->next_evict++ % LT_PROBE) & (LT_CACHE - 1)];
         lt_entry_free(en);
     }
+    *found = false;
     en->key = *key;
     en->used = 1;
-    lt_setup(lt, en);
+    return en;
+}
+
+static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
+{
+    bool found;
+    struct lt_entry *en = lt_slot(lt, key, &found);
+    if (found)
+        return en;
+    en->usable = 0;
+    if (!lt_describe(en))
+        return en;
+    struct lt_problem ck = *key;
+    ck.M = lt_rows_class(key->M);
+    if (ck.M != key->M) {
+        /* the class's choice, made once: copied out before the class's entry can be replaced */
+        cublasLtMatmulAlgo_t al;
+        struct lt_entry *ce = lt_slot(lt, &ck, &found);
+        if (!found) {
+            ce->usable = 0;
+            if (lt_describe(ce))
+                lt_choose(lt, ce);
+        }
+        bool usable = ce->usable;
+        al = ce->algo;
+        /* the class's slot may have been this problem's: then describe it again */
+        if (ce == en || memcmp(&en->key, key, sizeof *key)) {
+            en = lt_slot(lt, key, &found);
+            if (!found && !lt_describe(en)) {
+                en->usable = 0;
+                return en;
+            }
+        }
+        if (usable && lt_fits(lt, en, &al)) {
+            en->algo = al;
+            en->usable = 1;
+            return en;
+        }
+    }
+    lt_choose(lt, en);
     return en;
 }
 

@@ -287,6 +287,9 @@ cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **lt);
 void ds_k_gemm_lt_destroy(struct ds_k_gemm_lt *lt);
 /* Products given to cuBLASLt so far (a batch of k ranges is one): tests check it served. */
 size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt);
+/* Questions asked of its heuristic so far: one per class of row counts (8 and under one each, then
+ * 12, 16, 24, 32, 48, 64, ...) and problem, more only where the class's choice does not fit. */
+size_t ds_k_gemm_lt_heuristics(const struct ds_k_gemm_lt *lt);
 
 /* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
  * K and ldx must be multiples of 8; split is ds_k_gemm_split's (or any count
