@@ -614,68 +614,72 @@ static int lt_rows_class(int M)
     return c;
 }
 
-static struct lt_entry *lt_slot(struct ds_k_gemm_lt *lt, const struct lt_problem *key, bool *found)
+static unsigned lt_hash(const struct lt_problem *key)
 {
     unsigned h = 2166136261u;   /* FNV-1a over the problem's ints */
     for (size_t i = 0; i < sizeof *key; i++)
         h = (h ^ ((const unsigned char *)key)[i]) * 16777619u;
-    struct lt_entry *en = NULL;
-    for (int p = 0; p < LT_PROBE && !en; p++) {
+    return h;
+}
+
+/* The problem's entry, or NULL. */
+static struct lt_entry *lt_find(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
+{
+    unsigned h = lt_hash(key);
+    for (int p = 0; p < LT_PROBE; p++) {
         struct lt_entry *e = &lt->cache[(h + p) & (LT_CACHE - 1)];
-        if (!e->used)
-            en = e;
-        else if (!memcmp(&e->key, key, sizeof *key)) {
-            *found = true;
+        if (e->used && !memcmp(&e->key, key, sizeof *key))
             return e;
-        }
     }
-    if (!en) {   /* every slot taken: replace one in turn */
+    return NULL;
+}
+
+/* A new entry for a problem not in the cache (a free slot, else one replaced in turn), described;
+ * *described false when cuBLASLt refused the descriptors. Not usable until an algorithm is set. */
+static struct lt_entry *lt_claim(struct ds_k_gemm_lt *lt, const struct lt_problem *key, bool *described)
+{
+    unsigned h = lt_hash(key);
+    struct lt_entry *en = NULL;
+    for (int p = 0; p < LT_PROBE && !en; p++)
+        if (!lt->cache[(h + p) & (LT_CACHE - 1)].used)
+            en = &lt->cache[(h + p) & (LT_CACHE - 1)];
+    if (!en) {
         en = &lt->cache[(h + lt->next_evict++ % LT_PROBE) & (LT_CACHE - 1)];
         lt_entry_free(en);
     }
-    *found = false;
     en->key = *key;
     en->used = 1;
+    en->usable = 0;
+    *described = lt_describe(en);
     return en;
 }
 
+/* The problem's entry: its algorithm is its row class's where that fits, else the heuristic's own. */
 static struct lt_entry *lt_lookup(struct ds_k_gemm_lt *lt, const struct lt_problem *key)
 {
-    bool found;
-    struct lt_entry *en = lt_slot(lt, key, &found);
-    if (found)
-        return en;
-    en->usable = 0;
-    if (!lt_describe(en))
+    struct lt_entry *en = lt_find(lt, key);
+    if (en)
         return en;
     struct lt_problem ck = *key;
     ck.M = lt_rows_class(key->M);
+    bool from_class = false, described;
+    cublasLtMatmulAlgo_t al;
     if (ck.M != key->M) {
-        /* the class's choice, made once: copied out before the class's entry can be replaced */
-        cublasLtMatmulAlgo_t al;
-        struct lt_entry *ce = lt_slot(lt, &ck, &found);
-        if (!found) {
-            ce->usable = 0;
-            if (lt_describe(ce))
-                lt_choose(lt, ce);
-        }
-        bool usable = ce->usable;
-        al = ce->algo;
-        /* the class's slot may have been this problem's: then describe it again */
-        if (ce == en || memcmp(&en->key, key, sizeof *key)) {
-            en = lt_slot(lt, key, &found);
-            if (!found && !lt_describe(en)) {
-                en->usable = 0;
-                return en;
-            }
-        }
-        if (usable && lt_fits(lt, en, &al)) {
-            en->algo = al;
-            en->usable = 1;
-            return en;
-        }
+        struct lt_entry *ce = lt_find(lt, &ck);
+        if (!ce && (ce = lt_claim(lt, &ck, &described), described))
+            lt_choose(lt, ce);
+        from_class = ce->usable;
+        al = ce->algo;   /* copied: claiming this problem's slot may replace the class's entry */
     }
-    lt_choose(lt, en);
+    en = lt_claim(lt, key, &described);
+    if (!described)
+        return en;
+    if (from_class && lt_fits(lt, en, &al)) {
+        en->algo = al;
+        en->usable = 1;
+    } else {
+        lt_choose(lt, en);
+    }
     return en;
 }
 
