@@ -2,7 +2,14 @@
  * serves, and the in-house kernels alone) against cuBLAS on the Qwen3-4B layer
  * shapes, for a few row counts.
  *
- *   bench-gemm-cuda [--reps N] [--shapes qkv,o,...] [--ms 1,8,...] [--resident]
+ *   bench-gemm-cuda [--reps N] [--shapes qkv,o,...] [--ms 1,8,...] [--resident] [--accumulate]
+ *                   [--max-ranges N]
+ *
+ * The invariant product runs three times: with its default choice between a
+ * split's k ranges as one cuBLASLt batch and as products in turn, always as a
+ * batch, and always in turn (the same where the split is 1 or the kernels take
+ * the pass). --accumulate: the products add to y, as o and down do.
+ * --max-ranges N: k in at most N ranges (ds_k_gemm_split_at_most).
  *
  * Prints, per shape and M, the time per launch of each (a CUDA graph of reps
  * launches with the weights rotated among copies larger than the L2 cache,
@@ -47,21 +54,25 @@ static int listed(const char *list, const char *name)
 
 int main(int argc, char **argv)
 {
-    int reps = 20, resident = 0;
+    int reps = 20, resident = 0, accumulate = 0, max_ranges = 0;
     const char *only_shapes = NULL, *only_ms = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--resident")) {
             resident = 1;
+        } else if (!strcmp(argv[i], "--accumulate")) {
+            accumulate = 1;
         } else if (i + 1 < argc && !strcmp(argv[i], "--reps")) {
             reps = atoi(argv[++i]);
         } else if (i + 1 < argc && !strcmp(argv[i], "--shapes")) {
             only_shapes = argv[++i];
         } else if (i + 1 < argc && !strcmp(argv[i], "--ms")) {
             only_ms = argv[++i];
+        } else if (i + 1 < argc && !strcmp(argv[i], "--max-ranges")) {
+            max_ranges = atoi(argv[++i]);
         } else {
             int help = !strcmp(argv[i], "--help");
             fprintf(help ? stdout : stderr, "usage: bench-gemm-cuda [--reps N] [--shapes qkv,o,gate_up,down,lm_head] "
-                                            "[--ms 1,8,...] [--resident]\n");
+                                            "[--ms 1,8,...] [--resident] [--accumulate] [--max-ranges N]\n");
             return help ? 0 : 2;
         }
     }
@@ -79,19 +90,24 @@ int main(int argc, char **argv)
     const struct { const char *name; int N, K; } shapes[] = {
         {"qkv", 6144, 2560}, {"o", 2560, 4096}, {"gate_up", 19456, 2560}, {"down", 2560, 9728}, {"lm_head", 151936, 2560},
     };
-    const int Ms[] = {1, 8, 16, 17, 32, 64, 128, 256, 512, 2048};
-    struct ds_k_gemm_lt *lt;
+    const int Ms[] = {1, 8, 16, 17, 32, 64, 128, 256, 512, 1024, 2048};
+    struct ds_k_gemm_lt *lt, *lt_batch, *lt_turn;
     CHECK(ds_k_gemm_lt_create(&lt));
+    CHECK(ds_k_gemm_lt_create(&lt_batch));
+    CHECK(ds_k_gemm_lt_create(&lt_turn));
+    ds_k_gemm_lt_set_in_turn_rows(lt_batch, 0);
+    ds_k_gemm_lt_set_in_turn_rows(lt_turn, 1);
     cublasHandle_t h;
     CHECK(cublasCreate(&h));
     void *cws;
     CHECK(cudaMalloc(&cws, 32u << 20));
     CHECK(cublasSetWorkspace(h, cws, 32u << 20));   /* products captured in graphs */
-    printf("# %s, %d SMs; per launch: a graph of %d launches (%s), median of 5 replays\n\n", p.name,
-           p.multiProcessorCount, reps, resident ? "one copy of the weights" : "weights rotated");
-    printf("| shape | N x K | M | split | invariant us | kernels alone us | cuBLAS us | invariant GB/s (W) | invariant TFLOP/s "
-           "| cuBLAS TFLOP/s | invariant / cuBLAS |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    printf("# %s, %d SMs; per launch: a graph of %d launches (%s%s), median of 5 replays\n\n", p.name,
+           p.multiProcessorCount, reps, resident ? "one copy of the weights" : "weights rotated",
+           accumulate ? ", adding to y" : "");
+    printf("| shape | N x K | M | split | invariant us | ranges batched us | ranges in turn us | kernels alone us "
+           "| cuBLAS us | invariant GB/s (W) | invariant TFLOP/s | cuBLAS TFLOP/s | invariant / cuBLAS |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         if (!listed(only_shapes, shapes[si].name))
             continue;
@@ -105,7 +121,7 @@ int main(int argc, char **argv)
         uint16_t *w;
         CHECK(cudaMalloc((void **)&w, wbytes * copies));
         CHECK(ds_k_fill_uniform_bf16(w, wbytes / 2 * copies, 7, 0.0f, 0.05f, 0));
-        int split = ds_k_gemm_split(N, K, p.multiProcessorCount);
+        int split = ds_k_gemm_split_at_most(ds_k_gemm_split(N, K, p.multiProcessorCount), K, max_ranges);
         for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
             int M = Ms[mi];
             char mname[16];
@@ -120,25 +136,26 @@ int main(int argc, char **argv)
             CHECK(cudaMemset(ws, 0, ds_k_gemm_workspace(M, N, split) * 4 + 4));
             CHECK(ds_k_fill_uniform_bf16(x, (size_t)M * K, 3, 0.0f, 1.0f, 0));
             /* each implementation: one graph of reps launches (weights rotated), replayed 5 times */
-            float t[3][5];
+            float t[5][5];
             cudaStream_t st;
             CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
             CHECK(cublasSetStream(h, st));
             cudaEvent_t e0, e1;
             cudaEventCreate(&e0);
             cudaEventCreate(&e1);
-            for (int impl = 0; impl < 3; impl++) {   /* invariant, kernels alone, cuBLAS */
+            struct ds_k_gemm_lt *invariant[4] = {lt, lt_batch, lt_turn, NULL};
+            for (int impl = 0; impl < 5; impl++) {   /* invariant: default, batched, in turn, kernels alone; cuBLAS */
                 cudaGraph_t g;
                 cudaGraphExec_t ge;
                 CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
                 for (int r = 0; r < reps; r++) {
                     const uint16_t *wc = w + (size_t)(r % copies) * N * K;
-                    if (impl < 2) {
-                        CHECK(ds_k_gemm_bf16(impl == 0 ? lt : NULL, x, K, wc, M, N, K, split, ws, y, N, 0, st));
+                    if (impl < 4) {
+                        CHECK(ds_k_gemm_bf16(invariant[impl], x, K, wc, M, N, K, split, ws, y, N, accumulate, st));
                     } else {
-                        float one = 1, zero = 0;
+                        float one = 1, beta = (float)accumulate;
                         CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, wc, CUDA_R_16BF, K, x, CUDA_R_16BF,
-                                           K, &zero, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                           K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
                     }
                 }
                 CHECK(cudaStreamEndCapture(st, &g));
@@ -157,12 +174,13 @@ int main(int argc, char **argv)
                 cudaGraphDestroy(g);
             }
             cudaStreamDestroy(st);
-            for (int impl = 0; impl < 3; impl++)
+            for (int impl = 0; impl < 5; impl++)
                 qsort(t[impl], 5, sizeof(float), cmp);
-            double ti = t[0][2] * 1e-3, tk = t[1][2] * 1e-3, tc = t[2][2] * 1e-3, flop = 2.0 * M * N * K;
-            printf("| %s | %d x %d | %d | %d | %.1f | %.1f | %.1f | %.0f | %.1f | %.1f | %.2f |\n", shapes[si].name, N, K,
-                   M, split, ti * 1e6, tk * 1e6, tc * 1e6, wbytes / ti / 1e9, flop / ti / 1e12, flop / tc / 1e12,
-                   ti / tc);
+            double ti = t[0][2] * 1e-3, tb = t[1][2] * 1e-3, tt = t[2][2] * 1e-3, tk = t[3][2] * 1e-3;
+            double tc = t[4][2] * 1e-3, flop = 2.0 * M * N * K;
+            printf("| %s | %d x %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f | %.1f | %.1f | %.2f |\n",
+                   shapes[si].name, N, K, M, split, ti * 1e6, tb * 1e6, tt * 1e6, tk * 1e6, tc * 1e6,
+                   wbytes / ti / 1e9, flop / ti / 1e12, flop / tc / 1e12, ti / tc);
             fflush(stdout);
             cudaFree(x), cudaFree(y), cudaFree(ws);
             cudaEventDestroy(e0), cudaEventDestroy(e1);
@@ -171,5 +189,7 @@ int main(int argc, char **argv)
     }
     cublasDestroy(h);
     ds_k_gemm_lt_destroy(lt);
+    ds_k_gemm_lt_destroy(lt_batch);
+    ds_k_gemm_lt_destroy(lt_turn);
     return 0;
 }

@@ -6,9 +6,10 @@
  * takes what is left) that depend only on (n, k) and the GPU
  * (ds_k_gemm_split); within a range, every output element is one
  * chain of tensor-core products over 16-wide k chunks in increasing order
- * (wmma m16n16k16), and the ranges' partials are summed in range order: for
- * decoding's 16-row tiles by the last block of the tile to finish (a counter
- * per tile at the start of the workspace), else by a second kernel. Tile
+ * (wmma m16n16k16), and the ranges' partials are summed in range order, after
+ * y's own value when the product adds to y: ((y + p0) + p1) + ... . For
+ * decoding's 16-row tiles the last block of the tile to finish sums them (a
+ * counter per tile at the start of the workspace), else a second kernel. Tile
  * shapes differ with m (a 16-row tile that streams W for decoding, 64 and
  * 128-row tiles for larger passes), but chunks past a range's end are
  * zero-filled, so every shape runs the same chain for each element: a token's
@@ -21,6 +22,10 @@
  * offered, bench/RESULTS.md; tests/gpu/test-kernels checks it on every run).
  * The equal ranges go as one strided batch, so that the GPU is filled by all
  * of them at once, and the last range, when shorter, as a second product.
+ * Passes of many rows, where one range's product fills the GPU by itself, run
+ * the ranges one after another instead, each adding its product to y (cuBLASLt's
+ * beta = 1): the same sums in the same order, without writing the partials and
+ * reading them back (gemm_lt_in_turn).
  * cuBLASLt's heuristic is asked once per class of row counts (lt_rows_class),
  * not for every new pass size.
  *
@@ -316,11 +321,11 @@ gemm_bf16_kernel(const __nv_bfloat16 *x, int ldx, const __nv_bfloat16 *w, int M,
         if (n >= N)
             continue;
         size_t i = (size_t)m * N + n;
-        float v = __ldcg(part + i);
+        float *dst = y + (size_t)m * ldy + n;
+        float v = accumulate ? *dst + __ldcg(part + i) : __ldcg(part + i);
         for (int z = 1; z < S; z++)
             v += __ldcg(part + (size_t)z * M * N + i);
-        float *dst = y + (size_t)m * ldy + n;
-        *dst = accumulate ? *dst + v : v;
+        *dst = v;
     }
 }
 
@@ -356,8 +361,8 @@ extern "C" size_t ds_k_gemm_workspace(int M, int N, int split)
     return split > 1 ? GM_COUNTERS + (size_t)split * M * N : 0;
 }
 
-/* y[m, n] (+)= ws[0, m, n] + ws[1, m, n] + ... in split order, W columns a thread (for W = 4: N and ldy
- * multiples of 4, y and ws 16-byte aligned, so four times the bytes in flight; the same sums either way). */
+/* y[m, n] = ((y[m, n] +) ws[0, m, n]) + ws[1, m, n] + ... in split order, W columns a thread (for W = 4: N and
+ * ldy multiples of 4, y and ws 16-byte aligned, so four times the bytes in flight; the same sums either way). */
 template <int W>
 __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, float *y, int ldy, int accumulate)
 {
@@ -367,19 +372,19 @@ __global__ static void gemm_reduce_kernel(const float *ws, int M, int N, int S, 
         return;
     int m = (int)(i / N), n = (int)(i % N);
     const float *part = ws + GM_COUNTERS;
-    f32s<W> v = *(const f32s<W> *)(part + i);
-    for (int s = 1; s < S; s++) {
-        f32s<W> p = *(const f32s<W> *)(part + (size_t)s * M * N + i);
-#pragma unroll
-        for (int c = 0; c < W; c++)
-            v.v[c] += p.v[c];
-    }
     f32s<W> *dst = (f32s<W> *)(y + (size_t)m * ldy + n);
+    f32s<W> v = *(const f32s<W> *)(part + i);
     if (accumulate) {
         f32s<W> d = *dst;
 #pragma unroll
         for (int c = 0; c < W; c++)
             v.v[c] = d.v[c] + v.v[c];
+    }
+    for (int s = 1; s < S; s++) {
+        f32s<W> p = *(const f32s<W> *)(part + (size_t)s * M * N + i);
+#pragma unroll
+        for (int c = 0; c < W; c++)
+            v.v[c] += p.v[c];
     }
     *dst = v;
 }
@@ -446,6 +451,7 @@ static cudaError_t gemm_inhouse(const uint16_t *x, int ldx, const uint16_t *w, i
 #define LT_WORKSPACE (32u << 20)
 #define LT_CACHE 1024             /* (M, N, range K, ...) problems remembered: a power of two */
 #define LT_PROBE 8                /* slots a problem may take, from its hash on */
+#define LT_IN_TURN_ROWS 1024      /* passes of at least this many rows run a split's ranges in turn */
 
 struct lt_problem {               /* `batch` k ranges of Ks each, one after another, as cuBLASLt sees them */
     int M, N, Ks, K, ldx, ldy, beta, align, batch;
@@ -465,6 +471,7 @@ struct ds_k_gemm_lt {
     unsigned next_evict;
     size_t launches;              /* products cuBLASLt was given */
     size_t heuristics;            /* questions asked of its heuristic */
+    int in_turn_rows;             /* passes of at least this many rows run a split's ranges in turn (0: never) */
 };
 
 extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
@@ -482,8 +489,15 @@ extern "C" cudaError_t ds_k_gemm_lt_create(struct ds_k_gemm_lt **ret)
         free(lt);
         return e;
     }
+    lt->in_turn_rows = LT_IN_TURN_ROWS;
     *ret = lt;
     return cudaSuccess;
+}
+
+extern "C" void ds_k_gemm_lt_set_in_turn_rows(struct ds_k_gemm_lt *lt, int rows)
+{
+    if (lt)
+        lt->in_turn_rows = rows < 0 ? LT_IN_TURN_ROWS : rows;
 }
 
 static void lt_entry_free(struct lt_entry *en)
@@ -692,6 +706,37 @@ static int alignment_of(uintptr_t a)
     return al;
 }
 
+/* The k ranges through cuBLASLt one after another, each adding its product to y: range 0 writes y (adds to
+ * it when accumulating), every later one adds (beta = 1, y as both C and D), so y ends as ((y +) p0 + p1)
+ * + ..., the partial sums' order, with no partials in the workspace and no reduce kernel.
+ * cudaErrorNotSupported, with nothing launched, when a range has no algorithm that keeps the chain. */
+static cudaError_t gemm_lt_in_turn(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M,
+                                   int N, int K, int split, float *y, int ldy, int accumulate, cudaStream_t stream)
+{
+    int ks = range_chunks(k_chunks(K), split) * GM_KQ, last_ks = K - (split - 1) * ks;
+    int al = alignment_of((uintptr_t)w | (uintptr_t)x | (uintptr_t)y | (uintptr_t)ks * 2);
+    /* range 0, the ranges between (adding), the last one (adding; as long as the others or shorter) */
+    const struct lt_problem keys[3] = {{M, N, ks, K, ldx, ldy, accumulate ? 1 : 0, al, 1},
+                                       {M, N, ks, K, ldx, ldy, 1, al, 1},
+                                       {M, N, last_ks, K, ldx, ldy, 1, al, 1}};
+    for (int g = 0; g < 3; g++)
+        if ((g != 1 || split > 2) && !lt_lookup(lt, &keys[g])->usable)
+            return cudaErrorNotSupported;   /* nothing launched yet */
+    const float one = 1.0f, zero = 0.0f;
+    for (int r = 0; r < split; r++) {
+        const struct lt_problem *key = &keys[r == 0 ? 0 : r == split - 1 ? 2 : 1];
+        /* looked up again: another range's lookup may have replaced this one's entry */
+        struct lt_entry *en = lt_lookup(lt, key);
+        size_t k0 = (size_t)r * ks;
+        if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + k0, en->a, x + k0, en->b,
+                                          key->beta ? &one : &zero, y, en->c, y, en->c, &en->algo, lt->workspace,
+                                          LT_WORKSPACE, stream) != CUBLAS_STATUS_SUCCESS)
+            return r == 0 ? cudaErrorNotSupported : cudaErrorLaunchFailure;   /* later: y holds some ranges */
+        lt->launches++;
+    }
+    return cudaSuccess;
+}
+
 /* The k ranges through cuBLASLt, partials summed by gemm_reduce_kernel: the ranges of L chunks as one
  * strided batch, then the last range when it is shorter. cudaErrorNotSupported when some group has no
  * algorithm that keeps the chain, or a product fails to launch: y is then untouched (with a split, cuBLASLt
@@ -699,6 +744,8 @@ static int alignment_of(uintptr_t a)
 static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M, int N,
                            int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
+    if (split > 1 && lt->in_turn_rows && M >= lt->in_turn_rows)
+        return gemm_lt_in_turn(lt, x, ldx, w, M, N, K, split, y, ldy, accumulate, stream);
     struct lt_problem keys[2];
     int kb[2];      /* each group's first k */
     float *dst[2];  /* and where its first product goes */

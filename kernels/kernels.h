@@ -290,8 +290,15 @@ size_t ds_k_gemm_lt_launches(const struct ds_k_gemm_lt *lt);
 /* Questions asked of its heuristic so far: one per class of row counts (8 and under one each, then
  * 12, 16, 24, 32, 48, 64, ...) and problem, more only where the class's choice does not fit. */
 size_t ds_k_gemm_lt_heuristics(const struct ds_k_gemm_lt *lt);
+/* Passes of at least `rows` rows (0: none; negative: the default) run a split product's k ranges one after another, each adding
+ * to y, instead of as one batch whose partials a second kernel sums: the same bits (the sums' order is
+ * the same), less memory traffic where one range's product fills the GPU. The default is measured
+ * (bench/RESULTS.md); benchmarks and tests set others. */
+void ds_k_gemm_lt_set_in_turn_rows(struct ds_k_gemm_lt *lt, int rows);
 
-/* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation.
+/* y[m, n] = x[m, :]·w[n, :] (y += that when accumulate), f32 accumulation: a
+ * chain per k range, the ranges' sums added in range order after y's own value
+ * when accumulating.
  * K and ldx must be multiples of 8; split is ds_k_gemm_split's (or any count
  * up to 64 whose ranges of ⌈⌈K / 32⌉ / split⌉ chunks of 32 leave none
  * empty); ws holds ds_k_gemm_workspace(M, N, split) floats. lt: cuBLASLt for

@@ -1036,6 +1036,31 @@ static bool gemm_invariance_case(int N, int K, bool accumulate, int max_ranges)
         printf("# cuBLASLt never ran: the kernels computed every part\n");
         ok = false;
     }
+    /* the same parts with a split's k ranges run in turn (each adding to y) wherever cuBLASLt takes the pass:
+     * one product a range */
+    ds_k_gemm_lt_set_in_turn_rows(lt, 1);
+    float *d_turn = dpoison((size_t)M * N * 4), *turn = hmalloc((size_t)M * N * 4);   /* one buffer each */
+    for (int i = 0; i < 10; i++) {
+        int m0 = starts[i], mm = sizes[i];
+        size_t bytes = (size_t)mm * N * 4, launches = ds_k_gemm_lt_launches(lt);
+        if ((accumulate ? cudaMemcpy(d_turn, y0 + (size_t)m0 * N, bytes, cudaMemcpyHostToDevice)
+                        : cudaMemset(d_turn, 0xff, bytes)) != cudaSuccess ||
+            !launched(ds_k_gemm_bf16(lt, d_x + (size_t)m0 * K, K, d_w, mm, N, K, split, d_ws, d_turn, N, accumulate, 0),
+                      "gemm, part of the batch, ranges in turn") ||
+            cudaMemcpy(turn, d_turn, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+            return false;
+        launches = ds_k_gemm_lt_launches(lt) - launches;
+        size_t want = split == 1 || mm > 4 ? (size_t)split : 0;   /* what cuBLASLt takes (kernels: 0) */
+        char what[160];
+        snprintf(what, sizeof what, "gemm rows %d..%d (cuBLASLt's ranges in turn where it serves) vs the kernels on a "
+                 "batch of %d", m0, m0 + mm - 1, M);
+        ok = same_bits(what, turn, full + (size_t)m0 * N, bytes) && ok;
+        if (launches != want) {
+            printf("# %s: %zu cuBLASLt products, %zu meant\n", what, launches, want);
+            ok = false;
+        }
+    }
+    ds_k_gemm_lt_set_in_turn_rows(lt, -1);   /* the default again */
     /* 33 to 47 rows share the class of 48 (37 rows above asked for it): the heuristic is not asked again
      * for each, and each still gives the kernels' bits */
     size_t asked = ds_k_gemm_lt_heuristics(lt);
@@ -1082,9 +1107,9 @@ static bool test_gemm_invariance(void)
  * kernel and then the product: the same bits. in_product: the product should make the rows itself
  * (decoding's few rows), leaving x->x as it was. */
 static bool gemm_made_x_case(struct ds_k_gemm_lt *with, enum ds_k_x_kind kind, int M, int N, int K, bool accumulate,
-                             bool in_product)
+                             bool in_product, int max_ranges)
 {
-    int split = ds_k_gemm_split(N, K, 132), src_w = kind == DS_K_X_SWIGLU ? 2 * K : K;
+    int split = ds_k_gemm_split_at_most(ds_k_gemm_split(N, K, 132), K, max_ranges), src_w = kind == DS_K_X_SWIGLU ? 2 * K : K;
     float *src = rnd_vec((size_t)M * src_w), *g = rnd_vec(K), *y0 = rnd_vec((size_t)M * N);
     uint16_t *w = rnd_bf16((size_t)N * K);
     uint16_t *d_w = dup_to_dev(w, (size_t)N * K * 2);
@@ -1130,14 +1155,17 @@ static bool test_gemm_made_x(void)
               ds_k_gemm_split(2560, 9728, 132) == 9 && ds_k_gemm_split(512, 480, 132) == 1;
     if (!ok)
         printf("# the shapes do not split k as meant\n");
-    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 6144, 2560, false, true) && ok;    /* qkv of a 4B at one row */
-    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 3, 64, 968, true, true) && ok;      /* uneven k ranges */
-    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, true) && ok;     /* down of a 4B at four rows */
-    ok = gemm_made_x_case(NULL, DS_K_X_SWIGLU, 5, 200, 264, false, false) && ok;   /* too many rows to make */
-    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 2, 512, 480, false, false) && ok;    /* unsplit: cuBLASLt's */
-    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 512, 480, true, true) && ok;      /* but one row makes its own */
-    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 2, 512, 480, false, true) && ok;   /* the kernels' */
-    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 16, 64, 968, true, false) && ok;
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 6144, 2560, false, true, 0) && ok;    /* qkv of a 4B at one row */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 3, 64, 968, true, true, 0) && ok;      /* uneven k ranges */
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, true, 0) && ok;     /* down of a 4B at four rows */
+    ok = gemm_made_x_case(NULL, DS_K_X_SWIGLU, 5, 200, 264, false, false, 0) && ok;   /* too many rows to make */
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 2, 512, 480, false, false, 0) && ok;    /* unsplit: cuBLASLt's */
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 512, 480, true, true, 0) && ok;      /* but one row makes its own */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 2, 512, 480, false, true, 0) && ok;   /* the kernels' */
+    ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 16, 64, 968, true, false, 0) && ok;
+    /* k in 4 ranges, not 9 (ds_cuda_opts.max_ranges): each block makes a longer range */
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 1, 2560, 9728, true, true, 4) && ok;
+    ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 3, 2560, 4096, true, true, 4) && ok;
     return ok;
 }
 
