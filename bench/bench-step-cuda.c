@@ -191,7 +191,7 @@ int main(int argc, char **argv)
     int rs[16] = {1, 8, 32, 64, 128, 256}, n_rs = 6, qs[8] = {1, 4, 8}, n_qs = 3, ctx = 1024, reps = 10;
     bool round = false;
     float temperature = 0;
-    int top_k = 0;
+    int top_k = 0, in_turn_rows = -1, max_ranges = 0;   /* -1, 0: the products' defaults */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--round")) {
@@ -200,9 +200,13 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
-                   "                       [--products invariant,kernels,cublas] [--json FILE]\n"
+                   "                       [--products invariant,kernels,cublas] [--json FILE] [--in-turn-rows N]\n"
+                   "                       [--max-ranges N]\n"
                    "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n"
-                   "                       [--top-k K]\n");
+                   "                       [--top-k K] [--in-turn-rows N] [--max-ranges N]\n"
+                   "--in-turn-rows N: passes of N rows or more run a split product's k ranges one after another\n"
+                   "                  (0: never; the default: the kernels' own threshold)\n"
+                   "--max-ranges N: split the products' k into at most N ranges (0: the kernels' split)\n");
             return 0;
         }
         if (!v) {
@@ -228,6 +232,10 @@ int main(int argc, char **argv)
             temperature = strtof(v, NULL);
         else if (!strcmp(a, "--top-k"))
             top_k = atoi(v);
+        else if (!strcmp(a, "--in-turn-rows"))
+            in_turn_rows = atoi(v);
+        else if (!strcmp(a, "--max-ranges"))
+            max_ranges = atoi(v);
         else {
             fprintf(stderr, "bench-step-cuda: unknown option %s\n", a);
             return 2;
@@ -288,10 +296,12 @@ int main(int argc, char **argv)
                                     .num_key_value_heads = sh->nKV, .head_dim = sh->hd,
                                     .max_position_embeddings = 40960, .rms_norm_eps = 1e-6, .rope_theta = 1e6,
                                     .tie_word_embeddings = sh->tied};
-        struct ds_cuda_opts o = {.graphs = true};
+        struct ds_cuda_opts o = {.graphs = true, .max_ranges = max_ranges};
         struct ds_cuda_target *t = NULL;
         if (ds_cuda_target_new_random(&c, 1234 + si, &o, &t) < 0)
             die("random model");
+        if (in_turn_rows >= 0)
+            ds_cuda_set_in_turn_rows(t, in_turn_rows);
         const int page = 16;
         int per_seq = (ctx + max_q + page - 1) / page;
         if (ds_cuda_kv_alloc(t, per_seq * max_r, page, per_seq) < 0 || ds_cuda_kv_fill_random(t, 99) < 0)

@@ -61,6 +61,9 @@ static void usage(FILE *f)
             "  --device N            CUDA device index (default 0)\n"
             "  --cublas              CUDA: cuBLAS products (faster, not batch-invariant: speculative\n"
             "                        output may then differ from target-only output)\n"
+            "  --gemm-ranges N       CUDA: split the target's products' k into at most N ranges\n"
+            "                        (default 0: as many as one row needs to fill the GPU; 4 is\n"
+            "                        faster for speculation and batches of 4 or more)\n"
             "  --max-context N       context length (default: the model's)\n"
             "  --sps FILE            load the step-time profile SPS(B) instead of measuring it\n"
             "  --save-sps FILE       write the measured profile\n"
@@ -358,7 +361,7 @@ int main(int argc, char **argv)
     int max_tokens = 128, top_k = 0, concurrency = 1, threads = 0, max_context = 0, device = 0;
     const char *backend_text = "auto";
     bool cublas = false, sync_rounds = false;
-    int sps_context = 128;
+    int sps_context = 128, gemm_ranges = 0;
     double temperature = 0, top_p = 1;
     unsigned long long seed = 0;
     const char **stops = NULL;
@@ -366,7 +369,7 @@ int main(int argc, char **argv)
     enum { O_TARGET = 256, O_DRAFT, O_PROMPT, O_PROMPT_IDS, O_PROMPTS, O_CHAT, O_MAX_TOKENS, O_TEMP, O_TOP_P,
            O_TOP_K, O_SEED, O_STOP, O_IGNORE_EOS, O_SPEC, O_CONC, O_THREADS, O_MAXCTX, O_JSON, O_LOGITS,
            O_TRACE, O_QUIET, O_SPS, O_SAVE_SPS, O_BACKEND, O_DEVICE, O_CUBLAS, O_SPS_CONTEXT, O_ROUND_LOG,
-           O_SYNC_ROUNDS };
+           O_SYNC_ROUNDS, O_GEMM_RANGES };
     static const struct option longopts[] = {
         {"target", required_argument, NULL, O_TARGET}, {"draft", required_argument, NULL, O_DRAFT},
         {"prompt", required_argument, NULL, O_PROMPT}, {"prompt-ids", required_argument, NULL, O_PROMPT_IDS},
@@ -382,7 +385,8 @@ int main(int argc, char **argv)
         {"backend", required_argument, NULL, O_BACKEND}, {"device", required_argument, NULL, O_DEVICE},
         {"cublas", no_argument, NULL, O_CUBLAS}, {"sps-context", required_argument, NULL, O_SPS_CONTEXT},
         {"round-log", required_argument, NULL, O_ROUND_LOG}, {"sync-rounds", no_argument, NULL, O_SYNC_ROUNDS},
-        {"save-sps", required_argument, NULL, O_SAVE_SPS}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0},
+        {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {"save-sps", required_argument, NULL, O_SAVE_SPS},
+        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0},
     };
     int c;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
@@ -409,6 +413,7 @@ int main(int argc, char **argv)
         case O_BACKEND: backend_text = optarg; break;
         case O_DEVICE: device = ds_cli_int("--device", optarg, 0, 1024); break;
         case O_CUBLAS: cublas = true; break;
+        case O_GEMM_RANGES: gemm_ranges = ds_cli_int("--gemm-ranges", optarg, 0, 64); break;
         case O_MAXCTX: max_context = ds_cli_int("--max-context", optarg, 1, 1 << 24); break;
         case O_JSON: json_out = true; break;
         case O_LOGITS: logits_out = optarg; break;
@@ -474,7 +479,7 @@ int main(int argc, char **argv)
         return ds_cli_fail("dspark-generate");
 
     struct ds_engine_opts eopts = {.backend = backend, .device = device, .cublas = cublas, .cuda_graphs = true,
-                                   .n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
+                                   .gemm_ranges = gemm_ranges, .n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
                                    .spec = spec};
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         return ds_cli_fail("dspark-generate");

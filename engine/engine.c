@@ -153,7 +153,8 @@ void ds_engine_time(const struct ds_engine *e, struct ds_engine_time *ret)
 /* The GPU side of an engine: weights, then a KV cache sized from free memory. */
 static int cuda_init(struct ds_engine *e, struct ds_engine_opts *o)
 {
-    struct ds_cuda_opts co = {.device = o->device, .cublas = o->cublas, .graphs = o->cuda_graphs};
+    struct ds_cuda_opts co = {.device = o->device, .cublas = o->cublas, .graphs = o->cuda_graphs,
+                              .max_ranges = o->gemm_ranges};
     int r = ds_cuda_target_new(e->target, &co, &e->cuda);
     if (r < 0)
         return r;

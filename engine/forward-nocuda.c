@@ -37,6 +37,9 @@ int ds_cuda_set_products(struct ds_cuda_target *t, bool cublas, bool kernels_onl
 {
     return nocuda();
 }
+void ds_cuda_set_in_turn_rows(struct ds_cuda_target *t, int min_rows)
+{
+}
 size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t)
 {
     return 0;

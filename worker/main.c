@@ -129,6 +129,10 @@ static void usage(FILE *f)
             "  --max-context N           context length (default: the model's)\n"
             "  --gpu-memory PERCENT      cuda: share of the free GPU memory the KV cache may\n"
             "                            take after the weights and activations (default 85)\n"
+            "  --gemm-ranges N           cuda: split the target's products' k into at most N\n"
+            "                            ranges (default 0: as many as one row needs to fill\n"
+            "                            the GPU; 4 is faster for speculation and batches of 4\n"
+            "                            sequences or more)\n"
             "queue:\n"
             "  --dsn CONNINFO            database (default: $DSPARK_DSN, else PG* variables)\n"
             "  --worker-id ID            default: $DSPARK_WORKER_ID, else HOST/PID\n"
@@ -187,7 +191,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
 {
     enum { O_DSN = 256, O_TARGET, O_DRAFT, O_SPEC, O_BACKEND, O_DEVICE, O_THREADS, O_MAX_BATCH, O_CONC, O_KV,
            O_MAXCTX, O_DRAIN, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE, O_LOG,
-           O_VERSION, O_GPU_MEM };
+           O_VERSION, O_GPU_MEM, O_GEMM_RANGES };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN}, {"target", required_argument, NULL, O_TARGET},
         {"draft", required_argument, NULL, O_DRAFT}, {"spec", required_argument, NULL, O_SPEC},
@@ -201,7 +205,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"model-name", required_argument, NULL, O_MODEL_NAME}, {"once", no_argument, NULL, O_ONCE},
         {"log-level", required_argument, NULL, O_LOG}, {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, O_VERSION}, {"gpu-memory", required_argument, NULL, O_GPU_MEM},
-        {NULL, 0, NULL, 0},
+        {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {NULL, 0, NULL, 0},
     };
     *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .lease = 30, .heartbeat = 0,
                         .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
@@ -220,6 +224,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         case O_CONC: o->concurrency = (int)opt_long("--concurrency", optarg, 1, 1 << 20); break;
         case O_KV: o->kv_tokens = opt_long("--kv-tokens", optarg, 1, 2000000000L); break;
         case O_GPU_MEM: o->gpu_memory = opt_long("--gpu-memory", optarg, 5, 95) / 100.0; break;
+        case O_GEMM_RANGES: o->gemm_ranges = (int)opt_long("--gemm-ranges", optarg, 0, 64); break;
         case O_MAXCTX: o->max_context = (int)opt_long("--max-context", optarg, 1, 1 << 24); break;
         case O_DRAIN: o->drain_timeout = opt_double("--drain-timeout", optarg, 0, 86400 * 7); break;
         case O_WID: o->worker_id = optarg; break;
@@ -845,7 +850,7 @@ int main(int argc, char **argv)
     }
 
     struct ds_engine_opts eopts = {.backend = backend, .device = device, .cuda_graphs = true,
-                                   .gpu_memory_fraction = o->gpu_memory,
+                                   .gpu_memory_fraction = o->gpu_memory, .gemm_ranges = o->gemm_ranges,
                                    .n_threads = o->threads, .max_seqs = o->max_batch, .max_context = o->max_context,
                                    .spec = spec};
     if (o->kv_tokens > 0)

@@ -32,6 +32,8 @@ struct ds_cuda_opts {
     bool kernels_only;       /* invariant products through the in-house kernels alone, never cuBLASLt
                               * (the same bits, slower: for comparisons) */
     bool graphs;             /* replay CUDA graphs of earlier passes with the same shape */
+    int max_ranges;          /* products split k into at most this many ranges (0: as many as decoding's
+                              * one row fills the GPU with); fewer: faster large passes, slower small ones */
 };
 
 /* True when this build has the backend and a CUDA device is present. */
@@ -50,6 +52,9 @@ struct ds_cuda_target *ds_cuda_target_free(struct ds_cuda_target *t);
 /* Switch the products between batch-invariant and cuBLAS, and the invariant ones between
  * cuBLASLt-where-it-serves and the kernels alone (drops captured graphs). */
 int ds_cuda_set_products(struct ds_cuda_target *t, bool cublas, bool kernels_only) DS_MUSTCHECK;
+/* Passes of at least min_rows rows (0: none; negative: the default) run a split product's k ranges one after another through
+ * cuBLASLt instead of as one batch (the same bits; benchmarks compare the two). Drops captured graphs. */
+void ds_cuda_set_in_turn_rows(struct ds_cuda_target *t, int min_rows);
 
 /* Bytes of the weights on the device, and of one KV page (K and V, every layer). */
 size_t ds_cuda_weight_bytes(const struct ds_cuda_target *t);

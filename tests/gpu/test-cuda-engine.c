@@ -6,7 +6,9 @@
  *     A model loaded without its layers, which the GPU then reads from the
  *     checkpoint itself, gives the same logits bits as one uploaded from the host.
  *  2. Batch invariance of the whole forward: a sequence's logits are the same
- *     bits alone and inside a ragged batch with other sequences.
+ *     bits alone and inside a ragged batch with other sequences. The target's
+ *     products with k in fewer ranges (ds_cuda_opts.max_ranges) give other
+ *     bits, within bf16 rounding of the default's.
  *  3. The draft on the GPU against the CPU draft (draft.c), for every Markov
  *     head kind, with and without a confidence head: context rows from the
  *     target's captured features, a block, then the γ Markov positions:
@@ -15,7 +17,8 @@
  *     the step-by-step chain's drafts bit for bit.
  *  4. Greedy speculative output equals greedy target-only output token for
  *     token, on the GPU (target and draft), for every speculation mode, at
- *     concurrency 1, 32 and 256 (the bundled target and DSpark draft).
+ *     concurrency 1, 32 and 256 (the bundled target and DSpark draft), and
+ *     with the target's k in fewer ranges at concurrency 32.
  *  5. Sampled speculative decoding (--spec dspark, T > 0 with top-p, and with
  *     top-k, greedy sequences mixed in) with the draws on the GPU against the
  *     draws on the host from the same GPU logits: equal outputs token for token
@@ -248,6 +251,60 @@ static void check_forward(const char *rel, double bound)
     ds_model_free(m);
 }
 
+
+/* ds_cuda_opts.max_ranges reaches the products: the bundled target (whose down product splits k in 3 ranges)
+ * with at most 2 gives other bits for the same pass, within bf16 rounding of the default's logits. */
+static void check_fewer_ranges(void)
+{
+    struct ds_model *m = NULL;
+    struct ds_model_opts mo = {0};
+    if (ds_model_load(src_path("models/dspark-tiny-target"), &mo, &m) < 0) {
+        tap(false, "fewer k ranges: load: %s", ds_errdetail());
+        return;
+    }
+    int V = m->cfg.vocab_size;
+    struct ds_cuda_target *t[2] = {NULL, NULL};
+    struct ds_kv_pool pool;
+    if (ds_kv_pool_init_pages(&pool, m->cfg.num_hidden_layers, m->cfg.num_key_value_heads, m->cfg.head_dim, 8, 64) < 0)
+        abort();
+    int32_t ids[2][128];
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; i < 128; i++)
+            ids[s][i] = (int32_t)(rnd() % (uint32_t)V);
+    int lens[2] = {9, 21};
+    struct pass p;
+    if (make_pass(&pool, &p, lens, 2, V, (const int32_t(*)[128])ids) < 0)
+        abort();
+    float *logits[2];
+    bool ran = true;
+    for (int i = 0; i < 2; i++) {
+        struct ds_cuda_opts co = {.max_ranges = i ? 2 : 0};
+        logits[i] = malloc((size_t)p.n * V * 4);
+        struct ds_batch b = {.n_tokens = p.n, .tokens = p.tokens, .pos = p.pos, .seq = p.seq, .kv = p.kvp,
+                             .n_logits = p.n, .logit_rows = p.rows, .logits = logits[i]};
+        if (ds_cuda_target_new(m, &co, &t[i]) < 0 || ds_cuda_kv_alloc(t[i], 64, 8, 32) < 0 ||
+            ds_cuda_forward(t[i], &pool, &b) < 0) {
+            tap(false, "fewer k ranges: %s", ds_errdetail());
+            ran = false;
+            break;
+        }
+    }
+    if (ran) {
+        size_t n = (size_t)p.n * V, differ = 0;
+        for (size_t i = 0; i < n; i++)
+            differ += memcmp(&logits[0][i], &logits[1][i], 4) != 0;
+        double e = norm_err(logits[1], logits[0], n);
+        tap(differ > 0 && e < 1e-2, "products in at most 2 k ranges: %zu of %zu logits other bits than with 3, "
+            "normalized max difference %.3g", differ, n, e);
+    }
+    for (int i = 0; i < 2; i++)
+        ds_cuda_target_free(t[i]);
+    free(logits[0]);
+    free(logits[1]);
+    release_pass(&pool, &p, 2);
+    ds_kv_pool_done(&pool);
+    ds_model_free(m);
+}
 /* Part 1b: a model loaded without its layers (the GPU reads them from the
  * checkpoint) gives the same logits bits as one uploaded from the host. */
 static void check_direct_load(const char *rel)
@@ -516,6 +573,8 @@ static void check_draft(const char *target_rel, const char *draft_rel, double bo
 
 /* Part 4: run n_prompts prompts at the given concurrency and mode; outputs go to out[i].
  * released non-NULL: release the draft's host weights once the engine exists, and say how many bytes. */
+static int engine_gemm_ranges;   /* run_engine's ds_engine_opts.gemm_ranges */
+
 static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, int conc, int n_prompts,
                       int32_t (*prompts)[64], const int *plen, int max_tokens, int32_t (*out)[64], int *out_n,
                       double *tau, size_t *released)
@@ -524,7 +583,7 @@ static int run_engine(struct ds_model *m, struct ds_draft *d, const char *mode, 
     if (ds_spec_mode_parse(mode, &spec) < 0)
         return -1;
     struct ds_engine_opts o = {.backend = DS_BACKEND_CUDA, .cuda_graphs = true, .max_seqs = conc,
-                               .max_context = 256, .spec = spec};
+                               .max_context = 256, .spec = spec, .gemm_ranges = engine_gemm_ranges};
     struct ds_engine *e = NULL;
     if (ds_engine_new(m, spec.kind == DS_SPEC_NONE ? NULL : d, &o, &e) < 0)
         return -1;
@@ -648,6 +707,22 @@ static void check_lossless(bool quick)
         }
         ds_draft_free(d2);
     }
+    /* the target's products in fewer k ranges (down's 3 become 2: other bits, check_fewer_ranges): speculation
+     * still gives what the target alone gives with them */
+    engine_gemm_ranges = 2;
+    int n = quick ? 8 : 32, conc = quick ? 1 : 32;
+    double tau;
+    if (run_engine(m, d, "none", conc, n, prompts, plen, MAXT, base, base_n, &tau, NULL) < 0 ||
+        run_engine(m, d, "dspark", conc, n, prompts, plen, MAXT, got, got_n, &tau, NULL) < 0) {
+        tap(false, "the target's k in 2 ranges: %s", ds_errdetail());
+    } else {
+        int same = 0;
+        for (int i = 0; i < n; i++)
+            same += got_n[i] == MAXT && base_n[i] == MAXT && !memcmp(got[i], base[i], (size_t)MAXT * 4);
+        tap(same == n, "GPU greedy, concurrency %d, dspark, the target's k in at most 2 ranges: %d of %d outputs "
+            "equal target-only's (tau %.2f)", conc, same, n, tau);
+    }
+    engine_gemm_ranges = 0;
     ds_draft_free(d);
     ds_model_free(m);
 }
@@ -835,6 +910,7 @@ int main(void)
     check_forward("tests/data/models/tiny-mha", 3e-2);
     check_direct_load("models/dspark-tiny-target");
     check_direct_load("tests/data/models/tiny-untied-gqa2-hd");
+    check_fewer_ranges();
     static const char *const drafts[] = {"draft-vanilla", "draft-gated", "draft-rnn", "draft-vanilla-noconf",
                                          "draft-dflash", "draft-m3-noembed"};
     for (size_t i = 0; i < sizeof drafts / sizeof drafts[0]; i++) {
