@@ -14,7 +14,8 @@ DS_MIGRATIONS = \
 	sql/006-job-stats-time.sql \
 	sql/007-attempts.sql \
 	sql/008-worker-ids.sql \
-	sql/009-worker-fence.sql
+	sql/009-worker-fence.sql \
+	sql/010-worker-instance.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

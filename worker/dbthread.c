@@ -16,7 +16,9 @@
  *     leases of every job held (claimed and not yet written back) and
  *     reporting the ids to stop (cancel requested, or no longer ours); a
  *     heartbeat refused because another process took the worker id over
- *     (after this one was cut off for longer than a lease) stops the worker;
+ *     (after this one was cut off for longer than a lease) stops the worker,
+ *     and one refused because the worker's row is gone (pruned while it was
+ *     cut off) registers it again;
  *   - hand-backs (dspark.release_jobs) when a drain runs out of time;
  *   - a sweep for queued jobs of models that no registered worker serves
  *     (claim_jobs only hands out jobs of the worker's own model): after
@@ -527,10 +529,11 @@ static int heartbeat(struct dbt *t)
     if (n_sent > 0)
         memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
-    const char *params[6] = {t->w->id.worker_id, sids, satt, lease, t->w->id.host, t->pid};
+    const char *params[7] = {t->w->id.worker_id, sids, satt, lease, t->w->id.host, t->pid, t->w->id.instance};
     PGresult *res;
-    int r = ds_db_exec(t->db, "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int, $5, $6::int)",
-                       6, params, &res);
+    int r = ds_db_exec(t->db,
+                       "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int, $5, $6::int, $7)", 7,
+                       params, &res);
     free(sids);
     free(satt);
     if (r < 0) {
@@ -546,6 +549,16 @@ static int heartbeat(struct dbt *t)
             t->w->sh.taken_over = true;
             pthread_cond_signal(&t->w->sh.main_cv);
             unlock(t->w);
+            return 0;
+        }
+        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0) {
+            /* the row is gone (pruned while this worker was cut off): register again; the next
+             * heartbeat extends what is still held and names the rest to stop */
+            wlog(DS_LOG_WARNING, 0, "%s; registering again", ds_errdetail());
+            if (wregister_row(t->w, t->db) < 0)
+                wlog(DS_LOG_ERR, 0, "could not register again: %s", ds_errdetail());
+            else
+                t->next_hb = 0;
             return 0;
         }
         wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
@@ -691,9 +704,9 @@ static void notify_cb(void *ud, const char *channel, const char *payload)
 
 static void set_state(struct dbt *t, const char *state)
 {
-    /* with host and pid: a worker whose id was taken over leaves the new holder's row alone */
-    const char *params[4] = {t->w->id.worker_id, state, t->w->id.host, t->pid};
-    if (ds_db_command(t->db, "SELECT dspark.set_worker_state($1, $2, $3, $4::int)", 4, params) < 0)
+    /* with its instance: a worker whose id was taken over leaves the new holder's row alone */
+    const char *params[5] = {t->w->id.worker_id, state, t->w->id.host, t->pid, t->w->id.instance};
+    if (ds_db_command(t->db, "SELECT dspark.set_worker_state($1, $2, $3, $4::int, $5)", 5, params) < 0)
         wlog(DS_LOG_WARNING, 0, "could not set the worker state '%s': %s", state, ds_errdetail());
 }
 

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -360,8 +361,8 @@ static int announce_starting(struct wctx *w, const struct wopts *o)
     char pid[16], live[32];
     snprintf(pid, sizeof pid, "%d", (int)getpid());
     snprintf(live, sizeof live, "%g", o->lease);
-    const char *params[6] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model, live};
-    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5, $6::float8)", 6, params);
+    const char *params[7] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model, live, w->id.instance};
+    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5, $6::float8, $7)", 7, params);
 }
 
 static void *loading_beat_main(void *arg)
@@ -474,29 +475,50 @@ static json_t *sps_json(const struct ds_sps *t)
     return o;
 }
 
-/* Register (upsert) the worker row; retries while the connection is down. */
-static int register_worker(struct wctx *w, const struct wopts *o, const struct ds_sps *sps)
+int wregister_row(struct wctx *w, struct ds_db *db)
 {
     char pid[16], live[32];
     snprintf(pid, sizeof pid, "%d", (int)getpid());
-    snprintf(live, sizeof live, "%g", o->lease);
-    json_t *j = sps ? sps_json(sps) : NULL;
-    char *sps_text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    const char *params[10] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model,
+    snprintf(live, sizeof live, "%g", w->o.lease);
+    const char *params[11] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model,
                               w->id.draft[0] ? w->id.draft : NULL, w->id.model_checksum,
-                              w->id.draft[0] ? w->id.draft_checksum : NULL, sps_text, live};
+                              w->id.draft[0] ? w->id.draft_checksum : NULL, w->sps_text, live, w->id.instance};
+    return ds_db_command(db,
+                         "SELECT dspark.register_worker($1, $2, $3::int, $4, $5, $6, $7, $8, $9::jsonb, $10::float8, $11)",
+                         11, params);
+}
+
+/* This process's instance token: 16 random bytes as 32 hex digits (the clock and pid where the kernel's
+ * generator does not answer). */
+static void draw_instance(char out[33])
+{
+    unsigned char b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t x = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec, y = (uint64_t)getpid() ^ (x << 17);
+        memcpy(b, &x, 8);
+        memcpy(b + 8, &y, 8);
+    }
+    for (int i = 0; i < 16; i++)
+        snprintf(out + 2 * i, 3, "%02x", b[i]);
+}
+
+/* Register (upsert) the worker row with its step-time profile; retries while the connection is down. */
+static int register_worker(struct wctx *w, const struct ds_sps *sps)
+{
+    json_t *j = sps ? sps_json(sps) : NULL;
+    free(w->sps_text);
+    w->sps_text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
     int r;
-    while ((r = ds_db_command(w->db,
-                              "SELECT dspark.register_worker($1, $2, $3::int, $4, $5, $6, $7, $8, $9::jsonb, $10::float8)",
-                              10, params)) < 0) {
+    while ((r = wregister_row(w, w->db)) < 0) {
         if (ds_db_ok(w->db) || got_term)
             break;
         wlog(DS_LOG_WARNING, 0, "could not register: %s; retrying", ds_errdetail());
         if (ds_db_ensure(w->db, 5000) < 0)
             continue;
     }
-    free(sps_text);
     return r;
 }
 
@@ -786,6 +808,7 @@ int main(int argc, char **argv)
     if (gethostname(host, sizeof host - 1) < 0)
         snprintf(host, sizeof host, "localhost");
     snprintf(w->id.host, sizeof w->id.host, "%s", host);
+    draw_instance(w->id.instance);
     const char *wid = o->worker_id ? o->worker_id : getenv("DSPARK_WORKER_ID");
     if (wid && *wid)
         snprintf(w->id.worker_id, sizeof w->id.worker_id, "%s", wid);
@@ -899,7 +922,7 @@ int main(int argc, char **argv)
         wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
         return 0;
     }
-    if (register_worker(w, o, draft ? ds_engine_sps(engine) : NULL) < 0) {
+    if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
         if (got_term)
             return 0;
         if (id_refused(w))
@@ -975,6 +998,7 @@ int main(int argc, char **argv)
     ds_engine_free(engine);
     ds_draft_free(draft);
     ds_model_free(model);
+    free(w->sps_text);
     free(w);
     return rc;
 }

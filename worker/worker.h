@@ -78,6 +78,7 @@ struct widentity {
     char draft[257];              /* the draft's name ("" without a draft) */
     char model_checksum[17];
     char draft_checksum[17];
+    char instance[33];            /* 32 hex digits this process drew at start: which process holds the row */
 };
 
 /* One claim of a job: the job and its attempt (a job claimed again after its
@@ -123,7 +124,12 @@ struct wctx {
     struct wshared sh;
     struct ds_db *db;             /* owned by the database thread once it runs */
     int gamma;                    /* the draft's block size (0 without a draft) */
+    char *sps_text;               /* the step-time profile registered with the row (JSON; NULL: none) */
 };
+
+/* main.c */
+/* Register (upsert) the worker's row once on db: dspark.register_worker with its identity. */
+int wregister_row(struct wctx *w, struct ds_db *db);
 
 /* dbthread.c */
 int wdb_start(struct wctx *w, pthread_t *ret_thread);

@@ -56,6 +56,23 @@ bid=$(echo "$out" | sed -n 's/^batch \([0-9]*\):.*/\1/p')
 
 # ---- failed by the worker, which keeps going ----
 mk() { q "INSERT INTO dspark.jobs (model, custom_id, $1) VALUES ('${3:-$E2E_MODEL}', '$2', $4) RETURNING id"; }
+# Wait up to 10 s for job $1 to reach state $2.
+wait_state() {
+    _n=0
+    while [ "$(q "SELECT state FROM dspark.jobs WHERE id = $1")" != "$2" ] && [ $_n -lt 100 ]; do
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+}
+# Wait up to 10 s for process $1 to exit and reap it: its exit status is this one's.
+reap() {
+    _n=0
+    while kill -0 "$1" 2>/dev/null && [ $_n -lt 100 ]; do
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+    wait "$1"
+}
 j_long=$(mk "prompt_ids, max_tokens" long-prompt "" "(SELECT array_agg(g % 500) FROM generate_series(1, 600) g), 8")
 j_ctx=$(mk "prompt_ids, max_tokens" huge-max-tokens "" "ARRAY[1, 2, 3], 100000")
 j_vocab=$(mk "prompt_ids, max_tokens" bad-ids "" "ARRAY[1, 700, 3], 8")
@@ -169,26 +186,53 @@ moved_pid=$!
 E2E_PIDS="$E2E_PIDS $moved_pid"
 wait_for "$T/moved.log" "ready: serving" 60
 mjob=$(mk "prompt_ids, max_tokens" moved-job "" "ARRAY[1, 2, 3], 4")
-n=0
-while [ "$(q "SELECT state FROM dspark.jobs WHERE id = $mjob")" != succeeded ] && [ $n -lt 100 ]; do
-    sleep 0.1
-    n=$((n + 1))
-done
+wait_state "$mjob" succeeded
 tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $mjob")" "succeeded moved-id" \
     "a worker serves under its id"
 q "SELECT dspark.worker_starting('moved-id', 'otherhost', 4343, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
-n=0
-while kill -0 "$moved_pid" 2>/dev/null && [ $n -lt 100 ]; do
-    sleep 0.1
-    n=$((n + 1))
-done
-wait "$moved_pid"
+reap "$moved_pid"
 tap_is "$?" "1" "when another host takes its id over, the worker learns it from its next heartbeat and exits 1"
 tap_like "$(cat "$T/moved.log")" \
     "worker id 'moved-id' was taken over by host 'otherhost' \\(pid 4343\\) while this worker's heartbeat was older than a lease" \
     "... naming the new holder"
 tap_is "$(q "SELECT host || '|' || pid || '|' || state FROM dspark.workers WHERE worker_id = 'moved-id'")" \
     "otherhost|4343|starting" "... and leaves the new holder's row as it was (not stopped, not heartbeated)"
+
+# ---- the same, by a process with the worker's own host and pid (containers) ----
+"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id twin-id --lease 10 \
+    --heartbeat 0.2 >"$T/twin.log" 2>&1 &
+twin_pid=$!
+E2E_PIDS="$E2E_PIDS $twin_pid"
+wait_for "$T/twin.log" "ready: serving" 60
+tap_like "$(q "SELECT length(instance) || '|' || pid FROM dspark.workers WHERE worker_id = 'twin-id'")" "^32\\|$twin_pid\$" \
+    "a worker registers with a random instance token of its own"
+q "SELECT dspark.worker_starting('twin-id', '$(uname -n)', $twin_pid, 'cuda:0', '$E2E_MODEL', 0, 'another-process')" >/dev/null
+reap "$twin_pid"
+tap_is "$?" "1" "a process with the worker's host and pid but another instance takes its id over: the worker exits 1"
+tap_like "$(cat "$T/twin.log")" "taken over by host '$(uname -n)' \\(pid $twin_pid, instance 'another-process'\\)" \
+    "... naming the other instance"
+
+# ---- a running worker whose row is gone (pruned while it was cut off) registers again ----
+"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id pruned-id --lease 10 \
+    --heartbeat 0.2 >"$T/pruned.log" 2>&1 &
+pruned_pid=$!
+E2E_PIDS="$E2E_PIDS $pruned_pid"
+wait_for "$T/pruned.log" "ready: serving" 60
+q "DELETE FROM dspark.workers WHERE worker_id = 'pruned-id'" >/dev/null
+n=0
+while [ "$(q "SELECT count(*) FROM dspark.workers WHERE worker_id = 'pruned-id'")" != 1 ] && [ $n -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+tap_is "$(q "SELECT state || '|' || pid || '|' || (model_checksum IS NOT NULL) FROM dspark.workers WHERE worker_id = 'pruned-id'")" \
+    "running|$pruned_pid|true" "a worker whose row is deleted while it runs registers again from its next heartbeat"
+tap_like "$(cat "$T/pruned.log")" "worker id 'pruned-id' has no row in dspark.workers.*registering again" "... saying so"
+pjob=$(mk "prompt_ids, max_tokens" pruned-job "" "ARRAY[1, 2, 3], 4")
+wait_state "$pjob" succeeded
+tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $pjob")" "succeeded pruned-id" "... and serves on"
+kill -TERM "$pruned_pid"
+wait "$pruned_pid"
+tap_is "$?" "0" "... and stops cleanly"
 
 # ---- the worker's configuration errors: exit 78 with a message ----
 out=$("$WORKER" --target "$E2E_TARGET" --backend cuda 2>&1)

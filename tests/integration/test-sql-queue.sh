@@ -244,6 +244,30 @@ tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w1'")" running 
 q "SELECT dspark.set_worker_state('w1', 'draining', 'host1', 42)" >/dev/null
 tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w1'")" draining "... and the holder's own call changes it"
 q "SELECT dspark.set_worker_state('w1', 'running')" >/dev/null
+
+# --- a process's instance token (010) ---
+q "SELECT dspark.register_worker('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL, NULL, 30, 'inst-a')" >/dev/null
+out=$(q "SELECT * FROM dspark.heartbeat('w5', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host1', 42, 'inst-b')" 2>&1)
+tap_like "$out" "worker id 'w5' was taken over by host 'host1' \\(pid 42, instance 'inst-a'\\)" \
+    "a heartbeat from another process with the holder's host and pid is refused by its instance"
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w5', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host1', 42, 'inst-a') h" 2>&1)
+tap_is "$stop" "" "... and the holder's is accepted"
+q "SELECT dspark.set_worker_state('w5', 'stopped', 'host1', 42, 'inst-b')" >/dev/null
+q "SELECT dspark.set_worker_state('w5', 'draining', 'host1', 42, 'inst-a')" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w5'")" draining \
+    "set_worker_state goes by the instance: the other process's call changes nothing, the holder's does"
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'instance')" >/dev/null
+ij=$(q "SELECT id FROM dspark.claim_jobs('w5', 1, NULL, 5)")
+q "SELECT dspark.worker_starting('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', 30, 'inst-c')" >/dev/null
+tap_is "$(q "SELECT (j.lease_expires_at <= now()) || ' ' || w.instance FROM dspark.jobs j, dspark.workers w WHERE j.id = $ij AND w.worker_id = 'w5'")" \
+    "true inst-c" "a new process with the old one's host and pid ends its leases (worker_starting with a new instance)"
+q "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = $ij; DELETE FROM dspark.workers WHERE worker_id = 'w5'" >/dev/null
+out=$(q "SELECT * FROM dspark.heartbeat('w5', ARRAY[$ij]::bigint[], ARRAY[1], 600, 'host1', 42, 'inst-c')" 2>&1)
+tap_like "$out" "worker id 'w5' has no row in dspark.workers" "a heartbeat with an instance for a row that is gone is refused"
+tap_is "$(q "SELECT lease_expires_at <= now() FROM dspark.jobs WHERE id = $ij")" t "... before it extends any lease"
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w5', ARRAY[$ij]::bigint[], ARRAY[1], 600, 'host1', 42) h" 2>&1)
+tap_is "$stop" "" "without an instance a heartbeat for a missing row goes on as before"
+q "DELETE FROM dspark.jobs WHERE id = $ij" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
 
