@@ -56,6 +56,14 @@ bid=$(echo "$out" | sed -n 's/^batch \([0-9]*\):.*/\1/p')
 
 # ---- failed by the worker, which keeps going ----
 mk() { q "INSERT INTO dspark.jobs (model, custom_id, $1) VALUES ('${3:-$E2E_MODEL}', '$2', $4) RETURNING id"; }
+# Start a worker serving under worker id $1 (log $T/$1.log) with short heartbeats; its pid in $served_pid.
+serve_as() {
+    "$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id "$1" --lease 10 \
+        --heartbeat 0.2 >"$T/$1.log" 2>&1 &
+    served_pid=$!
+    E2E_PIDS="$E2E_PIDS $served_pid"
+    wait_for "$T/$1.log" "ready: serving" 60
+}
 # Wait up to 10 s for job $1 to reach state $2.
 wait_state() {
     _n=0
@@ -180,11 +188,8 @@ tap_is "$?|$(q "SELECT host <> 'otherhost' FROM dspark.workers WHERE worker_id =
 # ---- a running worker whose id is taken over stops ----
 # (as when it was cut off from the database for longer than a lease and a
 # worker on another host started under its id: worker_starting's live_s 0)
-"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id moved-id --lease 10 \
-    --heartbeat 0.2 >"$T/moved.log" 2>&1 &
-moved_pid=$!
-E2E_PIDS="$E2E_PIDS $moved_pid"
-wait_for "$T/moved.log" "ready: serving" 60
+serve_as moved-id
+moved_pid=$served_pid
 mjob=$(mk "prompt_ids, max_tokens" moved-job "" "ARRAY[1, 2, 3], 4")
 wait_state "$mjob" succeeded
 tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $mjob")" "succeeded moved-id" \
@@ -192,32 +197,26 @@ tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $mjob"
 q "SELECT dspark.worker_starting('moved-id', 'otherhost', 4343, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
 reap "$moved_pid"
 tap_is "$?" "1" "when another host takes its id over, the worker learns it from its next heartbeat and exits 1"
-tap_like "$(cat "$T/moved.log")" \
+tap_like "$(cat "$T/moved-id.log")" \
     "worker id 'moved-id' was taken over by host 'otherhost' \\(pid 4343\\) while this worker's heartbeat was older than a lease" \
     "... naming the new holder"
 tap_is "$(q "SELECT host || '|' || pid || '|' || state FROM dspark.workers WHERE worker_id = 'moved-id'")" \
     "otherhost|4343|starting" "... and leaves the new holder's row as it was (not stopped, not heartbeated)"
 
 # ---- the same, by a process with the worker's own host and pid (containers) ----
-"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id twin-id --lease 10 \
-    --heartbeat 0.2 >"$T/twin.log" 2>&1 &
-twin_pid=$!
-E2E_PIDS="$E2E_PIDS $twin_pid"
-wait_for "$T/twin.log" "ready: serving" 60
+serve_as twin-id
+twin_pid=$served_pid
 tap_like "$(q "SELECT length(instance) || '|' || pid FROM dspark.workers WHERE worker_id = 'twin-id'")" "^32\\|$twin_pid\$" \
     "a worker registers with a random instance token of its own"
 q "SELECT dspark.worker_starting('twin-id', '$(uname -n)', $twin_pid, 'cuda:0', '$E2E_MODEL', 0, 'another-process')" >/dev/null
 reap "$twin_pid"
 tap_is "$?" "1" "a process with the worker's host and pid but another instance takes its id over: the worker exits 1"
-tap_like "$(cat "$T/twin.log")" "taken over by host '$(uname -n)' \\(pid $twin_pid, instance 'another-process'\\)" \
+tap_like "$(cat "$T/twin-id.log")" "taken over by host '$(uname -n)' \\(pid $twin_pid, instance 'another-process'\\)" \
     "... naming the other instance"
 
 # ---- a running worker whose row is gone (pruned while it was cut off) registers again ----
-"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id pruned-id --lease 10 \
-    --heartbeat 0.2 >"$T/pruned.log" 2>&1 &
-pruned_pid=$!
-E2E_PIDS="$E2E_PIDS $pruned_pid"
-wait_for "$T/pruned.log" "ready: serving" 60
+serve_as pruned-id
+pruned_pid=$served_pid
 q "DELETE FROM dspark.workers WHERE worker_id = 'pruned-id'" >/dev/null
 n=0
 while [ "$(q "SELECT count(*) FROM dspark.workers WHERE worker_id = 'pruned-id'")" != 1 ] && [ $n -lt 100 ]; do
@@ -226,7 +225,7 @@ while [ "$(q "SELECT count(*) FROM dspark.workers WHERE worker_id = 'pruned-id'"
 done
 tap_is "$(q "SELECT state || '|' || pid || '|' || (model_checksum IS NOT NULL) FROM dspark.workers WHERE worker_id = 'pruned-id'")" \
     "running|$pruned_pid|true" "a worker whose row is deleted while it runs registers again from its next heartbeat"
-tap_like "$(cat "$T/pruned.log")" "worker id 'pruned-id' has no row in dspark.workers.*registering again" "... saying so"
+tap_like "$(cat "$T/pruned-id.log")" "worker id 'pruned-id' has no row in dspark.workers.*registering again" "... saying so"
 pjob=$(mk "prompt_ids, max_tokens" pruned-job "" "ARRAY[1, 2, 3], 4")
 wait_state "$pjob" succeeded
 tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $pjob")" "succeeded pruned-id" "... and serves on"
