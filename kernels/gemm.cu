@@ -709,7 +709,8 @@ static int alignment_of(uintptr_t a)
 /* The k ranges through cuBLASLt one after another, each adding its product to y: range 0 writes y (adds to
  * it when accumulating), every later one adds (beta = 1, y as both C and D), so y ends as ((y +) p0 + p1)
  * + ..., the partial sums' order, with no partials in the workspace and no reduce kernel.
- * cudaErrorNotSupported, with nothing launched, when a range has no algorithm that keeps the chain. */
+ * cudaErrorNotSupported when a range has no algorithm that keeps the chain and y can still be made
+ * another way: nothing launched yet, or y is overwritten anyway (not accumulating). */
 static cudaError_t gemm_lt_in_turn(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M,
                                    int N, int K, int split, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
@@ -731,7 +732,7 @@ static cudaError_t gemm_lt_in_turn(struct ds_k_gemm_lt *lt, const uint16_t *x, i
         if (!en->usable || cublasLtMatmul(lt->handle, en->op, &one, w + k0, en->a, x + k0, en->b,
                                           key->beta ? &one : &zero, y, en->c, y, en->c, &en->algo, lt->workspace,
                                           LT_WORKSPACE, stream) != CUBLAS_STATUS_SUCCESS)
-            return r == 0 ? cudaErrorNotSupported : cudaErrorLaunchFailure;   /* later: y holds some ranges */
+            return r == 0 || !accumulate ? cudaErrorNotSupported : cudaErrorUnknown;   /* y holds some ranges */
         lt->launches++;
     }
     return cudaSuccess;
@@ -744,8 +745,11 @@ static cudaError_t gemm_lt_in_turn(struct ds_k_gemm_lt *lt, const uint16_t *x, i
 static cudaError_t gemm_lt(struct ds_k_gemm_lt *lt, const uint16_t *x, int ldx, const uint16_t *w, int M, int N,
                            int K, int split, float *ws, float *y, int ldy, int accumulate, cudaStream_t stream)
 {
-    if (split > 1 && lt->in_turn_rows && M >= lt->in_turn_rows)
-        return gemm_lt_in_turn(lt, x, ldx, w, M, N, K, split, y, ldy, accumulate, stream);
+    if (split > 1 && lt->in_turn_rows && M >= lt->in_turn_rows) {
+        cudaError_t e = gemm_lt_in_turn(lt, x, ldx, w, M, N, K, split, y, ldy, accumulate, stream);
+        if (e != cudaErrorNotSupported)
+            return e;   /* else the batch of ranges may still serve */
+    }
     struct lt_problem keys[2];
     int kb[2];      /* each group's first k */
     float *dst[2];  /* and where its first product goes */

@@ -1103,6 +1103,51 @@ static bool test_gemm_invariance(void)
     return ok;
 }
 
+/* A pass of 1,100 rows, where cuBLASLt runs the k ranges in turn at the default threshold, into columns
+ * 40.. of a wider y (row stride N + 72), adding to it and not: the kernels' bits into a y of its own, one
+ * cuBLASLt product a range, and the columns around it untouched. */
+static bool test_gemm_in_turn(void)
+{
+    int M = 1100, N = 384, K = 1024, ld = N + 72, off = 40, split = ds_k_gemm_split(N, K, 132);
+    bool ok = lt != NULL && split == 4;
+    uint16_t *x = rnd_bf16((size_t)M * K), *w = rnd_bf16((size_t)N * K);
+    uint16_t *d_x = dup_to_dev(x, (size_t)M * K * 2), *d_w = dup_to_dev(w, (size_t)N * K * 2);
+    float *y0 = rnd_vec((size_t)M * ld), *own = hmalloc((size_t)M * N * 4), *wide = hmalloc((size_t)M * ld * 4);
+    for (int m = 0; m < M; m++)
+        memcpy(own + (size_t)m * N, y0 + (size_t)m * ld + off, (size_t)N * 4);
+    float *d_ws = dpoison(ds_k_gemm_workspace(M, N, split) * 4 + 4);
+    cudaMemset(d_ws, 0, ds_k_gemm_workspace(M, N, split) * 4);   /* the tile counters */
+    float *d_own = dpoison((size_t)M * N * 4), *d_wide = dpoison((size_t)M * ld * 4);
+    for (int accumulate = 0; accumulate < 2 && ok; accumulate++) {
+        size_t launches = ds_k_gemm_lt_launches(lt);
+        if (cudaMemcpy(d_own, own, (size_t)M * N * 4, cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaMemcpy(d_wide, y0, (size_t)M * ld * 4, cudaMemcpyHostToDevice) != cudaSuccess ||
+            !launched(ds_k_gemm_bf16(NULL, d_x, K, d_w, M, N, K, split, d_ws, d_own, N, accumulate, 0),
+                      "gemm, the kernels") ||
+            !launched(ds_k_gemm_bf16(lt, d_x, K, d_w, M, N, K, split, d_ws, d_wide + off, ld, accumulate, 0),
+                      "gemm, ranges in turn into a wider y"))
+            return false;
+        launches = ds_k_gemm_lt_launches(lt) - launches;
+        float *got = dup_to_host(d_own, (size_t)M * N * 4);
+        if (cudaMemcpy(wide, d_wide, (size_t)M * ld * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
+            return false;
+        size_t differ = 0, touched = 0;
+        for (int m = 0; m < M; m++)
+            for (int c = 0; c < ld; c++) {
+                const float *v = wide + (size_t)m * ld + c;
+                if (c >= off && c < off + N)
+                    differ += memcmp(v, got + (size_t)m * N + c - off, 4) != 0;
+                else
+                    touched += memcmp(v, y0 + (size_t)m * ld + c, 4) != 0;
+            }
+        printf("# %d x %d x %d, split %d%s, into columns %d.. of rows of %d: %zu cuBLASLt products, %zu of %zu "
+               "elements other bits than the kernels', %zu outside touched\n", M, N, K, split,
+               accumulate ? ", accumulate" : "", off, ld, launches, differ, (size_t)M * N, touched);
+        ok = launches == (size_t)split && differ == 0 && touched == 0;
+    }
+    return ok;
+}
+
 /* A product whose x is made on the way in (RMSNorm or SwiGLU of f32 rows) against the rows made by their own
  * kernel and then the product: the same bits. in_product: the product should make the rows itself
  * (decoding's few rows), leaving x->x as it was. */
@@ -2137,6 +2182,7 @@ static const struct {
     {"kv append + causal attention, blocks taking many items", test_attention_many_items},
     {"bf16 product against a double reference (splits, accumulate, partial tiles)", test_gemm},
     {"bf16 product: a row's bits depend neither on the batch nor on cuBLASLt", test_gemm_invariance},
+    {"bf16 product: cuBLASLt's k ranges in turn into a wider y give the kernels' bits", test_gemm_in_turn},
     {"bf16 product on rows made on the way in (RMSNorm, SwiGLU): the same bits as made apart", test_gemm_made_x},
     {"rmsnorm of chosen rows to bf16", test_rmsnorm_bf16},
     {"unsupported shapes are refused", test_invalid},
