@@ -55,7 +55,9 @@ BEGIN
         model_checksum = CASE WHEN v_new_process THEN NULL ELSE w.model_checksum END,
         draft_checksum = CASE WHEN v_new_process THEN NULL ELSE w.draft_checksum END,
         sps_profile = CASE WHEN v_new_process THEN NULL ELSE w.sps_profile END,
-        pid = EXCLUDED.pid, instance = EXCLUDED.instance;
+        pid = EXCLUDED.pid,
+        -- a caller without a token that is the same process (host and pid) keeps the row's
+        instance = CASE WHEN p_instance IS NULL AND NOT v_new_process THEN w.instance ELSE EXCLUDED.instance END;
     -- a new process under this id: the leases of the one before end now
     IF v_new_process THEN
         UPDATE dspark.jobs j
@@ -81,7 +83,11 @@ BEGIN
     VALUES (p_worker_id, p_host, p_pid, p_instance, p_device, p_model, p_draft,
             p_model_checksum, p_draft_checksum, p_sps_profile, now(), now(), 'running')
     ON CONFLICT (worker_id) DO UPDATE
-    SET host = EXCLUDED.host, pid = EXCLUDED.pid, instance = EXCLUDED.instance, device = EXCLUDED.device,
+    SET host = EXCLUDED.host, pid = EXCLUDED.pid,
+        instance = CASE WHEN p_instance IS NULL AND w.host IS NOT DISTINCT FROM EXCLUDED.host
+                             AND w.pid IS NOT DISTINCT FROM EXCLUDED.pid
+                        THEN w.instance ELSE EXCLUDED.instance END,
+        device = EXCLUDED.device,
         model = EXCLUDED.model, draft = EXCLUDED.draft,
         model_checksum = EXCLUDED.model_checksum, draft_checksum = EXCLUDED.draft_checksum,
         sps_profile = EXCLUDED.sps_profile, started_at = now(), heartbeat_at = now(),

@@ -514,6 +514,37 @@ static int release(struct dbt *t)
 }
 
 /* ---- heartbeat ---- */
+/* Another process holds this worker id now (SQLSTATE 55006): claim nothing more, and the decoding
+ * thread stops (main.c). */
+static void taken_over(struct dbt *t)
+{
+    wlog(DS_LOG_ERR, 0, "%s; stopping", ds_errdetail());
+    t->taken_over = true;
+    lock(t->w);
+    t->w->sh.taken_over = true;
+    pthread_cond_signal(&t->w->sh.main_cv);
+    unlock(t->w);
+}
+
+/* The worker's row is gone (pruned while this worker was cut off): register again. The next heartbeat
+ * extends what is still held and names the rest to stop; a draining worker says so again. */
+static int register_again(struct dbt *t)
+{
+    wlog(DS_LOG_WARNING, 0, "%s; registering again", ds_errdetail());
+    if (wregister_row(t->w, t->db) < 0) {
+        if (conn_failed(t))
+            return -1;
+        if (strcmp(ds_db_sqlstate(t->db), "55006") == 0)
+            taken_over(t);   /* another host took the id meanwhile */
+        else
+            wlog(DS_LOG_ERR, 0, "could not register again: %s", ds_errdetail());
+        return 0;
+    }
+    t->next_hb = 0;
+    t->state_draining = false;
+    return 0;
+}
+
 static int heartbeat(struct dbt *t)
 {
     int64_t *ids = ds_xmalloc(((size_t)t->n_held + 1) * sizeof *ids);
@@ -541,26 +572,11 @@ static int heartbeat(struct dbt *t)
         if (conn_failed(t))
             return -1;
         if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
-            /* another process holds this worker id now: claim nothing more,
-             * and the decoding thread stops (main.c) */
-            wlog(DS_LOG_ERR, 0, "%s; stopping", ds_errdetail());
-            t->taken_over = true;
-            lock(t->w);
-            t->w->sh.taken_over = true;
-            pthread_cond_signal(&t->w->sh.main_cv);
-            unlock(t->w);
+            taken_over(t);
             return 0;
         }
-        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0) {
-            /* the row is gone (pruned while this worker was cut off): register again; the next
-             * heartbeat extends what is still held and names the rest to stop */
-            wlog(DS_LOG_WARNING, 0, "%s; registering again", ds_errdetail());
-            if (wregister_row(t->w, t->db) < 0)
-                wlog(DS_LOG_ERR, 0, "could not register again: %s", ds_errdetail());
-            else
-                t->next_hb = 0;
-            return 0;
-        }
+        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0)
+            return register_again(t);
         wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
         return 0;
     }

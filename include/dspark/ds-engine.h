@@ -58,9 +58,9 @@ struct ds_engine_opts {
     bool cublas;                  /* CUDA: cuBLAS products, faster but not batch-invariant */
     bool cuda_graphs;             /* CUDA: replay graphs of earlier passes of the same shape */
     bool cuda_host_sampling;      /* CUDA: sample on the host from copied logits (as the CPU backend), not on the GPU */
-    int gemm_ranges;              /* CUDA: the target's products split k into at most this many ranges (0: the
-                                   * kernels' choice, which fills the GPU at one row); 4: faster passes of 4 rows
-                                   * and more, slower ones of 1 or 2 (bench/RESULTS.md) */
+    int gemm_ranges;              /* CUDA: the products (target and draft) split k into at most this many
+                                   * ranges (0: the kernels' choice, which fills the GPU at one row); 4: faster
+                                   * passes of 4 rows and more, slower ones of 1 or 2 (bench/RESULTS.md) */
     double gpu_memory_fraction;   /* CUDA: share of free GPU memory for the KV cache (0: 0.85) */
     int n_threads;                /* 0: all CPUs */
     int kv_pages;                 /* 0: sized from max_seqs x max context */

@@ -253,9 +253,14 @@ tap_like "$out" "worker id 'w5' was taken over by host 'host1' \\(pid 42, instan
 stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w5', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host1', 42, 'inst-a') h" 2>&1)
 tap_is "$stop" "" "... and the holder's is accepted"
 q "SELECT dspark.set_worker_state('w5', 'stopped', 'host1', 42, 'inst-b')" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w5'")" running \
+    "set_worker_state goes by the instance: the other process's call changes nothing"
 q "SELECT dspark.set_worker_state('w5', 'draining', 'host1', 42, 'inst-a')" >/dev/null
-tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w5'")" draining \
-    "set_worker_state goes by the instance: the other process's call changes nothing, the holder's does"
+tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w5'")" draining "... and the holder's does"
+q "SELECT dspark.worker_starting('w5', 'host1', 42, 'cuda:0', 'qwen3-4b')" >/dev/null
+q "SELECT dspark.register_worker('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL)" >/dev/null
+tap_is "$(q "SELECT instance FROM dspark.workers WHERE worker_id = 'w5'")" inst-a \
+    "a caller without a token that has the holder's host and pid keeps the row's instance"
 q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'instance')" >/dev/null
 ij=$(q "SELECT id FROM dspark.claim_jobs('w5', 1, NULL, 5)")
 q "SELECT dspark.worker_starting('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', 30, 'inst-c')" >/dev/null
