@@ -113,6 +113,11 @@ static int zmq_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, voi
             return hints ? hints : r;
         if (r == 0)
             return hints;
+        if (e.type == DS_EVENT_SUB) {
+            fn(ud, -1);   /* the publisher answered the subscription again: what it missed, re-read */
+            hints++;
+            continue;
+        }
         if (e.type != DS_EVENT_JOB)
             continue;
         fn(ud, e.id);

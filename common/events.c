@@ -10,7 +10,13 @@
  *
  * Subscriber: a SUB socket that also subscribes "ack|<topic>" before each topic,
  * keeps a list of topics waiting for their ack, and a small queue for events that
- * arrive while ds_events_sub_sync() waits. */
+ * arrive while ds_events_sub_sync() waits. Acks go to every subscriber of a
+ * topic, so with its first topic a subscriber also subscribes a topic of its
+ * own ("me|<random>|"), whose ack only it receives. When ZeroMQ connects again
+ * (a restarted publisher), it sends the subscriptions again, in the order of
+ * its subscription trie, where "ack|" comes before "hb|", "job|" and "me|"; the
+ * new publisher's ack of the subscriber's own topic then arrives a second time,
+ * and the subscriber hands it to the caller. */
 #include "config.h"
 
 #include <errno.h>
@@ -20,6 +26,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/random.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -475,6 +482,8 @@ struct ds_events_sub {
     void *sock;
     struct sub_topic *topics;
     size_t n_topics;
+    char self[40];             /* "me|<16 hex digits>|": its ack reaches this subscriber alone; "" before the first topic */
+    bool self_acked;
     struct ds_event *queue;    /* ring of SUB_QUEUE_MAX */
     size_t q_head, q_len;
     size_t dropped;
@@ -552,8 +561,23 @@ int ds_events_sub_topic(struct ds_events_sub *s, const char *topic)
     char ack[DS_WIRE_TOPIC_MAX + 8];
     if (n + strlen(DS_WIRE_TOPIC_ACK) >= DS_WIRE_TOPIC_MAX)
         return ds_seterr(DS_EINVAL, "topic '%s' is too long", topic);
+    for (size_t i = 0; i < s->n_topics; i++)
+        if (strcmp(s->topics[i].topic, topic) == 0)
+            return 0;   /* subscribed already: one subscription, one ack */
     if (s->n_topics >= SUB_TOPICS_MAX)
         return ds_seterr(DS_ELIMIT, "more than %d topics on one subscriber", SUB_TOPICS_MAX);
+    if (!s->self[0]) {   /* this subscriber's own topic, its ack subscription first */
+        uint64_t token;
+        if (getrandom(&token, sizeof token, 0) != (ssize_t)sizeof token)
+            token = ds_now_usec() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)s;
+        char self[sizeof s->self], self_ack[sizeof s->self + 8];
+        snprintf(self, sizeof self, "%s%016llx|", DS_WIRE_TOPIC_SELF, (unsigned long long)token);
+        snprintf(self_ack, sizeof self_ack, "%s%s", DS_WIRE_TOPIC_ACK, self);
+        if (zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, self_ack, strlen(self_ack)) != 0 ||
+            zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, self, strlen(self)) != 0)
+            return ds_seterr(DS_EIO, "could not subscribe: %s", zmq_strerror(zmq_errno()));
+        memcpy(s->self, self, sizeof self);
+    }
     snprintf(ack, sizeof ack, "%s%s", DS_WIRE_TOPIC_ACK, topic);
     /* the ack subscription goes first, so it is in place when the ack comes back */
     if (zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, ack, strlen(ack)) != 0 ||
@@ -622,15 +646,27 @@ static int recv_one(struct ds_events_sub *s, struct ds_event *out)
     return 1;
 }
 
-/* Mark acks; returns true when ev was an ack. */
-static bool take_ack(struct ds_events_sub *s, const struct ds_event *ev)
+/* Mark acks. Returns ACK_NONE when ev is no ack, ACK_KEPT for one consumed here (a topic's, or the
+ * first of the subscriber's own topic), and ACK_AGAIN for the subscriber's own topic answered again: the
+ * publisher saw its subscriptions again, because it restarted or the connection was made anew, so events
+ * may have been missed (handed to the caller, with an empty topic). */
+enum { ACK_NONE, ACK_KEPT, ACK_AGAIN };
+static int take_ack(struct ds_events_sub *s, struct ds_event *ev)
 {
     if (ev->type != DS_EVENT_SUB)
-        return false;
+        return ACK_NONE;
+    if (s->self[0] && strcmp(ev->topic, s->self) == 0) {
+        if (!s->self_acked) {
+            s->self_acked = true;
+            return ACK_KEPT;
+        }
+        ev->topic[0] = 0;
+        return ACK_AGAIN;
+    }
     for (size_t i = 0; i < s->n_topics; i++)
         if (strcmp(s->topics[i].topic, ev->topic) == 0)
             s->topics[i].acked = true;
-    return true;
+    return ACK_KEPT;
 }
 
 static bool all_acked(const struct ds_events_sub *s)
@@ -681,7 +717,7 @@ int ds_events_sub_sync(struct ds_events_sub *s, int timeout_ms)
                 continue;   /* a malformed message does not stop the wait */
             if (r < 0)
                 return r;
-            if (!take_ack(s, &ev))
+            if (take_ack(s, &ev) != ACK_KEPT)
                 enqueue(s, &ev);
         }
         if (all_acked(s))
@@ -713,7 +749,7 @@ int ds_events_sub_recv(struct ds_events_sub *s, int timeout_ms, struct ds_event 
         if (r < 0)
             return r;
         if (r > 0) {
-            if (take_ack(s, &ev))
+            if (take_ack(s, &ev) == ACK_KEPT)
                 continue;
             *out = ev;
             return 1;

@@ -8,7 +8,10 @@
  *   2. ds_events_sub_sync(sub, timeout) -- the subscription is active;
  *   3. read the job row(s) from PostgreSQL (state, version);
  *   4. ds_events_sub_recv() and drop events whose version is at or below the
- *      version read in 3.
+ *      version read in 3;
+ *   5. on a DS_EVENT_SUB event (the publisher restarted and answered the
+ *      subscription again: events may have been lost meanwhile), read the
+ *      rows again as in 3.
  * Events are hints that follow commits; the database is the truth. A subscriber
  * that connects late reads the final state from the row in step 3.
  *
@@ -82,7 +85,11 @@ int ds_events_sub_sync(struct ds_events_sub *s, int timeout_ms);
 /* Receive the next event (timeout_ms < 0: wait forever; 0: poll). Returns 1 with
  * *out filled, 0 on timeout or when a signal interrupted the wait, -DS_EFORMAT
  * for a malformed message (skipped; call again), other negative codes on error.
- * Subscription acks are consumed here and never returned. */
+ * Subscription acks are consumed here, but for one: a DS_EVENT_SUB event with an
+ * empty topic says that the publisher saw this subscriber's subscriptions again
+ * (it restarted, or the connection was made anew), so events may have been
+ * missed meanwhile: read the rows again. Subscribing to a topic that is
+ * subscribed already does nothing. */
 int ds_events_sub_recv(struct ds_events_sub *s, int timeout_ms, struct ds_event *out);
 /* A descriptor that becomes readable when messages may be waiting (edge-triggered:
  * drain with ds_events_sub_recv(s, 0, ...) until it returns 0). */

@@ -5,6 +5,8 @@
  *   "job|<batch_id or ->|<job_id>|"   one job's state change
  *   "hb|"                             host heartbeat
  *   "ack|<topic>"                     answer to a subscription to <topic> (see ds-events.h)
+ *   "me|<token>|"                     a subscriber's own topic, never published on: the ack of
+ *                                     it reaches that subscriber alone (ds-events.h)
  * so "job|" is every job, "job|42|" batch 42, "job|-|" jobs without a batch.
  *
  * Maps (keys are strings; readers ignore keys they do not know, so fields can be
@@ -89,6 +91,7 @@ int ds_wire_topic_batch(char *buf, size_t size, int64_t batch_id) DS_MUSTCHECK;
 #define DS_WIRE_TOPIC_ALL_JOBS "job|"
 #define DS_WIRE_TOPIC_HEARTBEAT "hb|"
 #define DS_WIRE_TOPIC_ACK "ack|"
+#define DS_WIRE_TOPIC_SELF "me|"
 
 /* Helpers for filling events. */
 void ds_event_job_init(struct ds_event *ev, int64_t id, const char *state, int64_t version, int attempt);

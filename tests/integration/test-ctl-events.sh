@@ -63,6 +63,28 @@ tap_ok "... woken by an event, not the 60 s poll (took ${took}s)" test "$took" -
 tap_is "$(grep -c "^job $id: running (attempt 1, worker w0)$" "$T/watch.out")" 1 "... and saw the claim"
 tap_like "$(cat "$T/watch.out")" "job $id: succeeded" "... and the success"
 
+# dsparkd restarts while watch runs: the claim made while none published (an event nobody sent) is seen
+# once the new dsparkd answers watch's subscriptions again, not at the 60 s poll
+id=$("$C" submit -m m "across a restart")
+"$C" watch -v --events "$EP" --interval 60 --timeout 60 "$id" >"$T/rwatch.out" 2>"$T/rwatch.err" &
+wpid=$!
+n=0
+while [ $n -lt 100 ] && ! grep -q "job $id: queued" "$T/rwatch.out" 2>/dev/null; do sleep 0.1; n=$((n + 1)); done
+kill -TERM "$DPID"
+wait "$DPID"
+q "SELECT id FROM dspark.claim_jobs('w0', 1, NULL, 600)" >/dev/null
+start=$(date +%s)
+FAKE_WORKER_DIR="$T/w" "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd2.log" &
+DPID=$!
+n=0
+while [ $n -lt 300 ] && ! grep -q "^job $id: running" "$T/rwatch.out" 2>/dev/null; do sleep 0.1; n=$((n + 1)); done
+took=$(($(date +%s) - start))
+tap_is "$(grep -c "^job $id: running (attempt 1, worker w0)$" "$T/rwatch.out")" 1 \
+    "watch sees a claim made while dsparkd was down once the new dsparkd answers its subscription (${took}s)"
+q "SELECT count(*) FROM dspark.finish_jobs('w0', '[{\"id\": $id, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"ok\"}]')" >/dev/null
+wait $wpid
+tap_is "$?" 0 "... and returns when the job succeeds"
+
 bid=$(printf '%s\n' '{"custom_id":"a","method":"POST","url":"/v1/completions","body":{"model":"m","prompt":"x"}}' |
     "$C" submit -q -f -)
 finish_later 1

@@ -1,6 +1,7 @@
 /* test-events.c: the ZeroMQ event channel over real sockets (ipc in a temporary
  * directory, tcp on loopback): subscription acks, prefix topics per job, batch
- * and all, heartbeats, malformed messages, the refusal of remote binds without
+ * and all, a publisher that restarts (its new acks reach the caller), heartbeats,
+ * malformed messages, the refusal of remote binds without
  * CURVE, and CURVE with an allow-list (allowed and refused clients). */
 #include "config.h"
 
@@ -131,6 +132,57 @@ static void test_job_topic(void **state)
     close(fd);
     assert_int_equal(stat(ep + 6, &st), 0);
     assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    ds_events_pub_close(p);
+}
+
+/* A publisher that restarts on the same endpoint: ZeroMQ connects the subscriber again and sends its
+ * subscriptions again; the new publisher's ack of the subscriber's own topic reaches the caller as a
+ * DS_EVENT_SUB event (events may have been missed), and events flow again. No ack reaches the caller
+ * before: not the first ones, not another subscriber's of the same topic, not a topic subscribed twice. */
+static void test_publisher_restart(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "restart.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep };
+    struct ds_events_pub *p;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    struct ds_events_sub *s;
+    assert_int_equal(ds_events_sub_open(ep, &s), 0);
+    char t[64];
+    assert_int_equal(ds_wire_topic_batch(t, sizeof t, 5), 0);
+    assert_int_equal(ds_events_sub_topic(s, t), 0);
+    assert_int_equal(sync_with(p, s, 5000), 1);
+    assert_int_equal(ds_events_sub_topic(s, t), 0);   /* again: nothing new to answer */
+    struct ds_events_sub *other;
+    assert_int_equal(ds_events_sub_open(ep, &other), 0);
+    assert_int_equal(ds_events_sub_topic(other, t), 0);
+    assert_int_equal(sync_with(p, other, 5000), 1);
+    ds_events_sub_close(other);
+    struct ds_event got;
+    for (int i = 0; i < 20; i++) {
+        assert_true(ds_events_pub_process(p) >= 0);
+        assert_int_equal(ds_events_sub_recv(s, 10, &got), 0);   /* no ack is handed out */
+    }
+    ds_events_pub_close(p);
+
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    int r = 0;
+    uint64_t end = ds_now_usec() + 10000000u;
+    while (r == 0 && ds_now_usec() < end) {
+        assert_true(ds_events_pub_process(p) >= 0);
+        r = ds_events_sub_recv(s, 20, &got);
+    }
+    assert_int_equal(r, 1);
+    assert_int_equal(got.type, DS_EVENT_SUB);
+    assert_string_equal(got.topic, "");
+    struct ds_event ev;
+    job(&ev, 5, 77, "succeeded", 4);
+    assert_int_equal(ds_events_publish(p, &ev), 0);
+    assert_int_equal(ds_events_sub_recv(s, 2000, &got), 1);
+    assert_int_equal(got.type, DS_EVENT_JOB);
+    assert_int_equal(got.id, 77);
+    ds_events_sub_close(s);
     ds_events_pub_close(p);
 }
 
@@ -435,6 +487,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_job_topic, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_publisher_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_prefixes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sync_keeps_events, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_publisher, setup, teardown),
