@@ -18,6 +18,16 @@
 ALTER TABLE dspark.workers ADD COLUMN instance text;
 COMMENT ON COLUMN dspark.workers.instance IS 'random token the worker process drew at start: which process holds this worker id';
 
+-- dsparkctl workers --json shows it (a new last column: the view's others stay as they were)
+CREATE OR REPLACE VIEW dspark.worker_status AS
+SELECT w.worker_id, w.host, w.pid, w.device, w.model, w.draft, w.model_checksum,
+       w.draft_checksum, w.state, w.started_at, w.heartbeat_at,
+       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age_s,
+       (SELECT count(*) FROM dspark.jobs j
+        WHERE j.state = 'running' AND j.worker_id = w.worker_id) AS running_jobs,
+       w.instance
+FROM dspark.workers w;
+
 -- Whether the caller (host, pid, instance; any of them NULL) holds a row with
 -- these values: by instance where the caller gives one, else by host and pid,
 -- else (neither given: plain SQL) always.

@@ -259,8 +259,8 @@ q "SELECT dspark.set_worker_state('w5', 'draining', 'host1', 42, 'inst-a')" >/de
 tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w5'")" draining "... and the holder's does"
 q "SELECT dspark.worker_starting('w5', 'host1', 42, 'cuda:0', 'qwen3-4b')" >/dev/null
 q "SELECT dspark.register_worker('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL)" >/dev/null
-tap_is "$(q "SELECT instance FROM dspark.workers WHERE worker_id = 'w5'")" inst-a \
-    "a caller without a token that has the holder's host and pid keeps the row's instance"
+tap_is "$(q "SELECT instance FROM dspark.worker_status WHERE worker_id = 'w5'")" inst-a \
+    "a caller without a token that has the holder's host and pid keeps the row's instance (worker_status shows it)"
 q "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'instance')" >/dev/null
 ij=$(q "SELECT id FROM dspark.claim_jobs('w5', 1, NULL, 5)")
 q "SELECT dspark.worker_starting('w5', 'host1', 42, 'cuda:0', 'qwen3-4b', 30, 'inst-c')" >/dev/null
