@@ -70,7 +70,7 @@ int ds_cu_upload_f32(float **dst, const float *src, size_t n, const char *what)
 }
 
 /* The k ranges of an [n, k] weight's products: the kernels' split for this GPU, at most opts.max_ranges. */
-static int target_split(const struct ds_cuda_target *t, int n, int k)
+static int weight_split(const struct ds_cuda_target *t, int n, int k)
 {
     return ds_k_gemm_split_at_most(ds_k_gemm_split(n, k, t->n_sm), k, t->opts.max_ranges);
 }
@@ -80,7 +80,7 @@ int ds_cu_upload_mat(struct ds_cuda_target *t, struct cu_mat *dm, const struct d
 {
     dm->n = hm->n;
     dm->k = hm->k;
-    dm->split = target_split(t, hm->n, hm->k);
+    dm->split = weight_split(t, hm->n, hm->k);
     size_t n = (size_t)hm->n * hm->k;
     int r = ds_cu_alloc(&dm->w, n * 2, what);
     if (r < 0)
@@ -126,7 +126,7 @@ int ds_cu_random_mat(struct ds_cuda_target *t, struct cu_mat *dm, int n, int k, 
 {
     dm->n = n;
     dm->k = k;
-    dm->split = target_split(t, n, k);
+    dm->split = weight_split(t, n, k);
     int r = ds_cu_alloc(&dm->w, (size_t)n * k * 2, what);
     if (r < 0)
         return r;
@@ -230,7 +230,7 @@ static int load_stacked(struct ds_cuda_target *t, const struct ds_st *st, const 
         total += rows[i];
     dm->n = (int)total;
     dm->k = (int)k;
-    dm->split = target_split(t, dm->n, dm->k);
+    dm->split = weight_split(t, dm->n, dm->k);
     int r = ds_cu_alloc(&dm->w, (size_t)total * k * 2, names[0]);
     if (r < 0)
         return r;
@@ -373,7 +373,7 @@ int ds_cuda_target_new(const struct ds_model *m, const struct ds_cuda_opts *o, s
     if (r == 0) {
         if (c->tie_word_embeddings) {
             t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = (int)H,
-                                         .split = target_split(t, c->vocab_size, (int)H)};
+                                         .split = weight_split(t, c->vocab_size, (int)H)};
         } else {
             r = ds_cu_upload_mat(t, &t->lm_head, &m->lm_head, "the lm head");
         }
@@ -414,14 +414,14 @@ int ds_cuda_target_new_random(const struct ds_qwen3_config *c, uint64_t seed, co
         /* o maps nH hd -> H: its weight is [H, nH hd] */
         dl->o.n = H;
         dl->o.k = c->num_attention_heads * hd;
-        dl->o.split = target_split(t, dl->o.n, dl->o.k);
+        dl->o.split = weight_split(t, dl->o.n, dl->o.k);
     }
     if (r == 0)
         r = ds_cu_random_vec(t, &t->final_norm, H, seed + 7, 1.0f, 0.1f, "the final norm");
     if (r == 0) {
         if (c->tie_word_embeddings)
             t->lm_head = (struct cu_mat){.w = t->embed, .n = c->vocab_size, .k = H,
-                                         .split = target_split(t, c->vocab_size, H)};
+                                         .split = weight_split(t, c->vocab_size, H)};
         else
             r = ds_cu_random_mat(t, &t->lm_head, c->vocab_size, H, seed + 9, "the lm head");
     }
