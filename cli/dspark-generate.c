@@ -136,24 +136,35 @@ static int encode_text(const struct ds_tokenizer *tok, const char *text, bool ch
     return r;
 }
 
-/* Chat messages [{role, content}] rendered with the chat template (non-thinking). */
+/* Chat messages [{role, content}] rendered with the chat template (non-thinking); a content is a string
+ * or text parts, as dsparkctl reads them (ds_chat_content_text). */
 static int encode_messages(const struct ds_tokenizer *tok, json_t *msgs, int32_t **ids, int *n)
 {
     size_t nm = json_array_size(msgs);
     if (nm == 0)
         return ds_seterr(DS_EFORMAT, "\"messages\" is empty");
     struct ds_chat_message *m = ds_xcalloc(nm, sizeof *m);
-    for (size_t i = 0; i < nm; i++) {
+    char **contents = ds_xcalloc(nm, sizeof *contents);
+    int r = 0;
+    for (size_t i = 0; i < nm && r == 0; i++) {
         json_t *e = json_array_get(msgs, i);
+        const char *why = NULL;
+        long part = -1;
         m[i].role = json_string_value(json_object_get(e, "role"));
-        m[i].content = json_string_value(json_object_get(e, "content"));
-        if (!m[i].role || !m[i].content) {
-            free(m);
-            return ds_seterr(DS_EFORMAT, "messages[%zu] needs string \"role\" and \"content\"", i);
-        }
+        m[i].content = contents[i] = ds_chat_content_text(json_object_get(e, "content"), &why, &part);
+        if (!m[i].role)
+            r = ds_seterr(DS_EFORMAT, "messages[%zu] needs a string \"role\"", i);
+        else if (!contents[i] && part >= 0)
+            r = ds_seterr(DS_EFORMAT, "messages[%zu].content[%ld]: %s", i, part, why);
+        else if (!contents[i])
+            r = ds_seterr(DS_EFORMAT, "messages[%zu].content: %s", i, why);
     }
     char *text = NULL;
-    int r = ds_chat_render(m, nm, true, false, &text);
+    if (r == 0)
+        r = ds_chat_render(m, nm, true, false, &text);
+    for (size_t i = 0; i < nm; i++)
+        free(contents[i]);
+    free(contents);
     free(m);
     if (r < 0)
         return r;

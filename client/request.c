@@ -20,6 +20,7 @@
 #include <jansson.h>
 
 #include "dspark/ds-err.h"
+#include "dspark/ds-tokenizer.h"
 #include "request.h"
 
 void ctl_params_init(struct ctl_params *p)
@@ -160,49 +161,18 @@ static int get_real(json_t *obj, const char *name, const char *where, double *v,
     return 0;
 }
 
-/* The text of a message's content: a string, or an array of {"type":"text","text":...}
- * whose texts are joined with newlines (as vLLM and TensorRT-LLM join them). */
+/* The text of a message's content (ds_chat_content_text: a string, or text parts joined with newlines). */
 static int content_text(json_t *c, const char *where, size_t i, char **ret, char *err,
                         size_t errsize)
 {
-    if (json_is_string(c)) {
-        *ret = ds_xstrdup(json_string_value(c));
+    const char *why = NULL;
+    long part = -1;
+    *ret = ds_chat_content_text(c, &why, &part);
+    if (*ret)
         return 0;
-    }
-    if (!c)
-        return fail(err, errsize, "%smessages[%zu].content: missing", where, i);
-    if (json_is_null(c))
-        return fail(err, errsize, "%smessages[%zu].content: null (tool calls are not supported)", where, i);
-    if (!json_is_array(c))
-        return fail(err, errsize, "%smessages[%zu].content: must be a string or an array of text parts",
-                    where, i);
-    size_t len = 0, k;
-    json_t *part;
-    json_array_foreach(c, k, part) {
-        json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
-        if (!json_is_string(type) || strcmp(json_string_value(type), "text") != 0 ||
-            !json_is_string(text))
-            return fail(err, errsize,
-                        "%smessages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} parts are supported",
-                        where, i, k);
-        len += json_string_length(text) + 1;
-    }
-    char *s = ds_xmalloc(len + 1);
-    size_t off = 0;
-    json_array_foreach(c, k, part) {
-        json_t *text = json_object_get(part, "text");
-        if (k > 0)
-            s[off++] = '\n';
-        memcpy(s + off, json_string_value(text), json_string_length(text));
-        off += json_string_length(text);
-    }
-    s[off] = 0;
-    if (strlen(s) != off) {
-        free(s);
-        return fail(err, errsize, "%smessages[%zu].content: contains a NUL character", where, i);
-    }
-    *ret = s;
-    return 0;
+    if (part >= 0)
+        return fail(err, errsize, "%smessages[%zu].content[%ld]: %s", where, i, part, why);
+    return fail(err, errsize, "%smessages[%zu].content: %s", where, i, why);
 }
 
 static int parse_messages(json_t *msgs, const char *where, struct ctl_request *r, char *err,

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "dspark/ds-tokenizer.h"
 
 struct sbuf {
@@ -170,4 +172,51 @@ int ds_chat_render(const struct ds_chat_message *msgs, size_t n, bool add_genera
     }
     *ret = b.p;
     return 0;
+}
+
+char *ds_chat_content_text(const json_t *content, const char **why, long *part)
+{
+    json_t *c = (json_t *)content;   /* jansson's readers take no const */
+    *part = -1;
+    if (json_is_string(c))
+        return ds_xstrdup(json_string_value(c));
+    if (!c) {
+        *why = "missing";
+        return NULL;
+    }
+    if (json_is_null(c)) {
+        *why = "null (tool calls are not supported)";
+        return NULL;
+    }
+    if (!json_is_array(c)) {
+        *why = "must be a string or an array of text parts";
+        return NULL;
+    }
+    size_t len = 0, k;
+    json_t *p;
+    json_array_foreach(c, k, p) {
+        json_t *type = json_object_get(p, "type"), *text = json_object_get(p, "text");
+        if (!json_is_string(type) || strcmp(json_string_value(type), "text") != 0 || !json_is_string(text)) {
+            *why = "only {\"type\": \"text\", \"text\": ...} parts are supported";
+            *part = (long)k;
+            return NULL;
+        }
+        len += json_string_length(text) + 1;
+    }
+    char *s = ds_xmalloc(len + 1);
+    size_t off = 0;
+    json_array_foreach(c, k, p) {
+        json_t *text = json_object_get(p, "text");
+        if (k > 0)
+            s[off++] = '\n';
+        memcpy(s + off, json_string_value(text), json_string_length(text));
+        off += json_string_length(text);
+    }
+    s[off] = 0;
+    if (strlen(s) != off) {
+        free(s);
+        *why = "contains a NUL character";
+        return NULL;
+    }
+    return s;
 }

@@ -60,4 +60,13 @@ struct ds_chat_message {
 int ds_chat_render(const struct ds_chat_message *msgs, size_t n, bool add_generation_prompt,
                    bool enable_thinking, char **ret) DS_MUSTCHECK;
 
+/* The text of a message's content as OpenAI's chat API gives it (jansson): a
+ * string, or an array of {"type": "text", "text": ...} parts joined with
+ * newlines (as vLLM and TensorRT-LLM join them). Returns it malloc'ed, or NULL
+ * with *why saying what is wrong ("missing", "null (tool calls are not
+ * supported)", ...) and *part the index of the part at fault (-1: the content
+ * itself). dsparkctl and dspark-generate read messages with it. */
+struct json_t;
+char *ds_chat_content_text(const struct json_t *content, const char **why, long *part);
+
 #endif

@@ -4,7 +4,8 @@
 # output equals target-only output for dspark and fixed:64 (longer than the
 # draft's block); a seed of 64 bits replays; a prompt the engine refuses fails
 # alone (exit 1), the others print, and the summary counts it; the summary's
-# time breakdown adds up to the engine's steps and fits in the generation time.
+# time breakdown adds up to the engine's steps and fits in the generation time;
+# a chat message's content in text parts reads as dsparkctl reads it.
 set -u
 build=${DS_BUILDDIR:-.}
 src=${DS_SRCDIR:-.}
@@ -13,7 +14,7 @@ target="$src/models/dspark-tiny-target"
 draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..13"
+echo "1..15"
 n=0
 check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
     what=$1
@@ -94,3 +95,22 @@ rounds_add_up() {   # a line per step; its drafting rounds and pass seconds sum 
                exit !ok }' "$tmp/time.err" "$tmp/rounds.jsonl"
 }
 check "--round-log writes a line per step, and its passes add up to the summary's" rounds_add_up
+
+# content as text parts, joined with a newline as dsparkctl joins them: the same prompt as the joined string
+printf '%s\n' \
+    '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi."}, {"type": "text", "text": "Be brief."}]}]}}' \
+    '{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "Say hi.\nBe brief."}]}}' \
+    >"$tmp/parts.jsonl"
+"$gen" --target "$target" --prompts "$tmp/parts.jsonl" --max-tokens 8 --threads 2 --quiet --json >"$tmp/parts.out" \
+    2>"$tmp/parts.err"
+same_prompt() {
+    [ "$(grep -c '"prompt_tokens"' "$tmp/parts.out")" -eq 2 ] &&
+        [ "$(grep -o '"prompt_tokens":[0-9]*' "$tmp/parts.out" | sort -u | wc -l)" -eq 1 ] &&
+        [ "$(grep -o '"output_ids":\[[^]]*\]' "$tmp/parts.out" | sort -u | wc -l)" -eq 1 ]
+}
+check "a chat message's text parts read as their texts joined with a newline" same_prompt
+printf '%s\n' '{"body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}}' \
+    >"$tmp/image.jsonl"
+"$gen" --target "$target" --prompts "$tmp/image.jsonl" --max-tokens 8 --threads 2 >/dev/null 2>"$tmp/image.err"
+check "another kind of part is refused, naming it" grep -q 'line 1: messages\[0\]\.content\[0\]: only {"type": "text"' \
+    "$tmp/image.err"
