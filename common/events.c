@@ -26,7 +26,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/random.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -567,11 +566,9 @@ int ds_events_sub_topic(struct ds_events_sub *s, const char *topic)
     if (s->n_topics >= SUB_TOPICS_MAX)
         return ds_seterr(DS_ELIMIT, "more than %d topics on one subscriber", SUB_TOPICS_MAX);
     if (!s->self[0]) {   /* this subscriber's own topic, its ack subscription first */
-        uint64_t token;
-        if (getrandom(&token, sizeof token, 0) != (ssize_t)sizeof token)
-            token = ds_now_usec() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)s;
-        char self[sizeof s->self], self_ack[sizeof s->self + 8];
-        snprintf(self, sizeof self, "%s%016llx|", DS_WIRE_TOPIC_SELF, (unsigned long long)token);
+        char token[17], self[sizeof s->self], self_ack[sizeof s->self + 8];
+        ds_random_hex(token, 8);
+        snprintf(self, sizeof self, "%s%s|", DS_WIRE_TOPIC_SELF, token);
         snprintf(self_ack, sizeof self_ack, "%s%s", DS_WIRE_TOPIC_ACK, self);
         if (zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, self_ack, strlen(self_ack)) != 0 ||
             zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, self, strlen(self)) != 0)

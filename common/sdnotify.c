@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -27,6 +28,25 @@ uint64_t ds_now_usec(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+void ds_random_hex(char *out, size_t bytes)
+{
+    unsigned char b[64];
+    if (bytes > sizeof b)
+        bytes = sizeof b;
+    if (getrandom(b, bytes, 0) != (ssize_t)bytes) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t x = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        for (size_t i = 0; i < bytes; i++) {
+            x = x * 6364136223846793005u + ds_now_usec() + (uint64_t)getpid();
+            b[i] = (unsigned char)(x >> 56);
+        }
+    }
+    for (size_t i = 0; i < bytes; i++)
+        snprintf(out + 2 * i, 3, "%02x", b[i]);
+    out[2 * bytes] = 0;
 }
 
 #ifndef HAVE_SYSTEMD

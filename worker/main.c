@@ -32,7 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,6 +42,7 @@
 #include "dspark/ds-gemm.h"
 #include "dspark/ds-log.h"
 #include "dspark/ds-model.h"
+#include "dspark/ds-notify.h"
 #include "dspark/ds-safetensors.h"
 #include "dspark/ds-sched.h"
 #include "worker.h"
@@ -488,22 +488,6 @@ int wregister_row(struct wctx *w, struct ds_db *db)
                          11, params);
 }
 
-/* This process's instance token: 16 random bytes as 32 hex digits (the clock and pid where the kernel's
- * generator does not answer). */
-static void draw_instance(char out[33])
-{
-    unsigned char b[16];
-    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint64_t x = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec, y = (uint64_t)getpid() ^ (x << 17);
-        memcpy(b, &x, 8);
-        memcpy(b + 8, &y, 8);
-    }
-    for (int i = 0; i < 16; i++)
-        snprintf(out + 2 * i, 3, "%02x", b[i]);
-}
-
 /* Register (upsert) the worker row with its step-time profile; retries while the connection is down. */
 static int register_worker(struct wctx *w, const struct ds_sps *sps)
 {
@@ -808,7 +792,7 @@ int main(int argc, char **argv)
     if (gethostname(host, sizeof host - 1) < 0)
         snprintf(host, sizeof host, "localhost");
     snprintf(w->id.host, sizeof w->id.host, "%s", host);
-    draw_instance(w->id.instance);
+    ds_random_hex(w->id.instance, 16);   /* which process holds the worker row */
     const char *wid = o->worker_id ? o->worker_id : getenv("DSPARK_WORKER_ID");
     if (wid && *wid)
         snprintf(w->id.worker_id, sizeof w->id.worker_id, "%s", wid);

@@ -10,6 +10,7 @@
 #define DS_NOTIFY_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "dspark/ds-err.h"
@@ -32,5 +33,10 @@ void ds_notify_unset_env(void);
 
 /* CLOCK_MONOTONIC in microseconds. */
 uint64_t ds_now_usec(void);
+
+/* `bytes` (at most 64) random bytes from the kernel (mixed from the clocks and the pid where it does not
+ * answer), written into out as 2 x bytes hex digits and a NUL: tokens that tell processes and subscribers
+ * apart. */
+void ds_random_hex(char *out, size_t bytes);
 
 #endif
