@@ -357,15 +357,17 @@ int main(int argc, char **argv)
                         ds_cuda_time_forward(t, &pool, &b, rp, true, &cub_ms) < 0)
                         die("timing cuBLAS products");
                 }
-                char ker[16] = "-", cub[16] = "-";   /* "-": not asked for */
+                char ker[16] = "-", cub[16] = "-", vs_cub[16] = "-";   /* "-": not asked for */
                 if (ker_ms >= 0)
                     snprintf(ker, sizeof ker, "%.3f", ker_ms);
-                if (cub_ms >= 0)
+                if (cub_ms > 0) {
                     snprintf(cub, sizeof cub, "%.3f", cub_ms);
+                    snprintf(vs_cub, sizeof vs_cub, "%.2f", inv_ms / cub_ms);
+                }
                 double kv_bytes = (double)R * (ctx + q) * (double)position_bytes;   /* read by attention */
                 double memory_floor_ms = floor_ms + kv_bytes / bw * 1e3;
-                printf("| %s | %d | %d | %d | %.3f | %s | %s | %.3f | %.2f | %.2f | %.3f | %.2f |\n", sh->name, R, q, n,
-                       inv_ms, ker, cub, floor_ms, inv_ms / floor_ms, cub_ms > 0 ? inv_ms / cub_ms : 0.0,
+                printf("| %s | %d | %d | %d | %.3f | %s | %s | %.3f | %.2f | %s | %.3f | %.2f |\n", sh->name, R, q, n,
+                       inv_ms, ker, cub, floor_ms, inv_ms / floor_ms, vs_cub,
                        memory_floor_ms, inv_ms / memory_floor_ms);
                 fflush(stdout);
                 if (json)

@@ -68,6 +68,9 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct Tile {
 #define GM_X_ROWS 4           /* decoding's products make their x themselves for at most this many rows: each
                                  block reads whole rows for a norm */
 #define GM_XS_MAX 11264       /* and in at most this many bytes of shared memory (three blocks still fit an SM) */
+#define GM_SWIGLU_XS_MAX 4096 /* SwiGLU's x in at most this many: each block reads twice its range's bytes in f32
+                                 (gate and up) before its first product, which costs more than the launch saved
+                                 once a range is longer (two rows of down, or k in few ranges; bench/RESULTS.md) */
 
 /* Chunks of GM_KQ in k (the last one may be partial). */
 __host__ __device__ static inline int k_chunks(int K)
@@ -843,7 +846,7 @@ static size_t made_x_bytes(const struct ds_k_x *x, int M, int K, int split, int 
     int ld = (range + BK - 1) / BK * BK;
     size_t bytes = (size_t)M * ld * 2;
     int ld_src = x->kind == DS_K_X_SWIGLU ? 2 * K : K;
-    if (M > GM_X_ROWS || bytes > GM_XS_MAX || K % 4 || ((uintptr_t)x->src & 15) ||
+    if (M > GM_X_ROWS || bytes > (x->kind == DS_K_X_SWIGLU ? GM_SWIGLU_XS_MAX : GM_XS_MAX) || K % 4 || ((uintptr_t)x->src & 15) ||
         (x->kind == DS_K_X_RMSNORM && ((uintptr_t)x->norm_w & 15)) || ld_src % 4)
         return 0;
     *ret_ld = ld;

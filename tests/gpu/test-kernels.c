@@ -1202,14 +1202,15 @@ static bool test_gemm_made_x(void)
         printf("# the shapes do not split k as meant\n");
     ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 6144, 2560, false, true, 0) && ok;    /* qkv of a 4B at one row */
     ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 3, 64, 968, true, true, 0) && ok;      /* uneven k ranges */
-    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, true, 0) && ok;     /* down of a 4B at four rows */
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 1, 2560, 9728, false, true, 0) && ok;    /* down of a 4B at one row */
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 4, 2560, 9728, true, false, 0) && ok;    /* at four rows: apart (9 KiB) */
     ok = gemm_made_x_case(NULL, DS_K_X_SWIGLU, 5, 200, 264, false, false, 0) && ok;   /* too many rows to make */
     ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 2, 512, 480, false, false, 0) && ok;    /* unsplit: cuBLASLt's */
     ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 1, 512, 480, true, true, 0) && ok;      /* but one row makes its own */
     ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 2, 512, 480, false, true, 0) && ok;   /* the kernels' */
     ok = gemm_made_x_case(NULL, DS_K_X_RMSNORM, 16, 64, 968, true, false, 0) && ok;
     /* k in 4 ranges, not 9 (ds_cuda_opts.max_ranges): each block makes a longer range */
-    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 1, 2560, 9728, true, true, 4) && ok;
+    ok = gemm_made_x_case(lt, DS_K_X_SWIGLU, 1, 2560, 9728, true, false, 4) && ok;  /* SwiGLU: apart (4.75 KiB) */
     ok = gemm_made_x_case(lt, DS_K_X_RMSNORM, 3, 2560, 4096, true, true, 4) && ok;
     return ok;
 }
