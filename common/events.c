@@ -4,9 +4,16 @@
  * reaches ds_events_pub_process(), which answers it with "ack|<topic>". ZeroMQ
  * delivers a connection's messages in order and a subscription is applied before
  * the publisher sends anything after reading it, so when the subscriber sees the
- * ack, every later event on its topic reaches it. With CURVE, a REP socket on
- * inproc://zeromq.zap.01 answers the ZAP requests of the handshake from the
- * allow-list; it is served from the same loop, never from another thread.
+ * ack, every later event on its topic reaches it, unless the subscriber's queue
+ * is past its high-water mark: then ZeroMQ drops it for that subscriber alone,
+ * without a word. So the publisher counts the messages published under each
+ * subscribed topic (a sorted table; a message counts under every subscribed
+ * prefix of its topic) and sends the count with the ack and with each
+ * checkpoint; the subscriber counts what it receives under each topic the same
+ * way, and a count that grew by more than that since the last one means a
+ * loss. With CURVE, a REP socket on inproc://zeromq.zap.01 answers the ZAP
+ * requests of the handshake from the allow-list; it is served from the same
+ * loop, never from another thread.
  *
  * Subscriber: a SUB socket that also subscribes "ack|<topic>" before each topic,
  * keeps a list of topics waiting for their ack, and a small queue for events that
@@ -39,6 +46,7 @@
 #define ALLOW_MAX 4096
 #define SUB_QUEUE_MAX 1024
 #define SUB_TOPICS_MAX 256
+#define PUB_TOPICS_MAX 65536      /* subscribed topics a publisher counts */
 #define DS_EVENTS_MAX_SUBSCRIPTION 512   /* bytes of one subscription message (a topic and its prefix byte) */
 
 /* ---- shared helpers ---- */
@@ -162,6 +170,13 @@ int ds_events_curve_keypair(char pub[DS_EVENTS_KEY_Z85_LEN + 1], char sec[DS_EVE
 
 /* ---- publisher ---- */
 
+/* A subscribed topic and the messages published under it (as a prefix) since the publisher saw it subscribed. */
+struct pub_topic {
+    char *topic;
+    size_t len;
+    int64_t count;
+};
+
 struct ds_events_pub {
     void *ctx;
     void *xpub;
@@ -170,6 +185,9 @@ struct ds_events_pub {
     char ipc_path[512];        /* file to remove on close */
     uint8_t (*allow)[32];      /* [n_allow] client public keys */
     size_t n_allow;
+    char token[17];            /* this publisher's instance: the counts below are its own */
+    struct pub_topic *topics;  /* [n_topics] subscribed topics, counted, in byte order */
+    size_t n_topics, cap_topics;
 };
 
 static int load_allow(const char *path, uint8_t (**ret)[32], size_t *ret_n)
@@ -238,6 +256,9 @@ struct ds_events_pub *ds_events_pub_close(struct ds_events_pub *p)
     if (p->ipc_path[0])
         unlink(p->ipc_path);
     free(p->allow);
+    for (size_t i = 0; i < p->n_topics; i++)
+        free(p->topics[i].topic);
+    free(p->topics);
     free(p);
     return NULL;
 }
@@ -284,6 +305,7 @@ int ds_events_pub_open(const struct ds_events_pub_opts *o, struct ds_events_pub 
         return ds_seterr(DS_ENOTSUP, "this libzmq has no CURVE support");
 
     struct ds_events_pub *p = ds_xcalloc(1, sizeof *p);
+    ds_random_hex(p->token, 8);
     char secret[DS_EVENTS_KEY_Z85_LEN + 1];
     if (curve) {
         if ((r = ds_events_read_key_file(o->curve_secret_key_file, "secret-key", secret)) < 0)
@@ -373,6 +395,32 @@ int ds_events_pub_fds(struct ds_events_pub *p, int *fds, int max)
     return n;
 }
 
+static int key_cmp(const char *a, size_t alen, const char *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+    return c ? c : (alen > blen) - (alen < blen);
+}
+
+/* Whether the first len bytes of key are a counted topic (*at: its index), or where it would go (*at). */
+static bool pub_topic_find(const struct ds_events_pub *p, const char *key, size_t len, size_t *at)
+{
+    size_t lo = 0, hi = p->n_topics;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = key_cmp(p->topics[mid].topic, p->topics[mid].len, key, len);
+        if (c == 0) {
+            *at = mid;
+            return true;
+        }
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *at = lo;
+    return false;
+}
+
 static int send_frames(void *sock, const char *topic, const char *payload, size_t len)
 {
     if (zmq_send(sock, topic, strlen(topic), ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
@@ -391,6 +439,14 @@ int ds_events_publish(struct ds_events_pub *p, const struct ds_event *ev)
         return r;
     if ((r = ds_wire_encode(ev, &buf, &len)) < 0)
         return r;
+    /* counted whether or not every subscriber's queue takes it (what a subscriber lost is the difference),
+     * under each subscribed topic that is a prefix of its own */
+    if (ev->type != DS_EVENT_SUB && p->n_topics > 0)
+        for (size_t n = 0, tlen = strlen(topic); n <= tlen; n++) {
+            size_t at;
+            if (pub_topic_find(p, topic, n, &at))
+                p->topics[at].count++;
+        }
     int s = send_frames(p->xpub, topic, buf, len);
     int err = zmq_errno();
     free(buf);
@@ -432,6 +488,34 @@ static int zap_serve_one(struct ds_events_pub *p)
     return 1;
 }
 
+/* The sub map of a topic: an ack, or a checkpoint; with its count where the topic is counted. */
+static int publish_sub(struct ds_events_pub *p, const char *topic, const struct pub_topic *t)
+{
+    struct ds_event ack = { .type = DS_EVENT_SUB, .ts = ds_wire_now() };
+    snprintf(ack.topic, sizeof ack.topic, "%s", topic);
+    if (t) {
+        ack.has |= DS_EV_COUNT;
+        ack.count = t->count;
+        memcpy(ack.pub, p->token, sizeof p->token);
+    }
+    return ds_events_publish(p, &ack);
+}
+
+int ds_events_pub_checkpoint(struct ds_events_pub *p)
+{
+    for (size_t i = 0; i < p->n_topics; i++) {
+        int r = publish_sub(p, p->topics[i].topic, &p->topics[i]);
+        if (r < 0)
+            return r;
+    }
+    return (int)p->n_topics;
+}
+
+size_t ds_events_pub_topics(const struct ds_events_pub *p)
+{
+    return p->n_topics;
+}
+
 int ds_events_pub_process(struct ds_events_pub *p)
 {
     int answered = 0;
@@ -446,19 +530,39 @@ int ds_events_pub_process(struct ds_events_pub *p)
                 break;
             return ds_seterr(DS_EIO, "could not read subscriptions: %s", zmq_strerror(zmq_errno()));
         }
-        /* subscribe = 1 + topic; unsubscribe = 0 + topic; too long = ignored */
-        if (rc < 1 || (size_t)rc > sizeof msg - 1 || msg[0] != 1)
+        /* subscribe = 1 + topic; unsubscribe = 0 + topic (its last subscriber left); too long = ignored */
+        if (rc < 1 || (size_t)rc > sizeof msg - 1 || (msg[0] != 0 && msg[0] != 1))
             continue;
         msg[rc] = 0;
         const char *topic = msg + 1;
         size_t tlen = (size_t)rc - 1;
-        if (tlen != strlen(topic) || strncmp(topic, DS_WIRE_TOPIC_ACK, strlen(DS_WIRE_TOPIC_ACK)) == 0)
+        if (tlen != strlen(topic) || strncmp(topic, DS_WIRE_TOPIC_ACK, strlen(DS_WIRE_TOPIC_ACK)) == 0 ||
+            tlen + strlen(DS_WIRE_TOPIC_ACK) >= DS_WIRE_TOPIC_MAX)
             continue;
-        struct ds_event ack = { .type = DS_EVENT_SUB, .ts = ds_wire_now() };
-        if (tlen + strlen(DS_WIRE_TOPIC_ACK) >= sizeof ack.topic)
+        size_t at;
+        bool known = pub_topic_find(p, topic, tlen, &at);
+        if (msg[0] == 0) {
+            if (known) {
+                free(p->topics[at].topic);
+                memmove(&p->topics[at], &p->topics[at + 1], (p->n_topics - at - 1) * sizeof *p->topics);
+                p->n_topics--;
+            }
             continue;
-        memcpy(ack.topic, topic, tlen + 1);
-        int r = ds_events_publish(p, &ack);
+        }
+        /* counted from now on: every topic but a subscriber's own (nothing is published there), up to a bound
+         * (past it, acks carry no count and those subscribers are not told of losses) */
+        if (!known && strncmp(topic, DS_WIRE_TOPIC_SELF, strlen(DS_WIRE_TOPIC_SELF)) != 0 &&
+            p->n_topics < PUB_TOPICS_MAX) {
+            if (p->n_topics == p->cap_topics) {
+                p->cap_topics = p->cap_topics ? 2 * p->cap_topics : 16;
+                p->topics = ds_xrealloc(p->topics, p->cap_topics * sizeof *p->topics);
+            }
+            memmove(&p->topics[at + 1], &p->topics[at], (p->n_topics - at) * sizeof *p->topics);
+            p->topics[at] = (struct pub_topic){ .topic = ds_xstrdup(topic), .len = tlen, .count = 0 };
+            p->n_topics++;
+            known = true;
+        }
+        int r = publish_sub(p, topic, known ? &p->topics[at] : NULL);
         if (r < 0)
             return r;
         answered++;
@@ -473,7 +577,12 @@ int ds_events_pub_process(struct ds_events_pub *p)
 
 struct sub_topic {
     char *topic;
+    size_t len;
     bool acked;
+    bool counted;              /* the last ack carried the publisher's count: base and seen below hold */
+    int64_t base;              /* that count */
+    int64_t seen;              /* messages received under the topic since that ack */
+    char pub[24];              /* the publisher instance the count belongs to */
 };
 
 struct ds_events_sub {
@@ -486,6 +595,7 @@ struct ds_events_sub {
     struct ds_event *queue;    /* ring of SUB_QUEUE_MAX */
     size_t q_head, q_len;
     size_t dropped;
+    bool dropped_unsaid;       /* the queue dropped events since the caller was last told to read again */
 };
 
 struct ds_events_sub *ds_events_sub_close(struct ds_events_sub *s)
@@ -581,7 +691,7 @@ int ds_events_sub_topic(struct ds_events_sub *s, const char *topic)
         zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, topic, n) != 0)
         return ds_seterr(DS_EIO, "could not subscribe to '%s': %s", topic, zmq_strerror(zmq_errno()));
     s->topics = ds_xrealloc(s->topics, (s->n_topics + 1) * sizeof *s->topics);
-    s->topics[s->n_topics++] = (struct sub_topic){ .topic = ds_xstrdup(topic), .acked = false };
+    s->topics[s->n_topics++] = (struct sub_topic){ .topic = ds_xstrdup(topic), .len = n };
     return 0;
 }
 
@@ -597,6 +707,18 @@ int ds_events_sub_fd(struct ds_events_sub *s)
 size_t ds_events_sub_dropped(const struct ds_events_sub *s)
 {
     return s->dropped;
+}
+
+/* A job or heartbeat message under topic (its first tlen bytes): one more received under every subscribed topic
+ * that is a prefix of it, as the publisher counts it. Acks are not counted on either side. */
+static void count_received(struct ds_events_sub *s, const char *topic, size_t tlen)
+{
+    size_t ack_len = strlen(DS_WIRE_TOPIC_ACK);
+    if (tlen >= ack_len && memcmp(topic, DS_WIRE_TOPIC_ACK, ack_len) == 0)
+        return;
+    for (size_t i = 0; i < s->n_topics; i++)
+        if (s->topics[i].counted && s->topics[i].len <= tlen && memcmp(topic, s->topics[i].topic, s->topics[i].len) == 0)
+            s->topics[i].seen++;
 }
 
 /* Read one message without waiting. Returns 1 with *out (acks included), 0 when
@@ -630,6 +752,7 @@ static int recv_one(struct ds_events_sub *s, struct ds_event *out)
             zmq_getsockopt(s->sock, ZMQ_RCVMORE, &more, &ml);
         return ds_seterr(DS_EFORMAT, "event message has more than two frames");
     }
+    count_received(s, topic, tlen);
     if (tlen >= sizeof topic - 1)
         return ds_seterr(DS_EFORMAT, "event topic is too long");
     if (plen > DS_WIRE_MSG_MAX)
@@ -643,10 +766,18 @@ static int recv_one(struct ds_events_sub *s, struct ds_event *out)
     return 1;
 }
 
-/* Mark acks. Returns ACK_NONE when ev is no ack, ACK_KEPT for one consumed here (a topic's, or the
- * first of the subscriber's own topic), and ACK_AGAIN for the subscriber's own topic answered again: the
- * publisher saw its subscriptions again, because it restarted or the connection was made anew, so events
- * may have been missed (handed to the caller, with an empty topic). */
+/* The event that tells the caller to read the rows again: a sub event with an empty topic. */
+static void read_again_event(struct ds_event *ev)
+{
+    *ev = (struct ds_event){ .type = DS_EVENT_SUB, .ts = ds_wire_now() };
+}
+
+/* Mark acks and check counts. Returns ACK_NONE when ev is no ack, ACK_KEPT for one consumed here, and
+ * ACK_AGAIN, with ev made the caller's "read again" event, when events may have been missed: the
+ * subscriber's own topic answered again (the publisher saw its subscriptions again, because it
+ * restarted or the connection was made anew), or a topic's count grew by more than the messages received
+ * under it since its last ack (the publisher dropped some: this subscriber was past its high-water
+ * mark). A count is compared only with the last one of the same publisher instance. */
 enum { ACK_NONE, ACK_KEPT, ACK_AGAIN };
 static int take_ack(struct ds_events_sub *s, struct ds_event *ev)
 {
@@ -657,13 +788,27 @@ static int take_ack(struct ds_events_sub *s, struct ds_event *ev)
             s->self_acked = true;
             return ACK_KEPT;
         }
-        ev->topic[0] = 0;
+        read_again_event(ev);
         return ACK_AGAIN;
     }
-    for (size_t i = 0; i < s->n_topics; i++)
-        if (strcmp(s->topics[i].topic, ev->topic) == 0)
-            s->topics[i].acked = true;
-    return ACK_KEPT;
+    bool lost = false;
+    for (size_t i = 0; i < s->n_topics; i++) {
+        struct sub_topic *t = &s->topics[i];
+        if (strcmp(t->topic, ev->topic) != 0)
+            continue;
+        bool compare = t->acked && t->counted && (ev->has & DS_EV_COUNT) && strcmp(t->pub, ev->pub) == 0;
+        if (compare && ev->count - t->base != t->seen)
+            lost = true;
+        t->acked = true;
+        t->counted = (ev->has & DS_EV_COUNT) != 0;
+        t->base = ev->count;
+        t->seen = 0;
+        memcpy(t->pub, ev->pub, sizeof t->pub);
+    }
+    if (!lost)
+        return ACK_KEPT;
+    read_again_event(ev);
+    return ACK_AGAIN;
 }
 
 static bool all_acked(const struct ds_events_sub *s)
@@ -680,6 +825,7 @@ static void enqueue(struct ds_events_sub *s, const struct ds_event *ev)
         s->q_head = (s->q_head + 1) % SUB_QUEUE_MAX;
         s->q_len--;
         s->dropped++;
+        s->dropped_unsaid = true;
     }
     s->queue[(s->q_head + s->q_len) % SUB_QUEUE_MAX] = *ev;
     s->q_len++;
@@ -737,6 +883,11 @@ int ds_events_sub_recv(struct ds_events_sub *s, int timeout_ms, struct ds_event 
         *out = s->queue[s->q_head];
         s->q_head = (s->q_head + 1) % SUB_QUEUE_MAX;
         s->q_len--;
+        return 1;
+    }
+    if (s->dropped_unsaid) {   /* the events kept during sync overflowed: read again, after those kept */
+        s->dropped_unsaid = false;
+        read_again_event(out);
         return 1;
     }
     int64_t deadline = (int64_t)ds_now_usec() + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000;

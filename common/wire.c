@@ -116,6 +116,9 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
         return ds_seterr(DS_EINVAL, "heartbeat host name too long");
     if (ev->type == DS_EVENT_SUB && !memchr(ev->topic, 0, sizeof ev->topic))
         return ds_seterr(DS_EINVAL, "subscription topic too long");
+    if (ev->type == DS_EVENT_SUB && (ev->has & DS_EV_COUNT) &&
+        (!memchr(ev->pub, 0, sizeof ev->pub) || ev->count < 0))
+        return ds_seterr(DS_EINVAL, "subscription count without a valid publisher token");
 
     msgpack_sbuffer sb;
     msgpack_packer pk;
@@ -189,7 +192,7 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
             msgpack_pack_nil(&pk);
         break;
     case DS_EVENT_SUB:
-        msgpack_pack_map(&pk, 4);
+        msgpack_pack_map(&pk, (ev->has & DS_EV_COUNT) ? 6 : 4);
         pack_key(&pk, "v");
         msgpack_pack_int(&pk, DS_WIRE_VERSION);
         pack_key(&pk, "type");
@@ -198,6 +201,12 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
         pack_cstr(&pk, ev->topic);
         pack_key(&pk, "ts");
         msgpack_pack_double(&pk, ev->ts);
+        if (ev->has & DS_EV_COUNT) {
+            pack_key(&pk, "count");
+            msgpack_pack_int64(&pk, ev->count);
+            pack_key(&pk, "pub");
+            pack_cstr(&pk, ev->pub);
+        }
         break;
     default:
         msgpack_sbuffer_destroy(&sb);
@@ -269,6 +278,7 @@ enum {
     SEEN_V = 1u << 0, SEEN_TYPE = 1u << 1, SEEN_TS = 1u << 2, SEEN_ID = 1u << 3,
     SEEN_STATE = 1u << 4, SEEN_VERSION = 1u << 5, SEEN_ATTEMPT = 1u << 6, SEEN_HOST = 1u << 7,
     SEEN_QUEUED = 1u << 8, SEEN_RUNNING = 1u << 9, SEEN_WORKERS = 1u << 10, SEEN_TOPIC = 1u << 11,
+    SEEN_COUNT = 1u << 12, SEEN_PUB = 1u << 13,
 };
 
 static int decode_map(const msgpack_object *root, struct ds_event *ev)
@@ -401,6 +411,14 @@ static int decode_map(const msgpack_object *root, struct ds_event *ev)
                 if ((r = get_str(val, "topic", ev->topic, sizeof ev->topic)) < 0)
                     return r;
                 seen |= SEEN_TOPIC;
+            } else if (key_is(kv, "count")) {
+                if ((r = get_int(val, "count", 0, INT64_MAX, &ev->count)) < 0)
+                    return r;
+                seen |= SEEN_COUNT;
+            } else if (key_is(kv, "pub")) {
+                if ((r = get_str(val, "pub", ev->pub, sizeof ev->pub)) < 0)
+                    return r;
+                seen |= SEEN_PUB;
             }
         }
     }
@@ -416,6 +434,13 @@ static int decode_map(const msgpack_object *root, struct ds_event *ev)
     for (size_t i = 0; i < sizeof required / sizeof required[0]; i++)
         if ((required[i].type == 0 || required[i].type == ev->type) && !(seen & required[i].bit))
             return ds_seterr(DS_EFORMAT, "%s event has no '%s'", type, required[i].name);
+    /* a count means nothing without the publisher it belongs to: both or neither */
+    if (ev->type == DS_EVENT_SUB && (seen & (SEEN_COUNT | SEEN_PUB))) {
+        if (!(seen & SEEN_COUNT) || !(seen & SEEN_PUB))
+            return ds_seterr(DS_EFORMAT, "sub event has '%s' without '%s'", seen & SEEN_COUNT ? "count" : "pub",
+                             seen & SEEN_COUNT ? "pub" : "count");
+        ev->has |= DS_EV_COUNT;
+    }
     return 0;
 }
 

@@ -345,6 +345,9 @@ static void publish_heartbeat(struct daemon *d)
     }
     if (ds_events_publish(d->pub, &hb) < 0)
         ds_log(DS_LOG_WARNING, "could not publish a heartbeat: %s", ds_errdetail());
+    /* each subscribed topic's count, so that a subscriber past its high-water mark learns of its loss */
+    if (ds_events_pub_checkpoint(d->pub) < 0)
+        ds_log(DS_LOG_WARNING, "could not publish the topics' counts: %s", ds_errdetail());
 }
 
 static bool healthy(struct daemon *d, uint64_t now)

@@ -9,9 +9,14 @@
  *   3. read the job row(s) from PostgreSQL (state, version);
  *   4. ds_events_sub_recv() and drop events whose version is at or below the
  *      version read in 3;
- *   5. on a DS_EVENT_SUB event (the publisher restarted and answered the
- *      subscription again: events may have been lost meanwhile), read the
- *      rows again as in 3.
+ *   5. on a DS_EVENT_SUB event (events may have been lost: the publisher
+ *      restarted and answered the subscription again, or this subscriber fell
+ *      behind its high-water mark and it dropped messages), read the rows
+ *      again as in 3.
+ * Losses are found by count: the publisher counts the messages it publishes
+ * under each subscribed topic, sends the count with each ack and with each
+ * checkpoint (ds_events_pub_checkpoint(), with every heartbeat in dsparkd), and
+ * the subscriber compares the count's growth with what it received meanwhile.
  * Events are hints that follow commits; the database is the truth. A subscriber
  * that connects late reads the final state from the row in step 3.
  *
@@ -41,7 +46,8 @@ struct ds_events_sub;
 struct ds_events_pub_opts {
     const char *endpoint;               /* NULL: DS_EVENTS_DEFAULT_ENDPOINT */
     int ipc_mode;                       /* permissions of an ipc socket file; 0: leave as created */
-    int sndhwm;                         /* queued messages per subscriber; 0: 100000 */
+    int sndhwm;                         /* queued messages per subscriber (past it the subscriber loses
+                                           messages and learns it at the next checkpoint); 0: 100000 */
     const char *curve_secret_key_file;  /* NULL or "": no CURVE */
     const char *curve_allow_file;       /* required with CURVE */
 };
@@ -57,6 +63,12 @@ int ds_events_publish(struct ds_events_pub *p, const struct ds_event *ev) DS_MUS
  * turn before sleeping (ZeroMQ descriptors are edge-triggered). Returns the
  * number of subscriptions answered, or a negative DS_E* code. */
 int ds_events_pub_process(struct ds_events_pub *p);
+/* Publish every counted topic's count ("sub" maps on "ack|<topic>"), so that a subscriber
+ * that lost messages under a topic learns it. Call it periodically (dsparkd: with each
+ * heartbeat). Returns the number of topics, or a negative DS_E* code. */
+int ds_events_pub_checkpoint(struct ds_events_pub *p);
+/* Topics subscribed now and counted (at most 65,536; a subscriber's own topic is not). */
+size_t ds_events_pub_topics(const struct ds_events_pub *p);
 /* Descriptors to poll for POLLIN (at most 2); returns how many were written. */
 int ds_events_pub_fds(struct ds_events_pub *p, int *fds, int max);
 /* Replace the CURVE allow-list from its file (SIGHUP). */
@@ -85,11 +97,13 @@ int ds_events_sub_sync(struct ds_events_sub *s, int timeout_ms);
 /* Receive the next event (timeout_ms < 0: wait forever; 0: poll). Returns 1 with
  * *out filled, 0 on timeout or when a signal interrupted the wait, -DS_EFORMAT
  * for a malformed message (skipped; call again), other negative codes on error.
- * Subscription acks are consumed here, but for one: a DS_EVENT_SUB event with an
- * empty topic says that the publisher saw this subscriber's subscriptions again
- * (it restarted, or the connection was made anew), so events may have been
- * missed meanwhile: read the rows again. Subscribing to a topic that is
- * subscribed already does nothing. */
+ * Subscription acks and checkpoints are consumed here, but a DS_EVENT_SUB event
+ * with an empty topic is handed out when events may have been missed: the
+ * publisher saw this subscriber's subscriptions again (it restarted, or the
+ * connection was made anew), a topic's count says that messages under it were
+ * dropped (this subscriber fell behind the publisher's high-water mark), or the
+ * events kept during ds_events_sub_sync() overflowed. Read the rows again.
+ * Subscribing to a topic that is subscribed already does nothing. */
 int ds_events_sub_recv(struct ds_events_sub *s, int timeout_ms, struct ds_event *out);
 /* A descriptor that becomes readable when messages may be waiting (edge-triggered:
  * drain with ds_events_sub_recv(s, 0, ...) until it returns 0). */

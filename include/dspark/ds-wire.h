@@ -21,6 +21,13 @@
  *        (the publisher's clock), nil before the first read; while the
  *        database is unreachable it stays behind ts, and the counts are old
  *   sub: {"v":1, "type":"sub", "topic":str, "ts":float}
+ *        plus, where the publisher counts the topic: "count":int, the job and
+ *        heartbeat messages it has published under the topic (as a prefix)
+ *        since it first saw the topic subscribed, and "pub":str, the
+ *        publisher's random instance token that the count belongs to. A sub
+ *        map answers a subscription, and also comes as a checkpoint with
+ *        every heartbeat: a subscriber that received fewer messages under the
+ *        topic than the count grew by since the last one lost some (ds-events.h)
  * "ts" is the publisher's wall clock in Unix seconds. Events never carry prompts
  * or outputs. */
 #ifndef DS_WIRE_H
@@ -50,6 +57,7 @@ enum {
     DS_EV_TOKENS_PER_S = 1u << 3,
     DS_EV_MEAN_ACCEPT = 1u << 4,     /* mean_acceptance_length */
     DS_EV_COUNTS_TS = 1u << 5,       /* hb: counts_ts (else nil) */
+    DS_EV_COUNT = 1u << 6,           /* sub: count and pub (else absent) */
 };
 
 struct ds_event {
@@ -74,6 +82,8 @@ struct ds_event {
     double counts_ts;                /* Unix seconds when queued and running were read */
     /* sub */
     char topic[DS_WIRE_TOPIC_MAX];
+    int64_t count;                   /* messages published under topic (DS_EV_COUNT) */
+    char pub[24];                    /* the publisher's instance token (DS_EV_COUNT) */
 };
 
 /* Encode ev into a malloc'ed buffer (*ret_buf, *ret_len; the caller frees).

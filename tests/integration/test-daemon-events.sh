@@ -155,6 +155,8 @@ tap_is "$(grep -c "batch=$bid2 state=queued version=1" "$T/all.out")" "200" "200
 tap_is "$(grep -c "batch=$bid2 state=running version=2" "$T/all.out")" "200" "200 jobs claimed at once: 200 'running' events"
 tap_is "$(grep -c "batch=$bid2" "$T/batch.out")" "0" "a batch topic does not receive other batches"
 tap_is "$(grep "^job " "$T/all.out" | sort | uniq -d | wc -l)" "0" "no event is published twice"
+tap_is "$(cat "$T/all.out" "$T/batch.out" | grep -c '^again$')" "0" \
+    "subscribers that keep up are never told to read again (checkpoints every 200 ms)"
 
 # the late-subscriber pattern: subscribe, sync, read the row, drop older events
 late=$("$SUB" --endpoint "$EP" --topic "job|$bid|$jid|" --job "$jid" --dsn "$DSPARK_DSN" --timeout 5 2>&1 | tr '\n' ' ')
@@ -356,12 +358,12 @@ kill -TERM "$DPID"
 wait "$DPID"
 DPID=
 
-# start_small NAME LOG DSPARKD-LINES: a dsparkd without workers, its events on
+# start_small NAME LOG DSPARKD-LINES [EVENTS-LINES]: a dsparkd without workers, its events on
 # ipc://$T/NAME.sock, configured by $T/NAME.conf with DSPARKD-LINES in its
-# [dsparkd] section; waits until it is ready (pid in DPID)
+# [dsparkd] section (and EVENTS-LINES in [events]); waits until it is ready (pid in DPID)
 start_small() {
-    printf '[dsparkd]\n%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/%s.sock\n' \
-        "$3" "$DSPARK_DSN" "$T" "$1" >"$T/$1.conf"
+    printf '[dsparkd]\n%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/%s.sock\n%s\n' \
+        "$3" "$DSPARK_DSN" "$T" "$1" "${4:-}" >"$T/$1.conf"
     "$DSPARKD" --config "$T/$1.conf" 2>"$2" &
     DPID=$!
     wait_for "$2" "ready: 0 workers" 10
@@ -381,6 +383,22 @@ q "SELECT count(*) FROM dspark.cancel_jobs(ARRAY[$js]::bigint[])" >/dev/null
 wait_for "$T/slow.out" "^job id=$js batch=- state=cancelled " 10
 tap_result $? "a change whose row could not be read at first is published once it can"
 tap_like "$(cat "$T/slow.log")" "reading notified jobs failed: .*statement timeout" "... after the failed read was logged"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
+# a subscriber that falls behind the high-water mark loses events; the next
+# heartbeat's counts tell it to read the rows again
+start_small hwm "$T/hwm.log" "status_interval = 200ms" "$(printf 'sndhwm = 100\nheartbeat_interval = 200ms')"
+bh=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+"$SUB" --endpoint "ipc://$T/hwm.sock" --topic "job|$bh|" --pause 5 --timeout 40 >"$T/hwm.out" 2>&1 &
+SUBPIDS="$SUBPIDS $!"
+wait_for "$T/hwm.out" '^(synced|nosync)' 10
+q "INSERT INTO dspark.jobs (batch_id, model, prompt) SELECT $bh, 'hwm', 'p' FROM generate_series(1, 30000) g" >/dev/null
+wait_for "$T/hwm.out" '^again$' 40
+tap_result $? "a subscriber that fell behind by more than events.sndhwm is told to read again"
+n_hwm=$(grep -c "^job id=[0-9]* batch=$bh state=queued" "$T/hwm.out")
+tap_result $([ "$n_hwm" -lt 30000 ]; echo $?) "... having lost events ($n_hwm of 30000 reached it)"
 kill -TERM "$DPID"
 wait "$DPID"
 DPID=

@@ -1,11 +1,14 @@
 /* test-daemon-sub.c: a ZeroMQ subscriber for the dsparkd integration tests.
  *
  *   test-daemon-sub --endpoint EP --topic T [--topic T]... [--count N] [--timeout SEC]
- *          [--job ID --dsn CONNINFO] [--server-key Z85 --client-keys FILE]
+ *          [--pause SEC] [--job ID --dsn CONNINFO] [--server-key Z85 --client-keys FILE]
  *
  * Subscribes, waits for the publisher's acks ("synced" on stdout, exit 2 when
  * none comes), then prints one line per event until --count events arrived
- * (exit 0) or --timeout passed (exit 1). With --job it follows the documented
+ * (exit 0) or --timeout passed (exit 1); "again" stands for the library's
+ * read-again event (a restarted publisher, or events lost). --pause waits that
+ * long after the acks before reading anything (a subscriber that falls
+ * behind). With --job it follows the documented
  * late-subscriber pattern: after the acks it reads the job's row ("row STATE
  * VERSION"), ignores events at or below that version, and stops at the first
  * final state, printing "final STATE VERSION row|event". With --server-key it
@@ -18,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <libpq-fe.h>
 
@@ -26,6 +30,10 @@
 
 static void print_event(const struct ds_event *ev)
 {
+    if (ev->type == DS_EVENT_SUB) {   /* the library's "read again": a restart, or events lost */
+        printf("again\n");
+        return;
+    }
     if (ev->type == DS_EVENT_HB) {
         printf("hb host=%s queued=%" PRId64 " running=%" PRId64 " workers=%d", ev->host, ev->queued, ev->running,
                ev->workers);
@@ -63,11 +71,11 @@ int main(int argc, char **argv)
         { "count", required_argument, NULL, 'n' },    { "timeout", required_argument, NULL, 'w' },
         { "job", required_argument, NULL, 'j' },      { "dsn", required_argument, NULL, 'd' },
         { "server-key", required_argument, NULL, 's' }, { "client-keys", required_argument, NULL, 'k' },
-        { NULL, 0, NULL, 0 },
+        { "pause", required_argument, NULL, 'p' },    { NULL, 0, NULL, 0 },
     };
     const char *endpoint = NULL, *dsn = NULL, *topics[16], *server_key = NULL, *client_keys = NULL;
     int ntopics = 0, count = -1;
-    double timeout = 10;
+    double timeout = 10, pause = 0;
     int64_t job = 0;
     int c;
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -84,6 +92,7 @@ int main(int argc, char **argv)
         case 'd': dsn = optarg; break;
         case 's': server_key = optarg; break;
         case 'k': client_keys = optarg; break;
+        case 'p': pause = atof(optarg); break;
         default: return 64;
         }
     }
@@ -119,6 +128,8 @@ int main(int argc, char **argv)
         return 2;
     }
     printf("synced\n");
+    if (pause > 0)
+        usleep((useconds_t)(pause * 1e6));
 
     int64_t row_version = -1;
     if (job) {

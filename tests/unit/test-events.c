@@ -1,6 +1,7 @@
 /* test-events.c: the ZeroMQ event channel over real sockets (ipc in a temporary
  * directory, tcp on loopback): subscription acks, prefix topics per job, batch
  * and all, a publisher that restarts (its new acks reach the caller), heartbeats,
+ * losses past the high-water mark found by the topics' counts,
  * malformed messages, the refusal of remote binds without
  * CURVE, and CURVE with an allow-list (allowed and refused clients). */
 #include "config.h"
@@ -289,6 +290,139 @@ static void test_sync_keeps_events(void **state)
     ds_events_pub_close(p);
 }
 
+/* More events during sync than the subscriber keeps: the oldest go, and after the kept ones the caller is
+ * told to read again. */
+static void test_sync_overflow(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "overflow.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep };
+    struct ds_events_pub *p;
+    struct ds_events_sub *s;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    assert_int_equal(ds_events_sub_open(ep, &s), 0);
+    assert_int_equal(ds_events_sub_topic(s, "job|"), 0);
+    assert_int_equal(sync_with(p, s, 5000), 1);
+    assert_int_equal(ds_events_sub_topic(s, "hb|"), 0);
+    struct ds_event ev, got;
+    for (int i = 1; i <= 1100; i++) {
+        job(&ev, 0, i, "queued", 1);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    assert_int_equal(sync_with(p, s, 5000), 1);
+    size_t dropped = ds_events_sub_dropped(s);
+    assert_true(dropped > 0 && dropped < 1100);
+    for (int i = (int)dropped + 1; i <= 1100; i++) {
+        assert_int_equal(ds_events_sub_recv(s, 1000, &got), 1);
+        assert_int_equal(got.type, DS_EVENT_JOB);
+        assert_int_equal(got.id, i);
+    }
+    assert_int_equal(ds_events_sub_recv(s, 1000, &got), 1);
+    assert_int_equal(got.type, DS_EVENT_SUB);
+    assert_string_equal(got.topic, "");
+    assert_int_equal(ds_events_sub_recv(s, 100, &got), 0);   /* told once */
+    ds_events_sub_close(s);
+    ds_events_pub_close(p);
+}
+
+/* Receive until nothing comes within 300 ms, driving the publisher; counts job and read-again events. */
+static void drain(struct ds_events_pub *p, struct ds_events_sub *s, int *jobs, int *again)
+{
+    struct ds_event got;
+    *jobs = *again = 0;
+    for (;;) {
+        assert_true(ds_events_pub_process(p) >= 0);
+        int r = ds_events_sub_recv(s, 300, &got);
+        assert_true(r >= 0);
+        if (r == 0)
+            return;
+        if (got.type == DS_EVENT_JOB)
+            (*jobs)++;
+        else if (got.type == DS_EVENT_SUB && got.topic[0] == 0)
+            (*again)++;
+    }
+}
+
+/* A subscriber that falls behind the publisher's high-water mark loses messages, which ZeroMQ does not
+ * say; the next checkpoint of the topics' counts does. Counts under nested topics agree, a subscriber of
+ * a topic that lost nothing is not told, and once told, counting starts afresh. */
+static void test_lost_messages(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "lost.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep, .sndhwm = 100 };
+    struct ds_events_pub *p;
+    struct ds_events_sub *slow, *other;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    assert_int_equal(ds_events_sub_open(ep, &slow), 0);
+    assert_int_equal(ds_events_sub_topic(slow, "job|"), 0);
+    assert_int_equal(ds_events_sub_topic(slow, "job|5|"), 0);
+    assert_int_equal(ds_events_sub_open(ep, &other), 0);
+    assert_int_equal(ds_events_sub_topic(other, "job|6|"), 0);
+    assert_int_equal(sync_with(p, slow, 5000), 1);
+    assert_int_equal(sync_with(p, other, 5000), 1);
+    assert_int_equal(ds_events_pub_topics(p), 3);   /* the subscribers' own topics are not counted */
+
+    /* nothing lost: every checkpoint agrees with what arrived */
+    struct ds_event ev;
+    for (int i = 1; i <= 60; i++) {
+        job(&ev, i % 2 ? 5 : 6, i, "queued", 1);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    int jobs, again;
+    drain(p, slow, &jobs, &again);
+    assert_int_equal(jobs, 60);
+    assert_int_equal(again, 0);
+    drain(p, other, &jobs, &again);
+    assert_int_equal(jobs, 30);
+    assert_int_equal(again, 0);
+
+    /* the slow subscriber reads nothing while batch 5 floods it past the mark */
+    const int flood = 50000;
+    for (int i = 1; i <= flood; i++) {
+        job(&ev, 5, 1000 + i, "running", 2);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    drain(p, slow, &jobs, &again);
+    printf("# %d of %d events reached the slow subscriber\n", jobs, flood);
+    assert_true(jobs > 0 && jobs < flood);
+    assert_int_equal(again, 0);   /* nothing says so before the checkpoint */
+    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    drain(p, slow, &jobs, &again);
+    assert_int_equal(jobs, 0);
+    assert_int_equal(again, 2);   /* one for each of its topics that lost messages: "job|" and "job|5|" */
+    drain(p, other, &jobs, &again);   /* batch 6 lost nothing */
+    assert_int_equal(jobs, 0);
+    assert_int_equal(again, 0);
+
+    /* counted afresh from that checkpoint */
+    for (int i = 1; i <= 10; i++) {
+        job(&ev, i % 2 ? 5 : 6, 100000 + i, "succeeded", 3);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    drain(p, slow, &jobs, &again);
+    assert_int_equal(jobs, 10);
+    assert_int_equal(again, 0);
+    drain(p, other, &jobs, &again);
+    assert_int_equal(jobs, 5);
+    assert_int_equal(again, 0);
+
+    /* a subscriber that leaves takes its topic out of the count table */
+    ds_events_sub_close(other);
+    uint64_t end = ds_now_usec() + 5000000u;
+    while (ds_events_pub_topics(p) != 2 && ds_now_usec() < end) {
+        assert_true(ds_events_pub_process(p) >= 0);
+        usleep(10000);
+    }
+    assert_int_equal(ds_events_pub_topics(p), 2);
+    ds_events_sub_close(slow);
+    ds_events_pub_close(p);
+}
+
 static void test_no_publisher(void **state)
 {
     (void)state;
@@ -490,6 +624,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_publisher_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_prefixes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sync_keeps_events, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_overflow, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lost_messages, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_publisher, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_endpoints, setup, teardown),

@@ -94,6 +94,20 @@ static void test_heartbeat_and_ack(void **state)
     roundtrip(&ack, &got);
     assert_int_equal(got.type, DS_EVENT_SUB);
     assert_string_equal(got.topic, "job|42|");
+    assert_false(got.has & DS_EV_COUNT);   /* an ack without a count: neither key */
+    /* with the publisher's count and instance (a checkpoint) */
+    ack.has |= DS_EV_COUNT;
+    ack.count = 123456789012;
+    strcpy(ack.pub, "00ff10ee20dd30cc");
+    roundtrip(&ack, &got);
+    assert_true(got.has & DS_EV_COUNT);
+    assert_true(got.count == 123456789012);
+    assert_string_equal(got.pub, "00ff10ee20dd30cc");
+    assert_string_equal(got.topic, "job|42|");
+    ack.count = -1;   /* counts never go below zero */
+    char *buf;
+    size_t len;
+    assert_int_equal(ds_wire_encode(&ack, &buf, &len), -DS_EINVAL);
 }
 
 /* The contract's bytes: a map of 9 keys in the documented order. */
@@ -229,6 +243,26 @@ static void fill_nan(msgpack_packer *pk)
     kstr(pk, "workers"); msgpack_pack_int(pk, 0);
 }
 
+static void fill_count_without_pub(msgpack_packer *pk)
+{
+    msgpack_pack_map(pk, 5);
+    kstr(pk, "v"); msgpack_pack_int(pk, 1);
+    kstr(pk, "type"); kstr(pk, "sub");
+    kstr(pk, "topic"); kstr(pk, "job|");
+    kstr(pk, "ts"); msgpack_pack_double(pk, 1.0);
+    kstr(pk, "count"); msgpack_pack_int(pk, 3);
+}
+
+static void fill_pub_without_count(msgpack_packer *pk)
+{
+    msgpack_pack_map(pk, 5);
+    kstr(pk, "v"); msgpack_pack_int(pk, 1);
+    kstr(pk, "type"); kstr(pk, "sub");
+    kstr(pk, "topic"); kstr(pk, "job|");
+    kstr(pk, "ts"); msgpack_pack_double(pk, 1.0);
+    kstr(pk, "pub"); kstr(pk, "abc");
+}
+
 static void test_refusals(void **state)
 {
     (void)state;
@@ -252,6 +286,14 @@ static void test_refusals(void **state)
     n = pack_custom(buf, sizeof buf, fill_nan);
     assert_int_equal(ds_wire_decode(buf, n, &got), -DS_EFORMAT);
     assert_non_null(strstr(ds_errdetail(), "'ts'"));
+
+    /* a count is only meaningful with the publisher instance it belongs to */
+    n = pack_custom(buf, sizeof buf, fill_count_without_pub);
+    assert_int_equal(ds_wire_decode(buf, n, &got), -DS_EFORMAT);
+    assert_non_null(strstr(ds_errdetail(), "'count' without 'pub'"));
+    n = pack_custom(buf, sizeof buf, fill_pub_without_count);
+    assert_int_equal(ds_wire_decode(buf, n, &got), -DS_EFORMAT);
+    assert_non_null(strstr(ds_errdetail(), "'pub' without 'count'"));
 
     /* out-param untouched after all these failures */
     assert_memory_equal(&got, &before, sizeof got);
