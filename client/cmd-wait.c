@@ -6,7 +6,8 @@
  * shows a progress bar on a terminal (done/total, failures, tokens/s) and
  * exits 0 when every job succeeded, 3 when some failed or were cancelled, 4
  * on --timeout. watch prints one line (or JSON object) per state change,
- * re-reading just the hinted rows, and everything at each poll interval.
+ * re-reading just the hinted rows, and at each poll interval every job's
+ * state, then the rows whose state changed.
  * keygen prints a CURVE key pair for a client of events published to other
  * hosts. */
 #include "config.h"
@@ -167,8 +168,19 @@ static int read_progress(struct waiter *w, struct progress *p)
     return 0;
 }
 
+static const char *const job_states[] = { "queued", "running", "succeeded", "failed", "cancelled" };
+
+/* A state's code in struct seen: 1..5, 0 for none. */
+static int64_t state_code(const char *state)
+{
+    for (int k = 0; k < 5; k++)
+        if (state && strcmp(state, job_states[k]) == 0)
+            return k + 1;
+    return 0;
+}
+
 /* watch: read rows (all, or the hinted ids) and print the changed ones. */
-static int read_changes(struct waiter *w, const struct hints *h)
+static int read_rows(struct waiter *w, const struct hints *h)
 {
     char *hinted = NULL;
     const char *params[2] = { w->batch ? w->batch : w->ids, NULL };
@@ -201,12 +213,7 @@ static int read_changes(struct waiter *w, const struct hints *h)
     json_array_foreach(rows, i, row) {
         int64_t id = json_integer_value(json_object_get(row, "id"));
         const char *state = json_string_value(json_object_get(row, "state"));
-        static const char *const states[] = { "queued", "running", "succeeded", "failed",
-                                              "cancelled" };
-        int64_t code = 0;
-        for (int k = 0; k < 5; k++)
-            if (state && strcmp(state, states[k]) == 0)
-                code = k + 1;
+        int64_t code = state_code(state);
         /* print state changes only (a heartbeat bumps the version too) */
         int64_t *slot = seen_slot(&w->seen, id);
         if (*slot == code)
@@ -224,23 +231,51 @@ static int read_changes(struct waiter *w, const struct hints *h)
         if (json_is_string(cid))
             printf(" (%s)", ctl_cell(cid, b1, sizeof b1));
         printf(": %s", state);
-        if (strcmp(state, states[1]) == 0)
+        if (strcmp(state, job_states[1]) == 0)
             printf(" (attempt %s, worker %s)",
                    ctl_cell(json_object_get(row, "attempt"), b2, sizeof b2),
                    ctl_cell(json_object_get(row, "worker_id"), b1, sizeof b1));
-        else if (strcmp(state, states[2]) == 0)
+        else if (strcmp(state, job_states[2]) == 0)
             printf(" (%s tokens, %s tok/s, tau %s)",
                    ctl_cell(json_object_get(row, "output_tokens"), b1, sizeof b1),
                    ctl_cell_real(json_object_get(row, "decode_tokens_per_s"), 1, b2, sizeof b2),
                    ctl_cell_real(json_object_get(row, "mean_acceptance_length"), 2, b3,
                                  sizeof b3));
-        else if (strcmp(state, states[3]) == 0 || strcmp(state, states[4]) == 0)
+        else if (strcmp(state, job_states[3]) == 0 || strcmp(state, job_states[4]) == 0)
             printf(": %s", ctl_cell(json_object_get(row, "error"), b1, sizeof b1));
         printf("\n");
     }
     json_decref(rows);
     fflush(stdout);
     return 0;
+}
+
+/* watch's full read: the jobs' states alone first (a few bytes a row), then the whole rows of those whose state
+ * changed since last printed; all of them at once where that is most of the jobs (the first read). */
+static int read_changes(struct waiter *w, const struct hints *h)
+{
+    if (h && !h->all)
+        return read_rows(w, h);
+    const char *params[1] = { w->batch ? w->batch : w->ids };
+    PGresult *res;
+    int r = ds_db_exec(w->c->db,
+                       w->batch ? "SELECT j.id, j.state FROM dspark.jobs j WHERE j.batch_id = $1::bigint"
+                                : "SELECT j.id, j.state FROM dspark.jobs j WHERE j.id = ANY ($1::bigint[])",
+                       1, params, &res);
+    if (r < 0)
+        return r;
+    struct hints changed = { 0 };
+    int rows = PQntuples(res);
+    for (int i = 0; i < rows; i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        if (*seen_slot(&w->seen, id) != state_code(PQgetvalue(res, i, 1)))
+            on_hint(&changed, id);
+    }
+    PQclear(res);
+    if (changed.n > 0 || changed.all)
+        r = read_rows(w, changed.all || changed.n * 4 > (size_t)rows ? NULL : &changed);
+    free(changed.ids);
+    return r;
 }
 
 static void draw_bar(const struct progress *p, double rate, double elapsed)
