@@ -15,7 +15,8 @@ DS_MIGRATIONS = \
 	sql/007-attempts.sql \
 	sql/008-worker-ids.sql \
 	sql/009-worker-fence.sql \
-	sql/010-worker-instance.sql
+	sql/010-worker-instance.sql \
+	sql/011-claim-job-tokens.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -5,7 +5,9 @@
  *   - claims (dspark.claim_jobs) when the decoding thread reports room: its
  *     free KV tokens and free job slots, measured after it took the previous
  *     claim's jobs (the "consumed" counter makes the handshake exact, so the
- *     budget of one claim never counts room that earlier jobs already use);
+ *     budget of one claim never counts room that earlier jobs already use;
+ *     each job costs its prompt, its max_tokens and the engine's speculative
+ *     block, which claim_jobs adds as p_job_tokens);
  *     an idle worker that finds nothing within its budget asks once more for
  *     a single job with no budget, so that a job too large for it is still
  *     handed out and fails with the engine's reason;
@@ -610,16 +612,17 @@ static int heartbeat(struct dbt *t)
  * jobs delivered to the decoding thread, or -1 when the connection failed. */
 static int claim(struct dbt *t, int max_jobs, long budget)
 {
-    char smax[16], sbudget[32], lease[16];
+    char smax[16], sbudget[32], lease[16], job_tokens[16];
     snprintf(smax, sizeof smax, "%d", max_jobs);
     snprintf(sbudget, sizeof sbudget, "%ld", budget);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
-    const char *params[5] = {t->w->id.worker_id, smax, budget >= 0 ? sbudget : NULL, lease, t->models};
+    snprintf(job_tokens, sizeof job_tokens, "%d", t->w->job_tokens);
+    const char *params[6] = {t->w->id.worker_id, smax, budget >= 0 ? sbudget : NULL, lease, t->models, job_tokens};
     PGresult *res;
     int r = ds_db_exec(t->db,
                        "SELECT " WJOB_COLUMNS
-                       " FROM dspark.claim_jobs($1, $2::int, $3::bigint, $4::int, $5::text[])",
-                       5, params, &res);
+                       " FROM dspark.claim_jobs($1, $2::int, $3::bigint, $4::int, $5::text[], $6::int)",
+                       6, params, &res);
     if (r < 0) {
         if (conn_failed(t))
             return -1;

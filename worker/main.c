@@ -728,7 +728,7 @@ static int run_loop(struct loop *L)
         int slots = w->o.concurrency - L->n_active;
         if (slots < 0)
             slots = 0;
-        long budget = free_tok - (long)(w->gamma + 2) * slots;
+        long budget = free_tok;   /* each claimed job also costs w->job_tokens (claim_jobs counts it) */
         bool idle = L->n_active == 0;
         pthread_mutex_lock(&sh->mu);
         if (json_array_size(L->results) > 0) {
@@ -853,7 +853,6 @@ int main(int argc, char **argv)
     if (draft) {
         base_name(o->draft_dir, w->id.draft, sizeof w->id.draft);
         snprintf(w->id.draft_checksum, sizeof w->id.draft_checksum, "%s", ds_draft_checksum(draft));
-        w->gamma = ds_draft_config(draft)->block_size;
     }
 
     struct ds_engine_opts eopts = {.backend = backend, .device = device, .cuda_graphs = true,
@@ -865,6 +864,7 @@ int main(int argc, char **argv)
     struct ds_engine *engine = NULL;
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         die_config("could not create the engine: %s", ds_errdetail());
+    w->job_tokens = (int)ds_engine_request_tokens(engine, 0, 0);
     if (loading_refused(&beat))
         return beat.bad_schema ? EXIT_CONFIG : 1;
     size_t released = ds_engine_release_draft_weights(engine);   /* the draft runs from its GPU copy */

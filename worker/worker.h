@@ -123,7 +123,7 @@ struct wctx {
     struct widentity id;
     struct wshared sh;
     struct ds_db *db;             /* owned by the database thread once it runs */
-    int gamma;                    /* the draft's block size (0 without a draft) */
+    int job_tokens;               /* KV room a job needs beyond its prompt and output (a speculative block) */
     char *sps_text;               /* the step-time profile registered with the row (JSON; NULL: none) */
 };
 

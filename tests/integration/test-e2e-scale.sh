@@ -3,7 +3,8 @@
 # ends 'succeeded' exactly once, none is claimed twice (attempt 1, one
 # statistics row each), both workers share the work, and the output of a job
 # does not depend on the worker, on the jobs it shared rounds with, or on
-# speculation (greedy speculative output equals target-only output).
+# speculation (greedy speculative output equals target-only output); and a
+# worker with a small KV pool claims as many jobs as fit in it.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
 
@@ -53,4 +54,22 @@ tap_is "$(q "SELECT array_to_string(output_ids, ' ') FROM dspark.jobs WHERE cust
 stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: dsparkd and both workers stop cleanly"
 tap_is "$(q "SELECT string_agg(state, ' ') FROM dspark.workers")" "stopped stopped" "both workers marked stopped"
+
+# a small KV pool: each claimed job costs its prompt, its output and the draft's
+# block (7 + 1 tokens), and the empty slots reserve nothing. 320 tokens, 40 slots
+# (max_batch 32 and a quarter): a reserve for each empty slot (9 x 40 = 360)
+# left no budget, and the idle worker took one job at a time; now the first
+# claim takes nine (9 x 33 <= 320; six run at once in pages of 16, three wait)
+q "DELETE FROM dspark.jobs" >/dev/null
+write_conf "$T/small.conf" 0 "--kv-tokens 320"
+start_dsparkd "$T/small.conf" "$T/small.log" 1
+tap_result $? "a worker with a KV pool of 320 tokens starts"
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature)
+   SELECT '$E2E_MODEL', ARRAY[g, g + 1, g + 2, g + 3, g + 4], 20, 0 FROM generate_series(1, 12) g" >/dev/null
+wait_sql "SELECT count(*) FROM dspark.jobs WHERE state = 'succeeded'" 12 60
+tap_result $? "its 12 jobs succeed"
+overlap=$(q "SELECT count(*) FROM dspark.jobs WHERE started_at < (SELECT min(finished_at) FROM dspark.jobs)")
+tap_result $([ "$overlap" -ge 4 ]; echo $?) \
+    "the claims fill the pool, not a reserve for empty slots: $overlap jobs started before the first finished"
+stop_dsparkd
 tap_done

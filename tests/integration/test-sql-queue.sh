@@ -55,6 +55,11 @@ q "DELETE FROM dspark.jobs" >/dev/null
 # prompt_ids of 100 tokens + max_tokens 100 = cost 200 each
 q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens) SELECT 'm', array_fill(7, ARRAY[100]), 100 FROM generate_series(1, 5)" >/dev/null
 tap_is "$(q "SELECT dspark.prompt_tokens_est(prompt, messages, prompt_ids) FROM dspark.jobs LIMIT 1")" 100 "the prompt estimate of token ids is their count"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60, NULL, 17)")" 2 \
+    "with 17 tokens a job beside its prompt and output (a speculative block), 650 admits two jobs of 217"
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 651, 60, NULL, 17)")" 3 "... and 651 three"
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60)")" 3 "a token budget of 650 admits three jobs of 200"
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 150, 60)")" 0 "a budget smaller than the next job admits none"
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60)")" 2 "no budget (an idle worker) admits the rest"
