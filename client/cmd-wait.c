@@ -251,7 +251,8 @@ static int read_rows(struct waiter *w, const struct hints *h)
 }
 
 /* watch's full read: the jobs' states alone first (a few bytes a row), then the whole rows of those whose state
- * changed since last printed; all of them at once where that is most of the jobs (the first read). */
+ * changed since last printed; all of them at once where those are more than a quarter of the jobs (the first
+ * read). */
 static int read_changes(struct waiter *w, const struct hints *h)
 {
     if (h && !h->all)

@@ -8,14 +8,19 @@
  * is past its high-water mark: then ZeroMQ drops it for that subscriber alone,
  * without a word. So the publisher counts the messages published under each
  * subscribed topic (a sorted table; a message counts under every subscribed
- * prefix of its topic) and sends the count with the ack and with each
- * checkpoint; the subscriber counts what it receives under each topic the same
- * way, and a count that grew by more than that since the last one means a
- * loss. With CURVE, a REP socket on inproc://zeromq.zap.01 answers the ZAP
- * requests of the handshake from the allow-list; it is served from the same
- * loop, never from another thread.
+ * prefix of its topic) and sends the count with the ack and in checkpoints, on
+ * "cp|<length>|<topic>" (which reaches that topic's subscribers alone, unlike
+ * "ack|<topic>", a prefix of the acks of longer topics); the subscriber counts
+ * what it receives under each topic the same way, and a count that moved by
+ * other than that since the last one means a loss. A topic's entry is made anew
+ * when it is subscribed after its last subscriber left, with a new generation
+ * in "pub", so a count that restarted is not taken for a loss. With CURVE, a
+ * REP socket on inproc://zeromq.zap.01 answers the ZAP requests of the
+ * handshake from the allow-list; it is served from the same loop, never from
+ * another thread.
  *
- * Subscriber: a SUB socket that also subscribes "ack|<topic>" before each topic,
+ * Subscriber: a SUB socket that also subscribes "ack|<topic>" and
+ * "cp|<length>|<topic>" before each topic,
  * keeps a list of topics waiting for their ack, and a small queue for events that
  * arrive while ds_events_sub_sync() waits. Acks go to every subscriber of a
  * topic, so with its first topic a subscriber also subscribes a topic of its
@@ -27,6 +32,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +46,7 @@
 #include <zmq.h>
 
 #include "dspark/ds-events.h"
+#include "dspark/ds-log.h"
 #include "dspark/ds-notify.h"
 
 #define ZAP_ENDPOINT "inproc://zeromq.zap.01"
@@ -170,11 +177,14 @@ int ds_events_curve_keypair(char pub[DS_EVENTS_KEY_Z85_LEN + 1], char sec[DS_EVE
 
 /* ---- publisher ---- */
 
-/* A subscribed topic and the messages published under it (as a prefix) since the publisher saw it subscribed. */
+/* A subscribed topic and the messages published under it (as a prefix) since it was last subscribed with no
+ * subscriber before. */
 struct pub_topic {
     char *topic;
     size_t len;
     int64_t count;
+    int64_t sent;              /* the count at its last checkpoint (-1: none yet) */
+    uint64_t gen;              /* which entry of this topic: counts of different entries do not compare */
 };
 
 struct ds_events_pub {
@@ -188,6 +198,9 @@ struct ds_events_pub {
     char token[17];            /* this publisher's instance: the counts below are its own */
     struct pub_topic *topics;  /* [n_topics] subscribed topics, counted, in byte order */
     size_t n_topics, cap_topics;
+    uint32_t n_by_len[DS_WIRE_TOPIC_MAX];   /* counted topics of each length: the prefixes worth looking up */
+    uint64_t next_gen;
+    bool full_said;            /* the table's bound was logged */
 };
 
 static int load_allow(const char *path, uint8_t (**ret)[32], size_t *ret_n)
@@ -442,9 +455,9 @@ int ds_events_publish(struct ds_events_pub *p, const struct ds_event *ev)
     /* counted whether or not every subscriber's queue takes it (what a subscriber lost is the difference),
      * under each subscribed topic that is a prefix of its own */
     if (ev->type != DS_EVENT_SUB && p->n_topics > 0)
-        for (size_t n = 0, tlen = strlen(topic); n <= tlen; n++) {
+        for (size_t n = 0, tlen = strlen(topic); n <= tlen && n < DS_WIRE_TOPIC_MAX; n++) {
             size_t at;
-            if (pub_topic_find(p, topic, n, &at))
+            if (p->n_by_len[n] > 0 && pub_topic_find(p, topic, n, &at))
                 p->topics[at].count++;
         }
     int s = send_frames(p->xpub, topic, buf, len);
@@ -488,27 +501,36 @@ static int zap_serve_one(struct ds_events_pub *p)
     return 1;
 }
 
-/* The sub map of a topic: an ack, or a checkpoint; with its count where the topic is counted. */
-static int publish_sub(struct ds_events_pub *p, const char *topic, const struct pub_topic *t)
+/* The sub map of a topic: its ack, or a checkpoint of its count (on "cp|<length>|<topic>", which reaches the
+ * topic's subscribers alone); with the count where the topic is counted. */
+static int publish_sub(struct ds_events_pub *p, const char *topic, const struct pub_topic *t, bool checkpoint)
 {
     struct ds_event ack = { .type = DS_EVENT_SUB, .ts = ds_wire_now() };
     snprintf(ack.topic, sizeof ack.topic, "%s", topic);
     if (t) {
         ack.has |= DS_EV_COUNT;
         ack.count = t->count;
-        memcpy(ack.pub, p->token, sizeof p->token);
+        snprintf(ack.pub, sizeof ack.pub, "%s.%" PRIx64, p->token, t->gen);
     }
+    if (checkpoint)
+        ack.has |= DS_EV_CHECKPOINT;
     return ds_events_publish(p, &ack);
 }
 
-int ds_events_pub_checkpoint(struct ds_events_pub *p)
+int ds_events_pub_checkpoint(struct ds_events_pub *p, bool all)
 {
+    int sent = 0;
     for (size_t i = 0; i < p->n_topics; i++) {
-        int r = publish_sub(p, p->topics[i].topic, &p->topics[i]);
+        struct pub_topic *t = &p->topics[i];
+        if (!all && t->count == t->sent)
+            continue;
+        int r = publish_sub(p, t->topic, t, true);
         if (r < 0)
             return r;
+        t->sent = t->count;
+        sent++;
     }
-    return (int)p->n_topics;
+    return sent;
 }
 
 size_t ds_events_pub_topics(const struct ds_events_pub *p)
@@ -536,8 +558,10 @@ int ds_events_pub_process(struct ds_events_pub *p)
         msg[rc] = 0;
         const char *topic = msg + 1;
         size_t tlen = (size_t)rc - 1;
+        /* the subscribers' ack and checkpoint topics are answered on themselves: neither acked nor counted */
         if (tlen != strlen(topic) || strncmp(topic, DS_WIRE_TOPIC_ACK, strlen(DS_WIRE_TOPIC_ACK)) == 0 ||
-            tlen + strlen(DS_WIRE_TOPIC_ACK) >= DS_WIRE_TOPIC_MAX)
+            strncmp(topic, DS_WIRE_TOPIC_CHECKPOINT, strlen(DS_WIRE_TOPIC_CHECKPOINT)) == 0 ||
+            tlen + strlen(DS_WIRE_TOPIC_CHECKPOINT) + 4 >= DS_WIRE_TOPIC_MAX)
             continue;
         size_t at;
         bool known = pub_topic_find(p, topic, tlen, &at);
@@ -546,23 +570,31 @@ int ds_events_pub_process(struct ds_events_pub *p)
                 free(p->topics[at].topic);
                 memmove(&p->topics[at], &p->topics[at + 1], (p->n_topics - at - 1) * sizeof *p->topics);
                 p->n_topics--;
+                p->n_by_len[tlen]--;
             }
             continue;
         }
         /* counted from now on: every topic but a subscriber's own (nothing is published there), up to a bound
          * (past it, acks carry no count and those subscribers are not told of losses) */
-        if (!known && strncmp(topic, DS_WIRE_TOPIC_SELF, strlen(DS_WIRE_TOPIC_SELF)) != 0 &&
-            p->n_topics < PUB_TOPICS_MAX) {
+        bool own = strncmp(topic, DS_WIRE_TOPIC_SELF, strlen(DS_WIRE_TOPIC_SELF)) == 0;
+        if (!known && !own && p->n_topics >= PUB_TOPICS_MAX && !p->full_said) {
+            ds_log(DS_LOG_WARNING, "events: %d topics subscribed: later ones are not counted, and their subscribers "
+                   "are not told of lost events", PUB_TOPICS_MAX);
+            p->full_said = true;
+        }
+        if (!known && !own && p->n_topics < PUB_TOPICS_MAX) {
             if (p->n_topics == p->cap_topics) {
                 p->cap_topics = p->cap_topics ? 2 * p->cap_topics : 16;
                 p->topics = ds_xrealloc(p->topics, p->cap_topics * sizeof *p->topics);
             }
             memmove(&p->topics[at + 1], &p->topics[at], (p->n_topics - at) * sizeof *p->topics);
-            p->topics[at] = (struct pub_topic){ .topic = ds_xstrdup(topic), .len = tlen, .count = 0 };
+            p->topics[at] = (struct pub_topic){ .topic = ds_xstrdup(topic), .len = tlen, .count = 0, .sent = -1,
+                                                .gen = ++p->next_gen };
             p->n_topics++;
+            p->n_by_len[tlen]++;
             known = true;
         }
-        int r = publish_sub(p, topic, known ? &p->topics[at] : NULL);
+        int r = publish_sub(p, topic, known ? &p->topics[at] : NULL, false);
         if (r < 0)
             return r;
         answered++;
@@ -582,7 +614,7 @@ struct sub_topic {
     bool counted;              /* the last ack carried the publisher's count: base and seen below hold */
     int64_t base;              /* that count */
     int64_t seen;              /* messages received under the topic since that ack */
-    char pub[24];              /* the publisher instance the count belongs to */
+    char pub[40];              /* which count (publisher instance and topic entry) base belongs to */
 };
 
 struct ds_events_sub {
@@ -667,8 +699,8 @@ fail:
 int ds_events_sub_topic(struct ds_events_sub *s, const char *topic)
 {
     size_t n = strlen(topic);
-    char ack[DS_WIRE_TOPIC_MAX + 8];
-    if (n + strlen(DS_WIRE_TOPIC_ACK) >= DS_WIRE_TOPIC_MAX)
+    char ack[DS_WIRE_TOPIC_MAX + 8], checkpoint[DS_WIRE_TOPIC_MAX + 8];
+    if (n + strlen(DS_WIRE_TOPIC_CHECKPOINT) + 4 >= DS_WIRE_TOPIC_MAX)   /* as the publisher answers it */
         return ds_seterr(DS_EINVAL, "topic '%s' is too long", topic);
     for (size_t i = 0; i < s->n_topics; i++)
         if (strcmp(s->topics[i].topic, topic) == 0)
@@ -686,8 +718,11 @@ int ds_events_sub_topic(struct ds_events_sub *s, const char *topic)
         memcpy(s->self, self, sizeof self);
     }
     snprintf(ack, sizeof ack, "%s%s", DS_WIRE_TOPIC_ACK, topic);
-    /* the ack subscription goes first, so it is in place when the ack comes back */
+    if (ds_wire_topic_checkpoint(checkpoint, sizeof checkpoint, topic) < 0)
+        return -DS_EINVAL;
+    /* the ack and checkpoint subscriptions go first, so they are in place when the ack comes back */
     if (zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, ack, strlen(ack)) != 0 ||
+        zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, checkpoint, strlen(checkpoint)) != 0 ||
         zmq_setsockopt(s->sock, ZMQ_SUBSCRIBE, topic, n) != 0)
         return ds_seterr(DS_EIO, "could not subscribe to '%s': %s", topic, zmq_strerror(zmq_errno()));
     s->topics = ds_xrealloc(s->topics, (s->n_topics + 1) * sizeof *s->topics);
@@ -713,8 +748,9 @@ size_t ds_events_sub_dropped(const struct ds_events_sub *s)
  * that is a prefix of it, as the publisher counts it. Acks are not counted on either side. */
 static void count_received(struct ds_events_sub *s, const char *topic, size_t tlen)
 {
-    size_t ack_len = strlen(DS_WIRE_TOPIC_ACK);
-    if (tlen >= ack_len && memcmp(topic, DS_WIRE_TOPIC_ACK, ack_len) == 0)
+    size_t ack_len = strlen(DS_WIRE_TOPIC_ACK), cp_len = strlen(DS_WIRE_TOPIC_CHECKPOINT);
+    if ((tlen >= ack_len && memcmp(topic, DS_WIRE_TOPIC_ACK, ack_len) == 0) ||
+        (tlen >= cp_len && memcmp(topic, DS_WIRE_TOPIC_CHECKPOINT, cp_len) == 0))
         return;
     for (size_t i = 0; i < s->n_topics; i++)
         if (s->topics[i].counted && s->topics[i].len <= tlen && memcmp(topic, s->topics[i].topic, s->topics[i].len) == 0)
@@ -775,9 +811,11 @@ static void read_again_event(struct ds_event *ev)
 /* Mark acks and check counts. Returns ACK_NONE when ev is no ack, ACK_KEPT for one consumed here, and
  * ACK_AGAIN, with ev made the caller's "read again" event, when events may have been missed: the
  * subscriber's own topic answered again (the publisher saw its subscriptions again, because it
- * restarted or the connection was made anew), or a topic's count grew by more than the messages received
- * under it since its last ack (the publisher dropped some: this subscriber was past its high-water
- * mark). A count is compared only with the last one of the same publisher instance. */
+ * restarted or the connection was made anew), or a topic's count moved by other than the messages received
+ * under it since its last ack or checkpoint (the publisher dropped some: this subscriber was past its
+ * high-water mark). A count is compared only with the last one of the same "pub" (publisher instance and
+ * the topic's entry there). A checkpoint never acknowledges a subscription: it may arrive before the
+ * publisher has applied it. */
 enum { ACK_NONE, ACK_KEPT, ACK_AGAIN };
 static int take_ack(struct ds_events_sub *s, struct ds_event *ev)
 {
@@ -795,6 +833,8 @@ static int take_ack(struct ds_events_sub *s, struct ds_event *ev)
     for (size_t i = 0; i < s->n_topics; i++) {
         struct sub_topic *t = &s->topics[i];
         if (strcmp(t->topic, ev->topic) != 0)
+            continue;
+        if ((ev->has & DS_EV_CHECKPOINT) && !t->acked)
             continue;
         bool compare = t->acked && t->counted && (ev->has & DS_EV_COUNT) && strcmp(t->pub, ev->pub) == 0;
         if (compare && ev->count - t->base != t->seen)

@@ -71,6 +71,14 @@ int ds_wire_topic_batch(char *buf, size_t size, int64_t batch_id)
     return 0;
 }
 
+int ds_wire_topic_checkpoint(char *buf, size_t size, const char *topic)
+{
+    int n = snprintf(buf, size, "%s%zu|%s", DS_WIRE_TOPIC_CHECKPOINT, strlen(topic), topic);
+    if (n < 0 || (size_t)n >= size)
+        return ds_seterr(DS_ELIMIT, "topic buffer too small");
+    return 0;
+}
+
 int ds_wire_topic(const struct ds_event *ev, char *buf, size_t size)
 {
     int n;
@@ -81,6 +89,8 @@ int ds_wire_topic(const struct ds_event *ev, char *buf, size_t size)
         n = snprintf(buf, size, "%s", DS_WIRE_TOPIC_HEARTBEAT);
         break;
     case DS_EVENT_SUB:
+        if (ev->has & DS_EV_CHECKPOINT)
+            return ds_wire_topic_checkpoint(buf, size, ev->topic);
         n = snprintf(buf, size, "%s%s", DS_WIRE_TOPIC_ACK, ev->topic);
         break;
     default:
@@ -192,7 +202,7 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
             msgpack_pack_nil(&pk);
         break;
     case DS_EVENT_SUB:
-        msgpack_pack_map(&pk, (ev->has & DS_EV_COUNT) ? 6 : 4);
+        msgpack_pack_map(&pk, 4 + ((ev->has & DS_EV_COUNT) ? 2 : 0) + ((ev->has & DS_EV_CHECKPOINT) ? 1 : 0));
         pack_key(&pk, "v");
         msgpack_pack_int(&pk, DS_WIRE_VERSION);
         pack_key(&pk, "type");
@@ -206,6 +216,10 @@ int ds_wire_encode(const struct ds_event *ev, char **ret_buf, size_t *ret_len)
             msgpack_pack_int64(&pk, ev->count);
             pack_key(&pk, "pub");
             pack_cstr(&pk, ev->pub);
+        }
+        if (ev->has & DS_EV_CHECKPOINT) {
+            pack_key(&pk, "checkpoint");
+            msgpack_pack_true(&pk);
         }
         break;
     default:
@@ -278,7 +292,7 @@ enum {
     SEEN_V = 1u << 0, SEEN_TYPE = 1u << 1, SEEN_TS = 1u << 2, SEEN_ID = 1u << 3,
     SEEN_STATE = 1u << 4, SEEN_VERSION = 1u << 5, SEEN_ATTEMPT = 1u << 6, SEEN_HOST = 1u << 7,
     SEEN_QUEUED = 1u << 8, SEEN_RUNNING = 1u << 9, SEEN_WORKERS = 1u << 10, SEEN_TOPIC = 1u << 11,
-    SEEN_COUNT = 1u << 12, SEEN_PUB = 1u << 13,
+    SEEN_COUNT = 1u << 12, SEEN_PUB = 1u << 13, SEEN_BAD_COUNT = 1u << 14,
 };
 
 static int decode_map(const msgpack_object *root, struct ds_event *ev)
@@ -411,14 +425,19 @@ static int decode_map(const msgpack_object *root, struct ds_event *ev)
                 if ((r = get_str(val, "topic", ev->topic, sizeof ev->topic)) < 0)
                     return r;
                 seen |= SEEN_TOPIC;
-            } else if (key_is(kv, "count")) {
-                if ((r = get_int(val, "count", 0, INT64_MAX, &ev->count)) < 0)
-                    return r;
-                seen |= SEEN_COUNT;
+            } else if (key_is(kv, "count")) {   /* count and pub: read where they can be, else both ignored */
+                if (get_int(val, "count", 0, INT64_MAX, &ev->count) == 0)
+                    seen |= SEEN_COUNT;
+                else
+                    seen |= SEEN_BAD_COUNT;
             } else if (key_is(kv, "pub")) {
-                if ((r = get_str(val, "pub", ev->pub, sizeof ev->pub)) < 0)
-                    return r;
-                seen |= SEEN_PUB;
+                if (get_str(val, "pub", ev->pub, sizeof ev->pub) == 0)
+                    seen |= SEEN_PUB;
+                else
+                    seen |= SEEN_BAD_COUNT;
+            } else if (key_is(kv, "checkpoint")) {
+                if (val->type == MSGPACK_OBJECT_BOOLEAN && val->via.boolean)
+                    ev->has |= DS_EV_CHECKPOINT;
             }
         }
     }
@@ -434,12 +453,14 @@ static int decode_map(const msgpack_object *root, struct ds_event *ev)
     for (size_t i = 0; i < sizeof required / sizeof required[0]; i++)
         if ((required[i].type == 0 || required[i].type == ev->type) && !(seen & required[i].bit))
             return ds_seterr(DS_EFORMAT, "%s event has no '%s'", type, required[i].name);
-    /* a count means nothing without the publisher it belongs to: both or neither */
-    if (ev->type == DS_EVENT_SUB && (seen & (SEEN_COUNT | SEEN_PUB))) {
-        if (!(seen & SEEN_COUNT) || !(seen & SEEN_PUB))
-            return ds_seterr(DS_EFORMAT, "sub event has '%s' without '%s'", seen & SEEN_COUNT ? "count" : "pub",
-                             seen & SEEN_COUNT ? "pub" : "count");
-        ev->has |= DS_EV_COUNT;
+    /* a count means nothing without the "pub" it belongs to: both, readable, or neither (the map stays an ack) */
+    if (ev->type == DS_EVENT_SUB) {
+        if ((seen & SEEN_COUNT) && (seen & SEEN_PUB) && !(seen & SEEN_BAD_COUNT))
+            ev->has |= DS_EV_COUNT;
+        else {
+            ev->count = 0;
+            ev->pub[0] = 0;
+        }
     }
     return 0;
 }

@@ -14,9 +14,11 @@
  *      behind its high-water mark and it dropped messages), read the rows
  *      again as in 3.
  * Losses are found by count: the publisher counts the messages it publishes
- * under each subscribed topic, sends the count with each ack and with each
- * checkpoint (ds_events_pub_checkpoint(), with every heartbeat in dsparkd), and
- * the subscriber compares the count's growth with what it received meanwhile.
+ * under each subscribed topic, sends the count with each ack and in checkpoints
+ * (ds_events_pub_checkpoint(), with every heartbeat in dsparkd), and the
+ * subscriber compares the count's growth with what it received meanwhile. A
+ * checkpoint that finds the subscriber's queue still full is dropped too: the
+ * subscriber learns at the first one that reaches it.
  * Events are hints that follow commits; the database is the truth. A subscriber
  * that connects late reads the final state from the row in step 3.
  *
@@ -47,7 +49,7 @@ struct ds_events_pub_opts {
     const char *endpoint;               /* NULL: DS_EVENTS_DEFAULT_ENDPOINT */
     int ipc_mode;                       /* permissions of an ipc socket file; 0: leave as created */
     int sndhwm;                         /* queued messages per subscriber (past it the subscriber loses
-                                           messages and learns it at the next checkpoint); 0: 100000 */
+                                           messages, and learns it from a later checkpoint); 0: 100000 */
     const char *curve_secret_key_file;  /* NULL or "": no CURVE */
     const char *curve_allow_file;       /* required with CURVE */
 };
@@ -63,11 +65,14 @@ int ds_events_publish(struct ds_events_pub *p, const struct ds_event *ev) DS_MUS
  * turn before sleeping (ZeroMQ descriptors are edge-triggered). Returns the
  * number of subscriptions answered, or a negative DS_E* code. */
 int ds_events_pub_process(struct ds_events_pub *p);
-/* Publish every counted topic's count ("sub" maps on "ack|<topic>"), so that a subscriber
- * that lost messages under a topic learns it. Call it periodically (dsparkd: with each
- * heartbeat). Returns the number of topics, or a negative DS_E* code. */
-int ds_events_pub_checkpoint(struct ds_events_pub *p);
-/* Topics subscribed now and counted (at most 65,536; a subscriber's own topic is not). */
+/* Publish the counts of the topics whose count changed since their last checkpoint, or
+ * of every counted topic with all ("sub" maps on "cp|<length>|<topic>"), so that a
+ * subscriber that lost messages under a topic learns it. Call it periodically, now and
+ * then with all, in case a checkpoint was lost (dsparkd: with each heartbeat, every 16th
+ * with all). Returns the number published, or a negative DS_E* code. */
+int ds_events_pub_checkpoint(struct ds_events_pub *p, bool all);
+/* Topics subscribed now and counted (at most 65,536, the first ones subscribed; a
+ * subscriber's own topic is not). */
 size_t ds_events_pub_topics(const struct ds_events_pub *p);
 /* Descriptors to poll for POLLIN (at most 2); returns how many were written. */
 int ds_events_pub_fds(struct ds_events_pub *p, int *fds, int max);

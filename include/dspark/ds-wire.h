@@ -5,6 +5,9 @@
  *   "job|<batch_id or ->|<job_id>|"   one job's state change
  *   "hb|"                             host heartbeat
  *   "ack|<topic>"                     answer to a subscription to <topic> (see ds-events.h)
+ *   "cp|<length>|<topic>"             checkpoint of <topic>'s count (<length>: the topic's
+ *                                     length in bytes, so that no checkpoint topic is a
+ *                                     prefix of another's)
  *   "me|<token>|"                     a subscriber's own topic, never published on: the ack of
  *                                     it reaches that subscriber alone (ds-events.h)
  * so "job|" is every job, "job|42|" batch 42, "job|-|" jobs without a batch.
@@ -23,11 +26,13 @@
  *   sub: {"v":1, "type":"sub", "topic":str, "ts":float}
  *        plus, where the publisher counts the topic: "count":int, the job and
  *        heartbeat messages it has published under the topic (as a prefix)
- *        since it first saw the topic subscribed, and "pub":str, the
- *        publisher's random instance token that the count belongs to. A sub
- *        map answers a subscription, and also comes as a checkpoint with
- *        every heartbeat: a subscriber that received fewer messages under the
- *        topic than the count grew by since the last one lost some (ds-events.h)
+ *        since the topic was last subscribed with no subscriber before, and
+ *        "pub":str, which count that is (the publisher's random instance token
+ *        and the topic's generation): counts of one "pub" only can be compared.
+ *        On "ack|<topic>" it answers a subscription; on "cp|..." it is a
+ *        checkpoint, marked "checkpoint":true, published as the topic's count
+ *        changes (ds-events.h). A reader that cannot read "count" or "pub"
+ *        ignores both.
  * "ts" is the publisher's wall clock in Unix seconds. Events never carry prompts
  * or outputs. */
 #ifndef DS_WIRE_H
@@ -58,6 +63,7 @@ enum {
     DS_EV_MEAN_ACCEPT = 1u << 4,     /* mean_acceptance_length */
     DS_EV_COUNTS_TS = 1u << 5,       /* hb: counts_ts (else nil) */
     DS_EV_COUNT = 1u << 6,           /* sub: count and pub (else absent) */
+    DS_EV_CHECKPOINT = 1u << 7,      /* sub: a checkpoint on "cp|...", not an ack */
 };
 
 struct ds_event {
@@ -83,7 +89,7 @@ struct ds_event {
     /* sub */
     char topic[DS_WIRE_TOPIC_MAX];
     int64_t count;                   /* messages published under topic (DS_EV_COUNT) */
-    char pub[24];                    /* the publisher's instance token (DS_EV_COUNT) */
+    char pub[40];                    /* which count: the publisher's instance and the topic's generation */
 };
 
 /* Encode ev into a malloc'ed buffer (*ret_buf, *ret_len; the caller frees).
@@ -98,10 +104,13 @@ int ds_wire_topic(const struct ds_event *ev, char *buf, size_t size) DS_MUSTCHEC
 /* Subscription prefixes: one job (batch_id <= 0: the job has no batch), one batch. */
 int ds_wire_topic_job(char *buf, size_t size, int64_t batch_id, int64_t job_id) DS_MUSTCHECK;
 int ds_wire_topic_batch(char *buf, size_t size, int64_t batch_id) DS_MUSTCHECK;
+/* The topic of a checkpoint of topic's count: "cp|<length>|<topic>". */
+int ds_wire_topic_checkpoint(char *buf, size_t size, const char *topic) DS_MUSTCHECK;
 #define DS_WIRE_TOPIC_ALL_JOBS "job|"
 #define DS_WIRE_TOPIC_HEARTBEAT "hb|"
 #define DS_WIRE_TOPIC_ACK "ack|"
 #define DS_WIRE_TOPIC_SELF "me|"
+#define DS_WIRE_TOPIC_CHECKPOINT "cp|"
 
 /* Helpers for filling events. */
 void ds_event_job_init(struct ds_event *ev, int64_t id, const char *state, int64_t version, int attempt);

@@ -6,6 +6,7 @@
  * CURVE, and CURVE with an allow-list (allowed and refused clients). */
 #include "config.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -326,14 +327,14 @@ static void test_sync_overflow(void **state)
     ds_events_pub_close(p);
 }
 
-/* Receive until nothing comes within 300 ms, driving the publisher; counts job and read-again events. */
-static void drain(struct ds_events_pub *p, struct ds_events_sub *s, int *jobs, int *again)
+/* Receive until nothing comes within idle_ms, driving the publisher; counts job and read-again events. */
+static void drain_idle(struct ds_events_pub *p, struct ds_events_sub *s, int idle_ms, int *jobs, int *again)
 {
     struct ds_event got;
     *jobs = *again = 0;
     for (;;) {
         assert_true(ds_events_pub_process(p) >= 0);
-        int r = ds_events_sub_recv(s, 300, &got);
+        int r = ds_events_sub_recv(s, idle_ms, &got);
         assert_true(r >= 0);
         if (r == 0)
             return;
@@ -342,6 +343,11 @@ static void drain(struct ds_events_pub *p, struct ds_events_sub *s, int *jobs, i
         else if (got.type == DS_EVENT_SUB && got.topic[0] == 0)
             (*again)++;
     }
+}
+
+static void drain(struct ds_events_pub *p, struct ds_events_sub *s, int *jobs, int *again)
+{
+    drain_idle(p, s, 300, jobs, again);
 }
 
 /* A subscriber that falls behind the publisher's high-water mark loses messages, which ZeroMQ does not
@@ -371,7 +377,7 @@ static void test_lost_messages(void **state)
         job(&ev, i % 2 ? 5 : 6, i, "queued", 1);
         assert_int_equal(ds_events_publish(p, &ev), 0);
     }
-    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    assert_int_equal(ds_events_pub_checkpoint(p, false), 3);   /* every count changed */
     int jobs, again;
     drain(p, slow, &jobs, &again);
     assert_int_equal(jobs, 60);
@@ -390,7 +396,7 @@ static void test_lost_messages(void **state)
     printf("# %d of %d events reached the slow subscriber\n", jobs, flood);
     assert_true(jobs > 0 && jobs < flood);
     assert_int_equal(again, 0);   /* nothing says so before the checkpoint */
-    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    assert_int_equal(ds_events_pub_checkpoint(p, false), 2);   /* "job|6|" did not change */
     drain(p, slow, &jobs, &again);
     assert_int_equal(jobs, 0);
     assert_int_equal(again, 2);   /* one for each of its topics that lost messages: "job|" and "job|5|" */
@@ -403,7 +409,7 @@ static void test_lost_messages(void **state)
         job(&ev, i % 2 ? 5 : 6, 100000 + i, "succeeded", 3);
         assert_int_equal(ds_events_publish(p, &ev), 0);
     }
-    assert_int_equal(ds_events_pub_checkpoint(p), 3);
+    assert_int_equal(ds_events_pub_checkpoint(p, true), 3);
     drain(p, slow, &jobs, &again);
     assert_int_equal(jobs, 10);
     assert_int_equal(again, 0);
@@ -420,6 +426,248 @@ static void test_lost_messages(void **state)
     }
     assert_int_equal(ds_events_pub_topics(p), 2);
     ds_events_sub_close(slow);
+    ds_events_pub_close(p);
+}
+
+/* A raw SUB socket on ep with these subscriptions, then "me|<name>|": once its ack has come back, ZeroMQ has
+ * applied them all (a connection's subscriptions are applied in order). */
+static void *raw_sub(void *ctx, struct ds_events_pub *p, const char *ep, const char *name, const char *const *topics,
+                     int n)
+{
+    void *s = zmq_socket(ctx, ZMQ_SUB);
+    int zero = 0;
+    assert_non_null(s);
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(s, ZMQ_SNDHWM, &zero, sizeof zero);   /* subscriptions past the mark would be dropped */
+    assert_int_equal(zmq_connect(s, ep), 0);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(zmq_setsockopt(s, ZMQ_SUBSCRIBE, topics[i], strlen(topics[i])), 0);
+    char self[64], ack[80];
+    snprintf(self, sizeof self, "me|%s|", name);
+    snprintf(ack, sizeof ack, "ack|%s", self);
+    assert_int_equal(zmq_setsockopt(s, ZMQ_SUBSCRIBE, ack, strlen(ack)), 0);
+    assert_int_equal(zmq_setsockopt(s, ZMQ_SUBSCRIBE, self, strlen(self)), 0);
+    uint64_t end = ds_now_usec() + 5000000u;
+    for (;;) {
+        assert_true(ds_now_usec() < end);
+        assert_true(ds_events_pub_process(p) >= 0);
+        char t[DS_WIRE_TOPIC_MAX + 8], payload[DS_WIRE_MSG_MAX];
+        int rt = zmq_recv(s, t, sizeof t - 1, ZMQ_DONTWAIT);
+        if (rt < 0) {
+            usleep(2000);
+            continue;
+        }
+        assert_true(zmq_recv(s, payload, sizeof payload, 0) >= 0);
+        t[rt] = 0;
+        if (strcmp(t, ack) == 0)
+            return s;
+    }
+}
+
+/* The next checkpoint on a raw socket: its topic and count. */
+static void next_checkpoint(void *s, struct ds_event *ev)
+{
+    for (int k = 0; k < 100000; k++) {
+        zmq_pollitem_t it = { .socket = s, .events = ZMQ_POLLIN };
+        assert_true(zmq_poll(&it, 1, 2000) == 1);
+        char t[DS_WIRE_TOPIC_MAX + 8], payload[DS_WIRE_MSG_MAX];
+        int rt = zmq_recv(s, t, sizeof t - 1, 0);
+        int rp = zmq_recv(s, payload, sizeof payload, 0);
+        assert_true(rt >= 0 && rp >= 0);
+        t[rt] = 0;
+        if (strncmp(t, "cp|", 3) != 0)
+            continue;
+        assert_int_equal(ds_wire_decode(payload, (size_t)rp, ev), 0);
+        assert_true(ev->type == DS_EVENT_SUB && (ev->has & DS_EV_CHECKPOINT) && (ev->has & DS_EV_COUNT));
+        char want[DS_WIRE_TOPIC_MAX + 8];
+        assert_int_equal(ds_wire_topic_checkpoint(want, sizeof want, ev->topic), 0);
+        assert_string_equal(t, want);   /* published on its own topic */
+        return;
+    }
+    fail_msg("no checkpoint");
+}
+
+/* The count table: topics subscribed out of order, nested, empty; a message counts under every subscribed
+ * prefix of its topic; topics leave from the middle of the table, and the others' counts go on. Read from
+ * the checkpoints of every topic. */
+static void test_checkpoint_counts(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "counts.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep };
+    struct ds_events_pub *p;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    void *ctx = zmq_ctx_new();
+    const char *cp_all[] = { "cp|" };
+    void *reader = raw_sub(ctx, p, ep, "reader", cp_all, 1);
+    enum { NT = 8 };
+    const char *topics[NT] = { "job|1|", "job|", "job|10|", "", "j", "job|1|5|", "hb|", "job|2|" };
+    void *subs[NT];
+    char name[16];
+    for (int i = 0; i < NT; i++) {
+        snprintf(name, sizeof name, "s%d", i);
+        subs[i] = raw_sub(ctx, p, ep, name, &topics[i], 1);
+    }
+    assert_int_equal(ds_events_pub_topics(p), NT);   /* "cp|" and the "me|" topics are not counted */
+    int64_t expect[NT] = { 0 };
+    bool gone[NT] = { false };
+    for (int phase = 0; phase < 2; phase++) {
+        struct ds_event ev;
+        int64_t jobs[][2] = { { 1, 5 }, { 1, 50 }, { 10, 3 }, { 2, 1 }, { 0, 7 }, { 100, 1 } };
+        for (size_t i = 0; i < sizeof jobs / sizeof jobs[0]; i++) {
+            job(&ev, jobs[i][0], jobs[i][1], "queued", 1);
+            assert_int_equal(ds_events_publish(p, &ev), 0);
+        }
+        struct ds_event h = { .type = DS_EVENT_HB, .ts = ds_wire_now() };
+        strcpy(h.host, "here");
+        assert_int_equal(ds_events_publish(p, &h), 0);
+        /* the expected counts, by prefix over the same topics */
+        for (int k = 0; k < NT; k++) {
+            char t[64];
+            for (size_t i = 0; i < sizeof jobs / sizeof jobs[0]; i++) {
+                assert_int_equal(ds_wire_topic_job(t, sizeof t, jobs[i][0], jobs[i][1]), 0);
+                expect[k] += strncmp(t, topics[k], strlen(topics[k])) == 0;
+            }
+            expect[k] += strncmp("hb|", topics[k], strlen(topics[k])) == 0;
+        }
+        int live = 0;
+        for (int k = 0; k < NT; k++)
+            live += !gone[k];
+        assert_int_equal(ds_events_pub_checkpoint(p, true), live);
+        for (int n = 0; n < live; n++) {
+            next_checkpoint(reader, &ev);
+            int k = 0;
+            while (k < NT && (gone[k] || strcmp(topics[k], ev.topic) != 0))
+                k++;
+            assert_true(k < NT);
+            if (ev.count != expect[k])
+                printf("# phase %d, topic '%s': count %" PRId64 ", expected %" PRId64 "\n", phase, topics[k],
+                       ev.count, expect[k]);
+            assert_int_equal(ev.count, expect[k]);
+        }
+        /* nothing changed since: a checkpoint of the changed topics sends nothing */
+        assert_int_equal(ds_events_pub_checkpoint(p, false), 0);
+        if (phase == 0) {   /* "job|" and "j" leave: entries from the middle of the table */
+            for (int k = 1; k <= 4; k += 3) {
+                zmq_close(subs[k]);
+                subs[k] = NULL;
+                gone[k] = true;
+            }
+            uint64_t end = ds_now_usec() + 5000000u;
+            while (ds_events_pub_topics(p) != NT - 2 && ds_now_usec() < end) {
+                assert_true(ds_events_pub_process(p) >= 0);
+                usleep(2000);
+            }
+            assert_int_equal(ds_events_pub_topics(p), NT - 2);
+        }
+    }
+    for (int k = 0; k < NT; k++)
+        if (subs[k])
+            zmq_close(subs[k]);
+    zmq_close(reader);
+    zmq_ctx_term(ctx);
+    ds_events_pub_close(p);
+}
+
+/* The checkpoints of other topics never reach a subscriber of a shorter one ("job|" is a prefix of
+ * "job|00001|", but "cp|4|job|" is not a prefix of "cp|10|job|00001|"), so a subscriber of "job|" that keeps
+ * up is not pushed past its high-water mark by 5,000 batches' checkpoints. */
+static void test_checkpoints_stay_apart(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "apart.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep, .sndhwm = 100 };
+    struct ds_events_pub *p;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    struct ds_events_sub *s;
+    assert_int_equal(ds_events_sub_open(ep, &s), 0);
+    assert_int_equal(ds_events_sub_topic(s, "job|"), 0);
+    assert_int_equal(sync_with(p, s, 5000), 1);
+    enum { NB = 5000 };
+    char (*batch)[24] = calloc(NB, sizeof *batch);
+    const char **bt = calloc(NB, sizeof *bt);
+    for (int i = 0; i < NB; i++) {
+        snprintf(batch[i], sizeof batch[i], "job|%05d|", i + 1);   /* in byte order: appended to the table */
+        bt[i] = batch[i];
+    }
+    void *ctx = zmq_ctx_new();
+    void *many = raw_sub(ctx, p, ep, "many", bt, NB);
+    assert_int_equal(ds_events_pub_topics(p), NB + 1);
+    int jobs, again;
+    drain(p, s, &jobs, &again);   /* the acks of the batches' subscriptions: "ack|job|" is a prefix of theirs */
+    assert_int_equal(again, 0);
+    struct ds_event ev;
+    for (int i = 0; i < NB; i += 50) {   /* every batch's count changes; the subscriber keeps up */
+        for (int k = i; k < i + 50; k++) {
+            job(&ev, k + 1, 1, "queued", 1);
+            assert_int_equal(ds_events_publish(p, &ev), 0);
+        }
+        drain_idle(p, s, 30, &jobs, &again);
+        assert_int_equal(jobs, 50);
+        assert_int_equal(again, 0);
+    }
+    assert_int_equal(ds_events_pub_checkpoint(p, false), NB + 1);
+    for (int k = 1; k <= 50; k++) {
+        job(&ev, 77, k, "running", 2);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    assert_int_equal(ds_events_pub_checkpoint(p, false), 1);   /* "job|" alone changed (batch 77 is not counted) */
+    drain(p, s, &jobs, &again);
+    assert_int_equal(jobs, 50);
+    assert_int_equal(again, 0);
+    zmq_close(many);
+    zmq_ctx_term(ctx);
+    free(bt);
+    free(batch);
+    ds_events_sub_close(s);
+    ds_events_pub_close(p);
+}
+
+/* A topic's last subscriber leaves and a new one subscribes while a checkpoint of the old entry is on its
+ * way: the new subscriber takes no checkpoint for its ack, and the renewed entry's count (from 0, another
+ * generation) is not compared with the old one's. Nothing was lost, and nothing says so. */
+static void test_entry_renewed(void **state)
+{
+    (void)state;
+    char ep[4200];
+    ipc_endpoint(ep, sizeof ep, "renew.sock");
+    struct ds_events_pub_opts po = { .endpoint = ep };
+    struct ds_events_pub *p;
+    struct ds_events_sub *a, *b;
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    assert_int_equal(ds_events_sub_open(ep, &a), 0);
+    assert_int_equal(ds_events_sub_topic(a, "job|"), 0);
+    assert_int_equal(sync_with(p, a, 5000), 1);
+    struct ds_event ev;
+    for (int i = 1; i <= 5; i++) {
+        job(&ev, 1, i, "queued", 1);
+        assert_int_equal(ds_events_publish(p, &ev), 0);
+    }
+    ds_events_sub_close(a);
+    usleep(100000);
+    struct ds_event h = { .type = DS_EVENT_HB, .ts = ds_wire_now() };
+    strcpy(h.host, "here");
+    assert_int_equal(ds_events_publish(p, &h), 0);   /* libzmq takes A's leave; the app has not read it */
+    assert_int_equal(ds_events_sub_open(ep, &b), 0);
+    assert_int_equal(ds_events_sub_topic(b, "job|"), 0);
+    usleep(200000);
+    assert_int_equal(ds_events_pub_checkpoint(p, true), 1);   /* the old entry, count 5 */
+    job(&ev, 1, 6, "queued", 1);
+    assert_int_equal(ds_events_publish(p, &ev), 0);
+    assert_int_equal(sync_with(p, b, 5000), 1);
+    assert_int_equal(ds_events_pub_checkpoint(p, true), 1);   /* the renewed entry */
+    int jobs, again;
+    drain(p, b, &jobs, &again);
+    assert_int_equal(again, 0);
+    job(&ev, 1, 7, "queued", 1);
+    assert_int_equal(ds_events_publish(p, &ev), 0);
+    assert_int_equal(ds_events_pub_checkpoint(p, false), 1);
+    drain(p, b, &jobs, &again);
+    assert_int_equal(jobs, 1);
+    assert_int_equal(again, 0);
+    ds_events_sub_close(b);
     ds_events_pub_close(p);
 }
 
@@ -626,6 +874,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sync_keeps_events, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sync_overflow, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lost_messages, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checkpoint_counts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checkpoints_stay_apart, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_entry_renewed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_publisher, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_endpoints, setup, teardown),
