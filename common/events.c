@@ -673,7 +673,9 @@ int ds_events_sub_open_opts(const struct ds_events_sub_opts *o, struct ds_events
         goto fail;
     }
     s->sock = zmq_socket(s->ctx, ZMQ_SUB);
-    if (!s->sock || setopt_int(s->sock, ZMQ_LINGER, 0) != 0) {
+    /* no high-water mark on what a SUB sends: its subscriptions (three a topic), which ZeroMQ would drop past
+     * the mark while they wait for the connection */
+    if (!s->sock || setopt_int(s->sock, ZMQ_LINGER, 0) != 0 || setopt_int(s->sock, ZMQ_SNDHWM, 0) != 0) {
         r = ds_seterr(DS_EIO, "could not create the subscriber socket: %s", zmq_strerror(zmq_errno()));
         goto fail;
     }
