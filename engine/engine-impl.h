@@ -25,6 +25,7 @@ struct ds_seq {
     bool admitted;               /* KV pages reserved */
     bool cancel;
     long need_tokens;            /* KV positions reserved at admission */
+    long queued_tokens;          /* what that takes of the pool, in whole pages (counted while queued) */
     int32_t *tokens;             /* [cap] prompt then output */
     int n_tokens, n_prompt, cap;
     int max_tokens;

@@ -297,6 +297,11 @@ long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_t
     return (long)n_prompt + max_tokens + e->gamma + 1;
 }
 
+long ds_engine_request_overhead(const struct ds_engine *e)
+{
+    return ds_engine_request_tokens(e, 0, 0) + e->kv.page_size - 1;
+}
+
 long ds_engine_free_tokens(const struct ds_engine *e)
 {
     return (long)e->kv.n_free * e->kv.page_size - e->reserved_queued;
@@ -369,7 +374,8 @@ int ds_engine_submit(struct ds_engine *e, const struct ds_request *req, int *ret
     s->stats.prompt_tokens = req->n_prompt;
     s->stats.block_size = e->gamma;
     s->need_tokens = need;
-    e->reserved_queued += need;
+    s->queued_tokens = (long)ds_kv_pages_for(&e->kv, (int)need) * e->kv.page_size;
+    e->reserved_queued += s->queued_tokens;
     if (e->n_seqs == e->cap_seqs) {
         e->cap_seqs = e->cap_seqs ? 2 * e->cap_seqs : 16;
         e->seqs = ds_xrealloc(e->seqs, (size_t)e->cap_seqs * sizeof *e->seqs);
@@ -463,7 +469,7 @@ static void collect_finished(struct ds_engine *e)
         }
         e->done[e->n_done++] = make_result(e, s);
         if (!s->admitted)
-            e->reserved_queued -= s->need_tokens;
+            e->reserved_queued -= s->queued_tokens;
         seq_free(e, s);
     }
     e->n_seqs = j;
@@ -682,7 +688,7 @@ static void admit(struct ds_engine *e)
         if (ds_kv_reserve(&e->kv, &s->kv, (int)s->need_tokens) < 0)
             break; /* first come, first served: wait for room */
         s->admitted = true;
-        e->reserved_queued -= s->need_tokens;
+        e->reserved_queued -= s->queued_tokens;
         s->state = DS_SEQ_PREFILL;
         running++;
     }

@@ -6,8 +6,9 @@
  *     free KV tokens and free job slots, measured after it took the previous
  *     claim's jobs (the "consumed" counter makes the handshake exact, so the
  *     budget of one claim never counts room that earlier jobs already use;
- *     each job costs its prompt, its max_tokens and the engine's speculative
- *     block, which claim_jobs adds as p_job_tokens);
+ *     each job costs its prompt, its max_tokens and what the engine takes
+ *     beyond them (the speculative block, the rounding to whole pages), which
+ *     claim_jobs adds as p_job_tokens);
  *     an idle worker that finds nothing within its budget asks once more for
  *     a single job with no budget, so that a job too large for it is still
  *     handed out and fails with the engine's reason;

@@ -864,7 +864,7 @@ int main(int argc, char **argv)
     struct ds_engine *engine = NULL;
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         die_config("could not create the engine: %s", ds_errdetail());
-    w->job_tokens = (int)ds_engine_request_tokens(engine, 0, 0);
+    w->job_tokens = (int)ds_engine_request_overhead(engine);
     if (loading_refused(&beat))
         return beat.bad_schema ? EXIT_CONFIG : 1;
     size_t released = ds_engine_release_draft_weights(engine);   /* the draft runs from its GPU copy */

@@ -123,7 +123,7 @@ struct wctx {
     struct widentity id;
     struct wshared sh;
     struct ds_db *db;             /* owned by the database thread once it runs */
-    int job_tokens;               /* KV room a job needs beyond its prompt and output (a speculative block) */
+    int job_tokens;               /* KV room a job takes beyond its prompt and output (a speculative block, pages) */
     char *sps_text;               /* the step-time profile registered with the row (JSON; NULL: none) */
 };
 

@@ -136,9 +136,13 @@ int ds_engine_take_finished(struct ds_engine *e, struct ds_result **out, int max
 int ds_engine_cancel(struct ds_engine *e, int id);
 struct ds_result *ds_result_free(struct ds_result *r);
 
-/* Free KV capacity in tokens, and what a request would need (prompt + max_tokens + block). */
+/* Free KV capacity in tokens (queued requests' reservations taken off, in whole pages), and what
+ * a request would need (prompt + max_tokens + block). */
 long ds_engine_free_tokens(const struct ds_engine *e);
 long ds_engine_request_tokens(const struct ds_engine *e, int n_prompt, int max_tokens);
+/* The most KV room a request takes beyond its prompt and max_tokens: the speculative block (one
+ * token without a draft) and the rounding up to whole pages. */
+long ds_engine_request_overhead(const struct ds_engine *e);
 
 /* Where the engine's rounds spent their wall-clock time since it was created (or
  * since its step-time profile was measured). A pass ends when its results are on

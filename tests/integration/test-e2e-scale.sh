@@ -55,11 +55,12 @@ stop_dsparkd
 tap_is "$DRC" "0" "SIGTERM: dsparkd and both workers stop cleanly"
 tap_is "$(q "SELECT string_agg(state, ' ') FROM dspark.workers")" "stopped stopped" "both workers marked stopped"
 
-# a small KV pool: each claimed job costs its prompt, its output and the draft's
-# block (7 + 1 tokens), and the empty slots reserve nothing. 320 tokens, 40 slots
-# (max_batch 32 and a quarter): a reserve for each empty slot (9 x 40 = 360)
-# left no budget, and the idle worker took one job at a time; now the first
-# claim takes nine (9 x 33 <= 320; six run at once in pages of 16, three wait)
+# a small KV pool: each claimed job costs its prompt, its output, the draft's
+# block (7 + 1 tokens) and the rounding to pages of 16 (at most 15), and the
+# empty slots reserve nothing. 320 tokens, 40 slots (max_batch 32 and a
+# quarter): a reserve for each empty slot (9 x 40 = 360) left no budget, and
+# the idle worker took one job at a time; now a claim takes six jobs of
+# 5 + 20 tokens (6 x 48 <= 320), as many as the pool holds (3 pages each)
 q "DELETE FROM dspark.jobs" >/dev/null
 write_conf "$T/small.conf" 0 "--kv-tokens 320"
 start_dsparkd "$T/small.conf" "$T/small.log" 1
@@ -71,5 +72,7 @@ tap_result $? "its 12 jobs succeed"
 overlap=$(q "SELECT count(*) FROM dspark.jobs WHERE started_at < (SELECT min(finished_at) FROM dspark.jobs)")
 tap_result $([ "$overlap" -ge 4 ]; echo $?) \
     "the claims fill the pool, not a reserve for empty slots: $overlap jobs started before the first finished"
+largest=$(q "SELECT max(n) FROM (SELECT count(*) n FROM dspark.jobs GROUP BY started_at) c")
+tap_is "$largest" "6" "... and no claim takes more than the pool holds (the largest took $largest jobs)"
 stop_dsparkd
 tap_done

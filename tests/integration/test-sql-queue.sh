@@ -60,6 +60,12 @@ tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60, NULL, 17)"
 q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 651, 60, NULL, 17)")" 3 "... and 651 three"
 q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60, NULL, -40)")|$(q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null; q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60, NULL, NULL)")" "3|3" \
+    "job tokens below zero or NULL count as none"
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60, NULL, 100000)")" 5 "without a budget, job tokens do not matter"
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL, attempt = 0, lease_expires_at = NULL" >/dev/null
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 650, 60)")" 3 "a token budget of 650 admits three jobs of 200"
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, 150, 60)")" 0 "a budget smaller than the next job admits none"
 tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 10, NULL, 60)")" 2 "no budget (an idle worker) admits the rest"
