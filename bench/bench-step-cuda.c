@@ -3,6 +3,7 @@
  *
  *   bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,32,64,128,256] [--qs 1,4,8]
  *                   [--ctx 1024] [--reps N] [--products invariant,kernels,cublas] [--json FILE]
+ *                   [--settle N]
  *   bench-step-cuda --round [--models ...] [--rs 64] [--ctx 1024] [--reps N] [--temperature T] [--top-k K]
  *
  * For every model, R sequences whose caches hold ctx positions each (random
@@ -192,6 +193,7 @@ int main(int argc, char **argv)
     bool round = false;
     float temperature = 0;
     int top_k = 0, in_turn_rows = -1, max_ranges = 0;   /* -1, 0: the products' defaults */
+    int settle = 20;   /* replays of each model's first point before it is timed */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--round")) {
@@ -201,12 +203,14 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: bench-step-cuda [--models 0.6b,4b,8b] [--rs 1,8,...] [--qs 1,4,8] [--ctx N] [--reps N]\n"
                    "                       [--products invariant,kernels,cublas] [--json FILE] [--in-turn-rows N]\n"
-                   "                       [--max-ranges N]\n"
+                   "                       [--max-ranges N] [--settle N]\n"
                    "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n"
                    "                       [--top-k K] [--in-turn-rows N] [--max-ranges N]\n"
                    "--in-turn-rows N: passes of N rows or more run a split product's k ranges one after another\n"
                    "                  (0: never; the default: the kernels' own threshold)\n"
-                   "--max-ranges N: split the products' k into at most N ranges (0: the kernels' split)\n");
+                   "--max-ranges N: split the products' k into at most N ranges (0: the kernels' split)\n"
+                   "--settle N: replay each model's first point N times, untimed, before timing it (default 20;\n"
+                   "            the GPU's clocks after the model's random fill or a previous model's large passes)\n");
             return 0;
         }
         if (!v) {
@@ -236,6 +240,8 @@ int main(int argc, char **argv)
             in_turn_rows = atoi(v);
         else if (!strcmp(a, "--max-ranges"))
             max_ranges = atoi(v);
+        else if (!strcmp(a, "--settle"))
+            settle = atoi(v);
         else {
             fprintf(stderr, "bench-step-cuda: unknown option %s\n", a);
             return 2;
@@ -342,6 +348,12 @@ int main(int argc, char **argv)
                                      .logit_rows = rows, .logits = NULL};
                 int rp = n >= 1024 ? (reps + 1) / 2 : reps;
                 double inv_ms = -1, ker_ms = -1, cub_ms = -1;
+                if (ri == 0 && qi == 0 && settle > 0) {
+                    double untimed;
+                    if (ds_cuda_set_products(t, false, false) < 0 ||
+                        ds_cuda_time_forward(t, &pool, &b, settle, true, &untimed) < 0)
+                        die("settling");
+                }
                 if (want_inv) {
                     if (ds_cuda_set_products(t, false, false) < 0 ||
                         ds_cuda_time_forward(t, &pool, &b, rp, true, &inv_ms) < 0)
