@@ -754,9 +754,11 @@ static void count_received(struct ds_events_sub *s, const char *topic, size_t tl
     if ((tlen >= ack_len && memcmp(topic, DS_WIRE_TOPIC_ACK, ack_len) == 0) ||
         (tlen >= cp_len && memcmp(topic, DS_WIRE_TOPIC_CHECKPOINT, cp_len) == 0))
         return;
-    for (size_t i = 0; i < s->n_topics; i++)
-        if (s->topics[i].counted && s->topics[i].len <= tlen && memcmp(topic, s->topics[i].topic, s->topics[i].len) == 0)
-            s->topics[i].seen++;
+    for (size_t i = 0; i < s->n_topics; i++) {
+        struct sub_topic *t = &s->topics[i];
+        if (t->counted && t->len <= tlen && memcmp(topic, t->topic, t->len) == 0)
+            t->seen++;
+    }
 }
 
 /* Read one message without waiting. Returns 1 with *out (acks included), 0 when
