@@ -84,7 +84,7 @@ static void die(const char *what);
 /* --round for one target: the round against its verify pass, for each R. */
 static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *c, const char *name,
                         struct ds_kv_pool *pool, const int *rs, int n_rs, int ctx, int reps, float temperature,
-                        int top_k)
+                        int top_k, int settle)
 {
     bool sampled = temperature >= DS_GREEDY_TEMPERATURE;
     enum { G = 7, M = 5 };
@@ -139,7 +139,8 @@ static void bench_round(struct ds_cuda_target *t, const struct ds_qwen3_config *
                              .capture_layers = dc.target_layer_ids};
         double *tv = malloc((size_t)reps * sizeof *tv), *tr = malloc((size_t)reps * sizeof *tr);
         double *td = malloc((size_t)reps * sizeof *td);
-        for (int rep = -2; rep < reps; rep++) {   /* two warm-ups (the graph's capture) */
+        /* two warm-ups (the graph's capture), and settle more before the model's first point */
+        for (int rep = -2 - (ri == 0 ? settle : 0); rep < reps; rep++) {
             double t0 = now_s();
             if (ds_cuda_forward(t, pool, &b) < 0 || ds_cuda_sync(t) < 0)
                 die("verify pass");
@@ -205,12 +206,12 @@ int main(int argc, char **argv)
                    "                       [--products invariant,kernels,cublas] [--json FILE] [--in-turn-rows N]\n"
                    "                       [--max-ranges N] [--settle N]\n"
                    "       bench-step-cuda --round [--models ...] [--rs 64] [--ctx N] [--reps N] [--temperature T]\n"
-                   "                       [--top-k K] [--in-turn-rows N] [--max-ranges N]\n"
+                   "                       [--top-k K] [--in-turn-rows N] [--max-ranges N] [--settle N]\n"
                    "--in-turn-rows N: passes of N rows or more run a split product's k ranges one after another\n"
                    "                  (0: never; the default: the kernels' own threshold)\n"
                    "--max-ranges N: split the products' k into at most N ranges (0: the kernels' split)\n"
-                   "--settle N: replay each model's first point N times, untimed, before timing it (default 20;\n"
-                   "            the GPU's clocks after the model's random fill or a previous model's large passes)\n");
+                   "--settle N: replay each model's first point (or round) N times, untimed, before timing it (default 20;\n"
+                   "            a model's first replays after another model's large passes read up to 9 %% high)\n");
             return 0;
         }
         if (!v) {
@@ -318,7 +319,7 @@ int main(int argc, char **argv)
         if (ds_kv_pool_init_pages(&pool, sh->L, sh->nKV, sh->hd, page, per_seq * max_r) < 0)
             die("KV pages");
         if (round) {
-            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps, temperature, top_k);
+            bench_round(t, &c, sh->name, &pool, rs, n_rs, ctx, reps, temperature, top_k, settle);
             ds_kv_pool_done(&pool);
             ds_cuda_target_free(t);
             continue;
