@@ -490,8 +490,8 @@ int main(int argc, char **argv)
         return ds_cli_fail("dspark-generate");
 
     struct ds_engine_opts eopts = {.backend = backend, .device = device, .cublas = cublas, .cuda_graphs = true,
-                                   .gemm_ranges = gemm_ranges, .n_threads = threads, .max_seqs = concurrency, .max_context = max_context,
-                                   .spec = spec};
+                                   .gemm_ranges = gemm_ranges, .n_threads = threads, .max_seqs = concurrency,
+                                   .max_context = max_context, .spec = spec};
     if (ds_engine_new(model, draft, &eopts, &engine) < 0)
         return ds_cli_fail("dspark-generate");
     ds_engine_release_draft_weights(engine);   /* with CUDA the draft runs from its GPU copy */

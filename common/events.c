@@ -408,6 +408,19 @@ int ds_events_pub_fds(struct ds_events_pub *p, int *fds, int max)
     return n;
 }
 
+/* Whether a topic (its first len bytes) is one the publisher answers on: an ack's or a checkpoint's. Such
+ * topics are neither acknowledged nor counted, by the publisher or by a subscriber. */
+static bool answer_topic(const char *topic, size_t len)
+{
+    static const char *const prefixes[] = {DS_WIRE_TOPIC_ACK, DS_WIRE_TOPIC_CHECKPOINT};
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+        size_t n = strlen(prefixes[i]);
+        if (len >= n && memcmp(topic, prefixes[i], n) == 0)
+            return true;
+    }
+    return false;
+}
+
 static int key_cmp(const char *a, size_t alen, const char *b, size_t blen)
 {
     int c = memcmp(a, b, alen < blen ? alen : blen);
@@ -559,8 +572,7 @@ int ds_events_pub_process(struct ds_events_pub *p)
         const char *topic = msg + 1;
         size_t tlen = (size_t)rc - 1;
         /* the subscribers' ack and checkpoint topics are answered on themselves: neither acked nor counted */
-        if (tlen != strlen(topic) || strncmp(topic, DS_WIRE_TOPIC_ACK, strlen(DS_WIRE_TOPIC_ACK)) == 0 ||
-            strncmp(topic, DS_WIRE_TOPIC_CHECKPOINT, strlen(DS_WIRE_TOPIC_CHECKPOINT)) == 0 ||
+        if (tlen != strlen(topic) || answer_topic(topic, tlen) ||
             tlen + strlen(DS_WIRE_TOPIC_CHECKPOINT) + 4 >= DS_WIRE_TOPIC_MAX)
             continue;
         size_t at;
@@ -750,9 +762,7 @@ size_t ds_events_sub_dropped(const struct ds_events_sub *s)
  * that is a prefix of it, as the publisher counts it. Acks are not counted on either side. */
 static void count_received(struct ds_events_sub *s, const char *topic, size_t tlen)
 {
-    size_t ack_len = strlen(DS_WIRE_TOPIC_ACK), cp_len = strlen(DS_WIRE_TOPIC_CHECKPOINT);
-    if ((tlen >= ack_len && memcmp(topic, DS_WIRE_TOPIC_ACK, ack_len) == 0) ||
-        (tlen >= cp_len && memcmp(topic, DS_WIRE_TOPIC_CHECKPOINT, cp_len) == 0))
+    if (answer_topic(topic, tlen))
         return;
     for (size_t i = 0; i < s->n_topics; i++) {
         struct sub_topic *t = &s->topics[i];

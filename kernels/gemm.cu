@@ -846,7 +846,8 @@ static size_t made_x_bytes(const struct ds_k_x *x, int M, int K, int split, int 
     int ld = (range + BK - 1) / BK * BK;
     size_t bytes = (size_t)M * ld * 2;
     int ld_src = x->kind == DS_K_X_SWIGLU ? 2 * K : K;
-    if (M > GM_X_ROWS || bytes > (x->kind == DS_K_X_SWIGLU ? GM_SWIGLU_XS_MAX : GM_XS_MAX) || K % 4 || ((uintptr_t)x->src & 15) ||
+    size_t max_bytes = x->kind == DS_K_X_SWIGLU ? GM_SWIGLU_XS_MAX : GM_XS_MAX;
+    if (M > GM_X_ROWS || bytes > max_bytes || K % 4 || ((uintptr_t)x->src & 15) ||
         (x->kind == DS_K_X_RMSNORM && ((uintptr_t)x->norm_w & 15)) || ld_src % 4)
         return 0;
     *ret_ld = ld;

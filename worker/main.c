@@ -362,7 +362,8 @@ static int announce_starting(struct wctx *w, const struct wopts *o)
     snprintf(pid, sizeof pid, "%d", (int)getpid());
     snprintf(live, sizeof live, "%g", o->lease);
     const char *params[7] = {w->id.worker_id, w->id.host, pid, w->id.device, w->id.model, live, w->id.instance};
-    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5, $6::float8, $7)", 7, params);
+    return ds_db_command(w->db, "SELECT dspark.worker_starting($1, $2, $3::int, $4, $5, $6::float8, $7)", 7,
+                         params);
 }
 
 static void *loading_beat_main(void *arg)
@@ -728,14 +729,13 @@ static int run_loop(struct loop *L)
         int slots = w->o.concurrency - L->n_active;
         if (slots < 0)
             slots = 0;
-        long budget = free_tok;   /* each claimed job also costs w->job_tokens (claim_jobs counts it) */
         bool idle = L->n_active == 0;
         pthread_mutex_lock(&sh->mu);
         if (json_array_size(L->results) > 0) {
             json_array_extend(sh->results, L->results);
             json_array_clear(L->results);
         }
-        sh->cap_budget = budget > 0 ? budget : 0;
+        sh->cap_budget = free_tok > 0 ? free_tok : 0;   /* each job claimed costs w->job_tokens too (claim_jobs) */
         sh->cap_slots = slots;
         sh->cap_idle = idle;
         sh->cap_consumed = consumed;

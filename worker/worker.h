@@ -28,7 +28,7 @@ struct wopts {
     int concurrency;              /* jobs held at once (claimed, running or queued in the engine) */
     long kv_tokens;               /* 0: the engine's default */
     double gpu_memory;            /* share of free GPU memory for the KV cache (0: the engine's default) */
-    int gemm_ranges;              /* cuda: k ranges of the target's products at most (0: the kernels' choice) */
+    int gemm_ranges;              /* cuda: k ranges of the products (target and draft) at most (0: the kernels') */
     int max_context;              /* 0: the model's */
     double drain_timeout;         /* seconds */
     const char *worker_id;
