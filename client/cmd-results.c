@@ -1,4 +1,5 @@
-/* cmd-results.c: dsparkctl results (OpenAI Batch output JSONL) and cancel.
+/* cmd-results.c: dsparkctl results (OpenAI Batch output JSONL), cancel and
+ * resubmit (a batch's failed or cancelled jobs again, as a new batch).
  *
  * Output lines follow the OpenAI Batch output file: {"id", "custom_id",
  * "response": {"status_code", "request_id", "body": <chat.completion or
@@ -347,5 +348,129 @@ int ctl_cmd_cancel(struct ctl *c, int argc, char **argv)
         ctl_error("%zu job%s not found (or not yours)", missing, missing == 1 ? "" : "s");
         return CTL_EXIT_ERROR;
     }
+    return CTL_EXIT_OK;
+}
+
+static void resubmit_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: dsparkctl resubmit [OPTIONS] BATCH\n"
+            "\n"
+            "Send a batch's failed and cancelled jobs again, as a new batch: the same\n"
+            "custom_id, model, prompt and parameters, fresh attempts. Finished jobs are\n"
+            "never run again in place. Prints the new batch like submit -f; nothing, and\n"
+            "no batch, when no job of BATCH is in those states.\n"
+            "  -s, --state LIST      the finished states to send again, comma-separated:\n"
+            "                        failed, cancelled, succeeded (default failed,cancelled)\n"
+            "  -d, --dsn DSN, --json, -q (the new batch id only), -h, --help\n");
+}
+
+/* "failed,cancelled" into the PostgreSQL array literal "{failed,cancelled}" (each state once). */
+static int parse_states(const char *list, char *out, size_t size)
+{
+    static const char *const known[] = { "failed", "cancelled", "succeeded" };
+    bool seen[3] = { false, false, false };
+    const char *p = list;
+    size_t used = 0;
+    out[used++] = '{';
+    for (;;) {
+        size_t len = strcspn(p, ",");
+        int k = -1;
+        for (int i = 0; i < 3; i++)
+            if (len == strlen(known[i]) && strncmp(p, known[i], len) == 0)
+                k = i;
+        if (k < 0)
+            return ctl_usage_error("resubmit ", "--state: '%.*s' is not a finished state (failed, cancelled, succeeded)",
+                                   (int)len, p);
+        if (!seen[k]) {
+            seen[k] = true;
+            used += (size_t)snprintf(out + used, size - used, "%s%s", used > 1 ? "," : "", known[k]);
+        }
+        if (p[len] == '\0')
+            break;
+        p += len + 1;
+    }
+    snprintf(out + used, size - used, "}");
+    return 0;
+}
+
+int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        CTL_COMMON_LONGOPTS,
+        { "state", required_argument, NULL, 's' },
+        { "batch", required_argument, NULL, 'b' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *batch = NULL;
+    char states[64] = "{failed,cancelled}";
+    int64_t v;
+    int opt, rc;
+    while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "s:b:", opts, NULL)) != -1) {
+        if (ctl_common_opt(c, opt, optarg))
+            continue;
+        switch (opt) {
+        case 'h':
+            resubmit_usage(stdout);
+            return CTL_EXIT_OK;
+        case 's':
+            if ((rc = parse_states(optarg, states, sizeof states)))
+                return rc;
+            break;
+        case 'b':
+            batch = optarg;
+            break;
+        default:
+            resubmit_usage(stderr);
+            return CTL_EXIT_USAGE;
+        }
+    }
+    if (!batch && optind < argc)
+        batch = argv[optind++];
+    if (!batch)
+        return ctl_usage_error("resubmit ", "which batch? (dsparkctl resubmit BATCH)");
+    if (optind < argc)
+        return ctl_usage_error("resubmit ", "one batch at a time, got '%s' too", argv[optind]);
+    if (ctl_parse_int64("resubmit", "BATCH", batch, 1, INT64_MAX, &v))
+        return CTL_EXIT_USAGE;
+    if ((rc = ctl_connect(c, true)))
+        return rc;
+    const char *params[] = { batch, states };
+    json_t *rows;
+    if (ctl_query_json(c,
+                       "SELECT json_build_object('batch_id', r.batch_id, 'jobs', r.jobs, 'first_id', r.first_id,"
+                       " 'last_id', r.last_id) FROM dspark.resubmit_batch($1::bigint, $2::text[]) r",
+                       2, params, &rows) < 0)
+        return ctl_fail("could not resubmit");
+    json_t *row = json_array_get(rows, 0);
+    /* the states as words: "failed or cancelled" */
+    char words[80];
+    size_t w = 0;
+    const char *s = states + 1;
+    while (*s && *s != '}') {
+        size_t len = strcspn(s, ",}");
+        bool last = s[len] == '}';
+        w += (size_t)snprintf(words + w, sizeof words - w, "%s%.*s", w == 0 ? "" : last ? " or " : ", ", (int)len, s);
+        s += len + (last ? 0 : 1);
+    }
+    if (c->json) {
+        json_t *out = row ? json_incref(row)
+                          : json_pack("{s:n, s:i, s:n, s:n}", "batch_id", "jobs", 0, "first_id", "last_id");
+        json_object_set_new(out, "resubmit_of", json_integer(v));
+        ctl_print_json(out, true);
+        json_decref(out);
+    } else if (!row) {
+        if (!c->quiet)
+            printf("batch %s has no %s jobs: nothing resubmitted\n", batch, words);
+    } else if (c->quiet) {
+        printf("%" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(row, "batch_id")));
+    } else {
+        printf("batch %" JSON_INTEGER_FORMAT ": %" JSON_INTEGER_FORMAT " jobs (ids %" JSON_INTEGER_FORMAT
+               "..%" JSON_INTEGER_FORMAT "), the %s jobs of batch %s\n",
+               json_integer_value(json_object_get(row, "batch_id")), json_integer_value(json_object_get(row, "jobs")),
+               json_integer_value(json_object_get(row, "first_id")),
+               json_integer_value(json_object_get(row, "last_id")), words, batch);
+    }
+    json_decref(rows);
     return CTL_EXIT_OK;
 }

@@ -92,6 +92,7 @@ int ctl_cmd_status(struct ctl *c, int argc, char **argv);
 int ctl_cmd_list(struct ctl *c, int argc, char **argv);
 int ctl_cmd_wait(struct ctl *c, int argc, char **argv); /* also "watch" */
 int ctl_cmd_cancel(struct ctl *c, int argc, char **argv);
+int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv); /* in cmd-results.c */
 int ctl_cmd_results(struct ctl *c, int argc, char **argv);
 int ctl_cmd_stats(struct ctl *c, int argc, char **argv);
 int ctl_cmd_workers(struct ctl *c, int argc, char **argv);

@@ -23,6 +23,7 @@ static const struct {
     { "wait", ctl_cmd_wait, "wait until jobs finish (progress on a terminal)" },
     { "watch", ctl_cmd_wait, "print job state changes until they finish" },
     { "cancel", ctl_cmd_cancel, "cancel jobs or a batch" },
+    { "resubmit", ctl_cmd_resubmit, "send a batch's failed or cancelled jobs again" },
     { "results", ctl_cmd_results, "print results in the OpenAI Batch output format" },
     { "stats", ctl_cmd_stats, "acceptance, latency and throughput statistics" },
     { "workers", ctl_cmd_workers, "list the GPU workers" },

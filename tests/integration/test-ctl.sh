@@ -12,7 +12,7 @@ T=$PGH_DIR
 C=$DSPARKCTL
 
 # --- usage -------------------------------------------------------------------
-for cmd in db submit status list wait watch cancel results stats workers; do
+for cmd in db submit status list wait watch cancel resubmit results stats workers; do
     out=$("$C" "$cmd" --help 2>&1)
     rc=$?
     case $out in
@@ -36,7 +36,7 @@ tap_is "$?" 2 "--temperature NaN: exit 2"
 tap_like "$out" "temperature must be a finite number" "... named in the message"
 "$C" wait >/dev/null 2>&1
 tap_is "$?" 2 "wait without jobs: exit 2"
-"$C" --version | grep -q "dsparkctl .*schema version 11"
+"$C" --version | grep -q "dsparkctl .*schema version 12"
 tap_result $? "--version prints the version and the schema version"
 
 # --- connection options ------------------------------------------------------
@@ -310,6 +310,63 @@ tap_like "$out" "job $id1: already succeeded" "a finished job is left alone"
 tap_is "$?" 1 "cancel of a missing job: exit 1"
 tap_py "cancel --json reports each job" "[(x['id'], x['result']) for x in d] == [($id3, 'already_cancelled'), (777777, 'not_found')]" "$T/cancel.json"
 
+# --- resubmit ----------------------------------------------------------------------
+# a batch of four: a succeeds, b fails, c is cancelled, d is still queued
+{
+    echo '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "rs", "messages": [{"role": "user", "content": "one"}], "max_tokens": 7}}'
+    echo '{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "rs", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "two"}], "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 11, "stop": ["x", "y"]}}'
+    echo '{"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "rs", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}}'
+    echo '{"custom_id": "d", "method": "POST", "url": "/v1/completions", "body": {"model": "rs", "prompt": "four"}}'
+} >"$T/rs.jsonl"
+RB=$("$C" submit -q -f "$T/rs.jsonl" --metadata '{"name": "rs"}' --priority 3 --max-attempts 5)
+q "UPDATE dspark.jobs SET run_alone = true WHERE batch_id = $RB AND custom_id = 'c'" >/dev/null
+ra=$(q "SELECT id FROM dspark.claim_jobs('gpu-rs', 1, NULL, 600, ARRAY['rs'])")
+rb=$(q "SELECT id FROM dspark.claim_jobs('gpu-rs', 1, NULL, 600, ARRAY['rs'])")
+q "SELECT count(*) FROM dspark.finish_jobs('gpu-rs', '[{\"id\": $ra, \"attempt\": 1, \"state\": \"succeeded\", \"output_text\": \"ok\"}, {\"id\": $rb, \"attempt\": 1, \"state\": \"failed\", \"error\": \"boom\"}]')" >/dev/null
+"$C" cancel -q "$(q "SELECT id FROM dspark.jobs WHERE batch_id = $RB AND custom_id = 'c'")"
+tap_is "$(q "SELECT string_agg(custom_id || ':' || state, ' ' ORDER BY custom_id) FROM dspark.jobs WHERE batch_id = $RB")" \
+    "a:succeeded b:failed c:cancelled d:queued" "resubmit's batch is set up"
+nbatches=$(q "SELECT count(*) FROM dspark.batches")
+out=$("$C" resubmit "$RB" 2>&1)
+tap_is "$?" 0 "resubmit of a batch with failed and cancelled jobs: exit 0"
+N1=$(q "SELECT max(id) FROM dspark.batches")
+tap_like "$out" "^batch $N1: 2 jobs \\(ids [0-9]+\\.\\.[0-9]+\\), the failed or cancelled jobs of batch $RB\$" "... and it names the new batch"
+tap_is "$(q "SELECT string_agg(custom_id || ':' || state || ':' || attempt || ':' || cancel_requested, ' ' ORDER BY id) FROM dspark.jobs WHERE batch_id = $N1")" \
+    "b:queued:0:false c:queued:0:false" "the new batch holds the failed and the cancelled job, queued afresh"
+req="custom_id, owner, model, prompt, messages::text, prompt_ids::text, max_tokens, temperature, top_p, top_k, seed, stop::text, spec_mode, priority, max_attempts"
+tap_is "$(q "SELECT string_agg(concat_ws('|', $req), ';' ORDER BY custom_id) FROM dspark.jobs WHERE batch_id = $N1")" \
+    "$(q "SELECT string_agg(concat_ws('|', $req), ';' ORDER BY custom_id) FROM dspark.jobs WHERE batch_id = $RB AND custom_id IN ('b', 'c')")" \
+    "... with the same requests, parameters, priority and attempts allowed"
+tap_is "$(q "SELECT string_agg(run_alone::text, ' ' ORDER BY id) FROM dspark.jobs WHERE batch_id = $N1")" "false false" \
+    "... and run_alone starts false again (c had it)"
+tap_is "$(q "SELECT (metadata->>'name') || ' ' || (metadata->>'resubmit_of') || ' ' || (metadata->'resubmit_states')::text FROM dspark.batches WHERE id = $N1")" \
+    "rs $RB [\"failed\", \"cancelled\"]" "... and the old batch's metadata, naming it"
+tap_is "$(q "SELECT string_agg(custom_id || ':' || state, ' ' ORDER BY custom_id) FROM dspark.jobs WHERE batch_id = $RB")" \
+    "a:succeeded b:failed c:cancelled d:queued" "the old batch is left as it was"
+"$C" resubmit --json --state failed "$RB" >"$T/rs.json"
+tap_is "$?" 0 "resubmit --state failed --json: exit 0"
+tap_py "... reports the new batch as JSON" "d['jobs'] == 1 and d['resubmit_of'] == $RB and d['first_id'] == d['last_id'] and isinstance(d['batch_id'], int)" "$T/rs.json"
+N2=$("$C" resubmit -q -s succeeded,succeeded "$RB")
+tap_is "$(q "SELECT string_agg(custom_id, ' ') || ' ' || count(*) FROM dspark.jobs WHERE batch_id = ${N2:-0}")" "a 1" \
+    "resubmit -q -s succeeded prints the new batch, of the succeeded job"
+nbatches=$(q "SELECT count(*) FROM dspark.batches")
+out=$("$C" resubmit "$N2" 2>&1)
+tap_is "$?" 0 "resubmit of a batch with nothing failed: exit 0"
+tap_is "$out" "batch $N2 has no failed or cancelled jobs: nothing resubmitted" "... saying so"
+tap_is "$(q "SELECT count(*) FROM dspark.batches")" "$nbatches" "... and making no batch"
+"$C" resubmit --json "$N2" >"$T/rs0.json"
+tap_py "... in JSON: no batch, 0 jobs" "d['batch_id'] is None and d['jobs'] == 0 and d['resubmit_of'] == $N2" "$T/rs0.json"
+out=$("$C" resubmit 999999 2>&1)
+tap_is "$?" 1 "resubmit of a missing batch: exit 1"
+tap_like "$out" "batch 999999 does not exist \\(or is not yours\\)" "... with the reason"
+out=$("$C" resubmit -s queued "$RB" 2>&1)
+tap_is "$?" 2 "resubmit --state queued: exit 2"
+tap_like "$out" "'queued' is not a finished state" "... saying why"
+"$C" resubmit "$RB" "$N2" >/dev/null 2>&1
+tap_is "$?" 2 "resubmit of two batches: exit 2"
+tap_like "$(q "SELECT dspark.resubmit_batch($RB, ARRAY['running'])" 2>&1)" "must be among succeeded, failed and cancelled" \
+    "dspark.resubmit_batch refuses a state that is not final"
+
 # --- bulk ------------------------------------------------------------------------
 awk 'BEGIN { for (i = 1; i <= 20000; i++) printf "{\"custom_id\": \"r%d\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"question %d\"}], \"max_tokens\": 64}}\n", i, i }' >"$T/big.jsonl"
 start=$(date +%s)
@@ -320,5 +377,10 @@ tap_is "$(q "SELECT count(*) || ' ' || count(DISTINCT custom_id) || ' ' || min(c
     "... every line became one job"
 "$C" cancel -q --batch "$BB"
 tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE batch_id = $BB AND state = 'cancelled'")" 20000 "cancel --batch cancels the whole batch"
+start=$(date +%s)
+NB=$("$C" resubmit -q "$BB")
+tap_is "$?" 0 "resubmit of 20,000 cancelled jobs succeeds (in $(($(date +%s) - start)) s)"
+tap_is "$(q "SELECT count(*) || ' ' || count(DISTINCT custom_id) || ' ' || count(*) FILTER (WHERE state = 'queued') FROM dspark.jobs WHERE batch_id = ${NB:-0}")" \
+    "20000 20000 20000" "... every one queued again in the new batch"
 
 tap_done

@@ -98,4 +98,18 @@ tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pro
 # the admin role sees everything
 tap_is "$(q_as adam "SELECT count(*) FROM dspark.jobs WHERE prompt IS NOT NULL")" 4 "an admin sees every job with its prompt"
 
+# resubmitting a batch: only one's own, and the copies keep their owner
+q "UPDATE dspark.jobs SET state = 'failed', finished_at = now(), error = 'boom' WHERE batch_id = $bb" >/dev/null
+out=$("$DSPARKCTL" -d "$(dsn alice)" resubmit "$bb" 2>&1)
+tap_is "$?" 1 "alice cannot resubmit bob's batch"
+tap_like "$out" "batch $bb does not exist \\(or is not yours\\)" "... it is not there for her"
+tap_is "$(q "SELECT count(*) FROM dspark.batches")" 1 "... and no batch was made"
+denied wendy "SELECT * FROM dspark.resubmit_batch($bb)" "a worker cannot resubmit"
+nb=$("$DSPARKCTL" -d "$(dsn bob)" resubmit -q "$bb")
+tap_is "$(q "SELECT b.owner || ' ' || string_agg(j.owner || ':' || j.custom_id || ':' || j.state, ',') FROM dspark.batches b JOIN dspark.jobs j ON j.batch_id = b.id WHERE b.id = ${nb:-0} GROUP BY b.owner")" \
+    "bob bob:x:queued" "bob resubmits his failed job as his own new batch"
+nb2=$(q_as adam "SELECT batch_id FROM dspark.resubmit_batch($bb)")
+tap_is "$(q "SELECT b.owner || ' ' || string_agg(j.owner, ',') FROM dspark.batches b JOIN dspark.jobs j ON j.batch_id = b.id WHERE b.id = ${nb2:-0} GROUP BY b.owner")" \
+    "bob bob" "an admin's resubmission keeps the jobs' owner"
+
 tap_done
