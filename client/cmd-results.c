@@ -60,8 +60,9 @@ static const char *const result_sql =
     "       'total_tokens', r.prompt_tokens + r.output_tokens)"
     "     %s)) END,"
     " 'error', CASE WHEN r.state <> 'succeeded' THEN json_build_object("
-    "   'code', CASE r.state WHEN 'failed' THEN 'job_failed'"
-    "     WHEN 'cancelled' THEN 'job_cancelled' ELSE 'job_not_finished' END,"
+    "   'code', CASE WHEN r.state = 'failed' THEN 'job_failed'"
+    "     WHEN r.state = 'cancelled' AND r.finish_reason = 'expired' THEN 'job_expired'"
+    "     WHEN r.state = 'cancelled' THEN 'job_cancelled' ELSE 'job_not_finished' END,"
     "   'message', coalesce(r.error, CASE r.state WHEN 'cancelled' THEN 'cancelled'"
     "     WHEN 'failed' THEN 'failed' ELSE 'the job is ' || r.state END)) END)"
     " FROM dspark.job_results r WHERE %s %s ORDER BY r.id";

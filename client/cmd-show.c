@@ -47,6 +47,7 @@ static const char *const job_fields_sql =
     " 'priority', j.priority, 'spec_mode', j.spec_mode,"
     " 'max_tokens', j.max_tokens, 'version', j.version, 'cancel_requested', j.cancel_requested,"
     " 'worker_id', j.worker_id, 'created_at', j.created_at, 'run_after', j.run_after,"
+    " 'expires_at', j.expires_at,"
     " 'started_at', j.started_at, 'finished_at', j.finished_at,"
     " 'finish_reason', j.finish_reason, 'error', j.error,"
     " 'prompt_tokens', s.prompt_tokens, 'output_tokens', s.output_tokens,"

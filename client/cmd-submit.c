@@ -57,6 +57,8 @@ static void submit_usage(FILE *f)
             "      --max-attempts N    claims before a job whose worker dies fails (default 3)\n"
             "      --run-after TIME    do not start before TIME (a timestamp)\n"
             "      --delay INTERVAL    do not start before now + INTERVAL ('90 s', '2 hours')\n"
+            "      --expires-at TIME   not run if still queued at TIME: then cancelled, reason 'expired'\n"
+            "      --expires-in INTERVAL  the same at now + INTERVAL ('24 hours': a completion window)\n"
             "Output: the job id, or 'batch B: N jobs'; --json gives an object.\n"
             "  -d, --dsn DSN, --json, -q, --quiet, -h, --help\n");
 }
@@ -130,6 +132,8 @@ struct submit_opts {
     const char *max_attempts;
     const char *run_after;
     const char *delay;
+    const char *expires_at;
+    const char *expires_in;
 };
 
 /* The options that only the database's rules judge (the speculation mode,
@@ -142,6 +146,8 @@ static int check_server_options(struct ctl *c, const struct submit_opts *o)
         { "--spec-mode", o->spec_mode, "SELECT $1::dspark.spec_mode" },
         { "--run-after", o->run_after, "SELECT $1::timestamptz" },
         { "--delay", o->delay, "SELECT now() + $1::interval" },
+        { "--expires-at", o->expires_at, "SELECT $1::timestamptz" },
+        { "--expires-in", o->expires_in, "SELECT now() + $1::interval" },
     };
     for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
         if (!checks[i].value)
@@ -152,6 +158,20 @@ static int check_server_options(struct ctl *c, const struct submit_opts *o)
         if (!ds_db_ok(c->db))
             return ctl_fail(NULL);
         return ctl_usage_error("submit ", "%s '%s': %s", checks[i].opt, checks[i].value, ds_errdetail());
+    }
+    if (o->expires_at || o->expires_in) {   /* a deadline at or before the start would expire every job */
+        const char *params[] = { o->run_after, o->delay, o->expires_at, o->expires_in };
+        PGresult *res;
+        if (ds_db_exec(c->db,
+                       "SELECT coalesce($3::timestamptz, now() + $4::interval)"
+                       " > coalesce($1::timestamptz, now()) + coalesce($2::interval, interval '0')",
+                       4, params, &res) < 0)
+            return ctl_fail(NULL);
+        bool after_start = PQgetvalue(res, 0, 0)[0] == 't';
+        PQclear(res);
+        if (!after_start)
+            return ctl_usage_error("submit ", "%s is not after the jobs may start: every job would expire",
+                                   o->expires_at ? "--expires-at" : "--expires-in");
     }
     return 0;
 }
@@ -222,7 +242,7 @@ static int insert_jobs(struct ctl *c, const char *batch_id, const struct submit_
                        int64_t *ret_n, int64_t *ret_first, int64_t *ret_last)
 {
     const char *params[] = { batch_id, o->spec_mode, o->priority, o->max_attempts,
-                             o->run_after, o->delay };
+                             o->run_after, o->delay, o->expires_at, o->expires_in };
     PGresult *res;
     /* room to sort a large file's rows in memory */
     int r = ds_db_command(c->db, "SET LOCAL work_mem = '64MB'", 0, NULL);
@@ -233,15 +253,16 @@ static int insert_jobs(struct ctl *c, const char *batch_id, const struct submit_
         "WITH ins AS ("
         " INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt, messages, prompt_ids,"
         "  max_tokens, temperature, top_p, top_k, seed, stop, spec_mode, priority, max_attempts,"
-        "  run_after)"
+        "  run_after, expires_at)"
         " SELECT $1::bigint, custom_id, model, prompt, messages, prompt_ids, max_tokens,"
         "  temperature, top_p, top_k, seed, stop, coalesce($2::dspark.spec_mode, 'dspark'),"
         "  coalesce($3::dspark.priority, 0), coalesce($4::dspark.max_attempts, 3),"
-        "  coalesce($5::timestamptz, now()) + coalesce($6::interval, interval '0')"
+        "  coalesce($5::timestamptz, now()) + coalesce($6::interval, interval '0'),"
+        "  coalesce($7::timestamptz, now() + $8::interval)"
         " FROM ds_submit ORDER BY seq"
         " RETURNING id)"
         " SELECT count(*), min(id), max(id) FROM ins",
-        6, params, &res);
+        8, params, &res);
     if (r < 0)
         return r;
     *ret_n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
@@ -492,7 +513,7 @@ int ctl_cmd_submit(struct ctl *c, int argc, char **argv)
 {
     enum {
         O_CHAT = 256, O_SYSTEM, O_SKIP, O_META, O_MAXTOK, O_TEMP, O_TOPP, O_TOPK, O_SEED,
-        O_STOP, O_SPEC, O_PRIO, O_ATTEMPTS, O_RUNAFTER, O_DELAY
+        O_STOP, O_SPEC, O_PRIO, O_ATTEMPTS, O_RUNAFTER, O_DELAY, O_EXPAT, O_EXPIN
     };
     static const struct option opts[] = {
         CTL_COMMON_LONGOPTS,
@@ -514,6 +535,8 @@ int ctl_cmd_submit(struct ctl *c, int argc, char **argv)
         { "max-attempts", required_argument, NULL, O_ATTEMPTS },
         { "run-after", required_argument, NULL, O_RUNAFTER },
         { "delay", required_argument, NULL, O_DELAY },
+        { "expires-at", required_argument, NULL, O_EXPAT },
+        { "expires-in", required_argument, NULL, O_EXPIN },
         { NULL, 0, NULL, 0 },
     };
     struct submit_opts o = { 0 };
@@ -580,6 +603,8 @@ int ctl_cmd_submit(struct ctl *c, int argc, char **argv)
             break;
         case O_RUNAFTER: o.run_after = optarg; break;
         case O_DELAY: o.delay = optarg; break;
+        case O_EXPAT: o.expires_at = optarg; break;
+        case O_EXPIN: o.expires_in = optarg; break;
         default:
             submit_usage(stderr);
             return CTL_EXIT_USAGE;
@@ -592,6 +617,8 @@ int ctl_cmd_submit(struct ctl *c, int argc, char **argv)
     }
     if (!o.prompt == !o.file)
         return ctl_usage_error("submit ", "give either a prompt (PROMPT, --prompt) or --file");
+    if (o.expires_at && o.expires_in)
+        return ctl_usage_error("submit ", "give --expires-at or --expires-in, not both");
     if (o.file && (o.chat || o.system))
         return ctl_usage_error("submit ", "--chat and --system apply to a single prompt");
     if (o.params.model && (!*o.params.model || strlen(o.params.model) > CTL_MODEL_BYTES_MAX))

@@ -83,7 +83,8 @@ int fanout_socket(const struct fanout *f);
 int fanout_pump(struct fanout *f, uint64_t now_us);
 /* Queue counts for STATUS= and heartbeats (refreshes the DB-health clock). */
 int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret);
-/* Lease reaper: dspark.requeue_expired(). Returns jobs changed (0 when another host holds the lock). */
+/* Lease reaper: dspark.requeue_expired(), then dspark.expire_jobs() (queued jobs past their deadline). Returns
+ * the reaper's jobs changed (0 when another host holds the lock). */
 int fanout_reap(struct fanout *f, uint64_t now_us);
 /* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
 int64_t fanout_prune(struct fanout *f, uint64_t now_us);

@@ -65,7 +65,7 @@ static const struct ds_cfg_key config_keys[] = {
     { "dsparkd", "status_interval", DS_CFG_DURATION, &cfg.status_interval, 100, 3600 * SEC, "2s", DS_CFG_RELOADABLE,
       NULL, "how often queue counts are read for STATUS= and heartbeats" },
     { "dsparkd", "reaper_interval", DS_CFG_DURATION, &cfg.reaper_interval, SEC, 3600 * SEC, "5s", DS_CFG_RELOADABLE,
-      NULL, "how often expired leases are requeued (dspark.requeue_expired)" },
+      NULL, "how often expired leases are requeued (dspark.requeue_expired) and jobs past their deadline expired" },
     { "dsparkd", "reaper_grace", DS_CFG_DURATION, &cfg.reaper_grace, 0, 3600 * SEC, "15s", DS_CFG_RELOADABLE, NULL,
       "after connecting to the database, the reaper waits this long (workers cut off with dsparkd renew their leases)" },
     { "dsparkd", "worker_timeout", DS_CFG_DURATION, &cfg.worker_timeout, SEC, DAY, "1min", DS_CFG_RELOADABLE, NULL,

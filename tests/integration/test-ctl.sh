@@ -36,7 +36,7 @@ tap_is "$?" 2 "--temperature NaN: exit 2"
 tap_like "$out" "temperature must be a finite number" "... named in the message"
 "$C" wait >/dev/null 2>&1
 tap_is "$?" 2 "wait without jobs: exit 2"
-"$C" --version | grep -q "dsparkctl .*schema version 12"
+"$C" --version | grep -q "dsparkctl .*schema version 13"
 tap_result $? "--version prints the version and the schema version"
 
 # --- connection options ------------------------------------------------------
@@ -366,6 +366,33 @@ tap_like "$out" "'queued' is not a finished state" "... saying why"
 tap_is "$?" 2 "resubmit of two batches: exit 2"
 tap_like "$(q "SELECT dspark.resubmit_batch($RB, ARRAY['running'])" 2>&1)" "must be among succeeded, failed and cancelled" \
     "dspark.resubmit_batch refuses a state that is not final"
+
+# --- expiry ------------------------------------------------------------------------
+x1=$("$C" submit -m ex --expires-in '1 hour' "late is useless")
+tap_is "$?" 0 "submit --expires-in: exit 0"
+tap_is "$(q "SELECT expires_at BETWEEN now() + interval '59 minutes' AND now() + interval '61 minutes' FROM dspark.jobs WHERE id = $x1")" t \
+    "... the job must start within the hour"
+"$C" status --json "$x1" >"$T/ex.json"
+tap_py "status --json shows expires_at" "d[0]['expires_at'] is not None" "$T/ex.json"
+printf '%s\n' '{"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"model": "ex", "prompt": "p"}}' >"$T/ex.jsonl"
+xb=$("$C" submit -q -f "$T/ex.jsonl" --expires-at '2999-01-01 00:00:00+00')
+tap_is "$(q "SELECT expires_at = '2999-01-01 00:00:00+00' FROM dspark.jobs WHERE batch_id = $xb")" t "submit -f --expires-at sets every job's deadline"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE id = $id1 AND expires_at IS NULL")" 1 "without them a job has no deadline"
+out=$("$C" submit -m ex --expires-in '1 hour' --expires-at '2999-01-01' p 2>&1)
+tap_is "$?" 2 "--expires-in with --expires-at: exit 2"
+out=$("$C" submit -m ex --expires-in banana p 2>&1)
+tap_is "$?" 2 "--expires-in banana: exit 2"
+tap_like "$out" "--expires-in 'banana': .*interval" "... naming the option and the server's reason"
+out=$("$C" submit -m ex --delay '2 hours' --expires-in '1 hour' p 2>&1)
+tap_is "$?" 2 "a deadline before the start (--delay 2 hours, --expires-in 1 hour): exit 2"
+tap_like "$out" "--expires-in is not after the jobs may start" "... saying why"
+q "UPDATE dspark.jobs SET expires_at = now() - interval '1 s' WHERE id = $x1" >/dev/null
+tap_is "$(q "SELECT dspark.expire_jobs()")" 1 "the job past its deadline is expired"
+"$C" results "$x1" >"$T/ex-res.json"
+tap_py "results gives an expired job the error code job_expired" \
+    "d['response'] is None and d['error']['code'] == 'job_expired' and 'deadline' in d['error']['message']" "$T/ex-res.json"
+"$C" wait "$x1" >/dev/null 2>&1
+tap_is "$?" 3 "wait on an expired job: exit 3 (not succeeded)"
 
 # --- bulk ------------------------------------------------------------------------
 awk 'BEGIN { for (i = 1; i <= 20000; i++) printf "{\"custom_id\": \"r%d\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\": {\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"question %d\"}], \"max_tokens\": 64}}\n", i, i }' >"$T/big.jsonl"

@@ -4,8 +4,9 @@
 # (tests/integration/test-daemon-sub): every state change of a job arrives as an event
 # with increasing versions, batch and job topics select what they should, a
 # late subscriber learns the final state from the row, heartbeats, the lease
-# reaper, worker restarts after a crash, a PostgreSQL restart, SIGHUP reloads,
-# draining on SIGTERM, and refusal of a schema this build does not know.
+# reaper and the expiry of queued jobs past their deadline, worker restarts
+# after a crash, a PostgreSQL restart, SIGHUP reloads, draining on SIGTERM,
+# and refusal of a schema this build does not know.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -183,6 +184,12 @@ tap_result $? "reaper: lease expired at max_attempts -> 'failed' event"
 wait_for "$T/reap.out" "^job id=$j4 batch=- state=queued version=3 attempt=1 finish=-$" 8
 tap_result $? "reaper: lease expired -> back to 'queued' (attempt kept)"
 tap_is "$(q "SELECT error FROM dspark.jobs WHERE id = $j3")" "lease expired after 1 attempts" "the reaper recorded the reason"
+# and with it the expiry of queued jobs past their deadline (model 'late': no worker claims it)
+j5=$(q "INSERT INTO dspark.jobs (model, prompt, expires_at) VALUES ('late', 'z', now() + interval '1 s') RETURNING id")
+wait_for "$T/reap.out" "^job id=$j5 batch=- state=cancelled version=2 attempt=0 finish=expired$" 8
+tap_result $? "dsparkd expires a job still queued at its deadline: 'cancelled' event, finish=expired"
+wait_for "$T/dsparkd.log" "expiry: 1 queued job past its deadline cancelled" 5
+tap_result $? "... and logs it"
 
 # notifications are believed only as far as the row allows: anyone who may
 # connect can NOTIFY on the channel

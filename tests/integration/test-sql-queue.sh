@@ -360,6 +360,25 @@ tap_is "$(q "SELECT string_agg(state, ',' ORDER BY state) FROM dspark.cancel_bat
 tap_is "$(q "SELECT total || ' ' || cancelled || ' ' || running || ' ' || done FROM dspark.batch_progress WHERE batch_id = $bid")" "4 3 1 3" \
     "batch_progress counts the batch"
 
+# --- expiry -----------------------------------------------------------------
+q "DELETE FROM dspark.jobs" >/dev/null
+e1=$(q "INSERT INTO dspark.jobs (model, prompt, expires_at) VALUES ('m', 'past', now() - interval '1 s') RETURNING id")
+e2=$(q "INSERT INTO dspark.jobs (model, prompt, expires_at, priority) VALUES ('m', 'future', now() + interval '1 hour', -1) RETURNING id")
+e3=$(q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'none', -2) RETURNING id")
+tap_is "$(q "SELECT string_agg(id::text, ',' ORDER BY id) FROM dspark.claim_jobs('w1', 10, NULL, 60)")" "$e2,$e3" \
+    "claim_jobs passes over a queued job past its expires_at"
+q "UPDATE dspark.jobs SET expires_at = now() - interval '1 s' WHERE id = $e2" >/dev/null   # it runs past its deadline
+tap_is "$(q "SELECT dspark.expire_jobs()")" 1 "expire_jobs ends the queued job past its deadline"
+tap_is "$(q "SELECT state || ' ' || finish_reason || ' ' || (finished_at IS NOT NULL) || ' ' || (error LIKE 'still queued at its deadline (%') FROM dspark.jobs WHERE id = $e1")" \
+    "cancelled expired true true" "... cancelled, finish_reason expired, with finished_at and the reason"
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $e2")" running "... and leaves a running job past its deadline to finish"
+tap_is "$(q "SELECT dspark.expire_jobs()")" 0 "a second sweep finds nothing"
+q "INSERT INTO dspark.jobs (model, prompt, expires_at) SELECT 'm', 'p' || g, now() - interval '1 s' FROM generate_series(1, 5) g" >/dev/null
+tap_is "$(q "SELECT dspark.expire_jobs(3)") $(q "SELECT dspark.expire_jobs(3)")" "3 2" "expire_jobs ends at most p_limit jobs a call"
+x=$(q "INSERT INTO dspark.jobs (model, prompt, expires_at) VALUES ('m', 'n', now() - interval '1 s') RETURNING id")
+out=$(psql -X -q -A -t -c "LISTEN dspark_events" -c "SELECT dspark.expire_jobs()" -c "SELECT 1" 2>&1)
+tap_like "$out" "payload \"[^\"]*$x[^0-9]" "an expiry is notified on dspark_events, as any state change"
+
 # --- retention --------------------------------------------------------------
 q "DELETE FROM dspark.jobs; DELETE FROM dspark.batches" >/dev/null
 tap_is "$(q "SELECT count(*) FROM dspark.job_stats")" 0 "deleting jobs deletes their statistics"
