@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "dspark/ds-buf.h"
 #include "dspark/ds-db.h"
 #include "dspark/ds-events.h"
 
@@ -56,6 +57,8 @@ struct dsparkd_config {
     int64_t restart_delay_max;
     int64_t start_timeout;
     int64_t watchdog_timeout;
+    /* [metrics] */
+    char *metrics_listen;           /* "" = no endpoint */
 };
 
 /* ---- fanout.c: the database side ---- */
@@ -67,6 +70,14 @@ struct fanout_status {
     int64_t queued;
     int64_t running;
     double tokens_per_s;            /* output tokens per second over the last minute */
+    double mean_acceptance_length;  /* tokens committed per round over the last minute (-1: no rounds) */
+};
+
+/* What the daemon's own database passes did since it started. */
+struct fanout_counters {
+    uint64_t reaped;                /* jobs requeued, failed or cancelled by the lease reaper */
+    uint64_t expired;               /* queued jobs ended at their deadline */
+    uint64_t pruned;                /* finished jobs deleted by retention */
 };
 
 struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub *pub);
@@ -93,6 +104,7 @@ uint64_t fanout_last_ok(const struct fanout *f);
 /* Why the database is down (for STATUS=), or "". */
 const char *fanout_down_reason(const struct fanout *f);
 uint64_t fanout_published(const struct fanout *f);
+struct fanout_counters fanout_counters(const struct fanout *f);
 
 /* ---- supervise.c: the workers ---- */
 
@@ -133,5 +145,29 @@ const char *supervisor_not_ready_detail(struct supervisor *s, uint64_t now_us);
 uint64_t supervisor_next_due(const struct supervisor *s);
 /* Concatenated STATUS texts of the workers, "" if none. */
 const char *supervisor_status_text(struct supervisor *s);
+
+/* ---- metrics.c: the Prometheus endpoint ---- */
+
+struct metrics;
+struct ds_buf;
+/* Writes the page (the text exposition format) into out. */
+typedef void (*metrics_render_fn)(struct ds_buf *out, void *arg);
+
+/* Listen on "HOST:PORT", "[IPV6]:PORT" or ":PORT". 0, -DS_ECONFIG for a bad
+ * address or -DS_EIO when it cannot listen. */
+int metrics_new(const char *address, metrics_render_fn render, void *arg, struct metrics **ret);
+/* Whether address has one of those forms (a port 1 to 65535): 0 or -DS_ECONFIG. */
+int metrics_check_address(const char *address);
+struct metrics *metrics_free(struct metrics *m);
+/* Add the listening socket (while a connection slot is free) and the open
+ * connections to a poll set; returns the count added (at most max). */
+int metrics_pollfds(struct metrics *m, struct pollfd *fds, int max);
+/* Accept, read requests and send answers, as far as that goes without waiting;
+ * drop connections past their time. */
+void metrics_handle(struct metrics *m, uint64_t now_us);
+/* When the oldest open connection times out, or UINT64_MAX. */
+uint64_t metrics_next_due(const struct metrics *m);
+/* printf onto a page. */
+void metrics_printf(struct ds_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

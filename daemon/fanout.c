@@ -58,6 +58,7 @@ struct fanout {
     size_t cap_ids;
     struct seen seen[SEEN_SLOTS];
     uint64_t published;
+    struct fanout_counters counters;
 };
 
 struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub *pub)
@@ -104,6 +105,11 @@ const char *fanout_down_reason(const struct fanout *f)
 uint64_t fanout_published(const struct fanout *f)
 {
     return f->published;
+}
+
+struct fanout_counters fanout_counters(const struct fanout *f)
+{
+    return f->counters;
 }
 
 static void mark_down(struct fanout *f, uint64_t now_us)
@@ -522,8 +528,10 @@ int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret)
     int r = ds_db_exec(f->db,
                        "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued'), "
                        "       (SELECT count(*) FROM dspark.jobs WHERE state = 'running'), "
-                       "       (SELECT coalesce(sum(output_tokens), 0) / 60.0 FROM dspark.job_stats "
-                       "         WHERE created_at > now() - interval '60 seconds')",
+                       "       s.tokens / 60.0, (s.rounds + coalesce(s.accepted, 0))::float8 / nullif(s.rounds, 0) "
+                       "FROM (SELECT coalesce(sum(output_tokens), 0) AS tokens, sum(rounds) AS rounds, "
+                       "             sum(num_accepted_tokens) AS accepted FROM dspark.job_stats "
+                       "       WHERE created_at > now() - interval '60 seconds') s",
                        0, NULL, &res);
     if (r < 0)
         return query_failed(f, now_us, r, "reading the queue counts");
@@ -531,6 +539,7 @@ int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret)
     ret->queued = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     ret->running = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
     ret->tokens_per_s = strtod(PQgetvalue(res, 0, 2), NULL);
+    ret->mean_acceptance_length = PQgetisnull(res, 0, 3) ? -1.0 : strtod(PQgetvalue(res, 0, 3), NULL);
     PQclear(res);
     f->last_ok_us = now_us;
     /* queries consume input too: deliver notifications that arrived meanwhile */
@@ -552,6 +561,7 @@ int fanout_reap(struct fanout *f, uint64_t now_us)
     int n = PQgetisnull(res, 0, 0) ? 0 : atoi(PQgetvalue(res, 0, 0));
     PQclear(res);
     f->last_ok_us = now_us;
+    f->counters.reaped += (uint64_t)n;
     if (n > 0)
         ds_log(DS_LOG_NOTICE, "lease reaper: %d job%s with an expired lease requeued, failed or cancelled", n,
                n == 1 ? "" : "s");
@@ -564,6 +574,7 @@ int fanout_reap(struct fanout *f, uint64_t now_us)
         return query_failed(f, now_us, r, "the expiry sweep (dspark.expire_jobs)");
     long expired = atol(PQgetvalue(res, 0, 0));
     PQclear(res);
+    f->counters.expired += (uint64_t)expired;
     if (expired > 0)
         ds_log(DS_LOG_NOTICE, "expiry: %ld queued job%s past %s deadline cancelled%s", expired,
                expired == 1 ? "" : "s", expired == 1 ? "its" : "their",
@@ -587,6 +598,7 @@ int64_t fanout_prune(struct fanout *f, uint64_t now_us)
     int64_t n = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     f->last_ok_us = now_us;
+    f->counters.pruned += (uint64_t)n;
     if (n > 0)
         ds_log(DS_LOG_INFO, "retention: deleted %" PRId64 " finished job%s", n, n == 1 ? "" : "s");
     return n;

@@ -30,8 +30,10 @@
 #include <unistd.h>
 
 #include "dspark/ds-cfg.h"
+#include "dspark/ds-err.h"
 #include "dspark/ds-log.h"
 #include "dspark/ds-notify.h"
+#include "dspark/ds-wire.h"
 #include "dsparkd.h"
 
 #ifndef DS_SYSCONFDIR
@@ -128,6 +130,9 @@ static const struct ds_cfg_key config_keys[] = {
       "a worker that has not said READY by then is killed and restarted (0: wait forever)" },
     { "worker", "watchdog_timeout", DS_CFG_DURATION, &cfg.watchdog_timeout, 0, DAY, "1min", DS_CFG_RELOADABLE,
       NULL, "a worker that sent WATCHDOG once and then stays silent this long is killed (0: off)" },
+
+    { "metrics", "listen", DS_CFG_STRING, &cfg.metrics_listen, 0, 300, "", 0, NULL,
+      "address of the Prometheus endpoint (GET /metrics): HOST:PORT, [IPV6]:PORT or :PORT (empty: none)" },
 };
 
 static const struct ds_cfg_table config_table = {
@@ -144,6 +149,8 @@ struct daemon {
     struct ds_events_pub *pub;
     struct fanout *fanout;
     struct supervisor *sup;
+    struct metrics *metrics;          /* NULL: no endpoint */
+    double start_ts;                  /* wall clock (Unix seconds) at start */
     bool ready_sent;
     bool ready_partial;               /* READY=1 went out with workers not ready, not all ready since */
     bool stopping;
@@ -182,6 +189,8 @@ static int check_config(void)
                          "tcp://127.0.0.1", cfg.endpoint);
     if (*cfg.curve_secret_key_file && !*cfg.curve_allow_file)
         return ds_seterr(DS_ECONFIG, "events.curve_secret_key_file needs events.curve_allow_file");
+    if (*cfg.metrics_listen && metrics_check_address(cfg.metrics_listen) < 0)
+        return -DS_ECONFIG;
     return supervisor_check_config(&cfg);
 }
 
@@ -352,6 +361,48 @@ static void publish_heartbeat(struct daemon *d)
         ds_log(DS_LOG_WARNING, "could not publish the topics' counts: %s", ds_errdetail());
 }
 
+/* The Prometheus page: what dsparkd knows without asking the database again. */
+static void render_metrics(struct ds_buf *b, void *arg)
+{
+    struct daemon *d = arg;
+    struct fanout_counters n = fanout_counters(d->fanout);
+    const struct fanout_status *st = &d->status;
+#define HELP(name, type, text) metrics_printf(b, "# HELP " name " " text "\n# TYPE " name " " type "\n")
+    HELP("dspark_database_up", "gauge", "1 while dsparkd's connection to PostgreSQL is up");
+    metrics_printf(b, "dspark_database_up %d\n", fanout_up(d->fanout) ? 1 : 0);
+    if (st->valid) {
+        HELP("dspark_jobs", "gauge", "jobs by state (read every dsparkd.status_interval)");
+        metrics_printf(b, "dspark_jobs{state=\"queued\"} %" PRId64 "\n", st->queued);
+        metrics_printf(b, "dspark_jobs{state=\"running\"} %" PRId64 "\n", st->running);
+        HELP("dspark_jobs_age_seconds", "gauge", "age of the job counts");
+        metrics_printf(b, "dspark_jobs_age_seconds %.3f\n", ds_wire_now() - d->status_ts);
+        HELP("dspark_output_tokens_per_second", "gauge", "output tokens of the jobs finished in the last minute, per second");
+        metrics_printf(b, "dspark_output_tokens_per_second %.3f\n", st->tokens_per_s);
+        if (st->mean_acceptance_length >= 0) {
+            HELP("dspark_mean_acceptance_length", "gauge",
+                 "tokens committed per decoding round over the jobs finished in the last minute (tau)");
+            metrics_printf(b, "dspark_mean_acceptance_length %.4f\n", st->mean_acceptance_length);
+        }
+    }
+    HELP("dspark_workers", "gauge", "dspark-worker processes: configured, running and ready");
+    metrics_printf(b, "dspark_workers{state=\"configured\"} %d\n", supervisor_count(d->sup));
+    metrics_printf(b, "dspark_workers{state=\"running\"} %d\n", supervisor_running(d->sup));
+    metrics_printf(b, "dspark_workers{state=\"ready\"} %d\n", supervisor_ready(d->sup));
+    HELP("dspark_events_published_total", "counter", "job events published on the event socket");
+    metrics_printf(b, "dspark_events_published_total %" PRIu64 "\n", fanout_published(d->fanout));
+    HELP("dspark_heartbeats_total", "counter", "heartbeat events published");
+    metrics_printf(b, "dspark_heartbeats_total %" PRIu64 "\n", d->heartbeats);
+    HELP("dspark_reaped_jobs_total", "counter", "jobs whose lease expired: requeued, failed or cancelled by the reaper");
+    metrics_printf(b, "dspark_reaped_jobs_total %" PRIu64 "\n", n.reaped);
+    HELP("dspark_expired_jobs_total", "counter", "queued jobs ended at their deadline (expires_at)");
+    metrics_printf(b, "dspark_expired_jobs_total %" PRIu64 "\n", n.expired);
+    HELP("dspark_pruned_jobs_total", "counter", "finished jobs deleted by retention");
+    metrics_printf(b, "dspark_pruned_jobs_total %" PRIu64 "\n", n.pruned);
+    HELP("dspark_start_time_seconds", "gauge", "when dsparkd started (Unix time)");
+    metrics_printf(b, "dspark_start_time_seconds %.3f\n", d->start_ts);
+#undef HELP
+}
+
 static bool healthy(struct daemon *d, uint64_t now)
 {
     if (!cfg.watchdog_requires_db)
@@ -452,6 +503,7 @@ static int poll_timeout_ms(struct daemon *d, uint64_t now)
         next = min_u64(next, d->next_prune_us);
     }
     next = min_u64(next, supervisor_next_due(d->sup));
+    next = min_u64(next, metrics_next_due(d->metrics));
     if (d->watchdog_usec)
         next = min_u64(next, d->next_watchdog_us);
     if (!d->ready_sent)
@@ -524,6 +576,7 @@ static int run(struct daemon *d)
         for (int i = 0; i < nz; i++)
             fds[n++] = (struct pollfd){ .fd = zfds[i], .events = POLLIN };
         n += supervisor_pollfds(d->sup, fds + n, MAX_POLL - n);
+        n += metrics_pollfds(d->metrics, fds + n, MAX_POLL - n);
 
         if (ds_events_pub_process(d->pub) < 0)
             ds_log(DS_LOG_WARNING, "event socket: %s", ds_errdetail());
@@ -537,6 +590,7 @@ static int run(struct daemon *d)
         read_signals(d);
         fanout_pump(d->fanout, now);
         supervisor_read(d->sup, now);
+        metrics_handle(d->metrics, now);
         if (ds_events_pub_process(d->pub) < 0)
             ds_log(DS_LOG_WARNING, "event socket: %s", ds_errdetail());
     }
@@ -667,6 +721,17 @@ int main(int argc, char **argv)
     }
     ds_log(DS_LOG_INFO, "dsparkd %s starting on '%s', events on '%s'%s", PACKAGE_VERSION, d.host,
            ds_events_pub_endpoint(d.pub), *cfg.curve_secret_key_file ? " (CURVE)" : "");
+    d.start_ts = ds_wire_now();
+    if (*cfg.metrics_listen) {
+        if ((r = metrics_new(cfg.metrics_listen, render_metrics, &d, &d.metrics)) < 0) {
+            int code = r == -DS_ECONFIG ? EXIT_CONFIG : 1;
+            ds_log(DS_LOG_CRIT, "%s", ds_errdetail());
+            ds_events_pub_close(d.pub);
+            ds_cfg_free(&config_table);
+            return code;
+        }
+        ds_log(DS_LOG_INFO, "metrics on '%s' (GET /metrics)", cfg.metrics_listen);
+    }
     d.fanout = fanout_new(&cfg, d.pub);
     d.sup = supervisor_new(&cfg, d.host);
 
@@ -675,6 +740,7 @@ int main(int argc, char **argv)
     ds_log(DS_LOG_INFO, "dsparkd stopped (%" PRIu64 " events published)", fanout_published(d.fanout));
     supervisor_free(d.sup);
     fanout_free(d.fanout);
+    metrics_free(d.metrics);
     ds_events_pub_close(d.pub);
     close(d.sigfd);
     ds_cfg_free(&config_table);

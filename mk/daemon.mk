@@ -9,7 +9,7 @@ libdscommon_a_SOURCES += \
 
 # dsparkd, the per-host daemon.
 bin_PROGRAMS += dsparkd
-dsparkd_SOURCES = daemon/main.c daemon/fanout.c daemon/supervise.c daemon/dsparkd.h
+dsparkd_SOURCES = daemon/main.c daemon/fanout.c daemon/supervise.c daemon/metrics.c daemon/dsparkd.h
 dsparkd_CPPFLAGS = $(AM_CPPFLAGS) -DDS_SYSCONFDIR='"$(sysconfdir)"' -DDS_BINDIR='"$(bindir)"'
 dsparkd_CFLAGS = $(AM_CFLAGS) $(LIBPQ_CFLAGS) $(LIBZMQ_CFLAGS)
 dsparkd_LDADD = $(COMMON_LIBS)

@@ -59,6 +59,20 @@ start_sub() {
 
 mkdir -p "$T/w"
 EP="ipc://$T/events.sock"
+MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# scrape [METHOD] PATH: the status code, then the body, of an HTTP request to dsparkd's metrics endpoint
+scrape() {
+    python3 - "$MPORT" "$@" <<'PYEOF'
+import http.client, sys
+port, args = int(sys.argv[1]), sys.argv[2:]
+method, path = (args[0], args[1]) if len(args) > 1 else ("GET", args[0])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+c.request(method, path)
+r = c.getresponse()
+print(r.status, r.getheader("Content-Type"))
+sys.stdout.write(r.read().decode())
+PYEOF
+}
 cat >"$T/dspark.conf" <<EOF
 [dsparkd]
 host_name = testhost
@@ -73,6 +87,9 @@ dsn = "$DSPARK_DSN"
 [events]
 endpoint = $EP
 heartbeat_interval = 200ms
+
+[metrics]
+listen = 127.0.0.1:$MPORT
 
 [worker]
 program = $DS_SRCDIR/tests/integration/fake-worker.sh
@@ -190,6 +207,31 @@ wait_for "$T/reap.out" "^job id=$j5 batch=- state=cancelled version=2 attempt=0 
 tap_result $? "dsparkd expires a job still queued at its deadline: 'cancelled' event, finish=expired"
 wait_for "$T/dsparkd.log" "expiry: 1 queued job past its deadline cancelled" 5
 tap_result $? "... and logs it"
+
+# the Prometheus endpoint
+sleep 0.5   # a status read after the jobs above
+scrape /metrics >"$T/metrics.txt"
+tap_is "$(head -n 1 "$T/metrics.txt")" "200 text/plain; version=0.0.4; charset=utf-8" "GET /metrics: 200, the text exposition format"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_database_up 1$' "... the database is up"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_workers\{state="ready"\} 2$' "... both workers are ready"
+tap_like "$(cat "$T/metrics.txt")" "^dspark_jobs\\{state=\"queued\"\\} $(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued'")\$" \
+    "... the queued jobs, as the database counts them"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_expired_jobs_total 1$' "... the job expired above"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_reaped_jobs_total [2-9]' "... the jobs the reaper took above"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_events_published_total [1-9][0-9]*$' "... and the events published"
+tap_is "$(sed 1d "$T/metrics.txt" | grep -v '^# \(HELP\|TYPE\) dspark_[a-z_]* ' | grep -cvE '^dspark_[a-z_]+(\{state="[a-z]+"\})? [0-9]+(\.[0-9]+)?$')" 0 \
+    "every line is a HELP, a TYPE or a sample"
+tap_is "$(scrape /nothing | head -n 1 | cut -d' ' -f1) $(scrape POST /metrics | head -n 1 | cut -d' ' -f1)" "404 405" \
+    "another path is 404, another method 405"
+python3 -c 'import socket, sys, time; s = socket.create_connection(("127.0.0.1", int(sys.argv[1]))); s.send(b"GET /met"); time.sleep(3)' "$MPORT" &
+STALL=$!
+sleep 0.3
+tap_is "$(scrape /metrics | head -n 1)" "200 text/plain; version=0.0.4; charset=utf-8" "a client that stalls mid-request does not hold up the next scrape"
+wait "$STALL"
+out=$(printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/taken.sock\n' \
+    "$MPORT" "$DSPARK_DSN" "$T" >"$T/taken.conf"; "$DSPARKD" --config "$T/taken.conf" 2>&1)
+tap_is "$?" 1 "a second dsparkd on the same metrics port exits 1"
+tap_like "$out" "metrics.listen '127.0.0.1:$MPORT': Address already in use" "... saying why"
 
 # notifications are believed only as far as the row allows: anyone who may
 # connect can NOTIFY on the channel
@@ -461,6 +503,10 @@ printf '[worker]\ndevices = 0,cpu\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?" "78" "--check-config rejects a device that is not an index (the worker's --device takes one)"
 tap_like "$out" "worker.devices: invalid device 'cpu'" "... naming it"
+printf '[metrics]\nlisten = localhost:http\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?" "78" "--check-config rejects a metrics address without a port number"
+tap_like "$out" "metrics.listen 'localhost:http' is not HOST:PORT" "... naming it"
 q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')" >/dev/null
 sed -i '/^bogus = 1$/d; /^devices = /d' "$T/dspark.conf"
 timeout 20 "$DSPARKD" -c "$T/dspark.conf" >"$T/future.log" 2>&1
