@@ -558,6 +558,9 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
             printf("%" PRId64 " jobs finished: %" PRId64 " succeeded, %" PRId64
                    " failed, %" PRId64 " cancelled; %" PRId64 " output tokens in %.1f s\n",
                    p.total, p.succeeded, p.failed, p.cancelled, p.tokens, elapsed);
+            if (rc == CTL_EXIT_FAILED && w.batch && !watch)
+                fprintf(stderr, "dsparkctl: 'dsparkctl resubmit %s' sends the failed and cancelled jobs again\n",
+                        w.batch);
         }
     }
     ctl_events_free(ev);

@@ -108,7 +108,7 @@ noinst_PROGRAMS += bench/bench-queue
 bench_bench_queue_SOURCES = bench/bench-queue.c
 bench_bench_queue_CFLAGS = $(AM_CFLAGS) $(LIBPQ_CFLAGS)
 bench_bench_queue_LDADD = $(LIBPQ_LIBS)
-EXTRA_DIST += bench/bench-queue.sh
+EXTRA_DIST += bench/bench-queue.sh bench/queue-maintenance.sh
 
 # dsparkctl(1): markdown source and the generated page (see update-man in
 # mk/daemon.mk).

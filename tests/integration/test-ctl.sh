@@ -366,6 +366,12 @@ tap_like "$out" "'queued' is not a finished state" "... saying why"
 tap_is "$?" 2 "resubmit of two batches: exit 2"
 tap_like "$(q "SELECT dspark.resubmit_batch($RB, ARRAY['running'])" 2>&1)" "must be among succeeded, failed and cancelled" \
     "dspark.resubmit_batch refuses a state that is not final"
+printf '%s\n' '{"custom_id": "w", "method": "POST", "url": "/v1/completions", "body": {"model": "rs", "prompt": "p"}}' >"$T/w1.jsonl"
+WB=$("$C" submit -q -f "$T/w1.jsonl")
+"$C" cancel -q --batch "$WB"
+out=$("$C" wait --batch "$WB" 2>&1)
+tap_is "$?" 3 "wait on a batch with a cancelled job: exit 3"
+tap_like "$out" "'dsparkctl resubmit $WB' sends the failed and cancelled jobs again" "... and it tells how to send them again"
 
 # --- expiry ------------------------------------------------------------------------
 x1=$("$C" submit -m ex --expires-in '1 hour' "late is useless")
