@@ -41,6 +41,16 @@ wait_for() {   # FILE PATTERN SECONDS
 ms() {   # ms START END
     awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) * 1000 }'
 }
+best_ms() {   # SQL: the fastest of 5 runs through psql, ms
+    _best=
+    for _i in 1 2 3 4 5; do
+        _t0=$(now)
+        q "$1" >/dev/null
+        _t1=$(now)
+        _best=$(awk -v a="${_best:-1e9}" -v b="$(ms "$_t0" "$_t1")" 'BEGIN { print (b < a ? b : a) }')
+    done
+    echo "$_best"
+}
 row() {
     printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"
 }
@@ -92,22 +102,8 @@ row "(b) expire $N queued jobs ($sweeps sweeps of 10,000, and one that finds non
 q "DELETE FROM dspark.jobs" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, expires_at) SELECT 'm', 'p' || g, CASE WHEN g % 2 = 0 THEN now() + interval '1 hour' END FROM generate_series(1, $N) g" >/dev/null
 q "VACUUM ANALYZE dspark.jobs" >/dev/null
-best=
-for i in 1 2 3 4 5; do
-    t0=$(now)
-    q "SELECT dspark.expire_jobs(10000)" >/dev/null
-    t1=$(now)
-    x=$(ms "$t0" "$t1")
-    best=$(awk -v a="${best:-1e9}" -v b="$x" 'BEGIN { print (b < a ? b : a) }')
-done
-base=
-for i in 1 2 3 4 5; do
-    t0=$(now)
-    q "SELECT 1" >/dev/null
-    t1=$(now)
-    x=$(ms "$t0" "$t1")
-    base=$(awk -v a="${base:-1e9}" -v b="$x" 'BEGIN { print (b < a ? b : a) }')
-done
+best=$(best_ms "SELECT dspark.expire_jobs(10000)")
+base=$(best_ms "SELECT 1")
 row "(c) a sweep with nothing due among $N queued jobs, ms (best of 5; plain: SELECT 1, psql's own cost)" "$best" "$base" \
     "$(awk -v a="$best" -v p="$base" 'BEGIN { printf "%.2f", a / p }')"
 
