@@ -94,9 +94,12 @@ int fanout_socket(const struct fanout *f);
 int fanout_pump(struct fanout *f, uint64_t now_us);
 /* Queue counts for STATUS= and heartbeats (refreshes the DB-health clock). */
 int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret);
-/* Lease reaper: dspark.requeue_expired(), then dspark.expire_jobs() (queued jobs past their deadline). Returns
- * the reaper's jobs changed (0 when another host holds the lock). */
+/* Lease reaper: dspark.requeue_expired(). Returns jobs changed (0 when another host holds the lock). */
 int fanout_reap(struct fanout *f, uint64_t now_us);
+/* Expiry: dspark.expire_jobs(FANOUT_EXPIRE_BATCH), the queued jobs past their deadline. Returns jobs
+ * ended (<0 on error). */
+#define FANOUT_EXPIRE_BATCH 10000
+int64_t fanout_expire(struct fanout *f, uint64_t now_us);
 /* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
 int64_t fanout_prune(struct fanout *f, uint64_t now_us);
 /* Monotonic time of the last successful exchange with the database (0 = never). */

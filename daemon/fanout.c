@@ -1,7 +1,7 @@
 /* fanout.c: dsparkd's database side: the connection (with back-off and
  * re-LISTEN), job notifications turned into ZeroMQ events, queue counts for
- * STATUS= and heartbeats, the lease reaper (with the expiry of queued jobs past
- * their deadline) and retention.
+ * STATUS= and heartbeats, the lease reaper, the expiry of queued jobs past their
+ * deadline, and retention.
  *
  * A notification names each state change: job id, version, state and attempt
  * (see DS_DB_EVENTS_CHANNEL). The rows are read in one query per burst of
@@ -32,7 +32,6 @@
 #define MAX_PENDING (1u << 22)   /* notified changes kept while their rows cannot be read */
 #define START_CATCH_UP_DELAY_US 3000000u  /* after the first connection */
 #define START_CATCH_UP_WINDOW_S 600.0     /* finals of the last ten minutes are republished at start */
-#define EXPIRE_BATCH 10000       /* queued jobs past their deadline ended by one sweep (dspark.expire_jobs) */
 
 struct seen {
     int64_t id;
@@ -565,20 +564,28 @@ int fanout_reap(struct fanout *f, uint64_t now_us)
     if (n > 0)
         ds_log(DS_LOG_NOTICE, "lease reaper: %d job%s with an expired lease requeued, failed or cancelled", n,
                n == 1 ? "" : "s");
-    /* and the queued jobs past their deadline (expires_at): cancelled, finish_reason expired */
+    fanout_pump(f, now_us);
+    return n;
+}
+
+int64_t fanout_expire(struct fanout *f, uint64_t now_us)
+{
+    if (!f->up)
+        return 0;
     char limit[16];
-    snprintf(limit, sizeof limit, "%d", EXPIRE_BATCH);
-    const char *eparams[1] = { limit };
-    r = ds_db_exec(f->db, "SELECT dspark.expire_jobs($1::int)", 1, eparams, &res);
+    snprintf(limit, sizeof limit, "%d", FANOUT_EXPIRE_BATCH);
+    const char *params[1] = { limit };
+    PGresult *res;
+    int r = ds_db_exec(f->db, "SELECT dspark.expire_jobs($1::int)", 1, params, &res);
     if (r < 0)
         return query_failed(f, now_us, r, "the expiry sweep (dspark.expire_jobs)");
-    long expired = atol(PQgetvalue(res, 0, 0));
+    int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
-    f->counters.expired += (uint64_t)expired;
-    if (expired > 0)
-        ds_log(DS_LOG_NOTICE, "expiry: %ld queued job%s past %s deadline cancelled%s", expired,
-               expired == 1 ? "" : "s", expired == 1 ? "its" : "their",
-               expired >= EXPIRE_BATCH ? " (more at the next sweep)" : "");
+    f->last_ok_us = now_us;
+    f->counters.expired += (uint64_t)n;
+    if (n > 0)
+        ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
+               n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in a second)" : "");
     fanout_pump(f, now_us);
     return n;
 }

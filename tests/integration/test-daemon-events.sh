@@ -493,6 +493,17 @@ kill -TERM "$DPID"
 wait "$DPID"
 DPID=
 
+# more jobs past their deadline than one sweep ends: the next sweep follows in a
+# second, not a reaper_interval later
+q "INSERT INTO dspark.jobs (model, prompt, expires_at) SELECT 'late', 'x', now() - interval '1 s' FROM generate_series(1, 10500)" >/dev/null
+start_small sweep "$T/sweep.log" "$(printf 'reaper_interval = 1h\nreaper_grace = 0s')"
+wait_for "$T/sweep.log" "expiry: 500 queued jobs past their deadline cancelled$" 5
+tap_result $? "a full expiry sweep (10,000 jobs) is followed by the next one a second later"
+tap_like "$(cat "$T/sweep.log")" "expiry: 10000 queued jobs past their deadline cancelled \\(more in a second\\)" "... and says so"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+
 # configuration errors and a schema this build does not know
 printf '[dsparkd]\nreaper_interval = 1s\nreaper_interval = 2s\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
