@@ -363,6 +363,7 @@ static void resubmit_usage(FILE *f)
             "no batch, when no job of BATCH is in those states.\n"
             "  -s, --state LIST      the finished states to send again, comma-separated:\n"
             "                        failed, cancelled, succeeded (default failed,cancelled)\n"
+            "  -b, --batch BATCH     the batch, instead of the argument\n"
             "  -d, --dsn DSN, --json, -q (the new batch id only), -h, --help\n");
 }
 

@@ -98,7 +98,7 @@ int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret);
 int fanout_reap(struct fanout *f, uint64_t now_us);
 /* Expiry: dspark.expire_jobs(FANOUT_EXPIRE_BATCH), the queued jobs past their deadline. Returns jobs
  * ended (<0 on error). */
-#define FANOUT_EXPIRE_BATCH 10000
+#define FANOUT_EXPIRE_BATCH 2000   /* a sweep's jobs: it blocks the main loop for its query and events */
 int64_t fanout_expire(struct fanout *f, uint64_t now_us);
 /* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
 int64_t fanout_prune(struct fanout *f, uint64_t now_us);

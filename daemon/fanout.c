@@ -585,7 +585,7 @@ int64_t fanout_expire(struct fanout *f, uint64_t now_us)
     f->counters.expired += (uint64_t)n;
     if (n > 0)
         ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
-               n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in a second)" : "");
+               n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in 0.2 s)" : "");
     fanout_pump(f, now_us);
     return n;
 }

@@ -2,16 +2,20 @@
  * [metrics] listen (off unless configured).
  *
  * Served from the main loop without ever blocking it: the listening socket
- * and every connection are non-blocking, at most METRICS_CONNS connections are
- * open at once (a further one waits in the kernel's backlog), and a client
- * gets METRICS_TIMEOUT_US to send its request and take the answer, after which
- * it is dropped. The page comes from a callback that writes what dsparkd
- * already knows (no database query per scrape); the connection closes after
- * one answer. */
+ * and every connection are non-blocking, and at most METRICS_CONNS
+ * connections are open at once. A client gets METRICS_REQUEST_US to send its
+ * request and METRICS_TIMEOUT_US in all to take the answer; when every slot
+ * is taken, a new connection pushes out the oldest one still waiting for its
+ * request, so idle connections cannot lock scrapes out. When accept fails for
+ * want of descriptors or memory, the listening socket is left alone for a
+ * second (the pending connection would wake poll at once, over and over).
+ * The page comes from a callback that writes what dsparkd already knows (no
+ * database query per scrape); the connection closes after one answer. */
 #include "config.h"
 
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -25,12 +29,14 @@
 #include "dsparkd.h"
 
 #define METRICS_CONNS 8
-#define METRICS_TIMEOUT_US 5000000u
+#define METRICS_REQUEST_US 1000000u   /* to send the request */
+#define METRICS_TIMEOUT_US 5000000u   /* to take the answer too */
+#define METRICS_PAUSE_US 1000000u     /* the listening socket's rest after accept ran out of resources */
 #define METRICS_REQUEST_MAX 4096   /* a request's line and headers, at most */
 
 struct metrics_conn {
     int fd;                        /* -1: free */
-    uint64_t deadline_us;
+    uint64_t opened_us;
     char req[METRICS_REQUEST_MAX + 1];
     size_t req_len;
     struct ds_buf out;             /* the answer, once the request is read */
@@ -41,6 +47,8 @@ struct metrics {
     int fd;
     metrics_render_fn render;
     void *arg;
+    uint64_t paused_until_us;      /* accept is not tried before (0: not paused) */
+    uint64_t now_us;               /* of the last metrics_handle */
     struct metrics_conn conns[METRICS_CONNS];
 };
 
@@ -75,6 +83,38 @@ int metrics_check_address(const char *address)
     return 0;
 }
 
+/* A listening socket on the first address of (host, port, family) that can be bound; -1 with *err set. An
+ * IPv6 socket also takes IPv4 connections where the system allows (for ":PORT"). */
+static int listen_on(const char *host, const char *port, int family, int *gai_err, int *err)
+{
+    struct addrinfo hints = { .ai_family = family, .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+    struct addrinfo *ai = NULL;
+    *gai_err = getaddrinfo(*host ? host : NULL, port, &hints, &ai);
+    if (*gai_err != 0)
+        return -1;
+    int fd = -1;
+    for (struct addrinfo *a = ai; a && fd < 0; a = a->ai_next) {
+        /* close-on-exec: the workers dsparkd starts must not hold the port */
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) {
+            *err = errno;
+            continue;
+        }
+        int one = 1, zero = 0;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (a->ai_family == AF_INET6)
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+        if (bind(fd, a->ai_addr, a->ai_addrlen) < 0 || listen(fd, 16) < 0) {
+            *err = errno;
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
 int metrics_new(const char *address, metrics_render_fn render, void *arg, struct metrics **ret)
 {
     char host[256], port[16];
@@ -83,29 +123,13 @@ int metrics_new(const char *address, metrics_render_fn render, void *arg, struct
     if (r < 0)
         return r;
     split_address(address, host, sizeof host, port, sizeof port);
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
-    struct addrinfo *ai = NULL;
-    int gr = getaddrinfo(*host ? host : NULL, port, &hints, &ai);
-    if (gr != 0)
-        return ds_seterr(DS_ECONFIG, "metrics.listen '%s': %s", address, gai_strerror(gr));
-    int fd = -1, err = 0;
-    for (struct addrinfo *a = ai; a && fd < 0; a = a->ai_next) {
-        /* close-on-exec: the workers dsparkd starts must not hold the port */
-        fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, a->ai_addr, a->ai_addrlen) < 0 || listen(fd, 16) < 0) {
-            err = errno;
-            close(fd);
-            fd = -1;
-        }
-    }
-    freeaddrinfo(ai);
+    int gai_err = 0, err = 0, fd = -1;
+    if (!*host)   /* every address: IPv6 and IPv4 on one socket, else IPv4 alone */
+        fd = listen_on(host, port, AF_INET6, &gai_err, &err);
+    if (fd < 0)
+        fd = listen_on(host, port, *host ? AF_UNSPEC : AF_INET, &gai_err, &err);
+    if (gai_err != 0)
+        return ds_seterr(DS_ECONFIG, "metrics.listen '%s': %s", address, gai_strerror(gai_err));
     if (fd < 0)
         return ds_seterr(DS_EIO, "metrics.listen '%s': %s", address, strerror(err));
     struct metrics *m = ds_xcalloc(1, sizeof *m);
@@ -138,12 +162,21 @@ struct metrics *metrics_free(struct metrics *m)
     return NULL;
 }
 
-static int free_slots(const struct metrics *m)
+/* The slot for a new connection: a free one, else the oldest connection still waiting for its request
+ * (closed), else NULL (every slot is sending an answer). */
+static struct metrics_conn *slot_for_new(struct metrics *m)
 {
-    int n = 0;
-    for (int i = 0; i < METRICS_CONNS; i++)
-        n += m->conns[i].fd < 0;
-    return n;
+    struct metrics_conn *oldest = NULL;
+    for (int i = 0; i < METRICS_CONNS; i++) {
+        struct metrics_conn *c = &m->conns[i];
+        if (c->fd < 0)
+            return c;
+        if (!c->out.data && (!oldest || c->opened_us < oldest->opened_us))
+            oldest = c;
+    }
+    if (oldest)
+        conn_close(oldest);
+    return oldest;
 }
 
 int metrics_pollfds(struct metrics *m, struct pollfd *fds, int max)
@@ -151,7 +184,7 @@ int metrics_pollfds(struct metrics *m, struct pollfd *fds, int max)
     int n = 0;
     if (!m)
         return 0;
-    if (n < max && free_slots(m) > 0)
+    if (n < max && m->now_us >= m->paused_until_us)
         fds[n++] = (struct pollfd){ .fd = m->fd, .events = POLLIN };
     for (int i = 0; i < METRICS_CONNS && n < max; i++) {
         struct metrics_conn *c = &m->conns[i];
@@ -159,6 +192,12 @@ int metrics_pollfds(struct metrics *m, struct pollfd *fds, int max)
             fds[n++] = (struct pollfd){ .fd = c->fd, .events = c->out.data ? POLLOUT : POLLIN };
     }
     return n;
+}
+
+/* When c is dropped: its request's time, or, once it was read, the whole connection's. */
+static uint64_t conn_deadline(const struct metrics_conn *c)
+{
+    return c->opened_us + (c->out.data ? METRICS_TIMEOUT_US : METRICS_REQUEST_US);
 }
 
 void metrics_printf(struct ds_buf *b, const char *fmt, ...)
@@ -228,15 +267,55 @@ static int conn_write(struct metrics_conn *c)
     return 1;
 }
 
+/* Accept the pending connections while a slot can be had; answer those whose request came with them. */
+static void accept_new(struct metrics *m, uint64_t now_us)
+{
+    if (now_us < m->paused_until_us)
+        return;
+    for (;;) {
+        int fd = accept4(m->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* the connection stays pending and poll would return at once, over and over */
+                ds_log(DS_LOG_WARNING, "metrics: accept failed: %s; not accepting for %.0f s", strerror(errno),
+                       METRICS_PAUSE_US / 1e6);
+                m->paused_until_us = now_us + METRICS_PAUSE_US;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED) {
+                ds_log(DS_LOG_WARNING, "metrics: accept failed: %s", strerror(errno));
+            }
+            return;
+        }
+        struct metrics_conn *c = slot_for_new(m);
+        if (!c) {   /* every slot is sending an answer: this one waited its turn long enough */
+            close(fd);
+            return;
+        }
+        c->fd = fd;
+        c->opened_us = now_us;
+        /* a request that came with the connection is answered at once */
+        int r = conn_read(c);
+        if (r < 0) {
+            conn_close(c);
+            continue;
+        }
+        if (r == 1) {
+            answer(m, c);
+            if (conn_write(c) != 0)
+                conn_close(c);
+        }
+    }
+}
+
 void metrics_handle(struct metrics *m, uint64_t now_us)
 {
     if (!m)
         return;
+    m->now_us = now_us;
     for (int i = 0; i < METRICS_CONNS; i++) {
         struct metrics_conn *c = &m->conns[i];
         if (c->fd < 0)
             continue;
-        if (now_us >= c->deadline_us) {
+        if (now_us >= conn_deadline(c)) {
             conn_close(c);
             continue;
         }
@@ -253,30 +332,7 @@ void metrics_handle(struct metrics *m, uint64_t now_us)
         if (conn_write(c) != 0)
             conn_close(c);   /* all sent, or the client went away */
     }
-    for (int i = 0; i < METRICS_CONNS; i++) {
-        struct metrics_conn *c = &m->conns[i];
-        if (c->fd >= 0)
-            continue;
-        int fd = accept4(m->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
-                ds_log(DS_LOG_WARNING, "metrics: accept failed: %s", strerror(errno));
-            break;
-        }
-        c->fd = fd;
-        c->deadline_us = now_us + METRICS_TIMEOUT_US;
-        /* a request that came with the connection is answered at once */
-        int r = conn_read(c);
-        if (r < 0) {
-            conn_close(c);
-            continue;
-        }
-        if (r == 1) {
-            answer(m, c);
-            if (conn_write(c) != 0)
-                conn_close(c);
-        }
-    }
+    accept_new(m, now_us);
 }
 
 uint64_t metrics_next_due(const struct metrics *m)
@@ -284,8 +340,10 @@ uint64_t metrics_next_due(const struct metrics *m)
     uint64_t next = UINT64_MAX;
     if (!m)
         return next;
+    if (m->paused_until_us > m->now_us)
+        next = m->paused_until_us;
     for (int i = 0; i < METRICS_CONNS; i++)
-        if (m->conns[i].fd >= 0 && m->conns[i].deadline_us < next)
-            next = m->conns[i].deadline_us;
+        if (m->conns[i].fd >= 0 && conn_deadline(&m->conns[i]) < next)
+            next = conn_deadline(&m->conns[i]);
     return next;
 }

@@ -17,8 +17,8 @@ DS_MIGRATIONS = \
 	sql/009-worker-fence.sql \
 	sql/010-worker-instance.sql \
 	sql/011-claim-job-tokens.sql \
-	sql/012-resubmit.sql \
-	sql/013-expiry.sql
+	sql/012-expiry.sql \
+	sql/013-resubmit.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

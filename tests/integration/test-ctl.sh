@@ -372,6 +372,21 @@ WB=$("$C" submit -q -f "$T/w1.jsonl")
 out=$("$C" wait --batch "$WB" 2>&1)
 tap_is "$?" 3 "wait on a batch with a cancelled job: exit 3"
 tap_like "$out" "'dsparkctl resubmit $WB' sends the failed and cancelled jobs again" "... and it tells how to send them again"
+DB=$("$C" submit -q -f "$T/w1.jsonl" --expires-in '2 hours')
+q "UPDATE dspark.jobs SET created_at = created_at - interval '1 hour', expires_at = expires_at - interval '1 hour' WHERE batch_id = $DB" >/dev/null
+"$C" cancel -q --batch "$DB"
+ND=$("$C" resubmit -q "$DB")
+tap_is "$(q "SELECT expires_at BETWEEN now() + interval '119 minutes' AND now() + interval '121 minutes' FROM dspark.jobs WHERE batch_id = ${ND:-0}")" t \
+    "a resubmitted job gets its deadline as far from now as it was from its submission (2 hours)"
+# the source's jobs go away between the check and the copy (a trigger deletes them as the new batch is made):
+# no batch is left behind
+nb0=$(q "SELECT count(*) FROM dspark.batches")
+out=$(psql -X -q -A -t -v ON_ERROR_STOP=1 \
+    -c "CREATE FUNCTION pg_temp.gone() RETURNS trigger LANGUAGE plpgsql AS \$\$ BEGIN DELETE FROM dspark.jobs WHERE batch_id = (NEW.metadata->>'resubmit_of')::bigint; RETURN NEW; END \$\$" \
+    -c "CREATE TRIGGER gone BEFORE INSERT ON dspark.batches FOR EACH ROW EXECUTE FUNCTION pg_temp.gone()" \
+    -c "SELECT count(*) FROM dspark.resubmit_batch($DB)" \
+    -c "DROP TRIGGER gone ON dspark.batches" 2>&1)
+tap_is "$out $(q "SELECT count(*) FROM dspark.batches")" "0 $nb0" "a resubmission whose jobs vanished meanwhile returns nothing and leaves no batch"
 
 # --- expiry ------------------------------------------------------------------------
 x1=$("$C" submit -m ex --expires-in '1 hour' "late is useless")

@@ -53,7 +53,10 @@ tap_is "$(help_vs_man dsparkd.8 "$DSPARKD")" "" "dsparkd(8) documents every opti
 tap_is "$(help_vs_man dspark-worker.8 "$DS_BUILDDIR/dspark-worker")" "" \
     "dspark-worker(8) documents every option of dspark-worker --help"
 missing=$(help_vs_man dsparkctl.1 "$DS_BUILDDIR/dsparkctl")
-for c in db submit status list wait watch cancel results stats workers keygen; do
+# the commands as dsparkctl --help lists them, so that a new one is checked too
+cmds=$("$DS_BUILDDIR/dsparkctl" --help | awk '/^Commands:/ { on = 1; next } on && /^  [a-z]/ { print $1 } on && /^$/ { exit }')
+tap_like "$(echo $cmds)" "^db submit .* resubmit .* keygen$" "dsparkctl --help lists its commands"
+for c in $cmds; do
     m=$(help_vs_man dsparkctl.1 "$DS_BUILDDIR/dsparkctl" "$c")
     [ -z "$m" ] || missing="$missing$c: $m"
 done

@@ -368,8 +368,12 @@ e3=$(q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'none', -
 tap_is "$(q "SELECT string_agg(id::text, ',' ORDER BY id) FROM dspark.claim_jobs('w1', 10, NULL, 60)")" "$e2,$e3" \
     "claim_jobs passes over a queued job past its expires_at"
 q "UPDATE dspark.jobs SET expires_at = now() - interval '1 s' WHERE id = $e2" >/dev/null   # it runs past its deadline
+u1=$(q "INSERT INTO dspark.jobs (model, prompt, expires_at) VALUES ('unserved', 'x', now() - interval '1 s') RETURNING id")
+tap_is "$(q "SELECT count(*) FROM dspark.claim_unserved('w1', 'unserved', 10, 60)")" 0 \
+    "claim_unserved (the unknown-model sweep) passes over it too"
+q "DELETE FROM dspark.jobs WHERE id = $u1" >/dev/null
 tap_is "$(q "SELECT dspark.expire_jobs()")" 1 "expire_jobs ends the queued job past its deadline"
-tap_is "$(q "SELECT state || ' ' || finish_reason || ' ' || (finished_at IS NOT NULL) || ' ' || (error LIKE 'still queued at its deadline (%') FROM dspark.jobs WHERE id = $e1")" \
+tap_is "$(q "SELECT state || ' ' || finish_reason || ' ' || (finished_at IS NOT NULL) || ' ' || (error ~ '^still queued at its deadline, [0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8} UTC$') FROM dspark.jobs WHERE id = $e1")" \
     "cancelled expired true true" "... cancelled, finish_reason expired, with finished_at and the reason"
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $e2")" running "... and leaves a running job past its deadline to finish"
 tap_is "$(q "SELECT dspark.expire_jobs()")" 0 "a second sweep finds nothing"

@@ -111,5 +111,11 @@ tap_is "$(q "SELECT b.owner || ' ' || string_agg(j.owner || ':' || j.custom_id |
 nb2=$(q_as adam "SELECT batch_id FROM dspark.resubmit_batch($bb)")
 tap_is "$(q "SELECT b.owner || ' ' || string_agg(j.owner, ',') FROM dspark.batches b JOIN dspark.jobs j ON j.batch_id = b.id WHERE b.id = ${nb2:-0} GROUP BY b.owner")" \
     "bob bob" "an admin's resubmission keeps the jobs' owner"
+ab=$(q_as adam "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
+q_as adam "INSERT INTO dspark.jobs (batch_id, model, prompt, owner, state) VALUES ($ab, 'm', 'for bob', 'bob', 'queued')" >/dev/null
+q "UPDATE dspark.jobs SET state = 'cancelled', finished_at = now() WHERE batch_id = $ab" >/dev/null
+nb3=$(q_as adam "SELECT batch_id FROM dspark.resubmit_batch($ab)")
+tap_is "$(q "SELECT b.owner || ' ' || string_agg(j.owner, ',') FROM dspark.batches b JOIN dspark.jobs j ON j.batch_id = b.id WHERE b.id = ${nb3:-0} GROUP BY b.owner")" \
+    "adam bob" "an admin resubmitting its own batch keeps another role's job that role's"
 
 tap_done

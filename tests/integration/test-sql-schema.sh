@@ -15,7 +15,7 @@ out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 0 "db init succeeds"
 tap_like "$out" "created schema version 13" "db init reports the version"
 tap_is "$(q 'SELECT string_agg(version || name, $$ $$ ORDER BY version) FROM dspark.schema_version')" \
-    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-resubmit 13013-expiry" "schema_version holds every migration once"
+    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-expiry 13013-resubmit" "schema_version holds every migration once"
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 1 "db init refuses an initialised database"

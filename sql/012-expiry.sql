@@ -1,10 +1,11 @@
--- 013-expiry.sql: jobs that must start by a deadline.
+-- 012-expiry.sql: jobs that must start by a deadline.
 --
 -- A job may carry expires_at, the time by which it must have started: the
 -- OpenAI and Anthropic batch APIs expire the requests of a batch that did not
 -- finish within its window, so that a backlog does not spend GPUs on answers
 -- nobody waits for any more. claim_jobs (restated from 011 with that one
--- condition) no longer hands out a queued job past its expires_at, and
+-- condition) and claim_unserved (from 007, the same) no longer hand out a
+-- queued job past its expires_at, and
 -- dspark.expire_jobs, which dsparkd runs with the lease reaper, ends such jobs
 -- 'cancelled' with finish_reason 'expired'. A job that runs when its deadline
 -- passes runs to its end; one that is back in the queue then (its lease
@@ -89,12 +90,47 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget, each job costing its estimated prompt, max_tokens and p_job_tokens, none past its expires_at; they become running with a lease; a run_alone job is claimed alone';
+
+CREATE OR REPLACE FUNCTION dspark.claim_unserved(p_worker_id text, p_model text, p_max_jobs int,
+                                                 p_lease_seconds int)
+RETURNS SETOF dspark.jobs
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH claimed AS (
+        UPDATE dspark.jobs j
+        SET state = 'running', attempt = j.attempt + 1, worker_id = p_worker_id,
+            version = j.version + 1, started_at = now(),
+            lease_expires_at = now() + make_interval(secs => greatest(p_lease_seconds, 1))
+        WHERE j.id = ANY (ARRAY(
+            SELECT c.id
+            FROM dspark.jobs c
+            WHERE c.state = 'queued' AND c.run_after <= now() AND c.model = p_model
+              AND (c.expires_at IS NULL OR c.expires_at > now())
+            ORDER BY c.priority DESC, c.id
+            LIMIT greatest(p_max_jobs, 0)
+            FOR UPDATE SKIP LOCKED))
+        RETURNING j.*
+    ), sent AS (
+        SELECT dspark.notify_job_changes(ARRAY(
+            SELECT dspark.job_change(n.id, n.version, n.state, n.attempt)
+            FROM claimed n ORDER BY n.id))
+    )
+    SELECT cl.* FROM claimed cl WHERE (SELECT count(*) FROM sent) = 1
+    ORDER BY cl.priority DESC, cl.id;
+$$;
+
 -- End the queued jobs whose deadline has passed, at most p_limit of them (the
 -- earliest deadlines first); returns how many. Jobs another session holds
--- locked (being claimed) are left for the next sweep.
+-- locked (being claimed) are left for the next sweep. Like the other queue
+-- functions it bumps the versions and sends the notifications itself, so the
+-- rows skip jobs_before_update (a PL/pgSQL call per row).
 CREATE FUNCTION dspark.expire_jobs(p_limit int DEFAULT 10000)
 RETURNS bigint
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+    changes text[];
+BEGIN
     WITH due AS (
         SELECT d.id
         FROM dspark.jobs d
@@ -105,16 +141,23 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ), expired AS (
         UPDATE dspark.jobs j
         SET state = 'cancelled', finished_at = now(), finish_reason = 'expired',
-            error = 'still queued at its deadline (' || j.expires_at || ')'
+            error = 'still queued at its deadline, '
+                    || to_char(j.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC',
+            version = j.version + 1
         FROM due
         WHERE j.id = due.id
-        RETURNING j.id
+        RETURNING j.id, j.version, j.state, j.attempt
     )
-    SELECT count(*) FROM expired;
+    SELECT count(*), array_agg(dspark.job_change(e.id, e.version, e.state, e.attempt) ORDER BY e.id)
+    INTO n, changes
+    FROM expired e;
+    PERFORM dspark.notify_job_changes(changes);
+    RETURN n;
+END
 $$;
-COMMENT ON FUNCTION dspark.expire_jobs IS 'end queued jobs past their expires_at: cancelled, finish_reason expired (run by dsparkd with the lease reaper)';
+COMMENT ON FUNCTION dspark.expire_jobs IS 'end queued jobs past their expires_at: cancelled, finish_reason expired (run by dsparkd after the lease reaper)';
 
 REVOKE EXECUTE ON FUNCTION dspark.expire_jobs(int) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dspark.expire_jobs(int) TO dspark_worker, dspark_admin;
 
-INSERT INTO dspark.schema_version (version, name) VALUES (13, '013-expiry');
+INSERT INTO dspark.schema_version (version, name) VALUES (12, '012-expiry');
