@@ -72,6 +72,54 @@ END
 $$;
 COMMENT ON FUNCTION dspark.resubmit_batch IS 'a new batch of the requests of a batch''s jobs in the given finished states (default failed and cancelled); no rows when there are none';
 
+-- A job joins only a batch its inserting role can see (sql/004's join_batches
+-- checks, with its owner's rights, only that the batch exists): so a client
+-- adds jobs to its own batches only, as the rows' owner policy already
+-- requires of the jobs themselves. Found while reviewing resubmission: an
+-- admin's resubmission of a batch copied a job another client had slipped in.
+-- The trigger function of 004, with that check.
+CREATE OR REPLACE FUNCTION dspark.jobs_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bids bigint[];
+    counts bigint[];
+    dup record;
+    other bigint;
+BEGIN
+    SELECT pg_catalog.array_agg(b.batch_id ORDER BY b.batch_id),
+           pg_catalog.array_agg(b.n ORDER BY b.batch_id)
+    INTO bids, counts
+    FROM (SELECT n.batch_id, pg_catalog.count(*) AS n FROM new_rows n
+          WHERE n.batch_id IS NOT NULL GROUP BY n.batch_id) b;
+    IF bids IS NOT NULL THEN
+        PERFORM dspark.join_batches(bids, counts);
+        -- the inserting role must see each batch: a client adds jobs to its own batches only
+        SELECT u.id INTO other FROM pg_catalog.unnest(bids) AS u(id)
+        WHERE NOT EXISTS (SELECT FROM dspark.batches b WHERE b.id = u.id) LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'batch % does not exist (or is not yours)', other
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        SELECT n.batch_id, n.custom_id INTO dup
+        FROM new_rows n
+        WHERE n.batch_id IS NOT NULL AND n.custom_id IS NOT NULL
+        GROUP BY n.batch_id, n.custom_id
+        HAVING pg_catalog.count(*) > 1
+        LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'duplicate key value violates unique constraint "jobs_batch_custom_id_key"'
+                USING ERRCODE = 'unique_violation',
+                      DETAIL = pg_catalog.format('Key (batch_id, custom_id)=(%s, %s) already exists.',
+                                                 dup.batch_id, dup.custom_id),
+                      SCHEMA = 'dspark', TABLE = 'jobs', CONSTRAINT = 'jobs_batch_custom_id_key';
+        END IF;
+    END IF;
+    PERFORM dspark.notify_job_changes(ARRAY(
+        SELECT dspark.job_change(n.id, n.version, n.state, n.attempt) FROM new_rows n));
+    RETURN NULL;
+END
+$$;
+
 REVOKE EXECUTE ON FUNCTION dspark.resubmit_batch(bigint, text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dspark.resubmit_batch(bigint, text[]) TO dspark_client, dspark_admin;
 

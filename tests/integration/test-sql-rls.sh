@@ -1,6 +1,7 @@
 #!/bin/sh
-# test-sql-rls.sh: roles and row-level security. A client sees, cancels and
-# reads results of only its own jobs; a worker reads job metadata but never
+# test-sql-rls.sh: roles and row-level security. A client sees, cancels,
+# resubmits and reads results of only its own jobs, and adds jobs to its own
+# batches only; a worker reads job metadata but never
 # prompts or outputs, and changes jobs only through the queue functions,
 # which are SECURITY DEFINER with a fixed search_path.
 . "${DS_SRCDIR:-$(dirname "$0")/../..}/tests/integration/pg-harness.sh"
@@ -52,6 +53,9 @@ tap_is "$(q "SELECT state || ' ' || cancel_requested FROM dspark.jobs WHERE id =
 denied alice "UPDATE dspark.jobs SET state = 'succeeded' WHERE id = $a1" "a client cannot change a job's state"
 denied alice "UPDATE dspark.jobs SET output_text = 'forged' WHERE id = $a1" "a client cannot write outputs"
 denied alice "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'x', 'bob')" "a client cannot submit as another owner"
+out=$(q_as alice "INSERT INTO dspark.jobs (batch_id, model, prompt) VALUES ($bb, 'm', 'slipped in')" 2>&1)
+tap_like "$out" "batch $bb does not exist \\(or is not yours\\)" "a client cannot add a job to another client's batch"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE prompt = 'slipped in'")" 0 "... nothing was added"
 denied alice "INSERT INTO dspark.jobs (model, prompt, state) VALUES ('m', 'x', 'succeeded')" "a client cannot insert a finished job"
 denied alice "DELETE FROM dspark.jobs" "a client cannot delete jobs"
 denied alice "SELECT * FROM dspark.claim_jobs('evil', 10, NULL, 60)" "a client cannot claim jobs"
