@@ -382,8 +382,9 @@ static int parse_states(const char *list, char *out, size_t size)
             if (len == strlen(known[i]) && strncmp(p, known[i], len) == 0)
                 k = i;
         if (k < 0)
-            return ctl_usage_error("resubmit ", "--state: '%.*s' is not a finished state (failed, cancelled, succeeded)",
-                                   (int)len, p);
+            return ctl_usage_error("resubmit ",
+                                   "--state: '%.*s' is not a finished state (failed, cancelled, succeeded)", (int)len,
+                                   p);
         if (!seen[k]) {
             seen[k] = true;
             used += (size_t)snprintf(out + used, size - used, "%s%s", used > 1 ? "," : "", known[k]);

@@ -67,7 +67,8 @@ static const struct ds_cfg_key config_keys[] = {
     { "dsparkd", "status_interval", DS_CFG_DURATION, &cfg.status_interval, 100, 3600 * SEC, "2s", DS_CFG_RELOADABLE,
       NULL, "how often queue counts are read for STATUS= and heartbeats" },
     { "dsparkd", "reaper_interval", DS_CFG_DURATION, &cfg.reaper_interval, SEC, 3600 * SEC, "5s", DS_CFG_RELOADABLE,
-      NULL, "how often expired leases are requeued (dspark.requeue_expired) and jobs past their deadline expired" },
+      NULL,
+      "how often expired leases are requeued (dspark.requeue_expired) and jobs past their deadline expired" },
     { "dsparkd", "reaper_grace", DS_CFG_DURATION, &cfg.reaper_grace, 0, 3600 * SEC, "15s", DS_CFG_RELOADABLE, NULL,
       "after connecting to the database, the reaper waits this long (workers cut off with dsparkd renew their leases)" },
     { "dsparkd", "worker_timeout", DS_CFG_DURATION, &cfg.worker_timeout, SEC, DAY, "1min", DS_CFG_RELOADABLE, NULL,
@@ -376,7 +377,8 @@ static void render_metrics(struct ds_buf *b, void *arg)
         metrics_printf(b, "dspark_jobs{state=\"running\"} %" PRId64 "\n", st->running);
         HELP("dspark_jobs_age_seconds", "gauge", "age of the job counts");
         metrics_printf(b, "dspark_jobs_age_seconds %.3f\n", ds_wire_now() - d->status_ts);
-        HELP("dspark_output_tokens_per_second", "gauge", "output tokens of the jobs finished in the last minute, per second");
+        HELP("dspark_output_tokens_per_second", "gauge",
+             "output tokens of the jobs finished in the last minute, per second");
         metrics_printf(b, "dspark_output_tokens_per_second %.3f\n", st->tokens_per_s);
         if (st->mean_acceptance_length >= 0) {
             HELP("dspark_mean_acceptance_length", "gauge",
@@ -392,7 +394,8 @@ static void render_metrics(struct ds_buf *b, void *arg)
     metrics_printf(b, "dspark_events_published_total %" PRIu64 "\n", fanout_published(d->fanout));
     HELP("dspark_heartbeats_total", "counter", "heartbeat events published");
     metrics_printf(b, "dspark_heartbeats_total %" PRIu64 "\n", d->heartbeats);
-    HELP("dspark_reaped_jobs_total", "counter", "jobs whose lease expired: requeued, failed or cancelled by the reaper");
+    HELP("dspark_reaped_jobs_total", "counter",
+         "jobs whose lease expired: requeued, failed or cancelled by the reaper");
     metrics_printf(b, "dspark_reaped_jobs_total %" PRIu64 "\n", n.reaped);
     HELP("dspark_expired_jobs_total", "counter", "queued jobs ended at their deadline (expires_at)");
     metrics_printf(b, "dspark_expired_jobs_total %" PRIu64 "\n", n.expired);
