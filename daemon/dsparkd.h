@@ -132,6 +132,13 @@ void supervisor_drain(struct supervisor *s, uint64_t now_us);
 /* SIGKILL every worker now. */
 void supervisor_kill_all(struct supervisor *s);
 int supervisor_count(const struct supervisor *s);
+/* One worker, for the metrics: false when i is not a worker's index. */
+struct supervisor_worker_info {
+    const char *device;
+    bool running, ready;
+    unsigned failed_total;   /* runs that exited, were killed or could not start, since dsparkd started */
+};
+bool supervisor_worker(const struct supervisor *s, int i, struct supervisor_worker_info *ret);
 int supervisor_running(const struct supervisor *s);
 int supervisor_ready(const struct supervisor *s);
 bool supervisor_all_ready(const struct supervisor *s);

@@ -390,6 +390,16 @@ static void render_metrics(struct ds_buf *b, void *arg)
     metrics_printf(b, "dspark_workers{state=\"configured\"} %d\n", supervisor_count(d->sup));
     metrics_printf(b, "dspark_workers{state=\"running\"} %d\n", supervisor_running(d->sup));
     metrics_printf(b, "dspark_workers{state=\"ready\"} %d\n", supervisor_ready(d->sup));
+    struct supervisor_worker_info w;
+    if (supervisor_count(d->sup) > 0) {
+        HELP("dspark_worker_ready", "gauge", "1 while the device's dspark-worker is ready");
+        for (int i = 0; supervisor_worker(d->sup, i, &w); i++)
+            metrics_printf(b, "dspark_worker_ready{device=\"%s\"} %d\n", w.device, w.ready ? 1 : 0);
+        HELP("dspark_worker_failures_total", "counter",
+             "runs of the device's dspark-worker that exited, were killed or could not start");
+        for (int i = 0; supervisor_worker(d->sup, i, &w); i++)
+            metrics_printf(b, "dspark_worker_failures_total{device=\"%s\"} %u\n", w.device, w.failed_total);
+    }
     HELP("dspark_events_published_total", "counter", "job events published on the event socket");
     metrics_printf(b, "dspark_events_published_total %" PRIu64 "\n", fanout_published(d->fanout));
     HELP("dspark_heartbeats_total", "counter", "heartbeat events published");

@@ -647,6 +647,18 @@ int supervisor_ready(const struct supervisor *s)
     return k;
 }
 
+bool supervisor_worker(const struct supervisor *s, int i, struct supervisor_worker_info *ret)
+{
+    if (i < 0 || i >= s->n)
+        return false;
+    const struct worker *w = &s->w[i];
+    ret->device = w->device;
+    ret->running = w->pid != 0;
+    ret->ready = is_ready(w);
+    ret->failed_total = w->failed_total;
+    return true;
+}
+
 bool supervisor_all_ready(const struct supervisor *s)
 {
     return supervisor_ready(s) == s->n;

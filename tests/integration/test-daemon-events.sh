@@ -220,7 +220,7 @@ tap_like "$(cat "$T/metrics.txt")" "^dspark_jobs\\{state=\"queued\"\\} $(q "SELE
 tap_like "$(cat "$T/metrics.txt")" '^dspark_expired_jobs_total 1$' "... the job expired above"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_reaped_jobs_total [2-9]' "... the jobs the reaper took above"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_events_published_total [1-9][0-9]*$' "... and the events published"
-tap_is "$(sed 1d "$T/metrics.txt" | grep -v '^# \(HELP\|TYPE\) dspark_[a-z_]* ' | grep -cvE '^dspark_[a-z_]+(\{state="[a-z]+"\})? [0-9]+(\.[0-9]+)?$')" 0 \
+tap_is "$(sed 1d "$T/metrics.txt" | grep -v '^# \(HELP\|TYPE\) dspark_[a-z_]* ' | grep -cvE '^dspark_[a-z_]+(\{(state|device)="[a-z0-9]+"\})? [0-9]+(\.[0-9]+)?$')" 0 \
     "every line is a HELP, a TYPE or a sample"
 tap_is "$(scrape /nothing | head -n 1 | cut -d' ' -f1) $(scrape POST /metrics | head -n 1 | cut -d' ' -f1)" "404 405" \
     "another path is 404, another method 405"
@@ -288,6 +288,10 @@ while [ "$(cat "$T/w/0.pid")" = "$pid0" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n
 tap_result $([ "$(cat "$T/w/0.pid")" != "$pid0" ]; echo $?) "and starts a new one after the back-off"
 wait_for "$T/dsparkd.log" "worker for device '0' \\(pid $(cat "$T/w/0.pid")\\) is ready" 5
 tap_result $? "the new worker becomes ready"
+scrape /metrics >"$T/metrics2.txt"
+tap_is "$(grep '^dspark_worker_' "$T/metrics2.txt" | tr '\n' ' ')" \
+    'dspark_worker_ready{device="0"} 1 dspark_worker_ready{device="1"} 1 dspark_worker_failures_total{device="0"} 1 dspark_worker_failures_total{device="1"} 0 ' \
+    "the metrics count the crash against device 0, and both workers ready"
 
 # PostgreSQL stops: heartbeats go on, and say how old their queue counts are
 pg_harness_ctl -m fast -w -s stop >/dev/null 2>&1
