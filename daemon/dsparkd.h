@@ -177,7 +177,5 @@ int metrics_pollfds(struct metrics *m, struct pollfd *fds, int max);
 void metrics_handle(struct metrics *m, uint64_t now_us);
 /* When the oldest open connection times out, or UINT64_MAX. */
 uint64_t metrics_next_due(const struct metrics *m);
-/* printf onto a page. */
-void metrics_printf(struct ds_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -368,51 +368,51 @@ static void render_metrics(struct ds_buf *b, void *arg)
     struct daemon *d = arg;
     struct fanout_counters n = fanout_counters(d->fanout);
     const struct fanout_status *st = &d->status;
-#define HELP(name, type, text) metrics_printf(b, "# HELP " name " " text "\n# TYPE " name " " type "\n")
+#define HELP(name, type, text) ds_buf_printf(b, "# HELP " name " " text "\n# TYPE " name " " type "\n")
     HELP("dspark_database_up", "gauge", "1 while dsparkd's connection to PostgreSQL is up");
-    metrics_printf(b, "dspark_database_up %d\n", fanout_up(d->fanout) ? 1 : 0);
+    ds_buf_printf(b, "dspark_database_up %d\n", fanout_up(d->fanout) ? 1 : 0);
     if (st->valid) {
         HELP("dspark_jobs", "gauge", "jobs by state (read every dsparkd.status_interval)");
-        metrics_printf(b, "dspark_jobs{state=\"queued\"} %" PRId64 "\n", st->queued);
-        metrics_printf(b, "dspark_jobs{state=\"running\"} %" PRId64 "\n", st->running);
+        ds_buf_printf(b, "dspark_jobs{state=\"queued\"} %" PRId64 "\n", st->queued);
+        ds_buf_printf(b, "dspark_jobs{state=\"running\"} %" PRId64 "\n", st->running);
         HELP("dspark_jobs_age_seconds", "gauge", "age of the job counts");
-        metrics_printf(b, "dspark_jobs_age_seconds %.3f\n", ds_wire_now() - d->status_ts);
+        ds_buf_printf(b, "dspark_jobs_age_seconds %.3f\n", ds_wire_now() - d->status_ts);
         HELP("dspark_output_tokens_per_second", "gauge",
              "output tokens of the jobs finished in the last minute, per second");
-        metrics_printf(b, "dspark_output_tokens_per_second %.3f\n", st->tokens_per_s);
+        ds_buf_printf(b, "dspark_output_tokens_per_second %.3f\n", st->tokens_per_s);
         if (st->mean_acceptance_length >= 0) {
             HELP("dspark_mean_acceptance_length", "gauge",
                  "tokens committed per decoding round over the jobs finished in the last minute (tau)");
-            metrics_printf(b, "dspark_mean_acceptance_length %.4f\n", st->mean_acceptance_length);
+            ds_buf_printf(b, "dspark_mean_acceptance_length %.4f\n", st->mean_acceptance_length);
         }
     }
     HELP("dspark_workers", "gauge", "dspark-worker processes: configured, running and ready");
-    metrics_printf(b, "dspark_workers{state=\"configured\"} %d\n", supervisor_count(d->sup));
-    metrics_printf(b, "dspark_workers{state=\"running\"} %d\n", supervisor_running(d->sup));
-    metrics_printf(b, "dspark_workers{state=\"ready\"} %d\n", supervisor_ready(d->sup));
+    ds_buf_printf(b, "dspark_workers{state=\"configured\"} %d\n", supervisor_count(d->sup));
+    ds_buf_printf(b, "dspark_workers{state=\"running\"} %d\n", supervisor_running(d->sup));
+    ds_buf_printf(b, "dspark_workers{state=\"ready\"} %d\n", supervisor_ready(d->sup));
     struct supervisor_worker_info w;
     if (supervisor_count(d->sup) > 0) {
         HELP("dspark_worker_ready", "gauge", "1 while the device's dspark-worker is ready");
         for (int i = 0; supervisor_worker(d->sup, i, &w); i++)
-            metrics_printf(b, "dspark_worker_ready{device=\"%s\"} %d\n", w.device, w.ready ? 1 : 0);
+            ds_buf_printf(b, "dspark_worker_ready{device=\"%s\"} %d\n", w.device, w.ready ? 1 : 0);
         HELP("dspark_worker_failures_total", "counter",
              "runs of the device's dspark-worker that exited, were killed or could not start");
         for (int i = 0; supervisor_worker(d->sup, i, &w); i++)
-            metrics_printf(b, "dspark_worker_failures_total{device=\"%s\"} %u\n", w.device, w.failed_total);
+            ds_buf_printf(b, "dspark_worker_failures_total{device=\"%s\"} %u\n", w.device, w.failed_total);
     }
     HELP("dspark_events_published_total", "counter", "job events published on the event socket");
-    metrics_printf(b, "dspark_events_published_total %" PRIu64 "\n", fanout_published(d->fanout));
+    ds_buf_printf(b, "dspark_events_published_total %" PRIu64 "\n", fanout_published(d->fanout));
     HELP("dspark_heartbeats_total", "counter", "heartbeat events published");
-    metrics_printf(b, "dspark_heartbeats_total %" PRIu64 "\n", d->heartbeats);
+    ds_buf_printf(b, "dspark_heartbeats_total %" PRIu64 "\n", d->heartbeats);
     HELP("dspark_reaped_jobs_total", "counter",
          "jobs whose lease expired: requeued, failed or cancelled by the reaper");
-    metrics_printf(b, "dspark_reaped_jobs_total %" PRIu64 "\n", n.reaped);
+    ds_buf_printf(b, "dspark_reaped_jobs_total %" PRIu64 "\n", n.reaped);
     HELP("dspark_expired_jobs_total", "counter", "queued jobs ended at their deadline (expires_at)");
-    metrics_printf(b, "dspark_expired_jobs_total %" PRIu64 "\n", n.expired);
+    ds_buf_printf(b, "dspark_expired_jobs_total %" PRIu64 "\n", n.expired);
     HELP("dspark_pruned_jobs_total", "counter", "finished jobs deleted by retention");
-    metrics_printf(b, "dspark_pruned_jobs_total %" PRIu64 "\n", n.pruned);
+    ds_buf_printf(b, "dspark_pruned_jobs_total %" PRIu64 "\n", n.pruned);
     HELP("dspark_start_time_seconds", "gauge", "when dsparkd started (Unix time)");
-    metrics_printf(b, "dspark_start_time_seconds %.3f\n", d->start_ts);
+    ds_buf_printf(b, "dspark_start_time_seconds %.3f\n", d->start_ts);
 #undef HELP
 }
 

@@ -17,7 +17,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,17 +199,6 @@ static uint64_t conn_deadline(const struct metrics_conn *c)
     return c->opened_us + (c->out.data ? METRICS_TIMEOUT_US : METRICS_REQUEST_US);
 }
 
-void metrics_printf(struct ds_buf *b, const char *fmt, ...)
-{
-    char line[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        ds_buf_put(b, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-}
-
 /* The answer to the request in c->req (complete: it ends with an empty line). */
 static void answer(struct metrics *m, struct metrics_conn *c)
 {
@@ -230,8 +218,8 @@ static void answer(struct metrics *m, struct metrics_conn *c)
     } else {
         m->render(&body, m->arg);
     }
-    metrics_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
-                   status, type, body.len);
+    ds_buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+                  status, type, body.len);
     if (!head && body.len)
         ds_buf_put(&c->out, body.data, body.len);
     ds_buf_free(&body);

@@ -13,6 +13,8 @@ struct ds_buf {
 
 void ds_buf_put(struct ds_buf *b, const char *s, size_t n);
 void ds_buf_puts(struct ds_buf *b, const char *s);
+/* Append printf-formatted text. */
+void ds_buf_printf(struct ds_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Free the data and reset the buffer to empty. */
 void ds_buf_free(struct ds_buf *b);
 
