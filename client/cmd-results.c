@@ -367,34 +367,49 @@ static void resubmit_usage(FILE *f)
             "  -d, --dsn DSN, --json, -q (the new batch id only), -h, --help\n");
 }
 
-/* "failed,cancelled" into the PostgreSQL array literal "{failed,cancelled}" (each state once). */
-static int parse_states(const char *list, char *out, size_t size)
+/* The finished states resubmit may send again, in the order --state gives them (each once). */
+struct states {
+    const char *name[3];
+    int n;
+};
+
+static const char *const finished_states[] = { "failed", "cancelled", "succeeded" };
+
+/* Parse "failed,cancelled"; 0, or the usage error's exit status. */
+static int parse_states(const char *list, struct states *ret)
 {
-    static const char *const known[] = { "failed", "cancelled", "succeeded" };
-    bool seen[3] = { false, false, false };
-    const char *p = list;
-    size_t used = 0;
-    out[used++] = '{';
-    for (;;) {
+    ret->n = 0;
+    for (const char *p = list;; p++) {
         size_t len = strcspn(p, ",");
-        int k = -1;
+        const char *known = NULL;
         for (int i = 0; i < 3; i++)
-            if (len == strlen(known[i]) && strncmp(p, known[i], len) == 0)
-                k = i;
-        if (k < 0)
+            if (len == strlen(finished_states[i]) && strncmp(p, finished_states[i], len) == 0)
+                known = finished_states[i];
+        if (!known)
             return ctl_usage_error("resubmit ",
                                    "--state: '%.*s' is not a finished state (failed, cancelled, succeeded)", (int)len,
                                    p);
-        if (!seen[k]) {
-            seen[k] = true;
-            used += (size_t)snprintf(out + used, size - used, "%s%s", used > 1 ? "," : "", known[k]);
-        }
-        if (p[len] == '\0')
-            break;
-        p += len + 1;
+        bool again = false;
+        for (int i = 0; i < ret->n; i++)
+            again |= ret->name[i] == known;
+        if (!again)
+            ret->name[ret->n++] = known;
+        p += len;
+        if (!*p)
+            return 0;
     }
-    snprintf(out + used, size - used, "}");
-    return 0;
+}
+
+/* The states joined: as a PostgreSQL array literal ("{failed,cancelled}"), or as words ("failed or
+ * cancelled"). */
+static void join_states(const struct states *st, bool words, char *out, size_t size)
+{
+    size_t used = (size_t)snprintf(out, size, "%s", words ? "" : "{");
+    for (int i = 0; i < st->n && used < size; i++)
+        used += (size_t)snprintf(out + used, size - used, "%s%s",
+                                 i == 0 ? "" : !words ? "," : i == st->n - 1 ? " or " : ", ", st->name[i]);
+    if (!words && used < size)
+        snprintf(out + used, size - used, "}");
 }
 
 int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
@@ -406,7 +421,7 @@ int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     const char *batch = NULL;
-    char states[64] = "{failed,cancelled}";
+    struct states st = { { finished_states[0], finished_states[1] }, 2 };
     int64_t v;
     int opt, rc;
     while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "s:b:", opts, NULL)) != -1) {
@@ -417,7 +432,7 @@ int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
             resubmit_usage(stdout);
             return CTL_EXIT_OK;
         case 's':
-            if ((rc = parse_states(optarg, states, sizeof states)))
+            if ((rc = parse_states(optarg, &st)))
                 return rc;
             break;
         case 'b':
@@ -438,6 +453,9 @@ int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
         return CTL_EXIT_USAGE;
     if ((rc = ctl_connect(c, true)))
         return rc;
+    char states[64], words[80];
+    join_states(&st, false, states, sizeof states);
+    join_states(&st, true, words, sizeof words);
     const char *params[] = { batch, states };
     json_t *rows;
     if (ctl_query_json(c,
@@ -446,16 +464,6 @@ int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
                        2, params, &rows) < 0)
         return ctl_fail("could not resubmit");
     json_t *row = json_array_get(rows, 0);
-    /* the states as words: "failed or cancelled" */
-    char words[80];
-    size_t w = 0;
-    const char *s = states + 1;
-    while (*s && *s != '}') {
-        size_t len = strcspn(s, ",}");
-        bool last = s[len] == '}';
-        w += (size_t)snprintf(words + w, sizeof words - w, "%s%.*s", w == 0 ? "" : last ? " or " : ", ", (int)len, s);
-        s += len + (last ? 0 : 1);
-    }
     if (c->json) {
         json_t *out = row ? json_incref(row)
                           : json_pack("{s:n, s:i, s:n, s:n}", "batch_id", "jobs", 0, "first_id", "last_id");
