@@ -18,8 +18,9 @@
 # BENCH_BATCH (default 64), BENCH_ROUND (jobs per alternating round of (b),
 # default 2048), BENCH_PARTS (parts of the file in (a), default 4),
 # BENCH_FINISH (json: write back through the JSON form of finish_jobs rather
-# than dspark.finish_job_results, which the worker uses), PG_BINDIR. Prints a
-# table; exits 1 on failure.
+# than dspark.finish_job_results, which the worker uses), BENCH_OWNERS (the
+# queued jobs of (b) spread over this many clients, so that claims take turns
+# among them; default 1), PG_BINDIR. Prints a table; exits 1 on failure.
 set -u
 : "${DS_SRCDIR:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${DS_BUILDDIR:=$(pwd)}"
@@ -29,6 +30,7 @@ CLIENTS=${BENCH_CLIENTS:-2}
 BATCH=${BENCH_BATCH:-64}
 ROUND=${BENCH_ROUND:-2048}
 PARTS=${BENCH_PARTS:-4}
+OWNERS=${BENCH_OWNERS:-1}
 BQ="$DS_BUILDDIR/bench/bench-queue"
 [ -x "$BQ" ] || { echo "bench-queue.sh: build $BQ first (make bench/bench-queue)" >&2; exit 1; }
 
@@ -74,6 +76,9 @@ q "CREATE TABLE bench_plain (id bigserial PRIMARY KEY, state text NOT NULL DEFAU
        payload text NOT NULL, result text);
    CREATE INDEX bench_plain_queued ON bench_plain (id) WHERE state = 'queued';
    INSERT INTO bench_plain (payload) SELECT line::text FROM plain_submit ORDER BY id" >/dev/null
+if [ "$OWNERS" -gt 1 ]; then
+    q "UPDATE dspark.jobs SET owner = 'client-' || (id % $OWNERS)" >/dev/null || exit 1
+fi
 psql -X -q -c "VACUUM ANALYZE" >/dev/null
 
 # both drained in alternating rounds of ROUND jobs (same machine load for both)
@@ -93,7 +98,7 @@ ds1=$(rate "$N" "$sub_ds")
 pl1=$(rate "$N" "$sub_plain")
 ds2=$(rate "$N" "$cl_ds_s")
 pl2=$(rate "$N" "$cl_plain_s")
-printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
+printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, $OWNERS job owners, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
 printf '%-44s %12s %12s %7s\n' "measurement" "dspark" "plain" "ratio"
 printf '%-44s %12s %12s %7s\n' "submit JSONL (jobs/s)" "$ds1" "$pl1" "$(awk -v a="$ds1" -v b="$pl1" 'BEGIN { printf "%.2f", a / b }')"
 printf '%-44s %12s %12s %7s\n' "claim $BATCH + write-back (jobs/s)" "$ds2" "$pl2" "$(awk -v a="$ds2" -v b="$pl2" 'BEGIN { printf "%.2f", a / b }')"

@@ -18,7 +18,8 @@ DS_MIGRATIONS = \
 	sql/010-worker-instance.sql \
 	sql/011-claim-job-tokens.sql \
 	sql/012-expiry.sql \
-	sql/013-resubmit.sql
+	sql/013-resubmit.sql \
+	sql/014-client-turns.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -10,15 +10,20 @@ pg_harness_start
 pg_harness_init
 T=$PGH_DIR
 
+# repeat_sql FILE N STATEMENT: a script of N times the statement
+repeat_sql() {
+    : >"$1"
+    _i=0
+    while [ $_i -lt "$2" ]; do
+        echo "$3" >>"$1"
+        _i=$((_i + 1))
+    done
+}
+
 # --- two sessions claiming 1,000 jobs concurrently ------------------------
 q "INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'p' || g FROM generate_series(1, 1000) g"
 for w in a b; do
-    : >"$T/claim-$w.sql"
-    i=0
-    while [ $i -lt 130 ]; do
-        echo "SELECT id FROM dspark.claim_jobs('worker-$w', 7, NULL, 300);" >>"$T/claim-$w.sql"
-        i=$((i + 1))
-    done
+    repeat_sql "$T/claim-$w.sql" 130 "SELECT id FROM dspark.claim_jobs('worker-$w', 7, NULL, 300);"
 done
 psql -X -q -A -t -f "$T/claim-a.sql" >"$T/ids-a" 2>"$T/err-a" &
 pa=$!
@@ -75,6 +80,92 @@ q "INSERT INTO dspark.jobs (model, prompt) VALUES ('qwen3-4b', 'a'), ('llama', '
 tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL, 60, ARRAY['qwen3-4b'])")" "a,c" \
     "a model filter claims only that model"
 q "DELETE FROM dspark.jobs" >/dev/null
+
+# --- the clients with queued jobs take turns (014) ---------------------------
+# alice queued six jobs, then bob three and carol one: each client's first
+# job, then each one's second, ...; within a turn in id order
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 6) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 3) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'c1', 'carol')" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 6, NULL, 60)")" "a1,b1,c1,a2,b2,a3" \
+    "clients take turns: one job of each a turn, returned in claim order"
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 6, NULL, 60)")" "a4,b3,a5,a6" \
+    "... counted afresh at each claim, and a client alone in the queue takes the rest in order"
+# a job handed back to the queue is its client's first again
+id=$(q "SELECT id FROM dspark.jobs WHERE prompt = 'a5'")
+q "SELECT count(*) FROM dspark.release_jobs('w', ARRAY[$id]::bigint[], ARRAY[1])" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'b4', 'bob'), ('m', 'a7', 'alice')" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 2, NULL, 60)")" "a5,b4" \
+    "a handed-back job is first in its client's line"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# priorities first; turns within a priority; the budget's prefix and the model filter in turn order
+q "INSERT INTO dspark.jobs (model, prompt, owner, priority) VALUES
+   ('m', 'a1', 'alice', 0), ('m', 'a2', 'alice', 0), ('m', 'a3', 'alice', 0), ('m', 'b1', 'bob', 0),
+   ('m', 'b-urgent', 'bob', 5), ('m', 'a-urgent', 'alice', 5), ('m', 'b-urgent2', 'bob', 5)" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 7, NULL, 60)")" "b-urgent,a-urgent,b-urgent2,a1,b1,a2,a3" \
+    "a higher priority goes first, whoever's it is; turns are taken within a priority"
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, owner)
+   SELECT 'm', array_fill(7, ARRAY[100]), 100, o FROM generate_series(1, 3) g, unnest(ARRAY['a', 'b']) o" >/dev/null
+tap_is "$(q "SELECT string_agg(owner, ',') FROM dspark.claim_jobs('w', 10, 650, 60)")" "a,b,a" \
+    "a token budget admits the prefix of the turns (three jobs of 200 in 650)"
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('llama', 'a1', 'alice'), ('qwen', 'a2', 'alice'),
+   ('qwen', 'a3', 'alice'), ('llama', 'b1', 'bob'), ('qwen', 'b2', 'bob'), ('llama', 'c1', 'carol')" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL, 60, ARRAY['qwen'])")" "a2,b2,a3" \
+    "turns are counted among the jobs the worker may claim (its models)"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# a job that runs alone, first in line, is claimed alone from a queue of several clients
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_alone) VALUES ('m', 'a-alone', 'alice', true),
+   ('m', 'b1', 'bob', false), ('m', 'a2', 'alice', false)" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w-alone', 5, NULL, 60)")" "a-alone" \
+    "a job that runs alone is claimed alone when several clients have jobs queued"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w-alone', 5, NULL, 60)")" 0 "... and its worker claims nothing more"
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w-other', 5, NULL, 60)")" "b1,a2" \
+    "... while another worker takes the rest in turns"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# another claimer holds the first four jobs in turns: a claim of two reads a
+# longer list and takes the next two turns (not alice's next two by id)
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 10) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 10) g" >/dev/null
+psql -X -q -A -t -c "BEGIN" -c "SELECT id FROM dspark.jobs WHERE prompt IN ('a1', 'b1', 'a2', 'b2') FOR UPDATE" \
+    -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null 2>&1 &
+holder=$!
+sleep 1
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 2, NULL, 60)")" "a3,b3" \
+    "with the first turns locked by another claimer, a claim takes the next turns"
+wait $holder
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# concurrent claimers over three clients' jobs, 540 of 900 claimed: every
+# job at most once, and the clients' shares even (a claim can lose a race for
+# single rows to another, so within one claim's worth)
+q "INSERT INTO dspark.jobs (model, prompt, owner)
+   SELECT 'm', o || g, o FROM generate_series(1, 300) g, unnest(ARRAY['alice', 'bob', 'carol']) o" >/dev/null
+for w in a b c; do
+    repeat_sql "$T/turns-$w.sql" 20 "SELECT id || ' ' || owner FROM dspark.claim_jobs('turns-$w', 9, NULL, 300);"
+done
+for w in a b c; do
+    psql -X -q -A -t -f "$T/turns-$w.sql" >"$T/turns-out-$w" 2>"$T/turns-err-$w" &
+    eval "p$w=\$!"
+done
+wait $pa
+wait $pb
+wait $pc
+cat "$T/turns-out-a" "$T/turns-out-b" "$T/turns-out-c" | grep . >"$T/turns-all"
+tap_is "$(cut -d' ' -f1 "$T/turns-all" | sort | uniq -d | wc -l | tr -d ' ')|$(wc -l <"$T/turns-all" | tr -d ' ')" \
+    "0|$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'running'")" \
+    "three concurrent claimers over three clients: no job handed out twice"
+tap_is "$(cat "$T/turns-err-a" "$T/turns-err-b" "$T/turns-err-c")" "" "... without errors"
+spread=$(q "SELECT max(n) - min(n) FROM (SELECT count(*) FILTER (WHERE state = 'running') AS n FROM dspark.jobs GROUP BY owner) s")
+tap_ok "... and the clients' shares within 9 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 9
+q "DELETE FROM dspark.jobs" >/dev/null
+
+plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.owner > 'a' ORDER BY c.owner LIMIT 1" 2>&1)
+tap_like "$plan" "jobs_queued_owner_idx" "the clients are found through the queued jobs' owner index"
 
 # --- leases, requeue, max_attempts ----------------------------------------
 id=$(q "INSERT INTO dspark.jobs (model, prompt, max_attempts) VALUES ('m', 'doomed', 2) RETURNING id")

@@ -13,18 +13,18 @@ tap_like "$out" "database has no dspark schema: run 'dsparkctl db init'" "... an
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 0 "db init succeeds"
-tap_like "$out" "created schema version 13" "db init reports the version"
+tap_like "$out" "created schema version 14" "db init reports the version"
 tap_is "$(q 'SELECT string_agg(version || name, $$ $$ ORDER BY version) FROM dspark.schema_version')" \
-    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-expiry 13013-resubmit" "schema_version holds every migration once"
+    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-expiry 13013-resubmit 14014-client-turns" "schema_version holds every migration once"
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 1 "db init refuses an initialised database"
-tap_like "$out" "already has a dspark schema \\(version 13\\)" "... with a clear message"
+tap_like "$out" "already has a dspark schema \\(version 14\\)" "... with a clear message"
 
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 0 "db migrate on a current database succeeds"
-tap_like "$out" "schema version 13 is current" "... and changes nothing"
-tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 13 "... no duplicate version rows"
+tap_like "$out" "schema version 14 is current" "... and changes nothing"
+tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 14 "... no duplicate version rows"
 
 "$DSPARKCTL" db status >/dev/null 2>&1
 tap_is "$?" 0 "db status exits 0 on a current schema"
@@ -54,14 +54,14 @@ p2=$!
 wait $p1; r1=$?
 wait $p2; r2=$?
 tap_is "$r1$r2" 00 "two concurrent db migrate both succeed"
-tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 13 \
+tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 14 \
     "... and applied each migration once"
 
 # a database newer than the build is refused by everything but db status
 q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')"
 out=$("$DSPARKCTL" list 2>&1)
 tap_is "$?" 1 "an unknown schema version is refused"
-tap_like "$out" "database schema version 99, this build knows 13: run 'dsparkctl db migrate'" \
+tap_like "$out" "database schema version 99, this build knows 14: run 'dsparkctl db migrate'" \
     "... with the version message"
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 1 "db migrate refuses a database newer than the build"
