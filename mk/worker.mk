@@ -12,6 +12,7 @@ DS_E2E_TESTS = \
 	tests/integration/test-e2e-badinput.sh \
 	tests/integration/test-e2e-scale.sh \
 	tests/integration/test-e2e-faults.sh \
-	tests/integration/test-e2e-transitions.sh
+	tests/integration/test-e2e-transitions.sh \
+	tests/integration/test-e2e-turns.sh
 TESTS += $(DS_E2E_TESTS)
 EXTRA_DIST += $(DS_E2E_TESTS) tests/integration/e2e-lib.sh scripts/demo.sh
