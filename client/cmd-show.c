@@ -33,10 +33,13 @@ static void status_usage(FILE *f)
     fprintf(f,
             "usage: dsparkctl status [OPTIONS] [ID...]\n"
             "       dsparkctl status [OPTIONS] --batch BATCH\n"
+            "       dsparkctl status [OPTIONS] --clients\n"
             "\n"
             "Without arguments: the queue (job counts over all owners) and the workers.\n"
             "With job ids: those jobs (yours only). With --batch: the batch's progress.\n"
+            "With --clients: each client's queued and running jobs (dspark_admin only).\n"
             "  -b, --batch BATCH\n"
+            "  -c, --clients\n"
             "  -d, --dsn DSN, --json, -q, --quiet, -h, --help\n");
 }
 
@@ -138,21 +141,50 @@ static void print_batches_table(json_t *rows)
 static const char *const batch_sql =
     "SELECT row_to_json(b) FROM dspark.batch_progress b ";
 
+static void print_clients_table(json_t *rows)
+{
+    static const char *const titles[] = { "CLIENT", "QUEUED", "DELAYED", "RUNNING", "OLDEST QUEUED S" };
+    struct ctl_table *t = ctl_table_new(5, titles);
+    for (int k = 1; k <= 4; k++)
+        ctl_table_right(t, k);
+    size_t i;
+    json_t *r;
+    json_array_foreach(rows, i, r) {
+        char b[5][160];
+        const char *cells[] = {
+            ctl_cell(J(r, "client"), b[0], 64),
+            ctl_cell(J(r, "queued"), b[1], sizeof b[1]),
+            ctl_cell(J(r, "delayed"), b[2], sizeof b[2]),
+            ctl_cell(J(r, "running"), b[3], sizeof b[3]),
+            ctl_cell_real(J(r, "oldest_queued_s"), 1, b[4], sizeof b[4]),
+        };
+        ctl_table_add(t, cells);
+    }
+    ctl_table_print(t, stdout);
+    ctl_table_free(t);
+}
+
 int ctl_cmd_status(struct ctl *c, int argc, char **argv)
 {
     static const struct option opts[] = {
         CTL_COMMON_LONGOPTS,
         { "batch", required_argument, NULL, 'b' },
+        { "clients", no_argument, NULL, 'c' },
         { NULL, 0, NULL, 0 },
     };
     const char *batch = NULL;
+    bool clients = false;
     int64_t v;
     int opt, rc;
-    while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "b:", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, CTL_COMMON_SHORTOPTS "b:c", opts, NULL)) != -1) {
         if (opt == 'b') {
             if (ctl_parse_int64("status", "--batch", optarg, 1, INT64_MAX, &v))
                 return CTL_EXIT_USAGE;
             batch = optarg;
+            continue;
+        }
+        if (opt == 'c') {
+            clients = true;
             continue;
         }
         if ((rc = show_opt(c, opt, status_usage)) >= 0)
@@ -162,9 +194,9 @@ int ctl_cmd_status(struct ctl *c, int argc, char **argv)
     size_t nids = 0;
     if (ctl_parse_ids("status", argc, argv, optind, &ids, &nids) < 0)
         return CTL_EXIT_USAGE;
-    if (nids && batch) {
+    if ((nids > 0) + (batch != NULL) + clients > 1) {
         free(ids);
-        return ctl_usage_error("status ", "give job ids or --batch, not both");
+        return ctl_usage_error("status ", "give one of job ids, --batch and --clients");
     }
     if ((rc = ctl_connect(c, true))) {
         free(ids);
@@ -172,7 +204,20 @@ int ctl_cmd_status(struct ctl *c, int argc, char **argv)
     }
     json_t *rows = NULL;
     int r;
-    if (batch) {
+    if (clients) {
+        r = ctl_query_json(c,
+                           "SELECT row_to_json(s) FROM dspark.client_status s"
+                           " ORDER BY s.queued DESC, s.running DESC, s.client",
+                           0, NULL, &rows);
+        if (r == 0) {
+            if (c->json)
+                ctl_print_json(rows, false);
+            else
+                print_clients_table(rows);
+        } else if (strcmp(ds_db_sqlstate(c->db), "42501") == 0) {
+            return ctl_fail("status --clients names every client, and needs the dspark_admin role");
+        }
+    } else if (batch) {
         char sql[512];
         snprintf(sql, sizeof sql, "%s WHERE b.batch_id = $1::bigint", batch_sql);
         const char *p[] = { batch };

@@ -208,4 +208,20 @@ $$;
 
 COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget, each job costing its estimated prompt, max_tokens and p_job_tokens, none past its expires_at; by priority, then the clients with jobs queued take turns (one job each a turn, in id order); they become running with a lease, returned in claim order; a run_alone job is claimed alone';
 
+-- Each client's queued and running jobs (dsparkctl status --clients): for
+-- operators only, since it names every client.
+CREATE VIEW dspark.client_status AS
+SELECT j.owner AS client,
+       count(*) FILTER (WHERE j.state = 'queued') AS queued,
+       count(*) FILTER (WHERE j.state = 'queued' AND j.run_after > now()) AS delayed,
+       count(*) FILTER (WHERE j.state = 'running') AS running,
+       extract(epoch FROM now() - min(j.created_at) FILTER (WHERE j.state = 'queued'))::float8
+           AS oldest_queued_s
+FROM dspark.jobs j
+WHERE j.state IN ('queued', 'running')
+GROUP BY j.owner;
+COMMENT ON VIEW dspark.client_status IS 'queued and running jobs by client (owner); dspark_admin only';
+REVOKE ALL ON dspark.client_status FROM PUBLIC;
+GRANT SELECT ON dspark.client_status TO dspark_admin;
+
 INSERT INTO dspark.schema_version (version, name) VALUES (14, '014-client-turns');

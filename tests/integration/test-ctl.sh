@@ -115,6 +115,18 @@ tap_py "status ID... --json" "[j['id'] for j in d] == [$id1, $id3] and d[1]['pri
 tap_py "... with the hand-backs and whether the job runs alone" "d[0]['released'] == 0 and d[0]['run_alone'] is False" "$T/st.json"
 out=$("$C" status 999999 2>&1)
 tap_is "$?" 1 "status of a missing job: exit 1"
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('qwen3-4b', 'later', 'someone', now() + interval '1 hour')" >/dev/null
+"$C" status --clients --json >"$T/clients.json"
+tap_py "status --clients --json: each client's queued, delayed and running jobs" \
+    "[(x['client'], x['queued'], x['delayed'], x['running']) for x in d] == [('postgres', 7, 1, 0), ('someone', 1, 1, 0)]" "$T/clients.json"
+tap_like "$("$C" status --clients)" "^CLIENT +QUEUED +DELAYED +RUNNING +OLDEST QUEUED S" "status --clients prints a table"
+q "DELETE FROM dspark.jobs WHERE owner = 'someone'" >/dev/null
+q "CREATE ROLE ctl_client LOGIN IN ROLE dspark_client" >/dev/null
+out=$("$C" -d "$good_dsn user=ctl_client" status --clients 2>&1)
+tap_is "$?" 1 "status --clients as a client: exit 1"
+tap_like "$out" "needs the dspark_admin role" "... saying which role it needs"
+out=$("$C" status --clients --batch "$B" 2>&1)
+tap_is "$?" 2 "status --clients with --batch: a usage error"
 
 # --- a worker at work (SQL) -----------------------------------------------------
 q "SELECT dspark.register_worker('gpu0', 'node1', 4242, 'cuda:0', 'qwen3-4b', 'dspark-qwen3-4b', 'abc', 'def', '{\"sps\": [100, 180]}')" >/dev/null
