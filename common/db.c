@@ -253,9 +253,14 @@ void ds_db_rollback(struct ds_db *db)
 
 int ds_db_schema_version(struct ds_db *db, int *ret_version)
 {
+    /* the catalogs read as a query, not through to_regclass: the query locks them, which makes this session
+     * take in the catalog changes that others committed (a migration by a concurrent run, waited for under
+     * the advisory lock within this transaction), and a name looked up after it finds them */
     PGresult *res;
     int r = ds_db_exec(db,
-                       "SELECT CASE WHEN to_regclass('dspark.schema_version') IS NULL THEN -1 END",
+                       "SELECT CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_class c"
+                       " JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace"
+                       " WHERE s.nspname = 'dspark' AND c.relname = 'schema_version') THEN -1 END",
                        0, NULL, &res);
     if (r < 0)
         return r;
@@ -393,11 +398,26 @@ static int load_dir_migrations(const char *dir, struct file_migration **ret, siz
     return 0;
 }
 
-static int apply_one(struct ds_db *db, int version, const char *name, const char *sql)
+/* Apply one migration in a transaction of its own, which first takes the migrations' advisory lock (for the
+ * transaction: a transaction-pooling proxy keeps it on one server session) and reads the version again, so
+ * that of concurrent runs only the first applies it. *applied_at: the version found, -1 when another run
+ * had applied this one. */
+static int apply_one(struct ds_db *db, int version, const char *name, const char *sql, int *applied_at)
 {
     int r = ds_db_begin(db);
     if (r < 0)
         return r;
+    int now = 0;
+    if ((r = ds_db_command(db, "SELECT pg_advisory_xact_lock(" DS_DB_MIGRATE_LOCK ")", 0, NULL)) < 0 ||
+        (r = ds_db_schema_version(db, &now)) < 0) {
+        ds_db_rollback(db);
+        return ds_prefixerr(r, "migration '%s'", name);
+    }
+    if (now >= version) {
+        *applied_at = -1;
+        ds_db_rollback(db);
+        return 0;
+    }
     r = ds_db_script(db, sql);
     if (r < 0) {
         ds_prefixerr(r, "migration '%s'", name);
@@ -423,6 +443,7 @@ static int apply_one(struct ds_db *db, int version, const char *name, const char
     r = ds_db_commit(db);
     if (r < 0)
         return ds_prefixerr(r, "migration '%s'", name);
+    *applied_at = now;
     return 0;
 }
 
@@ -445,37 +466,30 @@ int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from, int *ret_
                          latest, DS_SCHEMA_VERSION);
     }
 
-    r = ds_db_command(db, "SELECT pg_advisory_lock(" DS_DB_MIGRATE_LOCK ")", 0, NULL);
-    if (r < 0) {
-        free_file_migrations(fm, n);
-        return r;
-    }
-    int from;
-    r = ds_db_schema_version(db, &from);
-    if (r == 0 && from > DS_SCHEMA_VERSION)
+    int seen;
+    r = ds_db_schema_version(db, &seen);
+    if (r == 0 && seen > DS_SCHEMA_VERSION)
         r = ds_seterr(DS_EDB,
                       "database schema version %d is newer than this build knows (%d): upgrade dspark",
-                      from, DS_SCHEMA_VERSION);
-    int to = from;
+                      seen, DS_SCHEMA_VERSION);
+    int from = -1, to = seen;   /* from: the version before the first migration this run applied */
     for (size_t i = 0; r == 0 && i < n; i++) {
         int v = sqldir ? fm[i].version : ds_db_embedded_migrations[i].version;
-        if (v <= from)
+        if (v <= seen)
             continue;
+        int at = -1;
         r = apply_one(db, v, sqldir ? fm[i].name : ds_db_embedded_migrations[i].name,
-                      sqldir ? fm[i].sql : ds_db_embedded_migrations[i].sql);
+                      sqldir ? fm[i].sql : ds_db_embedded_migrations[i].sql, &at);
+        if (r == 0 && at >= 0 && from < 0)
+            from = at;
         if (r == 0)
             to = v;
-    }
-    /* keep the first error's detail while unlocking */
-    if (PQstatus(db->conn) == CONNECTION_OK) {
-        PGresult *res = PQexec(db->conn, "SELECT pg_advisory_unlock(" DS_DB_MIGRATE_LOCK ")");
-        PQclear(res);
     }
     free_file_migrations(fm, n);
     if (r < 0)
         return r;
     if (ret_from)
-        *ret_from = from;
+        *ret_from = from < 0 ? to : from;   /* nothing applied here: current (perhaps by another run) */
     if (ret_to)
         *ret_to = to;
     return 0;

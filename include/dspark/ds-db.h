@@ -88,11 +88,12 @@ struct ds_db_migration {
 /* The migrations compiled into this binary, ordered by version (static). */
 const struct ds_db_migration *ds_db_migrations(size_t *ret_n);
 /* Bring the database to DS_SCHEMA_VERSION: apply every migration newer than
- * the database's version, each in its own transaction, under an advisory lock
- * so that concurrent runs apply each once. sqldir NULL = the embedded
- * migrations, else the NNN-*.sql files of that directory. Refuses a database
- * newer than this build. *ret_from / *ret_to (may be NULL) get the versions
- * before and after. */
+ * the database's version, each in its own transaction under a transaction-level
+ * advisory lock (so that concurrent runs apply each once, also through a
+ * transaction-pooling proxy). sqldir NULL = the embedded migrations, else the
+ * NNN-*.sql files of that directory. Refuses a database newer than this build.
+ * *ret_from / *ret_to (may be NULL) get the versions before and after this
+ * run's migrations (equal when it applied none). */
 int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from,
                   int *ret_to) DS_MUSTCHECK;
 
