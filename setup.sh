@@ -11,7 +11,7 @@ SUDO=
 PKGS="build-essential autoconf automake libtool pkg-config xz-utils ca-certificates git
  libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev libcmocka-dev
  libzmq3-dev libmsgpack-dev libpq-dev libsystemd-dev
- postgresql-15 postgresql-client-15 systemd clang libclang-rt-14-dev"
+ postgresql-15 postgresql-client-15 pgbouncer systemd clang libclang-rt-14-dev"
 
 missing=
 for p in $PKGS; do

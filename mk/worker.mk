@@ -13,6 +13,7 @@ DS_E2E_TESTS = \
 	tests/integration/test-e2e-scale.sh \
 	tests/integration/test-e2e-faults.sh \
 	tests/integration/test-e2e-transitions.sh \
-	tests/integration/test-e2e-turns.sh
+	tests/integration/test-e2e-turns.sh \
+	tests/integration/test-pgbouncer.sh
 TESTS += $(DS_E2E_TESTS)
 EXTRA_DIST += $(DS_E2E_TESTS) tests/integration/e2e-lib.sh scripts/demo.sh
