@@ -25,7 +25,10 @@
  *   - hand-backs (dspark.release_jobs) when a drain runs out of time;
  *   - a sweep for queued jobs of models that no registered worker serves
  *     (claim_jobs only hands out jobs of the worker's own model): after
- *     --unknown-model-timeout they are claimed and failed with the reason.
+ *     --unknown-model-timeout they are claimed and failed with the reason;
+ *   - at start, a notification sent to itself from a second connection (the
+ *     probe): when it does not come back, as behind a pooler that pools
+ *     transactions, a warning says that new jobs are found by polling.
  *
  * The threads share struct wshared under one mutex: the decoding thread
  * appends results and capacity and writes the eventfd; this thread appends
@@ -70,6 +73,7 @@ void wdb_wake(struct wctx *w)
 /* After a claim that found nothing, notifications (every state change of
  * every job, this worker's included) trigger the next claim no sooner than this. */
 #define HINT_GAP 0.05
+#define PROBE_TIMEOUT 10.0   /* seconds for the notification probe to come back */
 
 struct dbt {
     struct wctx *w;
@@ -94,6 +98,8 @@ struct dbt {
     int lease_s;
     double next_busy_log;             /* write-backs refused for a passing reason: log at most this often */
     int busy_turns;                   /* turns in a row whose write-back met a passing error */
+    char probe[48];                   /* the notification this worker sent itself at start ... */
+    double probe_deadline;            /* ... and when to say that it did not arrive (0: it did, or none sent) */
 };
 
 /* ---- small helpers ---- */
@@ -718,8 +724,26 @@ static int sweep(struct dbt *t)
 static void notify_cb(void *ud, const char *channel, const char *payload)
 {
     (void)channel;
-    (void)payload;
-    ((struct dbt *)ud)->hint = true;
+    struct dbt *t = ud;
+    if (t->probe_deadline > 0 && strcmp(payload, t->probe) == 0) {
+        t->probe_deadline = 0;
+        wlog(DS_LOG_DEBUG, 0, "notifications arrive: the probe came back");
+    }
+    t->hint = true;
+}
+
+/* Behind a pooler that pools transactions (PgBouncer's pool_mode = transaction) LISTEN is not served: send,
+ * from a connection of its own, a notification that this worker's connection should receive, and say so
+ * when it does not (the worker then finds new jobs by polling). */
+static void probe_send(struct dbt *t)
+{
+    snprintf(t->probe, sizeof t->probe, "probe:worker.%s.%.0f", t->pid, wnow() * 1e6);
+    const char *params[2] = {DS_DB_EVENTS_CHANNEL, t->probe};
+    struct ds_db *p = NULL;
+    if (ds_db_connect(t->w->o.dsn, "dspark-worker-probe", &p) == 0 &&
+        ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) == 0)
+        t->probe_deadline = wnow() + PROBE_TIMEOUT;
+    ds_db_free(p);
 }
 
 static void set_state(struct dbt *t, const char *state)
@@ -885,6 +909,13 @@ static void *db_main(void *arg)
         }
         if (ds_db_consume_notify(t->db, notify_cb, t) < 0)
             pause = true;
+        if (t->probe_deadline > 0 && wnow() >= t->probe_deadline) {
+            t->probe_deadline = 0;
+            wlog(DS_LOG_WARNING, 0,
+                 "notifications do not arrive on this worker's database connection (a pooler that pools "
+                 "transactions?): an idle worker finds new jobs by polling, every %g s (--poll-interval)",
+                 w->o.poll);
+        }
     }
     int left = (int)json_array_size(t->pending) + t->n_rel;
     if (left > 0)
@@ -918,6 +949,8 @@ int wdb_start(struct wctx *w, pthread_t *ret_thread)
     t->next_sweep = wnow() + (w->o.unknown_model_timeout > 0 ? fmin(w->o.unknown_model_timeout, 5) : 0);
     if (ds_db_listen(t->db, DS_DB_EVENTS_CHANNEL) < 0)
         wlog(DS_LOG_WARNING, 0, "could not LISTEN for new jobs (%s); polling every %g s", ds_errdetail(), w->o.poll);
+    else
+        probe_send(t);
     int r = pthread_create(ret_thread, NULL, db_main, t);
     if (r != 0) {
         json_decref(t->pending);

@@ -17,7 +17,7 @@ as() {
 # run_all: one worker, two jobs at a time, until the queue is empty
 run_all() {
     "$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id "$1" \
-        --max-batch 2 --concurrency 2 --once 2>"$T/$1.log"
+        --max-batch 2 --concurrency 2 --once --log-level debug 2>"$T/$1.log"
 }
 # alice_before_last_of ROLE: how many of alice's jobs started before ROLE's last one did
 alice_before_last_of() {
@@ -36,6 +36,8 @@ tap_ok "bob's four jobs start among the first, taking turns with alice's twenty 
     test "$n" -le 6
 tap_is "$(q "SELECT string_agg(owner, ',' ORDER BY started_at, id) FROM (SELECT owner, started_at, id FROM dspark.jobs
              ORDER BY started_at, id LIMIT 2) s")" "alice,bob" "... the worker's first claim took one job of each"
+tap_like "$(cat "$T/turns.log")" "notifications arrive: the probe came back" \
+    "... and, connected directly, its notification probe came back"
 
 q "DELETE FROM dspark.jobs" >/dev/null
 as alice 10 24

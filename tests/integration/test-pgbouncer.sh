@@ -5,7 +5,8 @@
 # no LISTEN. Through it: the schema is created and migrated (two runs at once
 # included, each migration applied once, no advisory lock left behind);
 # dsparkctl submits, reads, waits and cancels; a real CPU worker claims, runs
-# and writes back jobs (its LISTEN is not served, so it finds work by polling);
+# and writes back jobs (its LISTEN is not served, so it finds work by polling,
+# and says so);
 # dsparkd, which needs notifications, refuses to run on such a connection.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
@@ -84,6 +85,8 @@ wait_sql "SELECT state FROM dspark.jobs WHERE custom_id = 'after-idle'" "succeed
 tap_result $? "... and finds a job queued after it went idle"
 tap_is "$(q "SELECT count(*) FROM dspark.job_stats s JOIN dspark.jobs j ON j.id = s.job_id WHERE j.worker_id = 'pooled'")" "13" \
     "... with a statistics row for each"
+wait_for "$T/worker.log" "notifications do not arrive on this worker's database connection" 15
+tap_result $? "... and warns that it finds new jobs by polling (its notification probe did not come back)"
 ids=$(q "SELECT string_agg(id::text, ' ') FROM dspark.jobs WHERE state = 'succeeded'")
 # shellcheck disable=SC2086
 "$C" -d "$PGB" wait --interval 0.2 --timeout 20 $ids >/dev/null 2>&1
