@@ -6,7 +6,7 @@
  *
  * drains both queues in alternating rounds of ROUND jobs, so that both
  * patterns see the same machine load:
- *   dspark  dspark.claim_jobs(worker, BATCH, ...) then one
+ *   dspark  dspark.claim_jobs(worker, BATCH, ..., ARRAY['qwen3-4b']) (a worker's model) then one
  *           dspark.finish_job_results(worker, rows) with output and statistics,
  *           as dspark-worker writes back (BENCH_FINISH=json: the JSON form,
  *           dspark.finish_jobs(worker, results))
@@ -82,7 +82,7 @@ static int one_batch(struct client *cl, char **buf, size_t *cap)
     PGresult *r;
     if (cl->pattern == 0) {
         const char *p[] = { worker, batch };
-        r = run(c, "SELECT id, attempt FROM dspark.claim_jobs($1, $2::int, NULL, 300)", 2, p, &ok);
+        r = run(c, "SELECT id, attempt FROM dspark.claim_jobs($1, $2::int, NULL, 300, ARRAY['qwen3-4b'])", 2, p, &ok);
     } else {
         const char *p[] = { batch };
         r = run(c,

@@ -4,71 +4,85 @@
 -- every client: a client that queued 100,000 jobs held every worker until the
 -- last of them had started, and the ten jobs that another client queued a
 -- minute later waited behind them all. Now, within a priority, the clients
--- with jobs queued (the jobs' owners) take turns: each client's first job,
--- then each one's second, and so on, the jobs of one turn in id order. A
--- client's own jobs keep their order, and priorities still come first. A
--- job's turn is counted among its owner's claimable jobs of its priority at
--- each claim, so a job that comes back to the queue (a lost lease, a
--- hand-back) is near the front of its owner's line again.
+-- with jobs queued (the jobs' owners) take turns: one job of each client, in
+-- an order of the clients that moves on by one at every claim, then a second
+-- job of each, and so on. A client's own jobs keep their order, and priorities
+-- still come first. So claims of one job at a time (a worker refilling the
+-- slot of a finished job) serve the clients in rotation, and a claim of many
+-- interleaves them.
 --
--- While a single client has jobs queued (one application in front of the
--- service: the usual case), that is the order of before, and claim_jobs runs
--- the statement of before, whose index scan locks the candidates as it finds
--- them. With several, the order is worked out first, without locks: a loose
--- scan of jobs_queued_owner_idx finds the clients, the same index gives each
--- one's first jobs, and of twice as many candidates as the claim asks for,
--- the first that no other claimer holds are locked in that order (SKIP
--- LOCKED), so that a claimer at the same moment takes the ones after them.
--- When other claimers hold or took the whole list meanwhile, a list twice as
--- long is worked out; after three such misses the index scan of before takes
--- what it finds.
+-- The turns apply to claims for one model (a worker's; p_models of one
+-- element), among the jobs that may be claimed now, and not to jobs that run
+-- alone (007): those go when they are first in line by priority and id, as
+-- before, and while one is, the claim runs the statement of before. A claim
+-- for several models, or for any (NULL), runs it too, and so does a claim
+-- while a single client has jobs of the model queued (one application in
+-- front of the service: the usual case); that statement's index scan locks
+-- the candidates as it finds them.
+--
+-- With several clients, the order is worked out first, without locks: a
+-- loose scan of jobs_queued_owner_idx finds the model's clients, the same
+-- index gives each one's first jobs, and of twice as many candidates as the
+-- claim asks for, the first that no other claimer holds are locked in that
+-- order (SKIP LOCKED), so that a claimer at the same moment takes the ones
+-- after them. When other claimers hold or took the whole list meanwhile, a
+-- list twice as long is worked out; after three such misses the statement of
+-- before takes what it finds. A client whose first queued jobs may not run
+-- yet (run_after in the future) is read past them, row by row.
 -- The index costs an entry per queued row version (an insert or a requeue);
 -- claims and write-backs add none, since their rows are no longer queued.
+-- Building it takes a lock that holds inserts, claims and write-backs back
+-- until it is done (a scan of dspark.jobs).
 
-CREATE INDEX jobs_queued_owner_idx ON dspark.jobs (owner, priority DESC, id) WHERE state = 'queued';
+CREATE INDEX jobs_queued_owner_idx ON dspark.jobs (model, owner, priority DESC, id) WHERE state = 'queued';
 
--- The first p_count claimable jobs in turns among the clients p_owners (two
--- or more), with each one's turn: ids and turns in claim order (NULL when
--- none). Each client's first jobs come from jobs_queued_owner_idx, at first
--- p_count / clients of them, as many as it takes when every client has
--- jobs of one priority. More are read (twice as many each time) while the
--- list could be wrong: it is short and some client may have more, or a
--- client whose read stopped has a job of a priority or turn that would come
--- before the last one in the list.
-CREATE FUNCTION dspark.claim_turns(p_owners name[], p_models text[], p_count int,
-                                   OUT ids bigint[], OUT turns bigint[])
+-- where the clients' order starts at each claim (it moves on by one a claim)
+CREATE SEQUENCE dspark.claim_turn_seq CYCLE;
+
+-- The first p_count claimable jobs of model p_model in turns among the
+-- clients p_owners (two or more, in name order; the order of a turn starts at
+-- the one at index p_first, from 0), jobs that run alone left out: their ids
+-- in claim order (NULL when none). Each client's first jobs come from
+-- jobs_queued_owner_idx, at first p_count / clients of them, as many as it
+-- takes when every client has jobs of one priority. More are read (twice as
+-- many each time) while the list could be wrong: it is short and some client
+-- may have more, or a client whose read stopped has a job of a priority or
+-- turn that would come before the last one in the list.
+CREATE FUNCTION dspark.claim_turns(p_owners name[], p_model text, p_count int, p_first int, OUT ids bigint[])
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_each int := greatest(ceil(p_count::numeric / greatest(cardinality(p_owners), 1))::int, 1);
+    v_clients int := cardinality(p_owners);
+    v_each int := greatest(ceil(p_count::numeric / greatest(v_clients, 1))::int, 1);
     v_sure boolean;
 BEGIN
     LOOP
         WITH read AS (   -- each client's first v_each claimable jobs, numbered in turns
             SELECT e.id, e.priority, e.owner,
                    row_number() OVER (PARTITION BY e.owner, e.priority ORDER BY e.id) AS turn,
+                   (o.i - 1 - p_first + v_clients) % v_clients AS place,   -- the client's place in a turn
                    count(*) OVER (PARTITION BY e.owner) = v_each AS cut
-            FROM unnest(p_owners) AS o(owner)
+            FROM unnest(p_owners) WITH ORDINALITY AS o(owner, i)
             CROSS JOIN LATERAL (
                 SELECT c.id, c.priority, c.owner
                 FROM dspark.jobs c
                 -- (the owner as a range of one: with an equality the planner drops owner
                 -- from the ORDER BY, and may walk jobs_claim_idx past every other client's
                 -- jobs instead)
-                WHERE c.state = 'queued' AND c.owner >= o.owner AND c.owner <= o.owner
-                  AND c.run_after <= now()
+                WHERE c.state = 'queued' AND c.model = p_model AND c.owner >= o.owner AND c.owner <= o.owner
+                  AND NOT c.run_alone AND c.run_after <= now()
                   AND (c.expires_at IS NULL OR c.expires_at > now())
-                  AND (p_models IS NULL OR c.model = ANY (p_models))
-                ORDER BY c.owner, c.priority DESC, c.id
+                ORDER BY c.model, c.owner, c.priority DESC, c.id
                 LIMIT v_each) e
         ), listed AS (
-            SELECT r.id, r.priority, r.turn, row_number() OVER (ORDER BY r.priority DESC, r.turn, r.id) AS ord
+            SELECT r.id, r.priority, r.turn,
+                   row_number() OVER (ORDER BY r.priority DESC, r.turn, r.place, r.id) AS ord
             FROM read r
-            ORDER BY r.priority DESC, r.turn, r.id
+            ORDER BY r.priority DESC, r.turn, r.place, r.id
             LIMIT p_count
         ), last AS (
             SELECT l.priority, l.turn, (SELECT count(*) FROM listed) AS n FROM listed l ORDER BY l.ord DESC LIMIT 1
         )
-        SELECT array_agg(l.id ORDER BY l.ord), array_agg(l.turn ORDER BY l.ord),
+        SELECT array_agg(l.id ORDER BY l.ord),
                -- sure: no client whose read was cut could have a job that belongs in the list
                NOT EXISTS (
                    SELECT FROM read r, last
@@ -80,14 +94,14 @@ BEGIN
                        OR min(r.priority) > last.priority
                        OR (min(r.priority) = last.priority
                            AND count(*) FILTER (WHERE r.priority = last.priority) < last.turn))
-        INTO ids, turns, v_sure
+        INTO ids, v_sure
         FROM listed l;
         EXIT WHEN ids IS NULL OR v_sure OR v_each >= p_count;
         v_each := least(v_each * 2, p_count);
     END LOOP;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION dspark.claim_turns(name[], text[], int) FROM PUBLIC;   -- claim_jobs' part
+REVOKE EXECUTE ON FUNCTION dspark.claim_turns(name[], text, int, int) FROM PUBLIC;   -- claim_jobs' part
 
 CREATE OR REPLACE FUNCTION dspark.claim_jobs(
     p_worker_id text, p_max_jobs int, p_token_budget bigint,
@@ -96,41 +110,57 @@ RETURNS SETOF dspark.jobs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_n int := greatest(p_max_jobs, 0);
-    v_owners name[];   -- the clients with queued jobs, in name order
-    v_ids bigint[];    -- with two or more: the claimable jobs in claim order ...
-    v_turns bigint[];  -- ... and each one's turn among its owner's jobs of its priority
-    v_held bigint[];   -- those of them locked here, in claim order ...
-    v_held_turns bigint[];
+    v_n int := least(greatest(p_max_jobs, 0), 1000000);
+    v_model text := CASE WHEN cardinality(p_models) = 1 THEN p_models[1] END;
+    v_owners name[];   -- the clients with queued jobs of v_model, in name order
+    v_ids bigint[];    -- with two or more: the claimable jobs in claim order
+    v_held bigint[];   -- those of them locked here, in claim order
 BEGIN
-    v_owners := ARRAY(
-        WITH RECURSIVE o(owner) AS (
-            (SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' ORDER BY c.owner LIMIT 1)
-            UNION ALL
-            SELECT (SELECT c.owner FROM dspark.jobs c
-                    WHERE c.state = 'queued' AND c.owner > o.owner
-                    ORDER BY c.owner LIMIT 1)
-            FROM o WHERE o.owner IS NOT NULL)
-        SELECT o.owner FROM o WHERE o.owner IS NOT NULL);
+    -- turns: for one model, and while no job that runs alone is first in line
+    IF v_model IS NOT NULL AND v_n > 0
+       AND NOT (EXISTS (SELECT FROM dspark.jobs a WHERE a.run_alone AND a.state = 'queued')
+                AND coalesce((SELECT q.run_alone FROM dspark.jobs q
+                              WHERE q.state = 'queued' AND q.run_after <= now()
+                                AND (q.expires_at IS NULL OR q.expires_at > now())
+                                AND q.model = v_model
+                              ORDER BY q.priority DESC, q.id
+                              LIMIT 1), false)) THEN
+        v_owners := ARRAY(
+            WITH RECURSIVE o(owner) AS (
+                (SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.model = v_model
+                 ORDER BY c.model, c.owner LIMIT 1)
+                UNION ALL
+                SELECT (SELECT c.owner FROM dspark.jobs c
+                        WHERE c.state = 'queued' AND c.model = v_model AND c.owner > o.owner
+                        ORDER BY c.model, c.owner LIMIT 1)
+                FROM o WHERE o.owner IS NOT NULL)
+            SELECT o.owner FROM o WHERE o.owner IS NOT NULL);
+    END IF;
     -- The list is read in a snapshot of its own, and claimers at the same
     -- moment may hold or have taken every job of it by the time it is locked:
     -- then it is read again, twice as long (three times at most; then the
-    -- index scan of before takes what it finds, so a claim never comes back
-    -- empty for that).
+    -- statement of before takes what it finds, so a claim never comes back
+    -- empty for that). A claim may also come back shorter than it could be,
+    -- when others hold most of the list; the worker claims again.
     FOR v_try IN 1 .. CASE WHEN cardinality(v_owners) > 1 THEN 3 ELSE 0 END LOOP
-        SELECT t.ids, t.turns INTO v_ids, v_turns
-        FROM dspark.claim_turns(v_owners, p_models, (1 << v_try) * v_n) t;
+        SELECT t.ids INTO v_ids
+        FROM dspark.claim_turns(v_owners, v_model, (1 << v_try) * v_n,
+                                (nextval('dspark.claim_turn_seq') % cardinality(v_owners))::int) t;
         EXIT WHEN v_ids IS NULL;   -- nothing to claim
-        SELECT array_agg(l.id ORDER BY l.ord), array_agg(l.turn ORDER BY l.ord)
-        INTO v_held, v_held_turns
-        FROM (SELECT c.id, u.turn, u.ord
-              FROM unnest(v_ids, v_turns) WITH ORDINALITY AS u(id, turn, ord)
-              JOIN dspark.jobs c ON c.id = u.id
-              WHERE c.state = 'queued'   -- checked again on the locked row
-              ORDER BY u.ord
-              LIMIT v_n
-              FOR UPDATE OF c SKIP LOCKED) l;
-        EXIT WHEN v_held IS NOT NULL;
+        v_held := ARRAY(
+            SELECT l.id
+            FROM (SELECT c.id, u.ord
+                  FROM unnest(v_ids) WITH ORDINALITY AS u(id, ord)
+                  JOIN dspark.jobs c ON c.id = u.id
+                  -- checked again on the locked row
+                  WHERE c.state = 'queued' AND NOT c.run_alone AND c.run_after <= now()
+                    AND (c.expires_at IS NULL OR c.expires_at > now())
+                  ORDER BY u.ord
+                  LIMIT v_n
+                  FOR UPDATE OF c SKIP LOCKED) l
+            ORDER BY l.ord);
+        EXIT WHEN cardinality(v_held) > 0;
+        v_held := NULL;
     END LOOP;
 
     -- One statement: lock the candidates in claim order (the locks last until
@@ -139,8 +169,8 @@ BEGIN
     -- first in line and the worker holds nothing), update them by primary
     -- key, and notify them. A worker that runs a job alone picks nothing.
     -- The candidates come from one of two branches: the index scan of before
-    -- (one client queued: every turn is 0), which locks them here, or the
-    -- jobs in turns, locked above.
+    -- (place 0 for all), which locks them here, or the jobs in turns, locked
+    -- above (place: their rank in the turns; priorities come first in both).
     RETURN QUERY
     WITH picked AS (
         SELECT ca.id, ca.ord
@@ -152,7 +182,7 @@ BEGIN
                      bool_or(cd.run_alone) OVER w AS alone_so_far
               FROM (SELECT * FROM (
                         SELECT c.id, c.priority, c.run_alone, c.prompt, c.messages, c.prompt_ids, c.max_tokens,
-                               0::bigint AS turn
+                               0::bigint AS place
                         FROM dspark.jobs c
                         WHERE v_held IS NULL AND c.state = 'queued' AND c.run_after <= now()
                           AND (c.expires_at IS NULL OR c.expires_at > now())
@@ -162,10 +192,10 @@ BEGIN
                         FOR UPDATE SKIP LOCKED) one_client
                     UNION ALL
                     SELECT c.id, c.priority, c.run_alone, c.prompt, c.messages, c.prompt_ids, c.max_tokens,
-                           u.turn
-                    FROM unnest(v_held, v_held_turns) AS u(id, turn)
+                           u.place
+                    FROM unnest(v_held) WITH ORDINALITY AS u(id, place)
                     JOIN dspark.jobs c ON c.id = u.id) cd
-              WINDOW w AS (ORDER BY cd.priority DESC, cd.turn, cd.id)) ca
+              WINDOW w AS (ORDER BY cd.priority DESC, cd.place, cd.id)) ca
         WHERE (p_token_budget IS NULL OR ca.running_total <= p_token_budget)
           AND (NOT ca.alone_so_far
                OR (ca.ord = 1 AND NOT EXISTS (SELECT FROM dspark.jobs h
@@ -206,7 +236,7 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget, each job costing its estimated prompt, max_tokens and p_job_tokens, none past its expires_at; by priority, then the clients with jobs queued take turns (one job each a turn, in id order); they become running with a lease, returned in claim order; a run_alone job is claimed alone';
+COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget, each job costing its estimated prompt, max_tokens and p_job_tokens, none past its expires_at; by priority, then, for one model, the clients with jobs queued take turns (one job each a turn, the clients in an order that moves on by one a claim); they become running with a lease, returned in claim order; a run_alone job is claimed alone, when first in line by priority and id';
 
 -- Each client's queued and running jobs (dsparkctl status --clients): for
 -- operators only, since it names every client.

@@ -82,61 +82,109 @@ tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # --- the clients with queued jobs take turns (014) ---------------------------
-# alice queued six jobs, then bob three and carol one: each client's first
-# job, then each one's second, ...; within a turn in id order
+# claim_jobs for model m (turns are for one model, as a worker claims)
+claim_m() { # WORKER N [BUDGET] [COLUMN]: the claimed jobs' COLUMN (prompt), comma-separated, in claim order
+    q "SELECT string_agg(${4:-prompt}, ',') FROM dspark.claim_jobs('$1', $2, ${3:-NULL}, 60, ARRAY['m'])"
+}
+# the next claim's turn starts at the first client (by name); each claim moves it on by one
+turns_from_first() {
+    q "SELECT setval('dspark.claim_turn_seq', 5039)" >/dev/null   # next 5040: a multiple of 2 .. 10
+}
+# alice queued six jobs, then bob three and carol one: a job of each client,
+# then a second of each, ...
 q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 6) g" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 3) g" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'c1', 'carol')" >/dev/null
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 6, NULL, 60)")" "a1,b1,c1,a2,b2,a3" \
-    "clients take turns: one job of each a turn, returned in claim order"
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 6, NULL, 60)")" "a4,b3,a5,a6" \
-    "... counted afresh at each claim, and a client alone in the queue takes the rest in order"
+turns_from_first
+tap_is "$(claim_m w 6)" "a1,b1,c1,a2,b2,a3" "clients take turns: one job of each a turn, returned in claim order"
+tap_is "$(claim_m w 6)" "b3,a4,a5,a6" \
+    "... the next claim's turn starts at the next client, and a client alone in the queue takes the rest in order"
 # a job handed back to the queue is its client's first again
 id=$(q "SELECT id FROM dspark.jobs WHERE prompt = 'a5'")
 q "SELECT count(*) FROM dspark.release_jobs('w', ARRAY[$id]::bigint[], ARRAY[1])" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'b4', 'bob'), ('m', 'a7', 'alice')" >/dev/null
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 2, NULL, 60)")" "a5,b4" \
-    "a handed-back job is first in its client's line"
+turns_from_first
+tap_is "$(claim_m w 2)" "a5,b4" "a handed-back job is first in its client's line"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# claims of one job (a worker refilling a slot) go to the clients in rotation
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 5) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 3) g" >/dev/null
+turns_from_first
+got=
+for i in 1 2 3 4 5 6 7 8; do got="$got${got:+,}$(claim_m w 1)"; done
+tap_is "$got" "a1,b1,a2,b2,a3,b3,a4,a5" "claims of one job each serve the clients in turn"
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # priorities first; turns within a priority; the budget's prefix and the model filter in turn order
 q "INSERT INTO dspark.jobs (model, prompt, owner, priority) VALUES
    ('m', 'a1', 'alice', 0), ('m', 'a2', 'alice', 0), ('m', 'a3', 'alice', 0), ('m', 'b1', 'bob', 0),
    ('m', 'b-urgent', 'bob', 5), ('m', 'a-urgent', 'alice', 5), ('m', 'b-urgent2', 'bob', 5)" >/dev/null
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 7, NULL, 60)")" "b-urgent,a-urgent,b-urgent2,a1,b1,a2,a3" \
+turns_from_first
+tap_is "$(claim_m w 7)" "a-urgent,b-urgent,b-urgent2,a1,b1,a2,a3" \
     "a higher priority goes first, whoever's it is; turns are taken within a priority"
 q "DELETE FROM dspark.jobs" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, owner)
    SELECT 'm', array_fill(7, ARRAY[100]), 100, o FROM generate_series(1, 3) g, unnest(ARRAY['a', 'b']) o" >/dev/null
-tap_is "$(q "SELECT string_agg(owner, ',') FROM dspark.claim_jobs('w', 10, 650, 60)")" "a,b,a" \
-    "a token budget admits the prefix of the turns (three jobs of 200 in 650)"
+turns_from_first
+tap_is "$(claim_m w 10 650 owner)" "a,b,a" "a token budget admits the prefix of the turns (three jobs of 200 in 650)"
 q "DELETE FROM dspark.jobs" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('llama', 'a1', 'alice'), ('qwen', 'a2', 'alice'),
    ('qwen', 'a3', 'alice'), ('llama', 'b1', 'bob'), ('qwen', 'b2', 'bob'), ('llama', 'c1', 'carol')" >/dev/null
+turns_from_first
 tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL, 60, ARRAY['qwen'])")" "a2,b2,a3" \
-    "turns are counted among the jobs the worker may claim (its models)"
+    "turns are taken among the clients with jobs of the worker's model"
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 10, NULL, 60)")" "a1,b1,c1" \
+    "... and a claim for any model goes by priority and id"
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # a job that runs alone, first in line, is claimed alone from a queue of several clients
 q "INSERT INTO dspark.jobs (model, prompt, owner, run_alone) VALUES ('m', 'a-alone', 'alice', true),
    ('m', 'b1', 'bob', false), ('m', 'a2', 'alice', false)" >/dev/null
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w-alone', 5, NULL, 60)")" "a-alone" \
-    "a job that runs alone is claimed alone when several clients have jobs queued"
-tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w-alone', 5, NULL, 60)")" 0 "... and its worker claims nothing more"
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w-other', 5, NULL, 60)")" "b1,a2" \
-    "... while another worker takes the rest in turns"
+tap_is "$(claim_m w-alone 5)" "a-alone" "a job that runs alone is claimed alone when several clients have jobs queued"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w-alone', 5, NULL, 60, ARRAY['m'])")" 0 \
+    "... and its worker claims nothing more"
+turns_from_first
+tap_is "$(claim_m w-other 5)" "a2,b1" "... while another worker takes the rest in turns"
+q "DELETE FROM dspark.jobs" >/dev/null
+# one that is not first in line takes no turn and cuts no claim short
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 4) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_alone) VALUES ('m', 'b-alone', 'bob', true), ('m', 'b2', 'bob', false)" >/dev/null
+turns_from_first
+tap_is "$(claim_m w-idle 8)" "a1,b2,a2,a3,a4" \
+    "a job that runs alone and is not first in line is left out of the turns, and cuts no claim short"
+tap_is "$(claim_m w-idle2 8)" "b-alone" "... then, first in line, it is claimed alone"
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # another claimer holds the first four jobs in turns: a claim of two reads a
 # longer list and takes the next two turns (not alice's next two by id)
 q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 10) g" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 10) g" >/dev/null
+# the gate: a session holding advisory lock 7234; the holder: a transaction
+# that locks the four rows and then waits for the gate
+advisory() { # GRANTED: how many sessions hold (t) or wait for (f) lock 7234
+    q "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7234 AND granted = $1"
+}
+until_is() { # EXPECTED COMMAND...: run COMMAND until it prints EXPECTED (30 s at most)
+    _want=$1
+    shift
+    _n=0
+    while [ "$("$@")" != "$_want" ] && [ $_n -lt 300 ]; do
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+}
+psql -X -q -A -t -c "SELECT pg_advisory_lock(7234)" -c "SELECT pg_sleep(600)" >/dev/null 2>&1 &
+gate=$!
+until_is 1 advisory true
 psql -X -q -A -t -c "BEGIN" -c "SELECT id FROM dspark.jobs WHERE prompt IN ('a1', 'b1', 'a2', 'b2') FOR UPDATE" \
-    -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null 2>&1 &
+    -c "SELECT pg_advisory_xact_lock(7234)" -c "COMMIT" >/dev/null 2>&1 &
 holder=$!
-sleep 1
-tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 2, NULL, 60)")" "a3,b3" \
-    "with the first turns locked by another claimer, a claim takes the next turns"
+until_is 1 advisory false
+turns_from_first
+tap_is "$(claim_m w 2)" "b3,a3" "with the first turns locked by another claimer, a claim takes the next turns"
+q "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7234 AND granted" >/dev/null
+wait $gate
 wait $holder
 q "DELETE FROM dspark.jobs" >/dev/null
 
@@ -146,7 +194,7 @@ q "DELETE FROM dspark.jobs" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner)
    SELECT 'm', o || g, o FROM generate_series(1, 300) g, unnest(ARRAY['alice', 'bob', 'carol']) o" >/dev/null
 for w in a b c; do
-    repeat_sql "$T/turns-$w.sql" 20 "SELECT id || ' ' || owner FROM dspark.claim_jobs('turns-$w', 9, NULL, 300);"
+    repeat_sql "$T/turns-$w.sql" 20 "SELECT id || ' ' || owner FROM dspark.claim_jobs('turns-$w', 9, NULL, 300, ARRAY['m']);"
 done
 for w in a b c; do
     psql -X -q -A -t -f "$T/turns-$w.sql" >"$T/turns-out-$w" 2>"$T/turns-err-$w" &
@@ -164,7 +212,8 @@ spread=$(q "SELECT max(n) - min(n) FROM (SELECT count(*) FILTER (WHERE state = '
 tap_ok "... and the clients' shares within 9 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 9
 q "DELETE FROM dspark.jobs" >/dev/null
 
-plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.owner > 'a' ORDER BY c.owner LIMIT 1" 2>&1)
+plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.model = 'm' AND c.owner > 'a'
+                                 ORDER BY c.model, c.owner LIMIT 1" 2>&1)
 tap_like "$plan" "jobs_queued_owner_idx" "the clients are found through the queued jobs' owner index"
 
 # --- leases, requeue, max_attempts ----------------------------------------
