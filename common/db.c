@@ -413,6 +413,11 @@ static int apply_one(struct ds_db *db, int version, const char *name, const char
         ds_db_rollback(db);
         return ds_prefixerr(r, "migration '%s'", name);
     }
+    if (now > DS_SCHEMA_VERSION) {   /* a newer release migrated it meanwhile */
+        ds_db_rollback(db);
+        return ds_seterr(DS_EDB, "database schema version %d is newer than this build knows (%d): upgrade dspark",
+                         now, DS_SCHEMA_VERSION);
+    }
     if (now >= version) {
         *applied_at = -1;
         ds_db_rollback(db);
