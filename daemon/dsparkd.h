@@ -82,10 +82,13 @@ struct fanout_counters {
 
 struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub *pub);
 struct fanout *fanout_free(struct fanout *f);
-/* Connect if down and due (back-off), check the schema, LISTEN. Returns 1 when
- * (re)connected in this call, 0 when up or still down (fanout_up tells), or
- * -DS_EDB for a schema this build does not know (fatal). */
+/* Connect if down and due (back-off), check the schema, LISTEN, and judge the
+ * notification probe. Returns 1 when (re)connected in this call, 0 when up or
+ * still down (fanout_up tells), or < 0 (fatal) for a schema this build does
+ * not know or a connection that does not carry notifications. */
 int fanout_connect(struct fanout *f, uint64_t now_us);
+/* Leave the notification probe unjudged (dsparkd is stopping). */
+void fanout_stop_probe(struct fanout *f);
 bool fanout_up(const struct fanout *f);
 /* The socket to poll (-1 when down). */
 int fanout_socket(const struct fanout *f);

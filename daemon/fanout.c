@@ -14,11 +14,11 @@
  * comes back, jobs that finished while it was down are published again, so
  * waiters learn their final states without polling.
  *
- * After each connection, a notification sent from a connection of its own
- * must come back on dsparkd's (the probe): behind a proxy that pools
- * transactions (PgBouncer's pool_mode = transaction) LISTEN is not served,
- * no job event would ever go out, and dsparkd stops with a configuration
- * error instead. */
+ * After connecting, a notification sent from a connection of its own must
+ * come back on dsparkd's (the probe; a second one when the first did not,
+ * and none once one has): behind a proxy that pools transactions
+ * (PgBouncer's pool_mode = transaction) LISTEN is not served, no job event
+ * would ever go out, and dsparkd stops with a configuration error instead. */
 #include "config.h"
 
 #include <inttypes.h>
@@ -40,7 +40,8 @@
 #define START_CATCH_UP_DELAY_US 3000000u  /* after the first connection */
 #define START_CATCH_UP_WINDOW_S 600.0     /* finals of the last ten minutes are republished at start */
 #define PROBE_PREFIX "probe:"             /* payloads of probes on the events channel (no job change) */
-#define PROBE_TIMEOUT_US 10000000u        /* the probe must come back within this */
+#define PROBE_TIMEOUT_US 10000000u        /* each probe must come back within this */
+#define PROBE_TRIES 2                     /* probes sent before the verdict */
 
 struct seen {
     int64_t id;
@@ -65,8 +66,10 @@ struct fanout {
     int64_t *ids;                    /* scratch: the distinct ids of tr */
     size_t cap_ids;
     struct seen seen[SEEN_SLOTS];
-    char probe[48];                  /* the payload of the probe sent after the last connection */
-    uint64_t probe_deadline_us;      /* it must be back by then (0: back, or none sent) */
+    char probe[48];                  /* the payload of the last probe sent */
+    uint64_t probe_deadline_us;      /* it must be back by then (0: back, none sent, or stopped) */
+    int probes_sent;                 /* on this connection */
+    bool probe_ok;                   /* one came back: this DSN carries notifications */
     uint64_t published;
     struct fanout_counters counters;
 };
@@ -133,23 +136,30 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     ds_log(DS_LOG_WARNING, "lost the database connection: %s", f->down_reason);
     f->next_connect_us = now_us;   /* first retry at once, then back off */
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
-    f->probe_deadline_us = 0;      /* a new probe follows the reconnection */
+    f->probe_deadline_us = 0;      /* (until a probe came back, the next connection sends them again) */
 }
 
-/* Send the probe from a connection of its own. When that fails, the check is left out this time. */
-static void probe_send(struct fanout *f, uint64_t now_us)
+/* Send a probe from a connection of its own; its deadline runs from when it went. When it cannot be sent,
+ * the check is left out. */
+static void probe_send(struct fanout *f)
 {
-    snprintf(f->probe, sizeof f->probe, PROBE_PREFIX "%d.%" PRIu64, (int)getpid(), now_us);
+    f->probes_sent++;
+    snprintf(f->probe, sizeof f->probe, PROBE_PREFIX "%d.%d.%" PRIu64, (int)getpid(), f->probes_sent, ds_now_usec());
     const char *params[2] = { DS_DB_EVENTS_CHANNEL, f->probe };
     struct ds_db *p = NULL;
     if (ds_db_connect(f->cfg->dsn, "dsparkd-probe", &p) < 0 ||
         ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) < 0) {
-        ds_log(DS_LOG_WARNING, "could not send the notification probe (not checked this time): %s", ds_errdetail());
+        ds_log(DS_LOG_WARNING, "could not send the notification probe (not checked): %s", ds_errdetail());
         f->probe_deadline_us = 0;
     } else {
-        f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
+        f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
     }
     ds_db_free(p);
+}
+
+void fanout_stop_probe(struct fanout *f)
+{
+    f->probe_deadline_us = 0;
 }
 
 /* A failed query: if the connection broke, mark it down; otherwise log. */
@@ -460,13 +470,20 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
 
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {
-    if (f->up && f->probe_deadline_us && now_us >= f->probe_deadline_us)
+    if (f->up && f->probe_deadline_us && now_us >= f->probe_deadline_us) {
+        if (f->probes_sent < PROBE_TRIES) {
+            ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
+                   PROBE_TIMEOUT_US / 1000000u);
+            probe_send(f);
+            return 0;
+        }
         return ds_seterr(DS_ECONFIG,
-                         "notifications do not arrive on dsparkd's database connection (its probe did not come "
-                         "back within %u s), so no job event would be published: connect dsparkd to PostgreSQL "
-                         "directly, or through a pooler in session mode, not one that pools transactions "
-                         "(PgBouncer's pool_mode = transaction)",
-                         PROBE_TIMEOUT_US / 1000000u);
+                         "notifications do not arrive on dsparkd's database connection (%d probes did not come "
+                         "back within %u s each), so no job event would be published: connect dsparkd to "
+                         "PostgreSQL directly, or through a pooler in session mode, not one that pools "
+                         "transactions (PgBouncer's pool_mode = transaction)",
+                         PROBE_TRIES, PROBE_TIMEOUT_US / 1000000u);
+    }
     if (f->up || now_us < f->next_connect_us)
         return 0;
     int r = f->db ? ds_db_ensure(f->db, 0) : ds_db_connect(f->cfg->dsn, "dsparkd", &f->db);
@@ -487,7 +504,10 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     f->last_ok_us = now_us;
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->down_reason[0] = 0;
-    probe_send(f, now_us);
+    if (!f->probe_ok) {   /* once one came back, the DSN has shown that it carries notifications */
+        f->probes_sent = 0;
+        probe_send(f);
+    }
     if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);
         catch_up(f, now_us, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
@@ -509,6 +529,7 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     if (strncmp(payload, PROBE_PREFIX, strlen(PROBE_PREFIX)) == 0) {   /* ours, or another dsparkd's */
         if (f->probe_deadline_us && strcmp(payload, f->probe) == 0) {
             f->probe_deadline_us = 0;
+            f->probe_ok = true;
             ds_log(DS_LOG_DEBUG, "notifications arrive: the probe came back");
         }
         return;

@@ -315,6 +315,7 @@ static void begin_stop(struct daemon *d, int sig)
         return;
     }
     d->stopping = true;
+    fanout_stop_probe(d->fanout);
     ds_log(DS_LOG_INFO, "received %s, draining %d worker%s", sig == SIGINT ? "SIGINT" : "SIGTERM",
            supervisor_running(d->sup), supervisor_running(d->sup) == 1 ? "" : "s");
     notify("STOPPING=1");

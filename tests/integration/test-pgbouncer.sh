@@ -19,6 +19,7 @@ mkdir -p "$B"
 echo '"postgres" ""' >"$B/users.txt"
 cat >"$B/pgbouncer.ini" <<EOF
 [databases]
+dspark_session = host=$PGH_DIR port=5432 dbname=dspark pool_mode=session
 * = host=$PGH_DIR port=5432
 [pgbouncer]
 listen_addr =
@@ -101,11 +102,18 @@ tap_is "$(q "SELECT state FROM dspark.workers WHERE worker_id = 'pooled'")" "sto
 # --- dsparkd ----------------------------------------------------------------------
 write_conf "$T/dspark.conf" "" ""
 sed -i "s|^dsn = .*|dsn = \"$PGB\"|" "$T/dspark.conf"
-timeout 30 "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log"
+timeout 60 "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log"
 rc=$?
 tap_is "$rc" 78 "dsparkd stops with a configuration error (78) when its notifications do not arrive"
 tap_like "$(cat "$T/dsparkd.log")" "notifications do not arrive on dsparkd's database connection .*pool_mode = transaction" \
-    "... saying why and what to do"
+    "... after two probes, saying why and what to do"
+# through the same PgBouncer in session mode, notifications arrive
+sed -i "s|^dsn = .*|dsn = \"$(via dspark_session)\"|" "$T/dspark.conf"
+start_dsparkd "$T/dspark.conf" "$T/dsparkd-session.log" 0
+wait_for "$T/dsparkd-session.log" "notifications arrive: the probe came back" 15
+tap_result $? "through a pooler in session mode, dsparkd's probe comes back"
+stop_dsparkd
+tap_is "$DRC" 0 "... and it runs and stops cleanly"
 
 stop_pgbouncer
 tap_done
