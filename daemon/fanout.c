@@ -100,6 +100,11 @@ bool fanout_up(const struct fanout *f)
     return f->up;
 }
 
+bool fanout_verified(const struct fanout *f)
+{
+    return f->up && (f->probe_ok || f->probe_deadline_us == 0);
+}
+
 int fanout_socket(const struct fanout *f)
 {
     return f->up ? ds_db_socket(f->db) : -1;

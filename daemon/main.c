@@ -569,8 +569,8 @@ static int run(struct daemon *d)
             if (supervisor_running(d->sup) == 0)
                 break;
         }
-        /* workers start once the database is known to be usable */
-        if (!workers_started && fanout_up(d->fanout)) {
+        /* workers start once the database is known to be usable: connected, and its notifications arrive */
+        if (!workers_started && fanout_verified(d->fanout)) {
             workers_started = true;
             if (supervisor_count(d->sup) == 0)
                 ds_log(DS_LOG_NOTICE, "no workers configured (worker.devices is empty)");

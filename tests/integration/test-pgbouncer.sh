@@ -107,6 +107,7 @@ rc=$?
 tap_is "$rc" 78 "dsparkd stops with a configuration error (78) when its notifications do not arrive"
 tap_like "$(cat "$T/dsparkd.log")" "notifications do not arrive on dsparkd's database connection .*pool_mode = transaction" \
     "... after two probes, saying why and what to do"
+tap_is "$(grep -c "ready:" "$T/dsparkd.log")" 0 "... without having reported itself ready"
 # through the same PgBouncer in session mode, notifications arrive
 sed -i "s|^dsn = .*|dsn = \"$(via dspark_session)\"|" "$T/dspark.conf"
 start_dsparkd "$T/dspark.conf" "$T/dsparkd-session.log" 0
