@@ -40,27 +40,27 @@ CREATE INDEX jobs_queued_owner_idx ON dspark.jobs (model, owner, priority DESC, 
 CREATE SEQUENCE dspark.claim_turn_seq CYCLE;
 
 -- The first p_count claimable jobs of model p_model in turns among the
--- clients p_owners (two or more, in name order; the order of a turn starts at
--- the one at index p_first, from 0), jobs that run alone left out: their ids
--- in claim order (NULL when none). Each client's first jobs come from
+-- clients p_owners (two or more, in name order), jobs that run alone left
+-- out: their ids in claim order (NULL when none). Of the clients with jobs
+-- to claim, the order of a turn starts at the one at index p_first modulo
+-- their number (from 0). Each client's first jobs come from
 -- jobs_queued_owner_idx, at first p_count / clients of them, as many as it
 -- takes when every client has jobs of one priority. More are read (twice as
 -- many each time) while the list could be wrong: it is short and some client
 -- may have more, or a client whose read stopped has a job of a priority or
 -- turn that would come before the last one in the list.
-CREATE FUNCTION dspark.claim_turns(p_owners name[], p_model text, p_count int, p_first int, OUT ids bigint[])
+CREATE FUNCTION dspark.claim_turns(p_owners name[], p_model text, p_count int, p_first bigint, OUT ids bigint[])
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_clients int := cardinality(p_owners);
-    v_each int := greatest(ceil(p_count::numeric / greatest(v_clients, 1))::int, 1);
+    v_each int := greatest(ceil(p_count::numeric / greatest(cardinality(p_owners), 1))::int, 1);
     v_sure boolean;
 BEGIN
     LOOP
-        WITH read AS (   -- each client's first v_each claimable jobs, numbered in turns
+        WITH got AS (   -- each client's first v_each claimable jobs, numbered in turns
             SELECT e.id, e.priority, e.owner,
                    row_number() OVER (PARTITION BY e.owner, e.priority ORDER BY e.id) AS turn,
-                   (o.i - 1 - p_first + v_clients) % v_clients AS place,   -- the client's place in a turn
-                   count(*) OVER (PARTITION BY e.owner) = v_each AS cut
+                   count(*) OVER (PARTITION BY e.owner) = v_each AS cut,
+                   dense_rank() OVER (ORDER BY o.i) AS k   -- among the clients with jobs to claim, from 1
             FROM unnest(p_owners) WITH ORDINALITY AS o(owner, i)
             CROSS JOIN LATERAL (
                 SELECT c.id, c.priority, c.owner
@@ -73,6 +73,9 @@ BEGIN
                   AND (c.expires_at IS NULL OR c.expires_at > now())
                 ORDER BY c.model, c.owner, c.priority DESC, c.id
                 LIMIT v_each) e
+        ), read AS (   -- with each client's place in a turn: the rotation p_first, over those clients
+            SELECT g.id, g.priority, g.owner, g.turn, g.cut, (g.k - 1 - p_first % g.n + g.n) % g.n AS place
+            FROM (SELECT g.*, max(g.k) OVER () AS n FROM got g) g
         ), listed AS (
             SELECT r.id, r.priority, r.turn,
                    row_number() OVER (ORDER BY r.priority DESC, r.turn, r.place, r.id) AS ord
@@ -101,7 +104,7 @@ BEGIN
     END LOOP;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION dspark.claim_turns(name[], text, int, int) FROM PUBLIC;   -- claim_jobs' part
+REVOKE EXECUTE ON FUNCTION dspark.claim_turns(name[], text, int, bigint) FROM PUBLIC;   -- claim_jobs' part
 
 CREATE OR REPLACE FUNCTION dspark.claim_jobs(
     p_worker_id text, p_max_jobs int, p_token_budget bigint,
@@ -144,8 +147,7 @@ BEGIN
     -- when others hold most of the list; the worker claims again.
     FOR v_try IN 1 .. CASE WHEN cardinality(v_owners) > 1 THEN 3 ELSE 0 END LOOP
         SELECT t.ids INTO v_ids
-        FROM dspark.claim_turns(v_owners, v_model, (1 << v_try) * v_n,
-                                (nextval('dspark.claim_turn_seq') % cardinality(v_owners))::int) t;
+        FROM dspark.claim_turns(v_owners, v_model, (1 << v_try) * v_n, nextval('dspark.claim_turn_seq')) t;
         EXIT WHEN v_ids IS NULL;   -- nothing to claim
         v_held := ARRAY(
             SELECT l.id

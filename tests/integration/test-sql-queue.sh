@@ -115,6 +115,14 @@ got=
 for i in 1 2 3 4 5 6 7 8; do got="$got${got:+,}$(claim_m w 1)"; done
 tap_is "$got" "a1,b1,a2,b2,a3,b3,a4,a5" "claims of one job each serve the clients in turn"
 q "DELETE FROM dspark.jobs" >/dev/null
+# a client with only jobs not yet due takes no place in the rotation
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('m', 'later', 'aaron', now() + interval '1 hour')" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', o || g, o FROM generate_series(1, 3) g, unnest(ARRAY['b', 'c']) o" >/dev/null
+turns_from_first
+got=
+for i in 1 2 3 4 5 6; do got="$got${got:+,}$(claim_m w 1)"; done
+tap_is "$got" "b1,c1,b2,c2,b3,c3" "... and a client whose jobs are not due yet takes no place in the rotation"
+q "DELETE FROM dspark.jobs" >/dev/null
 
 # priorities first; turns within a priority; the budget's prefix and the model filter in turn order
 q "INSERT INTO dspark.jobs (model, prompt, owner, priority) VALUES
