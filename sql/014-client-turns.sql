@@ -5,8 +5,8 @@
 -- last of them had started, and the ten jobs that another client queued a
 -- minute later waited behind them all. Now, within a priority, the clients
 -- with jobs queued (the jobs' owners) take turns: one job of each client, in
--- an order of the clients that moves on by one at every claim, then a second
--- job of each, and so on. A client's own jobs keep their order, and priorities
+-- an order of the clients that moves on by one after every claim of the model
+-- that took jobs, then a second job of each, and so on. A client's own jobs keep their order, and priorities
 -- still come first. So claims of one job at a time (a worker refilling the
 -- slot of a finished job) serve the clients in rotation, and a claim of many
 -- interleaves them.
@@ -36,8 +36,16 @@
 
 CREATE INDEX jobs_queued_owner_idx ON dspark.jobs (model, owner, priority DESC, id) WHERE state = 'queued';
 
--- where the clients' order starts at each claim (it moves on by one a claim)
-CREATE SEQUENCE dspark.claim_turn_seq CYCLE;
+-- Where the clients' order starts in a model's next claim: it moves on by
+-- one after each claim that took jobs in turns (claims that take nothing, and
+-- other models' claims, leave it). A claimer that finds the row locked by
+-- another at the same moment leaves the step to that one.
+CREATE TABLE dspark.claim_turn (
+    model text PRIMARY KEY,
+    next  bigint NOT NULL DEFAULT 0
+);
+COMMENT ON TABLE dspark.claim_turn IS 'per model, where the next claim''s turn starts among the clients (claim_jobs)';
+REVOKE ALL ON dspark.claim_turn FROM PUBLIC;
 
 -- The first p_count claimable jobs of model p_model in turns among the
 -- clients p_owners (two or more, in name order), jobs that run alone left
@@ -118,6 +126,8 @@ DECLARE
     v_owners name[];   -- the clients with queued jobs of v_model, in name order
     v_ids bigint[];    -- with two or more: the claimable jobs in claim order
     v_held bigint[];   -- those of them locked here, in claim order
+    v_first bigint;    -- where the turn starts among the clients (dspark.claim_turn)
+    v_rows bigint;
 BEGIN
     -- turns: for one model, and while no job that runs alone is first in line
     IF v_model IS NOT NULL AND v_n > 0
@@ -145,9 +155,12 @@ BEGIN
     -- statement of before takes what it finds, so a claim never comes back
     -- empty for that). A claim may also come back shorter than it could be,
     -- when others hold most of the list; the worker claims again.
+    IF cardinality(v_owners) > 1 THEN
+        v_first := coalesce((SELECT t.next FROM dspark.claim_turn t WHERE t.model = v_model), 0);
+    END IF;
     FOR v_try IN 1 .. CASE WHEN cardinality(v_owners) > 1 THEN 3 ELSE 0 END LOOP
         SELECT t.ids INTO v_ids
-        FROM dspark.claim_turns(v_owners, v_model, (1 << v_try) * v_n, nextval('dspark.claim_turn_seq')) t;
+        FROM dspark.claim_turns(v_owners, v_model, (1 << v_try) * v_n, v_first) t;
         EXIT WHEN v_ids IS NULL;   -- nothing to claim
         v_held := ARRAY(
             SELECT l.id
@@ -235,6 +248,17 @@ BEGIN
     SELECT cl.* FROM claimed cl JOIN picked pk ON pk.id = cl.id
     WHERE (SELECT count(*) FROM sent) = 1
     ORDER BY pk.ord;
+
+    -- jobs taken in turns: the model's next claim starts at the next client
+    GET DIAGNOSTICS v_rows = ROW_COUNT;
+    IF v_held IS NOT NULL AND v_rows > 0 THEN
+        UPDATE dspark.claim_turn t SET next = t.next + 1
+        WHERE t.model IN (SELECT l.model FROM dspark.claim_turn l WHERE l.model = v_model
+                          FOR UPDATE SKIP LOCKED);
+        IF NOT FOUND THEN
+            INSERT INTO dspark.claim_turn (model, next) VALUES (v_model, 1) ON CONFLICT (model) DO NOTHING;
+        END IF;
+    END IF;
 END
 $$;
 

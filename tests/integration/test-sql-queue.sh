@@ -86,9 +86,9 @@ q "DELETE FROM dspark.jobs" >/dev/null
 claim_m() { # WORKER N [BUDGET] [COLUMN]: the claimed jobs' COLUMN (prompt), comma-separated, in claim order
     q "SELECT string_agg(${4:-prompt}, ',') FROM dspark.claim_jobs('$1', $2, ${3:-NULL}, 60, ARRAY['m'])"
 }
-# the next claim's turn starts at the first client (by name); each claim moves it on by one
+# the next claim's turn starts at the first client (by name); each claim that takes jobs in turns moves it on
 turns_from_first() {
-    q "SELECT setval('dspark.claim_turn_seq', 5039)" >/dev/null   # next 5040: a multiple of 2 .. 10
+    q "DELETE FROM dspark.claim_turn" >/dev/null
 }
 # alice queued six jobs, then bob three and carol one: a job of each client,
 # then a second of each, ...
@@ -122,6 +122,20 @@ turns_from_first
 got=
 for i in 1 2 3 4 5 6; do got="$got${got:+,}$(claim_m w 1)"; done
 tap_is "$got" "b1,c1,b2,c2,b3,c3" "... and a client whose jobs are not due yet takes no place in the rotation"
+q "DELETE FROM dspark.jobs" >/dev/null
+# each model has its rotation, and claims that take nothing do not move it
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT m, m || o || g, o
+   FROM generate_series(1, 3) g, unnest(ARRAY['alice', 'bob']) o, unnest(ARRAY['A', 'B']) m" >/dev/null
+turns_from_first
+got=
+for i in 1 2 3 4; do
+    for m in A B; do
+        got="$got${got:+,}$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w$m', 1, NULL, 60, ARRAY['$m'])")"
+        q "SELECT count(*) FROM dspark.claim_jobs('w-full', 1, 1, 60, ARRAY['$m'])" >/dev/null   # a budget that fits nothing
+    done
+done
+tap_is "$got" "Aalice1,Balice1,Abob1,Bbob1,Aalice2,Balice2,Abob2,Bbob2" \
+    "each model's claims rotate over its clients, whatever the other model's claims and the claims that take nothing"
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # priorities first; turns within a priority; the budget's prefix and the model filter in turn order
@@ -190,7 +204,7 @@ psql -X -q -A -t -c "BEGIN" -c "SELECT id FROM dspark.jobs WHERE prompt IN ('a1'
 holder=$!
 until_is 1 advisory false
 turns_from_first
-tap_is "$(claim_m w 2)" "b3,a3" "with the first turns locked by another claimer, a claim takes the next turns"
+tap_is "$(claim_m w 2)" "a3,b3" "with the first turns locked by another claimer, a claim takes the next turns"
 q "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objid = 7234 AND granted" >/dev/null
 wait $gate
 wait $holder
