@@ -404,7 +404,9 @@ static int load_dir_migrations(const char *dir, struct file_migration **ret, siz
  * had applied this one. */
 static int apply_one(struct ds_db *db, int version, const char *name, const char *sql, int *applied_at)
 {
-    int r = ds_db_begin(db);
+    /* read committed whatever the database's default: the version read after the lock wait must see what the
+     * run that held it committed */
+    int r = ds_db_command(db, "BEGIN ISOLATION LEVEL READ COMMITTED", 0, NULL);
     if (r < 0)
         return r;
     int now = 0;
