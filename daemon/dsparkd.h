@@ -90,7 +90,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us);
 /* Leave the notification probe unjudged (dsparkd is stopping). */
 void fanout_stop_probe(struct fanout *f);
 bool fanout_up(const struct fanout *f);
-/* Up, and its notifications shown to arrive (or not checked: the probe could not be sent). */
+/* Up, and its notifications shown to arrive (a probe came back), or stopping. */
 bool fanout_verified(const struct fanout *f);
 /* The socket to poll (-1 when down). */
 int fanout_socket(const struct fanout *f);

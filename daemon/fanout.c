@@ -16,7 +16,8 @@
  *
  * After connecting, a notification sent from a connection of its own must
  * come back on dsparkd's (the probe; a second one when the first did not,
- * and none once one has): behind a proxy that pools transactions
+ * one that could not be sent tried again, and none once one has come back):
+ * behind a proxy that pools transactions
  * (PgBouncer's pool_mode = transaction) LISTEN is not served, no job event
  * would ever go out, and dsparkd stops with a configuration error instead. */
 #include "config.h"
@@ -66,10 +67,11 @@ struct fanout {
     int64_t *ids;                    /* scratch: the distinct ids of tr */
     size_t cap_ids;
     struct seen seen[SEEN_SLOTS];
-    char probe[48];                  /* the payload of the last probe sent */
-    uint64_t probe_deadline_us;      /* it must be back by then (0: back, none sent, or stopped) */
-    int probes_sent;                 /* on this connection */
+    char probe_mark[32];             /* the start of this process's probes' payloads */
+    uint64_t probe_deadline_us;      /* the last probe must be back by then (0: none pending) */
+    int probes_sent;                 /* on this connection, sent and not come back */
     bool probe_ok;                   /* one came back: this DSN carries notifications */
+    bool probe_off;                  /* stopping: no probe is sent or judged any more */
     uint64_t published;
     struct fanout_counters counters;
 };
@@ -102,7 +104,7 @@ bool fanout_up(const struct fanout *f)
 
 bool fanout_verified(const struct fanout *f)
 {
-    return f->up && (f->probe_ok || f->probe_deadline_us == 0);
+    return f->up && (f->probe_ok || f->probe_off);
 }
 
 int fanout_socket(const struct fanout *f)
@@ -144,26 +146,28 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     f->probe_deadline_us = 0;      /* (until a probe came back, the next connection sends them again) */
 }
 
-/* Send a probe from a connection of its own; its deadline runs from when it went. When it cannot be sent,
- * the check is left out. */
+/* Send a probe from a connection of its own; its deadline runs from when it went. One that cannot be sent
+ * does not count: it is tried again when that deadline passes. */
 static void probe_send(struct fanout *f)
 {
-    f->probes_sent++;
-    snprintf(f->probe, sizeof f->probe, PROBE_PREFIX "%d.%d.%" PRIu64, (int)getpid(), f->probes_sent, ds_now_usec());
-    const char *params[2] = { DS_DB_EVENTS_CHANNEL, f->probe };
+    char payload[64];
+    snprintf(f->probe_mark, sizeof f->probe_mark, PROBE_PREFIX "%d.", (int)getpid());
+    snprintf(payload, sizeof payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1, ds_now_usec());
+    const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
     struct ds_db *p = NULL;
     if (ds_db_connect(f->cfg->dsn, "dsparkd-probe", &p) < 0 ||
-        ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) < 0) {
-        ds_log(DS_LOG_WARNING, "could not send the notification probe (not checked): %s", ds_errdetail());
-        f->probe_deadline_us = 0;
-    } else {
-        f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
-    }
+        ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) < 0)
+        ds_log(DS_LOG_WARNING, "could not send the notification probe (trying again in %u s): %s",
+               PROBE_TIMEOUT_US / 1000000u, ds_errdetail());
+    else
+        f->probes_sent++;
     ds_db_free(p);
+    f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
 }
 
 void fanout_stop_probe(struct fanout *f)
 {
+    f->probe_off = true;
     f->probe_deadline_us = 0;
 }
 
@@ -475,10 +479,11 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
 
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {
-    if (f->up && f->probe_deadline_us && now_us >= f->probe_deadline_us) {
+    if (f->up && !f->probe_ok && !f->probe_off && f->probe_deadline_us && now_us >= f->probe_deadline_us) {
         if (f->probes_sent < PROBE_TRIES) {
-            ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
-                   PROBE_TIMEOUT_US / 1000000u);
+            if (f->probes_sent > 0)
+                ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
+                       PROBE_TIMEOUT_US / 1000000u);
             probe_send(f);
             return 0;
         }
@@ -509,7 +514,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     f->last_ok_us = now_us;
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->down_reason[0] = 0;
-    if (!f->probe_ok) {   /* once one came back, the DSN has shown that it carries notifications */
+    if (!f->probe_ok && !f->probe_off) {   /* once one came back, the DSN has shown that it carries them */
         f->probes_sent = 0;
         probe_send(f);
     }
@@ -532,7 +537,8 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     if (strcmp(channel, DS_DB_EVENTS_CHANNEL) != 0)
         return;
     if (strncmp(payload, PROBE_PREFIX, strlen(PROBE_PREFIX)) == 0) {   /* ours, or another dsparkd's */
-        if (f->probe_deadline_us && strcmp(payload, f->probe) == 0) {
+        if (!f->probe_ok && f->probe_mark[0] && strncmp(payload, f->probe_mark, strlen(f->probe_mark)) == 0) {
+            /* any of this process's probes, a late one too */
             f->probe_deadline_us = 0;
             f->probe_ok = true;
             ds_log(DS_LOG_DEBUG, "notifications arrive: the probe came back");

@@ -769,6 +769,7 @@ static void *db_main(void *arg)
             ssize_t rd = read(sh->wake_fd, &v, sizeof v);
             (void)rd;
             pause = false;
+            t->probe_deadline = 0;   /* a probe lost with a broken connection proves nothing */
         }
         /* take what the decoding thread left */
         lock(w);
