@@ -244,6 +244,19 @@ pg_harness_init() {
     "$DSPARKCTL" db init >/dev/null || { echo "Bail out! dsparkctl db init failed"; exit 1; }
 }
 
+# race_migrate CONNINFO: two 'dsparkctl db migrate' at once on one database;
+# prints their exit statuses ("00" when both succeed).
+race_migrate() {
+    "$DSPARKCTL" -d "$1" db migrate >/dev/null 2>&1 &
+    _rm1=$!
+    "$DSPARKCTL" -d "$1" db migrate >/dev/null 2>&1 &
+    _rm2=$!
+    wait $_rm1
+    _rr1=$?
+    wait $_rm2
+    echo "$_rr1$?"
+}
+
 # q SQL: run SQL with psql, unaligned, tuples only, stop on error.
 q() {
     psql -X -q -A -t -v ON_ERROR_STOP=1 -c "$1"

@@ -51,13 +51,7 @@ q "CREATE DATABASE racing" >/dev/null
 out=$("$C" -d "$(via fresh)" db init 2>&1)
 tap_is "$?" 0 "db init through PgBouncer (transaction pooling)"
 tap_like "$out" "created schema version" "... creates the schema"
-"$C" -d "$(via racing)" db migrate >"$T/m1" 2>&1 &
-p1=$!
-"$C" -d "$(via racing)" db migrate >"$T/m2" 2>&1 &
-p2=$!
-wait $p1; r1=$?
-wait $p2; r2=$?
-tap_is "$r1$r2" 00 "two db migrate at once through PgBouncer both succeed"
+tap_is "$(race_migrate "$(via racing)")" 00 "two db migrate at once through PgBouncer both succeed"
 tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) = count(DISTINCT version) AND max(version) = count(*) FROM dspark.schema_version')" "t" \
     "... and applied each migration once"
 tap_is "$(q "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")" "0" "... leaving no advisory lock held in a pooled session"

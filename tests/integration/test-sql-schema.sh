@@ -47,25 +47,13 @@ tap_result $r "the embedded migrations build the same schema as sql/*.sql"
 
 # two migrations at once apply each version once
 q 'CREATE DATABASE racing' >/dev/null
-"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing" db migrate >"$T/m1" 2>&1 &
-p1=$!
-"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing" db migrate >"$T/m2" 2>&1 &
-p2=$!
-wait $p1; r1=$?
-wait $p2; r2=$?
-tap_is "$r1$r2" 00 "two concurrent db migrate both succeed"
+tap_is "$(race_migrate "host=$T port=5432 user=postgres dbname=racing")" 00 "two concurrent db migrate both succeed"
 tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 14 \
     "... and applied each migration once"
 # the same where transactions default to repeatable read (each migration's runs read committed)
 q 'CREATE DATABASE racing_rr' >/dev/null
 q "ALTER DATABASE racing_rr SET default_transaction_isolation = 'repeatable read'" >/dev/null
-"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing_rr" db migrate >"$T/m1" 2>&1 &
-p1=$!
-"$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=racing_rr" db migrate >"$T/m2" 2>&1 &
-p2=$!
-wait $p1; r1=$?
-wait $p2; r2=$?
-tap_is "$r1$r2|$(psql -X -A -t -d racing_rr -c 'SELECT count(*) FROM dspark.schema_version')" "00|14" \
+tap_is "$(race_migrate "host=$T port=5432 user=postgres dbname=racing_rr")|$(psql -X -A -t -d racing_rr -c 'SELECT count(*) FROM dspark.schema_version')" "00|14" \
     "two concurrent db migrate on a database whose default isolation is repeatable read: both succeed, each migration once"
 
 # a database newer than the build is refused by everything but db status
