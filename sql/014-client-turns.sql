@@ -128,16 +128,21 @@ DECLARE
     v_held bigint[];   -- those of them locked here, in claim order
     v_first bigint;    -- where the turn starts among the clients (dspark.claim_turn)
     v_rows bigint;
+    v_alone_first boolean;   -- a job that runs alone is first in line (by priority and id)
 BEGIN
+    -- First in line read without locks, so that a job that runs alone is seen
+    -- first in line by every worker that holds jobs even while another claimer
+    -- has it locked (they skip nothing and take nothing); looked at only while
+    -- some job waits to run alone (normally none: one probe of an empty index).
+    v_alone_first := EXISTS (SELECT FROM dspark.jobs a WHERE a.run_alone AND a.state = 'queued')
+                     AND coalesce((SELECT q.run_alone FROM dspark.jobs q
+                                   WHERE q.state = 'queued' AND q.run_after <= now()
+                                     AND (q.expires_at IS NULL OR q.expires_at > now())
+                                     AND (p_models IS NULL OR q.model = ANY (p_models))
+                                   ORDER BY q.priority DESC, q.id
+                                   LIMIT 1), false);
     -- turns: for one model, and while no job that runs alone is first in line
-    IF v_model IS NOT NULL AND v_n > 0
-       AND NOT (EXISTS (SELECT FROM dspark.jobs a WHERE a.run_alone AND a.state = 'queued')
-                AND coalesce((SELECT q.run_alone FROM dspark.jobs q
-                              WHERE q.state = 'queued' AND q.run_after <= now()
-                                AND (q.expires_at IS NULL OR q.expires_at > now())
-                                AND q.model = v_model
-                              ORDER BY q.priority DESC, q.id
-                              LIMIT 1), false)) THEN
+    IF v_model IS NOT NULL AND v_n > 0 AND NOT v_alone_first THEN
         v_owners := ARRAY(
             WITH RECURSIVE o(owner) AS (
                 (SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.model = v_model
@@ -217,22 +222,9 @@ BEGIN
                                               WHERE h.state = 'running' AND h.worker_id = p_worker_id)))
           AND NOT EXISTS (SELECT FROM dspark.jobs h
                           WHERE h.run_alone AND h.state = 'running' AND h.worker_id = p_worker_id)
-          -- first in line read without locks, so that a job that runs alone is
-          -- seen first in line by every worker that holds jobs even while another
-          -- claimer has it locked (they skip nothing and take nothing); looked
-          -- at only while some job waits to run alone (normally none: one probe
-          -- of an empty index). The first in line by priority and id is also
-          -- the first in turns: it is its owner's first job of that priority.
-          AND NOT (EXISTS (SELECT FROM dspark.jobs a
-                           WHERE a.run_alone AND a.state = 'queued')
-                   AND coalesce((SELECT q.run_alone FROM dspark.jobs q
-                             WHERE q.state = 'queued' AND q.run_after <= now()
-                               AND (q.expires_at IS NULL OR q.expires_at > now())
-                               AND (p_models IS NULL OR q.model = ANY (p_models))
-                             ORDER BY q.priority DESC, q.id
-                             LIMIT 1), false)
-                   AND EXISTS (SELECT FROM dspark.jobs h
-                               WHERE h.state = 'running' AND h.worker_id = p_worker_id))
+          -- a worker that holds jobs takes nothing while a job that runs alone is first in line
+          AND NOT (v_alone_first AND EXISTS (SELECT FROM dspark.jobs h
+                                             WHERE h.state = 'running' AND h.worker_id = p_worker_id))
     ), claimed AS (
         UPDATE dspark.jobs j
         SET state = 'running', attempt = j.attempt + 1, worker_id = p_worker_id,
