@@ -560,6 +560,17 @@ unsigned ds_db_reconnects(const struct ds_db *db)
     return db ? db->reconnects : 0;
 }
 
+int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload)
+{
+    const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
+    struct ds_db *p = NULL;
+    int r = ds_db_connect(conninfo, application_name, &p);
+    if (r == 0)
+        r = ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params);
+    ds_db_free(p);
+    return r;
+}
+
 int ds_db_listen(struct ds_db *db, const char *channel)
 {
     int known = 0;

@@ -40,7 +40,6 @@
 #define MAX_PENDING (1u << 22)   /* notified changes kept while their rows cannot be read */
 #define START_CATCH_UP_DELAY_US 3000000u  /* after the first connection */
 #define START_CATCH_UP_WINDOW_S 600.0     /* finals of the last ten minutes are republished at start */
-#define PROBE_PREFIX "probe:"             /* payloads of probes on the events channel (no job change) */
 #define PROBE_TIMEOUT_US 10000000u        /* each probe must come back within this */
 #define PROBE_TRIES 2                     /* probes sent before the verdict */
 
@@ -151,18 +150,35 @@ static void mark_down(struct fanout *f, uint64_t now_us)
 static void probe_send(struct fanout *f)
 {
     char payload[64];
-    snprintf(f->probe_mark, sizeof f->probe_mark, PROBE_PREFIX "%d.", (int)getpid());
+    snprintf(f->probe_mark, sizeof f->probe_mark, DS_DB_PROBE_PREFIX "%d.", (int)getpid());
     snprintf(payload, sizeof payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1, ds_now_usec());
-    const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
-    struct ds_db *p = NULL;
-    if (ds_db_connect(f->cfg->dsn, "dsparkd-probe", &p) < 0 ||
-        ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) < 0)
+    if (ds_db_send_probe(f->cfg->dsn, "dsparkd-probe", payload) < 0)
         ds_log(DS_LOG_WARNING, "could not send the notification probe (trying again in %u s): %s",
                PROBE_TIMEOUT_US / 1000000u, ds_errdetail());
     else
         f->probes_sent++;
-    ds_db_free(p);
     f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
+}
+
+/* When the pending probe's time is up: send another (or the first again, when it could not be sent), or,
+ * after PROBE_TRIES sent in vain, the configuration error. */
+static int probe_judge(struct fanout *f, uint64_t now_us)
+{
+    if (!f->up || f->probe_ok || f->probe_off || !f->probe_deadline_us || now_us < f->probe_deadline_us)
+        return 0;
+    if (f->probes_sent < PROBE_TRIES) {
+        if (f->probes_sent > 0)
+            ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
+                   PROBE_TIMEOUT_US / 1000000u);
+        probe_send(f);
+        return 0;
+    }
+    return ds_seterr(DS_ECONFIG,
+                     "notifications do not arrive on dsparkd's database connection (%d probes did not come back "
+                     "within %u s each), so no job event would be published: connect dsparkd to PostgreSQL "
+                     "directly, or through a pooler in session mode, not one that pools transactions "
+                     "(PgBouncer's pool_mode = transaction)",
+                     PROBE_TRIES, PROBE_TIMEOUT_US / 1000000u);
 }
 
 void fanout_stop_probe(struct fanout *f)
@@ -479,24 +495,12 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
 
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {
-    if (f->up && !f->probe_ok && !f->probe_off && f->probe_deadline_us && now_us >= f->probe_deadline_us) {
-        if (f->probes_sent < PROBE_TRIES) {
-            if (f->probes_sent > 0)
-                ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
-                       PROBE_TIMEOUT_US / 1000000u);
-            probe_send(f);
-            return 0;
-        }
-        return ds_seterr(DS_ECONFIG,
-                         "notifications do not arrive on dsparkd's database connection (%d probes did not come "
-                         "back within %u s each), so no job event would be published: connect dsparkd to "
-                         "PostgreSQL directly, or through a pooler in session mode, not one that pools "
-                         "transactions (PgBouncer's pool_mode = transaction)",
-                         PROBE_TRIES, PROBE_TIMEOUT_US / 1000000u);
-    }
+    int r = probe_judge(f, now_us);
+    if (r < 0)
+        return r;
     if (f->up || now_us < f->next_connect_us)
         return 0;
-    int r = f->db ? ds_db_ensure(f->db, 0) : ds_db_connect(f->cfg->dsn, "dsparkd", &f->db);
+    r = f->db ? ds_db_ensure(f->db, 0) : ds_db_connect(f->cfg->dsn, "dsparkd", &f->db);
     if (r < 0) {
         retry_later(f, now_us, "database unavailable");
         return 0;
@@ -536,7 +540,7 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     struct fanout *f = ud;
     if (strcmp(channel, DS_DB_EVENTS_CHANNEL) != 0)
         return;
-    if (strncmp(payload, PROBE_PREFIX, strlen(PROBE_PREFIX)) == 0) {   /* ours, or another dsparkd's */
+    if (strncmp(payload, DS_DB_PROBE_PREFIX, strlen(DS_DB_PROBE_PREFIX)) == 0) {   /* ours, or another process's */
         if (!f->probe_ok && f->probe_mark[0] && strncmp(payload, f->probe_mark, strlen(f->probe_mark)) == 0) {
             /* any of this process's probes, a late one too */
             f->probe_deadline_us = 0;

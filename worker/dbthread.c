@@ -737,13 +737,9 @@ static void notify_cb(void *ud, const char *channel, const char *payload)
  * when it does not (the worker then finds new jobs by polling). */
 static void probe_send(struct dbt *t)
 {
-    snprintf(t->probe, sizeof t->probe, "probe:worker.%s.%.0f", t->pid, wnow() * 1e6);
-    const char *params[2] = {DS_DB_EVENTS_CHANNEL, t->probe};
-    struct ds_db *p = NULL;
-    if (ds_db_connect(t->w->o.dsn, "dspark-worker-probe", &p) == 0 &&
-        ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params) == 0)
+    snprintf(t->probe, sizeof t->probe, DS_DB_PROBE_PREFIX "worker.%s.%.0f", t->pid, wnow() * 1e6);
+    if (ds_db_send_probe(t->w->o.dsn, "dspark-worker-probe", t->probe) == 0)
         t->probe_deadline = wnow() + PROBE_TIMEOUT;
-    ds_db_free(p);
 }
 
 static void set_state(struct dbt *t, const char *state)

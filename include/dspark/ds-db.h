@@ -32,6 +32,10 @@
  * split over several notifications). */
 #define DS_DB_EVENTS_CHANNEL "dspark_events"
 
+/* A payload on DS_DB_EVENTS_CHANNEL that starts with this names no job: a
+ * process checking that its own notifications arrive (ds_db_send_probe). */
+#define DS_DB_PROBE_PREFIX "probe:"
+
 /* SQLSTATE reported for a connection that broke (libpq gives none). */
 #define DS_DB_SQLSTATE_CONNECTION "08006"
 
@@ -112,6 +116,11 @@ unsigned ds_db_reconnects(const struct ds_db *db);
 
 /* LISTEN on channel (a plain identifier) and remember it for reconnects. */
 int ds_db_listen(struct ds_db *db, const char *channel) DS_MUSTCHECK;
+/* Send payload (DS_DB_PROBE_PREFIX...) on DS_DB_EVENTS_CHANNEL from a short
+ * connection of its own to conninfo: the probe of a listener checking that
+ * notifications reach it (behind a pooler that pools transactions they do
+ * not). */
+int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload) DS_MUSTCHECK;
 typedef void ds_db_notify_fn(void *ud, const char *channel, const char *payload);
 /* The socket to poll() for readability (-1 when disconnected). */
 int ds_db_socket(struct ds_db *db);
