@@ -19,7 +19,8 @@ DS_MIGRATIONS = \
 	sql/011-claim-job-tokens.sql \
 	sql/012-expiry.sql \
 	sql/013-resubmit.sql \
-	sql/014-client-turns.sql
+	sql/014-client-turns.sql \
+	sql/015-delayed-jobs.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -234,9 +234,54 @@ spread=$(q "SELECT max(n) - min(n) FROM (SELECT count(*) FILTER (WHERE state = '
 tap_ok "... and the clients' shares within 9 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 9
 q "DELETE FROM dspark.jobs" >/dev/null
 
-plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND c.model = 'm' AND c.owner > 'a'
+plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND NOT c.delayed AND c.model = 'm' AND c.owner > 'a'
                                  ORDER BY c.model, c.owner LIMIT 1" 2>&1)
 tap_like "$plan" "jobs_queued_owner_idx" "the clients are found through the queued jobs' owner index"
+
+# --- delayed jobs stay out of the claims' scans (015) -----------------------
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('m', 'now', 'ann', now()), ('m', 'later', 'ann', now() + interval '1 hour')" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt || ':' || delayed, ',' ORDER BY id) FROM dspark.jobs")" "now:false,later:true" \
+    "a job queued to run later is marked delayed, one to run now is not"
+q "UPDATE dspark.jobs SET run_after = now() + interval '1 hour' WHERE prompt = 'now'" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE delayed")" 2 "... and so is a queued job whose run_after is moved into the future"
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s' WHERE prompt = 'later'" >/dev/null
+tap_is "$(q "SELECT prompt || ':' || delayed FROM dspark.claim_jobs('w', 5, NULL, 60, ARRAY['m'])")" "later:false" \
+    "a claim takes the delayed job that has come due (and clears its mark), not the other"
+q "DELETE FROM dspark.jobs" >/dev/null
+# claimed and handed back while still marked (claim_unserved, or ad-hoc SQL): the next claim promotes it
+q "INSERT INTO dspark.jobs (model, prompt, run_after) VALUES ('m', 'x', now() + interval '1 hour')" >/dev/null
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s'" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_unserved('w', 'm', 5, 60)")" 1 "claim_unserved takes a delayed job that has come due"
+q "UPDATE dspark.jobs SET state = 'queued', worker_id = NULL" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 5, NULL, 60)")" 1 "... and a job handed back later is claimed again"
+q "DELETE FROM dspark.jobs" >/dev/null
+
+# 20,000 jobs for later, queued first by id: a claim reads none of them
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) SELECT 'm', 'later', 'ann', now() + interval '1 hour' FROM generate_series(1, 20000)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'ann-now', 'ann')" >/dev/null
+q "ANALYZE dspark.jobs" >/dev/null
+# the heap rows a claim reads, through indexes or in a scan (with schema 14's
+# claims: 20,001 in one client's statement, a scan; 20,010 in turns, fetches)
+claim_fetches() {
+    psql -X -q -A -t -c "BEGIN" -c "SELECT string_agg(prompt, ',' ORDER BY prompt) FROM dspark.claim_jobs('w', 2, NULL, 60, ARRAY['m'])" \
+        -c "SELECT idx_tup_fetch + seq_tup_read FROM pg_stat_xact_user_tables WHERE relid = 'dspark.jobs'::regclass" -c "ROLLBACK" | tr '\n' ' '
+}
+out=$(claim_fetches)
+set -- $out
+tap_is "$1" "ann-now" "one client: the claim takes the job that is due behind 20,000 delayed ones"
+tap_ok "... reading $2 rows, not the delayed ones" test "$2" -lt 100
+q "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'bob-now', 'bob')" >/dev/null
+out=$(claim_fetches)
+set -- $out
+tap_is "$1" "ann-now,bob-now" "two clients in turns: the claim takes both due jobs"
+tap_ok "... reading $2 rows" test "$2" -lt 100
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s' WHERE prompt = 'later' AND id % 2 = 0" >/dev/null
+tap_is "$(q "SELECT dspark.promote_due_jobs(4000)")" 4000 "promote_due_jobs clears the marks of up to its limit of due jobs"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 20000, NULL, 60, ARRAY['m'])")" 10002 \
+    "... and a claim promotes the rest of them: 10,000 come due, claimed with the two of before"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed AND run_after > now()")" 10000 \
+    "... the jobs still to come stay marked"
+q "DELETE FROM dspark.jobs" >/dev/null
 
 # --- leases, requeue, max_attempts ----------------------------------------
 id=$(q "INSERT INTO dspark.jobs (model, prompt, max_attempts) VALUES ('m', 'doomed', 2) RETURNING id")
