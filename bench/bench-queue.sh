@@ -20,7 +20,9 @@
 # BENCH_FINISH (json: write back through the JSON form of finish_jobs rather
 # than dspark.finish_job_results, which the worker uses), BENCH_OWNERS (the
 # queued jobs of (b) spread over this many clients, so that claims take turns
-# among them; default 1), PG_BINDIR. Prints a table; exits 1 on failure.
+# among them; default 1), BENCH_DELAYED (this many more jobs of the model,
+# queued for the next day by another client before (b), which the claims must
+# not take; default 0), PG_BINDIR. Prints a table; exits 1 on failure.
 set -u
 : "${DS_SRCDIR:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${DS_BUILDDIR:=$(pwd)}"
@@ -31,6 +33,7 @@ BATCH=${BENCH_BATCH:-64}
 ROUND=${BENCH_ROUND:-2048}
 PARTS=${BENCH_PARTS:-4}
 OWNERS=${BENCH_OWNERS:-1}
+DELAYED=${BENCH_DELAYED:-0}
 BQ="$DS_BUILDDIR/bench/bench-queue"
 [ -x "$BQ" ] || { echo "bench-queue.sh: build $BQ first (make bench/bench-queue)" >&2; exit 1; }
 
@@ -79,6 +82,9 @@ q "CREATE TABLE bench_plain (id bigserial PRIMARY KEY, state text NOT NULL DEFAU
 if [ "$OWNERS" -gt 1 ]; then
     q "UPDATE dspark.jobs SET owner = 'client-' || (id % $OWNERS)" >/dev/null || exit 1
 fi
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after)
+   SELECT 'qwen3-4b', 'later', 'client-later', now() + interval '1 day' FROM generate_series(1, $DELAYED)" >/dev/null ||
+    exit 1
 psql -X -q -c "VACUUM ANALYZE" >/dev/null
 
 # both drained in alternating rounds of ROUND jobs (same machine load for both)
@@ -98,7 +104,7 @@ ds1=$(rate "$N" "$sub_ds")
 pl1=$(rate "$N" "$sub_plain")
 ds2=$(rate "$N" "$cl_ds_s")
 pl2=$(rate "$N" "$cl_plain_s")
-printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, $OWNERS job owners, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
+printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, $OWNERS job owners, $DELAYED delayed, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
 printf '%-44s %12s %12s %7s\n' "measurement" "dspark" "plain" "ratio"
 printf '%-44s %12s %12s %7s\n' "submit JSONL (jobs/s)" "$ds1" "$pl1" "$(awk -v a="$ds1" -v b="$pl1" 'BEGIN { printf "%.2f", a / b }')"
 printf '%-44s %12s %12s %7s\n' "claim $BATCH + write-back (jobs/s)" "$ds2" "$pl2" "$(awk -v a="$ds2" -v b="$pl2" 'BEGIN { printf "%.2f", a / b }')"

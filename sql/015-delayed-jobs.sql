@@ -49,7 +49,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint := 0;
 BEGIN
-    IF EXISTS (SELECT FROM dspark.jobs d WHERE d.state = 'queued' AND d.delayed AND d.run_after <= now()) THEN
+    -- (the earliest delayed job, rather than a test of run_after: with many
+    -- delayed jobs the plan would scan the table for the test)
+    IF (SELECT min(d.run_after) FROM dspark.jobs d WHERE d.state = 'queued' AND d.delayed) <= now() THEN
         UPDATE dspark.jobs j SET delayed = false, version = j.version + 1
         WHERE j.id = ANY (ARRAY(
             SELECT d.id FROM dspark.jobs d
