@@ -94,8 +94,8 @@ denied alice "SELECT dspark.worker_starting('alice-0', 'h', 3, 'cpu', 'm')" "a c
 # SECURITY DEFINER functions run with a fixed search_path, no one else may run them
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')")" 0 \
     "every SECURITY DEFINER function sets search_path"
-tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 13 \
-    "... (there are 13 of them)"
+tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 14 \
+    "... (there are 14 of them)"
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND has_function_privilege('public', p.oid, 'EXECUTE')")" 0 \
     "... and PUBLIC may execute none of them"
 
