@@ -77,6 +77,7 @@ struct fanout_status {
 struct fanout_counters {
     uint64_t reaped;                /* jobs requeued, failed or cancelled by the lease reaper */
     uint64_t expired;               /* queued jobs ended at their deadline */
+    uint64_t due;                   /* delayed jobs that came due and joined the queue */
     uint64_t pruned;                /* finished jobs deleted by retention */
 };
 
@@ -105,6 +106,10 @@ int fanout_reap(struct fanout *f, uint64_t now_us);
  * ended (<0 on error). */
 #define FANOUT_EXPIRE_BATCH 2000   /* a sweep's jobs: it blocks the main loop for its query and events */
 int64_t fanout_expire(struct fanout *f, uint64_t now_us);
+/* Delayed jobs that came due: dspark.promote_due_jobs(NULL, FANOUT_PROMOTE_BATCH), which clears their mark
+ * (so that claims see them) and notifies them. Returns jobs (<0 on error). */
+#define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs: it blocks the main loop for its query and events */
+int64_t fanout_promote(struct fanout *f, uint64_t now_us);
 /* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
 int64_t fanout_prune(struct fanout *f, uint64_t now_us);
 /* Monotonic time of the last successful exchange with the database (0 = never). */

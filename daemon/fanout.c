@@ -669,6 +669,28 @@ int64_t fanout_expire(struct fanout *f, uint64_t now_us)
     return n;
 }
 
+int64_t fanout_promote(struct fanout *f, uint64_t now_us)
+{
+    if (!f->up)
+        return 0;
+    char limit[16];
+    snprintf(limit, sizeof limit, "%d", FANOUT_PROMOTE_BATCH);
+    const char *params[1] = { limit };
+    PGresult *res;
+    int r = ds_db_exec(f->db, "SELECT dspark.promote_due_jobs(NULL, $1::int)", 1, params, &res);
+    if (r < 0)
+        return query_failed(f, now_us, r, "the pass over delayed jobs (dspark.promote_due_jobs)");
+    int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    f->last_ok_us = now_us;
+    f->counters.due += (uint64_t)n;
+    if (n > 0)
+        ds_log(DS_LOG_DEBUG, "%" PRId64 " delayed job%s came due%s", n, n == 1 ? "" : "s",
+               n >= FANOUT_PROMOTE_BATCH ? " (more in 0.05 s)" : "");
+    fanout_pump(f, now_us);
+    return n;
+}
+
 int64_t fanout_prune(struct fanout *f, uint64_t now_us)
 {
     if (!f->up || f->cfg->retention <= 0)

@@ -3,7 +3,7 @@
  *
  * One thread, one poll() loop. Signals arrive through a signalfd (nothing runs
  * in signal context). Each turn: read signals, notifications and worker pipes;
- * publish events; run what is due (status, heartbeat, reaper, retention,
+ * publish events; run what is due (status, heartbeat, reaper, delayed jobs due, retention,
  * worker restarts and timeouts); talk to systemd. READY=1 goes out once the
  * database is connected with the right schema, the event socket is bound and
  * either every worker said READY, or at least one did and every other one has
@@ -46,6 +46,7 @@
 #define DEFAULT_CONFIG DS_SYSCONFDIR "/dspark/dspark.conf"
 #define MAX_POLL 300
 #define EXTEND_STEP_US 20000000u      /* EXTEND_TIMEOUT_USEC while starting */
+#define PROMOTE_INTERVAL_US 1000000u  /* how often delayed jobs that came due join the queue */
 
 static struct dsparkd_config cfg;
 
@@ -165,6 +166,7 @@ struct daemon {
     uint64_t next_reap_us;
     uint64_t reap_not_before_us;      /* the end of the reaper's grace after the last connection */
     uint64_t next_prune_us;
+    uint64_t next_promote_us;
     uint64_t next_extend_us;
     struct fanout_status status;
     double status_ts;               /* wall clock (Unix seconds) when status was read */
@@ -410,6 +412,8 @@ static void render_metrics(struct ds_buf *b, void *arg)
     ds_buf_printf(b, "dspark_reaped_jobs_total %" PRIu64 "\n", n.reaped);
     HELP("dspark_expired_jobs_total", "counter", "queued jobs ended at their deadline (expires_at)");
     ds_buf_printf(b, "dspark_expired_jobs_total %" PRIu64 "\n", n.expired);
+    HELP("dspark_due_jobs_total", "counter", "delayed jobs that came due and joined the queue (by dsparkd's pass)");
+    ds_buf_printf(b, "dspark_due_jobs_total %" PRIu64 "\n", n.due);
     HELP("dspark_pruned_jobs_total", "counter", "finished jobs deleted by retention");
     ds_buf_printf(b, "dspark_pruned_jobs_total %" PRIu64 "\n", n.pruned);
     HELP("dspark_start_time_seconds", "gauge", "when dsparkd started (Unix time)");
@@ -462,6 +466,10 @@ static void run_due(struct daemon *d, uint64_t now)
         /* a full sweep: more jobs may be past their deadline, sweep again soon (the loop runs in between) */
         if (fanout_expire(d->fanout, now) >= FANOUT_EXPIRE_BATCH && d->next_reap_us > now + 200000u)
             d->next_reap_us = now + 200000u;
+    }
+    if (now >= d->next_promote_us && fanout_up(d->fanout)) {
+        /* delayed jobs that came due join the queue; a full pass: more may be due, again soon */
+        d->next_promote_us = now + (fanout_promote(d->fanout, now) >= FANOUT_PROMOTE_BATCH ? 50000u : PROMOTE_INTERVAL_US);
     }
     if (now >= d->next_prune_us && fanout_up(d->fanout)) {
         int64_t n = fanout_prune(d->fanout, now);
@@ -518,6 +526,7 @@ static int poll_timeout_ms(struct daemon *d, uint64_t now)
     if (fanout_up(d->fanout)) {
         next = min_u64(next, d->next_reap_us);
         next = min_u64(next, d->next_prune_us);
+        next = min_u64(next, d->next_promote_us);
     }
     next = min_u64(next, supervisor_next_due(d->sup));
     next = min_u64(next, metrics_next_due(d->metrics));
@@ -538,6 +547,7 @@ static int run(struct daemon *d)
     d->start_us = now;
     d->next_status_us = d->next_heartbeat_us = now;
     d->next_reap_us = now;
+    d->next_promote_us = now;
     /* first retention pass a minute after start (sooner when the interval is shorter) */
     d->next_prune_us = now + min_u64(60000000u, (uint64_t)cfg.retention_interval * 1000u);
     d->next_extend_us = now;

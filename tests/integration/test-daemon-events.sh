@@ -4,9 +4,9 @@
 # (tests/integration/test-daemon-sub): every state change of a job arrives as an event
 # with increasing versions, batch and job topics select what they should, a
 # late subscriber learns the final state from the row, heartbeats, the lease
-# reaper and the expiry of queued jobs past their deadline, worker restarts
-# after a crash, a PostgreSQL restart, SIGHUP reloads, draining on SIGTERM,
-# and refusal of a schema this build does not know.
+# reaper, the expiry of queued jobs past their deadline, delayed jobs that come
+# due, worker restarts after a crash, a PostgreSQL restart, SIGHUP reloads,
+# draining on SIGTERM, and refusal of a schema this build does not know.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -208,6 +208,16 @@ wait_for "$T/reap.out" "^job id=$j5 batch=- state=cancelled version=2 attempt=0 
 tap_result $? "dsparkd expires a job still queued at its deadline: 'cancelled' event, finish=expired"
 wait_for "$T/dsparkd.log" "expiry: 1 queued job past its deadline cancelled" 5
 tap_result $? "... and logs it"
+# delayed jobs that come due: dsparkd clears their marks (2,000 a pass) and announces them
+# (model 'due': no worker claims it)
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) SELECT 'due', 'ann', 'ann', now() + interval '1 s' FROM generate_series(1, 3000)" >/dev/null
+j6=$(q "INSERT INTO dspark.jobs (model, prompt, owner, priority, run_after) VALUES ('due', 'bob', 'bob', 5, now() + interval '1.5 s') RETURNING id")
+wait_for "$T/reap.out" "^job id=$j6 batch=- state=queued version=2 attempt=0 finish=-$" 8
+tap_result $? "dsparkd lets delayed jobs that came due join the queue: a 'queued' event, version 2"
+tap_is "$(q "SELECT count(*) FILTER (WHERE delayed) || '/' || count(*) FROM dspark.jobs WHERE model = 'due'")" "0/3001" \
+    "... all 3,001 of them, in passes of 2,000"
+tap_is "$(q "SELECT prompt FROM dspark.claim_jobs('w-due', 1, NULL, 30, ARRAY['due'])")" "bob" \
+    "... and a claim then goes by priority among them"
 
 # the Prometheus endpoint
 sleep 0.5   # a status read after the jobs above
@@ -218,6 +228,7 @@ tap_like "$(cat "$T/metrics.txt")" '^dspark_workers\{state="ready"\} 2$' "... bo
 tap_like "$(cat "$T/metrics.txt")" "^dspark_jobs\\{state=\"queued\"\\} $(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued'")\$" \
     "... the queued jobs, as the database counts them"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_expired_jobs_total 1$' "... the job expired above"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_due_jobs_total 3001$' "... the delayed jobs that came due above"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_reaped_jobs_total [2-9]' "... the jobs the reaper took above"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_events_published_total [1-9][0-9]*$' "... and the events published"
 tap_is "$(sed 1d "$T/metrics.txt" | grep -v '^# \(HELP\|TYPE\) dspark_[a-z_]* ' | grep -cvE '^dspark_[a-z_]+(\{(state|device)="[a-z0-9]+"\})? [0-9]+(\.[0-9]+)?$')" 0 \

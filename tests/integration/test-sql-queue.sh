@@ -276,11 +276,28 @@ set -- $out
 tap_is "$1" "ann-now,bob-now" "two clients in turns: the claim takes both due jobs"
 tap_ok "... reading $2 rows" test "$2" -lt 100
 q "UPDATE dspark.jobs SET run_after = now() - interval '1 s' WHERE prompt = 'later' AND id % 20 = 0" >/dev/null
-tap_is "$(q "SELECT dspark.promote_due_jobs(4000)")" 4000 "promote_due_jobs clears the marks of up to its limit of due jobs"
-tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 20000, NULL, 60, ARRAY['m'])")" 10002 \
-    "... and a claim promotes the rest of them: 10,000 come due, claimed with the two of before"
-tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed AND run_after > now()")" 190000 \
-    "... the jobs still to come stay marked"
+tap_is "$(q "SELECT dspark.promote_due_jobs(NULL, 4000)")" 4000 "promote_due_jobs clears the marks of up to its limit of due jobs"
+tap_is "$(q "SELECT count(*) FROM dspark.claim_jobs('w', 20000, NULL, 60, ARRAY['m'])")" 5002 \
+    "... a claim clears up to 1,000 more first: 5,000 of the 10,000 due, claimed with the two of before"
+tap_is "$(q "SELECT dspark.promote_due_jobs()")|$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed")" "5000|190000" \
+    "... dsparkd's call clears the rest; the jobs still to come stay marked"
+q "DELETE FROM dspark.jobs" >/dev/null
+# a claim clears its own model's due jobs first, whatever other models have due
+q "INSERT INTO dspark.jobs (model, prompt, run_after) SELECT 'y', 'y', now() + interval '1 hour' FROM generate_series(1, 3000)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, run_after) VALUES ('m', 'm-job', now() + interval '2 hour')" >/dev/null
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s' WHERE model = 'y'" >/dev/null
+q "UPDATE dspark.jobs SET run_after = now() WHERE model = 'm'" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 5, NULL, 60, ARRAY['m'])")" "m-job" \
+    "a claim takes its model's due job while 3,000 of another model came due earlier"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE model = 'y' AND delayed")" 3000 "... and leaves the other model's to their claims and dsparkd"
+q "DELETE FROM dspark.jobs" >/dev/null
+# up to 1,000 due, priorities and turns hold across them
+q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) SELECT 'm', 'ann', 'ann', now() + interval '1 hour' FROM generate_series(1, 900)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner, priority, run_after) VALUES ('m', 'bob-5', 'bob', 5, now() + interval '2 hour'), ('m', 'cat', 'cat', 0, now() + interval '2 hour')" >/dev/null
+q "UPDATE dspark.jobs SET run_after = now() - interval '2 s' WHERE owner = 'ann'" >/dev/null
+q "UPDATE dspark.jobs SET run_after = now() - interval '1 s' WHERE owner <> 'ann'" >/dev/null
+tap_is "$(q "SELECT prompt FROM dspark.claim_jobs('w', 1, NULL, 60, ARRAY['m'])")|$(q "SELECT string_agg(prompt, ',' ORDER BY prompt) FROM dspark.claim_jobs('w', 2, NULL, 60, ARRAY['m'])")" "bob-5|ann,cat" \
+    "with 902 jobs come due at once, the priority goes first, then the clients in turns"
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # --- leases, requeue, max_attempts ----------------------------------------
