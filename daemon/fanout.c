@@ -549,6 +549,8 @@ static void on_notify(void *ud, const char *channel, const char *payload)
         }
         return;
     }
+    if (strncmp(payload, DS_DB_DUE_PREFIX, strlen(DS_DB_DUE_PREFIX)) == 0)
+        return;   /* delayed jobs came due: a hint for the workers, no state changed */
     struct ds_db_transition *t;
     size_t n;
     if (ds_db_parse_transitions(payload, &t, &n) < 0) {

@@ -7,8 +7,8 @@
 -- about 70 ms in turns, 30 ms in the statement of before when they came first
 -- by id. Now such a job is marked delayed when it is queued (a trigger, on
 -- insert and when run_after or the state changes), and the claims' two indexes
--- leave delayed jobs out. Once due, a job's mark is cleared (and the job
--- notified as queued) by dspark.promote_due_jobs: dsparkd runs it each second
+-- leave delayed jobs out. Once due, a job's mark is cleared (and idle
+-- workers woken by a notification) by dspark.promote_due_jobs: dsparkd runs it each second
 -- for every model, in transactions of 10,000 jobs, and each claim first for
 -- its own models, up to 1,000 jobs (one index probe when none is due). A job
 -- is still claimed only once run_after has passed, mark or not: the mark only
@@ -57,15 +57,15 @@ CREATE INDEX jobs_delayed_model_idx ON dspark.jobs (model, run_after) WHERE stat
 
 -- Clears the mark of up to p_limit delayed jobs of model p_model (NULL: of
 -- every model) whose run_after has passed, the earliest first, skipping
--- those another session holds; notifies them as queued (so idle workers
--- claim them: their version moved on, their state did not); returns how
--- many. dsparkd calls it for every model each second, a claim for its own
--- models first, with a small limit.
+-- those another session holds; returns how many. When it cleared any, it
+-- sends one notification 'due:MODEL' ('due:*' for every model) on
+-- dspark_events, which names no job (their state did not change): idle
+-- workers take it as a hint to claim. dsparkd calls it for every model each
+-- second, a claim for its own models first, with a small limit.
 CREATE FUNCTION dspark.promote_due_jobs(p_model text DEFAULT NULL, p_limit int DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint := 0;
-    changes text[];
 BEGIN
     -- (the earliest delayed job, rather than a test of run_after: with many
     -- delayed jobs the plan would scan the table for the test)
@@ -89,19 +89,17 @@ BEGIN
         ORDER BY d.model, d.run_after
         LIMIT greatest(p_limit, 1)
         FOR UPDATE SKIP LOCKED
-    ), cleared AS (
-        UPDATE dspark.jobs j SET delayed = false, version = j.version + 1
-        WHERE j.id = ANY (ARRAY(SELECT id FROM due UNION ALL SELECT id FROM due_of_model))
-        RETURNING j.id, j.version, j.state, j.attempt
     )
-    SELECT count(*), array_agg(dspark.job_change(c.id, c.version, c.state, c.attempt) ORDER BY c.id)
-    INTO n, changes
-    FROM cleared c;
-    PERFORM dspark.notify_job_changes(changes);
+    UPDATE dspark.jobs j SET delayed = false, version = j.version + 1
+    WHERE j.id = ANY (ARRAY(SELECT id FROM due UNION ALL SELECT id FROM due_of_model));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM pg_notify('dspark_events', 'due:' || coalesce(p_model, '*'));
+    END IF;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION dspark.promote_due_jobs IS 'delayed jobs whose run_after has passed join the claims'' indexes, notified as queued (dsparkd each second; claim_jobs and claim_unserved for their models first)';
+COMMENT ON FUNCTION dspark.promote_due_jobs IS 'delayed jobs whose run_after has passed join the claims'' indexes, with one notification due:MODEL on dspark_events (dsparkd each second; claim_jobs and claim_unserved for their models first)';
 REVOKE EXECUTE ON FUNCTION dspark.promote_due_jobs(text, int) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dspark.promote_due_jobs(text, int) TO dspark_worker, dspark_admin;
 

@@ -35,6 +35,10 @@
 /* A payload on DS_DB_EVENTS_CHANNEL that starts with this names no job: a
  * process checking that its own notifications arrive (ds_db_send_probe). */
 #define DS_DB_PROBE_PREFIX "probe:"
+/* A payload that starts with this names no job either: delayed jobs of the
+ * model after it ('*': of several) came due and may be claimed
+ * (dspark.promote_due_jobs); a hint for idle workers. */
+#define DS_DB_DUE_PREFIX "due:"
 
 /* SQLSTATE reported for a connection that broke (libpq gives none). */
 #define DS_DB_SQLSTATE_CONNECTION "08006"
