@@ -30,6 +30,10 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     int64_t *ids;
     size_t n;
     (void)channel;
+    /* a probe, or delayed jobs come due: no job changed */
+    if (strncmp(payload, DS_DB_PROBE_PREFIX, strlen(DS_DB_PROBE_PREFIX)) == 0 ||
+        strncmp(payload, DS_DB_DUE_PREFIX, strlen(DS_DB_DUE_PREFIX)) == 0)
+        return;
     if (ds_db_parse_ids(payload, &ids, &n) < 0 || n == 0) {
         ctx->fn(ctx->ud, -1);
         ctx->hints++;

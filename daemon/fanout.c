@@ -606,7 +606,9 @@ int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret)
     }
     PGresult *res;
     int r = ds_db_exec(f->db,
-                       "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued'), "
+                       /* (the queued jobs as the claims' index and the delayed jobs' index hold them) */
+                       "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND NOT delayed)"
+                       "       + (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed), "
                        "       (SELECT count(*) FROM dspark.jobs WHERE state = 'running'), "
                        "       s.tokens / 60.0, (s.rounds + coalesce(s.accepted, 0))::float8 / nullif(s.rounds, 0) "
                        "FROM (SELECT coalesce(sum(output_tokens), 0) AS tokens, sum(rounds) AS rounds, "

@@ -7,19 +7,22 @@
 -- about 70 ms in turns, 30 ms in the statement of before when they came first
 -- by id. Now such a job is marked delayed when it is queued (a trigger, on
 -- insert and when run_after or the state changes), and the claims' two indexes
--- leave delayed jobs out. Once due, a job's mark is cleared (and idle
--- workers woken by a notification) by dspark.promote_due_jobs: dsparkd runs it each second
--- for every model, in transactions of 10,000 jobs, and each claim first for
--- its own models, up to 1,000 jobs (one index probe when none is due). A job
--- is still claimed only once run_after has passed, mark or not: the mark only
--- lets the claims' scans skip what cannot run. While more than 1,000 jobs of a
--- model came due since dsparkd's last pass, the claims take the earliest due
--- first, whatever their priority or client, until dsparkd has cleared them all
--- (about 70 ms for each 10,000).
+-- leave delayed jobs out. Once due, a job's mark is cleared, and idle workers
+-- are woken by a notification, by dspark.promote_due_jobs: dsparkd runs it
+-- each second for every model, in transactions of 2,000 jobs, and each claim
+-- first for its own models, up to 1,000 jobs (one index probe when none is
+-- due). A job is still claimed only once run_after has passed, mark or not:
+-- the mark only lets the claims' scans skip what cannot run. While more than
+-- 1,000 jobs of a model came due since dsparkd's last pass, the claims take
+-- the earliest due first, whatever their priority or client, until dsparkd
+-- has cleared them all (about 15 ms for each 2,000).
+-- Other readers of the queued jobs (dsparkd's counts, the workers' look for
+-- models nobody serves) read the two indexes, delayed and not.
 --
 -- In turns (014), a claimer that found the model's claim_turn row held by
 -- another tried to insert it, and so waited until that one committed; it now
--- inserts the row only when there is none.
+-- inserts the row only when there is none (two claimers that both find none,
+-- at a model's first claims in turns, still wait for each other once).
 --
 -- Upgrading takes an exclusive lock on dspark.jobs, which holds every query
 -- on it back, for an update of the queued jobs to run later and four index
@@ -27,6 +30,8 @@
 -- cores).
 
 ALTER TABLE dspark.jobs ADD COLUMN delayed boolean NOT NULL DEFAULT false;
+-- (workers and dsparkd count the queued jobs through the two indexes: delayed or not)
+GRANT SELECT (delayed) ON dspark.jobs TO dspark_worker;
 COMMENT ON COLUMN dspark.jobs.delayed IS 'queued with run_after still to come: out of the claims'' indexes until dspark.promote_due_jobs finds it due';
 
 -- (the version bumped as the queue functions do, so jobs_before_update stays out)
@@ -69,12 +74,14 @@ DECLARE
 BEGIN
     -- (the earliest delayed job, rather than a test of run_after: with many
     -- delayed jobs the plan would scan the table for the test)
+    -- delayed jobs (none: NULL, not due)
     IF p_model IS NULL THEN
-        IF NOT (SELECT min(d.run_after) FROM dspark.jobs d WHERE d.state = 'queued' AND d.delayed) <= now() THEN
+        IF NOT coalesce((SELECT min(d.run_after) FROM dspark.jobs d WHERE d.state = 'queued' AND d.delayed)
+                        <= now(), false) THEN
             RETURN 0;
         END IF;
-    ELSIF NOT (SELECT min(d.run_after) FROM dspark.jobs d
-               WHERE d.state = 'queued' AND d.delayed AND d.model = p_model) <= now() THEN
+    ELSIF NOT coalesce((SELECT min(d.run_after) FROM dspark.jobs d
+                        WHERE d.state = 'queued' AND d.delayed AND d.model = p_model) <= now(), false) THEN
         RETURN 0;
     END IF;
     WITH due AS (
