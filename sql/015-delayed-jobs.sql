@@ -21,8 +21,8 @@
 --
 -- In turns (014), a claimer that found the model's claim_turn row held by
 -- another tried to insert it, and so waited until that one committed; it now
--- inserts the row only when there is none (two claimers that both find none,
--- at a model's first claims in turns, still wait for each other once).
+-- inserts the row only when there is none, and of two claimers that find none
+-- at once, only the one that takes an advisory lock does.
 --
 -- Upgrading takes an exclusive lock on dspark.jobs, which holds every query
 -- on it back, for an update of the queued jobs to run later and four index
@@ -322,8 +322,11 @@ BEGIN
         WHERE t.model IN (SELECT l.model FROM dspark.claim_turn l WHERE l.model = v_model
                           FOR UPDATE SKIP LOCKED);
         -- (a row that another claimer holds is left to it: only a missing row is
-        -- inserted, since an insert would wait for that claimer to commit)
-        IF NOT FOUND AND NOT EXISTS (SELECT FROM dspark.claim_turn t WHERE t.model = v_model) THEN
+        -- inserted, since an insert would wait for that claimer to commit; and
+        -- of two claimers that find it missing, the one without the lock leaves
+        -- the insert to the other)
+        IF NOT FOUND AND NOT EXISTS (SELECT FROM dspark.claim_turn t WHERE t.model = v_model)
+           AND pg_try_advisory_xact_lock(hashtext('dspark.claim_turn'), hashtext(v_model)) THEN
             INSERT INTO dspark.claim_turn (model, next) VALUES (v_model, 1) ON CONFLICT (model) DO NOTHING;
         END IF;
     END IF;

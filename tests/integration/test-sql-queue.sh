@@ -234,6 +234,26 @@ spread=$(q "SELECT max(n) - min(n) FROM (SELECT count(*) FILTER (WHERE state = '
 tap_ok "... and the clients' shares within 9 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 9
 q "DELETE FROM dspark.jobs" >/dev/null
 
+# a claimer in turns never waits on another's step of the turn: the model's
+# claim_turn row missing (both would insert it), then held by the other
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'tw', o || g, o FROM generate_series(1, 30) g, unnest(ARRAY['ann', 'cat']) o" >/dev/null
+for round in missing held; do
+    psql -X -q -A -t -c "BEGIN" -c "SELECT count(*) FROM dspark.claim_jobs('A', 4, NULL, 60, ARRAY['tw'])" \
+        -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null 2>&1 &
+    pa=$!
+    tries=0
+    # (until A's claim has stepped the turn: it holds claim_turn)
+    until [ "$(q "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'claim_turn' AND l.mode = 'RowExclusiveLock'")" -gt 0 ] ||
+          [ $tries -ge 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+    out=$(psql -X -q -A -t -c "SET lock_timeout = '200ms'" -c "SELECT count(*) FROM dspark.claim_jobs('B', 4, NULL, 60, ARRAY['tw'])" 2>&1)
+    wait $pa
+    tap_is "$out" 4 "a claim in turns while another claimer holds the model's turn step ($round row): no wait"
+done
+q "DELETE FROM dspark.jobs; DELETE FROM dspark.claim_turn WHERE model = 'tw'" >/dev/null
+
 plan=$(psql -X -A -t -c "EXPLAIN SELECT c.owner FROM dspark.jobs c WHERE c.state = 'queued' AND NOT c.delayed AND c.model = 'm' AND c.owner > 'a'
                                  ORDER BY c.model, c.owner LIMIT 1" 2>&1)
 tap_like "$plan" "jobs_queued_owner_idx" "the clients are found through the queued jobs' owner index"
