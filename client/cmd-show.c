@@ -37,7 +37,8 @@ static void status_usage(FILE *f)
             "\n"
             "Without arguments: the queue (job counts over all owners) and the workers.\n"
             "With job ids: those jobs (yours only). With --batch: the batch's progress.\n"
-            "With --clients: each client's queued and running jobs (dspark_admin only).\n"
+            "With --clients: each client's share of the turns, queued and running jobs\n"
+            "(dspark_admin only; shares are set in the table dspark.client_shares).\n"
             "  -b, --batch BATCH\n"
             "  -c, --clients\n"
             "  -d, --dsn DSN, --json, -q, --quiet, -h, --help\n");
@@ -143,20 +144,21 @@ static const char *const batch_sql =
 
 static void print_clients_table(json_t *rows)
 {
-    static const char *const titles[] = { "CLIENT", "QUEUED", "DELAYED", "RUNNING", "OLDEST QUEUED S" };
-    struct ctl_table *t = ctl_table_new(5, titles);
-    for (int k = 1; k <= 4; k++)
+    static const char *const titles[] = { "CLIENT", "SHARE", "QUEUED", "DELAYED", "RUNNING", "OLDEST QUEUED S" };
+    struct ctl_table *t = ctl_table_new(6, titles);
+    for (int k = 1; k <= 5; k++)
         ctl_table_right(t, k);
     size_t i;
     json_t *r;
     json_array_foreach(rows, i, r) {
-        char b[5][160];
+        char b[6][160];
         const char *cells[] = {
             ctl_cell(J(r, "client"), b[0], 64),
-            ctl_cell(J(r, "queued"), b[1], sizeof b[1]),
-            ctl_cell(J(r, "delayed"), b[2], sizeof b[2]),
-            ctl_cell(J(r, "running"), b[3], sizeof b[3]),
-            ctl_cell_real(J(r, "oldest_queued_s"), 1, b[4], sizeof b[4]),
+            ctl_cell(J(r, "share"), b[1], sizeof b[1]),
+            ctl_cell(J(r, "queued"), b[2], sizeof b[2]),
+            ctl_cell(J(r, "delayed"), b[3], sizeof b[3]),
+            ctl_cell(J(r, "running"), b[4], sizeof b[4]),
+            ctl_cell_real(J(r, "oldest_queued_s"), 1, b[5], sizeof b[5]),
         };
         ctl_table_add(t, cells);
     }

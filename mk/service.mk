@@ -20,7 +20,8 @@ DS_MIGRATIONS = \
 	sql/012-expiry.sql \
 	sql/013-resubmit.sql \
 	sql/014-client-turns.sql \
-	sql/015-delayed-jobs.sql
+	sql/015-delayed-jobs.sql \
+	sql/016-client-shares.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

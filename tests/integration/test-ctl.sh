@@ -36,7 +36,7 @@ tap_is "$?" 2 "--temperature NaN: exit 2"
 tap_like "$out" "temperature must be a finite number" "... named in the message"
 "$C" wait >/dev/null 2>&1
 tap_is "$?" 2 "wait without jobs: exit 2"
-"$C" --version | grep -q "dsparkctl .*schema version 15"
+"$C" --version | grep -q "dsparkctl .*schema version 16"
 tap_result $? "--version prints the version and the schema version"
 
 # --- connection options ------------------------------------------------------
@@ -119,7 +119,7 @@ q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('qwen3-4b',
 "$C" status --clients --json >"$T/clients.json"
 tap_py "status --clients --json: each client's queued, delayed and running jobs" \
     "[(x['client'], x['queued'], x['delayed'], x['running']) for x in d] == [('postgres', 7, 1, 0), ('someone', 1, 1, 0)]" "$T/clients.json"
-tap_like "$("$C" status --clients)" "^CLIENT +QUEUED +DELAYED +RUNNING +OLDEST QUEUED S" "status --clients prints a table"
+tap_like "$("$C" status --clients)" "^CLIENT +SHARE +QUEUED +DELAYED +RUNNING +OLDEST QUEUED S" "status --clients prints a table"
 q "DELETE FROM dspark.jobs WHERE owner = 'someone'" >/dev/null
 q "CREATE ROLE ctl_client LOGIN IN ROLE dspark_client" >/dev/null
 out=$("$C" -d "$good_dsn user=ctl_client" status --clients 2>&1)

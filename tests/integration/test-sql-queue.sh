@@ -115,6 +115,38 @@ got=
 for i in 1 2 3 4 5 6 7 8; do got="$got${got:+,}$(claim_m w 1)"; done
 tap_is "$got" "a1,b1,a2,b2,a3,b3,a4,a5" "claims of one job each serve the clients in turn"
 q "DELETE FROM dspark.jobs" >/dev/null
+# shares (016): a client with share k takes k jobs a turn, in its order
+q "INSERT INTO dspark.client_shares VALUES ('alice', 3), ('carol', 1)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 9) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', left(o, 1) || g, o FROM generate_series(1, 3) g, unnest(ARRAY['bob', 'carol']) o" >/dev/null
+turns_from_first
+tap_is "$(claim_m w 10)" "a1,a2,a3,b1,c1,a4,a5,a6,b2,c2" "a client with share 3 takes three jobs a turn, the others one"
+q "DELETE FROM dspark.jobs" >/dev/null
+# claims of one job: three of alice's for one of bob's, hers in their order, over any start
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 9) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 3) g" >/dev/null
+turns_from_first
+got=
+for i in 1 2 3 4 5 6 7 8 9 10; do got="$got${got:+,}$(claim_m w 1)"; done
+tap_is "$got" "a1,a2,a3,b1,a4,a5,a6,b2,a7,a8" "... and claims of one job each serve it three times for another's once"
+q "DELETE FROM dspark.jobs; UPDATE dspark.claim_turn SET next = 2" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 9) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 3) g" >/dev/null
+tap_is "$(claim_m w 5)|$(claim_m w 3)" "a1,b1,a2,a3,a4|b2,a5,a6" \
+    "... a turn that starts within a client's places gives its first jobs the first of them"
+tap_is "$(q "SELECT string_agg(client || ':' || share, ',' ORDER BY client) FROM dspark.client_status")" "alice:3,bob:1" \
+    "client_status shows each client's share"
+# a first read of two turns each (6 of alice's, 2 of bob's) is one of alice's short,
+# since one of the six has a higher priority: the list is read again
+q "DELETE FROM dspark.jobs" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner, priority) VALUES ('m', 'a0', 'alice', 5)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'a' || g, 'alice' FROM generate_series(1, 9) g" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'b' || g, 'bob' FROM generate_series(1, 9) g" >/dev/null
+tap_is "$(q "SELECT string_agg(j.prompt, ',' ORDER BY u.k)
+             FROM unnest((SELECT t.ids FROM dspark.claim_turns(ARRAY['alice', 'bob']::name[], 'm', 8, 0) t)) WITH ORDINALITY AS u(id, k)
+             JOIN dspark.jobs j ON j.id = u.id")" "a0,a1,a2,a3,b1,a4,a5,a6" \
+    "... a client with a share whose first read was cut is read again (the list of claim_turns)"
+q "DELETE FROM dspark.jobs; DELETE FROM dspark.client_shares" >/dev/null
 # a client with only jobs not yet due takes no place in the rotation
 q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('m', 'later', 'aaron', now() + interval '1 hour')" >/dev/null
 q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', o || g, o FROM generate_series(1, 3) g, unnest(ARRAY['b', 'c']) o" >/dev/null

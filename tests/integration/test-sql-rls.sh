@@ -76,6 +76,10 @@ tap_is "$(q_as wendy "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'qu
     "$(q "SELECT count(*) FROM dspark.jobs WHERE state = 'queued'")" "... and whether queued jobs are delayed (dsparkd's count)"
 tap_is "$(q_as wendy "SELECT dspark.promote_due_jobs(NULL, 2000)")" 0 "... and may let delayed jobs that came due join the queue (dsparkd's pass)"
 denied wendy "UPDATE dspark.jobs SET state = 'running'" "a worker cannot update jobs directly"
+denied alice "INSERT INTO dspark.client_shares VALUES ('alice', 100)" "a client cannot give itself a share of the turns"
+denied wendy "SELECT * FROM dspark.client_shares" "... nor may a worker read the shares"
+tap_is "$(q_as adam "INSERT INTO dspark.client_shares VALUES ('alice', 2) RETURNING share")" 2 "an admin sets a client's share"
+q "DELETE FROM dspark.client_shares" >/dev/null
 denied wendy "INSERT INTO dspark.jobs (model, prompt) VALUES ('m', 'x')" "a worker cannot insert jobs"
 denied wendy "DELETE FROM dspark.jobs" "a worker cannot delete jobs"
 denied wendy "CREATE TABLE dspark.evil (x int)" "a worker cannot create objects in the schema"
