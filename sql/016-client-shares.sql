@@ -8,7 +8,10 @@
 -- those places: over a full round of single-job claims, a client with share
 -- k starts k jobs for each job of a client with share 1. Shares apply within
 -- a priority, like the turns; priorities still come first. A client with no
--- row here has share 1, so without rows nothing changes.
+-- row here has share 1, so without rows nothing changes but this: a
+-- priority's turns now count only the clients with jobs of that priority (a
+-- client with only jobs of a lower one took places in them, so that claims
+-- of one job went more often to the client after it in name order).
 
 CREATE TABLE dspark.client_shares (
     owner name PRIMARY KEY,
@@ -23,8 +26,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON dspark.client_shares TO dspark_admin;
 -- out: their ids in claim order (NULL when none). A turn has a place for
 -- each job it gives a client: share places for a client (client_shares, 1
 -- without a row), together, the clients in name order; only the clients with
--- jobs to claim count. The turn starts at the place p_first modulo their
--- number (from 0). Each client's first jobs come from jobs_queued_owner_idx,
+-- jobs to claim of the turn's priority count. The turn starts at the place
+-- p_first modulo their number (from 0). Each client's first jobs come from jobs_queued_owner_idx,
 -- at first enough for p_count / places turns, as many as it takes when every
 -- client has jobs of one priority. More are read (twice as many each time)
 -- while the list could be wrong: it is short and some client may have more,
@@ -45,7 +48,9 @@ BEGIN
             SELECT e.id, e.priority, e.owner, o.i, o.share,
                    -- the job's index among the client's jobs of its priority, from 0
                    row_number() OVER (PARTITION BY e.owner, e.priority ORDER BY e.id) - 1 AS j,
-                   count(*) OVER (PARTITION BY e.owner) = v_turns * o.share AS cut
+                   -- (a read of p_count jobs is never cut: no more of them fit in the list)
+                   count(*) OVER (PARTITION BY e.owner) = v_turns::bigint * o.share
+                       AND v_turns::bigint * o.share < p_count AS cut
             FROM unnest(p_owners, v_shares) WITH ORDINALITY AS o(owner, share, i)
             CROSS JOIN LATERAL (
                 SELECT c.id, c.priority, c.owner
@@ -58,10 +63,13 @@ BEGIN
                   AND NOT c.run_alone AND c.run_after <= now()
                   AND (c.expires_at IS NULL OR c.expires_at > now())
                 ORDER BY c.model, c.owner, c.priority DESC, c.id
-                LIMIT v_turns * o.share) e
-        ), places AS (   -- the clients with jobs to claim: where their places start in a turn, of how many
-            SELECT c.i, sum(c.share) OVER (ORDER BY c.i) - c.share AS first, sum(c.share) OVER () AS n
-            FROM (SELECT DISTINCT g.i, g.share FROM got g) c
+                LIMIT least(v_turns::bigint * o.share, p_count)) e
+        ), places AS (   -- the clients with jobs to claim of each priority: where their places
+                         -- start in that priority's turns, of how many
+            SELECT c.priority, c.i,
+                   sum(c.share) OVER (PARTITION BY c.priority ORDER BY c.i) - c.share AS first,
+                   sum(c.share) OVER (PARTITION BY c.priority) AS n
+            FROM (SELECT DISTINCT g.priority, g.i, g.share FROM got g) c
         ), read AS (   -- each job's turn, and its place in it after the rotation p_first
             -- (a client's places in a turn go to its jobs in their order: when the
             -- rotation starts within its places, at the offset off, the first of
@@ -71,7 +79,8 @@ BEGIN
                                    ELSE g.j % g.share END
                     - p_first % p.n + p.n) % p.n AS place
             FROM got g
-            JOIN (SELECT pl.*, (p_first % pl.n - pl.first + pl.n) % pl.n AS off FROM places pl) p ON p.i = g.i
+            JOIN (SELECT pl.*, (p_first % pl.n - pl.first + pl.n) % pl.n AS off FROM places pl) p
+              ON p.priority = g.priority AND p.i = g.i
         ), listed AS (
             SELECT r.id, r.priority, r.turn,
                    row_number() OVER (ORDER BY r.priority DESC, r.turn, r.place, r.id) AS ord
@@ -100,6 +109,8 @@ BEGIN
     END LOOP;
 END
 $$;
+
+COMMENT ON FUNCTION dspark.claim_jobs IS 'claim queued jobs (SKIP LOCKED) within a token budget, each job costing its estimated prompt, max_tokens and p_job_tokens, none past its expires_at; by priority, then, for one model, the clients with jobs queued take turns (one job each a turn, share jobs for a client with a share in client_shares; the turn''s start moves on by one place a claim); they become running with a lease, returned in claim order; a run_alone job is claimed alone, when first in line by priority and id';
 
 -- Each client's queued and running jobs, and its share of the turns.
 CREATE OR REPLACE VIEW dspark.client_status AS

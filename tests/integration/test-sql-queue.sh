@@ -136,6 +136,17 @@ tap_is "$(claim_m w 5)|$(claim_m w 3)" "a1,b1,a2,a3,a4|b2,a5,a6" \
     "... a turn that starts within a client's places gives its first jobs the first of them"
 tap_is "$(q "SELECT string_agg(client || ':' || share, ',' ORDER BY client) FROM dspark.client_status")" "alice:3,bob:1" \
     "client_status shows each client's share"
+# a priority's turns count only the clients with jobs of that priority
+q "DELETE FROM dspark.jobs; INSERT INTO dspark.client_shares VALUES ('zed', 10)" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner, priority) SELECT 'm', left(o, 1) || g, o, 5 FROM generate_series(1, 4) g, unnest(ARRAY['alice', 'bob']) o" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, owner) SELECT 'm', 'z' || g, 'zed' FROM generate_series(1, 4) g" >/dev/null
+q "DELETE FROM dspark.client_shares WHERE owner = 'alice'" >/dev/null
+turns_from_first
+got=
+for i in 1 2 3 4 5 6 7 8 9; do got="$got${got:+,}$(claim_m w 1)"; done
+tap_is "$got" "a1,b1,a2,b2,a3,b3,a4,b4,z1" \
+    "... claims of one job serve two clients of a priority in rotation while a third with share 10 has jobs of a lower one"
+q "DELETE FROM dspark.client_shares WHERE owner = 'zed'; INSERT INTO dspark.client_shares VALUES ('alice', 3)" >/dev/null
 # a first read of two turns each (6 of alice's, 2 of bob's) is one of alice's short,
 # since one of the six has a higher priority: the list is read again
 q "DELETE FROM dspark.jobs" >/dev/null
