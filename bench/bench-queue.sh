@@ -22,7 +22,9 @@
 # queued jobs of (b) spread over this many clients, so that claims take turns
 # among them; default 1), BENCH_DELAYED (this many more jobs of the model,
 # queued for the next day by another client before (b), which the claims must
-# not take; default 0), PG_BINDIR. Prints a table; exits 1 on failure.
+# not take; default 0), BENCH_SHARES (rows for dspark.client_shares, as SQL
+# VALUES, e.g. "('client-0', 3)"; default none), PG_BINDIR. Prints a table;
+# exits 1 on failure.
 set -u
 : "${DS_SRCDIR:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${DS_BUILDDIR:=$(pwd)}"
@@ -34,6 +36,7 @@ ROUND=${BENCH_ROUND:-2048}
 PARTS=${BENCH_PARTS:-4}
 OWNERS=${BENCH_OWNERS:-1}
 DELAYED=${BENCH_DELAYED:-0}
+SHARES=${BENCH_SHARES:-}
 BQ="$DS_BUILDDIR/bench/bench-queue"
 [ -x "$BQ" ] || { echo "bench-queue.sh: build $BQ first (make bench/bench-queue)" >&2; exit 1; }
 
@@ -85,6 +88,9 @@ fi
 q "INSERT INTO dspark.jobs (model, prompt, owner, run_after)
    SELECT 'qwen3-4b', 'later', 'client-later', now() + interval '1 day' FROM generate_series(1, $DELAYED)" >/dev/null ||
     exit 1
+if [ -n "$SHARES" ]; then
+    q "INSERT INTO dspark.client_shares VALUES $SHARES" >/dev/null || exit 1
+fi
 psql -X -q -c "VACUUM ANALYZE" >/dev/null
 
 # both drained in alternating rounds of ROUND jobs (same machine load for both)
@@ -104,7 +110,7 @@ ds1=$(rate "$N" "$sub_ds")
 pl1=$(rate "$N" "$sub_plain")
 ds2=$(rate "$N" "$cl_ds_s")
 pl2=$(rate "$N" "$cl_plain_s")
-printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, $OWNERS job owners, $DELAYED delayed, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
+printf '%s\n' "queue benchmark: $N jobs ($PARTS parts), $CLIENTS clients, batches of $BATCH, $OWNERS job owners${SHARES:+ (shares $SHARES)}, $DELAYED delayed, PostgreSQL $(q 'SHOW server_version'), $(nproc 2>/dev/null || echo ?) CPUs"
 printf '%-44s %12s %12s %7s\n' "measurement" "dspark" "plain" "ratio"
 printf '%-44s %12s %12s %7s\n' "submit JSONL (jobs/s)" "$ds1" "$pl1" "$(awk -v a="$ds1" -v b="$pl1" 'BEGIN { printf "%.2f", a / b }')"
 printf '%-44s %12s %12s %7s\n' "claim $BATCH + write-back (jobs/s)" "$ds2" "$pl2" "$(awk -v a="$ds2" -v b="$pl2" 'BEGIN { printf "%.2f", a / b }')"
