@@ -651,47 +651,47 @@ int fanout_reap(struct fanout *f, uint64_t now_us)
     return n;
 }
 
-int64_t fanout_expire(struct fanout *f, uint64_t now_us)
+/* One of dsparkd's passes over the queue: sql takes the limit as $1 and returns how many jobs it changed.
+ * Returns that count, 0 while the connection is down, <0 on error (what: the pass, for the log). */
+static int64_t queue_pass(struct fanout *f, uint64_t now_us, const char *sql, int limit, const char *what)
 {
     if (!f->up)
         return 0;
-    char limit[16];
-    snprintf(limit, sizeof limit, "%d", FANOUT_EXPIRE_BATCH);
-    const char *params[1] = { limit };
+    char lim[16];
+    snprintf(lim, sizeof lim, "%d", limit);
+    const char *params[1] = { lim };
     PGresult *res;
-    int r = ds_db_exec(f->db, "SELECT dspark.expire_jobs($1::int)", 1, params, &res);
+    int r = ds_db_exec(f->db, sql, 1, params, &res);
     if (r < 0)
-        return query_failed(f, now_us, r, "the expiry sweep (dspark.expire_jobs)");
+        return query_failed(f, now_us, r, what);
     int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     f->last_ok_us = now_us;
+    fanout_pump(f, now_us);   /* queries consume input too: deliver notifications that arrived meanwhile */
+    return n;
+}
+
+int64_t fanout_expire(struct fanout *f, uint64_t now_us)
+{
+    int64_t n = queue_pass(f, now_us, "SELECT dspark.expire_jobs($1::int)", FANOUT_EXPIRE_BATCH,
+                           "the expiry sweep (dspark.expire_jobs)");
+    if (n <= 0)
+        return n;
     f->counters.expired += (uint64_t)n;
-    if (n > 0)
-        ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
-               n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in 0.2 s)" : "");
-    fanout_pump(f, now_us);
+    ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
+           n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in 0.2 s)" : "");
     return n;
 }
 
 int64_t fanout_promote(struct fanout *f, uint64_t now_us)
 {
-    if (!f->up)
-        return 0;
-    char limit[16];
-    snprintf(limit, sizeof limit, "%d", FANOUT_PROMOTE_BATCH);
-    const char *params[1] = { limit };
-    PGresult *res;
-    int r = ds_db_exec(f->db, "SELECT dspark.promote_due_jobs(NULL, $1::int)", 1, params, &res);
-    if (r < 0)
-        return query_failed(f, now_us, r, "the pass over delayed jobs (dspark.promote_due_jobs)");
-    int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    f->last_ok_us = now_us;
+    int64_t n = queue_pass(f, now_us, "SELECT dspark.promote_due_jobs(NULL, $1::int)", FANOUT_PROMOTE_BATCH,
+                           "the pass over delayed jobs (dspark.promote_due_jobs)");
+    if (n <= 0)
+        return n;
     f->counters.due += (uint64_t)n;
-    if (n > 0)
-        ds_log(DS_LOG_DEBUG, "%" PRId64 " delayed job%s came due%s", n, n == 1 ? "" : "s",
-               n >= FANOUT_PROMOTE_BATCH ? " (more in 0.05 s)" : "");
-    fanout_pump(f, now_us);
+    ds_log(DS_LOG_DEBUG, "%" PRId64 " delayed job%s came due%s", n, n == 1 ? "" : "s",
+           n >= FANOUT_PROMOTE_BATCH ? " (more in 0.05 s)" : "");
     return n;
 }
 
