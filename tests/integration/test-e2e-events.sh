@@ -11,7 +11,9 @@
 e2e_start
 EP="ipc://$T/events.sock"
 
-write_conf "$T/dspark.conf" 0 "--lease 10 --heartbeat 0.3 --log-level debug"
+# (an idle worker polls every 30 s: new jobs, and delayed jobs when they come
+# due, wake it through notifications)
+write_conf "$T/dspark.conf" 0 "--lease 10 --heartbeat 0.3 --log-level debug --poll-interval 30"
 start_dsparkd "$T/dspark.conf" "$T/dsparkd.log" 1
 tap_result $? "dsparkd starts a real dspark-worker, which becomes ready"
 tap_is "$(q "SELECT concat_ws('|', worker_id, device, model, draft, state, model_checksum ~ '^[0-9a-f]{16}$',
@@ -75,6 +77,8 @@ j2=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature, run
 "$SUB" --endpoint "$EP" --topic "job|-|$j2|" --job "$j2" --dsn "$DSPARK_DSN" --timeout 30 >"$T/follow.out" 2>&1
 tap_like "$(cat "$T/follow.out" | tr '\n' ' ')" "^synced row queued 1 job id=$j2 .*state=running .*final succeeded [0-9]+ event $" \
     "a subscriber of a delayed job follows it through 'running' to its final state"
+tap_ok "... started $(q "SELECT round(extract(epoch FROM started_at - run_after)::numeric, 2) FROM dspark.jobs WHERE id = $j2") s after it came due (dsparkd's pass wakes the idle worker)" \
+    test "$(q "SELECT started_at - run_after < interval '5 s' FROM dspark.jobs WHERE id = $j2")" = t
 
 # a batch through dsparkctl: JSONL with token-id prompts, wait, results
 : >"$T/batch.jsonl"
