@@ -107,8 +107,8 @@ int fanout_reap(struct fanout *f, uint64_t now_us);
 #define FANOUT_EXPIRE_BATCH 2000   /* a sweep's jobs: it blocks the main loop for its query and events */
 int64_t fanout_expire(struct fanout *f, uint64_t now_us);
 /* Delayed jobs that came due: dspark.promote_due_jobs(NULL, FANOUT_PROMOTE_BATCH), which clears their mark
- * (so that claims see them) and notifies them. Returns jobs (<0 on error). */
-#define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs: it blocks the main loop for its query and events */
+ * (so that claims see them) and wakes idle workers with one due: notification. Returns jobs (<0 on error). */
+#define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs: it blocks the main loop for its query */
 int64_t fanout_promote(struct fanout *f, uint64_t now_us);
 /* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
 int64_t fanout_prune(struct fanout *f, uint64_t now_us);
