@@ -61,5 +61,11 @@ noinst_PROGRAMS += bench/bench-attention-cuda
 bench_bench_attention_cuda_SOURCES = bench/bench-attention-cuda.c bench/bench-check.h
 bench_bench_attention_cuda_CFLAGS = $(AM_CFLAGS) $(CUDA_CFLAGS) -I$(top_srcdir)/kernels
 bench_bench_attention_cuda_LDADD = $(ENGINE_LIBS)
+# a measurement of one-row decoding's products as one persistent kernel (nvcc-compiled, .cu.o above)
+noinst_PROGRAMS += bench/bench-stream-cuda
+bench_bench_stream_cuda_SOURCES = bench/bench-stream-cuda.cu
+bench_bench_stream_cuda_LDADD = $(KERNELS_LIBS)
+bench/bench-stream-cuda.$(OBJEXT): $(top_srcdir)/kernels/kernels.h
 endif
-EXTRA_DIST += bench/bench-gemm-cuda.c bench/bench-sample-cuda.c bench/bench-attention-cuda.c bench/bench-check.h
+EXTRA_DIST += bench/bench-gemm-cuda.c bench/bench-sample-cuda.c bench/bench-attention-cuda.c bench/bench-check.h \
+	bench/bench-stream-cuda.cu
