@@ -29,15 +29,6 @@ T=$PGH_DIR
 now() {
     date +%s.%N
 }
-wait_for() {   # FILE PATTERN SECONDS
-    _n=0
-    while [ $_n -lt $(($3 * 10)) ]; do
-        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-        _n=$((_n + 1))
-    done
-    return 1
-}
 ms() {   # ms START END
     awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) * 1000 }'
 }

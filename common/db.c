@@ -2,19 +2,24 @@
  *
  * Errors become -DS_EDB with the server's message, detail, hint and SQLSTATE
  * in ds_errdetail(). A broken connection is reset with exponential back-off
- * by ds_db_ensure(); the LISTEN channels are issued again afterwards. The
+ * by ds_db_ensure(); the LISTEN channels are issued again afterwards. A
+ * caller that must not wait for a connection (dsparkd's loop) has one made on
+ * a thread of its own (ds_db_connect_start, ds_db_connect_poll). The
  * migrations are either the ones embedded at build time (sql-embed.c,
  * generated from sql/NNN-*.sql) or read from a directory. */
 #include "config.h"
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "dspark/ds-db.h"
 
@@ -34,6 +39,21 @@ struct ds_db {
     int backoff_ms;                 /* next wait between reset attempts */
     int64_t next_try_ms;            /* monotonic time of the next attempt */
     unsigned reconnects;
+    struct connect_job *job;        /* ds_db_connect_start's attempt, until ds_db_connect_poll takes it */
+};
+
+/* A connection attempt on a thread of its own (ds_db_connect_start): libpq's blocking connect with all
+ * its rules (name lookups, connect_timeout for each host and address, on to the next one when it
+ * passes, the checks of the conninfo) off the caller's loop. The thread writes a byte to the pipe when
+ * it is done. Whoever comes last frees the job: the thread when the attempt was abandoned (the ds_db
+ * freed meanwhile), else ds_db_connect_poll or ds_db_free. */
+struct connect_job {
+    pthread_mutex_t lock;
+    bool done, abandoned;           /* under lock */
+    PGconn *conn;                   /* the connection made, or NULL (then msg says why) */
+    char msg[512];
+    int pipe_r, pipe_w;
+    char *conninfo, *application_name;
 };
 
 /* The embedded migrations (generated file). */
@@ -128,14 +148,14 @@ static bool uses_service(const char *conninfo)
     return service;
 }
 
-int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
+/* The keywords and values every connection opens with (lists ending with NULL, at most 8 entries each):
+ * a connection attempt gives up after DS_DB_CONNECT_TIMEOUT_S, and TCP keepalives (libpq turns them on)
+ * probe an idle connection after 30 s instead of the kernel's two hours, so that a server that vanished
+ * is noticed within a minute: libpq's own defaults wait for the kernel, and every caller retries anyway.
+ * The conninfo (processed after these, so it wins), PGCONNECT_TIMEOUT, or a service file may say
+ * otherwise. */
+static void connect_params(const char *conninfo, const char *application_name, const char *k[8], const char *v[8])
 {
-    /* A connection attempt gives up after DS_DB_CONNECT_TIMEOUT_S, and TCP
-     * keepalives (libpq turns them on) probe an idle connection after 30 s
-     * instead of the kernel's two hours, so that a server that vanished is
-     * noticed within a minute: libpq's own defaults wait for the kernel, and
-     * every caller retries anyway. The conninfo (processed after these, so
-     * it wins), PGCONNECT_TIMEOUT, or a service file may say otherwise. */
     bool defaults = !uses_service(conninfo);
     const char *timeout = defaults && !getenv("PGCONNECT_TIMEOUT") ? DS_DB_CONNECT_TIMEOUT_S : NULL;
     const char *keys[] = { "connect_timeout", "keepalives_idle", "keepalives_interval", "keepalives_count",
@@ -144,7 +164,6 @@ int ds_db_connect(const char *conninfo, const char *application_name, struct ds_
                            conninfo && *conninfo ? conninfo : NULL,
                            application_name ? application_name : "dspark", "UTF8", NULL };
     /* libpq stops at the first NULL key, so absent values must not end the list */
-    const char *k[8], *v[8];
     int n = 0;
     for (int i = 0; keys[i]; i++)
         if (vals[i]) {
@@ -152,6 +171,22 @@ int ds_db_connect(const char *conninfo, const char *application_name, struct ds_
             v[n++] = vals[i];
         }
     k[n] = v[n] = NULL;
+}
+
+static struct ds_db *db_new(PGconn *conn)
+{
+    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
+    PQsetNoticeProcessor(conn, ignore_notice, NULL);
+    struct ds_db *db = ds_xcalloc(1, sizeof *db);
+    db->conn = conn;
+    db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
+    return db;
+}
+
+int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
+{
+    const char *k[8], *v[8];
+    connect_params(conninfo, application_name, k, v);
     PGconn *conn = PQconnectdbParams(k, v, 1);
     if (!conn)
         return ds_seterr(DS_ENOMEM, "could not allocate a database connection");
@@ -161,19 +196,123 @@ int ds_db_connect(const char *conninfo, const char *application_name, struct ds_
         PQfinish(conn);
         return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
     }
-    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
-    PQsetNoticeProcessor(conn, ignore_notice, NULL);
+    *ret = db_new(conn);
+    return 0;
+}
+
+static void connect_job_free(struct connect_job *job)
+{
+    if (job->conn)
+        PQfinish(job->conn);
+    close(job->pipe_r);
+    close(job->pipe_w);
+    pthread_mutex_destroy(&job->lock);
+    free(job->conninfo);
+    free(job->application_name);
+    free(job);
+}
+
+static void *connect_thread(void *arg)
+{
+    struct connect_job *job = arg;
+    const char *k[8], *v[8];
+    connect_params(job->conninfo, job->application_name, k, v);
+    PGconn *conn = PQconnectdbParams(k, v, 1);
+    if (!conn) {
+        snprintf(job->msg, sizeof job->msg, "could not allocate a database connection");
+    } else if (PQstatus(conn) != CONNECTION_OK) {
+        chomp_copy(job->msg, sizeof job->msg, PQerrorMessage(conn));
+        PQfinish(conn);
+        conn = NULL;
+    }
+    /* the thread's last touch of the job unless it was abandoned: once done is set, the caller may free it
+     * (the write, into an empty non-blocking pipe, does not wait) */
+    pthread_mutex_lock(&job->lock);
+    job->conn = conn;
+    bool abandoned = job->abandoned;
+    if (!abandoned) {
+        ssize_t w;
+        do
+            w = write(job->pipe_w, "", 1);
+        while (w < 0 && errno == EINTR);
+    }
+    job->done = true;
+    pthread_mutex_unlock(&job->lock);
+    if (abandoned)
+        connect_job_free(job);
+    return NULL;
+}
+
+int ds_db_connect_start(const char *conninfo, const char *application_name, struct ds_db **ret)
+{
+    struct connect_job *job = ds_xcalloc(1, sizeof *job);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0) {
+        free(job);
+        return ds_seterr(DS_EIO, "could not connect to the database: pipe: %s", strerror(errno));
+    }
+    job->pipe_r = fds[0];
+    job->pipe_w = fds[1];
+    pthread_mutex_init(&job->lock, NULL);
+    job->conninfo = conninfo ? ds_xstrdup(conninfo) : NULL;
+    job->application_name = application_name ? ds_xstrdup(application_name) : NULL;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    int e = pthread_create(&thread, &attr, connect_thread, job);
+    pthread_attr_destroy(&attr);
+    if (e != 0) {
+        connect_job_free(job);
+        return ds_seterr(DS_EIO, "could not connect to the database: no thread for the attempt: %s", strerror(e));
+    }
     struct ds_db *db = ds_xcalloc(1, sizeof *db);
-    db->conn = conn;
     db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
+    db->job = job;
     *ret = db;
     return 0;
+}
+
+int ds_db_connect_poll(struct ds_db *db, int *ret_fd, short *ret_events)
+{
+    struct connect_job *job = db->job;
+    if (!job)
+        return db->conn ? 1 : ds_seterr(DS_EDB, "could not connect to the database: no attempt under way");
+    pthread_mutex_lock(&job->lock);
+    bool done = job->done;
+    pthread_mutex_unlock(&job->lock);
+    if (!done) {
+        *ret_fd = job->pipe_r;
+        *ret_events = POLLIN;
+        return 0;
+    }
+    /* the thread has let go of the job */
+    PGconn *conn = job->conn;
+    job->conn = NULL;
+    char msg[sizeof job->msg];
+    snprintf(msg, sizeof msg, "%s", job->msg);
+    connect_job_free(job);
+    db->job = NULL;
+    if (!conn)
+        return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
+    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
+    PQsetNoticeProcessor(conn, ignore_notice, NULL);
+    db->conn = conn;
+    return 1;
 }
 
 struct ds_db *ds_db_free(struct ds_db *db)
 {
     if (!db)
         return NULL;
+    if (db->job) {   /* an attempt under way: its thread frees it when done, or it is done already */
+        pthread_mutex_lock(&db->job->lock);
+        bool done = db->job->done;
+        db->job->abandoned = true;
+        pthread_mutex_unlock(&db->job->lock);
+        if (done)
+            connect_job_free(db->job);
+    }
     PQfinish(db->conn);
     for (int i = 0; i < db->nlisten; i++)
         free(db->listen[i]);

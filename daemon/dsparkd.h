@@ -6,8 +6,8 @@
 #ifndef DSPARKD_H
 #define DSPARKD_H
 
-#include <stdbool.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -84,17 +84,22 @@ struct fanout_counters {
 struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub *pub);
 struct fanout *fanout_free(struct fanout *f);
 /* Connect if down and due (back-off), check the schema, LISTEN, and judge the
- * notification probe. Returns 1 when (re)connected in this call, 0 when up or
- * still down (fanout_up tells), or < 0 (fatal) for a schema this build does
- * not know or a connection that does not carry notifications. */
+ * notification probe. The connection attempt never blocks: each call takes
+ * the steps it can (see fanout_pollfd). Returns 1 when (re)connected in this
+ * call, 0 when up or still down (fanout_up tells), or < 0 (fatal) for a
+ * schema this build does not know or a connection that does not carry
+ * notifications. */
 int fanout_connect(struct fanout *f, uint64_t now_us);
 /* Leave the notification probe unjudged (dsparkd is stopping). */
 void fanout_stop_probe(struct fanout *f);
 bool fanout_up(const struct fanout *f);
 /* Up, and its notifications shown to arrive (a probe came back), or stopping. */
 bool fanout_verified(const struct fanout *f);
-/* The socket to poll (-1 when down). */
-int fanout_socket(const struct fanout *f);
+/* The descriptors to poll, at most max into fds: the connection's socket for
+ * notifications (POLLIN) when up, or the connection attempt's next step while
+ * one is under way; and the notification probe's connection's next step while
+ * it connects. Returns how many. */
+int fanout_pollfds(const struct fanout *f, struct pollfd *fds, int max);
 /* Read notifications and publish the events of the jobs they name. Returns the
  * number of events published; a broken connection is logged and marks it down. */
 int fanout_pump(struct fanout *f, uint64_t now_us);

@@ -1,7 +1,8 @@
-/* fanout.c: dsparkd's database side: the connection (with back-off and
- * re-LISTEN), job notifications turned into ZeroMQ events, queue counts for
- * STATUS= and heartbeats, the lease reaper, the expiry of queued jobs past their
- * deadline, and retention.
+/* fanout.c: dsparkd's database side: the connection (made on a thread of its
+ * own, so that the loop never waits for it; with back-off and re-LISTEN), job
+ * notifications turned into ZeroMQ events, queue counts for STATUS= and
+ * heartbeats, the lease reaper, the expiry of queued jobs past their deadline,
+ * and retention.
  *
  * A notification names each state change: job id, version, state and attempt
  * (see DS_DB_EVENTS_CHANNEL). The rows are read in one query per burst of
@@ -23,6 +24,7 @@
 #include "config.h"
 
 #include <inttypes.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +55,9 @@ struct fanout {
     struct ds_events_pub *pub;
     struct ds_db *db;
     bool up;
+    bool connecting;                 /* db is an attempt under way (ds_db_connect_start) */
+    int connect_fd;                  /* while connecting: the descriptor and events that say it is over */
+    short connect_events;
     uint64_t next_connect_us;
     uint64_t backoff_us;
     uint64_t last_ok_us;
@@ -67,6 +72,10 @@ struct fanout {
     size_t cap_ids;
     struct seen seen[SEEN_SLOTS];
     char probe_mark[32];             /* the start of this process's probes' payloads */
+    char probe_payload[64];          /* the probe whose connection is under way */
+    struct ds_db *probe_db;          /* that connection (NULL: none) */
+    int probe_fd;                    /* the descriptor and events that say it is over */
+    short probe_events;
     uint64_t probe_deadline_us;      /* the last probe must be back by then (0: none pending) */
     int probes_sent;                 /* on this connection, sent and not come back */
     bool probe_ok;                   /* one came back: this DSN carries notifications */
@@ -90,6 +99,7 @@ struct fanout *fanout_free(struct fanout *f)
     if (!f)
         return NULL;
     ds_db_free(f->db);
+    ds_db_free(f->probe_db);
     free(f->tr);
     free(f->ids);
     free(f);
@@ -106,9 +116,16 @@ bool fanout_verified(const struct fanout *f)
     return f->up && (f->probe_ok || f->probe_off);
 }
 
-int fanout_socket(const struct fanout *f)
+int fanout_pollfds(const struct fanout *f, struct pollfd *fds, int max)
 {
-    return f->up ? ds_db_socket(f->db) : -1;
+    int n = 0;
+    if (n < max && f->up)
+        fds[n++] = (struct pollfd){ .fd = ds_db_socket(f->db), .events = POLLIN };
+    else if (n < max && f->connecting)
+        fds[n++] = (struct pollfd){ .fd = f->connect_fd, .events = f->connect_events };
+    if (n < max && f->probe_db)
+        fds[n++] = (struct pollfd){ .fd = f->probe_fd, .events = f->probe_events };
+    return n;
 }
 
 uint64_t fanout_last_ok(const struct fanout *f)
@@ -143,21 +160,46 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     f->next_connect_us = now_us;   /* first retry at once, then back off */
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->probe_deadline_us = 0;      /* (until a probe came back, the next connection sends them again) */
+    f->probe_db = ds_db_free(f->probe_db);
 }
 
-/* Send a probe from a connection of its own; its deadline runs from when it went. One that cannot be sent
- * does not count: it is tried again when that deadline passes. */
+static void probe_not_sent(struct fanout *f)
+{
+    ds_log(DS_LOG_WARNING, "could not send the notification probe (trying again in %u s): %s",
+           PROBE_TIMEOUT_US / 1000000u, ds_errdetail());
+    f->probe_db = ds_db_free(f->probe_db);
+}
+
+/* Send a probe from a connection of its own, made on a thread of its own (probe_step). Its
+ * deadline runs from now, and again from when it went. One that cannot be sent does not count: it is
+ * tried again when that deadline passes. */
 static void probe_send(struct fanout *f)
 {
-    char payload[64];
     snprintf(f->probe_mark, sizeof f->probe_mark, DS_DB_PROBE_PREFIX "%d.", (int)getpid());
-    snprintf(payload, sizeof payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1, ds_now_usec());
-    if (ds_db_send_probe(f->cfg->dsn, "dsparkd-probe", payload) < 0)
-        ds_log(DS_LOG_WARNING, "could not send the notification probe (trying again in %u s): %s",
-               PROBE_TIMEOUT_US / 1000000u, ds_errdetail());
-    else
-        f->probes_sent++;
+    snprintf(f->probe_payload, sizeof f->probe_payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1,
+             ds_now_usec());
     f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
+    f->probe_db = ds_db_free(f->probe_db);   /* one still connecting from the last time: given up */
+    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", &f->probe_db) < 0)
+        probe_not_sent(f);
+}
+
+/* Whether the probe's connection is made; once it is, the probe goes (one short statement). */
+static void probe_step(struct fanout *f, uint64_t now_us)
+{
+    if (!f->probe_db)
+        return;
+    int r = ds_db_connect_poll(f->probe_db, &f->probe_fd, &f->probe_events);
+    if (r == 0)
+        return;
+    const char *params[2] = { DS_DB_EVENTS_CHANNEL, f->probe_payload };
+    if (r < 0 || ds_db_command(f->probe_db, "SELECT pg_notify($1, $2)", 2, params) < 0) {
+        probe_not_sent(f);
+        return;
+    }
+    f->probes_sent++;
+    f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
+    f->probe_db = ds_db_free(f->probe_db);
 }
 
 /* When the pending probe's time is up: send another (or the first again, when it could not be sent), or,
@@ -185,6 +227,7 @@ void fanout_stop_probe(struct fanout *f)
 {
     f->probe_off = true;
     f->probe_deadline_us = 0;
+    f->probe_db = ds_db_free(f->probe_db);
 }
 
 /* A failed query: if the connection broke, mark it down; otherwise log. */
@@ -495,13 +538,30 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
 
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {
+    probe_step(f, now_us);
     int r = probe_judge(f, now_us);
     if (r < 0)
         return r;
-    if (f->up || now_us < f->next_connect_us)
+    if (f->up)
         return 0;
-    r = f->db ? ds_db_ensure(f->db, 0) : ds_db_connect(f->cfg->dsn, "dsparkd", &f->db);
+    /* an attempt runs on a thread of its own: each call looks whether it is over (dsparkd's loop polls
+     * the descriptor that says so) */
+    if (!f->connecting) {
+        if (now_us < f->next_connect_us)
+            return 0;
+        f->db = ds_db_free(f->db);   /* a connection that broke: a new one */
+        if (ds_db_connect_start(f->cfg->dsn, "dsparkd", &f->db) < 0) {
+            retry_later(f, now_us, "database unavailable");
+            return 0;
+        }
+        f->connecting = true;
+    }
+    r = ds_db_connect_poll(f->db, &f->connect_fd, &f->connect_events);
+    if (r == 0)
+        return 0;
+    f->connecting = false;
     if (r < 0) {
+        f->db = ds_db_free(f->db);
         retry_later(f, now_us, "database unavailable");
         return 0;
     }

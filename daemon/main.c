@@ -1,8 +1,9 @@
 /* main.c: dsparkd, the per-host dspark service daemon: options, the
  * configuration table, signals and the main loop.
  *
- * One thread, one poll() loop. Signals arrive through a signalfd (nothing runs
- * in signal context). Each turn: read signals, notifications and worker pipes;
+ * One thread, one poll() loop (database connection attempts alone run on
+ * short threads of their own: ds_db_connect_start). Signals arrive through a
+ * signalfd (nothing runs in signal context). Each turn: read signals, notifications and worker pipes;
  * publish events; run what is due (status, heartbeat, reaper, delayed jobs due, retention,
  * worker restarts and timeouts); talk to systemd. READY=1 goes out once the
  * database is connected with the right schema, the event socket is bound and
@@ -595,9 +596,7 @@ static int run(struct daemon *d)
         struct pollfd fds[MAX_POLL];
         int n = 0;
         fds[n++] = (struct pollfd){ .fd = d->sigfd, .events = POLLIN };
-        int dbfd = fanout_socket(d->fanout);
-        if (dbfd >= 0)
-            fds[n++] = (struct pollfd){ .fd = dbfd, .events = POLLIN };
+        n += fanout_pollfds(d->fanout, fds + n, MAX_POLL - n);
         int zfds[2];
         int nz = ds_events_pub_fds(d->pub, zfds, 2);
         for (int i = 0; i < nz; i++)

@@ -31,6 +31,7 @@ tests_unit_test_events_LDADD = $(COMMON_LIBS) $(TEST_LIBS)
 # sockets and a notification socket, with helper programs.
 DS_DAEMON_TESTS = \
 	tests/integration/test-daemon-events.sh \
+	tests/integration/test-daemon-connect.sh \
 	tests/integration/test-daemon-notify.sh \
 	tests/integration/test-daemon-units.sh \
 	tests/integration/test-daemon-docs.sh

@@ -50,6 +50,20 @@ struct ds_db;
  * The connection uses client_encoding UTF8. */
 int ds_db_connect(const char *conninfo, const char *application_name,
                   struct ds_db **ret) DS_MUSTCHECK;
+/* Start connecting as ds_db_connect does, on a thread of its own, so that the
+ * caller's loop never waits on the server or on name lookups; then call
+ * ds_db_connect_poll until it returns 1 (or fails). The attempt follows
+ * libpq's rules for a blocking connect: connect_timeout (10 s unless the
+ * conninfo, PGCONNECT_TIMEOUT or a service file says otherwise) for each host
+ * and address in turn. ds_db_free may be called at any time: an attempt under
+ * way then ends on its own. */
+int ds_db_connect_start(const char *conninfo, const char *application_name,
+                        struct ds_db **ret) DS_MUSTCHECK;
+/* Whether the attempt ds_db_connect_start began is over, without blocking:
+ * 1 when connected (db is then as ds_db_connect's; 1 again on later calls),
+ * 0 when it is still under way (poll *ret_fd for *ret_events, then call
+ * again), -DS_EDB when it failed (free db then). */
+int ds_db_connect_poll(struct ds_db *db, int *ret_fd, short *ret_events) DS_MUSTCHECK;
 /* Close and free; accepts NULL; returns NULL. */
 struct ds_db *ds_db_free(struct ds_db *db);
 /* The underlying connection (borrowed; replaced by ds_db_ensure()). */

@@ -61,18 +61,6 @@ kill_workers() {
     done
 }
 
-# wait_for FILE REGEX SECONDS: until a line of FILE matches.
-wait_for() {
-    _n=0
-    _max=$(($3 * 10))
-    while [ $_n -lt $_max ]; do
-        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-        _n=$((_n + 1))
-    done
-    return 1
-}
-
 # wait_sql SQL EXPECTED SECONDS: until the query prints EXPECTED.
 wait_sql() {
     _n=0

@@ -121,6 +121,18 @@ tap_py() {
     fi
 }
 
+# wait_for FILE REGEX SECONDS: until a line of FILE matches (every 0.1 s); 1 when none did in time.
+wait_for() {
+    _n=0
+    _max=$(($3 * 10))
+    while [ $_n -lt $_max ]; do
+        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+        _n=$((_n + 1))
+    done
+    return 1
+}
+
 tap_skip_all() {
     echo "1..0 # SKIP $*"
     exit 0

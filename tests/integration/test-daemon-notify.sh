@@ -42,16 +42,6 @@ for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
         { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
 done
 
-wait_for() {
-    _n=0
-    _max=$(($3 * 10))
-    while [ $_n -lt $_max ]; do
-        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-        _n=$((_n + 1))
-    done
-    return 1
-}
 count() {
     grep -Ec -- "$2" "$1" 2>/dev/null
 }

@@ -1,14 +1,17 @@
 /* test-db.c: common/db.c against a private PostgreSQL (started by
  * tests/integration/test-db.sh, which exports PGHOST etc. and PGH_SCRIPT):
- * connection errors and defaults, SQLSTATE and server detail in errors, the schema check
+ * connection errors and defaults, connecting without waiting, SQLSTATE and server detail in errors, the schema check
  * and migrations (embedded = sql/ files), LISTEN/NOTIFY, and reconnection
  * after the server restarts or is down for a while. */
 #include "config.h"
 
+#include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <libpq-fe.h>
@@ -98,6 +101,120 @@ static void test_connection_defaults(void **state)
     assert_string_equal(conn_option(db, "connect_timeout", a, sizeof a), "66");
     assert_string_equal(conn_option(db, "keepalives_idle", b, sizeof b), "99");
     ds_db_free(db);
+}
+
+/* Drive ds_db_connect_poll to its end as dsparkd's loop does: poll the descriptor it names, call again.
+ * Returns its last result; *steps the calls, *longest_s the longest one. */
+static int connect_loop(struct ds_db *db, int *steps, double *longest_s)
+{
+    *steps = 0;
+    *longest_s = 0;
+    for (;;) {
+        int fd = -1;
+        short events = 0;
+        double t0 = now_s();
+        int r = ds_db_connect_poll(db, &fd, &events);
+        double took = now_s() - t0;
+        if (took > *longest_s)
+            *longest_s = took;
+        ++*steps;
+        if (r != 0)
+            return r;
+        assert_true(fd >= 0);
+        assert_true(events == POLLIN || events == POLLOUT);
+        struct pollfd p = { .fd = fd, .events = events };
+        poll(&p, 1, 500);
+        if (*steps > 1000)
+            fail_msg("the attempt did not end in 1000 steps");
+    }
+}
+
+/* A socket that accepts TCP connections and never answers (the kernel completes the handshakes of the
+ * backlog); its port in *port. */
+static int silent_server(int *port)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(s >= 0);
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof sa;
+    assert_int_equal(bind(s, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(s, 8), 0);
+    assert_int_equal(getsockname(s, (struct sockaddr *)&sa, &len), 0);
+    *port = ntohs(sa.sin_port);
+    return s;
+}
+
+/* An attempt that never blocks its caller (dsparkd's): it connects with the same defaults as
+ * ds_db_connect, reports what libpq reports, gives up after connect_timeout on a server that never
+ * answers, goes on to the next host when one does not answer, and each call returns at once. */
+static void test_connect_without_waiting(void **state)
+{
+    (void)state;
+    char a[32], b[32];
+    int steps;
+    double longest;
+    struct ds_db *db = NULL;
+    assert_int_equal(ds_db_connect_start("dbname=postgres", "t", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), 1);
+    assert_true(ds_db_ok(db));
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    assert_string_equal(conn_option(db, "connect_timeout", a, sizeof a), "10");
+    assert_string_equal(conn_option(db, "keepalives_idle", b, sizeof b), "30");
+    int fd;
+    short events;
+    assert_int_equal(ds_db_connect_poll(db, &fd, &events), 1);   /* connected: nothing more to do */
+    ds_db_free(db);
+
+    db = NULL;
+    assert_int_equal(ds_db_connect_start("dbname=no_such_database", "t", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "could not connect to the database"));
+    assert_non_null(strstr(ds_errdetail(), "no_such_database"));
+    ds_db_free(db);
+
+    db = NULL;
+    assert_int_equal(ds_db_connect_start("port=notaport", "t", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "notaport"));
+    ds_db_free(db);
+
+    int port;
+    int s = silent_server(&port);
+    char conninfo[400];
+    snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2", port);
+    db = NULL;
+    double t0 = now_s();
+    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
+    double took = now_s() - t0;
+    assert_non_null(strstr(ds_errdetail(), "timeout expired"));
+    assert_true(took >= 1.9 && took < 4.0);
+    assert_true(longest < 0.5);   /* no call waited for the server (2 s) */
+    assert_true(steps >= 2);      /* it was asked again while the attempt went on */
+    ds_db_free(db);
+
+    /* the first host does not answer: after its connect_timeout, the next one (the private server) */
+    const char *host = getenv("PGHOST"), *pgport = getenv("PGPORT");
+    assert_non_null(host);
+    snprintf(conninfo, sizeof conninfo, "host=127.0.0.1,%s port=%d,%s dbname=postgres connect_timeout=2", host,
+             port, pgport ? pgport : "5432");
+    db = NULL;
+    t0 = now_s();
+    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), 1);
+    took = now_s() - t0;
+    assert_true(took >= 1.9);
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    ds_db_free(db);
+
+    /* freed while the attempt is under way: it ends on its own (nothing to wait for here) */
+    db = NULL;
+    snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2", port);
+    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    t0 = now_s();
+    ds_db_free(db);
+    assert_true(now_s() - t0 < 0.5);
+    close(s);
 }
 
 static void test_errors_carry_sqlstate(void **state)
@@ -363,6 +480,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_connect_errors),
         cmocka_unit_test(test_connection_defaults),
+        cmocka_unit_test(test_connect_without_waiting),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),

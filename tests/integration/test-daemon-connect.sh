@@ -1,0 +1,194 @@
+#!/bin/sh
+# test-daemon-connect.sh: dsparkd while its database does not answer. The DSN points at a server that
+# accepts TCP connections and never replies (a PostgreSQL host that hangs, or a firewall that holds
+# the connection). dsparkd's loop goes on meanwhile: its metrics endpoint answers at once (database
+# down), each attempt gives up after the DSN's connect_timeout and is retried, saying why, and SIGTERM
+# stops dsparkd at once. Then, against a private PostgreSQL behind a proxy that passes the first
+# connection and holds the next ones: dsparkd connects, and while its notification probe's own
+# connection hangs, the loop goes on too.
+. "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
+
+DSPARKD="$DS_BUILDDIR/dsparkd"
+[ -x "$DSPARKD" ] || tap_skip_all "dsparkd not built"
+have_python || tap_skip_all "python3 not found"
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dc.XXXXXX")
+DPID=
+SPID=
+cleanup() {
+    [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
+    [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+    if [ "$tap_failed" -gt 0 ] 2>/dev/null && [ -f "$T/dsparkd.log" ]; then
+        echo "# dsparkd log:"
+        sed 's/^/#   /' "$T/dsparkd.log" | tail -n 30
+    fi
+    rm -rf "$T"
+    pg_harness_stop
+}
+trap cleanup EXIT
+
+# count_lines FILE REGEX
+count_lines() {
+    grep -Ec -- "$2" "$1" 2>/dev/null || true
+}
+now_ms() {
+    python3 -c 'import time; print(int(time.monotonic() * 1000))'
+}
+
+# the silent server: accepts, keeps every connection open, never sends a byte; one line per connection
+python3 - "$T/silent.port" "$T/silent.log" <<'PYEOF' &
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+open(sys.argv[1], "w").write("%d\n" % s.getsockname()[1])
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+    with open(sys.argv[2], "a") as f:
+        f.write("accepted %d\n" % len(held))
+PYEOF
+SPID=$!
+wait_for "$T/silent.port" '^[0-9]+$' 10 || { echo "Bail out! the silent server did not start"; exit 1; }
+SPORT=$(cat "$T/silent.port")
+MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+cat >"$T/dspark.conf" <<EOF
+[metrics]
+listen = 127.0.0.1:$MPORT
+[database]
+dsn = "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3"
+[events]
+endpoint = ipc://$T/events.sock
+EOF
+
+# scrape PATH: the status line and the body of a GET to dsparkd's metrics endpoint, within 1 s
+scrape() {
+    python3 - "$MPORT" "$1" <<'PYEOF'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=1.0)
+c.request("GET", sys.argv[2])
+r = c.getresponse()
+print(r.status)
+sys.stdout.write(r.read().decode())
+PYEOF
+}
+
+# five_scrapes: how many of five scrapes, 0.4 s apart, answered within 1 s each
+five_scrapes() {
+    _ok=0
+    for _i in 1 2 3 4 5; do
+        sleep 0.4
+        [ "$(scrape /metrics 2>/dev/null | head -n 1)" = 200 ] && _ok=$((_ok + 1))
+    done
+    echo "$_ok"
+}
+# stop_dsparkd: SIGTERM to dsparkd and wait; its exit status in rc, the time it took in took_ms
+stop_dsparkd() {
+    _t0=$(now_ms)
+    kill -TERM "$DPID"
+    wait "$DPID"
+    rc=$?
+    took_ms=$(($(now_ms) - _t0))
+    DPID=
+}
+
+"$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
+DPID=$!
+wait_for "$T/silent.log" '^accepted 1$' 10
+tap_result $? "dsparkd connects to the server that does not answer"
+
+# the metrics endpoint is served by the same loop that runs the connection attempt
+sleep 0.3
+t0=$(now_ms)
+scrape /metrics >"$T/metrics.txt" 2>"$T/scrape.err"
+t1=$(now_ms)
+tap_is "$(head -n 1 "$T/metrics.txt")" 200 "GET /metrics answers while the attempt waits for the server ($((t1 - t0)) ms)"
+tap_like "$(cat "$T/metrics.txt")" '^dspark_database_up 0$' "... and says the database is down"
+tap_is "$(five_scrapes)" 5 "five more scrapes over the next 2 s all answer within 1 s each"
+
+# each attempt gives up after connect_timeout (3 s), says why, and is retried
+wait_for "$T/dsparkd.log" "database unavailable, retrying: could not connect to the database: .*\"127.0.0.1\", port $SPORT.*timeout expired" 6
+tap_result $? "the attempt gives up after the DSN's connect_timeout, and the log says why"
+wait_for "$T/silent.log" '^accepted 2$' 5
+tap_result $? "... then dsparkd tries again"
+
+# SIGTERM in the middle of an attempt
+n=$(count_lines "$T/silent.log" '^accepted')
+wait_for "$T/silent.log" "^accepted $((n + 1))\$" 6
+sleep 0.5
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM during an attempt: dsparkd exits 0"
+tap_ok "... within 1.5 s ($took_ms ms; an attempt takes 3 s)" [ "$took_ms" -lt 1500 ]
+kill "$SPID" 2>/dev/null
+SPID=
+
+# ---- the probe's connection hangs ----
+pg_harness_start
+trap cleanup EXIT   # (pg_harness_start sets its own)
+for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
+    psql -X -q -v ON_ERROR_STOP=1 -1 -f "$f" >/dev/null 2>"$T/schema.err" ||
+        { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
+done
+# the proxy: the first connection goes through to the server's socket, the next ones are held silent
+python3 - "$T/proxy.port" "$T/proxy.log" "$PGH_DIR/.s.PGSQL.5432" <<'PYEOF' &
+import socket, sys, threading
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    for x in (a, b):
+        try:
+            x.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+open(sys.argv[1], "w").write("%d\n" % s.getsockname()[1])
+held = []
+n = 0
+while True:
+    c, _ = s.accept()
+    n += 1
+    if n == 1:
+        u = socket.socket(socket.AF_UNIX)
+        u.connect(sys.argv[3])
+        threading.Thread(target=pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c), daemon=True).start()
+        what = "passed"
+    else:
+        held.append(c)
+        what = "held"
+    with open(sys.argv[2], "a") as f:
+        f.write("%s %d\n" % (what, n))
+PYEOF
+SPID=$!
+wait_for "$T/proxy.port" '^[0-9]+$' 10 || { echo "Bail out! the proxy did not start"; exit 1; }
+PPORT=$(cat "$T/proxy.port")
+printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "host=127.0.0.1 port=%s user=postgres dbname=dspark connect_timeout=3"\n[events]\nendpoint = ipc://%s/events2.sock\n' \
+    "$MPORT" "$PPORT" "$T" >"$T/dspark2.conf"
+"$DSPARKD" --config "$T/dspark2.conf" 2>"$T/dsparkd.log" &
+DPID=$!
+wait_for "$T/proxy.log" '^held 2$' 10
+tap_result $? "through the proxy, dsparkd connects, and its notification probe's connection is held"
+scrape /metrics >"$T/metrics2.txt" 2>"$T/scrape2.err"
+tap_is "$(head -n 1 "$T/metrics2.txt")" 200 "GET /metrics answers while the probe's connection waits"
+tap_like "$(cat "$T/metrics2.txt")" '^dspark_database_up 1$' "... and says the database is up"
+tap_is "$(five_scrapes)" 5 "five more scrapes over the next 2 s all answer within 1 s each"
+tap_like "$(cat "$T/dsparkd.log")" 'connected to the database' "... and dsparkd says it is connected"
+wait_for "$T/dsparkd.log" "could not send the notification probe \(trying again in 10 s\): could not connect to the database: .*\"127.0.0.1\", port $PPORT.*timeout expired" 6
+tap_result $? "the probe's connection gives up after connect_timeout, and the log says so"
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
+tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+
+tap_done
