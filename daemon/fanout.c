@@ -163,28 +163,17 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     f->probe_db = ds_db_free(f->probe_db);
 }
 
-static void probe_not_sent(struct fanout *f)
+/* A probe that could not be sent does not count: it is tried again PROBE_TIMEOUT_US from now. */
+static void probe_not_sent(struct fanout *f, uint64_t now_us)
 {
     ds_log(DS_LOG_WARNING, "could not send the notification probe (trying again in %u s): %s",
            PROBE_TIMEOUT_US / 1000000u, ds_errdetail());
     f->probe_db = ds_db_free(f->probe_db);
+    f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
 }
 
-/* Send a probe from a connection of its own, made on a thread of its own (probe_step). Its
- * deadline runs from now, and again from when it went. One that cannot be sent does not count: it is
- * tried again when that deadline passes. */
-static void probe_send(struct fanout *f)
-{
-    snprintf(f->probe_mark, sizeof f->probe_mark, DS_DB_PROBE_PREFIX "%d.", (int)getpid());
-    snprintf(f->probe_payload, sizeof f->probe_payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1,
-             ds_now_usec());
-    f->probe_deadline_us = ds_now_usec() + PROBE_TIMEOUT_US;
-    f->probe_db = ds_db_free(f->probe_db);   /* one still connecting from the last time: given up */
-    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", &f->probe_db) < 0)
-        probe_not_sent(f);
-}
-
-/* Whether the probe's connection is made; once it is, the probe goes (one short statement). */
+/* Whether the probe's connection is made; once it is, the probe goes (one short statement), and must be
+ * back within PROBE_TIMEOUT_US. */
 static void probe_step(struct fanout *f, uint64_t now_us)
 {
     if (!f->probe_db)
@@ -194,7 +183,7 @@ static void probe_step(struct fanout *f, uint64_t now_us)
         return;
     const char *params[2] = { DS_DB_EVENTS_CHANNEL, f->probe_payload };
     if (r < 0 || ds_db_command(f->probe_db, "SELECT pg_notify($1, $2)", 2, params) < 0) {
-        probe_not_sent(f);
+        probe_not_sent(f, now_us);
         return;
     }
     f->probes_sent++;
@@ -202,17 +191,33 @@ static void probe_step(struct fanout *f, uint64_t now_us)
     f->probe_db = ds_db_free(f->probe_db);
 }
 
+/* Send a probe from a connection of its own, made on a thread of its own (probe_step). Until it went,
+ * nothing is judged: the connection's own connect_timeout bounds it. */
+static void probe_send(struct fanout *f, uint64_t now_us)
+{
+    snprintf(f->probe_mark, sizeof f->probe_mark, DS_DB_PROBE_PREFIX "%d.", (int)getpid());
+    snprintf(f->probe_payload, sizeof f->probe_payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1,
+             ds_now_usec());
+    f->probe_deadline_us = 0;
+    f->probe_db = ds_db_free(f->probe_db);
+    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", &f->probe_db) < 0)
+        probe_not_sent(f, now_us);
+    else
+        probe_step(f, now_us);   /* (the descriptor to poll, from this turn on) */
+}
+
 /* When the pending probe's time is up: send another (or the first again, when it could not be sent), or,
  * after PROBE_TRIES sent in vain, the configuration error. */
 static int probe_judge(struct fanout *f, uint64_t now_us)
 {
-    if (!f->up || f->probe_ok || f->probe_off || !f->probe_deadline_us || now_us < f->probe_deadline_us)
+    if (!f->up || f->probe_ok || f->probe_off || f->probe_db || !f->probe_deadline_us ||
+        now_us < f->probe_deadline_us)
         return 0;
     if (f->probes_sent < PROBE_TRIES) {
         if (f->probes_sent > 0)
             ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
                    PROBE_TIMEOUT_US / 1000000u);
-        probe_send(f);
+        probe_send(f, now_us);
         return 0;
     }
     return ds_seterr(DS_ECONFIG,
@@ -580,7 +585,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     f->down_reason[0] = 0;
     if (!f->probe_ok && !f->probe_off) {   /* once one came back, the DSN has shown that it carries them */
         f->probes_sent = 0;
-        probe_send(f);
+        probe_send(f, now_us);
     }
     if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);

@@ -521,20 +521,25 @@ static uint64_t min_u64(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
-static int poll_timeout_ms(struct daemon *d, uint64_t now)
+/* How long the loop may sleep. run_due's timers count once it runs (the workers started): before, they
+ * are all due at once, and would make the loop spin while the database connection is made. */
+static int poll_timeout_ms(struct daemon *d, uint64_t now, bool workers_started)
 {
-    uint64_t next = min_u64(d->next_status_us, d->next_heartbeat_us);
-    if (fanout_up(d->fanout)) {
-        next = min_u64(next, d->next_reap_us);
-        next = min_u64(next, d->next_prune_us);
-        next = min_u64(next, d->next_promote_us);
+    uint64_t next = UINT64_MAX;
+    if (workers_started) {
+        next = min_u64(d->next_status_us, d->next_heartbeat_us);
+        if (fanout_up(d->fanout)) {
+            next = min_u64(next, d->next_reap_us);
+            next = min_u64(next, d->next_prune_us);
+            next = min_u64(next, d->next_promote_us);
+        }
+        if (d->watchdog_usec)
+            next = min_u64(next, d->next_watchdog_us);
+        if (!d->ready_sent)
+            next = min_u64(next, d->next_extend_us);
     }
     next = min_u64(next, supervisor_next_due(d->sup));
     next = min_u64(next, metrics_next_due(d->metrics));
-    if (d->watchdog_usec)
-        next = min_u64(next, d->next_watchdog_us);
-    if (!d->ready_sent)
-        next = min_u64(next, d->next_extend_us);
     if (!fanout_up(d->fanout))
         next = min_u64(next, now + 200000u);   /* reconnect attempts are paced by the back-off */
     /* ZeroMQ descriptors are edge-triggered: never sleep longer than a second */
@@ -606,7 +611,7 @@ static int run(struct daemon *d)
 
         if (ds_events_pub_process(d->pub) < 0)
             ds_log(DS_LOG_WARNING, "event socket: %s", ds_errdetail());
-        int pr = poll(fds, (nfds_t)n, poll_timeout_ms(d, ds_now_usec()));
+        int pr = poll(fds, (nfds_t)n, poll_timeout_ms(d, ds_now_usec(), workers_started));
         if (pr < 0 && errno != EINTR) {
             ds_log(DS_LOG_CRIT, "poll failed: %s", strerror(errno));
             d->exit_code = 1;

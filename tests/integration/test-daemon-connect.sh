@@ -3,9 +3,10 @@
 # accepts TCP connections and never replies (a PostgreSQL host that hangs, or a firewall that holds
 # the connection). dsparkd's loop goes on meanwhile: its metrics endpoint answers at once (database
 # down), each attempt gives up after the DSN's connect_timeout and is retried, saying why, and SIGTERM
-# stops dsparkd at once. Then, against a private PostgreSQL behind a proxy that passes the first
-# connection and holds the next ones: dsparkd connects, and while its notification probe's own
-# connection hangs, the loop goes on too.
+# stops dsparkd at once; meanwhile dsparkd sleeps in poll() rather than spinning. Then, against a
+# private PostgreSQL behind a proxy that passes the first connection and holds the next ones: dsparkd
+# connects, and while its notification probe's own connection hangs, the loop goes on too. Last, a
+# probe whose connection takes longer than the probe's 10 s still goes, and dsparkd becomes ready.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -108,6 +109,18 @@ t1=$(now_ms)
 tap_is "$(head -n 1 "$T/metrics.txt")" 200 "GET /metrics answers while the attempt waits for the server ($((t1 - t0)) ms)"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_database_up 0$' "... and says the database is down"
 tap_is "$(five_scrapes)" 5 "five more scrapes over the next 2 s all answer within 1 s each"
+# dsparkd's CPU time (user + system, in clock ticks) over 1.5 s of an attempt
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$DPID/stat"
+}
+n=$(count_lines "$T/silent.log" '^accepted')
+wait_for "$T/silent.log" "^accepted $((n + 1))\$" 6
+c0=$(cpu_ticks)
+sleep 1.5
+c1=$(cpu_ticks)
+hz=$(getconf CLK_TCK)
+tap_ok "dsparkd sleeps while an attempt waits: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
+    [ $((c1 - c0)) -le $((hz / 5)) ]
 
 # each attempt gives up after connect_timeout (3 s), says why, and is retried
 wait_for "$T/dsparkd.log" "database unavailable, retrying: could not connect to the database: .*\"127.0.0.1\", port $SPORT.*timeout expired" 6
@@ -132,9 +145,12 @@ for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
     psql -X -q -v ON_ERROR_STOP=1 -1 -f "$f" >/dev/null 2>"$T/schema.err" ||
         { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
 done
-# the proxy: the first connection goes through to the server's socket, the next ones are held silent
-python3 - "$T/proxy.port" "$T/proxy.log" "$PGH_DIR/.s.PGSQL.5432" <<'PYEOF' &
-import socket, sys, threading
+# start_proxy LATER: a proxy to the server's socket that passes the first connection at once, and the
+# later ones after LATER seconds ("hold": never); its port in PPORT, a line per connection in proxy.log
+start_proxy() {
+    rm -f "$T/proxy.port" "$T/proxy.log"
+    python3 - "$T/proxy.port" "$T/proxy.log" "$PGH_DIR/.s.PGSQL.5432" "$1" <<'PYEOF' &
+import socket, sys, threading, time
 def pump(a, b):
     try:
         while True:
@@ -154,26 +170,33 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 0))
 s.listen(16)
 open(sys.argv[1], "w").write("%d\n" % s.getsockname()[1])
+def log(what):
+    with open(sys.argv[2], "a") as f:
+        f.write(what + "\n")
+def pass_on(c, n, delay):
+    time.sleep(delay)
+    u = socket.socket(socket.AF_UNIX)
+    u.connect(sys.argv[3])
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+    log("passed %d" % n)
 held = []
 n = 0
 while True:
     c, _ = s.accept()
     n += 1
-    if n == 1:
-        u = socket.socket(socket.AF_UNIX)
-        u.connect(sys.argv[3])
-        threading.Thread(target=pump, args=(c, u), daemon=True).start()
-        threading.Thread(target=pump, args=(u, c), daemon=True).start()
-        what = "passed"
-    else:
+    if n > 1 and sys.argv[4] == "hold":
         held.append(c)
-        what = "held"
-    with open(sys.argv[2], "a") as f:
-        f.write("%s %d\n" % (what, n))
+        log("held %d" % n)
+    else:
+        log("accepted %d" % n)
+        threading.Thread(target=pass_on, args=(c, n, 0 if n == 1 else float(sys.argv[4])), daemon=True).start()
 PYEOF
-SPID=$!
-wait_for "$T/proxy.port" '^[0-9]+$' 10 || { echo "Bail out! the proxy did not start"; exit 1; }
-PPORT=$(cat "$T/proxy.port")
+    SPID=$!
+    wait_for "$T/proxy.port" '^[0-9]+$' 10 || { echo "Bail out! the proxy did not start"; exit 1; }
+    PPORT=$(cat "$T/proxy.port")
+}
+start_proxy hold
 printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "host=127.0.0.1 port=%s user=postgres dbname=dspark connect_timeout=3"\n[events]\nendpoint = ipc://%s/events2.sock\n' \
     "$MPORT" "$PPORT" "$T" >"$T/dspark2.conf"
 "$DSPARKD" --config "$T/dspark2.conf" 2>"$T/dsparkd.log" &
@@ -190,5 +213,19 @@ tap_result $? "the probe's connection gives up after connect_timeout, and the lo
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+kill "$SPID" 2>/dev/null
+SPID=
+
+# ---- the probe's connection takes 11 s, longer than the probe's own 10 s ----
+start_proxy 11
+printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "host=127.0.0.1 port=%s user=postgres dbname=dspark connect_timeout=20"\n[events]\nendpoint = ipc://%s/events3.sock\n' \
+    "$MPORT" "$PPORT" "$T" >"$T/dspark3.conf"
+"$DSPARKD" --config "$T/dspark3.conf" 2>"$T/dsparkd.log" &
+DPID=$!
+wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
+tap_result $? "a probe whose connection takes 11 s still goes, comes back, and dsparkd becomes ready"
+tap_is "$(count_lines "$T/proxy.log" '^accepted')" 2 "... with one connection for the probe, not one every 10 s"
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 
 tap_done
