@@ -56,14 +56,13 @@ wait_for "$T/silent.port" '^[0-9]+$' 10 || { echo "Bail out! the silent server d
 SPORT=$(cat "$T/silent.port")
 MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-cat >"$T/dspark.conf" <<EOF
-[metrics]
-listen = 127.0.0.1:$MPORT
-[database]
-dsn = "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3"
-[events]
-endpoint = ipc://$T/events.sock
-EOF
+# start_dsparkd DSN: dsparkd in the background with that DSN, its metrics on $MPORT, its log in dsparkd.log
+start_dsparkd() {
+    printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/events.sock\n' \
+        "$MPORT" "$1" "$T" >"$T/dspark.conf"
+    "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
+    DPID=$!
+}
 
 # scrape PATH: the status line and the body of a GET to dsparkd's metrics endpoint, within 1 s
 scrape() {
@@ -96,8 +95,7 @@ stop_dsparkd() {
     DPID=
 }
 
-"$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
-DPID=$!
+start_dsparkd "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3"
 wait_for "$T/silent.log" '^accepted 1$' 10
 tap_result $? "dsparkd connects to the server that does not answer"
 
@@ -197,10 +195,7 @@ PYEOF
     PPORT=$(cat "$T/proxy.port")
 }
 start_proxy hold
-printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "host=127.0.0.1 port=%s user=postgres dbname=dspark connect_timeout=3"\n[events]\nendpoint = ipc://%s/events2.sock\n' \
-    "$MPORT" "$PPORT" "$T" >"$T/dspark2.conf"
-"$DSPARKD" --config "$T/dspark2.conf" 2>"$T/dsparkd.log" &
-DPID=$!
+start_dsparkd "host=127.0.0.1 port=$PPORT user=postgres dbname=dspark connect_timeout=3"
 wait_for "$T/proxy.log" '^held 2$' 10
 tap_result $? "through the proxy, dsparkd connects, and its notification probe's connection is held"
 scrape /metrics >"$T/metrics2.txt" 2>"$T/scrape2.err"
@@ -218,10 +213,7 @@ SPID=
 
 # ---- the probe's connection takes 11 s, longer than the probe's own 10 s ----
 start_proxy 11
-printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "host=127.0.0.1 port=%s user=postgres dbname=dspark connect_timeout=20"\n[events]\nendpoint = ipc://%s/events3.sock\n' \
-    "$MPORT" "$PPORT" "$T" >"$T/dspark3.conf"
-"$DSPARKD" --config "$T/dspark3.conf" 2>"$T/dsparkd.log" &
-DPID=$!
+start_dsparkd "host=127.0.0.1 port=$PPORT user=postgres dbname=dspark connect_timeout=20"
 wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
 tap_result $? "a probe whose connection takes 11 s still goes, comes back, and dsparkd becomes ready"
 tap_is "$(count_lines "$T/proxy.log" '^accepted')" 2 "... with one connection for the probe, not one every 10 s"
