@@ -76,6 +76,9 @@ struct fanout {
     struct ds_db *probe_db;          /* that connection (NULL: none) */
     int probe_fd;                    /* the descriptor and events that say it is over */
     short probe_events;
+    uint64_t probe_started_us;       /* when that connection was started */
+    bool probe_slow_said;            /* ... and that it is slow, logged */
+    bool probe_went;                 /* the deadline pending is a sent probe's (not a retry's) */
     uint64_t probe_deadline_us;      /* the last probe must be back by then (0: none pending) */
     int probes_sent;                 /* on this connection, sent and not come back */
     bool probe_ok;                   /* one came back: this DSN carries notifications */
@@ -187,6 +190,7 @@ static void probe_step(struct fanout *f, uint64_t now_us)
         return;
     }
     f->probes_sent++;
+    f->probe_went = true;
     f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
     f->probe_db = ds_db_free(f->probe_db);
 }
@@ -199,6 +203,9 @@ static void probe_send(struct fanout *f, uint64_t now_us)
     snprintf(f->probe_payload, sizeof f->probe_payload, "%s%d.%" PRIu64, f->probe_mark, f->probes_sent + 1,
              ds_now_usec());
     f->probe_deadline_us = 0;
+    f->probe_went = false;
+    f->probe_started_us = now_us;
+    f->probe_slow_said = false;
     f->probe_db = ds_db_free(f->probe_db);
     if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", &f->probe_db) < 0)
         probe_not_sent(f, now_us);
@@ -210,11 +217,20 @@ static void probe_send(struct fanout *f, uint64_t now_us)
  * after PROBE_TRIES sent in vain, the configuration error. */
 static int probe_judge(struct fanout *f, uint64_t now_us)
 {
-    if (!f->up || f->probe_ok || f->probe_off || f->probe_db || !f->probe_deadline_us ||
-        now_us < f->probe_deadline_us)
+    if (!f->up || f->probe_ok || f->probe_off)
+        return 0;
+    if (f->probe_db) {   /* its connection, bounded by the DSN's connect_timeout (none when 0) */
+        if (!f->probe_slow_said && now_us - f->probe_started_us >= PROBE_TIMEOUT_US) {
+            f->probe_slow_said = true;
+            ds_log(DS_LOG_WARNING, "the notification probe's connection has not been made in %u s; waiting for it "
+                   "(the workers start once a probe came back)", PROBE_TIMEOUT_US / 1000000u);
+        }
+        return 0;
+    }
+    if (!f->probe_deadline_us || now_us < f->probe_deadline_us)
         return 0;
     if (f->probes_sent < PROBE_TRIES) {
-        if (f->probes_sent > 0)
+        if (f->probe_went)
             ds_log(DS_LOG_WARNING, "the notification probe did not come back within %u s; sending another",
                    PROBE_TIMEOUT_US / 1000000u);
         probe_send(f, now_us);
@@ -610,6 +626,7 @@ static void on_notify(void *ud, const char *channel, const char *payload)
             /* any of this process's probes, a late one too */
             f->probe_deadline_us = 0;
             f->probe_ok = true;
+            f->probe_db = ds_db_free(f->probe_db);   /* another still connecting is not needed */
             ds_log(DS_LOG_DEBUG, "notifications arrive: the probe came back");
         }
         return;

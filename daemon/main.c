@@ -521,8 +521,9 @@ static uint64_t min_u64(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
-/* How long the loop may sleep. run_due's timers count once it runs (the workers started): before, they
- * are all due at once, and would make the loop spin while the database connection is made. */
+/* How long the loop may sleep. run_due's timers, the supervisor's among them, count once it runs (the
+ * workers started): before, they are all due at once, and would make the loop spin while the database
+ * connection is made. */
 static int poll_timeout_ms(struct daemon *d, uint64_t now, bool workers_started)
 {
     uint64_t next = UINT64_MAX;
@@ -537,8 +538,8 @@ static int poll_timeout_ms(struct daemon *d, uint64_t now, bool workers_started)
             next = min_u64(next, d->next_watchdog_us);
         if (!d->ready_sent)
             next = min_u64(next, d->next_extend_us);
+        next = min_u64(next, supervisor_next_due(d->sup));
     }
-    next = min_u64(next, supervisor_next_due(d->sup));
     next = min_u64(next, metrics_next_due(d->metrics));
     if (!fanout_up(d->fanout))
         next = min_u64(next, now + 200000u);   /* reconnect attempts are paced by the back-off */

@@ -56,10 +56,12 @@ wait_for "$T/silent.port" '^[0-9]+$' 10 || { echo "Bail out! the silent server d
 SPORT=$(cat "$T/silent.port")
 MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-# start_dsparkd DSN: dsparkd in the background with that DSN, its metrics on $MPORT, its log in dsparkd.log
+# start_dsparkd DSN [DEVICES]: dsparkd in the background with that DSN, its metrics on $MPORT, its log in
+# dsparkd.log; with DEVICES, a worker (one that would fail: /bin/false) for each
 start_dsparkd() {
     printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/events.sock\n' \
         "$MPORT" "$1" "$T" >"$T/dspark.conf"
+    [ -n "${2:-}" ] && printf '[worker]\nprogram = /bin/false\ndevices = %s\n' "$2" >>"$T/dspark.conf"
     "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
     DPID=$!
 }
@@ -95,7 +97,7 @@ stop_dsparkd() {
     DPID=
 }
 
-start_dsparkd "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3"
+start_dsparkd "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3" 0
 wait_for "$T/silent.log" '^accepted 1$' 10
 tap_result $? "dsparkd connects to the server that does not answer"
 
@@ -117,7 +119,7 @@ c0=$(cpu_ticks)
 sleep 1.5
 c1=$(cpu_ticks)
 hz=$(getconf CLK_TCK)
-tap_ok "dsparkd sleeps while an attempt waits: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
+tap_ok "dsparkd (one worker configured) sleeps while an attempt waits: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
     [ $((c1 - c0)) -le $((hz / 5)) ]
 
 # each attempt gives up after connect_timeout (3 s), says why, and is retried
@@ -214,8 +216,10 @@ SPID=
 # ---- the probe's connection takes 11 s, longer than the probe's own 10 s ----
 start_proxy 11
 start_dsparkd "host=127.0.0.1 port=$PPORT user=postgres dbname=dspark connect_timeout=20"
+wait_for "$T/dsparkd.log" "the notification probe's connection has not been made in 10 s; waiting for it" 12
+tap_result $? "a probe whose connection takes 11 s: after 10 s the log says it waits for it"
 wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
-tap_result $? "a probe whose connection takes 11 s still goes, comes back, and dsparkd becomes ready"
+tap_result $? "... then it goes, comes back, and dsparkd becomes ready"
 tap_is "$(count_lines "$T/proxy.log" '^accepted')" 2 "... with one connection for the probe, not one every 10 s"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
