@@ -175,27 +175,43 @@ static void connect_params(const char *conninfo, const char *application_name, c
 
 static struct ds_db *db_new(PGconn *conn)
 {
-    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
-    PQsetNoticeProcessor(conn, ignore_notice, NULL);
     struct ds_db *db = ds_xcalloc(1, sizeof *db);
     db->conn = conn;
     db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
     return db;
 }
 
-int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
+/* libpq's blocking connect with connect_params' settings: the connection, or NULL with why in msg and
+ * *err (DS_ENOMEM or DS_EDB). No ds_seterr: the connect thread calls it too. */
+static PGconn *open_conn(const char *conninfo, const char *application_name, char *msg, size_t size, int *err)
 {
     const char *k[8], *v[8];
     connect_params(conninfo, application_name, k, v);
     PGconn *conn = PQconnectdbParams(k, v, 1);
-    if (!conn)
-        return ds_seterr(DS_ENOMEM, "could not allocate a database connection");
-    if (PQstatus(conn) != CONNECTION_OK) {
-        char msg[512];
-        chomp_copy(msg, sizeof msg, PQerrorMessage(conn));
-        PQfinish(conn);
-        return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
+    if (!conn) {
+        snprintf(msg, size, "could not allocate a database connection");
+        *err = DS_ENOMEM;
+        return NULL;
     }
+    if (PQstatus(conn) != CONNECTION_OK) {
+        chomp_copy(msg, size, PQerrorMessage(conn));
+        PQfinish(conn);
+        *err = DS_EDB;
+        return NULL;
+    }
+    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
+    PQsetNoticeProcessor(conn, ignore_notice, NULL);
+    return conn;
+}
+
+int ds_db_connect(const char *conninfo, const char *application_name, struct ds_db **ret)
+{
+    char msg[512];
+    int err;
+    PGconn *conn = open_conn(conninfo, application_name, msg, sizeof msg, &err);
+    if (!conn)
+        return err == DS_ENOMEM ? ds_seterr(DS_ENOMEM, "%s", msg)
+                                : ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
     *ret = db_new(conn);
     return 0;
 }
@@ -215,16 +231,8 @@ static void connect_job_free(struct connect_job *job)
 static void *connect_thread(void *arg)
 {
     struct connect_job *job = arg;
-    const char *k[8], *v[8];
-    connect_params(job->conninfo, job->application_name, k, v);
-    PGconn *conn = PQconnectdbParams(k, v, 1);
-    if (!conn) {
-        snprintf(job->msg, sizeof job->msg, "could not allocate a database connection");
-    } else if (PQstatus(conn) != CONNECTION_OK) {
-        chomp_copy(job->msg, sizeof job->msg, PQerrorMessage(conn));
-        PQfinish(conn);
-        conn = NULL;
-    }
+    int err;
+    PGconn *conn = open_conn(job->conninfo, job->application_name, job->msg, sizeof job->msg, &err);
     /* the thread's last touch of the job unless it was abandoned: once done is set, the caller may free it
      * (the write, into an empty non-blocking pipe, does not wait) */
     pthread_mutex_lock(&job->lock);
@@ -266,8 +274,7 @@ int ds_db_connect_start(const char *conninfo, const char *application_name, stru
         connect_job_free(job);
         return ds_seterr(DS_EIO, "could not connect to the database: no thread for the attempt: %s", strerror(e));
     }
-    struct ds_db *db = ds_xcalloc(1, sizeof *db);
-    db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
+    struct ds_db *db = db_new(NULL);
     db->job = job;
     *ret = db;
     return 0;
@@ -295,8 +302,6 @@ int ds_db_connect_poll(struct ds_db *db, int *ret_fd, short *ret_events)
     db->job = NULL;
     if (!conn)
         return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
-    /* server notices (NOTICE, WARNING) are not errors; the service does not print them */
-    PQsetNoticeProcessor(conn, ignore_notice, NULL);
     db->conn = conn;
     return 1;
 }
