@@ -4,7 +4,9 @@
  * in ds_errdetail(). A broken connection is reset with exponential back-off
  * by ds_db_ensure(); the LISTEN channels are issued again afterwards. A
  * caller that must not wait for a connection (dsparkd's loop) has one made on
- * a thread of its own (ds_db_connect_start, ds_db_connect_poll). The
+ * a thread of its own (ds_db_connect_start, ds_db_connect_poll), with the
+ * session's first statements, and sends its statements without waiting for
+ * their results (ds_db_send, ds_db_flush, ds_db_take_result). The
  * migrations are either the ones embedded at build time (sql-embed.c,
  * generated from sql/NNN-*.sql) or read from a directory. */
 #include "config.h"
@@ -40,20 +42,25 @@ struct ds_db {
     int64_t next_try_ms;            /* monotonic time of the next attempt */
     unsigned reconnects;
     struct connect_job *job;        /* ds_db_connect_start's attempt, until ds_db_connect_poll takes it */
+    bool sent;                      /* a statement went by ds_db_send and its end was not taken yet */
+    PGresult *held;                 /* ... its result, taken from libpq before the statement's end */
 };
 
 /* A connection attempt on a thread of its own (ds_db_connect_start): libpq's blocking connect with all
  * its rules (name lookups, connect_timeout for each host and address, on to the next one when it
- * passes, the checks of the conninfo) off the caller's loop. The thread writes a byte to the pipe when
- * it is done. Whoever comes last frees the job: the thread when the attempt was abandoned (the ds_db
+ * passes, the checks of the conninfo) off the caller's loop, then the caller's setup statements on the
+ * new connection. The thread writes a byte to the pipe when it is done. Whoever comes last frees the job: the thread when the attempt was abandoned (the ds_db
  * freed meanwhile), else ds_db_connect_poll or ds_db_free. */
 struct connect_job {
     pthread_mutex_t lock;
     bool done, abandoned;           /* under lock */
-    PGconn *conn;                   /* the connection made, or NULL (then msg says why) */
+    struct ds_db *db;               /* the connection made and set up, or NULL (then err and msg say why) */
+    int err;
     char msg[512];
     int pipe_r, pipe_w;
     char *conninfo, *application_name;
+    ds_db_setup_fn *setup;          /* run on the thread once connected (NULL: none) */
+    char *setup_arg;
 };
 
 /* The embedded migrations (generated file). */
@@ -218,25 +225,37 @@ int ds_db_connect(const char *conninfo, const char *application_name, struct ds_
 
 static void connect_job_free(struct connect_job *job)
 {
-    if (job->conn)
-        PQfinish(job->conn);
+    ds_db_free(job->db);
     close(job->pipe_r);
     close(job->pipe_w);
     pthread_mutex_destroy(&job->lock);
     free(job->conninfo);
     free(job->application_name);
+    free(job->setup_arg);
     free(job);
 }
 
 static void *connect_thread(void *arg)
 {
     struct connect_job *job = arg;
-    int err;
-    PGconn *conn = open_conn(job->conninfo, job->application_name, job->msg, sizeof job->msg, &err);
+    char msg[400];
+    PGconn *conn = open_conn(job->conninfo, job->application_name, msg, sizeof msg, &job->err);
+    struct ds_db *db = NULL;
+    if (!conn) {
+        snprintf(job->msg, sizeof job->msg, "could not connect to the database: %s", msg);
+    } else {
+        db = db_new(conn);
+        int r = job->setup ? job->setup(db, job->setup_arg) : 0;
+        if (r < 0) {   /* (ds_errdetail is this thread's own) */
+            job->err = -r;
+            snprintf(job->msg, sizeof job->msg, "%s", ds_errdetail());
+            db = ds_db_free(db);
+        }
+    }
     /* the thread's last touch of the job unless it was abandoned: once done is set, the caller may free it
      * (the write, into an empty non-blocking pipe, does not wait) */
     pthread_mutex_lock(&job->lock);
-    job->conn = conn;
+    job->db = db;
     bool abandoned = job->abandoned;
     if (!abandoned) {
         ssize_t w;
@@ -251,7 +270,8 @@ static void *connect_thread(void *arg)
     return NULL;
 }
 
-int ds_db_connect_start(const char *conninfo, const char *application_name, struct ds_db **ret)
+int ds_db_connect_start(const char *conninfo, const char *application_name, ds_db_setup_fn *setup,
+                        const char *setup_arg, struct ds_db **ret)
 {
     struct connect_job *job = ds_xcalloc(1, sizeof *job);
     int fds[2];
@@ -264,6 +284,8 @@ int ds_db_connect_start(const char *conninfo, const char *application_name, stru
     pthread_mutex_init(&job->lock, NULL);
     job->conninfo = conninfo ? ds_xstrdup(conninfo) : NULL;
     job->application_name = application_name ? ds_xstrdup(application_name) : NULL;
+    job->setup = setup;
+    job->setup_arg = setup_arg ? ds_xstrdup(setup_arg) : NULL;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -293,16 +315,20 @@ int ds_db_connect_poll(struct ds_db *db, int *ret_fd, short *ret_events)
         *ret_events = POLLIN;
         return 0;
     }
-    /* the thread has let go of the job */
-    PGconn *conn = job->conn;
-    job->conn = NULL;
+    /* the thread has let go of the job: the connection and what its setup did (its LISTENs) become db's */
+    struct ds_db *got = job->db;
+    job->db = NULL;
     char msg[sizeof job->msg];
     snprintf(msg, sizeof msg, "%s", job->msg);
+    int err = job->err;
     connect_job_free(job);
     db->job = NULL;
-    if (!conn)
-        return ds_seterr(DS_EDB, "could not connect to the database: %s", msg);
-    db->conn = conn;
+    if (!got)
+        return ds_seterr(err ? err : DS_EDB, "%s", msg);
+    db->conn = got->conn;
+    memcpy(db->listen, got->listen, sizeof db->listen);
+    db->nlisten = got->nlisten;
+    free(got);
     return 1;
 }
 
@@ -318,6 +344,7 @@ struct ds_db *ds_db_free(struct ds_db *db)
         if (done)
             connect_job_free(db->job);
     }
+    PQclear(db->held);
     PQfinish(db->conn);
     for (int i = 0; i < db->nlisten; i++)
         free(db->listen[i]);
@@ -335,10 +362,9 @@ const char *ds_db_sqlstate(const struct ds_db *db)
     return db ? db->sqlstate : "";
 }
 
-int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
-               PGresult **ret)
+/* A statement's result (NULL: none came): 0 with *ret when it succeeded, else its error (res is cleared). */
+static int result_or_error(struct ds_db *db, PGresult *res, PGresult **ret)
 {
-    PGresult *res = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         int r = ds_db_result_error(db, res);
@@ -350,6 +376,12 @@ int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const
     return 0;
 }
 
+int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
+               PGresult **ret)
+{
+    return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
+}
+
 int ds_db_command(struct ds_db *db, const char *sql, int nparams, const char *const *params)
 {
     PGresult *res;
@@ -357,6 +389,51 @@ int ds_db_command(struct ds_db *db, const char *sql, int nparams, const char *co
     if (r < 0)
         return r;
     PQclear(res);
+    return 0;
+}
+
+int ds_db_send(struct ds_db *db, const char *sql, int nparams, const char *const *params)
+{
+    if (!ds_db_ok(db))
+        return conn_error(db, "database connection is down");
+    if (db->sent)
+        return ds_seterr(DS_EINVAL, "a statement is under way on this connection");
+    if (!PQisnonblocking(db->conn) && PQsetnonblocking(db->conn, 1) != 0)
+        return conn_error(db, "could not make the connection non-blocking");
+    if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
+        return conn_error(db, "could not send a statement");
+    db->sent = true;
+    return ds_db_flush(db);
+}
+
+int ds_db_flush(struct ds_db *db)
+{
+    int r = PQflush(db->conn);
+    return r < 0 ? conn_error(db, "could not send a statement") : r;
+}
+
+int ds_db_take_result(struct ds_db *db, PGresult **ret)
+{
+    if (!db->sent)
+        return ds_seterr(DS_EINVAL, "no statement is under way on this connection");
+    /* PQgetResult waits only while PQisBusy: the statement's result, then NULL at its end (ReadyForQuery) */
+    while (!PQisBusy(db->conn)) {
+        PGresult *res = PQgetResult(db->conn);
+        if (res) {
+            if (!db->held || PQresultStatus(res) == PGRES_FATAL_ERROR) {
+                PQclear(db->held);
+                db->held = res;
+            } else {
+                PQclear(res);
+            }
+            continue;
+        }
+        db->sent = false;
+        res = db->held;
+        db->held = NULL;
+        int r = result_or_error(db, res, ret);
+        return r < 0 ? r : 1;
+    }
     return 0;
 }
 
@@ -423,19 +500,21 @@ int ds_db_schema_version(struct ds_db *db, int *ret_version)
     return 0;
 }
 
+int ds_db_schema_error(int version, int code)
+{
+    if (version == 0)
+        return ds_seterr(code, "database has no dspark schema: run 'dsparkctl db init'");
+    if (version != DS_SCHEMA_VERSION)
+        return ds_seterr(code, "database schema version %d, this build knows %d: run 'dsparkctl db migrate'",
+                         version, DS_SCHEMA_VERSION);
+    return 0;
+}
+
 int ds_db_check_schema(struct ds_db *db)
 {
     int v;
     int r = ds_db_schema_version(db, &v);
-    if (r < 0)
-        return r;
-    if (v == 0)
-        return ds_seterr(DS_EDB, "database has no dspark schema: run 'dsparkctl db init'");
-    if (v != DS_SCHEMA_VERSION)
-        return ds_seterr(DS_EDB,
-                         "database schema version %d, this build knows %d: run 'dsparkctl db migrate'",
-                         v, DS_SCHEMA_VERSION);
-    return 0;
+    return r < 0 ? r : ds_db_schema_error(v, DS_EDB);
 }
 
 const struct ds_db_migration *ds_db_migrations(size_t *ret_n)

@@ -67,6 +67,7 @@ struct fanout;
 
 struct fanout_status {
     bool valid;
+    double asked;                   /* wall clock (Unix seconds) when the counts were asked for */
     int64_t queued;
     int64_t running;
     double tokens_per_s;            /* output tokens per second over the last minute */
@@ -85,7 +86,7 @@ struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub
 struct fanout *fanout_free(struct fanout *f);
 /* Connect if down and due (back-off), check the schema, LISTEN, and judge the
  * notification probe. The connection attempt never blocks: each call takes
- * the steps it can (see fanout_pollfd). Returns 1 when (re)connected in this
+ * the steps it can (see fanout_pollfds). Returns 1 when (re)connected in this
  * call, 0 when up or still down (fanout_up tells), or < 0 (fatal) for a
  * schema this build does not know or a connection that does not carry
  * notifications. */
@@ -96,27 +97,42 @@ bool fanout_up(const struct fanout *f);
 /* Up, and its notifications shown to arrive (a probe came back), or stopping. */
 bool fanout_verified(const struct fanout *f);
 /* The descriptors to poll, at most max into fds: the connection's socket for
- * notifications (POLLIN) when up, or the connection attempt's next step while
+ * notifications and results (POLLIN; POLLOUT too while a statement waits
+ * to be written) when up, or the connection attempt's next step while
  * one is under way; and the notification probe's connection's next step while
  * it connects. Returns how many. */
 int fanout_pollfds(const struct fanout *f, struct pollfd *fds, int max);
-/* Read notifications and publish the events of the jobs they name. Returns the
- * number of events published; a broken connection is logged and marks it down. */
+/* Without waiting: write what waits to be written, read notifications and
+ * publish the events of the jobs they name, take the result of the statement
+ * under way, and send the next one (a pass asked for, or a read of notified
+ * jobs). A statement with no answer within statement_timeout + 10 s, or a
+ * broken connection, is logged and marks the connection down. Returns the
+ * number of events published. */
 int fanout_pump(struct fanout *f, uint64_t now_us);
-/* Queue counts for STATUS= and heartbeats (refreshes the DB-health clock). */
-int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret);
-/* Lease reaper: dspark.requeue_expired(). Returns jobs changed (0 when another host holds the lock). */
-int fanout_reap(struct fanout *f, uint64_t now_us);
-/* Expiry: dspark.expire_jobs(FANOUT_EXPIRE_BATCH), the queued jobs past their deadline. Returns jobs
- * ended (<0 on error). */
-#define FANOUT_EXPIRE_BATCH 2000   /* a sweep's jobs: it blocks the main loop for its query and events */
-int64_t fanout_expire(struct fanout *f, uint64_t now_us);
-/* Delayed jobs that came due: dspark.promote_due_jobs(NULL, FANOUT_PROMOTE_BATCH), which clears their mark
- * (so that claims see them) and wakes idle workers with one due: notification. Returns jobs (<0 on error). */
-#define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs: it blocks the main loop for its query */
-int64_t fanout_promote(struct fanout *f, uint64_t now_us);
-/* Retention: dspark.prune(). Returns jobs deleted (<0 on error). */
-int64_t fanout_prune(struct fanout *f, uint64_t now_us);
+
+/* dsparkd's own passes over the database. Each is one statement, sent in its
+ * turn (fanout_request); its outcome goes to the fanout_done_fn. */
+enum fanout_pass {
+    FANOUT_STATUS,    /* queue counts for STATUS=, heartbeats and metrics (refreshes the DB-health clock) */
+    FANOUT_REAP,      /* lease reaper: dspark.requeue_expired(); n: jobs changed (0 when another host holds the lock) */
+    FANOUT_EXPIRE,    /* expiry: dspark.expire_jobs(FANOUT_EXPIRE_BATCH), queued jobs past their deadline; n: ended */
+    FANOUT_PROMOTE,   /* dspark.promote_due_jobs(NULL, FANOUT_PROMOTE_BATCH): delayed jobs that came due lose their
+                       * mark (so that claims see them) and idle workers are woken by one due: notification */
+    FANOUT_PRUNE,     /* retention: dspark.prune(); n: jobs deleted */
+    FANOUT_N_PASSES
+};
+#define FANOUT_EXPIRE_BATCH 2000    /* a sweep's jobs: one statement, and their events */
+#define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs */
+/* A pass's outcome: n (< 0: it failed; the connection may be down then), and for FANOUT_STATUS the counts
+ * (st->valid when n == 0). A pass lost with the connection is not reported. */
+typedef void fanout_done_fn(void *ud, enum fanout_pass pass, int64_t n, const struct fanout_status *st);
+void fanout_set_done(struct fanout *f, fanout_done_fn *fn, void *ud);
+/* Ask for a pass: sent now when no statement is under way, else in its turn (once however often asked).
+ * false when the connection is down (or FANOUT_PRUNE without retention): nothing will be reported. */
+bool fanout_request(struct fanout *f, enum fanout_pass pass, uint64_t now_us);
+/* Before exiting: the passes not sent are dropped, one under way is not waited for; the events of what
+ * was notified are read and published, until deadline_us at the most. */
+void fanout_drain(struct fanout *f, uint64_t deadline_us);
 /* Monotonic time of the last successful exchange with the database (0 = never). */
 uint64_t fanout_last_ok(const struct fanout *f);
 /* Why the database is down (for STATUS=), or "". */

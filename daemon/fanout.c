@@ -1,8 +1,18 @@
-/* fanout.c: dsparkd's database side: the connection (made on a thread of its
- * own, so that the loop never waits for it; with back-off and re-LISTEN), job
- * notifications turned into ZeroMQ events, queue counts for STATUS= and
- * heartbeats, the lease reaper, the expiry of queued jobs past their deadline,
- * and retention.
+/* fanout.c: dsparkd's database side: the connection (made and set up on a
+ * thread of its own, with back-off and re-LISTEN), job notifications turned
+ * into ZeroMQ events, queue counts for STATUS= and heartbeats, the lease
+ * reaper, the expiry of queued jobs past their deadline, the delayed jobs that
+ * came due, and retention.
+ *
+ * dsparkd's loop never waits on the database. Connecting and the session's
+ * first statements (statement_timeout, the schema version, LISTEN) run on a
+ * thread (ds_db_connect_start); every later statement is sent without
+ * waiting (ds_db_send), one at a time, and its result taken when the socket
+ * says it came (fanout_pump). The passes dsparkd asks for (fanout_request)
+ * wait their turn; reading the rows of notified jobs takes every other turn.
+ * A statement with no answer within statement_timeout + STMT_GRACE_US (a
+ * server or pooler that stopped answering: statement_timeout is the server's
+ * own) gives the connection up, and a new one is made.
  *
  * A notification names each state change: job id, version, state and attempt
  * (see DS_DB_EVENTS_CHANNEL). The rows are read in one query per burst of
@@ -23,6 +33,7 @@
  * would ever go out, and dsparkd stops with a configuration error instead. */
 #include "config.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
@@ -44,6 +55,11 @@
 #define START_CATCH_UP_WINDOW_S 600.0     /* finals of the last ten minutes are republished at start */
 #define PROBE_TIMEOUT_US 10000000u        /* each probe must come back within this */
 #define PROBE_TRIES 2                     /* probes sent before the verdict */
+#define STMT_GRACE_US 10000000u           /* a statement's answer may come this long after statement_timeout */
+#define EVENTS_RETRY_US 1000000u          /* reading notified jobs failed: again after this */
+
+/* The statement under way (f->stmt): one of the passes, or one of these. */
+enum { STMT_NONE = -1, STMT_EVENTS = FANOUT_N_PASSES, STMT_CATCH_UP };
 
 struct seen {
     int64_t id;
@@ -66,10 +82,27 @@ struct fanout {
     uint64_t bad_notifications;      /* not job changes, since the last line about them */
     uint64_t next_bad_log_us;
     char down_reason[256];
-    struct ds_db_transition *tr;     /* changes named by notifications, not yet published */
+    /* the statement under way, and what waits for its turn */
+    int stmt;                        /* STMT_NONE, a pass, STMT_EVENTS or STMT_CATCH_UP */
+    bool stmt_writing;               /* part of it waits to be written (poll for POLLOUT) */
+    uint64_t stmt_deadline_us;       /* no answer by then: the connection is given up */
+    double stmt_asked;               /* wall clock when it was sent (the queue counts' age) */
+    unsigned wanted;                 /* passes asked for and not sent yet (bit per pass; STMT_CATCH_UP too) */
+    bool events_last;                /* the last turn read notified jobs: a pass that waits goes first */
+    double catch_up_window_s;        /* the catch-up that waits: finals of the last this many seconds */
+    const char *catch_up_when;       /* ... for its line in the log */
+    fanout_done_fn *done;            /* told each pass's outcome */
+    void *done_ud;
+    /* notified changes */
+    struct ds_db_transition *tr;     /* named by notifications, not yet being read */
     size_t n_tr, cap_tr;
-    int64_t *ids;                    /* scratch: the distinct ids of tr */
-    size_t cap_ids;
+    struct ds_db_transition *rd;     /* being read (sorted by id, version, state; kept when reading fails) */
+    size_t n_rd, cap_rd;
+    int64_t *ids;                    /* the distinct ids of rd, read IDS_PER_QUERY a statement */
+    size_t n_ids, cap_ids;
+    size_t ids_done;                 /* ids whose rows were read (n_ids: none under way) */
+    size_t rd_at;                    /* the first entry of rd not yet matched with a row */
+    uint64_t events_not_before_us;   /* after a failed read */
     struct seen seen[SEEN_SLOTS];
     char probe_mark[32];             /* the start of this process's probes' payloads */
     char probe_payload[64];          /* the probe whose connection is under way */
@@ -93,6 +126,7 @@ struct fanout *fanout_new(const struct dsparkd_config *cfg, struct ds_events_pub
     f->cfg = cfg;
     f->pub = pub;
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
+    f->stmt = STMT_NONE;
     snprintf(f->down_reason, sizeof f->down_reason, "not connected yet");
     return f;
 }
@@ -104,9 +138,16 @@ struct fanout *fanout_free(struct fanout *f)
     ds_db_free(f->db);
     ds_db_free(f->probe_db);
     free(f->tr);
+    free(f->rd);
     free(f->ids);
     free(f);
     return NULL;
+}
+
+void fanout_set_done(struct fanout *f, fanout_done_fn *fn, void *ud)
+{
+    f->done = fn;
+    f->done_ud = ud;
 }
 
 bool fanout_up(const struct fanout *f)
@@ -123,7 +164,7 @@ int fanout_pollfds(const struct fanout *f, struct pollfd *fds, int max)
 {
     int n = 0;
     if (n < max && f->up)
-        fds[n++] = (struct pollfd){ .fd = ds_db_socket(f->db), .events = POLLIN };
+        fds[n++] = (struct pollfd){ .fd = ds_db_socket(f->db), .events = POLLIN | (f->stmt_writing ? POLLOUT : 0) };
     else if (n < max && f->connecting)
         fds[n++] = (struct pollfd){ .fd = f->connect_fd, .events = f->connect_events };
     if (n < max && f->probe_db)
@@ -164,6 +205,12 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->probe_deadline_us = 0;      /* (until a probe came back, the next connection sends them again) */
     f->probe_db = ds_db_free(f->probe_db);
+    /* the statement under way and the passes asked for go with the connection (dsparkd asks again when
+     * they are next due); notified changes stay, and are read on the next one */
+    f->stmt = STMT_NONE;
+    f->stmt_writing = false;
+    f->wanted = 0;
+    f->n_ids = f->ids_done = 0;
 }
 
 /* A probe that could not be sent does not count: it is tried again PROBE_TIMEOUT_US from now. */
@@ -175,8 +222,15 @@ static void probe_not_sent(struct fanout *f, uint64_t now_us)
     f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
 }
 
-/* Whether the probe's connection is made; once it is, the probe goes (one short statement), and must be
- * back within PROBE_TIMEOUT_US. */
+/* The probe, sent on its connection's thread once connected (ds_db_setup_fn). */
+static int probe_setup(struct ds_db *db, const char *payload)
+{
+    const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
+    return ds_db_command(db, "SELECT pg_notify($1, $2)", 2, params);
+}
+
+/* Whether the probe's connection is made and the probe went (probe_setup); once it went, it must be back
+ * within PROBE_TIMEOUT_US. */
 static void probe_step(struct fanout *f, uint64_t now_us)
 {
     if (!f->probe_db)
@@ -184,8 +238,7 @@ static void probe_step(struct fanout *f, uint64_t now_us)
     int r = ds_db_connect_poll(f->probe_db, &f->probe_fd, &f->probe_events);
     if (r == 0)
         return;
-    const char *params[2] = { DS_DB_EVENTS_CHANNEL, f->probe_payload };
-    if (r < 0 || ds_db_command(f->probe_db, "SELECT pg_notify($1, $2)", 2, params) < 0) {
+    if (r < 0) {
         probe_not_sent(f, now_us);
         return;
     }
@@ -207,7 +260,7 @@ static void probe_send(struct fanout *f, uint64_t now_us)
     f->probe_started_us = now_us;
     f->probe_slow_said = false;
     f->probe_db = ds_db_free(f->probe_db);
-    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", &f->probe_db) < 0)
+    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", probe_setup, f->probe_payload, &f->probe_db) < 0)
         probe_not_sent(f, now_us);
     else
         probe_step(f, now_us);   /* (the descriptor to poll, from this turn on) */
@@ -261,24 +314,23 @@ static int query_failed(struct fanout *f, uint64_t now_us, int r, const char *wh
     return r;
 }
 
-/* The session settings and checks that follow every (re)connection. Sets
- * *fatal for a schema version this build does not know. */
-static int session_setup(struct fanout *f, bool *fatal)
+
+/* The session settings and checks that follow every (re)connection, on the attempt's thread
+ * (ds_db_setup_fn; arg: statement_timeout in milliseconds). A schema version this build does not know is
+ * -DS_ECONFIG: dsparkd stops. */
+static int session_setup(struct ds_db *db, const char *statement_timeout_ms)
 {
     char sql[96];
-    snprintf(sql, sizeof sql, "SET statement_timeout = %" PRId64, f->cfg->db_timeout);
-    int r = ds_db_command(f->db, sql, 0, NULL);
-    if (r < 0)
-        return r;
+    snprintf(sql, sizeof sql, "SET statement_timeout = %s", statement_timeout_ms);
     int version;
-    r = ds_db_schema_version(f->db, &version);
-    if (r < 0)
-        return r;
-    if (version != DS_SCHEMA_VERSION) {
-        *fatal = true;
-        return ds_db_check_schema(f->db);
-    }
-    return ds_db_listen(f->db, DS_DB_EVENTS_CHANNEL);
+    int r = ds_db_command(db, sql, 0, NULL);
+    if (r == 0)
+        r = ds_db_schema_version(db, &version);
+    if (r == 0 && version != DS_SCHEMA_VERSION)
+        return ds_db_schema_error(version, DS_ECONFIG);
+    if (r == 0)
+        r = ds_db_listen(db, DS_DB_EVENTS_CHANNEL);
+    return r < 0 ? ds_prefixerr(r, "database session setup failed") : 0;
 }
 
 static void add_transition(struct fanout *f, const struct ds_db_transition *t)
@@ -458,56 +510,126 @@ static int publish_job(struct fanout *f, PGresult *res, int i, const struct ds_d
     return n;
 }
 
-static int flush_transitions(struct fanout *f, uint64_t now_us)
+/* ---- statements sent without waiting ---- */
+
+static const char *stmt_name(int stmt)
 {
-    if (f->n_tr == 0)
-        return 0;
-    qsort(f->tr, f->n_tr, sizeof *f->tr, cmp_transition);
+    switch (stmt) {
+    case FANOUT_STATUS: return "reading the queue counts";
+    case FANOUT_REAP: return "the lease reaper";
+    case FANOUT_EXPIRE: return "the expiry sweep (dspark.expire_jobs)";
+    case FANOUT_PROMOTE: return "the pass over delayed jobs (dspark.promote_due_jobs)";
+    case FANOUT_PRUNE: return "retention (dspark.prune)";
+    case STMT_EVENTS: return "reading notified jobs";
+    case STMT_CATCH_UP: return "reading the jobs that finished meanwhile";
+    default: return "a statement";
+    }
+}
+
+/* Send stmt's statement (its parameters in text). */
+static int stmt_send(struct fanout *f, uint64_t now_us, int stmt, const char *sql, int nparams,
+                     const char *const *params)
+{
+    int r = ds_db_send(f->db, sql, nparams, params);
+    if (r < 0)
+        return query_failed(f, now_us, r, stmt_name(stmt));
+    f->stmt = stmt;
+    f->stmt_writing = r > 0;
+    f->stmt_asked = ds_wire_now();
+    f->stmt_deadline_us = now_us + (uint64_t)f->cfg->db_timeout * 1000u + STMT_GRACE_US;
+    return 0;
+}
+
+/* Reading notified jobs: the ids of rd from ids_done on, IDS_PER_QUERY at a time. */
+static int events_send_next(struct fanout *f, uint64_t now_us)
+{
+    size_t n = f->n_ids - f->ids_done < IDS_PER_QUERY ? f->n_ids - f->ids_done : IDS_PER_QUERY;
+    char *arr = ds_db_int64_array(f->ids + f->ids_done, n);
+    const char *params[1] = { arr };
+    int r = stmt_send(f, now_us, STMT_EVENTS, JOB_EVENT_COLUMNS "WHERE j.id = ANY ($1::bigint[]) ORDER BY j.id", 1,
+                      params);
+    free(arr);
+    return r;
+}
+
+/* Start reading the rows of the notified changes: those that came (tr) join those whose read failed (rd),
+ * in order, without repeats. */
+static int events_start(struct fanout *f, uint64_t now_us)
+{
+    if (f->n_rd + f->n_tr > f->cap_rd) {
+        f->cap_rd = f->n_rd + f->n_tr;
+        f->rd = ds_xrealloc(f->rd, f->cap_rd * sizeof *f->rd);
+    }
+    memcpy(f->rd + f->n_rd, f->tr, f->n_tr * sizeof *f->tr);
+    f->n_rd += f->n_tr;
+    f->n_tr = 0;
+    qsort(f->rd, f->n_rd, sizeof *f->rd, cmp_transition);
     size_t u = 0;
-    for (size_t i = 0; i < f->n_tr; i++)
-        if (u == 0 || cmp_transition(&f->tr[i], &f->tr[u - 1]) != 0)
-            f->tr[u++] = f->tr[i];
-    f->n_tr = u;
-    if (f->cap_ids < f->n_tr) {
-        f->cap_ids = f->cap_tr;
+    for (size_t i = 0; i < f->n_rd; i++)
+        if (u == 0 || cmp_transition(&f->rd[i], &f->rd[u - 1]) != 0)
+            f->rd[u++] = f->rd[i];
+    if (u > MAX_PENDING) {   /* the rows have not been readable for a long time: keep the newest jobs' */
+        ds_log(DS_LOG_WARNING, "%zu notified changes wait for their rows; dropping the older half", u);
+        memmove(f->rd, f->rd + u / 2, (u - u / 2) * sizeof *f->rd);
+        u -= u / 2;
+    }
+    f->n_rd = u;
+    if (f->cap_ids < f->n_rd) {
+        f->cap_ids = f->cap_rd;
         f->ids = ds_xrealloc(f->ids, f->cap_ids * sizeof *f->ids);
     }
-    size_t n_ids = 0;
-    for (size_t i = 0; i < f->n_tr; i++)
-        if (n_ids == 0 || f->tr[i].id != f->ids[n_ids - 1])
-            f->ids[n_ids++] = f->tr[i].id;
-    int total = 0;
-    size_t ti = 0;
-    for (size_t off = 0; off < n_ids; off += IDS_PER_QUERY) {
-        size_t n = n_ids - off < IDS_PER_QUERY ? n_ids - off : IDS_PER_QUERY;
-        char *arr = ds_db_int64_array(f->ids + off, n);
-        const char *params[1] = { arr };
-        PGresult *res;
-        int r = ds_db_exec(f->db, JOB_EVENT_COLUMNS "WHERE j.id = ANY ($1::bigint[]) ORDER BY j.id", 1, params, &res);
-        free(arr);
-        if (r < 0) {
-            /* keep the changes (a statement timeout, a lock, or a broken
-             * connection): the next pass reads them again, and what was
-             * published already is not published twice (seen_version) */
-            return query_failed(f, now_us, r, "reading notified jobs");
-        }
-        /* rows and changes are both ordered by id; a job without a row was deleted */
-        for (int i = 0; i < PQntuples(res); i++) {
-            int64_t id = row_id(res, i);
-            while (ti < f->n_tr && f->tr[ti].id < id)
-                ti++;
-            size_t tj = ti;
-            while (tj < f->n_tr && f->tr[tj].id == id)
-                tj++;
-            if (tj > ti)
-                total += publish_job(f, res, i, f->tr + ti, tj - ti);
-            ti = tj;
-        }
-        PQclear(res);
+    f->n_ids = 0;
+    for (size_t i = 0; i < f->n_rd; i++)
+        if (f->n_ids == 0 || f->rd[i].id != f->ids[f->n_ids - 1])
+            f->ids[f->n_ids++] = f->rd[i].id;
+    f->ids_done = 0;
+    f->rd_at = 0;
+    return events_send_next(f, now_us);
+}
+
+/* A statement's rows of notified jobs: publish them, then read the next ids, if any. */
+static void events_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
+{
+    if (r < 0) {
+        /* keep the changes (a statement timeout, a lock, or a broken connection): they are read again,
+         * and what was published already is not published twice (seen_version) */
+        f->n_ids = f->ids_done = 0;
+        f->events_not_before_us = now_us + EVENTS_RETRY_US;
+        query_failed(f, now_us, r, stmt_name(STMT_EVENTS));
+        return;
     }
-    f->n_tr = 0;
+    /* rows and changes are both ordered by id; a job without a row was deleted */
+    for (int i = 0; i < PQntuples(res); i++) {
+        int64_t id = row_id(res, i);
+        size_t ti = f->rd_at;
+        while (ti < f->n_rd && f->rd[ti].id < id)
+            ti++;
+        size_t tj = ti;
+        while (tj < f->n_rd && f->rd[tj].id == id)
+            tj++;
+        if (tj > ti)
+            publish_job(f, res, i, f->rd + ti, tj - ti);
+        f->rd_at = tj;
+    }
     f->last_ok_us = now_us;
-    return total;
+    f->ids_done += f->n_ids - f->ids_done < IDS_PER_QUERY ? f->n_ids - f->ids_done : IDS_PER_QUERY;
+    if (f->ids_done < f->n_ids) {
+        events_send_next(f, now_us);
+        return;
+    }
+    f->n_rd = f->n_ids = f->ids_done = 0;
+}
+
+static void catch_up_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
+{
+    if (r < 0) {
+        query_failed(f, now_us, r, stmt_name(STMT_CATCH_UP));
+        return;
+    }
+    f->last_ok_us = now_us;
+    int n = publish_rows(f, res);
+    if (n > 0)
+        ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s", f->catch_up_when);
 }
 
 /* Publish the final rows of the jobs that finished in the last window_s
@@ -515,26 +637,137 @@ static int flush_transitions(struct fanout *f, uint64_t now_us)
  * and were not published by this process: after a lost connection, and a
  * little after the start (a dsparkd restarted while jobs finished, as its
  * watchdog does during a long database outage). Subscribers drop a state they
- * already have by its version. */
-static void catch_up(struct fanout *f, uint64_t now_us, double window_s, const char *when)
+ * already have by its version. Sent in its turn. */
+static void catch_up(struct fanout *f, double window_s, const char *when)
 {
-    char secs[64];
-    snprintf(secs, sizeof secs, "%.3f", window_s);
-    const char *params[1] = { secs };
-    PGresult *res;
-    int r = ds_db_exec(f->db,
-                       JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
-                                         " ORDER BY j.finished_at DESC LIMIT 100000",
-                       1, params, &res);
-    if (r < 0) {
-        query_failed(f, now_us, r, "reading the jobs that finished meanwhile");
-        return;
-    }
-    int n = publish_rows(f, res);
-    PQclear(res);
-    if (n > 0)
-        ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s", when);
+    f->catch_up_window_s = window_s;
+    f->catch_up_when = when;
+    f->wanted |= 1u << STMT_CATCH_UP;
 }
+
+static int pass_send(struct fanout *f, uint64_t now_us, int pass)
+{
+    char a[64], b[64];
+    const char *params[2] = { a, b };
+    switch (pass) {
+    case FANOUT_STATUS:
+        return stmt_send(f, now_us, pass,
+                         /* (the queued jobs as the claims' index and the delayed jobs' index hold them) */
+                         "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND NOT delayed)"
+                         "       + (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed), "
+                         "       (SELECT count(*) FROM dspark.jobs WHERE state = 'running'), "
+                         "       s.tokens / 60.0, (s.rounds + coalesce(s.accepted, 0))::float8 / nullif(s.rounds, 0) "
+                         "FROM (SELECT coalesce(sum(output_tokens), 0) AS tokens, sum(rounds) AS rounds, "
+                         "             sum(num_accepted_tokens) AS accepted FROM dspark.job_stats "
+                         "       WHERE created_at > now() - interval '60 seconds') s",
+                         0, NULL);
+    case FANOUT_REAP:
+        snprintf(a, sizeof a, "%" PRId64 " milliseconds", f->cfg->worker_timeout);
+        return stmt_send(f, now_us, pass, "SELECT dspark.requeue_expired($1::interval)", 1, params);
+    case FANOUT_EXPIRE:
+        snprintf(a, sizeof a, "%d", FANOUT_EXPIRE_BATCH);
+        return stmt_send(f, now_us, pass, "SELECT dspark.expire_jobs($1::int)", 1, params);
+    case FANOUT_PROMOTE:
+        snprintf(a, sizeof a, "%d", FANOUT_PROMOTE_BATCH);
+        return stmt_send(f, now_us, pass, "SELECT dspark.promote_due_jobs(NULL, $1::int)", 1, params);
+    case FANOUT_PRUNE:
+        snprintf(a, sizeof a, "%" PRId64 " milliseconds", f->cfg->retention);
+        snprintf(b, sizeof b, "%d", f->cfg->prune_batch);
+        return stmt_send(f, now_us, pass, "SELECT dspark.prune($1::interval, $2::int)", 2, params);
+    case STMT_CATCH_UP:
+        snprintf(a, sizeof a, "%.3f", f->catch_up_window_s);
+        return stmt_send(f, now_us, pass,
+                         JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
+                                           " ORDER BY j.finished_at DESC LIMIT 100000",
+                         1, params);
+    }
+    return ds_seterr(DS_EINVAL, "no pass %d", pass);
+}
+
+static void pass_done(struct fanout *f, uint64_t now_us, int pass, PGresult *res, int r)
+{
+    struct fanout_status st = { 0 };
+    int64_t n = 0;
+    if (r < 0) {
+        query_failed(f, now_us, r, stmt_name(pass));
+        n = r;
+    } else if (pass == FANOUT_STATUS) {
+        st.valid = true;
+        st.asked = f->stmt_asked;
+        st.queued = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        st.running = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+        st.tokens_per_s = strtod(PQgetvalue(res, 0, 2), NULL);
+        st.mean_acceptance_length = PQgetisnull(res, 0, 3) ? -1.0 : strtod(PQgetvalue(res, 0, 3), NULL);
+    } else {
+        n = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    }
+    if (r >= 0)
+        f->last_ok_us = now_us;
+    if (n > 0 && pass == FANOUT_REAP) {
+        f->counters.reaped += (uint64_t)n;
+        ds_log(DS_LOG_NOTICE, "lease reaper: %" PRId64 " job%s with an expired lease requeued, failed or cancelled",
+               n, n == 1 ? "" : "s");
+    } else if (n > 0 && pass == FANOUT_EXPIRE) {
+        f->counters.expired += (uint64_t)n;
+        ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
+               n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in 0.2 s)" : "");
+    } else if (n > 0 && pass == FANOUT_PROMOTE) {
+        f->counters.due += (uint64_t)n;
+        ds_log(DS_LOG_DEBUG, "%" PRId64 " delayed job%s came due%s", n, n == 1 ? "" : "s",
+               n >= FANOUT_PROMOTE_BATCH ? " (more in 0.05 s)" : "");
+    } else if (n > 0 && pass == FANOUT_PRUNE) {
+        f->counters.pruned += (uint64_t)n;
+        ds_log(DS_LOG_INFO, "retention: deleted %" PRId64 " finished job%s", n, n == 1 ? "" : "s");
+    }
+    if (f->done)
+        f->done(f->done_ud, (enum fanout_pass)pass, n, &st);
+}
+
+/* The next statement, when none is under way: a read of notified jobs and a pass that waits take turns. */
+static void send_next(struct fanout *f, uint64_t now_us)
+{
+    while (f->up && f->stmt == STMT_NONE) {
+        bool events = f->n_ids > f->ids_done ||
+                      ((f->n_tr > 0 || f->n_rd > 0) && now_us >= f->events_not_before_us);
+        int pass = -1;
+        for (int p = 0; p <= STMT_CATCH_UP && pass < 0; p++)
+            if (p != STMT_EVENTS && (f->wanted & (1u << p)))
+                pass = p;
+        if (events && (pass < 0 || !f->events_last)) {
+            f->events_last = true;
+            int r = f->n_ids > f->ids_done ? events_send_next(f, now_us) : events_start(f, now_us);
+            if (r < 0) {
+                f->n_ids = f->ids_done = 0;
+                f->events_not_before_us = now_us + EVENTS_RETRY_US;
+            }
+        } else if (pass >= 0) {
+            f->events_last = false;
+            f->wanted &= ~(1u << pass);
+            if (pass_send(f, now_us, pass) < 0 && pass != STMT_CATCH_UP && f->done) {
+                struct fanout_status st = { 0 };
+                f->done(f->done_ud, (enum fanout_pass)pass, -DS_EDB, &st);
+            }
+        } else {
+            return;
+        }
+    }
+}
+
+/* The statement under way is over: its result (r < 0: its error) goes to its own handler. */
+static void stmt_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
+{
+    int stmt = f->stmt;
+    f->stmt = STMT_NONE;
+    f->stmt_writing = false;
+    if (stmt == STMT_EVENTS)
+        events_done(f, now_us, res, r);
+    else if (stmt == STMT_CATCH_UP)
+        catch_up_done(f, now_us, res, r);
+    else
+        pass_done(f, now_us, stmt, res, r);
+}
+
+/* ---- the connection ---- */
 
 /* Server notices and libpq's own messages go to the log, not raw to stderr. */
 static void on_notice(void *arg, const char *message)
@@ -557,6 +790,7 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
     f->backoff_us = f->backoff_us * 2 > CONNECT_BACKOFF_MAX_US ? CONNECT_BACKOFF_MAX_US : f->backoff_us * 2;
 }
 
+
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {
     probe_step(f, now_us);
@@ -565,13 +799,15 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
         return r;
     if (f->up)
         return 0;
-    /* an attempt runs on a thread of its own: each call looks whether it is over (dsparkd's loop polls
-     * the descriptor that says so) */
+    /* an attempt runs on a thread of its own, with the session's setup: each call looks whether it is over
+     * (dsparkd's loop polls the descriptor that says so) */
     if (!f->connecting) {
         if (now_us < f->next_connect_us)
             return 0;
         f->db = ds_db_free(f->db);   /* a connection that broke: a new one */
-        if (ds_db_connect_start(f->cfg->dsn, "dsparkd", &f->db) < 0) {
+        char timeout_ms[32];
+        snprintf(timeout_ms, sizeof timeout_ms, "%" PRId64, f->cfg->db_timeout);
+        if (ds_db_connect_start(f->cfg->dsn, "dsparkd", session_setup, timeout_ms, &f->db) < 0) {
             retry_later(f, now_us, "database unavailable");
             return 0;
         }
@@ -583,18 +819,12 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     f->connecting = false;
     if (r < 0) {
         f->db = ds_db_free(f->db);
+        if (r == -DS_ECONFIG)   /* a schema version this build does not know */
+            return r;
         retry_later(f, now_us, "database unavailable");
         return 0;
     }
     PQsetNoticeProcessor(ds_db_conn(f->db), on_notice, NULL);
-    bool fatal = false;
-    r = session_setup(f, &fatal);
-    if (r < 0) {
-        if (fatal)
-            return r;
-        retry_later(f, now_us, "database session setup failed");
-        return 0;
-    }
     f->up = true;
     f->last_ok_us = now_us;
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
@@ -605,7 +835,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     }
     if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);
-        catch_up(f, now_us, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
+        catch_up(f, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
     } else {
         /* the subscribers of a dsparkd that stopped reconnect within a second
          * or so: republish after they had the time to */
@@ -613,6 +843,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
         ds_log(DS_LOG_INFO, "connected to the database (schema version %d), listening on '%s'",
                DS_SCHEMA_VERSION, DS_DB_EVENTS_CHANNEL);
     }
+    send_next(f, now_us);
     return 1;
 }
 
@@ -652,148 +883,82 @@ static void on_notify(void *ud, const char *channel, const char *payload)
     free(t);
 }
 
+
+/* The connection failed while reading or writing: what the notifications named is dropped with it (the
+ * catch-up after the next connection republishes the finals). */
+static void lost(struct fanout *f, uint64_t now_us)
+{
+    f->n_tr = f->n_rd = 0;
+    mark_down(f, now_us);
+}
+
 int fanout_pump(struct fanout *f, uint64_t now_us)
 {
-    int total = 0;
-    /* a query reads whatever the server sent meanwhile: loop until no
-     * notification is left in libpq's queue */
-    for (int round = 0; round < 64 && f->up; round++) {
+    if (!f->up)
+        return 0;
+    uint64_t before = f->published;
+    if (f->start_catch_up_us && now_us >= f->start_catch_up_us) {
+        f->start_catch_up_us = 0;
+        catch_up(f, START_CATCH_UP_WINDOW_S, "before this dsparkd started");
+    }
+    if (f->stmt_writing) {
+        int r = ds_db_flush(f->db);
+        if (r < 0) {
+            lost(f, now_us);
+            return 0;
+        }
+        f->stmt_writing = r > 0;
+    }
+    /* what came: notifications, and the end of the statement under way; then the next statement. Taking a
+     * result reads the notifications that came with it into libpq's queue: read them before sleeping. */
+    for (int round = 0; round < 2 && f->up; round++) {
         int r = ds_db_consume_notify(f->db, on_notify, f);
         if (r < 0) {
-            f->n_tr = 0;
-            mark_down(f, now_us);
+            lost(f, now_us);
             break;
         }
         if (r > 0)
             f->last_ok_us = now_us;
-        if (f->n_tr == 0)
+        if (f->stmt == STMT_NONE)
             break;
-        r = flush_transitions(f, now_us);
-        if (r < 0)
-            break;   /* the changes wait for the next pass (the next status read at the latest) */
-        total += r;
+        PGresult *res = NULL;
+        r = ds_db_take_result(f->db, &res);
+        if (r == 0)
+            break;
+        stmt_done(f, now_us, res, r);
+        PQclear(res);
     }
-    return total;
-}
-
-int fanout_status(struct fanout *f, uint64_t now_us, struct fanout_status *ret)
-{
-    if (!f->up)
-        return ds_seterr(DS_EDB, "database connection is down");
-    if (f->start_catch_up_us && now_us >= f->start_catch_up_us) {
-        f->start_catch_up_us = 0;
-        catch_up(f, now_us, START_CATCH_UP_WINDOW_S, "before this dsparkd started");
-        if (!f->up)
-            return ds_seterr(DS_EDB, "database connection is down");
+    if (f->up && f->stmt != STMT_NONE && now_us >= f->stmt_deadline_us) {
+        ds_seterr(DS_EDB, "%s: no answer from the database within %.1f s (statement_timeout %.1f s); giving the "
+                  "connection up", stmt_name(f->stmt), (double)f->cfg->db_timeout / 1e3 + STMT_GRACE_US / 1e6,
+                  (double)f->cfg->db_timeout / 1e3);
+        mark_down(f, now_us);
     }
-    PGresult *res;
-    int r = ds_db_exec(f->db,
-                       /* (the queued jobs as the claims' index and the delayed jobs' index hold them) */
-                       "SELECT (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND NOT delayed)"
-                       "       + (SELECT count(*) FROM dspark.jobs WHERE state = 'queued' AND delayed), "
-                       "       (SELECT count(*) FROM dspark.jobs WHERE state = 'running'), "
-                       "       s.tokens / 60.0, (s.rounds + coalesce(s.accepted, 0))::float8 / nullif(s.rounds, 0) "
-                       "FROM (SELECT coalesce(sum(output_tokens), 0) AS tokens, sum(rounds) AS rounds, "
-                       "             sum(num_accepted_tokens) AS accepted FROM dspark.job_stats "
-                       "       WHERE created_at > now() - interval '60 seconds') s",
-                       0, NULL, &res);
-    if (r < 0)
-        return query_failed(f, now_us, r, "reading the queue counts");
-    ret->valid = true;
-    ret->queued = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    ret->running = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    ret->tokens_per_s = strtod(PQgetvalue(res, 0, 2), NULL);
-    ret->mean_acceptance_length = PQgetisnull(res, 0, 3) ? -1.0 : strtod(PQgetvalue(res, 0, 3), NULL);
-    PQclear(res);
-    f->last_ok_us = now_us;
-    /* queries consume input too: deliver notifications that arrived meanwhile */
-    fanout_pump(f, now_us);
-    return 0;
+    send_next(f, now_us);
+    return (int)(f->published - before);
 }
 
-int fanout_reap(struct fanout *f, uint64_t now_us)
+bool fanout_request(struct fanout *f, enum fanout_pass pass, uint64_t now_us)
 {
-    if (!f->up)
-        return 0;
-    char timeout[64];
-    snprintf(timeout, sizeof timeout, "%" PRId64 " milliseconds", f->cfg->worker_timeout);
-    const char *params[1] = { timeout };
-    PGresult *res;
-    int r = ds_db_exec(f->db, "SELECT dspark.requeue_expired($1::interval)", 1, params, &res);
-    if (r < 0)
-        return query_failed(f, now_us, r, "the lease reaper");
-    int n = PQgetisnull(res, 0, 0) ? 0 : atoi(PQgetvalue(res, 0, 0));
-    PQclear(res);
-    f->last_ok_us = now_us;
-    f->counters.reaped += (uint64_t)n;
-    if (n > 0)
-        ds_log(DS_LOG_NOTICE, "lease reaper: %d job%s with an expired lease requeued, failed or cancelled", n,
-               n == 1 ? "" : "s");
-    fanout_pump(f, now_us);
-    return n;
+    if (!f->up || (pass == FANOUT_PRUNE && f->cfg->retention <= 0))
+        return false;
+    f->wanted |= 1u << pass;
+    send_next(f, now_us);
+    return true;
 }
 
-/* One of dsparkd's passes over the queue: sql takes the limit as $1 and returns how many jobs it changed.
- * Returns that count, 0 while the connection is down, <0 on error (what: the pass, for the log). */
-static int64_t queue_pass(struct fanout *f, uint64_t now_us, const char *sql, int limit, const char *what)
+void fanout_drain(struct fanout *f, uint64_t deadline_us)
 {
-    if (!f->up)
-        return 0;
-    char lim[16];
-    snprintf(lim, sizeof lim, "%d", limit);
-    const char *params[1] = { lim };
-    PGresult *res;
-    int r = ds_db_exec(f->db, sql, 1, params, &res);
-    if (r < 0)
-        return query_failed(f, now_us, r, what);
-    int64_t n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    f->last_ok_us = now_us;
-    fanout_pump(f, now_us);   /* queries consume input too: deliver notifications that arrived meanwhile */
-    return n;
-}
-
-int64_t fanout_expire(struct fanout *f, uint64_t now_us)
-{
-    int64_t n = queue_pass(f, now_us, "SELECT dspark.expire_jobs($1::int)", FANOUT_EXPIRE_BATCH,
-                           "the expiry sweep (dspark.expire_jobs)");
-    if (n <= 0)
-        return n;
-    f->counters.expired += (uint64_t)n;
-    ds_log(DS_LOG_NOTICE, "expiry: %" PRId64 " queued job%s past %s deadline cancelled%s", n, n == 1 ? "" : "s",
-           n == 1 ? "its" : "their", n >= FANOUT_EXPIRE_BATCH ? " (more in 0.2 s)" : "");
-    return n;
-}
-
-int64_t fanout_promote(struct fanout *f, uint64_t now_us)
-{
-    int64_t n = queue_pass(f, now_us, "SELECT dspark.promote_due_jobs(NULL, $1::int)", FANOUT_PROMOTE_BATCH,
-                           "the pass over delayed jobs (dspark.promote_due_jobs)");
-    if (n <= 0)
-        return n;
-    f->counters.due += (uint64_t)n;
-    ds_log(DS_LOG_DEBUG, "%" PRId64 " delayed job%s came due%s", n, n == 1 ? "" : "s",
-           n >= FANOUT_PROMOTE_BATCH ? " (more in 0.05 s)" : "");
-    return n;
-}
-
-int64_t fanout_prune(struct fanout *f, uint64_t now_us)
-{
-    if (!f->up || f->cfg->retention <= 0)
-        return 0;
-    char older[64], limit[32];
-    snprintf(older, sizeof older, "%" PRId64 " milliseconds", f->cfg->retention);
-    snprintf(limit, sizeof limit, "%d", f->cfg->prune_batch);
-    const char *params[2] = { older, limit };
-    PGresult *res;
-    int r = ds_db_exec(f->db, "SELECT dspark.prune($1::interval, $2::int)", 2, params, &res);
-    if (r < 0)
-        return query_failed(f, now_us, r, "retention (dspark.prune)");
-    int64_t n = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    PQclear(res);
-    f->last_ok_us = now_us;
-    f->counters.pruned += (uint64_t)n;
-    if (n > 0)
-        ds_log(DS_LOG_INFO, "retention: deleted %" PRId64 " finished job%s", n, n == 1 ? "" : "s");
-    return n;
+    f->wanted = 0;   /* no more passes: only the events (a pass under way is not waited for) */
+    for (;;) {
+        uint64_t now = ds_now_usec();
+        fanout_pump(f, now);
+        if (!f->up || (f->n_tr == 0 && f->n_rd == 0 && f->stmt != STMT_EVENTS) || now >= deadline_us)
+            return;
+        struct pollfd fds[2];
+        int n = fanout_pollfds(f, fds, 2);
+        uint64_t wait = deadline_us - now < 100000u ? deadline_us - now : 100000u;
+        if (poll(fds, (nfds_t)n, (int)((wait + 999) / 1000)) < 0 && errno != EINTR)
+            return;
+    }
 }

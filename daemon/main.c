@@ -1,8 +1,10 @@
 /* main.c: dsparkd, the per-host dspark service daemon: options, the
  * configuration table, signals and the main loop.
  *
- * One thread, one poll() loop (database connection attempts alone run on
- * short threads of their own: ds_db_connect_start). Signals arrive through a
+ * One thread, one poll() loop that never waits on the database (connection
+ * attempts and the session's setup run on short threads of their own:
+ * ds_db_connect_start; every later statement is sent without waiting for its
+ * answer: fanout_pump). Signals arrive through a
  * signalfd (nothing runs in signal context). Each turn: read signals, notifications and worker pipes;
  * publish events; run what is due (status, heartbeat, reaper, delayed jobs due, retention,
  * worker restarts and timeouts); talk to systemd. READY=1 goes out once the
@@ -48,6 +50,7 @@
 #define MAX_POLL 300
 #define EXTEND_STEP_US 20000000u      /* EXTEND_TIMEOUT_USEC while starting */
 #define PROMOTE_INTERVAL_US 1000000u  /* how often delayed jobs that came due join the queue */
+#define DRAIN_EVENTS_US 5000000u      /* at exit, the last events are read for at most this long */
 
 static struct dsparkd_config cfg;
 
@@ -447,12 +450,7 @@ static void run_due(struct daemon *d, uint64_t now)
         if (d->watchdog_usec && every > d->watchdog_usec / 4)
             every = d->watchdog_usec / 4;
         d->next_status_us = now + every;
-        struct fanout_status st = { 0 };
-        double asked = ds_wire_now();   /* before the query, so the counts' age is never understated */
-        if (fanout_up(d->fanout) && fanout_status(d->fanout, now, &st) == 0) {
-            d->status = st;
-            d->status_ts = asked;
-        }
+        fanout_request(d->fanout, FANOUT_STATUS, now);   /* (pass_done takes the counts) */
         const char *ws = supervisor_status_text(d->sup);
         if (*ws)
             ds_log(DS_LOG_DEBUG, "workers: %s", ws);
@@ -461,27 +459,19 @@ static void run_due(struct daemon *d, uint64_t now)
         d->next_heartbeat_us = now + (uint64_t)cfg.heartbeat_interval * 1000u;
         publish_heartbeat(d);
     }
+    /* the passes over the queue go in their turn; pass_done brings a pass with more to do forward */
     if (now >= d->next_reap_us && fanout_up(d->fanout)) {
         d->next_reap_us = now + (uint64_t)cfg.reaper_interval * 1000u;
-        fanout_reap(d->fanout, now);
-        /* a full sweep: more jobs may be past their deadline, sweep again soon (the loop runs in between) */
-        if (fanout_expire(d->fanout, now) >= FANOUT_EXPIRE_BATCH && d->next_reap_us > now + 200000u)
-            d->next_reap_us = now + 200000u;
+        fanout_request(d->fanout, FANOUT_REAP, now);
+        fanout_request(d->fanout, FANOUT_EXPIRE, now);
     }
     if (now >= d->next_promote_us && fanout_up(d->fanout)) {
-        /* delayed jobs that came due join the queue; a full pass: more may be due, again soon */
-        d->next_promote_us = now + (fanout_promote(d->fanout, now) >= FANOUT_PROMOTE_BATCH ? 50000u : PROMOTE_INTERVAL_US);
+        d->next_promote_us = now + PROMOTE_INTERVAL_US;
+        fanout_request(d->fanout, FANOUT_PROMOTE, now);
     }
     if (now >= d->next_prune_us && fanout_up(d->fanout)) {
-        int64_t n = fanout_prune(d->fanout, now);
-        /* a full batch: more may be waiting, continue soon in a new transaction;
-         * a failure (a timeout, a lock held by another host's pass): in a minute */
-        uint64_t again = (uint64_t)cfg.retention_interval * 1000u;
-        if (n >= cfg.prune_batch)
-            again = 1000000u;
-        else if (n < 0 && again > 60000000u)
-            again = 60000000u;
-        d->next_prune_us = now + again;
+        d->next_prune_us = now + (uint64_t)cfg.retention_interval * 1000u;
+        fanout_request(d->fanout, FANOUT_PRUNE, now);
     }
     supervisor_start_due(d->sup, now);
     supervisor_tick(d->sup, now);
@@ -519,6 +509,41 @@ static void run_due(struct daemon *d, uint64_t now)
 static uint64_t min_u64(uint64_t a, uint64_t b)
 {
     return a < b ? a : b;
+}
+
+/* A pass over the database is over (fanout_done_fn). */
+static void pass_done(void *ud, enum fanout_pass pass, int64_t n, const struct fanout_status *st)
+{
+    struct daemon *d = ud;
+    uint64_t now = ds_now_usec();
+    switch (pass) {
+    case FANOUT_STATUS:
+        if (st->valid) {
+            d->status = *st;
+            d->status_ts = st->asked;   /* (when asked, so that the counts' age is never understated) */
+        }
+        break;
+    case FANOUT_EXPIRE:
+        /* a full sweep: more jobs may be past their deadline, sweep again soon (the loop runs in between) */
+        if (n >= FANOUT_EXPIRE_BATCH)
+            d->next_reap_us = min_u64(d->next_reap_us, now + 200000u);
+        break;
+    case FANOUT_PROMOTE:
+        /* a full pass: more delayed jobs may be due, again soon */
+        if (n >= FANOUT_PROMOTE_BATCH)
+            d->next_promote_us = min_u64(d->next_promote_us, now + 50000u);
+        break;
+    case FANOUT_PRUNE:
+        /* a full batch: more may be waiting, continue soon in a new transaction;
+         * a failure (a timeout, a lock held by another host's pass): in a minute */
+        if (n >= cfg.prune_batch)
+            d->next_prune_us = min_u64(d->next_prune_us, now + 1000000u);
+        else if (n < 0)
+            d->next_prune_us = min_u64(d->next_prune_us, now + 60000000u);
+        break;
+    default:
+        break;
+    }
 }
 
 /* How long the loop may sleep. run_due's timers, the supervisor's among them, count once it runs (the
@@ -627,7 +652,7 @@ static int run(struct daemon *d)
             ds_log(DS_LOG_WARNING, "event socket: %s", ds_errdetail());
     }
     /* last events of drained jobs */
-    fanout_pump(d->fanout, ds_now_usec());
+    fanout_drain(d->fanout, ds_now_usec() + DRAIN_EVENTS_US);
     return d->exit_code;
 }
 
@@ -765,6 +790,7 @@ int main(int argc, char **argv)
         ds_log(DS_LOG_INFO, "metrics on '%s' (GET /metrics)", cfg.metrics_listen);
     }
     d.fanout = fanout_new(&cfg, d.pub);
+    fanout_set_done(d.fanout, pass_done, &d);
     d.sup = supervisor_new(&cfg, d.host);
 
     int code = run(&d);

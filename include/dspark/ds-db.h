@@ -50,19 +50,26 @@ struct ds_db;
  * The connection uses client_encoding UTF8. */
 int ds_db_connect(const char *conninfo, const char *application_name,
                   struct ds_db **ret) DS_MUSTCHECK;
+/* Statements a connection needs before its use, run on the connection
+ * attempt's thread once connected (with the blocking calls below; their
+ * ds_errdetail is that thread's). arg: ds_db_connect_start's setup_arg (a
+ * copy). Returns 0, or < 0 with ds_seterr to fail the attempt. */
+typedef int ds_db_setup_fn(struct ds_db *db, const char *arg);
 /* Start connecting as ds_db_connect does, on a thread of its own, so that the
  * caller's loop never waits on the server or on name lookups; then call
  * ds_db_connect_poll until it returns 1 (or fails). The attempt follows
  * libpq's rules for a blocking connect: connect_timeout (10 s unless the
  * conninfo, PGCONNECT_TIMEOUT or a service file says otherwise) for each host
- * and address in turn. ds_db_free may be called at any time: an attempt under
- * way then ends on its own. */
-int ds_db_connect_start(const char *conninfo, const char *application_name,
-                        struct ds_db **ret) DS_MUSTCHECK;
+ * and address in turn. setup (NULL: none) runs on the same thread once
+ * connected; it has no time limit of its own. ds_db_free may be called at any
+ * time: an attempt under way then ends on its own. */
+int ds_db_connect_start(const char *conninfo, const char *application_name, ds_db_setup_fn *setup,
+                        const char *setup_arg, struct ds_db **ret) DS_MUSTCHECK;
 /* Whether the attempt ds_db_connect_start began is over, without blocking:
- * 1 when connected (db is then as ds_db_connect's; 1 again on later calls),
- * 0 when it is still under way (poll *ret_fd for *ret_events, then call
- * again), -DS_EDB when it failed (free db then). */
+ * 1 when connected and set up (db is then as ds_db_connect's; 1 again on later
+ * calls), 0 when it is still under way (poll *ret_fd for *ret_events, then
+ * call again), < 0 when it failed (free db then): -DS_EDB when connecting
+ * failed, setup's own code when it did. */
 int ds_db_connect_poll(struct ds_db *db, int *ret_fd, short *ret_events) DS_MUSTCHECK;
 /* Close and free; accepts NULL; returns NULL. */
 struct ds_db *ds_db_free(struct ds_db *db);
@@ -78,7 +85,19 @@ const char *ds_db_sqlstate(const struct ds_db *db);
  * [SQLSTATE xxxxx]", ds_db_sqlstate() = the code. */
 int ds_db_exec(struct ds_db *db, const char *sql, int nparams,
                const char *const *params, PGresult **ret) DS_MUSTCHECK;
-/* Same, discarding the result. */
+/* A statement sent without waiting (the connection becomes non-blocking), for
+ * a loop that polls ds_db_socket: then ds_db_flush while it returns 1 (poll
+ * for POLLOUT too), and ds_db_consume_notify and ds_db_take_result whenever
+ * the socket is readable. One statement at a time. Returns 0 when sent, 1
+ * when part of it waits to be written, < 0 (-DS_EDB) on error. */
+int ds_db_send(struct ds_db *db, const char *sql, int nparams, const char *const *params) DS_MUSTCHECK;
+/* Write what ds_db_send left: 0 when all is sent, 1 when more waits, < 0. */
+int ds_db_flush(struct ds_db *db) DS_MUSTCHECK;
+/* The sent statement's result, without blocking (after ds_db_consume_notify
+ * read the socket): 1 with *ret (PQclear it) when the statement is over, 0
+ * while it is not, < 0 as ds_db_exec's errors (the statement is over too). */
+int ds_db_take_result(struct ds_db *db, PGresult **ret) DS_MUSTCHECK;
+/* ds_db_exec, discarding the result. */
 int ds_db_command(struct ds_db *db, const char *sql, int nparams,
                   const char *const *params) DS_MUSTCHECK;
 /* Run a script of several statements (simple query protocol, no parameters). */
@@ -100,6 +119,9 @@ int ds_db_schema_version(struct ds_db *db, int *ret_version) DS_MUSTCHECK;
  * "database schema version %d, this build knows %d: run 'dsparkctl db migrate'"
  * (or "database has no dspark schema: run 'dsparkctl db init'"). */
 int ds_db_check_schema(struct ds_db *db) DS_MUSTCHECK;
+/* ds_db_check_schema's verdict on a version already read: 0 at
+ * DS_SCHEMA_VERSION, else -code with its message. */
+int ds_db_schema_error(int version, int code);
 
 /* One forward-only migration: sql/NNN-name.sql. */
 struct ds_db_migration {

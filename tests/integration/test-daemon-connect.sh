@@ -5,8 +5,12 @@
 # down), each attempt gives up after the DSN's connect_timeout and is retried, saying why, and SIGTERM
 # stops dsparkd at once; meanwhile dsparkd sleeps in poll() rather than spinning. Then, against a
 # private PostgreSQL behind a proxy that passes the first connection and holds the next ones: dsparkd
-# connects, and while its notification probe's own connection hangs, the loop goes on too. Last, a
-# probe whose connection takes longer than the probe's 10 s still goes, and dsparkd becomes ready.
+# connects, and while its notification probe's own connection hangs, the loop goes on too. Then, a
+# probe whose connection takes longer than the probe's 10 s still goes, and dsparkd becomes ready. Last,
+# dsparkd's own server process is stopped after connecting (SIGSTOP: the kernel still takes the bytes,
+# nothing answers, as with a hung server or a pooler that holds queries): the loop goes on while a
+# statement waits, the connection is given up after statement_timeout + 10 s and made again, and
+# SIGTERM does not wait for a statement that hangs.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -16,9 +20,11 @@ have_python || tap_skip_all "python3 not found"
 T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dc.XXXXXX")
 DPID=
 SPID=
+BPIDS=
 cleanup() {
     [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
     [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+    [ -n "$BPIDS" ] && kill -CONT $BPIDS 2>/dev/null
     if [ "$tap_failed" -gt 0 ] 2>/dev/null && [ -f "$T/dsparkd.log" ]; then
         echo "# dsparkd log:"
         sed 's/^/#   /' "$T/dsparkd.log" | tail -n 30
@@ -61,6 +67,7 @@ MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 start_dsparkd() {
     printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/events.sock\n' \
         "$MPORT" "$1" "$T" >"$T/dspark.conf"
+    printf "${DSPARKD_CONF_EXTRA:-}" >>"$T/dspark.conf"
     [ -n "${2:-}" ] && printf '[worker]\nprogram = /bin/false\ndevices = %s\n' "$2" >>"$T/dspark.conf"
     "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
     DPID=$!
@@ -223,5 +230,38 @@ tap_result $? "... then it goes, comes back, and dsparkd becomes ready"
 tap_is "$(count_lines "$T/proxy.log" '^accepted')" 2 "... with one connection for the probe, not one every 10 s"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
+kill "$SPID" 2>/dev/null
+SPID=
+
+# ---- dsparkd's server process stops answering ----
+# backend_stop: SIGSTOP to the server process of dsparkd's own connection; its pid in BPID
+backend_stop() {
+    BPID=$(psql -X -Atc "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkd'")
+    [ -n "$BPID" ] && kill -STOP "$BPID" && BPIDS="$BPIDS $BPID"
+}
+DSPARKD_CONF_EXTRA='[dsparkd]\nstatus_interval = 200ms\ndb_timeout = 1s\n'
+start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark"
+wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
+tap_result $? "directly to the server: dsparkd becomes ready"
+backend_stop
+tap_ok "dsparkd's server process is stopped (pid $BPID)" [ -n "$BPID" ]
+sleep 0.5   # (the next queue counts' read, every 200 ms, is sent and waits)
+tap_is "$(five_scrapes)" 5 "while its statement waits, five scrapes over 2 s all answer within 1 s each"
+scrape /metrics >"$T/metrics3.txt" 2>"$T/scrape3.err"
+tap_like "$(cat "$T/metrics3.txt")" '^dspark_database_up 1$' "... and the database still counts as up"
+wait_for "$T/dsparkd.log" 'no answer from the database within 11\.0 s \(statement_timeout 1\.0 s\); giving the connection up' 14
+tap_result $? "after statement_timeout + 10 s without an answer, the connection is given up, and the log says so"
+wait_for "$T/dsparkd.log" 'database connection restored' 5
+tap_result $? "... and made again"
+sleep 0.5
+scrape /metrics >"$T/metrics4.txt" 2>"$T/scrape4.err"
+tap_like "$(cat "$T/metrics4.txt")" '^dspark_database_up 1$' "... the database is up again"
+backend_stop
+sleep 0.5
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM while the new connection's statement waits: dsparkd exits 0"
+tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+kill -CONT $BPIDS 2>/dev/null
+BPIDS=
 
 tap_done

@@ -154,7 +154,7 @@ static void test_connect_without_waiting(void **state)
     int steps;
     double longest;
     struct ds_db *db = NULL;
-    assert_int_equal(ds_db_connect_start("dbname=postgres", "t", &db), 0);
+    assert_int_equal(ds_db_connect_start("dbname=postgres", "t", NULL, NULL, &db), 0);
     assert_int_equal(connect_loop(db, &steps, &longest), 1);
     assert_true(ds_db_ok(db));
     assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
@@ -166,14 +166,14 @@ static void test_connect_without_waiting(void **state)
     ds_db_free(db);
 
     db = NULL;
-    assert_int_equal(ds_db_connect_start("dbname=no_such_database", "t", &db), 0);
+    assert_int_equal(ds_db_connect_start("dbname=no_such_database", "t", NULL, NULL, &db), 0);
     assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
     assert_non_null(strstr(ds_errdetail(), "could not connect to the database"));
     assert_non_null(strstr(ds_errdetail(), "no_such_database"));
     ds_db_free(db);
 
     db = NULL;
-    assert_int_equal(ds_db_connect_start("port=notaport", "t", &db), 0);
+    assert_int_equal(ds_db_connect_start("port=notaport", "t", NULL, NULL, &db), 0);
     assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
     assert_non_null(strstr(ds_errdetail(), "notaport"));
     ds_db_free(db);
@@ -184,7 +184,7 @@ static void test_connect_without_waiting(void **state)
     snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2", port);
     db = NULL;
     double t0 = now_s();
-    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    assert_int_equal(ds_db_connect_start(conninfo, "t", NULL, NULL, &db), 0);
     assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
     double took = now_s() - t0;
     assert_non_null(strstr(ds_errdetail(), "timeout expired"));
@@ -200,7 +200,7 @@ static void test_connect_without_waiting(void **state)
              port, pgport ? pgport : "5432");
     db = NULL;
     t0 = now_s();
-    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    assert_int_equal(ds_db_connect_start(conninfo, "t", NULL, NULL, &db), 0);
     assert_int_equal(connect_loop(db, &steps, &longest), 1);
     took = now_s() - t0;
     assert_true(took >= 1.9);
@@ -210,11 +210,137 @@ static void test_connect_without_waiting(void **state)
     /* freed while the attempt is under way: it ends on its own (nothing to wait for here) */
     db = NULL;
     snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2", port);
-    assert_int_equal(ds_db_connect_start(conninfo, "t", &db), 0);
+    assert_int_equal(ds_db_connect_start(conninfo, "t", NULL, NULL, &db), 0);
     t0 = now_s();
     ds_db_free(db);
     assert_true(now_s() - t0 < 0.5);
     close(s);
+}
+
+/* A setup that LISTENs, sets what it is given, and fails when told to (ds_db_setup_fn). */
+static int setup_listen(struct ds_db *db, const char *arg)
+{
+    if (strcmp(arg, "fail") == 0)
+        return ds_seterr(DS_ECONFIG, "setup said no");
+    char sql[128];
+    snprintf(sql, sizeof sql, "SET application_name = '%s'", arg);
+    int r = ds_db_command(db, sql, 0, NULL);
+    return r < 0 ? r : ds_db_listen(db, "setup_chan");
+}
+
+static void collect_payload(void *ud, const char *channel, const char *payload)
+{
+    (void)channel;
+    snprintf(ud, 64, "%s", payload);
+}
+
+/* Until the sent statement is over: poll the socket (for POLLOUT too while ds_db_flush says so), read,
+ * take. Returns ds_db_take_result's verdict; *rounds: how many times it was asked. */
+static int wait_result(struct ds_db *db, PGresult **res, int writing, int *rounds, char *payload)
+{
+    for (*rounds = 1;; ++*rounds) {
+        if (writing) {
+            writing = ds_db_flush(db);
+            assert_true(writing >= 0);
+        }
+        assert_true(ds_db_consume_notify(db, collect_payload, payload) >= 0);
+        int r = ds_db_take_result(db, res);
+        if (r != 0)
+            return r;
+        struct pollfd p = { .fd = ds_db_socket(db), .events = POLLIN | (writing ? POLLOUT : 0) };
+        assert_true(poll(&p, 1, 5000) > 0);
+    }
+}
+
+/* The setup runs on the attempt's thread before the attempt is over: its LISTEN is the connection's (a
+ * notification sent after connecting arrives); its failure is the attempt's, with its own code. */
+static void test_connect_with_setup(void **state)
+{
+    (void)state;
+    int steps;
+    double longest;
+    struct ds_db *db = NULL;
+    assert_int_equal(ds_db_connect_start("dbname=postgres", "t", setup_listen, "set-up-here", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), 1);
+    PGresult *res;
+    assert_int_equal(ds_db_exec(db, "SHOW application_name", 0, NULL, &res), 0);
+    assert_string_equal(PQgetvalue(res, 0, 0), "set-up-here");
+    PQclear(res);
+    struct ds_db *other = connect_db("postgres");
+    assert_int_equal(ds_db_command(other, "NOTIFY setup_chan, 'hello'", 0, NULL), 0);
+    char payload[64] = "";
+    assert_int_equal(ds_db_wait_notify(db, 5000, collect_payload, payload), 1);
+    assert_string_equal(payload, "hello");
+    ds_db_free(db);
+
+    db = NULL;
+    assert_int_equal(ds_db_connect_start("dbname=postgres", "t", setup_listen, "fail", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), -DS_ECONFIG);
+    assert_string_equal(ds_errdetail(), "setup said no");
+    ds_db_free(db);
+
+    /* a failed connection never runs the setup: libpq's reason, as without one */
+    db = NULL;
+    assert_int_equal(ds_db_connect_start("dbname=no_such_database", "t", setup_listen, "fail", &db), 0);
+    assert_int_equal(connect_loop(db, &steps, &longest), -DS_EDB);
+    assert_non_null(strstr(ds_errdetail(), "no_such_database"));
+    ds_db_free(db);
+    ds_db_free(other);
+}
+
+/* Statements sent without waiting: the call returns before the answer (a 0.5 s sleep), the result comes
+ * once the socket is read, notifications that arrive meanwhile are delivered, an error ends the statement
+ * with its SQLSTATE, one statement at a time, and a large statement is written in parts. */
+static void test_send_without_waiting(void **state)
+{
+    (void)state;
+    struct ds_db *db = connect_db("postgres");
+    struct ds_db *other = connect_db("postgres");
+    assert_int_equal(ds_db_listen(db, "send_chan"), 0);
+    PGresult *res = NULL;
+    char payload[64] = "";
+    int rounds;
+
+    double t0 = now_s();
+    int w = ds_db_send(db, "SELECT pg_sleep(0.5), $1::int * 2", 1, (const char *const[]){ "21" });
+    assert_true(w == 0 || w == 1);
+    assert_true(now_s() - t0 < 0.2);
+    assert_int_equal(ds_db_take_result(db, &res), 0);   /* not yet */
+    assert_int_equal(ds_db_send(db, "SELECT 1", 0, NULL), -DS_EINVAL);   /* one at a time */
+    assert_int_equal(ds_db_command(other, "NOTIFY send_chan, 'during'", 0, NULL), 0);
+    assert_int_equal(wait_result(db, &res, w, &rounds, payload), 1);
+    assert_true(now_s() - t0 >= 0.5);
+    assert_true(rounds >= 2);
+    assert_string_equal(PQgetvalue(res, 0, 1), "42");
+    PQclear(res);
+    if (!payload[0])   /* sent during the sleep: read with the result or right after it */
+        assert_int_equal(ds_db_wait_notify(db, 2000, collect_payload, payload), 1);
+    assert_string_equal(payload, "during");
+
+    res = NULL;
+    w = ds_db_send(db, "SELECT 1 / $1::int", 1, (const char *const[]){ "0" });
+    assert_true(w >= 0);
+    assert_int_equal(wait_result(db, &res, w, &rounds, payload), -DS_EDB);
+    assert_null(res);
+    assert_string_equal(ds_db_sqlstate(db), "22012");
+    assert_int_equal(ds_db_take_result(db, &res), -DS_EINVAL);   /* over: nothing under way */
+
+    /* 4 MB of parameter: more than a socket takes at once */
+    size_t n = 4u << 20;
+    char *big = malloc(n + 1);
+    memset(big, 'x', n);
+    big[n] = 0;
+    w = ds_db_send(db, "SELECT length($1::text)", 1, (const char *const[]){ big });
+    free(big);
+    assert_int_equal(w, 1);
+    assert_int_equal(wait_result(db, &res, w, &rounds, payload), 1);
+    assert_string_equal(PQgetvalue(res, 0, 0), "4194304");
+    PQclear(res);
+
+    /* the blocking calls still work on the same connection */
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    ds_db_free(other);
+    ds_db_free(db);
 }
 
 static void test_errors_carry_sqlstate(void **state)
@@ -481,6 +607,8 @@ int main(void)
         cmocka_unit_test(test_connect_errors),
         cmocka_unit_test(test_connection_defaults),
         cmocka_unit_test(test_connect_without_waiting),
+        cmocka_unit_test(test_connect_with_setup),
+        cmocka_unit_test(test_send_without_waiting),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),
