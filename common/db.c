@@ -42,6 +42,8 @@ struct ds_db {
     int64_t next_try_ms;            /* monotonic time of the next attempt */
     unsigned reconnects;
     struct connect_job *job;        /* ds_db_connect_start's attempt, until ds_db_connect_poll takes it */
+    int64_t deadline_ms;            /* ds_db_set_deadline's: blocking statements end by then (0: none) */
+    int timeout_ms;                 /* ... set that long before it */
     bool sent;                      /* a statement went by ds_db_send and its end was not taken yet */
     PGresult *held;                 /* ... its result, taken from libpq before the statement's end */
 };
@@ -376,10 +378,57 @@ static int result_or_error(struct ds_db *db, PGresult *res, PGresult **ret)
     return 0;
 }
 
+void ds_db_set_deadline(struct ds_db *db, int timeout_ms)
+{
+    db->timeout_ms = timeout_ms;
+    db->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+}
+
+/* PQexecParams, waiting for the answer with poll() until db's deadline: the statement's result (the first
+ * error among several), or NULL when the connection failed (*timed_out: when the deadline passed). */
+static PGresult *exec_until_deadline(struct ds_db *db, const char *sql, int nparams, const char *const *params,
+                                     bool *timed_out)
+{
+    if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
+        return NULL;
+    PGresult *res = NULL;
+    for (;;) {
+        while (PQisBusy(db->conn)) {
+            int64_t left = db->deadline_ms - now_ms();
+            struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
+            if (left <= 0)
+                *timed_out = true;
+            else if (poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
+                *timed_out = true;   /* (no way to wait: as if the time were up) */
+            if (*timed_out || !PQconsumeInput(db->conn)) {
+                PQclear(res);
+                return NULL;
+            }
+        }
+        PGresult *r = PQgetResult(db->conn);
+        if (!r)
+            return res;
+        if (!res || PQresultStatus(r) == PGRES_FATAL_ERROR) {
+            PQclear(res);
+            res = r;
+        } else {
+            PQclear(r);
+        }
+    }
+}
+
 int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
                PGresult **ret)
 {
-    return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
+    if (!db->deadline_ms)
+        return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
+    bool timed_out = false;
+    PGresult *res = exec_until_deadline(db, sql, nparams, params, &timed_out);
+    if (timed_out) {   /* the statement is still under way: the connection is of no more use */
+        snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
+        return ds_seterr(DS_EDB, "no answer from the database within %.1f s", db->timeout_ms / 1e3);
+    }
+    return res ? result_or_error(db, res, ret) : conn_error(db, "query failed");
 }
 
 int ds_db_command(struct ds_db *db, const char *sql, int nparams, const char *const *params)

@@ -123,11 +123,12 @@ enum fanout_pass {
 };
 #define FANOUT_EXPIRE_BATCH 2000    /* a sweep's jobs: one statement, and their events */
 #define FANOUT_PROMOTE_BATCH 2000   /* a pass's jobs */
-/* A pass's outcome: n (< 0: it failed; the connection may be down then), and for FANOUT_STATUS the counts
- * (st->valid when n == 0). A pass lost with the connection is not reported. */
+/* A pass's outcome: n (< 0: it failed, or went with the connection), and for FANOUT_STATUS the counts
+ * (st->valid when n == 0). */
 typedef void fanout_done_fn(void *ud, enum fanout_pass pass, int64_t n, const struct fanout_status *st);
 void fanout_set_done(struct fanout *f, fanout_done_fn *fn, void *ud);
-/* Ask for a pass: sent now when no statement is under way, else in its turn (once however often asked).
+/* Ask for a pass: sent now when no statement is under way, else in its turn (the waiting passes go one
+ * after the other, and take turns with reads of notified jobs; once however often asked).
  * false when the connection is down (or FANOUT_PRUNE without retention): nothing will be reported. */
 bool fanout_request(struct fanout *f, enum fanout_pass pass, uint64_t now_us);
 /* Before exiting: the passes not sent are dropped, one under way is not waited for; the events of what

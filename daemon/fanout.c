@@ -9,10 +9,12 @@
  * thread (ds_db_connect_start); every later statement is sent without
  * waiting (ds_db_send), one at a time, and its result taken when the socket
  * says it came (fanout_pump). The passes dsparkd asks for (fanout_request)
- * wait their turn; reading the rows of notified jobs takes every other turn.
- * A statement with no answer within statement_timeout + STMT_GRACE_US (a
- * server or pooler that stopped answering: statement_timeout is the server's
- * own) gives the connection up, and a new one is made.
+ * go in turn, each after the one sent last; reading the rows of notified
+ * jobs takes every other turn. A statement with no answer within
+ * statement_timeout + STMT_GRACE_US (a server or pooler that stopped
+ * answering: statement_timeout is the server's own) gives the connection up,
+ * and a new one is made; the setup on the thread has the same limit, and a
+ * pass lost with a connection is reported failed (dsparkd asks again).
  *
  * A notification names each state change: job id, version, state and attempt
  * (see DS_DB_EVENTS_CHANNEL). The rows are read in one query per burst of
@@ -89,6 +91,8 @@ struct fanout {
     double stmt_asked;               /* wall clock when it was sent (the queue counts' age) */
     unsigned wanted;                 /* passes asked for and not sent yet (bit per pass; STMT_CATCH_UP too) */
     bool events_last;                /* the last turn read notified jobs: a pass that waits goes first */
+    int last_pass;                   /* the pass sent last: the waiting ones go in turn after it */
+    bool catch_up_pending;           /* the catch-up of the last outage has not been read yet */
     double catch_up_window_s;        /* the catch-up that waits: finals of the last this many seconds */
     const char *catch_up_when;       /* ... for its line in the log */
     fanout_done_fn *done;            /* told each pass's outcome */
@@ -192,25 +196,41 @@ struct fanout_counters fanout_counters(const struct fanout *f)
     return f->counters;
 }
 
+/* A pass asked for that will not be run (its statement could not be sent, or the connection went): its
+ * outcome is a failure, so that dsparkd asks again in its own time. */
+static void report_lost(struct fanout *f, int pass)
+{
+    if (pass >= FANOUT_N_PASSES || !f->done)
+        return;
+    struct fanout_status st = { 0 };
+    f->done(f->done_ud, (enum fanout_pass)pass, -DS_EDB, &st);
+}
+
 static void mark_down(struct fanout *f, uint64_t now_us)
 {
     if (!f->up)
         return;
     f->up = false;
-    /* the last good exchange: the break may be noticed late */
-    f->down_since_us = f->last_ok_us ? f->last_ok_us : now_us;
+    /* the last good exchange: the break may be noticed late; an outage whose jobs were not read yet (its
+     * catch-up) counts from its own start */
+    if (!f->catch_up_pending || !f->down_since_us)
+        f->down_since_us = f->last_ok_us ? f->last_ok_us : now_us;
     snprintf(f->down_reason, sizeof f->down_reason, "%s", ds_errdetail());
     ds_log(DS_LOG_WARNING, "lost the database connection: %s", f->down_reason);
     f->next_connect_us = now_us;   /* first retry at once, then back off */
     f->backoff_us = CONNECT_BACKOFF_MIN_US;
     f->probe_deadline_us = 0;      /* (until a probe came back, the next connection sends them again) */
     f->probe_db = ds_db_free(f->probe_db);
-    /* the statement under way and the passes asked for go with the connection (dsparkd asks again when
-     * they are next due); notified changes stay, and are read on the next one */
+    /* the statement under way and the passes asked for go with the connection, each reported failed;
+     * notified changes stay, and are read on the next one */
+    unsigned lost = f->wanted | (f->stmt >= 0 && f->stmt < FANOUT_N_PASSES ? 1u << f->stmt : 0u);
     f->stmt = STMT_NONE;
     f->stmt_writing = false;
     f->wanted = 0;
     f->n_ids = f->ids_done = 0;
+    for (int p = 0; p < FANOUT_N_PASSES; p++)
+        if (lost & (1u << p))
+            report_lost(f, p);
 }
 
 /* A probe that could not be sent does not count: it is tried again PROBE_TIMEOUT_US from now. */
@@ -226,6 +246,7 @@ static void probe_not_sent(struct fanout *f, uint64_t now_us)
 static int probe_setup(struct ds_db *db, const char *payload)
 {
     const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
+    ds_db_set_deadline(db, PROBE_TIMEOUT_US / 1000);
     return ds_db_command(db, "SELECT pg_notify($1, $2)", 2, params);
 }
 
@@ -322,6 +343,8 @@ static int session_setup(struct ds_db *db, const char *statement_timeout_ms)
 {
     char sql[96];
     snprintf(sql, sizeof sql, "SET statement_timeout = %s", statement_timeout_ms);
+    /* a server or pooler that completed the login and holds queries: the attempt fails, and is retried */
+    ds_db_set_deadline(db, atoi(statement_timeout_ms) + (int)(STMT_GRACE_US / 1000));
     int version;
     int r = ds_db_command(db, sql, 0, NULL);
     if (r == 0)
@@ -330,6 +353,7 @@ static int session_setup(struct ds_db *db, const char *statement_timeout_ms)
         return ds_db_schema_error(version, DS_ECONFIG);
     if (r == 0)
         r = ds_db_listen(db, DS_DB_EVENTS_CHANNEL);
+    ds_db_set_deadline(db, 0);
     return r < 0 ? ds_prefixerr(r, "database session setup failed") : 0;
 }
 
@@ -613,11 +637,8 @@ static void events_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
     }
     f->last_ok_us = now_us;
     f->ids_done += f->n_ids - f->ids_done < IDS_PER_QUERY ? f->n_ids - f->ids_done : IDS_PER_QUERY;
-    if (f->ids_done < f->n_ids) {
-        events_send_next(f, now_us);
-        return;
-    }
-    f->n_rd = f->n_ids = f->ids_done = 0;
+    if (f->ids_done == f->n_ids)   /* (else the next ids in their turn: send_next) */
+        f->n_rd = f->n_ids = f->ids_done = 0;
 }
 
 static void catch_up_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
@@ -627,6 +648,7 @@ static void catch_up_done(struct fanout *f, uint64_t now_us, PGresult *res, int 
         return;
     }
     f->last_ok_us = now_us;
+    f->catch_up_pending = false;
     int n = publish_rows(f, res);
     if (n > 0)
         ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s", f->catch_up_when);
@@ -730,9 +752,11 @@ static void send_next(struct fanout *f, uint64_t now_us)
         bool events = f->n_ids > f->ids_done ||
                       ((f->n_tr > 0 || f->n_rd > 0) && now_us >= f->events_not_before_us);
         int pass = -1;
-        for (int p = 0; p <= STMT_CATCH_UP && pass < 0; p++)
+        for (int k = 1; k <= STMT_CATCH_UP + 1 && pass < 0; k++) {   /* in turn, from the one after the last */
+            int p = (f->last_pass + k) % (STMT_CATCH_UP + 1);
             if (p != STMT_EVENTS && (f->wanted & (1u << p)))
                 pass = p;
+        }
         if (events && (pass < 0 || !f->events_last)) {
             f->events_last = true;
             int r = f->n_ids > f->ids_done ? events_send_next(f, now_us) : events_start(f, now_us);
@@ -742,11 +766,10 @@ static void send_next(struct fanout *f, uint64_t now_us)
             }
         } else if (pass >= 0) {
             f->events_last = false;
+            f->last_pass = pass;
             f->wanted &= ~(1u << pass);
-            if (pass_send(f, now_us, pass) < 0 && pass != STMT_CATCH_UP && f->done) {
-                struct fanout_status st = { 0 };
-                f->done(f->done_ud, (enum fanout_pass)pass, -DS_EDB, &st);
-            }
+            if (pass_send(f, now_us, pass) < 0)
+                report_lost(f, pass);
         } else {
             return;
         }
@@ -836,6 +859,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);
         catch_up(f, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
+        f->catch_up_pending = true;
     } else {
         /* the subscribers of a dsparkd that stopped reconnect within a second
          * or so: republish after they had the time to */
@@ -843,7 +867,8 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
         ds_log(DS_LOG_INFO, "connected to the database (schema version %d), listening on '%s'",
                DS_SCHEMA_VERSION, DS_DB_EVENTS_CHANNEL);
     }
-    send_next(f, now_us);
+    /* (the setup's last statement may have read notifications that poll() will not tell of) */
+    fanout_pump(f, now_us);
     return 1;
 }
 
@@ -910,8 +935,9 @@ int fanout_pump(struct fanout *f, uint64_t now_us)
         f->stmt_writing = r > 0;
     }
     /* what came: notifications, and the end of the statement under way; then the next statement. Taking a
-     * result reads the notifications that came with it into libpq's queue: read them before sleeping. */
-    for (int round = 0; round < 2 && f->up; round++) {
+     * result parses what came after it too, notifications among them: they are read (the second turn)
+     * before the loop sleeps, since poll() would not tell of them again. */
+    while (f->up) {
         int r = ds_db_consume_notify(f->db, on_notify, f);
         if (r < 0) {
             lost(f, now_us);

@@ -50,7 +50,7 @@
 #define MAX_POLL 300
 #define EXTEND_STEP_US 20000000u      /* EXTEND_TIMEOUT_USEC while starting */
 #define PROMOTE_INTERVAL_US 1000000u  /* how often delayed jobs that came due join the queue */
-#define DRAIN_EVENTS_US 5000000u      /* at exit, the last events are read for at most this long */
+#define DRAIN_EVENTS_US 1000000u      /* at exit, the last events are read for at most db_timeout + this */
 
 static struct dsparkd_config cfg;
 
@@ -442,6 +442,20 @@ static bool workers_ready(struct daemon *d)
     return ready == nw || (ready > 0 && ready + supervisor_failed_not_ready(d->sup) == nw);
 }
 
+/* Starting takes long (the database, model loading): keep systemd's start timeout ahead of us, for up to
+ * worker.start_timeout from dsparkd's start. */
+static void extend_start(struct daemon *d, uint64_t now)
+{
+    if (d->ready_sent || d->stopping || now < d->next_extend_us)
+        return;
+    if (cfg.start_timeout != 0 && now - d->start_us >= (uint64_t)cfg.start_timeout * 1000u) {
+        d->next_extend_us = UINT64_MAX;   /* systemd's own timeout decides from here (and the loop sleeps) */
+        return;
+    }
+    d->next_extend_us = now + EXTEND_STEP_US / 2;
+    notify("EXTEND_TIMEOUT_USEC=%u", EXTEND_STEP_US);
+}
+
 static void run_due(struct daemon *d, uint64_t now)
 {
     if (now >= d->next_status_us) {
@@ -493,12 +507,7 @@ static void run_due(struct daemon *d, uint64_t now)
         d->ready_partial = false;
         ds_log(DS_LOG_NOTICE, "all %d workers are ready", nw);
     }
-    if (!d->ready_sent && !d->stopping && now >= d->next_extend_us &&
-        (cfg.start_timeout == 0 || now - d->start_us < (uint64_t)cfg.start_timeout * 1000u)) {
-        /* starting takes long (model loading): keep systemd's start timeout ahead of us */
-        d->next_extend_us = now + EXTEND_STEP_US / 2;
-        notify("EXTEND_TIMEOUT_USEC=%u", EXTEND_STEP_US);
-    }
+    extend_start(d, now);
     if (d->watchdog_usec && now >= d->next_watchdog_us && healthy(d, now)) {
         notify("WATCHDOG=1");
         d->next_watchdog_us = now + d->watchdog_usec / 2;
@@ -561,10 +570,10 @@ static int poll_timeout_ms(struct daemon *d, uint64_t now, bool workers_started)
         }
         if (d->watchdog_usec)
             next = min_u64(next, d->next_watchdog_us);
-        if (!d->ready_sent)
-            next = min_u64(next, d->next_extend_us);
         next = min_u64(next, supervisor_next_due(d->sup));
     }
+    if (!d->ready_sent && !d->stopping)
+        next = min_u64(next, d->next_extend_us);
     next = min_u64(next, metrics_next_due(d->metrics));
     if (!fanout_up(d->fanout))
         next = min_u64(next, now + 200000u);   /* reconnect attempts are paced by the back-off */
@@ -617,10 +626,12 @@ static int run(struct daemon *d)
             if (supervisor_count(d->sup) == 0)
                 ds_log(DS_LOG_NOTICE, "no workers configured (worker.devices is empty)");
         }
-        if (workers_started)
+        if (workers_started) {
             run_due(d, now);
-        else
+        } else {
+            extend_start(d, now);   /* (while the database is not there yet, too) */
             update_status(d);
+        }
         if (d->stopping && supervisor_running(d->sup) == 0)
             break;
 
@@ -652,7 +663,7 @@ static int run(struct daemon *d)
             ds_log(DS_LOG_WARNING, "event socket: %s", ds_errdetail());
     }
     /* last events of drained jobs */
-    fanout_drain(d->fanout, ds_now_usec() + DRAIN_EVENTS_US);
+    fanout_drain(d->fanout, ds_now_usec() + (uint64_t)cfg.db_timeout * 1000u + DRAIN_EVENTS_US);
     return d->exit_code;
 }
 

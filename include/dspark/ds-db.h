@@ -61,7 +61,8 @@ typedef int ds_db_setup_fn(struct ds_db *db, const char *arg);
  * libpq's rules for a blocking connect: connect_timeout (10 s unless the
  * conninfo, PGCONNECT_TIMEOUT or a service file says otherwise) for each host
  * and address in turn. setup (NULL: none) runs on the same thread once
- * connected; it has no time limit of its own. ds_db_free may be called at any
+ * connected, bounded by the deadline it sets (ds_db_set_deadline) and by
+ * nothing else. ds_db_free may be called at any
  * time: an attempt under way then ends on its own. */
 int ds_db_connect_start(const char *conninfo, const char *application_name, ds_db_setup_fn *setup,
                         const char *setup_arg, struct ds_db **ret) DS_MUSTCHECK;
@@ -85,6 +86,12 @@ const char *ds_db_sqlstate(const struct ds_db *db);
  * [SQLSTATE xxxxx]", ds_db_sqlstate() = the code. */
 int ds_db_exec(struct ds_db *db, const char *sql, int nparams,
                const char *const *params, PGresult **ret) DS_MUSTCHECK;
+/* From now on, ds_db_exec and the calls built on it (ds_db_command,
+ * ds_db_schema_version, ds_db_listen, ...) fail with -DS_EDB "no answer from
+ * the database within N s" when their answer has not come timeout_ms from now
+ * (a server or pooler that holds queries; the connection is of no use then).
+ * 0: no deadline (the default). For a setup on a connection attempt's thread. */
+void ds_db_set_deadline(struct ds_db *db, int timeout_ms);
 /* A statement sent without waiting (the connection becomes non-blocking), for
  * a loop that polls ds_db_socket: then ds_db_flush while it returns 1 (poll
  * for POLLOUT too), and ds_db_consume_notify and ds_db_take_result whenever

@@ -2,11 +2,15 @@
 # test-daemon-connect.sh: dsparkd while its database does not answer. The DSN points at a server that
 # accepts TCP connections and never replies (a PostgreSQL host that hangs, or a firewall that holds
 # the connection). dsparkd's loop goes on meanwhile: its metrics endpoint answers at once (database
-# down), each attempt gives up after the DSN's connect_timeout and is retried, saying why, and SIGTERM
-# stops dsparkd at once; meanwhile dsparkd sleeps in poll() rather than spinning. Then, against a
+# down), each attempt gives up after the DSN's connect_timeout and is retried, saying why, systemd's
+# start timeout is extended, and SIGTERM stops dsparkd at once; meanwhile dsparkd sleeps in poll()
+# rather than spinning. Then, against a
 # private PostgreSQL behind a proxy that passes the first connection and holds the next ones: dsparkd
 # connects, and while its notification probe's own connection hangs, the loop goes on too. Then, a
-# probe whose connection takes longer than the probe's 10 s still goes, and dsparkd becomes ready. Last,
+# probe whose connection takes longer than the probe's 10 s still goes, and dsparkd becomes ready. Behind
+# a proxy that completes the login and then holds the queries, each attempt fails after statement_timeout
+# + 10 s and is made again. Directly to the server: a worker never ready past worker.start_timeout does not
+# make dsparkd spin; a statement held by a lock does not keep the other passes from their turns. Last,
 # dsparkd's own server process is stopped after connecting (SIGSTOP: the kernel still takes the bytes,
 # nothing answers, as with a hung server or a pooler that holds queries): the loop goes on while a
 # statement waits, the connection is given up after statement_timeout + 10 s and made again, and
@@ -14,15 +18,19 @@
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
+RECV="$DS_BUILDDIR/tests/integration/test-daemon-notify-recv"
 [ -x "$DSPARKD" ] || tap_skip_all "dsparkd not built"
+[ -x "$RECV" ] || tap_skip_all "tests/integration/test-daemon-notify-recv not built"
 have_python || tap_skip_all "python3 not found"
 
 T=$(mktemp -d "${TMPDIR:-/tmp}/dspark-dc.XXXXXX")
 DPID=
 SPID=
 BPIDS=
+RPID=
 cleanup() {
     [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
+    [ -n "$RPID" ] && kill "$RPID" 2>/dev/null
     [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
     [ -n "$BPIDS" ] && kill -CONT $BPIDS 2>/dev/null
     if [ "$tap_failed" -gt 0 ] 2>/dev/null && [ -f "$T/dsparkd.log" ]; then
@@ -62,13 +70,14 @@ wait_for "$T/silent.port" '^[0-9]+$' 10 || { echo "Bail out! the silent server d
 SPORT=$(cat "$T/silent.port")
 MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-# start_dsparkd DSN [DEVICES]: dsparkd in the background with that DSN, its metrics on $MPORT, its log in
-# dsparkd.log; with DEVICES, a worker (one that would fail: /bin/false) for each
+# start_dsparkd DSN [DEVICES [START_TIMEOUT]]: dsparkd in the background with that DSN, its metrics on
+# $MPORT, its log in dsparkd.log; with DEVICES, a worker (one that fails: /bin/false) for each
 start_dsparkd() {
     printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/events.sock\n' \
         "$MPORT" "$1" "$T" >"$T/dspark.conf"
     printf "${DSPARKD_CONF_EXTRA:-}" >>"$T/dspark.conf"
-    [ -n "${2:-}" ] && printf '[worker]\nprogram = /bin/false\ndevices = %s\n' "$2" >>"$T/dspark.conf"
+    [ -n "${2:-}" ] && printf '[worker]\nprogram = /bin/false\ndevices = %s\nstart_timeout = %s\n' "$2" \
+        "${3:-10min}" >>"$T/dspark.conf"
     "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
     DPID=$!
 }
@@ -104,7 +113,17 @@ stop_dsparkd() {
     DPID=
 }
 
+# (a stand-in for systemd's notification socket)
+"$RECV" "$T/notify.sock" 60 >"$T/notify.out" 2>&1 &
+RPID=$!
+wait_for_socket() {
+    _n=0
+    while [ ! -S "$1" ] && [ $_n -lt 50 ]; do sleep 0.1; _n=$((_n + 1)); done
+}
+wait_for_socket "$T/notify.sock"
+export NOTIFY_SOCKET="$T/notify.sock"
 start_dsparkd "host=127.0.0.1 port=$SPORT dbname=dspark user=dspark connect_timeout=3" 0
+unset NOTIFY_SOCKET
 wait_for "$T/silent.log" '^accepted 1$' 10
 tap_result $? "dsparkd connects to the server that does not answer"
 
@@ -134,6 +153,8 @@ wait_for "$T/dsparkd.log" "database unavailable, retrying: could not connect to 
 tap_result $? "the attempt gives up after the DSN's connect_timeout, and the log says why"
 wait_for "$T/silent.log" '^accepted 2$' 5
 tap_result $? "... then dsparkd tries again"
+tap_like "$(cat "$T/notify.out")" 'EXTEND_TIMEOUT_USEC=[0-9]+' "systemd's start timeout is extended while the database is not there"
+tap_like "$(cat "$T/notify.out")" 'STATUS=database unavailable: could not connect' "... and STATUS= says why dsparkd waits"
 
 # SIGTERM in the middle of an attempt
 n=$(count_lines "$T/silent.log" '^accepted')
@@ -153,17 +174,21 @@ for f in "$DS_SRCDIR"/sql/[0-9]*.sql; do
         { echo "Bail out! applying $f failed: $(cat "$T/schema.err")"; exit 1; }
 done
 # start_proxy LATER: a proxy to the server's socket that passes the first connection at once, and the
-# later ones after LATER seconds ("hold": never); its port in PPORT, a line per connection in proxy.log
+# later ones after LATER seconds ("hold": never; "login": every connection at once, but what the client
+# sends after its login is dropped, as a pooler holds queries); its port in PPORT, a line per connection
+# in proxy.log
 start_proxy() {
     rm -f "$T/proxy.port" "$T/proxy.log"
     python3 - "$T/proxy.port" "$T/proxy.log" "$PGH_DIR/.s.PGSQL.5432" "$1" <<'PYEOF' &
 import socket, sys, threading, time
-def pump(a, b):
+def pump(a, b, logged_in=None):
     try:
         while True:
             data = a.recv(65536)
             if not data:
                 break
+            if logged_in is not None and logged_in.is_set():
+                continue
             b.sendall(data)
     except OSError:
         pass
@@ -180,12 +205,25 @@ open(sys.argv[1], "w").write("%d\n" % s.getsockname()[1])
 def log(what):
     with open(sys.argv[2], "a") as f:
         f.write(what + "\n")
+def to_client(u, c, logged_in):
+    while True:
+        data = u.recv(65536)
+        if not data:
+            break
+        if b"Z\x00\x00\x00\x05" in data:   # ReadyForQuery: the login is over
+            logged_in.set()
+        c.sendall(data)
 def pass_on(c, n, delay):
     time.sleep(delay)
     u = socket.socket(socket.AF_UNIX)
     u.connect(sys.argv[3])
-    threading.Thread(target=pump, args=(c, u), daemon=True).start()
-    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+    if sys.argv[4] == "login":
+        logged_in = threading.Event()
+        threading.Thread(target=pump, args=(c, u, logged_in), daemon=True).start()
+        threading.Thread(target=to_client, args=(u, c, logged_in), daemon=True).start()
+    else:
+        threading.Thread(target=pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c), daemon=True).start()
     log("passed %d" % n)
 held = []
 n = 0
@@ -197,7 +235,8 @@ while True:
         log("held %d" % n)
     else:
         log("accepted %d" % n)
-        threading.Thread(target=pass_on, args=(c, n, 0 if n == 1 else float(sys.argv[4])), daemon=True).start()
+        delay = 0 if n == 1 or sys.argv[4] == "login" else float(sys.argv[4])
+        threading.Thread(target=pass_on, args=(c, n, delay), daemon=True).start()
 PYEOF
     SPID=$!
     wait_for "$T/proxy.port" '^[0-9]+$' 10 || { echo "Bail out! the proxy did not start"; exit 1; }
@@ -233,6 +272,20 @@ tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 kill "$SPID" 2>/dev/null
 SPID=
 
+# ---- a pooler that completes the login and holds the queries ----
+start_proxy login
+DSPARKD_CONF_EXTRA='[dsparkd]\ndb_timeout = 1s\n'
+start_dsparkd "host=127.0.0.1 port=$PPORT user=postgres dbname=dspark connect_timeout=3"
+wait_for "$T/dsparkd.log" 'database unavailable, retrying: database session setup failed: no answer from the database within 11\.0 s' 14
+tap_result $? "the login done and the session's first statement held: the attempt fails after db_timeout + 10 s, saying why"
+wait_for "$T/proxy.log" '^accepted 2$' 3
+tap_result $? "... and a new one is made"
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
+tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+kill "$SPID" 2>/dev/null
+SPID=
+
 # ---- dsparkd's server process stops answering ----
 # backend_stop: SIGSTOP to the server process of dsparkd's own connection; its pid in BPID
 backend_stop() {
@@ -243,6 +296,37 @@ DSPARKD_CONF_EXTRA='[dsparkd]\nstatus_interval = 200ms\ndb_timeout = 1s\n'
 start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark"
 wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
 tap_result $? "directly to the server: dsparkd becomes ready"
+stop_dsparkd
+# a worker that never becomes ready, past worker.start_timeout (1 s) and the next extension of the start
+# timeout that would have been due (10 s after the start): no more to extend, and the loop still sleeps
+start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark" 0 1s
+wait_for "$T/dsparkd.log" 'worker .*(exited|failed)' 10
+sleep 10.5
+c0=$(cpu_ticks)
+sleep 1.5
+c1=$(cpu_ticks)
+tap_ok "a worker never ready, past worker.start_timeout: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
+    [ $((c1 - c0)) -le $((hz / 5)) ]
+stop_dsparkd
+start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark"
+wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
+# the queue counts' statement waits for a lock for its whole statement_timeout (1 s), again and again:
+# the other passes still go in their turn (dspark.promote_due_jobs, once a second)
+psql -X -q -c "ALTER SYSTEM SET track_functions = 'all'" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 0.5
+promotes() {
+    psql -X -Atc "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'promote_due_jobs'"
+}
+psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN ACCESS EXCLUSIVE MODE" -c "SELECT pg_sleep(6)" \
+    -c "COMMIT" >/dev/null &
+LPID=$!
+sleep 0.5
+p0=$(promotes)
+sleep 5
+p1=$(promotes)
+wait "$LPID"
+tap_ok "while the queue counts wait for a lock, the pass over delayed jobs still runs: $((p1 - p0)) times in 5 s" \
+    [ $((p1 - p0)) -ge 3 ]
 backend_stop
 tap_ok "dsparkd's server process is stopped (pid $BPID)" [ -n "$BPID" ]
 sleep 0.5   # (the next queue counts' read, every 200 ms, is sent and waits)

@@ -343,6 +343,30 @@ static void test_send_without_waiting(void **state)
     ds_db_free(db);
 }
 
+/* A deadline on the blocking calls: statements answered in time work as before (errors too); one that is
+ * not fails at the deadline, not at its end. */
+static void test_deadline(void **state)
+{
+    (void)state;
+    struct ds_db *db = connect_db("postgres");
+    ds_db_set_deadline(db, 2000);
+    PGresult *res;
+    assert_int_equal(ds_db_exec(db, "SELECT $1::int + 1", 1, (const char *const[]){ "41" }, &res), 0);
+    assert_string_equal(PQgetvalue(res, 0, 0), "42");
+    PQclear(res);
+    assert_int_equal(ds_db_command(db, "SELECT 1 / 0", 0, NULL), -DS_EDB);
+    assert_string_equal(ds_db_sqlstate(db), "22012");
+    int version;
+    assert_int_equal(ds_db_schema_version(db, &version), 0);
+    ds_db_set_deadline(db, 300);
+    double t0 = now_s();
+    assert_int_equal(ds_db_command(db, "SELECT pg_sleep(3)", 0, NULL), -DS_EDB);
+    double took = now_s() - t0;
+    assert_string_equal(ds_errdetail(), "no answer from the database within 0.3 s");
+    assert_true(took >= 0.25 && took < 1.5);
+    ds_db_free(db);
+}
+
 static void test_errors_carry_sqlstate(void **state)
 {
     (void)state;
@@ -609,6 +633,7 @@ int main(void)
         cmocka_unit_test(test_connect_without_waiting),
         cmocka_unit_test(test_connect_with_setup),
         cmocka_unit_test(test_send_without_waiting),
+        cmocka_unit_test(test_deadline),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),
