@@ -451,8 +451,9 @@ int ds_db_send(struct ds_db *db, const char *sql, int nparams, const char *const
         return conn_error(db, "could not make the connection non-blocking");
     if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
         return conn_error(db, "could not send a statement");
-    db->sent = true;
-    return ds_db_flush(db);
+    int r = ds_db_flush(db);
+    db->sent = r >= 0;   /* (a failed write: nothing to wait for, and the connection is of no more use) */
+    return r;
 }
 
 int ds_db_flush(struct ds_db *db)

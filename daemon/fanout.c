@@ -59,6 +59,7 @@
 #define PROBE_TRIES 2                     /* probes sent before the verdict */
 #define STMT_GRACE_US 10000000u           /* a statement's answer may come this long after statement_timeout */
 #define EVENTS_RETRY_US 1000000u          /* reading notified jobs failed: again after this */
+#define CATCH_UP_RETRY_US 10000000u       /* a catch-up failed: again after this */
 
 /* The statement under way (f->stmt): one of the passes, or one of these. */
 enum { STMT_NONE = -1, STMT_EVENTS = FANOUT_N_PASSES, STMT_CATCH_UP };
@@ -89,12 +90,14 @@ struct fanout {
     bool stmt_writing;               /* part of it waits to be written (poll for POLLOUT) */
     uint64_t stmt_deadline_us;       /* no answer by then: the connection is given up */
     double stmt_asked;               /* wall clock when it was sent (the queue counts' age) */
-    unsigned wanted;                 /* passes asked for and not sent yet (bit per pass; STMT_CATCH_UP too) */
+    unsigned wanted;                 /* passes asked for and not sent yet (a bit per pass) */
     bool events_last;                /* the last turn read notified jobs: a pass that waits goes first */
     int last_pass;                   /* the pass sent last: the waiting ones go in turn after it */
-    bool catch_up_pending;           /* the catch-up of the last outage has not been read yet */
-    double catch_up_window_s;        /* the catch-up that waits: finals of the last this many seconds */
-    const char *catch_up_when;       /* ... for its line in the log */
+    /* the catch-ups that wait (catch_up_send): kept until read, over failures and lost connections */
+    bool catch_up_start;             /* the finals of the START_CATCH_UP_WINDOW_S before the start */
+    bool catch_up_outage;            /* the finals of the last outage (since down_since_us) */
+    bool catch_up_sent_start, catch_up_sent_outage;   /* what the statement under way reads */
+    uint64_t catch_up_not_before_us; /* after a failed one */
     fanout_done_fn *done;            /* told each pass's outcome */
     void *done_ud;
     /* notified changes */
@@ -196,14 +199,20 @@ struct fanout_counters fanout_counters(const struct fanout *f)
     return f->counters;
 }
 
-/* A pass asked for that will not be run (its statement could not be sent, or the connection went): its
- * outcome is a failure, so that dsparkd asks again in its own time. */
-static void report_lost(struct fanout *f, int pass)
+/* A pass's outcome for dsparkd, when no statement gave it. */
+static void report(struct fanout *f, int pass, int64_t n)
 {
     if (pass >= FANOUT_N_PASSES || !f->done)
         return;
     struct fanout_status st = { 0 };
-    f->done(f->done_ud, (enum fanout_pass)pass, -DS_EDB, &st);
+    f->done(f->done_ud, (enum fanout_pass)pass, n, &st);
+}
+
+/* A pass asked for that will not be run (its statement could not be sent, or the connection went): its
+ * outcome is a failure, so that dsparkd asks again in its own time. */
+static void report_lost(struct fanout *f, int pass)
+{
+    report(f, pass, -DS_EDB);
 }
 
 static void mark_down(struct fanout *f, uint64_t now_us)
@@ -213,7 +222,7 @@ static void mark_down(struct fanout *f, uint64_t now_us)
     f->up = false;
     /* the last good exchange: the break may be noticed late; an outage whose jobs were not read yet (its
      * catch-up) counts from its own start */
-    if (!f->catch_up_pending || !f->down_since_us)
+    if (!f->catch_up_outage || !f->down_since_us)
         f->down_since_us = f->last_ok_us ? f->last_ok_us : now_us;
     snprintf(f->down_reason, sizeof f->down_reason, "%s", ds_errdetail());
     ds_log(DS_LOG_WARNING, "lost the database connection: %s", f->down_reason);
@@ -555,8 +564,11 @@ static int stmt_send(struct fanout *f, uint64_t now_us, int stmt, const char *sq
                      const char *const *params)
 {
     int r = ds_db_send(f->db, sql, nparams, params);
-    if (r < 0)
-        return query_failed(f, now_us, r, stmt_name(stmt));
+    if (r < 0) {   /* (part of it may have gone: the connection is of no more use) */
+        ds_prefixerr(r, "%s", stmt_name(stmt));
+        mark_down(f, now_us);
+        return r;
+    }
     f->stmt = stmt;
     f->stmt_writing = r > 0;
     f->stmt_asked = ds_wire_now();
@@ -643,28 +655,48 @@ static void events_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
 
 static void catch_up_done(struct fanout *f, uint64_t now_us, PGresult *res, int r)
 {
-    if (r < 0) {
+    if (r < 0) {   /* (a statement timeout: it stays, and is read again a little later) */
         query_failed(f, now_us, r, stmt_name(STMT_CATCH_UP));
+        f->catch_up_not_before_us = now_us + CATCH_UP_RETRY_US;
         return;
     }
     f->last_ok_us = now_us;
-    f->catch_up_pending = false;
+    f->catch_up_start &= !f->catch_up_sent_start;
+    f->catch_up_outage &= !f->catch_up_sent_outage;
     int n = publish_rows(f, res);
     if (n > 0)
-        ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s", f->catch_up_when);
+        ds_log(DS_LOG_INFO, "published %d job%s that finished %s", n, n == 1 ? "" : "s",
+               f->catch_up_sent_outage ? "while the database connection was down" : "before this dsparkd started");
 }
 
-/* Publish the final rows of the jobs that finished in the last window_s
- * seconds (by the database's clock, so that the hosts' clocks do not matter)
- * and were not published by this process: after a lost connection, and a
- * little after the start (a dsparkd restarted while jobs finished, as its
- * watchdog does during a long database outage). Subscribers drop a state they
- * already have by its version. Sent in its turn. */
-static void catch_up(struct fanout *f, double window_s, const char *when)
+static bool catch_up_due(const struct fanout *f, uint64_t now_us)
 {
-    f->catch_up_window_s = window_s;
-    f->catch_up_when = when;
-    f->wanted |= 1u << STMT_CATCH_UP;
+    return (f->catch_up_start || f->catch_up_outage) && now_us >= f->catch_up_not_before_us;
+}
+
+/* Publish the final rows of the jobs that finished and were not published by
+ * this process: during the last outage (from the last good exchange before it,
+ * worked out when sent), and a little after the start, those of the
+ * START_CATCH_UP_WINDOW_S before it (a dsparkd restarted while jobs finished,
+ * as its watchdog does during a long database outage); one statement reads
+ * both when both wait. By the database's clock, so that the hosts' clocks do
+ * not matter. Subscribers drop a state they already have by its version. */
+static int catch_up_send(struct fanout *f, uint64_t now_us)
+{
+    double window_s = 0;
+    if (f->catch_up_outage)
+        window_s = (double)(now_us - f->down_since_us) / 1e6 + 2.0;
+    if (f->catch_up_start && window_s < START_CATCH_UP_WINDOW_S)
+        window_s = START_CATCH_UP_WINDOW_S;
+    f->catch_up_sent_start = f->catch_up_start;
+    f->catch_up_sent_outage = f->catch_up_outage;
+    char secs[64];
+    snprintf(secs, sizeof secs, "%.3f", window_s);
+    const char *params[1] = { secs };
+    return stmt_send(f, now_us, STMT_CATCH_UP,
+                     JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
+                                       " ORDER BY j.finished_at DESC LIMIT 100000",
+                     1, params);
 }
 
 static int pass_send(struct fanout *f, uint64_t now_us, int pass)
@@ -697,11 +729,7 @@ static int pass_send(struct fanout *f, uint64_t now_us, int pass)
         snprintf(b, sizeof b, "%d", f->cfg->prune_batch);
         return stmt_send(f, now_us, pass, "SELECT dspark.prune($1::interval, $2::int)", 2, params);
     case STMT_CATCH_UP:
-        snprintf(a, sizeof a, "%.3f", f->catch_up_window_s);
-        return stmt_send(f, now_us, pass,
-                         JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
-                                           " ORDER BY j.finished_at DESC LIMIT 100000",
-                         1, params);
+        return catch_up_send(f, now_us);
     }
     return ds_seterr(DS_EINVAL, "no pass %d", pass);
 }
@@ -751,10 +779,11 @@ static void send_next(struct fanout *f, uint64_t now_us)
     while (f->up && f->stmt == STMT_NONE) {
         bool events = f->n_ids > f->ids_done ||
                       ((f->n_tr > 0 || f->n_rd > 0) && now_us >= f->events_not_before_us);
+        unsigned waiting = f->wanted | (catch_up_due(f, now_us) ? 1u << STMT_CATCH_UP : 0u);
         int pass = -1;
         for (int k = 1; k <= STMT_CATCH_UP + 1 && pass < 0; k++) {   /* in turn, from the one after the last */
             int p = (f->last_pass + k) % (STMT_CATCH_UP + 1);
-            if (p != STMT_EVENTS && (f->wanted & (1u << p)))
+            if (p != STMT_EVENTS && (waiting & (1u << p)))
                 pass = p;
         }
         if (events && (pass < 0 || !f->events_last)) {
@@ -768,7 +797,9 @@ static void send_next(struct fanout *f, uint64_t now_us)
             f->events_last = false;
             f->last_pass = pass;
             f->wanted &= ~(1u << pass);
-            if (pass_send(f, now_us, pass) < 0)
+            if (pass == FANOUT_PRUNE && f->cfg->retention <= 0)   /* turned off (a reload) since asked for */
+                report(f, pass, 0);
+            else if (pass_send(f, now_us, pass) < 0)
                 report_lost(f, pass);
         } else {
             return;
@@ -858,8 +889,7 @@ int fanout_connect(struct fanout *f, uint64_t now_us)
     }
     if (f->down_since_us > 0) {
         ds_log(DS_LOG_NOTICE, "database connection restored, listening on '%s' again", DS_DB_EVENTS_CHANNEL);
-        catch_up(f, (double)(now_us - f->down_since_us) / 1e6 + 2.0, "while the database connection was down");
-        f->catch_up_pending = true;
+        f->catch_up_outage = true;
     } else {
         /* the subscribers of a dsparkd that stopped reconnect within a second
          * or so: republish after they had the time to */
@@ -909,14 +939,6 @@ static void on_notify(void *ud, const char *channel, const char *payload)
 }
 
 
-/* The connection failed while reading or writing: what the notifications named is dropped with it (the
- * catch-up after the next connection republishes the finals). */
-static void lost(struct fanout *f, uint64_t now_us)
-{
-    f->n_tr = f->n_rd = 0;
-    mark_down(f, now_us);
-}
-
 int fanout_pump(struct fanout *f, uint64_t now_us)
 {
     if (!f->up)
@@ -924,12 +946,12 @@ int fanout_pump(struct fanout *f, uint64_t now_us)
     uint64_t before = f->published;
     if (f->start_catch_up_us && now_us >= f->start_catch_up_us) {
         f->start_catch_up_us = 0;
-        catch_up(f, START_CATCH_UP_WINDOW_S, "before this dsparkd started");
+        f->catch_up_start = true;
     }
     if (f->stmt_writing) {
         int r = ds_db_flush(f->db);
         if (r < 0) {
-            lost(f, now_us);
+            mark_down(f, now_us);
             return 0;
         }
         f->stmt_writing = r > 0;
@@ -940,7 +962,7 @@ int fanout_pump(struct fanout *f, uint64_t now_us)
     while (f->up) {
         int r = ds_db_consume_notify(f->db, on_notify, f);
         if (r < 0) {
-            lost(f, now_us);
+            mark_down(f, now_us);
             break;
         }
         if (r > 0)
@@ -976,6 +998,7 @@ bool fanout_request(struct fanout *f, enum fanout_pass pass, uint64_t now_us)
 void fanout_drain(struct fanout *f, uint64_t deadline_us)
 {
     f->wanted = 0;   /* no more passes: only the events (a pass under way is not waited for) */
+    f->catch_up_start = f->catch_up_outage = false;
     for (;;) {
         uint64_t now = ds_now_usec();
         fanout_pump(f, now);

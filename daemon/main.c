@@ -183,6 +183,11 @@ static int level_of(int idx)
                                                                                        : DS_LOG_INFO;
 }
 
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
 /* Checks beyond what the table can express. */
 static int check_config(void)
 {
@@ -302,10 +307,13 @@ static void reload(struct daemon *d)
         d->next_status_us = now;
         d->next_heartbeat_us = now;
         /* (not before the end of a reaper grace that is still running) */
-        d->next_reap_us = now + (uint64_t)cfg.reaper_interval * 1000u;
+        d->next_reap_us = min_u64(d->next_reap_us, now + (uint64_t)cfg.reaper_interval * 1000u);
         if (d->next_reap_us < d->reap_not_before_us)
             d->next_reap_us = d->reap_not_before_us;
-        d->next_prune_us = now + (uint64_t)cfg.retention_interval * 1000u;
+        /* (sooner for a shorter interval; a reload never puts retention off) */
+        d->next_prune_us = min_u64(d->next_prune_us, now + (uint64_t)cfg.retention_interval * 1000u);
+        if (!d->ready_sent)
+            d->next_extend_us = now;   /* (worker.start_timeout may have been raised) */
     }
     d->last_status[0] = 0;
     if (d->ready_sent)
@@ -513,11 +521,6 @@ static void run_due(struct daemon *d, uint64_t now)
         d->next_watchdog_us = now + d->watchdog_usec / 2;
     }
     update_status(d);
-}
-
-static uint64_t min_u64(uint64_t a, uint64_t b)
-{
-    return a < b ? a : b;
 }
 
 /* A pass over the database is over (fanout_done_fn). */

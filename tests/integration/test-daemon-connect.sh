@@ -72,12 +72,16 @@ MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 
 # start_dsparkd DSN [DEVICES [START_TIMEOUT]]: dsparkd in the background with that DSN, its metrics on
 # $MPORT, its log in dsparkd.log; with DEVICES, a worker (one that fails: /bin/false) for each
-start_dsparkd() {
+write_conf() {
     printf '[metrics]\nlisten = 127.0.0.1:%s\n[database]\ndsn = "%s"\n[events]\nendpoint = ipc://%s/events.sock\n' \
         "$MPORT" "$1" "$T" >"$T/dspark.conf"
     printf "${DSPARKD_CONF_EXTRA:-}" >>"$T/dspark.conf"
     [ -n "${2:-}" ] && printf '[worker]\nprogram = /bin/false\ndevices = %s\nstart_timeout = %s\n' "$2" \
         "${3:-10min}" >>"$T/dspark.conf"
+    return 0
+}
+start_dsparkd() {
+    write_conf "$@"
     "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
     DPID=$!
 }
@@ -347,5 +351,27 @@ tap_is "$rc" 0 "SIGTERM while the new connection's statement waits: dsparkd exit
 tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
 kill -CONT $BPIDS 2>/dev/null
 BPIDS=
+
+# retention turned off (0: keep for ever) by SIGHUP while a retention pass waits for its turn behind a
+# statement held by a lock: the pass does not go
+DSPARKD_CONF_EXTRA='[dsparkd]\nstatus_interval = 200ms\nretention = 1d\nretention_interval = 1s\n'
+start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark"
+wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
+ids=$(psql -X -Atc "WITH x AS (INSERT INTO dspark.jobs (model, prompt) SELECT 'm', 'p' || g
+                              FROM generate_series(1, 50) g RETURNING id) SELECT string_agg(id::text, ',') FROM x")
+psql -X -Atc "SELECT count(*) FROM dspark.cancel_jobs('{$ids}')" >/dev/null
+psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN ACCESS EXCLUSIVE MODE" -c "SELECT pg_sleep(5)" \
+    -c "COMMIT" >/dev/null &
+LPID=$!
+sleep 2.5
+DSPARKD_CONF_EXTRA='[dsparkd]\nstatus_interval = 200ms\nretention = 0\nretention_interval = 1s\n'
+write_conf "host=$PGH_DIR user=postgres dbname=dspark"
+kill -HUP "$DPID"
+wait "$LPID"
+sleep 2
+tap_is "$(psql -X -Atc "SELECT count(*) FROM dspark.jobs WHERE id IN ($ids)")" 50 \
+    "retention turned off by SIGHUP while a pass waited: the 50 finished jobs are kept"
+stop_dsparkd
+tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 
 tap_done
