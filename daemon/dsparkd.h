@@ -131,8 +131,9 @@ void fanout_set_done(struct fanout *f, fanout_done_fn *fn, void *ud);
  * after the other, and take turns with reads of notified jobs; once however often asked).
  * false when the connection is down (or FANOUT_PRUNE without retention): nothing will be reported. */
 bool fanout_request(struct fanout *f, enum fanout_pass pass, uint64_t now_us);
-/* Before exiting: the passes not sent are dropped, one under way is not waited for; the events of what
- * was notified are read and published, until deadline_us at the most. */
+/* Before exiting: the passes and catch-ups not sent are dropped; the events of what was notified are read
+ * and published (after the pass under way, if any), until deadline_us at the most. Without events to
+ * read, it returns at once. */
 void fanout_drain(struct fanout *f, uint64_t deadline_us);
 /* Monotonic time of the last successful exchange with the database (0 = never). */
 uint64_t fanout_last_ok(const struct fanout *f);

@@ -999,6 +999,7 @@ void fanout_drain(struct fanout *f, uint64_t deadline_us)
 {
     f->wanted = 0;   /* no more passes: only the events (a pass under way is not waited for) */
     f->catch_up_start = f->catch_up_outage = false;
+    f->start_catch_up_us = 0;
     for (;;) {
         uint64_t now = ds_now_usec();
         fanout_pump(f, now);
