@@ -384,51 +384,36 @@ void ds_db_set_deadline(struct ds_db *db, int timeout_ms)
     db->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 }
 
-/* PQexecParams, waiting for the answer with poll() until db's deadline: the statement's result (the first
- * error among several), or NULL when the connection failed (*timed_out: when the deadline passed). */
-static PGresult *exec_until_deadline(struct ds_db *db, const char *sql, int nparams, const char *const *params,
-                                     bool *timed_out)
+/* ds_db_exec's statement when db has a deadline: sent, then its answer waited for with poll() until then
+ * and taken as ds_db_take_result takes it. Once the deadline passed, the statement is still under way and
+ * the connection is of no more use. */
+static int exec_until_deadline(struct ds_db *db, const char *sql, int nparams, const char *const *params,
+                               PGresult **ret)
 {
     if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
-        return NULL;
-    PGresult *res = NULL;
+        return conn_error(db, "query failed");
+    db->sent = true;
     for (;;) {
-        while (PQisBusy(db->conn)) {
-            int64_t left = db->deadline_ms - now_ms();
-            struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
-            if (left <= 0)
-                *timed_out = true;
-            else if (poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
-                *timed_out = true;   /* (no way to wait: as if the time were up) */
-            if (*timed_out || !PQconsumeInput(db->conn)) {
-                PQclear(res);
-                return NULL;
-            }
+        int r = ds_db_take_result(db, ret);
+        if (r != 0)
+            return r < 0 ? r : 0;
+        int64_t left = db->deadline_ms - now_ms();
+        struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
+        if (left <= 0 || (poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)) {
+            snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
+            return ds_seterr(DS_EDB, "no answer from the database within %.1f s", db->timeout_ms / 1e3);
         }
-        PGresult *r = PQgetResult(db->conn);
-        if (!r)
-            return res;
-        if (!res || PQresultStatus(r) == PGRES_FATAL_ERROR) {
-            PQclear(res);
-            res = r;
-        } else {
-            PQclear(r);
-        }
+        if (!PQconsumeInput(db->conn))
+            return conn_error(db, "query failed");
     }
 }
 
 int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
                PGresult **ret)
 {
-    if (!db->deadline_ms)
-        return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
-    bool timed_out = false;
-    PGresult *res = exec_until_deadline(db, sql, nparams, params, &timed_out);
-    if (timed_out) {   /* the statement is still under way: the connection is of no more use */
-        snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
-        return ds_seterr(DS_EDB, "no answer from the database within %.1f s", db->timeout_ms / 1e3);
-    }
-    return res ? result_or_error(db, res, ret) : conn_error(db, "query failed");
+    if (db->deadline_ms)
+        return exec_until_deadline(db, sql, nparams, params, ret);
+    return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
 }
 
 int ds_db_command(struct ds_db *db, const char *sql, int nparams, const char *const *params)

@@ -107,6 +107,11 @@ five_scrapes() {
     done
     echo "$_ok"
 }
+# stop_proxy: the silent server or the proxy, stopped
+stop_proxy() {
+    kill "$SPID" 2>/dev/null
+    SPID=
+}
 # stop_dsparkd: SIGTERM to dsparkd and wait; its exit status in rc, the time it took in took_ms
 stop_dsparkd() {
     _t0=$(now_ms)
@@ -139,18 +144,18 @@ t1=$(now_ms)
 tap_is "$(head -n 1 "$T/metrics.txt")" 200 "GET /metrics answers while the attempt waits for the server ($((t1 - t0)) ms)"
 tap_like "$(cat "$T/metrics.txt")" '^dspark_database_up 0$' "... and says the database is down"
 tap_is "$(five_scrapes)" 5 "five more scrapes over the next 2 s all answer within 1 s each"
-# dsparkd's CPU time (user + system, in clock ticks) over 1.5 s of an attempt
-cpu_ticks() {
-    awk '{ print $14 + $15 }' "/proc/$DPID/stat"
+# tap_sleeps WHAT: dsparkd's CPU time (user + system, in clock ticks) over the next 1.5 s is at most a fifth
+# of a second's
+tap_sleeps() {
+    _c0=$(awk '{ print $14 + $15 }' "/proc/$DPID/stat")
+    sleep 1.5
+    _c1=$(awk '{ print $14 + $15 }' "/proc/$DPID/stat")
+    _hz=$(getconf CLK_TCK)
+    tap_ok "$1: $((_c1 - _c0)) ticks of CPU in 1.5 s (at most $((_hz / 5)))" [ $((_c1 - _c0)) -le $((_hz / 5)) ]
 }
 n=$(count_lines "$T/silent.log" '^accepted')
 wait_for "$T/silent.log" "^accepted $((n + 1))\$" 6
-c0=$(cpu_ticks)
-sleep 1.5
-c1=$(cpu_ticks)
-hz=$(getconf CLK_TCK)
-tap_ok "dsparkd (one worker configured) sleeps while an attempt waits: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
-    [ $((c1 - c0)) -le $((hz / 5)) ]
+tap_sleeps "dsparkd (one worker configured) sleeps while an attempt waits"
 
 # each attempt gives up after connect_timeout (3 s), says why, and is retried
 wait_for "$T/dsparkd.log" "database unavailable, retrying: could not connect to the database: .*\"127.0.0.1\", port $SPORT.*timeout expired" 6
@@ -167,8 +172,7 @@ sleep 0.5
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM during an attempt: dsparkd exits 0"
 tap_ok "... within 1.5 s ($took_ms ms; an attempt takes 3 s)" [ "$took_ms" -lt 1500 ]
-kill "$SPID" 2>/dev/null
-SPID=
+stop_proxy
 
 # ---- the probe's connection hangs ----
 pg_harness_start
@@ -260,8 +264,7 @@ tap_result $? "the probe's connection gives up after connect_timeout, and the lo
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
-kill "$SPID" 2>/dev/null
-SPID=
+stop_proxy
 
 # ---- the probe's connection takes 11 s, longer than the probe's own 10 s ----
 start_proxy 11
@@ -273,8 +276,7 @@ tap_result $? "... then it goes, comes back, and dsparkd becomes ready"
 tap_is "$(count_lines "$T/proxy.log" '^accepted')" 2 "... with one connection for the probe, not one every 10 s"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
-kill "$SPID" 2>/dev/null
-SPID=
+stop_proxy
 
 # ---- a pooler that completes the login and holds the queries ----
 start_proxy login
@@ -287,8 +289,7 @@ tap_result $? "... and a new one is made"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
 tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
-kill "$SPID" 2>/dev/null
-SPID=
+stop_proxy
 
 # ---- dsparkd's server process stops answering ----
 # backend_stop: SIGSTOP to the server process of dsparkd's own connection; its pid in BPID
@@ -306,11 +307,7 @@ stop_dsparkd
 start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark" 0 1s
 wait_for "$T/dsparkd.log" 'worker .*(exited|failed)' 10
 sleep 10.5
-c0=$(cpu_ticks)
-sleep 1.5
-c1=$(cpu_ticks)
-tap_ok "a worker never ready, past worker.start_timeout: $((c1 - c0)) ticks of CPU in 1.5 s (at most $((hz / 5)))" \
-    [ $((c1 - c0)) -le $((hz / 5)) ]
+tap_sleeps "a worker never ready, past worker.start_timeout"
 stop_dsparkd
 start_dsparkd "host=$PGH_DIR user=postgres dbname=dspark"
 wait_for "$T/dsparkd.log" 'ready: 0 workers' 20
