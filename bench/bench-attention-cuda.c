@@ -4,9 +4,10 @@
  * 128), for verification passes of R sequences x q tokens at a context of C
  * positions, on random caches and queries.
  *
- *   bench-attention-cuda [--reps N] [--out FILE]
+ *   bench-attention-cuda [--reps N] [--out FILE] [--passes RxQxC,...]
  *
- * Prints µs per launch, the fastest of N (20). --out writes every pass's bf16
+ * Prints µs per launch, the fastest of N (20). --passes replaces the default
+ * list of passes (R sequences x q tokens at context C). --out writes every pass's bf16
  * output, one after another, so that two builds can be compared bit for bit
  * (`cmp`). The sequences' contexts differ (C down to 5/8 C), and their pages
  * are scattered over the pool. */
@@ -126,10 +127,37 @@ static double run_pass(int R, int q, int ctx, int reps, FILE *out)
     return best * 1e3;
 }
 
+struct pass {
+    int R, q, ctx;
+};
+
+/* "RxQxC,RxQxC,..." into at most max passes; their count, or -1 when the list is malformed. */
+static int parse_passes(const char *list, struct pass *passes, int max)
+{
+    int n = 0;
+    const char *s = list;
+    while (*s) {
+        int R, q, ctx, used = 0;
+        if (n == max || sscanf(s, "%dx%dx%d%n", &R, &q, &ctx, &used) != 3 || R < 1 || R > 4096 || q < 1 ||
+            q > 64 || ctx < 1 || ctx > 131072)
+            return -1;
+        passes[n++] = (struct pass){R, q, ctx};
+        s += used;
+        if (*s == ',')
+            s++;
+        else if (*s)
+            return -1;
+    }
+    return n;
+}
+
 int main(int argc, char **argv)
 {
     int reps = 20;
     const char *out_path = NULL;
+    struct pass passes[32] = {{1, 1, 1024}, {1, 8, 1024}, {8, 8, 1024}, {64, 1, 1024}, {64, 8, 1024},
+                              {256, 4, 300}, {3, 5, 100}, {32, 8, 4096}};
+    int n_passes = 8;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
             char *end;
@@ -141,8 +169,15 @@ int main(int argc, char **argv)
             reps = (int)r;
         } else if (!strcmp(argv[i], "--out") && i + 1 < argc) {
             out_path = argv[++i];
+        } else if (!strcmp(argv[i], "--passes") && i + 1 < argc) {
+            n_passes = parse_passes(argv[++i], passes, (int)(sizeof passes / sizeof passes[0]));
+            if (n_passes < 1) {
+                fprintf(stderr, "bench-attention-cuda: --passes takes RxQxC,... (R 1-4096, q 1-64, C 1-131072; "
+                                "at most 32)\n");
+                return 2;
+            }
         } else {
-            fprintf(stderr, "usage: bench-attention-cuda [--reps N] [--out FILE]\n");
+            fprintf(stderr, "usage: bench-attention-cuda [--reps N] [--out FILE] [--passes RxQxC,...]\n");
             return !!strcmp(argv[i], "--help") * 2;
         }
     }
@@ -156,10 +191,6 @@ int main(int argc, char **argv)
         perror(out_path);
         return 1;
     }
-    static const struct {
-        int R, q, ctx;
-    } passes[] = {{1, 1, 1024}, {1, 8, 1024}, {8, 8, 1024}, {64, 1, 1024}, {64, 8, 1024},
-                  {256, 4, 300}, {3, 5, 100}, {32, 8, 4096}};
     char dev[320] = "";
     struct cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
@@ -167,7 +198,7 @@ int main(int argc, char **argv)
     printf("# %s; %d query heads, %d KV heads, head_dim %d, pages of %d; fastest of %d launches\n\n", dev, N_HEADS,
            N_KV, HEAD_DIM, PAGE, reps);
     printf("| R | q | context | tokens | attention + merge µs |\n|---|---|---|---|---|\n");
-    for (size_t i = 0; i < sizeof passes / sizeof passes[0]; i++) {
+    for (int i = 0; i < n_passes; i++) {
         double us = run_pass(passes[i].R, passes[i].q, passes[i].ctx, reps, out);
         printf("| %d | %d | %d | %d | %.1f |\n", passes[i].R, passes[i].q, passes[i].ctx, passes[i].R * passes[i].q, us);
         fflush(stdout);
