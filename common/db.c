@@ -31,19 +31,24 @@
 #define DS_DB_BACKOFF_MAX_MS 5000
 #define DS_DB_CONNECT_TIMEOUT_S "10"   /* seconds, as libpq's connect_timeout takes it */
 #define DS_DB_MAX_LISTEN 8
+#define DS_DB_PROBE_TIMEOUT_MS 10000   /* ds_db_send_probe's statement waits for its answer this long */
 
 struct ds_db {
     PGconn *conn;
     char sqlstate[6];
     char *listen[DS_DB_MAX_LISTEN]; /* channels to re-issue after a reset */
     int nlisten;
-    bool need_relisten;             /* a reset succeeded but LISTEN did not */
+    bool need_session;              /* a reset succeeded but LISTEN or the session's timeout did not */
     int backoff_ms;                 /* next wait between reset attempts */
     int64_t next_try_ms;            /* monotonic time of the next attempt */
     unsigned reconnects;
     struct connect_job *job;        /* ds_db_connect_start's attempt, until ds_db_connect_poll takes it */
     int64_t deadline_ms;            /* ds_db_set_deadline's: blocking statements end by then (0: none) */
     int timeout_ms;                 /* ... set that long before it */
+    int default_statement_ms;       /* ds_db_set_timeouts': statement_timeout for a session without one (0: none) */
+    int grace_ms;                   /* ... and how long past the session's statement_timeout an answer may come */
+    int statement_ms;               /* the session's statement_timeout (ms) once ds_db_set_timeouts read it */
+    bool given_up;                  /* an answer did not come in time: the connection is of no more use */
     bool sent;                      /* a statement went by ds_db_send and its end was not taken yet */
     PGresult *held;                 /* ... its result, taken from libpq before the statement's end */
 };
@@ -384,26 +389,41 @@ void ds_db_set_deadline(struct ds_db *db, int timeout_ms)
     db->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 }
 
-/* ds_db_exec's statement when db has a deadline: sent, then its answer waited for with poll() until then
- * and taken as ds_db_take_result takes it. Once the deadline passed, the statement is still under way and
- * the connection is of no more use. */
+/* ds_db_exec's statement under a deadline (deadline_ms, monotonic): sent on the non-blocking connection and
+ * written as the server takes it, then its answer waited for with poll() until then and taken as
+ * ds_db_take_result takes it. Once the deadline passed, the statement is still under way (or half written)
+ * and the connection is of no more use: it is given up (ds_db_ok false), and ds_db_ensure makes a new one. */
 static int exec_until_deadline(struct ds_db *db, const char *sql, int nparams, const char *const *params,
-                               PGresult **ret)
+                               int64_t deadline_ms, PGresult **ret)
 {
+    if (!PQisnonblocking(db->conn) && PQsetnonblocking(db->conn, 1) != 0)
+        return conn_error(db, "could not make the connection non-blocking");
     if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
         return conn_error(db, "query failed");
     db->sent = true;
     for (;;) {
-        int r = ds_db_take_result(db, ret);
-        if (r != 0)
-            return r < 0 ? r : 0;
-        int64_t left = db->deadline_ms - now_ms();
-        struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
-        if (left <= 0 || (poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)) {
-            snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
-            return ds_seterr(DS_EDB, "no answer from the database within %.1f s", db->timeout_ms / 1e3);
+        int unsent = ds_db_flush(db);
+        if (unsent < 0)
+            return unsent;
+        if (unsent == 0) {
+            int r = ds_db_take_result(db, ret);
+            if (r != 0)
+                return r < 0 ? r : 0;
         }
-        if (!PQconsumeInput(db->conn))
+        int64_t left = deadline_ms - now_ms();
+        struct pollfd p = { .fd = PQsocket(db->conn), .events = (short)(POLLIN | (unsent ? POLLOUT : 0)) };
+        int pr = left > 0 ? poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) : 0;
+        if (pr == 0 || (pr < 0 && errno != EINTR)) {
+            db->given_up = true;
+            snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
+            if (db->deadline_ms)
+                return ds_seterr(DS_EDB, "no answer from the database within %.1f s", db->timeout_ms / 1e3);
+            return ds_seterr(DS_EDB,
+                             "no answer from the database within %.1f s (statement_timeout %.1f s); giving the "
+                             "connection up",
+                             (db->statement_ms + db->grace_ms) / 1e3, db->statement_ms / 1e3);
+        }
+        if (pr > 0 && (p.revents & (POLLIN | POLLERR | POLLHUP)) && !PQconsumeInput(db->conn))
             return conn_error(db, "query failed");
     }
 }
@@ -411,8 +431,12 @@ static int exec_until_deadline(struct ds_db *db, const char *sql, int nparams, c
 int ds_db_exec(struct ds_db *db, const char *sql, int nparams, const char *const *params,
                PGresult **ret)
 {
+    if (db->given_up)
+        return conn_error(db, "database connection given up");
     if (db->deadline_ms)
-        return exec_until_deadline(db, sql, nparams, params, ret);
+        return exec_until_deadline(db, sql, nparams, params, db->deadline_ms, ret);
+    if (db->grace_ms)
+        return exec_until_deadline(db, sql, nparams, params, now_ms() + db->statement_ms + db->grace_ms, ret);
     return result_or_error(db, PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0), ret);
 }
 
@@ -499,7 +523,7 @@ int ds_db_commit(struct ds_db *db)
 
 void ds_db_rollback(struct ds_db *db)
 {
-    if (!db || PQstatus(db->conn) != CONNECTION_OK)
+    if (!ds_db_ok(db))
         return;
     if (PQtransactionStatus(db->conn) == PQTRANS_IDLE)
         return;
@@ -762,7 +786,38 @@ int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from, int *ret_
 
 bool ds_db_ok(struct ds_db *db)
 {
-    return db && db->conn && PQstatus(db->conn) == CONNECTION_OK;
+    return db && db->conn && !db->given_up && PQstatus(db->conn) == CONNECTION_OK;
+}
+
+/* The session's statement_timeout (in db->statement_ms), after setting it to db->default_statement_ms
+ * where the session has none (0: the server's default, which no conninfo option, role or database setting
+ * changed). */
+static int session_timeout(struct ds_db *db)
+{
+    PGresult *res;
+    int r = ds_db_exec(db, "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'statement_timeout'", 0, NULL,
+                       &res);
+    if (r < 0)
+        return r;
+    long ms = PQntuples(res) == 1 ? strtol(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    PQclear(res);
+    if (ms <= 0 && db->default_statement_ms > 0) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "SET statement_timeout = %d", db->default_statement_ms);
+        if ((r = ds_db_command(db, sql, 0, NULL)) < 0)
+            return r;
+        ms = db->default_statement_ms;
+    }
+    db->statement_ms = ms > 0 && ms < INT32_MAX / 2 ? (int)ms : 0;
+    return 0;
+}
+
+int ds_db_set_timeouts(struct ds_db *db, int default_statement_ms, int grace_ms)
+{
+    db->default_statement_ms = default_statement_ms > 0 ? default_statement_ms : 0;
+    db->grace_ms = grace_ms > 0 ? grace_ms : 1;
+    db->statement_ms = 0;   /* (until read: the reading waits grace_ms at most) */
+    return session_timeout(db);
 }
 
 static int relisten(struct ds_db *db)
@@ -783,7 +838,7 @@ static int relisten(struct ds_db *db)
 
 int ds_db_ensure(struct ds_db *db, int max_wait_ms)
 {
-    if (ds_db_ok(db) && !db->need_relisten)
+    if (ds_db_ok(db) && !db->need_session)
         return 0;
     int64_t deadline = now_ms() + (max_wait_ms > 0 ? max_wait_ms : 0);
     for (;;) {
@@ -793,14 +848,21 @@ int ds_db_ensure(struct ds_db *db, int max_wait_ms)
                 break;
             sleep_ms(db->next_try_ms - t);
         }
-        if (!ds_db_ok(db))
+        if (!ds_db_ok(db)) {
+            /* (non-blocking: a connection given up in the middle of a write does not wait to say goodbye) */
+            PQsetnonblocking(db->conn, 1);
             PQreset(db->conn);
+            db->given_up = false;
+            db->sent = false;
+            PQclear(db->held);
+            db->held = NULL;
+        }
         db->next_try_ms = now_ms() + db->backoff_ms;
         db->backoff_ms = db->backoff_ms * 2 > DS_DB_BACKOFF_MAX_MS ? DS_DB_BACKOFF_MAX_MS
                                                                    : db->backoff_ms * 2;
         if (ds_db_ok(db)) {
-            db->need_relisten = relisten(db) < 0;
-            if (!db->need_relisten) {
+            db->need_session = relisten(db) < 0 || (db->grace_ms && session_timeout(db) < 0);
+            if (!db->need_session) {
                 db->backoff_ms = DS_DB_BACKOFF_MIN_MS;
                 db->next_try_ms = 0;
                 db->reconnects++;
@@ -823,8 +885,10 @@ int ds_db_send_probe(const char *conninfo, const char *application_name, const c
     const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
     struct ds_db *p = NULL;
     int r = ds_db_connect(conninfo, application_name, &p);
-    if (r == 0)
+    if (r == 0) {
+        ds_db_set_deadline(p, DS_DB_PROBE_TIMEOUT_MS);
         r = ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params);
+    }
     ds_db_free(p);
     return r;
 }

@@ -163,11 +163,17 @@ static void text_array1(char *buf, size_t cap, const char *s)
     buf[o] = 0;
 }
 
-/* Did the last call fail because the connection is gone (rather than the statement)? */
+static void mark_down(struct dbt *t);
+
+/* Did the last call fail because the connection is gone (rather than the statement)? Then the database
+ * counts as down (mark_down) until ds_db_ensure has a connection again. */
 static bool conn_failed(struct dbt *t)
 {
     const char *st = ds_db_sqlstate(t->db);
-    return !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
+    bool gone = !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
+    if (gone)
+        mark_down(t);
+    return gone;
 }
 
 /* Did the last statement fail for a passing reason (a deadlock, a
@@ -189,6 +195,19 @@ static void lock(struct wctx *w)
 static void unlock(struct wctx *w)
 {
     pthread_mutex_unlock(&w->sh.mu);
+}
+
+/* The connection is gone (why: ds_errdetail): said once, until it is back. */
+static void mark_down(struct dbt *t)
+{
+    if (t->was_down)
+        return;
+    wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting", ds_errdetail(),
+         json_array_size(t->pending));
+    t->was_down = true;
+    lock(t->w);
+    t->w->sh.db_up = false;
+    unlock(t->w);
 }
 
 /* ---- write-back ---- */
@@ -805,14 +824,7 @@ static void *db_main(void *arg)
             break;
         int r = ds_db_ensure(t->db, 0);
         if (r < 0) {
-            if (!t->was_down) {
-                wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting",
-                     ds_errdetail(), json_array_size(t->pending));
-                t->was_down = true;
-                lock(w);
-                sh->db_up = false;
-                unlock(w);
-            }
+            mark_down(t);
             pause = true;
             continue;
         }

@@ -146,6 +146,10 @@ static void usage(FILE *f)
             "                            S seconds (default 60; 0 = never)\n"
             "  --drain-timeout S         on SIGTERM, seconds to finish jobs in flight before\n"
             "                            handing the rest back (default 60)\n"
+            "  --db-timeout S            statement_timeout of the worker's session where the\n"
+            "                            server, role or DSN sets none (default 30); a\n"
+            "                            statement unanswered 10 s past the session's\n"
+            "                            statement_timeout gives the connection up\n"
             "  --once                    exit when the queue has no job for this worker\n"
             "other:\n"
             "  --log-level LEVEL         debug, info (default), notice, warning, error\n"
@@ -191,7 +195,7 @@ static double opt_double(const char *opt, const char *v, double lo, double hi)
 static void parse_options(int argc, char **argv, struct wopts *o)
 {
     enum { O_DSN = 256, O_TARGET, O_DRAFT, O_SPEC, O_BACKEND, O_DEVICE, O_THREADS, O_MAX_BATCH, O_CONC, O_KV,
-           O_MAXCTX, O_DRAIN, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE, O_LOG,
+           O_MAXCTX, O_DRAIN, O_DBTIMEOUT, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE, O_LOG,
            O_VERSION, O_GPU_MEM, O_GEMM_RANGES };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN}, {"target", required_argument, NULL, O_TARGET},
@@ -200,6 +204,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"threads", required_argument, NULL, O_THREADS}, {"max-batch", required_argument, NULL, O_MAX_BATCH},
         {"concurrency", required_argument, NULL, O_CONC}, {"kv-tokens", required_argument, NULL, O_KV},
         {"max-context", required_argument, NULL, O_MAXCTX}, {"drain-timeout", required_argument, NULL, O_DRAIN},
+        {"db-timeout", required_argument, NULL, O_DBTIMEOUT},
         {"worker-id", required_argument, NULL, O_WID}, {"lease", required_argument, NULL, O_LEASE},
         {"heartbeat", required_argument, NULL, O_HB}, {"poll-interval", required_argument, NULL, O_POLL},
         {"unknown-model-timeout", required_argument, NULL, O_UNKNOWN}, {"sps", required_argument, NULL, O_SPS},
@@ -208,7 +213,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"version", no_argument, NULL, O_VERSION}, {"gpu-memory", required_argument, NULL, O_GPU_MEM},
         {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {NULL, 0, NULL, 0},
     };
-    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .lease = 30, .heartbeat = 0,
+    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .db_timeout = 30, .lease = 30, .heartbeat = 0,
                         .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
     int c;
     opterr = 0;
@@ -228,6 +233,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         case O_GEMM_RANGES: o->gemm_ranges = (int)opt_long("--gemm-ranges", optarg, 0, 64); break;
         case O_MAXCTX: o->max_context = (int)opt_long("--max-context", optarg, 1, 1 << 24); break;
         case O_DRAIN: o->drain_timeout = opt_double("--drain-timeout", optarg, 0, 86400 * 7); break;
+        case O_DBTIMEOUT: o->db_timeout = opt_double("--db-timeout", optarg, 0.001, 86400); break;
         case O_WID: o->worker_id = optarg; break;
         case O_LEASE: o->lease = opt_double("--lease", optarg, 1, 86400); break;
         case O_HB: o->heartbeat = opt_double("--heartbeat", optarg, 0.05, 86400); break;
@@ -282,6 +288,10 @@ static void sleep_s(double s)
     nanosleep(&ts, NULL);
 }
 
+/* How long past the session's statement_timeout a statement's answer may come before the connection is
+ * given up (a server or pooler that stopped answering; see ds_db_set_timeouts). */
+#define DB_ANSWER_GRACE_MS 10000
+
 /* One connection attempt: the connection, or NULL (the reason in ds_errdetail).
  * A schema this build does not know is a configuration error: logged, then
  * exit 78, or (bad_schema given) *bad_schema set for the caller to stop. */
@@ -289,7 +299,9 @@ static struct ds_db *try_connect_db(const struct wopts *o, bool *bad_schema)
 {
     struct ds_db *db = NULL;
     int version = 0;
-    if (ds_db_connect(o->dsn, "dspark-worker", &db) == 0 && ds_db_schema_version(db, &version) == 0) {
+    if (ds_db_connect(o->dsn, "dspark-worker", &db) == 0 &&
+        ds_db_set_timeouts(db, (int)ceil(o->db_timeout * 1000), DB_ANSWER_GRACE_MS) == 0 &&
+        ds_db_schema_version(db, &version) == 0) {
         if (ds_db_check_schema(db) < 0) {
             ds_log(DS_LOG_ERR, "%s", ds_errdetail());
             ds_db_free(db);

@@ -32,6 +32,7 @@ struct wopts {
     int max_context;              /* 0: the model's */
     double drain_timeout;         /* seconds */
     const char *worker_id;
+    double db_timeout;            /* seconds: statement_timeout where the session has none */
     double lease;                 /* seconds */
     double heartbeat;             /* seconds between heartbeats */
     double poll;                  /* seconds between claims while the queue looks empty */

@@ -92,6 +92,20 @@ int ds_db_exec(struct ds_db *db, const char *sql, int nparams,
  * (a server or pooler that holds queries; the connection is of no use then).
  * 0: no deadline (the default). For a setup on a connection attempt's thread. */
 void ds_db_set_deadline(struct ds_db *db, int timeout_ms);
+/* Bound every later statement of a long-lived connection that waits for its
+ * answer (ds_db_exec and the calls built on it): the session gets
+ * statement_timeout = default_statement_ms where it has none of its own (0:
+ * the server's default; a conninfo option, role or database setting is kept),
+ * and an answer that has not come grace_ms after the session's
+ * statement_timeout (a server or pooler that stopped answering, a network path
+ * that drops everything: statement_timeout is the server's own) fails the
+ * call with -DS_EDB "no answer from the database within N s
+ * (statement_timeout M s); giving the connection up" and gives the connection
+ * up: ds_db_ok is then false, and ds_db_ensure makes a new one, with the same
+ * bounds. Statements are written without blocking, so a server that stopped
+ * reading holds up no write past the bound either. Returns 0, or < 0 when the
+ * session's setting could not be read or set. */
+int ds_db_set_timeouts(struct ds_db *db, int default_statement_ms, int grace_ms) DS_MUSTCHECK;
 /* A statement sent without waiting (the connection becomes non-blocking), for
  * a loop that polls ds_db_socket: then ds_db_flush while it returns 1 (poll
  * for POLLOUT too), and ds_db_consume_notify and ds_db_take_result whenever
@@ -148,13 +162,15 @@ const struct ds_db_migration *ds_db_migrations(size_t *ret_n);
 int ds_db_migrate(struct ds_db *db, const char *sqldir, int *ret_from,
                   int *ret_to) DS_MUSTCHECK;
 
-/* Whether the connection is up (no round trip). */
+/* Whether the connection is up (no round trip): false too once a statement's
+ * answer did not come in time (ds_db_set_deadline, ds_db_set_timeouts). */
 bool ds_db_ok(struct ds_db *db);
 /* Make sure the connection is up: when it is not, reset it with exponential
  * back-off (100 ms doubling to 5 s between attempts, remembered across calls
  * so that frequent callers do not hammer the server), waiting at most
  * max_wait_ms (0 = at most one attempt now, if one is due). After a
- * successful reset the LISTEN channels are issued again.
+ * successful reset the LISTEN channels are issued again, and the session's
+ * statement_timeout set again (ds_db_set_timeouts).
  * Returns 0 when connected, 1 when it reconnected during this call,
  * -DS_EDB when still down. */
 int ds_db_ensure(struct ds_db *db, int max_wait_ms) DS_MUSTCHECK;
@@ -166,7 +182,7 @@ int ds_db_listen(struct ds_db *db, const char *channel) DS_MUSTCHECK;
 /* Send payload (DS_DB_PROBE_PREFIX...) on DS_DB_EVENTS_CHANNEL from a short
  * connection of its own to conninfo: the probe of a listener checking that
  * notifications reach it (behind a pooler that pools transactions they do
- * not). */
+ * not). Fails when the statement has no answer within 10 s. */
 int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload) DS_MUSTCHECK;
 typedef void ds_db_notify_fn(void *ud, const char *channel, const char *payload);
 /* The socket to poll() for readability (-1 when disconnected). */

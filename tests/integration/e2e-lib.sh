@@ -35,6 +35,8 @@ e2e_start() {
 }
 
 e2e_cleanup() {
+    # server processes a test stopped (SIGSTOP) must go on for the server to stop
+    [ -n "${E2E_STOPPED:-}" ] && kill -CONT $E2E_STOPPED 2>/dev/null
     [ -n "$DPID" ] && kill -KILL "$DPID" 2>/dev/null
     for p in $E2E_PIDS; do kill -KILL "$p" 2>/dev/null; done
     # workers started by dsparkd are in their own process groups

@@ -1,12 +1,14 @@
 /* test-db.c: common/db.c against a private PostgreSQL (started by
  * tests/integration/test-db.sh, which exports PGHOST etc. and PGH_SCRIPT):
- * connection errors and defaults, connecting without waiting, SQLSTATE and server detail in errors, the schema check
+ * connection errors and defaults, connecting without waiting, statements
+ * bounded in time (a server process that stops answering), SQLSTATE and server detail in errors, the schema check
  * and migrations (embedded = sql/ files), LISTEN/NOTIFY, and reconnection
  * after the server restarts or is down for a while. */
 #include "config.h"
 
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -367,6 +369,102 @@ static void test_deadline(void **state)
     ds_db_free(db);
 }
 
+/* Server processes this test stopped (SIGSTOP), continued at exit whatever happens, so that the
+ * harness can stop the server. */
+static pid_t stopped[4];
+static int n_stopped;
+
+static void continue_stopped(void)
+{
+    for (int i = 0; i < n_stopped; i++)
+        kill(stopped[i], SIGCONT);
+    n_stopped = 0;
+}
+
+static void stop_server_process(struct ds_db *db)
+{
+    pid_t pid = PQbackendPID(ds_db_conn(db));
+    assert_true(pid > 0 && n_stopped < 4);
+    assert_int_equal(kill(pid, SIGSTOP), 0);
+    stopped[n_stopped++] = pid;
+}
+
+static char *show_statement_timeout(struct ds_db *db)
+{
+    PGresult *res;
+    assert_int_equal(ds_db_exec(db, "SHOW statement_timeout", 0, NULL, &res), 0);
+    static char value[32];
+    snprintf(value, sizeof value, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return value;
+}
+
+static void test_timeouts(void **state)
+{
+    (void)state;
+    atexit(continue_stopped);
+    struct ds_db *db = connect_db("postgres");
+    assert_int_equal(ds_db_set_timeouts(db, 700, 400), 0);
+    assert_string_equal(show_statement_timeout(db), "700ms");
+    /* the server's own timeout: the statement fails, the connection stays */
+    assert_int_equal(ds_db_command(db, "SELECT pg_sleep(3)", 0, NULL), -DS_EDB);
+    assert_string_equal(ds_db_sqlstate(db), "57014");
+    assert_true(ds_db_ok(db));
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    /* a statement_timeout the conninfo sets is the session's own: kept */
+    struct ds_db *own = NULL;
+    assert_int_equal(ds_db_connect("dbname=postgres options='-c statement_timeout=1500'", "test-db", &own), 0);
+    assert_int_equal(ds_db_set_timeouts(own, 700, 400), 0);
+    assert_string_equal(show_statement_timeout(own), "1500ms");
+    ds_db_free(own);
+
+    /* the server process stops answering: the answer is waited for 0.7 + 0.4 s, then the connection is
+     * given up, and later calls fail at once */
+    assert_int_equal(ds_db_listen(db, "test_timeouts"), 0);
+    stop_server_process(db);
+    double t0 = now_s();
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), -DS_EDB);
+    double took = now_s() - t0;
+    assert_string_equal(ds_errdetail(),
+                        "no answer from the database within 1.1 s (statement_timeout 0.7 s); giving the connection up");
+    assert_string_equal(ds_db_sqlstate(db), "08006");
+    assert_true(took >= 1.05 && took < 2.5);
+    assert_false(ds_db_ok(db));
+    assert_int_equal(ds_db_socket(db), -1);
+    t0 = now_s();
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), -DS_EDB);
+    assert_true(now_s() - t0 < 0.5);
+    assert_non_null(strstr(ds_errdetail(), "given up"));
+
+    /* a new connection, with the same statement_timeout and the channel listened to again */
+    assert_int_equal(ds_db_ensure(db, 5000), 1);
+    assert_string_equal(show_statement_timeout(db), "700ms");
+    assert_int_equal(ds_db_command(db, "NOTIFY test_timeouts, 'again'", 0, NULL), 0);
+    assert_int_equal(ds_db_wait_notify(db, 2000, NULL, NULL), 1);
+
+    /* a statement far larger than the socket's buffers, to a server process that reads nothing: the write
+     * does not block past the bound either */
+    stop_server_process(db);
+    size_t big = 8u << 20;
+    char *text = malloc(big + 1);
+    assert_non_null(text);
+    memset(text, 'x', big);
+    text[big] = 0;
+    t0 = now_s();
+    assert_int_equal(ds_db_command(db, "SELECT length($1)", 1, (const char *const[]){ text }), -DS_EDB);
+    took = now_s() - t0;
+    free(text);
+    assert_non_null(strstr(ds_errdetail(), "no answer from the database within 1.1 s"));
+    assert_true(took >= 1.05 && took < 2.5);
+
+    /* the server processes continue; the given-up ones end on their own */
+    continue_stopped();
+    assert_int_equal(ds_db_ensure(db, 5000), 1);
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    assert_int_equal(ds_db_reconnects(db), 2);
+    ds_db_free(db);
+}
+
 static void test_errors_carry_sqlstate(void **state)
 {
     (void)state;
@@ -634,6 +732,7 @@ int main(void)
         cmocka_unit_test(test_connect_with_setup),
         cmocka_unit_test(test_send_without_waiting),
         cmocka_unit_test(test_deadline),
+        cmocka_unit_test(test_timeouts),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),

@@ -11,7 +11,11 @@
 #     --drain-timeout, hands the rest back (dspark.release_jobs, attempt kept)
 #     and exits 0; another worker then finishes those;
 #   - a zombie (a worker frozen past its lease, then thawed): its late results
-#     are refused by the attempt fence and dropped, the new attempt's stay.
+#     are refused by the attempt fence and dropped, the new attempt's stay;
+#   - the worker's server process stops answering (SIGSTOP): the worker gives
+#     the connection up statement_timeout + 10 s after its statement went,
+#     connects again and runs the job; SIGTERM while a statement waits: it
+#     still stops.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
 
@@ -181,4 +185,47 @@ tap_is "$(q "SELECT state || ' ' || attempt || ' ' || coalesce(error, '-') FROM 
 tap_like "$(cat "$T/locked.log")" "could not write 1 results? \\(.*statement timeout.*\\); trying again" "... saying so"
 kill -TERM "$LPID"
 wait "$LPID"
+
+# ---- the worker's server process stops answering (SIGSTOP: a server or pooler that holds queries, a
+# network path that drops them): statement_timeout (--db-timeout 1) is the server's own, so the worker
+# waits 10 s more, then gives the connection up and makes another; its claims go on there ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+"$WORKER" --dsn "application_name=stalled" --db-timeout 1 --target "$E2E_TARGET" --draft "$E2E_DRAFT" \
+    --sps "$T/sps.json" --threads 1 --worker-id stalled --lease 30 --poll-interval 0.5 2>"$T/stalled.log" &
+SPID=$!
+E2E_PIDS="$E2E_PIDS $SPID"
+wait_sql "SELECT state FROM dspark.workers WHERE worker_id = 'stalled'" running 20
+# its own connection: the oldest of the name (the notification probe's is short-lived)
+stalled_backend() {
+    q "SELECT pid FROM pg_stat_activity WHERE application_name = 'stalled' ORDER BY backend_start LIMIT 1"
+}
+tap_is "$(q "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")" "0" \
+    "the server sets no statement_timeout"
+B1=$(stalled_backend)
+kill -STOP "$B1"
+E2E_STOPPED="$B1"
+t0=$(date +%s)
+js=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature) VALUES ('$E2E_MODEL', ARRAY[3, 4], 8, 0) RETURNING id")
+wait_sql "SELECT state FROM dspark.jobs WHERE id = $js" succeeded 40
+tap_result $? "with its server process stopped, the worker still runs a new job ($(($(date +%s) - t0)) s)"
+tap_like "$(cat "$T/stalled.log")" "no answer from the database within 11\\.0 s \\(statement_timeout 1\\.0 s\\); giving the connection up" \
+    "... after giving its connection up, statement_timeout + 10 s after the statement went, saying so"
+tap_like "$(cat "$T/stalled.log")" "database connection restored" "... and connecting again"
+tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")" "1" \
+    "... one new connection"
+B2=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")
+kill -STOP "$B2"
+E2E_STOPPED="$B1 $B2"
+sleep 1   # (a claim goes every 0.5 s, and waits)
+t0=$(date +%s)
+kill -TERM "$SPID"
+n=0
+while kill -0 "$SPID" 2>/dev/null && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+took=$(($(date +%s) - t0))
+kill -0 "$SPID" 2>/dev/null && kill -KILL "$SPID"
+wait "$SPID"
+tap_is "$?" "0" "SIGTERM while a statement waits on a stopped server process: the worker exits 0"
+tap_result $([ "$took" -le 13 ]; echo $?) "... within statement_timeout + 10 s ($took s)"
+kill -CONT $E2E_STOPPED
+E2E_STOPPED=
 tap_done
