@@ -28,6 +28,7 @@
 #include "request.h"
 
 #define MIN_QUERY_GAP_MS 200
+#define TIMEOUT_SLACK_MS 500   /* a statement's answer may come this long after --timeout */
 #define RATE_WINDOW 16
 
 static void wait_usage(FILE *f, bool watch)
@@ -444,6 +445,10 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
 
     bool bar = !watch && !no_progress && !c->quiet && !c->json && isatty(2);
     double start = now_s(), last_full = -1e9, last_query = -1e9;
+    /* --timeout holds when the server stops answering too: no statement waits past it (and a little
+     * more, so that the loop's own check comes first when the server answers) */
+    if (timeout >= 0 && timeout < 1e6)
+        ds_db_set_deadline(c->db, (int)(timeout * 1000) + TIMEOUT_SLACK_MS);
     double rate_t[RATE_WINDOW];
     int64_t rate_tok[RATE_WINDOW];
     int nrate = 0;
@@ -472,6 +477,11 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         if (r == 0)
             r = read_progress(&w, &p);
         if (r < 0) {
+            if (timeout >= 0 && now_s() - start >= timeout) {
+                ctl_warn("%s", ds_errdetail());
+                rc = CTL_EXIT_TIMEOUT;
+                break;
+            }
             if (ds_db_ok(c->db)) {
                 rc = ctl_fail(NULL);
                 break;

@@ -240,6 +240,26 @@ wait $waiter
 tap_is "$?$i" "0$idr" "wait reconnects after the server restarts and sees the job finish"
 tap_like "$(cat "$T/restart.err")" "reconnecting" "... saying that it reconnects"
 
+# --timeout holds when the server process stops answering (SIGSTOP: a server or pooler that holds queries)
+idh=$("$C" submit -m qwen3-4b --priority 1000 "never claimed")
+"$C" wait -q --interval 0.2 --timeout 3 "$idh" 2>"$T/stall.err" &
+waiter=$!
+sleep 1
+hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
+kill -STOP $hb
+start=$(date +%s)
+n=0
+while kill -0 "$waiter" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
+took=$(($(date +%s) - start))
+kill -0 "$waiter" 2>/dev/null && kill -KILL "$waiter"
+wait $waiter
+rc=$?
+kill -CONT $hb
+tap_is "$rc" 4 "wait --timeout 3 while its server process is stopped: exit 4"
+tap_ok "... at the timeout (${took} s after the stop)" test "$took" -le 4
+tap_like "$(cat "$T/stall.err")" "no answer from the database within 3\\.5 s" "... saying that the database did not answer"
+q "UPDATE dspark.jobs SET state = 'cancelled', finished_at = now() WHERE id = $idh" >/dev/null
+
 # watch prints the final state of jobs that finish just before it sees them all done
 for k in z y x; do
     printf '{"custom_id": "%s", "method": "POST", "url": "/v1/completions", "body": {"model": "race", "prompt": "%s"}}\n' $k $k
