@@ -477,7 +477,7 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
         if (r == 0)
             r = read_progress(&w, &p);
         if (r < 0) {
-            if (timeout >= 0 && now_s() - start >= timeout) {
+            if (timeout >= 0 && now_s() - start >= timeout && !ds_db_ok(c->db)) {   /* no answer in time */
                 ctl_warn("%s", ds_errdetail());
                 rc = CTL_EXIT_TIMEOUT;
                 break;

@@ -808,7 +808,7 @@ static int session_timeout(struct ds_db *db)
             return r;
         ms = db->default_statement_ms;
     }
-    db->statement_ms = ms > 0 && ms < INT32_MAX / 2 ? (int)ms : 0;
+    db->statement_ms = ms <= 0 ? 0 : ms < INT32_MAX / 2 ? (int)ms : INT32_MAX / 2;   /* (12 days: no bound) */
     return 0;
 }
 

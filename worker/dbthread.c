@@ -93,6 +93,7 @@ struct dbt {
     char models[600];                 /* text[] literal of the models served */
     double next_hb, next_sweep;
     bool was_down, state_draining;
+    bool quit_bounded;                /* the quit deadline bounds every statement (ds_db_set_deadline) */
     bool taken_over;                  /* the heartbeat found the worker id held by another process */
     char pid[16];                     /* this process's, as the worker row holds it */
     int lease_s;
@@ -822,6 +823,11 @@ static void *db_main(void *arg)
         double now = wnow();
         if (quit && now >= quit_deadline)
             break;
+        if (quit && !t->quit_bounded) {
+            /* the last writes: no statement waits past the quit deadline */
+            ds_db_set_deadline(t->db, (int)ceil((quit_deadline - now) * 1000));
+            t->quit_bounded = true;
+        }
         int r = ds_db_ensure(t->db, 0);
         if (r < 0) {
             mark_down(t);

@@ -275,6 +275,21 @@ q() {
 }
 
 # q_as ROLE SQL: the same as login role ROLE.
+# stop_idle PID: SIGSTOP the server process PID at a moment it waits for its client (pg_stat_activity's
+# state idle: it runs no statement and holds no lock), trying for up to 5 s; status 1 when it never was.
+# The caller sends SIGCONT (the server cannot stop while one of its processes is stopped).
+stop_idle() {
+    _n=0
+    while [ $_n -lt 100 ]; do
+        kill -STOP "$1" 2>/dev/null || return 1
+        [ "$(q "SELECT state FROM pg_stat_activity WHERE pid = $1")" = idle ] && return 0
+        kill -CONT "$1"
+        sleep 0.05
+        _n=$((_n + 1))
+    done
+    return 1
+}
+
 q_as() {
     psql -X -q -A -t -v ON_ERROR_STOP=1 -U "$1" -c "$2"
 }

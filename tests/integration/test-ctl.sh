@@ -244,9 +244,14 @@ tap_like "$(cat "$T/restart.err")" "reconnecting" "... saying that it reconnects
 idh=$("$C" submit -m qwen3-4b --priority 1000 "never claimed")
 "$C" wait -q --interval 0.2 --timeout 3 "$idh" 2>"$T/stall.err" &
 waiter=$!
-sleep 1
-hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
-kill -STOP $hb
+n=0
+hb=
+while [ -z "$hb" ] && [ $n -lt 100 ]; do
+    sleep 0.1
+    hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
+    n=$((n + 1))
+done
+stop_idle "$hb"
 start=$(date +%s)
 n=0
 while kill -0 "$waiter" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done

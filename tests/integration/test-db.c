@@ -381,6 +381,13 @@ static void continue_stopped(void)
     n_stopped = 0;
 }
 
+static int continue_stopped_after(void **state)
+{
+    (void)state;
+    continue_stopped();
+    return 0;
+}
+
 static void stop_server_process(struct ds_db *db)
 {
     pid_t pid = PQbackendPID(ds_db_conn(db));
@@ -402,7 +409,6 @@ static char *show_statement_timeout(struct ds_db *db)
 static void test_timeouts(void **state)
 {
     (void)state;
-    atexit(continue_stopped);
     struct ds_db *db = connect_db("postgres");
     assert_int_equal(ds_db_set_timeouts(db, 700, 400), 0);
     assert_string_equal(show_statement_timeout(db), "700ms");
@@ -416,6 +422,12 @@ static void test_timeouts(void **state)
     assert_int_equal(ds_db_connect("dbname=postgres options='-c statement_timeout=1500'", "test-db", &own), 0);
     assert_int_equal(ds_db_set_timeouts(own, 700, 400), 0);
     assert_string_equal(show_statement_timeout(own), "1500ms");
+    ds_db_free(own);
+    /* one too long for milliseconds in an int: no bound, rather than the grace alone */
+    assert_int_equal(ds_db_connect("dbname=postgres options='-c statement_timeout=2000000000'", "test-db", &own), 0);
+    assert_int_equal(ds_db_set_timeouts(own, 700, 400), 0);
+    assert_int_equal(ds_db_command(own, "SELECT pg_sleep(0.6)", 0, NULL), 0);
+    assert_true(ds_db_ok(own));
     ds_db_free(own);
 
     /* the server process stops answering: the answer is waited for 0.7 + 0.4 s, then the connection is
@@ -732,7 +744,7 @@ int main(void)
         cmocka_unit_test(test_connect_with_setup),
         cmocka_unit_test(test_send_without_waiting),
         cmocka_unit_test(test_deadline),
-        cmocka_unit_test(test_timeouts),
+        cmocka_unit_test_teardown(test_timeouts, continue_stopped_after),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
         cmocka_unit_test(test_embedded_equals_files),

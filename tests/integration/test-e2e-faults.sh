@@ -202,8 +202,9 @@ stalled_backend() {
 tap_is "$(q "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")" "0" \
     "the server sets no statement_timeout"
 B1=$(stalled_backend)
-kill -STOP "$B1"
 E2E_STOPPED="$B1"
+stop_idle "$B1"
+tap_result $? "the worker's server process stopped while idle (pid $B1)"
 t0=$(date +%s)
 js=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature) VALUES ('$E2E_MODEL', ARRAY[3, 4], 8, 0) RETURNING id")
 wait_sql "SELECT state FROM dspark.jobs WHERE id = $js" succeeded 40
@@ -214,8 +215,8 @@ tap_like "$(cat "$T/stalled.log")" "database connection restored" "... and conne
 tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")" "1" \
     "... one new connection"
 B2=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")
-kill -STOP "$B2"
 E2E_STOPPED="$B1 $B2"
+stop_idle "$B2"
 sleep 1   # (a claim goes every 0.5 s, and waits)
 t0=$(date +%s)
 kill -TERM "$SPID"
