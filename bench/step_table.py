@@ -9,7 +9,8 @@ floor of its own run); HF.jsonl is `bench_step_hf.py --out` (transformers eager
 and sdpa on the same shapes). Prints a markdown table with the invariant step
 against the floor and against cuBLAS, the better transformers time and how many
 times faster the invariant step is; points transformers did not finish show
-their status. Then one summary line per shape and overall, and, where
+their status. Then one summary line per shape and overall, the same count
+against transformers eager alone (the comparison issue 5 names), and, where
 STEP.jsonl has the weights + KV floor (the weights and the K and V rows the
 pass must read, at the same copy bandwidth), the points where a tenth of the
 transformers time is below that floor: there no engine can be 10x faster.
@@ -29,6 +30,7 @@ def main(argv):
         return 2
     ours = [p for p in read_jsonl(argv[1]) if "invariant_ms" in p]
     best = {}       # (model, R, q) -> (ms, impl)
+    eager = {}      # (model, R, q) -> ms of transformers eager
     status = {}     # (model, R, q) -> the status of points that did not finish
     for p in read_jsonl(argv[2]):
         if p.get("kind") != "point":
@@ -37,6 +39,8 @@ def main(argv):
         if p.get("status") == "ok":
             if key not in best or p["ms"] < best[key][0]:
                 best[key] = (p["ms"], p["impl"])
+            if p["impl"] == "eager":
+                eager[key] = p["ms"]
         else:
             status.setdefault(key, p.get("status", "?"))
     with_kv = any("memory_floor_ms" in p for p in ours)
@@ -45,6 +49,7 @@ def main(argv):
           f"| invariant / cuBLAS |{kv_head} best transformers ms | transformers / invariant |")
     print(f"|---|---|---|---|---|---|---|---|---|{kv_rule}---|---|")
     speedups = {}
+    eager_speedups = []
     below_floor = []   # points where transformers / 10 is under the weights + KV floor
     for p in ours:
         key = (p["model"], p["R"], p["q"])
@@ -53,6 +58,8 @@ def main(argv):
         ratio_s = f"{inv / cub:.2f}" if cub > 0 else "-"
         mem = p.get("memory_floor_ms")
         kv_s = (f" {mem:.3f} |" if mem is not None else " - |") if with_kv else ""
+        if key in eager:
+            eager_speedups.append(eager[key] / inv)
         if key in best:
             hf_ms, impl = best[key]
             if mem is not None and hf_ms / 10 < mem:
@@ -72,6 +79,9 @@ def main(argv):
     if every:
         print(f"- all: {min(every):.1f}-{max(every):.1f}x; at least 10x at {sum(s >= 10 for s in every)} "
               f"of {len(every)} points")
+    if eager_speedups:
+        print(f"- against transformers eager alone: {min(eager_speedups):.1f}-{max(eager_speedups):.1f}x; at "
+              f"least 10x at {sum(s >= 10 for s in eager_speedups)} of {len(eager_speedups)} points")
     if with_kv:
         print(f"- a tenth of the transformers time is under the weights + KV floor at {len(below_floor)} of "
               f"{len(every)} points" + (": " + ", ".join(below_floor) if below_floor else ""))
