@@ -93,6 +93,8 @@ struct dbt {
     char models[600];                 /* text[] literal of the models served */
     double next_hb, next_sweep;
     bool was_down, state_draining;
+    bool down_unsaid;                 /* was_down not logged yet (say_down) */
+    char down_why[512];               /* ... and why the connection went */
     bool quit_bounded;                /* the quit deadline bounds every statement (ds_db_set_deadline) */
     bool taken_over;                  /* the heartbeat found the worker id held by another process */
     char pid[16];                     /* this process's, as the worker row holds it */
@@ -198,17 +200,26 @@ static void unlock(struct wctx *w)
     pthread_mutex_unlock(&w->sh.mu);
 }
 
-/* The connection is gone (why: ds_errdetail): said once, until it is back. */
+/* The connection is gone (why: ds_errdetail): the database counts as down until it is back, and the loop
+ * says so once (say_down), when the results still to write are known. */
 static void mark_down(struct dbt *t)
 {
     if (t->was_down)
         return;
-    wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting", ds_errdetail(),
-         json_array_size(t->pending));
-    t->was_down = true;
+    snprintf(t->down_why, sizeof t->down_why, "%s", ds_errdetail());
+    t->was_down = t->down_unsaid = true;
     lock(t->w);
     t->w->sh.db_up = false;
     unlock(t->w);
+}
+
+static void say_down(struct dbt *t)
+{
+    if (!t->down_unsaid)
+        return;
+    wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting", t->down_why,
+         json_array_size(t->pending));
+    t->down_unsaid = false;
 }
 
 /* ---- write-back ---- */
@@ -821,6 +832,7 @@ static void *db_main(void *arg)
         unlock(w);
 
         double now = wnow();
+        say_down(t);
         if (quit && now >= quit_deadline)
             break;
         if (quit && !t->quit_bounded) {
@@ -831,6 +843,7 @@ static void *db_main(void *arg)
         int r = ds_db_ensure(t->db, 0);
         if (r < 0) {
             mark_down(t);
+            say_down(t);
             pause = true;
             continue;
         }
