@@ -31,7 +31,7 @@
 #define DS_DB_BACKOFF_MAX_MS 5000
 #define DS_DB_CONNECT_TIMEOUT_S "10"   /* seconds, as libpq's connect_timeout takes it */
 #define DS_DB_MAX_LISTEN 8
-#define DS_DB_PROBE_TIMEOUT_MS 10000   /* ds_db_send_probe's statement waits for its answer this long */
+#define DS_DB_PROBE_TIMEOUT_MS 10000   /* a probe's statement waits for its answer this long (ds_db_probe) */
 
 struct ds_db {
     PGconn *conn;
@@ -389,27 +389,22 @@ void ds_db_set_deadline(struct ds_db *db, int timeout_ms)
     db->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
 }
 
-/* ds_db_exec's statement under a deadline (deadline_ms, monotonic): sent on the non-blocking connection and
+/* ds_db_exec's statement under a deadline (deadline_ms, monotonic): sent as ds_db_send sends it and
  * written as the server takes it, then its answer waited for with poll() until then and taken as
  * ds_db_take_result takes it. Once the deadline passed, the statement is still under way (or half written)
  * and the connection is of no more use: it is given up (ds_db_ok false), and ds_db_ensure makes a new one. */
 static int exec_until_deadline(struct ds_db *db, const char *sql, int nparams, const char *const *params,
                                int64_t deadline_ms, PGresult **ret)
 {
-    if (!PQisnonblocking(db->conn) && PQsetnonblocking(db->conn, 1) != 0)
-        return conn_error(db, "could not make the connection non-blocking");
-    if (!PQsendQueryParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0))
-        return conn_error(db, "query failed");
-    db->sent = true;
+    int r = ds_db_send(db, sql, nparams, params);
+    if (r < 0)
+        return r;
     for (;;) {
         int unsent = ds_db_flush(db);
         if (unsent < 0)
             return unsent;
-        if (unsent == 0) {
-            int r = ds_db_take_result(db, ret);
-            if (r != 0)
-                return r < 0 ? r : 0;
-        }
+        if (unsent == 0 && (r = ds_db_take_result(db, ret)) != 0)
+            return r < 0 ? r : 0;
         int64_t left = deadline_ms - now_ms();
         struct pollfd p = { .fd = PQsocket(db->conn), .events = (short)(POLLIN | (unsent ? POLLOUT : 0)) };
         int pr = left > 0 ? poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) : 0;
@@ -880,15 +875,19 @@ unsigned ds_db_reconnects(const struct ds_db *db)
     return db ? db->reconnects : 0;
 }
 
-int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload)
+int ds_db_probe(struct ds_db *db, const char *payload)
 {
     const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
+    ds_db_set_deadline(db, DS_DB_PROBE_TIMEOUT_MS);
+    return ds_db_command(db, "SELECT pg_notify($1, $2)", 2, params);
+}
+
+int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload)
+{
     struct ds_db *p = NULL;
     int r = ds_db_connect(conninfo, application_name, &p);
-    if (r == 0) {
-        ds_db_set_deadline(p, DS_DB_PROBE_TIMEOUT_MS);
-        r = ds_db_command(p, "SELECT pg_notify($1, $2)", 2, params);
-    }
+    if (r == 0)
+        r = ds_db_probe(p, payload);
     ds_db_free(p);
     return r;
 }

@@ -251,16 +251,8 @@ static void probe_not_sent(struct fanout *f, uint64_t now_us)
     f->probe_deadline_us = now_us + PROBE_TIMEOUT_US;
 }
 
-/* The probe, sent on its connection's thread once connected (ds_db_setup_fn). */
-static int probe_setup(struct ds_db *db, const char *payload)
-{
-    const char *params[2] = { DS_DB_EVENTS_CHANNEL, payload };
-    ds_db_set_deadline(db, PROBE_TIMEOUT_US / 1000);
-    return ds_db_command(db, "SELECT pg_notify($1, $2)", 2, params);
-}
-
-/* Whether the probe's connection is made and the probe went (probe_setup); once it went, it must be back
- * within PROBE_TIMEOUT_US. */
+/* Whether the probe's connection is made and the probe went (ds_db_probe, on the connection's thread); once
+ * it went, it must be back within PROBE_TIMEOUT_US. */
 static void probe_step(struct fanout *f, uint64_t now_us)
 {
     if (!f->probe_db)
@@ -290,7 +282,7 @@ static void probe_send(struct fanout *f, uint64_t now_us)
     f->probe_started_us = now_us;
     f->probe_slow_said = false;
     f->probe_db = ds_db_free(f->probe_db);
-    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", probe_setup, f->probe_payload, &f->probe_db) < 0)
+    if (ds_db_connect_start(f->cfg->dsn, "dsparkd-probe", ds_db_probe, f->probe_payload, &f->probe_db) < 0)
         probe_not_sent(f, now_us);
     else
         probe_step(f, now_us);   /* (the descriptor to poll, from this turn on) */
@@ -343,7 +335,6 @@ static int query_failed(struct fanout *f, uint64_t now_us, int r, const char *wh
         ds_log(DS_LOG_ERR, "%s failed: %s", what, ds_errdetail());
     return r;
 }
-
 
 /* The session settings and checks that follow every (re)connection, on the attempt's thread
  * (ds_db_setup_fn; arg: statement_timeout in milliseconds). A schema version this build does not know is
@@ -843,7 +834,6 @@ static void retry_later(struct fanout *f, uint64_t now_us, const char *what)
     f->next_connect_us = now_us + f->backoff_us;
     f->backoff_us = f->backoff_us * 2 > CONNECT_BACKOFF_MAX_US ? CONNECT_BACKOFF_MAX_US : f->backoff_us * 2;
 }
-
 
 int fanout_connect(struct fanout *f, uint64_t now_us)
 {

@@ -166,19 +166,6 @@ static void text_array1(char *buf, size_t cap, const char *s)
     buf[o] = 0;
 }
 
-static void mark_down(struct dbt *t);
-
-/* Did the last call fail because the connection is gone (rather than the statement)? Then the database
- * counts as down (mark_down) until ds_db_ensure has a connection again. */
-static bool conn_failed(struct dbt *t)
-{
-    const char *st = ds_db_sqlstate(t->db);
-    bool gone = !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
-    if (gone)
-        mark_down(t);
-    return gone;
-}
-
 /* Did the last statement fail for a passing reason (a deadlock, a
  * serialization failure, a statement timeout, a lock not available, a server
  * short of disk, memory or connections), so that the same call should be made
@@ -220,6 +207,17 @@ static void say_down(struct dbt *t)
     wlog(DS_LOG_WARNING, 0, "database connection lost (%s); reconnecting, %zu results waiting", t->down_why,
          json_array_size(t->pending));
     t->down_unsaid = false;
+}
+
+/* Did the last call fail because the connection is gone (rather than the statement)? Then the database
+ * counts as down (mark_down) until ds_db_ensure has a connection again. */
+static bool conn_failed(struct dbt *t)
+{
+    const char *st = ds_db_sqlstate(t->db);
+    bool gone = !ds_db_ok(t->db) || strncmp(st, "08", 2) == 0 || strncmp(st, "57P", 3) == 0;
+    if (gone)
+        mark_down(t);
+    return gone;
 }
 
 /* ---- write-back ---- */

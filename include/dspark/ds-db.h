@@ -184,6 +184,9 @@ int ds_db_listen(struct ds_db *db, const char *channel) DS_MUSTCHECK;
  * notifications reach it (behind a pooler that pools transactions they do
  * not). Fails when the statement has no answer within 10 s. */
 int ds_db_send_probe(const char *conninfo, const char *application_name, const char *payload) DS_MUSTCHECK;
+/* The same probe on a connection of the caller's (a ds_db_setup_fn: dsparkd
+ * sends it on a connection attempt's thread), with the same 10 s limit. */
+int ds_db_probe(struct ds_db *db, const char *payload) DS_MUSTCHECK;
 typedef void ds_db_notify_fn(void *ud, const char *channel, const char *payload);
 /* The socket to poll() for readability (-1 when disconnected). */
 int ds_db_socket(struct ds_db *db);
