@@ -490,7 +490,12 @@ int ctl_cmd_wait(struct ctl *c, int argc, char **argv)
             ctl_warn("%s; reconnecting", ds_errdetail());
             int wait_ms = timeout >= 0 ? (int)fmax(0, (timeout - (t - start)) * 1000) : 60000;
             if (ds_db_ensure(c->db, wait_ms) < 0) {
-                rc = ctl_fail(NULL);
+                if (timeout >= 0 && now_s() - start >= timeout) {   /* still down when the timeout passed */
+                    ctl_warn("%s", ds_errdetail());
+                    rc = CTL_EXIT_TIMEOUT;
+                } else {
+                    rc = ctl_fail(NULL);
+                }
                 break;
             }
             h.all = true;

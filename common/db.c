@@ -831,11 +831,37 @@ static int relisten(struct ds_db *db)
     return 0;
 }
 
+/* PQreset, ended by until_ms (monotonic) where the server or the network does not answer before: libpq's
+ * non-blocking reset, polled. A reset cut short leaves the connection bad (ds_db_ok false); the next
+ * attempt starts afresh. Names are still looked up before the first poll, as libpq does. Whether it was
+ * cut short. */
+static bool reset_until(struct ds_db *db, int64_t until_ms)
+{
+    if (!PQresetStart(db->conn))
+        return false;
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st == PGRES_POLLING_READING || st == PGRES_POLLING_WRITING) {
+        int64_t left = until_ms - now_ms();
+        if (left <= 0)
+            return true;
+        struct pollfd p = { .fd = PQsocket(db->conn), .events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT };
+        if (p.fd < 0)
+            return false;
+        int pr = poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+        if (pr < 0 && errno != EINTR)
+            return false;
+        if (pr > 0)
+            st = PQresetPoll(db->conn);
+    }
+    return false;
+}
+
 int ds_db_ensure(struct ds_db *db, int max_wait_ms)
 {
     if (ds_db_ok(db) && !db->need_session)
         return 0;
     int64_t deadline = now_ms() + (max_wait_ms > 0 ? max_wait_ms : 0);
+    bool cut_short = false;   /* the last attempt passed the deadline (ds_db_set_deadline) */
     for (;;) {
         int64_t t = now_ms();
         if (t < db->next_try_ms) {
@@ -846,7 +872,10 @@ int ds_db_ensure(struct ds_db *db, int max_wait_ms)
         if (!ds_db_ok(db)) {
             /* (non-blocking: a connection given up in the middle of a write does not wait to say goodbye) */
             PQsetnonblocking(db->conn, 1);
-            PQreset(db->conn);
+            if (db->deadline_ms)   /* (ds_db_set_deadline's bound holds for the new connection too) */
+                cut_short = reset_until(db, db->deadline_ms);
+            else
+                PQreset(db->conn);
             db->given_up = false;
             db->sent = false;
             PQclear(db->held);
@@ -866,6 +895,11 @@ int ds_db_ensure(struct ds_db *db, int max_wait_ms)
         }
         if (now_ms() >= deadline)
             break;
+    }
+    if (cut_short) {
+        snprintf(db->sqlstate, sizeof db->sqlstate, "%s", DS_DB_SQLSTATE_CONNECTION);
+        return ds_seterr(DS_EDB, "database connection is down: no answer from the database within %.1f s",
+                         db->timeout_ms / 1e3);
     }
     return conn_error(db, "database connection is down");
 }

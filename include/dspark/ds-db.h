@@ -90,7 +90,8 @@ int ds_db_exec(struct ds_db *db, const char *sql, int nparams,
  * ds_db_schema_version, ds_db_listen, ...) fail with -DS_EDB "no answer from
  * the database within N s" when their answer has not come timeout_ms from now
  * (a server or pooler that holds queries; the connection is of no use then).
- * 0: no deadline (the default). For a setup on a connection attempt's thread. */
+ * 0: no deadline (the default). ds_db_ensure's new connections end by it too,
+ * rather than by connect_timeout. For a setup on a connection attempt's thread. */
 void ds_db_set_deadline(struct ds_db *db, int timeout_ms);
 /* Bound every later statement of a long-lived connection that waits for its
  * answer (ds_db_exec and the calls built on it): the session gets
@@ -170,7 +171,9 @@ bool ds_db_ok(struct ds_db *db);
  * so that frequent callers do not hammer the server), waiting at most
  * max_wait_ms (0 = at most one attempt now, if one is due). After a
  * successful reset the LISTEN channels are issued again, and the session's
- * statement_timeout set again (ds_db_set_timeouts).
+ * statement_timeout set again (ds_db_set_timeouts). Under a deadline
+ * (ds_db_set_deadline) an attempt is given up when it passes, however long
+ * connect_timeout is.
  * Returns 0 when connected, 1 when it reconnected during this call,
  * -DS_EDB when still down. */
 int ds_db_ensure(struct ds_db *db, int max_wait_ms) DS_MUSTCHECK;

@@ -265,6 +265,38 @@ tap_ok "... at the timeout (${took} s after the stop)" test "$took" -le 4
 tap_like "$(cat "$T/stall.err")" "no answer from the database within 3\\.5 s" "... saying that the database did not answer"
 q "UPDATE dspark.jobs SET state = 'cancelled', finished_at = now() WHERE id = $idh" >/dev/null
 
+# --timeout holds while a new connection waits too: the server process ends and the server does not
+# answer new connections (its postmaster stopped); the reconnection ends at the timeout, not after
+# connect_timeout (10 s)
+idd=$("$C" submit -m qwen3-4b --priority 1000 "never claimed either")
+"$C" wait -q --interval 0.2 --timeout 3 "$idd" 2>"$T/down.err" &
+waiter=$!
+n=0
+hb=
+while [ -z "$hb" ] && [ $n -lt 100 ]; do
+    sleep 0.1
+    hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
+    n=$((n + 1))
+done
+pm=$(head -n 1 "$PGH_DIR/data/postmaster.pid")
+kill -STOP "$pm"
+kill -TERM "$hb"
+start=$(date +%s)
+n=0
+while kill -0 "$waiter" 2>/dev/null && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+took=$(($(date +%s) - start))
+kill -0 "$waiter" 2>/dev/null && kill -KILL "$waiter"
+wait $waiter
+rc=$?
+kill -CONT "$pm"
+tap_is "$rc" 4 "wait --timeout 3 while the server takes no new connection: exit 4"
+tap_ok "... at the timeout (${took} s after the server process ended)" test "$took" -le 4
+tap_like "$(cat "$T/down.err")" "database connection is down: no answer from the database within 3\\.5 s" \
+    "... saying that the database did not answer in time"
+n=0
+until q "SELECT 1" >/dev/null 2>&1 || [ $n -gt 50 ]; do sleep 0.1; n=$((n + 1)); done
+q "UPDATE dspark.jobs SET state = 'cancelled', finished_at = now() WHERE id = $idd" >/dev/null
+
 # watch prints the final state of jobs that finish just before it sees them all done
 for k in z y x; do
     printf '{"custom_id": "%s", "method": "POST", "url": "/v1/completions", "body": {"model": "race", "prompt": "%s"}}\n' $k $k

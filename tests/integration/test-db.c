@@ -369,6 +369,51 @@ static void test_deadline(void **state)
     ds_db_free(db);
 }
 
+/* A new connection under a deadline ends by it, not by connect_timeout: here the first of two hosts
+ * accepts connections and never answers (connect_timeout 2 s), the second is the private server. */
+static void test_reset_under_deadline(void **state)
+{
+    (void)state;
+    int port;
+    int s = silent_server(&port);
+    const char *host = getenv("PGHOST"), *pgport = getenv("PGPORT");
+    assert_non_null(host);
+    char conninfo[400];
+    snprintf(conninfo, sizeof conninfo, "host=127.0.0.1,%s port=%d,%s dbname=postgres connect_timeout=2", host,
+             port, pgport ? pgport : "5432");
+    struct ds_db *db = NULL;
+    assert_int_equal(ds_db_connect(conninfo, "test-db", &db), 0);   /* (after the silent host's 2 s) */
+    struct ds_db *other = connect_db("postgres");
+    char pid[16];
+    snprintf(pid, sizeof pid, "%d", PQbackendPID(ds_db_conn(db)));
+    assert_int_equal(ds_db_command(other, "SELECT pg_terminate_backend($1::int)", 1, (const char *const[]){ pid }),
+                     0);
+    ds_db_free(other);
+    while (ds_db_command(db, "SELECT 1", 0, NULL) == 0)   /* (until the termination has arrived) */
+        usleep(10000);
+    assert_false(ds_db_ok(db));
+
+    /* under a deadline of 0.7 s: the attempt waits on the silent host until the deadline, then gives up */
+    ds_db_set_deadline(db, 700);
+    double t0 = now_s();
+    assert_int_equal(ds_db_ensure(db, 0), -DS_EDB);
+    double took = now_s() - t0;
+    assert_true(took >= 0.5 && took < 1.5);
+    assert_false(ds_db_ok(db));
+    assert_string_equal(ds_errdetail(), "database connection is down: no answer from the database within 0.7 s");
+    assert_string_equal(ds_db_sqlstate(db), DS_DB_SQLSTATE_CONNECTION);
+
+    /* without one: libpq's own rules, the silent host's connect_timeout, then the next host */
+    ds_db_set_deadline(db, 0);
+    t0 = now_s();
+    assert_int_equal(ds_db_ensure(db, 5000), 1);
+    took = now_s() - t0;
+    assert_true(took >= 1.9 && took < 5.0);
+    assert_int_equal(ds_db_command(db, "SELECT 1", 0, NULL), 0);
+    ds_db_free(db);
+    close(s);
+}
+
 /* Server processes this test stopped (SIGSTOP), continued at exit whatever happens, so that the
  * harness can stop the server. */
 static pid_t stopped[4];
@@ -744,6 +789,7 @@ int main(void)
         cmocka_unit_test(test_connect_with_setup),
         cmocka_unit_test(test_send_without_waiting),
         cmocka_unit_test(test_deadline),
+        cmocka_unit_test(test_reset_under_deadline),
         cmocka_unit_test_teardown(test_timeouts, continue_stopped_after),
         cmocka_unit_test(test_errors_carry_sqlstate),
         cmocka_unit_test(test_schema_and_migrations),
