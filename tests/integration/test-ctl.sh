@@ -240,25 +240,37 @@ wait $waiter
 tap_is "$?$i" "0$idr" "wait reconnects after the server restarts and sees the job finish"
 tap_like "$(cat "$T/restart.err")" "reconnecting" "... saying that it reconnects"
 
+# ctl_server_pid: the server process of the one dsparkctl connection (waiting for it up to 10 s).
+ctl_server_pid() {
+    _n=0
+    _pid=
+    while [ -z "$_pid" ] && [ $_n -lt 100 ]; do
+        sleep 0.1
+        _pid=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
+        _n=$((_n + 1))
+    done
+    echo "$_pid"
+}
+
+# end_of PID TENTHS: wait up to TENTHS tenths of a second for the background job PID to end (then kill it);
+# sets took (seconds waited) and rc (its exit status).
+end_of() {
+    _start=$(date +%s)
+    _n=0
+    while kill -0 "$1" 2>/dev/null && [ $_n -lt "$2" ]; do sleep 0.1; _n=$((_n + 1)); done
+    took=$(($(date +%s) - _start))
+    kill -0 "$1" 2>/dev/null && kill -KILL "$1"
+    wait "$1"
+    rc=$?
+}
+
 # --timeout holds when the server process stops answering (SIGSTOP: a server or pooler that holds queries)
 idh=$("$C" submit -m qwen3-4b --priority 1000 "never claimed")
 "$C" wait -q --interval 0.2 --timeout 3 "$idh" 2>"$T/stall.err" &
 waiter=$!
-n=0
-hb=
-while [ -z "$hb" ] && [ $n -lt 100 ]; do
-    sleep 0.1
-    hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
-    n=$((n + 1))
-done
+hb=$(ctl_server_pid)
 stop_idle "$hb"
-start=$(date +%s)
-n=0
-while kill -0 "$waiter" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
-took=$(($(date +%s) - start))
-kill -0 "$waiter" 2>/dev/null && kill -KILL "$waiter"
-wait $waiter
-rc=$?
+end_of "$waiter" 150
 kill -CONT $hb
 tap_is "$rc" 4 "wait --timeout 3 while its server process is stopped: exit 4"
 tap_ok "... at the timeout (${took} s after the stop)" test "$took" -le 4
@@ -271,23 +283,11 @@ q "UPDATE dspark.jobs SET state = 'cancelled', finished_at = now() WHERE id = $i
 idd=$("$C" submit -m qwen3-4b --priority 1000 "never claimed either")
 "$C" wait -q --interval 0.2 --timeout 3 "$idd" 2>"$T/down.err" &
 waiter=$!
-n=0
-hb=
-while [ -z "$hb" ] && [ $n -lt 100 ]; do
-    sleep 0.1
-    hb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'dsparkctl'")
-    n=$((n + 1))
-done
+hb=$(ctl_server_pid)
 pm=$(head -n 1 "$PGH_DIR/data/postmaster.pid")
 kill -STOP "$pm"
 kill -TERM "$hb"
-start=$(date +%s)
-n=0
-while kill -0 "$waiter" 2>/dev/null && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
-took=$(($(date +%s) - start))
-kill -0 "$waiter" 2>/dev/null && kill -KILL "$waiter"
-wait $waiter
-rc=$?
+end_of "$waiter" 200
 kill -CONT "$pm"
 tap_is "$rc" 4 "wait --timeout 3 while the server takes no new connection: exit 4"
 tap_ok "... at the timeout (${took} s after the server process ended)" test "$took" -le 4
