@@ -195,8 +195,8 @@ static double opt_double(const char *opt, const char *v, double lo, double hi)
 static void parse_options(int argc, char **argv, struct wopts *o)
 {
     enum { O_DSN = 256, O_TARGET, O_DRAFT, O_SPEC, O_BACKEND, O_DEVICE, O_THREADS, O_MAX_BATCH, O_CONC, O_KV,
-           O_MAXCTX, O_DRAIN, O_DBTIMEOUT, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE, O_LOG,
-           O_VERSION, O_GPU_MEM, O_GEMM_RANGES };
+           O_MAXCTX, O_DRAIN, O_DBTIMEOUT, O_WID, O_LEASE, O_HB, O_POLL, O_UNKNOWN, O_SPS, O_MODEL_NAME, O_ONCE,
+           O_LOG, O_VERSION, O_GPU_MEM, O_GEMM_RANGES };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN}, {"target", required_argument, NULL, O_TARGET},
         {"draft", required_argument, NULL, O_DRAFT}, {"spec", required_argument, NULL, O_SPEC},
@@ -213,8 +213,8 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"version", no_argument, NULL, O_VERSION}, {"gpu-memory", required_argument, NULL, O_GPU_MEM},
         {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {NULL, 0, NULL, 0},
     };
-    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .db_timeout = 30, .lease = 30, .heartbeat = 0,
-                        .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
+    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .db_timeout = 30, .lease = 30,
+                        .heartbeat = 0, .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
     int c;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
