@@ -274,7 +274,6 @@ q() {
     psql -X -q -A -t -v ON_ERROR_STOP=1 -c "$1"
 }
 
-# q_as ROLE SQL: the same as login role ROLE.
 # stop_idle PID: SIGSTOP the server process PID at a moment it waits for its client (pg_stat_activity's
 # state idle: it runs no statement and holds no lock), trying for up to 5 s; status 1 when it never was.
 # The caller sends SIGCONT (the server cannot stop while one of its processes is stopped).
@@ -290,6 +289,19 @@ stop_idle() {
     return 1
 }
 
+# end_of PID TENTHS: wait up to TENTHS tenths of a second for the background job PID to end (then kill it);
+# sets took (seconds waited) and rc (its exit status).
+end_of() {
+    _start=$(date +%s)
+    _n=0
+    while kill -0 "$1" 2>/dev/null && [ $_n -lt "$2" ]; do sleep 0.1; _n=$((_n + 1)); done
+    took=$(($(date +%s) - _start))
+    kill -0 "$1" 2>/dev/null && kill -KILL "$1"
+    wait "$1"
+    rc=$?
+}
+
+# q_as ROLE SQL: the same as login role ROLE.
 q_as() {
     psql -X -q -A -t -v ON_ERROR_STOP=1 -U "$1" -c "$2"
 }

@@ -252,18 +252,6 @@ ctl_server_pid() {
     echo "$_pid"
 }
 
-# end_of PID TENTHS: wait up to TENTHS tenths of a second for the background job PID to end (then kill it);
-# sets took (seconds waited) and rc (its exit status).
-end_of() {
-    _start=$(date +%s)
-    _n=0
-    while kill -0 "$1" 2>/dev/null && [ $_n -lt "$2" ]; do sleep 0.1; _n=$((_n + 1)); done
-    took=$(($(date +%s) - _start))
-    kill -0 "$1" 2>/dev/null && kill -KILL "$1"
-    wait "$1"
-    rc=$?
-}
-
 # --timeout holds when the server process stops answering (SIGSTOP: a server or pooler that holds queries)
 idh=$("$C" submit -m qwen3-4b --priority 1000 "never claimed")
 "$C" wait -q --interval 0.2 --timeout 3 "$idh" 2>"$T/stall.err" &
