@@ -87,7 +87,7 @@ static int utf8_len(const unsigned char *s, size_t left)
 
 json_t *ds_json_text(const char *s, size_t len)
 {
-    char *buf = malloc(len * 3 + 1);
+    char *buf = ds_xmalloc(len * 3 + 1);
     size_t o = 0;
     for (size_t i = 0; i < len;) {
         int n = utf8_len((const unsigned char *)s + i, len - i);

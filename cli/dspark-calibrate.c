@@ -39,6 +39,17 @@ struct round {
     int labelled;   /* positions with a label (past an accepted stop token there is none) */
 };
 
+/* realloc that ends the program on failure (this tool has no partial result to keep) */
+static void *must_realloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (!q) {
+        fprintf(stderr, "dspark-calibrate: out of memory (requested %zu bytes)\n", n);
+        exit(1);
+    }
+    return q;
+}
+
 static double sigmoid(double x)
 {
     return 1.0 / (1.0 + exp(-x));
@@ -79,7 +90,7 @@ static double ece_of(const struct round *r, int n, int k, const double *pred)
 /* ECE at position k of Π_{i<=k} σ(z_i / T_i) (map NULL) or of the (z, p) map's survival. */
 static double ece(const struct round *r, int n, int k, const double *T, const double (*map)[3])
 {
-    double *pred = malloc((size_t)n * sizeof *pred);
+    double *pred = must_realloc(NULL, (size_t)n * sizeof *pred);
     for (int i = 0; i < n; i++) {
         double p = 1;
         for (int j = 0; j <= k; j++)
@@ -253,7 +264,7 @@ static double gauss(uint64_t *st)
  * the best of those; the lowest prefix ECE wins. */
 static void fit_map(const struct round *r, int n, int g, const double *T, double (*map)[3], double *after)
 {
-    double *prev = malloc((size_t)n * sizeof *prev), *pred = malloc((size_t)n * sizeof *pred);
+    double *prev = must_realloc(NULL, (size_t)n * sizeof *prev), *pred = must_realloc(NULL, (size_t)n * sizeof *pred);
     uint64_t st = 0x9e3779b97f4a7c15ull;
     for (int i = 0; i < n; i++)
         prev[i] = 1;
@@ -315,7 +326,7 @@ static int read_traces(const char *path, struct round **r, int *n, int *cap, int
                 rc = -1;
             } else if (vl == gg) { /* full-length rounds only */
                 if (*n == *cap)
-                    *r = realloc(*r, (size_t)(*cap = *cap ? 2 * *cap : 1024) * sizeof **r);
+                    *r = must_realloc(*r, (size_t)(*cap = *cap ? 2 * *cap : 1024) * sizeof **r);
                 struct round *x = &(*r)[(*n)++];
                 json_t *dp = json_object_get(o, "draft_prob");
                 x->has_p = json_is_array(dp) && (int)json_array_size(dp) == gg;

@@ -179,7 +179,7 @@ static int do_line(const struct ds_tokenizer *tok, int mode, bool thinking, cons
             json_decref(v);
             return -1;
         }
-        struct ds_chat_message *msgs = calloc(cnt, sizeof *msgs);
+        struct ds_chat_message *msgs = ds_xcalloc(cnt, sizeof *msgs);
         json_array_foreach(v, i, m) {
             json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
             if (!json_is_string(role) || !json_is_string(content)) {

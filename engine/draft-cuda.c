@@ -436,7 +436,7 @@ int ds_cuda_draft_new_random(struct ds_cuda_target *t, const struct ds_dspark_co
     }
     if (r == 0) {
         /* inverse RoPE frequencies as the loader computes them */
-        float *inv = malloc((size_t)hd / 2 * sizeof(float));
+        float *inv = ds_xmalloc((size_t)hd / 2 * sizeof(float));
         for (int i = 0; i < hd / 2; i++)
             inv[i] = 1.0f / powf((float)cfg->base.rope_theta, (float)(2 * i) / (float)hd);
         r = ds_cu_upload_f32(&g->inv_freq, inv, (size_t)hd / 2, "RoPE frequencies");

@@ -212,7 +212,7 @@ static int target_init(const struct ds_qwen3_config *cfg, const struct ds_cuda_o
     }
     t->layers = ds_xcalloc((size_t)cfg->num_hidden_layers, sizeof *t->layers);
     size_t half = (size_t)cfg->head_dim / 2;
-    float *inv = malloc(half * sizeof(float));
+    float *inv = ds_xmalloc(half * sizeof(float));
     for (size_t i = 0; i < half; i++)   /* as model.c (and transformers): in f32 */
         inv[i] = 1.0f / powf((float)cfg->rope_theta, (float)(2 * i) / (float)cfg->head_dim);
     r = ds_cu_upload_f32(&t->inv_freq, inv, half, "RoPE frequencies");
@@ -1076,7 +1076,7 @@ int ds_cuda_time_forward(struct ds_cuda_target *t, const struct ds_kv_pool *pool
         if ((r = run_pass(t, b->n_tokens, b->n_logits, b, graph)) < 0)
             return r;
     CK(cudaStreamSynchronize(t->stream));
-    double *ms = malloc((size_t)reps * sizeof *ms);
+    double *ms = ds_xmalloc((size_t)reps * sizeof *ms);
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -1115,7 +1115,7 @@ int ds_cuda_copy_bandwidth(size_t bytes, int reps, double *ret_bps)
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    double *ms = malloc((size_t)reps * sizeof *ms);
+    double *ms = ds_xmalloc((size_t)reps * sizeof *ms);
     for (int i = 0; i < reps; i++) {
         cudaEventRecord(e0, 0);
         cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, 0);

@@ -38,8 +38,8 @@ void ds_sps_monotone(struct ds_sps *t)
 {
     /* step time must be non-decreasing in B: pool adjacent violators on 1/sps */
     int n = t->n;
-    double *val = malloc((size_t)n * sizeof *val), *w = malloc((size_t)n * sizeof *w);
-    int *cnt = malloc((size_t)n * sizeof *cnt), k = 0;
+    double *val = ds_xmalloc((size_t)n * sizeof *val), *w = ds_xmalloc((size_t)n * sizeof *w);
+    int *cnt = ds_xmalloc((size_t)n * sizeof *cnt), k = 0;
     for (int i = 0; i < n; i++) {
         val[k] = 1.0 / t->sps[i];
         w[k] = 1;
@@ -101,7 +101,7 @@ int ds_sps_load(const char *path, struct ds_sps *ret)
         r = ds_seterr(DS_EFORMAT, "file '%s': expected equal, non-empty \"tokens\" and \"steps_per_s\" arrays", path);
         goto out;
     }
-    struct ds_sps t = {.n = (int)n, .b = malloc(n * sizeof(int)), .sps = malloc(n * sizeof(double))};
+    struct ds_sps t = {.n = (int)n, .b = ds_xmalloc(n * sizeof(int)), .sps = ds_xmalloc(n * sizeof(double))};
     for (size_t i = 0; i < n; i++) {
         t.b[i] = (int)json_integer_value(json_array_get(b, i));
         t.sps[i] = json_number_value(json_array_get(s, i));
@@ -143,7 +143,7 @@ static int by_a_desc(const void *x, const void *y)
 /* Candidates (r, j) with a > 0 and j < cap[r], sorted by descending a. */
 static struct cand *candidates(const float *a, int R, int gamma, const int *cap, int *ret_n)
 {
-    struct cand *c = malloc((size_t)(R * gamma + 1) * sizeof *c);
+    struct cand *c = ds_xmalloc((size_t)(R * gamma + 1) * sizeof *c);
     int n = 0;
     for (int r = 0; r < R; r++) {
         int lim = cap ? cap[r] : gamma;
