@@ -5,8 +5,8 @@
  *
  * Attention works on runs: up to ATT_QUERIES / G consecutive batch rows of
  * one sequence (G = query heads per KV head), computed by the host. A block
- * takes one run, one KV head and one of ATT_SPLIT position groups: the
- * positions fall into tiles of ATT_TILE, and block z takes tiles z, z + S,
+ * takes one run, one KV head and one of ATT_SCALAR_SPLIT position groups:
+ * the positions fall into tiles of ATT_TILE, and block z takes tiles z, z + S,
  * z + 2 S, ... in increasing order. It loads each tile's K and V rows once
  * (cp.async, the next tile while the current one is used) into shared memory
  * for all the run's G x tokens queries (the rows that a verification block's
@@ -91,7 +91,17 @@ extern "C" cudaError_t ds_k_kv_append_bf16(const float *k, int ldk, const float 
 
 /* ---- attention ---- */
 #define ATT_TILE 32                 /* positions per tile: one per lane */
-#define ATT_SPLIT 8                 /* position groups per (run, KV head) */
+/* Position groups per (run, KV head): the partials the merge takes for each (token, head). The
+ * tensor-core kernel uses all of them (a group per 256 positions up to S x 256); the scalar kernel
+ * the first ATT_SCALAR_SPLIT. A fixed count, never chosen per pass: a row's arithmetic must not depend
+ * on its batch. A power of two, at most 32 (the merge holds a group per lane). Built with
+ * -DATT_SPLIT=16, one to four sequences past 4,096 positions fill the GPU better (a 4B step at batch 1
+ * and 32,768 positions 21 % faster) and a verify block of 8 at batch 1 and 1,024 positions is 4 %
+ * slower (bench/RESULTS.md); contexts up to 2,048 keep their bits. */
+#ifndef ATT_SPLIT
+#define ATT_SPLIT 8
+#endif
+#define ATT_SCALAR_SPLIT 8
 #define ATT_QUERIES 32              /* queries per block at most */
 /* Warps per block: 8 for passes of few blocks (a few tokens, or a few
  * verification blocks whose runs hold more than 16 queries): each block then
@@ -213,8 +223,9 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
     };
 
     int tile = z;
-    if (tile * ATT_TILE <= last)
-        prefetch(tile, 0);
+    if (tile * ATT_TILE > last)
+        return;                                   /* no visible position: the merge never reads this group */
+    prefetch(tile, 0);
     /* queries: qi = token * G + head in group, scaled */
     for (int i = threadIdx.x; i < nq * hd; i += blockDim.x) {
         int qi = i / hd, d = i % hd;
@@ -233,8 +244,8 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
         for (int r = 0; r < R; r++)
             acc[k][r] = 0.0f;
     }
-    for (int it = 0; tile * ATT_TILE <= last; tile += ATT_SPLIT, it++) {
-        int j0 = tile * ATT_TILE, next = tile + ATT_SPLIT;
+    for (int it = 0; tile * ATT_TILE <= last; tile += ATT_SCALAR_SPLIT, it++) {
+        int j0 = tile * ATT_TILE, next = tile + ATT_SCALAR_SPLIT;
         bool more = next * ATT_TILE <= last;
         if (more)
             prefetch(next, (it + 1) & 1);
@@ -320,57 +331,67 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
     }
 }
 
-/* Merge the ATT_SPLIT partials of (token, head) in group order: one warp per
- * (token, head), MERGE_HEADS heads a block (one block per (token, head) was
- * tens of thousands of tiny blocks at a verification pass, bound by their
- * scheduling). Lane j takes elements j, j + 32, ...; each element's
- * arithmetic is the same whatever the lane. */
+/* Merge the position groups' partials of (token, head) in group order: one
+ * warp per (token, head), MERGE_HEADS heads a block (one block per (token,
+ * head) was tens of thousands of tiny blocks at a verification pass, bound by
+ * their scheduling). Group z's first position is z x group_positions, so a
+ * row at position p reads groups 0 .. p / group_positions (each holds a
+ * position it sees) and no other (their partials may never have been
+ * written). Lane z holds group z's max, sum and factor; lane j then takes
+ * elements j, j + 32, ...; each element's arithmetic is the same whatever
+ * the lane. */
 #define MERGE_HEADS 8
+#define MERGE_LOADS 8   /* groups whose values a lane loads together */
+static_assert(ATT_SPLIT <= 32 && (ATT_SPLIT & (ATT_SPLIT - 1)) == 0, "a group per lane; a power of two");
 template <typename OUT>
-__global__ static void __launch_bounds__(MERGE_HEADS * 32) attention_merge_kernel(const float *ws, int nH, int hd,
-                                                                                 OUT *out)
+__global__ static void __launch_bounds__(MERGE_HEADS * 32)
+attention_merge_kernel(const float *ws, const int32_t *pos, int nH, int hd, int groups, int group_positions, OUT *out)
 {
     pdl_enter();
     int t = blockIdx.x, h = (int)(blockIdx.y * MERGE_HEADS + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
     if (h >= nH)
         return;
     const float *part = ws + ((size_t)t * nH + h) * ATT_SPLIT * (hd + 2);
-    float Mz[ATT_SPLIT], Lz[ATT_SPLIT];
-#pragma unroll
-    for (int z = 0; z < ATT_SPLIT; z++) {
-        Mz[z] = part[z * (hd + 2)];
-        Lz[z] = part[z * (hd + 2) + 1];
-    }
-    float M = -INFINITY;
-#pragma unroll
-    for (int z = 0; z < ATT_SPLIT; z++)
-        if (Lz[z] > 0.0f)
-            M = fmaxf(M, Mz[z]);
-    float f[ATT_SPLIT], L = 0.0f;
-#pragma unroll
-    for (int z = 0; z < ATT_SPLIT; z++) {
-        f[z] = Lz[z] > 0.0f ? expf(Mz[z] - M) : 0.0f;
-        L += Lz[z] * f[z];
-    }
-    float inv = 1.0f / L;
-    OUT *oh = out + ((size_t)t * nH + h) * hd;
-    for (int d0 = lane; d0 < hd; d0 += 4 * 32) {   /* four elements a lane, their loads issued together */
-        float v[4][ATT_SPLIT];
+    float v[4][MERGE_LOADS];   /* elements lane + 32 j of groups z0 .. z0 + MERGE_LOADS - 1 */
+    auto load_values = [&](int d0, int z0, int nz) {
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int z = 0; z < ATT_SPLIT; z++)   /* (empty groups wrote no values: not read) */
-                v[j][z] = d0 + 32 * j < hd && Lz[z] > 0.0f ? part[z * (hd + 2) + 2 + d0 + 32 * j] : 0.0f;
+            for (int k = 0; k < MERGE_LOADS; k++) {
+                int d = d0 + lane + 32 * j, z = z0 + k;
+                v[j][k] = d < hd && z < nz ? part[z * (hd + 2) + 2 + d] : 0.0f;
+            }
+    };
+    int p = pos[t], nz = p < 0 ? 0 : min(groups, p / group_positions + 1);
+    float Mz = lane < nz ? part[lane * (hd + 2)] : -INFINITY, Lz = lane < nz ? part[lane * (hd + 2) + 1] : 0.0f;
+    load_values(0, 0, nz);
+    float M = Mz;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float sum = 0.0f;
+    for (int o = 16; o > 0; o >>= 1)
+        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float f = lane < nz ? expf(Mz - M) : 0.0f, L = 0.0f;
+    for (int z = 0; z < nz; z++)
+        L += __shfl_sync(0xffffffffu, Lz, z) * __shfl_sync(0xffffffffu, f, z);
+    float inv = 1.0f / L;
+    OUT *oh = out + ((size_t)t * nH + h) * hd;
+    for (int d0 = 0; d0 < hd; d0 += 4 * 32) {   /* four elements a lane, a few groups' loads issued together */
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int z0 = 0; z0 < nz; z0 += MERGE_LOADS) {
+            if (d0 > 0 || z0 > 0)
+                load_values(d0, z0, nz);
 #pragma unroll
-            for (int z = 0; z < ATT_SPLIT; z++)
-                if (f[z] > 0.0f)
-                    sum += v[j][z] * f[z];
-            if (d0 + 32 * j < hd)
-                oh[d0 + 32 * j] = from_f32<OUT>(sum * inv);
+            for (int k = 0; k < MERGE_LOADS; k++) {
+                float fz = __shfl_sync(0xffffffffu, f, (z0 + k) & 31);
+                if (z0 + k < nz && fz > 0.0f)
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        sum[j] += v[j][k] * fz;
+            }
         }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (d0 + lane + 32 * j < hd)
+                oh[d0 + lane + 32 * j] = from_f32<OUT>(sum[j] * inv);
     }
 }
 
@@ -457,13 +478,13 @@ template <int HD, int MT> struct MmaSmem {
     static constexpr size_t BYTES = MAIN + 2 * (size_t)ROWS * HD * 2 + ROWS * 4;   /* + q high, q low, positions */
 };
 
-/* The position group of item (run, g, slot): a (run, g)'s groups in the order 0, S - 1, 1, S - 2, ...:
- * the first groups hold the most tiles, so neighbouring items, which share a block when items outnumber
- * blocks, pair a full group with an emptier one (the order of work, never the arithmetic). */
-__device__ static inline int item_group(int item)
+/* The position group of slot s of a (run, g)'s items: s bit-reversed (0, S / 2, S / 4, 3 S / 4, ...).
+ * The first groups hold the most tiles (at short contexts the last ones none), and a block that takes
+ * a run of neighbouring items takes groups spread over the whole range, so the full ones spread over
+ * the blocks (the order of work, never the arithmetic). */
+__device__ static inline int slot_group(int slot)
 {
-    int slot = item % ATT_SPLIT;
-    return slot & 1 ? ATT_SPLIT - 1 - slot / 2 : slot / 2;
+    return ATT_SPLIT > 1 ? (int)(__brev((unsigned)slot) >> (32 - __builtin_ctz(ATT_SPLIT))) : 0;
 }
 
 /* Ask L2 for the cache rows of the first two tiles of the block's first item (run, KV head g, group z),
@@ -478,7 +499,7 @@ __device__ static __noinline__ void warm_first_tiles(const __nv_bfloat16 *k_cach
                                                      int max_pages, int page_size, int page_shift, int nKV, int item)
 {
     constexpr int LINES = HD * 2 / 128;   /* 128-byte lines of a row's head */
-    int z = item_group(item), g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
+    int z = slot_group(item % ATT_SPLIT), g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
     int t0 = run_start[run], ntok = run_len[run], last = 0;
     for (int i = 0; i < ntok; i++)
         last = max(last, pos[t0 + i]);
@@ -525,19 +546,28 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
     int q_pair = -1;   /* the (run, g) whose queries q_hi, q_lo and qpos_s hold */
     int m_run = -1, t0 = 0, ntok = 0, last = 0;   /* the run whose first token, length and last position these are */
     const int32_t *pages = page_table;            /* its sequence's pages */
+    int pair = -1, g = 0, groups = 0;   /* the (run, g) of the items, and how many of its groups hold a position */
     for (int item = (int)blockIdx.x * share; item < item_end; item++) {
-        int z = item_group(item), g = item / ATT_SPLIT % nKV, run = item / (nKV * ATT_SPLIT);
+        if (item / ATT_SPLIT != pair) {   /* once for a block's consecutive items of one (run, g) */
+            pair = item / ATT_SPLIT;
+            g = pair % nKV;
+            int run = pair / nKV;
+            if (run != m_run) {   /* once for its consecutive items of one run (its KV heads and groups) */
+                m_run = run;
+                t0 = run_start[run];
+                ntok = run_len[run];
+                pages = page_table + (size_t)seq[t0] * max_pages;
+                last = 0;
+                for (int i = 0; i < ntok; i++)
+                    last = max(last, pos[t0 + i]);
+            }
+            groups = min(ATT_SPLIT, last / (MMA_RUN_TILES * MMA_TILE) + 1);
+        }
+        int z = slot_group(item % ATT_SPLIT);
+        if (z >= groups)
+            continue;   /* no position of this group is visible: the merge never reads its partials */
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
         int mt = w / MMA_SLICES, sl = w % MMA_SLICES;   /* this warp's m16 tile and position slice */
-        if (run != m_run) {   /* read once for a block's consecutive items of one run (its KV heads and groups) */
-            m_run = run;
-            t0 = run_start[run];
-            ntok = run_len[run];
-            pages = page_table + (size_t)seq[t0] * max_pages;
-            last = 0;
-            for (int i = 0; i < ntok; i++)
-                last = max(last, pos[t0 + i]);
-        }
         int G = nH / nKV, nq = G * ntok;
         size_t row = (size_t)nKV * HD;
         constexpr int THREADS = L::THREADS, CPR = HD / 8;    /* CPR: 16-byte chunks per row */
@@ -564,14 +594,6 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             asm volatile("cp.async.commit_group;\n" ::);
         };
 
-        if (group_tile(z, 0) * MMA_TILE > last) {   /* no position of this group is visible: an empty partial */
-            for (int qi = threadIdx.x; qi < nq; qi += blockDim.x) {
-                float *out = ws + (((size_t)(t0 + qi / G) * nH + g * G + qi % G) * ATT_SPLIT + z) * (HD + 2);
-                out[0] = -INFINITY;
-                out[1] = 0.0f;
-            }
-            continue;
-        }
         /* two tiles in flight: the first two now, tile i + 2 once tile i is done */
         int tile = group_tile(z, 0);
         if (tile * MMA_TILE <= last)
@@ -580,8 +602,8 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
             prefetch(group_tile(z, 1), 1);
         /* the queries, four elements a thread at a time (ldq and HD are multiples of 4); the previous
          * item's when it had the same (run, g) (nothing else writes q_hi, q_lo or qpos_s) */
-        bool new_q = q_pair != item / ATT_SPLIT;
-        q_pair = item / ATT_SPLIT;
+        bool new_q = q_pair != pair;
+        q_pair = pair;
 #pragma unroll 4
         for (int i = threadIdx.x; new_q && i < ROWS * HD / 4; i += THREADS) {
             int qi = i / (HD / 4), d = i % (HD / 4) * 4;
@@ -823,7 +845,7 @@ static cudaError_t launch_part(const float *q, int ldq, const KV *k_cache, const
                                int nH, int nKV, int hd, float scale, float *ws, cudaStream_t stream)
 {
     size_t smem = AttSmem<KV>::bytes(hd);
-    dim3 grid((unsigned)n, (unsigned)nKV, ATT_SPLIT), block(W * 32);
+    dim3 grid((unsigned)n, (unsigned)nKV, ATT_SCALAR_SPLIT), block(W * 32);
     cudaError_t e = cudaSuccess;
 #define ATT_CASE(RR)                                                                                           \
     case RR:                                                                                                   \
@@ -882,18 +904,23 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
         return cudaSuccess;
     cudaError_t e = try_mma_part(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, longest, page_table,
                                  max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
-    if (e == cudaErrorNotSupported)
+    /* the groups the part kernel filled, and the positions between their first ones */
+    int groups = ATT_SPLIT, group_positions = MMA_RUN_TILES * MMA_TILE;
+    if (e == cudaErrorNotSupported) {
+        groups = ATT_SCALAR_SPLIT;
+        group_positions = ATT_TILE;
         e = wide ? launch_part<KV, 8>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
                                       page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream)
                  : launch_part<KV, 4>(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs,
                                       page_table, max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
+    }
     if (e != cudaSuccess)
         return e;
     e = cudaGetLastError();
     if (e != cudaSuccess)
         return e;
     return pdl_launch(attention_merge_kernel<OUT>, dim3((unsigned)n, (unsigned)((nH + MERGE_HEADS - 1) / MERGE_HEADS)),
-                      dim3(MERGE_HEADS * 32), 0, stream, ws, nH, hd, out);
+                      dim3(MERGE_HEADS * 32), 0, stream, ws, pos, nH, hd, groups, group_positions, out);
 }
 
 extern "C" cudaError_t ds_k_attention(const float *q, int ldq, const float *k_cache, const float *v_cache,

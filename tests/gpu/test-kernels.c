@@ -902,6 +902,16 @@ static bool test_attention_long(void)
     return test_attention(&c, "attention, long contexts (GQA 4, hd 128)");
 }
 
+/* Contexts past 8,192 positions: every position group of the tensor-core kernel holds tiles, each
+ * several runs of them; a verify block of 8 at 9,000, a decode at 4,100 and a block of 3
+ * at 2,300 (GQA 4, hd 128). */
+static bool test_attention_very_long(void)
+{
+    struct att_case c = {.nH = 32, .nKV = 8, .hd = 128, .page_size = 16, .n_pages = 1000, .n_seqs = 3,
+                         .cached = {9000, 4100, 2300}, .n_new = {8, 1, 3}};
+    return test_attention(&c, "attention, contexts up to 9,008 (GQA 4, hd 128)");
+}
+
 /* Many (run, group, KV head) items: more than the tensor-core kernel's blocks that fit an H200 at once (264 to
  * 396), so blocks take several items in turn. 160 tokens of 4 sequences, GQA 4, hd 128. */
 static bool test_attention_many_items(void)
@@ -2178,6 +2188,7 @@ static const struct {
     {"kv append + causal attention, 24 verify blocks", test_attention_many_runs},
     {"kv append + causal attention, ragged batch, hd 24", test_attention_hd24},
     {"kv append + causal attention, long contexts", test_attention_long},
+    {"kv append + causal attention, contexts past 8,192 positions", test_attention_very_long},
     {"kv append + causal attention, pages of 12 positions", test_attention_odd_pages},
     {"kv append + causal attention, decoding batches", test_attention_decode},
     {"kv append + causal attention, blocks taking many items", test_attention_many_items},
