@@ -182,7 +182,8 @@ template <typename KV> struct AttSmem {
     }
 };
 
-/* Block (run, KV head g, group z). Writes ws[((t nH + h) S + z)] = (m, l, acc[hd]), unnormalized. */
+/* Block (run, KV head g, group z < ATT_SCALAR_SPLIT): where the group holds a position of the run, writes
+ * ws[((t nH + h) S + z)] = (m, l, acc[hd]), unnormalized, for each of the run's rows. */
 template <typename KV, int R, int W>   /* R = ceil(hd / 32) value elements per lane; W warps */
 __global__ static void __launch_bounds__(W * 32)
 attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_cache, const int32_t *seq,
@@ -321,7 +322,7 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
             out[1] = l[k];
         }
         if (l[k] == 0.0f)
-            continue;                             /* no visible position here: the merge skips the group */
+            continue;                             /* no visible position here: the merge does not read the group */
 #pragma unroll
         for (int r = 0; r < R; r++) {
             int d = lane + 32 * r;
@@ -751,7 +752,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
         for (int i = threadIdx.x; i < nq * HD / 4; i += blockDim.x) {
             int qi = i / (HD / 4), d = i % (HD / 4) * 4;
             if (!(lw[MMA_SLICES * ROWS + qi] > 0.0f))
-                continue;   /* no visible position here: the merge skips the group */
+                continue;   /* no visible position here: the merge does not read the group */
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             for (int v = 0; v < MMA_SLICES; v++)
                 if (lw[v * ROWS + qi] > 0.0f) {
