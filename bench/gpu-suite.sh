@@ -10,18 +10,21 @@
 #          T 1 with top-p 0.95, and Qwen3's T 0.6 top-p 0.95 top-k 20
 #   att    the attention alone (bench-attention-cuda: attention.md, and its
 #          outputs in attention.bin for a bit comparison with another build)
+#   long   the 4B's and the 8B's step at 8,192 and 32,768 positions for 1, 4
+#          and 16 sequences, and the attention alone there (long.md; only
+#          when the list names it)
 #   sample the sampling kernels alone (bench-sample-cuda: sample.md, and the
 #          hashes of their rows and draws in sample-hashes.txt, to compare
 #          with another build)
 #   hf     transformers eager and sdpa on the same shapes (bench_step_hf.py;
 #          needs torch and transformers), within HF_BUDGET_S seconds (280);
 #          after a step part, both side by side in table.md (step_table.py)
-# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]
+# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]
 # BUILD_DIR is a build configured --with-cuda. Exit status: 0, 1 when a part
 # failed, 77 when the tests part found no CUDA device.
 set -u
-build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]}
-out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,sample,hf]}
+build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]}
+out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]}
 parts=${3:-tests,step,round,att,sample}
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "$build" && pwd) || exit 1
@@ -82,6 +85,19 @@ if has_part att; then
     "$build/bench/bench-attention-cuda" --out "$out/attention.bin" > "$out/attention.md" 2>&1 ||
         fail "bench-attention-cuda ($out/attention.md)"
     cat "$out/attention.md"
+fi
+
+if has_part long; then
+    : > "$out/long.md"
+    for ctx in 8192 32768; do
+        say "long: bench-step-cuda at $ctx positions"
+        "$build/bench/bench-step-cuda" --models 4b,8b --ctx "$ctx" --rs 1,4,16 --qs 1,8 --reps 5 \
+            --products invariant >> "$out/long.md" 2>> "$out/long.err" || fail "bench-step-cuda --ctx $ctx ($out/long.err)"
+    done
+    say "long: bench-attention-cuda"
+    "$build/bench/bench-attention-cuda" --passes 1x1x8192,4x1x8192,1x8x8192,1x1x32768,4x1x32768,1x8x32768 \
+        >> "$out/long.md" 2>> "$out/long.err" || fail "bench-attention-cuda, long contexts ($out/long.err)"
+    cat "$out/long.md"
 fi
 
 if has_part sample; then
