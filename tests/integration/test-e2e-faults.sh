@@ -14,8 +14,9 @@
 #     are refused by the attempt fence and dropped, the new attempt's stay;
 #   - the worker's server process stops answering (SIGSTOP): the worker gives
 #     the connection up statement_timeout + 10 s after its statement went,
-#     connects again and runs the job; SIGTERM while a statement waits: it
-#     still stops.
+#     connects again and runs the job; a claim made under its id that it
+#     never heard of goes back to the queue at its next heartbeat; SIGTERM
+#     while a statement waits: it still stops.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
 
@@ -215,6 +216,20 @@ tap_like "$(cat "$T/stalled.log")" "database connection restored" "... and conne
 tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")" "1" \
     "... one new connection"
 B2=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")
+# a claim that commits where the worker never hears of it, as the stopped server process's would once it
+# resumes (here made in one transaction with the job, so that no worker sees the job queued): the
+# worker's next heartbeat names only the jobs it holds, and the job goes back to the queue then, its
+# claim counted, instead of at the end of its 30 s lease
+t0=$(date +%s)
+jg=$(q "BEGIN; INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature, priority)
+        VALUES ('$E2E_MODEL', ARRAY[3, 5], 8, 0, 50);
+        SELECT id FROM dspark.claim_jobs('stalled', 1, NULL, 30); COMMIT")
+tap_is "$(q "SELECT state || ' ' || worker_id || ' ' || attempt FROM dspark.jobs WHERE id = $jg")" "running stalled 1" \
+    "a job claimed under the worker's id without its knowing"
+wait_sql "SELECT state FROM dspark.jobs WHERE id = $jg" succeeded 20
+tap_result $? "... runs within $(($(date +%s) - t0)) s (the lease is 30 s, the heartbeat 5 s)"
+tap_is "$(q "SELECT attempt - released || ' ' || run_alone FROM dspark.jobs WHERE id = $jg")" "2 false" \
+    "... on its second attempt, not marked to run alone"
 E2E_STOPPED="$B1 $B2"
 stop_idle "$B2"
 sleep 1   # (a claim goes every 0.5 s, and waits)

@@ -573,6 +573,38 @@ tap_is "$(q "SELECT lease_expires_at <= now() FROM dspark.jobs WHERE id = $ij")"
 stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w5', ARRAY[$ij]::bigint[], ARRAY[1], 600, 'host1', 42) h" 2>&1)
 tap_is "$stop" "" "without an instance a heartbeat for a missing row goes on as before"
 q "DELETE FROM dspark.jobs WHERE id = $ij" >/dev/null
+
+# --- a heartbeat with an instance ends the leases of the jobs it does not name (017) ---
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'before', 9)" >/dev/null
+jb=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
+q "SELECT dspark.register_worker('w6', 'host6', 60, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL, NULL, 30, 'inst-s')" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, priority) SELECT 'm', 's' || g, 8 FROM generate_series(1, 5) g" >/dev/null
+sids=$(q "SELECT string_agg(id::text, ' ' ORDER BY id) FROM dspark.claim_jobs('w6', 5, NULL, 600)")
+sa=$(echo "$sids" | cut -d' ' -f1) sb=$(echo "$sids" | cut -d' ' -f2) sc=$(echo "$sids" | cut -d' ' -f3)
+sd=$(echo "$sids" | cut -d' ' -f4) se=$(echo "$sids" | cut -d' ' -f5)
+q "UPDATE dspark.jobs SET max_attempts = 1 WHERE id = $sc" >/dev/null
+q "SELECT * FROM dspark.cancel_jobs(ARRAY[$sd]::bigint[])" >/dev/null
+vb=$(q "SELECT version FROM dspark.jobs WHERE id = $sb")
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s') h")
+tap_is "$stop" "" "a heartbeat naming two of the process's six running jobs asks to stop none"
+tap_is "$(q "SELECT string_agg(state || ' ' || coalesce(worker_id, '-') || ' ' || (lease_expires_at IS NULL) || ' ' || run_alone || ' ' || attempt || ' ' || released, ', ' ORDER BY id) FROM dspark.jobs WHERE id IN ($sa, $sb, $se)")" \
+    "running w6 false false 1 0, queued - true false 1 0, running w6 false false 1 0" \
+    "... a job it does not name goes back to the queue, its claim counted, not to run alone; the named ones keep theirs"
+tap_is "$(q "SELECT version FROM dspark.jobs WHERE id = $sb")" "$((vb + 1))" "... its version bumped"
+tap_like "$(q "SELECT state || ' ' || finish_reason || ' ' || error FROM dspark.jobs WHERE id = $sc")" \
+    "failed error not held by worker 'w6', which had it running .* after 1 attempts" \
+    "... one whose attempts are spent fails, saying why"
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $sd")" cancelled "... one with a cancel asked for is cancelled"
+tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $jb")" "running w6" \
+    "... and one claimed before the process registered is left to its lease"
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'legacy', 7)" >/dev/null
+sf=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60)" >/dev/null
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600)" >/dev/null
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $sf")" running "a heartbeat without an instance ends no lease"
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60, 'inst-x')" >/dev/null 2>&1
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $sf")" running "... nor one from a process that does not hold the row"
+q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
 
