@@ -94,10 +94,10 @@ extern "C" cudaError_t ds_k_kv_append_bf16(const float *k, int ldk, const float 
 /* Position groups per (run, KV head): the partials the merge takes for each (token, head). The
  * tensor-core kernel uses all of them (a group per 256 positions up to S x 256); the scalar kernel
  * the first ATT_SCALAR_SPLIT. A fixed count, never chosen per pass: a row's arithmetic must not depend
- * on its batch. A power of two, at most 32 (the merge holds a group per lane). Built with
- * -DATT_SPLIT=16, one to four sequences past 4,096 positions fill the GPU better (a 4B step at batch 1
- * and 32,768 positions 21 % faster) and a verify block of 8 at batch 1 and 1,024 positions is 4 %
- * slower (bench/RESULTS.md); contexts up to 2,048 keep their bits. */
+ * on its batch. A power of two from 8 to 32 (the merge holds a group per lane). Built with
+ * -DATT_SPLIT=16, a single sequence past 4,096 positions fills the GPU better (a 4B step at 32,768
+ * positions 21 % faster), while a verify block of 8 at 1,024 positions and four sequences at 32,768
+ * are 1-4 % slower (bench/RESULTS.md); contexts up to 2,048 keep their bits. */
 #ifndef ATT_SPLIT
 #define ATT_SPLIT 8
 #endif
@@ -343,7 +343,8 @@ attention_part_kernel(const float *q, int ldq, const KV *k_cache, const KV *v_ca
  * the lane. */
 #define MERGE_HEADS 8
 #define MERGE_LOADS 8   /* groups whose values a lane loads together */
-static_assert(ATT_SPLIT <= 32 && (ATT_SPLIT & (ATT_SPLIT - 1)) == 0, "a group per lane; a power of two");
+static_assert(ATT_SPLIT >= ATT_SCALAR_SPLIT && ATT_SPLIT <= 32 && (ATT_SPLIT & (ATT_SPLIT - 1)) == 0,
+              "the scalar kernel's groups fit; a group per lane; a power of two");
 template <typename OUT>
 __global__ static void __launch_bounds__(MERGE_HEADS * 32)
 attention_merge_kernel(const float *ws, const int32_t *pos, int nH, int hd, int groups, int group_positions, OUT *out)
