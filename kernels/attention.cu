@@ -418,6 +418,7 @@ attention_merge_kernel(const float *ws, const int32_t *pos, int nH, int hd, int 
 #define MMA_TILE 64                 /* positions per tile: 16 per slice */
 #define MMA_SLICES 4                /* position slices of a tile: warps per m16 tile of queries */
 #define MMA_RUN_TILES 4             /* consecutive tiles of a group (see group_tile) */
+#define MMA_GROUP_POSITIONS (MMA_RUN_TILES * MMA_TILE)   /* group z's first position: z x this */
 
 /* The i-th tile of position group z: the groups take runs of MMA_RUN_TILES
  * consecutive tiles in turn (group z the z-th run, then the (z + S)-th, ...),
@@ -486,7 +487,7 @@ template <int HD, int MT> struct MmaSmem {
  * the blocks (the order of work, never the arithmetic). */
 __device__ static inline int slot_group(int slot)
 {
-    return ATT_SPLIT > 1 ? (int)(__brev((unsigned)slot) >> (32 - __builtin_ctz(ATT_SPLIT))) : 0;
+    return (int)(__brev((unsigned)slot) >> (32 - __builtin_ctz(ATT_SPLIT)));
 }
 
 /* Ask L2 for the cache rows of the first two tiles of the block's first item (run, KV head g, group z),
@@ -563,7 +564,7 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                 for (int i = 0; i < ntok; i++)
                     last = max(last, pos[t0 + i]);
             }
-            groups = min(ATT_SPLIT, last / (MMA_RUN_TILES * MMA_TILE) + 1);
+            groups = min(ATT_SPLIT, last / MMA_GROUP_POSITIONS + 1);
         }
         int z = slot_group(item % ATT_SPLIT);
         if (z >= groups)
@@ -907,7 +908,7 @@ static cudaError_t attention_launch(const float *q, int ldq, const KV *k_cache, 
     cudaError_t e = try_mma_part(q, ldq, k_cache, v_cache, seq, pos, run_start, run_len, n_runs, longest, page_table,
                                  max_pages, page_size, n, nH, nKV, hd, scale, ws, stream);
     /* the groups the part kernel filled, and the positions between their first ones */
-    int groups = ATT_SPLIT, group_positions = MMA_RUN_TILES * MMA_TILE;
+    int groups = ATT_SPLIT, group_positions = MMA_GROUP_POSITIONS;
     if (e == cudaErrorNotSupported) {
         groups = ATT_SCALAR_SPLIT;
         group_positions = ATT_TILE;
