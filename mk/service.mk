@@ -22,7 +22,8 @@ DS_MIGRATIONS = \
 	sql/014-client-turns.sql \
 	sql/015-delayed-jobs.sql \
 	sql/016-client-shares.sql \
-	sql/017-heartbeat-strays.sql
+	sql/017-heartbeat-strays.sql \
+	sql/018-heartbeat-watermark.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -17,7 +17,9 @@
  *     database decodes no JSON), so at most one call per decoding round;
  *   - heartbeats (dspark.heartbeat) every --heartbeat seconds, extending the
  *     leases of every job held (claimed and not yet written back) and
- *     reporting the ids to stop (cancel requested, or no longer ours); a
+ *     reporting the ids to stop (cancel requested, or no longer ours), and
+ *     sending the server time of the last one, up to which the database
+ *     requeues running jobs of this worker that it does not name; a
  *     heartbeat refused because another process took the worker id over
  *     (after this one was cut off for longer than a lease) stops the worker,
  *     and one refused because the worker's row is gone (pruned while it was
@@ -97,6 +99,7 @@ struct dbt {
     char down_why[512];               /* ... and why the connection went */
     bool quit_bounded;                /* the quit deadline bounds every statement (ds_db_set_deadline) */
     bool taken_over;                  /* the heartbeat found the worker id held by another process */
+    char heard_until[24];             /* the last heartbeat's now() in µs since the epoch ("": none yet) */
     char pid[16];                     /* this process's, as the worker row holds it */
     int lease_s;
     double next_busy_log;             /* write-backs refused for a passing reason: log at most this often */
@@ -598,11 +601,18 @@ static int heartbeat(struct dbt *t)
     if (n_sent > 0)
         memcpy(sent, t->held, (size_t)n_sent * sizeof *sent);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
-    const char *params[7] = {t->w->id.worker_id, sids, satt, lease, t->w->id.host, t->pid, t->w->id.instance};
+    /* The watermark: the server time of the last heartbeat, whose answer came before this list was made.
+     * A claim read after that started later, so the database ends the leases of unnamed jobs only up to
+     * it, and a heartbeat that runs late (on a connection given up) cannot take a newer claim (sql/018).
+     * One row always: the server's now() for the next heartbeat, and an id to stop or NULL. */
+    const char *params[8] = {t->w->id.worker_id, sids, satt, lease, t->w->id.host, t->pid, t->w->id.instance,
+                             t->heard_until[0] ? t->heard_until : NULL};
     PGresult *res;
     int r = ds_db_exec(t->db,
-                       "SELECT * FROM dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int, $5, $6::int, $7)", 7,
-                       params, &res);
+                       "SELECT (extract(epoch FROM now()) * 1000000)::bigint, h.id"
+                       " FROM (SELECT) AS o LEFT JOIN LATERAL dspark.heartbeat($1, $2::bigint[], $3::int[], $4::int,"
+                       " $5, $6::int, $7, timestamptz 'epoch' + $8::bigint * interval '1 microsecond') AS h(id) ON true",
+                       8, params, &res);
     free(sids);
     free(satt);
     if (r < 0) {
@@ -619,12 +629,14 @@ static int heartbeat(struct dbt *t)
         return 0;
     }
     int n = PQntuples(res);
-    if (n > 0) {
+    if (n > 0 && !PQgetisnull(res, 0, 0))
+        snprintf(t->heard_until, sizeof t->heard_until, "%s", PQgetvalue(res, 0, 0));
+    if (n > 0 && !PQgetisnull(res, 0, 1)) {
         /* stop the claims this heartbeat named, not a claim of the same job made since */
         struct wshared *sh = &t->w->sh;
         lock(t->w);
         for (int i = 0; i < n; i++) {
-            int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+            int64_t id = strtoll(PQgetvalue(res, i, 1), NULL, 10);
             for (int k = 0; k < n_sent; k++) {
                 if (sent[k].id != id)
                     continue;

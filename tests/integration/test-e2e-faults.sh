@@ -15,7 +15,7 @@
 #   - the worker's server process stops answering (SIGSTOP): the worker gives
 #     the connection up statement_timeout + 10 s after its statement went,
 #     connects again and runs the job; a claim made under its id that it
-#     never heard of goes back to the queue at its next heartbeat; SIGTERM
+#     never heard of goes back to the queue within two heartbeats; SIGTERM
 #     while a statement waits: it still stops.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
@@ -218,8 +218,9 @@ tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sta
 B2=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'stalled' AND pid <> $B1")
 # a claim that commits where the worker never hears of it, as the stopped server process's would once it
 # resumes (here made in one transaction with the job, so that no worker sees the job queued): the
-# worker's next heartbeat names only the jobs it holds, and the job goes back to the queue then, its
-# claim counted, instead of at the end of its 30 s lease
+# worker's heartbeats name only the jobs it holds, and the first whose watermark (the server time of the
+# heartbeat before it) passes the claim sends the job back to the queue, its claim counted: within two
+# heartbeats, instead of at the end of its 30 s lease
 t0=$(date +%s)
 jg=$(q "BEGIN; INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature, priority)
         VALUES ('$E2E_MODEL', ARRAY[3, 5], 8, 0, 50);

@@ -585,7 +585,11 @@ sd=$(echo "$sids" | cut -d' ' -f4) se=$(echo "$sids" | cut -d' ' -f5)
 q "UPDATE dspark.jobs SET max_attempts = 1 WHERE id = $sc" >/dev/null
 q "SELECT * FROM dspark.cancel_jobs(ARRAY[$sd]::bigint[])" >/dev/null
 vb=$(q "SELECT version FROM dspark.jobs WHERE id = $sb")
-stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s') h")
+# its watermark (018): the server time the worker had heard up to; these claims came before it
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s')" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE worker_id = 'w6' AND state = 'running'")" 6 \
+    "a heartbeat with an instance but no watermark (a worker older than schema 18) ends no lease"
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s', now()) h")
 tap_is "$stop" "" "a heartbeat naming two of the process's six running jobs asks to stop none"
 tap_is "$(q "SELECT string_agg(state || ' ' || coalesce(worker_id, '-') || ' ' || (lease_expires_at IS NULL) || ' ' || run_alone || ' ' || attempt || ' ' || released, ', ' ORDER BY id) FROM dspark.jobs WHERE id IN ($sa, $sb, $se)")" \
     "running w6 false false 1 0, queued - true false 1 0, running w6 false false 1 0" \
@@ -602,9 +606,51 @@ sf=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
 q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60)" >/dev/null
 q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600)" >/dev/null
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $sf")" running "a heartbeat without an instance ends no lease"
-q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60, 'inst-x')" >/dev/null 2>&1
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60, 'inst-x', now())" >/dev/null 2>&1
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE id = $sf")" running "... nor one from a process that does not hold the row"
-q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
+# a job claimed after the heartbeat's watermark is not one the worker could have named: left running
+wm=$(q "SELECT now()")
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'newer', 7)" >/dev/null
+sg=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa]::bigint[], ARRAY[1], 600, 'host6', 60, 'inst-s', '$wm')" >/dev/null
+tap_is "$(q "SELECT id || ' ' || state FROM dspark.jobs WHERE id IN ($sf, $sg) ORDER BY id")" "$sf queued
+$sg running" "a heartbeat ends the lease of an unnamed job claimed before its watermark, not of one claimed after it"
+# a heartbeat that runs late: sent on a connection whose server process stopped (the worker then gives the
+# connection up and claims more on another), it runs when the process resumes, naming the jobs of before;
+# its watermark is older than the newer claims, which stay running
+wm=$(q "SELECT now()")
+mkfifo "$PGH_DIR/late.fifo"
+psql -X -q -A -t "application_name=late-heartbeat" <"$PGH_DIR/late.fifo" >"$PGH_DIR/late.out" 2>&1 &
+lp=$!
+exec 9>"$PGH_DIR/late.fifo"
+lb=
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    lb=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'late-heartbeat'")
+    [ -n "$lb" ] && break
+    sleep 0.2
+done
+stop_idle "$lb"
+tap_result $? "a worker's connection whose server process is stopped while idle (pid $lb)"
+echo "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa, $sg]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s', '$wm');" >&9
+sleep 0.3
+exec 9>&-
+kill -KILL "$lp" 2>/dev/null
+wait "$lp" 2>/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'after-1', 21), ('m', 'after-2', 20)" >/dev/null
+sh=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
+si=$(q "SELECT id FROM dspark.claim_jobs('w6', 1, NULL, 600)")
+q "UPDATE dspark.jobs SET max_attempts = 1 WHERE id = $si" >/dev/null
+q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa, $sg, $sh, $si]::bigint[], ARRAY[1, 1, 1, 1], 600, 'host6', 60, 'inst-s', now())" >/dev/null
+hb2=$(q "SELECT heartbeat_at FROM dspark.workers WHERE worker_id = 'w6'")
+kill -CONT "$lb"
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    [ -z "$(q "SELECT pid FROM pg_stat_activity WHERE pid = $lb")" ] && break
+    sleep 0.25
+done
+tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE pid = $lb")|$(q "SELECT heartbeat_at > '$hb2' FROM dspark.workers WHERE worker_id = 'w6'")|$(q "SELECT string_agg(state || ' ' || worker_id || ' ' || attempt, ', ' ORDER BY id) FROM dspark.jobs WHERE id IN ($sa, $sg, $sh, $si)")" \
+    "0|t|running w6 1, running w6 1, running w6 1, running w6 1" \
+    "... once it resumes, its late heartbeat has run and ended no lease of the jobs claimed since on the new connection"
+q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf, $sg, $sh, $si); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
 

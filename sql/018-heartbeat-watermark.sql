@@ -1,0 +1,111 @@
+-- 018-heartbeat-watermark.sql: a heartbeat ends only the leases of claims
+-- older than what its worker had heard when it sent it.
+--
+-- 017 let a heartbeat requeue the running jobs of its worker id that it does
+-- not name, claimed since the worker's process registered. But a heartbeat
+-- can itself run late: sent on a connection whose server process (or pooler)
+-- stopped answering, it runs once that process resumes, after the worker gave
+-- the connection up and claimed more on a new one. It then named only the jobs
+-- of before, and requeued (or failed, their attempts spent) jobs the worker was
+-- running.
+--
+-- Now the caller says how far its books go: p_heard_until, a server time taken
+-- from a statement whose answer the worker had read before it built the list
+-- of held jobs (the worker sends its last heartbeat's now()). Any claim that the
+-- worker reads after building the list started after that answer came, so its
+-- started_at is later than p_heard_until, and only jobs claimed at or before it
+-- can be strays. A job claimed unheard after the watermark waits for a later
+-- heartbeat (the next one's watermark passes it), or its lease. Without
+-- p_heard_until (an older worker), no stray is requeued: 017's check is off,
+-- and such jobs wait for their leases as before 017.
+
+DROP FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text);
+
+CREATE FUNCTION dspark.heartbeat(
+    p_worker_id text, p_job_ids bigint[], p_attempts int[], p_lease_seconds int,
+    p_host text DEFAULT NULL, p_pid int DEFAULT NULL, p_instance text DEFAULT NULL,
+    p_heard_until timestamptz DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_w record;
+    v_registered timestamptz;
+    v_changes text[];
+BEGIN
+    UPDATE dspark.workers w
+    SET heartbeat_at = now(),
+        state = CASE WHEN state IN ('lost', 'starting') THEN 'running' ELSE state END
+    WHERE worker_id = p_worker_id AND dspark.holds_worker_row(p_host, p_pid, p_instance, w.host, w.pid, w.instance)
+    RETURNING w.started_at INTO v_registered;
+    IF NOT FOUND AND (p_host IS NOT NULL OR p_instance IS NOT NULL) THEN
+        SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id;
+        IF FOUND AND v_w.instance IS NOT NULL THEN
+            RAISE EXCEPTION 'worker id % was taken over by host % (pid %, instance %) while this worker''s heartbeat was older than a lease',
+                quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid, quote_literal(v_w.instance)
+                USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+        ELSIF FOUND THEN
+            RAISE EXCEPTION 'worker id % was taken over by host % (pid %) while this worker''s heartbeat was older than a lease',
+                quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid
+                USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+        ELSIF p_instance IS NOT NULL THEN
+            RAISE EXCEPTION 'worker id % has no row in dspark.workers (removed while this worker''s heartbeat was old)',
+                quote_literal(p_worker_id)
+                USING ERRCODE = 'no_data_found', HINT = 'register the worker again';
+        END IF;
+    END IF;
+    IF p_instance IS NOT NULL AND v_registered IS NOT NULL AND p_heard_until IS NOT NULL THEN
+        -- the strays: running under this worker id, claimed by this process before the caller's
+        -- watermark, not named
+        WITH strays AS (
+            UPDATE dspark.jobs j
+            SET state = CASE WHEN j.cancel_requested THEN 'cancelled'
+                             WHEN j.attempt - j.released >= j.max_attempts THEN 'failed'
+                             ELSE 'queued' END,
+                error = CASE WHEN NOT j.cancel_requested AND j.attempt - j.released >= j.max_attempts
+                             THEN format('not held by worker %s, which had it running (a claim it did not hear of, '
+                                         'or a result it could not store), after %s attempts',
+                                         quote_literal(p_worker_id), j.attempt - j.released)
+                             ELSE j.error END,
+                finish_reason = CASE WHEN j.cancel_requested THEN 'cancelled'
+                                     WHEN j.attempt - j.released >= j.max_attempts THEN 'error' END,
+                finished_at = CASE WHEN j.cancel_requested OR j.attempt - j.released >= j.max_attempts
+                                   THEN now() END,
+                worker_id = CASE WHEN j.cancel_requested OR j.attempt - j.released >= j.max_attempts
+                                 THEN j.worker_id END,
+                lease_expires_at = NULL, version = j.version + 1
+            WHERE j.state = 'running' AND j.worker_id = p_worker_id AND j.started_at >= v_registered
+              AND j.started_at <= p_heard_until
+              AND NOT EXISTS (SELECT FROM unnest(p_job_ids, p_attempts) AS u(id, attempt)
+                              WHERE u.id = j.id AND u.attempt = j.attempt)
+            RETURNING j.id, j.version, j.state, j.attempt
+        )
+        SELECT array_agg(dspark.job_change(s.id, s.version, s.state, s.attempt) ORDER BY s.id)
+        INTO v_changes
+        FROM strays s;
+        PERFORM dspark.notify_job_changes(v_changes);
+    END IF;
+    RETURN QUERY
+    WITH extended AS (
+        UPDATE dspark.jobs j
+        SET lease_expires_at = now() + make_interval(secs => greatest(p_lease_seconds, 1)),
+            version = j.version + 1
+        FROM unnest(p_job_ids, p_attempts) AS u(id, attempt)
+        WHERE j.id = u.id AND j.attempt = u.attempt AND j.state = 'running'
+          AND j.worker_id = p_worker_id
+        RETURNING j.id, j.cancel_requested
+    )
+    SELECT u.id
+    FROM unnest(p_job_ids) AS u(id)
+    LEFT JOIN extended e ON e.id = u.id
+    WHERE e.id IS NULL OR e.cancel_requested
+    ORDER BY u.id;
+END
+$$;
+COMMENT ON FUNCTION dspark.heartbeat IS 'extend leases; returns the ids to stop (cancelled or no longer held); with an instance (else host and pid), refuses (55006) a worker whose id another process took over, and (P0002) one whose row is gone; with an instance and p_heard_until, ends the lease of each running job of the worker id that it does not name, claimed since the process registered and at or before p_heard_until (requeued, the attempt counted)';
+
+REVOKE EXECUTE ON FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text, timestamptz)
+TO dspark_worker, dspark_admin;
+
+INSERT INTO dspark.schema_version (version, name) VALUES (18, '018-heartbeat-watermark');
