@@ -18,6 +18,15 @@
 -- heartbeat (the next one's watermark passes it), or its lease. Without
 -- p_heard_until (an older worker), no stray is requeued: 017's check is off,
 -- and such jobs wait for their leases as before 017.
+--
+-- A process whose worker id another process took over (it was cut off for
+-- longer than a lease) went on claiming under that id until its next
+-- heartbeat told it so; the new holder's heartbeats then requeued those claims
+-- as strays, their attempts counted, while the old process ran them.
+-- dspark.claim_jobs_held claims only for the process that holds the worker row
+-- (by instance), and refuses anyone else with SQLSTATE 55006, as the heartbeat
+-- does, so the old process stops at its first claim. It locks the row for the
+-- claim's transaction, so a takeover waits for a claim under way.
 
 DROP FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text);
 
@@ -106,6 +115,36 @@ COMMENT ON FUNCTION dspark.heartbeat IS 'extend leases; returns the ids to stop 
 
 REVOKE EXECUTE ON FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text, timestamptz)
+TO dspark_worker, dspark_admin;
+
+CREATE FUNCTION dspark.claim_jobs_held(
+    p_instance text, p_worker_id text, p_max_jobs int, p_token_budget bigint,
+    p_lease_seconds int, p_models text[] DEFAULT NULL, p_job_tokens int DEFAULT 0)
+RETURNS SETOF dspark.jobs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_w record;
+BEGIN
+    SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'worker id % has no row in dspark.workers', quote_literal(p_worker_id)
+            USING ERRCODE = 'no_data_found', HINT = 'register the worker again';
+    ELSIF v_w.instance IS DISTINCT FROM p_instance AND v_w.instance IS NOT NULL THEN
+        RAISE EXCEPTION 'worker id % was taken over by host % (pid %, instance %) while this worker''s heartbeat was older than a lease',
+            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid, quote_literal(v_w.instance)
+            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+    ELSIF v_w.instance IS DISTINCT FROM p_instance THEN
+        RAISE EXCEPTION 'worker id % was taken over by host % (pid %) while this worker''s heartbeat was older than a lease',
+            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid
+            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+    END IF;
+    RETURN QUERY SELECT * FROM dspark.claim_jobs(p_worker_id, p_max_jobs, p_token_budget, p_lease_seconds, p_models,
+                                                  p_job_tokens);
+END
+$$;
+COMMENT ON FUNCTION dspark.claim_jobs_held IS 'dspark.claim_jobs for the worker process that holds the worker row (by instance): refuses (55006) one whose id another process took over, and (P0002) one whose row is gone';
+REVOKE EXECUTE ON FUNCTION dspark.claim_jobs_held(text, text, int, bigint, int, text[], int) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dspark.claim_jobs_held(text, text, int, bigint, int, text[], int)
 TO dspark_worker, dspark_admin;
 
 INSERT INTO dspark.schema_version (version, name) VALUES (18, '018-heartbeat-watermark');

@@ -98,7 +98,7 @@ struct dbt {
     bool down_unsaid;                 /* was_down not logged yet (say_down) */
     char down_why[512];               /* ... and why the connection went */
     bool quit_bounded;                /* the quit deadline bounds every statement (ds_db_set_deadline) */
-    bool taken_over;                  /* the heartbeat found the worker id held by another process */
+    bool taken_over;                  /* a heartbeat or claim found the worker id held by another process */
     char heard_until[24];             /* the last heartbeat's now() in µs since the epoch ("": none yet) */
     char pid[16];                     /* this process's, as the worker row holds it */
     int lease_s;
@@ -665,15 +665,23 @@ static int claim(struct dbt *t, int max_jobs, long budget)
     snprintf(sbudget, sizeof sbudget, "%ld", budget);
     snprintf(lease, sizeof lease, "%d", t->lease_s);
     snprintf(job_tokens, sizeof job_tokens, "%d", t->w->job_tokens);
-    const char *params[6] = {t->w->id.worker_id, smax, budget >= 0 ? sbudget : NULL, lease, t->models, job_tokens};
+    const char *params[7] = {t->w->id.instance, t->w->id.worker_id, smax, budget >= 0 ? sbudget : NULL, lease,
+                             t->models, job_tokens};
     PGresult *res;
+    /* only while this process holds the worker row (sql/018): one whose id was taken over stops here */
     int r = ds_db_exec(t->db,
                        "SELECT " WJOB_COLUMNS
-                       " FROM dspark.claim_jobs($1, $2::int, $3::bigint, $4::int, $5::text[], $6::int)",
-                       6, params, &res);
+                       " FROM dspark.claim_jobs_held($1, $2, $3::int, $4::bigint, $5::int, $6::text[], $7::int)",
+                       7, params, &res);
     if (r < 0) {
         if (conn_failed(t))
             return -1;
+        if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
+            taken_over(t);
+            return 0;
+        }
+        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0)
+            return register_again(t);
         wlog(DS_LOG_ERR, 0, "claim failed: %s", ds_errdetail());
         t->next_poll = wnow() + t->w->o.poll;
         t->more_maybe = false;

@@ -196,7 +196,7 @@ tap_is "$(q "SELECT state || ' ' || worker_id FROM dspark.jobs WHERE id = $mjob"
     "a worker serves under its id"
 q "SELECT dspark.worker_starting('moved-id', 'otherhost', 4343, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
 reap "$moved_pid"
-tap_is "$?" "1" "when another host takes its id over, the worker learns it from its next heartbeat and exits 1"
+tap_is "$?" "1" "when another host takes its id over, the worker learns it from its next claim or heartbeat and exits 1"
 tap_like "$(cat "$T/moved-id.log")" \
     "worker id 'moved-id' was taken over by host 'otherhost' \\(pid 4343\\) while this worker's heartbeat was older than a lease" \
     "... naming the new holder"

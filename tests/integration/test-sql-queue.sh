@@ -650,6 +650,18 @@ done
 tap_is "$(q "SELECT count(*) FROM pg_stat_activity WHERE pid = $lb")|$(q "SELECT heartbeat_at > '$hb2' FROM dspark.workers WHERE worker_id = 'w6'")|$(q "SELECT string_agg(state || ' ' || worker_id || ' ' || attempt, ', ' ORDER BY id) FROM dspark.jobs WHERE id IN ($sa, $sg, $sh, $si)")" \
     "0|t|running w6 1, running w6 1, running w6 1, running w6 1" \
     "... once it resumes, its late heartbeat has run and ended no lease of the jobs claimed since on the new connection"
+# claims only for the process that holds the worker row (018)
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'held-1', 30), ('m', 'held-2', 29)" >/dev/null
+tap_is "$(q "SELECT prompt || ' ' || worker_id || ' ' || state FROM dspark.claim_jobs_held('inst-s', 'w6', 1, NULL, 600)")" \
+    "held-1 w6 running" "claim_jobs_held claims for the process that holds the worker row"
+out=$(q "SELECT * FROM dspark.claim_jobs_held('inst-old', 'w6', 5, NULL, 600)" 2>&1)
+tap_like "$out" "worker id 'w6' was taken over by host 'host6' \\(pid 60, instance 'inst-s'\\)" \
+    "... and refuses a process whose id was taken over, naming the holder"
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE prompt = 'held-2'")" queued "... which claims nothing"
+out=$(psql -X -q -A -t -c "SELECT * FROM dspark.claim_jobs_held('inst-s', 'w-none', 5, NULL, 600)" 2>&1)
+tap_like "$out" "worker id 'w-none' has no row in dspark.workers" "... and a worker id with no row"
+tap_is "$(q "SELECT state FROM dspark.jobs WHERE prompt = 'held-2'")" queued "... which claims nothing either"
+q "DELETE FROM dspark.jobs WHERE prompt IN ('held-1', 'held-2')" >/dev/null
 q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf, $sg, $sh, $si); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
