@@ -25,8 +25,12 @@
 -- as strays, their attempts counted, while the old process ran them.
 -- dspark.claim_jobs_held claims only for the process that holds the worker row
 -- (by instance), and refuses anyone else with SQLSTATE 55006, as the heartbeat
--- does, so the old process stops at its first claim. It locks the row for the
--- claim's transaction, so a takeover waits for a claim under way.
+-- does, so the old process stops at its first claim. It reads the row without
+-- locking it: a lock held by a claim whose server process stalls would hold up
+-- the worker's heartbeats on its next connection, and the lease reaper's pass
+-- for every worker (it marks the row lost in the same transaction). A takeover
+-- that commits while a claim runs can still let that one claim through; the
+-- new holder's heartbeats requeue it, as they would any stray.
 
 DROP FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text);
 
@@ -125,7 +129,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_w record;
 BEGIN
-    SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id FOR SHARE;
+    SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'worker id % has no row in dspark.workers', quote_literal(p_worker_id)
             USING ERRCODE = 'no_data_found', HINT = 'register the worker again';

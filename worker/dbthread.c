@@ -915,7 +915,7 @@ static void *db_main(void *arg)
                     continue;
                 }
             }
-            if (n == 0 && idle) {
+            if (n == 0 && idle && !t->taken_over) {
                 /* an idle worker takes one job whatever its size: if it cannot
                  * run it, the job fails with the reason instead of waiting forever */
                 n = claim(t, 1, -1);

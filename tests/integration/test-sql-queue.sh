@@ -786,4 +786,27 @@ tap_is "$(q "SELECT count(*) FROM dspark.batches")" 0 "an old, empty batch is pr
 out=$(psql -X -q -c "SELECT dspark.prune('-1 day')" 2>&1)
 tap_like "$out" "interval must be zero or positive" "a negative retention interval is refused"
 
+# --- (018) a claim under way (its transaction open, as when its server process stalls) holds up neither the lease
+# reaper, which marks a silent worker lost, nor the worker's heartbeat on another connection
+q "SELECT dspark.register_worker('w7', 'host7', 70, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL, NULL, 30, 'inst-7')" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, priority) VALUES ('m', 'open-claim', 40)" >/dev/null
+q "UPDATE dspark.workers SET heartbeat_at = now() - interval '1 hour' WHERE worker_id = 'w7'" >/dev/null
+mkfifo "$PGH_DIR/claim.fifo"
+psql -X -q -A -t <"$PGH_DIR/claim.fifo" >/dev/null 2>&1 &
+cp=$!
+exec 8>"$PGH_DIR/claim.fifo"
+echo "BEGIN; SELECT count(*) FROM dspark.claim_jobs_held('inst-7', 'w7', 1, NULL, 600);" >&8
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    [ "$(q "SELECT state FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND query LIKE '%claim_jobs_held%'")" = "idle in transaction" ] && break
+    sleep 0.2
+done
+out=$(PGOPTIONS='-c statement_timeout=3000' psql -X -q -A -t -c "SELECT dspark.requeue_expired('1 minute')" 2>&1)
+tap_like "$out|$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w7'")" "^[0-9]+\\|lost$" \
+    "a claim whose transaction is still open does not hold up the lease reaper, which marks its silent worker lost"
+out=$(PGOPTIONS='-c statement_timeout=3000' psql -X -q -A -t -c "SELECT count(*) FROM dspark.heartbeat('w7', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host7', 70, 'inst-7')" 2>&1)
+tap_is "$out|$(q "SELECT state FROM dspark.workers WHERE worker_id = 'w7'")" "0|running" \
+    "... nor the worker's heartbeat on another connection"
+echo "ROLLBACK;" >&8
+exec 8>&-
+wait "$cp"
 tap_done
