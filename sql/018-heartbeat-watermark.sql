@@ -32,6 +32,34 @@
 -- that commits while a claim runs can still let that one claim through; the
 -- new holder's heartbeats requeue it, as they would any stray.
 
+-- Why a caller that does not hold worker p_worker_id's row may not act for it:
+-- 55006 naming the process that holds it, or P0002 when there is no row and
+-- p_row_required (a caller with an instance). Returns when neither applies.
+CREATE FUNCTION dspark.refuse_worker_row(p_worker_id text, p_row_required boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_w record;
+BEGIN
+    SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id;
+    IF FOUND AND v_w.instance IS NOT NULL THEN
+        RAISE EXCEPTION 'worker id % was taken over by host % (pid %, instance %) while this worker''s heartbeat was older than a lease',
+            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid, quote_literal(v_w.instance)
+            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'worker id % was taken over by host % (pid %) while this worker''s heartbeat was older than a lease',
+            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid
+            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+    ELSIF p_row_required THEN
+        RAISE EXCEPTION 'worker id % has no row in dspark.workers (removed while this worker''s heartbeat was old)',
+            quote_literal(p_worker_id)
+            USING ERRCODE = 'no_data_found', HINT = 'register the worker again';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dspark.refuse_worker_row IS 'raises why a caller that does not hold a worker row may not act for it: 55006 naming the holder, or P0002 when there is no row and one is required';
+REVOKE EXECUTE ON FUNCTION dspark.refuse_worker_row(text, boolean) FROM PUBLIC;
+
 DROP FUNCTION dspark.heartbeat(text, bigint[], int[], int, text, int, text);
 
 CREATE FUNCTION dspark.heartbeat(
@@ -42,7 +70,6 @@ RETURNS SETOF bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_w record;
     v_registered timestamptz;
     v_changes text[];
 BEGIN
@@ -52,20 +79,7 @@ BEGIN
     WHERE worker_id = p_worker_id AND dspark.holds_worker_row(p_host, p_pid, p_instance, w.host, w.pid, w.instance)
     RETURNING w.started_at INTO v_registered;
     IF NOT FOUND AND (p_host IS NOT NULL OR p_instance IS NOT NULL) THEN
-        SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id;
-        IF FOUND AND v_w.instance IS NOT NULL THEN
-            RAISE EXCEPTION 'worker id % was taken over by host % (pid %, instance %) while this worker''s heartbeat was older than a lease',
-                quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid, quote_literal(v_w.instance)
-                USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
-        ELSIF FOUND THEN
-            RAISE EXCEPTION 'worker id % was taken over by host % (pid %) while this worker''s heartbeat was older than a lease',
-                quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid
-                USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
-        ELSIF p_instance IS NOT NULL THEN
-            RAISE EXCEPTION 'worker id % has no row in dspark.workers (removed while this worker''s heartbeat was old)',
-                quote_literal(p_worker_id)
-                USING ERRCODE = 'no_data_found', HINT = 'register the worker again';
-        END IF;
+        PERFORM dspark.refuse_worker_row(p_worker_id, p_instance IS NOT NULL);
     END IF;
     IF p_instance IS NOT NULL AND v_registered IS NOT NULL AND p_heard_until IS NOT NULL THEN
         -- the strays: running under this worker id, claimed by this process before the caller's
@@ -126,21 +140,10 @@ CREATE FUNCTION dspark.claim_jobs_held(
     p_lease_seconds int, p_models text[] DEFAULT NULL, p_job_tokens int DEFAULT 0)
 RETURNS SETOF dspark.jobs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_w record;
 BEGIN
-    SELECT w.host, w.pid, w.instance INTO v_w FROM dspark.workers w WHERE w.worker_id = p_worker_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'worker id % has no row in dspark.workers', quote_literal(p_worker_id)
-            USING ERRCODE = 'no_data_found', HINT = 'register the worker again';
-    ELSIF v_w.instance IS DISTINCT FROM p_instance AND v_w.instance IS NOT NULL THEN
-        RAISE EXCEPTION 'worker id % was taken over by host % (pid %, instance %) while this worker''s heartbeat was older than a lease',
-            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid, quote_literal(v_w.instance)
-            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
-    ELSIF v_w.instance IS DISTINCT FROM p_instance THEN
-        RAISE EXCEPTION 'worker id % was taken over by host % (pid %) while this worker''s heartbeat was older than a lease',
-            quote_literal(p_worker_id), quote_literal(v_w.host), v_w.pid
-            USING ERRCODE = 'object_in_use', HINT = 'give each worker its own worker id';
+    IF NOT EXISTS (SELECT FROM dspark.workers w
+                   WHERE w.worker_id = p_worker_id AND w.instance IS NOT DISTINCT FROM p_instance) THEN
+        PERFORM dspark.refuse_worker_row(p_worker_id, true);
     END IF;
     RETURN QUERY SELECT * FROM dspark.claim_jobs(p_worker_id, p_max_jobs, p_token_budget, p_lease_seconds, p_models,
                                                   p_job_tokens);

@@ -586,6 +586,23 @@ static int register_again(struct dbt *t)
     return 0;
 }
 
+/* A heartbeat or claim that the database refused for the worker row (sql/018's refuse_worker_row): another
+ * process holds it (55006: stop) or it is gone (P0002: register again). True when it was, with *ret the
+ * caller's result (-1: the connection failed). */
+static bool row_refused(struct dbt *t, int *ret)
+{
+    if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
+        taken_over(t);
+        *ret = 0;
+        return true;
+    }
+    if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0) {
+        *ret = register_again(t);
+        return true;
+    }
+    return false;
+}
+
 static int heartbeat(struct dbt *t)
 {
     int64_t *ids = ds_xmalloc(((size_t)t->n_held + 1) * sizeof *ids);
@@ -619,12 +636,8 @@ static int heartbeat(struct dbt *t)
         free(sent);
         if (conn_failed(t))
             return -1;
-        if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
-            taken_over(t);
-            return 0;
-        }
-        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0)
-            return register_again(t);
+        if (row_refused(t, &r))
+            return r;
         wlog(DS_LOG_ERR, 0, "heartbeat failed: %s", ds_errdetail());
         return 0;
     }
@@ -676,12 +689,8 @@ static int claim(struct dbt *t, int max_jobs, long budget)
     if (r < 0) {
         if (conn_failed(t))
             return -1;
-        if (strcmp(ds_db_sqlstate(t->db), "55006") == 0) {
-            taken_over(t);
-            return 0;
-        }
-        if (strcmp(ds_db_sqlstate(t->db), "P0002") == 0)
-            return register_again(t);
+        if (row_refused(t, &r))
+            return r;
         wlog(DS_LOG_ERR, 0, "claim failed: %s", ds_errdetail());
         t->next_poll = wnow() + t->w->o.poll;
         t->more_maybe = false;
