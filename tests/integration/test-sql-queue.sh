@@ -254,8 +254,9 @@ wait $holder
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # concurrent claimers over three clients' jobs, 540 of 900 claimed: every
-# job at most once, and the clients' shares even (a claim can lose a race for
-# single rows to another, so within one claim's worth)
+# job at most once, and the clients' shares even (a claim can lose races for
+# single rows to the others, on a loaded machine in two claims running: so
+# within two claims' worth)
 q "INSERT INTO dspark.jobs (model, prompt, owner)
    SELECT 'm', o || g, o FROM generate_series(1, 300) g, unnest(ARRAY['alice', 'bob', 'carol']) o" >/dev/null
 for w in a b c; do
@@ -274,7 +275,7 @@ tap_is "$(cut -d' ' -f1 "$T/turns-all" | sort | uniq -d | wc -l | tr -d ' ')|$(w
     "three concurrent claimers over three clients: no job handed out twice"
 tap_is "$(cat "$T/turns-err-a" "$T/turns-err-b" "$T/turns-err-c")" "" "... without errors"
 spread=$(q "SELECT max(n) - min(n) FROM (SELECT count(*) FILTER (WHERE state = 'running') AS n FROM dspark.jobs GROUP BY owner) s")
-tap_ok "... and the clients' shares within 9 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 9
+tap_ok "... and the clients' shares within 18 jobs of each other (spread $spread, $(wc -l <"$T/turns-all" | tr -d ' ') claimed)" test "$spread" -le 18
 q "DELETE FROM dspark.jobs" >/dev/null
 
 # a claimer in turns never waits on another's step of the turn: the model's
