@@ -171,7 +171,7 @@ wait_for "$T/silent.log" "^accepted $((n + 1))\$" 6
 sleep 0.5
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM during an attempt: dsparkd exits 0"
-tap_ok "... within 1.5 s ($took_ms ms; an attempt takes 3 s)" [ "$took_ms" -lt 1500 ]
+tap_ok "... within 2 s ($took_ms ms; the attempt had 2.5 s left)" [ "$took_ms" -lt 2000 ]
 stop_proxy
 
 # ---- the probe's connection hangs ----
@@ -263,7 +263,7 @@ wait_for "$T/dsparkd.log" "could not send the notification probe \(trying again 
 tap_result $? "the probe's connection gives up after connect_timeout, and the log says so"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
-tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+tap_ok "... within 3 s ($took_ms ms)" [ "$took_ms" -lt 3000 ]
 stop_proxy
 
 # ---- the probe's connection takes 11 s, longer than the probe's own 10 s ----
@@ -288,7 +288,7 @@ wait_for "$T/proxy.log" '^accepted 2$' 3
 tap_result $? "... and a new one is made"
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM: dsparkd exits 0"
-tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+tap_ok "... within 3 s ($took_ms ms)" [ "$took_ms" -lt 3000 ]
 stop_proxy
 
 # ---- dsparkd's server process stops answering ----
@@ -345,7 +345,7 @@ backend_stop
 sleep 0.5
 stop_dsparkd
 tap_is "$rc" 0 "SIGTERM while the new connection's statement waits: dsparkd exits 0"
-tap_ok "... within 1.5 s ($took_ms ms)" [ "$took_ms" -lt 1500 ]
+tap_ok "... within 3 s ($took_ms ms)" [ "$took_ms" -lt 3000 ]
 kill -CONT $BPIDS 2>/dev/null
 BPIDS=
 
