@@ -19,12 +19,16 @@
 #   hf     transformers eager and sdpa on the same shapes (bench_step_hf.py;
 #          needs torch and transformers), within HF_BUDGET_S seconds (280);
 #          after a step part, both side by side in table.md (step_table.py)
-# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]
+#   torch  a compiled PyTorch Qwen3 on the same shapes at a few points, its
+#          eager ops and its torch.compile form each in one CUDA graph
+#          (bench_step_torch.py: torch.md; only when the list names it;
+#          compilations start within TORCH_BUDGET_S seconds, 420)
+# usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf,torch]
 # BUILD_DIR is a build configured --with-cuda. Exit status: 0, 1 when a part
 # failed, 77 when the tests part found no CUDA device.
 set -u
-build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]}
-out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf]}
+build=${1:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf,torch]}
+out=${2:?usage: bench/gpu-suite.sh BUILD_DIR OUT_DIR [tests,step,round,att,long,sample,hf,torch]}
 parts=${3:-tests,step,round,att,sample}
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "$build" && pwd) || exit 1
@@ -118,6 +122,14 @@ if has_part hf; then
             fail "step_table.py ($out/table.md)"
         tail -n 5 "$out/table.md"
     fi
+fi
+
+if has_part torch; then
+    say "torch: a compiled PyTorch Qwen3"
+    python3 "$src/bench/bench_step_torch.py" --models 0.6b,4b,8b --points 1x1,8x1,64x1,64x8 --compile 1x1,64x1 \
+        --budget-s "${TORCH_BUDGET_S:-420}" --out "$out/torch-step.jsonl" > "$out/torch.md" 2> "$out/torch.err" ||
+        fail "bench_step_torch.py ($out/torch.err)"
+    tail -n 16 "$out/torch.md"
 fi
 
 say "done: $out (exit $status)"

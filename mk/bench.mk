@@ -11,6 +11,6 @@ EXTRA_DIST += bench/model-pair.sh bench/ngram-baseline.sh bench/spec-speedup.sh 
 noinst_PROGRAMS += bench/bench-step-cuda
 bench_bench_step_cuda_SOURCES = bench/bench-step-cuda.c
 bench_bench_step_cuda_LDADD = $(ENGINE_LIBS)
-EXTRA_DIST += bench/bench_step_hf.py bench/gpu-suite.sh bench/step_table.py
+EXTRA_DIST += bench/bench_step_hf.py bench/bench_step_torch.py bench/gpu-suite.sh bench/step_table.py
 TESTS += tests/unit/test-step-table.sh
 EXTRA_DIST += tests/unit/test-step-table.sh
