@@ -23,7 +23,8 @@ DS_MIGRATIONS = \
 	sql/015-delayed-jobs.sql \
 	sql/016-client-shares.sql \
 	sql/017-heartbeat-strays.sql \
-	sql/018-heartbeat-watermark.sql
+	sql/018-heartbeat-watermark.sql \
+	sql/019-heartbeat-stray-warning.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

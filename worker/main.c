@@ -292,6 +292,20 @@ static void sleep_s(double s)
  * given up (a server or pooler that stopped answering; see ds_db_set_timeouts). */
 #define DB_ANSWER_GRACE_MS 10000
 
+/* The database's warnings on the worker's connection, logged at warning level: a heartbeat that ended the
+ * leases of jobs it did not name says so (sql/019). Its notices are not logged. (libpq calls this on the
+ * thread that runs the statement; the receiver stays with the connection across its resets.) */
+static void log_db_warning(void *arg, const PGresult *res)
+{
+    (void)arg;
+    const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (!severity || strcmp(severity, "WARNING") != 0)
+        return;
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    wlog(DS_LOG_WARNING, 0, "database: %s%s%s", msg ? msg : "(no message)", detail ? " " : "", detail ? detail : "");
+}
+
 /* One connection attempt: the connection, or NULL (the reason in ds_errdetail).
  * A schema this build does not know is a configuration error: logged, then
  * exit 78, or (bad_schema given) *bad_schema set for the caller to stop. */
@@ -310,6 +324,7 @@ static struct ds_db *try_connect_db(const struct wopts *o, bool *bad_schema)
             *bad_schema = true;
             return NULL;
         }
+        PQsetNoticeReceiver(ds_db_conn(db), log_db_warning, NULL);
         return db;
     }
     ds_db_free(db);

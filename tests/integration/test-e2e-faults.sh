@@ -15,7 +15,8 @@
 #   - the worker's server process stops answering (SIGSTOP): the worker gives
 #     the connection up statement_timeout + 10 s after its statement went,
 #     connects again and runs the job; a claim made under its id that it
-#     never heard of goes back to the queue within two heartbeats; SIGTERM
+#     never heard of goes back to the queue within two heartbeats, and the
+#     worker logs the heartbeat's warning that says so; SIGTERM
 #     while a statement waits: it still stops.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/e2e-lib.sh"
 e2e_start
@@ -231,6 +232,8 @@ wait_sql "SELECT state FROM dspark.jobs WHERE id = $jg" succeeded 20
 tap_result $? "... runs within $(($(date +%s) - t0)) s (the lease is 30 s, the heartbeat 5 s)"
 tap_is "$(q "SELECT attempt - released || ' ' || run_alone FROM dspark.jobs WHERE id = $jg")" "2 false" \
     "... on its second attempt, not marked to run alone"
+tap_like "$(cat "$T/stalled.log")" "database: heartbeat of worker 'stalled': 1 running job\\(s\\) that it did not name ended their leases: $jg \\(queued\\)" \
+    "... and the worker's log has the heartbeat's warning naming it (sql/019)"
 E2E_STOPPED="$B1 $B2"
 stop_idle "$B2"
 sleep 1   # (a claim goes every 0.5 s, and waits)

@@ -590,8 +590,11 @@ vb=$(q "SELECT version FROM dspark.jobs WHERE id = $sb")
 q "SELECT * FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s')" >/dev/null
 tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE worker_id = 'w6' AND state = 'running'")" 6 \
     "a heartbeat with an instance but no watermark (a worker older than schema 18) ends no lease"
-stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s', now()) h")
+stop=$(q "SELECT coalesce(string_agg(h::text, ','), '') FROM dspark.heartbeat('w6', ARRAY[$sa, $se]::bigint[], ARRAY[1, 1], 600, 'host6', 60, 'inst-s', now()) h" 2>"$PGH_DIR/stray-warning")
 tap_is "$stop" "" "a heartbeat naming two of the process's six running jobs asks to stop none"
+tap_like "$(cat "$PGH_DIR/stray-warning")" \
+    "WARNING:  heartbeat of worker 'w6': 3 running job\\(s\\) that it did not name ended their leases: $sb \\(queued\\), $sc \\(failed\\), $sd \\(cancelled\\)" \
+    "... and says so in a WARNING (019) naming the three it did not name, each with the state it went to"
 tap_is "$(q "SELECT string_agg(state || ' ' || coalesce(worker_id, '-') || ' ' || (lease_expires_at IS NULL) || ' ' || run_alone || ' ' || attempt || ' ' || released, ', ' ORDER BY id) FROM dspark.jobs WHERE id IN ($sa, $sb, $se)")" \
     "running w6 false false 1 0, queued - true false 1 0, running w6 false false 1 0" \
     "... a job it does not name goes back to the queue, its claim counted, not to run alone; the named ones keep theirs"
@@ -664,6 +667,22 @@ tap_like "$out" "worker id 'w-none' has no row in dspark.workers" "... and a wor
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE prompt = 'held-2'")" queued "... which claims nothing either"
 q "DELETE FROM dspark.jobs WHERE prompt IN ('held-1', 'held-2')" >/dev/null
 q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf, $sg, $sh, $si); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
+# many unnamed jobs: the warning names the first 20, then counts the rest; a heartbeat that ends no
+# lease warns of nothing
+q "SELECT dspark.register_worker('w7', 'host7', 70, 'cuda:0', 'qwen3-4b', NULL, 'sha-m', NULL, NULL, 30, 'inst-m')" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, priority) SELECT 'm', 'many-' || g, 40 FROM generate_series(1, 23) g" >/dev/null
+mids=$(q "SELECT string_agg(id::text, ', ' ORDER BY id) FROM dspark.claim_jobs('w7', 23, NULL, 600)")
+first20=$(q "SELECT string_agg(id || ' (queued)', ', ' ORDER BY id) FROM (SELECT id FROM dspark.jobs WHERE prompt LIKE 'many-%' ORDER BY id LIMIT 20) f")
+q "SELECT * FROM dspark.heartbeat('w7', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host7', 70, 'inst-m', now())" \
+    >/dev/null 2>"$PGH_DIR/many-warning"
+tap_like "$(cat "$PGH_DIR/many-warning")" \
+    "WARNING:  heartbeat of worker 'w7': 23 running job\\(s\\) that it did not name ended their leases: $(echo "$first20" | sed 's/[()]/\\&/g') and 3 more" \
+    "... of 23 unnamed jobs, the warning names the first 20 and counts the other 3"
+tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE id IN ($mids) AND state = 'queued'")" 23 "... which are all queued again"
+q "SELECT * FROM dspark.heartbeat('w7', ARRAY[]::bigint[], ARRAY[]::int[], 600, 'host7', 70, 'inst-m', now())" \
+    >/dev/null 2>"$PGH_DIR/no-warning"
+tap_is "$(cat "$PGH_DIR/no-warning")" "" "a heartbeat that ends no lease warns of nothing"
+q "DELETE FROM dspark.jobs WHERE prompt LIKE 'many-%'; DELETE FROM dspark.workers WHERE worker_id = 'w7'" >/dev/null
 out=$(psql -X -q -c "UPDATE dspark.jobs SET cancel_requested = false WHERE id = $j2" 2>&1)
 tap_like "$out" "cancellation of job $j2 cannot be withdrawn" "a cancellation cannot be withdrawn"
 
