@@ -42,13 +42,8 @@ T0 = time.monotonic()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-# name: (hidden, layers, heads, kv heads, head_dim, intermediate, vocab)
-SHAPES = {
-    "0.6b": (1024, 28, 16, 8, 128, 3072, 151936),
-    "4b": (2560, 36, 32, 8, 128, 9728, 151936),
-    "8b": (4096, 36, 32, 8, 128, 12288, 151936),
-}
-UNTIED = {"8b"}   # a separate lm_head: its bytes count in the floor (the step reads the embedding's in its place)
+from bench_step_hf import SHAPES  # noqa: E402  (the real shapes, as the transformers baseline builds them)
+
 DEV, DT = "cuda", torch.bfloat16
 
 
@@ -85,9 +80,9 @@ def copy_bandwidth(mib):
     return 2 * n / (ms / 1e3)
 
 
-def make_weights(name, shape, seed):
+def make_weights(shape, seed):
     """Random bf16 weights: (embedding [V, H], layers, final norm [H], parameter bytes)."""
-    H, L, nH, nKV, hd, I, V = shape
+    H, L, nH, nKV, hd, I, V, tied = shape
     g = torch.Generator(device=DEV).manual_seed(seed)
 
     def rnd(*s):
@@ -100,7 +95,8 @@ def make_weights(name, shape, seed):
     layers = [dict(n1=ones(H), wqkv=rnd((nH + 2 * nKV) * hd, H), qn=ones(hd), kn=ones(hd), wo=rnd(H, nH * hd),
                    n2=ones(H), wgu=rnd(2 * I, H), wd=rnd(H, I)) for _ in range(L)]
     nf = ones(H)
-    nbytes = 2 * (emb.numel() * (2 if name in UNTIED else 1) + nf.numel() +
+    # a separate lm_head's bytes count in the floor (the step reads the embedding's in its place)
+    nbytes = 2 * (emb.numel() * (1 if tied else 2) + nf.numel() +
                   sum(t.numel() for lw in layers for t in lw.values()))
     return emb, layers, nf, nbytes
 
@@ -118,7 +114,7 @@ def rotate_half(x):
 
 def make_step(shape, emb, layers, nf, caches, R, q, ctx, cos, sin, mask):
     """The step for R sequences of q new tokens at positions ctx .. ctx + q - 1: ids [R, q] -> logits [R, q, V]."""
-    H, L, nH, nKV, hd, I, V = shape
+    H, L, nH, nKV, hd, I, V, _ = shape
 
     def step(ids):
         h = F.embedding(ids, emb)                                         # [R, q, H]
@@ -175,7 +171,7 @@ def time_in_graph(fn, ids, reps, profile):
 
 
 def run_point(args, name, shape, weights, R, q, compile_it, profile):
-    H, L, nH, nKV, hd, I, V = shape
+    H, L, nH, nKV, hd, I, V, _ = shape
     emb, layers, nf, nbytes = weights
     ctx = args.ctx
     caches = [(torch.randn(R, nKV, ctx + q, hd, device=DEV, dtype=DT),
@@ -254,7 +250,7 @@ def main():
     rows = []
     for name in models:
         shape = SHAPES[name]
-        weights = make_weights(name, shape, args.seed)
+        weights = make_weights(shape, args.seed)
         for R, q in points:
             rec = run_point(args, name, shape, weights, R, q, (R, q) in to_compile, (R, q) in to_profile)
             rec["floor_ms"] = round(weights[3] / bw * 1e3, 4)
