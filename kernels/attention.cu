@@ -411,7 +411,10 @@ attention_merge_kernel(const float *ws, const int32_t *pos, int nH, int hd, int 
  * steps); q is split into a bf16 high part and a bf16 remainder, each with its
  * own product, so the scores keep about 16 bits of q. Each warp keeps its own
  * online softmax over its positions, and the value sum P V takes P split the
- * same way. At the end the block merges a row's four slices in slice order. A row's
+ * same way. Its reference max for a row moves only when a tile's scores pass
+ * it by more than MMA_MAX_SLACK, so the weights exp(s - max) stay under e^8 and
+ * the sums are rescaled a few times an item instead of at almost every tile.
+ * At the end the block merges a row's four slices in slice order. A row's
  * arithmetic depends only on its own q, position and the cache rows: which
  * other rows share its m16 tile never enters, so the result is batch-invariant
  * like the scalar kernel's (not bit-equal to it). */
@@ -419,6 +422,10 @@ attention_merge_kernel(const float *ws, const int32_t *pos, int nH, int hd, int 
 #define MMA_SLICES 4                /* position slices of a tile: warps per m16 tile of queries */
 #define MMA_RUN_TILES 4             /* consecutive tiles of a group (see group_tile) */
 #define MMA_GROUP_POSITIONS (MMA_RUN_TILES * MMA_TILE)   /* group z's first position: z x this */
+/* How far a row's scores may pass its reference max before it moves (natural log units): the o
+ * rescale (16 n8 tiles a lane) had run at 96 % of tiles; with the slack, a q 8 pass is 2-4 % faster
+ * (bench/RESULTS.md). The same arithmetic for every row whatever its batch. */
+#define MMA_MAX_SLACK 8.0f
 
 /* The i-th tile of position group z: the groups take runs of MMA_RUN_TILES
  * consecutive tiles in turn (group z the z-th run, then the (z + S)-th, ...),
@@ -671,8 +678,10 @@ attention_mma_kernel(const float *q, int ldq, const __nv_bfloat16 *k_cache, cons
                     float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    float mn = fmaxf(m[r], mx);
-                    float corr = mn == -INFINITY ? 1.0f : expf(m[r] - mn);
+                    /* the reference max moves only past MMA_MAX_SLACK (see above); o and l are still 0 before
+                     * the row's first visible position, so they need no factor then */
+                    float mn = mx > m[r] + MMA_MAX_SLACK ? mx : m[r];
+                    float corr = m[r] == -INFINITY || mn == m[r] ? 1.0f : expf(m[r] - mn);
 #pragma unroll
                     for (int c = 0; c < 4; c++)
                         p[c >> 1][2 * r + (c & 1)] = x[c] == -INFINITY ? 0.0f : expf(x[c] - mn);
