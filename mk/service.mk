@@ -24,7 +24,8 @@ DS_MIGRATIONS = \
 	sql/016-client-shares.sql \
 	sql/017-heartbeat-strays.sql \
 	sql/018-heartbeat-watermark.sql \
-	sql/019-heartbeat-stray-warning.sql
+	sql/019-heartbeat-stray-warning.sql \
+	sql/020-claim-unserved-held.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

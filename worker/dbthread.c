@@ -761,13 +761,16 @@ static int sweep(struct dbt *t)
         const char *served = PQgetisnull(res, i, 1) ? "none" : PQgetvalue(res, i, 1);
         char lease[16], msg[1024];
         snprintf(lease, sizeof lease, "%d", t->lease_s);
-        const char *cp[3] = {t->w->id.worker_id, model, lease};
+        const char *cp[4] = {t->w->id.instance, t->w->id.worker_id, model, lease};
         PGresult *jr;
-        if (ds_db_exec(t->db, "SELECT " WJOB_COLUMNS " FROM dspark.claim_unserved($1, $2, 1000, $3::int)", 3, cp,
-                       &jr) < 0) {
+        /* only while this process holds the worker row (sql/020), as its claims */
+        if (ds_db_exec(t->db, "SELECT " WJOB_COLUMNS " FROM dspark.claim_unserved_held($1, $2, $3, 1000, $4::int)",
+                       4, cp, &jr) < 0) {
             PQclear(res);
             if (conn_failed(t))
                 return -1;
+            if (row_refused(t, &r))
+                return r;
             wlog(DS_LOG_ERR, 0, "could not claim jobs of unserved model '%s': %s", model, ds_errdetail());
             return 0;
         }

@@ -666,6 +666,18 @@ out=$(psql -X -q -A -t -c "SELECT * FROM dspark.claim_jobs_held('inst-s', 'w-non
 tap_like "$out" "worker id 'w-none' has no row in dspark.workers" "... and a worker id with no row"
 tap_is "$(q "SELECT state FROM dspark.jobs WHERE prompt = 'held-2'")" queued "... which claims nothing either"
 q "DELETE FROM dspark.jobs WHERE prompt IN ('held-1', 'held-2')" >/dev/null
+# the unknown-model sweep's claims too (020)
+q "INSERT INTO dspark.jobs (model, prompt) VALUES ('gone', 'gone-1'), ('gone', 'gone-2')" >/dev/null
+out=$(q "SELECT * FROM dspark.claim_unserved_held('inst-old', 'w6', 'gone', 10, 600)" 2>&1)
+tap_like "$out" "worker id 'w6' was taken over by host 'host6' \\(pid 60, instance 'inst-s'\\)" \
+    "claim_unserved_held refuses a process whose id was taken over, naming the holder"
+out=$(psql -X -q -A -t -c "SELECT * FROM dspark.claim_unserved_held('inst-s', 'w-none', 'gone', 10, 600)" 2>&1)
+tap_like "$out" "worker id 'w-none' has no row in dspark.workers" "... and a worker id with no row"
+tap_is "$(q "SELECT string_agg(state, ',') FROM dspark.jobs WHERE model = 'gone'")" "queued,queued" \
+    "... neither claims a job"
+tap_is "$(q "SELECT string_agg(prompt || ' ' || worker_id || ' ' || state, ', ' ORDER BY id) FROM dspark.claim_unserved_held('inst-s', 'w6', 'gone', 10, 600)")" \
+    "gone-1 w6 running, gone-2 w6 running" "... and it claims for the process that holds the worker row"
+q "DELETE FROM dspark.jobs WHERE model = 'gone'" >/dev/null
 q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf, $sg, $sh, $si); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
 # many unnamed jobs: the warning names the first 20, then counts the rest; a heartbeat that ends no
 # lease warns of nothing

@@ -98,13 +98,15 @@ tap_ok "a worker may announce itself as starting" q_as wendy "SELECT dspark.work
 tap_ok "... and claim jobs of an unserved model" q_as wendy "SELECT count(*) FROM dspark.claim_unserved('wendy-1', 'none', 1, 60)"
 tap_ok "... and claim jobs as the process that holds its row" q_as wendy "SELECT count(*) FROM dspark.claim_jobs_held(NULL, 'wendy-1', 0, NULL, 60)"
 denied alice "SELECT * FROM dspark.claim_jobs_held(NULL, 'wendy-1', 0, NULL, 60)" "a client cannot claim jobs that way either"
+tap_ok "... and sweep an unserved model's jobs as the process that holds its row" q_as wendy "SELECT count(*) FROM dspark.claim_unserved_held(NULL, 'wendy-1', 'none', 1, 60)"
+denied alice "SELECT * FROM dspark.claim_unserved_held(NULL, 'wendy-1', 'none', 1, 60)" "a client cannot sweep jobs either"
 denied alice "SELECT dspark.worker_starting('alice-0', 'h', 3, 'cpu', 'm')" "a client cannot pose as a worker"
 
 # SECURITY DEFINER functions run with a fixed search_path, no one else may run them
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')")" 0 \
     "every SECURITY DEFINER function sets search_path"
-tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 15 \
-    "... (there are 15 of them)"
+tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef")" 16 \
+    "... (there are 16 of them)"
 tap_is "$(q "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'dspark' AND p.prosecdef AND has_function_privilege('public', p.oid, 'EXECUTE')")" 0 \
     "... and PUBLIC may execute none of them"
 
