@@ -8,19 +8,44 @@
 -- claiming, under the new holder's id, the jobs of models nobody serves, and
 -- failing them, until its next claim or heartbeat stopped it. The new holder's
 -- heartbeats could meanwhile requeue those claims as strays, their attempts
--- counted. claim_unserved_held checks first, as claim_jobs_held does: 55006
--- naming the holder, P0002 when the row is gone. claim_unserved stays for
--- older workers and ad-hoc SQL.
+-- counted. claim_unserved_held checks first, as claim_jobs_held does (both
+-- now through require_worker_row): 55006 naming the holder, P0002 when the
+-- row is gone. claim_unserved stays for older workers and ad-hoc SQL.
+
+-- Returns when the process p_instance holds worker p_worker_id's row; else
+-- raises why not (refuse_worker_row: 55006 naming the holder, P0002 when
+-- there is no row). The check of both claims for the worker process.
+CREATE FUNCTION dspark.require_worker_row(p_instance text, p_worker_id text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM dspark.workers w
+                   WHERE w.worker_id = p_worker_id AND w.instance IS NOT DISTINCT FROM p_instance) THEN
+        PERFORM dspark.refuse_worker_row(p_worker_id, true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dspark.require_worker_row IS 'returns when the process (instance) holds the worker row; else raises why not: 55006 naming the holder, P0002 when there is no row';
+REVOKE EXECUTE ON FUNCTION dspark.require_worker_row(text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION dspark.claim_jobs_held(
+    p_instance text, p_worker_id text, p_max_jobs int, p_token_budget bigint,
+    p_lease_seconds int, p_models text[] DEFAULT NULL, p_job_tokens int DEFAULT 0)
+RETURNS SETOF dspark.jobs
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dspark.require_worker_row(p_instance, p_worker_id);
+    RETURN QUERY SELECT * FROM dspark.claim_jobs(p_worker_id, p_max_jobs, p_token_budget, p_lease_seconds, p_models,
+                                                  p_job_tokens);
+END
+$$;
 
 CREATE FUNCTION dspark.claim_unserved_held(p_instance text, p_worker_id text, p_model text, p_max_jobs int,
                                            p_lease_seconds int)
 RETURNS SETOF dspark.jobs
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF NOT EXISTS (SELECT FROM dspark.workers w
-                   WHERE w.worker_id = p_worker_id AND w.instance IS NOT DISTINCT FROM p_instance) THEN
-        PERFORM dspark.refuse_worker_row(p_worker_id, true);
-    END IF;
+    PERFORM dspark.require_worker_row(p_instance, p_worker_id);
     RETURN QUERY SELECT * FROM dspark.claim_unserved(p_worker_id, p_model, p_max_jobs, p_lease_seconds);
 END
 $$;
