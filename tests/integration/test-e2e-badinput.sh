@@ -214,6 +214,41 @@ tap_is "$?" "1" "a process with the worker's host and pid but another instance t
 tap_like "$(cat "$T/twin-id.log")" "taken over by host '$(uname -n)' \\(pid $twin_pid, instance 'another-process'\\)" \
     "... naming the other instance"
 
+# ---- a worker whose id is taken over: its unknown-model sweep claims nothing (020) ----
+# Claims and heartbeats 30 s apart and the sweep every second, so that after the takeover the sweep is
+# the first to reach the database. The job's model counts as served (a live worker row) until then.
+q "INSERT INTO dspark.workers (worker_id, host, pid, device, model, state, heartbeat_at)
+   VALUES ('serves-gone', 'otherhost', 4545, 'cuda:0', 'gone-model', 'running', now())" >/dev/null
+"$WORKER" --target "$E2E_TARGET" --sps "$T/sps.json" --threads 1 --worker-id swept-id --lease 90 --heartbeat 30 \
+    --poll-interval 30 --unknown-model-timeout 1 >"$T/swept-id.log" 2>&1 &
+swept_pid=$!
+E2E_PIDS="$E2E_PIDS $swept_pid"
+wait_for "$T/swept-id.log" "ready: serving" 60
+gjob=$(mk "prompt_ids, max_tokens" gone-job gone-model "ARRAY[1, 2], 8")
+q "UPDATE dspark.jobs SET created_at = now() - interval '1 hour' WHERE id = $gjob" >/dev/null
+sleep 1   # the claim that the new job's notification wakes (it finds nothing of its model) comes first
+q "SELECT dspark.worker_starting('swept-id', 'otherhost', 4646, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
+q "UPDATE dspark.workers SET state = 'stopped', heartbeat_at = now() - interval '1 hour'
+   WHERE worker_id = 'serves-gone'" >/dev/null
+n=0
+while kill -0 "$swept_pid" 2>/dev/null && [ $n -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+if kill -0 "$swept_pid" 2>/dev/null; then
+    kill -TERM "$swept_pid"
+    wait "$swept_pid"
+    swept_rc=alive
+else
+    wait "$swept_pid"
+    swept_rc=$?
+fi
+tap_is "$swept_rc|$(q "SELECT state FROM dspark.jobs WHERE id = $gjob")" "1|queued" \
+    "a worker whose id was taken over is refused at its unknown-model sweep and exits 1, the job of the model nobody serves left queued"
+tap_like "$(cat "$T/swept-id.log")" "worker id 'swept-id' was taken over by host 'otherhost' \\(pid 4646\\)" \
+    "... naming the new holder"
+q "DELETE FROM dspark.jobs WHERE id = $gjob; DELETE FROM dspark.workers WHERE worker_id = 'serves-gone'" >/dev/null
+
 # ---- a running worker whose row is gone (pruned while it was cut off) registers again ----
 serve_as pruned-id
 pruned_pid=$served_pid
