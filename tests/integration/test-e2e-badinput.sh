@@ -72,13 +72,15 @@ wait_state() {
         _n=$((_n + 1))
     done
 }
-# Wait up to 10 s for process $1 to exit and reap it: its exit status is this one's.
+# Wait up to 10 s for process $1 to exit and reap it: its exit status is this one's (143 when it was
+# still running then and got SIGTERM).
 reap() {
     _n=0
     while kill -0 "$1" 2>/dev/null && [ $_n -lt 100 ]; do
         sleep 0.1
         _n=$((_n + 1))
     done
+    kill -0 "$1" 2>/dev/null && kill -TERM "$1"
     wait "$1"
 }
 j_long=$(mk "prompt_ids, max_tokens" long-prompt "" "(SELECT array_agg(g % 500) FROM generate_series(1, 600) g), 8")
@@ -230,20 +232,8 @@ sleep 1   # the claim that the new job's notification wakes (it finds nothing of
 q "SELECT dspark.worker_starting('swept-id', 'otherhost', 4646, 'cuda:0', '$E2E_MODEL', 0)" >/dev/null
 q "UPDATE dspark.workers SET state = 'stopped', heartbeat_at = now() - interval '1 hour'
    WHERE worker_id = 'serves-gone'" >/dev/null
-n=0
-while kill -0 "$swept_pid" 2>/dev/null && [ $n -lt 100 ]; do
-    sleep 0.1
-    n=$((n + 1))
-done
-if kill -0 "$swept_pid" 2>/dev/null; then
-    kill -TERM "$swept_pid"
-    wait "$swept_pid"
-    swept_rc=alive
-else
-    wait "$swept_pid"
-    swept_rc=$?
-fi
-tap_is "$swept_rc|$(q "SELECT state FROM dspark.jobs WHERE id = $gjob")" "1|queued" \
+reap "$swept_pid"
+tap_is "$?|$(q "SELECT state FROM dspark.jobs WHERE id = $gjob")" "1|queued" \
     "a worker whose id was taken over is refused at its unknown-model sweep and exits 1, the job of the model nobody serves left queued"
 tap_like "$(cat "$T/swept-id.log")" "worker id 'swept-id' was taken over by host 'otherhost' \\(pid 4646\\)" \
     "... naming the new holder"
