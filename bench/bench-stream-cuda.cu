@@ -5,7 +5,7 @@
  *
  *   bench-stream-cuda [--layers N] [--reps N] [--per-sm N] [--ring N] [--sync each|one|acqrel]
  *                     [--balance phase|layer] [--no-hint] [--poll-sleep NS] [--sums block|last]
- *                     [--leave-out waits,x,sums,loads]
+ *                     [--leave-out waits,x,sums,loads] [--deps product|tile] [--gu-split N]
  *
  * Each layer runs qkv (x: RMSNorm of the residual), o (x: a fixed row standing in for attention's output;
  * o still waits for qkv), gate_up (x: RMSNorm of the residual) and down (x: SwiGLU of gate_up's output);
@@ -26,6 +26,14 @@
  * ds_k_gemm_bf16 on the same x. --leave-out drops parts to show what each costs (the results are then
  * wrong): waits (no dependency waits), x (no x making), sums (the tile's last item does not sum), loads
  * (no weight copies: the products read whatever the ring holds).
+ *
+ * --deps tile (with --sums last; no waits or sums left out) measures finer dependencies: warp 0 of an item
+ * waits only for the tiles of the product before that its x range reads (o: its heads' q and their KV heads'
+ * k and v), and RMSNorm's scale is applied to qkv's and gate_up's sums instead of to x: the tile's last item
+ * waits for the product before to be complete and takes the scale from its half tiles' sums of squares, summed
+ * in a fixed order. That changes the model's arithmetic (x is rounded to bf16 before the scale); the check
+ * still compares the sums before the scale. --gu-split N runs gate_up (and the kernels' gate_up) in N k ranges,
+ * so that its items need only part of the residual. (Measured: neither gains, bench/RESULTS.md.)
  *
  * Prints the copy rate and the weight floor, the check, each run's median step for both ways, and the
  * timeline of layer 10's phases in the last streaming run (globaltimer). Exits 77 without a device. */
@@ -98,6 +106,12 @@ struct Params {
     int summers;              /* 1: each split tile is summed by a block named for it, after its own items */
     int *done;                /* [layers, NPROD]: tiles complete, growing across runs */
     int gen;                  /* this run's number from 1: a product is complete at gen x tiles */
+    int deps_tile;            /* --deps tile: an item waits only for the tiles its x reads; RMSNorm's scale after
+                                 the product */
+    int *tile_ready;          /* [layers, NPROD, MAX_TILES]: the tile's y is final, growing across runs (--deps tile) */
+    float scale0;             /* --deps tile: layer 0's RMSNorm scale of the first residual */
+    float *tile_ss;           /* [layers, NPROD, MAX_TILES, 2]: the residual's sums of squares over each half of the
+                                 tile, once o or down has added to it (--deps tile) */
     uint16_t *dump_x[NPROD];  /* layer 0's x [K], written in run 1 */
     float *dump_y[NPROD];     /* layer 0's sums without the residual [N], written in run 1 */
     Prod prod[NPROD];
@@ -215,7 +229,7 @@ __device__ static inline uint2 bf16x4(float a, float b, float c, float d)
 
 /* Threads 0..63: the tile's y = ((y +) part[0]) + part[1] + ... in range order, the parts' loads at once
  * (gemm.cu's last block's sums); in run 1, layer 0's sums without y to dump_y. */
-__device__ static void sum_tile(const Params &P, const Prod &pr, int p, int layer, int tile, float *y)
+__device__ static void sum_tile(const Params &P, const Prod &pr, int p, int layer, int tile, float *y, float scale)
 {
     if (threadIdx.x >= BOX_N)
         return;
@@ -233,9 +247,22 @@ __device__ static void sum_tile(const Params &P, const Prod &pr, int p, int laye
             v += pz[z];
             plain += pz[z];
         }
-    y[n] = v;
+    y[n] = pr.accumulate ? v : v * scale;
     if (layer == 0 && P.gen == 1)
         P.dump_y[p][n] = plain;
+    if (P.deps_tile && pr.accumulate) {   /* the residual's sums of squares over each half tile, for the norms */
+        float ss = v * v;
+        for (int o = 16; o; o >>= 1)
+            ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if ((threadIdx.x & 31) == 0)
+            P.tile_ss[((size_t)(layer * NPROD + p) * MAX_TILES + tile) * 2 + (threadIdx.x >> 5)] = ss;
+    }
+}
+
+/* --deps tile: thread waits until tile t of (layer, product) is final. */
+__device__ static inline void wait_tile(const Params &P, int layer, int p, int t)
+{
+    spin_until(&P.tile_ready[(layer * NPROD + p) * MAX_TILES + t], P.gen, P.poll_sleep_ns);
 }
 
 /* ---- the streaming kernel ---- */
@@ -300,6 +327,34 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
     int scale_layer = -1, scale_p = -1;         /* the RMSNorm scale in scale_cache */
     int x_layer = -1, x_p = -1, x_range = -1;   /* the x range in xs */
     int n_traced = 0;
+    /* --deps tile: RMSNorm's scale of the residual that qkv or gate_up of this layer reads, applied after the
+     * product: from the sums of squares of the product before's tiles, in tile order, once it is complete */
+    auto row_scale = [&](int layer, int p) -> float {
+        if (layer != scale_layer || p != scale_p) {
+            if (layer == 0 && p == P_QKV) {
+                if (tid == 0)
+                    scale_cache = P.scale0;
+            } else {   /* the half tiles' sums, one a thread, summed in a fixed order */
+                int dl = p == P_QKV ? layer - 1 : layer, dp = p == P_QKV ? P_DOWN : P_O;
+                if (tid == 0)
+                    spin_until(&P.done[dl * NPROD + dp], P.gen * P.prod[dp].tiles, P.poll_sleep_ns);
+                consumers_sync();
+                const float *ss = P.tile_ss + (size_t)(dl * NPROD + dp) * MAX_TILES * 2;
+                float sum = tid < 2 * P.prod[dp].tiles ? __ldcg(ss + tid) : 0.0f;
+                for (int o = 16; o; o >>= 1)
+                    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                if (lane == 0)
+                    red[warp] = sum;
+                consumers_sync();
+                if (tid == 0)
+                    scale_cache = (float)(1.0 / sqrt((double)(red[0] + red[1] + red[2] + red[3]) / HID + 1e-6));
+            }
+            consumers_sync();
+            scale_layer = layer;
+            scale_p = p;
+        }
+        return scale_cache;
+    };
     for (int it = i0; it < i1; it++) {
         int2 item = P.items[it];
         int layer = item.x >> 4, p = item.x & 15, tile = item.y >> 8, range = item.y & 255;
@@ -319,7 +374,7 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
             if (tr)
                 tr[1] = tr[2] = gtime();
             if (!(P.leave_out & LEAVE_SUMS))
-                sum_tile(P, pr, p, layer, tile, y);
+                sum_tile(P, pr, p, layer, tile, y, 1.0f);
             if (tr)
                 tr[3] = gtime();
             consumers_publish(&P.done[layer * NPROD + p], P.sync);
@@ -327,7 +382,7 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
                 tr[4] = gtime();
             continue;
         }
-        if (layer != dep_layer || p != dep_p) {   /* qkv waits for the layer before's down, the others for
+        if (!P.deps_tile && (layer != dep_layer || p != dep_p)) {   /* qkv waits for the layer before's down, the others for
                                                      the product before */
             int dl = p == P_QKV ? layer - 1 : layer, dp = p == P_QKV ? P_DOWN : p - 1;
             if (dl >= 0 && tid == 0 && !(P.leave_out & LEAVE_WAITS))
@@ -347,7 +402,42 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
             x_p = p;
             x_range = range;
             uint2 *xs4 = (uint2 *)xs;
-            if (p == P_QKV || p == P_GU) {
+            int dl = p == P_QKV ? layer - 1 : layer;
+            if (P.deps_tile && dl >= 0) {   /* warp 0's lanes wait for the tiles the x range reads; no scale */
+                int t0 = kb / BOX_N, nt = (k_lim - 1) / BOX_N - t0 + 1, h0 = kb / 128, nh = (k_lim - 1) / 128 - h0 + 1;
+                int n = p == P_DOWN ? 2 * nt : p == P_O ? 6 * nh : nt;
+                for (int i = tid; tid < 32 && i < n; i += 32) {
+                    if (p == P_QKV)
+                        wait_tile(P, dl, P_DOWN, t0 + i);
+                    else if (p == P_GU)
+                        wait_tile(P, dl, P_O, t0 + i);
+                    else if (p == P_DOWN)   /* gate's tiles, then up's */
+                        wait_tile(P, dl, P_GU, i < nt ? t0 + i : FF / BOX_N + t0 + i - nt);
+                    else {   /* o: head h's q, and its KV head's k and v, all of them */
+                        int h = h0 + i / 6, r = i % 6, g = h / 4;
+                        wait_tile(P, dl, P_QKV, r < 2 ? 2 * h + r : r < 4 ? (QO + 128 * g) / BOX_N + r - 2
+                                                                          : (QO + 1024 + 128 * g) / BOX_N + r - 4);
+                    }
+                }
+                consumers_sync();
+            }
+            if ((p == P_QKV || p == P_GU) && P.deps_tile) {
+                constexpr int PER = (XS_MAX / 4 + CONSUMERS - 1) / CONSUMERS;
+                float4 v[PER], w[PER];
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    int j = (tid + i * CONSUMERS) * 4, k = kb + j;
+                    bool in = j < cols && k < k_lim;
+                    v[i] = in ? __ldcg((const float4 *)(P.resid + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+                    w[i] = in ? *(const float4 *)(P.norm_w + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    int j = (tid + i * CONSUMERS) * 4;
+                    if (j < cols)
+                        xs4[j / 4] = bf16x4(v[i].x * w[i].x, v[i].y * w[i].y, v[i].z * w[i].z, v[i].w * w[i].w);
+                }
+            } else if (p == P_QKV || p == P_GU) {
                 if (layer != scale_layer || p != scale_p) {   /* the row's scale, once a block and product */
                     constexpr int PER = (HID / 4 + CONSUMERS - 1) / CONSUMERS;
                     float4 v[PER];
@@ -496,14 +586,17 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
         float *y = p == P_QKV ? P.qkv_out : p == P_GU ? P.gu_out : P.resid;
         int n0 = tile * BOX_N + wn0;
         if (pr.split == 1) {   /* gate_up: the item is the tile */
+            float sc = P.deps_tile ? row_scale(layer, p) : 1.0f;
             if (lane < 4)
                 for (int t = 0; t < 2; t++) {
                     int n = n0 + t * 8 + 2 * lane;
-                    *(float2 *)(y + n) = make_float2(acc[t][0], acc[t][1]);
+                    *(float2 *)(y + n) = make_float2(acc[t][0] * sc, acc[t][1] * sc);
                     if (layer == 0 && P.gen == 1)
                         *(float2 *)(P.dump_y[p] + n) = make_float2(acc[t][0], acc[t][1]);
                 }
             consumers_publish(&P.done[layer * NPROD + p], P.sync);
+            if (P.deps_tile && tid == 0)
+                counter_add(&P.tile_ready[(layer * NPROD + p) * MAX_TILES + tile], P.sync, false);
             if (tr)
                 tr[4] = gtime();
             continue;
@@ -532,16 +625,20 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
             last_flag = last;
         }
         consumers_sync();
+        float sc = last_flag && P.deps_tile && (p == P_QKV || p == P_GU) ? row_scale(layer, p) : 1.0f;
         if (last_flag && !(P.leave_out & LEAVE_SUMS)) {
             if (P.sync != SYNC_ACQREL)
                 __threadfence();
-            sum_tile(P, pr, p, layer, tile, y);
+            sum_tile(P, pr, p, layer, tile, y, sc);
             if (P.sync == SYNC_EACH)
                 __threadfence();
             consumers_sync();
         }
-        if (last_flag && tid == 0)
+        if (last_flag && tid == 0) {
             counter_add(&P.done[layer * NPROD + p], P.sync, false);
+            if (P.deps_tile)
+                counter_add(&P.tile_ready[(layer * NPROD + p) * MAX_TILES + tile], P.sync, false);
+        }
         if (tr)
             tr[4] = gtime();
     }
@@ -623,13 +720,14 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: bench-stream-cuda [--layers N] [--reps N] [--per-sm N] [--ring N] [--sync each|one|acqrel]\n"
                "                         [--balance phase|layer] [--no-hint] [--poll-sleep NS] [--sums block|last]\n"
-               "                         [--leave-out waits,x,sums,loads]\n");
+               "                         [--leave-out waits,x,sums,loads] [--deps product|tile] [--gu-split N]\n"
+               "(--deps tile takes --sums last, and leaves out neither waits nor sums)\n");
 }
 
 int main(int argc, char **argv)
 {
     int layers = MAX_LAYERS, reps = 10, per_sm = 3, ring = 8, sync = SYNC_ACQREL, balance_phase = 1, hint = 1;
-    int poll_sleep = 0, leave_out = 0, summers = 0;
+    int poll_sleep = 0, leave_out = 0, summers = 0, deps_tile = 0, gu_split = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help")) {
@@ -658,6 +756,10 @@ int main(int argc, char **argv)
             sync = !strcmp(v, "each") ? SYNC_EACH : !strcmp(v, "one") ? SYNC_ONE : !strcmp(v, "acqrel") ? SYNC_ACQREL : -1;
         else if (!strcmp(a, "--sums"))
             summers = !strcmp(v, "block") ? 1 : !strcmp(v, "last") ? 0 : -1;
+        else if (!strcmp(a, "--gu-split"))
+            gu_split = atoi(v);
+        else if (!strcmp(a, "--deps"))
+            deps_tile = !strcmp(v, "tile") ? 1 : !strcmp(v, "product") ? 0 : -1;
         else if (!strcmp(a, "--balance"))
             balance_phase = !strcmp(v, "phase") ? 1 : !strcmp(v, "layer") ? 0 : -1;
         else if (!strcmp(a, "--leave-out"))
@@ -668,7 +770,9 @@ int main(int argc, char **argv)
         }
     }
     if (layers < 1 || layers > MAX_LAYERS || reps < 1 || per_sm < 1 || ring < 2 || sync < 0 || balance_phase < 0 ||
-        leave_out < 0 || poll_sleep < 0 || summers < 0) {
+        leave_out < 0 || poll_sleep < 0 || summers < 0 || deps_tile < 0 || (deps_tile && summers) ||
+        (deps_tile && (leave_out & (LEAVE_WAITS | LEAVE_SUMS))) || gu_split < 0 ||
+        gu_split > MAX_SPLIT) {
         usage(stderr);
         return 2;
     }
@@ -703,7 +807,7 @@ int main(int argc, char **argv)
     for (int p = 0; p < NPROD; p++) {
         pr[p].N = NN[p];
         pr[p].K = KK[p];
-        pr[p].split = ds_k_gemm_split(NN[p], KK[p], n_sm);
+        pr[p].split = p == P_GU && gu_split ? gu_split : ds_k_gemm_split(NN[p], KK[p], n_sm);
         int chunks = (KK[p] + 31) / 32;
         pr[p].L = (chunks + pr[p].split - 1) / pr[p].split * 32;
         pr[p].stages = 2 * ((pr[p].L + 127) / 128);
@@ -853,6 +957,20 @@ int main(int argc, char **argv)
     CK(cudaMalloc(&P.tile_done, (size_t)layers * NPROD * MAX_TILES * 4));
     CK(cudaMemset(P.tile_done, 0, (size_t)layers * NPROD * MAX_TILES * 4));
     P.summers = summers;
+    P.deps_tile = deps_tile;
+    CK(cudaMalloc(&P.tile_ready, (size_t)layers * NPROD * MAX_TILES * 4));
+    CK(cudaMemset(P.tile_ready, 0, (size_t)layers * NPROD * MAX_TILES * 4));
+    CK(cudaMalloc(&P.tile_ss, (size_t)layers * NPROD * MAX_TILES * 2 * 4));
+    CK(cudaMemset(P.tile_ss, 0, (size_t)layers * NPROD * MAX_TILES * 2 * 4));
+    {
+        std::vector<float> r0(HID);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(r0.data(), resid0, HID * 4, cudaMemcpyDeviceToHost));
+        double ss = 0;
+        for (int i = 0; i < HID; i++)
+            ss += (double)r0[i] * r0[i];
+        P.scale0 = (float)(1.0 / sqrt(ss / HID + 1e-6));
+    }
     CK(cudaMalloc(&P.done, layers * NPROD * 4));
     CK(cudaMemset(P.done, 0, layers * NPROD * 4));
     size_t trace_n = (size_t)blocks * TRACE_ITEMS * 6;
@@ -865,11 +983,15 @@ int main(int argc, char **argv)
     size_t smem = 1024 + (size_t)ring * STAGE_BYTES + 2 * ring * 8 + XS_MAX * 2;
     CK(cudaFuncSetAttribute(stream_layers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     printf("# streaming kernel: %d blocks (%d an SM) of %d threads, rings of %d stages (%zu bytes of shared memory "
-           "a block), L2 evict-first hint %s, sync %s, sums by %s, %s balance, poll sleep %d ns, left out: %s%s%s%s%s\n",
+           "a block), L2 evict-first hint %s, sync %s, sums by %s, %s balance, poll sleep %d ns, %s, left out: "
+           "%s%s%s%s%s\n",
            blocks, per_sm, CONSUMERS + 32, ring, smem, hint ? "on" : "off",
            sync == SYNC_EACH ? "each" : sync == SYNC_ONE ? "one" : "acqrel", summers ? "block" : "last item",
            balance_phase ? "phase" : "layer",
-           poll_sleep, leave_out ? "" : "nothing", leave_out & LEAVE_WAITS ? "waits " : "",
+           poll_sleep,
+           deps_tile ? "waits for the tiles an item's x reads, RMSNorm's scale after the product (--deps tile)"
+                     : "waits for the product before (--deps product)",
+           leave_out ? "" : "nothing", leave_out & LEAVE_WAITS ? "waits " : "",
            leave_out & LEAVE_X ? "x " : "", leave_out & LEAVE_SUMS ? "sums " : "", leave_out & LEAVE_LOADS ? "loads" : "");
 
     int gen = 0;
