@@ -421,24 +421,9 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
                 }
                 consumers_sync();
             }
-            if ((p == P_QKV || p == P_GU) && P.deps_tile) {
-                constexpr int PER = (XS_MAX / 4 + CONSUMERS - 1) / CONSUMERS;
-                float4 v[PER], w[PER];
-#pragma unroll
-                for (int i = 0; i < PER; i++) {
-                    int j = (tid + i * CONSUMERS) * 4, k = kb + j;
-                    bool in = j < cols && k < k_lim;
-                    v[i] = in ? __ldcg((const float4 *)(P.resid + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
-                    w[i] = in ? *(const float4 *)(P.norm_w + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-                }
-#pragma unroll
-                for (int i = 0; i < PER; i++) {
-                    int j = (tid + i * CONSUMERS) * 4;
-                    if (j < cols)
-                        xs4[j / 4] = bf16x4(v[i].x * w[i].x, v[i].y * w[i].y, v[i].z * w[i].z, v[i].w * w[i].w);
-                }
-            } else if (p == P_QKV || p == P_GU) {
-                if (layer != scale_layer || p != scale_p) {   /* the row's scale, once a block and product */
+            if (p == P_QKV || p == P_GU) {   /* --deps tile: the scale comes after the product */
+                if (!P.deps_tile && (layer != scale_layer || p != scale_p)) {   /* the row's scale, once a block and
+                                                                                   product */
                     constexpr int PER = (HID / 4 + CONSUMERS - 1) / CONSUMERS;
                     float4 v[PER];
 #pragma unroll
@@ -461,7 +446,7 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
                     scale_layer = layer;
                     scale_p = p;
                 }
-                float scale = scale_cache;
+                float scale = P.deps_tile ? 1.0f : scale_cache;
                 constexpr int PER = (XS_MAX / 4 + CONSUMERS - 1) / CONSUMERS;
                 float4 v[PER], w[PER];
 #pragma unroll
