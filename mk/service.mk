@@ -25,7 +25,8 @@ DS_MIGRATIONS = \
 	sql/017-heartbeat-strays.sql \
 	sql/018-heartbeat-watermark.sql \
 	sql/019-heartbeat-stray-warning.sql \
-	sql/020-claim-unserved-held.sql
+	sql/020-claim-unserved-held.sql \
+	sql/021-unserved-waited.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -761,11 +761,13 @@ static int sweep(struct dbt *t)
         const char *served = PQgetisnull(res, i, 1) ? "none" : PQgetvalue(res, i, 1);
         char lease[16], msg[1024];
         snprintf(lease, sizeof lease, "%d", t->lease_s);
-        const char *cp[4] = {t->w->id.instance, t->w->id.worker_id, model, lease};
+        const char *cp[5] = {t->w->id.instance, t->w->id.worker_id, model, lease, secs};
         PGresult *jr;
-        /* only while this process holds the worker row (sql/020), as its claims */
-        if (ds_db_exec(t->db, "SELECT " WJOB_COLUMNS " FROM dspark.claim_unserved_held($1, $2, $3, 1000, $4::int)",
-                       4, cp, &jr) < 0) {
+        /* only while this process holds the worker row (sql/020), as its claims; only the jobs that have waited
+         * the timeout themselves, and none once a worker serves the model (sql/021) */
+        if (ds_db_exec(t->db,
+                       "SELECT " WJOB_COLUMNS " FROM dspark.claim_unserved_held($1, $2, $3, 1000, $4::int, $5::float8)",
+                       5, cp, &jr) < 0) {
             PQclear(res);
             if (conn_failed(t))
                 return -1;

@@ -678,6 +678,24 @@ tap_is "$(q "SELECT string_agg(state, ',') FROM dspark.jobs WHERE model = 'gone'
 tap_is "$(q "SELECT string_agg(prompt || ' ' || worker_id || ' ' || state, ', ' ORDER BY id) FROM dspark.claim_unserved_held('inst-s', 'w6', 'gone', 10, 600)")" \
     "gone-1 w6 running, gone-2 w6 running" "... and it claims for the process that holds the worker row"
 q "DELETE FROM dspark.jobs WHERE model = 'gone'" >/dev/null
+# ... with the sweep's timeout, only the jobs that have waited it, and none of a served model (021)
+q "INSERT INTO dspark.jobs (model, prompt, created_at, run_after)
+   VALUES ('gone', 'gone-old', now() - interval '2 minutes', now() - interval '2 minutes'), ('gone', 'gone-new', now(), now()),
+          ('served', 'served-old', now() - interval '2 minutes', now() - interval '2 minutes')" >/dev/null
+q "INSERT INTO dspark.jobs (model, prompt, created_at, run_after, delayed)
+   VALUES ('gone', 'gone-due', now() - interval '2 minutes', now() - interval '1 second', true)" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ', ' ORDER BY id) FROM dspark.claim_unserved_held('inst-s', 'w6', 'gone', 10, 600, 60)")|$(q "SELECT string_agg(prompt || ' ' || state, ', ' ORDER BY id) FROM dspark.jobs WHERE model = 'gone' AND state = 'queued'")" \
+    "gone-old|gone-new queued, gone-due queued" \
+    "claim_unserved_held with the sweep's timeout takes only the jobs queued and due that long, not a new one nor one just come due"
+q "SELECT dspark.register_worker('w8', 'host8', 80, 'cuda:0', 'served', NULL, 'sha-s', NULL, NULL, 30, 'inst-8')" >/dev/null
+tap_is "$(q "SELECT count(*) FROM dspark.claim_unserved_held('inst-s', 'w6', 'served', 10, 600, 60)")|$(q "SELECT state FROM dspark.jobs WHERE prompt = 'served-old'")" \
+    "0|queued" "... and nothing of a model that a worker serves by the time it claims"
+q "UPDATE dspark.workers SET state = 'stopped', heartbeat_at = now() - interval '11 minutes' WHERE worker_id = 'w8'" >/dev/null
+tap_is "$(q "SELECT string_agg(prompt, ', ') FROM dspark.claim_unserved_held('inst-s', 'w6', 'served', 10, 600, 60)")" \
+    "served-old" "... but a stopped worker not heard from for ten minutes serves it no longer"
+tap_is "$(q "SELECT string_agg(prompt, ', ' ORDER BY id) FROM dspark.claim_unserved('w6', 'gone', 10, 600)")" \
+    "gone-new, gone-due" "claim_unserved without the timeout claims every due job, as before"
+q "DELETE FROM dspark.jobs WHERE model IN ('gone', 'served'); DELETE FROM dspark.workers WHERE worker_id = 'w8'" >/dev/null
 q "DELETE FROM dspark.jobs WHERE id IN ($jb, $sa, $sb, $sc, $sd, $se, $sf, $sg, $sh, $si); DELETE FROM dspark.workers WHERE worker_id = 'w6'" >/dev/null
 # many unnamed jobs: the warning names the first 20, then counts the rest; a heartbeat that ends no
 # lease warns of nothing
