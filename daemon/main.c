@@ -51,6 +51,7 @@
 #define EXTEND_STEP_US 20000000u      /* EXTEND_TIMEOUT_USEC while starting */
 #define PROMOTE_INTERVAL_US 1000000u  /* how often delayed jobs that came due join the queue */
 #define DRAIN_EVENTS_US 1000000u      /* at exit, the last events are read for at most db_timeout + this */
+#define WATCHDOG_RECHECK_US 250000u   /* WATCHDOG=1 withheld (the database does not answer): looked at again */
 
 static struct dsparkd_config cfg;
 
@@ -516,9 +517,14 @@ static void run_due(struct daemon *d, uint64_t now)
         ds_log(DS_LOG_NOTICE, "all %d workers are ready", nw);
     }
     extend_start(d, now);
-    if (d->watchdog_usec && now >= d->next_watchdog_us && healthy(d, now)) {
-        notify("WATCHDOG=1");
-        d->next_watchdog_us = now + d->watchdog_usec / 2;
+    if (d->watchdog_usec && now >= d->next_watchdog_us) {
+        if (healthy(d, now)) {
+            notify("WATCHDOG=1");
+            d->next_watchdog_us = now + d->watchdog_usec / 2;
+        } else {
+            /* withheld: look again soon, not at once (the loop would spin until the database answers) */
+            d->next_watchdog_us = now + min_u64(WATCHDOG_RECHECK_US, d->watchdog_usec / 4);
+        }
     }
     update_status(d);
 }

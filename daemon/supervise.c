@@ -582,6 +582,8 @@ uint64_t supervisor_next_due(const struct supervisor *s)
     for (int i = 0; i < s->n; i++) {
         const struct worker *w = &s->w[i];
         uint64_t t = UINT64_MAX;
+        if (w->pid && w->killed)
+            continue;   /* its deadline has passed and stays so until its SIGCHLD wakes the loop */
         if (!w->pid && w->restart_at_us && !s->draining)
             t = w->restart_at_us;
         else if (w->pid && s->draining && !w->killed)

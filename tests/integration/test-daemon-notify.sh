@@ -78,6 +78,8 @@ while [ ! -S "$T/notify.sock" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); do
 NOTIFY_SOCKET="$T/notify.sock" WATCHDOG_USEC=1000000 FAKE_WORKER_DIR="$T/w" FAKE_WORKER_GATE="$T/go" \
     "$DSPARKD" --config "$T/dspark.conf" 2>"$T/dsparkd.log" &
 DPID=$!
+# a process's CPU time so far, user and system, in clock ticks
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 wait_for "$T/notify.out" "STATUS=starting: 0 of 1 workers ready" 10
 tap_result $? "STATUS= tells that dsparkd waits for its worker"
@@ -105,9 +107,14 @@ wait_for "$T/notify.out" "STATUS=database unavailable" 5
 tap_result $? "STATUS= reports the unavailable database"
 sleep 1.2
 w2=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+c2=$(cpu_ticks "$DPID")
 sleep 1.5
 w3=$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')
+c3=$(cpu_ticks "$DPID")
 tap_is "$((w3 - w2))" "0" "no WATCHDOG=1 while the database does not answer"
+# (the withheld ping's deadline once stayed in the past: the loop polled with no timeout, a core busy)
+tap_result $([ $((c3 - c2)) -lt 40 ]; echo $?) \
+    "... and dsparkd does not spin meanwhile ($((c3 - c2)) clock ticks of CPU in 1.5 s)"
 pg_harness_ctl -w -s start >/dev/null 2>&1
 n=0
 while [ "$(count "$T/notify.out" '^[0-9]+ WATCHDOG=1$')" -le "$w3" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
