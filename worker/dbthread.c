@@ -543,6 +543,13 @@ static int release(struct dbt *t)
     if (r < 0) {
         if (conn_failed(t))
             return -1;
+        if (transient_error(t)) {   /* kept, and their leases with them, for the next turn */
+            if (wnow() >= t->next_busy_log) {
+                wlog(DS_LOG_WARNING, 0, "could not hand back %d jobs (%s); trying again", t->n_rel, ds_errdetail());
+                t->next_busy_log = wnow() + 30;
+            }
+            return 0;
+        }
         wlog(DS_LOG_ERR, 0, "could not hand back %d jobs: %s; their leases will expire", t->n_rel, ds_errdetail());
     } else {
         wlog(DS_LOG_INFO, 0, "handed back %d of %d unfinished jobs to the queue", PQntuples(res), t->n_rel);
@@ -894,6 +901,11 @@ static void *db_main(void *arg)
             continue;
         }
         if (quit) {
+            if (json_array_size(t->pending) > 0 || t->n_rel > 0) {
+                /* a passing error (a lock, a timeout) kept some: again, until the quit deadline */
+                pause = true;
+                continue;
+            }
             set_state(t, "stopped");
             break;
         }
@@ -986,9 +998,9 @@ static void *db_main(void *arg)
     int left = (int)json_array_size(t->pending) + t->n_rel;
     if (left > 0)
         wlog(DS_LOG_WARNING, 0,
-             "gave up writing %d results and hand-backs: the database stayed unreachable; those jobs return to "
-             "the queue when their leases expire",
-             left);
+             "gave up writing %d results and hand-backs at the quit deadline: the database %s; those jobs return "
+             "to the queue when their leases expire",
+             left, t->was_down ? "stayed unreachable" : "kept refusing them for a passing reason (a lock, a timeout)");
     lock(w);
     sh->unwritten = left;
     pthread_cond_signal(&sh->main_cv);

@@ -188,6 +188,27 @@ tap_like "$(cat "$T/locked.log")" "could not write 1 results? \\(.*statement tim
 kill -TERM "$LPID"
 wait "$LPID"
 
+# ---- at quit, such a write-back is tried again until the quit deadline (here 10 s), not dropped: the job
+# stayed running until its lease expired, then ran again ----
+q "TRUNCATE dspark.jobs, dspark.job_stats" >/dev/null
+"$WORKER" --dsn "options='-c statement_timeout=300'" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" \
+    --threads 1 --worker-id quitlock --lease 30 --heartbeat 0.5 --drain-timeout 20 2>"$T/quitlock.log" &
+QPID=$!
+E2E_PIDS="$E2E_PIDS $QPID"
+wait_sql "SELECT state FROM dspark.workers WHERE worker_id = 'quitlock'" running 20
+psql -X -q -c "BEGIN" -c "LOCK TABLE dspark.job_stats IN SHARE MODE" -c "SELECT pg_sleep(4)" -c "COMMIT" \
+    >/dev/null 2>&1 &
+sleep 0.5
+jq=$(q "INSERT INTO dspark.jobs (model, prompt_ids, max_tokens, temperature) VALUES ('$E2E_MODEL', ARRAY[7, 8], 8, 0) RETURNING id")
+wait_sql "SELECT state FROM dspark.jobs WHERE id = $jq" running 20
+sleep 1
+kill -TERM "$QPID"
+wait "$QPID"
+rc=$?
+tap_is "$rc|$(q "SELECT state || ' ' || attempt FROM dspark.jobs WHERE id = $jq")|$(q "SELECT state FROM dspark.workers WHERE worker_id = 'quitlock'")" \
+    "0|succeeded 1|stopped" \
+    "at quit, a write-back held up by a lock is written once the lock goes, before the worker stops"
+
 # ---- the worker's server process stops answering (SIGSTOP: a server or pooler that holds queries, a
 # network path that drops them): statement_timeout (--db-timeout 1) is the server's own, so the worker
 # waits 10 s more, then gives the connection up and makes another; its claims go on there ----
