@@ -186,6 +186,9 @@ const char *supervisor_not_ready_names(struct supervisor *s);
 const char *supervisor_not_ready_detail(struct supervisor *s, uint64_t now_us);
 /* The earliest time something is due (restart, timeout), or UINT64_MAX. */
 uint64_t supervisor_next_due(const struct supervisor *s);
+/* When the last worker still loading its first time (not ready, never failed) reaches worker.start_timeout
+ * from its own start; 0 when there is none, or no start timeout. */
+uint64_t supervisor_first_start_deadline(const struct supervisor *s);
 /* Concatenated STATUS texts of the workers, "" if none. */
 const char *supervisor_status_text(struct supervisor *s);
 

@@ -49,6 +49,7 @@
 #define DEFAULT_CONFIG DS_SYSCONFDIR "/dspark/dspark.conf"
 #define MAX_POLL 300
 #define EXTEND_STEP_US 20000000u      /* EXTEND_TIMEOUT_USEC while starting */
+#define EXTEND_AFTER_KILL_US 5000000u /* ... past a first-time loader's start timeout: its kill, then READY=1 */
 #define PROMOTE_INTERVAL_US 1000000u  /* how often delayed jobs that came due join the queue */
 #define DRAIN_EVENTS_US 1000000u      /* at exit, the last events are read for at most db_timeout + this */
 #define WATCHDOG_RECHECK_US 250000u   /* WATCHDOG=1 withheld (the database does not answer): looked at again */
@@ -284,6 +285,10 @@ static int signals_setup(struct daemon *d)
 
 static void reload(struct daemon *d)
 {
+    if (d->stopping) {   /* systemd heard STOPPING=1: no RELOADING=1 and READY=1 after it */
+        ds_log(DS_LOG_NOTICE, "received SIGHUP while stopping; not reloading");
+        return;
+    }
     notify("RELOADING=1\nMONOTONIC_USEC=%" PRIu64, ds_now_usec());
     ds_log(DS_LOG_INFO, "received SIGHUP, reloading '%s'", d->config_path);
     int changed = 0, ignored = 0;
@@ -452,12 +457,18 @@ static bool workers_ready(struct daemon *d)
 }
 
 /* Starting takes long (the database, model loading): keep systemd's start timeout ahead of us, for up to
- * worker.start_timeout from dsparkd's start. */
+ * worker.start_timeout from dsparkd's start, and as long as a worker loading for the first time may still
+ * get ready or be killed for it (workers start only once the database answers: a worker that hangs is
+ * killed start_timeout after its own start, and partial readiness comes after that). */
 static void extend_start(struct daemon *d, uint64_t now)
 {
     if (d->ready_sent || d->stopping || now < d->next_extend_us)
         return;
-    if (cfg.start_timeout != 0 && now - d->start_us >= (uint64_t)cfg.start_timeout * 1000u) {
+    uint64_t until = d->start_us + (uint64_t)cfg.start_timeout * 1000u;
+    uint64_t first_load = supervisor_first_start_deadline(d->sup);
+    if (first_load && first_load + EXTEND_AFTER_KILL_US > until)
+        until = first_load + EXTEND_AFTER_KILL_US;
+    if (cfg.start_timeout != 0 && now >= until) {
         d->next_extend_us = UINT64_MAX;   /* systemd's own timeout decides from here (and the loop sleeps) */
         return;
     }

@@ -666,6 +666,22 @@ bool supervisor_all_ready(const struct supervisor *s)
     return supervisor_ready(s) == s->n;
 }
 
+uint64_t supervisor_first_start_deadline(const struct supervisor *s)
+{
+    uint64_t last = 0;
+    if (s->cfg->start_timeout <= 0)
+        return 0;
+    for (int i = 0; i < s->n; i++) {
+        const struct worker *w = &s->w[i];
+        if (w->pid && !w->ready && !w->killed && w->failed_total == 0) {
+            uint64_t t = w->started_us + (uint64_t)s->cfg->start_timeout * 1000u;
+            if (t > last)
+                last = t;
+        }
+    }
+    return last;
+}
+
 int supervisor_failed_not_ready(const struct supervisor *s)
 {
     int k = 0;
