@@ -76,7 +76,7 @@ struct progress {
     int64_t total, queued, running, succeeded, failed, cancelled, tokens;
 };
 
-/* id -> last printed state, 1..5 (watch). */
+/* id -> last printed state and attempt, seen_code (watch). */
 struct seen {
     int64_t *ids, *states;
     size_t cap, n;
@@ -180,6 +180,13 @@ static int64_t state_code(const char *state)
     return 0;
 }
 
+/* What watch compares: the state and the attempt, so that a retry claimed again between two reads (running,
+ * queued, running) prints its new attempt. */
+static int64_t seen_code(const char *state, int64_t attempt)
+{
+    return state_code(state) + 8 * attempt;
+}
+
 /* watch: read rows (all, or the hinted ids) and print the changed ones. */
 static int read_rows(struct waiter *w, const struct hints *h)
 {
@@ -214,8 +221,8 @@ static int read_rows(struct waiter *w, const struct hints *h)
     json_array_foreach(rows, i, row) {
         int64_t id = json_integer_value(json_object_get(row, "id"));
         const char *state = json_string_value(json_object_get(row, "state"));
-        int64_t code = state_code(state);
-        /* print state changes only (a heartbeat bumps the version too) */
+        int64_t code = seen_code(state, json_integer_value(json_object_get(row, "attempt")));
+        /* print state changes and new attempts only (a heartbeat bumps the version too) */
         int64_t *slot = seen_slot(&w->seen, id);
         if (*slot == code)
             continue;
@@ -251,7 +258,7 @@ static int read_rows(struct waiter *w, const struct hints *h)
     return 0;
 }
 
-/* watch's full read: the jobs' states alone first (a few bytes a row), then the whole rows of those whose state
+/* watch's full read: the jobs' states and attempts alone first (a few bytes a row), then the whole rows of those whose state
  * changed since last printed; all of them at once where those are more than a quarter of the jobs (the first
  * read). */
 static int read_changes(struct waiter *w, const struct hints *h)
@@ -261,8 +268,8 @@ static int read_changes(struct waiter *w, const struct hints *h)
     const char *params[1] = { w->batch ? w->batch : w->ids };
     PGresult *res;
     int r = ds_db_exec(w->c->db,
-                       w->batch ? "SELECT j.id, j.state FROM dspark.jobs j WHERE j.batch_id = $1::bigint"
-                                : "SELECT j.id, j.state FROM dspark.jobs j WHERE j.id = ANY ($1::bigint[])",
+                       w->batch ? "SELECT j.id, j.state, j.attempt FROM dspark.jobs j WHERE j.batch_id = $1::bigint"
+                                : "SELECT j.id, j.state, j.attempt FROM dspark.jobs j WHERE j.id = ANY ($1::bigint[])",
                        1, params, &res);
     if (r < 0)
         return r;
@@ -270,7 +277,7 @@ static int read_changes(struct waiter *w, const struct hints *h)
     int rows = PQntuples(res);
     for (int i = 0; i < rows; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        if (*seen_slot(&w->seen, id) != state_code(PQgetvalue(res, i, 1)))
+        if (*seen_slot(&w->seen, id) != seen_code(PQgetvalue(res, i, 1), strtoll(PQgetvalue(res, i, 2), NULL, 10)))
             on_hint(&changed, id);
     }
     PQclear(res);

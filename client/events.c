@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "dspark/ds-events.h"
+#include "dspark/ds-notify.h"
 #include "dspark/ds-wire.h"
 #include "events.h"
 
@@ -108,11 +109,18 @@ static int zmq_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, voi
     struct zmq_source *s = (struct zmq_source *)ev;
     struct ds_event e;
     int hints = 0;
+    uint64_t deadline = ds_now_usec() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000u;
     for (;;) {
-        /* block for the first event, then take what else is queued */
-        int r = ds_events_sub_recv(s->sub, hints ? 0 : timeout_ms, &e);
-        if (r == -DS_EFORMAT || r == -DS_ENOTSUP)
+        /* block for the first event, but only until timeout_ms has passed (messages that carry no hint, a
+         * newer publisher's among them, do not put it off), then take what else is queued */
+        uint64_t now = ds_now_usec();
+        int left_ms = now >= deadline ? 0 : (int)((deadline - now + 999) / 1000);
+        int r = ds_events_sub_recv(s->sub, hints ? 0 : left_ms, &e);
+        if (r == -DS_EFORMAT || r == -DS_ENOTSUP) {
+            if (!hints && left_ms == 0)
+                return 0;
             continue; /* a message we cannot read: skipped */
+        }
         if (r < 0)
             return hints ? hints : r;
         if (r == 0)
@@ -122,8 +130,11 @@ static int zmq_wait(struct ctl_events *ev, int timeout_ms, ctl_event_fn *fn, voi
             hints++;
             continue;
         }
-        if (e.type != DS_EVENT_JOB)
+        if (e.type != DS_EVENT_JOB) {
+            if (!hints && left_ms == 0)
+                return 0;
             continue;
+        }
         fn(ud, e.id);
         hints++;
         if (hints >= 100000)

@@ -187,10 +187,12 @@ int ctl_parse_ids(const char *cmd, int argc, char **argv, int first, int64_t **r
                 free(ids);
                 return -1;
             }
-            for (long long v = a; v <= b; v++) {
+            for (long long v = a;; v++) {   /* (v <= b would overflow at the largest id) */
                 if (n == cap)
                     ids = ds_xrealloc(ids, (cap = cap ? cap * 2 : 16) * sizeof *ids);
                 ids[n++] = v;
+                if (v == b)
+                    break;
             }
         }
         free(s);

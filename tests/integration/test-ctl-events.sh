@@ -63,6 +63,24 @@ tap_ok "... woken by an event, not the 60 s poll (took ${took}s)" test "$took" -
 tap_is "$(grep -c "^job $id: running (attempt 1, worker w0)$" "$T/watch.out")" 1 "... and saw the claim"
 tap_like "$(cat "$T/watch.out")" "job $id: succeeded" "... and the success"
 
+# a retry between two of watch's reads (the lease ended, the job requeued and claimed again, in one transaction):
+# watch prints the new attempt, though the state is running again (it once compared the state alone)
+id=$("$C" submit -m m "retried")
+q "SELECT id FROM dspark.claim_jobs('w0', 1, NULL, 600)" >/dev/null
+"$C" watch --events "$EP" --interval 60 --timeout 30 "$id" >"$T/retry.out" 2>"$T/retry.err" &
+wpid=$!
+n=0
+while [ $n -lt 100 ] && ! grep -q "^job $id: running" "$T/retry.out" 2>/dev/null; do sleep 0.1; n=$((n + 1)); done
+psql -X -q -c "BEGIN" -c "UPDATE dspark.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $id" \
+    -c "SELECT dspark.requeue_expired()" -c "SELECT count(*) FROM dspark.claim_jobs('w1', 1, NULL, 600)" -c "COMMIT" \
+    >/dev/null
+n=0
+while [ $n -lt 100 ] && ! grep -q "^job $id: running (attempt 2" "$T/retry.out" 2>/dev/null; do sleep 0.1; n=$((n + 1)); done
+q "SELECT count(*) FROM dspark.finish_jobs('w1', '[{\"id\": $id, \"attempt\": 2, \"state\": \"succeeded\", \"output_text\": \"ok\"}]')" >/dev/null
+wait $wpid
+tap_is "$?|$(grep -c "^job $id: running" "$T/retry.out")|$(grep -c "^job $id: running (attempt 2, worker w1)$" "$T/retry.out")" \
+    "0|2|1" "watch prints a retry's new attempt when its requeue and new claim fall between two reads"
+
 # dsparkd restarts while watch runs: the claim made while none published (an event nobody sent) is seen
 # once the new dsparkd answers watch's subscriptions again, not at the 60 s poll
 id=$("$C" submit -m m "across a restart")

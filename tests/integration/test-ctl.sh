@@ -115,6 +115,9 @@ tap_py "status ID... --json" "[j['id'] for j in d] == [$id1, $id3] and d[1]['pri
 tap_py "... with the hand-backs and whether the job runs alone" "d[0]['released'] == 0 and d[0]['run_alone'] is False" "$T/st.json"
 out=$("$C" status 999999 2>&1)
 tap_is "$?" 1 "status of a missing job: exit 1"
+# (the range's loop once went past the largest id and never ended)
+out=$(timeout 20 "$C" status 9223372036854775806-9223372036854775807 2>&1)
+tap_is "$?" 1 "status of the two largest job ids, missing: exit 1, at once"
 q "INSERT INTO dspark.jobs (model, prompt, owner, run_after) VALUES ('qwen3-4b', 'later', 'someone', now() + interval '1 hour')" >/dev/null
 "$C" status --clients --json >"$T/clients.json"
 tap_py "status --clients --json: each client's queued, delayed and running jobs" \
