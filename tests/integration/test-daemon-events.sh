@@ -507,6 +507,26 @@ kill -TERM "$DPID"
 wait "$DPID"
 DPID=
 
+# more finished while it was down than a catch-up once read (the 100,000 latest): every one is published, in
+# pages, the earliest job's final state among them
+q "INSERT INTO dspark.jobs (model, prompt, state, attempt, worker_id, started_at, finished_at, version)
+   SELECT 'many', 'm' || g, 'succeeded', 1, 'w-many', now(), now(), 3 FROM generate_series(1, 100010) g" >/dev/null
+jm=$(q "SELECT min(id) FROM dspark.jobs WHERE model = 'many'")
+"$DSPARKD" --config "$T/restart.conf" 2>"$T/restart3.log" &
+DPID=$!
+"$SUB" --endpoint "ipc://$T/restart.sock" --topic "job|-|$jm|" --timeout 30 --count 1 >"$T/many.out" 2>&1 &
+SUBPIDS="$SUBPIDS $!"
+wait_for "$T/restart3.log" "published [0-9]+ jobs? that finished before this dsparkd started" 30
+nm=$(sed -n 's/.*published \([0-9]*\) jobs that finished before this dsparkd started.*/\1/p' "$T/restart3.log")
+tap_result $([ "${nm:-0}" -ge 100010 ]; echo $?) \
+    "more than 100,000 jobs that finished while dsparkd was down are all published at its start (${nm:-none})"
+wait_for "$T/many.out" "^job id=$jm .*state=succeeded version=3" 10
+tap_result $? "... the earliest of them too"
+kill -TERM "$DPID"
+wait "$DPID"
+DPID=
+q "DELETE FROM dspark.jobs WHERE model = 'many'" >/dev/null
+
 # the reaper's grace after connecting: a lease that ran out while dsparkd was
 # away is left to its worker for reaper_grace, then reaped
 jg=$(q "INSERT INTO dspark.jobs (model, prompt) VALUES ('grace', 'x') RETURNING id")
