@@ -476,11 +476,13 @@ int ctl_cmd_resubmit(struct ctl *c, int argc, char **argv)
     } else if (c->quiet) {
         printf("%" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(row, "batch_id")));
     } else {
+        json_int_t jobs = json_integer_value(json_object_get(row, "jobs")),
+                   first = json_integer_value(json_object_get(row, "first_id")),
+                   last = json_integer_value(json_object_get(row, "last_id"));
         printf("batch %" JSON_INTEGER_FORMAT ": %" JSON_INTEGER_FORMAT " jobs (ids %" JSON_INTEGER_FORMAT
-               "..%" JSON_INTEGER_FORMAT "), the %s jobs of batch %s\n",
-               json_integer_value(json_object_get(row, "batch_id")), json_integer_value(json_object_get(row, "jobs")),
-               json_integer_value(json_object_get(row, "first_id")),
-               json_integer_value(json_object_get(row, "last_id")), words, batch);
+               "..%" JSON_INTEGER_FORMAT "%s), the %s jobs of batch %s\n",
+               json_integer_value(json_object_get(row, "batch_id")), jobs, first, last,
+               last - first + 1 == jobs ? "" : ", other jobs among them", words, batch);
     }
     json_decref(rows);
     return CTL_EXIT_OK;

@@ -490,9 +490,10 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
         return ctl_fail("could not submit the batch");
     }
     if (c->json) {
-        json_t *j = json_pack("{s:s, s:I, s:I, s:I, s:I}", "batch_id", batch_id, "jobs",
+        json_t *j = json_pack("{s:s, s:I, s:I, s:I, s:b, s:I}", "batch_id", batch_id, "jobs",
                               (json_int_t)n, "first_id", (json_int_t)first, "last_id",
-                              (json_int_t)last, "skipped", (json_int_t)nbad);
+                              (json_int_t)last, "contiguous", last - first + 1 == n, "skipped",
+                              (json_int_t)nbad);
         /* the id as a number */
         json_object_set_new(j, "batch_id", json_integer(strtoll(batch_id, NULL, 10)));
         ctl_print_json(j, true);
@@ -500,8 +501,9 @@ static int submit_file(struct ctl *c, struct submit_opts *o)
     } else if (c->quiet) {
         printf("%s\n", batch_id);
     } else {
-        printf("batch %s: %" PRId64 " jobs (ids %" PRId64 "..%" PRId64 ")", batch_id, n, first,
-               last);
+        /* (another client's jobs inserted at the same time take ids among these) */
+        printf("batch %s: %" PRId64 " jobs (ids %" PRId64 "..%" PRId64 "%s)", batch_id, n, first,
+               last, last - first + 1 == n ? "" : ", other jobs among them");
         if (nbad)
             printf(", %ld invalid lines skipped", nbad);
         printf("\n");

@@ -82,8 +82,17 @@ cat >"$T/batch.jsonl" <<'EOF'
 EOF
 "$C" submit -m default-model --priority 3 -f "$T/batch.jsonl" --json >"$T/sub.json"
 tap_is "$?" 0 "submit -f of a mixed JSONL file succeeds"
-tap_py "... and reports a batch of 4 jobs" "d['jobs'] == 4 and d['skipped'] == 0 and d['last_id'] - d['first_id'] == 3" "$T/sub.json"
+tap_py "... and reports a batch of 4 jobs" "d['jobs'] == 4 and d['skipped'] == 0 and d['last_id'] - d['first_id'] == 3 and d['contiguous'] is True" "$T/sub.json"
 B=$(py "d['batch_id']" "$T/sub.json")
+# ids with others among them (as when two clients insert at once; here the identity steps by 2): said so
+q "ALTER TABLE dspark.jobs ALTER COLUMN id SET INCREMENT BY 2" >/dev/null
+out=$("$C" submit -m default-model -f "$T/batch.jsonl")
+"$C" submit -m default-model -f "$T/batch.jsonl" --json >"$T/sub2.json"
+q "ALTER TABLE dspark.jobs ALTER COLUMN id SET INCREMENT BY 1" >/dev/null
+tap_like "$out" "^batch [0-9]+: 4 jobs \\(ids [0-9]+\\.\\.[0-9]+, other jobs among them\\)$" \
+    "submit -f says when other jobs' ids fall among the batch's"
+tap_py "... and --json has contiguous false" "d['contiguous'] is False and d['last_id'] - d['first_id'] == 6" "$T/sub2.json"
+q "DELETE FROM dspark.jobs WHERE batch_id IN (SELECT id FROM dspark.batches WHERE id > $B); DELETE FROM dspark.batches WHERE id > $B" >/dev/null
 tap_is "$(q "SELECT string_agg(concat_ws(':', custom_id, model, max_tokens, priority), ' ' ORDER BY id) FROM dspark.jobs WHERE batch_id = $B")" \
     "chat-1:qwen3-4b:16:3 text-1:qwen3-4b:32:3 ids-1:default-model:1024:3 81:default-model:1024:3" \
     "custom_id, model (with --model as default), max_tokens and --priority per line, in file order"
