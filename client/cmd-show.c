@@ -573,6 +573,12 @@ int ctl_cmd_stats(struct ctl *c, int argc, char **argv)
         return ctl_usage_error("stats ", "unexpected argument '%s'", argv[optind]);
     if ((rc = ctl_connect(c, true)))
         return rc;
+    if (since) {   /* only the server judges an interval: a bad one is a usage error, as submit's are */
+        const char *params[] = { since };
+        if (ds_db_command(c->db, "SELECT $1::interval", 1, params) < 0)
+            return ds_db_ok(c->db) ? ctl_usage_error("stats ", "--since '%s': %s", since, ds_errdetail())
+                                   : ctl_fail(NULL);
+    }
 
     const char *gb = by_batch ? "j.batch_id" : "NULL::bigint";
     const char *gm = by_model ? "j.model" : "NULL::text";

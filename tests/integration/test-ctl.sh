@@ -206,6 +206,9 @@ tap_py "stats --by model merges batches" "[(g['model'], g['jobs'], g['batch_id']
 out=$("$C" stats --batch "$B")
 tap_like "$out" "qwen3-4b +2 +42 +2.10 +0.500 +2.20 +150.0" "stats prints a table"
 tap_like "$out" "acceptance by position \\(batch $B, model qwen3-4b\\): 1:0.800 2:0.375 3:0.000" "... and acceptance by position"
+out=$("$C" stats --since bogus 2>&1)
+tap_is "$?" 2 "stats --since with a bad interval is a usage error: exit 2"
+tap_like "$out" "--since 'bogus': .*interval" "... naming the option"
 
 # --- wait and watch --------------------------------------------------------------
 "$C" wait --batch "$B" --json >"$T/wait.json"
