@@ -784,6 +784,11 @@ bool ds_db_ok(struct ds_db *db)
     return db && db->conn && !db->given_up && PQstatus(db->conn) == CONNECTION_OK;
 }
 
+int ds_db_statement_timeout_ms(const struct ds_db *db)
+{
+    return db ? db->statement_ms : 0;
+}
+
 /* The session's statement_timeout (in db->statement_ms), after setting it to db->default_statement_ms
  * where the session has none (0: the server's default, which no conninfo option, role or database setting
  * changed). */

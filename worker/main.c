@@ -147,7 +147,7 @@ static void usage(FILE *f)
             "  --drain-timeout S         on SIGTERM, seconds to finish jobs in flight before\n"
             "                            handing the rest back (default 60)\n"
             "  --db-timeout S            statement_timeout of the worker's session where the\n"
-            "                            server, role or DSN sets none (default 30); a\n"
+            "                            server, role or DSN sets none (default 20); a\n"
             "                            statement unanswered 10 s past the session's\n"
             "                            statement_timeout gives the connection up\n"
             "  --once                    exit when the queue has no job for this worker\n"
@@ -213,7 +213,7 @@ static void parse_options(int argc, char **argv, struct wopts *o)
         {"version", no_argument, NULL, O_VERSION}, {"gpu-memory", required_argument, NULL, O_GPU_MEM},
         {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {NULL, 0, NULL, 0},
     };
-    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .db_timeout = 30, .lease = 30,
+    *o = (struct wopts){.backend = "auto", .device = -1, .drain_timeout = 60, .db_timeout = 20, .lease = 30,
                         .heartbeat = 0, .poll = 1, .unknown_model_timeout = 60, .log_level = DS_LOG_INFO};
     int c;
     opterr = 0;
@@ -325,6 +325,17 @@ static struct ds_db *try_connect_db(const struct wopts *o, bool *bad_schema)
             return NULL;
         }
         PQsetNoticeReceiver(ds_db_conn(db), log_db_warning, NULL);
+        /* the heartbeats share the connection: one statement that waits out statement_timeout holds them off */
+        double st = ds_db_statement_timeout_ms(db) / 1000.0;
+        static bool warned;
+        if (!warned && st + o->heartbeat >= o->lease) {
+            ds_log(DS_LOG_WARNING,
+                   "the session's statement_timeout (%g s) and --heartbeat (%g s) reach --lease (%g s): a statement "
+                   "that waits that long (a lock) holds off the heartbeats until the leases end, and the jobs may "
+                   "run again elsewhere; give --lease more than their sum, or a shorter --db-timeout",
+                   st, o->heartbeat, o->lease);
+            warned = true;
+        }
         return db;
     }
     ds_db_free(db);

@@ -107,6 +107,8 @@ void ds_db_set_deadline(struct ds_db *db, int timeout_ms);
  * reading holds up no write past the bound either. Returns 0, or < 0 when the
  * session's setting could not be read or set. */
 int ds_db_set_timeouts(struct ds_db *db, int default_statement_ms, int grace_ms) DS_MUSTCHECK;
+/* The session's statement_timeout in ms as ds_db_set_timeouts read or set it (0: none, or not read). */
+int ds_db_statement_timeout_ms(const struct ds_db *db);
 /* A statement sent without waiting (the connection becomes non-blocking), for
  * a loop that polls ds_db_socket: then ds_db_flush while it returns 1 (poll
  * for POLLOUT too), and ds_db_consume_notify and ds_db_take_result whenever

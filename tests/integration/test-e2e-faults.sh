@@ -209,6 +209,14 @@ tap_is "$rc|$(q "SELECT state || ' ' || attempt FROM dspark.jobs WHERE id = $jq"
     "0|succeeded 1|stopped" \
     "at quit, a write-back held up by a lock is written once the lock goes, before the worker stops"
 
+# ---- the heartbeats share the connection: a worker whose statement_timeout and heartbeat reach its lease warns ----
+timeout 60 "$WORKER" --target "$E2E_TARGET" --draft "$E2E_DRAFT" --sps "$T/sps.json" --threads 1 --worker-id warnlease \
+    --lease 5 --heartbeat 1 --db-timeout 10 --once 2>"$T/warnlease.log"
+tap_like "$(cat "$T/warnlease.log")" "statement_timeout \\(10 s\\) and --heartbeat \\(1 s\\) reach --lease \\(5 s\\)" \
+    "a worker whose statement_timeout and heartbeat reach its lease warns at start"
+tap_is "$(grep -c 'reach --lease' "$T/quitlock.log" "$T/locked.log" | tr '\n' ' ')" "$T/quitlock.log:0 $T/locked.log:0 " \
+    "... and workers whose do not, not"
+
 # ---- the worker's server process stops answering (SIGSTOP: a server or pooler that holds queries, a
 # network path that drops them): statement_timeout (--db-timeout 1) is the server's own, so the worker
 # waits 10 s more, then gives the connection up and makes another; its claims go on there ----
