@@ -327,6 +327,18 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
     int scale_layer = -1, scale_p = -1;         /* the RMSNorm scale in scale_cache */
     int x_layer = -1, x_p = -1, x_range = -1;   /* the x range in xs */
     int n_traced = 0;
+    /* the consumers' partial sums of squares of the residual -> RMSNorm's scale in scale_cache, summed in a
+     * fixed order */
+    auto scale_from_partials = [&](float s) {
+        for (int o = 16; o; o >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0)
+            red[warp] = s;
+        consumers_sync();
+        if (tid == 0)
+            scale_cache = (float)(1.0 / sqrt((double)(red[0] + red[1] + red[2] + red[3]) / HID + 1e-6));
+        consumers_sync();
+    };
     /* --deps tile: RMSNorm's scale of the residual that qkv or gate_up of this layer reads, applied after the
      * product: from the sums of squares of the product before's tiles, in tile order, once it is complete */
     auto row_scale = [&](int layer, int p) -> float {
@@ -334,22 +346,15 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
             if (layer == 0 && p == P_QKV) {
                 if (tid == 0)
                     scale_cache = P.scale0;
-            } else {   /* the half tiles' sums, one a thread, summed in a fixed order */
+                consumers_sync();
+            } else {   /* the half tiles' sums, one a thread */
                 int dl = p == P_QKV ? layer - 1 : layer, dp = p == P_QKV ? P_DOWN : P_O;
                 if (tid == 0)
                     spin_until(&P.done[dl * NPROD + dp], P.gen * P.prod[dp].tiles, P.poll_sleep_ns);
                 consumers_sync();
                 const float *ss = P.tile_ss + (size_t)(dl * NPROD + dp) * MAX_TILES * 2;
-                float sum = tid < 2 * P.prod[dp].tiles ? __ldcg(ss + tid) : 0.0f;
-                for (int o = 16; o; o >>= 1)
-                    sum += __shfl_xor_sync(0xffffffffu, sum, o);
-                if (lane == 0)
-                    red[warp] = sum;
-                consumers_sync();
-                if (tid == 0)
-                    scale_cache = (float)(1.0 / sqrt((double)(red[0] + red[1] + red[2] + red[3]) / HID + 1e-6));
+                scale_from_partials(tid < 2 * P.prod[dp].tiles ? __ldcg(ss + tid) : 0.0f);
             }
-            consumers_sync();
             scale_layer = layer;
             scale_p = p;
         }
@@ -435,14 +440,7 @@ stream_layers(const __grid_constant__ CUtensorMap map_qkv, const __grid_constant
 #pragma unroll
                     for (int i = 0; i < PER; i++)
                         s += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
-                    for (int o = 16; o; o >>= 1)
-                        s += __shfl_xor_sync(0xffffffffu, s, o);
-                    if (lane == 0)
-                        red[warp] = s;
-                    consumers_sync();
-                    if (tid == 0)
-                        scale_cache = (float)(1.0 / sqrt((double)(red[0] + red[1] + red[2] + red[3]) / HID + 1e-6));
-                    consumers_sync();
+                    scale_from_partials(s);
                     scale_layer = layer;
                     scale_p = p;
                 }
