@@ -26,7 +26,8 @@ DS_MIGRATIONS = \
 	sql/018-heartbeat-watermark.sql \
 	sql/019-heartbeat-stray-warning.sql \
 	sql/020-claim-unserved-held.sql \
-	sql/021-unserved-waited.sql
+	sql/021-unserved-waited.sql \
+	sql/022-join-batches-guard.sql
 dsparksqldir = $(pkgdatadir)/sql
 dist_dsparksql_DATA = $(DS_MIGRATIONS)
 

@@ -22,7 +22,7 @@
 
 /* The schema version this build knows: the number of the last migration in
  * sql/. Daemon and worker refuse to run against any other version. */
-#define DS_SCHEMA_VERSION 21
+#define DS_SCHEMA_VERSION 22
 
 /* Channel of the job notifications: one NOTIFY per statement that inserts
  * jobs or changes job states, payload = one entry per job and change,

@@ -36,7 +36,7 @@ tap_is "$?" 2 "--temperature NaN: exit 2"
 tap_like "$out" "temperature must be a finite number" "... named in the message"
 "$C" wait >/dev/null 2>&1
 tap_is "$?" 2 "wait without jobs: exit 2"
-"$C" --version | grep -q "dsparkctl .*schema version 21"
+"$C" --version | grep -q "dsparkctl .*schema version 22"
 tap_result $? "--version prints the version and the schema version"
 
 # --- connection options ------------------------------------------------------

@@ -56,6 +56,19 @@ denied alice "INSERT INTO dspark.jobs (model, prompt, owner) VALUES ('m', 'x', '
 out=$(q_as alice "INSERT INTO dspark.jobs (batch_id, model, prompt) VALUES ($bb, 'm', 'slipped in')" 2>&1)
 tap_like "$out" "batch $bb does not exist \\(or is not yours\\)" "a client cannot add a job to another client's batch"
 tap_is "$(q "SELECT count(*) FROM dspark.jobs WHERE prompt = 'slipped in'")" 0 "... nothing was added"
+# ... nor learn of its custom_ids (the batch's checks ran first), nor tell it from a batch that does not exist
+out=$(q_as alice "INSERT INTO dspark.jobs (batch_id, custom_id, model, prompt) VALUES ($bb, 'x', 'm', 'probe')" 2>&1)
+tap_like "$out" "batch $bb does not exist \\(or is not yours\\)" "a client's job with a custom_id of another's batch learns nothing of it"
+out=$(q_as alice "INSERT INTO dspark.jobs (batch_id, model, prompt) VALUES ($((bb + 1000)), 'm', 'probe')" 2>&1)
+tap_like "$out" "batch $((bb + 1000)) does not exist \\(or is not yours\\)" "... and a missing batch gives the same answer"
+# join_batches (the insert trigger's, with its owner's rights) is not for direct calls: it would change any batch's
+# counter and lock its row
+ja=$(q "SELECT jobs_added FROM dspark.batches WHERE id = $bb")
+out=$(q_as alice "SELECT dspark.join_batches(ARRAY[$bb]::bigint[], ARRAY[-1000]::bigint[])" 2>&1)
+tap_like "$out" "dspark.join_batches is for the triggers of dspark.jobs only" "a client cannot call join_batches on another's batch"
+out=$(q_as bob "SELECT dspark.join_batches(ARRAY[$bb]::bigint[], ARRAY[1]::bigint[])" 2>&1)
+tap_like "$out" "dspark.join_batches is for the triggers of dspark.jobs only" "... nor on its own"
+tap_is "$(q "SELECT jobs_added FROM dspark.batches WHERE id = $bb")" "$ja" "... the counter is untouched"
 denied alice "INSERT INTO dspark.jobs (model, prompt, state) VALUES ('m', 'x', 'succeeded')" "a client cannot insert a finished job"
 denied alice "DELETE FROM dspark.jobs" "a client cannot delete jobs"
 denied alice "SELECT * FROM dspark.claim_jobs('evil', 10, NULL, 60)" "a client cannot claim jobs"

@@ -13,18 +13,18 @@ tap_like "$out" "database has no dspark schema: run 'dsparkctl db init'" "... an
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 0 "db init succeeds"
-tap_like "$out" "created schema version 21" "db init reports the version"
+tap_like "$out" "created schema version 22" "db init reports the version"
 tap_is "$(q 'SELECT string_agg(version || name, $$ $$ ORDER BY version) FROM dspark.schema_version')" \
-    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-expiry 13013-resubmit 14014-client-turns 15015-delayed-jobs 16016-client-shares 17017-heartbeat-strays 18018-heartbeat-watermark 19019-heartbeat-stray-warning 20020-claim-unserved-held 21021-unserved-waited" "schema_version holds every migration once"
+    "1001-schema 2002-queue 3003-throughput 4004-index-churn 5005-notify-chunks 6006-job-stats-time 7007-attempts 8008-worker-ids 9009-worker-fence 10010-worker-instance 11011-claim-job-tokens 12012-expiry 13013-resubmit 14014-client-turns 15015-delayed-jobs 16016-client-shares 17017-heartbeat-strays 18018-heartbeat-watermark 19019-heartbeat-stray-warning 20020-claim-unserved-held 21021-unserved-waited 22022-join-batches-guard" "schema_version holds every migration once"
 
 out=$("$DSPARKCTL" db init 2>&1)
 tap_is "$?" 1 "db init refuses an initialised database"
-tap_like "$out" "already has a dspark schema \\(version 21\\)" "... with a clear message"
+tap_like "$out" "already has a dspark schema \\(version 22\\)" "... with a clear message"
 
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 0 "db migrate on a current database succeeds"
-tap_like "$out" "schema version 21 is current" "... and changes nothing"
-tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 21 "... no duplicate version rows"
+tap_like "$out" "schema version 22 is current" "... and changes nothing"
+tap_is "$(q 'SELECT count(*) FROM dspark.schema_version')" 22 "... no duplicate version rows"
 
 "$DSPARKCTL" db status >/dev/null 2>&1
 tap_is "$?" 0 "db status exits 0 on a current schema"
@@ -55,24 +55,24 @@ psql -X -q -d from14 -c "INSERT INTO dspark.jobs (model, prompt, run_after)
     VALUES ('m', 'now', now()), ('m', 'later', now() + interval '1 hour')" >/dev/null 2>&1 || r=1
 "$DSPARKCTL" -d "host=$T port=5432 user=postgres dbname=from14" db migrate >/dev/null 2>&1 || r=1
 tap_is "$r|$(psql -X -A -t -d from14 -c "SELECT string_agg(prompt || ':' || delayed, ',' ORDER BY id) FROM dspark.jobs")|$(psql -X -A -t -d from14 -c "SELECT string_agg(prompt, ',') FROM dspark.claim_jobs('w', 5, NULL, 60)")" \
-    "0|now:false,later:true|now" "a schema 14 database migrates to 21 with its jobs for later marked delayed, and claims take the others"
+    "0|now:false,later:true|now" "a schema 14 database migrates to 22 with its jobs for later marked delayed, and claims take the others"
 
 # two migrations at once apply each version once
 q 'CREATE DATABASE racing' >/dev/null
 tap_is "$(race_migrate "host=$T port=5432 user=postgres dbname=racing")" 00 "two concurrent db migrate both succeed"
-tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 21 \
+tap_is "$(psql -X -A -t -d racing -c 'SELECT count(*) FROM dspark.schema_version')" 22 \
     "... and applied each migration once"
 # the same where transactions default to repeatable read (each migration's runs read committed)
 q 'CREATE DATABASE racing_rr' >/dev/null
 q "ALTER DATABASE racing_rr SET default_transaction_isolation = 'repeatable read'" >/dev/null
-tap_is "$(race_migrate "host=$T port=5432 user=postgres dbname=racing_rr")|$(psql -X -A -t -d racing_rr -c 'SELECT count(*) FROM dspark.schema_version')" "00|21" \
+tap_is "$(race_migrate "host=$T port=5432 user=postgres dbname=racing_rr")|$(psql -X -A -t -d racing_rr -c 'SELECT count(*) FROM dspark.schema_version')" "00|22" \
     "two concurrent db migrate on a database whose default isolation is repeatable read: both succeed, each migration once"
 
 # a database newer than the build is refused by everything but db status
 q "INSERT INTO dspark.schema_version (version, name) VALUES (99, '099-future')"
 out=$("$DSPARKCTL" list 2>&1)
 tap_is "$?" 1 "an unknown schema version is refused"
-tap_like "$out" "database schema version 99, this build knows 21: run 'dsparkctl db migrate'" \
+tap_like "$out" "database schema version 99, this build knows 22: run 'dsparkctl db migrate'" \
     "... with the version message"
 out=$("$DSPARKCTL" db migrate 2>&1)
 tap_is "$?" 1 "db migrate refuses a database newer than the build"
@@ -175,7 +175,7 @@ q "DELETE FROM dspark.jobs; DELETE FROM dspark.batches" >/dev/null
 b1=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
 b2=$(q "INSERT INTO dspark.batches DEFAULT VALUES RETURNING id")
 bad "batch_id, custom_id, model, prompt" "$((b2 + 100)), 'x', 'm', 'p'" \
-    "violates foreign key constraint \"jobs_batch_id_fkey\"" "a job naming a batch that does not exist is refused"
+    "batch $((b2 + 100)) does not exist \\(or is not yours\\)" "a job naming a batch that does not exist is refused"
 bad "batch_id, custom_id, model, prompt" "$b1, 'x', 'm', 'p'), ($b1, 'y', 'm', 'p'), ($b1, 'x', 'm', 'p'" \
     "duplicate key value violates unique constraint \"jobs_batch_custom_id_key\"" \
     "a custom_id repeated within one INSERT into a batch is refused"
