@@ -523,17 +523,21 @@ bool ds_seq_emit(struct ds_engine *e, struct ds_seq *s, int32_t id)
             size_t old = s->text_len;
             s->text_len += (size_t)nb;
             s->text[s->text_len] = 0;
+            /* the stop string that starts first in the text (several may end in this token's bytes) */
+            char *first = NULL;
             for (int i = 0; i < s->n_stop; i++) {
                 size_t sl = strlen(s->stop[i]);
                 size_t from = old + 1 > sl ? old + 1 - sl : 0;
                 char *hit = s->text_len >= sl ? memmem(s->text + from, s->text_len - from, s->stop[i], sl) : NULL;
-                if (hit) {
-                    s->text_len = (size_t)(hit - s->text);
-                    s->text[s->text_len] = 0;
-                    s->text_done = true;
-                    ds_seq_finish(e, s, "stop");
-                    return true;
-                }
+                if (hit && (!first || hit < first))
+                    first = hit;
+            }
+            if (first) {
+                s->text_len = (size_t)(first - s->text);
+                s->text[s->text_len] = 0;
+                s->text_done = true;
+                ds_seq_finish(e, s, "stop");
+                return true;
             }
         }
     }

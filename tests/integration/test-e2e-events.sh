@@ -143,6 +143,11 @@ tap_is "$(q "SELECT output_text FROM dspark.jobs WHERE id = $jt")" \
 tap_is "$(q "SELECT finish_reason || '|' || output_text FROM dspark.jobs WHERE id = $js")" \
     "stop|$("$DS_BUILDDIR/dspark-generate" --target "$TINY" --prompt 'def add(a, b):' --max-tokens 24 --stop ':' --quiet --threads 1)" \
     "a stop string ends the job with finish_reason 'stop', the text cut before it"
+# two stop strings that end in the same token (' ignore'): the text ends before the one that starts first, whatever
+# their order (the first in the list once won: '  # pyrefly: ign')
+g1=$("$DS_BUILDDIR/dspark-generate" --target "$TINY" --prompt 'def f(x):' --max-tokens 16 --stop ore --stop ign --quiet --threads 1)
+g2=$("$DS_BUILDDIR/dspark-generate" --target "$TINY" --prompt 'def f(x):' --max-tokens 16 --stop ign --stop ore --quiet --threads 1)
+tap_is "$g1|$g2" "  # pyrefly: |  # pyrefly: " "of two stop strings in one token's bytes, the one that starts first ends the text"
 if [ -x "$DS_BUILDDIR/cli/dspark-tokenize" ]; then
     n=$(echo '[{"role": "user", "content": "Write a function that adds two numbers."}]' |
         "$DS_BUILDDIR/cli/dspark-tokenize" --tokenizer "$TINY" --chat | tr -cd ',' | wc -c)
