@@ -319,14 +319,19 @@ json_t *wresult_json(const struct widentity *id, const struct wjob *j, const str
      * skew the percentiles) */
     if (r->n_ids > 0)
         set_real(st, "time_to_first_token_s", s->time_to_first_token_s + ttft_extra);
-    set_real(st, "decode_tokens_per_s", s->decode_tokens_per_s);
+    /* decoding speed needs two tokens, and acceptance a round: NULL otherwise (not 0, which would skew the
+     * medians as well) */
+    if (r->n_ids > 1)
+        set_real(st, "decode_tokens_per_s", s->decode_tokens_per_s);
     json_object_set_new(st, "rounds", json_integer(s->rounds));
     if (s->block_size > 0) {
         json_object_set_new(st, "num_draft_tokens", json_integer(s->num_draft_tokens));
         json_object_set_new(st, "num_verified_tokens", json_integer(s->num_verified_tokens));
         json_object_set_new(st, "num_accepted_tokens", json_integer(s->num_accepted_tokens));
-        set_real(st, "mean_acceptance_length", s->mean_acceptance_length);
-        set_real(st, "mean_verify_len", s->rounds > 0 ? (double)s->num_verified_tokens / s->rounds : 0.0);
+        if (s->rounds > 0) {
+            set_real(st, "mean_acceptance_length", s->mean_acceptance_length);
+            set_real(st, "mean_verify_len", (double)s->num_verified_tokens / s->rounds);
+        }
         json_t *acc = json_array(), *ver = json_array();
         for (int k = 0; k < s->block_size && k < DS_MAX_BLOCK; k++) {
             json_array_append_new(acc, json_integer(s->accepted_by_position[k]));

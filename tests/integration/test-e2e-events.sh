@@ -131,6 +131,8 @@ jt=$(q "INSERT INTO dspark.jobs (model, prompt, max_tokens, temperature, spec_mo
         VALUES ('dspark-tiny-target', E'def add(a, b):\nx', 24, 0, 'none') RETURNING id")
 js=$(q "INSERT INTO dspark.jobs (model, prompt, max_tokens, temperature, stop)
         VALUES ('dspark-tiny-target', 'def add(a, b):', 24, 0, ARRAY[':']) RETURNING id")
+j1=$(q "INSERT INTO dspark.jobs (model, prompt, max_tokens, temperature)
+        VALUES ('dspark-tiny-target', 'def add(a, b):', 1, 0) RETURNING id")
 jc=$(q "INSERT INTO dspark.jobs (model, messages, max_tokens, temperature)
         VALUES ('dspark-tiny-target', '[{\"role\": \"user\", \"content\": \"Write a function that adds two numbers.\"}]', 16, 0)
         RETURNING id")
@@ -143,6 +145,9 @@ tap_is "$(q "SELECT output_text FROM dspark.jobs WHERE id = $jt")" \
 tap_is "$(q "SELECT finish_reason || '|' || output_text FROM dspark.jobs WHERE id = $js")" \
     "stop|$("$DS_BUILDDIR/dspark-generate" --target "$TINY" --prompt 'def add(a, b):' --max-tokens 24 --stop ':' --quiet --threads 1)" \
     "a stop string ends the job with finish_reason 'stop', the text cut before it"
+tap_is "$(q "SELECT s.output_tokens || '|' || coalesce(s.decode_tokens_per_s::text, 'null') || '|' || (s.time_to_first_token_s > 0)
+             FROM dspark.job_stats s WHERE s.job_id = $j1")" "1|null|true" \
+    "a one-token job has a time to its first token, and no decoding speed (NULL, not 0)"
 # two stop strings that end in the same token (' ignore'): the text ends before the one that starts first, whatever
 # their order (the first in the list once won: '  # pyrefly: ign')
 g1=$("$DS_BUILDDIR/dspark-generate" --target "$TINY" --prompt 'def f(x):' --max-tokens 16 --stop ore --stop ign --quiet --threads 1)
