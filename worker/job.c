@@ -158,7 +158,7 @@ int wjob_request(const struct wjob *j, struct ds_request *req, struct wreq_keep 
     /* (the table takes any top_p > 0 as a double: one below float's least normal keeps the top token) */
     req->sampling.top_p = j->top_p > 0 && j->top_p < FLT_MIN ? FLT_MIN : (float)j->top_p;
     req->sampling.top_k = j->top_k;
-    /* without a seed a job still replays exactly: its id is the seed */
+    /* without a seed a job's draws are still fixed: its id is the seed */
     req->sampling.seed = (uint64_t)(j->has_seed ? j->seed : j->id);
     if (!isfinite(j->temperature))
         return ds_seterr(DS_EINVAL, "temperature must be a finite number");
