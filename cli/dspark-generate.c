@@ -188,8 +188,13 @@ static int read_prompts(const char *path, const struct ds_tokenizer *tok, bool c
         lineno++;
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = 0;
-        if (len == 0)
-            continue;
+        if (lineno == 1 && len >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) {   /* a byte order mark */
+            memmove(line, line + 3, (size_t)len - 2);
+            len -= 3;
+        }
+        size_t sp = strspn(line, " \t");
+        if ((ssize_t)sp == len)
+            continue;   /* blank, as dsparkctl submit -f skips */
         json_error_t jerr;
         json_t *o = json_loadb(line, (size_t)len, 0, &jerr);
         if (!o || !json_is_object(o)) {
@@ -239,6 +244,8 @@ static int read_prompts(const char *path, const struct ds_tokenizer *tok, bool c
         }
         n++;
     }
+    if (r == 0 && ferror(f))
+        r = ds_seterr(DS_EIO, "could not read '%s': %s", path, strerror(errno));
     free(line);
     if (f != stdin)
         fclose(f);
@@ -608,10 +615,19 @@ int main(int argc, char **argv)
         fprintf(stderr, "dspark-generate: could not write '%s': %s\n", logits_out, strerror(errno));
         return 1;
     }
-    if (round_log)
-        fclose(round_log);
-    if (trace)
-        fclose(trace);
+    /* (a full disk shows at the last writes: each file's close, and stdout's flush) */
+    if (round_log && fclose(round_log) != 0) {
+        fprintf(stderr, "dspark-generate: could not write '%s': %s\n", round_log_file, strerror(errno));
+        failed = 1;
+    }
+    if (trace && fclose(trace) != 0) {
+        fprintf(stderr, "dspark-generate: could not write '%s': %s\n", trace_file, strerror(errno));
+        failed = 1;
+    }
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "dspark-generate: could not write the output: %s\n", strerror(errno));
+        failed = 1;
+    }
     for (int i = 0; i < n_prompts; i++) {
         free(ps[i].ids);
         ds_result_free(ps[i].result);

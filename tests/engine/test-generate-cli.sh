@@ -14,7 +14,7 @@ target="$src/models/dspark-tiny-target"
 draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..15"
+echo "1..17"
 n=0
 check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
     what=$1
@@ -114,3 +114,12 @@ printf '%s\n' '{"body": {"messages": [{"role": "user", "content": [{"type": "ima
 "$gen" --target "$target" --prompts "$tmp/image.jsonl" --max-tokens 8 --threads 2 >/dev/null 2>"$tmp/image.err"
 check "another kind of part is refused, naming it" grep -q 'line 1: messages\[0\]\.content\[0\]: only {"type": "text"' \
     "$tmp/image.err"
+# lines of spaces or tabs are blank, and a byte order mark is no part of the first line (as dsparkctl submit -f reads
+# them); a prompt file that cannot be read says why
+printf '\357\273\277{"prompt": "1, 2, 3,"}\n   \n\t\n{"prompt": "1, 2, 3,"}\n' >"$tmp/ws.jsonl"
+"$gen" --target "$target" --prompts "$tmp/ws.jsonl" --max-tokens 4 --threads 2 --quiet >"$tmp/ws.out" 2>"$tmp/ws.err"
+ws_rc=$?
+ws_ok() { [ "$ws_rc" -eq 0 ] && [ "$(wc -l <"$tmp/ws.out")" -eq 2 ]; }
+check "blank lines of spaces and tabs and a byte order mark are skipped ($(head -c 200 "$tmp/ws.err"))" ws_ok
+"$gen" --target "$target" --prompts "$tmp" --max-tokens 4 --threads 2 --quiet >/dev/null 2>"$tmp/dir.err"
+check "a prompt file that cannot be read says why" grep -q "could not read '$tmp': Is a directory" "$tmp/dir.err"
