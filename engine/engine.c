@@ -478,6 +478,8 @@ static void collect_finished(struct ds_engine *e)
 int ds_engine_take_finished(struct ds_engine *e, struct ds_result **out, int max)
 {
     int n = e->n_done < max ? e->n_done : max;
+    if (n <= 0)
+        return 0;   /* (e->done may still be NULL: no copies of nothing) */
     memcpy(out, e->done, (size_t)n * sizeof *out);
     memmove(e->done, e->done + n, (size_t)(e->n_done - n) * sizeof *e->done);
     e->n_done -= n;
