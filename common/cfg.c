@@ -341,8 +341,8 @@ static char *trim(char *s)
 }
 
 /* Turn the raw text after '=' into the value: unquote, or cut a trailing comment.
- * Returns 0 or -1 with a message. Works in place. */
-static int unquote(char *raw, char **ret, char *err, size_t errsize)
+ * Returns 0 or -1 with a message, which quotes none of the text when secret. Works in place. */
+static int unquote(char *raw, bool secret, char **ret, char *err, size_t errsize)
 {
     char *s = trim(raw);
     if (*s == '"') {
@@ -370,7 +370,10 @@ static int unquote(char *raw, char **ret, char *err, size_t errsize)
         }
         char *rest = trim(r + 1);
         if (*rest && *rest != '#' && *rest != ';') {
-            snprintf(err, errsize, "unexpected text '%s' after quoted value", rest);
+            if (secret)   /* (it may hold the secret: a password after a closing quote) */
+                snprintf(err, errsize, "unexpected text after quoted value");
+            else
+                snprintf(err, errsize, "unexpected text '%s' after quoted value", rest);
             return -1;
         }
         *w = 0;
@@ -461,7 +464,7 @@ static void parse_text(struct cfg_parse *p, const char *text)
             continue;
         }
         char err[512], *value;
-        if (unquote(eq + 1, &value, err, sizeof err) < 0) {
+        if (unquote(eq + 1, k->flags & DS_CFG_SECRET, &value, err, sizeof err) < 0) {
             parse_error(p, lineno, "key '%s': %s", key, err);
             continue;
         }

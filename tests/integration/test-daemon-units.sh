@@ -15,6 +15,9 @@ trap 'rm -rf "$T"' EXIT
 # the unit as installed, but pointing at the programs of this build tree
 exec_path=$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$UNIT")
 tap_like "$exec_path" '^/.*/dsparkd$' "ExecStart names an absolute dsparkd path ('$exec_path')"
+# (a file named with --config must exist: a fresh install, with only the example, then failed to start with 78)
+tap_is "$(grep -c '^ExecStart=.*--config' "$UNIT")" "0" \
+    "dsparkd.service names no --config: without the default file dsparkd runs on the defaults"
 tap_is "$(grep -c '@[a-z]*@' "$UNIT" "$WUNIT" | awk -F: '{ s += $2 } END { print s }')" "0" \
     "no @variable@ is left in the generated units"
 mkdir -p "$T/units" "$T/man/man5" "$T/man/man7" "$T/man/man8"

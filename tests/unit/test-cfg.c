@@ -149,6 +149,11 @@ static void test_errors(void **state)
     const struct ds_cfg_table st = { secret_int, 1, NULL };
     assert_int_equal(ds_cfg_load_string(&st, "[database]\npassword = hunter2\n", "t"), -DS_ECONFIG);
     assert_null(strstr(ds_errdetail(), "hunter2"));
+    /* ... nor the text after a secret's closing quote (a DSN's password written outside the quotes) */
+    assert_int_equal(ds_cfg_load_string(&table, "[database]\npassword = \"host=db\" password=hunter2\n", "t"),
+                     -DS_ECONFIG);
+    assert_null(strstr(ds_errdetail(), "hunter2"));
+    assert_non_null(strstr(ds_errdetail(), "unexpected text after quoted value"));
 }
 
 static void test_file(void **state)
