@@ -205,6 +205,10 @@ static int check_config(void)
         return ds_seterr(DS_ECONFIG, "events.curve_secret_key_file needs events.curve_allow_file");
     if (*cfg.metrics_listen && metrics_check_address(cfg.metrics_listen) < 0)
         return -DS_ECONFIG;
+    /* (a worker given another exits 78 at every restart, and is never ready) */
+    if (*cfg.backend && strcmp(cfg.backend, "auto") != 0 && strcmp(cfg.backend, "cpu") != 0 &&
+        strcmp(cfg.backend, "cuda") != 0)
+        return ds_seterr(DS_ECONFIG, "worker.backend '%s' is not auto, cpu or cuda", cfg.backend);
     return supervisor_check_config(&cfg);
 }
 

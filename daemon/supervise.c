@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -90,40 +91,35 @@ static int parse_devices(const char *spec, char (**ret)[32], int *ret_n)
         memcpy(tok, p, len);
         tok[len] = 0;
         p = end;
-        int lo, hi;
-        char dash;
-        if (sscanf(tok, "%d%c%d", &lo, &dash, &hi) == 3 && dash == '-') {
-            if (lo < 0 || hi < lo || hi - lo >= MAX_WORKERS) {
+        /* a number, or a range of two: digits only, each device written as its number ('00' is device 0) */
+        char *e1 = tok, *e2 = NULL;
+        long lo = -1, hi = -1;
+        if (*tok >= '0' && *tok <= '9')
+            lo = hi = strtol(tok, &e1, 10);
+        if (lo >= 0 && *e1 == '-' && e1[1] >= '0' && e1[1] <= '9') {
+            hi = strtol(e1 + 1, &e2, 10);
+            if (*e2 || hi < lo || hi - lo >= MAX_WORKERS || hi > INT_MAX) {
                 free(devs);
                 return ds_seterr(DS_ECONFIG, "worker.devices: invalid range '%s'", tok);
             }
-        } else {
-            for (const char *c = tok; *c; c++)
-                if (!(*c >= '0' && *c <= '9')) {
-                    free(devs);
-                    return ds_seterr(DS_ECONFIG, "worker.devices: invalid device '%s' (expected numbers like '0,1' "
-                                     "or '0-3')", tok);
-                }
-            lo = hi = -1;
+        } else if (lo < 0 || *e1 || lo > INT_MAX) {
+            free(devs);
+            return ds_seterr(DS_ECONFIG, "worker.devices: invalid device '%s' (expected numbers like '0,1' or '0-3')",
+                             tok);
         }
-        for (int d = lo; d <= hi; d++) {
+        for (long d = lo; d <= hi; d++) {
             if (n >= MAX_WORKERS) {
                 free(devs);
                 return ds_seterr(DS_ECONFIG, "worker.devices: more than %d workers", MAX_WORKERS);
             }
             devs = ds_xrealloc(devs, (size_t)(n + 1) * sizeof *devs);
-            if (lo < 0)
-                snprintf(devs[n], sizeof devs[n], "%s", tok);
-            else
-                snprintf(devs[n], sizeof devs[n], "%d", d);
+            snprintf(devs[n], sizeof devs[n], "%ld", d);
             for (int k = 0; k < n; k++)
                 if (strcmp(devs[k], devs[n]) == 0) {
                     free(devs);
-                    return ds_seterr(DS_ECONFIG, "worker.devices: device '%s' is listed twice", tok);
+                    return ds_seterr(DS_ECONFIG, "worker.devices: device %ld is listed twice", d);
                 }
             n++;
-            if (lo < 0)
-                break;
         }
     }
     *ret = devs;

@@ -567,6 +567,18 @@ printf '[worker]\ndevices = 0,cpu\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?" "78" "--check-config rejects a device that is not an index (the worker's --device takes one)"
 tap_like "$out" "worker.devices: invalid device 'cpu'" "... naming it"
+printf '[worker]\ndevices = 0,00\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?|$(printf '%s' "$out" | grep -c 'worker.devices: device 0 is listed twice')" "78|1" \
+    "--check-config rejects one device written twice ('00' is 0: two workers on one GPU before)"
+printf '[worker]\ndevices = 1-2x\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?|$(printf '%s' "$out" | grep -c "worker.devices: invalid range '1-2x'")" "78|1" \
+    "... and a range with text after it (read as 1-2 before)"
+printf '[worker]\nbackend = gpu\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?|$(printf '%s' "$out" | grep -c "worker.backend 'gpu' is not auto, cpu or cuda")" "78|1" \
+    "... and a backend the worker does not know (its worker exited 78 at every restart)"
 printf '[metrics]\nlisten = localhost:http\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?" "78" "--check-config rejects a metrics address without a port number"
