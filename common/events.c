@@ -367,7 +367,19 @@ int ds_events_pub_open(const struct ds_events_pub_opts *o, struct ds_events_pub 
             goto fail;
         }
     }
-    if (zmq_bind(p->xpub, ep) != 0) {
+    /* ZeroMQ binds to addresses and interfaces, not host names: 'localhost' is bound as 127.0.0.1, and an
+     * IPv6 address such as [::1] needs the socket's IPv6 option */
+    char bind_ep[sizeof p->endpoint];
+    const char *bep = ep;
+    if (strncmp(ep, "tcp://localhost:", 16) == 0) {
+        snprintf(bind_ep, sizeof bind_ep, "tcp://127.0.0.1:%s", ep + 16);
+        bep = bind_ep;
+    }
+    if (strncmp(ep, "tcp://[", 7) == 0 && setopt_int(p->xpub, ZMQ_IPV6, 1) != 0) {
+        r = ds_seterr(DS_EIO, "could not configure the event socket: %s", zmq_strerror(zmq_errno()));
+        goto fail;
+    }
+    if (zmq_bind(p->xpub, bep) != 0) {
         r = ds_seterr(DS_EIO, "could not bind the event socket to '%s': %s", ep, zmq_strerror(zmq_errno()));
         goto fail;
     }

@@ -759,6 +759,16 @@ static void test_endpoints(void **state)
     assert_int_equal(sync_with(p, s, 5000), 1);
     ds_events_sub_close(s);
     ds_events_pub_close(p);
+    /* 'localhost' (a documented loopback endpoint) binds: as 127.0.0.1 (ZeroMQ binds no host names) */
+    po.endpoint = "tcp://localhost:*";
+    assert_int_equal(ds_events_pub_open(&po, &p), 0);
+    bound = ds_events_pub_endpoint(p);
+    assert_true(strncmp(bound, "tcp://127.0.0.1:", 16) == 0);
+    assert_int_equal(ds_events_sub_open(bound, &s), 0);
+    assert_int_equal(ds_events_sub_topic(s, "hb|"), 0);
+    assert_int_equal(sync_with(p, s, 5000), 1);
+    ds_events_sub_close(s);
+    ds_events_pub_close(p);
 }
 
 static void write_text(const char *path, const char *text)
