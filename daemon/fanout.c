@@ -60,7 +60,7 @@
 #define STMT_GRACE_US 10000000u           /* a statement's answer may come this long after statement_timeout */
 #define EVENTS_RETRY_US 1000000u          /* reading notified jobs failed: again after this */
 #define CATCH_UP_RETRY_US 10000000u       /* a catch-up failed: again after this */
-#define CATCH_UP_PAGE "20000"             /* rows a catch-up statement reads at most; then the next page */
+#define CATCH_UP_PAGE 20000               /* rows a catch-up statement reads at most; then the next page */
 
 /* The statement under way (f->stmt): one of the passes, or one of these. */
 enum { STMT_NONE = -1, STMT_EVENTS = FANOUT_N_PASSES, STMT_CATCH_UP };
@@ -99,8 +99,7 @@ struct fanout {
     bool catch_up_outage;            /* the finals of the last outage (since down_since_us) */
     bool catch_up_sent_start, catch_up_sent_outage;   /* what the statement under way reads */
     int64_t catch_up_after_id;       /* a catch-up in pages (by id): the last id published, 0 = the first page */
-    double catch_up_window_s;        /* its window when its first page went ... */
-    uint64_t catch_up_first_us;      /* ... at this time */
+    int64_t catch_up_from_us;        /* where its window starts, the same for every page */
     int64_t catch_up_published;      /* the jobs its pages published so far */
     uint64_t catch_up_not_before_us; /* after a failed one */
     fanout_done_fn *done;            /* told each pass's outcome */
@@ -659,7 +658,7 @@ static void catch_up_done(struct fanout *f, uint64_t now_us, PGresult *res, int 
     f->last_ok_us = now_us;
     int rows = PQntuples(res);
     f->catch_up_published += publish_rows(f, res);
-    if (rows == atoi(CATCH_UP_PAGE)) {   /* a full page: the flags stay, and the next page goes */
+    if (rows == CATCH_UP_PAGE) {   /* a full page: the flags stay, and the next page goes */
         f->catch_up_after_id = row_id(res, rows - 1);
         return;
     }
@@ -686,33 +685,30 @@ static bool catch_up_due(const struct fanout *f, uint64_t now_us)
  * both when both wait. By the database's clock, so that the hosts' clocks do
  * not matter. Subscribers drop a state they already have by its version.
  * In pages of CATCH_UP_PAGE rows by id, all of them (a catch-up once stopped
- * at its 100,000 latest, and the earlier jobs never had a final event); a
- * later page's window grows by the time since the first, so that it starts
- * where the first did. */
+ * at its 100,000 latest, and the earlier jobs never had a final event); every
+ * page's window starts where the first page's did. */
 static int catch_up_send(struct fanout *f, uint64_t now_us)
 {
-    double window_s = 0;
-    if (f->catch_up_after_id > 0) {
-        window_s = f->catch_up_window_s + (double)(now_us - f->catch_up_first_us) / 1e6;
-    } else {
+    if (f->catch_up_after_id == 0) {   /* the first page */
+        double window_s = 0;
         if (f->catch_up_outage)
             window_s = (double)(now_us - f->down_since_us) / 1e6 + 2.0;
         if (f->catch_up_start && window_s < START_CATCH_UP_WINDOW_S)
             window_s = START_CATCH_UP_WINDOW_S;
-        f->catch_up_window_s = window_s;
-        f->catch_up_first_us = now_us;
+        f->catch_up_from_us = (int64_t)now_us - (int64_t)(window_s * 1e6);
         f->catch_up_published = 0;
         f->catch_up_sent_start = f->catch_up_start;
         f->catch_up_sent_outage = f->catch_up_outage;
     }
-    char secs[64], after[32];
-    snprintf(secs, sizeof secs, "%.3f", window_s);
+    char secs[64], after[32], page[16];
+    snprintf(secs, sizeof secs, "%.3f", (double)((int64_t)now_us - f->catch_up_from_us) / 1e6);
     snprintf(after, sizeof after, "%" PRId64, f->catch_up_after_id);
-    const char *params[2] = { secs, after };
+    snprintf(page, sizeof page, "%d", CATCH_UP_PAGE);
+    const char *params[3] = { secs, after, page };
     return stmt_send(f, now_us, STMT_CATCH_UP,
                      JOB_EVENT_COLUMNS "WHERE j.finished_at >= now() - make_interval(secs => $1::float8)"
-                                       " AND j.id > $2::bigint ORDER BY j.id LIMIT " CATCH_UP_PAGE,
-                     2, params);
+                                       " AND j.id > $2::bigint ORDER BY j.id LIMIT $3::int",
+                     3, params);
 }
 
 static int pass_send(struct fanout *f, uint64_t now_us, int pass)
