@@ -1,9 +1,10 @@
 /* cfg.c: the INI configuration reader (see ds-cfg.h).
  *
  * A load parses the whole text into a shadow array of values (one per table
- * key, starting from the defaults) and only then stores them, so a file with an
- * error changes nothing. Errors are collected: the detail carries the first one
- * and counts the rest. */
+ * key, starting from the defaults), swaps them into the keys' storage for the
+ * table's check across keys, and swaps the old ones back if anything failed, so
+ * a file with an error changes nothing. Parse errors are collected: the detail
+ * carries the first one and counts the rest. */
 #include "config.h"
 
 #include <ctype.h>
@@ -63,6 +64,15 @@ static bool bounded(const struct ds_cfg_key *k)
     return !(k->min == 0 && k->max == 0);
 }
 
+/* Whether [s, end) is written in decimal: digits, a point, a sign, and an
+ * exponent where allowed (strtod also reads hex, "inf" and "nan"). */
+static bool decimal_text(const char *s, const char *end, bool exponent)
+{
+    if (end == s || strspn(s, exponent ? "+-0123456789.eE" : "+-0123456789.") < (size_t)(end - s))
+        return false;
+    return strpbrk(s, "0123456789") && strpbrk(s, "0123456789") < end;
+}
+
 int ds_cfg_parse_duration(const char *s, int64_t *ret_ms)
 {
     static const struct { const char *unit; double ms; } units[] = {
@@ -72,7 +82,7 @@ int ds_cfg_parse_duration(const char *s, int64_t *ret_ms)
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (end == s || errno != 0 || !isfinite(v))
+    if (!decimal_text(s, end, false) || errno != 0 || !isfinite(v))
         return ds_seterr(DS_ECONFIG, "invalid duration '%s' (expected a number with a unit: ms, s, min, h, d)", s);
     while (*end == ' ')
         end++;
@@ -149,7 +159,7 @@ static int parse_value(const struct ds_cfg_key *k, const char *text, union cfg_v
         char *end;
         errno = 0;
         double v = strtod(text, &end);
-        if (end == text || *end || errno != 0 || !isfinite(v)) {
+        if (!decimal_text(text, end, true) || *end || errno != 0 || !isfinite(v)) {
             snprintf(err, errsize, "invalid value '%s' for key '%s': expected a finite number", shown, k->name);
             return -1;
         }
@@ -252,23 +262,6 @@ static bool val_equal(const struct ds_cfg_key *k, const union cfg_val *a, const 
     case DS_CFG_DURATION: return a->ms == b->ms;
     }
     return false;
-}
-
-/* Move v into the key's storage (strings: ownership passes, old one freed). */
-static void store(const struct ds_cfg_key *k, union cfg_val *v)
-{
-    switch (k->type) {
-    case DS_CFG_INT:
-    case DS_CFG_ENUM: *(int *)k->ptr = v->i; break;
-    case DS_CFG_DOUBLE: *(double *)k->ptr = v->d; break;
-    case DS_CFG_BOOL: *(bool *)k->ptr = v->b; break;
-    case DS_CFG_STRING:
-        free(*(char **)k->ptr);
-        *(char **)k->ptr = v->s;
-        v->s = NULL;
-        break;
-    case DS_CFG_DURATION: *(int64_t *)k->ptr = v->ms; break;
-    }
 }
 
 const char *ds_cfg_format(const struct ds_cfg_key *k, char *buf, size_t size)
@@ -479,8 +472,10 @@ static void parse_text(struct cfg_parse *p, const char *text)
     }
 }
 
-/* Parse text into a fresh value array; on success *ret_vals owns it. */
-static int parse_all(const struct ds_cfg_table *t, const char *text, const char *name, union cfg_val **ret_vals)
+/* Parse text into a fresh value array; on success *ret_vals owns it, and
+ * *ret_line_of ([n_keys]: the line that set each key, 0 = its default). */
+static int parse_all(const struct ds_cfg_table *t, const char *text, const char *name, union cfg_val **ret_vals,
+                     int **ret_line_of)
 {
     struct cfg_parse p = { .t = t, .name = name };
     p.vals = ds_xcalloc(t->n_keys ? t->n_keys : 1, sizeof *p.vals);
@@ -492,15 +487,63 @@ static int parse_all(const struct ds_cfg_table *t, const char *text, const char 
         return r;
     }
     parse_text(&p, text);
-    free(p.line_of);
     if (p.n_err > 0) {
         vals_free(t, p.vals);
+        free(p.line_of);
         if (p.n_err > 1)
             return ds_seterr(DS_ECONFIG, "%s (and %d more error%s)", p.first_err, p.n_err - 1, p.n_err > 2 ? "s" : "");
         return ds_seterr(DS_ECONFIG, "%s", p.first_err);
     }
     *ret_vals = p.vals;
+    *ret_line_of = p.line_of;
     return 0;
+}
+
+/* Exchange v with the value in key k's storage. */
+static void swap_one(const struct ds_cfg_key *k, union cfg_val *v)
+{
+    union cfg_val cur;
+    load_current(k, &cur);
+    switch (k->type) {
+    case DS_CFG_INT:
+    case DS_CFG_ENUM: *(int *)k->ptr = v->i; break;
+    case DS_CFG_DOUBLE: *(double *)k->ptr = v->d; break;
+    case DS_CFG_BOOL: *(bool *)k->ptr = v->b; break;
+    case DS_CFG_STRING: *(char **)k->ptr = v->s; break;   /* (ownership goes with the pointer) */
+    case DS_CFG_DURATION: *(int64_t *)k->ptr = v->ms; break;
+    }
+    *v = cur;
+}
+
+/* Exchange the values in vals ([n_keys]) with those in the keys' storage: every
+ * key, or only the reloadable ones. Done twice, it changes nothing. */
+static void swap_values(const struct ds_cfg_table *t, union cfg_val *vals, bool reloadable_only)
+{
+    for (size_t i = 0; i < t->n_keys; i++)
+        if (!reloadable_only || (t->keys[i].flags & DS_CFG_RELOADABLE))
+            swap_one(&t->keys[i], &vals[i]);
+}
+
+/* Run the table's check on the values in the keys' storage. On error the
+ * detail names the file, and the line that set the key the check named
+ * (`what`, when given, goes before the check's words). */
+static int run_check(const struct ds_cfg_table *t, const char *name, const int *line_of, const char *what)
+{
+    if (!t->check)
+        return 0;
+    const void *key = NULL;
+    int r = t->check(&key);
+    if (r >= 0)
+        return 0;
+    int line = 0;
+    for (size_t i = 0; key && i < t->n_keys; i++)
+        if (t->keys[i].ptr == key)
+            line = line_of[i];
+    char detail[768];
+    snprintf(detail, sizeof detail, "%s", ds_errdetail());
+    if (line > 0)
+        return ds_seterr(-r, "'%s' line %d: %s%s", name, line, what ? what : "", detail);
+    return ds_seterr(-r, "'%s': %s%s", name, what ? what : "", detail);
 }
 
 static int read_file(const char *path, char **ret)
@@ -537,13 +580,17 @@ int ds_cfg_defaults(const struct ds_cfg_table *t)
 int ds_cfg_load_string(const struct ds_cfg_table *t, const char *text, const char *name)
 {
     union cfg_val *vals;
-    int r = parse_all(t, text, name, &vals);
+    int *line_of;
+    int r = parse_all(t, text, name, &vals, &line_of);
     if (r < 0)
         return r;
-    for (size_t i = 0; i < t->n_keys; i++)
-        store(&t->keys[i], &vals[i]);
+    swap_values(t, vals, false);   /* (vals now holds the old values) */
+    r = run_check(t, name, line_of, NULL);
+    if (r < 0)
+        swap_values(t, vals, false);
     vals_free(t, vals);
-    return 0;
+    free(line_of);
+    return r;
 }
 
 int ds_cfg_load(const struct ds_cfg_table *t, const char *path)
@@ -561,9 +608,23 @@ int ds_cfg_reload_string(const struct ds_cfg_table *t, const char *text, const c
                          int *ret_changed, int *ret_ignored)
 {
     union cfg_val *vals;
-    int r = parse_all(t, text, name, &vals);
+    int *line_of;
+    int r = parse_all(t, text, name, &vals, &line_of);
     if (r < 0)
         return r;
+    /* the whole file, as a start would check it */
+    swap_values(t, vals, false);
+    r = run_check(t, name, line_of, NULL);
+    swap_values(t, vals, false);
+    if (r < 0)
+        goto out;
+    /* the values in force: the new reloadable ones, every other kept */
+    swap_values(t, vals, true);   /* (vals now holds the old values of the reloadable keys) */
+    r = run_check(t, name, line_of, "with the keys that need a restart unchanged, ");
+    if (r < 0) {
+        swap_values(t, vals, true);
+        goto out;
+    }
     int changed = 0, ignored = 0;
     for (size_t i = 0; i < t->n_keys; i++) {
         const struct ds_cfg_key *k = &t->keys[i];
@@ -573,8 +634,9 @@ int ds_cfg_reload_string(const struct ds_cfg_table *t, const char *text, const c
             continue;
         if (k->flags & DS_CFG_RELOADABLE) {
             char old[256], now[256];
+            swap_one(k, &vals[i]);
             ds_cfg_format(k, old, sizeof old);
-            store(k, &vals[i]);
+            swap_one(k, &vals[i]);
             ds_cfg_format(k, now, sizeof now);
             ds_log(DS_LOG_INFO, "parameter '%s.%s' changed from '%s' to '%s'", k->section, k->name, old, now);
             changed++;
@@ -584,12 +646,14 @@ int ds_cfg_reload_string(const struct ds_cfg_table *t, const char *text, const c
             ignored++;
         }
     }
-    vals_free(t, vals);
     if (ret_changed)
         *ret_changed = changed;
     if (ret_ignored)
         *ret_ignored = ignored;
-    return 0;
+out:
+    vals_free(t, vals);
+    free(line_of);
+    return r;
 }
 
 int ds_cfg_reload(const struct ds_cfg_table *t, const char *path, int *ret_changed, int *ret_ignored)
@@ -628,14 +692,17 @@ void ds_cfg_dump(const struct ds_cfg_table *t, FILE *f, bool current)
             v = ds_cfg_format(k, buf, sizeof buf);
         else
             v = k->def ? k->def : "";
-        bool quote = strpbrk(v, "#;\"\\") != NULL || (*v && (v[0] == ' ' || v[strlen(v) - 1] == ' '));
+        bool quote = strpbrk(v, "#;\"\\\n\t") != NULL || (*v && (v[0] == ' ' || v[strlen(v) - 1] == ' '));
         fprintf(f, "# %s%s\n", k->help ? k->help : "", (k->flags & DS_CFG_RELOADABLE) ? " (reloadable)" : "");
         if (quote) {
             fprintf(f, "%s%s = \"", current ? "" : "#", k->name);
             for (const char *c = v; *c; c++) {
                 if (*c == '"' || *c == '\\')
                     fputc('\\', f);
-                fputc(*c, f);
+                if (*c == '\n' || *c == '\t')   /* (as escapes: the file is read a line at a time) */
+                    fprintf(f, "\\%c", *c == '\n' ? 'n' : 't');
+                else
+                    fputc(*c, f);
             }
             fprintf(f, "\"\n");
         } else {

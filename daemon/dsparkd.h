@@ -148,8 +148,9 @@ struct supervisor;
 
 struct supervisor *supervisor_new(const struct dsparkd_config *cfg, const char *host);
 struct supervisor *supervisor_free(struct supervisor *s);
-/* Parse "0,1,2" / "0-3" into device names: 0 or -DS_ECONFIG (used by --check-config). */
-int supervisor_check_config(const struct dsparkd_config *cfg);
+/* The worker section's checks (devices "0,1,2" / "0-3", args, program, delays):
+ * 0, or -DS_ECONFIG with *ret_key set to the failing key's field in cfg. */
+int supervisor_check_config(const struct dsparkd_config *cfg, const void **ret_key);
 /* Start every worker that is due (first start or restart after back-off). */
 void supervisor_start_due(struct supervisor *s, uint64_t now_us);
 /* Reap exited children (after SIGCHLD). */

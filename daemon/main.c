@@ -143,10 +143,6 @@ static const struct ds_cfg_key config_keys[] = {
       "address of the Prometheus endpoint (GET /metrics): HOST:PORT, [IPV6]:PORT or :PORT (empty: none)" },
 };
 
-static const struct ds_cfg_table config_table = {
-    config_keys, sizeof config_keys / sizeof config_keys[0], skip_none,
-};
-
 /* ---- state of the running daemon ---- */
 
 struct daemon {
@@ -190,28 +186,40 @@ static uint64_t min_u64(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
-/* Checks beyond what the table can express. */
-static int check_config(void)
+/* Checks beyond what the table can express (the table's check: see ds-cfg.h). */
+static int check_config(const void **ret_key)
 {
     char *end;
     long mode = strtol(cfg.socket_mode, &end, 8);
+    *ret_key = &cfg.socket_mode;
     if (!*cfg.socket_mode || *end || mode < 0 || mode > 07777)
         return ds_seterr(DS_ECONFIG, "events.socket_mode '%s' is not an octal mode like '0660'", cfg.socket_mode);
+    if ((mode & 0777) == 0)   /* (ds_events_pub_open leaves a mode of 0 alone: it would not be applied) */
+        return ds_seterr(DS_ECONFIG, "events.socket_mode '%s' lets no one connect", cfg.socket_mode);
+    *ret_key = &cfg.endpoint;
     if (!ds_events_endpoint_is_local(cfg.endpoint) && !*cfg.curve_secret_key_file)
         return ds_seterr(DS_ECONFIG, "events.endpoint '%s' is reachable from other hosts: set "
                          "events.curve_secret_key_file and events.curve_allow_file, or bind to ipc:// or "
                          "tcp://127.0.0.1", cfg.endpoint);
+    *ret_key = &cfg.curve_secret_key_file;
     if (*cfg.curve_secret_key_file && !*cfg.curve_allow_file)
         return ds_seterr(DS_ECONFIG, "events.curve_secret_key_file needs events.curve_allow_file");
+    *ret_key = &cfg.metrics_listen;
     if (*cfg.metrics_listen && metrics_check_address(cfg.metrics_listen) < 0)
         return -DS_ECONFIG;
     /* (a worker given another exits 78 at every restart, and is never ready) */
+    *ret_key = &cfg.backend;
     if (*cfg.backend && strcmp(cfg.backend, "auto") != 0 && strcmp(cfg.backend, "cpu") != 0 &&
         strcmp(cfg.backend, "cuda") != 0)
         return ds_seterr(DS_ECONFIG, "worker.backend '%s' is not auto, cpu or cuda", cfg.backend);
-    return supervisor_check_config(&cfg);
+    return supervisor_check_config(&cfg, ret_key);
 }
 
+static const struct ds_cfg_table config_table = {
+    config_keys, sizeof config_keys / sizeof config_keys[0], skip_none, check_config,
+};
+
+/* (the table's check runs in both) */
 static int load_config(struct daemon *d)
 {
     int r;
@@ -222,9 +230,7 @@ static int load_config(struct daemon *d)
     } else {
         r = ds_cfg_load(&config_table, d->config_path);
     }
-    if (r < 0)
-        return r;
-    return check_config();
+    return r;
 }
 
 /* ---- systemd ---- */
@@ -301,8 +307,6 @@ static void reload(struct daemon *d)
         ds_log(DS_LOG_ERR, "configuration file contains errors; no changes were applied: %s", ds_errdetail());
     } else {
         ds_log_set_level(level_of(cfg.log_level));
-        if (check_config() < 0)
-            ds_log(DS_LOG_WARNING, "%s", ds_errdetail());
         /* the allow-list file is reread on every reload: its content may have changed */
         if (*cfg.curve_secret_key_file) {
             if (ds_events_pub_reload_allow(d->pub, cfg.curve_allow_file) < 0)

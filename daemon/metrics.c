@@ -203,13 +203,14 @@ static uint64_t conn_deadline(const struct metrics_conn *c)
 static void answer(struct metrics *m, struct metrics_conn *c)
 {
     struct ds_buf body = { 0 };
-    const char *status = "200 OK", *type = "text/plain; version=0.0.4; charset=utf-8";
+    const char *status = "200 OK", *type = "text/plain; version=0.0.4; charset=utf-8", *extra = "";
     bool head = strncmp(c->req, "HEAD ", 5) == 0;
     const char *path = strchr(c->req, ' ');
     size_t plen = path ? strcspn(path + 1, " ?\r\n") : 0;
     if (!head && strncmp(c->req, "GET ", 4) != 0) {
         status = "405 Method Not Allowed";
         type = "text/plain; charset=utf-8";
+        extra = "Allow: GET, HEAD\r\n";   /* (RFC 9110: a 405 names the methods) */
         ds_buf_puts(&body, "only GET /metrics\n");
     } else if (!path || plen != 8 || strncmp(path + 1, "/metrics", 8) != 0) {
         status = "404 Not Found";
@@ -218,8 +219,8 @@ static void answer(struct metrics *m, struct metrics_conn *c)
     } else {
         m->render(&body, m->arg);
     }
-    ds_buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
-                  status, type, body.len);
+    ds_buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%sConnection: close\r\n\r\n",
+                  status, type, body.len, extra);
     if (!head && body.len)
         ds_buf_put(&c->out, body.data, body.len);
     ds_buf_free(&body);

@@ -176,25 +176,30 @@ static void free_argv(char **argv)
     free(argv);
 }
 
-int supervisor_check_config(const struct dsparkd_config *cfg)
+int supervisor_check_config(const struct dsparkd_config *cfg, const void **ret_key)
 {
     char (*devs)[32];
     int n;
+    *ret_key = &cfg->devices;
     int r = parse_devices(cfg->devices, &devs, &n);
     if (r < 0)
         return r;
     free(devs);
     char **argv = NULL;
     int argc = 0;
+    *ret_key = &cfg->args;
     r = split_args(cfg->args, &argv, &argc);
     free_argv(argv);
     if (r < 0)
         return r;
+    *ret_key = &cfg->program;
     if (n > 0 && (!cfg->program || !*cfg->program))
         return ds_seterr(DS_ECONFIG, "worker.program is empty but worker.devices lists %d device%s", n,
                          n == 1 ? "" : "s");
+    *ret_key = &cfg->restart_delay_max;
     if (cfg->restart_delay_max < cfg->restart_delay)
         return ds_seterr(DS_ECONFIG, "worker.restart_delay_max is smaller than worker.restart_delay");
+    *ret_key = NULL;
     return 0;
 }
 

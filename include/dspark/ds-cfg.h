@@ -12,9 +12,14 @@
  * [dsparkd], for instance). A key missing from the file takes its default, so
  * removing a line and reloading restores the default.
  *
- * Reload (SIGHUP): the file is parsed and checked completely first; on any error
- * nothing changes. Then reloadable keys (DS_CFG_RELOADABLE) take their new values
- * and every other changed key is reported with a warning and keeps its value. */
+ * A table may name a check across keys (`check`): a load runs it on the file's
+ * values before it keeps any, so a file it refuses changes nothing either.
+ *
+ * Reload (SIGHUP): the file is parsed and checked completely first, as a start
+ * would; on any error nothing changes. Then reloadable keys (DS_CFG_RELOADABLE)
+ * take their new values, the check runs again on the values now in force (the
+ * others kept), and every other changed key is reported with a warning and keeps
+ * its value. */
 #ifndef DS_CFG_H
 #define DS_CFG_H
 
@@ -56,20 +61,28 @@ struct ds_cfg_table {
     const struct ds_cfg_key *keys;
     size_t n_keys;
     const char *const *skip_sections;   /* NULL-terminated list of sections read by other programs */
+    /* Checks across keys (NULL: none), called with the values to check in the
+     * keys' storage. On an error it returns it (ds_seterr) and sets *ret_key to
+     * the `ptr` of the key the error is about (or leaves it NULL); the detail
+     * then names the file, and the line that set that key. */
+    int (*check)(const void **ret_key);
 };
 
 /* Set every key to its default. Fails only on a bad default (a programming error). */
 int ds_cfg_defaults(const struct ds_cfg_table *t) DS_MUSTCHECK;
 
-/* Read `path` and set every key (file value or default). On error no key changes
- * and the detail names the file and line ("'/etc/dspark/dspark.conf' line 12:
- * unknown key 'foo' in section [dsparkd]"); later errors are counted in the detail. */
+/* Read `path` and set every key (file value or default). On error (the table's
+ * check included) no key changes and the detail names the file and line
+ * ("'/etc/dspark/dspark.conf' line 12: unknown key 'foo' in section [dsparkd]");
+ * later parse errors are counted in the detail. */
 int ds_cfg_load(const struct ds_cfg_table *t, const char *path) DS_MUSTCHECK;
 /* The same from a string (for tests and --check-config of stdin); `name` appears in messages. */
 int ds_cfg_load_string(const struct ds_cfg_table *t, const char *text, const char *name) DS_MUSTCHECK;
 
-/* Re-read `path` for SIGHUP: on error nothing changes; otherwise reloadable keys
- * change, other changed keys are logged as ignored (warning). *ret_changed counts
+/* Re-read `path` for SIGHUP: on error (the check refusing the file, or the
+ * values in force once the reloadable keys took theirs) nothing changes;
+ * otherwise reloadable keys change, other changed keys are logged as ignored
+ * (warning). *ret_changed counts
  * keys that took a new value, *ret_ignored those that need a restart (either may be NULL). */
 int ds_cfg_reload(const struct ds_cfg_table *t, const char *path,
                   int *ret_changed, int *ret_ignored) DS_MUSTCHECK;

@@ -59,6 +59,8 @@ c = http.client.HTTPConnection("127.0.0.1", port, timeout=float(os.environ.get("
 c.request(method, path)
 r = c.getresponse()
 print(r.status, r.getheader("Content-Type"))
+if r.getheader("Allow"):
+    print("Allow:", r.getheader("Allow"))
 sys.stdout.write(r.read().decode())
 PYEOF
 }
@@ -228,6 +230,7 @@ tap_is "$(sed 1d "$T/metrics.txt" | grep -v '^# \(HELP\|TYPE\) dspark_[a-z_]* ' 
     "every line is a HELP, a TYPE or a sample"
 tap_is "$(scrape /nothing | head -n 1 | cut -d' ' -f1) $(scrape POST /metrics | head -n 1 | cut -d' ' -f1)" "404 405" \
     "another path is 404, another method 405"
+tap_is "$(scrape POST /metrics | grep -c '^Allow: GET, HEAD$')" "1" "... naming the methods (Allow)"
 # 16 connections that stall mid-request, twice the slots: scrapes still get through
 python3 -c 'import socket, sys, time
 ss = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(16)]
@@ -339,6 +342,16 @@ wait_for "$T/dsparkd.log" "configuration file contains errors; no changes were a
 tap_result $? "SIGHUP with a broken file keeps the running configuration"
 kill -0 "$DPID" 2>/dev/null
 tap_result $? "dsparkd still runs after a bad reload"
+# a file that a start would refuse changes nothing either (the reloadable keys were applied before, with a warning)
+sed -i '/^bogus = 1$/d; s/^heartbeat_interval = 300ms$/heartbeat_interval = 400ms/' "$T/dspark.conf"
+echo "restart_delay_max = 150ms" >>"$T/dspark.conf"   # (below restart_delay, 200ms)
+line=$(grep -n '^restart_delay_max' "$T/dspark.conf" | cut -d: -f1)
+kill -HUP "$DPID"
+wait_for "$T/dsparkd.log" "no changes were applied: '$T/dspark.conf' line $line: worker.restart_delay_max is smaller than worker.restart_delay" 5
+tap_result $? "SIGHUP with a file that a start would refuse keeps the running configuration, naming its line"
+tap_is "$(grep -c "changed from '300ms' to '400ms'\|'worker.restart_delay_max' changed" "$T/dsparkd.log")" "0" \
+    "... and applies none of its keys"
+sed -i '/^restart_delay_max = 150ms$/d' "$T/dspark.conf"
 
 # SIGTERM: workers drain, dsparkd exits 0
 kill -TERM "$DPID"
@@ -566,7 +579,7 @@ tap_like "$out" "line 3: key 'reaper_interval' in section \\[dsparkd\\] is alrea
 printf '[worker]\ndevices = 0,cpu\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?" "78" "--check-config rejects a device that is not an index (the worker's --device takes one)"
-tap_like "$out" "worker.devices: invalid device 'cpu'" "... naming it"
+tap_like "$out" "'$T/bad.conf' line 2: worker.devices: invalid device 'cpu'" "... naming it and its line"
 printf '[worker]\ndevices = 0,00\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?|$(printf '%s' "$out" | grep -c 'worker.devices: device 0 is listed twice')" "78|1" \
@@ -579,6 +592,10 @@ printf '[worker]\nbackend = gpu\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?|$(printf '%s' "$out" | grep -c "worker.backend 'gpu' is not auto, cpu or cuda")" "78|1" \
     "... and a backend the worker does not know (its worker exited 78 at every restart)"
+printf '[events]\nsocket_mode = 0000\n' >"$T/bad.conf"
+out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
+tap_is "$?|$(printf '%s' "$out" | grep -c "line 2: events.socket_mode '0000' lets no one connect")" "78|1" \
+    "... and an ipc socket mode of 0 (it passed, then was not applied)"
 printf '[metrics]\nlisten = localhost:http\n' >"$T/bad.conf"
 out=$("$DSPARKD" --check-config -c "$T/bad.conf" 2>&1)
 tap_is "$?" "78" "--check-config rejects a metrics address without a port number"

@@ -1,6 +1,7 @@
 /* test-cfg.c: the INI configuration reader: types, units, bounds, quoting,
  * defaults, "line N" errors that leave everything unchanged, skipped sections,
- * and SIGHUP semantics (reloadable keys change, others keep their value). */
+ * SIGHUP semantics (reloadable keys change, others keep their value), and a
+ * table's check across keys at load and at reload. */
 #include "config.h"
 
 #include <stdlib.h>
@@ -107,7 +108,8 @@ static void test_durations(void **state)
         assert_int_equal(ds_cfg_parse_duration(ok[i].in, &ms), 0);
         assert_int_equal(ms, ok[i].ms);
     }
-    const char *bad[] = { "", "s", "5 parsecs", "nan", "1e300d", "5m" };
+    /* (decimal only: strtod reads "0x10" as 16 and "1e3" as 1000) */
+    const char *bad[] = { "", "s", "5 parsecs", "nan", "1e300d", "5m", "0x10", "0x10s", "1e3", "inf", " 5s" };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(ds_cfg_parse_duration(bad[i], &ms), -DS_ECONFIG);
 }
@@ -122,6 +124,8 @@ static void test_errors(void **state)
         { "[dsparkd]\nworkers = 65\n", "line 2: value 65 for key 'workers' is out of range (0 .. 64)" },
         { "[dsparkd]\nworkers = 4x\n", "line 2: invalid value '4x' for key 'workers'" },
         { "[dsparkd]\nratio = nan\n", "line 2: invalid value 'nan' for key 'ratio'" },
+        { "[dsparkd]\nratio = 0x1p-2\n", "line 2: invalid value '0x1p-2' for key 'ratio'" },
+        { "[dsparkd]\ninterval = 0x10\n", "line 2: key 'interval': invalid duration '0x10'" },
         { "[dsparkd]\nratio = 1.5\n", "line 2: value 1.5 for key 'ratio' is out of range" },
         { "[dsparkd]\nverbose = maybe\n", "line 2: invalid value 'maybe' for key 'verbose'" },
         { "[dsparkd]\ninterval = 10ms\n", "line 2: value '10ms' for key 'interval' is out of range (100ms .. 1d)" },
@@ -140,6 +144,9 @@ static void test_errors(void **state)
             fail_msg("case %zu: detail '%s' lacks '%s'", i, ds_errdetail(), cases[i].needle);
         assert_int_equal(n_workers, 4);
     }
+    /* a double may have an exponent */
+    assert_int_equal(ds_cfg_load_string(&table, "[dsparkd]\nworkers = 4\nratio = 2.5e-1\n", "t"), 0);
+    assert_true(ratio == 0.25);
     /* a secret value never appears in a message */
     assert_int_equal(ds_cfg_load_string(&table, "[dsparkd]\nlevel = hunter2\n", "t"), -DS_ECONFIG);
     assert_non_null(strstr(ds_errdetail(), "hunter2"));   /* not secret: shown */
@@ -203,13 +210,68 @@ static void test_reload(void **state)
     assert_true(ratio == 0.9);
 }
 
+/* A check across keys: the interval must give each worker a second. */
+static int check_interval(const void **ret_key)
+{
+    *ret_key = &interval_ms;
+    if (interval_ms < (int64_t)n_workers * 1000)
+        return ds_seterr(DS_ECONFIG, "dsparkd.interval is below a second a worker");
+    return 0;
+}
+
+static const struct ds_cfg_table checked_table = { keys, sizeof keys / sizeof keys[0], skipped, check_interval };
+
+static void test_check(void **state)
+{
+    (void)state;
+    /* a load the check refuses changes nothing, and names the line of the key it names */
+    assert_int_equal(ds_cfg_load_string(&checked_table, "[dsparkd]\nworkers = 4\nratio = 0.2\ninterval = 2s\n", "f"),
+                     -DS_ECONFIG);
+    assert_string_equal(ds_errdetail(), "'f' line 4: dsparkd.interval is below a second a worker");
+    assert_int_equal(n_workers, 2);
+    assert_true(ratio == 0.5);
+    assert_int_equal(interval_ms, 5000);
+    /* the key it names left at its default: the file alone */
+    assert_int_equal(ds_cfg_load_string(&checked_table, "[dsparkd]\nworkers = 6\n", "f"), -DS_ECONFIG);
+    assert_string_equal(ds_errdetail(), "'f': dsparkd.interval is below a second a worker");
+    assert_int_equal(n_workers, 2);
+    assert_int_equal(ds_cfg_load_string(&checked_table, "[dsparkd]\nworkers = 4\ninterval = 10s\n", "f"), 0);
+    assert_int_equal(n_workers, 4);
+
+    /* a reload of a file that a start would refuse changes nothing, not even a
+     * reloadable key the check does not name */
+    int changed = -1, ignored = -1;
+    assert_int_equal(ds_cfg_reload_string(&checked_table, "[dsparkd]\nworkers = 20\nratio = 0.7\ninterval = 10s\n",
+                                          "f", &changed, &ignored), -DS_ECONFIG);
+    assert_string_equal(ds_errdetail(), "'f' line 4: dsparkd.interval is below a second a worker");
+    assert_true(ratio == 0.5);
+    assert_int_equal(interval_ms, 10000);
+    /* a file that passes alone, refused with the restart-only keys kept (4 workers, not 1) */
+    assert_int_equal(ds_cfg_reload_string(&checked_table, "[dsparkd]\nworkers = 1\nratio = 0.7\ninterval = 3s\n",
+                                          "f", &changed, &ignored), -DS_ECONFIG);
+    assert_string_equal(ds_errdetail(), "'f' line 4: with the keys that need a restart unchanged, "
+                                        "dsparkd.interval is below a second a worker");
+    assert_true(ratio == 0.5);
+    assert_int_equal(interval_ms, 10000);
+    assert_int_equal(n_workers, 4);
+    /* and one both pass */
+    assert_int_equal(ds_cfg_reload_string(&checked_table, "[dsparkd]\nworkers = 4\nratio = 0.7\ninterval = 6s\n",
+                                          "f", &changed, &ignored), 0);
+    assert_int_equal(changed, 2);
+    assert_int_equal(ignored, 0);
+    assert_true(ratio == 0.7);
+    assert_int_equal(interval_ms, 6000);
+}
+
 static void test_dump(void **state)
 {
     (void)state;
     char *dir = ds_test_tmpdir();
     char path[4096];
     snprintf(path, sizeof path, "%s/dump.conf", dir);
-    assert_int_equal(ds_cfg_load_string(&table, "[dsparkd]\nworkers = 7\n[database]\ndsn = \"a # b\"\n", "t"), 0);
+    /* (a newline and a tab in a quoted value go back out as escapes: raw, they broke the line) */
+    assert_int_equal(ds_cfg_load_string(&table, "[dsparkd]\nworkers = 7\n[database]\ndsn = \"a # b\\n\\tc\"\n", "t"), 0);
+    assert_string_equal(dsn, "a # b\n\tc");
     FILE *f = fopen(path, "w");
     ds_cfg_dump(&table, f, true);
     fclose(f);
@@ -225,7 +287,7 @@ static void test_dump(void **state)
     pw[0] = '#';
     assert_int_equal(ds_cfg_load_string(&table, text, "dump"), 0);
     assert_int_equal(n_workers, 7);
-    assert_string_equal(dsn, "a # b");
+    assert_string_equal(dsn, "a # b\n\tc");
     free(text);
     ds_test_rmtree(dir);
     free(dir);
@@ -240,6 +302,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reload, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_check, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dump, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
