@@ -264,7 +264,9 @@ static int read_prompts(const char *path, const struct ds_tokenizer *tok, bool c
     return 0;
 }
 
-static json_t *result_json(const struct prompt *p, int index)
+/* (gamma: the draft's block size, 0 without one: a failed prompt's line has the
+ * draft fields too, with nothing counted) */
+static json_t *result_json(const struct prompt *p, int index, int gamma)
 {
     const struct ds_result *r = p->result;
     json_t *o = json_object();
@@ -278,24 +280,29 @@ static json_t *result_json(const struct prompt *p, int index)
     json_object_set_new(o, "prompt_tokens", json_integer(p->n));
     json_object_set_new(o, "output_tokens", json_integer(r->n_ids));
     json_object_set_new(o, "finish_reason", json_string(r->finish_reason));
-    json_object_set_new(o, "tokens_per_s", json_real(r->stats.decode_tokens_per_s));
-    json_object_set_new(o, "time_to_first_token", json_real(r->stats.time_to_first_token_s));
-    json_object_set_new(o, "e2e_latency", json_real(r->stats.e2e_latency_s));
-    if (r->stats.block_size > 0) {
+    /* (a speed needs two tokens: the time runs from the first to the last) */
+    json_object_set_new(o, "tokens_per_s", r->n_ids >= 2 ? json_real(r->stats.decode_tokens_per_s) : json_null());
+    json_object_set_new(o, "time_to_first_token", r->n_ids > 0 ? json_real(r->stats.time_to_first_token_s) : json_null());
+    json_object_set_new(o, "e2e_latency", r->error && r->n_ids == 0 ? json_null() : json_real(r->stats.e2e_latency_s));
+    int block = r->stats.block_size > 0 ? r->stats.block_size : gamma;
+    if (block > DS_MAX_BLOCK)
+        block = DS_MAX_BLOCK;
+    if (block > 0) {
         json_object_set_new(o, "rounds", json_integer(r->stats.rounds));
         json_object_set_new(o, "num_draft_tokens", json_integer(r->stats.num_draft_tokens));
         json_object_set_new(o, "num_verified_tokens", json_integer(r->stats.num_verified_tokens));
         json_object_set_new(o, "num_accepted_tokens", json_integer(r->stats.num_accepted_tokens));
-        json_object_set_new(o, "mean_acceptance_length", json_real(r->stats.mean_acceptance_length));
+        json_object_set_new(o, "mean_acceptance_length",
+                            r->stats.rounds > 0 ? json_real(r->stats.mean_acceptance_length) : json_null());
         json_t *acc = json_array();
-        for (int k = 0; k < r->stats.block_size; k++) {
+        for (int k = 0; k < block; k++) {
             int v = r->stats.verified_by_position[k];
             json_array_append_new(acc, v > 0 ? json_real((double)r->stats.accepted_by_position[k] / v) : json_null());
         }
         json_object_set_new(o, "acceptance_by_position", acc);
         /* conditional: accepted at k given 1..k-1 accepted (the paper's per-position rate) */
         json_t *cond = json_array();
-        for (int k = 0; k < r->stats.block_size; k++) {
+        for (int k = 0; k < block; k++) {
             int v = r->stats.reached_by_position[k];
             json_array_append_new(cond, v > 0 ? json_real((double)r->stats.accepted_by_position[k] / v) : json_null());
         }
@@ -589,7 +596,7 @@ int main(int argc, char **argv)
                 return 1;
             }
             if (json_out) {
-                json_t *o = result_json(p, next_print);
+                json_t *o = result_json(p, next_print, draft ? ds_draft_config(draft)->block_size : 0);
                 json_dumpf(o, stdout, JSON_COMPACT);
                 fputc('\n', stdout);
                 json_decref(o);

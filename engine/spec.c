@@ -846,6 +846,10 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
         reps = 3;
     if (context <= 0)
         context = 64;
+    /* (a sequence holds at most max_context + γ + 1 positions: a profile past
+     * them would not fit one, nor be a context the engine runs at) */
+    if (context > e->opts.max_context - 1)
+        context = e->opts.max_context > 1 ? e->opts.max_context - 1 : 1;
     /* token counts: 1..8 one by one, then about 12% apart */
     int grid[256], n = 0;
     for (int b = 1; b <= B_max && n < 256; b = b < 8 ? b + 1 : b + (b + 7) / 8)
@@ -912,6 +916,8 @@ int ds_engine_profile_sps(struct ds_engine *e, int context, int reps)
     }
     ds_sps_monotone(&t);
     r = ds_engine_set_sps(e, &t);
+    if (r == 0)
+        r = context;
     e->time = (struct ds_engine_time){0};   /* the profile's passes are not the engine's rounds */
 out:
     ds_sps_done(&t);

@@ -500,7 +500,8 @@ static bool loading_refused(struct loading_beat *b)
     return refused;
 }
 
-static json_t *sps_json(const struct ds_sps *t)
+/* (context: the one it was measured at; 0 when read from a file: null) */
+static json_t *sps_json(const struct ds_sps *t, int context)
 {
     json_t *o = json_object(), *b = json_array(), *s = json_array();
     for (int i = 0; t && i < t->n; i++) {
@@ -508,7 +509,7 @@ static json_t *sps_json(const struct ds_sps *t)
         json_array_append_new(s, json_real(t->sps[i]));
     }
     json_object_set_new(o, "format", json_integer(1));
-    json_object_set_new(o, "context", json_integer(SPS_CONTEXT));
+    json_object_set_new(o, "context", context > 0 ? json_integer(context) : json_null());
     json_object_set_new(o, "tokens", b);
     json_object_set_new(o, "steps_per_s", s);
     return o;
@@ -528,9 +529,9 @@ int wregister_row(struct wctx *w, struct ds_db *db)
 }
 
 /* Register (upsert) the worker row with its step-time profile; retries while the connection is down. */
-static int register_worker(struct wctx *w, const struct ds_sps *sps)
+static int register_worker(struct wctx *w, const struct ds_sps *sps, int sps_context)
 {
-    json_t *j = sps ? sps_json(sps) : NULL;
+    json_t *j = sps ? sps_json(sps, sps_context) : NULL;
     free(w->sps_text);
     w->sps_text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
@@ -914,6 +915,7 @@ int main(int argc, char **argv)
          wnow() - t0, ds_engine_free_tokens(engine), o->max_batch, w->id.device);
 
     /* the step-time curve the dspark schedulers price verification with */
+    int sps_context = 0;   /* (the context it was measured at; 0: read from a file) */
     if (draft) {
         struct ds_sps table;
         if (o->sps_file && access(o->sps_file, R_OK) == 0) {
@@ -923,7 +925,7 @@ int main(int argc, char **argv)
             wlog(DS_LOG_INFO, 0, "step-time profile loaded from '%s'", o->sps_file);
         } else {
             double tp = wnow();
-            if (ds_engine_profile_sps(engine, SPS_CONTEXT, 3) < 0) {
+            if ((sps_context = ds_engine_profile_sps(engine, SPS_CONTEXT, 3)) < 0) {
                 wlog(DS_LOG_ERR, 0, "could not measure the step-time profile: %s", ds_errdetail());
                 return 1;
             }
@@ -944,7 +946,7 @@ int main(int argc, char **argv)
         wlog(DS_LOG_INFO, 0, "stopped before connecting to the database");
         return 0;
     }
-    if (register_worker(w, draft ? ds_engine_sps(engine) : NULL) < 0) {
+    if (register_worker(w, draft ? ds_engine_sps(engine) : NULL, sps_context) < 0) {
         if (got_term)
             return 0;
         if (id_refused(w))

@@ -168,8 +168,10 @@ void ds_engine_set_round_log(struct ds_engine *e, FILE *f, bool sync);
 
 /* The throughput table SPS(B) that the dspark schedulers use (engines with a draft). */
 struct ds_sps;
-/* Measure SPS(B) with the target at the given context length (B from 1 to
- * max_seqs x (1 + γ)), median of reps timed passes each; a few seconds. */
+/* Measure SPS(B) with the target at the given context length, capped at the
+ * engine's max_context - 1 (B from 1 to max_seqs x (1 + γ)), median of reps
+ * timed passes each; a few seconds. Returns the context it measured at, or a
+ * negative error. */
 int ds_engine_profile_sps(struct ds_engine *e, int context, int reps) DS_MUSTCHECK;
 int ds_engine_set_sps(struct ds_engine *e, const struct ds_sps *t) DS_MUSTCHECK;
 const struct ds_sps *ds_engine_sps(const struct ds_engine *e);

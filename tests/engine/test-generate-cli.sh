@@ -3,7 +3,9 @@
 # values are usage errors (exit 2) before anything loads; greedy speculative
 # output equals target-only output for dspark and fixed:64 (longer than the
 # draft's block); a seed of 64 bits replays; a prompt the engine refuses fails
-# alone (exit 1), the others print, and the summary counts it; the summary's
+# alone (exit 1), the others print, and the summary counts it (with a draft
+# too, its line with the draft's fields, and the step-time profile measured at
+# a context that fits --max-context); the summary's
 # time breakdown adds up to the engine's steps and fits in the generation time;
 # a chat message's content in text parts reads as dsparkctl reads it.
 set -u
@@ -14,7 +16,7 @@ target="$src/models/dspark-tiny-target"
 draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..17"
+echo "1..19"
 n=0
 check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
     what=$1
@@ -66,6 +68,17 @@ rc=$?
 check "a refused prompt fails alone: exit 1, its reason named, the other printed" sh -c '[ "$1" -eq 1 ] &&
     grep -q "prompt 1: .*exceeds the context" "$2" && [ -n "$(head -n 1 "$0")" ]' "$tmp/long.out" "$rc" "$tmp/long.err"
 check "the summary counts the failed prompt" grep -q '^failed prompts  *1$' "$tmp/long.err"
+# the same with a draft: the step-time profile fits the short context (it failed at start: "no KV room to
+# profile the step time"), and the failed prompt's line has the draft fields, nothing counted
+"$gen" --target "$target" --draft "$draft" --spec dspark --prompts "$tmp/long.jsonl" --max-tokens 8 \
+    --max-context 16 --concurrency 1 --threads 2 --json >"$tmp/longd.out" 2>"$tmp/longd.err"
+rc=$?
+check "with --draft and a context of 16, the profile is measured and the other prompt printed" sh -c '[ "$1" -eq 1 ] &&
+    [ "$(wc -l <"$0")" -eq 2 ] && grep -q "\"output_tokens\":[1-9]" "$0"' "$tmp/longd.out" "$rc"
+check "... and the failed prompt's line has the draft fields (0 rounds, no acceptance length)" sh -c '
+    sed -n 2p "$0" | grep "\"finish_reason\":\"error\"" | grep "\"rounds\":0," |
+        grep "\"mean_acceptance_length\":null" | grep "\"tokens_per_s\":null" |
+        grep -q "\"acceptance_by_position\":\[null,"' "$tmp/longd.out"
 
 "$gen" --target "$target" --draft "$draft" --prompts "$tmp/p.jsonl" --max-tokens 24 --concurrency 3 --threads 2 \
     --round-log "$tmp/rounds.jsonl" >/dev/null 2>"$tmp/time.err"

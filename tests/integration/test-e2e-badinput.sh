@@ -139,7 +139,8 @@ wait_sql "SELECT heartbeat_at > started_at + interval '10 s' FROM dspark.workers
 tap_result $? "a starting worker renews its heartbeat"
 wait_sql "SELECT state FROM dspark.jobs WHERE id = $j_slow" succeeded 60
 tap_result $? "once ready, the worker runs those jobs"
-tap_is "$(q "SELECT state FROM dspark.workers WHERE model = 'slow-model'")" "running" "... registered as running"
+tap_is "$(q "SELECT state || '|' || (sps_profile->>'context') FROM dspark.workers WHERE model = 'slow-model'")" "running|128" \
+    "... registered as running, with the context its profile was measured at"
 kill -TERM "$slow_pid"
 wait "$slow_pid"
 

@@ -17,10 +17,11 @@ write_conf "$T/dspark.conf" 0 "--lease 10 --heartbeat 0.3 --log-level debug --po
 start_dsparkd "$T/dspark.conf" "$T/dsparkd.log" 1
 tap_result $? "dsparkd starts a real dspark-worker, which becomes ready"
 tap_is "$(q "SELECT concat_ws('|', worker_id, device, model, draft, state, model_checksum ~ '^[0-9a-f]{16}$',
-                     draft_checksum ~ '^[0-9a-f]{16}$', jsonb_array_length(sps_profile->'tokens') > 0)
+                     draft_checksum ~ '^[0-9a-f]{16}$', jsonb_array_length(sps_profile->'tokens') > 0,
+                     jsonb_typeof(sps_profile->'context'))
              FROM dspark.workers")" \
-    "testhost/0|cpu:0|pair-target|draft-vanilla|running|t|t|t" \
-    "the worker registered its identity, checksums and step-time profile"
+    "testhost/0|cpu:0|pair-target|draft-vanilla|running|t|t|t|null" \
+    "the worker registered its identity, checksums and step-time profile (read from --sps: its context unknown)"
 
 # a subscriber of every job, synced before the job exists
 "$SUB" --endpoint "$EP" --topic 'job|' --timeout 120 >"$T/all.out" 2>&1 &
