@@ -4,10 +4,12 @@
  *   dspark-tokenize --tokenizer PATH --decode   [ids] per line    -> "text" per line
  *   dspark-tokenize --tokenizer PATH --chat     [{"role","content"},...] per line -> [ids]
  *
- * Output is flushed after every line, so a program may drive it line by line.
- * Decoded bytes that are not valid UTF-8 (a partial character) are written
- * with U+FFFD in their place, as Hugging Face `tokenizers` decode does. The
- * first bad input line stops the run with its line number and exit code 1. */
+ * Output is flushed after every line, so a program may drive it line by line;
+ * a blank input line gives a blank output line, so lines stay paired. Decoded
+ * bytes that are not valid UTF-8 (a partial character) are written with U+FFFD
+ * in their place, as Hugging Face `tokenizers` decode does. The first bad
+ * input line stops the run with its line number and exit code 1; a usage
+ * error exits 2. */
 #include "config.h"
 
 #include <getopt.h>
@@ -37,7 +39,11 @@ static void usage(FILE *f)
             "                        them with the Qwen3 chat template and a generation prompt\n"
             "                        (thinking off), and write the ids\n"
             "      --thinking        with --chat: leave thinking on (no empty think block)\n"
-            "  -h, --help            show this help\n",
+            "  -h, --help            show this help\n"
+            "  -V, --version         show the version\n"
+            "\n"
+            "A blank input line gives a blank output line. The first bad line stops the run\n"
+            "(exit 1, naming the line); a usage error exits 2.\n",
             prog);
 }
 
@@ -105,6 +111,10 @@ static int print_ids(const int32_t *ids, size_t n)
 static int do_line(const struct ds_tokenizer *tok, int mode, bool thinking, const char *line, size_t len,
                    unsigned long lineno)
 {
+    if (strspn(line, " \t\r\n") == len) {   /* (blank: a blank line out, to keep the lines paired) */
+        putchar('\n');
+        return 0;
+    }
     json_error_t jerr;
     json_t *v = json_loadb(line, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     int32_t *ids = NULL;
@@ -180,20 +190,27 @@ static int do_line(const struct ds_tokenizer *tok, int mode, bool thinking, cons
             return -1;
         }
         struct ds_chat_message *msgs = ds_xcalloc(cnt, sizeof *msgs);
+        char **contents = ds_xcalloc(cnt, sizeof *contents);
         json_array_foreach(v, i, m) {
-            json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
-            if (!json_is_string(role) || !json_is_string(content)) {
-                fprintf(stderr, "%s: line %lu: message %zu needs string 'role' and 'content'\n", prog, lineno, i);
+            /* (a content is a string or text parts, as dsparkctl and dspark-generate read it) */
+            const char *why = NULL;
+            long part = -1;
+            json_t *role = json_object_get(m, "role");
+            contents[i] = ds_chat_content_text(json_object_get(m, "content"), &why, &part);
+            if (!json_is_string(role)) {
+                fprintf(stderr, "%s: line %lu: message %zu needs a string 'role'\n", prog, lineno, i);
                 r = -1;
-                break;
-            }
-            if (strlen(json_string_value(content)) != json_string_length(content)) {
-                fprintf(stderr, "%s: line %lu: message %zu: content holds a NUL character\n", prog, lineno, i);
+            } else if (!contents[i] && part >= 0) {
+                fprintf(stderr, "%s: line %lu: message %zu: content part %ld: %s\n", prog, lineno, i, part, why);
                 r = -1;
-                break;
+            } else if (!contents[i]) {
+                fprintf(stderr, "%s: line %lu: message %zu: content: %s\n", prog, lineno, i, why);
+                r = -1;
             }
+            if (r < 0)
+                break;
             msgs[i].role = json_string_value(role);
-            msgs[i].content = json_string_value(content);
+            msgs[i].content = contents[i];
         }
         char *text = NULL;
         if (r == 0 && ds_chat_render(msgs, cnt, true, thinking, &text) < 0) {
@@ -207,6 +224,9 @@ static int do_line(const struct ds_tokenizer *tok, int mode, bool thinking, cons
         if (r == 0)
             print_ids(ids, n);
         free(text);
+        for (size_t k = 0; k < cnt; k++)
+            free(contents[k]);
+        free(contents);
         free(msgs);
     }
     free(ids);
@@ -222,12 +242,13 @@ int main(int argc, char **argv)
         { "chat", no_argument, NULL, 'c' },
         { "thinking", no_argument, NULL, 'T' },
         { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
     };
     const char *path = NULL;
     int mode = 'e', c;
     bool thinking = false;
-    while ((c = getopt_long(argc, argv, "t:dch", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "t:dchV", opts, NULL)) != -1) {
         switch (c) {
         case 't':
             path = optarg;
@@ -236,7 +257,7 @@ int main(int argc, char **argv)
         case 'c':
             if (mode != 'e') {
                 fprintf(stderr, "%s: --decode and --chat exclude each other\n", prog);
-                return 1;
+                return 2;
             }
             mode = c;
             break;
@@ -246,24 +267,27 @@ int main(int argc, char **argv)
         case 'h':
             usage(stdout);
             return 0;
+        case 'V':
+            printf("%s (dspark) %s\n", prog, PACKAGE_VERSION);
+            return 0;
         default:
             usage(stderr);
-            return 1;
+            return 2;
         }
     }
     if (optind < argc) {
         fprintf(stderr, "%s: unexpected argument '%s'\n", prog, argv[optind]);
         usage(stderr);
-        return 1;
+        return 2;
     }
     if (!path) {
         fprintf(stderr, "%s: --tokenizer PATH is required\n", prog);
         usage(stderr);
-        return 1;
+        return 2;
     }
     if (thinking && mode != 'c') {
         fprintf(stderr, "%s: --thinking only applies to --chat\n", prog);
-        return 1;
+        return 2;
     }
     struct ds_tokenizer *tok = NULL;
     if (ds_tokenizer_load(path, &tok) < 0) {

@@ -178,8 +178,13 @@ char *ds_chat_content_text(const json_t *content, const char **why, long *part)
 {
     json_t *c = (json_t *)content;   /* jansson's readers take no const */
     *part = -1;
-    if (json_is_string(c))
+    if (json_is_string(c)) {
+        if (strlen(json_string_value(c)) != json_string_length(c)) {   /* (a reader with JSON_ALLOW_NUL) */
+            *why = "contains a NUL character";
+            return NULL;
+        }
         return ds_xstrdup(json_string_value(c));
+    }
     if (!c) {
         *why = "missing";
         return NULL;

@@ -6,6 +6,12 @@ bin_PROGRAMS += cli/dspark-tokenize
 cli_dspark_tokenize_SOURCES = cli/dspark-tokenize.c
 cli_dspark_tokenize_CFLAGS = $(AM_CFLAGS) $(JANSSON_CFLAGS)
 cli_dspark_tokenize_LDADD = $(ENGINE_LIBS)
+# dspark-tokenize(1): markdown source and the generated page (see update-man in
+# mk/daemon.mk).
+dist_man_MANS += man/dspark-tokenize.1
+EXTRA_DIST += man/dspark-tokenize.1.md
+TESTS += tests/engine/test-tokenize-cli.sh
+EXTRA_DIST += tests/engine/test-tokenize-cli.sh tests/engine/cli-tap.sh
 
 # test-tokenizer: everything but the reference fixture; test-tokenizer-reference:
 # ids against the Hugging Face `tokenizers` fixture (skipped while it is absent).

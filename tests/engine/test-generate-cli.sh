@@ -17,13 +17,7 @@ draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "1..19"
-n=0
-check() {   # DESCRIPTION COMMAND...: ok when the command succeeds
-    what=$1
-    shift
-    n=$((n + 1))
-    if "$@"; then echo "ok $n - $what"; else echo "not ok $n - $what"; fi
-}
+. "$src/tests/engine/cli-tap.sh"
 usage_error() {   # ARGS...: exit 2 with a message, and no model loaded (--target does not exist)
     "$gen" --target "$tmp/no-such-model" --prompt hi "$@" >"$tmp/out" 2>"$tmp/err"
     rc=$?
