@@ -27,6 +27,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define MAX_G 32
 #define BINS 20
@@ -381,7 +383,8 @@ static void usage(FILE *f)
                "temperatures only).\n"
                "Prints ECE before (T = 1) and after, per position; with --held-out, also on\n"
                "those traces (made the same way from other prompts), which the fit never sees.\n"
-               "--dry-run: print the fit without writing DIR/sts.json; --json: print it as JSON.\n");
+               "--dry-run: print the fit without writing DIR/sts.json; --json: print it as JSON.\n"
+               "--version: print the version.\n");
 }
 
 int main(int argc, char **argv)
@@ -390,7 +393,7 @@ int main(int argc, char **argv)
     bool dry = false, as_json = false, no_map = false;
     static const struct option opts[] = {{"draft", required_argument, NULL, 'd'}, {"dry-run", no_argument, NULL, 'n'},
                                          {"json", no_argument, NULL, 'j'}, {"held-out", required_argument, NULL, 'o'},
-                                         {"no-map", no_argument, NULL, 'm'},
+                                         {"no-map", no_argument, NULL, 'm'}, {"version", no_argument, NULL, 'V'},
                                          {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     int c;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -400,6 +403,7 @@ int main(int argc, char **argv)
         else if (c == 'o') held_out = optarg;
         else if (c == 'm') no_map = true;
         else if (c == 'h') { usage(stdout); return 0; }
+        else if (c == 'V') { printf("dspark-calibrate (dspark) %s\n", PACKAGE_VERSION); return 0; }
         else { usage(stderr); return 2; }
     }
     if (!draft || optind >= argc) {
@@ -421,6 +425,40 @@ int main(int argc, char **argv)
     if (held_out && nh < 50) {
         fprintf(stderr, "dspark-calibrate: only %d full-length rounds in '%s'\n", nh, held_out);
         return 1;
+    }
+    /* The draft refuses an sts.json whose sets do not have its block size of numbers: check
+     * before fitting, and read the file to merge into (one that cannot be read is not replaced). */
+    char path[4200], key[32];
+    snprintf(path, sizeof path, "%s/config.json", draft);
+    json_error_t jerr;
+    json_t *cfg = json_load_file(path, 0, &jerr);
+    json_t *bs = json_object_get(cfg, "block_size");
+    if (json_is_integer(bs) && json_integer_value(bs) != g) {
+        fprintf(stderr, "dspark-calibrate: the traces' full-length rounds have %d drafts, the draft's block_size "
+                        "is %" JSON_INTEGER_FORMAT ": make them with --spec fixed:%" JSON_INTEGER_FORMAT "\n",
+                g, json_integer_value(bs), json_integer_value(bs));
+        return 1;
+    }
+    json_decref(cfg);
+    snprintf(path, sizeof path, "%s/sts.json", draft);
+    struct stat sb;
+    json_t *root = NULL;
+    if (stat(path, &sb) == 0) {
+        if (!(root = json_load_file(path, 0, &jerr))) {
+            fprintf(stderr, "dspark-calibrate: '%s': %s (line %d); not replaced\n", path, jerr.text, jerr.line);
+            return 1;
+        }
+        bs = json_object_get(root, "block_size");
+        if (!json_is_object(json_object_get(root, "temperatures")) ||
+            (bs && (!json_is_integer(bs) || json_integer_value(bs) != g))) {
+            fprintf(stderr, "dspark-calibrate: '%s' is not an sts.json of %d positions; not replaced\n", path, g);
+            return 1;
+        }
+    } else if (errno != ENOENT) {
+        fprintf(stderr, "dspark-calibrate: '%s': %s\n", path, strerror(errno));
+        return 1;
+    } else {
+        root = json_pack("{s:i,s:i,s:{}}", "format", 1, "block_size", g, "temperatures");
     }
     double ones[MAX_G], T[MAX_G], before[MAX_G], after[MAX_G], h_before[MAX_G], h_after[MAX_G];
     double map[MAX_G][3], after_map[MAX_G], h_after_map[MAX_G];
@@ -499,17 +537,8 @@ int main(int argc, char **argv)
     }
     if (dry)
         return 0;
-    char path[4200], key[32];
-    snprintf(path, sizeof path, "%s/sts.json", draft);
     snprintf(key, sizeof key, "%g", temp);
-    json_t *root = json_load_file(path, 0, NULL);
-    if (!root)
-        root = json_pack("{s:i,s:i,s:{}}", "format", 1, "block_size", g, "temperatures");
     json_t *temps = json_object_get(root, "temperatures");
-    if (!json_is_object(temps)) {
-        fprintf(stderr, "dspark-calibrate: '%s' has no \"temperatures\" object\n", path);
-        return 1;
-    }
     json_t *arr = json_array(), *eb = json_array(), *ea = json_array();
     for (int k = 0; k < g; k++) {
         json_array_append_new(arr, json_real(round(T[k] * 1e5) / 1e5));
@@ -543,8 +572,12 @@ int main(int argc, char **argv)
         }
         json_object_set_new(o, key, vals[i]);
     }
-    if (json_dump_file(root, path, JSON_INDENT(1)) != 0) {
-        fprintf(stderr, "dspark-calibrate: could not write '%s'\n", path);
+    /* (beside it, then renamed over it: a crash leaves the old file or the new one) */
+    char tmp[4300];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
+    if (json_dump_file(root, tmp, JSON_INDENT(1)) != 0 || rename(tmp, path) != 0) {
+        fprintf(stderr, "dspark-calibrate: could not write '%s': %s\n", path, strerror(errno));
+        unlink(tmp);
         return 1;
     }
     fprintf(stderr, "dspark-calibrate: wrote temperatures%s for %s to '%s'\n", with_map ? " and a (z, p) map" : "",

@@ -3,12 +3,14 @@
 # temperatures from synthetic full-length-round traces, lowers the calibration
 # error (also on held-out traces made from other draws), and merges its result
 # into sts.json beside the draft; with the draft's probabilities in the traces
-# it also fits a (z, p) map that beats the temperatures where the truth needs p.
+# it also fits a (z, p) map that beats the temperatures where the truth needs p;
+# it refuses traces of another block size than the draft's (the draft would then
+# refuse its sts.json) and an sts.json it cannot read (it replaced it before).
 set -u
 build=${DS_BUILDDIR:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..8"
+echo "1..10"
 # 20000 rounds, gamma 4, true temperatures 0.5 1 2 1 (awk's rand is seeded: reproducible)
 traces() {
 awk -v seed="$1" 'BEGIN { srand(seed); split("0.5 1 2 1", T, " ");
@@ -78,4 +80,27 @@ if grep -q '"maps": {}' "$tmp/draft/sts.json" && grep -q 'removed the earlier (z
     echo "ok 8 - --no-map refits temperatures and drops the earlier map"
 else
     echo "not ok 8 - --no-map refits temperatures and drops the earlier map: $(cat "$tmp/err" "$tmp/draft/sts.json")"
+fi
+# traces of 4 drafts a round for a draft of block size 7: refused before anything is written
+mkdir -p "$tmp/draft7"
+printf '{"architectures": ["DSparkDraftModel"], "block_size": 7}\n' >"$tmp/draft7/config.json"
+"$build/dspark-calibrate" --draft "$tmp/draft7" "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 1 ] && grep -q "have 4 drafts, the draft's block_size is 7: make them with --spec fixed:7" "$tmp/err" &&
+    [ ! -e "$tmp/draft7/sts.json" ]; then
+    echo "ok 9 - traces of another block size than the draft's are refused, nothing written"
+else
+    echo "not ok 9 - traces of another block size than the draft's are refused: exit $rc, $(cat "$tmp/err")"
+fi
+# an sts.json that is not JSON is left as it is
+printf '{"temperatures": {"1": [0.5, 1' >"$tmp/draft7/sts.json"
+cp "$tmp/draft7/sts.json" "$tmp/sts.before"
+rm "$tmp/draft7/config.json"
+"$build/dspark-calibrate" --draft "$tmp/draft7" "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 1 ] && grep -q "sts.json': .*; not replaced" "$tmp/err" && cmp -s "$tmp/sts.before" "$tmp/draft7/sts.json" &&
+    [ -z "$(ls "$tmp/draft7" | grep tmp)" ]; then
+    echo "ok 10 - an sts.json that cannot be read is not replaced"
+else
+    echo "not ok 10 - an sts.json that cannot be read is not replaced: exit $rc, $(cat "$tmp/err")"
 fi

@@ -1,11 +1,11 @@
 #!/bin/sh
 # test-daemon-docs.sh: the shipped manual pages match their markdown (when the
 # same pandoc is at hand) and render without warnings, dsparkd(8),
-# dspark-worker(8), dsparkctl(1), dspark-generate(1) and dspark-tokenize(1)
-# name every option their programs' --help shows, dspark.conf(5) and the
-# example configuration cover every key dsparkd reads, the example passes
-# --check-config, and the SQL recipes of dspark(7) run against the real schema
-# with sample rows.
+# dspark-worker(8), dsparkctl(1), dspark-generate(1), dspark-tokenize(1) and
+# dspark-calibrate(1) name every option their programs' --help shows,
+# dspark.conf(5) and the example configuration cover every key dsparkd reads,
+# the example passes --check-config, and the SQL recipes of dspark(7) run
+# against the real schema with sample rows.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 DSPARKD="$DS_BUILDDIR/dsparkd"
@@ -35,7 +35,8 @@ if command -v pandoc >/dev/null 2>&1; then
 else
     tap_diag "pandoc not found: the generated pages are not compared with their markdown"
 fi
-for p in dsparkd.8 dspark-worker.8 dspark.conf.5 dspark.7 dsparkctl.1 dspark-generate.1 dspark-tokenize.1; do
+for p in dsparkd.8 dspark-worker.8 dspark.conf.5 dspark.7 dsparkctl.1 dspark-generate.1 dspark-tokenize.1 \
+    dspark-calibrate.1; do
     out=$(MANWIDTH=80 man -l "$DS_SRCDIR/man/$p" 2>&1 >/dev/null)
     tap_is "$out" "" "man -l man/$p renders without warnings"
 done
@@ -66,6 +67,8 @@ tap_is "$(help_vs_man dspark-generate.1 "$DS_BUILDDIR/dspark-generate")" "" \
     "dspark-generate(1) documents every option of dspark-generate --help"
 tap_is "$(help_vs_man dspark-tokenize.1 "$DS_BUILDDIR/cli/dspark-tokenize")" "" \
     "dspark-tokenize(1) documents every option of dspark-tokenize --help"
+tap_is "$(help_vs_man dspark-calibrate.1 "$DS_BUILDDIR/dspark-calibrate")" "" \
+    "dspark-calibrate(1) documents every option of dspark-calibrate --help"
 
 # 2. every key dsparkd reads is documented and in the example
 "$DSPARKD" --dump-config -c /dev/null >"$T/dump" 2>"$T/dump.err"
