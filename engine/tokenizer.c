@@ -526,7 +526,8 @@ static int translate_regex(const char *pat, size_t n, char **ret, const char *pa
     static const char ws[] = "\\t-\\r\\x{85}\\p{Z}";
     static const char wc[] = "\\p{L}\\p{M}\\p{Nd}\\p{Pc}";
     static const char hx[] = "0-9a-fA-F";
-    size_t cap = n * 12 + 64, o = 0;   /* a 2-byte \s becomes a 21-byte class */
+    /* the longest replacement: a 2-byte \W becomes "[^" + wc + "]" */
+    size_t cap = (n / 2 + 1) * (sizeof wc + 3) + n + 64, o = 0;
     char *out = ds_xmalloc(cap);
     bool in_class = false;
     for (size_t i = 0; i < n; i++) {
@@ -591,6 +592,9 @@ static int compile_split(struct ds_tokenizer *t, json_t *pattern, const char *pa
     char *src = NULL;
     uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_NEVER_BACKSLASH_C;
     int r;
+    json_t *given = json_is_string(rx) ? rx : lit;
+    if (json_is_string(given) && strlen(json_string_value(given)) != json_string_length(given))
+        return ds_seterr(DS_EFORMAT, "tokenizer '%s': split pattern holds a NUL character", path);
     if (json_is_string(rx)) {
         r = translate_regex(json_string_value(rx), json_string_length(rx), &src, path);
         if (r < 0)
@@ -601,7 +605,7 @@ static int compile_split(struct ds_tokenizer *t, json_t *pattern, const char *pa
             return ds_seterr(DS_EFORMAT, "tokenizer '%s': empty split pattern", path);
         src = ds_xmalloc(json_string_length(lit) + 1);
         memcpy(src, json_string_value(lit), json_string_length(lit) + 1);
-        opts |= PCRE2_LITERAL;
+        opts = PCRE2_UTF | PCRE2_LITERAL;   /* (PCRE2 refuses UCP and NEVER_BACKSLASH_C beside LITERAL) */
     } else {
         return ds_seterr(DS_EFORMAT, "tokenizer '%s': split pattern is neither 'Regex' nor 'String'", path);
     }

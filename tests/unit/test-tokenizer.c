@@ -590,6 +590,53 @@ static void test_tiny_tokenizer(void **state)
     free(dir);
 }
 
+/* Split patterns: a literal ("String") splits, a regex of many \W compiles
+ * (its translation outgrew its buffer: a heap overflow), a NUL is refused. */
+static void test_split_patterns(void **state)
+{
+    (void)state;
+    char *dir = ds_test_tmpdir(), path[4200], json[4096];
+    snprintf(path, sizeof path, "%s/split.json", dir);
+    static const char fmt[] =
+        "{\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": "
+        "{\"%s\": \"%s\"}, \"behavior\": \"Isolated\", \"invert\": false}, {\"type\": \"ByteLevel\", "
+        "\"add_prefix_space\": false, \"use_regex\": false}]}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+        "{\"a\": 0, \"b\": 1, \"!\": 2, \"ab\": 3}, \"merges\": [[\"a\", \"b\"]]}}";
+    struct ds_tokenizer *t;
+    int32_t *ids;
+    size_t n;
+    /* "abab" split at each "b": a, b, a, b (unsplit, the merge makes ab, ab) */
+    snprintf(json, sizeof json, fmt, "String", "b");
+    assert_int_equal(ds_test_write_file(path, json, strlen(json)), 0);
+    if (ds_tokenizer_load(path, &t) < 0)
+        fail_msg("%s", ds_errdetail());
+    encode_ok(t, "abab", 4, &ids, &n);
+    const int32_t split[4] = { 0, 1, 0, 1 };
+    assert_true(ids_equal(ids, n, split, 4));
+    free(ids);
+    ds_tokenizer_free(t);
+    /* 200 \W in a row: each becomes a 25-byte class */
+    char many[1024] = "";
+    for (int i = 0; i < 200; i++)
+        strcat(many, "\\\\W");
+    snprintf(json, sizeof json, fmt, "Regex", many);
+    assert_int_equal(ds_test_write_file(path, json, strlen(json)), 0);
+    if (ds_tokenizer_load(path, &t) < 0)
+        fail_msg("%s", ds_errdetail());
+    encode_ok(t, "ab!", 3, &ids, &n);
+    const int32_t plain[2] = { 3, 2 };
+    assert_true(ids_equal(ids, n, plain, 2));
+    free(ids);
+    ds_tokenizer_free(t);
+    /* a NUL in a pattern (PCRE2 read it as the pattern's end) */
+    snprintf(json, sizeof json, fmt, "Regex", "a\\u0000b");
+    assert_int_equal(ds_test_write_file(path, json, strlen(json)), 0);
+    assert_int_equal(ds_tokenizer_load(path, &t), -DS_EFORMAT);
+    assert_non_null(strstr(ds_errdetail(), "split pattern holds a NUL character"));
+    ds_test_rmtree(dir);
+    free(dir);
+}
+
 /* A split regex that backtracks through a capturing group on a long input
  * outgrows PCRE2's default JIT stack; the encoder retries with a larger one. */
 static void test_regex_limits(void **state)
@@ -944,6 +991,7 @@ int main(void)
         cmocka_unit_test(test_invalid_utf8),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_tiny_tokenizer),
+        cmocka_unit_test(test_split_patterns),
         cmocka_unit_test(test_regex_limits),
         cmocka_unit_test(test_added_flags),
         cmocka_unit_test(test_fast_path),
