@@ -97,7 +97,7 @@ static int load_sts(struct ds_draft *d, const char *dir)
     if (stat(path, &sb) != 0)
         return 0;
     json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return ds_seterr(DS_EFORMAT, "file '%s': %s (line %d)", path, jerr.text, jerr.line);
     json_t *temps = json_object_get(root, "temperatures");
@@ -112,13 +112,21 @@ static int load_sts(struct ds_draft *d, const char *dir)
     {
         char *end;
         double at = strtod(key, &end);
-        if (end == key || *end || !(at >= 0) || !json_is_array(arr) || (int)json_array_size(arr) != d->gamma) {
+        if (end == key || *end || !(at >= 0) || !isfinite(at) || !json_is_array(arr) ||
+            (int)json_array_size(arr) != d->gamma) {
             r = ds_seterr(DS_EFORMAT, "file '%s': entry '%s' must map a temperature to %d numbers", path, key,
                           d->gamma);
             goto out;
         }
-        if (d->n_sts == DS_STS_MAX)
-            break;
+        for (int i = 0; i < d->n_sts; i++)
+            if (fabsf(d->sts_at[i] - (float)at) < 1e-6f) {   /* ("0" and "0.0") */
+                r = ds_seterr(DS_EFORMAT, "file '%s': temperature %s has two sets", path, key);
+                goto out;
+            }
+        if (d->n_sts == DS_STS_MAX) {   /* (they were dropped past the limit, a map of theirs then refused) */
+            r = ds_seterr(DS_EFORMAT, "file '%s': more than %d sets of temperatures", path, DS_STS_MAX);
+            goto out;
+        }
         for (int k = 0; k < d->gamma; k++) {
             double t = json_number_value(json_array_get(arr, (size_t)k));
             if (!(t > 0) || !isfinite(t)) {
@@ -192,6 +200,8 @@ int ds_draft_load(const char *dir, const struct ds_model *target, struct ds_draf
     }
     if ((r = ds_load_mat(st, "fc.weight", H, (int64_t)d->m * H, &d->fc)) < 0 ||
         (r = ds_load_vec(st, "hidden_norm.weight", H, &d->hidden_norm)) < 0 || (r = ds_load_vec(st, "norm.weight", H, &d->final_norm)) < 0)
+        goto fail;
+    if ((r = ds_st_check_layers(st, "layers.", d->n_layers, "config.json's num_hidden_layers")) < 0)
         goto fail;
     d->layers = ds_xcalloc((size_t)d->n_layers, sizeof *d->layers);
     char (*kvnames)[160] = ds_xcalloc((size_t)(2 * d->n_layers), 160);

@@ -166,12 +166,21 @@ int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_m
         goto fail;
     if ((r = ds_generation_config_load(dir, &m->gen)) < 0)
         goto fail;
+    /* (they replace config.json's: one past the vocabulary would end no generation) */
+    for (int i = 0; i < m->gen.n_eos; i++)
+        if (m->gen.eos_token_id[i] >= m->cfg.vocab_size) {
+            r = ds_seterr(DS_EFORMAT, "file 'generation_config.json': eos_token_id %d is outside the vocabulary "
+                          "of %d (config.json's vocab_size)", m->gen.eos_token_id[i], m->cfg.vocab_size);
+            goto fail;
+        }
     if ((r = ds_st_open_dir(dir, &st)) < 0)
         goto fail;
     const struct ds_qwen3_config *c = &m->cfg;
     int64_t V = c->vocab_size, H = c->hidden_size;
     int64_t embed_shape[2] = {V, H};
     if ((r = ds_load_f32(st, "model.embed_tokens.weight", 2, embed_shape, &m->embed)) < 0)
+        goto fail;
+    if ((r = ds_st_check_layers(st, "model.layers.", c->num_hidden_layers, "config.json's num_hidden_layers")) < 0)
         goto fail;
     if (!opts || !opts->skip_layers) {
         m->layers = ds_xcalloc((size_t)c->num_hidden_layers, sizeof *m->layers);
@@ -201,6 +210,12 @@ int ds_model_load(const char *dir, const struct ds_model_opts *opts, struct ds_m
         snprintf(path, sizeof path, "%s/tokenizer.json", dir);
         if (stat(path, &sb) == 0 && (r = ds_tokenizer_load(path, &m->tok)) < 0)
             goto fail;
+        /* (the model has no row for a larger id: a prompt holding one failed at submit) */
+        if (m->tok && ds_tokenizer_vocab_size(m->tok) > m->cfg.vocab_size) {
+            r = ds_seterr(DS_EFORMAT, "file 'tokenizer.json': its ids go up to %d, past config.json's vocab_size "
+                          "of %d", ds_tokenizer_vocab_size(m->tok) - 1, m->cfg.vocab_size);
+            goto fail;
+        }
     }
     ds_st_free(st);
     *ret = m;

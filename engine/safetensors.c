@@ -2,11 +2,12 @@
  *
  * A file image is validated completely before anything is returned: the header
  * size, UTF-8 and JSON syntax of the header, every tensor entry (dtype, shape,
- * offsets, byte size), overlaps between tensors, and duplicate names, within a
- * file and across the shards of a set. Once a ds_st exists, these hold:
+ * offsets, byte size), the tensors' layout (no overlap, no gap, nothing after
+ * them), and duplicate names, within a file and across the shards of a set.
+ * Once a ds_st exists, these hold:
  *   - every tensor's [data, data + nbytes) lies inside its file's data buffer;
  *   - nbytes == numel * ds_dtype_size(dtype), numel == prod(shape);
- *   - no two non-empty tensors of one file overlap;
+ *   - a file's non-empty tensors cover its data buffer exactly, without overlap;
  *   - names are unique and the tensors are sorted by name (strcmp order), which
  *     is the ds_st_at order and what ds_st_find searches.
  * Data may be unaligned (the format aligns only by convention), so element
@@ -15,6 +16,7 @@
 #include "config.h"
 
 #include <assert.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -417,34 +419,42 @@ static int cmp_by_data(const void *a, const void *b)
     return x->nbytes < y->nbytes ? -1 : x->nbytes > y->nbytes;
 }
 
-/* Refuse two non-empty tensors of one file sharing bytes. */
-static int check_overlaps(const char *fname, struct ds_tensor *t, size_t n)
+/* The non-empty tensors of one file, in offset order, must cover its data
+ * buffer exactly, as the reference library requires: the first starts at byte
+ * 0, each starts where the one before it ends, and the last ends at the
+ * buffer's end.
+ * Overlaps are refused, and so are gaps and bytes after the last tensor: a
+ * header length a few bytes short still parses (the header's padding spaces
+ * are cut) and would shift every tensor's data. */
+static int check_layout(const char *fname, struct ds_tensor *t, size_t n, const unsigned char *data, size_t data_len)
 {
-    if (n < 2)
-        return 0;
-    const struct ds_tensor **order = ds_xmalloc(n * sizeof *order);
+    const struct ds_tensor **order = ds_xmalloc((n ? n : 1) * sizeof *order);
     for (size_t i = 0; i < n; i++)
         order[i] = &t[i];
     qsort(order, n, sizeof *order, cmp_by_data);
-
-    const struct ds_tensor *reach = NULL;  /* the non-empty tensor ending furthest so far */
-    const unsigned char *reach_end = NULL;
+    size_t reach = 0;                          /* where the tensors so far end */
+    const struct ds_tensor *before = NULL;     /* the non-empty tensor that ends there */
     int r = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && r == 0; i++) {
         const struct ds_tensor *c = order[i];
-        const unsigned char *b = c->data;
+        size_t begin = (size_t)((const unsigned char *)c->data - data);
         if (c->nbytes == 0)
-            continue;
-        if (reach && b < reach_end) {
-            r = ds_seterr(DS_EFORMAT, "file '%s': tensors '%s' and '%s' overlap in the data buffer",
-                          fname, reach->name, c->name);
-            break;
-        }
-        if (!reach || b + c->nbytes > reach_end) {
-            reach = c;
-            reach_end = b + c->nbytes;
+            continue;   /* (an empty tensor reads nothing: its offset is not held against it) */
+        if (begin < reach)
+            r = ds_seterr(DS_EFORMAT, "file '%s': tensors '%s' and '%s' overlap in the data buffer", fname,
+                          before ? before->name : "?", c->name);
+        else if (begin > reach)
+            r = ds_seterr(DS_EFORMAT, "file '%s': tensor '%s' starts at byte %zu of the data buffer, but the "
+                          "tensors before it end at byte %zu (a gap: a wrong header length?)", fname, c->name,
+                          begin, reach);
+        else {
+            reach = begin + c->nbytes;
+            before = c;
         }
     }
+    if (r == 0 && reach != data_len)
+        r = ds_seterr(DS_EFORMAT, "file '%s': the tensors end at byte %zu of the data buffer, which holds %zu "
+                      "(a wrong header length, or bytes after the data?)", fname, reach, data_len);
     free(order);
     return r;
 }
@@ -518,7 +528,7 @@ static int parse_image(const unsigned char *buf, size_t len, const char *fname, 
     }
     json_decref(root);
     if (r == 0)
-        r = check_overlaps(fname, t, n);
+        r = check_layout(fname, t, n, data, data_len);
     if (r < 0) {
         free_tensor_names(t, n);
         free(t);
@@ -620,6 +630,23 @@ const struct ds_tensor *ds_st_find(const struct ds_st *st, const char *name)
         return NULL;
     struct ds_tensor key = { .name = name };
     return bsearch(&key, st->tensors, st->n, sizeof *st->tensors, cmp_by_name);
+}
+
+int ds_st_check_layers(const struct ds_st *st, const char *prefix, int n_layers, const char *key)
+{
+    size_t pl = strlen(prefix);
+    for (size_t i = 0; st && i < st->n; i++) {
+        const char *name = st->tensors[i].name;
+        if (strncmp(name, prefix, pl) != 0 || !isdigit((unsigned char)name[pl]))
+            continue;
+        char *end;
+        errno = 0;
+        unsigned long layer = strtoul(name + pl, &end, 10);
+        if (*end == '.' && (errno != 0 || layer >= (unsigned long)n_layers))
+            return ds_seterr(DS_EFORMAT, "file '%s': tensor '%s' belongs to a layer past the %d that %s gives",
+                             st->tensors[i].file, name, n_layers, key);
+    }
+    return 0;
 }
 
 int ds_st_get(const struct ds_st *st, const char *name, int ndim, const int64_t *shape,

@@ -66,6 +66,11 @@ size_t ds_st_count(const struct ds_st *st);
 const struct ds_tensor *ds_st_at(const struct ds_st *st, size_t i);
 /* NULL when absent. */
 const struct ds_tensor *ds_st_find(const struct ds_st *st, const char *name);
+/* Refuse tensors of a layer the config does not have: a name "PREFIX N." (prefix
+ * "model.layers.") with N >= n_layers is DS_EFORMAT naming the tensor, its file
+ * and `key`, the config key that gave n_layers. A checkpoint of more layers than
+ * its config says would otherwise run with some of them left out. */
+int ds_st_check_layers(const struct ds_st *st, const char *prefix, int n_layers, const char *key) DS_MUSTCHECK;
 /* Find a tensor and check its shape (ndim values in shape); a missing tensor or
  * a shape mismatch is DS_EFORMAT with a message naming file and tensor.
  * Only floating dtypes F32, F16 and BF16 are accepted. */

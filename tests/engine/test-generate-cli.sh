@@ -5,9 +5,11 @@
 # draft's block); a seed of 64 bits replays; a prompt the engine refuses fails
 # alone (exit 1), the others print, and the summary counts it (with a draft
 # too, its line with the draft's fields, and the step-time profile measured at
-# a context that fits --max-context); the summary's
-# time breakdown adds up to the engine's steps and fits in the generation time;
-# a chat message's content in text parts reads as dsparkctl reads it.
+# a context that fits --max-context); the summary's time breakdown adds up to
+# the engine's steps and fits in the generation time;
+# a chat message's content in text parts reads as dsparkctl reads it; a model
+# whose files disagree (a layer its config does not count, ids past the
+# vocabulary) is refused at load.
 set -u
 build=${DS_BUILDDIR:-.}
 src=${DS_SRCDIR:-.}
@@ -16,7 +18,7 @@ target="$src/models/dspark-tiny-target"
 draft="$src/models/dspark-tiny-draft"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..19"
+echo "1..22"
 . "$src/tests/engine/cli-tap.sh"
 usage_error() {   # ARGS...: exit 2 with a message, and no model loaded (--target does not exist)
     "$gen" --target "$tmp/no-such-model" --prompt hi "$@" >"$tmp/out" 2>"$tmp/err"
@@ -29,6 +31,42 @@ bad_seeds() { usage_error --seed -3 && usage_error --seed 1.5 && usage_error --s
 check "a negative, fractional or too large --seed is a usage error" bad_seeds
 check "--trace without --draft is a usage error" usage_error --trace "$tmp/trace.jsonl"
 check "--threads above the pool's 256 is a usage error" usage_error --threads 257
+
+# a checkpoint of more layers than its config.json says is refused (it ran with the last left out)
+mkdir "$tmp/five"
+ln -s "$(cd "$target" && pwd)/model.safetensors" "$tmp/five/model.safetensors"
+python3 -c 'import json, sys
+c = json.load(open(sys.argv[1]))
+c["num_hidden_layers"] -= 1
+c["layer_types"] = c.get("layer_types", [])[:c["num_hidden_layers"]] or None
+json.dump({k: v for k, v in c.items() if v is not None}, open(sys.argv[2], "w"))' "$target/config.json" "$tmp/five/config.json"
+"$gen" --target "$tmp/five" --prompt-ids "1 2" --max-tokens 2 --threads 1 --quiet >/dev/null 2>"$tmp/err"
+rc=$?
+check "a checkpoint with a layer its config.json does not count is refused, naming it" sh -c '[ "$0" -eq 1 ] &&
+    grep -q "model.layers.5.* belongs to a layer past the 5 that config.json.s num_hidden_layers gives" "$1"' \
+    "$rc" "$tmp/err"
+# an end-of-sequence id past the vocabulary in generation_config.json (it turned stopping off), and a
+# tokenizer.json with ids past it (a prompt holding one failed at submit), are refused at load
+for case in eos tok; do
+    mkdir "$tmp/$case"
+    for f in config.json generation_config.json tokenizer.json model.safetensors; do
+        ln -s "$(cd "$target" && pwd)/$f" "$tmp/$case/$f"
+    done
+done
+rm "$tmp/eos/generation_config.json" "$tmp/tok/tokenizer.json"
+python3 -c 'import json, sys
+g = json.load(open(sys.argv[1] + "/generation_config.json")); g["eos_token_id"] = [2147483647]
+json.dump(g, open(sys.argv[2] + "/eos/generation_config.json", "w"))
+t = json.load(open(sys.argv[1] + "/tokenizer.json"))
+t["added_tokens"].append({"id": 99999, "content": "<|far|>", "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True})
+json.dump(t, open(sys.argv[2] + "/tok/tokenizer.json", "w"))' "$target" "$tmp"
+"$gen" --target "$tmp/eos" --prompt hi --max-tokens 2 --threads 1 --quiet >/dev/null 2>"$tmp/err"
+check "an eos id past the vocabulary in generation_config.json is refused" sh -c '[ "$0" -eq 1 ] &&
+    grep -q "generation_config.json.: eos_token_id 2147483647 is outside the vocabulary" "$1"' "$?" "$tmp/err"
+"$gen" --target "$tmp/tok" --prompt hi --max-tokens 2 --threads 1 --quiet >/dev/null 2>"$tmp/err"
+check "a tokenizer.json with ids past the vocabulary is refused" sh -c '[ "$0" -eq 1 ] &&
+    grep -q "tokenizer.json.: its ids go up to 99999, past config.json.s vocab_size" "$1"' "$?" "$tmp/err"
 
 printf '{"prompt": "The quick brown fox"}\n{"prompt": "Once upon a time"}\n{"prompt": "1, 2, 3,"}\n' >"$tmp/p.jsonl"
 run() {   # NAME ARGS...: the output ids of the three prompts (--json), a line each, into $tmp/NAME.ids

@@ -731,6 +731,25 @@ static void test_sts_map(void **state)
     assert_true(ds_draft_load(dir, t, &d) < 0);
     print_message("refused: %s\n", ds_errdetail());
     assert_non_null(strstr(ds_errdetail(), "no set of temperatures"));
+    /* sets past the limit, one temperature twice (as "0" and "0.0", or one key twice), and an
+     * infinite one are refused (the first were dropped, the others loaded) */
+    static const char *const bad[][2] = {
+        {"{\"temperatures\": {\"0\": [1,1,1,1], \"0.1\": [1,1,1,1], \"0.2\": [1,1,1,1], \"0.3\": [1,1,1,1], "
+         "\"0.4\": [1,1,1,1], \"0.5\": [1,1,1,1], \"0.6\": [1,1,1,1], \"0.7\": [1,1,1,1], \"0.8\": [1,1,1,1]}}",
+         "more than 8 sets of temperatures"},
+        {"{\"temperatures\": {\"0\": [1,1,1,1], \"0.0\": [2,2,2,2]}}", "temperature 0.0 has two sets"},
+        {"{\"temperatures\": {\"1\": [1,1,1,1], \"1\": [2,2,2,2]}}", "duplicate object key"},
+        {"{\"temperatures\": {\"inf\": [1,1,1,1]}}", "entry 'inf' must map a temperature"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        f = fopen(path, "w");
+        assert_non_null(f);
+        fprintf(f, "%s\n", bad[i][0]);
+        fclose(f);
+        assert_true(ds_draft_load(dir, t, &d) < 0);
+        if (!strstr(ds_errdetail(), bad[i][1]))
+            fail_msg("sts.json case %zu: '%s' lacks '%s'", i, ds_errdetail(), bad[i][1]);
+    }
     ds_model_free(t);
     const char *all[3] = {"config.json", "model.safetensors", "sts.json"};
     for (int i = 0; i < 3; i++) {

@@ -201,20 +201,20 @@ static void test_valid_f16_bf16(void **state)
  * data pointers are unaligned, which the format allows. */
 static void test_unaligned(void **state)
 {
-    const char *hdr = "{\"x\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[1,13]},"
-                      "\"y\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[13,17]}}   ";
+    const char *hdr = "{\"x\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,12]},"
+                      "\"y\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[12,16]}}   ";
     const float x[3] = { 1.5f, -0.25f, 3e38f };
     const uint16_t y[2] = { 0x4049, 0xbf80 };
-    unsigned char data[20] = { 0xee };
-    memcpy(data + 1, x, 12);
-    memcpy(data + 13, y, 4);
+    unsigned char data[16];
+    memcpy(data, x, 12);
+    memcpy(data + 12, y, 4);
     size_t len;
     unsigned char *img = make_image(strlen(hdr), hdr, strlen(hdr), data, sizeof data, &len);
     struct ds_st *st;
     assert_int_equal(ds_st_open_buffer(img, len, "unaligned", &st), 0);
     const struct ds_tensor *t = ds_st_find(st, "x");
     assert_non_null(t);
-    assert_ptr_equal(t->data, img + 8 + strlen(hdr) + 1);
+    assert_ptr_equal(t->data, img + 8 + strlen(hdr));
     assert_true((uintptr_t)t->data % 4 != 0);
     float out[3];
     ds_tensor_to_f32(t, 0, 3, out);
@@ -262,12 +262,24 @@ static void test_valid_edge_cases(void **state)
     assert_non_null(ds_st_find(st, ""));
     ds_st_free(st);
 
-    /* trailing bytes after the last tensor and gaps are allowed */
+    /* a gap before a tensor, and bytes after the last, are refused (as the reference library does) */
     unsigned char data[16] = { 0 };
     p = write_st("gaps.safetensors", "{\"a\":{\"dtype\":\"I8\",\"shape\":[2],\"data_offsets\":[4,6]}}",
+                 data, 6);
+    assert_int_equal(ds_st_open_file(p, &st), -DS_EFORMAT);
+    assert_msg_has("tensor 'a' starts at byte 4 of the data buffer, but the tensors before it end at byte 0");
+    p = write_st("trailing.safetensors", "{\"a\":{\"dtype\":\"I8\",\"shape\":[2],\"data_offsets\":[0,2]}}",
                  data, sizeof data);
-    assert_int_equal(ds_st_open_file(p, &st), 0);
-    ds_st_free(st);
+    assert_int_equal(ds_st_open_file(p, &st), -DS_EFORMAT);
+    assert_msg_has("the tensors end at byte 2 of the data buffer, which holds 16");
+    /* a header length a few bytes short still parses (its padding spaces are cut): every tensor
+     * would read shifted, and it is refused */
+    const char *padded = "{\"a\":{\"dtype\":\"I8\",\"shape\":[2],\"data_offsets\":[0,2]}}      ";
+    size_t len;
+    unsigned char *img = make_image(strlen(padded) - 2, padded, strlen(padded), data, 2, &len);
+    assert_int_equal(ds_st_open_buffer(img, len, "short-header", &st), -DS_EFORMAT);
+    assert_msg_has("the tensors end at byte 2 of the data buffer, which holds 4");
+    free(img);
 
     assert_null(ds_st_free(NULL));
     assert_int_equal(ds_st_count(NULL), 0);
@@ -487,6 +499,28 @@ static void test_bad_overlap_and_metadata(void **state)
 
 /* ------------------------------------------------------------------------ */
 /* ds_st_get                                                                  */
+
+/* Tensors of a layer past the config's count are refused; other names are left alone. */
+static void test_check_layers(void **state)
+{
+    (void)state;
+    const unsigned char v[5] = { 0 };
+    const char *p = write_st("layers.safetensors",
+        "{\"model.layers.0.w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+        "\"model.layers.1.w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]},"
+        "\"model.layers.9x.w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[2,3]},"
+        "\"model.layers.norm\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[3,4]},"
+        "\"layers.7.w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[4,5]}}", v, sizeof v);
+    struct ds_st *st;
+    assert_int_equal(ds_st_open_file(p, &st), 0);
+    assert_int_equal(ds_st_check_layers(st, "model.layers.", 2, "n"), 0);
+    assert_int_equal(ds_st_check_layers(st, "model.layers.", 1, "config.json's num_hidden_layers"), -DS_EFORMAT);
+    assert_msg_has("tensor 'model.layers.1.w' belongs to a layer past the 1 that config.json's num_hidden_layers gives");
+    assert_msg_has(p);
+    assert_int_equal(ds_st_check_layers(st, "layers.", 7, "n"), -DS_EFORMAT);
+    assert_int_equal(ds_st_check_layers(st, "layers.", 8, "n"), 0);
+    ds_st_free(st);
+}
 
 static void test_get(void **state)
 {
@@ -873,6 +907,7 @@ int main(void)
         cmocka_unit_test(test_bad_header_text),
         cmocka_unit_test(test_bad_entries),
         cmocka_unit_test(test_bad_overlap_and_metadata),
+        cmocka_unit_test(test_check_layers),
         cmocka_unit_test(test_get),
         cmocka_unit_test(test_sharded),
         cmocka_unit_test(test_single_dir),
