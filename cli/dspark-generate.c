@@ -85,7 +85,8 @@ static void usage(FILE *f)
             "  --sync-rounds         (with --round-log) each round and pass waits for the GPU at its\n"
             "                        end, so that a phase's time is its own work; slower\n"
             "  --quiet               no summary table\n"
-            "  -h, --help            this help\n");
+            "  -h, --help            this help\n"
+            "  -V, --version         the version\n");
 }
 
 static int parse_ids(const char *s, int32_t **ret, int *ret_n)
@@ -411,10 +412,10 @@ int main(int argc, char **argv)
         {"cublas", no_argument, NULL, O_CUBLAS}, {"sps-context", required_argument, NULL, O_SPS_CONTEXT},
         {"round-log", required_argument, NULL, O_ROUND_LOG}, {"sync-rounds", no_argument, NULL, O_SYNC_ROUNDS},
         {"gemm-ranges", required_argument, NULL, O_GEMM_RANGES}, {"save-sps", required_argument, NULL, O_SAVE_SPS},
-        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, 'h'}, {"version", no_argument, NULL, 'V'}, {NULL, 0, NULL, 0},
     };
     int c;
-    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hV", longopts, NULL)) != -1) {
         switch (c) {
         case O_TARGET: target_dir = optarg; break;
         case O_DRAFT: draft_dir = optarg; break;
@@ -450,6 +451,7 @@ int main(int argc, char **argv)
         case O_ROUND_LOG: round_log_file = optarg; break;
         case O_SYNC_ROUNDS: sync_rounds = true; break;
         case 'h': usage(stdout); return 0;
+        case 'V': printf("dspark-generate (dspark) %s\n", PACKAGE_VERSION); return 0;
         default: usage(stderr); return 2;
         }
     }

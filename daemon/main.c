@@ -233,6 +233,16 @@ static int load_config(struct daemon *d)
     return r;
 }
 
+/* Warn about a file holding a secret that every user may read (the key
+ * command writes with the caller's umask; tmpfiles.d fixes modes at boot). */
+static void warn_readable(const char *path, const char *what)
+{
+    struct stat st;
+    if (*path && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
+        ds_log(DS_LOG_WARNING, "'%s' holds %s and every user may read it (mode %04o): chmod o-r it", path, what,
+               (unsigned)(st.st_mode & 07777));
+}
+
 /* ---- systemd ---- */
 
 static void notify(const char *fmt, ...) DS_PRINTF(1, 2);
@@ -782,6 +792,9 @@ int main(int argc, char **argv)
         ds_cfg_free(&config_table);
         return EXIT_CONFIG;
     }
+    warn_readable(cfg.curve_secret_key_file, "the CURVE secret key");
+    if (strstr(cfg.dsn, "password") || strstr(cfg.worker_dsn, "password"))
+        warn_readable(d.config_path, "a database password");
     if (check || dump) {
         if (dump)
             ds_cfg_dump(&config_table, stdout, true);

@@ -60,7 +60,7 @@ dstmpfiles_DATA = systemd/tmpfiles.d/dspark.conf
 dsexampledir = $(docdir)/examples
 dist_dsexample_DATA = systemd/dspark.conf.example
 EXTRA_DIST += systemd/dsparkd.service.in systemd/dspark-worker@.service.in \
-	systemd/dspark.sysusers systemd/dspark.tmpfiles
+	systemd/dspark.sysusers systemd/dspark.tmpfiles.in
 CLEANFILES += $(DS_SYSTEMD_GENERATED)
 # distcheck installs as a normal user under its own prefix
 AM_DISTCHECK_CONFIGURE_FLAGS = systemdsystemunitdir='$${dc_install_base}/lib/systemd/system'
@@ -73,8 +73,9 @@ systemd/dspark-worker@.service: $(srcdir)/systemd/dspark-worker@.service.in Make
 	mv -f $@-t $@
 systemd/sysusers.d/dspark.conf: $(srcdir)/systemd/dspark.sysusers
 	$(AM_V_GEN)$(MKDIR_P) systemd/sysusers.d && cp $(srcdir)/systemd/dspark.sysusers $@
-systemd/tmpfiles.d/dspark.conf: $(srcdir)/systemd/dspark.tmpfiles
-	$(AM_V_GEN)$(MKDIR_P) systemd/tmpfiles.d && cp $(srcdir)/systemd/dspark.tmpfiles $@
+systemd/tmpfiles.d/dspark.conf: $(srcdir)/systemd/dspark.tmpfiles.in Makefile
+	$(AM_V_GEN)$(MKDIR_P) systemd/tmpfiles.d && $(ds_subst_units) $(srcdir)/systemd/dspark.tmpfiles.in >$@-t && \
+	mv -f $@-t $@
 
 # Manual pages: written in markdown (man/*.md), converted with pandoc, and the
 # generated pages are committed and shipped, so neither users nor 'make' need

@@ -430,6 +430,13 @@ endpoint = tcp://0.0.0.0:*
 curve_secret_key_file = $T/server.key
 curve_allow_file = $T/allow
 EOF
+chmod 644 "$T/server.key"
+out=$("$DSPARKD" --check-config --config "$T/curve.conf" 2>&1)
+tap_like "$?|$out" "^0\|.*'$T/server.key' holds the CURVE secret key and every user may read it \(mode 0644\)" \
+    "a secret key file every user may read is named in a warning"
+chmod 640 "$T/server.key"
+tap_is "$("$DSPARKD" --check-config --config "$T/curve.conf" 2>&1 | grep -c 'every user may read')" "0" \
+    "... and not at mode 0640"
 "$DSPARKD" --config "$T/curve.conf" 2>"$T/curve.log" &
 DPID=$!
 wait_for "$T/curve.log" "ready: 0 workers, events on 'tcp://0.0.0.0:[0-9]+'" 10

@@ -1,7 +1,8 @@
 #!/bin/sh
 # test-daemon-units.sh: the generated systemd units pass 'systemd-analyze
 # verify' (with the man pages they name), keep the settings dsparkd relies on,
-# and the sysusers.d and tmpfiles.d files apply cleanly to an empty root.
+# name dsparkd's configuration directory, and the sysusers.d and tmpfiles.d
+# files apply cleanly to an empty root.
 . "${DS_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/integration/pg-harness.sh"
 
 command -v systemd-analyze >/dev/null 2>&1 || tap_skip_all "systemd-analyze not found (install systemd)"
@@ -49,9 +50,15 @@ done
 stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)$/\1/p' "$UNIT")
 tap_result $([ -n "$stop" ] && [ "$stop" -gt 70 ]; echo $?) "TimeoutStopSec ($stop) exceeds the default drain timeout plus grace"
 
+# the file dsparkd reads by default is the one the tmpfiles.d entry and the worker unit name (they named
+# /etc/dspark whatever --sysconfdir said)
+conf=$("$DS_BUILDDIR/dsparkd" --help | sed -n 's/.*--config=FILE .*(default: \(.*\))$/\1/p')
+tap_is "$(awk '$1 == "z" { print $2; exit }' "$DS_BUILDDIR/systemd/tmpfiles.d/dspark.conf")|$(sed -n \
+    's/^EnvironmentFile=-\(.*\)\/worker.env$/\1/p' "$WUNIT")" "$conf|$(dirname "$conf")" \
+    "the tmpfiles.d entry and the worker unit name dsparkd's configuration directory ($(dirname "$conf"))"
 if command -v systemd-sysusers >/dev/null 2>&1 && command -v systemd-tmpfiles >/dev/null 2>&1; then
-    mkdir -p "$T/root/etc/dspark"
-    touch "$T/root/etc/dspark/dspark.conf"
+    mkdir -p "$T/root/etc" "$T/root$(dirname "$conf")"
+    touch "$T/root$conf"
     out=$(systemd-sysusers --root="$T/root" "$DS_BUILDDIR/systemd/sysusers.d/dspark.conf" 2>&1)
     tap_is "$?" "0" "sysusers.d entry applies"
     tap_like "$(cat "$T/root/etc/passwd" 2>/dev/null)" '^dspark:x:[0-9]+:[0-9]+:.*:/var/lib/dspark:' \
@@ -59,7 +66,7 @@ if command -v systemd-sysusers >/dev/null 2>&1 && command -v systemd-tmpfiles >/
     out=$(systemd-tmpfiles --root="$T/root" --create "$DS_BUILDDIR/systemd/tmpfiles.d/dspark.conf" 2>&1)
     tap_is "$?:$out" "0:" "tmpfiles.d entry applies cleanly"
     gid=$(awk -F: '$1 == "dspark" { print $3 }' "$T/root/etc/group")
-    tap_is "$(stat -c '%a %g' "$T/root/etc/dspark/dspark.conf")" "640 $gid" \
+    tap_is "$(stat -c '%a %g' "$T/root$conf")" "640 $gid" \
         "dspark.conf becomes mode 0640, group dspark"
 else
     tap_diag "systemd-sysusers or systemd-tmpfiles missing: not checking sysusers.d and tmpfiles.d"
