@@ -72,11 +72,11 @@ wait_state() {
         _n=$((_n + 1))
     done
 }
-# Wait up to 10 s for process $1 to exit and reap it: its exit status is this one's (143 when it was
-# still running then and got SIGTERM).
+# Wait up to 30 s (a loaded host is slow) for process $1 to exit and reap it: its exit status is this
+# one's (143 when it was still running then and got SIGTERM).
 reap() {
     _n=0
-    while kill -0 "$1" 2>/dev/null && [ $_n -lt 100 ]; do
+    while kill -0 "$1" 2>/dev/null && [ $_n -lt 300 ]; do
         sleep 0.1
         _n=$((_n + 1))
     done
