@@ -434,16 +434,18 @@ int main(int argc, char **argv)
     json_t *cfg = json_load_file(path, 0, &jerr);
     json_t *bs = json_object_get(cfg, "block_size");
     if (json_is_integer(bs) && json_integer_value(bs) != g) {
-        fprintf(stderr, "dspark-calibrate: the traces' full-length rounds have %d drafts, the draft's block_size "
-                        "is %" JSON_INTEGER_FORMAT ": make them with --spec fixed:%" JSON_INTEGER_FORMAT "\n",
-                g, json_integer_value(bs), json_integer_value(bs));
+        fprintf(stderr, "dspark-calibrate: the traces' rounds have %d drafts, the draft's block_size is %"
+                        JSON_INTEGER_FORMAT ": they were made with another draft (trace again with --draft %s)\n",
+                g, json_integer_value(bs), draft);
         return 1;
     }
     json_decref(cfg);
     snprintf(path, sizeof path, "%s/sts.json", draft);
     struct stat sb;
     json_t *root = NULL;
-    if (stat(path, &sb) == 0) {
+    if (dry) {
+        root = NULL;   /* (nothing is written: the file is not read) */
+    } else if (stat(path, &sb) == 0) {
         if (!(root = json_load_file(path, 0, &jerr))) {
             fprintf(stderr, "dspark-calibrate: '%s': %s (line %d); not replaced\n", path, jerr.text, jerr.line);
             return 1;
@@ -539,6 +541,30 @@ int main(int argc, char **argv)
         return 0;
     snprintf(key, sizeof key, "%g", temp);
     json_t *temps = json_object_get(root, "temperatures");
+    /* the draft refuses a temperature twice ("0.7", "0.70") and more than 8 sets: replace a set of this
+     * temperature under any spelling, and refuse a ninth */
+    const char *k0;
+    json_t *v0;
+    void *tmp_it;
+    size_t n_sets = 0;
+    json_object_foreach_safe(temps, tmp_it, k0, v0) {
+        char *end;
+        double at = strtod(k0, &end);
+        if (end != k0 && !*end && fabs(at - temp) < 1e-6 && strcmp(k0, key) != 0) {
+            static const char *const beside[] = {"maps", "ece_before", "ece_after", "ece_after_map"};
+            for (int b = 0; b < 4; b++)
+                if (json_is_object(json_object_get(root, beside[b])))
+                    json_object_del(json_object_get(root, beside[b]), k0);
+            json_object_del(temps, k0);
+        }
+        else if (strcmp(k0, key) != 0)
+            n_sets++;
+    }
+    if (n_sets >= 8) {
+        fprintf(stderr, "dspark-calibrate: '%s' holds 8 sets of temperatures, the most a draft loads; remove one "
+                        "first\n", path);
+        return 1;
+    }
     json_t *arr = json_array(), *eb = json_array(), *ea = json_array();
     for (int k = 0; k < g; k++) {
         json_array_append_new(arr, json_real(round(T[k] * 1e5) / 1e5));

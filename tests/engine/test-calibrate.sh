@@ -10,7 +10,7 @@ set -u
 build=${DS_BUILDDIR:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "1..10"
+echo "1..12"
 # 20000 rounds, gamma 4, true temperatures 0.5 1 2 1 (awk's rand is seeded: reproducible)
 traces() {
 awk -v seed="$1" 'BEGIN { srand(seed); split("0.5 1 2 1", T, " ");
@@ -86,7 +86,7 @@ mkdir -p "$tmp/draft7"
 printf '{"architectures": ["DSparkDraftModel"], "block_size": 7}\n' >"$tmp/draft7/config.json"
 "$build/dspark-calibrate" --draft "$tmp/draft7" "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
 rc=$?
-if [ $rc -eq 1 ] && grep -q "have 4 drafts, the draft's block_size is 7: make them with --spec fixed:7" "$tmp/err" &&
+if [ $rc -eq 1 ] && grep -q "have 4 drafts, the draft's block_size is 7: they were made with another draft" "$tmp/err" &&
     [ ! -e "$tmp/draft7/sts.json" ]; then
     echo "ok 9 - traces of another block size than the draft's are refused, nothing written"
 else
@@ -103,4 +103,24 @@ if [ $rc -eq 1 ] && grep -q "sts.json': .*; not replaced" "$tmp/err" && cmp -s "
     echo "ok 10 - an sts.json that cannot be read is not replaced"
 else
     echo "not ok 10 - an sts.json that cannot be read is not replaced: exit $rc, $(cat "$tmp/err")"
+fi
+# a set of the traces' temperature under another spelling is replaced, and a ninth set is refused (the draft
+# loads at most 8, and one temperature once)
+mkdir -p "$tmp/d8"
+printf '{"format": 1, "block_size": 4, "temperatures": {"1.0": [1,1,1,1], "0.1": [1,1,1,1], "0.2": [1,1,1,1], "0.3": [1,1,1,1], "0.4": [1,1,1,1], "0.5": [1,1,1,1], "0.6": [1,1,1,1], "0.7": [1,1,1,1]}, "maps": {"1.0": [[1,0,0],[1,0,0],[1,0,0],[1,0,0]]}}\n' >"$tmp/d8/sts.json"
+"$build/dspark-calibrate" --draft "$tmp/d8" "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 0 ] && ! grep -q '"1.0"' "$tmp/d8/sts.json" && grep -q '"1": \[' "$tmp/d8/sts.json"; then
+    echo "ok 11 - a set of the same temperature under another spelling is replaced, its map too"
+else
+    echo "not ok 11 - a set of the same temperature under another spelling is replaced: exit $rc, $(cat "$tmp/err")"
+fi
+sed 's/"0.7"/"0.8"/; s/"1":/"0.7":/' "$tmp/d8/sts.json" >"$tmp/d8/x" && mv "$tmp/d8/x" "$tmp/d8/sts.json"
+cp "$tmp/d8/sts.json" "$tmp/sts8.before"
+"$build/dspark-calibrate" --draft "$tmp/d8" "$tmp/trace.jsonl" >/dev/null 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 1 ] && grep -q "holds 8 sets of temperatures" "$tmp/err" && cmp -s "$tmp/sts8.before" "$tmp/d8/sts.json"; then
+    echo "ok 12 - a ninth set is refused, the file left as it was"
+else
+    echo "not ok 12 - a ninth set is refused: exit $rc, $(cat "$tmp/err")"
 fi
