@@ -33,6 +33,9 @@
 #define MAX_G 32
 #define BINS 20
 
+/* sts.json's objects keyed by temperature beside "temperatures"; "maps" (2 on) only with a (z, p) map */
+static const char *const per_set[4] = {"ece_before", "ece_after", "maps", "ece_after_map"};
+
 struct round {
     float z[MAX_G];
     float lp[MAX_G];  /* logit of the draft's probability of its token (with has_p) */
@@ -356,6 +359,34 @@ static int read_traces(const char *path, struct round **r, int *n, int *cap, int
     return rc;
 }
 
+/* The sts.json at path to merge a fit of g positions into, or a new one when
+ * there is none; NULL (said) when it cannot be read or is not one of g
+ * positions: it is then left as it is. */
+static json_t *read_sts(const char *path, int g)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        if (errno == ENOENT)
+            return json_pack("{s:i,s:i,s:{}}", "format", 1, "block_size", g, "temperatures");
+        fprintf(stderr, "dspark-calibrate: '%s': %s\n", path, strerror(errno));
+        return NULL;
+    }
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root) {
+        fprintf(stderr, "dspark-calibrate: '%s': %s (line %d); not replaced\n", path, jerr.text, jerr.line);
+        return NULL;
+    }
+    json_t *bs = json_object_get(root, "block_size");
+    if (!json_is_object(json_object_get(root, "temperatures")) ||
+        (bs && (!json_is_integer(bs) || json_integer_value(bs) != g))) {
+        fprintf(stderr, "dspark-calibrate: '%s' is not an sts.json of %d positions; not replaced\n", path, g);
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
 /* Print ,"name":[v_0,...,v_{n-1}], values as %.5g (general) or %.5f. */
 static void json_list(const char *name, bool general, const double *v, int n)
 {
@@ -430,8 +461,7 @@ int main(int argc, char **argv)
      * before fitting, and read the file to merge into (one that cannot be read is not replaced). */
     char path[4200], key[32];
     snprintf(path, sizeof path, "%s/config.json", draft);
-    json_error_t jerr;
-    json_t *cfg = json_load_file(path, 0, &jerr);
+    json_t *cfg = json_load_file(path, 0, NULL);
     json_t *bs = json_object_get(cfg, "block_size");
     if (json_is_integer(bs) && json_integer_value(bs) != g) {
         fprintf(stderr, "dspark-calibrate: the traces' rounds have %d drafts, the draft's block_size is %"
@@ -441,27 +471,9 @@ int main(int argc, char **argv)
     }
     json_decref(cfg);
     snprintf(path, sizeof path, "%s/sts.json", draft);
-    struct stat sb;
-    json_t *root = NULL;
-    if (dry) {
-        root = NULL;   /* (nothing is written: the file is not read) */
-    } else if (stat(path, &sb) == 0) {
-        if (!(root = json_load_file(path, 0, &jerr))) {
-            fprintf(stderr, "dspark-calibrate: '%s': %s (line %d); not replaced\n", path, jerr.text, jerr.line);
-            return 1;
-        }
-        bs = json_object_get(root, "block_size");
-        if (!json_is_object(json_object_get(root, "temperatures")) ||
-            (bs && (!json_is_integer(bs) || json_integer_value(bs) != g))) {
-            fprintf(stderr, "dspark-calibrate: '%s' is not an sts.json of %d positions; not replaced\n", path, g);
-            return 1;
-        }
-    } else if (errno != ENOENT) {
-        fprintf(stderr, "dspark-calibrate: '%s': %s\n", path, strerror(errno));
+    json_t *root = dry ? NULL : read_sts(path, g);   /* (--dry-run writes nothing: it reads nothing) */
+    if (!dry && !root)
         return 1;
-    } else {
-        root = json_pack("{s:i,s:i,s:{}}", "format", 1, "block_size", g, "temperatures");
-    }
     double ones[MAX_G], T[MAX_G], before[MAX_G], after[MAX_G], h_before[MAX_G], h_after[MAX_G];
     double map[MAX_G][3], after_map[MAX_G], h_after_map[MAX_G];
     for (int k = 0; k < g; k++)
@@ -551,10 +563,9 @@ int main(int argc, char **argv)
         char *end;
         double at = strtod(k0, &end);
         if (end != k0 && !*end && fabs(at - temp) < 1e-6 && strcmp(k0, key) != 0) {
-            static const char *const beside[] = {"maps", "ece_before", "ece_after", "ece_after_map"};
             for (int b = 0; b < 4; b++)
-                if (json_is_object(json_object_get(root, beside[b])))
-                    json_object_del(json_object_get(root, beside[b]), k0);
+                if (json_is_object(json_object_get(root, per_set[b])))
+                    json_object_del(json_object_get(root, per_set[b]), k0);
             json_object_del(temps, k0);
         }
         else if (strcmp(k0, key) != 0)
@@ -578,11 +589,10 @@ int main(int argc, char **argv)
                                             round(map[k][2] * 1e6) / 1e6));
         json_array_append_new(em, json_real(round(after_map[k] * 1e5) / 1e5));
     }
-    const char *names[4] = {"ece_before", "ece_after", "maps", "ece_after_map"};
-    json_t *vals[4] = {eb, ea, mp, em};
+    json_t *vals[4] = {eb, ea, mp, em};   /* (in per_set's order) */
     for (int i = 0; i < 4; i++) {
         if (i >= 2 && !with_map) {   /* a map fitted with earlier temperatures is dropped, not kept stale */
-            json_t *o = json_object_get(root, names[i]);
+            json_t *o = json_object_get(root, per_set[i]);
             if (json_is_object(o) && json_object_get(o, key)) {
                 json_object_del(o, key);
                 if (i == 2)
@@ -591,10 +601,10 @@ int main(int argc, char **argv)
             json_decref(vals[i]);
             continue;
         }
-        json_t *o = json_object_get(root, names[i]);
+        json_t *o = json_object_get(root, per_set[i]);
         if (!json_is_object(o)) {
             o = json_object();
-            json_object_set_new(root, names[i], o);
+            json_object_set_new(root, per_set[i], o);
         }
         json_object_set_new(o, key, vals[i]);
     }

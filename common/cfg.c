@@ -70,7 +70,8 @@ static bool decimal_text(const char *s, const char *end, bool exponent)
 {
     if (end == s || strspn(s, exponent ? "+-0123456789.eE" : "+-0123456789.") < (size_t)(end - s))
         return false;
-    return strpbrk(s, "0123456789") && strpbrk(s, "0123456789") < end;
+    const char *digit = strpbrk(s, "0123456789");
+    return digit && digit < end;
 }
 
 int ds_cfg_parse_duration(const char *s, int64_t *ret_ms)

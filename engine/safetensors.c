@@ -442,7 +442,7 @@ static int check_layout(const char *fname, struct ds_tensor *t, size_t n, const 
             continue;   /* (an empty tensor reads nothing: its offset is not held against it) */
         if (begin < reach)
             r = ds_seterr(DS_EFORMAT, "file '%s': tensors '%s' and '%s' overlap in the data buffer", fname,
-                          before ? before->name : "?", c->name);
+                          before->name, c->name);   /* (reach > 0: before is set) */
         else if (begin > reach)
             r = ds_seterr(DS_EFORMAT, "file '%s': tensor '%s' starts at byte %zu of the data buffer, but the "
                           "tensors before it end at byte %zu (a gap: a wrong header length?)", fname, c->name,
